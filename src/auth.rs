@@ -1,0 +1,198 @@
+//! Write keys → sources.
+//!
+//! Every form real clients use is accepted, in this order: `Authorization: Basic
+//! base64(key:)`, `Authorization: Bearer key`, the seed APIs' `Authentication` header
+//! (`Bearer key` or the bare key), and, when no header is sent, `writeKey` in the body
+//! (the browser library). Keys are compared in constant time against every configured key.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use http::header::{HeaderMap, AUTHORIZATION};
+use subtle::ConstantTimeEq;
+
+use crate::config::SourceConfig;
+
+/// The credential a request's headers carry.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Credential {
+    /// No auth header: the key may be in the body.
+    Missing,
+    Key(String),
+    /// A header was sent but cannot be read as a key.
+    Malformed(&'static str),
+}
+
+/// Reads the write key from the request headers.
+pub fn credential(headers: &HeaderMap) -> Credential {
+    if let Some(value) = headers.get(AUTHORIZATION) {
+        return parse_header(value.as_bytes(), false);
+    }
+    if let Some(value) = headers.get("authentication") {
+        return parse_header(value.as_bytes(), true);
+    }
+    Credential::Missing
+}
+
+fn parse_header(value: &[u8], bare_allowed: bool) -> Credential {
+    let Ok(value) = std::str::from_utf8(value) else {
+        return Credential::Malformed("authorization header is not valid UTF-8");
+    };
+    let value = value.trim();
+    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+    let rest = rest.trim();
+    if scheme.eq_ignore_ascii_case("basic") {
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(rest) else {
+            return Credential::Malformed("basic credentials are not valid base64");
+        };
+        let Ok(decoded) = String::from_utf8(decoded) else {
+            return Credential::Malformed("basic credentials are not valid UTF-8");
+        };
+        // The key is the user name; a few clients send it as the password instead.
+        let (user, password) = decoded.split_once(':').unwrap_or((&decoded, ""));
+        let key = if user.is_empty() { password } else { user };
+        return non_empty(key);
+    }
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return non_empty(rest);
+    }
+    if bare_allowed && rest.is_empty() {
+        return non_empty(scheme);
+    }
+    Credential::Malformed("unsupported authorization scheme (use Basic or Bearer)")
+}
+
+fn non_empty(key: &str) -> Credential {
+    if key.is_empty() {
+        Credential::Malformed("write key is empty")
+    } else {
+        Credential::Key(key.to_string())
+    }
+}
+
+/// The configured sources and their keys.
+pub struct Sources {
+    keys: Vec<(Box<[u8]>, Arc<str>)>,
+}
+
+impl Sources {
+    /// Collects keys from the config and from each source's `write_keys_env` variable.
+    pub fn from_config(sources: &[SourceConfig]) -> anyhow::Result<Sources> {
+        let mut keys = Vec::new();
+        for source in sources {
+            let name: Arc<str> = Arc::from(source.name.as_str());
+            let mut source_keys: Vec<String> = source.write_keys.clone();
+            if let Some(var) = &source.write_keys_env {
+                let value = std::env::var(var).map_err(|_| {
+                    anyhow::anyhow!(
+                        "source `{}`: environment variable {var} (write_keys_env) is not set",
+                        source.name
+                    )
+                })?;
+                source_keys.extend(
+                    value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|k| !k.is_empty())
+                        .map(String::from),
+                );
+            }
+            if source_keys.is_empty() {
+                tracing::warn!(source = %source.name, "source has no write keys: nothing can send to it");
+            }
+            for key in source_keys {
+                keys.push((key.into_bytes().into_boxed_slice(), name.clone()));
+            }
+        }
+        Ok(Sources { keys })
+    }
+
+    /// The source owning `key`. Compares against every key so timing says nothing of
+    /// which key (or how much of it) matched.
+    pub fn authenticate(&self, key: &str) -> Option<Arc<str>> {
+        let mut found = None;
+        for (candidate, source) in &self.keys {
+            if bool::from(candidate.as_ref().ct_eq(key.as_bytes())) {
+                found = Some(source.clone());
+            }
+        }
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(name: &'static str, value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(name, HeaderValue::from_str(value).unwrap());
+        h
+    }
+
+    #[test]
+    fn reads_every_header_form() {
+        let key = |c| match c {
+            Credential::Key(k) => k,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            key(credential(&headers(
+                "authorization",
+                "Basic d2tfc2VnbWVudF9weXRob246"
+            ))),
+            "wk_segment_python"
+        );
+        assert_eq!(
+            key(credential(&headers(
+                "authorization",
+                "Basic OndrX3Bhc3N3b3Jk"
+            ))),
+            "wk_password"
+        );
+        assert_eq!(
+            key(credential(&headers("authorization", "Bearer tok"))),
+            "tok"
+        );
+        assert_eq!(
+            key(credential(&headers("authentication", "Bearer tok"))),
+            "tok"
+        );
+        assert_eq!(key(credential(&headers("authentication", "tok"))), "tok");
+        assert_eq!(credential(&HeaderMap::new()), Credential::Missing);
+        assert!(matches!(
+            credential(&headers("authorization", "Digest x")),
+            Credential::Malformed(_)
+        ));
+        assert!(matches!(
+            credential(&headers("authorization", "Basic !!!")),
+            Credential::Malformed(_)
+        ));
+        assert!(matches!(
+            credential(&headers("authorization", "Bearer ")),
+            Credential::Malformed(_)
+        ));
+    }
+
+    #[test]
+    fn maps_keys_to_sources() {
+        let sources = Sources::from_config(&[
+            SourceConfig {
+                name: "web".into(),
+                write_keys: vec!["k1".into()],
+                write_keys_env: None,
+            },
+            SourceConfig {
+                name: "app".into(),
+                write_keys: vec!["k2".into(), "k3".into()],
+                write_keys_env: None,
+            },
+        ])
+        .unwrap();
+        assert_eq!(sources.authenticate("k3").as_deref(), Some("app"));
+        assert_eq!(sources.authenticate("k1").as_deref(), Some("web"));
+        assert_eq!(sources.authenticate("k"), None);
+        assert_eq!(sources.authenticate(""), None);
+    }
+}

@@ -1,0 +1,469 @@
+//! The TOML configuration: one file, validated as a whole before anything starts.
+//!
+//! Every struct denies unknown keys, so a typo is an error with its key path and line,
+//! not a silently ignored setting.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub cors: CorsConfig,
+    /// Each source owns write keys; a request's key says which source sent it.
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+    /// Where accepted messages go; each reads the queue from its own cursor.
+    #[serde(default)]
+    pub destinations: Vec<DestinationConfig>,
+}
+
+/// Listening address, storage and request admission.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address the HTTP server binds to.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Directory for the durable queue and destination cursors.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Requests processed at once; past this, new requests get 429 + Retry-After
+    /// before their body is read, so clients back off instead of timing out.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Seconds sent in `Retry-After` with a 429 or 503.
+    #[serde(default = "default_retry_after_secs")]
+    pub retry_after_secs: u32,
+    /// Size at which the queue starts a new segment file.
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+    /// Seconds a graceful shutdown waits for in-flight requests and deliveries.
+    #[serde(default = "default_shutdown_grace_secs")]
+    pub shutdown_grace_secs: u64,
+}
+
+/// Request limits; the defaults are Segment's.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest single message, in bytes of JSON as received.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Largest request body, in bytes, checked on the wire and again after gzip decoding.
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: usize,
+    /// Most messages in one batch.
+    #[serde(default = "default_max_batch_messages")]
+    pub max_batch_messages: usize,
+    /// Deepest nesting of objects and arrays inside one message; deeper input is
+    /// refused so that no downstream parser is handed a stack-exhausting document.
+    #[serde(default = "default_max_json_depth")]
+    pub max_json_depth: usize,
+}
+
+/// Cross-origin access for browser traffic.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Allowed origins; `["*"]` (the default) allows any, echoing the request's origin.
+    #[serde(default = "default_allowed_origins")]
+    pub allowed_origins: Vec<String>,
+    /// Seconds a browser may cache a preflight answer.
+    #[serde(default = "default_cors_max_age_secs")]
+    pub max_age_secs: u64,
+}
+
+/// One sending application; its write keys authenticate its requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Name used in logs, the queue and routing.
+    pub name: String,
+    /// Write keys written in the file (fine for development).
+    #[serde(default)]
+    pub write_keys: Vec<String>,
+    /// Environment variable holding more write keys, comma-separated (for production).
+    pub write_keys_env: Option<String>,
+}
+
+/// One destination; `kind` selects the implementation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum DestinationConfig {
+    /// JSON lines appended to a local file.
+    File(FileDestinationConfig),
+    /// JSON lines written to standard output.
+    Stdout(StdoutDestinationConfig),
+}
+
+/// `kind = "file"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDestinationConfig {
+    pub name: String,
+    /// File the messages are appended to, one JSON object per line.
+    pub path: PathBuf,
+}
+
+/// `kind = "stdout"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StdoutDestinationConfig {
+    pub name: String,
+}
+
+impl DestinationConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            DestinationConfig::File(c) => &c.name,
+            DestinationConfig::Stdout(c) => &c.name,
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8088))
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data")
+}
+const fn default_max_in_flight() -> usize {
+    1024
+}
+const fn default_retry_after_secs() -> u32 {
+    1
+}
+const fn default_segment_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+const fn default_shutdown_grace_secs() -> u64 {
+    30
+}
+const fn default_max_message_bytes() -> usize {
+    32 * 1024
+}
+const fn default_max_request_bytes() -> usize {
+    500 * 1024
+}
+const fn default_max_batch_messages() -> usize {
+    2500
+}
+const fn default_max_json_depth() -> usize {
+    64
+}
+fn default_allowed_origins() -> Vec<String> {
+    vec!["*".to_string()]
+}
+const fn default_cors_max_age_secs() -> u64 {
+    86_400
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_listen(),
+            data_dir: default_data_dir(),
+            max_in_flight: default_max_in_flight(),
+            retry_after_secs: default_retry_after_secs(),
+            segment_bytes: default_segment_bytes(),
+            shutdown_grace_secs: default_shutdown_grace_secs(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message_bytes: default_max_message_bytes(),
+            max_request_bytes: default_max_request_bytes(),
+            max_batch_messages: default_max_batch_messages(),
+            max_json_depth: default_max_json_depth(),
+        }
+    }
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        CorsConfig {
+            allowed_origins: default_allowed_origins(),
+            max_age_secs: default_cors_max_age_secs(),
+        }
+    }
+}
+
+/// A configuration problem, located by key path and (where known) line.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}: {message}", origin.as_deref().map(|o| format!("{o}: ")).unwrap_or_default(), location(.key, .line))]
+pub struct ConfigError {
+    /// The file, when the config came from one.
+    pub origin: Option<String>,
+    /// Dotted key path, e.g. `destinations[0].path`.
+    pub key: String,
+    /// 1-based line of the key in the file.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+fn location(key: &str, line: &Option<usize>) -> String {
+    match (key.is_empty(), line) {
+        (true, Some(l)) => format!("line {l}"),
+        (true, None) => "config".to_string(),
+        (false, Some(l)) => format!("`{key}` (line {l})"),
+        (false, None) => format!("`{key}`"),
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            origin: Some(path.display().to_string()),
+            key: String::new(),
+            line: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&text).map_err(|mut e| {
+            e.origin = Some(path.display().to_string());
+            e
+        })
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let doc = DeTable::parse(text).map_err(|e| ConfigError {
+            origin: None,
+            key: String::new(),
+            line: e.span().map(|s| line_of(text, s.start)),
+            message: e.message().to_string(),
+        })?;
+        let lines = LineIndex {
+            text,
+            doc: doc.clone(),
+        };
+        let config: Config = serde_path_to_error::deserialize(toml::de::Deserializer::from(doc))
+            .map_err(|e| {
+                let key = e.path().to_string();
+                let key = if key == "." { String::new() } else { key };
+                let inner = e.into_inner();
+                let line = inner
+                    .span()
+                    .map(|s| line_of(text, s.start))
+                    .or_else(|| lines.line(&key));
+                ConfigError {
+                    origin: None,
+                    key,
+                    line,
+                    message: inner.message().to_string(),
+                }
+            })?;
+        config.validate(&lines)?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: uniqueness, non-empty keys, safe names.
+    fn validate(&self, lines: &LineIndex<'_>) -> Result<(), ConfigError> {
+        let err = |key: String, message: String| ConfigError {
+            origin: None,
+            line: lines.line(&key),
+            key,
+            message,
+        };
+        if self.server.max_in_flight == 0 {
+            return Err(err(
+                "server.max_in_flight".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.limits.max_message_bytes > self.limits.max_request_bytes {
+            return Err(err(
+                "limits.max_message_bytes".into(),
+                "must not exceed limits.max_request_bytes".into(),
+            ));
+        }
+        let mut source_names = HashSet::new();
+        let mut keys = HashSet::new();
+        for (i, source) in self.sources.iter().enumerate() {
+            if !is_safe_name(&source.name) {
+                return Err(err(format!("sources[{i}].name"), NAME_RULE.into()));
+            }
+            if !source_names.insert(source.name.as_str()) {
+                return Err(err(
+                    format!("sources[{i}].name"),
+                    format!("source `{}` is defined twice", source.name),
+                ));
+            }
+            for (k, key) in source.write_keys.iter().enumerate() {
+                if key.is_empty() {
+                    return Err(err(
+                        format!("sources[{i}].write_keys[{k}]"),
+                        "write key is empty".into(),
+                    ));
+                }
+                if !keys.insert(key.as_str()) {
+                    return Err(err(
+                        format!("sources[{i}].write_keys[{k}]"),
+                        "write key is used by more than one source".into(),
+                    ));
+                }
+            }
+        }
+        let mut dest_names = HashSet::new();
+        for (i, dest) in self.destinations.iter().enumerate() {
+            if !is_safe_name(dest.name()) {
+                return Err(err(format!("destinations[{i}].name"), NAME_RULE.into()));
+            }
+            if !dest_names.insert(dest.name()) {
+                return Err(err(
+                    format!("destinations[{i}].name"),
+                    format!("destination `{}` is defined twice", dest.name()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+const NAME_RULE: &str = "names are 1-64 characters of A-Z a-z 0-9 _ - .";
+
+/// Names become file names (cursors) and metric labels, so keep them plain.
+fn is_safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Finds the line of a key path such as `destinations[1].path` in the parsed document.
+struct LineIndex<'i> {
+    text: &'i str,
+    doc: Spanned<DeTable<'i>>,
+}
+
+impl LineIndex<'_> {
+    fn line(&self, path: &str) -> Option<usize> {
+        let mut span = self.doc.span();
+        let mut table = Some(self.doc.get_ref());
+        let mut value: Option<&DeValue<'_>> = None;
+        for segment in path.split('.').filter(|s| !s.is_empty()) {
+            let (name, index) = match segment.split_once('[') {
+                Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()),
+                None => (segment, None),
+            };
+            let t = match value {
+                Some(DeValue::Table(t)) => t,
+                Some(_) => return Some(line_of(self.text, span.start)),
+                None => table?,
+            };
+            table = None;
+            let Some((key, v)) = t.iter().find(|(k, _)| k.get_ref() == name) else {
+                break;
+            };
+            span = key.span();
+            value = Some(v.get_ref());
+            if let (Some(i), Some(DeValue::Array(items))) = (index, value) {
+                let Some(item) = items.get(i) else {
+                    break;
+                };
+                span = item.span();
+                value = Some(item.get_ref());
+            }
+        }
+        Some(line_of(self.text, span.start))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:9000"
+data_dir = "/tmp/x"
+
+[[sources]]
+name = "web"
+write_keys = ["k1"]
+
+[[destinations]]
+name = "out"
+kind = "file"
+path = "/tmp/x/out.jsonl"
+"#;
+
+    #[test]
+    fn parses_the_documented_keys() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.server.listen.port(), 9000);
+        assert_eq!(c.sources[0].write_keys, vec!["k1"]);
+        assert_eq!(c.limits.max_message_bytes, 32 * 1024);
+        match &c.destinations[0] {
+            DestinationConfig::File(f) => assert_eq!(f.path, PathBuf::from("/tmp/x/out.jsonl")),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = GOOD.replace("data_dir", "data_dri");
+        let e = Config::parse(&text).unwrap_err();
+        assert!(e.message.contains("data_dri"), "{e}");
+        assert_eq!(e.key, "server.data_dri");
+        assert_eq!(e.line, Some(4), "{e}");
+    }
+
+    #[test]
+    fn unknown_destination_key_is_located() {
+        let text = GOOD.replace("path = ", "pth = ");
+        let e = Config::parse(&text).unwrap_err();
+        assert!(e.to_string().contains("destinations[0]"), "{e}");
+        assert!(e.message.contains("pth"), "{e}");
+        assert!(e.line.is_some_and(|l| l >= 10), "{e}");
+    }
+
+    #[test]
+    fn duplicate_write_key_is_refused_with_line() {
+        let text = format!("{GOOD}\n[[sources]]\nname = \"app\"\nwrite_keys = [\"k1\"]\n");
+        let e = Config::parse(&text).unwrap_err();
+        assert_eq!(e.key, "sources[1].write_keys[0]");
+        assert_eq!(e.line, Some(17), "{e}");
+    }
+
+    #[test]
+    fn bad_value_type_names_the_key() {
+        let text = GOOD.replace("\"127.0.0.1:9000\"", "9000");
+        let e = Config::parse(&text).unwrap_err();
+        assert_eq!(e.key, "server.listen", "{e}");
+        assert_eq!(e.line, Some(3), "{e}");
+    }
+
+    #[test]
+    fn unsafe_destination_name_is_refused() {
+        let text = GOOD.replace("name = \"out\"", "name = \"../etc\"");
+        let e = Config::parse(&text).unwrap_err();
+        assert_eq!(e.key, "destinations[0].name");
+    }
+}

@@ -1,0 +1,149 @@
+//! Every way a request can fail, mapped to a status and the JSON error body
+//! `{"success":false,"error":{"code","message","field"?,"index"?}}`.
+
+use axum::response::{IntoResponse, Response};
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, StatusCode};
+use serde::Serialize;
+
+use crate::ingest::Rejection;
+use crate::queue::QueueError;
+
+#[derive(Debug)]
+pub enum ApiError {
+    /// Invalid input: 400.
+    Invalid(Rejection),
+    /// Body over the request limit (on the wire or decoded): 413.
+    TooLarge {
+        limit: usize,
+    },
+    /// Missing or unknown write key: 401.
+    Unauthorized(&'static str),
+    /// Content-Encoding fanout cannot decode: 415.
+    UnsupportedEncoding,
+    /// Too many requests in flight: 429 + Retry-After.
+    Overloaded {
+        retry_after: u32,
+    },
+    /// The queue could not store the messages: 503 + Retry-After. Nothing was accepted.
+    Unavailable {
+        retry_after: u32,
+        reason: String,
+    },
+    NotFound,
+    MethodNotAllowed,
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::UnsupportedEncoding => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        }
+    }
+
+    /// The rejection this error reports: code, message and location.
+    pub fn rejection(&self) -> Rejection {
+        match self {
+            ApiError::Invalid(r) => r.clone(),
+            ApiError::TooLarge { limit } => Rejection::new(
+                "request_too_large",
+                format!("request body exceeds {limit} bytes (limits.max_request_bytes)"),
+            ),
+            ApiError::Unauthorized(why) => Rejection::new("unauthorized", *why),
+            ApiError::UnsupportedEncoding => Rejection::new(
+                "unsupported_encoding",
+                "Content-Encoding must be gzip, deflate or identity",
+            ),
+            ApiError::Overloaded { .. } => {
+                Rejection::new("overloaded", "too many requests in flight; retry later")
+            }
+            ApiError::Unavailable { reason, .. } => Rejection::new(
+                "unavailable",
+                format!("messages were not stored: {reason}; retry later"),
+            ),
+            ApiError::NotFound => Rejection::new("not_found", "no such endpoint"),
+            ApiError::MethodNotAllowed => {
+                Rejection::new("method_not_allowed", "method not allowed here")
+            }
+        }
+    }
+
+    fn retry_after(&self) -> Option<u32> {
+        match self {
+            ApiError::Overloaded { retry_after } | ApiError::Unavailable { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            _ => None,
+        }
+    }
+
+    /// Renders with a custom body (the seed APIs have their own error shape).
+    pub fn respond_with(&self, body: &impl Serialize) -> Response {
+        let body = serde_json::to_string(body).expect("error bodies serialize");
+        let mut response =
+            (self.status(), [(CONTENT_TYPE, "application/json")], body).into_response();
+        if let Some(secs) = self.retry_after() {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+
+    pub fn from_queue(e: QueueError, retry_after: u32) -> ApiError {
+        ApiError::Unavailable {
+            retry_after,
+            reason: e.to_string(),
+        }
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(r: Rejection) -> Self {
+        ApiError::Invalid(r)
+    }
+}
+
+/// `{"success":false,"error":{…}}`, fields in this order.
+#[derive(Serialize)]
+struct ErrorBody {
+    success: bool,
+    error: ErrorDetail,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail {
+    code: &'static str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<usize>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let Rejection {
+            code,
+            message,
+            field,
+            index,
+        } = self.rejection();
+        self.respond_with(&ErrorBody {
+            success: false,
+            error: ErrorDetail {
+                code,
+                message,
+                field,
+                index,
+            },
+        })
+    }
+}

@@ -1,0 +1,212 @@
+//! Request handlers: authenticate, read the body, run ingest, append to the queue,
+//! answer. A 200 is sent only after the queue has fsynced the request's messages.
+
+use std::error::Error as StdError;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use chrono::Utc;
+use http::header::CONTENT_TYPE;
+use http::HeaderMap;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::Serialize;
+use serde_json::json;
+
+use super::{ApiError, App};
+use crate::auth::{self, Credential};
+use crate::ingest::{seed, segment, MessageType, Rejection};
+use crate::queue::RecordBatch;
+
+/// Exactly what Segment answers; clients treat anything else as a failure.
+const SUCCESS: &str = r#"{"success":true}"#;
+
+fn success() -> Response {
+    ([(CONTENT_TYPE, "application/json")], SUCCESS).into_response()
+}
+
+/// The `/event/batch` answer, in the field order the seed's service uses.
+#[derive(Serialize)]
+struct EventBatchAnswer<'a> {
+    success: bool,
+    total: usize,
+    processed: usize,
+    errors: usize,
+    batch: &'a [seed::ItemReport],
+}
+
+fn json_response(body: &impl Serialize) -> Response {
+    let body = serde_json::to_string(body).expect("answers serialize");
+    ([(CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// `/v1/track`, `/v1/t`, … : one message; the type comes from the path.
+pub async fn single(
+    State(app): State<Arc<App>>,
+    kind: MessageType,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let received_at = Utc::now();
+    let header_source = app.header_source(&headers)?;
+    let body = read_body(body, app.limits.max_request_bytes).await?;
+    let request = segment::parse_single(&body, kind, received_at)?;
+    let source = app.source(header_source, request.write_key())?;
+    let records = request.encode(&source, &app.limits)?;
+    app.store(records).await?;
+    Ok(success())
+}
+
+/// `/v1/batch`, `/v1/import`, `/v1/b`.
+pub async fn batch(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let received_at = Utc::now();
+    let header_source = app.header_source(&headers)?;
+    let body = read_body(body, app.limits.max_request_bytes).await?;
+    let request = segment::parse_batch(&body, &app.limits, received_at)?;
+    let source = app.source(header_source, request.write_key())?;
+    let records = request.encode(&source, &app.limits)?;
+    app.store(records).await?;
+    Ok(success())
+}
+
+/// `/v1/m`: the browser library's own telemetry. Accepted and dropped.
+pub async fn client_metrics() -> Response {
+    success()
+}
+
+/// `POST /event/batch` (seed 001): each item accepted or refused on its own, with a
+/// per-item report.
+pub async fn event_batch(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let received_at = Utc::now();
+    let source = app
+        .header_source(&headers)?
+        .ok_or(ApiError::Unauthorized("missing write key"))?;
+    let body = read_body(body, app.limits.max_request_bytes).await?;
+    let items = seed::parse_event_batch(&body, &app.limits)?;
+    let mut records = RecordBatch::with_capacity(body.len() + 160 * items.len());
+    let report = seed::encode_event_batch(&items, &source, received_at, &app.limits, &mut records);
+    app.store(records).await?;
+    let answer = EventBatchAnswer {
+        success: true,
+        total: report.len(),
+        processed: report.iter().filter(|r| r.processed).count(),
+        errors: report.iter().filter(|r| !r.success).count(),
+        batch: &report,
+    };
+    Ok(json_response(&answer))
+}
+
+/// `POST /api/v1/event` (seed 000): one event; errors in the seed's `{"message"}` shape.
+pub async fn person_event(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    let result = async {
+        let received_at = Utc::now();
+        let source = app
+            .header_source(&headers)?
+            .ok_or(ApiError::Unauthorized("missing write key"))?;
+        let body = read_body(body, app.limits.max_request_bytes).await?;
+        let mut records = RecordBatch::with_capacity(body.len() + 160);
+        let message_id =
+            seed::encode_person_event(&body, &source, received_at, &app.limits, &mut records)?;
+        app.store(records).await?;
+        Ok::<_, ApiError>(message_id)
+    }
+    .await;
+    match result {
+        Ok(id) => json_response(&json!({ "success": true, "messageId": id })),
+        Err(e) => e.respond_with(&json!({ "message": e.rejection().message })),
+    }
+}
+
+/// Liveness: the process answers.
+pub async fn health() -> Response {
+    ([(CONTENT_TYPE, "application/json")], r#"{"status":"ok"}"#).into_response()
+}
+
+/// Readiness: the queue can take writes.
+pub async fn ready(State(app): State<Arc<App>>) -> Response {
+    if app.queue.is_healthy() {
+        (
+            [(CONTENT_TYPE, "application/json")],
+            r#"{"status":"ready"}"#,
+        )
+            .into_response()
+    } else {
+        ApiError::Unavailable {
+            retry_after: app.retry_after,
+            reason: "queue is not writable".into(),
+        }
+        .into_response()
+    }
+}
+
+impl App {
+    /// The source named by the request's auth header; `None` when there is no header.
+    fn header_source(&self, headers: &HeaderMap) -> Result<Option<Arc<str>>, ApiError> {
+        match auth::credential(headers) {
+            Credential::Missing => Ok(None),
+            Credential::Key(key) => self
+                .sources
+                .authenticate(&key)
+                .map(Some)
+                .ok_or(ApiError::Unauthorized("unknown write key")),
+            Credential::Malformed(why) => Err(ApiError::Unauthorized(why)),
+        }
+    }
+
+    /// The header's source, else the one named by the body's `writeKey`.
+    fn source(
+        &self,
+        from_header: Option<Arc<str>>,
+        body_key: Option<&str>,
+    ) -> Result<Arc<str>, ApiError> {
+        match (from_header, body_key) {
+            (Some(source), _) => Ok(source),
+            (None, Some(key)) => self
+                .sources
+                .authenticate(key)
+                .ok_or(ApiError::Unauthorized("unknown write key")),
+            (None, None) => Err(ApiError::Unauthorized("missing write key")),
+        }
+    }
+
+    async fn store(&self, records: RecordBatch) -> Result<(), ApiError> {
+        self.queue
+            .append(records)
+            .await
+            .map_err(|e| ApiError::from_queue(e, self.retry_after))
+    }
+}
+
+/// Collects the (decoded) body, refusing more than `limit` bytes.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if caused_by_limit(e.as_ref()) => Err(ApiError::TooLarge { limit }),
+        Err(e) => Err(ApiError::Invalid(Rejection::new(
+            "unreadable_body",
+            format!("could not read the request body (bad gzip/deflate data?): {e}"),
+        ))),
+    }
+}
+
+fn caused_by_limit(mut e: &(dyn StdError + 'static)) -> bool {
+    loop {
+        if e.is::<LengthLimitError>() {
+            return true;
+        }
+        match e.source() {
+            Some(next) => e = next,
+            None => return false,
+        }
+    }
+}

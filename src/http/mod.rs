@@ -1,0 +1,152 @@
+//! Stage 1: the HTTP surface. The whole tower stack is assembled in `router`, outermost
+//! layer first, so it can be read in one place.
+
+mod error;
+mod handlers;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::error_handling::HandleErrorLayer;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderName, HeaderValue, Method, Request};
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::load_shed::LoadShedLayer;
+use tower::{BoxError, ServiceBuilder};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::decompression::RequestDecompressionLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+pub use error::ApiError;
+
+use crate::auth::Sources;
+use crate::config::{Config, CorsConfig, LimitsConfig};
+use crate::ingest::MessageType;
+use crate::queue::Queue;
+
+/// What request handlers share.
+pub struct App {
+    pub sources: Sources,
+    pub queue: Queue,
+    pub limits: LimitsConfig,
+    /// Seconds clients are told to wait after a 429 or 503.
+    pub retry_after: u32,
+}
+
+/// Single-call paths: long names, and the browser library's one-letter ones.
+const SINGLE_CALLS: [(&str, &str, MessageType); 6] = [
+    ("/v1/identify", "/v1/i", MessageType::Identify),
+    ("/v1/track", "/v1/t", MessageType::Track),
+    ("/v1/page", "/v1/p", MessageType::Page),
+    ("/v1/screen", "/v1/s", MessageType::Screen),
+    ("/v1/group", "/v1/g", MessageType::Group),
+    ("/v1/alias", "/v1/a", MessageType::Alias),
+];
+
+/// The routes and the middleware stack around them.
+pub fn router(app: Arc<App>, config: &Config) -> Router {
+    let mut routes = Router::new();
+    for (long, short, kind) in SINGLE_CALLS {
+        let handler =
+            post(move |state, headers, body| handlers::single(state, kind, headers, body));
+        routes = routes.route(long, handler.clone()).route(short, handler);
+    }
+    let routes = routes
+        .route("/v1/batch", post(handlers::batch))
+        .route("/v1/import", post(handlers::batch))
+        .route("/v1/b", post(handlers::batch))
+        .route("/v1/m", post(handlers::client_metrics))
+        .route("/event/batch", post(handlers::event_batch))
+        .route("/api/v1/event", post(handlers::person_event))
+        .route("/health", get(handlers::health))
+        .route("/ready", get(handlers::ready))
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .with_state(app);
+
+    let retry_after = config.server.retry_after_secs;
+    let request_limit = config.limits.max_request_bytes;
+    let stack = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        // Before the concurrency limit: preflights and 429s carry CORS headers too.
+        .layer(cors(&config.cors))
+        // Shed load instead of queueing: a 429 is sent before the body is read.
+        .layer(HandleErrorLayer::new(move |_: BoxError| async move {
+            ApiError::Overloaded { retry_after }.into_response()
+        }))
+        .layer(LoadShedLayer::new())
+        .layer(GlobalConcurrencyLimitLayer::new(
+            config.server.max_in_flight,
+        ))
+        .layer(axum::middleware::map_response(move |r| {
+            json_errors(r, request_limit)
+        }))
+        // Wire size first (a declared Content-Length over the limit is refused unread),
+        // then decoding; handlers apply the same limit to the decoded bytes.
+        .layer(RequestBodyLimitLayer::new(request_limit))
+        .layer(RequestDecompressionLayer::new().gzip(true).deflate(true));
+    routes.layer(stack)
+}
+
+fn request_span<B>(request: &Request<B>) -> tracing::Span {
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    tracing::debug_span!("request", method = %request.method(), path = %request.uri().path(), id)
+}
+
+fn cors(config: &CorsConfig) -> CorsLayer {
+    let origins = if config.allowed_origins.iter().any(|o| o == "*") {
+        // Echo the origin rather than `*`, so credentialed browser requests work too.
+        AllowOrigin::mirror_request()
+    } else {
+        AllowOrigin::list(
+            config
+                .allowed_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
+    };
+    CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([Method::POST, Method::GET, Method::OPTIONS])
+        .allow_headers([
+            CONTENT_TYPE,
+            AUTHORIZATION,
+            HeaderName::from_static("authentication"),
+            HeaderName::from_static("x-retry-count"),
+            HeaderName::from_static("x-request-id"),
+        ])
+        .max_age(Duration::from_secs(config.max_age_secs))
+}
+
+/// tower-http's layers answer 413/415 with plain text; clients get the JSON error body.
+async fn json_errors<B>(response: http::Response<B>, request_limit: usize) -> Response
+where
+    http::Response<B>: IntoResponse,
+{
+    let is_json = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json {
+        return response.into_response();
+    }
+    match response.status() {
+        http::StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge {
+            limit: request_limit,
+        }
+        .into_response(),
+        http::StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedEncoding.into_response(),
+        _ => response.into_response(),
+    }
+}

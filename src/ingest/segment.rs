@@ -1,0 +1,321 @@
+//! The Segment tracking API: single calls (`/v1/track`, `/v1/t`, …) and batches
+//! (`/v1/batch`, `/v1/import`, `/v1/b`).
+//!
+//! A batch is all or nothing, as at Segment: one invalid item refuses the whole request
+//! with a 400 naming the item's index and field, and nothing of it is stored. Clients keep
+//! the batch and can fix or drop it; a half-accepted batch would be invisible to them.
+
+use std::borrow::Cow;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::json::{is_object_or_null, scalar, RawObject, Scalar};
+use super::message::{self, Envelope, MessageType};
+use super::{invalid_json, Rejection};
+use crate::config::LimitsConfig;
+use crate::queue::RecordBatch;
+
+/// A parsed request: its messages (unvalidated) and what they share.
+pub struct SegmentRequest<'a> {
+    items: Vec<&'a RawValue>,
+    /// The path's type for single calls; batch items carry their own.
+    implied: Option<MessageType>,
+    envelope: Envelope<'a>,
+    write_key: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct BatchBody<'a> {
+    #[serde(borrow)]
+    batch: Option<&'a RawValue>,
+    #[serde(borrow)]
+    context: Option<&'a RawValue>,
+    #[serde(borrow)]
+    integrations: Option<&'a RawValue>,
+    #[serde(borrow, rename = "sentAt")]
+    sent_at: Option<&'a RawValue>,
+    #[serde(borrow, rename = "writeKey")]
+    write_key: Option<&'a RawValue>,
+}
+
+/// Parses a batch body: `{"batch":[…], "context"?, "integrations"?, "sentAt"?, "writeKey"?}`.
+pub fn parse_batch<'a>(
+    body: &'a [u8],
+    limits: &LimitsConfig,
+    received_at: DateTime<Utc>,
+) -> Result<SegmentRequest<'a>, Rejection> {
+    let body: BatchBody<'a> = serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => Rejection::new(
+            "invalid_body",
+            "body must be a JSON object with a batch array",
+        ),
+        _ => invalid_json(e),
+    })?;
+    let items: Vec<&RawValue> = match body.batch {
+        Some(b) if b.get().starts_with('[') => {
+            serde_json::from_str(b.get()).map_err(invalid_json)?
+        }
+        Some(_) => {
+            return Err(Rejection::field(
+                "invalid_field",
+                "batch",
+                "batch must be an array",
+            ))
+        }
+        None => {
+            return Err(Rejection::field(
+                "missing_field",
+                "batch",
+                "batch is required",
+            ))
+        }
+    };
+    if items.len() > limits.max_batch_messages {
+        return Err(Rejection::field(
+            "batch_too_large",
+            "batch",
+            format!(
+                "batch has {} messages; the limit is {} (limits.max_batch_messages)",
+                items.len(),
+                limits.max_batch_messages
+            ),
+        ));
+    }
+    let mut envelope = Envelope::new(received_at);
+    envelope.sent_at = message::time_value(body.sent_at, "sentAt")?;
+    envelope.context = batch_object(body.context, "context")?;
+    envelope.integrations = batch_object(body.integrations, "integrations")?;
+    let write_key = match body.write_key.map(scalar) {
+        Some(Scalar::Str(k)) if !k.is_empty() => Some(k),
+        _ => None,
+    };
+    Ok(SegmentRequest {
+        items,
+        implied: None,
+        envelope,
+        write_key,
+    })
+}
+
+/// Parses a single call's body; its type comes from the path.
+pub fn parse_single<'a>(
+    body: &'a [u8],
+    kind: MessageType,
+    received_at: DateTime<Utc>,
+) -> Result<SegmentRequest<'a>, Rejection> {
+    let raw: &RawValue = serde_json::from_slice(body).map_err(invalid_json)?;
+    if !raw.get().starts_with('{') {
+        return Err(Rejection::new(
+            "invalid_message",
+            "body must be a JSON object",
+        ));
+    }
+    // Only the key is needed here; full validation happens in `encode`.
+    let write_key = RawObject::parse(raw).and_then(|o| match o.get("writeKey").map(scalar) {
+        Some(Scalar::Str(k)) if !k.is_empty() => Some(k),
+        _ => None,
+    });
+    Ok(SegmentRequest {
+        items: vec![raw],
+        implied: Some(kind),
+        envelope: Envelope::new(received_at),
+        write_key,
+    })
+}
+
+impl<'a> SegmentRequest<'a> {
+    /// The write key carried in the body, for clients that send no Authorization header.
+    pub fn write_key(&self) -> Option<&str> {
+        self.write_key.as_deref()
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Validates every message and frames them for the queue; the first invalid one
+    /// refuses the request.
+    pub fn encode(&self, source: &str, limits: &LimitsConfig) -> Result<RecordBatch, Rejection> {
+        let size: usize = self.items.iter().map(|i| i.get().len() + 160).sum();
+        let mut records = RecordBatch::with_capacity(size);
+        let batch = self.implied.is_none();
+        for (index, raw) in self.items.iter().enumerate() {
+            let locate = |r: Rejection| if batch { r.at(index) } else { r };
+            let message = message::parse_item(raw, limits).map_err(locate)?;
+            let kind = match self.implied {
+                Some(kind) => kind,
+                None => item_type(&message).map_err(locate)?,
+            };
+            records
+                .push_with(source, |out| {
+                    message::normalize(&message, kind, &self.envelope, out).map(drop)
+                })
+                .map_err(locate)?;
+        }
+        Ok(records)
+    }
+}
+
+/// A batch item's own `type`.
+fn item_type(message: &RawObject<'_>) -> Result<MessageType, Rejection> {
+    match message.get("type").map(scalar) {
+        Some(Scalar::Str(t)) => MessageType::parse(&t).ok_or_else(|| {
+            Rejection::field(
+                "invalid_field",
+                "type",
+                format!("type `{t}` is not one of identify, track, page, screen, group, alias"),
+            )
+        }),
+        None | Some(Scalar::Null) => Err(Rejection::field(
+            "missing_field",
+            "type",
+            "type is required",
+        )),
+        Some(Scalar::Other) => Err(Rejection::field(
+            "invalid_field",
+            "type",
+            "type must be a string",
+        )),
+    }
+}
+
+fn batch_object<'a>(
+    raw: Option<&'a RawValue>,
+    key: &str,
+) -> Result<Option<RawObject<'a>>, Rejection> {
+    match raw {
+        Some(v) if !is_object_or_null(v) => Err(Rejection::field(
+            "invalid_field",
+            key,
+            format!("{key} must be an object"),
+        )),
+        Some(v) => Ok(RawObject::parse(v)),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::record::{read_record, ReadOutcome};
+    use serde_json::Value;
+
+    fn now() -> DateTime<Utc> {
+        Utc::now()
+    }
+
+    fn decode(batch: &RecordBatch) -> Vec<Value> {
+        let mut r = batch.bytes();
+        let mut out = Vec::new();
+        while let ReadOutcome::Record { json, .. } = read_record(&mut r).unwrap() {
+            out.push(serde_json::from_slice(&json).unwrap());
+        }
+        out
+    }
+
+    #[test]
+    fn batch_applies_shared_fields_and_reads_write_key() {
+        let body = br#"{"batch":[{"type":"track","userId":"u","event":"E"},{"type":"identify","anonymousId":"a","context":{"ip":"x"}}],
+            "context":{"library":{"name":"l"}},"integrations":{"All":false},"sentAt":"2026-01-01T00:00:00Z","writeKey":"wk"}"#;
+        let limits = LimitsConfig::default();
+        let req = parse_batch(body, &limits, now()).unwrap();
+        assert_eq!(req.write_key(), Some("wk"));
+        let msgs = decode(&req.encode("web", &limits).unwrap());
+        assert_eq!(msgs.len(), 2);
+        assert_eq!(msgs[0]["context"]["library"]["name"], "l");
+        assert_eq!(msgs[1]["context"]["ip"], "x");
+        assert_eq!(msgs[1]["context"]["library"]["name"], "l");
+        assert_eq!(msgs[0]["integrations"]["All"], false);
+        assert_eq!(msgs[0]["sentAt"], "2026-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn one_bad_item_refuses_the_batch_with_its_index() {
+        let body = br#"{"batch":[{"type":"track","userId":"u","event":"E"},{"type":"track","userId":"u"}]}"#;
+        let limits = LimitsConfig::default();
+        let e = parse_batch(body, &limits, now())
+            .unwrap()
+            .encode("web", &limits)
+            .unwrap_err();
+        assert_eq!((e.index, e.field.as_deref()), (Some(1), Some("event")));
+    }
+
+    #[test]
+    fn batch_shape_errors() {
+        let limits = LimitsConfig {
+            max_batch_messages: 2,
+            ..LimitsConfig::default()
+        };
+        let cases: [(&[u8], &str); 6] = [
+            (b"{\"batch\":", "invalid_json"),
+            (b"[1,2]", "invalid_body"),
+            (b"{}", "missing_field"),
+            (b"{\"batch\":{}}", "invalid_field"),
+            (b"{\"batch\":[1,2,3]}", "batch_too_large"),
+            (b"{\"batch\":[],\"context\":5}", "invalid_field"),
+        ];
+        for (body, code) in cases {
+            let e = parse_batch(body, &limits, now()).err().unwrap();
+            assert_eq!(e.code, code, "{}", String::from_utf8_lossy(body));
+        }
+        let e = parse_batch(b"{\"batch\":[1]}", &limits, now())
+            .unwrap()
+            .encode("s", &limits)
+            .unwrap_err();
+        assert_eq!((e.code, e.index), ("invalid_message", Some(0)));
+        let e = parse_batch(
+            b"{\"batch\":[{\"type\":\"fly\",\"userId\":\"u\"}]}",
+            &limits,
+            now(),
+        )
+        .unwrap()
+        .encode("s", &limits)
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("type"));
+    }
+
+    #[test]
+    fn single_call_takes_type_from_path() {
+        let limits = LimitsConfig::default();
+        let req = parse_single(
+            br#"{"type":"identify","userId":"u","event":"E","writeKey":"k"}"#,
+            MessageType::Track,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(req.write_key(), Some("k"));
+        let msgs = decode(&req.encode("web", &limits).unwrap());
+        assert_eq!(msgs[0]["type"], "track");
+        assert!(msgs[0].get("writeKey").is_none());
+    }
+
+    #[test]
+    fn oversized_and_deep_messages_are_refused() {
+        let limits = LimitsConfig {
+            max_message_bytes: 100,
+            max_json_depth: 5,
+            ..LimitsConfig::default()
+        };
+        let big = format!(
+            r#"{{"userId":"u","event":"E","properties":{{"p":"{}"}}}}"#,
+            "x".repeat(100)
+        );
+        let e = parse_single(big.as_bytes(), MessageType::Track, now())
+            .unwrap()
+            .encode("s", &limits)
+            .unwrap_err();
+        assert_eq!(e.code, "message_too_large");
+        let deep = r#"{"userId":"u","event":"E","properties":{"a":[[[[[1]]]]]}}"#;
+        let e = parse_single(deep.as_bytes(), MessageType::Track, now())
+            .unwrap()
+            .encode("s", &limits)
+            .unwrap_err();
+        assert_eq!(e.code, "too_deep");
+    }
+}

@@ -1,0 +1,63 @@
+//! Event time: parsing what clients send and correcting client clock skew.
+
+use chrono::{DateTime, NaiveDateTime, SecondsFormat, TimeDelta, Utc};
+
+/// Parses the date-times real clients send: RFC 3339 with `Z` or an offset and any
+/// fraction length (Go sends nanoseconds); a missing offset is read as UTC.
+pub fn parse(s: &str) -> Option<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.with_timezone(&Utc));
+    }
+    ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+        .iter()
+        .find_map(|f| NaiveDateTime::parse_from_str(s, f).ok())
+        .map(|t| t.and_utc())
+}
+
+/// Segment's rule: `timestamp = receivedAt − (sentAt − originalTimestamp)`. The offset
+/// between the client's send time and our receive time is the client's clock skew.
+pub fn corrected(
+    received_at: DateTime<Utc>,
+    sent_at: DateTime<Utc>,
+    original: DateTime<Utc>,
+) -> DateTime<Utc> {
+    let in_queue: TimeDelta = sent_at - original;
+    received_at.checked_sub_signed(in_queue).unwrap_or(original)
+}
+
+/// The one format fanout writes: RFC 3339, UTC, milliseconds.
+pub fn format(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_client_variants() {
+        let want = parse("2024-01-02T03:04:05.678Z").unwrap();
+        assert_eq!(parse("2024-01-02T03:04:05.678+00:00"), Some(want));
+        assert_eq!(parse("2024-01-02T05:04:05.678+02:00"), Some(want));
+        assert_eq!(parse("2024-01-02T03:04:05.678000000Z"), Some(want));
+        assert_eq!(parse("2024-01-02T03:04:05.678"), Some(want));
+        assert_eq!(
+            format(parse("2024-01-02T03:04:05.123456789Z").unwrap()),
+            "2024-01-02T03:04:05.123Z"
+        );
+        assert_eq!(parse("yesterday"), None);
+        assert_eq!(parse("2024-13-02T03:04:05Z"), None);
+    }
+
+    #[test]
+    fn corrects_skew() {
+        // The client's clock is 10 minutes fast; the event happened 2 s before sending.
+        let original = parse("2024-01-01T00:10:00Z").unwrap();
+        let sent = parse("2024-01-01T00:10:02Z").unwrap();
+        let received = parse("2024-01-01T00:00:03Z").unwrap();
+        assert_eq!(
+            format(corrected(received, sent, original)),
+            "2024-01-01T00:00:01.000Z"
+        );
+    }
+}

@@ -1,0 +1,93 @@
+//! Persisted read positions, one file per destination.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::{segments, Shared};
+
+/// What a destination has durably consumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Log position up to which every record is delivered.
+    pub position: u64,
+    /// Destination-defined mark saved atomically with the position (the file
+    /// destination keeps its output length here, to cut off lines written after it).
+    #[serde(default)]
+    pub sink_offset: u64,
+}
+
+/// A destination's handle for saving its checkpoint.
+pub struct Cursor {
+    name: String,
+    shared: Arc<Shared>,
+}
+
+const SUFFIX: &str = ".cursor";
+
+fn path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}{SUFFIX}"))
+}
+
+pub(super) fn load(dir: &Path, name: &str) -> io::Result<Option<Checkpoint>> {
+    match fs::read(path(dir, name)) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(io::Error::other),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Every saved cursor's position, by destination name.
+pub(super) fn load_all(dir: &Path) -> io::Result<HashMap<String, u64>> {
+    let mut all = HashMap::new();
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let Some(name) = name.to_str().and_then(|n| n.strip_suffix(SUFFIX)) else {
+            continue;
+        };
+        if let Some(checkpoint) = load(dir, name)? {
+            all.insert(name.to_string(), checkpoint.position);
+        }
+    }
+    Ok(all)
+}
+
+impl Cursor {
+    pub(super) fn new(name: &str, shared: Arc<Shared>) -> Cursor {
+        Cursor {
+            name: name.to_string(),
+            shared,
+        }
+    }
+
+    /// Saves the checkpoint durably (write, fsync, rename), then deletes segments that
+    /// every cursor has passed. Blocking: call from a blocking context.
+    pub fn commit(&self, checkpoint: Checkpoint) -> io::Result<()> {
+        let dir = &self.shared.cursor_dir;
+        let tmp = dir.join(format!("{}{SUFFIX}.tmp", self.name));
+        let mut file = fs::File::create(&tmp)?;
+        file.write_all(&serde_json::to_vec(&checkpoint).map_err(io::Error::other)?)?;
+        file.sync_data()?;
+        fs::rename(&tmp, path(dir, &self.name))?;
+        let oldest_needed = {
+            let mut cursors = self.shared.cursors.lock().expect("cursor map poisoned");
+            cursors.insert(self.name.clone(), checkpoint.position);
+            cursors
+                .values()
+                .copied()
+                .min()
+                .unwrap_or(checkpoint.position)
+        };
+        let deleted = segments::delete_before(&self.shared.queue_dir, oldest_needed)?;
+        if deleted > 0 {
+            tracing::debug!(deleted, oldest_needed, "reclaimed queue segments");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,207 @@
+//! The durability point: an append-only segment log with group commit.
+//!
+//! Requests hand their framed messages to one writer thread, which writes whatever has
+//! arrived since its last sync and then fsyncs once for all of them: the disk decides the
+//! pace, not a timer. A request is answered only after the sync that covers it. Each
+//! destination reads the log from its own persisted cursor; segments behind every cursor
+//! are deleted. Why a plain log and not an embedded database: `bench/store-choice/`.
+
+mod cursor;
+mod reader;
+pub mod record;
+mod segments;
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+
+use tokio::sync::{oneshot, watch};
+
+pub use cursor::{Checkpoint, Cursor};
+pub use reader::QueueReader;
+pub use record::{Record, RecordBatch};
+
+/// Upper bound on the bytes one group commit writes, so one sync cannot grow without end.
+const MAX_GROUP_BYTES: usize = 16 * 1024 * 1024;
+
+/// Why an append was not made durable.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("queue write failed: {0}")]
+    Io(String),
+    #[error("queue is shut down")]
+    Closed,
+}
+
+struct AppendRequest {
+    bytes: Vec<u8>,
+    done: oneshot::Sender<Result<(), QueueError>>,
+}
+
+/// State shared by the writer, the readers and the cursors.
+struct Shared {
+    queue_dir: PathBuf,
+    cursor_dir: PathBuf,
+    /// End of durable data; readers never read past it.
+    committed: watch::Sender<u64>,
+    /// Every known cursor's position, including destinations no longer configured:
+    /// their data is kept until they are purged.
+    cursors: Mutex<HashMap<String, u64>>,
+    /// False after a write failed and could not be undone.
+    healthy: AtomicBool,
+}
+
+/// Handle for appending to the queue and attaching readers. Cheap to clone.
+#[derive(Clone)]
+pub struct Queue {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<AppendRequest>,
+}
+
+/// The writer thread; join it after every `Queue` handle is dropped to flush the last group.
+pub struct QueueWriter {
+    thread: thread::JoinHandle<()>,
+}
+
+impl QueueWriter {
+    pub fn join(self) {
+        let _ = self.thread.join();
+    }
+}
+
+impl Queue {
+    /// Opens (or creates) the queue under `data_dir`, recovering from a crash if needed.
+    pub fn open(data_dir: &Path, segment_bytes: u64) -> anyhow::Result<(Queue, QueueWriter)> {
+        fs::create_dir_all(data_dir)?;
+        let lock = File::create(data_dir.join("LOCK"))?;
+        if lock.try_lock().is_err() {
+            anyhow::bail!("{} is in use by another fanout process", data_dir.display());
+        }
+        let queue_dir = data_dir.join("queue");
+        let cursor_dir = data_dir.join("cursors");
+        fs::create_dir_all(&cursor_dir)?;
+        let (active, recovered) = segments::ActiveSegment::open(&queue_dir, segment_bytes)?;
+        if recovered.truncated > 0 {
+            tracing::warn!(
+                bytes = recovered.truncated,
+                "cut a torn write off the queue tail (it was never acknowledged)"
+            );
+        }
+        let cursors = cursor::load_all(&cursor_dir)?;
+        tracing::info!(
+            start = recovered.start,
+            end = recovered.end,
+            cursors = cursors.len(),
+            "queue opened"
+        );
+        let shared = Arc::new(Shared {
+            queue_dir,
+            cursor_dir,
+            committed: watch::Sender::new(recovered.end),
+            cursors: Mutex::new(cursors),
+            healthy: AtomicBool::new(true),
+        });
+        let (tx, rx) = mpsc::channel();
+        let writer_shared = shared.clone();
+        let thread = thread::Builder::new()
+            .name("queue-writer".into())
+            .spawn(move || write_loop(active, rx, writer_shared, lock))?;
+        Ok((Queue { shared, tx }, QueueWriter { thread }))
+    }
+
+    /// Appends a batch durably: returns once it is fsynced.
+    pub async fn append(&self, batch: RecordBatch) -> Result<(), QueueError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(AppendRequest {
+                bytes: batch.into_bytes(),
+                done,
+            })
+            .map_err(|_| QueueError::Closed)?;
+        rx.await.map_err(|_| QueueError::Closed)?
+    }
+
+    /// Attaches a destination: its reader starts at its saved checkpoint (returned too),
+    /// or at the current end of the log if it has none: a new destination gets what
+    /// is accepted from now on.
+    pub fn subscribe(
+        &self,
+        name: &str,
+    ) -> anyhow::Result<(QueueReader, Cursor, Option<Checkpoint>)> {
+        let saved = cursor::load(&self.shared.cursor_dir, name)?;
+        let position = {
+            let mut cursors = self.shared.cursors.lock().expect("cursor map poisoned");
+            let position = saved.map_or_else(|| *self.shared.committed.borrow(), |c| c.position);
+            cursors.insert(name.to_string(), position);
+            position
+        };
+        let reader = QueueReader::new(
+            self.shared.queue_dir.clone(),
+            position,
+            self.shared.committed.subscribe(),
+        );
+        let cursor = Cursor::new(name, self.shared.clone());
+        Ok((reader, cursor, saved))
+    }
+
+    /// End of durable data.
+    pub fn end(&self) -> u64 {
+        *self.shared.committed.borrow()
+    }
+
+    /// False once a write failed and the log could not be cut back.
+    pub fn is_healthy(&self) -> bool {
+        self.shared.healthy.load(Ordering::Relaxed)
+    }
+}
+
+/// Group commit: block for one request, take every other one already waiting, write them
+/// all, sync once, answer all. Exits when every `Queue` handle is gone.
+fn write_loop(
+    mut active: segments::ActiveSegment,
+    rx: mpsc::Receiver<AppendRequest>,
+    shared: Arc<Shared>,
+    _lock: File,
+) {
+    let mut group: Vec<AppendRequest> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut bytes = first.bytes.len();
+        group.push(first);
+        while bytes < MAX_GROUP_BYTES {
+            match rx.try_recv() {
+                Ok(next) => {
+                    bytes += next.bytes.len();
+                    group.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let chunks: Vec<&[u8]> = group.iter().map(|r| r.bytes.as_slice()).collect();
+        let result = active.append(&chunks);
+        drop(chunks);
+        match result {
+            Ok(end) => {
+                shared.committed.send_replace(end);
+                for request in group.drain(..) {
+                    let _ = request.done.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, requests = group.len(), "queue append failed");
+                shared
+                    .healthy
+                    .store(!active.is_poisoned(), Ordering::Relaxed);
+                for request in group.drain(..) {
+                    let _ = request.done.send(Err(QueueError::Io(e.to_string())));
+                }
+            }
+        }
+    }
+    tracing::debug!("queue writer stopped");
+}

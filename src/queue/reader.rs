@@ -1,0 +1,116 @@
+//! Sequential reading of the log from a cursor position, up to the durable end.
+
+use std::fs::File;
+use std::io::{self, BufReader, Seek, SeekFrom};
+use std::path::PathBuf;
+
+use tokio::sync::watch;
+
+use super::record::{read_record, ReadOutcome, Record};
+use super::segments::{list_segments, segment_path};
+
+/// One destination's view of the log. Reads are blocking file I/O: call them from
+/// `spawn_blocking` or a dedicated thread.
+pub struct QueueReader {
+    dir: PathBuf,
+    position: u64,
+    committed: watch::Receiver<u64>,
+    open: Option<BufReader<File>>,
+}
+
+impl QueueReader {
+    pub(super) fn new(dir: PathBuf, position: u64, committed: watch::Receiver<u64>) -> Self {
+        QueueReader {
+            dir,
+            position,
+            committed,
+            open: None,
+        }
+    }
+
+    /// Position of the next record to read.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// Bytes of durable data not yet read.
+    pub fn lag(&self) -> u64 {
+        self.committed.borrow().saturating_sub(self.position)
+    }
+
+    /// Waits until there is durable data past the read position. Returns false when the
+    /// queue has shut down and nothing more will come.
+    pub async fn wait_for_data(&mut self) -> bool {
+        let position = self.position;
+        self.committed.wait_for(|&end| end > position).await.is_ok()
+    }
+
+    /// Reads up to `max_records` records or about `max_bytes`, never past the durable end.
+    pub fn read_batch(&mut self, max_records: usize, max_bytes: usize) -> io::Result<Vec<Record>> {
+        let end = *self.committed.borrow();
+        let mut records = Vec::new();
+        let mut bytes = 0;
+        while self.position < end && records.len() < max_records && bytes < max_bytes {
+            if self.open.is_none() {
+                self.open = Some(self.open_at_position()?);
+            }
+            let reader = self.open.as_mut().expect("opened above");
+            match read_record(reader)? {
+                ReadOutcome::Record { source, json, len } => {
+                    self.position += len;
+                    bytes += json.len();
+                    records.push(Record {
+                        end: self.position,
+                        source,
+                        json,
+                    });
+                }
+                // The end of a segment: the next one starts exactly here.
+                ReadOutcome::End => {
+                    if self.open.take().is_some() && self.next_segment_starts_here()? {
+                        continue;
+                    }
+                    return Err(io::Error::other(format!(
+                        "queue data missing at position {} (durable end {end})",
+                        self.position
+                    )));
+                }
+                ReadOutcome::Invalid(why) => {
+                    return Err(io::Error::other(format!(
+                        "corrupt queue record at position {}: {why}",
+                        self.position
+                    )));
+                }
+            }
+        }
+        Ok(records)
+    }
+
+    fn next_segment_starts_here(&self) -> io::Result<bool> {
+        Ok(list_segments(&self.dir)?.contains(&self.position))
+    }
+
+    fn open_at_position(&mut self) -> io::Result<BufReader<File>> {
+        let bases = list_segments(&self.dir)?;
+        let base = match bases.iter().rev().find(|&&b| b <= self.position) {
+            Some(&b) => b,
+            None => {
+                // Older data than the oldest segment was deleted: resume at what exists.
+                let oldest = *bases
+                    .first()
+                    .ok_or_else(|| io::Error::other("no segments"))?;
+                tracing::warn!(
+                    from = self.position,
+                    to = oldest,
+                    "cursor behind retained data"
+                );
+                self.position = oldest;
+                oldest
+            }
+        };
+        let mut file =
+            BufReader::with_capacity(256 * 1024, File::open(segment_path(&self.dir, base))?);
+        file.seek(SeekFrom::Start(self.position - base))?;
+        Ok(file)
+    }
+}

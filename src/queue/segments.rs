@@ -1,0 +1,254 @@
+//! The log on disk: numbered segment files addressed by global byte position.
+//!
+//! A segment is named after the log position of its first byte, so a cursor is a single
+//! `u64` and finding the file for it is a directory listing. Records never span segments,
+//! and a whole segment is deleted once every cursor has passed it.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, IoSlice, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use super::record::{read_record, ReadOutcome};
+
+const SUFFIX: &str = ".seg";
+
+pub fn segment_path(dir: &Path, base: u64) -> PathBuf {
+    dir.join(format!("{base:020}{SUFFIX}"))
+}
+
+/// Base positions of the segments in `dir`, ascending.
+pub fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut bases = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(base) = name
+            .strip_suffix(SUFFIX)
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            bases.push(base);
+        }
+    }
+    bases.sort_unstable();
+    Ok(bases)
+}
+
+/// Makes a new directory entry durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// The segment being appended to. Only the writer thread owns one.
+pub struct ActiveSegment {
+    dir: PathBuf,
+    file: File,
+    base: u64,
+    len: u64,
+    segment_bytes: u64,
+    /// Set when a failed write could not be cut back: the file's tail is unknown.
+    poisoned: bool,
+}
+
+/// What recovery found when the log was opened.
+#[derive(Debug)]
+pub struct Recovered {
+    /// First retained position (base of the oldest segment).
+    pub start: u64,
+    /// End of the last complete record: where appends continue.
+    pub end: u64,
+    /// Bytes of a torn tail that were cut off.
+    pub truncated: u64,
+}
+
+impl ActiveSegment {
+    /// Opens the log in `dir`, cutting off any torn tail left by a crash.
+    pub fn open(dir: &Path, segment_bytes: u64) -> io::Result<(ActiveSegment, Recovered)> {
+        fs::create_dir_all(dir)?;
+        let bases = list_segments(dir)?;
+        let (base, start) = match (bases.first(), bases.last()) {
+            (Some(&first), Some(&last)) => (last, first),
+            _ => {
+                File::create(segment_path(dir, 0))?;
+                sync_dir(dir)?;
+                (0, 0)
+            }
+        };
+        let path = segment_path(dir, base);
+        let mut file = OpenOptions::new().read(true).write(true).open(&path)?;
+        let on_disk = file.metadata()?.len();
+        let valid = valid_prefix(&file)?;
+        if valid < on_disk {
+            // Bytes past the last whole record were never acknowledged: drop them.
+            file.set_len(valid)?;
+            file.sync_all()?;
+        }
+        file.seek(SeekFrom::Start(valid))?;
+        let active = ActiveSegment {
+            dir: dir.to_path_buf(),
+            file,
+            base,
+            len: valid,
+            segment_bytes,
+            poisoned: false,
+        };
+        let recovered = Recovered {
+            start,
+            end: base + valid,
+            truncated: on_disk - valid,
+        };
+        Ok((active, recovered))
+    }
+
+    /// True once a failed write could not be undone; every later append fails.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Log position after the last appended byte.
+    pub fn end(&self) -> u64 {
+        self.base + self.len
+    }
+
+    /// Writes `chunks` as one durable append and returns the new end position.
+    /// On error the segment is cut back to where it was, so nothing half-written remains.
+    pub fn append(&mut self, chunks: &[&[u8]]) -> io::Result<u64> {
+        if self.poisoned {
+            return Err(io::Error::other("an earlier write could not be undone"));
+        }
+        let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+        if self.len > 0 && self.len + total > self.segment_bytes {
+            self.roll()?;
+        }
+        match self.write_and_sync(chunks) {
+            Ok(()) => {
+                self.len += total;
+                Ok(self.end())
+            }
+            Err(e) => {
+                let undone = self
+                    .file
+                    .set_len(self.len)
+                    .and_then(|_| self.file.seek(SeekFrom::Start(self.len)).map(|_| ()));
+                self.poisoned = undone.is_err();
+                Err(e)
+            }
+        }
+    }
+
+    fn write_and_sync(&mut self, chunks: &[&[u8]]) -> io::Result<()> {
+        let mut slices: Vec<IoSlice<'_>> = chunks.iter().map(|c| IoSlice::new(c)).collect();
+        let mut remaining = &mut slices[..];
+        while !remaining.is_empty() {
+            match self.file.write_vectored(remaining) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut remaining, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.file.sync_data()
+    }
+
+    fn roll(&mut self) -> io::Result<()> {
+        let base = self.end();
+        let path = segment_path(&self.dir, base);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        sync_dir(&self.dir)?;
+        self.file = file;
+        self.base = base;
+        self.len = 0;
+        Ok(())
+    }
+}
+
+/// Length of the longest prefix of `file` made of whole, valid records.
+fn valid_prefix(file: &File) -> io::Result<u64> {
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    reader.seek(SeekFrom::Start(0))?;
+    let mut valid = 0;
+    while let ReadOutcome::Record { len, .. } = read_record(&mut reader)? {
+        valid += len;
+    }
+    Ok(valid)
+}
+
+/// Deletes every segment that lies wholly before `position`; the newest is always kept.
+pub fn delete_before(dir: &Path, position: u64) -> io::Result<usize> {
+    let bases = list_segments(dir)?;
+    let mut deleted = 0;
+    for pair in bases.windows(2) {
+        let (base, next) = (pair[0], pair[1]);
+        if next > position {
+            break;
+        }
+        // Several cursors may reclaim at once; a file already gone is fine.
+        match fs::remove_file(segment_path(dir, base)) {
+            Ok(()) => deleted += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::record::RecordBatch;
+
+    fn one(json: &str) -> Vec<u8> {
+        let mut b = RecordBatch::with_capacity(64);
+        b.push_with("s", |buf| {
+            buf.extend_from_slice(json.as_bytes());
+            Ok::<_, ()>(())
+        })
+        .unwrap();
+        b.into_bytes()
+    }
+
+    #[test]
+    fn recovery_cuts_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = one(r#"{"n":1}"#);
+        let (mut seg, r) = ActiveSegment::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!((r.start, r.end), (0, 0));
+        let end = seg.append(&[&rec, &rec]).unwrap();
+        assert_eq!(end, 2 * rec.len() as u64);
+        drop(seg);
+        // Simulate a crash in the middle of a write.
+        let path = segment_path(dir.path(), 0);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&rec[..rec.len() - 3]).unwrap();
+        drop(f);
+        let (seg, r) = ActiveSegment::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(r.end, end);
+        assert_eq!(r.truncated, rec.len() as u64 - 3);
+        assert_eq!(seg.end(), end);
+        assert_eq!(fs::metadata(&path).unwrap().len(), end);
+    }
+
+    #[test]
+    fn rolls_segments_and_deletes_consumed_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = one(r#"{"n":1}"#);
+        let (mut seg, _) = ActiveSegment::open(dir.path(), rec.len() as u64 * 2).unwrap();
+        for _ in 0..5 {
+            seg.append(&[&rec]).unwrap();
+        }
+        let l = rec.len() as u64;
+        assert_eq!(list_segments(dir.path()).unwrap(), vec![0, 2 * l, 4 * l]);
+        // A cursor in the middle of the second segment frees only the first.
+        assert_eq!(delete_before(dir.path(), 3 * l).unwrap(), 1);
+        assert_eq!(list_segments(dir.path()).unwrap(), vec![2 * l, 4 * l]);
+        // The newest segment survives even when everything is consumed.
+        assert_eq!(delete_before(dir.path(), 5 * l).unwrap(), 1);
+        assert_eq!(list_segments(dir.path()).unwrap(), vec![4 * l]);
+        drop(seg);
+        let (_, r) = ActiveSegment::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!((r.start, r.end), (4 * l, 5 * l));
+    }
+}

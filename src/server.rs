@@ -1,0 +1,74 @@
+//! Wires the stages together and owns start-up and graceful shutdown.
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::auth::Sources;
+use crate::config::Config;
+use crate::delivery::Deliveries;
+use crate::http::{self, App};
+use crate::queue::Queue;
+
+/// Runs fanout until SIGINT/SIGTERM: then stops accepting, finishes in-flight requests,
+/// lets deliveries finish their current batch, and flushes the queue.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let (queue, writer) = Queue::open(&config.server.data_dir, config.server.segment_bytes)?;
+    let sources = Sources::from_config(&config.sources)?;
+    if config.destinations.is_empty() {
+        tracing::warn!("no destinations configured: accepted messages are stored but go nowhere");
+    }
+    let deliveries = Deliveries::start(&config.destinations, &queue)?;
+    let app = Arc::new(App {
+        sources,
+        queue,
+        limits: config.limits.clone(),
+        retry_after: config.server.retry_after_secs,
+    });
+    let router = http::router(app, &config);
+
+    let listener = TcpListener::bind(config.server.listen).await?;
+    tracing::info!("listening on {}", listener.local_addr()?);
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let server = axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = stop_rx.wait_for(|&s| s).await;
+        })
+        .into_future();
+    let server = tokio::spawn(server);
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new connections; finishing in-flight requests");
+    let _ = stop_tx.send(true);
+    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    let drained = tokio::time::timeout(grace, server).await.is_ok();
+    deliveries.stop(grace).await;
+    if drained {
+        // The last `Queue` handle went with the server: the writer finishes and exits.
+        tokio::task::spawn_blocking(move || writer.join()).await?;
+    } else {
+        tracing::warn!(
+            "requests still in flight after the grace period; they were not acknowledged"
+        );
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
