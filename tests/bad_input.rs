@@ -1,0 +1,225 @@
+//! Hostile and broken input: each gets a clear 4xx, and the server keeps serving.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::{assert_success, basic, client, gzip, status_json, Fanout, WRITE_KEY};
+use serde_json::json;
+
+async fn still_serving(f: &Fanout) {
+    let r = client()
+        .post(f.url("/v1/track"))
+        .header("authorization", basic(WRITE_KEY))
+        .json(&json!({"userId": "u", "event": "alive"}))
+        .send()
+        .await
+        .unwrap();
+    assert_success(r).await;
+}
+
+async fn post(f: &Fanout, path: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
+    let r = client()
+        .post(f.url(path))
+        .header("authorization", basic(WRITE_KEY))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    status_json(r).await
+}
+
+#[tokio::test]
+async fn truncated_and_invalid_json() {
+    let f = Fanout::start();
+    let full =
+        br#"{"batch":[{"type":"track","userId":"u","event":"E","properties":{"a":[1,2,3]}}]}"#;
+    for cut in [1, 10, 30, full.len() - 1] {
+        let (status, err) = post(&f, "/v1/batch", full[..cut].to_vec()).await;
+        assert_eq!(
+            (status, err["error"]["code"].as_str()),
+            (400, Some("invalid_json")),
+            "cut at {cut}"
+        );
+    }
+    for body in [
+        &b""[..],
+        b"nul",
+        b"{\"userId\":\"u\",}",
+        b"{'userId':'u'}",
+        b"\x00\x01",
+    ] {
+        let (status, err) = post(&f, "/v1/track", body.to_vec()).await;
+        assert_eq!(status, 400, "{}: {err}", String::from_utf8_lossy(body));
+    }
+    still_serving(&f).await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_is_refused() {
+    let f = Fanout::start();
+    let mut body = br#"{"userId":"u","event":"E","properties":{"name":"caf"#.to_vec();
+    body.extend_from_slice(&[0xff, 0xfe]);
+    body.extend_from_slice(br#""}}"#);
+    let (status, err) = post(&f, "/v1/track", body.clone()).await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (400, Some("invalid_json"))
+    );
+    let (status, _) = post(
+        &f,
+        "/v1/batch",
+        [&b"{\"batch\":["[..], &body, b"]}"].concat(),
+    )
+    .await;
+    assert_eq!(status, 400);
+    still_serving(&f).await;
+    assert_eq!(f.wait_delivered(1).await.len(), 1);
+}
+
+#[tokio::test]
+async fn wrong_types_everywhere() {
+    let f = Fanout::start();
+    let bodies = [
+        ("/v1/batch", json!({"batch": [{"type": 5, "userId": "u"}]})),
+        (
+            "/v1/batch",
+            json!({"batch": [{"type": "track", "userId": {"id": 1}, "event": "E"}]}),
+        ),
+        (
+            "/v1/batch",
+            json!({"batch": [{"type": "track", "userId": "u", "event": 42}]}),
+        ),
+        (
+            "/v1/batch",
+            json!({"batch": [{"type": "track", "userId": "u", "event": "E", "properties": [1]}]}),
+        ),
+        ("/v1/batch", json!({"batch": [null]})),
+        ("/v1/batch", json!({"batch": [], "sentAt": 17})),
+        ("/v1/batch", json!([{"type": "track"}])),
+        ("/v1/track", json!("a string")),
+        ("/v1/track", json!(12)),
+        (
+            "/v1/track",
+            json!({"userId": "u", "event": "E", "timestamp": 1700000000}),
+        ),
+        ("/v1/group", json!({"userId": "u", "groupId": true})),
+    ];
+    for (path, body) in bodies {
+        let (status, err) = post(&f, path, serde_json::to_vec(&body).unwrap()).await;
+        assert_eq!(status, 400, "{path} {body}: {err}");
+        assert_eq!(err["success"], false);
+    }
+    still_serving(&f).await;
+}
+
+#[tokio::test]
+async fn deeply_nested_json_100k_levels() {
+    let f = Fanout::start();
+    let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+    // As a batch item, as the whole body, inside a message: all refused, none crash.
+    let cases = [
+        ("/v1/batch", format!("{{\"batch\":[{}]}}", deep(100_000))),
+        ("/v1/track", deep(100_000)),
+        ("/v1/track", format!("{{\"userId\":\"u\",\"event\":\"E\",\"properties\":{{\"a\":{}}}}}", deep(100_000))),
+        ("/v1/batch", format!("{{\"batch\":[{{\"type\":\"track\",\"userId\":\"u\",\"event\":\"E\",\"properties\":{{\"a\":{}}}}}]}}", deep(1000))),
+        ("/v1/track", format!("{{\"userId\":\"u\",\"event\":\"E\",\"properties\":{{\"a\":{}}}}}", deep(65))),
+    ];
+    for (path, body) in cases {
+        let (status, err) = post(&f, path, body.into_bytes()).await;
+        assert_eq!(status, 400, "{path}: {err}");
+        let code = err["error"]["code"].as_str().unwrap();
+        assert!(
+            [
+                "invalid_message",
+                "too_deep",
+                "message_too_large",
+                "invalid_json"
+            ]
+            .contains(&code),
+            "{code}"
+        );
+    }
+    // At the depth limit: fine.
+    let ok = format!(
+        "{{\"userId\":\"u\",\"event\":\"E\",\"properties\":{{\"a\":{}}}}}",
+        deep(62)
+    );
+    let (status, _) = post(&f, "/v1/track", ok.into_bytes()).await;
+    assert_eq!(status, 200);
+    still_serving(&f).await;
+}
+
+#[tokio::test]
+async fn gzip_bomb_is_cut_off_at_the_decoded_limit() {
+    let f = Fanout::start();
+    // 50 MB of zeros inside a JSON string: about 50 KB compressed, under the wire limit.
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    encoder.write_all(br#"{"batch":[],"pad":""#).unwrap();
+    let zeros = vec![b'0'; 1 << 20];
+    for _ in 0..50 {
+        encoder.write_all(&zeros).unwrap();
+    }
+    encoder.write_all(br#""}"#).unwrap();
+    let bomb = encoder.finish().unwrap();
+    assert!(bomb.len() < 500 * 1024, "bomb is {} bytes", bomb.len());
+    let started = std::time::Instant::now();
+    let r = client()
+        .post(f.url("/v1/batch"))
+        .header("authorization", basic(WRITE_KEY))
+        .header("content-encoding", "gzip")
+        .body(bomb)
+        .send()
+        .await
+        .unwrap();
+    let (status, err) = status_json(r).await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (413, Some("request_too_large"))
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "decoding stopped at the limit"
+    );
+    // A small gzip body still works.
+    let r = client()
+        .post(f.url("/v1/batch"))
+        .header("authorization", basic(WRITE_KEY))
+        .header("content-encoding", "gzip")
+        .body(gzip(br#"{"batch":[]}"#))
+        .send()
+        .await
+        .unwrap();
+    assert_success(r).await;
+    still_serving(&f).await;
+}
+
+#[tokio::test]
+async fn hundred_megabyte_body_is_refused_unread() {
+    let f = Fanout::start();
+    // Declared length: refused before a byte of the body is sent.
+    let (status, body) = f.raw(format!("POST /v1/batch HTTP/1.1\r\nhost: x\r\nauthorization: {}\r\ncontent-length: 104857600\r\n\r\n", basic(WRITE_KEY)).as_bytes());
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("request_too_large"));
+    // Chunked, no declared length: cut off once past the limit.
+    let addr = f.addr;
+    let (status, body) = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(format!("POST /v1/batch HTTP/1.1\r\nhost: x\r\nauthorization: {}\r\ntransfer-encoding: chunked\r\n\r\n", basic(WRITE_KEY)).as_bytes()).unwrap();
+        let chunk = format!("{:x}\r\n{}\r\n", 1 << 20, "x".repeat(1 << 20));
+        for _ in 0..100 {
+            // The server answers and closes once it has seen enough; stop sending then.
+            if s.write_all(chunk.as_bytes()).is_err() {
+                break;
+            }
+        }
+        common::read_response(&mut s)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 413, "{body}");
+    still_serving(&f).await;
+}

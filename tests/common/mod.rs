@@ -1,0 +1,279 @@
+//! Test harness: runs the real `fanout` binary on a free loopback port with a file
+//! destination, and reads what it delivered.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Write keys every test config accepts (the captures' keys among them).
+pub const WRITE_KEY: &str = "wk_test";
+pub const KEYS: &str = r#"["wk_test", "wk_segment_python", "wk_segment_node", "test-write-key"]"#;
+
+/// Extra config: lines added to `[server]`, and whole sections appended.
+#[derive(Default, Clone)]
+pub struct Settings {
+    pub server: String,
+    pub sections: String,
+}
+
+impl Settings {
+    pub fn server(mut self, lines: &str) -> Self {
+        self.server.push_str(lines);
+        self.server.push('\n');
+        self
+    }
+
+    pub fn section(mut self, text: &str) -> Self {
+        self.sections.push_str(text);
+        self.sections.push('\n');
+        self
+    }
+}
+
+/// A running fanout with its own temporary directory.
+pub struct Fanout {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    settings: Settings,
+}
+
+impl Fanout {
+    pub fn start() -> Fanout {
+        Fanout::start_with(Settings::default())
+    }
+
+    pub fn start_with(settings: Settings) -> Fanout {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().to_path_buf();
+        let mut f = Fanout::launch(&dir, &settings);
+        f._tmp = Some(tmp);
+        f
+    }
+
+    fn launch(dir: &Path, settings: &Settings) -> Fanout {
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{dir}/data\"\n{server}\n\
+             [[sources]]\nname = \"test\"\nwrite_keys = {KEYS}\n\n\
+             [[destinations]]\nname = \"out\"\nkind = \"file\"\npath = \"{dir}/out.jsonl\"\n\n{sections}",
+            dir = dir.display(),
+            server = settings.server,
+            sections = settings.sections,
+        );
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fanout"))
+            .arg("--config")
+            .arg(&config_path)
+            .env("FANOUT_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn fanout");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+                eprintln!("[fanout] {line}");
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(addr) => addr.parse().expect("listen address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("fanout did not start (see its log above)");
+            }
+        };
+        Fanout {
+            child: Some(child),
+            addr,
+            dir: dir.to_path_buf(),
+            _tmp: None,
+            settings: settings.clone(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("kill -9");
+        child.wait().expect("reap");
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let ok = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+        child.wait().expect("wait")
+    }
+
+    /// Waits for a process that was already sent a signal to exit.
+    pub fn terminate_wait(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        child.wait().expect("wait")
+    }
+
+    /// Starts fanout again on the same directory (same data, same output file).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop it first");
+        let mut again = Fanout::launch(&self.dir, &self.settings);
+        self.child = again.child.take();
+        self.addr = again.addr;
+    }
+
+    /// Lines of the file destination so far, parsed.
+    pub fn delivered(&self) -> Vec<Value> {
+        let Ok(text) = std::fs::read_to_string(self.dir.join("out.jsonl")) else {
+            return Vec::new();
+        };
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect()
+    }
+
+    /// Waits until the file destination holds at least `n` messages.
+    pub async fn wait_delivered(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let lines = self.delivered();
+            if lines.len() >= n || Instant::now() > deadline {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends raw bytes on a new connection and returns the status and body of the answer.
+    pub fn raw(&self, request: &[u8]) -> (u16, String) {
+        let mut stream = TcpStream::connect(self.addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        stream.write_all(request).expect("send");
+        read_response(&mut stream)
+    }
+}
+
+impl Drop for Fanout {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Reads one HTTP/1.1 response (Content-Length framed) from the stream.
+pub fn read_response(stream: &mut TcpStream) -> (u16, String) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        if let Some(end) = find(&buf, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let status: u16 = head
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .expect("status line");
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let n = stream.read(&mut chunk).expect("read body");
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let body = String::from_utf8_lossy(&buf[end + 4..]).to_string();
+            return (status, body);
+        }
+        let n = stream.read(&mut chunk).expect("read head");
+        assert!(n > 0, "connection closed before a response");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// `Authorization: Basic base64(key:)`.
+pub fn basic(key: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{key}:"))
+    )
+}
+
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+/// `../shared` beside the repository (or `FANOUT_SHARED_DIR`).
+pub fn shared_dir() -> PathBuf {
+    std::env::var_os("FANOUT_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
+}
+
+/// Asserts a successful Segment answer.
+pub async fn assert_success(response: reqwest::Response) {
+    let status = response.status();
+    let body = response.text().await.unwrap();
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (200, r#"{"success":true}"#)
+    );
+}
+
+/// Status and parsed JSON body.
+pub async fn status_json(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let body =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+    (status, body)
+}

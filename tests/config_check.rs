@@ -1,0 +1,90 @@
+//! `fanout check`: validates a config without starting, naming key and line on error.
+
+use std::process::Command;
+
+fn check(config: &str) -> (bool, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn the_shipped_example_config_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .args(["check", "--config", path])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 sources, 1 destinations"));
+}
+
+#[test]
+fn errors_name_the_key_and_line() {
+    let good = "[server]\nlisten = \"127.0.0.1:1\"\n\n[[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n\n[[destinations]]\nname = \"f\"\nkind = \"file\"\npath = \"/tmp/x\"\n";
+    assert!(check(good).0);
+    let cases = [
+        (good.replace("listen", "lisen"), "server.lisen", "line 2"),
+        (
+            good.replace("kind = \"file\"", "kind = \"carrier-pigeon\""),
+            "destinations[0].kind",
+            "line 10",
+        ),
+        (
+            good.replace("name = \"f\"", "name = \"a/b\""),
+            "destinations[0].name",
+            "line 9",
+        ),
+        (
+            good.replace("[\"k\"]", "[\"\"]"),
+            "sources[0].write_keys[0]",
+            "line 6",
+        ),
+        (
+            good.replace("\"127.0.0.1:1\"", "\"localhost\""),
+            "server.listen",
+            "line 2",
+        ),
+        (
+            format!("{good}\n[[sources]]\nname = \"web\"\n"),
+            "sources[1].name",
+            "line 14",
+        ),
+        ("[server\n".to_string(), "", "line 1"),
+    ];
+    for (config, key, line) in cases {
+        let (ok, _, stderr) = check(&config);
+        assert!(!ok, "should fail: {config}");
+        assert!(
+            stderr.contains(key) && stderr.contains(line),
+            "want {key} at {line}: {stderr}"
+        );
+    }
+    let (ok, _, stderr) = check("");
+    assert!(ok, "an empty file is a valid (if useless) config: {stderr}");
+}
+
+#[test]
+fn missing_file_is_an_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .args(["check", "--config", "/nonexistent/fanout.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}
