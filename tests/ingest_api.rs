@@ -334,7 +334,13 @@ async fn validation_errors_name_field_and_index() {
     let f = Fanout::start();
     let c = client();
     // (path, body, error code, field, index)
-    type Case = (&'static str, Value, &'static str, Option<&'static str>, Option<u64>);
+    type Case = (
+        &'static str,
+        Value,
+        &'static str,
+        Option<&'static str>,
+        Option<u64>,
+    );
     let cases: Vec<Case> = vec![
         (
             "/v1/track",

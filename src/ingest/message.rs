@@ -55,7 +55,7 @@ impl MessageType {
 /// batch-level `sentAt`, `context` and `integrations`.
 pub struct Envelope<'a> {
     pub received_at: DateTime<Utc>,
-    received_at_json: String,
+    received_at_json: Vec<u8>,
     pub sent_at: Option<(&'a RawValue, DateTime<Utc>)>,
     pub context: Option<RawObject<'a>>,
     pub integrations: Option<RawObject<'a>>,
@@ -63,7 +63,8 @@ pub struct Envelope<'a> {
 
 impl<'a> Envelope<'a> {
     pub fn new(received_at: DateTime<Utc>) -> Envelope<'a> {
-        let received_at_json = format!("\"{}\"", timestamp::format(received_at));
+        let mut received_at_json = Vec::with_capacity(26);
+        timestamp::write_json(&mut received_at_json, received_at);
         Envelope {
             received_at,
             received_at_json,
@@ -236,20 +237,19 @@ pub fn normalize<'a>(
         message.get("integrations"),
         envelope.integrations.as_ref(),
     );
-    let mut write_time = |key: &str, json_value: &str| {
+    out.push(b',');
+    json::write_key(out, "timestamp");
+    timestamp::write_json(out, event_time);
+    let mut write_time = |key: &str, json_value: &[u8]| {
         out.push(b',');
         json::write_key(out, key);
-        out.extend_from_slice(json_value.as_bytes());
+        out.extend_from_slice(json_value);
     };
-    write_time(
-        "timestamp",
-        &format!("\"{}\"", timestamp::format(event_time)),
-    );
     if let Some((raw, _)) = client_time {
-        write_time("originalTimestamp", raw.get());
+        write_time("originalTimestamp", raw.get().as_bytes());
     }
     if let Some((raw, _)) = sent_at {
-        write_time("sentAt", raw.get());
+        write_time("sentAt", raw.get().as_bytes());
     }
     write_time("receivedAt", &envelope.received_at_json);
     out.push(b'}');

@@ -47,3 +47,24 @@ impl Rejection {
 fn invalid_json(e: serde_json::Error) -> Rejection {
     Rejection::new("invalid_json", format!("body is not valid JSON: {e}"))
 }
+
+/// Explains why a body failed to parse as `{"batch":[…], …}`. Only the error path pays
+/// for this second look; the typed parse it follows is the fast path.
+fn batch_shape_error(body: &[u8], e: serde_json::Error) -> Rejection {
+    if e.classify() != serde_json::error::Category::Data {
+        return invalid_json(e);
+    }
+    let Ok(object) = serde_json::from_slice::<json::RawObject<'_>>(body) else {
+        return Rejection::new(
+            "invalid_body",
+            "body must be a JSON object with a batch array",
+        );
+    };
+    match object.get("batch") {
+        None => Rejection::field("missing_field", "batch", "batch is required"),
+        Some(b) if !b.get().starts_with('[') => {
+            Rejection::field("invalid_field", "batch", "batch must be an array")
+        }
+        Some(_) => Rejection::new("invalid_body", format!("body is not a batch: {e}")),
+    }
+}

@@ -11,7 +11,7 @@ use serde_json::value::RawValue;
 
 use super::json::{scalar, RawObject, Scalar};
 use super::message::{self, Envelope, MessageType};
-use super::{invalid_json, Rejection};
+use super::{batch_shape_error, invalid_json, Rejection};
 use crate::config::LimitsConfig;
 use crate::queue::RecordBatch;
 
@@ -29,7 +29,7 @@ pub struct ItemReport {
 #[derive(Deserialize)]
 struct EventBatchBody<'a> {
     #[serde(borrow)]
-    batch: Option<&'a RawValue>,
+    batch: Vec<&'a RawValue>,
 }
 
 /// Parses `/event/batch`: a malformed body (not JSON, no `batch` array) is refused whole.
@@ -37,32 +37,9 @@ pub fn parse_event_batch<'a>(
     body: &'a [u8],
     limits: &LimitsConfig,
 ) -> Result<Vec<&'a RawValue>, Rejection> {
-    let body: EventBatchBody<'_> =
-        serde_json::from_slice(body).map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => {
-                Rejection::new("invalid_body", "body must be a JSON object")
-            }
-            _ => invalid_json(e),
-        })?;
-    let items: Vec<&RawValue> = match body.batch {
-        Some(b) if b.get().starts_with('[') => {
-            serde_json::from_str(b.get()).map_err(invalid_json)?
-        }
-        Some(_) => {
-            return Err(Rejection::field(
-                "invalid_field",
-                "batch",
-                "batch must be an array",
-            ))
-        }
-        None => {
-            return Err(Rejection::field(
-                "missing_field",
-                "batch",
-                "batch is required",
-            ))
-        }
-    };
+    let items = serde_json::from_slice::<EventBatchBody<'a>>(body)
+        .map_err(|e| batch_shape_error(body, e))?
+        .batch;
     if items.len() > limits.max_batch_messages {
         return Err(Rejection::field(
             "batch_too_large",

@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 
 use super::json::{is_object_or_null, scalar, RawObject, Scalar};
 use super::message::{self, Envelope, MessageType};
-use super::{invalid_json, Rejection};
+use super::{batch_shape_error, invalid_json, Rejection};
 use crate::config::LimitsConfig;
 use crate::queue::RecordBatch;
 
@@ -29,7 +29,7 @@ pub struct SegmentRequest<'a> {
 #[derive(Deserialize)]
 struct BatchBody<'a> {
     #[serde(borrow)]
-    batch: Option<&'a RawValue>,
+    batch: Vec<&'a RawValue>,
     #[serde(borrow)]
     context: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -46,32 +46,9 @@ pub fn parse_batch<'a>(
     limits: &LimitsConfig,
     received_at: DateTime<Utc>,
 ) -> Result<SegmentRequest<'a>, Rejection> {
-    let body: BatchBody<'a> = serde_json::from_slice(body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => Rejection::new(
-            "invalid_body",
-            "body must be a JSON object with a batch array",
-        ),
-        _ => invalid_json(e),
-    })?;
-    let items: Vec<&RawValue> = match body.batch {
-        Some(b) if b.get().starts_with('[') => {
-            serde_json::from_str(b.get()).map_err(invalid_json)?
-        }
-        Some(_) => {
-            return Err(Rejection::field(
-                "invalid_field",
-                "batch",
-                "batch must be an array",
-            ))
-        }
-        None => {
-            return Err(Rejection::field(
-                "missing_field",
-                "batch",
-                "batch is required",
-            ))
-        }
-    };
+    let body: BatchBody<'a> =
+        serde_json::from_slice(body).map_err(|e| batch_shape_error(body, e))?;
+    let items = body.batch;
     if items.len() > limits.max_batch_messages {
         return Err(Rejection::field(
             "batch_too_large",
