@@ -6,13 +6,12 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{assert_success, basic, client, gzip, status_json, Fanout, WRITE_KEY};
+use common::{assert_success, basic, gzip, status_json, Fanout, WRITE_KEY};
 use serde_json::json;
 
 async fn still_serving(f: &Fanout) {
-    let r = client()
-        .post(f.url("/v1/track"))
-        .header("authorization", basic(WRITE_KEY))
+    let r = f
+        .post("/v1/track")
         .json(&json!({"userId": "u", "event": "alive"}))
         .send()
         .await
@@ -21,13 +20,7 @@ async fn still_serving(f: &Fanout) {
 }
 
 async fn post(f: &Fanout, path: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
-    let r = client()
-        .post(f.url(path))
-        .header("authorization", basic(WRITE_KEY))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let r = f.post(path).body(body).send().await.unwrap();
     status_json(r).await
 }
 
@@ -166,9 +159,8 @@ async fn gzip_bomb_is_cut_off_at_the_decoded_limit() {
     let bomb = encoder.finish().unwrap();
     assert!(bomb.len() < 500 * 1024, "bomb is {} bytes", bomb.len());
     let started = std::time::Instant::now();
-    let r = client()
-        .post(f.url("/v1/batch"))
-        .header("authorization", basic(WRITE_KEY))
+    let r = f
+        .post("/v1/batch")
         .header("content-encoding", "gzip")
         .body(bomb)
         .send()
@@ -184,9 +176,8 @@ async fn gzip_bomb_is_cut_off_at_the_decoded_limit() {
         "decoding stopped at the limit"
     );
     // A small gzip body still works.
-    let r = client()
-        .post(f.url("/v1/batch"))
-        .header("authorization", basic(WRITE_KEY))
+    let r = f
+        .post("/v1/batch")
         .header("content-encoding", "gzip")
         .body(gzip(br#"{"batch":[]}"#))
         .send()

@@ -17,7 +17,6 @@ async fn send_batches(
     requests: usize,
     per_request: usize,
 ) -> HashSet<String> {
-    let c = client();
     let mut handles = Vec::new();
     let mut ids = HashSet::new();
     for r in 0..requests {
@@ -28,10 +27,7 @@ async fn send_batches(
                 json!({"type": "track", "userId": format!("user-{}", i % 7), "event": "Durable", "messageId": id, "properties": {"r": r, "i": i}})
             })
             .collect();
-        let request = c
-            .post(f.url("/v1/batch"))
-            .header("authorization", basic(WRITE_KEY))
-            .json(&json!({"batch": batch}));
+        let request = f.post("/v1/batch").json(&json!({"batch": batch}));
         handles.push(tokio::spawn(async move {
             assert_success(request.send().await.unwrap()).await
         }));

@@ -13,7 +13,6 @@ fn track(event: &str) -> Value {
 #[tokio::test]
 async fn every_single_call_path_stores_its_type() {
     let f = Fanout::start();
-    let c = client();
     let calls = [
         (
             "/v1/identify",
@@ -45,13 +44,7 @@ async fn every_single_call_path_stores_its_type() {
         ("/v1/a", "alias", json!({"userId": "u", "previousId": "p2"})),
     ];
     for (path, _, body) in &calls {
-        let r = c
-            .post(f.url(path))
-            .header("authorization", basic(WRITE_KEY))
-            .json(body)
-            .send()
-            .await
-            .unwrap();
+        let r = f.post(path).json(body).send().await.unwrap();
         assert_success(r).await;
     }
     let got = f.wait_delivered(calls.len()).await;
@@ -71,19 +64,12 @@ async fn every_single_call_path_stores_its_type() {
 #[tokio::test]
 async fn batch_import_and_browser_batch_paths() {
     let f = Fanout::start();
-    let c = client();
     for path in ["/v1/batch", "/v1/import", "/v1/b"] {
         let body = json!({"batch": [
             {"type": "track", "userId": "u", "event": path, "messageId": format!("{path}-1")},
             {"type": "identify", "userId": "u", "messageId": format!("{path}-2")},
         ]});
-        let r = c
-            .post(f.url(path))
-            .header("authorization", basic(WRITE_KEY))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = f.post(path).json(&body).send().await.unwrap();
         assert_success(r).await;
     }
     let got = f.wait_delivered(6).await;
@@ -116,13 +102,7 @@ async fn client_metrics_are_accepted_and_dropped() {
         .unwrap();
     assert_success(r).await;
     // Something real after it, to know the queue has been read up to here.
-    let r = client()
-        .post(f.url("/v1/t"))
-        .header("authorization", basic(WRITE_KEY))
-        .json(&track("after"))
-        .send()
-        .await
-        .unwrap();
+    let r = f.post("/v1/t").json(&track("after")).send().await.unwrap();
     assert_success(r).await;
     let got = f.wait_delivered(1).await;
     assert_eq!(got.len(), 1);
@@ -135,15 +115,7 @@ async fn every_auth_form_is_accepted() {
     let c = client();
     let body = track("auth");
     // Basic with the key as user name (all server libraries).
-    assert_success(
-        c.post(f.url("/v1/track"))
-            .header("authorization", basic(WRITE_KEY))
-            .json(&body)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    assert_success(f.post("/v1/track").json(&body).send().await.unwrap()).await;
     // Bearer.
     assert_success(
         c.post(f.url("/v1/track"))
@@ -240,7 +212,6 @@ async fn missing_or_unknown_keys_get_401_json() {
 #[tokio::test]
 async fn json_is_read_whatever_the_content_type() {
     let f = Fanout::start();
-    let c = client();
     let body = serde_json::to_string(&track("ct")).unwrap();
     for ct in [
         "text/plain",
@@ -248,9 +219,8 @@ async fn json_is_read_whatever_the_content_type() {
         "application/json; charset=utf-8",
         "application/octet-stream",
     ] {
-        let r = c
-            .post(f.url("/v1/track"))
-            .header("authorization", basic(WRITE_KEY))
+        let r = f
+            .post("/v1/track")
             .header("content-type", ct)
             .body(body.clone())
             .send()
@@ -258,13 +228,7 @@ async fn json_is_read_whatever_the_content_type() {
             .unwrap();
         assert_success(r).await;
     }
-    let r = c
-        .post(f.url("/v1/track"))
-        .header("authorization", basic(WRITE_KEY))
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = f.post("/v1/track").body(body.clone()).send().await.unwrap();
     assert_success(r).await;
     assert_eq!(f.wait_delivered(5).await.len(), 5);
 }
@@ -272,14 +236,12 @@ async fn json_is_read_whatever_the_content_type() {
 #[tokio::test]
 async fn gzip_and_deflate_bodies_are_decoded() {
     let f = Fanout::start();
-    let c = client();
     let body = serde_json::to_vec(
         &json!({"batch": [{"type": "track", "userId": "u", "event": "zipped"}]}),
     )
     .unwrap();
-    let r = c
-        .post(f.url("/v1/batch"))
-        .header("authorization", basic(WRITE_KEY))
+    let r = f
+        .post("/v1/batch")
         .header("content-encoding", "gzip")
         .body(gzip(&body))
         .send()
@@ -288,9 +250,8 @@ async fn gzip_and_deflate_bodies_are_decoded() {
     assert_success(r).await;
     let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
     std::io::Write::write_all(&mut z, &body).unwrap();
-    let r = c
-        .post(f.url("/v1/batch"))
-        .header("authorization", basic(WRITE_KEY))
+    let r = f
+        .post("/v1/batch")
         .header("content-encoding", "deflate")
         .body(z.finish().unwrap())
         .send()
@@ -300,9 +261,8 @@ async fn gzip_and_deflate_bodies_are_decoded() {
     let got = f.wait_delivered(2).await;
     assert!(got.iter().all(|m| m["event"] == "zipped"));
     // Not gzip at all, though it says so: a clear 400.
-    let r = c
-        .post(f.url("/v1/batch"))
-        .header("authorization", basic(WRITE_KEY))
+    let r = f
+        .post("/v1/batch")
         .header("content-encoding", "gzip")
         .body(body.clone())
         .send()
@@ -314,9 +274,8 @@ async fn gzip_and_deflate_bodies_are_decoded() {
         (400, Some("unreadable_body"))
     );
     // An encoding fanout does not speak.
-    let r = c
-        .post(f.url("/v1/batch"))
-        .header("authorization", basic(WRITE_KEY))
+    let r = f
+        .post("/v1/batch")
         .header("content-encoding", "snappy")
         .body(body)
         .send()
@@ -332,7 +291,6 @@ async fn gzip_and_deflate_bodies_are_decoded() {
 #[tokio::test]
 async fn validation_errors_name_field_and_index() {
     let f = Fanout::start();
-    let c = client();
     // (path, body, error code, field, index)
     type Case = (
         &'static str,
@@ -477,13 +435,7 @@ async fn validation_errors_name_field_and_index() {
         ),
     ];
     for (path, body, code, field, index) in cases {
-        let r = c
-            .post(f.url(path))
-            .header("authorization", basic(WRITE_KEY))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = f.post(path).json(&body).send().await.unwrap();
         let (status, err) = status_json(r).await;
         assert_eq!(status, 400, "{path} {body}: {err}");
         assert_eq!(err["success"], false);
@@ -501,13 +453,7 @@ async fn validation_errors_name_field_and_index() {
         assert!(!err["error"]["message"].as_str().unwrap().is_empty());
     }
     // A batch with a bad item stores nothing, not even its good items.
-    let r = c
-        .post(f.url("/v1/t"))
-        .header("authorization", basic(WRITE_KEY))
-        .json(&track("marker"))
-        .send()
-        .await
-        .unwrap();
+    let r = f.post("/v1/t").json(&track("marker")).send().await.unwrap();
     assert_success(r).await;
     let got = f.wait_delivered(1).await;
     assert_eq!(got.len(), 1, "only the marker: {got:?}");
@@ -529,13 +475,7 @@ async fn timestamps_are_parsed_and_corrected() {
         ]
     });
     let before = chrono::Utc::now();
-    let r = client()
-        .post(f.url("/v1/batch"))
-        .header("authorization", basic(WRITE_KEY))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = f.post("/v1/batch").json(&body).send().await.unwrap();
     assert_success(r).await;
     let after = chrono::Utc::now();
     let got = f.wait_delivered(3).await;
@@ -575,13 +515,7 @@ async fn message_fields_pass_through_and_batch_context_merges() {
             "receivedAt": "1999-01-01T00:00:00Z"
         }]
     });
-    let r = client()
-        .post(f.url("/v1/batch"))
-        .header("authorization", basic(WRITE_KEY))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = f.post("/v1/batch").json(&body).send().await.unwrap();
     assert_success(r).await;
     let m = &f.wait_delivered(1).await[0];
     assert_eq!(m["messageId"], "m1");
@@ -606,12 +540,10 @@ async fn limits_answer_with_the_limit_named() {
         "[limits]\nmax_batch_messages = 3\nmax_message_bytes = 1024\nmax_request_bytes = 4096\n",
     );
     let f = Fanout::start_with(settings);
-    let c = client();
     let item = json!({"type": "track", "userId": "u", "event": "E"});
     // Too many messages.
-    let r = c
-        .post(f.url("/v1/batch"))
-        .header("authorization", basic(WRITE_KEY))
+    let r = f
+        .post("/v1/batch")
         .json(&json!({"batch": [item, item, item, item]}))
         .send()
         .await
@@ -627,9 +559,8 @@ async fn limits_answer_with_the_limit_named() {
         .contains("max_batch_messages"));
     // One message over its limit, inside a body under the request limit.
     let big = json!({"type": "track", "userId": "u", "event": "E", "properties": {"p": "x".repeat(1100)}});
-    let r = c
-        .post(f.url("/v1/batch"))
-        .header("authorization", basic(WRITE_KEY))
+    let r = f
+        .post("/v1/batch")
         .json(&json!({"batch": [item, big]}))
         .send()
         .await
@@ -645,13 +576,7 @@ async fn limits_answer_with_the_limit_named() {
     );
     // Body over the request limit: 413, on the wire and after decoding.
     let huge = serde_json::to_vec(&json!({"batch": [], "pad": "x".repeat(5000)})).unwrap();
-    let r = c
-        .post(f.url("/v1/batch"))
-        .header("authorization", basic(WRITE_KEY))
-        .body(huge.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = f.post("/v1/batch").body(huge.clone()).send().await.unwrap();
     let (status, err) = status_json(r).await;
     assert_eq!(
         (status, err["error"]["code"].as_str()),
@@ -660,9 +585,8 @@ async fn limits_answer_with_the_limit_named() {
     assert!(err["error"]["message"].as_str().unwrap().contains("4096"));
     let zipped = gzip(&huge);
     assert!(zipped.len() < 4096);
-    let r = c
-        .post(f.url("/v1/batch"))
-        .header("authorization", basic(WRITE_KEY))
+    let r = f
+        .post("/v1/batch")
         .header("content-encoding", "gzip")
         .body(zipped)
         .send()
@@ -674,9 +598,8 @@ async fn limits_answer_with_the_limit_named() {
         (413, Some("request_too_large"))
     );
     // At the limits: accepted.
-    let r = c
-        .post(f.url("/v1/batch"))
-        .header("authorization", basic(WRITE_KEY))
+    let r = f
+        .post("/v1/batch")
         .json(&json!({"batch": [item, item, item]}))
         .send()
         .await
@@ -805,13 +728,7 @@ async fn overload_gets_429_with_retry_after_before_the_body_is_read() {
     // Once the slow clients go, all is well again.
     drop(slow);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let r = client()
-        .post(f.url("/v1/t"))
-        .header("authorization", basic(WRITE_KEY))
-        .json(&track("after"))
-        .send()
-        .await
-        .unwrap();
+    let r = f.post("/v1/t").json(&track("after")).send().await.unwrap();
     assert_success(r).await;
 }
 
@@ -826,13 +743,7 @@ async fn overload_answer_carries_retry_after_header() {
     )
     .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let r = client()
-        .post(f.url("/v1/t"))
-        .header("authorization", basic(WRITE_KEY))
-        .json(&track("x"))
-        .send()
-        .await
-        .unwrap();
+    let r = f.post("/v1/t").json(&track("x")).send().await.unwrap();
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "7");
     drop(s);

@@ -49,14 +49,7 @@ pub async fn single(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let received_at = Utc::now();
-    let header_source = app.header_source(&headers)?;
-    let body = read_body(body, app.limits.max_request_bytes).await?;
-    let request = segment::parse_single(&body, kind, received_at)?;
-    let source = app.source(header_source, request.write_key())?;
-    let records = request.encode(&source, &app.limits)?;
-    app.store(records).await?;
-    Ok(success())
+    accept_segment(&app, Some(kind), &headers, body).await
 }
 
 /// `/v1/batch`, `/v1/import`, `/v1/b`.
@@ -65,10 +58,23 @@ pub async fn batch(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    accept_segment(&app, None, &headers, body).await
+}
+
+/// The Segment API's path through the pipeline: a single call of type `kind`, or a batch.
+async fn accept_segment(
+    app: &App,
+    kind: Option<MessageType>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let received_at = Utc::now();
-    let header_source = app.header_source(&headers)?;
+    let header_source = app.header_source(headers)?;
     let body = read_body(body, app.limits.max_request_bytes).await?;
-    let request = segment::parse_batch(&body, &app.limits, received_at)?;
+    let request = match kind {
+        Some(kind) => segment::parse_single(&body, kind, received_at)?,
+        None => segment::parse_batch(&body, &app.limits, received_at)?,
+    };
     let source = app.source(header_source, request.write_key())?;
     let records = request.encode(&source, &app.limits)?;
     app.store(records).await?;

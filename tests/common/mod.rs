@@ -107,6 +107,13 @@ impl Fanout {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// A POST to `path` with the test write key as Basic auth.
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        client()
+            .post(self.url(path))
+            .header("authorization", basic(WRITE_KEY))
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -53,6 +53,14 @@ impl Store for FjallStore {
         Ok(())
     }
 
+    fn quiesce(&mut self) -> Result<()> {
+        // Sealed memtables are dropped only once their flush is registered.
+        while self.events.sealed_memtable_count() > 0 || self.db.active_compactions() > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
     fn settle(&mut self) -> Result<()> {
         // Flush the memtable into a table file so its second write is counted.
         self.events.rotate_memtable_and_wait()?;

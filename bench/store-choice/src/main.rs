@@ -20,6 +20,7 @@ const STORES: [&str; 4] = ["seglog", "fjall", "redb", "sqlite"];
 struct Args {
     dir: PathBuf,
     seconds: f64,
+    rounds: usize,
     pool_events: usize,
     stores: Vec<String>,
 }
@@ -28,6 +29,7 @@ fn parse_args() -> Result<Args> {
     let mut args = Args {
         dir: PathBuf::from("/tmp/store-choice-data"),
         seconds: 8.0,
+        rounds: 4,
         pool_events: 2_500_000,
         stores: STORES.iter().map(|s| s.to_string()).collect(),
     };
@@ -37,11 +39,12 @@ fn parse_args() -> Result<Args> {
         match flag.as_str() {
             "--dir" => args.dir = PathBuf::from(value()?),
             "--seconds" => args.seconds = value()?.parse()?,
+            "--rounds" => args.rounds = value()?.parse::<usize>()?.max(1),
             "--pool-events" => args.pool_events = value()?.parse()?,
             "--stores" => args.stores = value()?.split(',').map(str::to_string).collect(),
             "-h" | "--help" => {
                 println!(
-                    "usage: store-choice [--dir PATH] [--seconds N] [--pool-events N] \
+                    "usage: store-choice [--dir PATH] [--seconds N] [--rounds N] [--pool-events N] \
                      [--stores seglog,fjall,redb,sqlite]"
                 );
                 std::process::exit(0);
@@ -147,64 +150,126 @@ fn open(name: &str, dir: &Path) -> Result<Box<dyn Store>> {
     })
 }
 
-struct AppendResult {
+/// One timed slice of appends to one store.
+struct Slice {
     commits: usize,
-    events: usize,
-    payload: u64,
     elapsed: Duration,
     lat_ns: Vec<u64>,
-    /// write_bytes / payload at the end of the timed run, and after `settle`.
-    amp: Option<(f64, f64)>,
+}
+
+impl Slice {
+    fn commits_per_s(&self) -> f64 {
+        self.commits as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// A store under an append workload, with everything measured on it so far.
+struct Lane {
+    name: String,
+    dir: PathBuf,
+    store: Box<dyn Store>,
+    /// Next pool index, which is also the next sequence number.
+    next: usize,
+    payload: u64,
+    slices: Vec<Slice>,
+    /// write_bytes during the timed slices (plus background work they left).
+    io_run: Option<u64>,
+    /// write_bytes of the final `settle`.
+    io_settle: Option<u64>,
     pool_exhausted: bool,
 }
 
-/// Durable commits of `per_commit` events until time runs out.
-fn append_run(
-    store: &mut dyn Store,
-    pool: &Pool,
-    per_commit: usize,
-    seconds: f64,
-) -> Result<AppendResult> {
-    let budget = Duration::from_secs_f64(seconds);
-    let mut lat_ns = Vec::with_capacity(1 << 20);
+/// Durable commits of `per_commit` events until the slice's time runs out.
+fn append_slice(lane: &mut Lane, pool: &Pool, per_commit: usize, budget: Duration) -> Result<()> {
+    let mut lat_ns = Vec::with_capacity(1 << 16);
     let mut refs: Vec<&[u8]> = Vec::with_capacity(per_commit);
-    let (mut next, mut payload) = (0usize, 0u64);
     let io_before = io_write_bytes();
     let start = Instant::now();
-    let mut pool_exhausted = false;
     while start.elapsed() < budget {
+        let next = lane.next;
         if next + per_commit > pool.len() {
-            pool_exhausted = true;
+            lane.pool_exhausted = true;
             break;
         }
         refs.clear();
         refs.extend((next..next + per_commit).map(|i| pool.get(i)));
-        payload += refs.iter().map(|r| r.len() as u64).sum::<u64>();
+        lane.payload += refs.iter().map(|r| r.len() as u64).sum::<u64>();
         let t = Instant::now();
-        store.append(next as u64, &refs)?;
+        lane.store.append(next as u64, &refs)?;
         lat_ns.push(t.elapsed().as_nanos() as u64);
-        next += per_commit;
+        lane.next += per_commit;
     }
     let elapsed = start.elapsed();
-    let io_run = io_write_bytes();
-    store.settle()?;
-    let io_settled = io_write_bytes();
-    let amp = match (io_before, io_run, io_settled) {
-        (Some(b), Some(r), Some(s)) => Some((
-            (r - b) as f64 / payload as f64,
-            (s - b) as f64 / payload as f64,
-        )),
-        _ => None,
-    };
-    Ok(AppendResult {
+    // Untimed: let background work finish so it is counted here and does not
+    // slow down the next store's slice.
+    lane.store.quiesce()?;
+    lane.io_run = add_delta(lane.io_run, io_before, io_write_bytes());
+    lane.slices.push(Slice {
         commits: lat_ns.len(),
-        events: next,
-        payload,
         elapsed,
         lat_ns,
-        amp,
-        pool_exhausted,
-    })
+    });
+    Ok(())
+}
+
+fn add_delta(acc: Option<u64>, before: Option<u64>, after: Option<u64>) -> Option<u64> {
+    Some(acc? + (after? - before?))
+}
+
+/// Runs one append workload on all stores at once, in round-robin slices
+/// (rotating who goes first), so that noise from other processes on this
+/// shared machine is spread over all stores instead of hitting one.
+fn append_phase(args: &Args, pool: &Pool, suffix: &str, per_commit: usize) -> Result<Vec<Lane>> {
+    let mut lanes = Vec::new();
+    for name in &args.stores {
+        let dir = args.dir.join(format!("{name}-{suffix}"));
+        lanes.push(Lane {
+            name: name.clone(),
+            store: open(name, &dir)?,
+            dir,
+            next: 0,
+            payload: 0,
+            slices: Vec::new(),
+            io_run: Some(0),
+            io_settle: Some(0),
+            pool_exhausted: false,
+        });
+    }
+    let budget = Duration::from_secs_f64(args.seconds / args.rounds as f64);
+    for round in 0..args.rounds {
+        let n = lanes.len();
+        for k in 0..n {
+            let lane = &mut lanes[(round + k) % n];
+            eprintln!("[{suffix}] round {round} {}", lane.name);
+            append_slice(lane, pool, per_commit, budget)?;
+        }
+    }
+    for lane in &mut lanes {
+        let before = io_write_bytes();
+        lane.store.settle()?;
+        lane.io_settle = add_delta(lane.io_settle, before, io_write_bytes());
+    }
+    Ok(lanes)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// The p99 of already sorted nanosecond latencies, in µs.
+fn p99_us(sorted: &[u64]) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[(sorted.len() * 99).div_ceil(100) - 1] as f64 / 1e3
 }
 
 struct Row {
@@ -242,46 +307,68 @@ fn mb(bytes: u64) -> f64 {
     bytes as f64 / 1e6
 }
 
-fn append_row(store: &str, scenario: &'static str, mut r: AppendResult) -> Row {
-    let secs = r.elapsed.as_secs_f64();
-    r.lat_ns.sort_unstable();
-    let n = r.lat_ns.len().max(1);
-    let mean = r.lat_ns.iter().sum::<u64>() as f64 / n as f64 / 1e3;
-    let p99 = r.lat_ns[(n * 99).div_ceil(100).max(1) - 1] as f64 / 1e3;
-    let max = r.lat_ns.last().copied().unwrap_or(0) as f64 / 1e3;
-    let mut row = Row::new(store, scenario);
-    row.commits = r.commits.to_string();
-    row.commits_s = format!("{:.0}", r.commits as f64 / secs);
-    row.events_s = format!("{:.0}", r.events as f64 / secs);
-    row.mb_s = format!("{:.1}", mb(r.payload) / secs);
+/// Throughput and p99 are medians over the rounds; the mean is pooled.
+fn append_row(lane: &mut Lane, scenario: &'static str, per_commit: usize) -> Row {
+    let mut rates: Vec<f64> = lane.slices.iter().map(Slice::commits_per_s).collect();
+    let mut p99s: Vec<f64> = lane
+        .slices
+        .iter_mut()
+        .map(|s| {
+            s.lat_ns.sort_unstable();
+            p99_us(&s.lat_ns)
+        })
+        .collect();
+    let mut all: Vec<u64> = lane
+        .slices
+        .iter()
+        .flat_map(|s| s.lat_ns.iter().copied())
+        .collect();
+    all.sort_unstable();
+    let commits = all.len();
+    let mean = all.iter().sum::<u64>() as f64 / commits.max(1) as f64 / 1e3;
+    let max = all.last().copied().unwrap_or(0) as f64 / 1e3;
+    let rate = median(&mut rates);
+    let event_bytes = lane.payload as f64 / lane.next.max(1) as f64;
+    let secs: f64 = lane.slices.iter().map(|s| s.elapsed.as_secs_f64()).sum();
+
+    let mut row = Row::new(&lane.name, scenario);
+    row.commits = commits.to_string();
+    row.commits_s = format!("{rate:.0}");
+    row.events_s = format!("{:.0}", rate * per_commit as f64);
+    row.mb_s = format!("{:.1}", rate * per_commit as f64 * event_bytes / 1e6);
     row.mean_us = format!("{mean:.0}");
-    row.p99_us = format!("{p99:.0}");
-    if let Some((run, settled)) = r.amp {
-        row.amp = format!("{run:.2} / {settled:.2}");
+    row.p99_us = format!("{:.0}", median(&mut p99s));
+    if let (Some(run), Some(settle)) = (lane.io_run, lane.io_settle) {
+        let payload = lane.payload as f64;
+        row.amp = format!(
+            "{:.2} / {:.2}",
+            run as f64 / payload,
+            (run + settle) as f64 / payload
+        );
     }
     row.notes = format!(
-        "{} events, {:.0} MB payload in {secs:.1} s; max {max:.0} µs",
-        r.events,
-        mb(r.payload)
+        "rounds {:.0}–{:.0} commits/s; pooled p99 {:.0} µs, max {max:.0} µs; \
+         {} events, {:.0} MB in {secs:.1} s",
+        rates.first().copied().unwrap_or(0.0),
+        rates.last().copied().unwrap_or(0.0),
+        p99_us(&all),
+        lane.next,
+        mb(lane.payload)
     );
-    if r.pool_exhausted {
+    if lane.pool_exhausted {
         row.notes.push_str("; stopped early: event pool exhausted");
     }
     row
 }
 
-fn run_store(name: &str, args: &Args, pool: &Pool, rows: &mut Vec<Row>) -> Result<()> {
-    // Scenario 1: 100-event requests, one durable commit each.
-    let dir = args.dir.join(format!("{name}-batch"));
-    let mut store = open(name, &dir)?;
-    eprintln!("[{name}] batch append for {} s", args.seconds);
-    let batch = append_run(store.as_mut(), pool, BATCH_EVENTS, args.seconds)?;
-    let written = batch.events as u64;
-    let written_bytes = batch.payload;
-    let batch_row = append_row(name, "1 append batch (100 ev/commit)", batch);
+/// Scenarios 3 and 4 on a store that holds the batch workload's events.
+fn read_and_reclaim(lane: &mut Lane) -> Result<(Row, Row)> {
+    let (name, dir) = (lane.name.clone(), lane.dir.clone());
+    let store = lane.store.as_mut();
+    let (written, written_bytes) = (lane.next as u64, lane.payload);
 
     // Scenario 3: one consumer reads everything back from cursor 0.
-    eprintln!("[{name}] sequential read");
+    eprintln!("[read] {name}");
     let start = Instant::now();
     let (mut expect, mut bytes) = (0u64, 0u64);
     let visited = store.read_from(0, &mut |seq, body| {
@@ -293,13 +380,13 @@ fn run_store(name: &str, args: &Args, pool: &Pool, rows: &mut Vec<Row>) -> Resul
     if visited != written || bytes != written_bytes {
         return Err(format!("{name}: read {visited} events / {bytes} B, wrote {written}").into());
     }
-    let mut read_row = Row::new(name, "3 sequential read");
+    let mut read_row = Row::new(&name, "3 sequential read");
     read_row.events_s = format!("{:.0}", visited as f64 / secs);
     read_row.mb_s = format!("{:.1}", mb(bytes) / secs);
-    read_row.notes = format!("{visited} events in {:.2} s, warm page cache", secs);
+    read_row.notes = format!("{visited} events in {secs:.2} s, warm page cache");
 
     // Scenario 4: consumers are past the midpoint, drop everything below it.
-    eprintln!("[{name}] reclaim");
+    eprintln!("[reclaim] {name}");
     let mid = written / 2;
     let du_before = du(&dir);
     let start = Instant::now();
@@ -310,7 +397,7 @@ fn run_store(name: &str, args: &Args, pool: &Pool, rows: &mut Vec<Row>) -> Resul
     if left != written - mid {
         return Err(format!("{name}: {left} events left above midpoint").into());
     }
-    let mut reclaim_row = Row::new(name, "4 reclaim below midpoint");
+    let mut reclaim_row = Row::new(&name, "4 reclaim below midpoint");
     reclaim_row.notes = format!(
         "{reclaim_ms:.0} ms; du {:.0} → {:.0} MB (payload {:.0} MB)",
         mb(du_before),
@@ -326,24 +413,45 @@ fn run_store(name: &str, args: &Args, pool: &Pool, rows: &mut Vec<Row>) -> Resul
             mb(du(&dir))
         );
     }
-    // Some stores free files only at a later flush or on close.
-    drop(store);
-    let _ = write!(reclaim_row.notes, "; after close {:.0} MB", mb(du(&dir)));
-    std::fs::remove_dir_all(&dir)?;
+    Ok((read_row, reclaim_row))
+}
 
-    // Scenario 2: 16 single-event requests share one durable commit.
-    let dir = args.dir.join(format!("{name}-group"));
-    let mut store = open(name, &dir)?;
-    eprintln!("[{name}] group-commit append for {} s", args.seconds);
-    let group = append_run(store.as_mut(), pool, GROUP_REQUESTS, args.seconds)?;
-    drop(store);
-    std::fs::remove_dir_all(&dir)?;
+/// Closes the stores, reports what is left on disk, and deletes it.
+fn close(lanes: Vec<Lane>) -> Result<Vec<u64>> {
+    let mut left = Vec::new();
+    for lane in lanes {
+        // Some stores unlink files only at a later flush or on close.
+        drop(lane.store);
+        left.push(du(&lane.dir));
+        std::fs::remove_dir_all(&lane.dir)?;
+    }
+    Ok(left)
+}
 
-    rows.push(batch_row);
-    rows.push(append_row(name, "2 append group (16×1 ev/commit)", group));
-    rows.push(read_row);
-    rows.push(reclaim_row);
-    Ok(())
+fn run(args: &Args, pool: &Pool) -> Result<Vec<Row>> {
+    let mut lanes = append_phase(args, pool, "batch", BATCH_EVENTS)?;
+    let mut batch_rows = Vec::new();
+    for lane in &mut lanes {
+        let append = append_row(lane, "1 append batch (100 ev/commit)", BATCH_EVENTS);
+        let (read, reclaim) = read_and_reclaim(lane)?;
+        batch_rows.push((append, read, reclaim));
+    }
+    for (rows, left) in batch_rows.iter_mut().zip(close(lanes)?) {
+        let _ = write!(rows.2.notes, "; after close {:.0} MB", mb(left));
+    }
+
+    let mut lanes = append_phase(args, pool, "group", GROUP_REQUESTS)?;
+    let group_rows: Vec<Row> = lanes
+        .iter_mut()
+        .map(|lane| append_row(lane, "2 append group (16×1 ev/commit)", GROUP_REQUESTS))
+        .collect();
+    close(lanes)?;
+
+    let mut rows = Vec::new();
+    for ((append, read, reclaim), group) in batch_rows.into_iter().zip(group_rows) {
+        rows.extend([append, group, read, reclaim]);
+    }
+    Ok(rows)
 }
 
 fn main() -> Result<()> {
@@ -362,13 +470,9 @@ fn main() -> Result<()> {
         start.elapsed().as_secs_f64()
     );
 
-    let mut rows = Vec::new();
-    let result = args
-        .stores
-        .iter()
-        .try_for_each(|name| run_store(name, &args, &pool, &mut rows));
+    let result = run(&args, &pool);
     let _ = std::fs::remove_dir_all(&args.dir);
-    result?;
+    let rows = result?;
 
     println!(
         "| store | scenario | commits | commits/s | events/s | MB/s | mean µs | p99 µs \

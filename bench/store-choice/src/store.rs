@@ -16,6 +16,13 @@ pub trait Store {
     /// Durably discards every event with sequence < `seq`.
     fn reclaim_below(&mut self, seq: u64) -> Result<()>;
 
+    /// Waits until background work started by earlier appends has finished,
+    /// so that its writes are attributed to this store and do not overlap the
+    /// next store's timed slice.
+    fn quiesce(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     /// Pushes data that is still only in memory or in a write-ahead log to
     /// its final place, so write amplification counts the full cost.
     fn settle(&mut self) -> Result<()> {
