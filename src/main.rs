@@ -23,7 +23,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Validate the configuration and exit (non-zero, naming key and line, on error).
-    Check,
+    Check {
+        /// The file to check (instead of `--config`).
+        file: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -35,17 +38,21 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let config = match Config::load(&cli.config) {
+    let path = match &cli.command {
+        Some(Command::Check { file: Some(file) }) => file.clone(),
+        _ => cli.config.clone(),
+    };
+    let config = match Config::load(&path) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("fanout: invalid config: {e}");
             return ExitCode::from(2);
         }
     };
-    if let Some(Command::Check) = cli.command {
+    if let Some(Command::Check { .. }) = cli.command {
         println!(
             "{}: ok ({} sources, {} destinations)",
-            cli.config.display(),
+            path.display(),
             config.sources.len(),
             config.destinations.len()
         );

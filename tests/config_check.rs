@@ -32,6 +32,16 @@ fn the_shipped_example_config_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 sources, 1 destinations"));
+    // The file may also be given as the argument of `check`.
+    let out = Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .args(["check", path])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -20,12 +20,19 @@ pub const KEYS: &str = r#"["wk_test", "wk_segment_python", "wk_segment_node", "t
 pub struct Settings {
     pub server: String,
     pub sections: String,
+    /// Keep fanout's standard output (for the stdout destination) instead of discarding it.
+    pub capture_stdout: bool,
 }
 
 impl Settings {
     pub fn server(mut self, lines: &str) -> Self {
         self.server.push_str(lines);
         self.server.push('\n');
+        self
+    }
+
+    pub fn capture_stdout(mut self) -> Self {
+        self.capture_stdout = true;
         self
     }
 
@@ -43,6 +50,8 @@ pub struct Fanout {
     dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
     settings: Settings,
+    /// Lines this run of the process printed on standard output, when captured.
+    stdout: Arc<Mutex<Vec<String>>>,
 }
 
 impl Fanout {
@@ -73,10 +82,23 @@ impl Fanout {
             .arg("--config")
             .arg(&config_path)
             .env("FANOUT_LOG", "info")
-            .stdout(Stdio::null())
+            .stdout(if settings.capture_stdout {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn fanout");
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        if let Some(out) = child.stdout.take() {
+            let lines = stdout.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -100,6 +122,7 @@ impl Fanout {
             dir: dir.to_path_buf(),
             _tmp: None,
             settings: settings.clone(),
+            stdout,
         }
     }
 
@@ -152,6 +175,7 @@ impl Fanout {
         assert!(self.child.is_none(), "stop it first");
         let mut again = Fanout::launch(&self.dir, &self.settings);
         self.child = again.child.take();
+        self.stdout = again.stdout.clone();
         self.addr = again.addr;
     }
 
@@ -163,6 +187,21 @@ impl Fanout {
         text.lines()
             .map(|l| serde_json::from_str(l).expect("each line is JSON"))
             .collect()
+    }
+
+    /// Waits until this run printed at least `n` lines on standard output; returns them parsed.
+    pub async fn wait_stdout(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let lines = self.stdout.lock().unwrap().clone();
+            if lines.len() >= n || Instant::now() > deadline {
+                return lines
+                    .iter()
+                    .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+                    .collect();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits until the file destination holds at least `n` messages.

@@ -1,0 +1,54 @@
+//! The embedded destinations read the queue from their own cursors: each gets every
+//! message, and after a restart each continues where it stopped, without gaps or repeats.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{assert_success, Fanout, Settings};
+use serde_json::{json, Value};
+
+async fn send(f: &Fanout, ids: &[&str]) {
+    for id in ids {
+        let body = json!({"userId": "u", "event": "Seen", "messageId": id});
+        assert_success(f.post("/v1/track").json(&body).send().await.unwrap()).await;
+    }
+}
+
+fn ids(messages: &[Value]) -> Vec<&str> {
+    messages
+        .iter()
+        .map(|m| m["messageId"].as_str().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn stdout_and_file_each_get_everything_and_resume_after_restart() {
+    let settings = Settings::default()
+        .capture_stdout()
+        .section("[[destinations]]\nname = \"console\"\nkind = \"stdout\"\n");
+    let mut f = Fanout::start_with(settings);
+    send(&f, &["s-1", "s-2", "s-3"]).await;
+    let first = f.wait_stdout(3).await;
+    assert_eq!(ids(&first), ["s-1", "s-2", "s-3"]);
+    assert_eq!(first[0]["type"], "track");
+
+    let exit = f.terminate();
+    assert!(exit.success(), "{exit:?}");
+    f.restart();
+    send(&f, &["s-4", "s-5"]).await;
+    let second = f.wait_stdout(2).await;
+    // Give a replay the chance to show up before asserting there is none.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second_all = f.wait_stdout(2).await;
+    assert_eq!(ids(&second), ["s-4", "s-5"]);
+    assert_eq!(
+        second_all.len(),
+        2,
+        "nothing from before the restart is printed again"
+    );
+    assert_eq!(
+        ids(&f.wait_delivered(5).await),
+        ["s-1", "s-2", "s-3", "s-4", "s-5"]
+    );
+}
