@@ -182,11 +182,13 @@ mod tests {
                 name: "web".into(),
                 write_keys: vec!["k1".into()],
                 write_keys_env: None,
+                dedupe: Default::default(),
             },
             SourceConfig {
                 name: "app".into(),
                 write_keys: vec!["k2".into(), "k3".into()],
                 write_keys_env: None,
+                dedupe: Default::default(),
             },
         ])
         .unwrap();

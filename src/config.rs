@@ -21,6 +21,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub cors: CorsConfig,
+    #[serde(default)]
+    pub dedupe: DedupeConfig,
     /// Each source owns write keys; a request's key says which source sent it.
     #[serde(default)]
     pub sources: Vec<SourceConfig>,
@@ -96,6 +98,45 @@ pub struct SourceConfig {
     pub write_keys: Vec<String>,
     /// Environment variable holding more write keys, comma-separated (for production).
     pub write_keys_env: Option<String>,
+    /// `dedupe = { enabled = false }` turns messageId dedupe off for this source.
+    #[serde(default)]
+    pub dedupe: SourceDedupeConfig,
+}
+
+/// Per-source dedupe switch.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceDedupeConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for SourceDedupeConfig {
+    fn default() -> Self {
+        SourceDedupeConfig { enabled: true }
+    }
+}
+
+/// Dropping repeated messageIds (client retries) within a window.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupeConfig {
+    /// How long an accepted messageId is remembered, e.g. "24h".
+    #[serde(default = "default_dedupe_ttl", with = "humantime_serde")]
+    pub ttl: std::time::Duration,
+    /// Most keys held (about 28 bytes each in memory); past it the oldest are dropped
+    /// early, which is logged and counted.
+    #[serde(default = "default_dedupe_max_entries")]
+    pub max_entries: usize,
+}
+
+impl Default for DedupeConfig {
+    fn default() -> Self {
+        DedupeConfig {
+            ttl: default_dedupe_ttl(),
+            max_entries: default_dedupe_max_entries(),
+        }
+    }
 }
 
 /// One destination; `kind` selects the implementation.
@@ -133,6 +174,15 @@ impl DestinationConfig {
     }
 }
 
+const fn default_true() -> bool {
+    true
+}
+const fn default_dedupe_ttl() -> std::time::Duration {
+    std::time::Duration::from_secs(24 * 3600)
+}
+const fn default_dedupe_max_entries() -> usize {
+    10_000_000
+}
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8088))
 }
@@ -280,6 +330,18 @@ impl Config {
             key,
             message,
         };
+        if self.dedupe.ttl.as_secs() == 0 {
+            return Err(err(
+                "dedupe.ttl".into(),
+                "must be at least one second".into(),
+            ));
+        }
+        if self.dedupe.max_entries == 0 {
+            return Err(err(
+                "dedupe.max_entries".into(),
+                "must be at least 1".into(),
+            ));
+        }
         if self.server.max_in_flight == 0 {
             return Err(err(
                 "server.max_in_flight".into(),

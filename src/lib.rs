@@ -2,12 +2,13 @@
 //!
 //! The modules are the pipeline's stages, in the order a message passes them:
 //! `http` (tower stack, routes) → `auth` (write key → source) → `ingest` (parse,
-//! validate, enrich) → `queue` (durable log) → `delivery` (per-destination cursors and
+//! validate, enrich) → `dedupe` (drop retried messageIds) → `queue` (durable log) → `delivery` (per-destination cursors and
 //! retries) → `destinations` (one file per kind). `config` and `server` hold it together.
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod config;
+pub mod dedupe;
 pub mod delivery;
 pub mod destinations;
 pub mod http;

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use crate::auth::Sources;
 use crate::config::Config;
+use crate::dedupe::Dedupe;
 use crate::delivery::Deliveries;
 use crate::http::{self, App};
 use crate::queue::Queue;
@@ -18,12 +19,14 @@ use crate::queue::Queue;
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let (queue, writer) = Queue::open(&config.server.data_dir, config.server.segment_bytes)?;
     let sources = Sources::from_config(&config.sources)?;
+    let dedupe = open_dedupe(&config, &queue)?;
     if config.destinations.is_empty() {
         tracing::warn!("no destinations configured: accepted messages are stored but go nowhere");
     }
     let deliveries = Deliveries::start(&config.destinations, &queue)?;
     let app = Arc::new(App {
         sources,
+        dedupe,
         queue,
         limits: config.limits.clone(),
         retry_after: config.server.retry_after_secs,
@@ -56,6 +59,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Opens the dedupe window and rebuilds it from the log, then has the queue hand it
+/// each segment's keys before deleting the segment. Runs before any delivery starts.
+fn open_dedupe(config: &Config, queue: &Queue) -> anyhow::Result<Arc<Dedupe>> {
+    let started = std::time::Instant::now();
+    let dedupe = Arc::new(Dedupe::open(
+        &config.dedupe,
+        &config.sources,
+        &config.server.data_dir,
+    )?);
+    let scanned = queue.scan(|source, tag| dedupe.restore(source, tag))?;
+    dedupe.compact()?;
+    let hook = dedupe.clone();
+    queue.on_reclaim(Box::new(move |records| hook.save_reclaimed(records)));
+    tracing::info!(
+        keys = dedupe.len(),
+        scanned,
+        ms = started.elapsed().as_millis() as u64,
+        "dedupe window rebuilt"
+    );
+    Ok(dedupe)
 }
 
 async fn shutdown_signal() {

@@ -30,6 +30,8 @@ pub enum ApiError {
         retry_after: u32,
         reason: String,
     },
+    /// `/api/v1/event` only: the messageId was already accepted: 409.
+    Duplicate(String),
     NotFound,
     MethodNotAllowed,
 }
@@ -43,6 +45,7 @@ impl ApiError {
             ApiError::UnsupportedEncoding => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Duplicate(_) => StatusCode::CONFLICT,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
@@ -67,6 +70,11 @@ impl ApiError {
             ApiError::Unavailable { reason, .. } => Rejection::new(
                 "unavailable",
                 format!("messages were not stored: {reason}; retry later"),
+            ),
+            ApiError::Duplicate(id) => Rejection::field(
+                "duplicate",
+                "messageId",
+                format!("messageId {id} was already accepted"),
             ),
             ApiError::NotFound => Rejection::new("not_found", "no such endpoint"),
             ApiError::MethodNotAllowed => {

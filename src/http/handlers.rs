@@ -77,7 +77,8 @@ async fn accept_segment(
     };
     let source = app.source(header_source, request.write_key())?;
     let records = request.encode(&source, &app.limits)?;
-    app.store(records).await?;
+    // Duplicates are answered like everything else (as Segment does): dropped, not refused.
+    app.store_new(&source, records).await?;
     Ok(success())
 }
 
@@ -100,8 +101,14 @@ pub async fn event_batch(
     let body = read_body(body, app.limits.max_request_bytes).await?;
     let items = seed::parse_event_batch(&body, &app.limits)?;
     let mut records = RecordBatch::with_capacity(body.len() + 160 * items.len());
-    let report = seed::encode_event_batch(&items, &source, received_at, &app.limits, &mut records);
-    app.store(records).await?;
+    let mut report =
+        seed::encode_event_batch(&items, &source, received_at, &app.limits, &mut records);
+    let duplicate = app.store_new(&source, records).await?;
+    for item in &mut report {
+        if item.record.is_some_and(|r| duplicate[r]) {
+            item.processed = false;
+        }
+    }
     let answer = EventBatchAnswer {
         success: true,
         total: report.len(),
@@ -123,7 +130,9 @@ pub async fn person_event(State(app): State<Arc<App>>, headers: HeaderMap, body:
         let mut records = RecordBatch::with_capacity(body.len() + 160);
         let message_id =
             seed::encode_person_event(&body, &source, received_at, &app.limits, &mut records)?;
-        app.store(records).await?;
+        if app.store_new(&source, records).await?[0] {
+            return Err(ApiError::Duplicate(message_id));
+        }
         Ok::<_, ApiError>(message_id)
     }
     .await;
@@ -185,11 +194,24 @@ impl App {
         }
     }
 
-    async fn store(&self, records: RecordBatch) -> Result<(), ApiError> {
+    /// Drops duplicates, stores the rest durably, then adds their keys to the dedupe
+    /// window. Returns, per record, whether it was a duplicate.
+    async fn store_new(
+        &self,
+        source: &str,
+        mut records: RecordBatch,
+    ) -> Result<Vec<bool>, ApiError> {
+        let reservation = self.dedupe.reserve(source, records.tags()).await;
+        let duplicate: Vec<bool> = (0..records.len())
+            .map(|i| reservation.is_duplicate(i))
+            .collect();
+        records.retain(|i| !duplicate[i]);
         self.queue
             .append(records)
             .await
-            .map_err(|e| ApiError::from_queue(e, self.retry_after))
+            .map_err(|e| ApiError::from_queue(e, self.retry_after))?;
+        reservation.commit();
+        Ok(duplicate)
     }
 }
 

@@ -26,12 +26,14 @@ pub use error::ApiError;
 
 use crate::auth::Sources;
 use crate::config::{Config, CorsConfig, LimitsConfig};
+use crate::dedupe::Dedupe;
 use crate::ingest::MessageType;
 use crate::queue::Queue;
 
 /// What request handlers share.
 pub struct App {
     pub sources: Sources,
+    pub dedupe: Arc<Dedupe>,
     pub queue: Queue,
     pub limits: LimitsConfig,
     /// Seconds clients are told to wait after a 429 or 503.

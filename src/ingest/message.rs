@@ -14,6 +14,7 @@ use super::json::{self, is_object_or_null, scalar, RawObject, Scalar};
 use super::timestamp;
 use super::Rejection;
 use crate::config::LimitsConfig;
+use crate::queue::Tag;
 
 /// The six Segment call types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,7 +112,7 @@ pub fn normalize<'a>(
     kind: MessageType,
     envelope: &Envelope<'_>,
     out: &mut Vec<u8>,
-) -> Result<Cow<'a, str>, Rejection> {
+) -> Result<Normalized<'a>, Rejection> {
     let user_id = id_field(message, "userId")?;
     let anonymous_id = id_field(message, "anonymousId")?;
     match kind {
@@ -206,15 +207,15 @@ pub fn normalize<'a>(
     json::write_str(out, kind.as_str());
     out.push(b',');
     json::write_key(out, "messageId");
-    let message_id = match message_id {
+    let (message_id, assigned) = match message_id {
         Some((raw, id)) => {
             out.extend_from_slice(raw.get().as_bytes());
-            id
+            (id, false)
         }
         None => {
             let id = uuid::Uuid::new_v4().to_string();
             json::write_str(out, &id);
-            Cow::Owned(id)
+            (Cow::Owned(id), true)
         }
     };
     for (key, value) in message.iter() {
@@ -253,7 +254,33 @@ pub fn normalize<'a>(
     }
     write_time("receivedAt", &envelope.received_at_json);
     out.push(b'}');
-    Ok(message_id)
+    Ok(Normalized {
+        message_id,
+        assigned,
+    })
+}
+
+/// What `normalize` decided about a message's identity.
+pub struct Normalized<'a> {
+    pub message_id: Cow<'a, str>,
+    /// True when fanout assigned the messageId (the client sent none).
+    pub assigned: bool,
+}
+
+impl Normalized<'_> {
+    /// The message's queue tag. Only a client's messageId gets a dedupe key: a retry
+    /// repeats it, while an assigned UUID never recurs.
+    pub fn tag(&self, source: &str, accepted_at: DateTime<Utc>) -> Tag {
+        let key = if self.assigned {
+            [0; 3]
+        } else {
+            crate::dedupe::DedupeKey::of(source, &self.message_id).0
+        };
+        Tag {
+            key,
+            accepted_at: accepted_at.timestamp().clamp(0, i64::from(u32::MAX)) as u32,
+        }
+    }
 }
 
 /// Fields fanout writes itself (or drops), so the client's copy is skipped.

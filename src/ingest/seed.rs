@@ -24,6 +24,9 @@ pub struct ItemReport {
     pub processed: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Index of the item's record in the request's `RecordBatch`, when it has one.
+    #[serde(skip)]
+    pub record: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -79,23 +82,27 @@ pub fn encode_event_batch(
                 }
                 let mut id = None;
                 records.push_with(source, |out| {
-                    id = Some(message::normalize(&m, kind, &envelope, out)?.into_owned());
-                    Ok(())
+                    let normalized = message::normalize(&m, kind, &envelope, out)?;
+                    let tag = normalized.tag(source, received_at);
+                    id = Some(normalized.message_id.into_owned());
+                    Ok(tag)
                 })?;
-                Ok(id)
+                Ok((id, records.len() - 1))
             });
             match result {
-                Ok(id) => ItemReport {
+                Ok((id, record)) => ItemReport {
                     message_id: id,
                     success: true,
                     processed: true,
                     error: None,
+                    record: Some(record),
                 },
                 Err(e) => ItemReport {
                     message_id: client_id(),
                     success: false,
                     processed: false,
                     error: Some(e.message),
+                    record: None,
                 },
             }
         })
@@ -120,8 +127,10 @@ pub fn encode_person_event(
     let kind = track_or_identify(&event, true)?;
     let mut id = String::new();
     records.push_with(source, |out| {
-        id = message::normalize(&event, kind, &Envelope::new(received_at), out)?.into_owned();
-        Ok::<_, Rejection>(())
+        let normalized = message::normalize(&event, kind, &Envelope::new(received_at), out)?;
+        let tag = normalized.tag(source, received_at);
+        id = normalized.message_id.into_owned();
+        Ok::<_, Rejection>(tag)
     })?;
     Ok(id)
 }
@@ -190,7 +199,8 @@ mod tests {
                 message_id: Some("m1".into()),
                 success: true,
                 processed: true,
-                error: None
+                error: None,
+                record: Some(0),
             }
         );
         assert!(report[1].success && report[1].message_id.as_ref().unwrap().len() == 36);

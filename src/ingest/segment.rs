@@ -131,7 +131,8 @@ impl<'a> SegmentRequest<'a> {
             };
             records
                 .push_with(source, |out| {
-                    message::normalize(&message, kind, &self.envelope, out).map(drop)
+                    message::normalize(&message, kind, &self.envelope, out)
+                        .map(|n| n.tag(source, self.envelope.received_at))
                 })
                 .map_err(locate)?;
         }

@@ -84,7 +84,9 @@ impl Cursor {
                 .min()
                 .unwrap_or(checkpoint.position)
         };
-        let deleted = segments::delete_before(&self.shared.queue_dir, oldest_needed)?;
+        let deleted = segments::delete_before(&self.shared.queue_dir, oldest_needed, |segment| {
+            self.shared.before_delete(segment)
+        })?;
         if deleted > 0 {
             tracing::debug!(deleted, oldest_needed, "reclaimed queue segments");
         }

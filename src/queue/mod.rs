@@ -15,14 +15,14 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::thread;
 
 use tokio::sync::{oneshot, watch};
 
 pub use cursor::{Checkpoint, Cursor};
 pub use reader::QueueReader;
-pub use record::{Record, RecordBatch};
+pub use record::{Record, RecordBatch, Tag};
 
 /// Upper bound on the bytes one group commit writes, so one sync cannot grow without end.
 const MAX_GROUP_BYTES: usize = 16 * 1024 * 1024;
@@ -52,6 +52,22 @@ struct Shared {
     cursors: Mutex<HashMap<String, u64>>,
     /// False after a write failed and could not be undone.
     healthy: AtomicBool,
+    /// Sees the records of each segment before it is deleted (dedupe saves their keys).
+    reclaim_hook: OnceLock<ReclaimHook>,
+}
+
+/// Called with a segment's (source, tag) pairs before the segment is deleted.
+pub type ReclaimHook = Box<dyn Fn(&[(String, Tag)]) -> std::io::Result<()> + Send + Sync>;
+
+impl Shared {
+    fn before_delete(&self, segment: &Path) -> std::io::Result<()> {
+        let Some(hook) = self.reclaim_hook.get() else {
+            return Ok(());
+        };
+        let mut records = Vec::new();
+        segments::scan_segment(segment, |source, tag| records.push((source, tag)))?;
+        hook(&records)
+    }
 }
 
 /// Handle for appending to the queue and attaching readers. Cheap to clone.
@@ -103,6 +119,7 @@ impl Queue {
             committed: watch::Sender::new(recovered.end),
             cursors: Mutex::new(cursors),
             healthy: AtomicBool::new(true),
+            reclaim_hook: OnceLock::new(),
         });
         let (tx, rx) = mpsc::channel();
         let writer_shared = shared.clone();
@@ -148,6 +165,28 @@ impl Queue {
         );
         let cursor = Cursor::new(name, self.shared.clone());
         Ok((reader, cursor, saved))
+    }
+
+    /// Installs the hook that sees each segment's records before it is deleted.
+    /// Set it before any destination starts, or early segments go unseen.
+    pub fn on_reclaim(&self, hook: ReclaimHook) {
+        if self.shared.reclaim_hook.set(hook).is_err() {
+            tracing::warn!("queue reclaim hook set twice; keeping the first");
+        }
+    }
+
+    /// Calls `each(source, tag)` for every record still in the log, oldest first.
+    /// Blocking file I/O; meant for start-up.
+    pub fn scan(&self, mut each: impl FnMut(&str, Tag)) -> std::io::Result<usize> {
+        let mut count = 0;
+        for base in segments::list_segments(&self.shared.queue_dir)? {
+            let path = segments::segment_path(&self.shared.queue_dir, base);
+            segments::scan_segment(&path, |source, tag| {
+                each(&source, tag);
+                count += 1;
+            })?;
+        }
+        Ok(count)
     }
 
     /// End of durable data.

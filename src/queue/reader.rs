@@ -56,12 +56,18 @@ impl QueueReader {
             }
             let reader = self.open.as_mut().expect("opened above");
             match read_record(reader)? {
-                ReadOutcome::Record { source, json, len } => {
+                ReadOutcome::Record {
+                    source,
+                    tag,
+                    json,
+                    len,
+                } => {
                     self.position += len;
                     bytes += json.len();
                     records.push(Record {
                         end: self.position,
                         source,
+                        tag,
                         json,
                     });
                 }

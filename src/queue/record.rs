@@ -1,37 +1,73 @@
 //! How one accepted message is framed in the log.
 //!
 //! `[u32 LE payload length][u32 LE crc32 of payload][payload]`, payload =
-//! `[u8 version][u8 source name length][source name][message JSON]`. The CRC lets recovery
-//! find the end of the last complete write after a crash.
+//! `[u8 version][u8 source name length][source name][tag: 3×u32 key, u32 accepted-at][message JSON]`.
+//! The CRC lets recovery find the end of the last complete write after a crash. The tag
+//! carries the message's dedupe key, so the dedupe window can be rebuilt from the log
+//! without parsing JSON.
 
 use std::io::{self, Read};
 
 /// Bytes before the payload: length and CRC.
 pub const HEADER_LEN: usize = 8;
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+const TAG_LEN: usize = 16;
 /// Largest payload a reader accepts; anything larger is a corrupt length field.
 pub const MAX_PAYLOAD: usize = 64 * 1024 * 1024;
+
+/// What the log keeps about a message besides its JSON: its dedupe key (all zero when
+/// it has none, e.g. a server-assigned messageId) and when it was accepted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tag {
+    pub key: [u32; 3],
+    /// Unix seconds.
+    pub accepted_at: u32,
+}
+
+impl Tag {
+    fn to_bytes(self) -> [u8; TAG_LEN] {
+        let mut b = [0u8; TAG_LEN];
+        for (i, word) in self.key.iter().chain([&self.accepted_at]).enumerate() {
+            b[i * 4..i * 4 + 4].copy_from_slice(&word.to_le_bytes());
+        }
+        b
+    }
+
+    fn from_bytes(b: &[u8]) -> Tag {
+        let word = |i: usize| u32::from_le_bytes(b[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+        Tag {
+            key: [word(0), word(1), word(2)],
+            accepted_at: word(3),
+        }
+    }
+
+    pub fn has_key(&self) -> bool {
+        self.key != [0; 3]
+    }
+}
 
 /// Messages of one request, framed and ready to append in one write.
 #[derive(Debug, Default)]
 pub struct RecordBatch {
     buf: Vec<u8>,
-    count: usize,
+    /// Where each record ends in `buf`, and its tag.
+    records: Vec<(usize, Tag)>,
 }
 
 impl RecordBatch {
     pub fn with_capacity(bytes: usize) -> RecordBatch {
         RecordBatch {
             buf: Vec::with_capacity(bytes),
-            count: 0,
+            records: Vec::new(),
         }
     }
 
-    /// Frames one message. `write_json` appends the message's JSON to the buffer it is given.
+    /// Frames one message. `write_json` appends the message's JSON to the buffer it is
+    /// given and returns the message's tag.
     pub fn push_with<E>(
         &mut self,
         source: &str,
-        write_json: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+        write_json: impl FnOnce(&mut Vec<u8>) -> Result<Tag, E>,
     ) -> Result<(), E> {
         let start = self.buf.len();
         self.buf.extend_from_slice(&[0; HEADER_LEN]);
@@ -39,25 +75,53 @@ impl RecordBatch {
         // Source names are validated to at most 64 bytes.
         self.buf.push(source.len() as u8);
         self.buf.extend_from_slice(source.as_bytes());
-        if let Err(e) = write_json(&mut self.buf) {
-            self.buf.truncate(start);
-            return Err(e);
-        }
+        let tag_at = self.buf.len();
+        self.buf.extend_from_slice(&[0; TAG_LEN]);
+        let tag = match write_json(&mut self.buf) {
+            Ok(tag) => tag,
+            Err(e) => {
+                self.buf.truncate(start);
+                return Err(e);
+            }
+        };
+        self.buf[tag_at..tag_at + TAG_LEN].copy_from_slice(&tag.to_bytes());
         let payload = &self.buf[start + HEADER_LEN..];
         let len = payload.len() as u32;
         let crc = crc32fast::hash(payload);
         self.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
         self.buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
-        self.count += 1;
+        self.records.push((self.buf.len(), tag));
         Ok(())
     }
 
     pub fn len(&self) -> usize {
-        self.count
+        self.records.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.count == 0
+        self.records.is_empty()
+    }
+
+    /// Each record's tag, in order.
+    pub fn tags(&self) -> impl Iterator<Item = Tag> + '_ {
+        self.records.iter().map(|&(_, tag)| tag)
+    }
+
+    /// Keeps only the records for which `keep(index)` is true.
+    pub fn retain(&mut self, mut keep: impl FnMut(usize) -> bool) {
+        let mut write = 0;
+        let mut start = 0;
+        let mut kept = Vec::with_capacity(self.records.len());
+        for (index, &(end, tag)) in self.records.iter().enumerate() {
+            if keep(index) {
+                self.buf.copy_within(start..end, write);
+                write += end - start;
+                kept.push((write, tag));
+            }
+            start = end;
+        }
+        self.buf.truncate(write);
+        self.records = kept;
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -75,6 +139,7 @@ pub struct Record {
     /// Log position just past this record: a cursor set here has consumed it.
     pub end: u64,
     pub source: String,
+    pub tag: Tag,
     pub json: Vec<u8>,
 }
 
@@ -84,6 +149,7 @@ pub enum ReadOutcome {
     /// A whole, valid record of this many bytes (header included).
     Record {
         source: String,
+        tag: Tag,
         json: Vec<u8>,
         len: u64,
     },
@@ -117,16 +183,19 @@ pub fn read_record(reader: &mut impl Read) -> io::Result<ReadOutcome> {
         return Ok(ReadOutcome::Invalid("unknown record version"));
     }
     let source_len = payload[1] as usize;
-    if 2 + source_len > len {
+    let json_at = 2 + source_len + TAG_LEN;
+    if json_at > len {
         return Ok(ReadOutcome::Invalid("bad source length"));
     }
     let Ok(source) = std::str::from_utf8(&payload[2..2 + source_len]) else {
         return Ok(ReadOutcome::Invalid("bad source name"));
     };
     let source = source.to_string();
-    payload.drain(..2 + source_len);
+    let tag = Tag::from_bytes(&payload[2 + source_len..json_at]);
+    payload.drain(..json_at);
     Ok(ReadOutcome::Record {
         source,
+        tag,
         json: payload,
         len: (HEADER_LEN + len) as u64,
     })
@@ -155,7 +224,10 @@ mod tests {
         for m in messages {
             b.push_with("web", |buf| {
                 buf.extend_from_slice(m.as_bytes());
-                Ok::<_, ()>(())
+                Ok::<_, ()>(Tag {
+                    key: [1, 2, m.len() as u32],
+                    accepted_at: 7,
+                })
             })
             .unwrap();
         }
@@ -167,14 +239,27 @@ mod tests {
         let b = batch_of(&[r#"{"a":1}"#, r#"{"b":2}"#]);
         assert_eq!(b.len(), 2);
         let mut r = b.bytes();
-        let ReadOutcome::Record { source, json, len } = read_record(&mut r).unwrap() else {
+        let ReadOutcome::Record {
+            source,
+            tag,
+            json,
+            len,
+        } = read_record(&mut r).unwrap()
+        else {
             panic!()
         };
         assert_eq!(
             (source.as_str(), json.as_slice()),
             ("web", br#"{"a":1}"#.as_slice())
         );
-        assert_eq!(len as usize, HEADER_LEN + 2 + 3 + 7);
+        assert_eq!(
+            tag,
+            Tag {
+                key: [1, 2, 7],
+                accepted_at: 7
+            }
+        );
+        assert_eq!(len as usize, HEADER_LEN + 2 + 3 + TAG_LEN + 7);
         assert!(matches!(
             read_record(&mut r).unwrap(),
             ReadOutcome::Record { .. }
@@ -202,12 +287,26 @@ mod tests {
     }
 
     #[test]
+    fn retain_drops_records_and_keeps_framing() {
+        let mut b = batch_of(&[r#"{"a":1}"#, r#"{"bb":22}"#, r#"{"c":3}"#]);
+        b.retain(|i| i != 1);
+        assert_eq!(b.len(), 2);
+        let mut r = b.bytes();
+        let mut seen = Vec::new();
+        while let ReadOutcome::Record { json, .. } = read_record(&mut r).unwrap() {
+            seen.push(String::from_utf8(json).unwrap());
+        }
+        assert_eq!(seen, [r#"{"a":1}"#, r#"{"c":3}"#]);
+        assert_eq!(b.tags().map(|t| t.key[2]).collect::<Vec<_>>(), [7, 7]);
+    }
+
+    #[test]
     fn failed_write_leaves_batch_unchanged() {
         let mut b = batch_of(&[r#"{"a":1}"#]);
         let before = b.bytes().to_vec();
         let r = b.push_with("web", |buf| {
             buf.extend_from_slice(b"partial");
-            Err(())
+            Err::<Tag, ()>(())
         });
         assert!(r.is_err());
         assert_eq!(b.bytes(), before.as_slice());

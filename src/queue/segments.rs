@@ -8,7 +8,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, IoSlice, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use super::record::{read_record, ReadOutcome};
+use super::record::{read_record, ReadOutcome, Tag};
 
 const SUFFIX: &str = ".seg";
 
@@ -176,8 +176,22 @@ fn valid_prefix(file: &File) -> io::Result<u64> {
     Ok(valid)
 }
 
+/// Calls `each(source, tag)` for every valid record of the segment at `path`.
+pub fn scan_segment(path: &Path, mut each: impl FnMut(String, Tag)) -> io::Result<()> {
+    let mut reader = BufReader::with_capacity(1 << 20, File::open(path)?);
+    while let ReadOutcome::Record { source, tag, .. } = read_record(&mut reader)? {
+        each(source, tag);
+    }
+    Ok(())
+}
+
 /// Deletes every segment that lies wholly before `position`; the newest is always kept.
-pub fn delete_before(dir: &Path, position: u64) -> io::Result<usize> {
+/// `before_delete` runs first for each; if it fails, that segment stays.
+pub fn delete_before(
+    dir: &Path,
+    position: u64,
+    before_delete: impl Fn(&Path) -> io::Result<()>,
+) -> io::Result<usize> {
     let bases = list_segments(dir)?;
     let mut deleted = 0;
     for pair in bases.windows(2) {
@@ -185,8 +199,13 @@ pub fn delete_before(dir: &Path, position: u64) -> io::Result<usize> {
         if next > position {
             break;
         }
+        let path = segment_path(dir, base);
+        if !path.exists() {
+            continue;
+        }
+        before_delete(&path)?;
         // Several cursors may reclaim at once; a file already gone is fine.
-        match fs::remove_file(segment_path(dir, base)) {
+        match fs::remove_file(&path) {
             Ok(()) => deleted += 1,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
@@ -204,7 +223,7 @@ mod tests {
         let mut b = RecordBatch::with_capacity(64);
         b.push_with("s", |buf| {
             buf.extend_from_slice(json.as_bytes());
-            Ok::<_, ()>(())
+            Ok::<_, ()>(Default::default())
         })
         .unwrap();
         b.into_bytes()
@@ -242,10 +261,10 @@ mod tests {
         let l = rec.len() as u64;
         assert_eq!(list_segments(dir.path()).unwrap(), vec![0, 2 * l, 4 * l]);
         // A cursor in the middle of the second segment frees only the first.
-        assert_eq!(delete_before(dir.path(), 3 * l).unwrap(), 1);
+        assert_eq!(delete_before(dir.path(), 3 * l, |_| Ok(())).unwrap(), 1);
         assert_eq!(list_segments(dir.path()).unwrap(), vec![2 * l, 4 * l]);
         // The newest segment survives even when everything is consumed.
-        assert_eq!(delete_before(dir.path(), 5 * l).unwrap(), 1);
+        assert_eq!(delete_before(dir.path(), 5 * l, |_| Ok(())).unwrap(), 1);
         assert_eq!(list_segments(dir.path()).unwrap(), vec![4 * l]);
         drop(seg);
         let (_, r) = ActiveSegment::open(dir.path(), 1 << 20).unwrap();

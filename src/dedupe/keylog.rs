@@ -1,0 +1,90 @@
+//! `keys.bin`: the dedupe keys of deleted log segments, 16 bytes each
+//! (`[3×u32 key][u32 expiry]`), so the window outlives the segments it came from.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use super::DedupeKey;
+
+const ENTRY: usize = 16;
+
+pub struct KeyLog {
+    path: PathBuf,
+    file: Mutex<File>,
+    /// Past this size, the log is rewritten from the live window.
+    compact_at: u64,
+}
+
+impl KeyLog {
+    pub fn open(dir: &Path, max_entries: usize) -> io::Result<KeyLog> {
+        fs::create_dir_all(dir)?;
+        let path = dir.join("keys.bin");
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&path)?;
+        // Room for two windows' worth before compacting.
+        let compact_at = (max_entries as u64)
+            .saturating_mul(2 * ENTRY as u64)
+            .max(1 << 20);
+        Ok(KeyLog {
+            path,
+            file: Mutex::new(file),
+            compact_at,
+        })
+    }
+
+    /// Calls `each(key, expiry)` for every whole entry; returns how many there were.
+    pub fn load(&self, mut each: impl FnMut(DedupeKey, u32)) -> io::Result<usize> {
+        let mut reader = BufReader::with_capacity(1 << 20, File::open(&self.path)?);
+        let mut entry = [0u8; ENTRY];
+        let mut count = 0;
+        // A torn last entry (crash mid-append) is ignored.
+        while reader.read_exact(&mut entry).is_ok() {
+            let word =
+                |i: usize| u32::from_le_bytes(entry[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+            each(DedupeKey([word(0), word(1), word(2)]), word(3));
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// Appends entries durably. Returns true when the log has grown past its bound.
+    pub fn append(&self, entries: &[(DedupeKey, u32)]) -> io::Result<bool> {
+        let mut file = self.file.lock().expect("key log poisoned");
+        file.write_all(&encode(entries))?;
+        file.sync_data()?;
+        Ok(file.metadata()?.len() > self.compact_at)
+    }
+
+    /// Replaces the log with `entries` (write, fsync, rename).
+    pub fn rewrite(&self, entries: &[(DedupeKey, u32)]) -> io::Result<()> {
+        let mut file = self.file.lock().expect("key log poisoned");
+        let tmp = self.path.with_extension("tmp");
+        let mut fresh = File::create(&tmp)?;
+        fresh.write_all(&encode(entries))?;
+        fresh.sync_all()?;
+        fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        *file = OpenOptions::new()
+            .append(true)
+            .read(true)
+            .open(&self.path)?;
+        Ok(())
+    }
+}
+
+fn encode(entries: &[(DedupeKey, u32)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.len() * ENTRY);
+    for (key, expires) in entries {
+        for word in key.0.iter().chain([expires]) {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+    }
+    out
+}

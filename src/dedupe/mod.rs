@@ -1,0 +1,380 @@
+//! Stage 3: drop messages whose (source, messageId) was accepted within the window.
+//!
+//! Two steps, so that a failed write never blocks a retry and concurrent retries cannot
+//! both pass: `reserve` marks a request's new keys as pending (a request meeting a key
+//! another request holds waits for that request's outcome), and `Reservation::commit`,
+//! called only after the queue's fsync, moves them into the window. Dropping an
+//! uncommitted reservation releases its keys.
+//!
+//! The window survives restarts: every queued record carries its key, so on start the
+//! window is rebuilt from the retained log plus `keys.bin`, where the keys of each log
+//! segment are saved (and fsynced) before the segment is deleted.
+
+mod keylog;
+mod table;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+
+pub use table::KeyTable;
+
+use crate::config::{DedupeConfig, SourceConfig};
+use crate::queue::Tag;
+
+/// 96 bits of xxh3-128 over (source, messageId): collisions are out of reach
+/// (about 1 in 10^21 per lookup with 10 million keys held).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DedupeKey(pub [u32; 3]);
+
+impl DedupeKey {
+    pub fn of(source: &str, message_id: &str) -> DedupeKey {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(source.as_bytes());
+        // A byte that cannot occur in UTF-8 separates the parts unambiguously.
+        h.update(&[0xff]);
+        h.update(message_id.as_bytes());
+        let v = h.digest128();
+        let key = [v as u32, (v >> 32) as u32, (v >> 64) as u32];
+        // All-zero means "no key" in the log's tags.
+        DedupeKey(if key == [0; 3] { [1, 0, 0] } else { key })
+    }
+}
+
+/// The dedupe stage.
+pub struct Dedupe {
+    table: KeyTable,
+    /// Keys of requests between reserve and commit; the receiver wakes when its
+    /// request commits or gives up.
+    pending: Mutex<HashMap<DedupeKey, watch::Receiver<()>>>,
+    disabled_sources: HashSet<String>,
+    ttl_secs: u32,
+    keylog: keylog::KeyLog,
+    duplicates: AtomicU64,
+    eviction_log: Mutex<Option<std::time::Instant>>,
+}
+
+impl Dedupe {
+    /// Opens the window, loading the keys of already-reclaimed log segments.
+    pub fn open(
+        config: &DedupeConfig,
+        sources: &[SourceConfig],
+        data_dir: &Path,
+    ) -> anyhow::Result<Dedupe> {
+        let ttl_secs = config.ttl.as_secs().clamp(1, u64::from(u32::MAX / 2)) as u32;
+        let table = KeyTable::new(config.max_entries, ttl_secs);
+        let now = now_secs();
+        let keylog = keylog::KeyLog::open(&data_dir.join("dedupe"), config.max_entries)?;
+        let loaded = keylog.load(|key, expires| {
+            table.insert(key, expires.saturating_sub(ttl_secs), now);
+        })?;
+        tracing::info!(keys = loaded, "dedupe keys of reclaimed segments loaded");
+        Ok(Dedupe {
+            table,
+            pending: Mutex::new(HashMap::new()),
+            disabled_sources: sources
+                .iter()
+                .filter(|s| !s.dedupe.enabled)
+                .map(|s| s.name.clone())
+                .collect(),
+            ttl_secs,
+            keylog,
+            duplicates: AtomicU64::new(0),
+            eviction_log: Mutex::new(None),
+        })
+    }
+
+    pub fn applies_to(&self, source: &str) -> bool {
+        !self.disabled_sources.contains(source)
+    }
+
+    /// Adds a key found in the retained log on start.
+    pub fn restore(&self, source: &str, tag: Tag) {
+        if tag.has_key() && self.applies_to(source) {
+            self.table
+                .insert(DedupeKey(tag.key), tag.accepted_at, now_secs());
+        }
+    }
+
+    /// Rewrites `keys.bin` with just the live keys (after a restore).
+    pub fn compact(&self) -> std::io::Result<()> {
+        self.keylog.rewrite(&self.table.snapshot(now_secs()))
+    }
+
+    /// Saves the keys of a log segment about to be deleted; it may be deleted only
+    /// after this returns Ok.
+    pub fn save_reclaimed(&self, records: &[(String, Tag)]) -> std::io::Result<()> {
+        let now = now_secs();
+        let entries: Vec<(DedupeKey, u32)> = records
+            .iter()
+            .filter(|(source, tag)| tag.has_key() && self.applies_to(source))
+            .map(|(_, tag)| {
+                (
+                    DedupeKey(tag.key),
+                    tag.accepted_at.saturating_add(self.ttl_secs),
+                )
+            })
+            .filter(|&(_, expires)| expires > now)
+            .collect();
+        if self.keylog.append(&entries)? {
+            self.compact()?;
+        }
+        Ok(())
+    }
+
+    /// Marks the new keys of one request as pending and says which messages are
+    /// duplicates: of an accepted message, or of an earlier message in the same request.
+    /// `source` is the request's source; messages without a key are never duplicates.
+    pub async fn reserve(
+        self: &Arc<Self>,
+        source: &str,
+        tags: impl Iterator<Item = Tag>,
+    ) -> Reservation {
+        let keys: Vec<Option<DedupeKey>> = if self.applies_to(source) {
+            tags.map(|t| t.has_key().then_some(DedupeKey(t.key)))
+                .collect()
+        } else {
+            tags.map(|_| None).collect()
+        };
+        let (signal, waiter) = watch::channel(());
+        loop {
+            let busy = {
+                let mut pending = self.pending.lock().expect("pending keys poisoned");
+                match keys.iter().flatten().find_map(|k| pending.get(k)) {
+                    // Another request holds one of our keys: wait for its outcome,
+                    // holding nothing ourselves (so two requests cannot wait on each other).
+                    Some(other) => other.clone(),
+                    None => {
+                        let now = now_secs();
+                        let mut duplicate = Vec::with_capacity(keys.len());
+                        let mut ours = Vec::new();
+                        for key in &keys {
+                            let dup = match key {
+                                None => false,
+                                // Pending here means ours: repeated within this request.
+                                Some(k) => pending.contains_key(k) || self.table.contains(k, now),
+                            };
+                            if let (false, Some(k)) = (dup, key) {
+                                pending.insert(*k, waiter.clone());
+                                ours.push(*k);
+                            }
+                            duplicate.push(dup);
+                        }
+                        let count = duplicate.iter().filter(|&&d| d).count() as u64;
+                        self.duplicates.fetch_add(count, Ordering::Relaxed);
+                        return Reservation {
+                            dedupe: self.clone(),
+                            duplicate,
+                            ours,
+                            _signal: signal,
+                            committed: false,
+                        };
+                    }
+                }
+            };
+            let mut busy = busy;
+            // Returns once the holder's Reservation is dropped (committed or not).
+            let _ = busy.changed().await;
+        }
+    }
+
+    /// Messages dropped as duplicates so far.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates.load(Ordering::Relaxed)
+    }
+
+    /// Keys in the window.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// Keys dropped before their window ended because `max_entries` was reached.
+    pub fn evicted(&self) -> u64 {
+        self.table.evicted()
+    }
+
+    fn report_evictions(&self) {
+        let evicted = self.table.evicted();
+        if evicted == 0 {
+            return;
+        }
+        let mut last = self.eviction_log.lock().expect("eviction log poisoned");
+        if last.is_none_or(|t| t.elapsed().as_secs() >= 60) {
+            *last = Some(std::time::Instant::now());
+            tracing::warn!(
+                evicted,
+                "dedupe window is full (dedupe.max_entries): the oldest keys were dropped early"
+            );
+        }
+    }
+}
+
+/// One request's claim on its keys, from `reserve` to `commit` (or drop).
+pub struct Reservation {
+    dedupe: Arc<Dedupe>,
+    duplicate: Vec<bool>,
+    ours: Vec<DedupeKey>,
+    /// Dropped with the reservation: wakes requests waiting on our keys.
+    _signal: watch::Sender<()>,
+    committed: bool,
+}
+
+impl Reservation {
+    pub fn is_duplicate(&self, index: usize) -> bool {
+        self.duplicate[index]
+    }
+
+    pub fn duplicates(&self) -> usize {
+        self.duplicate.iter().filter(|&&d| d).count()
+    }
+
+    /// The request's messages are durable: their keys enter the window.
+    pub fn commit(mut self) {
+        let now = now_secs();
+        for key in &self.ours {
+            self.dedupe.table.insert(*key, now, now);
+        }
+        self.committed = true;
+        self.release();
+        self.dedupe.report_evictions();
+    }
+
+    fn release(&mut self) {
+        let mut pending = self.dedupe.pending.lock().expect("pending keys poisoned");
+        for key in self.ours.drain(..) {
+            pending.remove(&key);
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.release();
+        }
+    }
+}
+
+fn now_secs() -> u32 {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    secs.min(u64::from(u32::MAX)) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::time::Duration;
+
+    fn dedupe(dir: &Path) -> Arc<Dedupe> {
+        let config = Config::parse("[[sources]]\nname = \"web\"\n\n[[sources]]\nname = \"raw\"\ndedupe = { enabled = false }\n").unwrap();
+        Arc::new(Dedupe::open(&config.dedupe, &config.sources, dir).unwrap())
+    }
+
+    fn tag(source: &str, id: &str) -> Tag {
+        Tag {
+            key: DedupeKey::of(source, id).0,
+            accepted_at: now_secs(),
+        }
+    }
+
+    #[tokio::test]
+    async fn commit_makes_later_requests_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dedupe(dir.path());
+        let r = d
+            .reserve(
+                "web",
+                [tag("web", "a"), tag("web", "b"), tag("web", "a")].into_iter(),
+            )
+            .await;
+        assert_eq!(
+            (0..3).map(|i| r.is_duplicate(i)).collect::<Vec<_>>(),
+            [false, false, true]
+        );
+        r.commit();
+        let r = d
+            .reserve("web", [tag("web", "b"), tag("web", "c")].into_iter())
+            .await;
+        assert_eq!((r.is_duplicate(0), r.is_duplicate(1)), (true, false));
+        // Another source's same messageId is a different key.
+        let r = d.reserve("app", [tag("app", "a")].into_iter()).await;
+        assert!(!r.is_duplicate(0));
+    }
+
+    #[tokio::test]
+    async fn released_keys_can_be_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dedupe(dir.path());
+        drop(d.reserve("web", [tag("web", "a")].into_iter()).await);
+        let r = d.reserve("web", [tag("web", "a")].into_iter()).await;
+        assert!(
+            !r.is_duplicate(0),
+            "a request that failed before commit is not a duplicate"
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_request_waits_for_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dedupe(dir.path());
+        let first = d.reserve("web", [tag("web", "x")].into_iter()).await;
+        let d2 = d.clone();
+        let second = tokio::spawn(async move {
+            d2.reserve("web", [tag("web", "x")].into_iter())
+                .await
+                .is_duplicate(0)
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!second.is_finished(), "waits while the first is undecided");
+        first.commit();
+        assert!(second.await.unwrap(), "then sees the committed key");
+    }
+
+    #[tokio::test]
+    async fn disabled_source_and_keyless_messages_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dedupe(dir.path());
+        d.reserve("raw", [tag("raw", "a")].into_iter())
+            .await
+            .commit();
+        assert!(!d
+            .reserve("raw", [tag("raw", "a")].into_iter())
+            .await
+            .is_duplicate(0));
+        let none = Tag {
+            key: [0; 3],
+            accepted_at: 1,
+        };
+        d.reserve("web", [none].into_iter()).await.commit();
+        assert!(!d.reserve("web", [none].into_iter()).await.is_duplicate(0));
+    }
+
+    #[tokio::test]
+    async fn reclaimed_keys_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dedupe(dir.path());
+        d.save_reclaimed(&[
+            ("web".into(), tag("web", "kept")),
+            ("raw".into(), tag("raw", "skipped")),
+        ])
+        .unwrap();
+        drop(d);
+        let d = dedupe(dir.path());
+        assert_eq!(d.len(), 1);
+        assert!(d
+            .reserve("web", [tag("web", "kept")].into_iter())
+            .await
+            .is_duplicate(0));
+    }
+}
