@@ -128,6 +128,21 @@ pub struct DedupeConfig {
     /// early, which is logged and counted.
     #[serde(default = "default_dedupe_max_entries")]
     pub max_entries: usize,
+    /// `memory` (this process only) or `redis` (shared by several instances).
+    #[serde(default)]
+    pub backend: DedupeBackend,
+    /// Redis URL, e.g. `redis://127.0.0.1:6379/0`. Prefer `redis_url_env` when it
+    /// carries a password.
+    pub redis_url: Option<String>,
+    /// Environment variable holding the Redis URL.
+    pub redis_url_env: Option<String>,
+    /// Prefix of the Redis keys fanout writes.
+    #[serde(default = "default_redis_key_prefix")]
+    pub redis_key_prefix: String,
+    /// When Redis cannot be reached: `fail_open` (accept, dedupe locally, log and
+    /// count) or `fail_closed` (503 + Retry-After). Losing dedupe beats losing data.
+    #[serde(default)]
+    pub on_redis_error: RedisFailure,
 }
 
 impl Default for DedupeConfig {
@@ -135,8 +150,45 @@ impl Default for DedupeConfig {
         DedupeConfig {
             ttl: default_dedupe_ttl(),
             max_entries: default_dedupe_max_entries(),
+            backend: DedupeBackend::default(),
+            redis_url: None,
+            redis_url_env: None,
+            redis_key_prefix: default_redis_key_prefix(),
+            on_redis_error: RedisFailure::default(),
         }
     }
+}
+
+impl DedupeConfig {
+    /// The Redis URL from `redis_url_env` or `redis_url`.
+    pub fn redis_url(&self) -> anyhow::Result<String> {
+        if let Some(var) = &self.redis_url_env {
+            return std::env::var(var).map_err(|_| {
+                anyhow::anyhow!("environment variable {var} (dedupe.redis_url_env) is not set")
+            });
+        }
+        self.redis_url.clone().ok_or_else(|| {
+            anyhow::anyhow!("dedupe.backend = \"redis\" needs dedupe.redis_url or redis_url_env")
+        })
+    }
+}
+
+/// Where the dedupe window lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DedupeBackend {
+    #[default]
+    Memory,
+    Redis,
+}
+
+/// What to do when the shared dedupe store cannot be reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisFailure {
+    #[default]
+    FailOpen,
+    FailClosed,
 }
 
 /// One destination; `kind` selects the implementation.
@@ -182,6 +234,9 @@ const fn default_dedupe_ttl() -> std::time::Duration {
 }
 const fn default_dedupe_max_entries() -> usize {
     10_000_000
+}
+fn default_redis_key_prefix() -> String {
+    "fanout:dedupe:".to_string()
 }
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8088))
@@ -334,6 +389,15 @@ impl Config {
             return Err(err(
                 "dedupe.ttl".into(),
                 "must be at least one second".into(),
+            ));
+        }
+        if self.dedupe.backend == DedupeBackend::Redis
+            && self.dedupe.redis_url.is_none()
+            && self.dedupe.redis_url_env.is_none()
+        {
+            return Err(err(
+                "dedupe.backend".into(),
+                "redis needs dedupe.redis_url or dedupe.redis_url_env".into(),
             ));
         }
         if self.dedupe.max_entries == 0 {

@@ -9,8 +9,12 @@
 //! The window survives restarts: every queued record carries its key, so on start the
 //! window is rebuilt from the retained log plus `keys.bin`, where the keys of each log
 //! segment are saved (and fsynced) before the segment is deleted.
+//!
+//! With `backend = "redis"`, instances share the window through Redis (`redis.rs`); the
+//! local table then serves as a front cache of keys known to be taken.
 
 mod keylog;
+mod redis;
 mod table;
 
 use std::collections::{HashMap, HashSet};
@@ -23,7 +27,8 @@ use tokio::sync::watch;
 
 pub use table::KeyTable;
 
-use crate::config::{DedupeConfig, SourceConfig};
+use self::redis::{Claim, RedisStore, SharedError};
+use crate::config::{DedupeBackend, DedupeConfig, SourceConfig};
 use crate::queue::Tag;
 
 /// 96 bits of xxh3-128 over (source, messageId): collisions are out of reach
@@ -56,6 +61,18 @@ pub struct Dedupe {
     keylog: keylog::KeyLog,
     duplicates: AtomicU64,
     eviction_log: Mutex<Option<std::time::Instant>>,
+    shared: Option<Arc<RedisStore>>,
+    /// Refuse requests (503) when Redis cannot be asked, instead of deduping locally.
+    fail_closed: bool,
+    shared_errors: AtomicU64,
+    shared_error_log: Mutex<Option<std::time::Instant>>,
+}
+
+/// Why messages could not be checked for duplicates; nothing was stored.
+#[derive(Debug, thiserror::Error)]
+pub enum DedupeError {
+    #[error("dedupe store unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl Dedupe {
@@ -73,6 +90,14 @@ impl Dedupe {
             table.insert(key, expires.saturating_sub(ttl_secs), now);
         })?;
         tracing::info!(keys = loaded, "dedupe keys of reclaimed segments loaded");
+        let shared = match config.backend {
+            DedupeBackend::Memory => None,
+            DedupeBackend::Redis => Some(Arc::new(RedisStore::new(
+                &config.redis_url()?,
+                &config.redis_key_prefix,
+                config.ttl,
+            )?)),
+        };
         Ok(Dedupe {
             table,
             pending: Mutex::new(HashMap::new()),
@@ -85,6 +110,10 @@ impl Dedupe {
             keylog,
             duplicates: AtomicU64::new(0),
             eviction_log: Mutex::new(None),
+            shared,
+            fail_closed: config.on_redis_error == crate::config::RedisFailure::FailClosed,
+            shared_errors: AtomicU64::new(0),
+            shared_error_log: Mutex::new(None),
         })
     }
 
@@ -133,16 +162,26 @@ impl Dedupe {
         self: &Arc<Self>,
         source: &str,
         tags: impl Iterator<Item = Tag>,
-    ) -> Reservation {
+    ) -> Result<Reservation, DedupeError> {
         let keys: Vec<Option<DedupeKey>> = if self.applies_to(source) {
             tags.map(|t| t.has_key().then_some(DedupeKey(t.key)))
                 .collect()
         } else {
             tags.map(|_| None).collect()
         };
+        let mut reservation = self.reserve_locally(&keys).await;
+        if let Some(shared) = &self.shared {
+            self.reserve_shared(shared, &mut reservation).await?;
+        }
+        let count = reservation.duplicates() as u64;
+        self.duplicates.fetch_add(count, Ordering::Relaxed);
+        Ok(reservation)
+    }
+
+    async fn reserve_locally(self: &Arc<Self>, keys: &[Option<DedupeKey>]) -> Reservation {
         let (signal, waiter) = watch::channel(());
         loop {
-            let busy = {
+            let mut busy = {
                 let mut pending = self.pending.lock().expect("pending keys poisoned");
                 match keys.iter().flatten().find_map(|k| pending.get(k)) {
                     // Another request holds one of our keys: wait for its outcome,
@@ -152,7 +191,7 @@ impl Dedupe {
                         let now = now_secs();
                         let mut duplicate = Vec::with_capacity(keys.len());
                         let mut ours = Vec::new();
-                        for key in &keys {
+                        for (index, key) in keys.iter().enumerate() {
                             let dup = match key {
                                 None => false,
                                 // Pending here means ours: repeated within this request.
@@ -160,26 +199,86 @@ impl Dedupe {
                             };
                             if let (false, Some(k)) = (dup, key) {
                                 pending.insert(*k, waiter.clone());
-                                ours.push(*k);
+                                ours.push((index, *k));
                             }
                             duplicate.push(dup);
                         }
-                        let count = duplicate.iter().filter(|&&d| d).count() as u64;
-                        self.duplicates.fetch_add(count, Ordering::Relaxed);
                         return Reservation {
                             dedupe: self.clone(),
                             duplicate,
                             ours,
+                            shared_claimed: false,
                             _signal: signal,
                             committed: false,
                         };
                     }
                 }
             };
-            let mut busy = busy;
             // Returns once the holder's Reservation is dropped (committed or not).
             let _ = busy.changed().await;
         }
+    }
+
+    /// Claims the locally new keys in Redis; keys another instance accepted become
+    /// duplicates. On Redis errors: local-only dedupe (fail_open) or a 503 (fail_closed).
+    async fn reserve_shared(
+        &self,
+        shared: &RedisStore,
+        reservation: &mut Reservation,
+    ) -> Result<(), DedupeError> {
+        if reservation.ours.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<DedupeKey> = reservation.ours.iter().map(|&(_, k)| k).collect();
+        match shared.claim(&keys).await {
+            Ok(claims) => {
+                let now = now_secs();
+                let mut pending = self.pending.lock().expect("pending keys poisoned");
+                let mut kept = Vec::with_capacity(claims.len());
+                for (&(index, key), claim) in reservation.ours.iter().zip(claims) {
+                    match claim {
+                        Claim::Ours => kept.push((index, key)),
+                        Claim::Committed => {
+                            // Remember it locally, so the next retry needs no round trip.
+                            self.table.insert(key, now, now);
+                            reservation.duplicate[index] = true;
+                            pending.remove(&key);
+                        }
+                    }
+                }
+                reservation.ours = kept;
+                reservation.shared_claimed = true;
+                Ok(())
+            }
+            Err(SharedError::StillPending) => Err(DedupeError::Unavailable(
+                "another instance is still storing some of these messageIds".into(),
+            )),
+            Err(SharedError::Redis(e)) => {
+                self.shared_errors.fetch_add(1, Ordering::Relaxed);
+                if self.fail_closed {
+                    return Err(DedupeError::Unavailable(format!("redis: {e}")));
+                }
+                self.log_shared_error(&e);
+                Ok(())
+            }
+        }
+    }
+
+    fn log_shared_error(&self, e: &dyn std::fmt::Display) {
+        let mut last = self.shared_error_log.lock().expect("error log poisoned");
+        if last.is_none_or(|t| t.elapsed().as_secs() >= 10) {
+            *last = Some(std::time::Instant::now());
+            tracing::warn!(
+                error = %e,
+                errors = self.shared_errors.load(Ordering::Relaxed),
+                "redis unreachable: deduping locally only (dedupe.on_redis_error = fail_open)"
+            );
+        }
+    }
+
+    /// Requests whose Redis check failed so far.
+    pub fn shared_errors(&self) -> u64 {
+        self.shared_errors.load(Ordering::Relaxed)
     }
 
     /// Messages dropped as duplicates so far.
@@ -221,7 +320,10 @@ impl Dedupe {
 pub struct Reservation {
     dedupe: Arc<Dedupe>,
     duplicate: Vec<bool>,
-    ours: Vec<DedupeKey>,
+    /// (message index, key) of the keys this request claimed.
+    ours: Vec<(usize, DedupeKey)>,
+    /// The keys are claimed in Redis too.
+    shared_claimed: bool,
     /// Dropped with the reservation: wakes requests waiting on our keys.
     _signal: watch::Sender<()>,
     committed: bool,
@@ -237,28 +339,47 @@ impl Reservation {
     }
 
     /// The request's messages are durable: their keys enter the window.
-    pub fn commit(mut self) {
+    pub async fn commit(mut self) {
         let now = now_secs();
-        for key in &self.ours {
-            self.dedupe.table.insert(*key, now, now);
+        for &(_, key) in &self.ours {
+            self.dedupe.table.insert(key, now, now);
+        }
+        if let (true, Some(shared)) = (self.shared_claimed, &self.dedupe.shared) {
+            let keys: Vec<DedupeKey> = self.ours.iter().map(|&(_, k)| k).collect();
+            if let Err(e) = shared.commit(&keys).await {
+                // The messages are stored; their pending marks lapse, so a retry reaching
+                // another instance after that may be accepted again.
+                self.dedupe.shared_errors.fetch_add(1, Ordering::Relaxed);
+                self.dedupe.log_shared_error(&e);
+            }
         }
         self.committed = true;
-        self.release();
+        self.release_locally();
         self.dedupe.report_evictions();
     }
 
-    fn release(&mut self) {
+    fn release_locally(&mut self) -> Vec<DedupeKey> {
         let mut pending = self.dedupe.pending.lock().expect("pending keys poisoned");
-        for key in self.ours.drain(..) {
-            pending.remove(&key);
-        }
+        self.ours
+            .drain(..)
+            .map(|(_, key)| {
+                pending.remove(&key);
+                key
+            })
+            .collect()
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if !self.committed {
-            self.release();
+        if self.committed {
+            return;
+        }
+        let keys = self.release_locally();
+        if let (true, Some(shared)) = (self.shared_claimed, self.dedupe.shared.clone()) {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move { shared.release(&keys).await });
+            }
         }
     }
 }
@@ -297,18 +418,23 @@ mod tests {
                 "web",
                 [tag("web", "a"), tag("web", "b"), tag("web", "a")].into_iter(),
             )
-            .await;
+            .await
+            .unwrap();
         assert_eq!(
             (0..3).map(|i| r.is_duplicate(i)).collect::<Vec<_>>(),
             [false, false, true]
         );
-        r.commit();
+        r.commit().await;
         let r = d
             .reserve("web", [tag("web", "b"), tag("web", "c")].into_iter())
-            .await;
+            .await
+            .unwrap();
         assert_eq!((r.is_duplicate(0), r.is_duplicate(1)), (true, false));
         // Another source's same messageId is a different key.
-        let r = d.reserve("app", [tag("app", "a")].into_iter()).await;
+        let r = d
+            .reserve("app", [tag("app", "a")].into_iter())
+            .await
+            .unwrap();
         assert!(!r.is_duplicate(0));
     }
 
@@ -316,8 +442,15 @@ mod tests {
     async fn released_keys_can_be_retried() {
         let dir = tempfile::tempdir().unwrap();
         let d = dedupe(dir.path());
-        drop(d.reserve("web", [tag("web", "a")].into_iter()).await);
-        let r = d.reserve("web", [tag("web", "a")].into_iter()).await;
+        drop(
+            d.reserve("web", [tag("web", "a")].into_iter())
+                .await
+                .unwrap(),
+        );
+        let r = d
+            .reserve("web", [tag("web", "a")].into_iter())
+            .await
+            .unwrap();
         assert!(
             !r.is_duplicate(0),
             "a request that failed before commit is not a duplicate"
@@ -328,16 +461,20 @@ mod tests {
     async fn concurrent_request_waits_for_the_holder() {
         let dir = tempfile::tempdir().unwrap();
         let d = dedupe(dir.path());
-        let first = d.reserve("web", [tag("web", "x")].into_iter()).await;
+        let first = d
+            .reserve("web", [tag("web", "x")].into_iter())
+            .await
+            .unwrap();
         let d2 = d.clone();
         let second = tokio::spawn(async move {
             d2.reserve("web", [tag("web", "x")].into_iter())
                 .await
+                .unwrap()
                 .is_duplicate(0)
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!second.is_finished(), "waits while the first is undecided");
-        first.commit();
+        first.commit().await;
         assert!(second.await.unwrap(), "then sees the committed key");
     }
 
@@ -347,17 +484,27 @@ mod tests {
         let d = dedupe(dir.path());
         d.reserve("raw", [tag("raw", "a")].into_iter())
             .await
+            .unwrap()
             .commit();
         assert!(!d
             .reserve("raw", [tag("raw", "a")].into_iter())
             .await
+            .unwrap()
             .is_duplicate(0));
         let none = Tag {
             key: [0; 3],
             accepted_at: 1,
         };
-        d.reserve("web", [none].into_iter()).await.commit();
-        assert!(!d.reserve("web", [none].into_iter()).await.is_duplicate(0));
+        d.reserve("web", [none].into_iter())
+            .await
+            .unwrap()
+            .commit()
+            .await;
+        assert!(!d
+            .reserve("web", [none].into_iter())
+            .await
+            .unwrap()
+            .is_duplicate(0));
     }
 
     #[tokio::test]
@@ -375,6 +522,7 @@ mod tests {
         assert!(d
             .reserve("web", [tag("web", "kept")].into_iter())
             .await
+            .unwrap()
             .is_duplicate(0));
     }
 }

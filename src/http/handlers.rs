@@ -201,7 +201,14 @@ impl App {
         source: &str,
         mut records: RecordBatch,
     ) -> Result<Vec<bool>, ApiError> {
-        let reservation = self.dedupe.reserve(source, records.tags()).await;
+        let reservation = self
+            .dedupe
+            .reserve(source, records.tags())
+            .await
+            .map_err(|e| ApiError::Unavailable {
+                retry_after: self.retry_after,
+                reason: e.to_string(),
+            })?;
         let duplicate: Vec<bool> = (0..records.len())
             .map(|i| reservation.is_duplicate(i))
             .collect();
@@ -210,7 +217,7 @@ impl App {
             .append(records)
             .await
             .map_err(|e| ApiError::from_queue(e, self.retry_after))?;
-        reservation.commit();
+        reservation.commit().await;
         Ok(duplicate)
     }
 }
