@@ -18,6 +18,7 @@ mod redis;
 mod table;
 
 use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasherDefault;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -55,7 +56,7 @@ pub struct Dedupe {
     table: KeyTable,
     /// Keys of requests between reserve and commit; the receiver wakes when its
     /// request commits or gives up.
-    pending: Mutex<HashMap<DedupeKey, watch::Receiver<()>>>,
+    pending: Mutex<Pending>,
     disabled_sources: HashSet<String>,
     ttl_secs: u32,
     keylog: keylog::KeyLog,
@@ -66,6 +67,15 @@ pub struct Dedupe {
     fail_closed: bool,
     shared_errors: AtomicU64,
     shared_error_log: Mutex<Option<std::time::Instant>>,
+}
+
+/// Keys between reserve and commit, by the request holding them; each holding request's
+/// receiver wakes when that request commits or gives up.
+#[derive(Default)]
+struct Pending {
+    keys: HashMap<DedupeKey, u64, BuildHasherDefault<table::KeyHasher>>,
+    holders: HashMap<u64, watch::Receiver<()>>,
+    next_holder: u64,
 }
 
 /// Why messages could not be checked for duplicates; nothing was stored.
@@ -100,7 +110,7 @@ impl Dedupe {
         };
         Ok(Dedupe {
             table,
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Pending::default()),
             disabled_sources: sources
                 .iter()
                 .filter(|s| !s.dedupe.enabled)
@@ -183,11 +193,14 @@ impl Dedupe {
         loop {
             let mut busy = {
                 let mut pending = self.pending.lock().expect("pending keys poisoned");
-                match keys.iter().flatten().find_map(|k| pending.get(k)) {
+                let pending = &mut *pending;
+                match keys.iter().flatten().find_map(|k| pending.keys.get(k)) {
                     // Another request holds one of our keys: wait for its outcome,
                     // holding nothing ourselves (so two requests cannot wait on each other).
-                    Some(other) => other.clone(),
+                    Some(other) => pending.holders[other].clone(),
                     None => {
+                        let holder = pending.next_holder;
+                        pending.next_holder += 1;
                         let now = now_secs();
                         let mut duplicate = Vec::with_capacity(keys.len());
                         let mut ours = Vec::new();
@@ -195,18 +208,24 @@ impl Dedupe {
                             let dup = match key {
                                 None => false,
                                 // Pending here means ours: repeated within this request.
-                                Some(k) => pending.contains_key(k) || self.table.contains(k, now),
+                                Some(k) => {
+                                    pending.keys.contains_key(k) || self.table.contains(k, now)
+                                }
                             };
                             if let (false, Some(k)) = (dup, key) {
-                                pending.insert(*k, waiter.clone());
+                                pending.keys.insert(*k, holder);
                                 ours.push((index, *k));
                             }
                             duplicate.push(dup);
+                        }
+                        if !ours.is_empty() {
+                            pending.holders.insert(holder, waiter);
                         }
                         return Reservation {
                             dedupe: self.clone(),
                             duplicate,
                             ours,
+                            holder,
                             shared_claimed: false,
                             _signal: signal,
                             committed: false,
@@ -242,7 +261,7 @@ impl Dedupe {
                             // Remember it locally, so the next retry needs no round trip.
                             self.table.insert(key, now, now);
                             reservation.duplicate[index] = true;
-                            pending.remove(&key);
+                            pending.keys.remove(&key);
                         }
                     }
                 }
@@ -322,6 +341,8 @@ pub struct Reservation {
     duplicate: Vec<bool>,
     /// (message index, key) of the keys this request claimed.
     ours: Vec<(usize, DedupeKey)>,
+    /// This request's id in the pending set.
+    holder: u64,
     /// The keys are claimed in Redis too.
     shared_claimed: bool,
     /// Dropped with the reservation: wakes requests waiting on our keys.
@@ -358,15 +379,12 @@ impl Reservation {
         self.dedupe.report_evictions();
     }
 
-    fn release_locally(&mut self) -> Vec<DedupeKey> {
+    fn release_locally(&mut self) {
         let mut pending = self.dedupe.pending.lock().expect("pending keys poisoned");
-        self.ours
-            .drain(..)
-            .map(|(_, key)| {
-                pending.remove(&key);
-                key
-            })
-            .collect()
+        for (_, key) in &self.ours {
+            pending.keys.remove(key);
+        }
+        pending.holders.remove(&self.holder);
     }
 }
 
@@ -375,8 +393,9 @@ impl Drop for Reservation {
         if self.committed {
             return;
         }
-        let keys = self.release_locally();
+        self.release_locally();
         if let (true, Some(shared)) = (self.shared_claimed, self.dedupe.shared.clone()) {
+            let keys: Vec<DedupeKey> = self.ours.iter().map(|&(_, k)| k).collect();
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move { shared.release(&keys).await });
             }
@@ -485,7 +504,7 @@ mod tests {
         d.reserve("raw", [tag("raw", "a")].into_iter())
             .await
             .unwrap()
-            .commit();
+            .commit().await;
         assert!(!d
             .reserve("raw", [tag("raw", "a")].into_iter())
             .await

@@ -109,10 +109,19 @@ impl RecordBatch {
 
     /// Keeps only the records for which `keep(index)` is true.
     pub fn retain(&mut self, mut keep: impl FnMut(usize) -> bool) {
-        let mut write = 0;
-        let mut start = 0;
-        let mut kept = Vec::with_capacity(self.records.len());
-        for (index, &(end, tag)) in self.records.iter().enumerate() {
+        // Nothing moves until the first dropped record (usually there is none).
+        let Some(first_dropped) = (0..self.records.len()).find(|&i| !keep(i)) else {
+            return;
+        };
+        let mut write = if first_dropped == 0 {
+            0
+        } else {
+            self.records[first_dropped - 1].0
+        };
+        let mut start = self.records[first_dropped].0;
+        let mut kept: Vec<(usize, Tag)> = self.records[..first_dropped].to_vec();
+        for index in first_dropped + 1..self.records.len() {
+            let (end, tag) = self.records[index];
             if keep(index) {
                 self.buf.copy_within(start..end, write);
                 write += end - start;
@@ -289,6 +298,9 @@ mod tests {
     #[test]
     fn retain_drops_records_and_keeps_framing() {
         let mut b = batch_of(&[r#"{"a":1}"#, r#"{"bb":22}"#, r#"{"c":3}"#]);
+        let whole = b.bytes().to_vec();
+        b.retain(|_| true);
+        assert_eq!(b.bytes(), whole.as_slice());
         b.retain(|i| i != 1);
         assert_eq!(b.len(), 2);
         let mut r = b.bytes();
@@ -298,6 +310,13 @@ mod tests {
         }
         assert_eq!(seen, [r#"{"a":1}"#, r#"{"c":3}"#]);
         assert_eq!(b.tags().map(|t| t.key[2]).collect::<Vec<_>>(), [7, 7]);
+        b.retain(|i| i == 1);
+        let mut r = b.bytes();
+        let ReadOutcome::Record { json, .. } = read_record(&mut r).unwrap() else {
+            panic!()
+        };
+        assert_eq!(json, br#"{"c":3}"#);
+        assert!(matches!(read_record(&mut r).unwrap(), ReadOutcome::End));
     }
 
     #[test]
