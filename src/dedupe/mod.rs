@@ -18,7 +18,6 @@ mod redis;
 mod table;
 
 use std::collections::{HashMap, HashSet};
-use std::hash::BuildHasherDefault;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,7 +27,8 @@ use tokio::sync::watch;
 
 pub use table::KeyTable;
 
-use self::redis::{Claim, RedisStore, SharedError};
+use self::redis::{Claim as SharedClaim, RedisStore, SharedError};
+use self::table::Claim;
 use crate::config::{DedupeBackend, DedupeConfig, SourceConfig};
 use crate::queue::Tag;
 
@@ -56,7 +56,7 @@ pub struct Dedupe {
     table: KeyTable,
     /// Keys of requests between reserve and commit; the receiver wakes when its
     /// request commits or gives up.
-    pending: Mutex<Pending>,
+    holders: Mutex<Holders>,
     disabled_sources: HashSet<String>,
     ttl_secs: u32,
     keylog: keylog::KeyLog,
@@ -69,13 +69,12 @@ pub struct Dedupe {
     shared_error_log: Mutex<Option<std::time::Instant>>,
 }
 
-/// Keys between reserve and commit, by the request holding them; each holding request's
+/// Requests holding pending keys (their ids are in the table's slots); each one's
 /// receiver wakes when that request commits or gives up.
 #[derive(Default)]
-struct Pending {
-    keys: HashMap<DedupeKey, u64, BuildHasherDefault<table::KeyHasher>>,
-    holders: HashMap<u64, watch::Receiver<()>>,
-    next_holder: u64,
+struct Holders {
+    waiting_on: HashMap<u32, watch::Receiver<()>>,
+    next: u32,
 }
 
 /// Why messages could not be checked for duplicates; nothing was stored.
@@ -110,7 +109,7 @@ impl Dedupe {
         };
         Ok(Dedupe {
             table,
-            pending: Mutex::new(Pending::default()),
+            holders: Mutex::new(Holders::default()),
             disabled_sources: sources
                 .iter()
                 .filter(|s| !s.dedupe.enabled)
@@ -190,51 +189,67 @@ impl Dedupe {
 
     async fn reserve_locally(self: &Arc<Self>, keys: &[Option<DedupeKey>]) -> Reservation {
         let (signal, waiter) = watch::channel(());
+        let mut reservation = Reservation {
+            dedupe: self.clone(),
+            duplicate: vec![false; keys.len()],
+            ours: Vec::new(),
+            holder: None,
+            shared_claimed: false,
+            _signal: signal,
+            committed: false,
+        };
+        if keys.iter().all(Option::is_none) {
+            return reservation;
+        }
+        // Registered before claiming, so a request meeting our claims can wait on us.
+        let holder = {
+            let mut holders = self.holders.lock().expect("holders poisoned");
+            let id = holders.next;
+            holders.next = (holders.next + 1) % table::MAX_HOLDER;
+            holders.waiting_on.insert(id, waiter);
+            id
+        };
+        reservation.holder = Some(holder);
         loop {
-            let mut busy = {
-                let mut pending = self.pending.lock().expect("pending keys poisoned");
-                let pending = &mut *pending;
-                match keys.iter().flatten().find_map(|k| pending.keys.get(k)) {
-                    // Another request holds one of our keys: wait for its outcome,
-                    // holding nothing ourselves (so two requests cannot wait on each other).
-                    Some(other) => pending.holders[other].clone(),
-                    None => {
-                        let holder = pending.next_holder;
-                        pending.next_holder += 1;
-                        let now = now_secs();
-                        let mut duplicate = Vec::with_capacity(keys.len());
-                        let mut ours = Vec::new();
-                        for (index, key) in keys.iter().enumerate() {
-                            let dup = match key {
-                                None => false,
-                                // Pending here means ours: repeated within this request.
-                                Some(k) => {
-                                    pending.keys.contains_key(k) || self.table.contains(k, now)
-                                }
-                            };
-                            if let (false, Some(k)) = (dup, key) {
-                                pending.keys.insert(*k, holder);
-                                ours.push((index, *k));
-                            }
-                            duplicate.push(dup);
-                        }
-                        if !ours.is_empty() {
-                            pending.holders.insert(holder, waiter);
-                        }
-                        return Reservation {
-                            dedupe: self.clone(),
-                            duplicate,
-                            ours,
-                            holder,
-                            shared_claimed: false,
-                            _signal: signal,
-                            committed: false,
-                        };
+            let now = now_secs();
+            let mut busy = None;
+            for (index, key) in keys.iter().enumerate() {
+                let Some(key) = key else { continue };
+                match self.table.claim(*key, holder, now) {
+                    Claim::Marked => reservation.ours.push((index, *key)),
+                    Claim::Accepted => reservation.duplicate[index] = true,
+                    // Our own claim: repeated within this request.
+                    Claim::HeldBy(h) if h == holder => reservation.duplicate[index] = true,
+                    Claim::HeldBy(other) => {
+                        busy = Some(other);
+                        break;
                     }
                 }
+            }
+            let Some(other) = busy else {
+                return reservation;
             };
-            // Returns once the holder's Reservation is dropped (committed or not).
-            let _ = busy.changed().await;
+            // Another request holds one of our keys: give ours back (so two requests
+            // can never wait on each other) and wait for its outcome.
+            for (_, key) in reservation.ours.drain(..) {
+                self.table.unclaim(&key, holder);
+            }
+            reservation.duplicate.iter_mut().for_each(|d| *d = false);
+            let other = self
+                .holders
+                .lock()
+                .expect("holders poisoned")
+                .waiting_on
+                .get(&other)
+                .cloned();
+            match other {
+                // Returns once that request's Reservation is dropped.
+                Some(mut other) => {
+                    let _ = other.changed().await;
+                }
+                // It finished between our claim and this lookup.
+                None => tokio::task::yield_now().await,
+            }
         }
     }
 
@@ -252,16 +267,15 @@ impl Dedupe {
         match shared.claim(&keys).await {
             Ok(claims) => {
                 let now = now_secs();
-                let mut pending = self.pending.lock().expect("pending keys poisoned");
                 let mut kept = Vec::with_capacity(claims.len());
                 for (&(index, key), claim) in reservation.ours.iter().zip(claims) {
                     match claim {
-                        Claim::Ours => kept.push((index, key)),
-                        Claim::Committed => {
-                            // Remember it locally, so the next retry needs no round trip.
+                        SharedClaim::Ours => kept.push((index, key)),
+                        SharedClaim::Committed => {
+                            // Remember it locally (replacing our claim), so the next
+                            // retry needs no round trip.
                             self.table.insert(key, now, now);
                             reservation.duplicate[index] = true;
-                            pending.keys.remove(&key);
                         }
                     }
                 }
@@ -341,8 +355,8 @@ pub struct Reservation {
     duplicate: Vec<bool>,
     /// (message index, key) of the keys this request claimed.
     ours: Vec<(usize, DedupeKey)>,
-    /// This request's id in the pending set.
-    holder: u64,
+    /// This request's id in the table's pending slots, when it has keys.
+    holder: Option<u32>,
     /// The keys are claimed in Redis too.
     shared_claimed: bool,
     /// Dropped with the reservation: wakes requests waiting on our keys.
@@ -379,12 +393,20 @@ impl Reservation {
         self.dedupe.report_evictions();
     }
 
+    /// Gives back uncommitted claims and stops being waited on.
     fn release_locally(&mut self) {
-        let mut pending = self.dedupe.pending.lock().expect("pending keys poisoned");
-        for (_, key) in &self.ours {
-            pending.keys.remove(key);
+        let Some(holder) = self.holder else { return };
+        if !self.committed {
+            for (_, key) in &self.ours {
+                self.dedupe.table.unclaim(key, holder);
+            }
         }
-        pending.holders.remove(&self.holder);
+        self.dedupe
+            .holders
+            .lock()
+            .expect("holders poisoned")
+            .waiting_on
+            .remove(&holder);
     }
 }
 
@@ -504,7 +526,8 @@ mod tests {
         d.reserve("raw", [tag("raw", "a")].into_iter())
             .await
             .unwrap()
-            .commit().await;
+            .commit()
+            .await;
         assert!(!d
             .reserve("raw", [tag("raw", "a")].into_iter())
             .await

@@ -213,11 +213,21 @@ impl App {
             .map(|i| reservation.is_duplicate(i))
             .collect();
         records.retain(|i| !duplicate[i]);
-        self.queue
-            .append(records)
-            .await
-            .map_err(|e| ApiError::from_queue(e, self.retry_after))?;
-        reservation.commit().await;
+        // From here the messages may become durable even if the client goes away, and
+        // then their keys must enter the window: finish in a task of its own, which a
+        // dropped request cannot cancel.
+        let queue = self.queue.clone();
+        let retry_after = self.retry_after;
+        tokio::spawn(async move {
+            queue
+                .append(records)
+                .await
+                .map_err(|e| ApiError::from_queue(e, retry_after))?;
+            reservation.commit().await;
+            Ok::<_, ApiError>(())
+        })
+        .await
+        .expect("store task panicked")?;
         Ok(duplicate)
     }
 }
