@@ -26,16 +26,25 @@ fn batch(n: u64) -> Vec<u8> {
             )
         })
         .collect();
-    format!(r#"{{"batch":[{}],"sentAt":"2024-05-01T12:34:57.000Z"}}"#, events.join(",")).into_bytes()
+    format!(
+        r#"{{"batch":[{}],"sentAt":"2024-05-01T12:34:57.000Z"}}"#,
+        events.join(",")
+    )
+    .into_bytes()
 }
 
 fn main() {
     let config = Config::parse("[[sources]]\nname = \"bench\"\n").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let dedupe = Arc::new(Dedupe::open(&config.dedupe, &config.sources, dir.path()).unwrap());
-    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let limits = config.limits.clone();
-    let rounds: u64 = std::env::var("ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(10_000);
+    let rounds: u64 = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(10_000);
     // 2.5 M keys first; the measured 1 M more stay below the next table growth (3.67 M),
     // as in a window that has reached its steady size.
     let warm: u64 = 2_500_000 / EVENTS as u64;
@@ -44,14 +53,23 @@ fn main() {
     // The working set: keys accepted before the measurement.
     let encoded: Vec<_> = (0..warm + rounds)
         .map(|n| {
-            let body = if n < 64 { bodies[n as usize].clone() } else { batch(n) };
+            let body = if n < 64 {
+                bodies[n as usize].clone()
+            } else {
+                batch(n)
+            };
             let request = segment::parse_batch(&body, &limits, chrono::Utc::now()).unwrap();
             request.encode("bench", &limits).unwrap()
         })
         .collect();
     runtime.block_on(async {
         for records in &encoded[..warm as usize] {
-            dedupe.reserve("bench", records.tags()).await.unwrap().commit().await;
+            dedupe
+                .reserve("bench", records.tags())
+                .await
+                .unwrap()
+                .commit()
+                .await;
         }
     });
 
@@ -75,6 +93,9 @@ fn main() {
     });
     let check = started.elapsed().as_nanos() as f64 / rounds as f64 / 1e3;
 
-    println!("per batch of {EVENTS}: ingest {ingest:.1} µs, dedupe {check:.1} µs ({:.1} %)", 100.0 * check / ingest);
+    println!(
+        "per batch of {EVENTS}: ingest {ingest:.1} µs, dedupe {check:.1} µs ({:.1} %)",
+        100.0 * check / ingest
+    );
     println!("window: {} keys", dedupe.len());
 }

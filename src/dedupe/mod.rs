@@ -58,7 +58,6 @@ pub struct Dedupe {
     /// request commits or gives up.
     holders: Mutex<Holders>,
     disabled_sources: HashSet<String>,
-    ttl_secs: u32,
     keylog: keylog::KeyLog,
     duplicates: AtomicU64,
     eviction_log: Mutex<Option<std::time::Instant>>,
@@ -96,7 +95,7 @@ impl Dedupe {
         let now = now_secs();
         let keylog = keylog::KeyLog::open(&data_dir.join("dedupe"), config.max_entries)?;
         let loaded = keylog.load(|key, expires| {
-            table.insert(key, expires.saturating_sub(ttl_secs), now);
+            table.insert_until(key, expires, now);
         })?;
         tracing::info!(keys = loaded, "dedupe keys of reclaimed segments loaded");
         let shared = match config.backend {
@@ -115,7 +114,6 @@ impl Dedupe {
                 .filter(|s| !s.dedupe.enabled)
                 .map(|s| s.name.clone())
                 .collect(),
-            ttl_secs,
             keylog,
             duplicates: AtomicU64::new(0),
             eviction_log: Mutex::new(None),
@@ -150,12 +148,7 @@ impl Dedupe {
         let entries: Vec<(DedupeKey, u32)> = records
             .iter()
             .filter(|(source, tag)| tag.has_key() && self.applies_to(source))
-            .map(|(_, tag)| {
-                (
-                    DedupeKey(tag.key),
-                    tag.accepted_at.saturating_add(self.ttl_secs),
-                )
-            })
+            .map(|(_, tag)| (DedupeKey(tag.key), self.table.expiry_of(tag.accepted_at)))
             .filter(|&(_, expires)| expires > now)
             .collect();
         if self.keylog.append(&entries)? {

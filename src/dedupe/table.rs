@@ -104,11 +104,21 @@ impl KeyTable {
         }
     }
 
+    /// When a key accepted at `accepted_at` (unix seconds) leaves the window. Times are
+    /// whole seconds, so this rounds up: a key is kept at least the whole window.
+    pub fn expiry_of(&self, accepted_at: u32) -> u32 {
+        accepted_at.saturating_add(self.ttl_secs).saturating_add(1)
+    }
+
     /// Records `key` as accepted at `accepted_at` (unix seconds), replacing a pending
-    /// claim; it expires one window later. Returns false (and records nothing) if that
-    /// is already past at `now`.
+    /// claim. Returns false (and records nothing) if its window has already ended at `now`.
     pub fn insert(&self, key: DedupeKey, accepted_at: u32, now: u32) -> bool {
-        let expires = stored(accepted_at.saturating_add(self.ttl_secs));
+        self.insert_until(key, self.expiry_of(accepted_at), now)
+    }
+
+    /// Records `key` until `expires` (unix seconds), as read back from a snapshot.
+    pub fn insert_until(&self, key: DedupeKey, expires: u32, now: u32) -> bool {
+        let expires = stored(expires);
         if expires <= stored(now) {
             return false;
         }
@@ -223,8 +233,9 @@ mod tests {
     fn remembers_within_the_window_only() {
         let t = KeyTable::new(1000, 100);
         assert!(t.insert(key(1), T, T));
-        assert!(t.contains(&key(1), T + 99));
-        assert!(!t.contains(&key(1), T + 100));
+        // Accepted somewhere within second T: kept through T + 100, the whole window.
+        assert!(t.contains(&key(1), T + 100));
+        assert!(!t.contains(&key(1), T + 101));
         assert!(!t.contains(&key(2), T));
         // Already outside the window: not recorded.
         assert!(!t.insert(key(3), T - 200, T));
@@ -248,7 +259,7 @@ mod tests {
         t.insert(key(1), T, T);
         assert_eq!(t.claim(key(1), 9, T + 50), Claim::Accepted);
         // Expired: free to claim again.
-        assert_eq!(t.claim(key(1), 9, T + 100), Claim::Marked);
+        assert_eq!(t.claim(key(1), 9, T + 101), Claim::Marked);
         assert!(t.snapshot(T).is_empty(), "pending claims are not persisted");
     }
 
@@ -284,6 +295,10 @@ mod tests {
         t.insert(key(1), T, T);
         t.insert(key(2), T + 5, T + 5);
         let snap = t.snapshot(T + 11);
-        assert_eq!(snap, vec![(key(2), T + 15)]);
+        assert_eq!(snap, vec![(key(2), T + 16)]);
+        // Read back, a snapshot entry keeps its expiry exactly.
+        let again = KeyTable::new(100, 10);
+        again.insert_until(key(2), T + 16, T + 11);
+        assert_eq!(again.snapshot(T + 11), snap);
     }
 }
