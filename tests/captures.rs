@@ -2,12 +2,7 @@
 //! (`../shared/fixtures/captures/*.jsonl`) byte for byte over a raw TCP connection, and checks
 //! that fanout answers `200 {"success":true}` and delivers what the client sent.
 //!
-//! The captures hold the decoded body as JSON (`json`), not the wire bytes. The bytes are
-//! rebuilt from the raw text of that field, whose key order and string escapes are the
-//! client's: analytics-python serializes with `json.dumps` defaults (`", "` and `": "`
-//! separators, ASCII only), analytics-node with `JSON.stringify` (compact). Only the
-//! whitespace between tokens is rewritten; the rebuilt length must equal the captured
-//! `body_bytes_decoded`, which proves the bytes are the client's.
+//! How the request bytes are rebuilt from the captures: see `common::captures`.
 //!
 //! Every capture is answered 200 here, whatever the capture server answered then
 //! (`response_status` was the scenario, not what a correct server says). Retried requests
@@ -17,14 +12,13 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::Value;
 
-use common::{gzip, shared_dir, Fanout};
+use common::captures::{capture_files, read_captures, reserialize};
+use common::Fanout;
 
 /// Fields fanout owns: rewritten, merged or dropped, so not compared with the client's.
 const OWNED: [&str; 9] = [
@@ -39,114 +33,6 @@ const OWNED: [&str; 9] = [
     "writeKey",
 ];
 
-/// One captured request.
-#[derive(Deserialize)]
-struct Capture {
-    method: String,
-    path: String,
-    http_version: String,
-    headers: Vec<(String, String)>,
-    body_bytes_decoded: usize,
-    json: Box<RawValue>,
-}
-
-impl Capture {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn is_python(&self) -> bool {
-        let agent = self.header("User-Agent").unwrap_or_default();
-        agent.starts_with("analytics-python")
-    }
-
-    fn is_gzip(&self) -> bool {
-        self.header("Content-Encoding")
-            .is_some_and(|v| v.eq_ignore_ascii_case("gzip"))
-    }
-
-    /// The decoded body as the client serialized it.
-    fn body(&self) -> Vec<u8> {
-        let body = reserialize(self.json.get(), self.is_python());
-        assert!(
-            body.is_ascii(),
-            "captures are ASCII; a non-ASCII body would need the client's escaping"
-        );
-        body.into_bytes()
-    }
-
-    /// The request as the client sent it: request line, headers in wire order and case,
-    /// body. For a gzip capture only the decoded body was recorded, so the body is gzipped
-    /// again here (not the client's compressed bytes) and `Content-Length` is fixed.
-    fn request(&self) -> Vec<u8> {
-        let decoded = self.body();
-        assert_eq!(
-            decoded.len(),
-            self.body_bytes_decoded,
-            "rebuilt body differs from the captured one: {}",
-            String::from_utf8_lossy(&decoded)
-        );
-        let body = if self.is_gzip() {
-            gzip(&decoded)
-        } else {
-            decoded
-        };
-        let mut head = format!("{} {} {}\r\n", self.method, self.path, self.http_version);
-        let mut saw_length = false;
-        for (name, value) in &self.headers {
-            let value = if name.eq_ignore_ascii_case("content-length") {
-                saw_length = true;
-                if !self.is_gzip() {
-                    assert_eq!(value, &body.len().to_string(), "captured Content-Length");
-                }
-                body.len().to_string()
-            } else {
-                value.clone()
-            };
-            head.push_str(&format!("{name}: {value}\r\n"));
-        }
-        assert!(saw_length, "every capture has a Content-Length");
-        head.push_str("\r\n");
-        let mut request = head.into_bytes();
-        request.extend_from_slice(&body);
-        request
-    }
-}
-
-/// Rewrites the whitespace between JSON tokens: Python's `", "` / `": "` separators, or
-/// none (compact). Strings are copied verbatim, escapes included.
-fn reserialize(raw: &str, python: bool) -> String {
-    let mut out = String::with_capacity(raw.len());
-    let mut chars = raw.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' => {
-                out.push('"');
-                while let Some(s) = chars.next() {
-                    out.push(s);
-                    match s {
-                        '\\' => out.push(chars.next().expect("escape in string")),
-                        '"' => break,
-                        _ => {}
-                    }
-                }
-            }
-            ' ' | '\t' | '\n' | '\r' => {}
-            ',' | ':' => {
-                out.push(c);
-                if python {
-                    out.push(' ');
-                }
-            }
-            _ => out.push(c),
-        }
-    }
-    out
-}
-
 #[test]
 fn reserialize_rewrites_only_whitespace() {
     let raw = r#"{ "a" :[1, {"b":"x, \"y\": z"}],"c" : {} }"#;
@@ -158,30 +44,6 @@ fn reserialize_rewrites_only_whitespace() {
         reserialize(raw, true),
         r#"{"a": [1, {"b": "x, \"y\": z"}], "c": {}}"#
     );
-}
-
-fn capture_files() -> Vec<PathBuf> {
-    let dir = shared_dir().join("fixtures/captures");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|entry| entry.expect("dir entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no captures in {}", dir.display());
-    files
-}
-
-fn read_captures(file: &Path) -> Vec<Capture> {
-    let text = std::fs::read_to_string(file).expect("read capture file");
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .enumerate()
-        .map(|(i, line)| {
-            serde_json::from_str(line)
-                .unwrap_or_else(|e| panic!("{}:{}: {e}", file.display(), i + 1))
-        })
-        .collect()
 }
 
 /// Waits until every id in `ids` has been delivered; returns the delivered lines by id.

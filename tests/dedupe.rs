@@ -9,20 +9,19 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
+use common::captures::{capture_files, read_captures};
+use common::clients::run_python;
 use common::{
-    assert_success, basic, client, gzip, read_response, shared_dir, status_json, Fanout, Settings,
-    WRITE_KEY,
+    assert_success, basic, client, event_batch, read_response, shared_dir, status_json, Fanout,
+    Settings, WRITE_KEY,
 };
 
 /// How long a wait for delivery may take on a loaded machine.
@@ -119,85 +118,14 @@ fn assert_each_once(lines: &[Value], expected: &BTreeSet<String>, context: &str)
     assert_eq!(lines.len(), expected.len(), "{context}");
 }
 
-/// A POST with `Authorization: Basic` for `key`.
-fn post_as(f: &Fanout, key: &str, path: &str) -> reqwest::RequestBuilder {
-    client()
-        .post(f.url(path))
-        .header("authorization", basic(key))
-}
-
 // ---------------------------------------------------------------------------------------
 // 1. The official Python client, run twice.
-
-/// The installed clients (`scripts/test` puts them in target/segclients).
-fn clients_dir() -> PathBuf {
-    let dir = std::env::var_os("FANOUT_CLIENTS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/segclients"));
-    assert!(
-        dir.join("venv/bin/python").exists(),
-        "the Segment clients are not installed: {} is missing. Run `scripts/test`, or set \
-         FANOUT_CLIENTS_DIR",
-        dir.join("venv/bin/python").display()
-    );
-    dir
-}
-
-/// Runs the Python driver once against `f`; fails unless it exits 0 with `errors=0`.
-async fn run_python(f: &Fanout) {
-    let dir = clients_dir();
-    let host = format!("http://{}", f.addr);
-    tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(dir.join("venv/bin/python"))
-            .args([
-                "segment_python.py",
-                "--host",
-                &host,
-                "--write-key",
-                "wk_segment_python",
-            ])
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the Python client");
-        let drain = |mut pipe: Box<dyn Read + Send>| {
-            std::thread::spawn(move || {
-                let mut text = String::new();
-                let _ = pipe.read_to_string(&mut text);
-                text
-            })
-        };
-        let out = drain(Box::new(child.stdout.take().unwrap()));
-        let err = drain(Box::new(child.stderr.take().unwrap()));
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the Python client still ran after 120 s; killed");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let (out, err) = (out.join().unwrap(), err.join().unwrap());
-        assert!(
-            status.success() && out.lines().any(|l| l.trim_end().ends_with("errors=0")),
-            "Python client: {status}\nstdout:\n{out}\nstderr:\n{err}"
-        );
-    })
-    .await
-    .expect("client task");
-}
 
 #[tokio::test]
 async fn python_client_run_twice_delivers_fixed_message_id_once() {
     let f = Fanout::start();
-    run_python(&f).await;
-    run_python(&f).await;
+    run_python(&f, &[]).await;
+    run_python(&f, &[]).await;
     let lines = settled(&f).await;
     let got = ids(&lines);
     assert_eq!(
@@ -290,106 +218,6 @@ async fn concurrent_identical_batches_deliver_each_message_once() {
 // ---------------------------------------------------------------------------------------
 // 3. Captured client retries, replayed byte for byte (as in tests/captures.rs).
 
-#[derive(Deserialize)]
-struct Capture {
-    method: String,
-    path: String,
-    http_version: String,
-    headers: Vec<(String, String)>,
-    body_bytes_decoded: usize,
-    json: Box<RawValue>,
-}
-
-impl Capture {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn is_gzip(&self) -> bool {
-        self.header("Content-Encoding")
-            .is_some_and(|v| v.eq_ignore_ascii_case("gzip"))
-    }
-
-    /// The request as the client sent it (a gzip body is compressed again here).
-    fn request(&self) -> Vec<u8> {
-        let python = self
-            .header("User-Agent")
-            .unwrap_or_default()
-            .starts_with("analytics-python");
-        let decoded = reserialize(self.json.get(), python).into_bytes();
-        assert_eq!(decoded.len(), self.body_bytes_decoded, "rebuilt body size");
-        let body = if self.is_gzip() {
-            gzip(&decoded)
-        } else {
-            decoded
-        };
-        let mut head = format!("{} {} {}\r\n", self.method, self.path, self.http_version);
-        for (name, value) in &self.headers {
-            let value = if name.eq_ignore_ascii_case("content-length") {
-                body.len().to_string()
-            } else {
-                value.clone()
-            };
-            head.push_str(&format!("{name}: {value}\r\n"));
-        }
-        head.push_str("\r\n");
-        let mut request = head.into_bytes();
-        request.extend_from_slice(&body);
-        request
-    }
-
-    fn message_ids(&self) -> Vec<String> {
-        let body: Value = serde_json::from_str(self.json.get()).unwrap();
-        body["batch"]
-            .as_array()
-            .expect("batch array")
-            .iter()
-            .map(|m| m["messageId"].as_str().expect("messageId").to_string())
-            .collect()
-    }
-}
-
-/// Rewrites only the whitespace between JSON tokens: Python's `", "` / `": "` or compact.
-fn reserialize(raw: &str, python: bool) -> String {
-    let mut out = String::with_capacity(raw.len());
-    let mut chars = raw.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' => {
-                out.push('"');
-                while let Some(s) = chars.next() {
-                    out.push(s);
-                    match s {
-                        '\\' => out.push(chars.next().expect("escape in string")),
-                        '"' => break,
-                        _ => {}
-                    }
-                }
-            }
-            ' ' | '\t' | '\n' | '\r' => {}
-            ',' | ':' => {
-                out.push(c);
-                if python {
-                    out.push(' ');
-                }
-            }
-            _ => out.push(c),
-        }
-    }
-    out
-}
-
-fn read_captures(file: &Path) -> Vec<Capture> {
-    let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).expect("capture line"))
-        .collect()
-}
-
 /// Replays one capture file into one fanout; each message must arrive exactly once.
 async fn replay_once(file: &Path) -> usize {
     let name = file.file_name().unwrap().to_string_lossy().to_string();
@@ -427,15 +255,8 @@ async fn captured_retry_sequence_is_delivered_once() {
 
 #[tokio::test]
 async fn every_capture_replayed_delivers_each_message_once() {
-    let dir = shared_dir().join("fixtures/captures");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-        .collect();
-    files.sort();
     let mut with_retries = 0;
-    for file in &files {
+    for file in &capture_files() {
         if replay_once(file).await > 0 {
             with_retries += 1;
         }
@@ -688,7 +509,7 @@ async fn disabled_source_keeps_duplicates_enabled_source_drops_them() {
     for (key, via) in [("wk_raw", "raw"), (WRITE_KEY, "test")] {
         for copy in 1..=2 {
             assert_success(
-                post_as(&f, key, "/v1/track")
+                f.post_as(key, "/v1/track")
                     .json(&track("same-id", json!({"via": via, "copy": copy})))
                     .send()
                     .await
@@ -703,7 +524,7 @@ async fn disabled_source_keeps_duplicates_enabled_source_drops_them() {
         track("raw-batch", json!({"via": "raw", "copy": 2})),
     ]});
     assert_success(
-        post_as(&f, "wk_raw", "/v1/batch")
+        f.post_as("wk_raw", "/v1/batch")
             .json(&body)
             .send()
             .await
@@ -741,7 +562,7 @@ async fn same_message_id_from_two_enabled_sources_is_not_a_duplicate() {
     for round in 1..=2 {
         for (key, via) in [(WRITE_KEY, "test"), ("wk_app", "app")] {
             assert_success(
-                post_as(&f, key, "/v1/track")
+                f.post_as(key, "/v1/track")
                     .json(&track("shared-id", json!({"via": via, "round": round})))
                     .send()
                     .await
@@ -765,19 +586,6 @@ async fn same_message_id_from_two_enabled_sources_is_not_a_duplicate() {
 // ---------------------------------------------------------------------------------------
 // 8. Seed 001: `POST /event/batch`.
 
-async fn event_batch(f: &Fanout, body: Value) -> Value {
-    let r = client()
-        .post(f.url("/event/batch"))
-        .header("authorization", format!("Bearer {WRITE_KEY}"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let (status, answer) = status_json(r).await;
-    assert_eq!(status, 200, "{answer}");
-    answer
-}
-
 fn seq_track(id: &str, n: u32) -> Value {
     json!({"type": "track", "userId": "seq-user", "event": "Seq", "messageId": id, "properties": {"n": n}})
 }
@@ -789,7 +597,7 @@ async fn event_batch_reports_duplicates_as_not_processed() {
         json!({"type": "identify", "userId": "seq-user", "traits": {"a": 1}, "messageId": "seq-2"});
     let answer = event_batch(
         &f,
-        json!({"batch": [seq_track("seq-1", 1), identify, seq_track("seq-1", 2)]}),
+        &json!({"batch": [seq_track("seq-1", 1), identify, seq_track("seq-1", 2)]}),
     )
     .await;
     assert_eq!(
@@ -802,7 +610,7 @@ async fn event_batch_reports_duplicates_as_not_processed() {
     );
     let answer = event_batch(
         &f,
-        json!({"batch": [seq_track("seq-1", 3), seq_track("seq-3", 4), seq_track("seq-2", 5)]}),
+        &json!({"batch": [seq_track("seq-1", 3), seq_track("seq-3", 4), seq_track("seq-2", 5)]}),
     )
     .await;
     assert_eq!(
@@ -816,7 +624,7 @@ async fn event_batch_reports_duplicates_as_not_processed() {
     // An invalid item next to a duplicate: counted as an error, not as processed.
     let answer = event_batch(
         &f,
-        json!({"batch": [seq_track("seq-3", 6), {"type": "track", "event": "No user", "messageId": "seq-4"}]}),
+        &json!({"batch": [seq_track("seq-3", 6), {"type": "track", "event": "No user", "messageId": "seq-4"}]}),
     )
     .await;
     assert_eq!(

@@ -28,6 +28,11 @@ fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
 }
 
+/// Posts `body` to `/v1/batch` and asserts the success answer.
+async fn send(f: &Fanout, body: &Value) {
+    assert_success(f.post("/v1/batch").json(body).send().await.unwrap()).await;
+}
+
 /// Waits until the instances together delivered `n` messages (and a little longer, so a
 /// stray duplicate would show), then counts each messageId.
 async fn delivered_counts(instances: &[&Fanout], n: usize) -> HashMap<String, usize> {
@@ -75,14 +80,7 @@ async fn two_instances_accept_each_message_id_once() {
     assert!(counts.values().all(|&c| c == 1), "{counts:?}");
     // Later retries to either instance are dropped too.
     for f in [&a, &b] {
-        assert_success(
-            f.post("/v1/batch")
-                .json(&batch(&sent))
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        send(f, &batch(&sent)).await;
     }
     let counts = delivered_counts(&[&a, &b], 50).await;
     assert!(counts.values().all(|&c| c == 1), "{counts:?}");
@@ -93,42 +91,14 @@ async fn redis_down_with_fail_open_accepts_and_recovers() {
     let mut redis = RedisServer::start();
     let a = Fanout::start_with(shared(&redis, "fail_open"));
     let b = Fanout::start_with(shared(&redis, "fail_open"));
-    assert_success(
-        a.post("/v1/batch")
-            .json(&batch(&ids("before", 3)))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    send(&a, &batch(&ids("before", 3))).await;
 
     redis.stop();
     // Accepted without Redis; retries to the same instance are still caught locally.
-    assert_success(
-        a.post("/v1/batch")
-            .json(&batch(&ids("down", 3)))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_success(
-        a.post("/v1/batch")
-            .json(&batch(&ids("down", 3)))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    send(&a, &batch(&ids("down", 3))).await;
+    send(&a, &batch(&ids("down", 3))).await;
     // Keys A committed before the outage are known to A without asking Redis.
-    assert_success(
-        a.post("/v1/batch")
-            .json(&batch(&ids("before", 3)))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    send(&a, &batch(&ids("before", 3))).await;
     let counts = delivered_counts(&[&a], 6).await;
     assert_eq!(counts.len(), 6);
     assert!(counts.values().all(|&c| c == 1), "{counts:?}");
@@ -139,22 +109,8 @@ async fn redis_down_with_fail_open_accepts_and_recovers() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     for round in 0.. {
         let probe = ids(&format!("probe{round}"), 1);
-        assert_success(
-            a.post("/v1/batch")
-                .json(&batch(&probe))
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
-        assert_success(
-            b.post("/v1/batch")
-                .json(&batch(&probe))
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        send(&a, &batch(&probe)).await;
+        send(&b, &batch(&probe)).await;
         let delivered = a.delivered().len() + b.delivered().len();
         let counts = delivered_counts(&[&a, &b], delivered).await;
         if counts[&probe[0]] == 1 {
@@ -169,22 +125,8 @@ async fn redis_down_with_fail_open_accepts_and_recovers() {
     // From then on, what A accepts B drops.
     let after = ids("after", 4);
     let before = a.delivered().len() + b.delivered().len();
-    assert_success(
-        a.post("/v1/batch")
-            .json(&batch(&after))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_success(
-        b.post("/v1/batch")
-            .json(&batch(&after))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    send(&a, &batch(&after)).await;
+    send(&b, &batch(&after)).await;
     let counts = delivered_counts(&[&a, &b], before + 4).await;
     assert!(
         after.iter().all(|id| counts.get(id) == Some(&1)),
@@ -196,14 +138,7 @@ async fn redis_down_with_fail_open_accepts_and_recovers() {
 async fn redis_down_with_fail_closed_refuses_with_retry_after() {
     let mut redis = RedisServer::start();
     let a = Fanout::start_with(shared(&redis, "fail_closed"));
-    assert_success(
-        a.post("/v1/batch")
-            .json(&batch(&ids("up", 2)))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    send(&a, &batch(&ids("up", 2))).await;
     redis.stop();
     let r = a
         .post("/v1/batch")

@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{assert_success, basic, client, gzip, status_json, Fanout, Settings, WRITE_KEY};
+use common::{
+    assert_success, basic, client, event_batch, gzip, status_json, Fanout, Settings, WRITE_KEY,
+};
 use serde_json::{json, Value};
 
 fn track(event: &str) -> Value {
@@ -758,15 +760,7 @@ async fn event_batch_reports_each_item() {
         {"type": "track", "event": "Anonymous", "anonymousId": "a", "messageId": "seq-3"},
         {"type": "page", "userId": "u", "messageId": "seq-4"},
     ]});
-    let r = client()
-        .post(f.url("/event/batch"))
-        .header("authorization", format!("Bearer {WRITE_KEY}"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let (status, report) = status_json(r).await;
-    assert_eq!(status, 200);
+    let report = event_batch(&f, &body).await;
     assert_eq!(
         (
             report["success"].as_bool(),
@@ -794,9 +788,8 @@ async fn event_batch_reports_each_item() {
     assert_eq!(got[1]["messageId"], items[1]["messageId"]);
     // Malformed bodies are refused whole.
     for bad in ["not json", "{}", "{\"batch\": 1}"] {
-        let r = client()
-            .post(f.url("/event/batch"))
-            .header("authorization", format!("Bearer {WRITE_KEY}"))
+        let r = f
+            .post_bearer("/event/batch")
             .body(bad)
             .send()
             .await

@@ -8,134 +8,17 @@
 
 mod common;
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use common::clients::{run_node, run_python};
 use common::Fanout;
-
-/// How long one client run may take before it is killed.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The call types one round of the scripts sends, in order.
 const ROUND: [&str; 7] = [
     "track", "identify", "page", "screen", "group", "alias", "track",
 ];
-
-/// The installed clients, or a failure that says how to install them.
-fn clients_dir() -> PathBuf {
-    let dir = std::env::var_os("FANOUT_CLIENTS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/segclients"));
-    for needed in ["venv/bin/python", "node_modules/@segment/analytics-node"] {
-        assert!(
-            dir.join(needed).exists(),
-            "the Segment clients are not installed: {} is missing. Run `scripts/test` \
-             (it installs them with ../shared/clients/setup.sh), or set FANOUT_CLIENTS_DIR",
-            dir.join(needed).display()
-        );
-    }
-    dir
-}
-
-/// What a finished client run printed.
-struct Run {
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `program args` in the clients directory, killing it after `CLIENT_TIMEOUT`; fails
-/// unless it exits with 0 and prints the `errors=0` summary line.
-async fn run_client(program: PathBuf, args: Vec<String>) -> Run {
-    let dir = clients_dir();
-    let shown = format!("{} {}", program.display(), args.join(" "));
-    tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(&program)
-            .args(&args)
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {shown}: {e}"));
-        let readers = [
-            drain(child.stdout.take().expect("stdout")),
-            drain(child.stderr.take().expect("stderr")),
-        ];
-        let deadline = Instant::now() + CLIENT_TIMEOUT;
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait for client") {
-                break Some(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let [stdout, stderr] = readers.map(|r| r.join().expect("pipe reader"));
-        let run = Run { stdout, stderr };
-        let Some(status) = status else {
-            panic!(
-                "{shown}: still running after {CLIENT_TIMEOUT:?}, killed\nstdout:\n{}\nstderr:\n{}",
-                run.stdout, run.stderr
-            );
-        };
-        assert!(
-            status.success(),
-            "{shown}: {status}\nstdout:\n{}\nstderr:\n{}",
-            run.stdout,
-            run.stderr
-        );
-        assert!(
-            run.stdout
-                .lines()
-                .any(|l| l.trim_end().ends_with("errors=0")),
-            "{shown}: no `errors=0` line\nstdout:\n{}\nstderr:\n{}",
-            run.stdout,
-            run.stderr
-        );
-        run
-    })
-    .await
-    .expect("client task")
-}
-
-fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = pipe.read_to_end(&mut bytes);
-        String::from_utf8_lossy(&bytes).into_owned()
-    })
-}
-
-async fn run_python(f: &Fanout, extra: &[&str]) -> Run {
-    let mut args = vec![
-        "segment_python.py".to_string(),
-        "--host".to_string(),
-        format!("http://{}", f.addr),
-        "--write-key".to_string(),
-        "wk_segment_python".to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    run_client(clients_dir().join("venv/bin/python"), args).await
-}
-
-async fn run_node(f: &Fanout, extra: &[&str]) -> Run {
-    let mut args = vec![
-        "segment_node.mjs".to_string(),
-        "--host".to_string(),
-        format!("http://{}", f.addr),
-        "--write-key".to_string(),
-        "wk_segment_node".to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    run_client(PathBuf::from("node"), args).await
-}
 
 /// Waits for `n` delivered messages, then a little longer to see that no more arrive.
 async fn delivered_exactly(f: &Fanout, n: usize) -> Vec<Value> {

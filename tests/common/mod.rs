@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod captures;
+pub mod clients;
+
 /// Write keys every test config accepts (the captures' keys among them).
 pub const WRITE_KEY: &str = "wk_test";
 pub const KEYS: &str = r#"["wk_test", "wk_segment_python", "wk_segment_node", "test-write-key"]"#;
@@ -132,9 +135,21 @@ impl Fanout {
 
     /// A POST to `path` with the test write key as Basic auth.
     pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.post_as(WRITE_KEY, path)
+    }
+
+    /// A POST to `path` with `Authorization: Basic` for `key`.
+    pub fn post_as(&self, key: &str, path: &str) -> reqwest::RequestBuilder {
         client()
             .post(self.url(path))
-            .header("authorization", basic(WRITE_KEY))
+            .header("authorization", basic(key))
+    }
+
+    /// A POST to `path` with the test write key as `Authorization: Bearer`.
+    pub fn post_bearer(&self, path: &str) -> reqwest::RequestBuilder {
+        client()
+            .post(self.url(path))
+            .header("authorization", format!("Bearer {WRITE_KEY}"))
     }
 
     pub fn dir(&self) -> &Path {
@@ -322,6 +337,19 @@ pub async fn status_json(response: reqwest::Response) -> (u16, Value) {
     let body =
         serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
     (status, body)
+}
+
+/// Posts `body` to `/event/batch` (Bearer auth), asserts a 200 and returns the report.
+pub async fn event_batch(f: &Fanout, body: &Value) -> Value {
+    let r = f
+        .post_bearer("/event/batch")
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let (status, answer) = status_json(r).await;
+    assert_eq!(status, 200, "{answer}");
+    answer
 }
 
 /// A real `redis-server` on a free loopback port, stopped when dropped.
