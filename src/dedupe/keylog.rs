@@ -60,12 +60,17 @@ impl KeyLog {
         Ok(file.metadata()?.len() > self.compact_at)
     }
 
-    /// Replaces the log with `entries` (write, fsync, rename).
-    pub fn rewrite(&self, entries: &[(DedupeKey, u32)]) -> io::Result<()> {
+    /// Replaces the log with the entries `fill` writes (write, fsync, rename).
+    /// `fill` is handed a writer and calls it with chunks of entries.
+    pub fn rewrite(
+        &self,
+        fill: impl FnOnce(&mut dyn FnMut(&[(DedupeKey, u32)]) -> io::Result<()>) -> io::Result<()>,
+    ) -> io::Result<()> {
         let mut file = self.file.lock().expect("key log poisoned");
         let tmp = self.path.with_extension("tmp");
-        let mut fresh = File::create(&tmp)?;
-        fresh.write_all(&encode(entries))?;
+        let mut fresh = io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+        fill(&mut |chunk| fresh.write_all(&encode(chunk)))?;
+        let fresh = fresh.into_inner().map_err(|e| e.into_error())?;
         fresh.sync_all()?;
         fs::rename(&tmp, &self.path)?;
         if let Some(dir) = self.path.parent() {

@@ -138,7 +138,16 @@ impl Dedupe {
 
     /// Rewrites `keys.bin` with just the live keys (after a restore).
     pub fn compact(&self) -> std::io::Result<()> {
-        self.keylog.rewrite(&self.table.snapshot(now_secs()))
+        let now = now_secs();
+        self.keylog.rewrite(|write| {
+            let mut result = Ok(());
+            self.table.for_each_live(now, |chunk| {
+                if result.is_ok() {
+                    result = write(chunk);
+                }
+            });
+            result
+        })
     }
 
     /// Saves the keys of a log segment about to be deleted; it may be deleted only

@@ -156,16 +156,26 @@ impl KeyTable {
 
     /// Every accepted, unexpired key with its expiry (unix seconds), for persisting.
     pub fn snapshot(&self, now: u32) -> Vec<(DedupeKey, u32)> {
-        let now = stored(now);
         let mut all = Vec::new();
+        self.for_each_live(now, |chunk| all.extend_from_slice(chunk));
+        all
+    }
+
+    /// Hands the accepted, unexpired keys to `each` one shard at a time, so that a
+    /// full table can be written out without a second copy of it in memory.
+    pub fn for_each_live(&self, now: u32, mut each: impl FnMut(&[(DedupeKey, u32)])) {
+        let now = stored(now);
+        let mut chunk = Vec::new();
         for shard in self.shards.iter() {
+            chunk.clear();
             let shard = shard.lock().expect("dedupe shard poisoned");
             let live = shard
                 .iter()
                 .filter(|(_, &slot)| slot < PENDING && slot > now);
-            all.extend(live.map(|(k, &slot)| (*k, slot + EPOCH)));
+            chunk.extend(live.map(|(k, &slot)| (*k, slot + EPOCH)));
+            drop(shard);
+            each(&chunk);
         }
-        all
     }
 }
 
