@@ -41,16 +41,13 @@ fn main() {
         .build()
         .unwrap();
     let limits = config.limits.clone();
-    // `cargo bench` passes --bench; `cargo test --all-targets` runs this as a quick smoke
-    // test instead (a debug build would take minutes at full size).
-    let full = std::env::args().any(|a| a == "--bench");
     let rounds: u64 = std::env::var("ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
-        .unwrap_or(if full { 10_000 } else { 50 });
+        .unwrap_or(10_000);
     // 2.5 M keys first; the measured 1 M more stay below the next table growth (3.67 M),
     // as in a window that has reached its steady size.
-    let warm: u64 = if full { 2_500_000 / EVENTS as u64 } else { 100 };
+    let warm: u64 = 2_500_000 / EVENTS as u64;
     let bodies: Vec<Vec<u8>> = (0..64).map(batch).collect();
 
     // The working set: keys accepted before the measurement.
