@@ -51,6 +51,10 @@ pub struct ServerConfig {
     /// Size at which the queue starts a new segment file.
     #[serde(default = "default_segment_bytes")]
     pub segment_bytes: u64,
+    /// Seconds a request body may stall between two chunks before the request is
+    /// answered 408, freeing its in-flight slot.
+    #[serde(default = "default_body_timeout_secs")]
+    pub body_timeout_secs: u64,
     /// Seconds a graceful shutdown waits for in-flight requests and deliveries.
     #[serde(default = "default_shutdown_grace_secs")]
     pub shutdown_grace_secs: u64,
@@ -250,6 +254,9 @@ const fn default_max_in_flight() -> usize {
 const fn default_retry_after_secs() -> u32 {
     1
 }
+const fn default_body_timeout_secs() -> u64 {
+    30
+}
 const fn default_segment_bytes() -> u64 {
     64 * 1024 * 1024
 }
@@ -282,6 +289,7 @@ impl Default for ServerConfig {
             data_dir: default_data_dir(),
             max_in_flight: default_max_in_flight(),
             retry_after_secs: default_retry_after_secs(),
+            body_timeout_secs: default_body_timeout_secs(),
             segment_bytes: default_segment_bytes(),
             shutdown_grace_secs: default_shutdown_grace_secs(),
         }

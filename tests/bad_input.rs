@@ -214,3 +214,54 @@ async fn hundred_megabyte_body_is_refused_unread() {
     assert_eq!(status, 413, "{body}");
     still_serving(&f).await;
 }
+
+#[tokio::test]
+async fn batch_level_context_cannot_multiply_a_small_request() {
+    let f = Fanout::start();
+    let item = json!({"type": "identify", "userId": "u"});
+    // 40 KB of context, merged into each item, would make each message larger than 32 KB.
+    let body = json!({"batch": [item, item], "context": {"pad": "x".repeat(40_000)}});
+    let (status, err) = post(&f, "/v1/batch", serde_json::to_vec(&body).unwrap()).await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (400, Some("message_too_large")),
+        "{err}"
+    );
+    // 20 KB of context fits each message, but 2 400 copies would be 48 MB from a 25 KB body.
+    let items: Vec<_> = (0..2400).map(|_| item.clone()).collect();
+    let body = json!({"batch": items, "context": {"pad": "x".repeat(20_000)}});
+    let started = std::time::Instant::now();
+    let (status, err) = post(&f, "/v1/batch", serde_json::to_vec(&body).unwrap()).await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (400, Some("batch_too_large")),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // A modest shared context is fine.
+    let body = json!({"batch": [item, item], "context": {"library": {"name": "analytics-go"}}});
+    let (status, _) = post(&f, "/v1/batch", serde_json::to_vec(&body).unwrap()).await;
+    assert_eq!(status, 200);
+    still_serving(&f).await;
+    assert_eq!(f.wait_delivered(3).await.len(), 3);
+}
+
+#[tokio::test]
+async fn a_stalled_body_times_out_and_frees_its_slot() {
+    let f = Fanout::start_with(
+        common::Settings::default().server("body_timeout_secs = 1\nmax_in_flight = 1"),
+    );
+    let addr = f.addr;
+    let (status, body) = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(format!("POST /v1/batch HTTP/1.1\r\nhost: x\r\nauthorization: {}\r\ncontent-length: 100\r\n\r\n{{\"batch\":[", basic(WRITE_KEY)).as_bytes()).unwrap();
+        common::read_response(&mut s)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 408, "{body}");
+    assert!(body.contains("body_timeout"), "{body}");
+    // The only slot is free again.
+    still_serving(&f).await;
+}

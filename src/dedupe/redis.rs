@@ -96,7 +96,19 @@ impl RedisStore {
     }
 
     /// Claims every key, waiting (bounded) for keys another instance has pending.
+    /// On an error, whatever this request may have claimed is released.
     pub async fn claim(&self, keys: &[DedupeKey]) -> Result<Vec<Claim>, SharedError> {
+        let result = self.try_claim(keys).await;
+        if let Err(SharedError::Redis(_)) = &result {
+            // A timed-out pipeline may still have run. Releasing compares the mark, and
+            // this instance claims a key in Redis only while holding it locally, so only
+            // this request's claims can be removed.
+            self.release(keys).await;
+        }
+        result
+    }
+
+    async fn try_claim(&self, keys: &[DedupeKey]) -> Result<Vec<Claim>, SharedError> {
         let mut claims: Vec<Option<Claim>> = vec![None; keys.len()];
         let deadline = tokio::time::Instant::now() + WAIT_FOR_PENDING;
         loop {

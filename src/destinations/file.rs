@@ -51,6 +51,21 @@ impl FileDestination {
     }
 }
 
+/// Appends `lines` and syncs; on failure cuts the file back to where it was, so a retry
+/// does not leave a torn line before its own copy. Returns the new length.
+fn append_whole(file: &mut File, lines: &[u8]) -> std::io::Result<u64> {
+    let before = file.metadata()?.len();
+    match file.write_all(lines).and_then(|_| file.sync_data()) {
+        Ok(()) => Ok(before + lines.len() as u64),
+        Err(e) => {
+            if let Err(undo) = file.set_len(before) {
+                tracing::error!(error = %undo, "cannot cut a failed write off the output file");
+            }
+            Err(e)
+        }
+    }
+}
+
 impl Destination for FileDestination {
     async fn deliver(&mut self, records: &[Record]) -> Result<u64, DeliveryError> {
         let lines = json_lines(records);
@@ -62,15 +77,12 @@ impl Destination for FileDestination {
                 .open(&self.path)?,
         };
         let (file, result) = tokio::task::spawn_blocking(move || {
-            let result = file
-                .write_all(&lines)
-                .and_then(|_| file.sync_data())
-                .and_then(|_| file.metadata());
+            let result = append_whole(&mut file, &lines);
             (file, result)
         })
         .await
         .map_err(|e| DeliveryError::Io(std::io::Error::other(e)))?;
         self.file = Some(file);
-        Ok(result?.len())
+        Ok(result?)
     }
 }

@@ -21,6 +21,8 @@ pub enum ApiError {
     Unauthorized(&'static str),
     /// Content-Encoding fanout cannot decode: 415.
     UnsupportedEncoding,
+    /// The body stalled longer than `server.body_timeout_secs`: 408.
+    BodyTimeout,
     /// Too many requests in flight: 429 + Retry-After.
     Overloaded {
         retry_after: u32,
@@ -43,6 +45,7 @@ impl ApiError {
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::UnsupportedEncoding => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Duplicate(_) => StatusCode::CONFLICT,
@@ -63,6 +66,10 @@ impl ApiError {
             ApiError::UnsupportedEncoding => Rejection::new(
                 "unsupported_encoding",
                 "Content-Encoding must be gzip, deflate or identity",
+            ),
+            ApiError::BodyTimeout => Rejection::new(
+                "body_timeout",
+                "the request body stalled (server.body_timeout_secs); send it again",
             ),
             ApiError::Overloaded { .. } => {
                 Rejection::new("overloaded", "too many requests in flight; retry later")

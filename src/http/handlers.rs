@@ -14,6 +14,7 @@ use http::HeaderMap;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Serialize;
 use serde_json::json;
+use tower_http::timeout::TimeoutError;
 
 use super::{ApiError, App};
 use crate::auth::{self, Credential};
@@ -236,7 +237,8 @@ impl App {
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if caused_by_limit(e.as_ref()) => Err(ApiError::TooLarge { limit }),
+        Err(e) if caused_by::<LengthLimitError>(e.as_ref()) => Err(ApiError::TooLarge { limit }),
+        Err(e) if caused_by::<TimeoutError>(e.as_ref()) => Err(ApiError::BodyTimeout),
         Err(e) => Err(ApiError::Invalid(Rejection::new(
             "unreadable_body",
             format!("could not read the request body (bad gzip/deflate data?): {e}"),
@@ -244,9 +246,9 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     }
 }
 
-fn caused_by_limit(mut e: &(dyn StdError + 'static)) -> bool {
+fn caused_by<E: StdError + 'static>(mut e: &(dyn StdError + 'static)) -> bool {
     loop {
-        if e.is::<LengthLimitError>() {
+        if e.is::<E>() {
             return true;
         }
         match e.source() {

@@ -20,6 +20,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
@@ -93,6 +94,10 @@ pub fn router(app: Arc<App>, config: &Config) -> Router {
         // Wire size first (a declared Content-Length over the limit is refused unread),
         // then decoding; handlers apply the same limit to the decoded bytes.
         .layer(RequestBodyLimitLayer::new(request_limit))
+        // A stalled upload gives its slot back instead of holding it forever.
+        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(
+            config.server.body_timeout_secs,
+        )))
         .layer(RequestDecompressionLayer::new().gzip(true).deflate(true));
     routes.layer(stack)
 }

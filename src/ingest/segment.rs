@@ -131,13 +131,51 @@ impl<'a> SegmentRequest<'a> {
             };
             records
                 .push_with(source, |out| {
-                    message::normalize(&message, kind, &self.envelope, out)
-                        .map(|n| n.tag(source, self.envelope.received_at))
+                    let start = out.len();
+                    let tag = message::normalize(&message, kind, &self.envelope, out)?
+                        .tag(source, self.envelope.received_at);
+                    enriched_within_limit(out.len() - start, limits)?;
+                    Ok(tag)
                 })
                 .map_err(locate)?;
+            // Merged batch-level fields multiply with the item count: bound the whole.
+            let stored = records.bytes().len();
+            if stored > MAX_EXPANSION * limits.max_request_bytes {
+                return Err(Rejection::field(
+                    "batch_too_large",
+                    "context",
+                    format!(
+                        "batch expands to over {stored} bytes once its batch-level context and \
+                         integrations are merged into each message; the limit is {} \
+                         ({MAX_EXPANSION} × limits.max_request_bytes)",
+                        MAX_EXPANSION * limits.max_request_bytes
+                    ),
+                ));
+            }
         }
         Ok(records)
     }
+}
+
+/// What fanout's own fields (messageId, timestamps, type) may add to a message.
+const ENRICHMENT_BYTES: usize = 512;
+/// How much larger than its body a request may grow once batch-level fields are merged.
+const MAX_EXPANSION: usize = 4;
+
+/// The message limit applies to the message as stored, with the batch's context merged in:
+/// otherwise one small request with a large batch-level context becomes gigabytes.
+fn enriched_within_limit(len: usize, limits: &LimitsConfig) -> Result<(), Rejection> {
+    if len <= limits.max_message_bytes + ENRICHMENT_BYTES {
+        return Ok(());
+    }
+    Err(Rejection::new(
+        "message_too_large",
+        format!(
+            "message is {len} bytes with the batch-level context and integrations merged in; \
+             the limit is {} bytes (limits.max_message_bytes)",
+            limits.max_message_bytes
+        ),
+    ))
 }
 
 /// A batch item's own `type`.

@@ -75,6 +75,8 @@ impl Cursor {
         file.write_all(&serde_json::to_vec(&checkpoint).map_err(io::Error::other)?)?;
         file.sync_data()?;
         fs::rename(&tmp, path(dir, &self.name))?;
+        // The rename must be durable before any segment it frees is deleted.
+        segments::sync_dir(dir)?;
         let oldest_needed = {
             let mut cursors = self.shared.cursors.lock().expect("cursor map poisoned");
             cursors.insert(self.name.clone(), checkpoint.position);

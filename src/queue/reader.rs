@@ -46,9 +46,30 @@ impl QueueReader {
     }
 
     /// Reads up to `max_records` records or about `max_bytes`, never past the durable end.
+    /// On an error, the records read before it are returned (the position stays just past
+    /// them) and the error comes back on the next call; nothing is skipped.
     pub fn read_batch(&mut self, max_records: usize, max_bytes: usize) -> io::Result<Vec<Record>> {
         let end = *self.committed.borrow();
         let mut records = Vec::new();
+        let result = self.read_into(&mut records, end, max_records, max_bytes);
+        if result.is_err() || self.position == end {
+            // Reopen at `position` next time: after an error the buffer may sit mid-record,
+            // and at the durable end it may hold bytes of a write that was later cut off.
+            self.open = None;
+        }
+        match result {
+            Err(e) if records.is_empty() => Err(e),
+            _ => Ok(records),
+        }
+    }
+
+    fn read_into(
+        &mut self,
+        records: &mut Vec<Record>,
+        end: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> io::Result<()> {
         let mut bytes = 0;
         while self.position < end && records.len() < max_records && bytes < max_bytes {
             if self.open.is_none() {
@@ -89,7 +110,7 @@ impl QueueReader {
                 }
             }
         }
-        Ok(records)
+        Ok(())
     }
 
     fn next_segment_starts_here(&self) -> io::Result<bool> {
@@ -118,5 +139,44 @@ impl QueueReader {
             BufReader::with_capacity(256 * 1024, File::open(segment_path(&self.dir, base))?);
         file.seek(SeekFrom::Start(self.position - base))?;
         Ok(file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::record::{RecordBatch, Tag};
+    use crate::queue::segments::ActiveSegment;
+
+    #[test]
+    fn a_read_error_mid_batch_skips_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut one = RecordBatch::with_capacity(64);
+        one.push_with("s", |b| {
+            b.extend_from_slice(b"{}");
+            Ok::<_, ()>(Tag::default())
+        })
+        .unwrap();
+        let len = one.bytes().len() as u64;
+        // Three records per segment, three segments.
+        let (mut log, _) = ActiveSegment::open(dir.path(), len * 3).unwrap();
+        for _ in 0..9 {
+            log.append(&[one.bytes()]).unwrap();
+        }
+        let (_tx, committed) = watch::channel(9 * len);
+        let mut reader = QueueReader::new(dir.path().to_path_buf(), 0, committed);
+        // The second segment is missing for a moment.
+        let second = segment_path(dir.path(), 3 * len);
+        std::fs::rename(&second, dir.path().join("aside")).unwrap();
+        assert_eq!(
+            reader.read_batch(100, 1 << 20).unwrap().len(),
+            3,
+            "what was read comes back"
+        );
+        assert!(reader.read_batch(100, 1 << 20).is_err());
+        std::fs::rename(dir.path().join("aside"), &second).unwrap();
+        let rest = reader.read_batch(100, 1 << 20).unwrap();
+        assert_eq!(rest.len(), 6, "nothing skipped");
+        assert_eq!(rest.last().unwrap().end, 9 * len);
     }
 }
