@@ -4,7 +4,8 @@
 mod common;
 
 use common::{
-    assert_success, basic, client, event_batch, gzip, status_json, Fanout, Settings, WRITE_KEY,
+    assert_success, basic, client, event_batch, expect_error, gzip, status_json, Fanout, Settings,
+    WRITE_KEY,
 };
 use serde_json::{json, Value};
 
@@ -243,9 +244,7 @@ async fn gzip_and_deflate_bodies_are_decoded() {
     )
     .unwrap();
     let r = f
-        .post("/v1/batch")
-        .header("content-encoding", "gzip")
-        .body(gzip(&body))
+        .post_encoded("/v1/batch", "gzip", gzip(&body))
         .send()
         .await
         .unwrap();
@@ -253,9 +252,7 @@ async fn gzip_and_deflate_bodies_are_decoded() {
     let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
     std::io::Write::write_all(&mut z, &body).unwrap();
     let r = f
-        .post("/v1/batch")
-        .header("content-encoding", "deflate")
-        .body(z.finish().unwrap())
+        .post_encoded("/v1/batch", "deflate", z.finish().unwrap())
         .send()
         .await
         .unwrap();
@@ -264,30 +261,18 @@ async fn gzip_and_deflate_bodies_are_decoded() {
     assert!(got.iter().all(|m| m["event"] == "zipped"));
     // Not gzip at all, though it says so: a clear 400.
     let r = f
-        .post("/v1/batch")
-        .header("content-encoding", "gzip")
-        .body(body.clone())
+        .post_encoded("/v1/batch", "gzip", body.clone())
         .send()
         .await
         .unwrap();
-    let (status, err) = status_json(r).await;
-    assert_eq!(
-        (status, err["error"]["code"].as_str()),
-        (400, Some("unreadable_body"))
-    );
+    expect_error(r, 400, "unreadable_body").await;
     // An encoding fanout does not speak.
     let r = f
-        .post("/v1/batch")
-        .header("content-encoding", "snappy")
-        .body(body)
+        .post_encoded("/v1/batch", "snappy", body)
         .send()
         .await
         .unwrap();
-    let (status, err) = status_json(r).await;
-    assert_eq!(
-        (status, err["error"]["code"].as_str()),
-        (415, Some("unsupported_encoding"))
-    );
+    expect_error(r, 415, "unsupported_encoding").await;
 }
 
 #[tokio::test]
@@ -550,11 +535,7 @@ async fn limits_answer_with_the_limit_named() {
         .send()
         .await
         .unwrap();
-    let (status, err) = status_json(r).await;
-    assert_eq!(
-        (status, err["error"]["code"].as_str()),
-        (400, Some("batch_too_large"))
-    );
+    let err = expect_error(r, 400, "batch_too_large").await;
     assert!(err["error"]["message"]
         .as_str()
         .unwrap()
@@ -579,26 +560,16 @@ async fn limits_answer_with_the_limit_named() {
     // Body over the request limit: 413, on the wire and after decoding.
     let huge = serde_json::to_vec(&json!({"batch": [], "pad": "x".repeat(5000)})).unwrap();
     let r = f.post("/v1/batch").body(huge.clone()).send().await.unwrap();
-    let (status, err) = status_json(r).await;
-    assert_eq!(
-        (status, err["error"]["code"].as_str()),
-        (413, Some("request_too_large"))
-    );
+    let err = expect_error(r, 413, "request_too_large").await;
     assert!(err["error"]["message"].as_str().unwrap().contains("4096"));
     let zipped = gzip(&huge);
     assert!(zipped.len() < 4096);
     let r = f
-        .post("/v1/batch")
-        .header("content-encoding", "gzip")
-        .body(zipped)
+        .post_encoded("/v1/batch", "gzip", zipped)
         .send()
         .await
         .unwrap();
-    let (status, err) = status_json(r).await;
-    assert_eq!(
-        (status, err["error"]["code"].as_str()),
-        (413, Some("request_too_large"))
-    );
+    expect_error(r, 413, "request_too_large").await;
     // At the limits: accepted.
     let r = f
         .post("/v1/batch")

@@ -152,6 +152,18 @@ impl Fanout {
             .header("authorization", format!("Bearer {WRITE_KEY}"))
     }
 
+    /// A POST to `path` with `Content-Encoding: encoding` and the raw `body`.
+    pub fn post_encoded(
+        &self,
+        path: &str,
+        encoding: &str,
+        body: Vec<u8>,
+    ) -> reqwest::RequestBuilder {
+        self.post(path)
+            .header("content-encoding", encoding)
+            .body(body)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -328,6 +340,17 @@ pub async fn assert_success(response: reqwest::Response) {
         (status.as_u16(), body.as_str()),
         (200, r#"{"success":true}"#)
     );
+}
+
+/// Asserts an error answer with `status` and error `code`; returns the parsed body.
+pub async fn expect_error(response: reqwest::Response, status: u16, code: &str) -> Value {
+    let (got, body) = status_json(response).await;
+    assert_eq!(
+        (got, body["error"]["code"].as_str()),
+        (status, Some(code)),
+        "{body}"
+    );
+    body
 }
 
 /// Status and parsed JSON body.
