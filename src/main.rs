@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use fanout::config::Config;
+use fanout::delivery::DeadLetters;
 
 #[derive(Parser)]
 #[command(version, about = "Segment-compatible event proxy")]
@@ -26,6 +27,29 @@ enum Command {
     Check {
         /// The file to check (instead of `--config`).
         file: Option<PathBuf>,
+    },
+    /// Inspect or replay messages destinations refused or gave up on.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterAction {
+    /// Print dead letters as JSON lines, oldest first.
+    List {
+        /// Only this destination's.
+        #[arg(long)]
+        destination: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Mark a destination's dead letters for delivery again; a running fanout sends
+    /// them within a second (or at its next start).
+    Replay {
+        #[arg(long)]
+        destination: String,
     },
 }
 
@@ -49,6 +73,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::DeadLetters { action }) = &cli.command {
+        return match dead_letters(&config, action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fanout: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(Command::Check { .. }) = cli.command {
         println!(
             "{}: ok ({} sources, {} destinations)",
@@ -72,6 +105,32 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Works on the dead-letter store directly (SQLite handles a running server beside us).
+fn dead_letters(config: &Config, action: &DeadLetterAction) -> anyhow::Result<()> {
+    let store = DeadLetters::open(&config.server.data_dir)?;
+    let known = |name: &str| {
+        if !config.destinations.iter().any(|d| d.name == name) {
+            eprintln!("fanout: note: no destination `{name}` in the config");
+        }
+    };
+    match action {
+        DeadLetterAction::List { destination, limit } => {
+            if let Some(name) = destination {
+                known(name);
+            }
+            for letter in store.list(destination.as_deref(), *limit)? {
+                println!("{}", serde_json::to_string(&letter)?);
+            }
+        }
+        DeadLetterAction::Replay { destination } => {
+            known(destination);
+            let replayed = store.request_replay(destination)?;
+            println!("{}", serde_json::json!({ "replayed": replayed }));
+        }
+    }
+    Ok(())
 }
 
 fn init_logging(format: LogFormat) {

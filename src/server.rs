@@ -10,26 +10,34 @@ use tokio::sync::watch;
 use crate::auth::Sources;
 use crate::config::Config;
 use crate::dedupe::Dedupe;
-use crate::delivery::Deliveries;
+use crate::delivery::{DeadLetters, Deliveries};
 use crate::http::{self, App};
 use crate::queue::Queue;
 
 /// Runs fanout until SIGINT/SIGTERM: then stops accepting, finishes in-flight requests,
 /// lets deliveries finish their current batch, and flushes the queue.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let (queue, writer) = Queue::open(&config.server.data_dir, config.server.segment_bytes)?;
+    let (queue, writer) = Queue::open(
+        &config.server.data_dir,
+        config.server.segment_bytes,
+        config.server.max_queue_bytes,
+    )?;
     let sources = Sources::from_config(&config.sources)?;
     let dedupe = open_dedupe(&config, &queue)?;
     if config.destinations.is_empty() {
         tracing::warn!("no destinations configured: accepted messages are stored but go nowhere");
     }
-    let deliveries = Deliveries::start(&config.destinations, &queue)?;
+    let dead_letters = Arc::new(DeadLetters::open(&config.server.data_dir)?);
+    let admin_token = admin_token(&config)?;
+    let deliveries = Deliveries::start(&config.destinations, &queue, &dead_letters)?;
     let app = Arc::new(App {
         sources,
         dedupe,
         queue,
         limits: config.limits.clone(),
         retry_after: config.server.retry_after_secs,
+        dead_letters,
+        admin_token,
     });
     let router = http::router(app, &config);
 
@@ -81,6 +89,17 @@ fn open_dedupe(config: &Config, queue: &Queue) -> anyhow::Result<Arc<Dedupe>> {
         "dedupe window rebuilt"
     );
     Ok(dedupe)
+}
+
+/// The admin token from the variable `[admin] token_env` names, if any.
+fn admin_token(config: &Config) -> anyhow::Result<Option<String>> {
+    let Some(var) = &config.admin.token_env else {
+        return Ok(None);
+    };
+    match std::env::var(var) {
+        Ok(token) if !token.is_empty() => Ok(Some(token)),
+        _ => anyhow::bail!("admin.token_env names `{var}`, which is not set"),
+    }
 }
 
 async fn shutdown_signal() {

@@ -7,36 +7,42 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
-use super::{json_lines, DeliveryError, Destination};
-use crate::config::FileDestinationConfig;
-use crate::queue::{Checkpoint, Record};
+use super::{json_lines, Destination, SendError};
+use crate::config::DestinationConfig;
+use crate::queue::Checkpoint;
 
 pub struct FileDestination {
     path: PathBuf,
-    /// Taken while a blocking write runs.
-    file: Option<File>,
+    /// Taken while a blocking write runs (batches go one at a time: `sequential`).
+    file: Mutex<Option<File>>,
 }
 
 impl FileDestination {
     /// Opens the output, cutting off lines written after the last saved checkpoint.
-    pub fn open(
-        config: &FileDestinationConfig,
-        saved: Option<Checkpoint>,
-    ) -> std::io::Result<Self> {
-        if let Some(parent) = config.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+    pub fn open(config: &DestinationConfig, saved: Option<Checkpoint>) -> anyhow::Result<Self> {
+        let path = config.path.clone().unwrap_or_default();
+        Self::open_path(path.clone(), saved).map_err(|e| {
+            anyhow::anyhow!(
+                "destination `{}`: cannot open {}: {e}",
+                config.name,
+                path.display()
+            )
+        })
+    }
+
+    fn open_path(path: PathBuf, saved: Option<Checkpoint>) -> std::io::Result<Self> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             fs::create_dir_all(parent)?;
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&config.path)?;
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
         let len = file.metadata()?.len();
         if let Some(checkpoint) = saved {
             // Shorter than saved means the file was rotated or replaced: just append.
             if len > checkpoint.sink_offset {
                 tracing::info!(
-                    path = %config.path.display(),
+                    path = %path.display(),
                     bytes = len - checkpoint.sink_offset,
                     "cutting lines written after the last checkpoint; they are redelivered"
                 );
@@ -45,8 +51,8 @@ impl FileDestination {
             }
         }
         Ok(FileDestination {
-            path: config.path.clone(),
-            file: Some(file),
+            path,
+            file: Mutex::new(Some(file)),
         })
     }
 }
@@ -67,22 +73,28 @@ fn append_whole(file: &mut File, lines: &[u8]) -> std::io::Result<u64> {
 }
 
 impl Destination for FileDestination {
-    async fn deliver(&mut self, records: &[Record]) -> Result<u64, DeliveryError> {
-        let lines = json_lines(records);
-        let mut file = match self.file.take() {
+    async fn send(&self, messages: &[&[u8]]) -> Result<u64, SendError> {
+        let lines = json_lines(messages);
+        let taken = self.file.lock().expect("file lock poisoned").take();
+        let mut file = match taken {
             Some(f) => f,
             None => OpenOptions::new()
                 .create(true)
                 .append(true)
-                .open(&self.path)?,
+                .open(&self.path)
+                .map_err(SendError::io)?,
         };
         let (file, result) = tokio::task::spawn_blocking(move || {
             let result = append_whole(&mut file, &lines);
             (file, result)
         })
         .await
-        .map_err(|e| DeliveryError::Io(std::io::Error::other(e)))?;
-        self.file = Some(file);
-        Ok(result?)
+        .map_err(|e| SendError::io(std::io::Error::other(e)))?;
+        *self.file.lock().expect("file lock poisoned") = Some(file);
+        result.map_err(SendError::io)
+    }
+
+    fn sequential(&self) -> bool {
+        true
     }
 }

@@ -1,38 +1,143 @@
-//! Stage 8: destination kinds, one file each, behind one trait.
+//! Stage 8: destination kinds, one file each, behind one trait. The delivery engine
+//! decides what to send and when; a destination only knows how to send one batch.
 
 mod file;
+mod http;
+mod segment;
 mod stdout;
+mod webhook;
 
 use std::future::Future;
+use std::time::Duration;
 
 pub use file::FileDestination;
+pub use http::{classify, parse_retry_after};
+pub use segment::SegmentDestination;
 pub use stdout::StdoutDestination;
+pub use webhook::WebhookDestination;
 
-use crate::queue::Record;
+use crate::config::{DestinationConfig, DestinationKind};
+use crate::queue::Checkpoint;
 
-/// Why a delivery did not complete; the delivery loop retries it.
-#[derive(Debug, thiserror::Error)]
-pub enum DeliveryError {
-    #[error("I/O error: {0}")]
-    Io(#[from] std::io::Error),
+/// Why a batch was not delivered.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SendError {
+    /// Worth trying again later: transport failures, timeouts, 408/429/5xx, local I/O.
+    #[error("{detail}")]
+    Retryable {
+        status: Option<u16>,
+        /// What the destination asked for in `Retry-After`.
+        retry_after: Option<Duration>,
+        detail: String,
+    },
+    /// The destination refused this content; sending it again cannot succeed.
+    #[error("rejected with {status}: {detail}")]
+    Rejected { status: u16, detail: String },
 }
 
-/// Receives messages in queue order.
-pub trait Destination: Send + 'static {
-    /// Delivers `records` (all or none, from the queue's point of view: the cursor
-    /// moves only after success). Returns the mark to save with the cursor.
-    fn deliver(
-        &mut self,
-        records: &[Record],
-    ) -> impl Future<Output = Result<u64, DeliveryError>> + Send;
+impl SendError {
+    pub fn io(e: std::io::Error) -> SendError {
+        SendError::Retryable {
+            status: None,
+            retry_after: None,
+            detail: format!("I/O error: {e}"),
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            SendError::Retryable { status, .. } => *status,
+            SendError::Rejected { status, .. } => Some(*status),
+        }
+    }
 }
 
-/// One JSON line per record, as written by file-like destinations.
-fn json_lines(records: &[Record]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(records.iter().map(|r| r.json.len() + 1).sum());
-    for record in records {
-        out.extend_from_slice(&record.json);
+/// Sends batches of messages (each one JSON object, as stored) in the order given.
+pub trait Destination: Send + Sync + 'static {
+    /// Delivers the whole batch or fails as a whole. Returns the mark to save with the
+    /// cursor (see `Checkpoint::sink_offset`); 0 when the destination has none.
+    fn send(&self, messages: &[&[u8]]) -> impl Future<Output = Result<u64, SendError>> + Send;
+
+    /// True when batches must go one at a time, in order, each retried until it succeeds
+    /// (a local file whose length is saved with the cursor).
+    fn sequential(&self) -> bool {
+        false
+    }
+}
+
+/// Any configured destination; dispatches to the kind.
+pub enum AnyDestination {
+    File(FileDestination),
+    Stdout(StdoutDestination),
+    Webhook(WebhookDestination),
+    Segment(SegmentDestination),
+}
+
+impl AnyDestination {
+    /// Builds the destination, reading its secrets from the environment. `saved` is its
+    /// last checkpoint (the file destination cuts its output back to it).
+    pub fn build(
+        config: &DestinationConfig,
+        saved: Option<Checkpoint>,
+    ) -> anyhow::Result<AnyDestination> {
+        Ok(match config.kind {
+            DestinationKind::File => AnyDestination::File(FileDestination::open(config, saved)?),
+            DestinationKind::Stdout => AnyDestination::Stdout(StdoutDestination::new()),
+            DestinationKind::Webhook => AnyDestination::Webhook(WebhookDestination::new(config)?),
+            DestinationKind::Segment => AnyDestination::Segment(SegmentDestination::new(config)?),
+        })
+    }
+}
+
+impl Destination for AnyDestination {
+    async fn send(&self, messages: &[&[u8]]) -> Result<u64, SendError> {
+        match self {
+            AnyDestination::File(d) => d.send(messages).await,
+            AnyDestination::Stdout(d) => d.send(messages).await,
+            AnyDestination::Webhook(d) => d.send(messages).await,
+            AnyDestination::Segment(d) => d.send(messages).await,
+        }
+    }
+
+    fn sequential(&self) -> bool {
+        match self {
+            AnyDestination::File(d) => d.sequential(),
+            AnyDestination::Stdout(d) => d.sequential(),
+            AnyDestination::Webhook(d) => d.sequential(),
+            AnyDestination::Segment(d) => d.sequential(),
+        }
+    }
+}
+
+/// Reads a secret named by a `*_env` key; the error names the variable, never the value.
+fn secret_from_env(destination: &str, key: &str, var: &str) -> anyhow::Result<String> {
+    match std::env::var(var) {
+        Ok(value) if !value.is_empty() => Ok(value),
+        _ => anyhow::bail!(
+            "destination `{destination}`: {key} names the environment variable `{var}`, \
+             which is not set"
+        ),
+    }
+}
+
+/// One JSON line per message, as written by file-like destinations.
+fn json_lines(messages: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(messages.iter().map(|m| m.len() + 1).sum());
+    for message in messages {
+        out.extend_from_slice(message);
         out.push(b'\n');
     }
     out
+}
+
+/// `[m1,m2,…]` from messages that are each one JSON value.
+fn json_array(messages: &[&[u8]], out: &mut Vec<u8>) {
+    out.push(b'[');
+    for (i, message) in messages.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(message);
+    }
+    out.push(b']');
 }

@@ -1,18 +1,18 @@
 //! `kind = "stdout"`: JSON lines on standard output (logs go to standard error).
 
 use tokio::io::AsyncWriteExt;
+use tokio::sync::Mutex;
 
-use super::{json_lines, DeliveryError, Destination};
-use crate::queue::Record;
+use super::{json_lines, Destination, SendError};
 
 pub struct StdoutDestination {
-    out: tokio::io::Stdout,
+    out: Mutex<tokio::io::Stdout>,
 }
 
 impl StdoutDestination {
     pub fn new() -> Self {
         StdoutDestination {
-            out: tokio::io::stdout(),
+            out: Mutex::new(tokio::io::stdout()),
         }
     }
 }
@@ -24,9 +24,16 @@ impl Default for StdoutDestination {
 }
 
 impl Destination for StdoutDestination {
-    async fn deliver(&mut self, records: &[Record]) -> Result<u64, DeliveryError> {
-        self.out.write_all(&json_lines(records)).await?;
-        self.out.flush().await?;
+    async fn send(&self, messages: &[&[u8]]) -> Result<u64, SendError> {
+        let mut out = self.out.lock().await;
+        out.write_all(&json_lines(messages))
+            .await
+            .map_err(SendError::io)?;
+        out.flush().await.map_err(SendError::io)?;
         Ok(0)
+    }
+
+    fn sequential(&self) -> bool {
+        true
     }
 }

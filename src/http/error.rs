@@ -36,6 +36,8 @@ pub enum ApiError {
     Duplicate(String),
     NotFound,
     MethodNotAllowed,
+    /// A store fanout depends on failed: 500.
+    Internal(String),
 }
 
 impl ApiError {
@@ -46,6 +48,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::UnsupportedEncoding => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Duplicate(_) => StatusCode::CONFLICT,
@@ -63,6 +66,7 @@ impl ApiError {
                 format!("request body exceeds {limit} bytes (limits.max_request_bytes)"),
             ),
             ApiError::Unauthorized(why) => Rejection::new("unauthorized", *why),
+            ApiError::Internal(why) => Rejection::new("internal", why.clone()),
             ApiError::UnsupportedEncoding => Rejection::new(
                 "unsupported_encoding",
                 "Content-Encoding must be gzip, deflate or identity",

@@ -1,6 +1,7 @@
 //! Stage 1: the HTTP surface. The whole tower stack is assembled in `router`, outermost
 //! layer first, so it can be read in one place.
 
+mod admin;
 mod error;
 mod handlers;
 
@@ -28,6 +29,7 @@ pub use error::ApiError;
 use crate::auth::Sources;
 use crate::config::{Config, CorsConfig, LimitsConfig};
 use crate::dedupe::Dedupe;
+use crate::delivery::DeadLetters;
 use crate::ingest::MessageType;
 use crate::queue::Queue;
 
@@ -39,6 +41,9 @@ pub struct App {
     pub limits: LimitsConfig,
     /// Seconds clients are told to wait after a 429 or 503.
     pub retry_after: u32,
+    pub dead_letters: Arc<DeadLetters>,
+    /// Bearer token for `/admin/...`; those routes answer 404 without one.
+    pub admin_token: Option<String>,
 }
 
 /// Single-call paths: long names, and the browser library's one-letter ones.
@@ -68,6 +73,11 @@ pub fn router(app: Arc<App>, config: &Config) -> Router {
         .route("/api/v1/event", post(handlers::person_event))
         .route("/health", get(handlers::health))
         .route("/ready", get(handlers::ready))
+        .route("/admin/dead-letters", get(admin::list_dead_letters))
+        .route(
+            "/admin/dead-letters/replay",
+            post(admin::replay_dead_letters),
+        )
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(app);

@@ -90,6 +90,11 @@ impl Cursor {
             self.shared.before_delete(segment)
         })?;
         if deleted > 0 {
+            if let Some(&oldest) = segments::list_segments(&self.shared.queue_dir)?.first() {
+                self.shared
+                    .oldest
+                    .fetch_max(oldest, std::sync::atomic::Ordering::Relaxed);
+            }
             tracing::debug!(deleted, oldest_needed, "reclaimed queue segments");
         }
         Ok(())

@@ -14,7 +14,7 @@ mod segments;
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::thread;
 
@@ -34,6 +34,8 @@ pub enum QueueError {
     Io(String),
     #[error("queue is shut down")]
     Closed,
+    #[error("the queue is full ({held} bytes held for destinations, budget {budget}; server.max_queue_bytes)")]
+    Full { held: u64, budget: u64 },
 }
 
 struct AppendRequest {
@@ -52,6 +54,10 @@ struct Shared {
     cursors: Mutex<HashMap<String, u64>>,
     /// False after a write failed and could not be undone.
     healthy: AtomicBool,
+    /// Base of the oldest retained segment: the log holds `committed - oldest` bytes.
+    oldest: AtomicU64,
+    /// Disk budget; appends past it are refused.
+    max_bytes: u64,
     /// Sees the records of each segment before it is deleted (dedupe saves their keys).
     reclaim_hook: OnceLock<ReclaimHook>,
 }
@@ -90,7 +96,12 @@ impl QueueWriter {
 
 impl Queue {
     /// Opens (or creates) the queue under `data_dir`, recovering from a crash if needed.
-    pub fn open(data_dir: &Path, segment_bytes: u64) -> anyhow::Result<(Queue, QueueWriter)> {
+    /// Appends are refused once the retained log reaches `max_bytes`.
+    pub fn open(
+        data_dir: &Path,
+        segment_bytes: u64,
+        max_bytes: u64,
+    ) -> anyhow::Result<(Queue, QueueWriter)> {
         fs::create_dir_all(data_dir)?;
         let lock = File::create(data_dir.join("LOCK"))?;
         if lock.try_lock().is_err() {
@@ -119,6 +130,8 @@ impl Queue {
             committed: watch::Sender::new(recovered.end),
             cursors: Mutex::new(cursors),
             healthy: AtomicBool::new(true),
+            oldest: AtomicU64::new(recovered.start),
+            max_bytes,
             reclaim_hook: OnceLock::new(),
         });
         let (tx, rx) = mpsc::channel();
@@ -133,6 +146,13 @@ impl Queue {
     pub async fn append(&self, batch: RecordBatch) -> Result<(), QueueError> {
         if batch.is_empty() {
             return Ok(());
+        }
+        let held = self.held_bytes();
+        if held + batch.bytes().len() as u64 > self.shared.max_bytes {
+            return Err(QueueError::Full {
+                held,
+                budget: self.shared.max_bytes,
+            });
         }
         let (done, rx) = oneshot::channel();
         self.tx
@@ -164,6 +184,14 @@ impl Queue {
             self.shared.committed.subscribe(),
         );
         let cursor = Cursor::new(name, self.shared.clone());
+        if saved.is_none() {
+            // Saved now, or a restart before the first delivery would start the
+            // destination at the end again and skip what arrived in between.
+            cursor.commit(Checkpoint {
+                position,
+                sink_offset: 0,
+            })?;
+        }
         Ok((reader, cursor, saved))
     }
 
@@ -187,6 +215,13 @@ impl Queue {
             })?;
         }
         Ok(count)
+    }
+
+    /// Bytes the log holds: everything from the oldest segment some destination
+    /// still needs to the durable end.
+    pub fn held_bytes(&self) -> u64 {
+        self.end()
+            .saturating_sub(self.shared.oldest.load(Ordering::Relaxed))
     }
 
     /// End of durable data.

@@ -11,6 +11,13 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
+mod destinations;
+
+pub use destinations::{
+    BatchConfig, BatchLimits, DestinationConfig, DestinationKind, RateLimitConfig, RatePer,
+    RetryConfig, WebhookPayload,
+};
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,6 +36,17 @@ pub struct Config {
     /// Where accepted messages go; each reads the queue from its own cursor.
     #[serde(default)]
     pub destinations: Vec<DestinationConfig>,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// Operator endpoints (`/admin/...`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Environment variable holding the bearer token the admin endpoints require;
+    /// without it they answer 404.
+    pub token_env: Option<String>,
 }
 
 /// Listening address, storage and request admission.
@@ -58,6 +76,10 @@ pub struct ServerConfig {
     /// Seconds a graceful shutdown waits for in-flight requests and deliveries.
     #[serde(default = "default_shutdown_grace_secs")]
     pub shutdown_grace_secs: u64,
+    /// Disk budget of the queue: once the data some destination has not consumed
+    /// reaches it, ingest answers 503 + Retry-After instead of accepting more.
+    #[serde(default = "default_max_queue_bytes")]
+    pub max_queue_bytes: u64,
 }
 
 /// Request limits; the defaults are Segment's.
@@ -195,41 +217,6 @@ pub enum RedisFailure {
     FailClosed,
 }
 
-/// One destination; `kind` selects the implementation.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum DestinationConfig {
-    /// JSON lines appended to a local file.
-    File(FileDestinationConfig),
-    /// JSON lines written to standard output.
-    Stdout(StdoutDestinationConfig),
-}
-
-/// `kind = "file"`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileDestinationConfig {
-    pub name: String,
-    /// File the messages are appended to, one JSON object per line.
-    pub path: PathBuf,
-}
-
-/// `kind = "stdout"`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StdoutDestinationConfig {
-    pub name: String,
-}
-
-impl DestinationConfig {
-    pub fn name(&self) -> &str {
-        match self {
-            DestinationConfig::File(c) => &c.name,
-            DestinationConfig::Stdout(c) => &c.name,
-        }
-    }
-}
-
 const fn default_true() -> bool {
     true
 }
@@ -263,6 +250,9 @@ const fn default_segment_bytes() -> u64 {
 const fn default_shutdown_grace_secs() -> u64 {
     30
 }
+const fn default_max_queue_bytes() -> u64 {
+    10 * 1024 * 1024 * 1024
+}
 const fn default_max_message_bytes() -> usize {
     32 * 1024
 }
@@ -292,6 +282,7 @@ impl Default for ServerConfig {
             body_timeout_secs: default_body_timeout_secs(),
             segment_bytes: default_segment_bytes(),
             shutdown_grace_secs: default_shutdown_grace_secs(),
+            max_queue_bytes: default_max_queue_bytes(),
         }
     }
 }
@@ -414,6 +405,13 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        if self.server.max_queue_bytes < 2 * self.server.segment_bytes {
+            return Err(err(
+                "server.max_queue_bytes".into(),
+                "must be at least twice server.segment_bytes (the newest segment is always kept)"
+                    .into(),
+            ));
+        }
         if self.server.max_in_flight == 0 {
             return Err(err(
                 "server.max_in_flight".into(),
@@ -455,14 +453,17 @@ impl Config {
         }
         let mut dest_names = HashSet::new();
         for (i, dest) in self.destinations.iter().enumerate() {
-            if !is_safe_name(dest.name()) {
+            if !is_safe_name(&dest.name) {
                 return Err(err(format!("destinations[{i}].name"), NAME_RULE.into()));
             }
-            if !dest_names.insert(dest.name()) {
+            if !dest_names.insert(dest.name.as_str()) {
                 return Err(err(
                     format!("destinations[{i}].name"),
-                    format!("destination `{}` is defined twice", dest.name()),
+                    format!("destination `{}` is defined twice", dest.name.as_str()),
                 ));
+            }
+            if let Err((key, message)) = dest.validate() {
+                return Err(err(format!("destinations[{i}].{key}"), message));
             }
         }
         Ok(())
@@ -554,10 +555,11 @@ path = "/tmp/x/out.jsonl"
         assert_eq!(c.server.listen.port(), 9000);
         assert_eq!(c.sources[0].write_keys, vec!["k1"]);
         assert_eq!(c.limits.max_message_bytes, 32 * 1024);
-        match &c.destinations[0] {
-            DestinationConfig::File(f) => assert_eq!(f.path, PathBuf::from("/tmp/x/out.jsonl")),
-            other => panic!("unexpected {other:?}"),
-        }
+        assert_eq!(c.destinations[0].kind, DestinationKind::File);
+        assert_eq!(
+            c.destinations[0].path.as_deref(),
+            Some(Path::new("/tmp/x/out.jsonl"))
+        );
     }
 
     #[test]

@@ -1,0 +1,374 @@
+//! `[[destinations]]`: one flat table per destination. `kind` picks the implementation;
+//! keys that do not apply to the kind are refused by name, so a misplaced key is an
+//! error rather than a silently ignored setting.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// One destination.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationConfig {
+    pub name: String,
+    pub kind: DestinationKind,
+    /// file: the output file, one JSON object per line.
+    pub path: Option<PathBuf>,
+    /// webhook: the URL posted to; segment: the base URL (`/v1/batch` is appended).
+    pub url: Option<String>,
+    /// webhook: headers sent with every request.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// webhook: environment variable with the HMAC-SHA256 signing secret.
+    pub signing_secret_env: Option<String>,
+    /// webhook: a JSON array of messages per request, or one message per request.
+    pub payload: Option<WebhookPayload>,
+    /// segment: environment variable with the write key sent as Basic auth.
+    pub write_key_env: Option<String>,
+    /// webhook, segment: gzip the request body.
+    pub gzip: Option<bool>,
+    /// Batches sent at once (HTTP kinds).
+    pub concurrency: Option<usize>,
+    /// Keep each user's messages in the order accepted (HTTP kinds; default true).
+    pub ordering: Option<bool>,
+    /// Time allowed for one request (HTTP kinds).
+    #[serde(default, with = "humantime_serde::option")]
+    pub timeout: Option<Duration>,
+    pub batch: Option<BatchConfig>,
+    pub retry: Option<RetryConfig>,
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DestinationKind {
+    File,
+    Stdout,
+    Webhook,
+    Segment,
+}
+
+impl DestinationKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            DestinationKind::File => "file",
+            DestinationKind::Stdout => "stdout",
+            DestinationKind::Webhook => "webhook",
+            DestinationKind::Segment => "segment",
+        }
+    }
+
+    /// Sends over HTTP (and so has retries, rate limits, concurrency).
+    pub fn is_http(self) -> bool {
+        matches!(self, DestinationKind::Webhook | DestinationKind::Segment)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookPayload {
+    /// `[message, …]`, one request per batch.
+    #[default]
+    Array,
+    /// `message`, one request per message.
+    Message,
+}
+
+/// When a batch is sent: whichever of the three is reached first.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    pub max_events: Option<usize>,
+    pub max_bytes: Option<usize>,
+    /// How long a partial batch waits for more messages.
+    #[serde(default, with = "humantime_serde::option")]
+    pub linger: Option<Duration>,
+}
+
+/// Retries of a failing batch: exponential backoff with full jitter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    #[serde(default = "default_initial_backoff", with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Attempts before a batch is dead-lettered; 0 means no limit (only `max_age`).
+    #[serde(default)]
+    pub max_attempts: u32,
+    /// Time since a batch's first attempt after which it is dead-lettered.
+    #[serde(default = "default_max_age", with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Longest `Retry-After` honoured; longer answers are clamped to it.
+    #[serde(default = "default_max_retry_after", with = "humantime_serde")]
+    pub max_retry_after: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial_backoff: default_initial_backoff(),
+            max_backoff: default_max_backoff(),
+            max_attempts: 0,
+            max_age: default_max_age(),
+            max_retry_after: default_max_retry_after(),
+        }
+    }
+}
+
+fn default_initial_backoff() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_age() -> Duration {
+    Duration::from_secs(12 * 3600)
+}
+fn default_max_retry_after() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// Outbound token bucket: `rate` per second, up to `burst` at once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub rate: f64,
+    /// Default: one second's worth (`rate`, at least 1).
+    pub burst: Option<u32>,
+    /// What a token pays for.
+    #[serde(default)]
+    pub per: RatePer,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RatePer {
+    #[default]
+    Event,
+    Request,
+}
+
+impl RateLimitConfig {
+    pub fn burst(&self) -> u32 {
+        self.burst
+            .unwrap_or_else(|| self.rate.ceil().max(1.0) as u32)
+    }
+}
+
+/// The batch shape a destination is given, after defaults and the kind's own limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    pub max_events: usize,
+    pub max_bytes: usize,
+    pub linger: Duration,
+}
+
+/// Segment's `/v1/batch` limits (and those of any fanout downstream).
+pub const SEGMENT_MAX_EVENTS: usize = 2500;
+/// 500 KB, less room for `{"batch":[` … `]}`.
+pub const SEGMENT_MAX_BYTES: usize = 500 * 1024 - 64;
+
+impl DestinationConfig {
+    /// Checks the keys against the kind; the error names the key.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let kind = self.kind;
+        let misplaced = |key: &str| {
+            Err((
+                key.to_string(),
+                format!("`{key}` does not apply to kind `{}`", kind.as_str()),
+            ))
+        };
+        let set = [
+            ("path", self.path.is_some()),
+            ("url", self.url.is_some()),
+            ("headers", !self.headers.is_empty()),
+            ("signing_secret_env", self.signing_secret_env.is_some()),
+            ("payload", self.payload.is_some()),
+            ("write_key_env", self.write_key_env.is_some()),
+            ("gzip", self.gzip.is_some()),
+            ("concurrency", self.concurrency.is_some()),
+            ("ordering", self.ordering.is_some()),
+            ("timeout", self.timeout.is_some()),
+            ("retry", self.retry.is_some()),
+            ("rate_limit", self.rate_limit.is_some()),
+        ];
+        let allowed: &[&str] = match kind {
+            DestinationKind::File => &["path"],
+            DestinationKind::Stdout => &[],
+            DestinationKind::Webhook => &[
+                "url",
+                "headers",
+                "signing_secret_env",
+                "payload",
+                "gzip",
+                "concurrency",
+                "ordering",
+                "timeout",
+                "retry",
+                "rate_limit",
+            ],
+            DestinationKind::Segment => &[
+                "url",
+                "write_key_env",
+                "gzip",
+                "concurrency",
+                "ordering",
+                "timeout",
+                "retry",
+                "rate_limit",
+            ],
+        };
+        for (key, is_set) in set {
+            if is_set && !allowed.contains(&key) {
+                return misplaced(key);
+            }
+        }
+        let required = match kind {
+            DestinationKind::File => Some(("path", self.path.is_some())),
+            DestinationKind::Webhook => Some(("url", self.url.is_some())),
+            DestinationKind::Segment => Some(("write_key_env", self.write_key_env.is_some())),
+            DestinationKind::Stdout => None,
+        };
+        if let Some((key, false)) = required {
+            return Err((
+                key.to_string(),
+                format!("kind `{}` needs `{key}`", kind.as_str()),
+            ));
+        }
+        if let Some(url) = &self.url {
+            if !(url.starts_with("http://") || url.starts_with("https://"))
+                || url.parse::<http::Uri>().is_err()
+            {
+                return Err(("url".into(), format!("`{url}` is not an http(s) URL")));
+            }
+        }
+        for name in self.headers.keys() {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err((format!("headers.{name}"), "not a valid header name".into()));
+            }
+        }
+        if self.concurrency == Some(0) {
+            return Err(("concurrency".into(), "must be at least 1".into()));
+        }
+        if let Some(rate) = &self.rate_limit {
+            if !(rate.rate.is_finite() && rate.rate > 0.0) {
+                return Err(("rate_limit.rate".into(), "must be above 0".into()));
+            }
+            if rate.burst == Some(0) {
+                return Err(("rate_limit.burst".into(), "must be at least 1".into()));
+            }
+        }
+        if let Some(batch) = &self.batch {
+            if batch.max_events == Some(0) {
+                return Err(("batch.max_events".into(), "must be at least 1".into()));
+            }
+            if batch.max_bytes == Some(0) {
+                return Err(("batch.max_bytes".into(), "must be at least 1".into()));
+            }
+            if kind == DestinationKind::Segment {
+                if batch.max_events.is_some_and(|n| n > SEGMENT_MAX_EVENTS) {
+                    return Err((
+                        "batch.max_events".into(),
+                        format!("at most {SEGMENT_MAX_EVENTS} (Segment's batch limit)"),
+                    ));
+                }
+                if batch.max_bytes.is_some_and(|n| n > SEGMENT_MAX_BYTES) {
+                    return Err((
+                        "batch.max_bytes".into(),
+                        format!("at most {SEGMENT_MAX_BYTES} (Segment's 500 KB request limit)"),
+                    ));
+                }
+            }
+        }
+        if let Some(retry) = &self.retry {
+            if retry.initial_backoff.is_zero() || retry.initial_backoff > retry.max_backoff {
+                return Err((
+                    "retry.initial_backoff".into(),
+                    "must be above 0 and at most retry.max_backoff".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Batch shape: the configured values over the kind's defaults, within its limits.
+    pub fn batch_limits(&self) -> BatchLimits {
+        let (events, bytes, linger) = match self.kind {
+            DestinationKind::File | DestinationKind::Stdout => (1000, 1024 * 1024, 0),
+            DestinationKind::Webhook => (100, 1024 * 1024, 200),
+            DestinationKind::Segment => (500, SEGMENT_MAX_BYTES, 1000),
+        };
+        let batch = self.batch.clone().unwrap_or_default();
+        let mut max_events = batch.max_events.unwrap_or(events);
+        if self.payload == Some(WebhookPayload::Message) {
+            max_events = 1;
+        }
+        // A batch must fit in the bucket, or the limiter could never let it through.
+        if let Some(rate) = self.rate_limit.as_ref().filter(|r| r.per == RatePer::Event) {
+            max_events = max_events.min(rate.burst() as usize);
+        }
+        BatchLimits {
+            max_events,
+            max_bytes: batch.max_bytes.unwrap_or(bytes),
+            linger: batch.linger.unwrap_or(Duration::from_millis(linger)),
+        }
+    }
+
+    pub fn retry(&self) -> RetryConfig {
+        self.retry.clone().unwrap_or_default()
+    }
+
+    pub fn concurrency(&self) -> usize {
+        self.concurrency.unwrap_or(1)
+    }
+
+    pub fn ordering(&self) -> bool {
+        self.ordering.unwrap_or(true)
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout.unwrap_or(Duration::from_secs(30))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> DestinationConfig {
+        toml::from_str(toml_text).unwrap()
+    }
+
+    #[test]
+    fn keys_of_another_kind_are_refused_by_name() {
+        let d = parse("name = \"f\"\nkind = \"file\"\npath = \"x\"\nurl = \"http://h\"\n");
+        assert_eq!(d.validate().unwrap_err().0, "url");
+        let d = parse("name = \"w\"\nkind = \"webhook\"\n");
+        assert_eq!(d.validate().unwrap_err().0, "url");
+        let d =
+            parse("name = \"s\"\nkind = \"segment\"\nwrite_key_env = \"K\"\nurl = \"ftp://x\"\n");
+        assert_eq!(d.validate().unwrap_err().0, "url");
+    }
+
+    #[test]
+    fn batch_limits_follow_kind_payload_and_rate() {
+        let d = parse("name = \"s\"\nkind = \"segment\"\nwrite_key_env = \"K\"\n");
+        assert_eq!(d.batch_limits().max_events, 500);
+        assert_eq!(d.batch_limits().max_bytes, SEGMENT_MAX_BYTES);
+        let d = parse(
+            "name = \"w\"\nkind = \"webhook\"\nurl = \"http://h/x\"\nrate_limit = { rate = 50 }\n",
+        );
+        assert_eq!(d.batch_limits().max_events, 50);
+        let d = parse(
+            "name = \"w\"\nkind = \"webhook\"\nurl = \"http://h/x\"\npayload = \"message\"\n",
+        );
+        assert_eq!(d.batch_limits().max_events, 1);
+        let d = parse(
+            "name = \"s\"\nkind = \"segment\"\nwrite_key_env = \"K\"\nbatch = { max_events = 3000 }\n",
+        );
+        assert_eq!(d.validate().unwrap_err().0, "batch.max_events");
+    }
+}

@@ -1,0 +1,215 @@
+//! Delivering one batch: wait for the destination's gate, a send slot and rate tokens;
+//! send; on a retryable failure back off and try again until the batch is delivered or
+//! out of attempts; on a rejection split it in halves, down to single messages, so that
+//! only the message the destination refuses is dead-lettered.
+
+use std::sync::{Arc, Mutex};
+
+use chrono::Utc;
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
+
+use super::dead_letters::{Failure, Reason};
+use super::rate_limit::RateLimiter;
+use super::retry::RetryPolicy;
+use crate::config::RatePer;
+use crate::destinations::{AnyDestination, Destination, SendError};
+
+/// What a destination's batches share.
+pub struct DeliveryContext {
+    pub name: String,
+    pub destination: AnyDestination,
+    pub policy: RetryPolicy,
+    pub limiter: Option<(RateLimiter, RatePer)>,
+    /// Batches sending at once.
+    pub sends: Semaphore,
+    /// No request before this instant (set from `Retry-After`): a destination that
+    /// says it is overloaded is overloaded for every batch, not just the one told.
+    pub gate: Mutex<Option<Instant>>,
+    pub stop: watch::Receiver<bool>,
+}
+
+impl DeliveryContext {
+    fn gate(&self) -> Option<Instant> {
+        *self.gate.lock().expect("gate lock poisoned")
+    }
+
+    fn hold_until(&self, until: Instant) {
+        let mut gate = self.gate.lock().expect("gate lock poisoned");
+        if gate.is_none_or(|g| g < until) {
+            *gate = Some(until);
+        }
+    }
+}
+
+/// Where a message came from, which decides what happens once it is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The queue; `seq` is its place in the engine's read order.
+    Queue { seq: u64 },
+    /// A dead letter being replayed.
+    Replay { id: i64 },
+}
+
+#[derive(Debug)]
+pub struct Item {
+    pub origin: Origin,
+    pub source: String,
+    pub json: Vec<u8>,
+    /// Ordering key (hash of anonymousId or userId); 0 when the message has none.
+    pub user: u64,
+    /// When the engine read it; a partial batch waits at most `linger` past this.
+    pub read_at: Instant,
+}
+
+#[derive(Debug, Clone)]
+pub enum Settled {
+    Delivered,
+    Dead(Arc<Failure>),
+    /// Shutdown came first; the message is still owed.
+    Abandoned,
+}
+
+pub struct BatchResult {
+    pub items: Vec<Item>,
+    /// One per item.
+    pub settled: Vec<Settled>,
+    /// The destination's mark after the last successful send, if any.
+    pub mark: Option<u64>,
+}
+
+enum Attempt {
+    Delivered(u64),
+    Rejected(Failure),
+    Exhausted(Failure),
+    Stopped,
+}
+
+/// Delivers `items`, splitting on rejection. Every item comes back settled.
+pub async fn deliver(context: Arc<DeliveryContext>, items: Vec<Item>) -> BatchResult {
+    let mut settled = vec![Settled::Abandoned; items.len()];
+    let mut mark = None;
+    // Ranges still to send; the left half is pushed last so it goes first (order kept).
+    let mut todo = vec![(0, items.len())];
+    while let Some((lo, hi)) = todo.pop() {
+        match send_with_retries(&context, &items[lo..hi]).await {
+            Attempt::Delivered(m) => {
+                mark = Some(m);
+                settled[lo..hi].fill(Settled::Delivered);
+            }
+            Attempt::Rejected(failure) if hi - lo > 1 => {
+                tracing::info!(
+                    destination = %context.name,
+                    messages = hi - lo,
+                    status = failure.status,
+                    "batch rejected; splitting it to find the message at fault"
+                );
+                let mid = lo + (hi - lo) / 2;
+                todo.push((mid, hi));
+                todo.push((lo, mid));
+            }
+            Attempt::Rejected(failure) | Attempt::Exhausted(failure) => {
+                settled[lo..hi].fill(Settled::Dead(Arc::new(failure)));
+            }
+            Attempt::Stopped => break,
+        }
+    }
+    BatchResult {
+        items,
+        settled,
+        mark,
+    }
+}
+
+async fn send_with_retries(context: &DeliveryContext, items: &[Item]) -> Attempt {
+    let messages: Vec<&[u8]> = items.iter().map(|i| i.json.as_slice()).collect();
+    let first = Instant::now();
+    let first_wall = Utc::now();
+    let sequential = context.destination.sequential();
+    let mut stop = context.stop.clone();
+    let mut attempts = 0u32;
+    loop {
+        if let Some(until) = context.gate().filter(|&g| g > Instant::now()) {
+            if !sleep_unless_stopped(&mut stop, until).await {
+                return Attempt::Stopped;
+            }
+        }
+        let permit = tokio::select! {
+            permit = context.sends.acquire() => permit.expect("send semaphore never closes"),
+            _ = stop.wait_for(|&s| s) => return Attempt::Stopped,
+        };
+        if let Some((limiter, per)) = &context.limiter {
+            let tokens = match per {
+                RatePer::Event => messages.len() as u32,
+                RatePer::Request => 1,
+            };
+            tokio::select! {
+                _ = limiter.acquire(tokens) => {}
+                _ = stop.wait_for(|&s| s) => return Attempt::Stopped,
+            }
+        }
+        attempts += 1;
+        let result = context.destination.send(&messages).await;
+        drop(permit);
+        let (status, retry_after, detail) = match result {
+            Ok(mark) => return Attempt::Delivered(mark),
+            Err(SendError::Rejected { status, detail }) => {
+                return Attempt::Rejected(Failure {
+                    reason: Reason::Rejected,
+                    status: Some(status),
+                    response: detail,
+                    attempts,
+                    first_attempt_at: first_wall,
+                })
+            }
+            Err(SendError::Retryable {
+                status,
+                retry_after,
+                detail,
+            }) => (status, retry_after, detail),
+        };
+        let now = Instant::now();
+        if let Some(asked) = retry_after {
+            context.hold_until(now + context.policy.clamp_retry_after(asked));
+        }
+        // A local sink that fails is a disk problem: retry it without end rather than
+        // dead-letter everything onto the same disk.
+        if !sequential && context.policy.exhausted(attempts, first, now) {
+            tracing::error!(
+                destination = %context.name,
+                messages = messages.len(),
+                attempts,
+                error = %detail,
+                "giving up on a batch; dead-lettering it"
+            );
+            return Attempt::Exhausted(Failure {
+                reason: Reason::RetriesExhausted,
+                status,
+                response: detail,
+                attempts,
+                first_attempt_at: first_wall,
+            });
+        }
+        let delay = context.policy.delay(attempts, retry_after);
+        tracing::warn!(
+            destination = %context.name,
+            messages = messages.len(),
+            attempts,
+            status,
+            retry_in_ms = delay.as_millis() as u64,
+            error = %detail,
+            "delivery failed; will retry"
+        );
+        if !sleep_unless_stopped(&mut stop, now + delay).await {
+            return Attempt::Stopped;
+        }
+    }
+}
+
+/// Sleeps until `until`; false if shutdown came first.
+async fn sleep_unless_stopped(stop: &mut watch::Receiver<bool>, until: Instant) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep_until(until) => true,
+        _ = stop.wait_for(|&s| s) => false,
+    }
+}

@@ -1,0 +1,556 @@
+//! One destination's delivery loop: read the queue ahead of the cursor, group messages
+//! into batches, run a bounded number of batches at once, and move the cursor over the
+//! longest prefix of messages that are settled (delivered or dead-lettered).
+//!
+//! Ordering: each message's user (anonymousId, else userId) may have messages in at
+//! most one unsettled batch at a time. A batch that is retrying holds back its own
+//! users' later messages; other users' messages keep flowing in new batches. With
+//! `ordering = false` batches are formed from the front of the queue without that check.
+//! Sequential destinations (files) run one batch at a time, so their order is the
+//! queue's order.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::batch::{self, BatchResult, DeliveryContext, Item, Origin, Settled};
+use super::dead_letters::{DeadLetters, Failure};
+use crate::config::BatchLimits;
+use crate::ingest::json::{scalar, RawObject, Scalar};
+use crate::queue::{Checkpoint, Cursor, QueueReader, Record};
+
+/// How often marked dead letters are looked for.
+const REPLAY_POLL: Duration = Duration::from_secs(1);
+/// Cursor saves are spaced at least this far apart; a crash re-sends at most this much
+/// more (the file destination cuts back to the saved mark, so it still holds each once).
+const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+const READ_RETRY: Duration = Duration::from_secs(1);
+
+/// How a destination's messages are grouped and how many batches may be unsettled.
+pub struct Shape {
+    pub limits: BatchLimits,
+    /// Keep each user's messages in order (see the module comment).
+    pub ordering: bool,
+    /// Batches unsettled at once (sending, waiting to send, or backing off).
+    pub max_outstanding: usize,
+}
+
+pub struct Engine {
+    context: Arc<DeliveryContext>,
+    dead_letters: Arc<DeadLetters>,
+    limits: BatchLimits,
+    ordering: bool,
+    max_outstanding: usize,
+    reader: Option<QueueReader>,
+    cursor: Option<Cursor>,
+    stop: watch::Receiver<bool>,
+
+    /// Read from the queue, not yet in a batch, in queue order.
+    pending: VecDeque<Item>,
+    pending_bytes: usize,
+    /// Dead letters marked for replay, not yet in a batch.
+    replays: VecDeque<Item>,
+    /// Replayed items in unsettled batches, and the highest row id taken.
+    replaying: usize,
+    replay_after: i64,
+    next_replay_poll: Instant,
+    /// Every queue item read and not yet passed by the cursor: its end position and
+    /// whether it is settled. `ledger[0]` has sequence number `ledger_base`.
+    ledger: VecDeque<(u64, bool)>,
+    ledger_base: u64,
+    next_seq: u64,
+    /// Users with messages in an unsettled batch: the batch and how many.
+    owners: HashMap<u64, (u64, usize)>,
+    running: JoinSet<BatchResult>,
+    next_batch: u64,
+    /// Settled position and destination mark not yet saved, and when to save them.
+    unsaved: Option<Checkpoint>,
+    last_commit: Instant,
+    mark: u64,
+    read_again_at: Option<Instant>,
+    /// When the partial batch held back for `linger` may go.
+    linger_until: Option<Instant>,
+}
+
+impl Engine {
+    pub fn new(
+        context: Arc<DeliveryContext>,
+        dead_letters: Arc<DeadLetters>,
+        shape: Shape,
+        reader: QueueReader,
+        cursor: Cursor,
+        saved: Option<Checkpoint>,
+    ) -> Engine {
+        let stop = context.stop.clone();
+        Engine {
+            context,
+            dead_letters,
+            limits: shape.limits,
+            ordering: shape.ordering,
+            max_outstanding: shape.max_outstanding,
+            reader: Some(reader),
+            cursor: Some(cursor),
+            stop,
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            replays: VecDeque::new(),
+            replaying: 0,
+            replay_after: 0,
+            next_replay_poll: Instant::now(),
+            ledger: VecDeque::new(),
+            ledger_base: 0,
+            next_seq: 0,
+            owners: HashMap::new(),
+            running: JoinSet::new(),
+            next_batch: 0,
+            unsaved: None,
+            last_commit: Instant::now(),
+            mark: saved.map_or(0, |c| c.sink_offset),
+            read_again_at: None,
+            linger_until: None,
+        }
+    }
+
+    /// Messages read ahead of the cursor are bounded, so memory is too, however long
+    /// the backlog behind a slow destination.
+    fn lookahead_full(&self) -> bool {
+        let slots = self.max_outstanding + 1;
+        self.pending.len() >= self.limits.max_events * slots
+            || self.pending_bytes >= self.limits.max_bytes * slots
+    }
+
+    fn reader(&self) -> &QueueReader {
+        self.reader
+            .as_ref()
+            .expect("reader is back after each read")
+    }
+
+    pub async fn run(mut self) {
+        loop {
+            let stopping = *self.stop.borrow();
+            if !stopping {
+                self.read_more().await;
+                self.poll_replays().await;
+                self.start_batches();
+            }
+            if stopping && self.running.is_empty() {
+                self.save().await;
+                return;
+            }
+            let linger_at = if stopping { None } else { self.linger_until };
+            let commit_at = self.unsaved.map(|_| self.last_commit + COMMIT_INTERVAL);
+            // Resolves at once if data arrived since the last read.
+            let can_read = !stopping && !self.lookahead_full() && self.read_again_at.is_none();
+            let replay_at = self.next_replay_poll;
+            let read_again_at = self.read_again_at;
+            let reader = self.reader.as_mut().expect("reader present");
+            tokio::select! {
+                Some(done) = self.running.join_next(), if !self.running.is_empty() => {
+                    match done {
+                        Ok(result) => self.settle(result).await,
+                        Err(e) => tracing::error!(
+                            destination = %self.context.name, error = %e,
+                            "a batch task failed; its messages are delivered again after a restart"
+                        ),
+                    }
+                }
+                _ = reader.wait_for_data(), if can_read => {}
+                _ = sleep_until_opt(linger_at), if linger_at.is_some() => {}
+                _ = sleep_until_opt(commit_at), if commit_at.is_some() => self.save().await,
+                _ = tokio::time::sleep_until(replay_at), if !stopping => {}
+                _ = sleep_until_opt(read_again_at), if read_again_at.is_some() => {
+                    self.read_again_at = None;
+                }
+                _ = self.stop.changed(), if !stopping => {}
+            }
+        }
+    }
+
+    /// Reads what fits in the lookahead from the queue.
+    async fn read_more(&mut self) {
+        if self.lookahead_full() || self.reader().lag() == 0 || self.read_again_at.is_some() {
+            return;
+        }
+        let slots = self.max_outstanding + 1;
+        let max_records =
+            self.limits.max_events * slots - self.pending.len().min(self.limits.max_events * slots);
+        let max_bytes = (self.limits.max_bytes * slots).saturating_sub(self.pending_bytes);
+        let reader = self.reader.take().expect("reader present");
+        let (reader, read) = tokio::task::spawn_blocking(move || {
+            let mut reader = reader;
+            let read = reader.read_batch(max_records.max(1), max_bytes.max(1));
+            (reader, read)
+        })
+        .await
+        .expect("queue read task panicked");
+        self.reader = Some(reader);
+        match read {
+            Ok(records) => {
+                let now = Instant::now();
+                for record in records {
+                    self.push_record(record, now);
+                }
+            }
+            Err(e) => {
+                tracing::error!(destination = %self.context.name, error = %e, "cannot read the queue");
+                self.read_again_at = Some(Instant::now() + READ_RETRY);
+            }
+        }
+    }
+
+    fn push_record(&mut self, record: Record, now: Instant) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if self.ledger.is_empty() {
+            self.ledger_base = seq;
+        }
+        self.ledger.push_back((record.end, false));
+        let user = if self.ordering {
+            ordering_key(&record.json)
+        } else {
+            0
+        };
+        self.pending_bytes += record.json.len();
+        self.pending.push_back(Item {
+            origin: Origin::Queue { seq },
+            source: record.source,
+            json: record.json,
+            user,
+            read_at: now,
+        });
+    }
+
+    /// Picks up dead letters marked for replay (by the CLI or the admin API).
+    async fn poll_replays(&mut self) {
+        let now = Instant::now();
+        if now < self.next_replay_poll {
+            return;
+        }
+        self.next_replay_poll = now + REPLAY_POLL;
+        if self.replaying == 0 && self.replays.is_empty() {
+            self.replay_after = 0;
+        }
+        if self.replays.len() >= self.limits.max_events {
+            return;
+        }
+        let store = self.dead_letters.clone();
+        let name = self.context.name.clone();
+        let (after, limit) = (self.replay_after, self.limits.max_events);
+        let rows = tokio::task::spawn_blocking(move || store.marked(&name, after, limit))
+            .await
+            .expect("dead-letter task panicked");
+        match rows {
+            Ok(rows) => {
+                if !rows.is_empty() {
+                    tracing::info!(destination = %self.context.name, messages = rows.len(), "replaying dead letters");
+                }
+                for (id, source, json) in rows {
+                    self.replay_after = self.replay_after.max(id);
+                    self.replays.push_back(Item {
+                        origin: Origin::Replay { id },
+                        source,
+                        json,
+                        user: 0,
+                        read_at: now,
+                    });
+                }
+            }
+            Err(e) => {
+                tracing::error!(destination = %self.context.name, error = %e, "cannot read dead letters")
+            }
+        }
+    }
+
+    fn start_batches(&mut self) {
+        self.linger_until = None;
+        while self.running.len() < self.max_outstanding {
+            let Some(items) = self.form_replay_batch().or_else(|| self.form_batch()) else {
+                break;
+            };
+            let id = self.next_batch;
+            self.next_batch += 1;
+            for item in &items {
+                match item.origin {
+                    Origin::Replay { .. } => self.replaying += 1,
+                    Origin::Queue { .. } if item.user != 0 => {
+                        self.owners.entry(item.user).or_insert((id, 0)).1 += 1;
+                    }
+                    Origin::Queue { .. } => {}
+                }
+            }
+            self.running
+                .spawn(batch::deliver(self.context.clone(), items));
+        }
+    }
+
+    fn form_replay_batch(&mut self) -> Option<Vec<Item>> {
+        if self.replays.is_empty() {
+            return None;
+        }
+        let mut items = Vec::new();
+        let mut bytes = 0;
+        while let Some(next) = self.replays.front() {
+            if items.len() == self.limits.max_events
+                || (!items.is_empty() && bytes + next.json.len() > self.limits.max_bytes)
+            {
+                break;
+            }
+            bytes += next.json.len();
+            items.push(self.replays.pop_front().expect("front exists"));
+        }
+        Some(items)
+    }
+
+    /// The next batch from the pending messages, or `None` if none should go yet: none
+    /// is free to go, or only a partial batch is, and it may still fill (more is in the
+    /// queue, or its oldest message has waited less than `linger`).
+    fn form_batch(&mut self) -> Option<Vec<Item>> {
+        let next_id = self.next_batch;
+        let mut chosen = Vec::new();
+        let mut bytes = 0;
+        let mut full = false;
+        for (index, item) in self.pending.iter().enumerate() {
+            if chosen.len() == self.limits.max_events {
+                full = true;
+                break;
+            }
+            if item.user != 0
+                && self
+                    .owners
+                    .get(&item.user)
+                    .is_some_and(|&(b, _)| b != next_id)
+            {
+                continue;
+            }
+            if !chosen.is_empty() && bytes + item.json.len() > self.limits.max_bytes {
+                full = true;
+                break;
+            }
+            bytes += item.json.len();
+            chosen.push(index);
+        }
+        let first = *chosen.first()?;
+        full |= chosen.len() == self.limits.max_events;
+        if !full && !*self.stop.borrow() {
+            let more_coming = self.reader().lag() > 0 && !self.lookahead_full();
+            let linger_until = self.pending[first].read_at + self.limits.linger;
+            if more_coming {
+                return None;
+            }
+            if Instant::now() < linger_until {
+                self.linger_until = Some(linger_until);
+                return None;
+            }
+        }
+        let chosen: HashSet<usize> = chosen.into_iter().collect();
+        let mut items = Vec::with_capacity(chosen.len());
+        let mut rest = VecDeque::with_capacity(self.pending.len() - chosen.len());
+        for (index, item) in self.pending.drain(..).enumerate() {
+            if chosen.contains(&index) {
+                self.pending_bytes -= item.json.len();
+                items.push(item);
+            } else {
+                rest.push_back(item);
+            }
+        }
+        self.pending = rest;
+        Some(items)
+    }
+
+    /// Records a finished batch: dead letters stored, users freed, cursor advanced.
+    async fn settle(&mut self, result: BatchResult) {
+        if let Some(mark) = result.mark {
+            self.mark = mark;
+        }
+        self.store_dead_letters(&result).await;
+        let mut delivered_replays = Vec::new();
+        for (item, settled) in result.items.iter().zip(&result.settled) {
+            match item.origin {
+                Origin::Queue { seq } => {
+                    if item.user != 0 {
+                        if let Some(owner) = self.owners.get_mut(&item.user) {
+                            owner.1 -= 1;
+                            if owner.1 == 0 {
+                                self.owners.remove(&item.user);
+                            }
+                        }
+                    }
+                    if !matches!(settled, Settled::Abandoned) {
+                        if let Some(slot) = self.ledger.get_mut((seq - self.ledger_base) as usize) {
+                            slot.1 = true;
+                        }
+                    }
+                }
+                Origin::Replay { id } => {
+                    self.replaying -= 1;
+                    if matches!(settled, Settled::Delivered) {
+                        delivered_replays.push(id);
+                    }
+                }
+            }
+        }
+        if !delivered_replays.is_empty() {
+            let store = self.dead_letters.clone();
+            let removed = tokio::task::spawn_blocking(move || store.remove(&delivered_replays))
+                .await
+                .expect("dead-letter task panicked");
+            if let Err(e) = removed {
+                // They stay marked and are sent again: at least once.
+                tracing::error!(destination = %self.context.name, error = %e, "cannot remove replayed dead letters");
+            }
+        }
+        let mut position = None;
+        while let Some(&(end, true)) = self.ledger.front() {
+            self.ledger.pop_front();
+            self.ledger_base += 1;
+            position = Some(end);
+        }
+        if let Some(position) = position {
+            self.unsaved = Some(Checkpoint {
+                position,
+                sink_offset: self.mark,
+            });
+            if self.last_commit.elapsed() >= COMMIT_INTERVAL {
+                self.save().await;
+            }
+        }
+    }
+
+    /// Stores the batch's dead letters, retrying until the store takes them: a queue
+    /// message is only settled once its dead letter is durable.
+    async fn store_dead_letters(&mut self, result: &BatchResult) {
+        // Items that failed together share one failure; store them as one group.
+        let mut groups: Vec<(Arc<Failure>, Vec<usize>)> = Vec::new();
+        for (index, settled) in result.settled.iter().enumerate() {
+            if let Settled::Dead(failure) = settled {
+                match groups.last_mut() {
+                    Some((f, members)) if Arc::ptr_eq(f, failure) => members.push(index),
+                    _ => groups.push((failure.clone(), vec![index])),
+                }
+            }
+        }
+        for (failure, members) in groups {
+            let (fresh, replayed): (Vec<usize>, Vec<usize>) = members
+                .into_iter()
+                .partition(|&i| matches!(result.items[i].origin, Origin::Queue { .. }));
+            let messages: Vec<(String, Vec<u8>)> = fresh
+                .iter()
+                .map(|&i| (result.items[i].source.clone(), result.items[i].json.clone()))
+                .collect();
+            let ids: Vec<i64> = replayed
+                .iter()
+                .filter_map(|&i| match result.items[i].origin {
+                    Origin::Replay { id } => Some(id),
+                    Origin::Queue { .. } => None,
+                })
+                .collect();
+            tracing::warn!(
+                destination = %self.context.name,
+                messages = messages.len() + ids.len(),
+                reason = failure.reason.as_str(),
+                status = failure.status,
+                "dead-lettered"
+            );
+            let mut wait = Duration::from_millis(100);
+            loop {
+                let store = self.dead_letters.clone();
+                let name = self.context.name.clone();
+                let (failure, messages, ids) = (failure.clone(), messages.clone(), ids.clone());
+                let stored = tokio::task::spawn_blocking(move || {
+                    let borrowed: Vec<(&str, &[u8])> = messages
+                        .iter()
+                        .map(|(s, j)| (s.as_str(), j.as_slice()))
+                        .collect();
+                    if !borrowed.is_empty() {
+                        store.add(&name, &borrowed, &failure)?;
+                    }
+                    if !ids.is_empty() {
+                        store.failed_again(&ids, &failure)?;
+                    }
+                    Ok::<_, rusqlite::Error>(())
+                })
+                .await
+                .expect("dead-letter task panicked");
+                match stored {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::error!(destination = %self.context.name, error = %e, "cannot store dead letters; retrying");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn save(&mut self) {
+        let Some(checkpoint) = self.unsaved.take() else {
+            return;
+        };
+        self.last_commit = Instant::now();
+        let cursor = self.cursor.take().expect("cursor present");
+        let (cursor, saved) = tokio::task::spawn_blocking(move || {
+            let saved = cursor.commit(checkpoint);
+            (cursor, saved)
+        })
+        .await
+        .expect("cursor task panicked");
+        self.cursor = Some(cursor);
+        if let Err(e) = saved {
+            // Delivered messages past the old cursor are sent again after a restart.
+            tracing::error!(destination = %self.context.name, error = %e, "cannot save the cursor");
+            self.unsaved.get_or_insert(checkpoint);
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The ordering key of a message: its anonymousId, else its userId (hashed); 0 if it
+/// has neither. anonymousId first, because browsers send it on every message, before
+/// and after identify, so one visitor's messages share one key.
+pub fn ordering_key(json: &[u8]) -> u64 {
+    let Some(object) = std::str::from_utf8(json)
+        .ok()
+        .and_then(|text| serde_json::from_str::<&RawValue>(text).ok())
+        .and_then(RawObject::parse)
+    else {
+        return 0;
+    };
+    for field in ["anonymousId", "userId"] {
+        if let Some(Scalar::Str(id)) = object.get(field).map(scalar) {
+            if !id.is_empty() {
+                return xxhash_rust::xxh3::xxh3_64(id.as_bytes()).max(1);
+            }
+        }
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ordering_key_prefers_anonymous_id() {
+        let both = ordering_key(br#"{"userId":"u1","anonymousId":"a1"}"#);
+        assert_eq!(both, ordering_key(br#"{"anonymousId":"a1"}"#));
+        assert_ne!(both, ordering_key(br#"{"userId":"u1"}"#));
+        assert_eq!(
+            ordering_key(br#"{"userId":"u1","anonymousId":null}"#),
+            ordering_key(br#"{"userId":"u1"}"#)
+        );
+        assert_eq!(ordering_key(br#"{"event":"x"}"#), 0);
+        assert_eq!(ordering_key(b"not json"), 0);
+    }
+}

@@ -1,0 +1,162 @@
+//! What every HTTP destination shares: a pooled client and one reading of answers.
+//!
+//! 2xx is delivered. 408, 429, 5xx, transport errors and timeouts are retryable. 401 and
+//! 403 are retryable too: they mean a wrong or expired credential, which an operator
+//! fixes, not bad data (peers that drop on them lose everything sent meanwhile). 3xx is
+//! retryable for the same reason (the URL needs fixing; redirects are not followed, as
+//! a POST body would not survive one). Any other 4xx is a rejection of the content.
+
+use std::time::{Duration, SystemTime};
+
+use super::SendError;
+
+/// Most bytes of an error answer kept (for logs and dead letters).
+const ERROR_BODY_BYTES: usize = 4096;
+
+pub fn client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("fanout/", env!("CARGO_PKG_VERSION")))
+        .build()?)
+}
+
+/// Sends `request` and reads the answer into a delivery outcome.
+pub async fn send(request: reqwest::RequestBuilder) -> Result<(), SendError> {
+    let response = request.send().await.map_err(|e| SendError::Retryable {
+        status: None,
+        retry_after: None,
+        detail: describe(&e),
+    })?;
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, SystemTime::now()));
+    // Read the body even on success, so the connection goes back to the pool.
+    let body = read_limited(response).await;
+    match classify(status, retry_after, body) {
+        None => Ok(()),
+        Some(e) => Err(e),
+    }
+}
+
+/// The outcome of an answer: `None` when delivered.
+pub fn classify(status: u16, retry_after: Option<Duration>, body: String) -> Option<SendError> {
+    let detail = if body.is_empty() {
+        format!("HTTP {status}")
+    } else {
+        body
+    };
+    match status {
+        200..=299 => None,
+        408 | 429 | 401 | 403 | 300..=399 | 500..=599 => Some(SendError::Retryable {
+            status: Some(status),
+            retry_after,
+            detail,
+        }),
+        400..=499 => Some(SendError::Rejected { status, detail }),
+        _ => Some(SendError::Retryable {
+            status: Some(status),
+            retry_after,
+            detail,
+        }),
+    }
+}
+
+/// `Retry-After` as delay seconds or an HTTP date (RFC 9110 §10.2.3).
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+async fn read_limited(mut response: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    // Keep reading past the limit (without keeping it) so the connection stays reusable.
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = ERROR_BODY_BYTES.saturating_sub(body.len());
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+fn describe(e: &reqwest::Error) -> String {
+    let what = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "cannot connect"
+    } else {
+        "request failed"
+    };
+    // The source chain says why (refused, reset, DNS…).
+    let mut detail = format!("{what}: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        detail.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    detail
+}
+
+/// Gzip at the default level.
+pub fn gzip(body: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 4),
+        flate2::Compression::fast(),
+    );
+    encoder
+        .write_all(body)
+        .expect("writing to a Vec cannot fail");
+    encoder.finish().expect("writing to a Vec cannot fail")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_answers() {
+        assert!(classify(202, None, String::new()).is_none());
+        for status in [408, 429, 500, 502, 503, 401, 403] {
+            assert!(
+                matches!(
+                    classify(status, None, String::new()),
+                    Some(SendError::Retryable { .. })
+                ),
+                "{status}"
+            );
+        }
+        for status in [400, 404, 413, 422] {
+            assert!(
+                matches!(
+                    classify(status, None, "no".into()),
+                    Some(SendError::Rejected { .. })
+                ),
+                "{status}"
+            );
+        }
+    }
+
+    #[test]
+    fn reads_retry_after_as_seconds_or_date() {
+        let now = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        assert_eq!(parse_retry_after("2", now), Some(Duration::from_secs(2)));
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:47 GMT", now),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+}

@@ -1,0 +1,83 @@
+//! Operator endpoints, behind a bearer token from `[admin] token_env`: list dead letters
+//! and mark them for replay. Without a token configured they do not exist (404).
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http::header::AUTHORIZATION;
+use http::HeaderMap;
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use super::{ApiError, App};
+use crate::ingest::Rejection;
+
+#[derive(Deserialize)]
+pub struct DeadLetterQuery {
+    destination: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Checks the bearer token in constant time.
+fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = &app.admin_token else {
+        return Err(ApiError::NotFound);
+    };
+    let given = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized(
+            "admin endpoints need `Authorization: Bearer <admin token>`",
+        ))
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Internal(format!("dead-letter store: {e}"))
+}
+
+/// `GET /admin/dead-letters?destination=NAME&limit=N`
+pub async fn list_dead_letters(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(query): Query<DeadLetterQuery>,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers)?;
+    let store = app.dead_letters.clone();
+    let limit = query.limit.unwrap_or(1000).min(100_000);
+    let letters =
+        tokio::task::spawn_blocking(move || store.list(query.destination.as_deref(), limit))
+            .await
+            .map_err(internal)?
+            .map_err(internal)?;
+    Ok(Json(serde_json::json!({ "dead_letters": letters })).into_response())
+}
+
+/// `POST /admin/dead-letters/replay?destination=NAME`
+pub async fn replay_dead_letters(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(query): Query<DeadLetterQuery>,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers)?;
+    let Some(destination) = query.destination else {
+        return Err(ApiError::Invalid(Rejection::field(
+            "missing_field",
+            "destination",
+            "name the destination: ?destination=NAME",
+        )));
+    };
+    let store = app.dead_letters.clone();
+    let replayed = tokio::task::spawn_blocking(move || store.request_replay(&destination))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    Ok(Json(serde_json::json!({ "replayed": replayed })).into_response())
+}
