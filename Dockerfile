@@ -10,6 +10,9 @@ COPY src ./src
 RUN cargo build --release --locked && strip target/release/fanout
 
 FROM debian:bookworm-slim
+# CA roots for HTTPS destinations (Segment, webhooks).
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --home-dir /var/lib/fanout --shell /usr/sbin/nologin fanout \
  && mkdir -p /var/lib/fanout /etc/fanout \
  && chown fanout:fanout /var/lib/fanout

@@ -296,11 +296,11 @@ impl Engine {
         let mut bytes = 0;
         while let Some(next) = self.replays.front() {
             if items.len() == self.limits.max_events
-                || (!items.is_empty() && bytes + next.json.len() > self.limits.max_bytes)
+                || (!items.is_empty() && bytes + wire_len(next) > self.limits.max_bytes)
             {
                 break;
             }
-            bytes += next.json.len();
+            bytes += wire_len(next);
             items.push(self.replays.pop_front().expect("front exists"));
         }
         Some(items)
@@ -327,11 +327,11 @@ impl Engine {
             {
                 continue;
             }
-            if !chosen.is_empty() && bytes + item.json.len() > self.limits.max_bytes {
+            if !chosen.is_empty() && bytes + wire_len(item) > self.limits.max_bytes {
                 full = true;
                 break;
             }
-            bytes += item.json.len();
+            bytes += wire_len(item);
             chosen.push(index);
         }
         let first = *chosen.first()?;
@@ -507,6 +507,11 @@ impl Engine {
             self.unsaved.get_or_insert(checkpoint);
         }
     }
+}
+
+/// Bytes a message takes in a request body: itself and one separator (comma or newline).
+fn wire_len(item: &Item) -> usize {
+    item.json.len() + 1
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

@@ -1,10 +1,12 @@
 //! What every HTTP destination shares: a pooled client and one reading of answers.
 //!
-//! 2xx is delivered. 408, 429, 5xx, transport errors and timeouts are retryable. 401 and
-//! 403 are retryable too: they mean a wrong or expired credential, which an operator
-//! fixes, not bad data (peers that drop on them lose everything sent meanwhile). 3xx is
-//! retryable for the same reason (the URL needs fixing; redirects are not followed, as
-//! a POST body would not survive one). Any other 4xx is a rejection of the content.
+//! 2xx is delivered. 408, 429, 5xx, transport errors and timeouts are retryable. So are
+//! the answers that mean the destination is misconfigured rather than the data bad —
+//! 401/403 (credential), 404/405/410 (URL), 3xx (redirects are not followed: a POST body
+//! would not survive one): every message would get the same answer, so splitting the
+//! batch and dead-lettering each message would only turn an operator's typo into a
+//! flood of dead letters (peers that drop on these lose everything sent meanwhile).
+//! They retry until fixed or until `retry.max_age`. Any other 4xx rejects the content.
 
 use std::time::{Duration, SystemTime};
 
@@ -53,11 +55,13 @@ pub fn classify(status: u16, retry_after: Option<Duration>, body: String) -> Opt
     };
     match status {
         200..=299 => None,
-        408 | 429 | 401 | 403 | 300..=399 | 500..=599 => Some(SendError::Retryable {
-            status: Some(status),
-            retry_after,
-            detail,
-        }),
+        408 | 429 | 401 | 403 | 404 | 405 | 410 | 300..=399 | 500..=599 => {
+            Some(SendError::Retryable {
+                status: Some(status),
+                retry_after,
+                detail,
+            })
+        }
         400..=499 => Some(SendError::Rejected { status, detail }),
         _ => Some(SendError::Retryable {
             status: Some(status),
@@ -125,7 +129,7 @@ mod tests {
     #[test]
     fn classifies_answers() {
         assert!(classify(202, None, String::new()).is_none());
-        for status in [408, 429, 500, 502, 503, 401, 403] {
+        for status in [408, 429, 500, 502, 503, 401, 403, 404, 410, 302] {
             assert!(
                 matches!(
                     classify(status, None, String::new()),
@@ -134,7 +138,7 @@ mod tests {
                 "{status}"
             );
         }
-        for status in [400, 404, 413, 422] {
+        for status in [400, 413, 422] {
             assert!(
                 matches!(
                     classify(status, None, "no".into()),

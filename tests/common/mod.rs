@@ -13,6 +13,7 @@ use serde_json::Value;
 
 pub mod captures;
 pub mod clients;
+pub mod receiver;
 
 /// Write keys every test config accepts (the captures' keys among them).
 pub const WRITE_KEY: &str = "wk_test";
@@ -25,6 +26,8 @@ pub struct Settings {
     pub sections: String,
     /// Keep fanout's standard output (for the stdout destination) instead of discarding it.
     pub capture_stdout: bool,
+    /// Extra environment variables for fanout (secrets are read from the environment).
+    pub env: Vec<(String, String)>,
 }
 
 impl Settings {
@@ -42,6 +45,12 @@ impl Settings {
     pub fn section(mut self, text: &str) -> Self {
         self.sections.push_str(text);
         self.sections.push('\n');
+        self
+    }
+
+    /// Sets `key=value` in fanout's environment (the server's and `Fanout::command`'s).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
         self
     }
 }
@@ -85,6 +94,7 @@ impl Fanout {
             .arg("--config")
             .arg(&config_path)
             .env("FANOUT_LOG", "info")
+            .envs(settings.env.iter().map(|(k, v)| (k, v)))
             .stdout(if settings.capture_stdout {
                 Stdio::piped()
             } else {
@@ -166,6 +176,23 @@ impl Fanout {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The config file this instance runs with.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("config.toml")
+    }
+
+    /// `fanout --config <this config>` with this instance's extra environment, for
+    /// subcommands run beside the server (add the subcommand's arguments).
+    pub fn command(&self) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_fanout"));
+        command
+            .arg("--config")
+            .arg(self.config_path())
+            .envs(self.settings.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null());
+        command
     }
 
     pub fn pid(&self) -> u32 {

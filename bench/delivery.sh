@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Delivery engine figures (issue 5), everything on 127.0.0.1:
+#  1. Fill: fanout with one webhook destination whose receiver is down; wrk loads
+#     /v1/batch (100 events per request) until about MESSAGES messages are queued.
+#     Reports fanout's RSS with that backlog behind the dead destination.
+#  2. Drain: start the baseline `ack` server (reads each body, answers 200) as the
+#     receiver and time until the destination's cursor reaches the end of the queue:
+#     delivery throughput to a fast local receiver, in events/s.
+# fanout on CPU 0, wrk and the receiver on CPU 1.
+# (The ack server answers any POST /v1/*, hence the webhook path.)
+# Usage: bench/delivery.sh   (needs wrk; builds fanout and the baseline in release)
+# Env: MESSAGES (1000000), BATCH (webhook batch.max_events, 500), CONCURRENCY (2),
+#      ORDERING (true).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+shared=${FANOUT_SHARED_DIR:-$root/../shared}
+MESSAGES=${MESSAGES:-1000000} BATCH=${BATCH:-500} CONCURRENCY=${CONCURRENCY:-2}
+ORDERING=${ORDERING:-true} PORT=${PORT:-18080} SINK_PORT=${SINK_PORT:-18090}
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+
+(cd "$root" && cargo build --release -q)
+CARGO_TARGET_DIR="$root/target/baseline" cargo build --release -q --manifest-path "$shared/bench/baseline/Cargo.toml"
+
+cat >"$work/config.toml" <<TOML
+[server]
+listen = "127.0.0.1:$PORT"
+data_dir = "$work/data"
+[[sources]]
+name = "bench"
+write_keys = ["WRITEKEY"]
+[[destinations]]
+name = "hook"
+kind = "webhook"
+url = "http://127.0.0.1:$SINK_PORT/v1/hook"
+concurrency = $CONCURRENCY
+ordering = $ORDERING
+batch = { max_events = $BATCH, linger = "50ms" }
+retry = { initial_backoff = "100ms", max_backoff = "1s" }
+TOML
+taskset -c 0 "$root/target/release/fanout" --config "$work/config.toml" 2>"$work/log" &
+fanout=$!; pids+=("$fanout")
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.05; done
+
+queue_end() { # end position of the log: newest segment's base + its length
+  local last; last=$(ls "$work/data/queue" | sort -n | tail -1)
+  echo $(( 10#${last%%.*} + $(stat -c %s "$work/data/queue/$last") ))
+}
+cursor() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["position"])' "$work/data/cursors/hook.cursor"; }
+rss_mb() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$fanout/status"; }
+
+# 1. Fill: wrk in rounds of 5 s until the queue holds MESSAGES messages.
+sent=0
+while [ "$sent" -lt "$MESSAGES" ]; do
+  taskset -c 1 wrk -t1 -c16 -d5s --timeout 5s -s "$shared/bench/wrk/batch.lua" "http://127.0.0.1:$PORT" >"$work/wrk" 2>&1
+  r=$(sed -n 's/^RESULT //p' "$work/wrk")
+  sent=$(( sent + $(python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print(int(r["events_per_s"]*r["duration_s"]))' "$r") ))
+done
+sleep 2
+echo "queued: ~$sent messages, $(( $(queue_end) / 1048576 )) MiB of log; fanout RSS with the dead destination: $(rss_mb) MB"
+
+# 2. Drain into the ack receiver.
+ADDR="127.0.0.1:$SINK_PORT" taskset -c 1 "$root/target/baseline/release/ack" >/dev/null 2>&1 &
+pids+=("$!")
+end=$(queue_end)
+start=$(date +%s.%N)
+t0=$(awk '{print $14 + $15}' "/proc/$fanout/stat")
+until [ "$(cursor)" -ge "$end" ]; do sleep 0.1; done
+t1=$(awk '{print $14 + $15}' "/proc/$fanout/stat")
+secs=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$start" "$(date +%s.%N)")
+cpu=$(python3 -c "import sys; print(f'{(float(sys.argv[2]) - float(sys.argv[1])) / float(sys.argv[3]):.2f}')" "$t0" "$t1" "$(getconf CLK_TCK)")
+echo "drained $sent messages in $secs s: $(python3 -c "print(int($sent / $secs))") events/s (batch $BATCH, concurrency $CONCURRENCY, ordering $ORDERING); fanout CPU $cpu s; RSS after: $(rss_mb) MB"
