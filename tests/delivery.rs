@@ -596,6 +596,18 @@ async fn dead_letters_replayed_with_the_cli_are_delivered() {
     assert_eq!(r.message_ids().iter().filter(|id| *id == "x").count(), 1);
 }
 
+/// Sends an admin request with `authorization` and reads the JSON answer.
+async fn admin(request: reqwest::RequestBuilder, authorization: &str) -> (u16, Value) {
+    status_json(
+        request
+            .header("authorization", authorization)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_replayed_through_the_admin_api_are_delivered() {
     let token = "admin-secret-1";
@@ -619,26 +631,10 @@ async fn dead_letters_replayed_through_the_admin_api_are_delivered() {
     }
     let bearer = format!("Bearer {token}");
     // A write key is not the admin token.
-    let (status, _) = status_json(
-        client()
-            .get(&list_url)
-            .header("authorization", basic(common::WRITE_KEY))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, _) = admin(client().get(&list_url), &basic(common::WRITE_KEY)).await;
     assert_eq!(status, 401);
 
-    let (status, body) = status_json(
-        client()
-            .get(&list_url)
-            .header("authorization", &bearer)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = admin(client().get(&list_url), &bearer).await;
     assert_eq!(status, 200, "{body}");
     let rows = body["dead_letters"].as_array().expect("dead_letters array");
     assert_eq!(rows.len(), 1, "{body}");
@@ -656,15 +652,7 @@ async fn dead_letters_replayed_through_the_admin_api_are_delivered() {
     assert_eq!(r.requests_with("x").len(), tries_of_x);
 
     r.clear_responder();
-    let (status, body) = status_json(
-        client()
-            .post(&replay_url)
-            .header("authorization", &bearer)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = admin(client().post(&replay_url), &bearer).await;
     assert_eq!((status, body), (200, json!({"replayed": 1})));
 
     let missing = r
@@ -673,15 +661,7 @@ async fn dead_letters_replayed_through_the_admin_api_are_delivered() {
     assert!(missing.is_empty(), "the replayed message arrives");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (status, body) = status_json(
-            client()
-                .get(&list_url)
-                .header("authorization", &bearer)
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (status, body) = admin(client().get(&list_url), &bearer).await;
         assert_eq!(status, 200, "{body}");
         if body["dead_letters"] == json!([]) {
             break;

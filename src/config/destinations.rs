@@ -195,34 +195,24 @@ impl DestinationConfig {
             ("retry", self.retry.is_some()),
             ("rate_limit", self.rate_limit.is_some()),
         ];
-        let allowed: &[&str] = match kind {
+        // What every HTTP kind takes: the engine's knobs.
+        const HTTP: [&str; 6] = [
+            "concurrency",
+            "ordering",
+            "timeout",
+            "retry",
+            "rate_limit",
+            "gzip",
+        ];
+        let own: &[&str] = match kind {
             DestinationKind::File => &["path"],
             DestinationKind::Stdout => &[],
-            DestinationKind::Webhook => &[
-                "url",
-                "headers",
-                "signing_secret_env",
-                "payload",
-                "gzip",
-                "concurrency",
-                "ordering",
-                "timeout",
-                "retry",
-                "rate_limit",
-            ],
-            DestinationKind::Segment => &[
-                "url",
-                "write_key_env",
-                "gzip",
-                "concurrency",
-                "ordering",
-                "timeout",
-                "retry",
-                "rate_limit",
-            ],
+            DestinationKind::Webhook => &["url", "headers", "signing_secret_env", "payload"],
+            DestinationKind::Segment => &["url", "write_key_env"],
         };
+        let allowed = |key: &str| own.contains(&key) || (kind.is_http() && HTTP.contains(&key));
         for (key, is_set) in set {
-            if is_set && !allowed.contains(&key) {
+            if is_set && !allowed(key) {
                 return misplaced(key);
             }
         }

@@ -109,8 +109,23 @@ fn describe(e: &reqwest::Error) -> String {
     detail
 }
 
-/// Gzip at the default level.
-pub fn gzip(body: &[u8]) -> Vec<u8> {
+/// Sets the body, gzip-compressed (with `Content-Encoding: gzip`) when asked.
+pub fn with_body(
+    request: reqwest::RequestBuilder,
+    body: Vec<u8>,
+    gzip: bool,
+) -> reqwest::RequestBuilder {
+    if gzip {
+        request
+            .header(reqwest::header::CONTENT_ENCODING, "gzip")
+            .body(compress(&body))
+    } else {
+        request.body(body)
+    }
+}
+
+/// Gzip at the fast level: bodies are compressed once per attempt, on the delivery path.
+fn compress(body: &[u8]) -> Vec<u8> {
     use std::io::Write;
     let mut encoder = flate2::write::GzEncoder::new(
         Vec::with_capacity(body.len() / 4),

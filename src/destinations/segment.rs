@@ -8,7 +8,7 @@
 //! `timestamp` as given (and `originalTimestamp` still records the client's clock).
 
 use base64::Engine as _;
-use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE};
+use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde_json::value::RawValue;
 
 use super::{http, secret_from_env, Destination, SendError};
@@ -79,14 +79,9 @@ impl Destination for SegmentDestination {
             .post(&self.endpoint)
             .header(AUTHORIZATION, self.authorization.clone())
             .header(CONTENT_TYPE, "application/json");
-        let request = if self.gzip {
-            request
-                .header(CONTENT_ENCODING, "gzip")
-                .body(http::gzip(&body))
-        } else {
-            request.body(body)
-        };
-        http::send(request).await.map(|()| 0)
+        http::send(http::with_body(request, body, self.gzip))
+            .await
+            .map(|()| 0)
     }
 }
 

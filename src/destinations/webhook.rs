@@ -4,7 +4,7 @@
 //! the secret from `signing_secret_env`.
 
 use hmac::{Hmac, Mac};
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_ENCODING, CONTENT_TYPE};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use sha2::Sha256;
 
 use super::{http, json_array, secret_from_env, Destination, SendError};
@@ -84,14 +84,9 @@ impl Destination for WebhookDestination {
         if let Some(secret) = &self.secret {
             request = request.header(SIGNATURE_HEADER, signature(secret, &body));
         }
-        let request = if self.gzip {
-            request
-                .header(CONTENT_ENCODING, "gzip")
-                .body(http::gzip(&body))
-        } else {
-            request.body(body)
-        };
-        http::send(request).await.map(|()| 0)
+        http::send(http::with_body(request, body, self.gzip))
+            .await
+            .map(|()| 0)
     }
 }
 
