@@ -1023,3 +1023,87 @@ async fn full_disk_budget_answers_503_until_the_queue_drains() {
         "a message answered 503 was delivered"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_holds_back_batches_already_queued_for_a_send_slot() {
+    let r = Receiver::start().await;
+    r.push_reply(
+        Reply::json(429, "{}")
+            .header("Retry-After", "3")
+            .delay(Duration::from_millis(300)),
+    );
+    let hook = Dest::webhook("hook", &r.url("/hook"))
+        .with("concurrency", "1")
+        .with("batch", r#"{ max_events = 1, linger = "0ms" }"#);
+    let f = Fanout::start_with(with_dests(&[hook]));
+    // Five users: the other four batches are queued for the one slot during the 429.
+    let sent: Vec<Value> = (0..5)
+        .map(|i| track(&format!("q{i}"), &format!("u{i}")))
+        .collect();
+    send(&f, &sent).await;
+    r.wait_for_messages(5, Duration::from_secs(20)).await;
+    let requests = r.requests();
+    assert_eq!(requests[0].status, 429);
+    let answered = requests[0].answered_at.unwrap();
+    let early: Vec<_> = requests[1..]
+        .iter()
+        .filter(|q| q.at < answered + Duration::from_secs(3))
+        .map(|q| (q.at - answered, q.message_ids()))
+        .collect();
+    assert!(
+        early.is_empty(),
+        "sent inside the Retry-After window: {early:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_with_a_long_failing_backlog_does_not_hold_back_others() {
+    let r = Receiver::start().await;
+    r.respond_with(|q| {
+        q.messages()
+            .iter()
+            .any(|m| m["userId"] == "stuck")
+            .then(|| Reply::json(500, "{}"))
+    });
+    let hook = Dest::webhook("hook", &r.url("/hook"))
+        .with("batch", r#"{ max_events = 5, linger = "0ms" }"#);
+    let f = Fanout::start_with(with_dests(&[hook]));
+    // Far more than the read-ahead holds (5 × (1 + 4 + 1) messages).
+    let stuck: Vec<Value> = (0..200).map(|i| track(&format!("s{i}"), "stuck")).collect();
+    send(&f, &stuck).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    send(&f, &[track("free-1", "free")]).await;
+    let missing = r
+        .wait_for_ids(&["free-1".to_string()].into(), Duration::from_secs(5))
+        .await;
+    assert!(missing.is_empty(), "another user's message is held back");
+    assert!(
+        r.messages().iter().all(|m| m["userId"] != "stuck"),
+        "the failing user's messages were never answered 2xx"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_for_a_hanging_receiver_and_the_message_stays_owed() {
+    let r = Receiver::start().await;
+    r.push_reply(Reply::status(200).delay(Duration::from_secs(15)));
+    let mut f = Fanout::start_with(with_dests(&[Dest::webhook("hook", &r.url("/hook"))]));
+    send(&f, &[track("h1", "u1")]).await;
+    r.wait_until(Duration::from_secs(10), |q| !q.is_empty())
+        .await;
+    let started = Instant::now();
+    let (exit, mut f) = tokio::task::spawn_blocking(move || (f.terminate(), f))
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert!(exit.success(), "{exit:?}");
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+    f.restart();
+    let missing = r
+        .wait_for_ids(&["h1".to_string()].into(), Duration::from_secs(10))
+        .await;
+    assert!(
+        missing.is_empty(),
+        "the interrupted message is sent after the restart"
+    );
+}

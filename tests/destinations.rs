@@ -52,3 +52,31 @@ async fn stdout_and_file_each_get_everything_and_resume_after_restart() {
         ["s-1", "s-2", "s-3", "s-4", "s-5"]
     );
 }
+
+#[tokio::test]
+async fn a_file_that_already_has_lines_keeps_them_across_restarts() {
+    let other = tempfile::tempdir().unwrap();
+    let path = other.path().join("archive.jsonl");
+    let before = "{\"old\":1}\n{\"old\":2}\n";
+    std::fs::write(&path, before).unwrap();
+    let settings = Settings::default().section(&format!(
+        "[[destinations]]\nname = \"archive\"\nkind = \"file\"\npath = \"{}\"\n",
+        path.display()
+    ));
+    let mut f = Fanout::start_with(settings);
+    let exit = f.terminate();
+    assert!(exit.success(), "{exit:?}");
+    f.restart();
+    send(&f, &["a-1"]).await;
+    f.wait_delivered(1).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = std::fs::read_to_string(&path).unwrap();
+        if text.lines().count() == 3 || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(text.starts_with(before), "earlier lines survive: {text:?}");
+    assert_eq!(text.lines().count(), 3, "{text:?}");
+}

@@ -244,8 +244,11 @@ impl DestinationConfig {
             return Err(("concurrency".into(), "must be at least 1".into()));
         }
         if let Some(rate) = &self.rate_limit {
-            if !(rate.rate.is_finite() && rate.rate > 0.0) {
-                return Err(("rate_limit.rate".into(), "must be above 0".into()));
+            if !(rate.rate.is_finite() && rate.rate >= 0.001) {
+                return Err((
+                    "rate_limit.rate".into(),
+                    "must be at least 0.001 (per second)".into(),
+                ));
             }
             if rate.burst == Some(0) {
                 return Err(("rate_limit.burst".into(), "must be at least 1".into()));

@@ -148,8 +148,30 @@ async fn send_with_retries(context: &DeliveryContext, items: &[Item]) -> Attempt
                 _ = stop.wait_for(|&s| s) => return Attempt::Stopped,
             }
         }
+        // A Retry-After that arrived while this batch queued for its slot applies too.
+        if context.gate().is_some_and(|g| g > Instant::now()) {
+            continue;
+        }
         attempts += 1;
-        let result = context.destination.send(&messages).await;
+        let result = if sequential {
+            // A local write is short and must not be torn by shutdown.
+            context.destination.send(&messages).await
+        } else {
+            // Shutdown does not wait for a slow receiver: the batch stays owed and is
+            // sent again after the restart.
+            tokio::select! {
+                result = context.destination.send(&messages) => result,
+                _ = stop.wait_for(|&s| s) => return Attempt::Stopped,
+            }
+        };
+        if let Err(SendError::Retryable {
+            retry_after: Some(asked),
+            ..
+        }) = &result
+        {
+            // Held before the slot is released, so no queued batch slips through.
+            context.hold_until(Instant::now() + context.policy.clamp_retry_after(*asked));
+        }
         drop(permit);
         let (status, retry_after, detail) = match result {
             Ok(mark) => return Attempt::Delivered(mark),
@@ -169,9 +191,6 @@ async fn send_with_retries(context: &DeliveryContext, items: &[Item]) -> Attempt
             }) => (status, retry_after, detail),
         };
         let now = Instant::now();
-        if let Some(asked) = retry_after {
-            context.hold_until(now + context.policy.clamp_retry_after(asked));
-        }
         // A local sink that fails is a disk problem: retry it without end rather than
         // dead-letter everything onto the same disk.
         if !sequential && context.policy.exhausted(attempts, first, now) {

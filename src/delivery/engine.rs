@@ -1,15 +1,17 @@
 //! One destination's delivery loop: read the queue ahead of the cursor, group messages
-//! into batches, run a bounded number of batches at once, and move the cursor over the
-//! longest prefix of messages that are settled (delivered or dead-lettered).
+//! into batches, run a bounded number of batches at once, and move the cursor to the
+//! start of the oldest message not yet settled (delivered or dead-lettered).
 //!
-//! Ordering: each message's user (anonymousId, else userId) may have messages in at
-//! most one unsettled batch at a time. A batch that is retrying holds back its own
-//! users' later messages; other users' messages keep flowing in new batches. With
-//! `ordering = false` batches are formed from the front of the queue without that check.
-//! Sequential destinations (files) run one batch at a time, so their order is the
-//! queue's order.
+//! Ordering: each message's user (anonymousId, else userId) has messages in at most one
+//! unsettled batch at a time. Messages read while their user is in a batch are *held*
+//! aside (in order, per user) and rejoin the ready line when that batch settles, so a
+//! batch that is retrying holds back its own users' later messages while other users'
+//! messages keep flowing. Held messages are bounded (`MAX_HELD_BYTES`); past that the
+//! destination stops reading until the retrying batch settles. With `ordering = false`
+//! every message is ready at once. Sequential destinations (files) run one batch at a
+//! time, so their order is the queue's order.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +32,8 @@ const REPLAY_POLL: Duration = Duration::from_secs(1);
 /// more (the file destination cuts back to the saved mark, so it still holds each once).
 const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 const READ_RETRY: Duration = Duration::from_secs(1);
+/// Most message bytes held back behind retrying users before reading pauses.
+const MAX_HELD_BYTES: usize = 64 * 1024 * 1024;
 
 /// How a destination's messages are grouped and how many batches may be unsettled.
 pub struct Shape {
@@ -50,31 +54,38 @@ pub struct Engine {
     cursor: Option<Cursor>,
     stop: watch::Receiver<bool>,
 
-    /// Read from the queue, not yet in a batch, in queue order.
-    pending: VecDeque<Item>,
-    pending_bytes: usize,
+    /// Read from the queue, free to go, not yet in a batch, in queue order.
+    ready: VecDeque<Item>,
+    ready_bytes: usize,
+    /// Read from the queue while their user had a batch unsettled, per user, in order.
+    held: HashMap<u64, VecDeque<Item>>,
+    held_bytes: usize,
     /// Dead letters marked for replay, not yet in a batch.
     replays: VecDeque<Item>,
     /// Replayed items in unsettled batches, and the highest row id taken.
     replaying: usize,
     replay_after: i64,
     next_replay_poll: Instant,
-    /// Every queue item read and not yet passed by the cursor: its end position and
-    /// whether it is settled. `ledger[0]` has sequence number `ledger_base`.
-    ledger: VecDeque<(u64, bool)>,
-    ledger_base: u64,
+    /// Start position of every queue message read and not settled, by sequence number:
+    /// the cursor may move up to the first of them (or to `read_end` if there is none).
+    unsettled: BTreeMap<u64, u64>,
+    /// End of the last record read.
+    read_end: u64,
     next_seq: u64,
     /// Users with messages in an unsettled batch: the batch and how many.
     owners: HashMap<u64, (u64, usize)>,
     running: JoinSet<BatchResult>,
     next_batch: u64,
-    /// Settled position and destination mark not yet saved, and when to save them.
+    /// Settled position and destination mark not yet saved, and the last recorded.
     unsaved: Option<Checkpoint>,
+    recorded: Checkpoint,
     last_commit: Instant,
     mark: u64,
     read_again_at: Option<Instant>,
     /// When the partial batch held back for `linger` may go.
     linger_until: Option<Instant>,
+    /// The stop sender is gone: behave as stopped.
+    stop_closed: bool,
 }
 
 impl Engine {
@@ -84,9 +95,11 @@ impl Engine {
         shape: Shape,
         reader: QueueReader,
         cursor: Cursor,
-        saved: Option<Checkpoint>,
+        saved: Checkpoint,
     ) -> Engine {
         let stop = context.stop.clone();
+        let read_end = reader.position();
+        let mark = saved.sink_offset;
         Engine {
             context,
             dead_letters,
@@ -96,23 +109,30 @@ impl Engine {
             reader: Some(reader),
             cursor: Some(cursor),
             stop,
-            pending: VecDeque::new(),
-            pending_bytes: 0,
+            ready: VecDeque::new(),
+            ready_bytes: 0,
+            held: HashMap::new(),
+            held_bytes: 0,
             replays: VecDeque::new(),
             replaying: 0,
             replay_after: 0,
             next_replay_poll: Instant::now(),
-            ledger: VecDeque::new(),
-            ledger_base: 0,
+            unsettled: BTreeMap::new(),
+            read_end,
             next_seq: 0,
             owners: HashMap::new(),
             running: JoinSet::new(),
             next_batch: 0,
             unsaved: None,
+            recorded: Checkpoint {
+                position: read_end,
+                sink_offset: mark,
+            },
             last_commit: Instant::now(),
-            mark: saved.map_or(0, |c| c.sink_offset),
+            mark,
             read_again_at: None,
             linger_until: None,
+            stop_closed: false,
         }
     }
 
@@ -120,8 +140,9 @@ impl Engine {
     /// the backlog behind a slow destination.
     fn lookahead_full(&self) -> bool {
         let slots = self.max_outstanding + 1;
-        self.pending.len() >= self.limits.max_events * slots
-            || self.pending_bytes >= self.limits.max_bytes * slots
+        self.ready.len() >= self.limits.max_events * slots
+            || self.ready_bytes >= self.limits.max_bytes * slots
+            || self.held_bytes >= MAX_HELD_BYTES
     }
 
     fn reader(&self) -> &QueueReader {
@@ -132,7 +153,7 @@ impl Engine {
 
     pub async fn run(mut self) {
         loop {
-            let stopping = *self.stop.borrow();
+            let stopping = self.stop_closed || *self.stop.borrow();
             if !stopping {
                 self.read_more().await;
                 self.poll_replays().await;
@@ -166,7 +187,9 @@ impl Engine {
                 _ = sleep_until_opt(read_again_at), if read_again_at.is_some() => {
                     self.read_again_at = None;
                 }
-                _ = self.stop.changed(), if !stopping => {}
+                changed = self.stop.changed(), if !stopping => {
+                    self.stop_closed = changed.is_err();
+                }
             }
         }
     }
@@ -177,9 +200,8 @@ impl Engine {
             return;
         }
         let slots = self.max_outstanding + 1;
-        let max_records =
-            self.limits.max_events * slots - self.pending.len().min(self.limits.max_events * slots);
-        let max_bytes = (self.limits.max_bytes * slots).saturating_sub(self.pending_bytes);
+        let max_records = (self.limits.max_events * slots).saturating_sub(self.ready.len());
+        let max_bytes = (self.limits.max_bytes * slots).saturating_sub(self.ready_bytes);
         let reader = self.reader.take().expect("reader present");
         let (reader, read) = tokio::task::spawn_blocking(move || {
             let mut reader = reader;
@@ -206,23 +228,27 @@ impl Engine {
     fn push_record(&mut self, record: Record, now: Instant) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        if self.ledger.is_empty() {
-            self.ledger_base = seq;
-        }
-        self.ledger.push_back((record.end, false));
+        self.unsettled.insert(seq, self.read_end);
+        self.read_end = record.end;
         let user = if self.ordering {
             ordering_key(&record.json)
         } else {
             0
         };
-        self.pending_bytes += record.json.len();
-        self.pending.push_back(Item {
+        let item = Item {
             origin: Origin::Queue { seq },
             source: record.source,
             json: record.json,
             user,
             read_at: now,
-        });
+        };
+        if user != 0 && self.owners.contains_key(&user) {
+            self.held_bytes += item.json.len();
+            self.held.entry(user).or_default().push_back(item);
+        } else {
+            self.ready_bytes += item.json.len();
+            self.ready.push_back(item);
+        }
     }
 
     /// Picks up dead letters marked for replay (by the CLI or the admin API).
@@ -274,18 +300,61 @@ impl Engine {
             };
             let id = self.next_batch;
             self.next_batch += 1;
+            let mut users = HashSet::new();
             for item in &items {
                 match item.origin {
                     Origin::Replay { .. } => self.replaying += 1,
                     Origin::Queue { .. } if item.user != 0 => {
                         self.owners.entry(item.user).or_insert((id, 0)).1 += 1;
+                        users.insert(item.user);
                     }
                     Origin::Queue { .. } => {}
                 }
             }
+            self.hold_users(&users);
             self.running
                 .spawn(batch::deliver(self.context.clone(), items));
         }
+    }
+
+    /// Moves ready messages of `users` (now in a batch) aside until that batch settles.
+    fn hold_users(&mut self, users: &HashSet<u64>) {
+        if users.is_empty() || !self.ready.iter().any(|i| users.contains(&i.user)) {
+            return;
+        }
+        let mut rest = VecDeque::with_capacity(self.ready.len());
+        for item in self.ready.drain(..) {
+            if users.contains(&item.user) {
+                self.ready_bytes -= item.json.len();
+                self.held_bytes += item.json.len();
+                self.held.entry(item.user).or_default().push_back(item);
+            } else {
+                rest.push_back(item);
+            }
+        }
+        self.ready = rest;
+    }
+
+    /// Puts the held messages of `users` (whose batches settled) back in the ready line,
+    /// in queue order.
+    fn release_users(&mut self, users: &[u64]) {
+        let mut released: Vec<Item> = users
+            .iter()
+            .filter_map(|u| self.held.remove(u))
+            .flatten()
+            .collect();
+        if released.is_empty() {
+            return;
+        }
+        let bytes: usize = released.iter().map(|i| i.json.len()).sum();
+        self.held_bytes -= bytes;
+        self.ready_bytes += bytes;
+        released.extend(self.ready.drain(..));
+        released.sort_by_key(|i| match i.origin {
+            Origin::Queue { seq } => seq,
+            Origin::Replay { .. } => u64::MAX,
+        });
+        self.ready = released.into();
     }
 
     fn form_replay_batch(&mut self) -> Option<Vec<Item>> {
@@ -306,59 +375,39 @@ impl Engine {
         Some(items)
     }
 
-    /// The next batch from the pending messages, or `None` if none should go yet: none
-    /// is free to go, or only a partial batch is, and it may still fill (more is in the
-    /// queue, or its oldest message has waited less than `linger`).
+    /// The next batch from the ready line, or `None` if none should go yet: nothing is
+    /// ready, or only a partial batch is and it may still fill (more is in the queue, or
+    /// its oldest message has waited less than `linger`).
     fn form_batch(&mut self) -> Option<Vec<Item>> {
-        let next_id = self.next_batch;
-        let mut chosen = Vec::new();
+        let first = self.ready.front()?;
+        let mut count = 0;
         let mut bytes = 0;
         let mut full = false;
-        for (index, item) in self.pending.iter().enumerate() {
-            if chosen.len() == self.limits.max_events {
-                full = true;
-                break;
-            }
-            if item.user != 0
-                && self
-                    .owners
-                    .get(&item.user)
-                    .is_some_and(|&(b, _)| b != next_id)
+        for item in &self.ready {
+            if count == self.limits.max_events
+                || (count > 0 && bytes + wire_len(item) > self.limits.max_bytes)
             {
-                continue;
-            }
-            if !chosen.is_empty() && bytes + wire_len(item) > self.limits.max_bytes {
                 full = true;
                 break;
             }
             bytes += wire_len(item);
-            chosen.push(index);
+            count += 1;
         }
-        let first = *chosen.first()?;
-        full |= chosen.len() == self.limits.max_events;
+        full |= count == self.limits.max_events;
         if !full && !*self.stop.borrow() {
-            let more_coming = self.reader().lag() > 0 && !self.lookahead_full();
-            let linger_until = self.pending[first].read_at + self.limits.linger;
+            let more_coming =
+                self.reader().lag() > 0 && !self.lookahead_full() && self.read_again_at.is_none();
             if more_coming {
                 return None;
             }
+            let linger_until = first.read_at + self.limits.linger;
             if Instant::now() < linger_until {
                 self.linger_until = Some(linger_until);
                 return None;
             }
         }
-        let chosen: HashSet<usize> = chosen.into_iter().collect();
-        let mut items = Vec::with_capacity(chosen.len());
-        let mut rest = VecDeque::with_capacity(self.pending.len() - chosen.len());
-        for (index, item) in self.pending.drain(..).enumerate() {
-            if chosen.contains(&index) {
-                self.pending_bytes -= item.json.len();
-                items.push(item);
-            } else {
-                rest.push_back(item);
-            }
-        }
-        self.pending = rest;
+        let items: Vec<Item> = self.ready.drain(..count).collect();
+        self.ready_bytes -= items.iter().map(|i| i.json.len()).sum::<usize>();
         Some(items)
     }
 
@@ -367,9 +416,16 @@ impl Engine {
         if let Some(mark) = result.mark {
             self.mark = mark;
         }
-        self.store_dead_letters(&result).await;
+        // If shutdown interrupted storing dead letters, those messages stay owed.
+        let dead_stored = self.store_dead_letters(&result).await;
         let mut delivered_replays = Vec::new();
+        let mut freed = Vec::new();
         for (item, settled) in result.items.iter().zip(&result.settled) {
+            let done = match settled {
+                Settled::Delivered => true,
+                Settled::Dead(_) => dead_stored,
+                Settled::Abandoned => false,
+            };
             match item.origin {
                 Origin::Queue { seq } => {
                     if item.user != 0 {
@@ -377,13 +433,12 @@ impl Engine {
                             owner.1 -= 1;
                             if owner.1 == 0 {
                                 self.owners.remove(&item.user);
+                                freed.push(item.user);
                             }
                         }
                     }
-                    if !matches!(settled, Settled::Abandoned) {
-                        if let Some(slot) = self.ledger.get_mut((seq - self.ledger_base) as usize) {
-                            slot.1 = true;
-                        }
+                    if done {
+                        self.unsettled.remove(&seq);
                     }
                 }
                 Origin::Replay { id } => {
@@ -394,6 +449,7 @@ impl Engine {
                 }
             }
         }
+        self.release_users(&freed);
         if !delivered_replays.is_empty() {
             let store = self.dead_letters.clone();
             let removed = tokio::task::spawn_blocking(move || store.remove(&delivered_replays))
@@ -404,17 +460,18 @@ impl Engine {
                 tracing::error!(destination = %self.context.name, error = %e, "cannot remove replayed dead letters");
             }
         }
-        let mut position = None;
-        while let Some(&(end, true)) = self.ledger.front() {
-            self.ledger.pop_front();
-            self.ledger_base += 1;
-            position = Some(end);
-        }
-        if let Some(position) = position {
-            self.unsaved = Some(Checkpoint {
-                position,
-                sink_offset: self.mark,
-            });
+        let now = Checkpoint {
+            position: self
+                .unsettled
+                .first_key_value()
+                .map_or(self.read_end, |(_, &start)| start),
+            sink_offset: self.mark,
+        };
+        // A replay moves the mark (a file grew) without moving the position: save it too,
+        // or a restart would cut the replayed lines off.
+        if now != self.recorded {
+            self.recorded = now;
+            self.unsaved = Some(now);
             if self.last_commit.elapsed() >= COMMIT_INTERVAL {
                 self.save().await;
             }
@@ -422,8 +479,9 @@ impl Engine {
     }
 
     /// Stores the batch's dead letters, retrying until the store takes them: a queue
-    /// message is only settled once its dead letter is durable.
-    async fn store_dead_letters(&mut self, result: &BatchResult) {
+    /// message is only settled once its dead letter is durable. False if shutdown came
+    /// first (the messages stay owed and are sent again after a restart).
+    async fn store_dead_letters(&mut self, result: &BatchResult) -> bool {
         // Items that failed together share one failure; store them as one group.
         let mut groups: Vec<(Arc<Failure>, Vec<usize>)> = Vec::new();
         for (index, settled) in result.settled.iter().enumerate() {
@@ -480,12 +538,16 @@ impl Engine {
                     Ok(()) => break,
                     Err(e) => {
                         tracing::error!(destination = %self.context.name, error = %e, "cannot store dead letters; retrying");
-                        tokio::time::sleep(wait).await;
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = self.stop.wait_for(|&s| s) => return false,
+                        }
                         wait = (wait * 2).min(Duration::from_secs(10));
                     }
                 }
             }
         }
+        true
     }
 
     async fn save(&mut self) {

@@ -20,7 +20,7 @@ pub use engine::ordering_key;
 
 use crate::config::DestinationConfig;
 use crate::destinations::{AnyDestination, Destination};
-use crate::queue::Queue;
+use crate::queue::{Checkpoint, Queue};
 use batch::DeliveryContext;
 use rate_limit::RateLimiter;
 use retry::RetryPolicy;
@@ -47,6 +47,17 @@ impl Deliveries {
         for config in destinations {
             let (reader, cursor, saved) = queue.subscribe(&config.name)?;
             let destination = AnyDestination::build(config, saved)?;
+            let saved = match saved {
+                Some(saved) => saved,
+                None => {
+                    let first = Checkpoint {
+                        position: reader.position(),
+                        sink_offset: destination.mark(),
+                    };
+                    cursor.commit(first)?;
+                    first
+                }
+            };
             let sequential = destination.sequential();
             let concurrency = if sequential { 1 } else { config.concurrency() };
             let limiter = config

@@ -51,7 +51,9 @@ impl RateLimiter {
             bucket.tokens -= n;
             None
         } else {
-            Some(Duration::from_secs_f64((n - bucket.tokens) / self.rate))
+            // Capped so a tiny rate cannot overflow the Duration; the loop re-checks.
+            let secs = ((n - bucket.tokens) / self.rate).min(3600.0);
+            Some(Duration::from_secs_f64(secs))
         }
     }
 }

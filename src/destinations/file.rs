@@ -97,4 +97,14 @@ impl Destination for FileDestination {
     fn sequential(&self) -> bool {
         true
     }
+
+    /// The output's length: what was there before this destination wrote is never cut.
+    fn mark(&self) -> u64 {
+        self.file
+            .lock()
+            .expect("file lock poisoned")
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map_or(0, |m| m.len())
+    }
 }

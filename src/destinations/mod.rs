@@ -63,6 +63,11 @@ pub trait Destination: Send + Sync + 'static {
     fn sequential(&self) -> bool {
         false
     }
+
+    /// The mark as things stand now (saved with a new destination's first checkpoint).
+    fn mark(&self) -> u64 {
+        0
+    }
 }
 
 /// Any configured destination; dispatches to the kind.
@@ -105,6 +110,15 @@ impl Destination for AnyDestination {
             AnyDestination::Stdout(d) => d.sequential(),
             AnyDestination::Webhook(d) => d.sequential(),
             AnyDestination::Segment(d) => d.sequential(),
+        }
+    }
+
+    fn mark(&self) -> u64 {
+        match self {
+            AnyDestination::File(d) => d.mark(),
+            AnyDestination::Stdout(d) => d.mark(),
+            AnyDestination::Webhook(d) => d.mark(),
+            AnyDestination::Segment(d) => d.mark(),
         }
     }
 }

@@ -166,7 +166,9 @@ impl Queue {
 
     /// Attaches a destination: its reader starts at its saved checkpoint (returned too),
     /// or at the current end of the log if it has none: a new destination gets what
-    /// is accepted from now on.
+    /// is accepted from now on. A new destination must save its first checkpoint at
+    /// once (`Cursor::commit` at `QueueReader::position`), or a restart before its first
+    /// delivery would start it at the end again, skipping what arrived in between.
     pub fn subscribe(
         &self,
         name: &str,
@@ -184,14 +186,6 @@ impl Queue {
             self.shared.committed.subscribe(),
         );
         let cursor = Cursor::new(name, self.shared.clone());
-        if saved.is_none() {
-            // Saved now, or a restart before the first delivery would start the
-            // destination at the end again and skip what arrived in between.
-            cursor.commit(Checkpoint {
-                position,
-                sink_offset: 0,
-            })?;
-        }
         Ok((reader, cursor, saved))
     }
 
