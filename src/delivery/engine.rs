@@ -3,15 +3,15 @@
 //! start of the oldest message not yet settled (delivered or dead-lettered).
 //!
 //! Ordering: each message's user (anonymousId, else userId) has messages in at most one
-//! unsettled batch at a time. Messages read while their user is in a batch are *held*
-//! aside (in order, per user) and rejoin the ready line when that batch settles, so a
-//! batch that is retrying holds back its own users' later messages while other users'
-//! messages keep flowing. Held messages are bounded (`MAX_HELD_BYTES`); past that the
-//! destination stops reading until the retrying batch settles. With `ordering = false`
-//! every message is ready at once. Sequential destinations (files) run one batch at a
-//! time, so their order is the queue's order.
+//! unsettled batch at a time. Waiting messages sit in per-user lines (`lines.rs`); a
+//! batch takes from the lines of free users only, in queue order, so a batch that is
+//! retrying holds back its own users' later messages while other users' messages keep
+//! flowing. Held messages are bounded (`MAX_HELD_BYTES`); past that the destination
+//! stops reading until the retrying batch settles. With `ordering = false` every message
+//! is free at once. Sequential destinations (files) run one batch at a time, so their
+//! order is the queue's order.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use super::batch::{self, BatchResult, DeliveryContext, Item, Origin, Settled};
 use super::dead_letters::{DeadLetters, Failure};
+use super::lines::{wire_len, Lines};
 use crate::config::BatchLimits;
 use crate::ingest::json::{scalar, RawObject, Scalar};
 use crate::queue::{Checkpoint, Cursor, QueueReader, Record};
@@ -33,7 +34,7 @@ const REPLAY_POLL: Duration = Duration::from_secs(1);
 const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 const READ_RETRY: Duration = Duration::from_secs(1);
 /// Most message bytes held back behind retrying users before reading pauses.
-const MAX_HELD_BYTES: usize = 64 * 1024 * 1024;
+const MAX_HELD_BYTES: usize = 16 * 1024 * 1024;
 
 /// How a destination's messages are grouped and how many batches may be unsettled.
 pub struct Shape {
@@ -54,12 +55,8 @@ pub struct Engine {
     cursor: Option<Cursor>,
     stop: watch::Receiver<bool>,
 
-    /// Read from the queue, free to go, not yet in a batch, in queue order.
-    ready: VecDeque<Item>,
-    ready_bytes: usize,
-    /// Read from the queue while their user had a batch unsettled, per user, in order.
-    held: HashMap<u64, VecDeque<Item>>,
-    held_bytes: usize,
+    /// Read from the queue, not yet in a batch.
+    lines: Lines,
     /// Dead letters marked for replay, not yet in a batch.
     replays: VecDeque<Item>,
     /// Replayed items in unsettled batches, and the highest row id taken.
@@ -109,10 +106,7 @@ impl Engine {
             reader: Some(reader),
             cursor: Some(cursor),
             stop,
-            ready: VecDeque::new(),
-            ready_bytes: 0,
-            held: HashMap::new(),
-            held_bytes: 0,
+            lines: Lines::default(),
             replays: VecDeque::new(),
             replaying: 0,
             replay_after: 0,
@@ -140,9 +134,9 @@ impl Engine {
     /// the backlog behind a slow destination.
     fn lookahead_full(&self) -> bool {
         let slots = self.max_outstanding + 1;
-        self.ready.len() >= self.limits.max_events * slots
-            || self.ready_bytes >= self.limits.max_bytes * slots
-            || self.held_bytes >= MAX_HELD_BYTES
+        self.lines.free_count() >= self.limits.max_events * slots
+            || self.lines.free_bytes() >= self.limits.max_bytes * slots
+            || self.lines.held_bytes() >= MAX_HELD_BYTES
     }
 
     fn reader(&self) -> &QueueReader {
@@ -200,8 +194,8 @@ impl Engine {
             return;
         }
         let slots = self.max_outstanding + 1;
-        let max_records = (self.limits.max_events * slots).saturating_sub(self.ready.len());
-        let max_bytes = (self.limits.max_bytes * slots).saturating_sub(self.ready_bytes);
+        let max_records = (self.limits.max_events * slots).saturating_sub(self.lines.free_count());
+        let max_bytes = (self.limits.max_bytes * slots).saturating_sub(self.lines.free_bytes());
         let reader = self.reader.take().expect("reader present");
         let (reader, read) = tokio::task::spawn_blocking(move || {
             let mut reader = reader;
@@ -235,20 +229,13 @@ impl Engine {
         } else {
             0
         };
-        let item = Item {
+        self.lines.push(Item {
             origin: Origin::Queue { seq },
             source: record.source,
             json: record.json,
             user,
             read_at: now,
-        };
-        if user != 0 && self.owners.contains_key(&user) {
-            self.held_bytes += item.json.len();
-            self.held.entry(user).or_default().push_back(item);
-        } else {
-            self.ready_bytes += item.json.len();
-            self.ready.push_back(item);
-        }
+        });
     }
 
     /// Picks up dead letters marked for replay (by the CLI or the admin API).
@@ -300,61 +287,19 @@ impl Engine {
             };
             let id = self.next_batch;
             self.next_batch += 1;
-            let mut users = HashSet::new();
             for item in &items {
                 match item.origin {
                     Origin::Replay { .. } => self.replaying += 1,
                     Origin::Queue { .. } if item.user != 0 => {
                         self.owners.entry(item.user).or_insert((id, 0)).1 += 1;
-                        users.insert(item.user);
+                        self.lines.hold(item.user);
                     }
                     Origin::Queue { .. } => {}
                 }
             }
-            self.hold_users(&users);
             self.running
                 .spawn(batch::deliver(self.context.clone(), items));
         }
-    }
-
-    /// Moves ready messages of `users` (now in a batch) aside until that batch settles.
-    fn hold_users(&mut self, users: &HashSet<u64>) {
-        if users.is_empty() || !self.ready.iter().any(|i| users.contains(&i.user)) {
-            return;
-        }
-        let mut rest = VecDeque::with_capacity(self.ready.len());
-        for item in self.ready.drain(..) {
-            if users.contains(&item.user) {
-                self.ready_bytes -= item.json.len();
-                self.held_bytes += item.json.len();
-                self.held.entry(item.user).or_default().push_back(item);
-            } else {
-                rest.push_back(item);
-            }
-        }
-        self.ready = rest;
-    }
-
-    /// Puts the held messages of `users` (whose batches settled) back in the ready line,
-    /// in queue order.
-    fn release_users(&mut self, users: &[u64]) {
-        let mut released: Vec<Item> = users
-            .iter()
-            .filter_map(|u| self.held.remove(u))
-            .flatten()
-            .collect();
-        if released.is_empty() {
-            return;
-        }
-        let bytes: usize = released.iter().map(|i| i.json.len()).sum();
-        self.held_bytes -= bytes;
-        self.ready_bytes += bytes;
-        released.extend(self.ready.drain(..));
-        released.sort_by_key(|i| match i.origin {
-            Origin::Queue { seq } => seq,
-            Origin::Replay { .. } => u64::MAX,
-        });
-        self.ready = released.into();
     }
 
     fn form_replay_batch(&mut self) -> Option<Vec<Item>> {
@@ -375,40 +320,33 @@ impl Engine {
         Some(items)
     }
 
-    /// The next batch from the ready line, or `None` if none should go yet: nothing is
-    /// ready, or only a partial batch is and it may still fill (more is in the queue, or
+    /// The next batch of free messages, or `None` if none should go yet: nothing is
+    /// free, or only a partial batch is and it may still fill (more is in the queue, or
     /// its oldest message has waited less than `linger`).
     fn form_batch(&mut self) -> Option<Vec<Item>> {
-        let first = self.ready.front()?;
-        let mut count = 0;
-        let mut bytes = 0;
-        let mut full = false;
-        for item in &self.ready {
-            if count == self.limits.max_events
-                || (count > 0 && bytes + wire_len(item) > self.limits.max_bytes)
-            {
-                full = true;
-                break;
-            }
-            bytes += wire_len(item);
-            count += 1;
+        let count = self.lines.free_count();
+        if count == 0 {
+            return None;
         }
-        full |= count == self.limits.max_events;
+        let full =
+            count >= self.limits.max_events || self.lines.free_bytes() > self.limits.max_bytes;
         if !full && !*self.stop.borrow() {
             let more_coming =
                 self.reader().lag() > 0 && !self.lookahead_full() && self.read_again_at.is_none();
             if more_coming {
                 return None;
             }
-            let linger_until = first.read_at + self.limits.linger;
+            let oldest = self.lines.oldest_free()?.read_at;
+            let linger_until = oldest + self.limits.linger;
             if Instant::now() < linger_until {
                 self.linger_until = Some(linger_until);
                 return None;
             }
         }
-        let items: Vec<Item> = self.ready.drain(..count).collect();
-        self.ready_bytes -= items.iter().map(|i| i.json.len()).sum::<usize>();
-        Some(items)
+        Some(
+            self.lines
+                .take(self.limits.max_events, self.limits.max_bytes),
+        )
     }
 
     /// Records a finished batch: dead letters stored, users freed, cursor advanced.
@@ -449,7 +387,9 @@ impl Engine {
                 }
             }
         }
-        self.release_users(&freed);
+        for user in freed {
+            self.lines.release(user);
+        }
         if !delivered_replays.is_empty() {
             let store = self.dead_letters.clone();
             let removed = tokio::task::spawn_blocking(move || store.remove(&delivered_replays))
@@ -569,11 +509,6 @@ impl Engine {
             self.unsaved.get_or_insert(checkpoint);
         }
     }
-}
-
-/// Bytes a message takes in a request body: itself and one separator (comma or newline).
-fn wire_len(item: &Item) -> usize {
-    item.json.len() + 1
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

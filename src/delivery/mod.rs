@@ -5,6 +5,7 @@
 mod batch;
 pub mod dead_letters;
 mod engine;
+mod lines;
 mod rate_limit;
 mod retry;
 
