@@ -41,6 +41,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
     let router = http::router(app, &config);
 
+    let shutdown = shutdown_signal()?;
     let listener = TcpListener::bind(config.server.listen).await?;
     tracing::info!("listening on {}", listener.local_addr()?);
     let (stop_tx, mut stop_rx) = watch::channel(false);
@@ -51,7 +52,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .into_future();
     let server = tokio::spawn(server);
 
-    shutdown_signal().await;
+    shutdown.await;
     tracing::info!("shutting down: no new connections; finishing in-flight requests");
     let _ = stop_tx.send(true);
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
@@ -102,17 +103,17 @@ fn admin_token(config: &Config) -> anyhow::Result<Option<String>> {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
+/// SIGINT or SIGTERM. The handlers are installed when this is called, not when the
+/// future is first polled: a signal sent right after "listening on" must not kill the
+/// process with the default action.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
         tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    })
 }

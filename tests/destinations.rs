@@ -80,3 +80,35 @@ async fn a_file_that_already_has_lines_keeps_them_across_restarts() {
     assert!(text.starts_with(before), "earlier lines survive: {text:?}");
     assert_eq!(text.lines().count(), 3, "{text:?}");
 }
+
+#[tokio::test]
+async fn a_mark_saved_for_another_output_never_cuts_this_file() {
+    let other = tempfile::tempdir().unwrap();
+    let path = other.path().join("archive.jsonl");
+    let before = "{\"old\":1}\n{\"old\":2}\n";
+    std::fs::write(&path, before).unwrap();
+    let settings = Settings::default().section(&format!(
+        "[[destinations]]\nname = \"archive\"\nkind = \"file\"\npath = \"{}\"\n",
+        path.display()
+    ));
+    let mut f = Fanout::start_with(settings);
+    assert!(f.terminate().success());
+    // As if `archive` had been a webhook (mark 0) or had pointed at another file.
+    let cursor = f.dir().join("data/cursors/archive.cursor");
+    let saved: Value = serde_json::from_slice(&std::fs::read(&cursor).unwrap()).unwrap();
+    let foreign = json!({"position": saved["position"], "sink_offset": 0, "sink_id": 0});
+    std::fs::write(&cursor, foreign.to_string()).unwrap();
+    f.restart();
+    send(&f, &["b-1"]).await;
+    f.wait_delivered(1).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = std::fs::read_to_string(&path).unwrap();
+        if text.lines().count() == 3 || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(text.starts_with(before), "earlier lines survive: {text:?}");
+    assert_eq!(text.lines().count(), 3, "{text:?}");
+}

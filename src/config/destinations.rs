@@ -240,8 +240,33 @@ impl DestinationConfig {
                 return Err((format!("headers.{name}"), "not a valid header name".into()));
             }
         }
-        if self.concurrency == Some(0) {
-            return Err(("concurrency".into(), "must be at least 1".into()));
+        if self.concurrency.is_some_and(|c| c == 0 || c > 256) {
+            return Err(("concurrency".into(), "must be 1 to 256".into()));
+        }
+        // Upper bounds keep every deadline and buffer size the engine computes in range.
+        let hour = Duration::from_secs(3600);
+        let too_long = [
+            ("timeout", self.timeout, hour),
+            (
+                "batch.linger",
+                self.batch.as_ref().and_then(|b| b.linger),
+                hour,
+            ),
+            (
+                "retry.max_backoff",
+                self.retry.as_ref().map(|r| r.max_backoff),
+                24 * hour,
+            ),
+            (
+                "retry.max_retry_after",
+                self.retry.as_ref().map(|r| r.max_retry_after),
+                24 * hour,
+            ),
+        ];
+        for (key, value, limit) in too_long {
+            if value.is_some_and(|v| v > limit) {
+                return Err((key.into(), format!("at most {}s", limit.as_secs())));
+            }
         }
         if let Some(rate) = &self.rate_limit {
             if !(rate.rate.is_finite() && rate.rate >= 0.001) {
@@ -255,11 +280,14 @@ impl DestinationConfig {
             }
         }
         if let Some(batch) = &self.batch {
-            if batch.max_events == Some(0) {
-                return Err(("batch.max_events".into(), "must be at least 1".into()));
+            if batch.max_events.is_some_and(|n| n == 0 || n > 100_000) {
+                return Err(("batch.max_events".into(), "must be 1 to 100000".into()));
             }
-            if batch.max_bytes == Some(0) {
-                return Err(("batch.max_bytes".into(), "must be at least 1".into()));
+            if batch
+                .max_bytes
+                .is_some_and(|n| n == 0 || n > 256 * 1024 * 1024)
+            {
+                return Err(("batch.max_bytes".into(), "must be 1 to 268435456".into()));
             }
             if kind == DestinationKind::Segment {
                 if batch.max_events.is_some_and(|n| n > SEGMENT_MAX_EVENTS) {

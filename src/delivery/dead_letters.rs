@@ -114,19 +114,28 @@ impl DeadLetters {
         messages: &[(&str, &[u8])],
         failure: &Failure,
     ) -> rusqlite::Result<()> {
+        let new: Vec<_> = messages.iter().map(|&(s, j)| (s, j, failure)).collect();
+        self.record(destination, &new, &[])
+    }
+
+    /// Records one batch's outcome in one transaction: `new` dead letters (source, JSON,
+    /// failure) and replayed rows that failed `again` (put back unmarked, updated).
+    pub fn record(
+        &self,
+        destination: &str,
+        new: &[(&str, &[u8], &Failure)],
+        again: &[(i64, &Failure)],
+    ) -> rusqlite::Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        let dead_at = now();
         {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO dead_letters (destination, source, reason, status, response,
                      attempts, first_attempt_at, dead_at, message)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?;
-            let first = failure
-                .first_attempt_at
-                .to_rfc3339_opts(SecondsFormat::Millis, true);
-            let dead_at = now();
-            for (source, json) in messages {
+            for (source, json, failure) in new {
                 insert.execute(params![
                     destination,
                     source,
@@ -134,9 +143,25 @@ impl DeadLetters {
                     failure.status,
                     failure.response,
                     failure.attempts,
-                    first,
+                    failure
+                        .first_attempt_at
+                        .to_rfc3339_opts(SecondsFormat::Millis, true),
                     dead_at,
                     String::from_utf8_lossy(json),
+                ])?;
+            }
+            let mut update = tx.prepare_cached(
+                "UPDATE dead_letters SET replay = 0, reason = ?2, status = ?3, response = ?4,
+                     attempts = attempts + ?5, dead_at = ?6 WHERE id = ?1",
+            )?;
+            for (id, failure) in again {
+                update.execute(params![
+                    id,
+                    failure.reason.as_str(),
+                    failure.status,
+                    failure.response,
+                    failure.attempts,
+                    dead_at
                 ])?;
             }
         }
@@ -213,26 +238,8 @@ impl DeadLetters {
 
     /// Puts replayed rows that failed again back, unmarked, with the new failure.
     pub fn failed_again(&self, ids: &[i64], failure: &Failure) -> rusqlite::Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        {
-            let mut update = tx.prepare_cached(
-                "UPDATE dead_letters SET replay = 0, reason = ?2, status = ?3, response = ?4,
-                     attempts = attempts + ?5, dead_at = ?6 WHERE id = ?1",
-            )?;
-            let dead_at = now();
-            for id in ids {
-                update.execute(params![
-                    id,
-                    failure.reason.as_str(),
-                    failure.status,
-                    failure.response,
-                    failure.attempts,
-                    dead_at
-                ])?;
-            }
-        }
-        tx.commit()
+        let again: Vec<_> = ids.iter().map(|&id| (id, failure)).collect();
+        self.record("", &[], &again)
     }
 
     /// The row with this id, if any (tests and the admin API).

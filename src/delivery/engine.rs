@@ -121,6 +121,7 @@ impl Engine {
             recorded: Checkpoint {
                 position: read_end,
                 sink_offset: mark,
+                sink_id: saved.sink_id,
             },
             last_commit: Instant::now(),
             mark,
@@ -390,7 +391,25 @@ impl Engine {
         for user in freed {
             self.lines.release(user);
         }
-        if !delivered_replays.is_empty() {
+        let now = Checkpoint {
+            position: self
+                .unsettled
+                .first_key_value()
+                .map_or(self.read_end, |(_, &start)| start),
+            sink_offset: self.mark,
+            sink_id: self.recorded.sink_id,
+        };
+        // A replay moves the mark (a file grew) without moving the position: save it too,
+        // or a restart would cut the replayed lines off.
+        if now != self.recorded {
+            self.recorded = now;
+            self.unsaved = Some(now);
+            // Replayed rows are deleted below; the mark that covers them must be saved first.
+            if !delivered_replays.is_empty() || self.last_commit.elapsed() >= COMMIT_INTERVAL {
+                self.save().await;
+            }
+        }
+        if !delivered_replays.is_empty() && self.unsaved.is_none() {
             let store = self.dead_letters.clone();
             let removed = tokio::task::spawn_blocking(move || store.remove(&delivered_replays))
                 .await
@@ -400,94 +419,66 @@ impl Engine {
                 tracing::error!(destination = %self.context.name, error = %e, "cannot remove replayed dead letters");
             }
         }
-        let now = Checkpoint {
-            position: self
-                .unsettled
-                .first_key_value()
-                .map_or(self.read_end, |(_, &start)| start),
-            sink_offset: self.mark,
-        };
-        // A replay moves the mark (a file grew) without moving the position: save it too,
-        // or a restart would cut the replayed lines off.
-        if now != self.recorded {
-            self.recorded = now;
-            self.unsaved = Some(now);
-            if self.last_commit.elapsed() >= COMMIT_INTERVAL {
-                self.save().await;
-            }
-        }
     }
 
     /// Stores the batch's dead letters, retrying until the store takes them: a queue
     /// message is only settled once its dead letter is durable. False if shutdown came
     /// first (the messages stay owed and are sent again after a restart).
     async fn store_dead_letters(&mut self, result: &BatchResult) -> bool {
-        // Items that failed together share one failure; store them as one group.
-        let mut groups: Vec<(Arc<Failure>, Vec<usize>)> = Vec::new();
-        for (index, settled) in result.settled.iter().enumerate() {
+        let mut new = Vec::new();
+        let mut again = Vec::new();
+        for (item, settled) in result.items.iter().zip(&result.settled) {
             if let Settled::Dead(failure) = settled {
-                match groups.last_mut() {
-                    Some((f, members)) if Arc::ptr_eq(f, failure) => members.push(index),
-                    _ => groups.push((failure.clone(), vec![index])),
+                match item.origin {
+                    Origin::Queue { .. } => {
+                        new.push((item.source.clone(), item.json.clone(), failure.clone()))
+                    }
+                    Origin::Replay { id } => again.push((id, failure.clone())),
                 }
             }
         }
-        for (failure, members) in groups {
-            let (fresh, replayed): (Vec<usize>, Vec<usize>) = members
-                .into_iter()
-                .partition(|&i| matches!(result.items[i].origin, Origin::Queue { .. }));
-            let messages: Vec<(String, Vec<u8>)> = fresh
-                .iter()
-                .map(|&i| (result.items[i].source.clone(), result.items[i].json.clone()))
-                .collect();
-            let ids: Vec<i64> = replayed
-                .iter()
-                .filter_map(|&i| match result.items[i].origin {
-                    Origin::Replay { id } => Some(id),
-                    Origin::Queue { .. } => None,
-                })
-                .collect();
-            tracing::warn!(
-                destination = %self.context.name,
-                messages = messages.len() + ids.len(),
-                reason = failure.reason.as_str(),
-                status = failure.status,
-                "dead-lettered"
-            );
-            let mut wait = Duration::from_millis(100);
-            loop {
-                let store = self.dead_letters.clone();
-                let name = self.context.name.clone();
-                let (failure, messages, ids) = (failure.clone(), messages.clone(), ids.clone());
-                let stored = tokio::task::spawn_blocking(move || {
-                    let borrowed: Vec<(&str, &[u8])> = messages
-                        .iter()
-                        .map(|(s, j)| (s.as_str(), j.as_slice()))
-                        .collect();
-                    if !borrowed.is_empty() {
-                        store.add(&name, &borrowed, &failure)?;
+        if new.is_empty() && again.is_empty() {
+            return true;
+        }
+        for (reason, status) in new
+            .iter()
+            .map(|(_, _, f)| f)
+            .chain(again.iter().map(|(_, f)| f))
+            .map(|f| (f.reason.as_str(), f.status))
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            tracing::warn!(destination = %self.context.name, reason, status, "dead-lettered");
+        }
+        let (new, again) = (Arc::new(new), Arc::new(again));
+        let mut wait = Duration::from_millis(100);
+        loop {
+            let store = self.dead_letters.clone();
+            let name = self.context.name.clone();
+            let (new, again) = (new.clone(), again.clone());
+            // One transaction per batch: a retry after a failure never adds rows twice.
+            let stored = tokio::task::spawn_blocking(move || {
+                let new: Vec<(&str, &[u8], &Failure)> = new
+                    .iter()
+                    .map(|(s, j, f)| (s.as_str(), j.as_slice(), f.as_ref()))
+                    .collect();
+                let again: Vec<(i64, &Failure)> =
+                    again.iter().map(|(id, f)| (*id, f.as_ref())).collect();
+                store.record(&name, &new, &again)
+            })
+            .await
+            .expect("dead-letter task panicked");
+            match stored {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::error!(destination = %self.context.name, error = %e, "cannot store dead letters; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.stop.wait_for(|&s| s) => return false,
                     }
-                    if !ids.is_empty() {
-                        store.failed_again(&ids, &failure)?;
-                    }
-                    Ok::<_, rusqlite::Error>(())
-                })
-                .await
-                .expect("dead-letter task panicked");
-                match stored {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::error!(destination = %self.context.name, error = %e, "cannot store dead letters; retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(wait) => {}
-                            _ = self.stop.wait_for(|&s| s) => return false,
-                        }
-                        wait = (wait * 2).min(Duration::from_secs(10));
-                    }
+                    wait = (wait * 2).min(Duration::from_secs(10));
                 }
             }
         }
-        true
     }
 
     async fn save(&mut self) {

@@ -48,12 +48,15 @@ impl Deliveries {
         for config in destinations {
             let (reader, cursor, saved) = queue.subscribe(&config.name)?;
             let destination = AnyDestination::build(config, saved)?;
+            // A new destination, or a mark that measures another output (the path or the
+            // kind changed): start from what is there now, and save that at once.
             let saved = match saved {
-                Some(saved) => saved,
-                None => {
+                Some(saved) if saved.sink_id == destination.sink_id() => saved,
+                _ => {
                     let first = Checkpoint {
-                        position: reader.position(),
+                        position: saved.map_or_else(|| reader.position(), |s| s.position),
                         sink_offset: destination.mark(),
+                        sink_id: destination.sink_id(),
                     };
                     cursor.commit(first)?;
                     first

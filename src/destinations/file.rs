@@ -38,8 +38,10 @@ impl FileDestination {
         }
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         let len = file.metadata()?.len();
-        if let Some(checkpoint) = saved {
-            // Shorter than saved means the file was rotated or replaced: just append.
+        // Only a mark taken on this very file says which of its lines are ours.
+        let ours = saved.filter(|c| c.sink_id == identity(&file));
+        if let Some(checkpoint) = ours {
+            // Shorter than saved means the file was truncated or rotated: just append.
             if len > checkpoint.sink_offset {
                 tracing::info!(
                     path = %path.display(),
@@ -55,6 +57,14 @@ impl FileDestination {
             file: Mutex::new(Some(file)),
         })
     }
+}
+
+/// Device and inode, hashed: what a saved mark refers to.
+fn identity(file: &File) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().map_or(0, |m| {
+        xxhash_rust::xxh3::xxh3_64(format!("{}:{}", m.dev(), m.ino()).as_bytes()).max(1)
+    })
 }
 
 /// Appends `lines` and syncs; on failure cuts the file back to where it was, so a retry
@@ -96,6 +106,14 @@ impl Destination for FileDestination {
 
     fn sequential(&self) -> bool {
         true
+    }
+
+    fn sink_id(&self) -> u64 {
+        self.file
+            .lock()
+            .expect("file lock poisoned")
+            .as_ref()
+            .map_or(0, identity)
     }
 
     /// The output's length: what was there before this destination wrote is never cut.

@@ -68,6 +68,11 @@ pub trait Destination: Send + Sync + 'static {
     fn mark(&self) -> u64 {
         0
     }
+
+    /// What the mark measures (see `Checkpoint::sink_id`); 0 when there is no mark.
+    fn sink_id(&self) -> u64 {
+        0
+    }
 }
 
 /// Any configured destination; dispatches to the kind.
@@ -119,6 +124,15 @@ impl Destination for AnyDestination {
             AnyDestination::Stdout(d) => d.mark(),
             AnyDestination::Webhook(d) => d.mark(),
             AnyDestination::Segment(d) => d.mark(),
+        }
+    }
+
+    fn sink_id(&self) -> u64 {
+        match self {
+            AnyDestination::File(d) => d.sink_id(),
+            AnyDestination::Stdout(d) => d.sink_id(),
+            AnyDestination::Webhook(d) => d.sink_id(),
+            AnyDestination::Segment(d) => d.sink_id(),
         }
     }
 }

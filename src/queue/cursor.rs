@@ -19,6 +19,10 @@ pub struct Checkpoint {
     /// destination keeps its output length here, to cut off lines written after it).
     #[serde(default)]
     pub sink_offset: u64,
+    /// Which output `sink_offset` measures (the file destination: its device and inode,
+    /// hashed), so a mark is never applied to another file; 0 when there is none.
+    #[serde(default)]
+    pub sink_id: u64,
 }
 
 /// A destination's handle for saving its checkpoint.
