@@ -3,7 +3,8 @@
 //! The modules are the pipeline's stages, in the order a message passes them:
 //! `http` (tower stack, routes) → `auth` (write key → source) → `ingest` (parse,
 //! validate, enrich) → `dedupe` (drop retried messageIds) → `queue` (durable log) → `delivery` (per-destination cursors and
-//! retries) → `destinations` (one file per kind). `config` and `server` hold it together.
+//! retries) → `translate` (a message → a destination's event format) → `destinations` (one
+//! file per kind). `config` and `server` hold it together.
 #![forbid(unsafe_code)]
 
 pub mod auth;
@@ -15,3 +16,4 @@ pub mod http;
 pub mod ingest;
 pub mod queue;
 pub mod server;
+pub mod translate;
