@@ -91,8 +91,10 @@ pub async fn deliver(context: Arc<DeliveryContext>, items: Vec<Item>) -> BatchRe
     let mut mark = None;
     // Ranges still to send; the left half is pushed last so it goes first (order kept).
     let mut todo = vec![(0, items.len())];
+    // `max_age` counts from the batch's first attempt, across the halves it splits into.
+    let started = (Instant::now(), Utc::now());
     while let Some((lo, hi)) = todo.pop() {
-        match send_with_retries(&context, &items[lo..hi]).await {
+        match send_with_retries(&context, &items[lo..hi], started).await {
             Attempt::Delivered(m) => {
                 mark = Some(m);
                 settled[lo..hi].fill(Settled::Delivered);
@@ -121,10 +123,12 @@ pub async fn deliver(context: Arc<DeliveryContext>, items: Vec<Item>) -> BatchRe
     }
 }
 
-async fn send_with_retries(context: &DeliveryContext, items: &[Item]) -> Attempt {
+async fn send_with_retries(
+    context: &DeliveryContext,
+    items: &[Item],
+    (first, first_wall): (Instant, chrono::DateTime<Utc>),
+) -> Attempt {
     let messages: Vec<&[u8]> = items.iter().map(|i| i.json.as_slice()).collect();
-    let first = Instant::now();
-    let first_wall = Utc::now();
     let sequential = context.destination.sequential();
     let mut stop = context.stop.clone();
     let mut attempts = 0u32;
