@@ -29,6 +29,16 @@ pub struct DestinationConfig {
     pub write_key_env: Option<String>,
     /// webhook, segment: gzip the request body.
     pub gzip: Option<bool>,
+    /// klaviyo: environment variable with the private API key.
+    pub api_key_env: Option<String>,
+    /// klaviyo: API base URL (default `https://a.klaviyo.com`).
+    pub base_url: Option<String>,
+    /// klaviyo: the `revision` header; `2023-01-24` sends seed 002's flat bodies.
+    pub revision: Option<String>,
+    /// klaviyo: events through bulk jobs (up to 1 000 per request); default true.
+    pub bulk: Option<bool>,
+    /// klaviyo: how Segment messages become events and profiles (`translate::Mapping`).
+    pub mapping: Option<crate::translate::Mapping>,
     /// Batches sent at once (HTTP kinds).
     pub concurrency: Option<usize>,
     /// Keep each user's messages in the order accepted (HTTP kinds; default true).
@@ -48,6 +58,7 @@ pub enum DestinationKind {
     Stdout,
     Webhook,
     Segment,
+    Klaviyo,
 }
 
 impl DestinationKind {
@@ -57,12 +68,16 @@ impl DestinationKind {
             DestinationKind::Stdout => "stdout",
             DestinationKind::Webhook => "webhook",
             DestinationKind::Segment => "segment",
+            DestinationKind::Klaviyo => "klaviyo",
         }
     }
 
     /// Sends over HTTP (and so has retries, rate limits, concurrency).
     pub fn is_http(self) -> bool {
-        matches!(self, DestinationKind::Webhook | DestinationKind::Segment)
+        matches!(
+            self,
+            DestinationKind::Webhook | DestinationKind::Segment | DestinationKind::Klaviyo
+        )
     }
 }
 
@@ -189,6 +204,11 @@ impl DestinationConfig {
             ("payload", self.payload.is_some()),
             ("write_key_env", self.write_key_env.is_some()),
             ("gzip", self.gzip.is_some()),
+            ("api_key_env", self.api_key_env.is_some()),
+            ("base_url", self.base_url.is_some()),
+            ("revision", self.revision.is_some()),
+            ("bulk", self.bulk.is_some()),
+            ("mapping", self.mapping.is_some()),
             ("concurrency", self.concurrency.is_some()),
             ("ordering", self.ordering.is_some()),
             ("timeout", self.timeout.is_some()),
@@ -196,19 +216,15 @@ impl DestinationConfig {
             ("rate_limit", self.rate_limit.is_some()),
         ];
         // What every HTTP kind takes: the engine's knobs.
-        const HTTP: [&str; 6] = [
-            "concurrency",
-            "ordering",
-            "timeout",
-            "retry",
-            "rate_limit",
-            "gzip",
-        ];
+        const HTTP: [&str; 5] = ["concurrency", "ordering", "timeout", "retry", "rate_limit"];
         let own: &[&str] = match kind {
             DestinationKind::File => &["path"],
             DestinationKind::Stdout => &[],
-            DestinationKind::Webhook => &["url", "headers", "signing_secret_env", "payload"],
-            DestinationKind::Segment => &["url", "write_key_env"],
+            DestinationKind::Webhook => {
+                &["url", "headers", "signing_secret_env", "payload", "gzip"]
+            }
+            DestinationKind::Segment => &["url", "write_key_env", "gzip"],
+            DestinationKind::Klaviyo => &["api_key_env", "base_url", "revision", "bulk", "mapping"],
         };
         let allowed = |key: &str| own.contains(&key) || (kind.is_http() && HTTP.contains(&key));
         for (key, is_set) in set {
@@ -220,6 +236,7 @@ impl DestinationConfig {
             DestinationKind::File => Some(("path", self.path.is_some())),
             DestinationKind::Webhook => Some(("url", self.url.is_some())),
             DestinationKind::Segment => Some(("write_key_env", self.write_key_env.is_some())),
+            DestinationKind::Klaviyo => Some(("api_key_env", self.api_key_env.is_some())),
             DestinationKind::Stdout => None,
         };
         if let Some((key, false)) = required {
@@ -228,12 +245,18 @@ impl DestinationConfig {
                 format!("kind `{}` needs `{key}`", kind.as_str()),
             ));
         }
-        if let Some(url) = &self.url {
-            if !(url.starts_with("http://") || url.starts_with("https://"))
-                || url.parse::<http::Uri>().is_err()
-            {
-                return Err(("url".into(), format!("`{url}` is not an http(s) URL")));
+        for (key, url) in [("url", &self.url), ("base_url", &self.base_url)] {
+            if let Some(url) = url {
+                if !(url.starts_with("http://") || url.starts_with("https://"))
+                    || url.parse::<http::Uri>().is_err()
+                {
+                    return Err((key.into(), format!("`{url}` is not an http(s) URL")));
+                }
             }
+        }
+        if let Some(revision) = &self.revision {
+            crate::translate::Revision::from_header(revision)
+                .map_err(|e| ("revision".to_string(), e.to_string()))?;
         }
         for name in self.headers.keys() {
             if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
@@ -321,6 +344,9 @@ impl DestinationConfig {
             DestinationKind::File | DestinationKind::Stdout => (1000, 1024 * 1024, 0),
             DestinationKind::Webhook => (100, 1024 * 1024, 200),
             DestinationKind::Segment => (500, SEGMENT_MAX_BYTES, 1000),
+            // A bulk job takes up to 1 000 events and 5 MB.
+            DestinationKind::Klaviyo if self.bulk != Some(false) => (1000, 4 * 1024 * 1024, 1000),
+            DestinationKind::Klaviyo => (100, 4 * 1024 * 1024, 200),
         };
         let batch = self.batch.clone().unwrap_or_default();
         let mut max_events = batch.max_events.unwrap_or(events);

@@ -13,7 +13,7 @@ use super::dead_letters::{Failure, Reason};
 use super::rate_limit::RateLimiter;
 use super::retry::RetryPolicy;
 use crate::config::RatePer;
-use crate::destinations::{AnyDestination, Destination, SendError};
+use crate::destinations::{AnyDestination, Check, Destination, SendError};
 
 /// What a destination's batches share.
 pub struct DeliveryContext {
@@ -89,15 +89,44 @@ enum Attempt {
 pub async fn deliver(context: Arc<DeliveryContext>, items: Vec<Item>) -> BatchResult {
     let mut settled = vec![Settled::Abandoned; items.len()];
     let mut mark = None;
-    // Ranges still to send; the left half is pushed last so it goes first (order kept).
-    let mut todo = vec![(0, items.len())];
+    // What the destination can take at all is settled first, without a request.
+    let mut sendable = Vec::with_capacity(items.len());
+    for (index, item) in items.iter().enumerate() {
+        match context.destination.check(&item.json) {
+            Check::Send => sendable.push(index),
+            Check::Skip(why) => {
+                tracing::debug!(destination = %context.name, why, "message not for this destination");
+                settled[index] = Settled::Delivered;
+            }
+            Check::Refuse { code, detail } => {
+                settled[index] = Settled::Dead(Arc::new(Failure {
+                    reason: Reason::Refused(code),
+                    status: None,
+                    response: detail,
+                    attempts: 0,
+                    first_attempt_at: Utc::now(),
+                }));
+            }
+        }
+    }
+    // Ranges of `sendable` still to send; the left half is pushed last so it goes first.
+    let mut todo = vec![(0, sendable.len())];
     // `max_age` counts from the batch's first attempt, across the halves it splits into.
     let started = (Instant::now(), Utc::now());
     while let Some((lo, hi)) = todo.pop() {
-        match send_with_retries(&context, &items[lo..hi], started).await {
+        if lo == hi {
+            continue;
+        }
+        let range: Vec<&Item> = sendable[lo..hi].iter().map(|&i| &items[i]).collect();
+        let mut settle = |outcome: Settled| {
+            for &i in &sendable[lo..hi] {
+                settled[i] = outcome.clone();
+            }
+        };
+        match send_with_retries(&context, &range, started).await {
             Attempt::Delivered(m) => {
                 mark = Some(m);
-                settled[lo..hi].fill(Settled::Delivered);
+                settle(Settled::Delivered);
             }
             Attempt::Rejected(failure) if hi - lo > 1 => {
                 tracing::info!(
@@ -111,7 +140,7 @@ pub async fn deliver(context: Arc<DeliveryContext>, items: Vec<Item>) -> BatchRe
                 todo.push((lo, mid));
             }
             Attempt::Rejected(failure) | Attempt::Exhausted(failure) => {
-                settled[lo..hi].fill(Settled::Dead(Arc::new(failure)));
+                settle(Settled::Dead(Arc::new(failure)));
             }
             Attempt::Stopped => break,
         }
@@ -125,7 +154,7 @@ pub async fn deliver(context: Arc<DeliveryContext>, items: Vec<Item>) -> BatchRe
 
 async fn send_with_retries(
     context: &DeliveryContext,
-    items: &[Item],
+    items: &[&Item],
     (first, first_wall): (Instant, chrono::DateTime<Utc>),
 ) -> Attempt {
     let messages: Vec<&[u8]> = items.iter().map(|i| i.json.as_slice()).collect();

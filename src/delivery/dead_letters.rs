@@ -18,19 +18,23 @@ use serde::Serialize;
 pub const FILE_NAME: &str = "dead-letters.sqlite";
 
 /// Why a message was dead-lettered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reason {
     /// The destination answered a final 4xx for this message alone.
     Rejected,
     /// The batch ran out of attempts or time.
     RetriesExhausted,
+    /// The destination cannot take this message at all, found before sending (e.g.
+    /// `no_profile_identifier`, a Klaviyo limit): the code, the detail is the response.
+    Refused(String),
 }
 
 impl Reason {
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &str {
         match self {
             Reason::Rejected => "rejected",
             Reason::RetriesExhausted => "retries_exhausted",
+            Reason::Refused(code) => code,
         }
     }
 }

@@ -18,12 +18,12 @@ use tracing::Instrument;
 
 pub use dead_letters::DeadLetters;
 pub use engine::ordering_key;
+pub use rate_limit::RateLimiter;
 
 use crate::config::DestinationConfig;
 use crate::destinations::{AnyDestination, Destination};
 use crate::queue::{Checkpoint, Queue};
 use batch::DeliveryContext;
-use rate_limit::RateLimiter;
 use retry::RetryPolicy;
 
 /// Batches beyond `concurrency` a destination may hold unsettled: queued for a send
