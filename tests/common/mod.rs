@@ -13,6 +13,7 @@ use serde_json::Value;
 
 pub mod captures;
 pub mod clients;
+pub mod klaviyo;
 pub mod receiver;
 
 /// Write keys every test config accepts (the captures' keys among them).
@@ -238,7 +239,10 @@ impl Fanout {
         let Ok(text) = std::fs::read_to_string(self.dir.join("out.jsonl")) else {
             return Vec::new();
         };
-        text.lines()
+        // A line still being written (no newline yet) is not delivered yet.
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        complete
+            .lines()
             .map(|l| serde_json::from_str(l).expect("each line is JSON"))
             .collect()
     }
