@@ -109,8 +109,8 @@ impl KlaviyoDestination {
     }
 
     /// Bulk job bodies of at most 1 000 events and 5 MB each. An event repeating an
-    /// earlier (metric, unique_id) is left out: Klaviyo fails a whole job over a repeat,
-    /// and would keep only the first anyway.
+    /// earlier (profile, metric, unique_id) is left out: Klaviyo fails a whole job over a
+    /// repeat, and would keep only the first anyway.
     fn bulk_jobs(events: &[KlaviyoEvent]) -> Vec<Vec<u8>> {
         let mut jobs = Vec::new();
         let mut items: Vec<Vec<u8>> = Vec::new();
@@ -129,7 +129,14 @@ impl KlaviyoDestination {
             *bytes = 0;
         };
         for event in events {
-            if !seen.insert((event.metric.as_str(), event.unique_id.as_str())) {
+            let p = &event.profile;
+            let who = (
+                p.external_id.as_deref(),
+                p.email.as_deref(),
+                p.phone_number.as_deref(),
+                p.anonymous_id.as_deref(),
+            );
+            if !seen.insert((who, event.metric.as_str(), event.unique_id.as_str())) {
                 continue;
             }
             let mut item = Vec::new();
