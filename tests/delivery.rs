@@ -145,51 +145,11 @@ fn user_of(m: &Value) -> String {
         .to_string()
 }
 
-/// Runs `fanout --config … args…` beside the server; returns its standard output.
-async fn cli(f: &Fanout, args: &[&str]) -> String {
-    let mut command = f.command();
-    command.args(args);
-    let shown = args.join(" ");
-    let output = tokio::task::spawn_blocking(move || command.output().expect("run fanout cli"))
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "fanout {shown}: {}\nstdout:\n{stdout}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-}
-
-/// `fanout dead-letters list --destination dest`, one JSON object per line.
-async fn dead_letters(f: &Fanout, dest: &str) -> Vec<Value> {
-    cli(f, &["dead-letters", "list", "--destination", dest])
-        .await
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
-/// Polls the dead-letter list until it holds at least `n` rows (or `timeout` passes).
-async fn wait_dead_letters(f: &Fanout, dest: &str, n: usize, timeout: Duration) -> Vec<Value> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let rows = dead_letters(f, dest).await;
-        if rows.len() >= n || Instant::now() > deadline {
-            return rows;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Polls the dead-letter list until it is empty; fails after `timeout`.
 async fn wait_no_dead_letters(f: &Fanout, dest: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
-        let rows = dead_letters(f, dest).await;
+        let rows = f.dead_letters(dest).await;
         if rows.is_empty() {
             return;
         }
@@ -345,7 +305,7 @@ async fn request_timeout_408_and_misconfiguration_401_403_404_are_retried_not_de
     for request in &requests {
         assert_eq!(request.message_ids(), ["rt-1"]);
     }
-    assert!(dead_letters(&f, "hook").await.is_empty());
+    assert!(f.dead_letters("hook").await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -356,7 +316,9 @@ async fn single_message_rejected_with_400_is_dead_lettered_at_once() {
     let f = Fanout::start_with(with_dests(&[Dest::webhook("hook", &r.url("/hook"))]));
 
     send(&f, &[track("bad-1", "u1")]).await;
-    let rows = wait_dead_letters(&f, "hook", 1, Duration::from_secs(15)).await;
+    let rows = f
+        .wait_dead_letters("hook", 1, Duration::from_secs(15))
+        .await;
     assert_eq!(rows.len(), 1, "{rows:#?}");
     let row = &rows[0];
     assert_eq!(row["destination"], "hook", "{row}");
@@ -405,7 +367,9 @@ async fn poison_message_is_isolated_by_splitting_and_the_rest_delivered() {
         .collect();
     let missing = r.wait_for_ids(&good, Duration::from_secs(20)).await;
     assert!(missing.is_empty(), "not delivered: {missing:?}");
-    let rows = wait_dead_letters(&f, "hook", 1, Duration::from_secs(15)).await;
+    let rows = f
+        .wait_dead_letters("hook", 1, Duration::from_secs(15))
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let got = r.message_ids();
@@ -564,7 +528,9 @@ async fn dead_lettered(r: &Receiver, admin_token: Option<&str>) -> Fanout {
         &[track("ok-1", "u1"), track("x", "u2"), track("ok-2", "u3")],
     )
     .await;
-    let rows = wait_dead_letters(&f, "hook", 1, Duration::from_secs(15)).await;
+    let rows = f
+        .wait_dead_letters("hook", 1, Duration::from_secs(15))
+        .await;
     assert_eq!(rows.len(), 1, "{rows:#?}");
     assert_eq!(rows[0]["message"]["messageId"], "x");
     let good: HashSet<String> = ["ok-1".to_string(), "ok-2".to_string()].into();
@@ -582,7 +548,9 @@ async fn dead_letters_replayed_with_the_cli_are_delivered() {
     let f = dead_lettered(&r, None).await;
 
     r.clear_responder();
-    let out = cli(&f, &["dead-letters", "replay", "--destination", "hook"]).await;
+    let out = f
+        .cli(&["dead-letters", "replay", "--destination", "hook"])
+        .await;
     let answer: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
     assert_eq!(answer, json!({"replayed": 1}));
 
@@ -642,7 +610,7 @@ async fn dead_letters_replayed_through_the_admin_api_are_delivered() {
     assert_eq!(rows[0]["reason"], "rejected");
     assert_eq!(rows[0]["status"], 400);
     assert_eq!(rows[0]["response"], r#"{"error":"no x"}"#);
-    let rows = dead_letters(&f, "hook").await;
+    let rows = f.dead_letters("hook").await;
     assert_eq!(rows.len(), 1, "the CLI sees the same row: {rows:#?}");
     assert_eq!(rows[0]["id"], body["dead_letters"][0]["id"]);
     assert_eq!(
@@ -698,7 +666,9 @@ async fn retries_exhausted_after_max_attempts_are_dead_lettered() {
     let f = Fanout::start_with(with_dests(&[hook]));
 
     send(&f, &[track("ex-1", "u1")]).await;
-    let rows = wait_dead_letters(&f, "hook", 1, Duration::from_secs(15)).await;
+    let rows = f
+        .wait_dead_letters("hook", 1, Duration::from_secs(15))
+        .await;
     assert_eq!(rows.len(), 1, "{rows:#?}");
     let row = &rows[0];
     assert_eq!(row["reason"], "retries_exhausted", "{row}");

@@ -12,7 +12,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::clients::run_python;
@@ -85,46 +85,6 @@ fn id_set<'a>(ids: impl IntoIterator<Item = &'a str>) -> HashSet<String> {
     ids.into_iter().map(str::to_string).collect()
 }
 
-/// Runs `fanout --config … args…` beside the server; returns its standard output.
-async fn cli(f: &Fanout, args: &[&str]) -> String {
-    let mut command = f.command();
-    command.args(args);
-    let shown = args.join(" ");
-    let output = tokio::task::spawn_blocking(move || command.output().expect("run fanout cli"))
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "fanout {shown}: {}\nstdout:\n{stdout}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-}
-
-/// `fanout dead-letters list --destination kl`, one JSON object per line.
-async fn dead_letters(f: &Fanout) -> Vec<Value> {
-    cli(f, &["dead-letters", "list", "--destination", "kl"])
-        .await
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
-/// Polls the dead-letter list of `kl` until it holds at least `n` rows (or `timeout` passes).
-async fn wait_dead_letters(f: &Fanout, n: usize, timeout: Duration) -> Vec<Value> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let rows = dead_letters(f).await;
-        if rows.len() >= n || Instant::now() > deadline {
-            return rows;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn dead_ids(rows: &[Value]) -> HashSet<String> {
     rows.iter()
         .map(|r| {
@@ -144,6 +104,15 @@ async fn stored(f: &Fanout, n: usize) -> HashMap<String, Value> {
         .into_iter()
         .map(|m| (m["messageId"].as_str().unwrap().to_string(), m))
         .collect()
+}
+
+/// Waits until every unique_id in `wanted` arrived, then a little longer for stragglers,
+/// and checks every request received so far with the SDK models.
+async fn arrive_valid(k: &Klaviyo, wanted: &HashSet<String>, timeout: Duration) {
+    let missing = k.wait_for_unique_ids(wanted, timeout).await;
+    assert!(missing.is_empty(), "missing {missing:?}\n{}", k.summary());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    k.assert_valid().await;
 }
 
 /// A JSON number as f64 (25 and 25.0 alike).
@@ -298,7 +267,7 @@ async fn python_client_calls_arrive_as_events_and_profile_upserts() {
         "the group's upsert: {profiles:#?}"
     );
     assert_eq!(
-        dead_letters(&f).await,
+        f.dead_letters("kl").await,
         Vec::<Value>::new(),
         "nothing dead-lettered"
     );
@@ -317,12 +286,7 @@ async fn bulk_false_sends_one_request_per_event() {
     let sent = tracks("one", 10, 4);
     send(&f, &sent).await;
     let wanted = id_set(sent.iter().map(|m| m["messageId"].as_str().unwrap()));
-    let missing = k
-        .wait_for_unique_ids(&wanted, Duration::from_secs(20))
-        .await;
-    assert!(missing.is_empty(), "missing {missing:?}\n{}", k.summary());
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    k.assert_valid().await;
+    arrive_valid(&k, &wanted, Duration::from_secs(20)).await;
 
     let requests = k.requests();
     assert!(
@@ -361,12 +325,7 @@ async fn bulk_jobs_carry_many_events_per_request() {
     let sent = tracks("bulk", 50, 5);
     send(&f, &sent).await;
     let wanted = id_set(sent.iter().map(|m| m["messageId"].as_str().unwrap()));
-    let missing = k
-        .wait_for_unique_ids(&wanted, Duration::from_secs(20))
-        .await;
-    assert!(missing.is_empty(), "missing {missing:?}\n{}", k.summary());
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    k.assert_valid().await;
+    arrive_valid(&k, &wanted, Duration::from_secs(20)).await;
 
     let requests = k.requests();
     assert!(
@@ -437,7 +396,7 @@ async fn bulk_jobs_stay_within_1000_events_when_orders_add_product_events() {
         sizes.iter().all(|&n| n <= 1000),
         "a bulk job holds at most 1 000 events: {sizes:?}"
     );
-    assert_eq!(dead_letters(&f).await, Vec::<Value>::new());
+    assert_eq!(f.dead_letters("kl").await, Vec::<Value>::new());
     k.assert_valid().await;
 }
 
@@ -460,12 +419,7 @@ async fn order_with_two_products(bulk: bool) {
     send(&f, std::slice::from_ref(&order)).await;
     let stored = stored(&f, 1).await;
     let wanted = id_set(["order-msg-1", "ord-77_p1", "ord-77_p2"]);
-    let missing = k
-        .wait_for_unique_ids(&wanted, Duration::from_secs(20))
-        .await;
-    assert!(missing.is_empty(), "missing {missing:?}\n{}", k.summary());
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    k.assert_valid().await;
+    arrive_valid(&k, &wanted, Duration::from_secs(20)).await;
 
     let events = k.events();
     assert_eq!(events.len(), 3, "{events:#?}");
@@ -487,7 +441,7 @@ async fn order_with_two_products(bulk: bool) {
         assert_eq!(e.profile, profile, "{e:#?}");
         assert_time_from(e, &stored["order-msg-1"]);
     }
-    assert_eq!(dead_letters(&f).await, Vec::<Value>::new());
+    assert_eq!(f.dead_letters("kl").await, Vec::<Value>::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -529,7 +483,7 @@ async fn revision_2023_01_24_sends_seed_002_flat_events_one_per_request() {
         )
         .await;
     assert!(missing.is_empty(), "missing {missing:?}\n{}", k.summary());
-    let rows = wait_dead_letters(&f, 1, Duration::from_secs(10)).await;
+    let rows = f.wait_dead_letters("kl", 1, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     k.assert_valid().await;
 
@@ -616,7 +570,7 @@ async fn retry_after_on_429_delays_the_next_attempt() {
         waited < Duration::from_secs(8),
         "next attempt {waited:?} after the 429"
     );
-    assert_eq!(dead_letters(&f).await, Vec::<Value>::new());
+    assert_eq!(f.dead_letters("kl").await, Vec::<Value>::new());
 }
 
 /// 20 tracks in one batch, the receiver refusing the event `poison` with a 400: only that
@@ -656,7 +610,7 @@ async fn one_rejected_event_in_a_batch(bulk: bool) {
         "not delivered: {missing:?}\n{}",
         k.summary()
     );
-    let rows = wait_dead_letters(&f, 1, Duration::from_secs(15)).await;
+    let rows = f.wait_dead_letters("kl", 1, Duration::from_secs(15)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     k.assert_valid().await;
 
@@ -734,7 +688,7 @@ async fn messages_without_a_profile_identifier_are_dead_lettered_without_a_reque
         |k| !k.profiles().is_empty(),
     )
     .await;
-    let rows = wait_dead_letters(&f, 2, Duration::from_secs(10)).await;
+    let rows = f.wait_dead_letters("kl", 2, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     k.assert_valid().await;
 
@@ -801,7 +755,7 @@ async fn mapping_renames_and_drops_events() {
     assert_eq!(the_event(&events, "m-3").metric, "Page View");
     assert_eq!(the_event(&events, "m-4").metric, "Other");
     assert_eq!(
-        dead_letters(&f).await,
+        f.dead_letters("kl").await,
         Vec::<Value>::new(),
         "a drop is no dead letter"
     );
@@ -817,7 +771,7 @@ async fn a_wrong_api_key_is_retried_not_dead_lettered() {
     })
     .await;
     assert_eq!(
-        dead_letters(&f).await,
+        f.dead_letters("kl").await,
         Vec::<Value>::new(),
         "401 is retried"
     );
@@ -830,7 +784,7 @@ async fn a_wrong_api_key_is_retried_not_dead_lettered() {
         .await;
     assert!(missing.is_empty(), "{}", k.summary());
     k.assert_valid().await;
-    assert_eq!(dead_letters(&f).await, Vec::<Value>::new());
+    assert_eq!(f.dead_letters("kl").await, Vec::<Value>::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -864,7 +818,7 @@ async fn events_over_klaviyo_limits_are_dead_lettered_or_repaired_before_sending
         ],
     )
     .await;
-    let rows = wait_dead_letters(&f, 3, Duration::from_secs(15)).await;
+    let rows = f.wait_dead_letters("kl", 3, Duration::from_secs(15)).await;
     let missing = k
         .wait_for_unique_ids(&id_set(["lim-1995", "lim-order"]), Duration::from_secs(15))
         .await;

@@ -196,6 +196,52 @@ impl Fanout {
         command
     }
 
+    /// Runs `fanout --config … args…` beside the server; returns its standard output.
+    pub async fn cli(&self, args: &[&str]) -> String {
+        let mut command = self.command();
+        command.args(args);
+        let shown = args.join(" ");
+        let output = tokio::task::spawn_blocking(move || command.output().expect("run fanout cli"))
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "fanout {shown}: {}\nstdout:\n{stdout}\nstderr:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    }
+
+    /// `fanout dead-letters list --destination DEST`, parsed.
+    pub async fn dead_letters(&self, destination: &str) -> Vec<Value> {
+        self.cli(&["dead-letters", "list", "--destination", destination])
+            .await
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
+    /// Polls the dead letters of `destination` until there are at least `n` (or `timeout`
+    /// passes); returns the last list.
+    pub async fn wait_dead_letters(
+        &self,
+        destination: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let rows = self.dead_letters(destination).await;
+            if rows.len() >= n || Instant::now() > deadline {
+                return rows;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
