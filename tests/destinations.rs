@@ -53,45 +53,52 @@ async fn stdout_and_file_each_get_everything_and_resume_after_restart() {
     );
 }
 
-#[tokio::test]
-async fn a_file_that_already_has_lines_keeps_them_across_restarts() {
+const OLD_LINES: &str = "{\"old\":1}\n{\"old\":2}\n";
+
+/// A running fanout with a file destination `archive` whose file already held two lines
+/// before fanout first started (the temp dir must outlive the test).
+fn archive_with_old_lines() -> (tempfile::TempDir, std::path::PathBuf, Fanout) {
     let other = tempfile::tempdir().unwrap();
     let path = other.path().join("archive.jsonl");
-    let before = "{\"old\":1}\n{\"old\":2}\n";
-    std::fs::write(&path, before).unwrap();
+    std::fs::write(&path, OLD_LINES).unwrap();
     let settings = Settings::default().section(&format!(
         "[[destinations]]\nname = \"archive\"\nkind = \"file\"\npath = \"{}\"\n",
         path.display()
     ));
-    let mut f = Fanout::start_with(settings);
-    let exit = f.terminate();
-    assert!(exit.success(), "{exit:?}");
-    f.restart();
-    send(&f, &["a-1"]).await;
+    (other, path, Fanout::start_with(settings))
+}
+
+/// Sends `id`; the file ends up as the two old lines followed by it.
+async fn assert_old_lines_kept(f: &Fanout, path: &std::path::Path, id: &str) {
+    send(f, &[id]).await;
     f.wait_delivered(1).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let text = loop {
-        let text = std::fs::read_to_string(&path).unwrap();
+        let text = std::fs::read_to_string(path).unwrap();
         if text.lines().count() == 3 || std::time::Instant::now() > deadline {
             break text;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(text.starts_with(before), "earlier lines survive: {text:?}");
+    assert!(
+        text.starts_with(OLD_LINES),
+        "earlier lines survive: {text:?}"
+    );
     assert_eq!(text.lines().count(), 3, "{text:?}");
 }
 
 #[tokio::test]
+async fn a_file_that_already_has_lines_keeps_them_across_restarts() {
+    let (_other, path, mut f) = archive_with_old_lines();
+    let exit = f.terminate();
+    assert!(exit.success(), "{exit:?}");
+    f.restart();
+    assert_old_lines_kept(&f, &path, "a-1").await;
+}
+
+#[tokio::test]
 async fn a_mark_saved_for_another_output_never_cuts_this_file() {
-    let other = tempfile::tempdir().unwrap();
-    let path = other.path().join("archive.jsonl");
-    let before = "{\"old\":1}\n{\"old\":2}\n";
-    std::fs::write(&path, before).unwrap();
-    let settings = Settings::default().section(&format!(
-        "[[destinations]]\nname = \"archive\"\nkind = \"file\"\npath = \"{}\"\n",
-        path.display()
-    ));
-    let mut f = Fanout::start_with(settings);
+    let (_other, path, mut f) = archive_with_old_lines();
     assert!(f.terminate().success());
     // As if `archive` had been a webhook (mark 0) or had pointed at another file.
     let cursor = f.dir().join("data/cursors/archive.cursor");
@@ -99,16 +106,5 @@ async fn a_mark_saved_for_another_output_never_cuts_this_file() {
     let foreign = json!({"position": saved["position"], "sink_offset": 0, "sink_id": 0});
     std::fs::write(&cursor, foreign.to_string()).unwrap();
     f.restart();
-    send(&f, &["b-1"]).await;
-    f.wait_delivered(1).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let text = loop {
-        let text = std::fs::read_to_string(&path).unwrap();
-        if text.lines().count() == 3 || std::time::Instant::now() > deadline {
-            break text;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(text.starts_with(before), "earlier lines survive: {text:?}");
-    assert_eq!(text.lines().count(), 3, "{text:?}");
+    assert_old_lines_kept(&f, &path, "b-1").await;
 }

@@ -115,6 +115,22 @@ async fn arrive_valid(k: &Klaviyo, wanted: &HashSet<String>, timeout: Duration) 
     k.assert_valid().await;
 }
 
+/// The messageIds of `messages`.
+fn message_ids(messages: &[Value]) -> HashSet<String> {
+    id_set(messages.iter().map(|m| m["messageId"].as_str().unwrap()))
+}
+
+/// Fails unless every request went to `path`.
+fn assert_only_path(k: &Klaviyo, path: &str) {
+    assert!(
+        k.requests()
+            .iter()
+            .all(|r| r.path.trim_end_matches('/') == path),
+        "only POST {path}:\n{}",
+        k.summary()
+    );
+}
+
 /// A JSON number as f64 (25 and 25.0 alike).
 fn number(value: &Option<Value>) -> Option<f64> {
     value
@@ -285,17 +301,10 @@ async fn bulk_false_sends_one_request_per_event() {
     );
     let sent = tracks("one", 10, 4);
     send(&f, &sent).await;
-    let wanted = id_set(sent.iter().map(|m| m["messageId"].as_str().unwrap()));
-    arrive_valid(&k, &wanted, Duration::from_secs(20)).await;
+    arrive_valid(&k, &message_ids(&sent), Duration::from_secs(20)).await;
 
     let requests = k.requests();
-    assert!(
-        requests
-            .iter()
-            .all(|r| r.path.trim_end_matches('/') == EVENTS),
-        "only POST /api/events:\n{}",
-        k.summary()
-    );
+    assert_only_path(&k, EVENTS);
     assert_eq!(
         requests.len(),
         10,
@@ -324,17 +333,10 @@ async fn bulk_jobs_carry_many_events_per_request() {
     );
     let sent = tracks("bulk", 50, 5);
     send(&f, &sent).await;
-    let wanted = id_set(sent.iter().map(|m| m["messageId"].as_str().unwrap()));
-    arrive_valid(&k, &wanted, Duration::from_secs(20)).await;
+    arrive_valid(&k, &message_ids(&sent), Duration::from_secs(20)).await;
 
     let requests = k.requests();
-    assert!(
-        requests
-            .iter()
-            .all(|r| r.path.trim_end_matches('/') == BULK),
-        "only POST /api/event-bulk-create-jobs:\n{}",
-        k.summary()
-    );
+    assert_only_path(&k, BULK);
     assert_each_once(&k);
     let sizes: Vec<usize> = requests
         .iter()
@@ -488,13 +490,7 @@ async fn revision_2023_01_24_sends_seed_002_flat_events_one_per_request() {
     k.assert_valid().await;
 
     let requests = k.requests();
-    assert!(
-        requests
-            .iter()
-            .all(|r| r.path.trim_end_matches('/') == EVENTS),
-        "events one per POST /api/events, no bulk jobs:\n{}",
-        k.summary()
-    );
+    assert_only_path(&k, EVENTS);
     assert_eq!(requests.len(), 3, "{}", k.summary());
     for r in &requests {
         assert_eq!(r.header("revision"), Some("2023-01-24"));
