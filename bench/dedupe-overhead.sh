@@ -5,6 +5,7 @@
 # Usage: bench/dedupe-overhead.sh   (after cargo build --release; needs wrk)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/bench/lib.sh"
 wrk_dir=${FANOUT_SHARED_DIR:-$root/../shared}/bench/wrk
 REPEATS=${REPEATS:-3} DURATION=${DURATION:-15s} CONNS=${CONNS:-64} PORT=${PORT:-18080}
 work=$(mktemp -d)
@@ -14,26 +15,20 @@ trap cleanup EXIT
 
 run() { # dedupe_enabled
   rm -rf "$work/data"
-  cat >"$work/config.toml" <<TOML
-[server]
-listen = "127.0.0.1:$PORT"
-data_dir = "$work/data"
-[[sources]]
-name = "bench"
-write_keys = ["WRITEKEY"]
-dedupe = { enabled = $1 }
+  { bench_config_head "$PORT" "$work/data" "dedupe = { enabled = $1 }"; cat <<TOML
 [[destinations]]
 name = "file"
 kind = "file"
 path = "$work/data/out.jsonl"
 TOML
+  } >"$work/config.toml"
   taskset -c 0 "$root/target/release/fanout" --config "$work/config.toml" 2>"$work/log" &
   pid=$!
-  for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.05; done
+  wait_port "$PORT"
   local t0 t1
-  t0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+  t0=$(cpu_ticks "$pid")
   taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" --timeout 5s -s "$wrk_dir/batch.lua" "http://127.0.0.1:$PORT" >"$work/wrk" 2>&1
-  t1=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+  t1=$(cpu_ticks "$pid")
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
   python3 - "$1" "$t0" "$t1" "$(getconf CLK_TCK)" "$(sed -n 's/^RESULT //p' "$work/wrk")" <<'PY'
 import json, sys

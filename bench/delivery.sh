@@ -13,6 +13,7 @@
 #      ORDERING (true).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/bench/lib.sh"
 shared=${FANOUT_SHARED_DIR:-$root/../shared}
 MESSAGES=${MESSAGES:-1000000} BATCH=${BATCH:-500} CONCURRENCY=${CONCURRENCY:-2}
 ORDERING=${ORDERING:-true} PORT=${PORT:-18080} SINK_PORT=${SINK_PORT:-18090}
@@ -24,13 +25,7 @@ trap cleanup EXIT
 (cd "$root" && cargo build --release -q)
 CARGO_TARGET_DIR="$root/target/baseline" cargo build --release -q --manifest-path "$shared/bench/baseline/Cargo.toml"
 
-cat >"$work/config.toml" <<TOML
-[server]
-listen = "127.0.0.1:$PORT"
-data_dir = "$work/data"
-[[sources]]
-name = "bench"
-write_keys = ["WRITEKEY"]
+{ bench_config_head "$PORT" "$work/data"; cat <<TOML
 [[destinations]]
 name = "hook"
 kind = "webhook"
@@ -40,9 +35,10 @@ ordering = $ORDERING
 batch = { max_events = $BATCH, linger = "50ms" }
 retry = { initial_backoff = "100ms", max_backoff = "1s" }
 TOML
+} >"$work/config.toml"
 taskset -c 0 "$root/target/release/fanout" --config "$work/config.toml" 2>"$work/log" &
 fanout=$!; pids+=("$fanout")
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.05; done
+wait_port "$PORT"
 
 queue_end() { # end position of the log: newest segment's base + its length
   local last; last=$(ls "$work/data/queue" | sort -n | tail -1)
@@ -66,9 +62,9 @@ ADDR="127.0.0.1:$SINK_PORT" taskset -c 1 "$root/target/baseline/release/ack" >/d
 pids+=("$!")
 end=$(queue_end)
 start=$(date +%s.%N)
-t0=$(awk '{print $14 + $15}' "/proc/$fanout/stat")
+t0=$(cpu_ticks "$fanout")
 until [ "$(cursor)" -ge "$end" ]; do sleep 0.1; done
-t1=$(awk '{print $14 + $15}' "/proc/$fanout/stat")
+t1=$(cpu_ticks "$fanout")
 secs=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$start" "$(date +%s.%N)")
 cpu=$(python3 -c "import sys; print(f'{(float(sys.argv[2]) - float(sys.argv[1])) / float(sys.argv[3]):.2f}')" "$t0" "$t1" "$(getconf CLK_TCK)")
 echo "drained $sent messages in $secs s: $(python3 -c "print(int($sent / $secs))") events/s (batch $BATCH, concurrency $CONCURRENCY, ordering $ORDERING); fanout CPU $cpu s; RSS after: $(rss_mb) MB"

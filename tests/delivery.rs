@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use common::clients::run_python;
-use common::receiver::{ids, Receiver, Reply};
+use common::receiver::{ids, ReceivedRequest, Receiver, Reply};
 use common::{assert_success, basic, client, status_json, Fanout, Settings};
 use serde_json::{json, Value};
 
@@ -224,17 +224,29 @@ async fn server_errors_are_retried_until_everything_arrives_once_in_user_order()
     }
 }
 
+/// Sends one track `id`, waits until it is delivered, and checks that the first attempt
+/// was answered `status`; returns every request the receiver saw.
+async fn delivered_after_one_failure(
+    r: &Receiver,
+    f: &Fanout,
+    id: &str,
+    status: u16,
+) -> Vec<ReceivedRequest> {
+    send(f, &[track(id, "u1")]).await;
+    let got = r.wait_for_messages(1, Duration::from_secs(15)).await;
+    assert_eq!(ids(&got), [id]);
+    let requests = r.requests();
+    assert_eq!(requests[0].status, status);
+    requests
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_seconds_on_429_delays_the_next_attempt() {
     let r = Receiver::start().await;
     r.push_reply(Reply::json(429, r#"{"error":"slow down"}"#).header("Retry-After", "2"));
     let f = Fanout::start_with(with_dests(&[Dest::webhook("hook", &r.url("/hook"))]));
 
-    send(&f, &[track("ra-1", "u1")]).await;
-    let got = r.wait_for_messages(1, Duration::from_secs(15)).await;
-    assert_eq!(ids(&got), ["ra-1"]);
-    let requests = r.requests();
-    assert_eq!(requests[0].status, 429);
+    let requests = delivered_after_one_failure(&r, &f, "ra-1", 429).await;
     assert!(requests[1].ok());
     let waited = requests[1].at - requests[0].answered_at.unwrap();
     assert!(
@@ -259,11 +271,7 @@ async fn retry_after_http_date_delays_the_next_attempt() {
     let due = now + (truncated.to_utc() - wall).to_std().unwrap();
     r.push_reply(Reply::json(503, r#"{"error":"maintenance"}"#).header("Retry-After", &header));
 
-    send(&f, &[track("rd-1", "u1")]).await;
-    let got = r.wait_for_messages(1, Duration::from_secs(15)).await;
-    assert_eq!(ids(&got), ["rd-1"]);
-    let requests = r.requests();
-    assert_eq!(requests[0].status, 503);
+    let requests = delivered_after_one_failure(&r, &f, "rd-1", 503).await;
     // 50 ms for the two clocks (wall and monotonic) to disagree.
     assert!(
         requests[1].at + Duration::from_millis(50) >= due,

@@ -109,8 +109,18 @@ fn describe(e: &reqwest::Error) -> String {
     detail
 }
 
+/// Sends `request` with `body` (gzip-compressed when asked): the whole of a batch for
+/// destinations that make one request per batch. No mark to save: 0.
+pub async fn send_batch(
+    request: reqwest::RequestBuilder,
+    body: Vec<u8>,
+    gzip: bool,
+) -> Result<u64, SendError> {
+    send(with_body(request, body, gzip)).await.map(|()| 0)
+}
+
 /// Sets the body, gzip-compressed (with `Content-Encoding: gzip`) when asked.
-pub fn with_body(
+fn with_body(
     request: reqwest::RequestBuilder,
     body: Vec<u8>,
     gzip: bool,

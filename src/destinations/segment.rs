@@ -79,9 +79,7 @@ impl Destination for SegmentDestination {
             .post(&self.endpoint)
             .header(AUTHORIZATION, self.authorization.clone())
             .header(CONTENT_TYPE, "application/json");
-        http::send(http::with_body(request, body, self.gzip))
-            .await
-            .map(|()| 0)
+        http::send_batch(request, body, self.gzip).await
     }
 }
 

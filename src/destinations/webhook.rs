@@ -84,9 +84,7 @@ impl Destination for WebhookDestination {
         if let Some(secret) = &self.secret {
             request = request.header(SIGNATURE_HEADER, signature(secret, &body));
         }
-        http::send(http::with_body(request, body, self.gzip))
-            .await
-            .map(|()| 0)
+        http::send_batch(request, body, self.gzip).await
     }
 }
 
