@@ -17,6 +17,10 @@ struct Cli {
     /// Log format on standard error.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
+    /// On start, drop the queued data of destinations no longer in the config (it is
+    /// kept otherwise, in case they come back).
+    #[arg(long)]
+    purge: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -32,6 +36,13 @@ enum Command {
     DeadLetters {
         #[command(subcommand)]
         action: DeadLetterAction,
+    },
+    /// Read one message (with its `type`) or a `{"batch":[…]}` on standard input and print,
+    /// as JSON, which destinations it would go to and what each would receive. Sends nothing.
+    Route {
+        /// The source it comes from (default: the first `[[sources]]`).
+        #[arg(long)]
+        source: Option<String>,
     },
 }
 
@@ -82,6 +93,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Route { source }) = &cli.command {
+        return route(&config, source.as_deref());
+    }
     if let Some(Command::Check { .. }) = cli.command {
         println!(
             "{}: ok ({} sources, {} destinations)",
@@ -98,7 +112,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(fanout::server::run(config)) {
+    let options = fanout::server::Options {
+        config_path: cli.config,
+        purge: cli.purge,
+    };
+    match runtime.block_on(fanout::server::run(config, options)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fanout: {e:#}");
@@ -131,6 +149,33 @@ fn dead_letters(config: &Config, action: &DeadLetterAction) -> anyhow::Result<()
         }
     }
     Ok(())
+}
+
+/// `fanout route`: exit 2 on input it cannot route (the message says why).
+fn route(config: &Config, source: Option<&str>) -> ExitCode {
+    use std::io::Read;
+    let mut input = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut input) {
+        eprintln!("fanout: cannot read standard input: {e}");
+        return ExitCode::from(2);
+    }
+    let report = match fanout::routing::explain(config, source, &input) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("fanout: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match serde_json::to_string_pretty(&report) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fanout: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_logging(format: LogFormat) {

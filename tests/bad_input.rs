@@ -241,7 +241,7 @@ async fn batch_level_context_cannot_multiply_a_small_request() {
 #[tokio::test]
 async fn a_stalled_body_times_out_and_frees_its_slot() {
     let f = Fanout::start_with(
-        common::Settings::default().server("body_timeout_secs = 1\nmax_in_flight = 1"),
+        common::Settings::default().server("body_timeout = \"1s\"\nmax_in_flight = 1"),
     );
     let addr = f.addr;
     let (status, body) = tokio::task::spawn_blocking(move || {

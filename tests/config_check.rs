@@ -76,6 +76,16 @@ fn errors_name_the_key_and_line() {
             "line 14",
         ),
         ("[server\n".to_string(), "", "line 1"),
+        (
+            good.replace("[server]\n", "[server]\nbody_timeout = 30\n"),
+            "server.body_timeout",
+            "line 2",
+        ),
+        (
+            good.replace("[server]\n", "[server]\nretry_after = \"0s\"\n"),
+            "server.retry_after",
+            "line 2",
+        ),
     ];
     for (config, key, line) in cases {
         let (ok, _, stderr) = check(&config);
@@ -87,6 +97,25 @@ fn errors_name_the_key_and_line() {
     }
     let (ok, _, stderr) = check("");
     assert!(ok, "an empty file is a valid (if useless) config: {stderr}");
+}
+
+#[test]
+fn renamed_duration_keys_name_the_new_key() {
+    let (ok, _, stderr) = check("[server]\nlisten = \"127.0.0.1:1\"\nshutdown_grace_secs = 10\n");
+    assert!(!ok);
+    assert!(
+        stderr.contains(
+            "`server.shutdown_grace_secs` (line 3): `server.shutdown_grace_secs` was renamed: \
+             use `shutdown_grace = \"10s\"`"
+        ),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = check("[cors]\nmax_age_secs = 600\n");
+    assert!(!ok);
+    assert!(
+        stderr.contains("was renamed: use `max_age = \"10m\"`"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -493,7 +493,8 @@ async fn message_fields_pass_through_and_batch_context_merges() {
     let f = Fanout::start();
     let body = json!({
         "context": {"library": {"name": "analytics-go"}, "ip": "10.0.0.1"},
-        "integrations": {"all": false},
+        // Go-style lower-case `all`; the test's file destination `out` is named on.
+        "integrations": {"all": false, "out": true},
         "messageId": "batch-level-id-from-go",
         "batch": [{
             "type": "track", "userId": "u", "event": "E", "messageId": "m1",
@@ -510,7 +511,7 @@ async fn message_fields_pass_through_and_batch_context_merges() {
         m["context"],
         json!({"ip": "203.0.113.9", "library": {"name": "analytics-go"}})
     );
-    assert_eq!(m["integrations"], json!({"all": false}));
+    assert_eq!(m["integrations"], json!({"all": false, "out": true}));
     assert_eq!(m["properties"], body["batch"][0]["properties"]);
     assert_eq!(m["_metadata"], json!({"bundled": ["x"]}));
     assert_eq!(m["channel"], "server");
@@ -665,7 +666,7 @@ async fn cors_allow_list_is_enforced() {
 #[tokio::test]
 async fn overload_gets_429_with_retry_after_before_the_body_is_read() {
     let f =
-        Fanout::start_with(Settings::default().server("max_in_flight = 2\nretry_after_secs = 3"));
+        Fanout::start_with(Settings::default().server("max_in_flight = 2\nretry_after = \"3s\""));
     // Two requests that never finish sending their bodies hold both slots.
     let mut slow = Vec::new();
     for _ in 0..2 {
@@ -708,7 +709,7 @@ async fn overload_gets_429_with_retry_after_before_the_body_is_read() {
 #[tokio::test]
 async fn overload_answer_carries_retry_after_header() {
     let f =
-        Fanout::start_with(Settings::default().server("max_in_flight = 1\nretry_after_secs = 7"));
+        Fanout::start_with(Settings::default().server("max_in_flight = 1\nretry_after = \"7s\""));
     let mut s = std::net::TcpStream::connect(f.addr).unwrap();
     std::io::Write::write_all(
         &mut s,

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::ingest::MessageType;
+
 /// One destination.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationConfig {
     pub name: String,
@@ -49,6 +51,72 @@ pub struct DestinationConfig {
     pub batch: Option<BatchConfig>,
     pub retry: Option<RetryConfig>,
     pub rate_limit: Option<RateLimitConfig>,
+    /// Names of the `[[sources]]` whose messages this destination gets; default all.
+    pub sources: Option<Vec<String>>,
+    /// Which messages this destination gets (all conditions must hold); default all.
+    pub filter: Option<FilterConfig>,
+    /// Dotted paths removed from each message before it is sent, e.g. `context.ip`.
+    #[serde(default)]
+    pub drop_fields: Vec<String>,
+    /// Dotted path → dotted path, e.g. `"properties.revenue" = "properties.amount"`; applied
+    /// after `drop_fields`. Missing parents of the new path are created; a message without
+    /// the old path is left as it is.
+    #[serde(default)]
+    pub rename: BTreeMap<String, String>,
+}
+
+/// `filter = { types, events, properties }`: a message goes only if every condition given
+/// holds (on the message as stored, before `drop_fields` / `rename`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// Message types, e.g. `["track", "identify"]`.
+    pub types: Option<Vec<MessageType>>,
+    /// Event names of track messages, exact or globs: `*` any run of characters, `?` one
+    /// character, e.g. `"Order *"`. Messages of other types are not constrained by it.
+    pub events: Option<Vec<String>>,
+    /// Dotted path under the message's `properties` (`traits` for identify and group) →
+    /// condition, e.g. `"plan.tier" = { equals = "pro" }`.
+    pub properties: Option<BTreeMap<String, PropertyCondition>>,
+}
+
+/// One property condition: exactly one of `equals` and `exists`. A JSON `null` counts as absent.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PropertyCondition {
+    /// The value, as JSON: numbers compare by value (TOML `3` equals JSON `3.0`), anything
+    /// else exactly; a TOML date-time is compared as its text.
+    #[serde(default, deserialize_with = "toml_to_json")]
+    pub equals: Option<serde_json::Value>,
+    /// `true`: the path holds a value; `false`: it does not.
+    pub exists: Option<bool>,
+}
+
+/// Reads any TOML value as JSON; date-times (which JSON lacks) become their text.
+fn toml_to_json<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<serde_json::Value>, D::Error> {
+    fn unwrap_datetimes(value: serde_json::Value) -> serde_json::Value {
+        use serde_json::Value;
+        match value {
+            Value::Object(map) => {
+                // How the toml crate hands a date-time to a deserializer that is not its own.
+                if let (1, Some(Value::String(text))) =
+                    (map.len(), map.get("$__toml_private_datetime"))
+                {
+                    return Value::String(text.clone());
+                }
+                Value::Object(
+                    map.into_iter()
+                        .map(|(k, v)| (k, unwrap_datetimes(v)))
+                        .collect(),
+                )
+            }
+            Value::Array(items) => Value::Array(items.into_iter().map(unwrap_datetimes).collect()),
+            other => other,
+        }
+    }
+    serde_json::Value::deserialize(deserializer).map(|v| Some(unwrap_datetimes(v)))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -62,7 +130,7 @@ pub enum DestinationKind {
 }
 
 impl DestinationKind {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             DestinationKind::File => "file",
             DestinationKind::Stdout => "stdout",
@@ -92,7 +160,7 @@ pub enum WebhookPayload {
 }
 
 /// When a batch is sent: whichever of the three is reached first.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
     pub max_events: Option<usize>,
@@ -103,7 +171,7 @@ pub struct BatchConfig {
 }
 
 /// Retries of a failing batch: exponential backoff with full jitter.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
     #[serde(default = "default_initial_backoff", with = "humantime_serde")]
@@ -147,7 +215,7 @@ fn default_max_retry_after() -> Duration {
 }
 
 /// Outbound token bucket: `rate` per second, up to `burst` at once.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
     pub rate: f64,
@@ -335,6 +403,108 @@ impl DestinationConfig {
                 ));
             }
         }
+        self.validate_routing()
+    }
+
+    /// Checks `sources`, `filter`, `drop_fields` and `rename` on their own (that each
+    /// source exists is checked against the whole config, in `Config::validate`).
+    fn validate_routing(&self) -> Result<(), (String, String)> {
+        let empty = |key: &str| Err((key.to_string(), "must not be empty".to_string()));
+        if self.sources.as_ref().is_some_and(Vec::is_empty) {
+            return empty("sources");
+        }
+        if let Some(filter) = &self.filter {
+            if filter.types.is_none() && filter.events.is_none() && filter.properties.is_none() {
+                return Err((
+                    "filter".into(),
+                    "give at least one of types, events, properties".into(),
+                ));
+            }
+            if filter.types.as_ref().is_some_and(Vec::is_empty) {
+                return empty("filter.types");
+            }
+            if let Some(events) = &filter.events {
+                if events.is_empty() {
+                    return empty("filter.events");
+                }
+                if let Some(j) = events.iter().position(String::is_empty) {
+                    return empty(&format!("filter.events[{j}]"));
+                }
+            }
+            if let Some(properties) = &filter.properties {
+                if properties.is_empty() {
+                    return empty("filter.properties");
+                }
+                for (path, condition) in properties {
+                    let key = format!("filter.properties.{}", toml_key(path));
+                    check_path(path).map_err(|m| (key.clone(), m))?;
+                    match (&condition.equals, condition.exists) {
+                        (None, None) => {
+                            return Err((
+                                key,
+                                "give `equals = <value>` or `exists = true|false`".into(),
+                            ))
+                        }
+                        (Some(_), Some(_)) => {
+                            return Err((key, "give only one of `equals` and `exists`".into()))
+                        }
+                        (Some(serde_json::Value::Null), None) => {
+                            return Err((
+                                format!("{key}.equals"),
+                                "not a value JSON can hold (nan or inf)".into(),
+                            ))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        for (j, path) in self.drop_fields.iter().enumerate() {
+            let key = format!("drop_fields[{j}]");
+            check_path(path).map_err(|m| (key.clone(), m))?;
+            if is_under(path, "type") {
+                return Err((key, "`type` cannot be dropped: routing reads it".into()));
+            }
+        }
+        let renames: Vec<(&String, &String)> = self.rename.iter().collect();
+        for (i, &(from, to)) in renames.iter().enumerate() {
+            let key = format!("rename.{}", toml_key(from));
+            check_path(from).map_err(|m| (key.clone(), m))?;
+            check_path(to).map_err(|m| (key.clone(), format!("`{to}`: {m}")))?;
+            if from == to {
+                return Err((key, "renames a path to itself".into()));
+            }
+            if is_under(from, "type") || is_under(to, "type") {
+                return Err((
+                    key,
+                    "`type` cannot be renamed or replaced: routing reads it".into(),
+                ));
+            }
+            if let Some(dropped) = self.drop_fields.iter().find(|d| is_under(from, d)) {
+                return Err((
+                    key,
+                    format!("`{from}` is removed by drop_fields `{dropped}` before renames apply"),
+                ));
+            }
+            if let Some(dropped) = self.drop_fields.iter().find(|d| overlap(to, d)) {
+                return Err((
+                    key,
+                    format!("`{to}` is also in drop_fields (`{dropped}`): keep one of the two"),
+                ));
+            }
+            // Renames touching the same paths would depend on the order they run in.
+            for &(other_from, other_to) in &renames[i + 1..] {
+                if [from, to]
+                    .iter()
+                    .any(|a| overlap(a, other_from) || overlap(a, other_to))
+                {
+                    return Err((
+                        key,
+                        format!("overlaps the rename of `{other_from}`: their order would matter"),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -381,6 +551,36 @@ impl DestinationConfig {
     }
 }
 
+/// A dotted path: non-empty segments separated by dots.
+fn check_path(path: &str) -> Result<(), String> {
+    if path.split('.').any(str::is_empty) {
+        return Err(format!(
+            "`{path}` is not a dotted path (e.g. `context.ip`): empty segment"
+        ));
+    }
+    Ok(())
+}
+
+/// `path` is `prefix` or lies inside it.
+fn is_under(path: &str, prefix: &str) -> bool {
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+}
+
+/// One of the two paths is the other or lies inside it.
+fn overlap(a: &str, b: &str) -> bool {
+    is_under(a, b) || is_under(b, a)
+}
+
+/// A map key as TOML writes it in a key path: quoted when it holds a dot.
+fn toml_key(key: &str) -> String {
+    if key.contains(['.', '"', ' ']) || key.is_empty() {
+        format!("{key:?}")
+    } else {
+        key.to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,6 +598,173 @@ mod tests {
         let d =
             parse("name = \"s\"\nkind = \"segment\"\nwrite_key_env = \"K\"\nurl = \"ftp://x\"\n");
         assert_eq!(d.validate().unwrap_err().0, "url");
+    }
+
+    /// A config with sources `web` and `ios` and one file destination ending in `rules`
+    /// (its first line is line 12).
+    fn routed(rules: &str) -> Result<crate::config::Config, crate::config::ConfigError> {
+        crate::config::Config::parse(&format!(
+            "[[sources]]\nname = \"web\"\nwrite_keys = [\"k1\"]\n\n[[sources]]\nname = \"ios\"\n\n\
+             [[destinations]]\nname = \"f\"\nkind = \"file\"\npath = \"/tmp/f\"\n{rules}"
+        ))
+    }
+
+    #[test]
+    fn routing_keys_parse() {
+        let c = routed(
+            "sources = [\"ios\"]\ndrop_fields = [\"context.ip\"]\n\
+             rename = { \"properties.revenue\" = \"properties.amount\" }\n\
+             [destinations.filter]\ntypes = [\"track\", \"page\"]\nevents = [\"Order *\"]\n\
+             [destinations.filter.properties]\n\"plan.tier\" = { equals = \"pro\" }\n\
+             total = { equals = 3 }\nseen = { equals = 1979-05-27T07:32:00Z }\nemail = { exists = true }\n",
+        )
+        .unwrap();
+        let d = &c.destinations[0];
+        assert_eq!(d.sources.as_deref(), Some(&["ios".to_string()][..]));
+        let filter = d.filter.as_ref().unwrap();
+        assert_eq!(
+            filter.types.as_deref(),
+            Some(&[MessageType::Track, MessageType::Page][..])
+        );
+        let properties = filter.properties.as_ref().unwrap();
+        assert_eq!(
+            properties["plan.tier"].equals,
+            Some(serde_json::json!("pro"))
+        );
+        assert_eq!(properties["total"].equals, Some(serde_json::json!(3)));
+        assert_eq!(
+            properties["seen"].equals,
+            Some(serde_json::json!("1979-05-27T07:32:00Z"))
+        );
+        assert_eq!(properties["email"].exists, Some(true));
+        assert_eq!(d.rename["properties.revenue"], "properties.amount");
+    }
+
+    #[test]
+    fn routing_errors_name_key_and_line() {
+        let cases = [
+            (
+                "sources = [\"web\", \"android\"]\n",
+                "destinations[0].sources[1]",
+                12,
+                "android",
+            ),
+            ("sources = []\n", "destinations[0].sources", 12, "empty"),
+            (
+                "filter = { types = [\"track\", \"click\"] }\n",
+                "destinations[0].filter.types[1]",
+                12,
+                "click",
+            ),
+            (
+                "filter = { types = [] }\n",
+                "destinations[0].filter.types",
+                12,
+                "empty",
+            ),
+            (
+                "filter = {}\n",
+                "destinations[0].filter",
+                12,
+                "at least one",
+            ),
+            (
+                "filter = { event = [\"x\"] }\n",
+                "destinations[0].filter.event",
+                12,
+                "event",
+            ),
+            (
+                "filter = { events = [\"a\", \"\"] }\n",
+                "destinations[0].filter.events[1]",
+                12,
+                "empty",
+            ),
+            (
+                "[destinations.filter.properties]\nplan = { equals = 1, exists = true }\n",
+                "destinations[0].filter.properties.plan",
+                13,
+                "only one",
+            ),
+            (
+                "[destinations.filter.properties]\nplan = {}\n",
+                "destinations[0].filter.properties.plan",
+                13,
+                "equals",
+            ),
+            (
+                "[destinations.filter.properties]\nplan = { equal = 1 }\n",
+                "destinations[0].filter.properties.plan.equal",
+                13,
+                "equal",
+            ),
+            (
+                "[destinations.filter.properties]\nplan = { equals = nan }\n",
+                "destinations[0].filter.properties.plan.equals",
+                13,
+                "nan",
+            ),
+            (
+                "[destinations.filter.properties]\n\"a..b\" = { exists = true }\n",
+                "destinations[0].filter.properties.\"a..b\"",
+                12,
+                "empty segment",
+            ),
+            (
+                "drop_fields = [\"context.ip\", \"type\"]\n",
+                "destinations[0].drop_fields[1]",
+                12,
+                "type",
+            ),
+            (
+                "drop_fields = [\"\"]\n",
+                "destinations[0].drop_fields[0]",
+                12,
+                "dotted path",
+            ),
+            (
+                "rename = { type = \"kind\" }\n",
+                "destinations[0].rename.type",
+                12,
+                "type",
+            ),
+            (
+                "rename = { \"properties.a\" = \"context.ip\" }\ndrop_fields = [\"context\"]\n",
+                "destinations[0].rename.\"properties.a\"",
+                12,
+                "drop_fields",
+            ),
+            (
+                "rename = { \"context.ip\" = \"properties.ip\" }\ndrop_fields = [\"context.ip\"]\n",
+                "destinations[0].rename.\"context.ip\"",
+                12,
+                "removed",
+            ),
+            (
+                "rename = { a = \"b\", c = \"b.x\" }\n",
+                "destinations[0].rename.a",
+                12,
+                "overlaps",
+            ),
+            (
+                "rename = { a = \"a\" }\n",
+                "destinations[0].rename.a",
+                12,
+                "itself",
+            ),
+            (
+                "rename = { a = \"b.\" }\n",
+                "destinations[0].rename.a",
+                12,
+                "b.",
+            ),
+        ];
+        for (rules, key, line, says) in cases {
+            let e = routed(rules).unwrap_err();
+            assert_eq!(e.key, key, "{rules}: {e}");
+            assert_eq!(e.line, Some(line), "{rules}: {e}");
+            assert!(e.message.contains(says), "{rules}: {e}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
@@ -14,8 +15,8 @@ use toml::Spanned;
 mod destinations;
 
 pub use destinations::{
-    BatchConfig, BatchLimits, DestinationConfig, DestinationKind, RateLimitConfig, RatePer,
-    RetryConfig, WebhookPayload,
+    BatchConfig, BatchLimits, DestinationConfig, DestinationKind, FilterConfig, PropertyCondition,
+    RateLimitConfig, RatePer, RetryConfig, WebhookPayload,
 };
 
 /// The whole configuration file.
@@ -47,6 +48,9 @@ pub struct AdminConfig {
     /// Environment variable holding the bearer token the admin endpoints require;
     /// without it they answer 404.
     pub token_env: Option<String>,
+    /// A separate address for the operator endpoints (`/admin/...`, `/metrics`), e.g.
+    /// one not exposed to the internet; without it they share `server.listen`.
+    pub listen: Option<SocketAddr>,
 }
 
 /// Listening address, storage and request admission.
@@ -63,19 +67,20 @@ pub struct ServerConfig {
     /// before their body is read, so clients back off instead of timing out.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
-    /// Seconds sent in `Retry-After` with a 429 or 503.
-    #[serde(default = "default_retry_after_secs")]
-    pub retry_after_secs: u32,
+    /// Sent in `Retry-After` with a 429 or 503, e.g. "1s": whole seconds, 1s to 1h,
+    /// since the header carries seconds (read it with [`ServerConfig::retry_after_secs`]).
+    #[serde(default = "default_retry_after", with = "humantime_serde")]
+    pub retry_after: Duration,
     /// Size at which the queue starts a new segment file.
     #[serde(default = "default_segment_bytes")]
     pub segment_bytes: u64,
-    /// Seconds a request body may stall between two chunks before the request is
-    /// answered 408, freeing its in-flight slot.
-    #[serde(default = "default_body_timeout_secs")]
-    pub body_timeout_secs: u64,
-    /// Seconds a graceful shutdown waits for in-flight requests and deliveries.
-    #[serde(default = "default_shutdown_grace_secs")]
-    pub shutdown_grace_secs: u64,
+    /// How long a request body may stall between two chunks before the request is
+    /// answered 408, freeing its in-flight slot, e.g. "30s".
+    #[serde(default = "default_body_timeout", with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// How long a graceful shutdown waits for in-flight requests and deliveries, e.g. "30s".
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
     /// Disk budget of the queue: once the data some destination has not consumed
     /// reaches it, ingest answers 503 + Retry-After instead of accepting more.
     #[serde(default = "default_max_queue_bytes")]
@@ -108,9 +113,10 @@ pub struct CorsConfig {
     /// Allowed origins; `["*"]` (the default) allows any, echoing the request's origin.
     #[serde(default = "default_allowed_origins")]
     pub allowed_origins: Vec<String>,
-    /// Seconds a browser may cache a preflight answer.
-    #[serde(default = "default_cors_max_age_secs")]
-    pub max_age_secs: u64,
+    /// How long a browser may cache a preflight answer, e.g. "24h" (whole seconds:
+    /// `Access-Control-Max-Age` carries seconds).
+    #[serde(default = "default_cors_max_age", with = "humantime_serde")]
+    pub max_age: Duration,
 }
 
 /// One sending application; its write keys authenticate its requests.
@@ -238,17 +244,17 @@ fn default_data_dir() -> PathBuf {
 const fn default_max_in_flight() -> usize {
     1024
 }
-const fn default_retry_after_secs() -> u32 {
-    1
+const fn default_retry_after() -> Duration {
+    Duration::from_secs(1)
 }
-const fn default_body_timeout_secs() -> u64 {
-    30
+const fn default_body_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 const fn default_segment_bytes() -> u64 {
     64 * 1024 * 1024
 }
-const fn default_shutdown_grace_secs() -> u64 {
-    30
+const fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
 }
 const fn default_max_queue_bytes() -> u64 {
     10 * 1024 * 1024 * 1024
@@ -268,8 +274,8 @@ const fn default_max_json_depth() -> usize {
 fn default_allowed_origins() -> Vec<String> {
     vec!["*".to_string()]
 }
-const fn default_cors_max_age_secs() -> u64 {
-    86_400
+const fn default_cors_max_age() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 impl Default for ServerConfig {
@@ -278,12 +284,20 @@ impl Default for ServerConfig {
             listen: default_listen(),
             data_dir: default_data_dir(),
             max_in_flight: default_max_in_flight(),
-            retry_after_secs: default_retry_after_secs(),
-            body_timeout_secs: default_body_timeout_secs(),
+            retry_after: default_retry_after(),
+            body_timeout: default_body_timeout(),
             segment_bytes: default_segment_bytes(),
-            shutdown_grace_secs: default_shutdown_grace_secs(),
+            shutdown_grace: default_shutdown_grace(),
             max_queue_bytes: default_max_queue_bytes(),
         }
+    }
+}
+
+impl ServerConfig {
+    /// `retry_after` in seconds, as the `Retry-After` header carries it (validated to be
+    /// whole seconds from 1 to 3600).
+    pub fn retry_after_secs(&self) -> u32 {
+        u32::try_from(self.retry_after.as_secs()).unwrap_or(u32::MAX)
     }
 }
 
@@ -302,7 +316,7 @@ impl Default for CorsConfig {
     fn default() -> Self {
         CorsConfig {
             allowed_origins: default_allowed_origins(),
-            max_age_secs: default_cors_max_age_secs(),
+            max_age: default_cors_max_age(),
         }
     }
 }
@@ -365,11 +379,14 @@ impl Config {
                     .span()
                     .map(|s| line_of(text, s.start))
                     .or_else(|| lines.line(&key));
+                let message = renamed_key(&key, &lines)
+                    .unwrap_or_else(|| with_duration_hint(inner.message()));
+                let message = hide_secret(&key, message);
                 ConfigError {
                     origin: None,
                     key,
                     line,
-                    message: inner.message().to_string(),
+                    message,
                 }
             })?;
         config.validate(&lines)?;
@@ -384,6 +401,28 @@ impl Config {
             key,
             message,
         };
+        let retry_after = self.server.retry_after;
+        if retry_after.subsec_nanos() != 0 || !(1..=3600).contains(&retry_after.as_secs()) {
+            return Err(err(
+                "server.retry_after".into(),
+                "must be whole seconds from 1s to 1h (it is sent as `Retry-After: <seconds>`)"
+                    .into(),
+            ));
+        }
+        for (key, value) in [
+            ("server.body_timeout", self.server.body_timeout),
+            ("server.shutdown_grace", self.server.shutdown_grace),
+        ] {
+            if value.is_zero() {
+                return Err(err(key.into(), "must be more than 0, e.g. \"30s\"".into()));
+            }
+        }
+        if self.cors.max_age.subsec_nanos() != 0 {
+            return Err(err(
+                "cors.max_age".into(),
+                "must be whole seconds (it is sent as `Access-Control-Max-Age: <seconds>`)".into(),
+            ));
+        }
         if self.dedupe.ttl.as_secs() == 0 {
             return Err(err(
                 "dedupe.ttl".into(),
@@ -422,6 +461,12 @@ impl Config {
             return Err(err(
                 "limits.max_message_bytes".into(),
                 "must not exceed limits.max_request_bytes".into(),
+            ));
+        }
+        if self.admin.listen == Some(self.server.listen) {
+            return Err(err(
+                "admin.listen".into(),
+                "must differ from server.listen (leave it out to share that address)".into(),
             ));
         }
         let mut source_names = HashSet::new();
@@ -465,8 +510,78 @@ impl Config {
             if let Err((key, message)) = dest.validate() {
                 return Err(err(format!("destinations[{i}].{key}"), message));
             }
+            for (j, name) in dest.sources.iter().flatten().enumerate() {
+                if !source_names.contains(name.as_str()) {
+                    return Err(err(
+                        format!("destinations[{i}].sources[{j}]"),
+                        format!("no source named `{name}` in [[sources]]"),
+                    ));
+                }
+            }
         }
         Ok(())
+    }
+}
+
+/// Keys renamed before 1.0: old key path, new key, its example value. Using an old key
+/// is an error that says what to write instead, rather than a bare "unknown field".
+const RENAMED: &[(&str, &str, &str)] = &[
+    ("server.retry_after_secs", "retry_after", "1s"),
+    ("server.body_timeout_secs", "body_timeout", "30s"),
+    ("server.shutdown_grace_secs", "shutdown_grace", "30s"),
+    ("cors.max_age_secs", "max_age", "24h"),
+];
+
+/// The message for a renamed key at `key`; the suggestion carries the old value when it
+/// was a number of seconds.
+fn renamed_key(key: &str, lines: &LineIndex<'_>) -> Option<String> {
+    let &(old, new, example) = RENAMED.iter().find(|(old, _, _)| *old == key)?;
+    let value = lines
+        .integer(old)
+        .map_or_else(|| example.to_string(), humane_secs);
+    Some(format!("`{old}` was renamed: use `{new} = \"{value}\"`"))
+}
+
+/// Seconds as the shortest humantime unit that is exact: 86400 → "24h", 90 → "90s".
+fn humane_secs(secs: u64) -> String {
+    match secs {
+        0 => "0s".to_string(),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// humantime-serde refuses a bare number with "invalid type: integer `30`, expected a
+/// duration"; say what a duration looks like.
+fn with_duration_hint(message: &str) -> String {
+    if message.ends_with("expected a duration") {
+        format!("{message} with a unit, as a string such as \"30s\", \"1m\" or \"24h\"")
+    } else {
+        message.to_string()
+    }
+}
+
+/// Keys whose values may be secrets (write keys, a Redis URL with its password, webhook
+/// headers such as `Authorization`): an error about them does not quote the value, since
+/// errors go to the terminal and to the log (a refused reload).
+const SECRET_KEYS: &[&str] = &["write_keys", "redis_url", "headers"];
+
+/// serde quotes a refused string as `string "…"`; under a secret key that part is cut.
+fn hide_secret(key: &str, message: String) -> String {
+    let secret = key
+        .split('.')
+        .any(|part| SECRET_KEYS.contains(&part.split('[').next().unwrap_or(part)));
+    let Some(start) = message.find("string \"").filter(|_| secret) else {
+        return message;
+    };
+    match message.rfind("\", expected") {
+        Some(end) if end > start => format!(
+            "{}string (not shown){}",
+            &message[..start],
+            &message[end + 1..]
+        ),
+        _ => "this value is refused (not shown: it may be a secret)".to_string(),
     }
 }
 
@@ -527,6 +642,23 @@ impl LineIndex<'_> {
             }
         }
         Some(line_of(self.text, span.start))
+    }
+
+    /// The non-negative integer at a path of plain table keys, e.g. `server.retry_after_secs`.
+    fn integer(&self, path: &str) -> Option<u64> {
+        let mut table = self.doc.get_ref();
+        let mut names = path.split('.').peekable();
+        while let Some(name) = names.next() {
+            let (_, value) = table.iter().find(|(k, _)| k.get_ref() == name)?;
+            match (value.get_ref(), names.peek()) {
+                (DeValue::Table(t), Some(_)) => table = t,
+                (DeValue::Integer(i), None) => {
+                    return u64::from_str_radix(i.as_str(), i.radix()).ok();
+                }
+                _ => return None,
+            }
+        }
+        None
     }
 }
 
@@ -594,6 +726,118 @@ path = "/tmp/x/out.jsonl"
         let e = Config::parse(&text).unwrap_err();
         assert_eq!(e.key, "server.listen", "{e}");
         assert_eq!(e.line, Some(3), "{e}");
+    }
+
+    fn parse_with(section: &str, lines: &str) -> Result<Config, ConfigError> {
+        Config::parse(&GOOD.replacen(
+            &format!("[{section}]\n"),
+            &format!("[{section}]\n{lines}\n"),
+            1,
+        ))
+    }
+
+    #[test]
+    fn durations_have_the_old_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.server.retry_after, Duration::from_secs(1));
+        assert_eq!(c.server.retry_after_secs(), 1);
+        assert_eq!(c.server.body_timeout, Duration::from_secs(30));
+        assert_eq!(c.server.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(c.cors.max_age, Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        let c = parse_with(
+            "server",
+            "retry_after = \"1m\"\nbody_timeout = \"30s\"\nshutdown_grace = \"1m 30s\"",
+        )
+        .unwrap();
+        assert_eq!(c.server.retry_after_secs(), 60);
+        assert_eq!(c.server.body_timeout, Duration::from_secs(30));
+        assert_eq!(c.server.shutdown_grace, Duration::from_secs(90));
+        let c = Config::parse(&format!("{GOOD}\n[cors]\nmax_age = \"24h\"\n")).unwrap();
+        assert_eq!(c.cors.max_age, Duration::from_secs(86_400));
+        let c = parse_with("server", "body_timeout = \"250ms\"").unwrap();
+        assert_eq!(c.server.body_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn a_bare_integer_duration_is_refused_with_key_and_line() {
+        let e = parse_with("server", "body_timeout = 30").unwrap_err();
+        assert_eq!(e.key, "server.body_timeout", "{e}");
+        assert_eq!(e.line, Some(3), "{e}");
+        assert!(e.message.contains("\"30s\""), "{e}");
+        let e = Config::parse(&format!("{GOOD}\n[cors]\nmax_age = 86400\n")).unwrap_err();
+        assert_eq!(e.key, "cors.max_age", "{e}");
+        assert_eq!(e.line, Some(16), "{e}");
+    }
+
+    #[test]
+    fn duration_bounds_are_checked_with_key_and_line() {
+        let cases = [
+            ("server", "retry_after = \"0s\"", "server.retry_after"),
+            ("server", "retry_after = \"1500ms\"", "server.retry_after"),
+            ("server", "retry_after = \"2h\"", "server.retry_after"),
+            ("server", "body_timeout = \"0s\"", "server.body_timeout"),
+            ("server", "shutdown_grace = \"0s\"", "server.shutdown_grace"),
+        ];
+        for (section, lines, key) in cases {
+            let e = parse_with(section, lines).unwrap_err();
+            assert_eq!(e.key, key, "{lines}: {e}");
+            assert_eq!(e.line, Some(3), "{lines}: {e}");
+        }
+        let e = Config::parse(&format!("{GOOD}\n[cors]\nmax_age = \"1.5s\"\n")).unwrap_err();
+        assert_eq!(e.key, "cors.max_age", "{e}");
+        assert_eq!(e.line, Some(16), "{e}");
+        assert!(Config::parse(&format!("{GOOD}\n[cors]\nmax_age = \"0s\"\n")).is_ok());
+    }
+
+    #[test]
+    fn renamed_keys_say_what_to_write() {
+        let e = parse_with("server", "retry_after_secs = 1").unwrap_err();
+        assert_eq!(e.key, "server.retry_after_secs");
+        assert_eq!(e.line, Some(3), "{e}");
+        assert_eq!(
+            e.message,
+            "`server.retry_after_secs` was renamed: use `retry_after = \"1s\"`"
+        );
+        let e = parse_with("server", "shutdown_grace_secs = 90").unwrap_err();
+        assert_eq!(
+            e.message,
+            "`server.shutdown_grace_secs` was renamed: use `shutdown_grace = \"90s\"`"
+        );
+        let e = parse_with("server", "body_timeout_secs = 120").unwrap_err();
+        assert_eq!(
+            e.message,
+            "`server.body_timeout_secs` was renamed: use `body_timeout = \"2m\"`"
+        );
+        let e = Config::parse(&format!("{GOOD}\n[cors]\nmax_age_secs = 86400\n")).unwrap_err();
+        assert_eq!(e.key, "cors.max_age_secs");
+        assert_eq!(e.line, Some(16), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "`cors.max_age_secs` (line 16): `cors.max_age_secs` was renamed: use `max_age = \"24h\"`"
+        );
+        // Not a number: the suggestion falls back to the default.
+        let e = parse_with("server", "retry_after_secs = \"x\"").unwrap_err();
+        assert!(e.message.ends_with("use `retry_after = \"1s\"`"), "{e}");
+    }
+
+    #[test]
+    fn errors_do_not_quote_secret_values() {
+        let text = GOOD.replace("[\"k1\"]", "\"wk_live_secret\"");
+        let e = Config::parse(&text).unwrap_err();
+        assert_eq!(e.key, "sources[0].write_keys", "{e}");
+        assert!(!e.to_string().contains("wk_live_secret"), "{e}");
+        assert!(e.message.contains("expected a sequence"), "{e}");
+        let text = format!("{GOOD}headers = \"Authorization: Bearer s3cret\"\n");
+        let e = Config::parse(&text).unwrap_err();
+        assert_eq!(e.key, "destinations[0].headers", "{e}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        // Other keys still quote what was refused.
+        let e = parse_with("server", "body_timeout = \"soon\"").unwrap_err();
+        assert!(e.message.contains("\"soon\""), "{e}");
     }
 
     #[test]

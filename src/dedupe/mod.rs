@@ -57,7 +57,8 @@ pub struct Dedupe {
     /// Keys of requests between reserve and commit; the receiver wakes when its
     /// request commits or gives up.
     holders: Mutex<Holders>,
-    disabled_sources: HashSet<String>,
+    /// Sources with `dedupe = { enabled = false }`; replaced on config reload.
+    disabled_sources: arc_swap::ArcSwap<HashSet<String>>,
     keylog: keylog::KeyLog,
     duplicates: AtomicU64,
     eviction_log: Mutex<Option<std::time::Instant>>,
@@ -66,6 +67,14 @@ pub struct Dedupe {
     fail_closed: bool,
     shared_errors: AtomicU64,
     shared_error_log: Mutex<Option<std::time::Instant>>,
+}
+
+fn disabled_sources(sources: &[SourceConfig]) -> HashSet<String> {
+    sources
+        .iter()
+        .filter(|s| !s.dedupe.enabled)
+        .map(|s| s.name.clone())
+        .collect()
 }
 
 /// Requests holding pending keys (their ids are in the table's slots); each one's
@@ -109,11 +118,7 @@ impl Dedupe {
         Ok(Dedupe {
             table,
             holders: Mutex::new(Holders::default()),
-            disabled_sources: sources
-                .iter()
-                .filter(|s| !s.dedupe.enabled)
-                .map(|s| s.name.clone())
-                .collect(),
+            disabled_sources: arc_swap::ArcSwap::from_pointee(disabled_sources(sources)),
             keylog,
             duplicates: AtomicU64::new(0),
             eviction_log: Mutex::new(None),
@@ -125,7 +130,13 @@ impl Dedupe {
     }
 
     pub fn applies_to(&self, source: &str) -> bool {
-        !self.disabled_sources.contains(source)
+        !self.disabled_sources.load().contains(source)
+    }
+
+    /// Takes the per-source switches of a reloaded config.
+    pub fn set_sources(&self, sources: &[SourceConfig]) {
+        self.disabled_sources
+            .store(Arc::new(disabled_sources(sources)));
     }
 
     /// Adds a key found in the retained log on start.

@@ -14,10 +14,14 @@ use super::rate_limit::RateLimiter;
 use super::retry::RetryPolicy;
 use crate::config::RatePer;
 use crate::destinations::{AnyDestination, Check, Destination, SendError};
+use crate::metrics::DeliveryMetrics;
+use crate::routing::Route;
 
 /// What a destination's batches share.
 pub struct DeliveryContext {
     pub name: String,
+    /// Which messages this destination gets, and edits to them (stage 5).
+    pub route: Route,
     pub destination: AnyDestination,
     pub policy: RetryPolicy,
     pub limiter: Option<(RateLimiter, RatePer)>,
@@ -87,6 +91,7 @@ enum Attempt {
 
 /// Delivers `items`, splitting on rejection. Every item comes back settled.
 pub async fn deliver(context: Arc<DeliveryContext>, items: Vec<Item>) -> BatchResult {
+    let metrics = DeliveryMetrics::new(&context.name);
     let mut settled = vec![Settled::Abandoned; items.len()];
     let mut mark = None;
     // What the destination can take at all is settled first, without a request.
@@ -96,9 +101,11 @@ pub async fn deliver(context: Arc<DeliveryContext>, items: Vec<Item>) -> BatchRe
             Check::Send => sendable.push(index),
             Check::Skip(why) => {
                 tracing::debug!(destination = %context.name, why, "message not for this destination");
+                metrics.skipped.increment(1);
                 settled[index] = Settled::Delivered;
             }
             Check::Refuse { code, detail } => {
+                metrics.dead_lettered.increment(1);
                 settled[index] = Settled::Dead(Arc::new(Failure {
                     reason: Reason::Refused(code),
                     status: None,
@@ -123,8 +130,9 @@ pub async fn deliver(context: Arc<DeliveryContext>, items: Vec<Item>) -> BatchRe
                 settled[i] = outcome.clone();
             }
         };
-        match send_with_retries(&context, &range, started).await {
+        match send_with_retries(&context, &metrics, &range, started).await {
             Attempt::Delivered(m) => {
+                metrics.ok.increment((hi - lo) as u64);
                 mark = Some(m);
                 settle(Settled::Delivered);
             }
@@ -140,6 +148,7 @@ pub async fn deliver(context: Arc<DeliveryContext>, items: Vec<Item>) -> BatchRe
                 todo.push((lo, mid));
             }
             Attempt::Rejected(failure) | Attempt::Exhausted(failure) => {
+                metrics.dead_lettered.increment((hi - lo) as u64);
                 settle(Settled::Dead(Arc::new(failure)));
             }
             Attempt::Stopped => break,
@@ -154,6 +163,7 @@ pub async fn deliver(context: Arc<DeliveryContext>, items: Vec<Item>) -> BatchRe
 
 async fn send_with_retries(
     context: &DeliveryContext,
+    metrics: &DeliveryMetrics,
     items: &[&Item],
     (first, first_wall): (Instant, chrono::DateTime<Utc>),
 ) -> Attempt {
@@ -186,6 +196,7 @@ async fn send_with_retries(
             continue;
         }
         attempts += 1;
+        let sent_at = Instant::now();
         let result = if sequential {
             // A local write is short and must not be torn by shutdown.
             context.destination.send(&messages).await
@@ -197,6 +208,7 @@ async fn send_with_retries(
                 _ = stop.wait_for(|&s| s) => return Attempt::Stopped,
             }
         };
+        metrics.duration.record(sent_at.elapsed().as_secs_f64());
         if let Err(SendError::Retryable {
             retry_after: Some(asked),
             ..
@@ -243,6 +255,7 @@ async fn send_with_retries(
             });
         }
         let delay = context.policy.delay(attempts, retry_after);
+        metrics.retried.increment(messages.len() as u64);
         tracing::warn!(
             destination = %context.name,
             messages = messages.len(),

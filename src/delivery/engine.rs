@@ -11,6 +11,7 @@
 //! is free at once. Sequential destinations (files) run one batch at a time, so their
 //! order is the queue's order.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +26,9 @@ use super::dead_letters::{DeadLetters, Failure};
 use super::lines::{wire_len, Lines};
 use crate::config::BatchLimits;
 use crate::ingest::json::{scalar, RawObject, Scalar};
+use crate::metrics::DestinationGauges;
 use crate::queue::{Checkpoint, Cursor, QueueReader, Record};
+use crate::routing::Decision;
 
 /// How often marked dead letters are looked for.
 const REPLAY_POLL: Duration = Duration::from_secs(1);
@@ -63,9 +66,14 @@ pub struct Engine {
     replaying: usize,
     replay_after: i64,
     next_replay_poll: Instant,
-    /// Start position of every queue message read and not settled, by sequence number:
-    /// the cursor may move up to the first of them (or to `read_end` if there is none).
-    unsettled: BTreeMap<u64, u64>,
+    /// Start position and accepted-at time (Unix seconds) of every queue message read
+    /// and not settled, by sequence number: the cursor may move up to the first of them
+    /// (or to `read_end` if there is none).
+    unsettled: BTreeMap<u64, (u64, u32)>,
+    /// What `/metrics` shows of `unsettled`.
+    gauges: DestinationGauges,
+    /// Messages not routed to this destination.
+    skipped: metrics::Counter,
     /// End of the last record read.
     read_end: u64,
     next_seq: u64,
@@ -97,7 +105,12 @@ impl Engine {
         let stop = context.stop.clone();
         let read_end = reader.position();
         let mark = saved.sink_offset;
+        crate::metrics::install();
+        let gauges = DestinationGauges::register(&context.name);
+        let skipped = crate::metrics::DeliveryMetrics::new(&context.name).skipped;
         Engine {
+            gauges,
+            skipped,
             context,
             dead_letters,
             limits: shape.limits,
@@ -209,9 +222,14 @@ impl Engine {
         match read {
             Ok(records) => {
                 let now = Instant::now();
+                let mut skipped = false;
                 for record in records {
-                    self.push_record(record, now);
+                    skipped |= !self.push_record(record, now);
                 }
+                if skipped {
+                    self.note_skipped();
+                }
+                self.report_backlog();
             }
             Err(e) => {
                 tracing::error!(destination = %self.context.name, error = %e, "cannot read the queue");
@@ -220,23 +238,37 @@ impl Engine {
         }
     }
 
-    fn push_record(&mut self, record: Record, now: Instant) {
+    /// Takes a record read from the queue into a line; false when it is not routed here.
+    fn push_record(&mut self, record: Record, now: Instant) -> bool {
+        let json = match self.context.route.decide(&record.source, &record.json) {
+            Decision::Send(Cow::Borrowed(_)) => record.json,
+            Decision::Send(Cow::Owned(edited)) => edited,
+            Decision::Skip(why) => {
+                // Settled without a batch: the cursor may pass it.
+                tracing::trace!(why = why.as_str(), "message not routed here");
+                self.skipped.increment(1);
+                self.read_end = record.end;
+                return false;
+            }
+        };
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.unsettled.insert(seq, self.read_end);
+        self.unsettled
+            .insert(seq, (self.read_end, record.tag.accepted_at));
         self.read_end = record.end;
         let user = if self.ordering {
-            ordering_key(&record.json)
+            ordering_key(&json)
         } else {
             0
         };
         self.lines.push(Item {
             origin: Origin::Queue { seq },
             source: record.source,
-            json: record.json,
+            json,
             user,
             read_at: now,
         });
+        true
     }
 
     /// Picks up dead letters marked for replay (by the CLI or the admin API).
@@ -391,14 +423,8 @@ impl Engine {
         for user in freed {
             self.lines.release(user);
         }
-        let now = Checkpoint {
-            position: self
-                .unsettled
-                .first_key_value()
-                .map_or(self.read_end, |(_, &start)| start),
-            sink_offset: self.mark,
-            sink_id: self.recorded.sink_id,
-        };
+        self.report_backlog();
+        let now = self.checkpoint();
         // A replay moves the mark (a file grew) without moving the position: save it too,
         // or a restart would cut the replayed lines off.
         if now != self.recorded {
@@ -419,6 +445,33 @@ impl Engine {
                 tracing::error!(destination = %self.context.name, error = %e, "cannot remove replayed dead letters");
             }
         }
+    }
+
+    /// Where the cursor may move now: to the first unsettled message, or past all read.
+    fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            position: self
+                .unsettled
+                .first_key_value()
+                .map_or(self.read_end, |(_, &(start, _))| start),
+            sink_offset: self.mark,
+            sink_id: self.recorded.sink_id,
+        }
+    }
+
+    /// After messages were passed over without a batch (not routed here): let the
+    /// commit timer save the cursor past them, or they would hold the queue.
+    fn note_skipped(&mut self) {
+        let now = self.checkpoint();
+        if now != self.recorded {
+            self.recorded = now;
+            self.unsaved = Some(now);
+        }
+    }
+
+    fn report_backlog(&self) {
+        let oldest = self.unsettled.first_key_value().map(|(_, &(_, at))| at);
+        self.gauges.set(self.unsettled.len(), oldest);
     }
 
     /// Stores the batch's dead letters, retrying until the store takes them: a queue

@@ -9,6 +9,7 @@ mod lines;
 mod rate_limit;
 mod retry;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ pub use rate_limit::RateLimiter;
 use crate::config::DestinationConfig;
 use crate::destinations::{AnyDestination, Destination};
 use crate::queue::{Checkpoint, Queue};
+use crate::routing::Route;
 use batch::DeliveryContext;
 use retry::RetryPolicy;
 
@@ -30,10 +32,26 @@ use retry::RetryPolicy;
 /// slot, or backing off. Lets other users' messages pass a retrying batch.
 const EXTRA_OUTSTANDING: usize = 4;
 
-/// The running delivery tasks.
+/// The running delivery tasks, one per configured destination, each with its own stop
+/// signal so a reload can stop and start destinations one at a time.
 pub struct Deliveries {
+    queue: Queue,
+    dead_letters: Arc<DeadLetters>,
+    running: BTreeMap<String, Running>,
+}
+
+struct Running {
+    config: DestinationConfig,
     stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    task: JoinHandle<()>,
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Changes {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
 }
 
 impl Deliveries {
@@ -43,73 +61,145 @@ impl Deliveries {
         queue: &Queue,
         dead_letters: &Arc<DeadLetters>,
     ) -> anyhow::Result<Deliveries> {
-        let (stop, _) = watch::channel(false);
-        let mut tasks = Vec::new();
+        let mut deliveries = Deliveries {
+            queue: queue.clone(),
+            dead_letters: dead_letters.clone(),
+            running: BTreeMap::new(),
+        };
         for config in destinations {
-            let (reader, cursor, saved) = queue.subscribe(&config.name)?;
-            let destination = AnyDestination::build(config, saved)?;
-            // A new destination, or a mark that measures another output (the path or the
-            // kind changed): start from what is there now, and save that at once.
-            let saved = match saved {
-                Some(saved) if saved.sink_id == destination.sink_id() => saved,
-                _ => {
-                    let first = Checkpoint {
-                        position: saved.map_or_else(|| reader.position(), |s| s.position),
-                        sink_offset: destination.mark(),
-                        sink_id: destination.sink_id(),
-                    };
-                    cursor.commit(first)?;
-                    first
-                }
-            };
-            let sequential = destination.sequential();
-            let concurrency = if sequential { 1 } else { config.concurrency() };
-            let limiter = config
-                .rate_limit
-                .as_ref()
-                .map(|r| (RateLimiter::new(r.rate, r.burst()), r.per));
-            let context = Arc::new(DeliveryContext {
-                name: config.name.clone(),
-                destination,
-                policy: RetryPolicy::new(config.retry()),
-                limiter,
-                sends: Semaphore::new(concurrency),
-                gate: Mutex::new(None),
-                stop: stop.subscribe(),
-            });
-            let max_outstanding = if sequential {
-                1
-            } else {
-                concurrency + EXTRA_OUTSTANDING
-            };
-            let engine = engine::Engine::new(
-                context,
-                dead_letters.clone(),
-                engine::Shape {
-                    limits: config.batch_limits(),
-                    ordering: config.ordering() && !sequential,
-                    max_outstanding,
-                },
-                reader,
-                cursor,
-                saved,
-            );
-            let span = tracing::info_span!("delivery", destination = %config.name);
-            tasks.push(tokio::spawn(engine.run().instrument(span)));
+            deliveries.launch(config)?;
         }
-        Ok(Deliveries { stop, tasks })
+        Ok(deliveries)
+    }
+
+    /// Brings the running set in line with `destinations`: stops removed and changed
+    /// destinations (each finishes its sends under way and saves its cursor, or is cut
+    /// off after `grace` and resumes from its last saved cursor), then starts new and
+    /// changed ones. A removed destination's cursor stays, and keeps its part of the
+    /// queue, until it is purged.
+    pub async fn reconcile(
+        &mut self,
+        destinations: &[DestinationConfig],
+        grace: Duration,
+    ) -> anyhow::Result<Changes> {
+        let mut changes = Changes::default();
+        let stale: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(name, running)| {
+                destinations
+                    .iter()
+                    .find(|d| &d.name == *name)
+                    .is_none_or(|d| *d != running.config)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            let running = self.running.remove(&name).expect("listed above");
+            stop_all([running], grace).await;
+            if destinations.iter().any(|d| d.name == name) {
+                changes.changed.push(name);
+            } else {
+                changes.removed.push(name);
+            }
+        }
+        for config in destinations {
+            if self.running.contains_key(&config.name) {
+                continue;
+            }
+            self.launch(config)?;
+            if !changes.changed.contains(&config.name) {
+                changes.added.push(config.name.clone());
+            }
+        }
+        Ok(changes)
+    }
+
+    /// Starts one destination's engine from its saved cursor.
+    fn launch(&mut self, config: &DestinationConfig) -> anyhow::Result<()> {
+        let queue = &self.queue;
+        let (stop, stop_rx) = watch::channel(false);
+        let (reader, cursor, saved) = queue.subscribe(&config.name)?;
+        let destination = AnyDestination::build(config, saved)?;
+        // A new destination, or a mark that measures another output (the path or the
+        // kind changed): start from what is there now, and save that at once.
+        let saved = match saved {
+            Some(saved) if saved.sink_id == destination.sink_id() => saved,
+            _ => {
+                let first = Checkpoint {
+                    position: saved.map_or_else(|| reader.position(), |s| s.position),
+                    sink_offset: destination.mark(),
+                    sink_id: destination.sink_id(),
+                };
+                cursor.commit(first)?;
+                first
+            }
+        };
+        let sequential = destination.sequential();
+        let concurrency = if sequential { 1 } else { config.concurrency() };
+        let limiter = config
+            .rate_limit
+            .as_ref()
+            .map(|r| (RateLimiter::new(r.rate, r.burst()), r.per));
+        let context = Arc::new(DeliveryContext {
+            name: config.name.clone(),
+            route: Route::new(config),
+            destination,
+            policy: RetryPolicy::new(config.retry()),
+            limiter,
+            sends: Semaphore::new(concurrency),
+            gate: Mutex::new(None),
+            stop: stop_rx,
+        });
+        let max_outstanding = if sequential {
+            1
+        } else {
+            concurrency + EXTRA_OUTSTANDING
+        };
+        let engine = engine::Engine::new(
+            context,
+            self.dead_letters.clone(),
+            engine::Shape {
+                limits: config.batch_limits(),
+                ordering: config.ordering() && !sequential,
+                max_outstanding,
+            },
+            reader,
+            cursor,
+            saved,
+        );
+        let span = tracing::info_span!("delivery", destination = %config.name);
+        let task = tokio::spawn(engine.run().instrument(span));
+        self.running.insert(
+            config.name.clone(),
+            Running {
+                config: config.clone(),
+                stop,
+                task,
+            },
+        );
+        Ok(())
     }
 
     /// Asks every task to stop after the sends under way and waits up to `grace`.
     pub async fn stop(self, grace: Duration) {
-        let _ = self.stop.send(true);
-        let all = async {
-            for task in self.tasks {
-                let _ = task.await;
-            }
-        };
-        if tokio::time::timeout(grace, all).await.is_err() {
-            tracing::warn!("deliveries still running after the shutdown grace period");
+        stop_all(self.running.into_values(), grace).await;
+    }
+}
+
+/// Signals each engine to stop, then waits up to `grace` for all of them; an engine
+/// still running then is aborted (what it had not saved is delivered again later).
+async fn stop_all(engines: impl IntoIterator<Item = Running>, grace: Duration) {
+    let mut tasks = Vec::new();
+    for running in engines {
+        let _ = running.stop.send(true);
+        tasks.push((running.config.name, running.task));
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    for (name, mut task) in tasks {
+        if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+            tracing::warn!(destination = %name, "delivery still running after the grace period; cut off");
+            task.abort();
         }
     }
 }

@@ -30,7 +30,7 @@ pub async fn send(request: reqwest::RequestBuilder) -> Result<(), SendError> {
     let response = request.send().await.map_err(|e| SendError::Retryable {
         status: None,
         retry_after: None,
-        detail: describe(&e),
+        detail: describe(e),
     })?;
     let status = response.status().as_u16();
     let retry_after = response
@@ -91,7 +91,7 @@ async fn read_limited(mut response: reqwest::Response) -> String {
     String::from_utf8_lossy(&body).into_owned()
 }
 
-fn describe(e: &reqwest::Error) -> String {
+fn describe(e: reqwest::Error) -> String {
     let what = if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {
@@ -99,9 +99,11 @@ fn describe(e: &reqwest::Error) -> String {
     } else {
         "request failed"
     };
-    // The source chain says why (refused, reset, DNS…).
+    // The source chain says why (refused, reset, DNS…). Without the URL: it may carry
+    // credentials or a token, and this text is logged and kept with dead letters.
+    let e = e.without_url();
     let mut detail = format!("{what}: {e}");
-    let mut source = std::error::Error::source(e);
+    let mut source = std::error::Error::source(&e);
     while let Some(s) = source {
         detail.push_str(&format!(": {s}"));
         source = s.source();

@@ -17,7 +17,7 @@
 
 use std::collections::HashSet;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 
 use super::{http, secret_from_env, Check, Destination, SendError};
@@ -26,21 +26,91 @@ use crate::delivery::RateLimiter;
 use crate::translate::klaviyo_body::{
     write_bulk_item, write_event, write_profile_import, BULK_JOB_HEAD, BULK_JOB_TAIL,
 };
-use crate::translate::{translate, KlaviyoEvent, Mapping, Revision, Translation};
+use crate::translate::{translate, KlaviyoEvent, Mapping, ProfileUpsert, Revision, Translation};
 
 pub const DEFAULT_BASE_URL: &str = "https://a.klaviyo.com";
 const BULK_MAX_EVENTS: usize = 1000;
 /// 5 MB, less room for the job's envelope.
 const BULK_MAX_BYTES: usize = 5_000_000 - 256;
 
+const PROFILE_IMPORT: &str = "/api/profile-import";
+const BULK_JOBS: &str = "/api/event-bulk-create-jobs";
+const EVENTS: &str = "/api/events";
+
+/// What decides a Klaviyo destination's request bodies: shared by sending and by
+/// `fanout route`, which shows them without sending.
+pub struct KlaviyoBodies {
+    pub mapping: Mapping,
+    pub revision: Revision,
+    /// Events through bulk jobs (only the JSON:API revisions have them).
+    pub bulk: bool,
+}
+
+/// One request to Klaviyo: the API path and the JSON body.
+pub struct KlaviyoRequest {
+    pub path: &'static str,
+    pub body: Vec<u8>,
+}
+
+impl KlaviyoBodies {
+    pub fn new(config: &DestinationConfig) -> anyhow::Result<KlaviyoBodies> {
+        let revision = Revision::from_header(
+            config
+                .revision
+                .as_deref()
+                .unwrap_or(Revision::DEFAULT_HEADER),
+        )?;
+        Ok(KlaviyoBodies {
+            mapping: config.mapping.clone().unwrap_or_default(),
+            revision,
+            bulk: config.bulk.unwrap_or(true) && revision == Revision::Current,
+        })
+    }
+
+    pub fn translate(&self, message: &[u8], now: DateTime<Utc>) -> Translation {
+        translate(message, &self.mapping, self.revision, now)
+    }
+
+    /// The requests for translated profiles and events, in sending order: profiles
+    /// first (a profile should exist before events that name it), then the events.
+    pub fn requests(
+        &self,
+        profiles: &[Box<ProfileUpsert>],
+        events: &[KlaviyoEvent],
+    ) -> Vec<KlaviyoRequest> {
+        let mut requests = Vec::new();
+        for upsert in profiles {
+            let mut body = Vec::new();
+            write_profile_import(&mut body, upsert);
+            requests.push(KlaviyoRequest {
+                path: PROFILE_IMPORT,
+                body,
+            });
+        }
+        if self.bulk {
+            for body in KlaviyoDestination::bulk_jobs(events) {
+                requests.push(KlaviyoRequest {
+                    path: BULK_JOBS,
+                    body,
+                });
+            }
+        } else {
+            for event in events {
+                let mut body = Vec::new();
+                write_event(&mut body, event, self.revision);
+                requests.push(KlaviyoRequest { path: EVENTS, body });
+            }
+        }
+        requests
+    }
+}
+
 pub struct KlaviyoDestination {
     client: reqwest::Client,
     base: String,
     authorization: HeaderValue,
     revision_header: HeaderValue,
-    revision: Revision,
-    bulk: bool,
-    mapping: Mapping,
+    bodies: KlaviyoBodies,
     events_limit: RateLimiter,
     bulk_limit: RateLimiter,
     profiles_limit: RateLimiter,
@@ -62,7 +132,6 @@ impl KlaviyoDestination {
             .revision
             .as_deref()
             .unwrap_or(Revision::DEFAULT_HEADER);
-        let revision = Revision::from_header(revision_text)?;
         Ok(KlaviyoDestination {
             client: http::client(config.timeout())?,
             base: config
@@ -73,10 +142,7 @@ impl KlaviyoDestination {
                 .to_string(),
             authorization,
             revision_header: HeaderValue::from_str(revision_text)?,
-            revision,
-            // Bulk jobs exist only in the JSON:API revisions.
-            bulk: config.bulk.unwrap_or(true) && revision == Revision::Current,
-            mapping: config.mapping.clone().unwrap_or_default(),
+            bodies: KlaviyoBodies::new(config)?,
             events_limit: RateLimiter::new(3500.0 / 60.0, 350),
             bulk_limit: RateLimiter::new(150.0 / 60.0, 10),
             profiles_limit: RateLimiter::new(750.0 / 60.0, 75),
@@ -84,7 +150,7 @@ impl KlaviyoDestination {
     }
 
     fn content_type(&self) -> &'static str {
-        match self.revision {
+        match self.bodies.revision {
             Revision::V2023_01_24 => "application/json",
             Revision::Current => "application/vnd.api+json",
         }
@@ -154,7 +220,7 @@ impl KlaviyoDestination {
 
 impl Destination for KlaviyoDestination {
     fn check(&self, message: &[u8]) -> Check {
-        match translate(message, &self.mapping, self.revision, Utc::now()) {
+        match self.bodies.translate(message, Utc::now()) {
             Translation::Events(_) | Translation::Profile(_) => Check::Send,
             Translation::Skip { reason } => Check::Skip(reason),
             Translation::Reject { reason } => Check::Refuse {
@@ -174,7 +240,7 @@ impl Destination for KlaviyoDestination {
         let mut events = Vec::new();
         let mut profiles = Vec::new();
         for message in messages {
-            match translate(message, &self.mapping, self.revision, now) {
+            match self.bodies.translate(message, now) {
                 Translation::Events(more) => events.extend(more),
                 Translation::Profile(upsert) => profiles.push(upsert),
                 Translation::Skip { .. } => {}
@@ -188,23 +254,13 @@ impl Destination for KlaviyoDestination {
                 }
             }
         }
-        for upsert in &profiles {
-            let mut body = Vec::new();
-            write_profile_import(&mut body, upsert);
-            self.post("/api/profile-import", body, &self.profiles_limit)
-                .await?;
-        }
-        if self.bulk {
-            for body in Self::bulk_jobs(&events) {
-                self.post("/api/event-bulk-create-jobs", body, &self.bulk_limit)
-                    .await?;
-            }
-        } else {
-            for event in &events {
-                let mut body = Vec::new();
-                write_event(&mut body, event, self.revision);
-                self.post("/api/events", body, &self.events_limit).await?;
-            }
+        for request in self.bodies.requests(&profiles, &events) {
+            let limiter = match request.path {
+                PROFILE_IMPORT => &self.profiles_limit,
+                BULK_JOBS => &self.bulk_limit,
+                _ => &self.events_limit,
+            };
+            self.post(request.path, request.body, limiter).await?;
         }
         Ok(0)
     }

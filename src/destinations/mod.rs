@@ -13,8 +13,8 @@ use std::time::Duration;
 
 pub use file::FileDestination;
 pub use http::{classify, parse_retry_after};
-pub use klaviyo::KlaviyoDestination;
-pub use segment::SegmentDestination;
+pub use klaviyo::{KlaviyoBodies, KlaviyoDestination, KlaviyoRequest};
+pub use segment::{batch_body as segment_batch_body, SegmentDestination};
 pub use stdout::StdoutDestination;
 pub use webhook::WebhookDestination;
 
@@ -121,6 +121,18 @@ impl AnyDestination {
                 AnyDestination::Klaviyo(Box::new(KlaviyoDestination::new(config)?))
             }
         })
+    }
+}
+
+impl AnyDestination {
+    /// Checks that `config` can be built (its secrets are set, its URL parses) without
+    /// touching its output: a file destination is only opened by its engine, which may
+    /// cut the file back to its checkpoint.
+    pub fn validate(config: &DestinationConfig) -> anyhow::Result<()> {
+        if config.kind != DestinationKind::File {
+            AnyDestination::build(config, None)?;
+        }
+        Ok(())
     }
 }
 

@@ -13,6 +13,7 @@ use subtle::ConstantTimeEq;
 
 use super::{ApiError, App};
 use crate::ingest::Rejection;
+use crate::server::ReloadRequest;
 
 #[derive(Deserialize)]
 pub struct DeadLetterQuery {
@@ -80,4 +81,33 @@ pub async fn replay_dead_letters(
         .map_err(internal)?
         .map_err(internal)?;
     Ok(Json(serde_json::json!({ "replayed": replayed })).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct ReloadQuery {
+    #[serde(default)]
+    purge: bool,
+}
+
+/// `POST /admin/reload[?purge=true]`: the same reload as SIGHUP, answered with what
+/// changed (200) or why the new config was refused (400; the old one keeps running).
+pub async fn reload(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(query): Query<ReloadQuery>,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers)?;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let request = ReloadRequest {
+        purge: query.purge,
+        reply,
+    };
+    let gone = || ApiError::Internal("the server is shutting down".into());
+    app.reload.send(request).await.map_err(|_| gone())?;
+    match answer.await.map_err(|_| gone())? {
+        Ok(done) => {
+            Ok(Json(serde_json::json!({ "reloaded": true, "changes": done })).into_response())
+        }
+        Err(reason) => Err(ApiError::Invalid(Rejection::new("invalid_config", reason))),
+    }
 }

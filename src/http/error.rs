@@ -21,7 +21,7 @@ pub enum ApiError {
     Unauthorized(&'static str),
     /// Content-Encoding fanout cannot decode: 415.
     UnsupportedEncoding,
-    /// The body stalled longer than `server.body_timeout_secs`: 408.
+    /// The body stalled longer than `server.body_timeout`: 408.
     BodyTimeout,
     /// Too many requests in flight: 429 + Retry-After.
     Overloaded {
@@ -73,7 +73,7 @@ impl ApiError {
             ),
             ApiError::BodyTimeout => Rejection::new(
                 "body_timeout",
-                "the request body stalled (server.body_timeout_secs); send it again",
+                "the request body stalled (server.body_timeout); send it again",
             ),
             ApiError::Overloaded { .. } => {
                 Rejection::new("overloaded", "too many requests in flight; retry later")
@@ -113,7 +113,25 @@ impl ApiError {
                 .headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from(secs));
         }
+        response.extensions_mut().insert(self.log_entry());
         response
+    }
+
+    /// What the request log says about this error (see `ErrorLog`).
+    fn log_entry(&self) -> ErrorLog {
+        let Rejection {
+            code,
+            message,
+            field,
+            index,
+        } = self.rejection();
+        let server_side = matches!(self, ApiError::Internal(_) | ApiError::Unavailable { .. });
+        ErrorLog {
+            code,
+            field,
+            index,
+            reason: server_side.then_some(message),
+        }
     }
 
     pub fn from_queue(e: QueueError, retry_after: u32) -> ApiError {
@@ -122,6 +140,17 @@ impl ApiError {
             reason: e.to_string(),
         }
     }
+}
+
+/// Rides on an error answer to the request log: the code and where, and for fanout's own
+/// failures (5xx) the reason. Never a client error's message, which can quote the
+/// client's values (a bad `type`, a serde error), and so personal data.
+#[derive(Debug, Clone)]
+pub struct ErrorLog {
+    pub code: &'static str,
+    pub field: Option<String>,
+    pub index: Option<usize>,
+    pub reason: Option<String>,
 }
 
 impl From<Rejection> for ApiError {

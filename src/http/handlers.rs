@@ -19,6 +19,7 @@ use tower_http::timeout::TimeoutError;
 use super::{ApiError, App};
 use crate::auth::{self, Credential};
 use crate::ingest::{seed, segment, MessageType, Rejection};
+use crate::metrics::EventTally;
 use crate::queue::RecordBatch;
 
 /// Exactly what Segment answers; clients treat anything else as a failure.
@@ -71,13 +72,26 @@ async fn accept_segment(
 ) -> Result<Response, ApiError> {
     let received_at = Utc::now();
     let header_source = app.header_source(headers)?;
-    let body = read_body(body, app.limits.max_request_bytes).await?;
+    if let Some(source) = &header_source {
+        note_source(source);
+    }
+    let body = read_body(body, app.limits.max_request_bytes)
+        .await
+        .map_err(|e| refused(header_source.as_deref(), kind, 1, e))?;
     let request = match kind {
-        Some(kind) => segment::parse_single(&body, kind, received_at)?,
-        None => segment::parse_batch(&body, &app.limits, received_at)?,
-    };
+        Some(kind) => segment::parse_single(&body, kind, received_at),
+        None => segment::parse_batch(&body, &app.limits, received_at),
+    }
+    .map_err(|e| refused(header_source.as_deref(), kind, 1, e.into()))?;
+    // Recorded once: a span field recorded twice is logged twice.
+    let from_body = header_source.is_none();
     let source = app.source(header_source, request.write_key())?;
-    let records = request.encode(&source, &app.limits)?;
+    if from_body {
+        note_source(&source);
+    }
+    let records = request
+        .encode(&source, &app.limits)
+        .map_err(|e| refused(Some(&source), kind, request.len(), e.into()))?;
     // Duplicates are answered like everything else (as Segment does): dropped, not refused.
     app.store_new(&source, records).await?;
     Ok(success())
@@ -99,11 +113,21 @@ pub async fn event_batch(
     let source = app
         .header_source(&headers)?
         .ok_or(ApiError::Unauthorized("missing write key"))?;
-    let body = read_body(body, app.limits.max_request_bytes).await?;
-    let items = seed::parse_event_batch(&body, &app.limits)?;
+    note_source(&source);
+    let body = read_body(body, app.limits.max_request_bytes)
+        .await
+        .map_err(|e| refused(Some(&source), None, 1, e))?;
+    let items = seed::parse_event_batch(&body, &app.limits)
+        .map_err(|e| refused(Some(&source), None, 1, e.into()))?;
     let mut records = RecordBatch::with_capacity(body.len() + 160 * items.len());
     let mut report =
         seed::encode_event_batch(&items, &source, received_at, &app.limits, &mut records);
+    let refused_items = report.iter().filter(|r| !r.success).map(|r| r.kind);
+    let refused_count = crate::metrics::rejected_items(&source, refused_items);
+    if refused_count > 0 {
+        // The items' messages can quote their values: the client has them in the answer.
+        tracing::warn!(refused = refused_count, "event batch items refused");
+    }
     let duplicate = app.store_new(&source, records).await?;
     for item in &mut report {
         if item.record.is_some_and(|r| duplicate[r]) {
@@ -127,10 +151,14 @@ pub async fn person_event(State(app): State<Arc<App>>, headers: HeaderMap, body:
         let source = app
             .header_source(&headers)?
             .ok_or(ApiError::Unauthorized("missing write key"))?;
-        let body = read_body(body, app.limits.max_request_bytes).await?;
+        note_source(&source);
+        let body = read_body(body, app.limits.max_request_bytes)
+            .await
+            .map_err(|e| refused(Some(&source), None, 1, e))?;
         let mut records = RecordBatch::with_capacity(body.len() + 160);
         let message_id =
-            seed::encode_person_event(&body, &source, received_at, &app.limits, &mut records)?;
+            seed::encode_person_event(&body, &source, received_at, &app.limits, &mut records)
+                .map_err(|e| refused(Some(&source), None, 1, e.into()))?;
         if app.store_new(&source, records).await?[0] {
             return Err(ApiError::Duplicate(message_id));
         }
@@ -172,6 +200,7 @@ impl App {
             Credential::Missing => Ok(None),
             Credential::Key(key) => self
                 .sources
+                .load()
                 .authenticate(&key)
                 .map(Some)
                 .ok_or(ApiError::Unauthorized("unknown write key")),
@@ -189,6 +218,7 @@ impl App {
             (Some(source), _) => Ok(source),
             (None, Some(key)) => self
                 .sources
+                .load()
                 .authenticate(key)
                 .ok_or(ApiError::Unauthorized("unknown write key")),
             (None, None) => Err(ApiError::Unauthorized("missing write key")),
@@ -213,24 +243,49 @@ impl App {
         let duplicate: Vec<bool> = (0..records.len())
             .map(|i| reservation.is_duplicate(i))
             .collect();
+        let mut tally = EventTally::default();
+        for (kind, &duplicate) in records.kinds().zip(&duplicate) {
+            tally.add(kind, duplicate);
+        }
         records.retain(|i| !duplicate[i]);
         // From here the messages may become durable even if the client goes away, and
         // then their keys must enter the window: finish in a task of its own, which a
         // dropped request cannot cancel.
         let queue = self.queue.clone();
         let retry_after = self.retry_after;
+        let source = source.to_owned();
         tokio::spawn(async move {
             queue
                 .append(records)
                 .await
                 .map_err(|e| ApiError::from_queue(e, retry_after))?;
             reservation.commit().await;
+            tally.record(&source);
             Ok::<_, ApiError>(())
         })
         .await
         .expect("store task panicked")?;
         Ok(duplicate)
     }
+}
+
+/// Names the request's source in its log span (the source's name, never its key).
+fn note_source(source: &str) {
+    tracing::Span::current().record("source", tracing::field::display(source));
+}
+
+/// Counts the messages of a request refused for what it sent, once its source is known;
+/// `messages` is 1 when they could not be counted. Returns the error.
+fn refused(
+    source: Option<&str>,
+    kind: Option<MessageType>,
+    messages: usize,
+    error: ApiError,
+) -> ApiError {
+    if let (Some(source), ApiError::Invalid(_) | ApiError::TooLarge { .. }) = (source, &error) {
+        crate::metrics::rejected(source, kind, messages as u64);
+    }
+    error
 }
 
 /// Collects the (decoded) body, refusing more than `limit` bytes.

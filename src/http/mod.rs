@@ -4,9 +4,10 @@
 mod admin;
 mod error;
 mod handlers;
+mod observe;
+pub mod ops;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::error_handling::HandleErrorLayer;
 use axum::response::{IntoResponse, Response};
@@ -22,7 +23,8 @@ use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::RequestBodyTimeoutLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tower_http::LatencyUnit;
 
 pub use error::ApiError;
 
@@ -35,7 +37,8 @@ use crate::queue::Queue;
 
 /// What request handlers share.
 pub struct App {
-    pub sources: Sources,
+    /// Replaced whole on config reload; a request sees the old set or the new one.
+    pub sources: arc_swap::ArcSwap<Sources>,
     pub dedupe: Arc<Dedupe>,
     pub queue: Queue,
     pub limits: LimitsConfig,
@@ -44,6 +47,8 @@ pub struct App {
     pub dead_letters: Arc<DeadLetters>,
     /// Bearer token for `/admin/...`; those routes answer 404 without one.
     pub admin_token: Option<String>,
+    /// Asks the server to reload its config (`POST /admin/reload`).
+    pub reload: tokio::sync::mpsc::Sender<crate::server::ReloadRequest>,
 }
 
 /// Single-call paths: long names, and the browser library's one-letter ones.
@@ -56,8 +61,9 @@ const SINGLE_CALLS: [(&str, &str, MessageType); 6] = [
     ("/v1/alias", "/v1/a", MessageType::Alias),
 ];
 
-/// The routes and the middleware stack around them.
-pub fn router(app: Arc<App>, config: &Config) -> Router {
+/// The public routes and the middleware stack around them; the operator routes too
+/// unless they have a listener of their own (`with_admin` false).
+pub fn router(app: Arc<App>, config: &Config, with_admin: bool) -> Router {
     let mut routes = Router::new();
     for (long, short, kind) in SINGLE_CALLS {
         let handler =
@@ -72,21 +78,62 @@ pub fn router(app: Arc<App>, config: &Config) -> Router {
         .route("/event/batch", post(handlers::event_batch))
         .route("/api/v1/event", post(handlers::person_event))
         .route("/health", get(handlers::health))
-        .route("/ready", get(handlers::ready))
+        .route("/ready", get(handlers::ready));
+    ops::watch(&app);
+    let routes = if with_admin {
+        routes.merge(operator_routes())
+    } else {
+        routes
+    };
+    layered(routes, app, config)
+}
+
+/// The operator routes alone, for `[admin] listen`.
+pub fn admin_router(app: Arc<App>, config: &Config) -> Router {
+    let routes = operator_routes()
+        .route("/health", get(handlers::health))
+        .route("/ready", get(handlers::ready));
+    layered(routes, app, config)
+}
+
+/// Metrics, and behind the admin token reload and dead letters: on their own listener
+/// when `[admin] listen` is set.
+fn operator_routes() -> Router<Arc<App>> {
+    Router::new()
+        .route("/metrics", get(ops::metrics))
+        .route("/admin/reload", post(admin::reload))
         .route("/admin/dead-letters", get(admin::list_dead_letters))
         .route(
             "/admin/dead-letters/replay",
             post(admin::replay_dead_letters),
         )
+}
+
+/// Wraps routes in the middleware stack, outermost layer first.
+fn layered(routes: Router<Arc<App>>, app: Arc<App>, config: &Config) -> Router {
+    let routes = routes
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(app);
 
-    let retry_after = config.server.retry_after_secs;
+    let retry_after = config.server.retry_after_secs();
     let request_limit = config.limits.max_request_bytes;
     let stack = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(
+            // One debug line per request; errors get their own warn line (`observe`).
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_request(())
+                .on_response(
+                    DefaultOnResponse::new()
+                        .level(tracing::Level::DEBUG)
+                        .latency_unit(LatencyUnit::Micros),
+                )
+                .on_eos(())
+                .on_failure(()),
+        )
+        .layer(axum::middleware::from_fn(observe::observe))
         .layer(PropagateRequestIdLayer::x_request_id())
         // Before the concurrency limit: preflights and 429s carry CORS headers too.
         .layer(cors(&config.cors))
@@ -105,9 +152,7 @@ pub fn router(app: Arc<App>, config: &Config) -> Router {
         // then decoding; handlers apply the same limit to the decoded bytes.
         .layer(RequestBodyLimitLayer::new(request_limit))
         // A stalled upload gives its slot back instead of holding it forever.
-        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(
-            config.server.body_timeout_secs,
-        )))
+        .layer(RequestBodyTimeoutLayer::new(config.server.body_timeout))
         .layer(RequestDecompressionLayer::new().gzip(true).deflate(true));
     routes.layer(stack)
 }
@@ -118,7 +163,15 @@ fn request_span<B>(request: &Request<B>) -> tracing::Span {
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    tracing::debug_span!("request", method = %request.method(), path = %request.uri().path(), id)
+    // At info, so the warn line of a refused request carries the id and source too;
+    // `source` is recorded once the write key is known (never the key itself).
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+        id,
+        source = tracing::field::Empty,
+    )
 }
 
 fn cors(config: &CorsConfig) -> CorsLayer {
@@ -143,7 +196,7 @@ fn cors(config: &CorsConfig) -> CorsLayer {
             HeaderName::from_static("x-retry-count"),
             HeaderName::from_static("x-request-id"),
         ])
-        .max_age(Duration::from_secs(config.max_age_secs))
+        .max_age(config.max_age)
 }
 
 /// tower-http's layers answer 413/415 with plain text; clients get the JSON error body.

@@ -16,8 +16,9 @@ use super::Rejection;
 use crate::config::LimitsConfig;
 use crate::queue::Tag;
 
-/// The six Segment call types.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The six Segment call types (lowercase in config, as in messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum MessageType {
     Identify,
     Track,

@@ -27,6 +27,9 @@ pub struct ItemReport {
     /// Index of the item's record in the request's `RecordBatch`, when it has one.
     #[serde(skip)]
     pub record: Option<usize>,
+    /// The item's type, when it could be told (refused items are counted by type).
+    #[serde(skip)]
+    pub kind: Option<MessageType>,
 }
 
 #[derive(Deserialize)]
@@ -71,8 +74,10 @@ pub fn encode_event_batch(
         .iter()
         .map(|raw| {
             let client_id = || RawObject::parse(raw).and_then(|o| client_message_id(&o));
+            let mut item_kind = None;
             let result = message::parse_item(raw, limits).and_then(|m| {
                 let kind = track_or_identify(&m, false)?;
+                item_kind = Some(kind);
                 if !matches!(m.get("userId").map(scalar), Some(Scalar::Str(s)) if !s.is_empty()) {
                     return Err(Rejection::field(
                         "missing_field",
@@ -81,7 +86,7 @@ pub fn encode_event_batch(
                     ));
                 }
                 let mut id = None;
-                records.push_with(source, |out| {
+                records.push_with(source, kind, |out| {
                     let normalized = message::normalize(&m, kind, &envelope, out)?;
                     let tag = normalized.tag(source, received_at);
                     id = Some(normalized.message_id.into_owned());
@@ -96,6 +101,7 @@ pub fn encode_event_batch(
                     processed: true,
                     error: None,
                     record: Some(record),
+                    kind: item_kind,
                 },
                 Err(e) => ItemReport {
                     message_id: client_id(),
@@ -103,6 +109,7 @@ pub fn encode_event_batch(
                     processed: false,
                     error: Some(e.message),
                     record: None,
+                    kind: item_kind,
                 },
             }
         })
@@ -126,7 +133,7 @@ pub fn encode_person_event(
     event.set("userId", person);
     let kind = track_or_identify(&event, true)?;
     let mut id = String::new();
-    records.push_with(source, |out| {
+    records.push_with(source, kind, |out| {
         let normalized = message::normalize(&event, kind, &Envelope::new(received_at), out)?;
         let tag = normalized.tag(source, received_at);
         id = normalized.message_id.into_owned();
@@ -201,6 +208,7 @@ mod tests {
                 processed: true,
                 error: None,
                 record: Some(0),
+                kind: Some(MessageType::Track),
             }
         );
         assert!(report[1].success && report[1].message_id.as_ref().unwrap().len() == 36);

@@ -130,7 +130,7 @@ impl<'a> SegmentRequest<'a> {
                 None => item_type(&message).map_err(locate)?,
             };
             records
-                .push_with(source, |out| {
+                .push_with(source, kind, |out| {
                     let start = out.len();
                     let tag = message::normalize(&message, kind, &self.envelope, out)?
                         .tag(source, self.envelope.received_at);

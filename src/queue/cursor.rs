@@ -81,26 +81,56 @@ impl Cursor {
         fs::rename(&tmp, path(dir, &self.name))?;
         // The rename must be durable before any segment it frees is deleted.
         segments::sync_dir(dir)?;
+        self.shared
+            .cursors
+            .lock()
+            .expect("cursor map poisoned")
+            .insert(self.name.clone(), checkpoint.position);
+        self.shared.reclaim()?;
+        Ok(())
+    }
+}
+
+/// Forgets a destination's cursor (its file and its hold on the queue). Returns whether
+/// there was one.
+pub(super) fn remove(shared: &Shared, name: &str) -> io::Result<bool> {
+    let existed = match fs::remove_file(path(&shared.cursor_dir, name)) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e),
+    };
+    segments::sync_dir(&shared.cursor_dir)?;
+    let held = shared
+        .cursors
+        .lock()
+        .expect("cursor map poisoned")
+        .remove(name)
+        .is_some();
+    Ok(existed || held)
+}
+
+impl Shared {
+    /// Deletes the segments every cursor has passed (all but the newest when there is
+    /// no cursor left).
+    pub(super) fn reclaim(&self) -> io::Result<usize> {
         let oldest_needed = {
-            let mut cursors = self.shared.cursors.lock().expect("cursor map poisoned");
-            cursors.insert(self.name.clone(), checkpoint.position);
+            let cursors = self.cursors.lock().expect("cursor map poisoned");
             cursors
                 .values()
                 .copied()
                 .min()
-                .unwrap_or(checkpoint.position)
+                .unwrap_or_else(|| *self.committed.borrow())
         };
-        let deleted = segments::delete_before(&self.shared.queue_dir, oldest_needed, |segment| {
-            self.shared.before_delete(segment)
+        let deleted = segments::delete_before(&self.queue_dir, oldest_needed, |segment| {
+            self.before_delete(segment)
         })?;
         if deleted > 0 {
-            if let Some(&oldest) = segments::list_segments(&self.shared.queue_dir)?.first() {
-                self.shared
-                    .oldest
+            if let Some(&oldest) = segments::list_segments(&self.queue_dir)?.first() {
+                self.oldest
                     .fetch_max(oldest, std::sync::atomic::Ordering::Relaxed);
             }
             tracing::debug!(deleted, oldest_needed, "reclaimed queue segments");
         }
-        Ok(())
+        Ok(deleted)
     }
 }

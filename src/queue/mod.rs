@@ -189,6 +189,28 @@ impl Queue {
         Ok((reader, cursor, saved))
     }
 
+    /// Names of every destination holding a cursor, configured or not.
+    pub fn cursor_names(&self) -> Vec<String> {
+        let cursors = self.shared.cursors.lock().expect("cursor map poisoned");
+        let mut names: Vec<String> = cursors.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Bytes of the log a destination's cursor still holds (from its position to the end).
+    pub fn lag_bytes(&self, name: &str) -> Option<u64> {
+        let cursors = self.shared.cursors.lock().expect("cursor map poisoned");
+        cursors.get(name).map(|&p| self.end().saturating_sub(p))
+    }
+
+    /// Drops a destination's cursor and deletes the segments only it was holding.
+    /// Only for destinations no longer running. Blocking file I/O.
+    pub fn purge(&self, name: &str) -> std::io::Result<bool> {
+        let existed = cursor::remove(&self.shared, name)?;
+        self.shared.reclaim()?;
+        Ok(existed)
+    }
+
     /// Installs the hook that sees each segment's records before it is deleted.
     /// Set it before any destination starts, or early segments go unseen.
     pub fn on_reclaim(&self, hook: ReclaimHook) {

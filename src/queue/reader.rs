@@ -152,7 +152,7 @@ mod tests {
     fn a_read_error_mid_batch_skips_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let mut one = RecordBatch::with_capacity(64);
-        one.push_with("s", |b| {
+        one.push_with("s", crate::ingest::MessageType::Track, |b| {
             b.extend_from_slice(b"{}");
             Ok::<_, ()>(Tag::default())
         })

@@ -8,6 +8,8 @@
 
 use std::io::{self, Read};
 
+use crate::ingest::MessageType;
+
 /// Bytes before the payload: length and CRC.
 pub const HEADER_LEN: usize = 8;
 const VERSION: u8 = 2;
@@ -50,8 +52,9 @@ impl Tag {
 #[derive(Debug, Default)]
 pub struct RecordBatch {
     buf: Vec<u8>,
-    /// Where each record ends in `buf`, and its tag.
-    records: Vec<(usize, Tag)>,
+    /// Where each record ends in `buf`, its tag, and its type (not stored in the log:
+    /// the request's metrics count messages by type).
+    records: Vec<(usize, Tag, MessageType)>,
 }
 
 impl RecordBatch {
@@ -62,11 +65,12 @@ impl RecordBatch {
         }
     }
 
-    /// Frames one message. `write_json` appends the message's JSON to the buffer it is
-    /// given and returns the message's tag.
+    /// Frames one message of type `kind`. `write_json` appends the message's JSON to the
+    /// buffer it is given and returns the message's tag.
     pub fn push_with<E>(
         &mut self,
         source: &str,
+        kind: MessageType,
         write_json: impl FnOnce(&mut Vec<u8>) -> Result<Tag, E>,
     ) -> Result<(), E> {
         let start = self.buf.len();
@@ -90,7 +94,7 @@ impl RecordBatch {
         let crc = crc32fast::hash(payload);
         self.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
         self.buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
-        self.records.push((self.buf.len(), tag));
+        self.records.push((self.buf.len(), tag, kind));
         Ok(())
     }
 
@@ -104,7 +108,12 @@ impl RecordBatch {
 
     /// Each record's tag, in order.
     pub fn tags(&self) -> impl Iterator<Item = Tag> + '_ {
-        self.records.iter().map(|&(_, tag)| tag)
+        self.records.iter().map(|&(_, tag, _)| tag)
+    }
+
+    /// Each record's message type, in order.
+    pub fn kinds(&self) -> impl Iterator<Item = MessageType> + '_ {
+        self.records.iter().map(|&(_, _, kind)| kind)
     }
 
     /// Keeps only the records for which `keep(index)` is true.
@@ -119,13 +128,13 @@ impl RecordBatch {
             self.records[first_dropped - 1].0
         };
         let mut start = self.records[first_dropped].0;
-        let mut kept: Vec<(usize, Tag)> = self.records[..first_dropped].to_vec();
+        let mut kept: Vec<(usize, Tag, MessageType)> = self.records[..first_dropped].to_vec();
         for index in first_dropped + 1..self.records.len() {
-            let (end, tag) = self.records[index];
+            let (end, tag, kind) = self.records[index];
             if keep(index) {
                 self.buf.copy_within(start..end, write);
                 write += end - start;
-                kept.push((write, tag));
+                kept.push((write, tag, kind));
             }
             start = end;
         }
@@ -231,7 +240,7 @@ mod tests {
     fn batch_of(messages: &[&str]) -> RecordBatch {
         let mut b = RecordBatch::with_capacity(64);
         for m in messages {
-            b.push_with("web", |buf| {
+            b.push_with("web", MessageType::Track, |buf| {
                 buf.extend_from_slice(m.as_bytes());
                 Ok::<_, ()>(Tag {
                     key: [1, 2, m.len() as u32],
@@ -323,7 +332,7 @@ mod tests {
     fn failed_write_leaves_batch_unchanged() {
         let mut b = batch_of(&[r#"{"a":1}"#]);
         let before = b.bytes().to_vec();
-        let r = b.push_with("web", |buf| {
+        let r = b.push_with("web", MessageType::Track, |buf| {
             buf.extend_from_slice(b"partial");
             Err::<Tag, ()>(())
         });

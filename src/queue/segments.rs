@@ -221,7 +221,7 @@ mod tests {
 
     fn one(json: &str) -> Vec<u8> {
         let mut b = RecordBatch::with_capacity(64);
-        b.push_with("s", |buf| {
+        b.push_with("s", crate::ingest::MessageType::Track, |buf| {
             buf.extend_from_slice(json.as_bytes());
             Ok::<_, ()>(Default::default())
         })

@@ -29,6 +29,8 @@ pub struct Settings {
     pub capture_stdout: bool,
     /// Extra environment variables for fanout (secrets are read from the environment).
     pub env: Vec<(String, String)>,
+    /// Extra command-line arguments for the server (e.g. `--log-format json`).
+    pub args: Vec<String>,
 }
 
 impl Settings {
@@ -49,6 +51,11 @@ impl Settings {
         self
     }
 
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.to_string());
+        self
+    }
+
     /// Sets `key=value` in fanout's environment (the server's and `Fanout::command`'s).
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
@@ -65,6 +72,8 @@ pub struct Fanout {
     settings: Settings,
     /// Lines this run of the process printed on standard output, when captured.
     stdout: Arc<Mutex<Vec<String>>>,
+    /// Lines this run of the process logged on standard error.
+    stderr: Arc<Mutex<Vec<String>>>,
 }
 
 impl Fanout {
@@ -94,6 +103,7 @@ impl Fanout {
         let mut child = Command::new(env!("CARGO_BIN_EXE_fanout"))
             .arg("--config")
             .arg(&config_path)
+            .args(&settings.args)
             .env("FANOUT_LOG", "info")
             .envs(settings.env.iter().map(|(k, v)| (k, v)))
             .stdout(if settings.capture_stdout {
@@ -115,12 +125,17 @@ impl Fanout {
         }
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lines = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(addr) = line.split("listening on ").nth(1) {
+                    // Human logs end the line with it; JSON logs close a string after it.
+                    let addr = addr.split('"').next().unwrap_or(addr);
                     let _ = tx.send(addr.trim().to_string());
                 }
                 eprintln!("[fanout] {line}");
+                lines.lock().unwrap().push(line);
             }
         });
         let addr = match rx.recv_timeout(Duration::from_secs(20)) {
@@ -137,6 +152,7 @@ impl Fanout {
             _tmp: None,
             settings: settings.clone(),
             stdout,
+            stderr: log,
         }
     }
 
@@ -277,6 +293,7 @@ impl Fanout {
         let mut again = Fanout::launch(&self.dir, &self.settings);
         self.child = again.child.take();
         self.stdout = again.stdout.clone();
+        self.stderr = again.stderr.clone();
         self.addr = again.addr;
     }
 
@@ -291,6 +308,11 @@ impl Fanout {
             .lines()
             .map(|l| serde_json::from_str(l).expect("each line is JSON"))
             .collect()
+    }
+
+    /// What this run logged on standard error so far.
+    pub fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().unwrap().clone()
     }
 
     /// Waits until this run printed at least `n` lines on standard output; returns them parsed.

@@ -1,11 +1,15 @@
 //! Wires the stages together and owns start-up and graceful shutdown.
 
-use std::future::IntoFuture;
-use std::sync::Arc;
-use std::time::Duration;
+mod reload;
 
+use std::future::IntoFuture;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, watch};
 
 use crate::auth::Sources;
 use crate::config::Config;
@@ -14,9 +18,20 @@ use crate::delivery::{DeadLetters, Deliveries};
 use crate::http::{self, App};
 use crate::queue::Queue;
 
+pub use reload::{ReloadOutcome, ReloadRequest};
+
+/// How `run` was asked to start.
+pub struct Options {
+    /// The file the config came from, read again on reload.
+    pub config_path: PathBuf,
+    /// Drop the cursors (and queued data) of destinations no longer configured.
+    pub purge: bool,
+}
+
 /// Runs fanout until SIGINT/SIGTERM: then stops accepting, finishes in-flight requests,
-/// lets deliveries finish their current batch, and flushes the queue.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// lets deliveries finish their current batch, and flushes the queue. SIGHUP (or
+/// `POST /admin/reload`) reloads the config in between.
+pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
     let (queue, writer) = Queue::open(
         &config.server.data_dir,
         config.server.segment_bytes,
@@ -30,34 +45,65 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let dead_letters = Arc::new(DeadLetters::open(&config.server.data_dir)?);
     let admin_token = admin_token(&config)?;
     let deliveries = Deliveries::start(&config.destinations, &queue, &dead_letters)?;
+    reload::report_removed(&config, &queue, options.purge).await?;
+    let (reload_tx, reload_rx) = mpsc::channel(4);
     let app = Arc::new(App {
-        sources,
+        sources: ArcSwap::from_pointee(sources),
         dedupe,
-        queue,
+        queue: queue.clone(),
         limits: config.limits.clone(),
-        retry_after: config.server.retry_after_secs,
+        retry_after: config.server.retry_after_secs(),
         dead_letters,
         admin_token,
+        reload: reload_tx,
     });
-    let router = http::router(app, &config);
 
     let shutdown = shutdown_signal()?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut servers = Vec::new();
     let listener = TcpListener::bind(config.server.listen).await?;
+    let admin_listener = match config.admin.listen {
+        Some(addr) => Some(TcpListener::bind(addr).await?),
+        None => None,
+    };
+    if let Some(admin) = admin_listener {
+        tracing::info!("admin endpoints served on {}", admin.local_addr()?);
+        let router = http::admin_router(app.clone(), &config);
+        servers.push(serve(admin, router, stop_rx.clone()));
+    }
+    let router = http::router(app.clone(), &config, config.admin.listen.is_none());
     tracing::info!("listening on {}", listener.local_addr()?);
-    let (stop_tx, mut stop_rx) = watch::channel(false);
-    let server = axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            let _ = stop_rx.wait_for(|&s| s).await;
-        })
-        .into_future();
-    let server = tokio::spawn(server);
+    servers.push(serve(listener, router, stop_rx));
+    let grace = config.server.shutdown_grace;
+    let mut reloader = reload::Reloader::new(options.config_path, config, app, deliveries);
+    drop(queue);
 
-    shutdown.await;
+    tokio::pin!(shutdown);
+    let mut reload_rx = reload_rx;
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading the config");
+                let _ = reloader.reload(false).await;
+            }
+            Some(request) = reload_rx.recv() => {
+                let outcome = reloader.reload(request.purge).await;
+                let _ = request.reply.send(outcome);
+            }
+        }
+    }
     tracing::info!("shutting down: no new connections; finishing in-flight requests");
     let _ = stop_tx.send(true);
-    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
-    let drained = tokio::time::timeout(grace, server).await.is_ok();
-    deliveries.stop(grace).await;
+    let drained = tokio::time::timeout(grace, async {
+        for server in servers {
+            let _ = server.await;
+        }
+    })
+    .await
+    .is_ok();
+    reloader.into_deliveries().stop(grace).await;
     if drained {
         // The last `Queue` handle went with the server: the writer finishes and exits.
         tokio::task::spawn_blocking(move || writer.join()).await?;
@@ -68,6 +114,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let server = axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|&s| s).await;
+        })
+        .into_future();
+    tokio::spawn(server)
 }
 
 /// Opens the dedupe window and rebuilds it from the log, then has the queue hand it
@@ -107,7 +166,6 @@ fn admin_token(config: &Config) -> anyhow::Result<Option<String>> {
 /// future is first polled: a signal sent right after "listening on" must not kill the
 /// process with the default action.
 fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     Ok(async move {

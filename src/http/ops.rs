@@ -1,0 +1,39 @@
+//! `GET /metrics`: the Prometheus text format. A plain handler without state, so it can
+//! be mounted on any router (the main one now, an admin listener later).
+
+use std::sync::Arc;
+
+use axum::response::{IntoResponse, Response};
+use http::header::CONTENT_TYPE;
+
+use super::App;
+
+/// Renders every metric of the process.
+pub async fn metrics() -> Response {
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(),
+    )
+        .into_response()
+}
+
+/// Installs the recorder, and has each scrape read the queue's and the dedupe window's
+/// state from `app` while it lives (a weak reference: the metrics never keep the queue
+/// open at shutdown).
+pub(super) fn watch(app: &Arc<App>) {
+    crate::metrics::install();
+    let app = Arc::downgrade(app);
+    crate::metrics::on_scrape(move || {
+        let Some(app) = app.upgrade() else {
+            return false;
+        };
+        let lags = app
+            .queue
+            .cursor_names()
+            .into_iter()
+            .filter_map(|name| app.queue.lag_bytes(&name).map(|lag| (name, lag)));
+        crate::metrics::queue_state(app.queue.held_bytes(), lags);
+        crate::metrics::dedupe_state(app.dedupe.len(), app.dedupe.evicted());
+        true
+    });
+}

@@ -1,0 +1,333 @@
+//! Prometheus metrics, rendered by `GET /metrics` (`http::ops::metrics`).
+//!
+//! One recorder per process (`install`, idempotent). Counters and histograms are
+//! recorded where things happen; gauges that describe state (queue lag and depth, dedupe
+//! size) are read at scrape time through hooks, so the hot path pays nothing for them.
+//! Label values are bounded: route templates, status codes, source and destination names
+//! from the config, message types. Never a write key, never a client's value.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Histogram, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::ingest::MessageType;
+
+const HTTP_REQUESTS: &str = "fanout_http_requests_total";
+const HTTP_DURATION: &str = "fanout_http_request_duration_seconds";
+const EVENTS: &str = "fanout_events_total";
+const QUEUE_HELD: &str = "fanout_queue_held_bytes";
+const QUEUE_LAG: &str = "fanout_queue_lag_bytes";
+const QUEUE_DEPTH: &str = "fanout_queue_depth_events";
+const QUEUE_AGE: &str = "fanout_queue_oldest_age_seconds";
+const DELIVERIES: &str = "fanout_deliveries_total";
+const DELIVERY_DURATION: &str = "fanout_delivery_duration_seconds";
+const DEDUPE_KEYS: &str = "fanout_dedupe_keys";
+const DEDUPE_EVICTIONS: &str = "fanout_dedupe_evictions_total";
+
+/// Requests are answered in well under a millisecond (refusals) to tens of ms (fsync).
+const HTTP_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// A send is a local write (ms) or a request to a remote API (up to its timeout).
+const DELIVERY_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// Histogram samples wait in memory until drained: drain them even if nobody scrapes.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Called at each scrape; a hook returning false is dropped (what it watched is gone).
+type ScrapeHook = Box<dyn Fn() -> bool + Send + Sync>;
+static HOOKS: Mutex<Vec<ScrapeHook>> = Mutex::new(Vec::new());
+
+/// Installs the process-wide recorder once; later calls (another server in the same
+/// process, the delivery engines) do nothing. Metrics recorded before it are lost.
+pub fn install() {
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(HTTP_DURATION.into()), HTTP_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(DELIVERY_DURATION.into()), DELIVERY_BUCKETS)
+            })
+            .expect("bucket lists are not empty");
+        match builder.install_recorder() {
+            Ok(handle) => {
+                describe();
+                let upkeep = handle.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("metrics-upkeep".into())
+                    .spawn(move || loop {
+                        std::thread::sleep(UPKEEP_INTERVAL);
+                        upkeep.run_upkeep();
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "no metrics upkeep thread: histograms drain only when scraped");
+                }
+                Some(handle)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "another metrics recorder is installed: /metrics stays empty");
+                None
+            }
+        }
+    });
+}
+
+fn describe() {
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests answered, by route template (\"unmatched\" for unknown paths) and status."
+    );
+    describe_histogram!(
+        HTTP_DURATION,
+        Unit::Seconds,
+        "Time from receiving a request to its answer, by route template."
+    );
+    describe_counter!(
+        EVENTS,
+        "Messages by source, type and outcome: accepted (stored), duplicate (dropped), \
+         rejected (refused as invalid or too large; a batch refused whole counts all its \
+         items as type \"unknown\", a request refused before its messages could be counted \
+         counts as one). Requests without a valid write key are not counted here."
+    );
+    describe_gauge!(
+        QUEUE_HELD,
+        Unit::Bytes,
+        "Bytes the queue holds on disk: from the oldest segment a destination still needs to the end."
+    );
+    describe_gauge!(
+        QUEUE_LAG,
+        Unit::Bytes,
+        "Bytes between a destination's saved cursor and the end of the queue (not yet settled \
+         or not yet saved as settled), for every cursor, including unconfigured destinations \
+         not yet purged."
+    );
+    describe_gauge!(
+        QUEUE_DEPTH,
+        "Messages a destination has read from the queue and not yet settled (waiting for a \
+         batch, sending, or backing off). Messages not read yet are not counted: see \
+         fanout_queue_lag_bytes."
+    );
+    describe_gauge!(
+        QUEUE_AGE,
+        Unit::Seconds,
+        "Time since the oldest message a destination has read and not settled was accepted \
+         (whole seconds); 0 when there is none."
+    );
+    describe_counter!(
+        DELIVERIES,
+        "Messages by destination and outcome: ok (delivered), retried (one per message per \
+         failed attempt that will be retried), dead_lettered, skipped (not for this destination)."
+    );
+    describe_histogram!(
+        DELIVERY_DURATION,
+        Unit::Seconds,
+        "Time of one send attempt of a batch to a destination, whatever its answer."
+    );
+    describe_gauge!(DEDUPE_KEYS, "messageIds in the dedupe window.");
+    describe_counter!(
+        DEDUPE_EVICTIONS,
+        "messageIds dropped from the dedupe window before their TTL because dedupe.max_entries was reached."
+    );
+}
+
+/// Runs `hook` before each render, until it returns false.
+pub fn on_scrape(hook: impl Fn() -> bool + Send + Sync + 'static) {
+    HOOKS
+        .lock()
+        .expect("scrape hooks poisoned")
+        .push(Box::new(hook));
+}
+
+/// The Prometheus text exposition of every metric (empty if no recorder could be installed).
+pub fn render() -> String {
+    install();
+    HOOKS
+        .lock()
+        .expect("scrape hooks poisoned")
+        .retain(|hook| hook());
+    HANDLE
+        .get()
+        .and_then(Option::as_ref)
+        .map(PrometheusHandle::render)
+        .unwrap_or_default()
+}
+
+/// One answered HTTP request. `path` is the route template, never the raw path.
+pub fn http_request(path: String, status: u16, elapsed: Duration) {
+    counter!(HTTP_REQUESTS, "path" => path.clone(), "status" => status.to_string()).increment(1);
+    histogram!(HTTP_DURATION, "path" => path).record(elapsed.as_secs_f64());
+}
+
+/// The six types in `MessageType`'s declaration order, so `kind as usize` indexes it.
+const TYPES: [MessageType; 6] = [
+    MessageType::Identify,
+    MessageType::Track,
+    MessageType::Page,
+    MessageType::Screen,
+    MessageType::Group,
+    MessageType::Alias,
+];
+
+/// One request's stored and duplicate messages by type, counted once they are stored.
+#[derive(Default)]
+pub struct EventTally {
+    /// [accepted, duplicate] per type.
+    counts: [[u64; 2]; 6],
+}
+
+impl EventTally {
+    pub fn add(&mut self, kind: MessageType, duplicate: bool) {
+        self.counts[kind as usize][usize::from(duplicate)] += 1;
+    }
+
+    pub fn record(&self, source: &str) {
+        for (kind, [accepted, duplicate]) in TYPES.iter().zip(self.counts) {
+            if accepted > 0 {
+                events(source, kind.as_str(), "accepted", accepted);
+            }
+            if duplicate > 0 {
+                events(source, kind.as_str(), "duplicate", duplicate);
+            }
+        }
+    }
+}
+
+/// Messages of `source` refused as invalid; `kind` when it is known.
+pub fn rejected(source: &str, kind: Option<MessageType>, messages: u64) {
+    events(
+        source,
+        kind.map_or("unknown", MessageType::as_str),
+        "rejected",
+        messages,
+    );
+}
+
+/// Per-item refusals of one request, by type when known; returns how many there were.
+pub fn rejected_items(source: &str, kinds: impl Iterator<Item = Option<MessageType>>) -> u64 {
+    // Index 6: type unknown.
+    let mut counts = [0u64; 7];
+    for kind in kinds {
+        counts[kind.map_or(6, |k| k as usize)] += 1;
+    }
+    for (index, &n) in counts.iter().enumerate().filter(|(_, &n)| n > 0) {
+        rejected(source, TYPES.get(index).copied(), n);
+    }
+    counts.iter().sum()
+}
+
+fn events(source: &str, kind: &'static str, outcome: &'static str, n: u64) {
+    counter!(EVENTS, "source" => source.to_owned(), "type" => kind, "outcome" => outcome)
+        .increment(n);
+}
+
+/// One destination's delivery counters; looked up once per batch.
+pub struct DeliveryMetrics {
+    pub ok: Counter,
+    pub retried: Counter,
+    pub dead_lettered: Counter,
+    pub skipped: Counter,
+    /// Per send attempt.
+    pub duration: Histogram,
+}
+
+impl DeliveryMetrics {
+    pub fn new(destination: &str) -> DeliveryMetrics {
+        let outcome = |outcome: &'static str| counter!(DELIVERIES, "destination" => destination.to_owned(), "outcome" => outcome);
+        DeliveryMetrics {
+            ok: outcome("ok"),
+            retried: outcome("retried"),
+            dead_lettered: outcome("dead_lettered"),
+            skipped: outcome("skipped"),
+            duration: histogram!(DELIVERY_DURATION, "destination" => destination.to_owned()),
+        }
+    }
+}
+
+/// What a destination's delivery engine reports about its backlog, read at scrape time.
+pub struct DestinationGauges {
+    state: Arc<DestinationState>,
+}
+
+#[derive(Default)]
+struct DestinationState {
+    unsettled: AtomicU64,
+    /// Unix seconds; 0 when nothing is unsettled.
+    oldest_accepted_at: AtomicU64,
+}
+
+impl DestinationGauges {
+    /// Reports for `destination` until dropped; then its depth and age read 0.
+    pub fn register(destination: &str) -> DestinationGauges {
+        let state = Arc::new(DestinationState::default());
+        let watched: Weak<DestinationState> = Arc::downgrade(&state);
+        let name = destination.to_owned();
+        on_scrape(move || {
+            let state = watched.upgrade();
+            let (depth, oldest) = state.as_ref().map_or((0, 0), |s| {
+                (
+                    s.unsettled.load(Ordering::Relaxed),
+                    s.oldest_accepted_at.load(Ordering::Relaxed),
+                )
+            });
+            let age = if oldest == 0 {
+                0
+            } else {
+                unix_now().saturating_sub(oldest)
+            };
+            gauge!(QUEUE_DEPTH, "destination" => name.clone()).set(depth as f64);
+            gauge!(QUEUE_AGE, "destination" => name.clone()).set(age as f64);
+            state.is_some()
+        });
+        DestinationGauges { state }
+    }
+
+    /// Messages read and not settled, and when the oldest of them was accepted.
+    pub fn set(&self, unsettled: usize, oldest_accepted_at: Option<u32>) {
+        self.state
+            .unsettled
+            .store(unsettled as u64, Ordering::Relaxed);
+        self.state
+            .oldest_accepted_at
+            .store(oldest_accepted_at.map_or(0, u64::from), Ordering::Relaxed);
+    }
+}
+
+/// The queue's size on disk and each cursor's distance from its end.
+pub fn queue_state(held_bytes: u64, lags: impl IntoIterator<Item = (String, u64)>) {
+    gauge!(QUEUE_HELD).set(held_bytes as f64);
+    for (destination, lag) in lags {
+        gauge!(QUEUE_LAG, "destination" => destination).set(lag as f64);
+    }
+}
+
+/// The dedupe window's size and its evictions so far (a running total kept by the table).
+pub fn dedupe_state(keys: usize, evicted: u64) {
+    gauge!(DEDUPE_KEYS).set(keys as f64);
+    counter!(DEDUPE_EVICTIONS).absolute(evicted);
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn types_are_in_declaration_order() {
+        for kind in TYPES {
+            assert_eq!(TYPES[kind as usize], kind);
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! Config reload (SIGHUP, `POST /admin/reload`): the new file is validated in full before
+//! anything changes; then write keys are swapped in one step (a request sees the old set
+//! or the new one, never none), and destinations are stopped, started or restarted one at
+//! a time. A config that does not load is refused and the running one stays.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::auth::Sources;
+use crate::config::Config;
+use crate::delivery::{Changes, Deliveries};
+use crate::destinations::AnyDestination;
+use crate::http::App;
+use crate::queue::Queue;
+
+/// A reload asked for over HTTP; the answer comes back on `reply`.
+pub struct ReloadRequest {
+    pub purge: bool,
+    pub reply: oneshot::Sender<ReloadOutcome>,
+}
+
+/// What a reload did, or why it was refused.
+pub type ReloadOutcome = Result<Reloaded, String>;
+
+#[derive(Debug, Serialize)]
+pub struct Reloaded {
+    pub sources: usize,
+    #[serde(flatten)]
+    pub destinations: Changes,
+    /// Sections that changed but only take effect at a restart.
+    pub restart_needed: Vec<&'static str>,
+    /// Destinations no longer configured whose cursors still hold queued data.
+    pub unpurged: Vec<String>,
+    pub purged: Vec<String>,
+}
+
+pub struct Reloader {
+    path: PathBuf,
+    current: Config,
+    app: Arc<App>,
+    deliveries: Deliveries,
+}
+
+impl Reloader {
+    pub fn new(path: PathBuf, current: Config, app: Arc<App>, deliveries: Deliveries) -> Self {
+        Reloader {
+            path,
+            current,
+            app,
+            deliveries,
+        }
+    }
+
+    pub fn into_deliveries(self) -> Deliveries {
+        self.deliveries
+    }
+
+    /// Loads the file again and applies it. Logs the outcome either way.
+    pub async fn reload(&mut self, purge: bool) -> ReloadOutcome {
+        let result = self.apply(purge).await;
+        match &result {
+            Ok(done) => tracing::info!(
+                sources = done.sources,
+                added = ?done.destinations.added,
+                changed = ?done.destinations.changed,
+                removed = ?done.destinations.removed,
+                purged = ?done.purged,
+                "config reloaded"
+            ),
+            Err(e) => tracing::warn!("config reload refused; the running config stays: {e}"),
+        }
+        result
+    }
+
+    async fn apply(&mut self, purge: bool) -> ReloadOutcome {
+        let text = format!("{}", self.path.display());
+        let config = Config::load(&self.path).map_err(|e| e.to_string())?;
+        // Everything that can fail is tried before anything is swapped in.
+        let sources =
+            Sources::from_config(&config.sources).map_err(|e| format!("{text}: {e:#}"))?;
+        for destination in &config.destinations {
+            let unchanged = self.current.destinations.iter().any(|d| d == destination);
+            if !unchanged {
+                AnyDestination::validate(destination).map_err(|e| format!("{text}: {e:#}"))?;
+            }
+        }
+        let restart_needed = restart_needed(&self.current, &config);
+        for section in &restart_needed {
+            tracing::warn!(
+                "config reload: `{section}` changed; it takes effect at the next restart"
+            );
+        }
+
+        self.app.sources.store(Arc::new(sources));
+        self.app.dedupe.set_sources(&config.sources);
+        let grace = self.current.server.shutdown_grace;
+        let destinations = self
+            .deliveries
+            .reconcile(&config.destinations, grace)
+            .await
+            .map_err(|e| format!("destinations could not all start: {e:#}"))?;
+        let sources = config.sources.len();
+        // Sections read only at start keep their running values, so that what the
+        // next reload compares against is what is in effect.
+        let mut applied = config;
+        applied.server = self.current.server.clone();
+        applied.limits = self.current.limits.clone();
+        applied.cors = self.current.cors.clone();
+        applied.dedupe = self.current.dedupe.clone();
+        applied.admin = self.current.admin.clone();
+        self.current = applied;
+        let (purged, unpurged) = removed_cursors(&self.current, &self.app.queue, purge)
+            .await
+            .map_err(|e| format!("purge failed: {e:#}"))?;
+        Ok(Reloaded {
+            sources,
+            destinations,
+            restart_needed,
+            unpurged,
+            purged,
+        })
+    }
+}
+
+/// The sections a reload cannot apply to a running process, by name, when they differ.
+/// Compared through their `Debug` form, which shows every field.
+fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
+    let differ =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    let mut sections = Vec::new();
+    if differ(&old.server, &new.server) {
+        sections.push("server");
+    }
+    if differ(&old.limits, &new.limits) {
+        sections.push("limits");
+    }
+    if differ(&old.cors, &new.cors) {
+        sections.push("cors");
+    }
+    if differ(&old.dedupe, &new.dedupe) {
+        sections.push("dedupe");
+    }
+    if differ(&old.admin, &new.admin) {
+        sections.push("admin");
+    }
+    sections
+}
+
+/// Cursors of destinations that are not configured: purged when asked, else listed.
+/// Returns (purged, still held).
+async fn removed_cursors(
+    config: &Config,
+    queue: &Queue,
+    purge: bool,
+) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let orphans: Vec<String> = queue
+        .cursor_names()
+        .into_iter()
+        .filter(|name| !config.destinations.iter().any(|d| &d.name == name))
+        .collect();
+    if !purge {
+        return Ok((Vec::new(), orphans));
+    }
+    let queue = queue.clone();
+    tokio::task::spawn_blocking(move || {
+        for name in &orphans {
+            queue.purge(name)?;
+            tracing::info!(destination = %name, "purged the cursor of a removed destination");
+        }
+        Ok((orphans, Vec::new()))
+    })
+    .await?
+}
+
+/// At start: purges removed destinations' cursors if asked, else says what they hold.
+pub async fn report_removed(config: &Config, queue: &Queue, purge: bool) -> anyhow::Result<()> {
+    let (_, held) = removed_cursors(config, queue, purge).await?;
+    for name in held {
+        tracing::warn!(
+            destination = %name,
+            lag_bytes = queue.lag_bytes(&name).unwrap_or(0),
+            "destination is no longer configured; its cursor keeps its queued data until \
+             purged (start with --purge, or POST /admin/reload?purge=true)"
+        );
+    }
+    Ok(())
+}
