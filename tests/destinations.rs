@@ -15,13 +15,6 @@ async fn send(f: &Fanout, ids: &[&str]) {
     }
 }
 
-fn ids(messages: &[Value]) -> Vec<&str> {
-    messages
-        .iter()
-        .map(|m| m["messageId"].as_str().unwrap())
-        .collect()
-}
-
 #[tokio::test]
 async fn stdout_and_file_each_get_everything_and_resume_after_restart() {
     let settings = Settings::default()
@@ -30,7 +23,7 @@ async fn stdout_and_file_each_get_everything_and_resume_after_restart() {
     let mut f = Fanout::start_with(settings);
     send(&f, &["s-1", "s-2", "s-3"]).await;
     let first = f.wait_stdout(3).await;
-    assert_eq!(ids(&first), ["s-1", "s-2", "s-3"]);
+    assert_eq!(common::receiver::ids(&first), ["s-1", "s-2", "s-3"]);
     assert_eq!(first[0]["type"], "track");
 
     let exit = f.terminate();
@@ -41,14 +34,14 @@ async fn stdout_and_file_each_get_everything_and_resume_after_restart() {
     // Give a replay the chance to show up before asserting there is none.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let second_all = f.wait_stdout(2).await;
-    assert_eq!(ids(&second), ["s-4", "s-5"]);
+    assert_eq!(common::receiver::ids(&second), ["s-4", "s-5"]);
     assert_eq!(
         second_all.len(),
         2,
         "nothing from before the restart is printed again"
     );
     assert_eq!(
-        ids(&f.wait_delivered(5).await),
+        common::receiver::ids(&f.wait_delivered(5).await),
         ["s-1", "s-2", "s-3", "s-4", "s-5"]
     );
 }

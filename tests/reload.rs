@@ -46,28 +46,6 @@ fn sighup(f: &Fanout) {
     assert!(ok.success());
 }
 
-fn lines(path: &Path) -> Vec<Value> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Vec::new();
-    };
-    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-    complete
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-async fn wait_lines(path: &Path, n: usize) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let got = lines(path);
-        if got.len() >= n || Instant::now() > deadline {
-            return got;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn track(id: &str) -> Value {
     json!({"userId": "u1", "event": "Reloaded", "messageId": id})
 }
@@ -172,7 +150,7 @@ async fn sighup_under_load_adds_a_key_and_a_destination_without_failing_a_reques
     // accepted after it started, including the new source's message.
     let out = f.wait_delivered(total + 1).await;
     assert_eq!(out.len(), total + 1);
-    let second = wait_lines(&dir.join("second.jsonl"), 1).await;
+    let second = common::wait_file_lines(&dir.join("second.jsonl"), 1).await;
     let ids: Vec<&str> = second
         .iter()
         .map(|m| m["messageId"].as_str().unwrap())
@@ -233,13 +211,8 @@ async fn an_invalid_config_is_refused_and_the_old_one_keeps_running() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["changes"]["sources"], 2, "{body}");
     assert_eq!(status_as(&f, "wk_mobile", "now-known").await, 200);
-    let ids: Vec<Value> = f
-        .wait_delivered(2)
-        .await
-        .into_iter()
-        .map(|m| m["messageId"].clone())
-        .collect();
-    assert_eq!(ids, [json!("still-ok"), json!("now-known")]);
+    let delivered = f.wait_delivered(2).await;
+    assert_eq!(common::receiver::ids(&delivered), ["still-ok", "now-known"]);
 }
 
 #[tokio::test]
@@ -277,7 +250,7 @@ async fn a_removed_destination_keeps_its_queue_until_purged() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["changes"]["added"], json!(["second"]), "{body}");
     assert_eq!(status_as(&f, common::WRITE_KEY, "m1").await, 200);
-    assert_eq!(wait_lines(&second, 1).await.len(), 1);
+    assert_eq!(common::wait_file_lines(&second, 1).await.len(), 1);
 
     // Removed: it stops receiving, but its cursor stays and holds what arrives meanwhile.
     std::fs::write(f.config_path(), &without_second).unwrap();
@@ -289,7 +262,7 @@ async fn a_removed_destination_keeps_its_queue_until_purged() {
         assert_eq!(status_as(&f, common::WRITE_KEY, id).await, 200);
     }
     f.wait_delivered(3).await;
-    assert_eq!(lines(&second).len(), 1);
+    assert_eq!(common::file_lines(&second).len(), 1);
     let cursor = dir.join("data/cursors/second.cursor");
     assert!(cursor.exists());
 
@@ -297,7 +270,7 @@ async fn a_removed_destination_keeps_its_queue_until_purged() {
     std::fs::write(f.config_path(), &with_second).unwrap();
     let (status, _) = post_reload(&f, "").await;
     assert_eq!(status, 200);
-    let caught_up: Vec<Value> = wait_lines(&second, 3)
+    let caught_up: Vec<Value> = common::wait_file_lines(&second, 3)
         .await
         .into_iter()
         .map(|m| m["messageId"].clone())
@@ -328,13 +301,8 @@ async fn a_changed_destination_restarts_from_its_cursor() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["changes"]["changed"], json!(["out"]), "{body}");
     assert_eq!(status_as(&f, common::WRITE_KEY, "b").await, 200);
-    let ids: Vec<Value> = f
-        .wait_delivered(2)
-        .await
-        .into_iter()
-        .map(|m| m["messageId"].clone())
-        .collect();
-    assert_eq!(ids, [json!("a"), json!("b")]);
+    let delivered = f.wait_delivered(2).await;
+    assert_eq!(common::receiver::ids(&delivered), ["a", "b"]);
 }
 
 #[tokio::test]

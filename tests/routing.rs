@@ -7,7 +7,7 @@ mod common;
 use std::io::Write;
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{assert_success, Fanout, Settings};
 use serde_json::{json, Value};
@@ -39,31 +39,6 @@ filter = {{ types = ["track"], events = ["Order *"] }}
         web = dir.join("web.jsonl").display(),
         orders = dir.join("orders.jsonl").display(),
     ))
-}
-
-/// The complete lines of a file destination so far, parsed.
-fn lines(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-    complete
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-        .collect()
-}
-
-/// Waits until a file destination holds at least `n` lines (or 20 s pass).
-async fn wait_lines(path: &Path, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while lines(path).len() < n && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn ids(messages: &[Value]) -> Vec<&str> {
-    messages
-        .iter()
-        .map(|m| m["messageId"].as_str().unwrap())
-        .collect()
 }
 
 #[tokio::test]
@@ -124,14 +99,18 @@ async fn each_destination_gets_what_its_rules_and_the_message_allow() {
         tmp.path().join("orders.jsonl"),
     );
     f.wait_delivered(8).await;
-    wait_lines(&web_path, 3).await;
-    wait_lines(&orders_path, 4).await;
+    common::wait_file_lines(&web_path, 3).await;
+    common::wait_file_lines(&orders_path, 4).await;
     // Let anything that should not have come show up before asserting it did not.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (out, web, orders) = (f.delivered(), lines(&web_path), lines(&orders_path));
+    let (out, web, orders) = (
+        f.delivered(),
+        common::file_lines(&web_path),
+        common::file_lines(&orders_path),
+    );
 
     assert_eq!(
-        ids(&out),
+        common::receiver::ids(&out),
         [
             "t-order",
             "t-identify",
@@ -144,9 +123,12 @@ async fn each_destination_gets_what_its_rules_and_the_message_allow() {
         ],
         "the catch-all gets everything but what `all: false` turned off"
     );
-    assert_eq!(ids(&web), ["t-order", "t-identify", "t-signup"]);
     assert_eq!(
-        ids(&orders),
+        common::receiver::ids(&web),
+        ["t-order", "t-identify", "t-signup"]
+    );
+    assert_eq!(
+        common::receiver::ids(&orders),
         ["t-order", "a-order", "t-only-orders", "b-order"]
     );
 

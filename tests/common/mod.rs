@@ -299,15 +299,7 @@ impl Fanout {
 
     /// Lines of the file destination so far, parsed.
     pub fn delivered(&self) -> Vec<Value> {
-        let Ok(text) = std::fs::read_to_string(self.dir.join("out.jsonl")) else {
-            return Vec::new();
-        };
-        // A line still being written (no newline yet) is not delivered yet.
-        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-        complete
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-            .collect()
+        file_lines(&self.dir.join("out.jsonl"))
     }
 
     /// What this run logged on standard error so far.
@@ -400,6 +392,31 @@ pub fn read_response(stream: &mut TcpStream) -> (u16, String) {
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The complete lines of a file destination's output so far, parsed; a line still being
+/// written (no newline yet) is not delivered yet.
+pub fn file_lines(path: &Path) -> Vec<Value> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect()
+}
+
+/// Waits until a file destination's output holds at least `n` lines (or 20 s pass).
+pub async fn wait_file_lines(path: &Path, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let lines = file_lines(path);
+        if lines.len() >= n || Instant::now() > deadline {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 pub fn client() -> reqwest::Client {
