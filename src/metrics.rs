@@ -6,6 +6,7 @@
 //! Label values are bounded: route templates, status codes, source and destination names
 //! from the config, message types. Never a write key, never a client's value.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -301,10 +302,19 @@ impl DestinationGauges {
 }
 
 /// The queue's size on disk and each cursor's distance from its end.
+/// A purged cursor's series drops to 0 (the exporter cannot delete a series).
 pub fn queue_state(held_bytes: u64, lags: impl IntoIterator<Item = (String, u64)>) {
+    static REPORTED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
     gauge!(QUEUE_HELD).set(held_bytes as f64);
+    let mut reported = REPORTED.lock().expect("metrics lock poisoned");
+    let mut gone = std::mem::take(&mut *reported);
     for (destination, lag) in lags {
-        gauge!(QUEUE_LAG, "destination" => destination).set(lag as f64);
+        gone.remove(&destination);
+        gauge!(QUEUE_LAG, "destination" => destination.clone()).set(lag as f64);
+        reported.insert(destination);
+    }
+    for destination in gone {
+        gauge!(QUEUE_LAG, "destination" => destination).set(0.0);
     }
 }
 

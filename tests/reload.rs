@@ -205,6 +205,25 @@ async fn an_invalid_config_is_refused_and_the_old_one_keeps_running() {
     );
     assert_eq!(status_as(&f, "wk_mobile", "still-unknown").await, 401);
 
+    // A file destination whose output cannot be opened (its path is a directory).
+    edit_config(&f, |_| {
+        format!(
+            "{good}{NEW_SOURCE}\n[[destinations]]\nname = \"archive\"\nkind = \"file\"\n\
+             path = \"{}\"\n",
+            f.dir().display()
+        )
+    });
+    let (status, body) = post_reload(&f, "").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("archive"),
+        "{body}"
+    );
+    assert_eq!(status_as(&f, "wk_mobile", "still-unknown-2").await, 401);
+
     // The fixed file is taken, and the answer says what changed.
     edit_config(&f, |_| format!("{good}{NEW_SOURCE}"));
     let (status, body) = post_reload(&f, "").await;

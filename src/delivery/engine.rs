@@ -240,9 +240,9 @@ impl Engine {
 
     /// Takes a record read from the queue into a line; false when it is not routed here.
     fn push_record(&mut self, record: Record, now: Instant) -> bool {
-        let json = match self.context.route.decide(&record.source, &record.json) {
-            Decision::Send(Cow::Borrowed(_)) => record.json,
-            Decision::Send(Cow::Owned(edited)) => edited,
+        let edited = match self.context.route.decide(&record.source, &record.json) {
+            Decision::Send(Cow::Borrowed(_)) => None,
+            Decision::Send(Cow::Owned(edited)) => Some(edited),
             Decision::Skip(why) => {
                 // Settled without a batch: the cursor may pass it.
                 tracing::trace!(why = why.as_str(), "message not routed here");
@@ -251,16 +251,18 @@ impl Engine {
                 return false;
             }
         };
+        // From the message as accepted: `drop_fields` may remove the ids it is made of.
+        let user = if self.ordering {
+            ordering_key(&record.json)
+        } else {
+            0
+        };
+        let json = edited.unwrap_or(record.json);
         let seq = self.next_seq;
         self.next_seq += 1;
         self.unsettled
             .insert(seq, (self.read_end, record.tag.accepted_at));
         self.read_end = record.end;
-        let user = if self.ordering {
-            ordering_key(&json)
-        } else {
-            0
-        };
         self.lines.push(Item {
             origin: Origin::Queue { seq },
             source: record.source,

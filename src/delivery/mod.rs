@@ -52,6 +52,8 @@ pub struct Changes {
     pub added: Vec<String>,
     pub changed: Vec<String>,
     pub removed: Vec<String>,
+    /// Destinations that could not start, with why.
+    pub failed: Vec<String>,
 }
 
 impl Deliveries {
@@ -73,46 +75,65 @@ impl Deliveries {
     }
 
     /// Brings the running set in line with `destinations`: stops removed and changed
-    /// destinations (each finishes its sends under way and saves its cursor, or is cut
-    /// off after `grace` and resumes from its last saved cursor), then starts new and
-    /// changed ones. A removed destination's cursor stays, and keeps its part of the
-    /// queue, until it is purged.
-    pub async fn reconcile(
-        &mut self,
-        destinations: &[DestinationConfig],
-        grace: Duration,
-    ) -> anyhow::Result<Changes> {
+    /// destinations, then starts new and changed ones from their saved cursors. A removed
+    /// destination's cursor stays, and keeps its part of the queue, until it is purged.
+    ///
+    /// Stopped engines are waited for without a time limit: one cut off in the middle of a
+    /// local write could finish it after its successor started, and a file would get those
+    /// lines twice. HTTP sends are cancelled on stop (and sent again by the successor), so
+    /// only a stuck local write makes this slow. A destination that cannot start is
+    /// reported in `failed`; a changed one goes back to the settings it ran with.
+    pub async fn reconcile(&mut self, destinations: &[DestinationConfig]) -> Changes {
         let mut changes = Changes::default();
+        let wanted = |name: &str| destinations.iter().find(|d| d.name == name);
         let stale: Vec<String> = self
             .running
             .iter()
-            .filter(|(name, running)| {
-                destinations
-                    .iter()
-                    .find(|d| &d.name == *name)
-                    .is_none_or(|d| *d != running.config)
-            })
+            .filter(|(name, running)| wanted(name).is_none_or(|d| *d != running.config))
             .map(|(name, _)| name.clone())
             .collect();
-        for name in stale {
-            let running = self.running.remove(&name).expect("listed above");
-            stop_all([running], grace).await;
-            if destinations.iter().any(|d| d.name == name) {
-                changes.changed.push(name);
+        let stopping: Vec<Running> = stale
+            .iter()
+            .filter_map(|name| self.running.remove(name))
+            .collect();
+        for running in &stopping {
+            let _ = running.stop.send(true);
+        }
+        let mut previous = BTreeMap::new();
+        for running in stopping {
+            let _ = running.task.await;
+            let name = running.config.name.clone();
+            if wanted(&name).is_some() {
+                changes.changed.push(name.clone());
             } else {
-                changes.removed.push(name);
+                changes.removed.push(name.clone());
             }
+            previous.insert(name, running.config);
         }
         for config in destinations {
             if self.running.contains_key(&config.name) {
                 continue;
             }
-            self.launch(config)?;
-            if !changes.changed.contains(&config.name) {
-                changes.added.push(config.name.clone());
+            match self.launch(config) {
+                Ok(()) if previous.contains_key(&config.name) => {}
+                Ok(()) => changes.added.push(config.name.clone()),
+                Err(e) => {
+                    changes.failed.push(format!("{e:#}"));
+                    changes.changed.retain(|name| name != &config.name);
+                    if let Some(old) = previous.get(&config.name) {
+                        if let Err(e) = self.launch(old) {
+                            changes.failed.push(format!("(previous settings) {e:#}"));
+                        }
+                    }
+                }
             }
         }
-        Ok(changes)
+        changes
+    }
+
+    /// The settings of every running destination.
+    pub fn configs(&self) -> Vec<DestinationConfig> {
+        self.running.values().map(|r| r.config.clone()).collect()
     }
 
     /// Starts one destination's engine from its saved cursor.
@@ -195,11 +216,18 @@ async fn stop_all(engines: impl IntoIterator<Item = Running>, grace: Duration) {
         let _ = running.stop.send(true);
         tasks.push((running.config.name, running.task));
     }
-    let deadline = tokio::time::Instant::now() + grace;
+    let deadline = tokio::time::Instant::now()
+        .checked_add(grace)
+        .unwrap_or_else(far_future);
     for (name, mut task) in tasks {
         if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
             tracing::warn!(destination = %name, "delivery still running after the grace period; cut off");
             task.abort();
         }
     }
+}
+
+/// A deadline no shutdown reaches (`Instant` + a huge grace would overflow).
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
 }

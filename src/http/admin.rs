@@ -105,6 +105,12 @@ pub async fn reload(
     let gone = || ApiError::Internal("the server is shutting down".into());
     app.reload.send(request).await.map_err(|_| gone())?;
     match answer.await.map_err(|_| gone())? {
+        // Partly applied: the new write keys are live, and some destination did not start.
+        Ok(done) if !done.destinations.failed.is_empty() => Ok((
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({ "reloaded": "partly", "changes": done })),
+        )
+            .into_response()),
         Ok(done) => {
             Ok(Json(serde_json::json!({ "reloaded": true, "changes": done })).into_response())
         }

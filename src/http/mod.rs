@@ -164,11 +164,12 @@ fn request_span<B>(request: &Request<B>) -> tracing::Span {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     // At info, so the warn line of a refused request carries the id and source too;
-    // `source` is recorded once the write key is known (never the key itself).
+    // `source` is recorded once the write key is known (never the key itself), `path` as
+    // the route template once routed (a raw path can carry anything, a key included).
     tracing::info_span!(
         "request",
         method = %request.method(),
-        path = %request.uri().path(),
+        path = tracing::field::Empty,
         id,
         source = tracing::field::Empty,
     )

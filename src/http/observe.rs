@@ -20,6 +20,7 @@ pub async fn observe(request: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map_or("unmatched", MatchedPath::as_str)
         .to_owned();
+    tracing::Span::current().record("path", path.as_str());
     let response = next.run(request).await;
     let status = response.status();
     crate::metrics::http_request(path, status.as_u16(), started.elapsed());

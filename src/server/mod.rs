@@ -32,6 +32,10 @@ pub struct Options {
 /// lets deliveries finish their current batch, and flushes the queue. SIGHUP (or
 /// `POST /admin/reload`) reloads the config in between.
 pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
+    // First: a signal during start-up (the dedupe rebuild can take seconds) must not kill
+    // the process with the default action.
+    let shutdown = shutdown_signal()?;
+    let mut hangup = signal(SignalKind::hangup())?;
     let (queue, writer) = Queue::open(
         &config.server.data_dir,
         config.server.segment_bytes,
@@ -58,8 +62,6 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
         reload: reload_tx,
     });
 
-    let shutdown = shutdown_signal()?;
-    let mut hangup = signal(SignalKind::hangup())?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut servers = Vec::new();
     let listener = TcpListener::bind(config.server.listen).await?;
@@ -82,7 +84,10 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     let mut reload_rx = reload_rx;
     loop {
+        // A reload holds the loop until it is done (it waits for the engines it stops);
+        // a shutdown signal is taken after it.
         tokio::select! {
+            biased;
             _ = &mut shutdown => break,
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: reloading the config");
@@ -94,6 +99,10 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
             }
         }
     }
+    // Reloads asked for and not started get no answer: their requests end at once
+    // ("shutting down") instead of holding the graceful drain.
+    reload_rx.close();
+    while reload_rx.try_recv().is_ok() {}
     tracing::info!("shutting down: no new connections; finishing in-flight requests");
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(grace, async {

@@ -62,6 +62,11 @@ impl Reloader {
     pub async fn reload(&mut self, purge: bool) -> ReloadOutcome {
         let result = self.apply(purge).await;
         match &result {
+            Ok(done) if !done.destinations.failed.is_empty() => tracing::warn!(
+                failed = ?done.destinations.failed,
+                "config reload partly applied: write keys and the other destinations \
+                 changed; these did not start"
+            ),
             Ok(done) => tracing::info!(
                 sources = done.sources,
                 added = ?done.destinations.added,
@@ -96,25 +101,23 @@ impl Reloader {
 
         self.app.sources.store(Arc::new(sources));
         self.app.dedupe.set_sources(&config.sources);
-        let grace = self.current.server.shutdown_grace;
-        let destinations = self
-            .deliveries
-            .reconcile(&config.destinations, grace)
-            .await
-            .map_err(|e| format!("destinations could not all start: {e:#}"))?;
+        let destinations = self.deliveries.reconcile(&config.destinations).await;
         let sources = config.sources.len();
-        // Sections read only at start keep their running values, so that what the
-        // next reload compares against is what is in effect.
+        // Only destinations named in the file keep their cursors; one that is named but
+        // failed to start keeps its cursor too.
+        let (purged, unpurged) = removed_cursors(&config, &self.app.queue, purge)
+            .await
+            .map_err(|e| format!("purge failed: {e:#}"))?;
+        // What the next reload compares against is what is in effect: the destinations
+        // that run, and the start-only sections' running values.
         let mut applied = config;
+        applied.destinations = self.deliveries.configs();
         applied.server = self.current.server.clone();
         applied.limits = self.current.limits.clone();
         applied.cors = self.current.cors.clone();
         applied.dedupe = self.current.dedupe.clone();
         applied.admin = self.current.admin.clone();
         self.current = applied;
-        let (purged, unpurged) = removed_cursors(&self.current, &self.app.queue, purge)
-            .await
-            .map_err(|e| format!("purge failed: {e:#}"))?;
         Ok(Reloaded {
             sources,
             destinations,
