@@ -25,6 +25,7 @@ use super::batch::{self, BatchResult, DeliveryContext, Item, Origin, Settled};
 use super::dead_letters::{DeadLetters, Failure};
 use super::lines::{wire_len, Lines};
 use crate::config::BatchLimits;
+use crate::destinations::Destination;
 use crate::ingest::json::{scalar, RawObject, Scalar};
 use crate::metrics::DestinationGauges;
 use crate::queue::{Checkpoint, Cursor, QueueReader, Record};
@@ -542,8 +543,13 @@ impl Engine {
         };
         self.last_commit = Instant::now();
         let cursor = self.cursor.take().expect("cursor present");
+        let context = self.context.clone();
         let (cursor, saved) = tokio::task::spawn_blocking(move || {
-            let saved = cursor.commit(checkpoint);
+            // What the cursor passes must be durable at the destination first.
+            let saved = context
+                .destination
+                .flush()
+                .and_then(|()| cursor.commit(checkpoint));
             (cursor, saved)
         })
         .await

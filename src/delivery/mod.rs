@@ -35,6 +35,7 @@ const EXTRA_OUTSTANDING: usize = 4;
 /// The running delivery tasks, one per configured destination, each with its own stop
 /// signal so a reload can stop and start destinations one at a time.
 pub struct Deliveries {
+    runtime: tokio::runtime::Handle,
     queue: Queue,
     dead_letters: Arc<DeadLetters>,
     running: BTreeMap<String, Running>,
@@ -57,13 +58,15 @@ pub struct Changes {
 }
 
 impl Deliveries {
-    /// Starts a task for each configured destination.
+    /// Starts a task for each configured destination, on `runtime`.
     pub fn start(
         destinations: &[DestinationConfig],
         queue: &Queue,
         dead_letters: &Arc<DeadLetters>,
+        runtime: tokio::runtime::Handle,
     ) -> anyhow::Result<Deliveries> {
         let mut deliveries = Deliveries {
+            runtime,
             queue: queue.clone(),
             dead_letters: dead_letters.clone(),
             running: BTreeMap::new(),
@@ -190,7 +193,7 @@ impl Deliveries {
             saved,
         );
         let span = tracing::info_span!("delivery", destination = %config.name);
-        let task = tokio::spawn(engine.run().instrument(span));
+        let task = self.runtime.spawn(engine.run().instrument(span));
         self.running.insert(
             config.name.clone(),
             Running {

@@ -84,6 +84,12 @@ pub trait Destination: Send + Sync + 'static {
         false
     }
 
+    /// Makes everything sent so far durable; called (blocking) before a cursor that
+    /// passes it is saved. Only local sinks have anything to do.
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+
     /// The mark as things stand now (saved with a new destination's first checkpoint).
     fn mark(&self) -> u64 {
         0
@@ -160,6 +166,16 @@ impl Destination for AnyDestination {
             AnyDestination::Webhook(d) => d.sequential(),
             AnyDestination::Segment(d) => d.sequential(),
             AnyDestination::Klaviyo(d) => d.sequential(),
+        }
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        match self {
+            AnyDestination::File(d) => d.flush(),
+            AnyDestination::Stdout(d) => d.flush(),
+            AnyDestination::Webhook(d) => d.flush(),
+            AnyDestination::Segment(d) => d.flush(),
+            AnyDestination::Klaviyo(d) => d.flush(),
         }
     }
 

@@ -330,6 +330,19 @@ fn routing_table() {
             S(Skip::Integrations),
         ),
         ("", "web", r#"{"type":"track","integrations":{}}"#, Same),
+        // An empty one elsewhere does not hide the top-level switch.
+        (
+            "",
+            "web",
+            r#"{"type":"track","properties":{"integrations":{}},"integrations":{"all":false}}"#,
+            S(Skip::Integrations),
+        ),
+        (
+            "",
+            "web",
+            r#"{"type":"track","integrations":{ },"context":{}}"#,
+            Same,
+        ),
         ("", "web", r#"{"type":"track","integrations":null}"#, Same),
         // Only the top-level `integrations` counts.
         (

@@ -26,6 +26,8 @@ pub struct Options {
     pub config_path: PathBuf,
     /// Drop the cursors (and queued data) of destinations no longer configured.
     pub purge: bool,
+    /// The runtime the delivery engines run on.
+    pub delivery: tokio::runtime::Handle,
 }
 
 /// Runs fanout until SIGINT/SIGTERM: then stops accepting, finishes in-flight requests,
@@ -48,7 +50,12 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
     }
     let dead_letters = Arc::new(DeadLetters::open(&config.server.data_dir)?);
     let admin_token = admin_token(&config)?;
-    let deliveries = Deliveries::start(&config.destinations, &queue, &dead_letters)?;
+    let deliveries = Deliveries::start(
+        &config.destinations,
+        &queue,
+        &dead_letters,
+        options.delivery.clone(),
+    )?;
     reload::report_removed(&config, &queue, options.purge).await?;
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let app = Arc::new(App {
