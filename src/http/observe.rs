@@ -15,12 +15,9 @@ use super::error::ErrorLog;
 pub async fn observe(request: Request, next: Next) -> Response {
     let started = Instant::now();
     // The template, not the raw path: label values must stay few.
-    let path = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", MatchedPath::as_str)
-        .to_owned();
-    tracing::Span::current().record("path", path.as_str());
+    let matched = request.extensions().get::<MatchedPath>().cloned();
+    let path = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
+    tracing::Span::current().record("path", path);
     let response = next.run(request).await;
     let status = response.status();
     crate::metrics::http_request(path, status.as_u16(), started.elapsed());
