@@ -15,7 +15,8 @@ pub struct QueueReader {
     dir: PathBuf,
     position: u64,
     committed: watch::Receiver<u64>,
-    open: Option<BufReader<File>>,
+    /// The segment being read: its base position and a buffered handle.
+    open: Option<(u64, BufReader<File>)>,
 }
 
 impl QueueReader {
@@ -52,10 +53,18 @@ impl QueueReader {
         let end = *self.committed.borrow();
         let mut records = Vec::new();
         let result = self.read_into(&mut records, end, max_records, max_bytes);
-        if result.is_err() || self.position == end {
-            // Reopen at `position` next time: after an error the buffer may sit mid-record,
-            // and at the durable end it may hold bytes of a write that was later cut off.
+        if result.is_err() {
+            // Reopen at `position` next time: after an error the buffer may sit mid-record.
             self.open = None;
+        } else if self.position == end {
+            // At the durable end the buffer may hold bytes of a write that was later cut
+            // off: seeking discards it. Cheaper than reopening, which a destination that
+            // keeps up would otherwise do on every read.
+            if let Some((base, reader)) = self.open.as_mut() {
+                if reader.seek(SeekFrom::Start(self.position - *base)).is_err() {
+                    self.open = None;
+                }
+            }
         }
         match result {
             Err(e) if records.is_empty() => Err(e),
@@ -75,7 +84,7 @@ impl QueueReader {
             if self.open.is_none() {
                 self.open = Some(self.open_at_position()?);
             }
-            let reader = self.open.as_mut().expect("opened above");
+            let (_, reader) = self.open.as_mut().expect("opened above");
             match read_record(reader)? {
                 ReadOutcome::Record {
                     source,
@@ -117,7 +126,7 @@ impl QueueReader {
         Ok(list_segments(&self.dir)?.contains(&self.position))
     }
 
-    fn open_at_position(&mut self) -> io::Result<BufReader<File>> {
+    fn open_at_position(&mut self) -> io::Result<(u64, BufReader<File>)> {
         let bases = list_segments(&self.dir)?;
         let base = match bases.iter().rev().find(|&&b| b <= self.position) {
             Some(&b) => b,
@@ -138,7 +147,7 @@ impl QueueReader {
         let mut file =
             BufReader::with_capacity(256 * 1024, File::open(segment_path(&self.dir, base))?);
         file.seek(SeekFrom::Start(self.position - base))?;
-        Ok(file)
+        Ok((base, file))
     }
 }
 
