@@ -53,6 +53,21 @@ impl<'a> RawObject<'a> {
     }
 }
 
+impl<'de> RawObject<'de> {
+    /// Reads the fields of an object a deserializer is visiting.
+    pub fn from_map<M: MapAccess<'de>>(mut map: M) -> Result<RawObject<'de>, M::Error> {
+        let mut fields: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::new();
+        while let Some(Key(key)) = map.next_key()? {
+            let value: &'de RawValue = map.next_value()?;
+            match fields.iter_mut().find(|(k, _)| *k == key) {
+                Some(field) => field.1 = value,
+                None => fields.push((key, value)),
+            }
+        }
+        Ok(RawObject { fields })
+    }
+}
+
 impl<'de: 'a, 'a> Deserialize<'de> for RawObject<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct ObjectVisitor;
@@ -61,16 +76,8 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawObject<'a> {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
-                let mut fields: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::new();
-                while let Some(Key(key)) = map.next_key()? {
-                    let value: &'de RawValue = map.next_value()?;
-                    match fields.iter_mut().find(|(k, _)| *k == key) {
-                        Some(field) => field.1 = value,
-                        None => fields.push((key, value)),
-                    }
-                }
-                Ok(RawObject { fields })
+            fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<Self::Value, M::Error> {
+                RawObject::from_map(map)
             }
         }
         deserializer.deserialize_map(ObjectVisitor)

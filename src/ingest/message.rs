@@ -82,7 +82,27 @@ pub fn parse_item<'a>(
     raw: &'a RawValue,
     limits: &LimitsConfig,
 ) -> Result<RawObject<'a>, Rejection> {
-    let text = raw.get();
+    check_item(raw.get(), limits)?;
+    RawObject::parse(raw).ok_or_else(not_an_object)
+}
+
+fn not_an_object() -> Rejection {
+    Rejection::new("invalid_message", "message must be a JSON object")
+}
+
+/// Checks the size and nesting of one message and that it is an object (`fields`: its
+/// top-level fields, read already).
+pub fn check_object<'a, 'f>(
+    text: &str,
+    fields: Option<&'f RawObject<'a>>,
+    limits: &LimitsConfig,
+) -> Result<&'f RawObject<'a>, Rejection> {
+    check_item(text, limits)?;
+    fields.ok_or_else(not_an_object)
+}
+
+/// Checks the size and nesting of one message's text.
+fn check_item(text: &str, limits: &LimitsConfig) -> Result<(), Rejection> {
     if text.len() > limits.max_message_bytes {
         return Err(Rejection::new(
             "message_too_large",
@@ -102,8 +122,7 @@ pub fn parse_item<'a>(
             ),
         ));
     }
-    RawObject::parse(raw)
-        .ok_or_else(|| Rejection::new("invalid_message", "message must be a JSON object"))
+    Ok(())
 }
 
 /// Validates `message` as a `kind` call and appends its enriched JSON to `out`.

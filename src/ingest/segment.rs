@@ -19,17 +19,24 @@ use crate::queue::RecordBatch;
 
 /// A parsed request: its messages (unvalidated) and what they share.
 pub struct SegmentRequest<'a> {
-    items: Vec<&'a RawValue>,
+    items: Vec<Item<'a>>,
     /// The path's type for single calls; batch items carry their own.
     implied: Option<MessageType>,
     envelope: Envelope<'a>,
     write_key: Option<Cow<'a, str>>,
 }
 
+/// One message of a request: its text (for the size and depth limits) and, when it is
+/// an object, its top-level fields.
+struct Item<'a> {
+    text: Cow<'a, str>,
+    fields: Option<RawObject<'a>>,
+}
+
 #[derive(Deserialize)]
 struct BatchBody<'a> {
     #[serde(borrow)]
-    batch: Vec<&'a RawValue>,
+    batch: Vec<BatchItem<'a>>,
     #[serde(borrow)]
     context: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -46,9 +53,15 @@ pub fn parse_batch<'a>(
     limits: &LimitsConfig,
     received_at: DateTime<Utc>,
 ) -> Result<SegmentRequest<'a>, Rejection> {
+    let text = std::str::from_utf8(body)
+        .map_err(|e| Rejection::new("invalid_json", format!("body is not valid UTF-8: {e}")))?;
     let body: BatchBody<'a> =
-        serde_json::from_slice(body).map_err(|e| batch_shape_error(body, e))?;
-    let items = body.batch;
+        serde_json::from_str(text).map_err(|e| batch_shape_error(text.as_bytes(), e))?;
+    let items: Vec<Item<'a>> = body
+        .batch
+        .into_iter()
+        .map(|item| item.locate(text))
+        .collect();
     if items.len() > limits.max_batch_messages {
         return Err(Rejection::field(
             "batch_too_large",
@@ -89,13 +102,19 @@ pub fn parse_single<'a>(
             "body must be a JSON object",
         ));
     }
+    let fields = RawObject::parse(raw);
     // Only the key is needed here; full validation happens in `encode`.
-    let write_key = RawObject::parse(raw).and_then(|o| match o.get("writeKey").map(scalar) {
-        Some(Scalar::Str(k)) if !k.is_empty() => Some(k),
-        _ => None,
-    });
+    let write_key = fields
+        .as_ref()
+        .and_then(|o| match o.get("writeKey").map(scalar) {
+            Some(Scalar::Str(k)) if !k.is_empty() => Some(k),
+            _ => None,
+        });
     Ok(SegmentRequest {
-        items: vec![raw],
+        items: vec![Item {
+            text: Cow::Borrowed(raw.get()),
+            fields,
+        }],
         implied: Some(kind),
         envelope: Envelope::new(received_at),
         write_key,
@@ -119,20 +138,21 @@ impl<'a> SegmentRequest<'a> {
     /// Validates every message and frames them for the queue; the first invalid one
     /// refuses the request.
     pub fn encode(&self, source: &str, limits: &LimitsConfig) -> Result<RecordBatch, Rejection> {
-        let size: usize = self.items.iter().map(|i| i.get().len() + 160).sum();
+        let size: usize = self.items.iter().map(|i| i.text.len() + 160).sum();
         let mut records = RecordBatch::with_capacity(size);
         let batch = self.implied.is_none();
-        for (index, raw) in self.items.iter().enumerate() {
+        for (index, item) in self.items.iter().enumerate() {
             let locate = |r: Rejection| if batch { r.at(index) } else { r };
-            let message = message::parse_item(raw, limits).map_err(locate)?;
+            let message =
+                message::check_object(&item.text, item.fields.as_ref(), limits).map_err(locate)?;
             let kind = match self.implied {
                 Some(kind) => kind,
-                None => item_type(&message).map_err(locate)?,
+                None => item_type(message).map_err(locate)?,
             };
             records
                 .push_with(source, kind, |out| {
                     let start = out.len();
-                    let tag = message::normalize(&message, kind, &self.envelope, out)?
+                    let tag = message::normalize(message, kind, &self.envelope, out)?
                         .tag(source, self.envelope.received_at);
                     enriched_within_limit(out.len() - start, limits)?;
                     Ok(tag)
@@ -216,6 +236,129 @@ fn batch_object<'a>(
     }
 }
 
+/// A batch item as read in the batch's one pass: an object's fields, or a note that it
+/// is something else (refused later, with its index). Reading each item first as a
+/// `RawValue` and then again for its fields scanned every byte twice.
+enum BatchItem<'a> {
+    Object(RawObject<'a>),
+    Other,
+}
+
+impl<'a> BatchItem<'a> {
+    /// Adds the item's text, found in `body` around its fields (which borrow from it).
+    fn locate(self, body: &'a str) -> Item<'a> {
+        match self {
+            BatchItem::Object(fields) => Item {
+                text: match object_text(body, &fields) {
+                    Some(text) => Cow::Borrowed(text),
+                    None => Cow::Owned(rebuilt_text(&fields)),
+                },
+                fields: Some(fields),
+            },
+            BatchItem::Other => Item {
+                text: Cow::Borrowed(""),
+                fields: None,
+            },
+        }
+    }
+}
+
+/// The text of the object whose fields are `fields`, in `body`: from the `{` before its
+/// first key to the `}` after its last value. Keys and values borrow from `body`, so their
+/// addresses say where they are. `None` when that cannot be told: an empty object, or a
+/// first key with escapes (decoded into a copy) whose value a repeated key replaced.
+fn object_text<'a>(body: &'a str, fields: &RawObject<'a>) -> Option<&'a str> {
+    let bytes = body.as_bytes();
+    let base = body.as_ptr() as usize;
+    let within = |p: usize| (base..base + bytes.len()).contains(&p);
+    let offset = |value: &RawValue| value.get().as_ptr() as usize - base;
+    let skip_back = |mut i: usize| {
+        while i > 0 && bytes[i - 1].is_ascii_whitespace() {
+            i -= 1;
+        }
+        i
+    };
+    let (first_key, first_value) = fields.iter().next()?;
+    let last = fields.iter().map(|(_, v)| v).max_by_key(|v| offset(v))?;
+    let opening_quote = if within(first_key.as_ptr() as usize) {
+        first_key.as_ptr() as usize - base - 1
+    } else if fields.iter().all(|(_, v)| offset(v) >= offset(first_value)) {
+        // Back from the first value over `:` and the key's closing quote to the first
+        // `"` that is not escaped.
+        let mut i = skip_back(skip_back(offset(first_value)) - 1) - 1;
+        loop {
+            i = i.checked_sub(1)?;
+            let escapes = bytes[..i].iter().rev().take_while(|&&b| b == b'\\').count();
+            if bytes[i] == b'"' && escapes % 2 == 0 {
+                break i;
+            }
+        }
+    } else {
+        return None;
+    };
+    let start = skip_back(opening_quote).checked_sub(1)?;
+    let mut end = offset(last) + last.get().len();
+    while bytes.get(end)?.is_ascii_whitespace() {
+        end += 1;
+    }
+    (bytes[start] == b'{' && bytes[end] == b'}').then(|| &body[start..=end])
+}
+
+/// An equivalent text for an object `object_text` cannot place (rare): same fields, so
+/// the size and depth limits see what will be stored.
+fn rebuilt_text(fields: &RawObject<'_>) -> String {
+    let mut text = String::from("{");
+    for (i, (key, value)) in fields.iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(&serde_json::to_string(key).expect("a string serializes"));
+        text.push(':');
+        text.push_str(value.get());
+    }
+    text.push('}');
+    text
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for BatchItem<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct ItemVisitor;
+        impl<'de> Visitor<'de> for ItemVisitor {
+            type Value = BatchItem<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a message")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<Self::Value, M::Error> {
+                RawObject::from_map(map).map(BatchItem::Object)
+            }
+            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(BatchItem::Other)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(BatchItem::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(BatchItem::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(BatchItem::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(BatchItem::Other)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(BatchItem::Other)
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(BatchItem::Other)
+            }
+        }
+        deserializer.deserialize_any(ItemVisitor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,6 +437,29 @@ mod tests {
         .encode("s", &limits)
         .unwrap_err();
         assert_eq!(e.field.as_deref(), Some("type"));
+    }
+
+    #[test]
+    fn each_batch_item_keeps_its_own_text() {
+        let items = [
+            r#"{"type":"track","event":"E"}"#,
+            "{ \n \"type\" : \"track\" , \"p\" : { \"}\" : \"{\\\"\" } \n }",
+            r#"{"\u0074ype":"track","x":1}"#,
+            r#"{"a":1,"b":"}","a":2}"#,
+            r#"{"\u0061":1,"b":2,"\u0061":3}"#,
+            "{}",
+        ];
+        let body = format!("{{\"batch\":[ {} ]}}", items.join(" ,\n"));
+        let parsed: BatchBody<'_> = serde_json::from_str(&body).unwrap();
+        let texts: Vec<String> = parsed
+            .batch
+            .into_iter()
+            .map(|item| item.locate(&body).text.into_owned())
+            .collect();
+        assert_eq!(texts[..4], items[..4]);
+        // Escaped first key, replaced by a repeat: an equivalent text, same size class.
+        assert_eq!(texts[4], r#"{"a":3,"b":2}"#);
+        assert_eq!(texts[5], "{}");
     }
 
     #[test]
