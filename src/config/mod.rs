@@ -42,7 +42,7 @@ pub struct Config {
 }
 
 /// Operator endpoints (`/admin/...`).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Environment variable holding the bearer token the admin endpoints require;
@@ -54,7 +54,7 @@ pub struct AdminConfig {
 }
 
 /// Listening address, storage and request admission.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address the HTTP server binds to.
@@ -88,7 +88,7 @@ pub struct ServerConfig {
 }
 
 /// Request limits; the defaults are Segment's.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Largest single message, in bytes of JSON as received.
@@ -107,7 +107,7 @@ pub struct LimitsConfig {
 }
 
 /// Cross-origin access for browser traffic.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CorsConfig {
     /// Allowed origins; `["*"]` (the default) allows any, echoing the request's origin.
@@ -150,7 +150,7 @@ impl Default for SourceDedupeConfig {
 }
 
 /// Dropping repeated messageIds (client retries) within a window.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DedupeConfig {
     /// How long an accepted messageId is remembered, e.g. "24h".

@@ -119,18 +119,13 @@ impl ApiError {
 
     /// What the request log says about this error (see `ErrorLog`).
     fn log_entry(&self) -> ErrorLog {
-        let Rejection {
-            code,
-            message,
-            field,
-            index,
-        } = self.rejection();
+        let rejection = self.rejection();
         let server_side = matches!(self, ApiError::Internal(_) | ApiError::Unavailable { .. });
         ErrorLog {
-            code,
-            field,
-            index,
-            reason: server_side.then_some(message),
+            code: rejection.code,
+            field: rejection.field,
+            index: rejection.index,
+            reason: server_side.then_some(rejection.message),
         }
     }
 

@@ -51,6 +51,11 @@ impl<'a> RawObject<'a> {
     pub fn is_empty(&self) -> bool {
         self.fields.is_empty()
     }
+
+    /// The fields, in order, for building another view of the object.
+    pub fn into_fields(self) -> Vec<(Cow<'a, str>, &'a RawValue)> {
+        self.fields
+    }
 }
 
 impl<'de> RawObject<'de> {

@@ -2,14 +2,11 @@
 //! touch: the rest is copied byte for byte and in its order, not re-serialized.
 
 use std::borrow::Cow;
-use std::fmt;
 
-use serde::de::{Deserializer, MapAccess, Visitor};
-use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::config::DestinationConfig;
-use crate::ingest::json::write_key;
+use crate::ingest::json::{write_key, RawObject};
 
 /// A destination's field edits: drops first, then renames.
 pub(super) struct Transform {
@@ -63,10 +60,14 @@ pub(super) struct Fields<'a>(Vec<(Cow<'a, str>, Node<'a>)>);
 impl<'a> Fields<'a> {
     /// `None` unless `json` is an object.
     pub(super) fn parse(json: &'a str) -> Option<Fields<'a>> {
-        if !json.trim_start().starts_with('{') {
-            return None;
-        }
-        serde_json::from_str(json).ok()
+        let object: RawObject<'a> = serde_json::from_str(json).ok()?;
+        Some(Fields(
+            object
+                .into_fields()
+                .into_iter()
+                .map(|(key, value)| (key, Node::Raw(value)))
+                .collect(),
+        ))
     }
 
     fn position(&self, key: &str) -> Option<usize> {
@@ -172,34 +173,6 @@ impl<'a> Fields<'a> {
             }
         }
         out.push(b'}');
-    }
-}
-
-/// An object key, borrowed from the input unless it contained escapes.
-#[derive(Deserialize)]
-struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for Fields<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct FieldsVisitor;
-        impl<'de> Visitor<'de> for FieldsVisitor {
-            type Value = Fields<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
-                let mut fields: Vec<(Cow<'de, str>, Node<'de>)> = Vec::new();
-                while let Some(Key(key)) = map.next_key()? {
-                    let value = Node::Raw(map.next_value()?);
-                    match fields.iter_mut().find(|(k, _)| *k == key) {
-                        Some(field) => field.1 = value,
-                        None => fields.push((key, value)),
-                    }
-                }
-                Ok(Fields(fields))
-            }
-        }
-        deserializer.deserialize_map(FieldsVisitor)
     }
 }
 

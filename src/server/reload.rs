@@ -129,27 +129,17 @@ impl Reloader {
 }
 
 /// The sections a reload cannot apply to a running process, by name, when they differ.
-/// Compared through their `Debug` form, which shows every field.
 fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
-    let differ =
-        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
-    let mut sections = Vec::new();
-    if differ(&old.server, &new.server) {
-        sections.push("server");
-    }
-    if differ(&old.limits, &new.limits) {
-        sections.push("limits");
-    }
-    if differ(&old.cors, &new.cors) {
-        sections.push("cors");
-    }
-    if differ(&old.dedupe, &new.dedupe) {
-        sections.push("dedupe");
-    }
-    if differ(&old.admin, &new.admin) {
-        sections.push("admin");
-    }
-    sections
+    [
+        ("server", old.server != new.server),
+        ("limits", old.limits != new.limits),
+        ("cors", old.cors != new.cors),
+        ("dedupe", old.dedupe != new.dedupe),
+        ("admin", old.admin != new.admin),
+    ]
+    .into_iter()
+    .filter_map(|(section, changed)| changed.then_some(section))
+    .collect()
 }
 
 /// Cursors of destinations that are not configured: purged when asked, else listed.
