@@ -5,6 +5,7 @@
 //! (`Bearer key` or the bare key), and, when no header is sent, `writeKey` in the body
 //! (the browser library). Keys are compared in constant time against every configured key.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use base64::Engine;
@@ -77,11 +78,19 @@ pub struct Sources {
 
 impl Sources {
     /// Collects keys from the config and from each source's `write_keys_env` variable.
+    /// Refuses a key that two sources share (the file's keys are checked with their
+    /// lines by `Config::parse`; this also sees the environment's) and a set of sources
+    /// without any key, which would refuse every request.
     pub fn from_config(sources: &[SourceConfig]) -> anyhow::Result<Sources> {
-        let mut keys = Vec::new();
+        let mut keys: Vec<(Box<[u8]>, Arc<str>)> = Vec::new();
+        let mut owners: HashMap<String, (Arc<str>, &'static str)> = HashMap::new();
         for source in sources {
             let name: Arc<str> = Arc::from(source.name.as_str());
-            let mut source_keys: Vec<String> = source.write_keys.clone();
+            let mut source_keys: Vec<(String, &'static str)> = source
+                .write_keys
+                .iter()
+                .map(|k| (k.clone(), "write_keys"))
+                .collect();
             if let Some(var) = &source.write_keys_env {
                 let value = std::env::var(var).map_err(|_| {
                     anyhow::anyhow!(
@@ -94,15 +103,33 @@ impl Sources {
                         .split(',')
                         .map(str::trim)
                         .filter(|k| !k.is_empty())
-                        .map(String::from),
+                        .map(|k| (k.to_string(), "write_keys_env")),
                 );
             }
             if source_keys.is_empty() {
                 tracing::warn!(source = %source.name, "source has no write keys: nothing can send to it");
             }
-            for key in source_keys {
+            for (key, origin) in source_keys {
+                // The key itself is never named: errors reach logs and terminals.
+                if let Some((owner, first)) = owners.get(&key) {
+                    if **owner != *source.name {
+                        anyhow::bail!(
+                            "source `{}`: a write key from its {origin} is also a key of source \
+                             `{owner}` (from its {first}); each key must name one source",
+                            source.name
+                        );
+                    }
+                    continue;
+                }
+                owners.insert(key.clone(), (name.clone(), origin));
                 keys.push((key.into_bytes().into_boxed_slice(), name.clone()));
             }
+        }
+        if keys.is_empty() {
+            anyhow::bail!(
+                "no source has a write key (write_keys or write_keys_env): every request \
+                 would be refused with 401"
+            );
         }
         Ok(Sources { keys })
     }
@@ -196,5 +223,47 @@ mod tests {
         assert_eq!(sources.authenticate("k1").as_deref(), Some("web"));
         assert_eq!(sources.authenticate("k"), None);
         assert_eq!(sources.authenticate(""), None);
+    }
+
+    fn source(name: &str, keys: &[&str], env: Option<&str>) -> SourceConfig {
+        SourceConfig {
+            name: name.into(),
+            write_keys: keys.iter().map(|k| k.to_string()).collect(),
+            write_keys_env: env.map(String::from),
+            dedupe: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_key_shared_through_the_environment_is_refused_unnamed() {
+        std::env::set_var("FANOUT_TEST_AUTH_DUP", "k9, secret-shared");
+        let e = Sources::from_config(&[
+            source("web", &["secret-shared"], None),
+            source("app", &[], Some("FANOUT_TEST_AUTH_DUP")),
+        ])
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            e.contains("source `app`") && e.contains("source `web`"),
+            "{e}"
+        );
+        assert!(e.contains("write_keys_env"), "{e}");
+        assert!(!e.contains("secret-shared"), "the key is not shown: {e}");
+        // The same key twice in one source is harmless.
+        std::env::set_var("FANOUT_TEST_AUTH_SAME", "k1,k1");
+        let s =
+            Sources::from_config(&[source("web", &["k1"], Some("FANOUT_TEST_AUTH_SAME"))]).unwrap();
+        assert_eq!(s.authenticate("k1").as_deref(), Some("web"));
+    }
+
+    #[test]
+    fn sources_without_any_key_are_refused() {
+        std::env::set_var("FANOUT_TEST_AUTH_EMPTY", " , ");
+        let e = Sources::from_config(&[source("web", &[], Some("FANOUT_TEST_AUTH_EMPTY"))])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("401"), "{e}");
+        assert!(Sources::from_config(&[]).is_err());
     }
 }

@@ -95,8 +95,6 @@ fn errors_name_the_key_and_line() {
             "want {key} at {line}: {stderr}"
         );
     }
-    let (ok, _, stderr) = check("");
-    assert!(ok, "an empty file is a valid (if useless) config: {stderr}");
 }
 
 #[test]
@@ -126,4 +124,17 @@ fn missing_file_is_an_error() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}
+
+#[test]
+fn a_config_without_sources_is_refused() {
+    for config in [
+        "",
+        "[server]\nlisten = \"127.0.0.1:1\"\n\n[[destinations]]\nname = \"f\"\nkind = \"file\"\npath = \"/tmp/x\"\n",
+    ] {
+        let (ok, stdout, stderr) = check(config);
+        assert!(!ok, "accepted: {stdout}");
+        assert!(stderr.contains("`sources`"), "{stderr}");
+        assert!(stderr.contains("401"), "{stderr}");
+    }
 }

@@ -357,3 +357,37 @@ async fn admin_endpoints_move_to_their_own_listener() {
         200
     );
 }
+
+#[tokio::test]
+async fn an_emptied_config_is_refused_and_a_cut_one_warns() {
+    let f = Fanout::start_with(settings().env("FANOUT_TEST_SHARED_KEYS", "wk_other,wk_test"));
+    let good = std::fs::read_to_string(f.config_path()).unwrap();
+
+    // `: > config.toml; kill -HUP`: refused, every key keeps working.
+    std::fs::write(f.config_path(), "").unwrap();
+    sighup(&f);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(status_as(&f, common::WRITE_KEY, "after-empty").await, 200);
+    assert_refused(&f, "", "sources").await;
+    // Cut before its first [[sources]]: refused as well.
+    let head = &good[..good.find("[[sources]]").unwrap()];
+    assert_refused(&f, head, "no [[sources]]").await;
+    // A key that the environment gives to a second source as well: refused, unnamed.
+    let shared = "\n[[sources]]\nname = \"other\"\nwrite_keys_env = \"FANOUT_TEST_SHARED_KEYS\"\n";
+    assert_refused(&f, &format!("{good}{NEW_SOURCE}{shared}"), "source `test`").await;
+    assert!(f.stderr().iter().all(|l| !l.contains("wk_test\"")));
+
+    // Cut before its [[destinations]]: a legal config, taken, with a warning.
+    let no_destinations = &good[..good.find("[[destinations]]").unwrap()];
+    let admin = "\n[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n";
+    std::fs::write(f.config_path(), format!("{no_destinations}{admin}")).unwrap();
+    let (status, body) = post_reload(&f, "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["changes"]["removed"], json!(["out"]), "{body}");
+    assert!(
+        f.stderr()
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("removes every destination")),
+        "no warning in the log"
+    );
+}

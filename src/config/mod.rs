@@ -469,6 +469,16 @@ impl Config {
                 "must differ from server.listen (leave it out to share that address)".into(),
             ));
         }
+        // An empty file (or one cut before its sources) would answer 401 to every client,
+        // and Segment's libraries drop events on a 401.
+        if self.sources.is_empty() {
+            return Err(err(
+                "sources".into(),
+                "no [[sources]]: at least one source with write keys is needed, or every \
+                 request is refused (401)"
+                    .into(),
+            ));
+        }
         let mut source_names = HashSet::new();
         let mut keys = HashSet::new();
         for (i, source) in self.sources.iter().enumerate() {

@@ -92,6 +92,7 @@ impl Reloader {
                 AnyDestination::validate(destination).map_err(|e| format!("{text}: {e:#}"))?;
             }
         }
+        warn_of_removed(&self.current, &config);
         let restart_needed = restart_needed(&self.current, &config);
         for section in &restart_needed {
             tracing::warn!(
@@ -125,6 +126,32 @@ impl Reloader {
             unpurged,
             purged,
         })
+    }
+}
+
+/// A reload that drops destinations is legal (their cursors keep the data) but may be a
+/// file cut short by an editor or a deploy: say so where an operator looks.
+fn warn_of_removed(old: &Config, new: &Config) {
+    let removed: Vec<&str> = old
+        .destinations
+        .iter()
+        .filter(|d| !new.destinations.iter().any(|n| n.name == d.name))
+        .map(|d| d.name.as_str())
+        .collect();
+    if removed.is_empty() {
+        return;
+    }
+    if new.destinations.is_empty() {
+        tracing::warn!(
+            removed = ?removed,
+            "config reload removes every destination: accepted messages are stored but go \
+             nowhere (their cursors keep the data until purged)"
+        );
+    } else {
+        tracing::warn!(
+            removed = ?removed,
+            "config reload removes destinations; their cursors keep the data until purged"
+        );
     }
 }
 
