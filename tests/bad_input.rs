@@ -257,3 +257,89 @@ async fn a_stalled_body_times_out_and_frees_its_slot() {
     // The only slot is free again.
     still_serving(&f).await;
 }
+
+#[tokio::test]
+async fn numbers_no_consumer_can_hold_are_refused_by_field() {
+    let f = Fanout::start();
+    let huge = format!("1{}", "0".repeat(400));
+    let track = |properties: &str| {
+        format!(r#"{{"userId":"u","event":"E","properties":{properties}}}"#).into_bytes()
+    };
+    let cases = [
+        ("/v1/track", track(r#"{"price":1e999}"#), "properties.price", None),
+        (
+            "/v1/track",
+            track(&format!(r#"{{"items":[{{"qty":-{huge}}}]}}"#)),
+            "properties.items[0].qty",
+            None,
+        ),
+        (
+            "/v1/batch",
+            format!(
+                r#"{{"batch":[{{"type":"identify","userId":"u"}},{{"type":"identify","userId":"u","traits":{{"n":{huge}}}}}]}}"#
+            )
+            .into_bytes(),
+            "traits.n",
+            Some(1),
+        ),
+        (
+            "/v1/batch",
+            br#"{"batch":[{"type":"identify","userId":"u"}],"context":{"screen":{"density":2E+400}}}"#
+                .to_vec(),
+            "context.screen.density",
+            None,
+        ),
+    ];
+    for (path, body, field, index) in cases {
+        let (status, err) = post(&f, path, body).await;
+        assert_eq!(status, 400, "{path}: {err}");
+        assert_eq!(err["error"]["code"], "number_out_of_range", "{err}");
+        assert_eq!(err["error"]["field"], field, "{err}");
+        assert_eq!(err["error"]["index"].as_u64(), index, "{err}");
+    }
+    // Large but finite, tiny, and the same text inside a string: all accepted as sent.
+    let fine = track(r#"{"a":1e308,"b":1e-400,"c":123456789012345678901234567890,"d":"1e999"}"#);
+    let (status, err) = post(&f, "/v1/track", fine).await;
+    assert_eq!(status, 200, "{err}");
+    let delivered = f.wait_delivered(1).await;
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0]["properties"]["d"], "1e999");
+}
+
+#[tokio::test]
+async fn a_byte_order_mark_before_the_json_is_accepted() {
+    let f = Fanout::start();
+    let bom = |json: &str| [&b"\xEF\xBB\xBF"[..], json.as_bytes()].concat();
+    let (status, err) = post(&f, "/v1/track", bom(r#"{"userId":"u","event":"bom-1"}"#)).await;
+    assert_eq!(status, 200, "{err}");
+    let batch = r#"{"batch":[{"type":"track","userId":"u","event":"bom-2"}]}"#;
+    let (status, err) = post(&f, "/v1/batch", bom(batch)).await;
+    assert_eq!(status, 200, "{err}");
+    let r = f
+        .post_encoded("/v1/batch", "gzip", gzip(&bom(batch)))
+        .send()
+        .await
+        .unwrap();
+    assert_success(r).await;
+    assert_eq!(f.wait_delivered(3).await.len(), 3);
+}
+
+#[tokio::test]
+async fn a_broken_clock_cannot_write_a_year_no_consumer_reads() {
+    let f = Fanout::start();
+    let body = json!({"userId": "u", "event": "E", "timestamp": "0000-01-01T00:00:00Z",
+                      "sentAt": "9999-12-31T23:59:59Z"});
+    let (status, err) = post(&f, "/v1/track", serde_json::to_vec(&body).unwrap()).await;
+    assert_eq!(status, 200, "{err}");
+    let delivered = f.wait_delivered(1).await;
+    assert_eq!(delivered[0]["timestamp"], "1970-01-01T00:00:00.000Z");
+    assert_eq!(delivered[0]["originalTimestamp"], "0000-01-01T00:00:00Z");
+    // A date past year 9999 cannot be written in RFC 3339: refused, by field.
+    let body = json!({"userId": "u", "event": "E", "sentAt": "+10000-01-01T00:00:00"});
+    let (status, err) = post(&f, "/v1/track", serde_json::to_vec(&body).unwrap()).await;
+    assert_eq!(
+        (status, err["error"]["field"].as_str()),
+        (400, Some("sentAt")),
+        "{err}"
+    );
+}

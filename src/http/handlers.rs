@@ -288,10 +288,18 @@ fn refused(
     error
 }
 
-/// Collects the (decoded) body, refusing more than `limit` bytes.
+/// Collects the (decoded) body, refusing more than `limit` bytes. A UTF-8 byte-order
+/// mark in front of the JSON (some HTTP stacks add one) is dropped.
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    const BOM: &[u8] = b"\xEF\xBB\xBF";
     match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
+        Ok(collected) => {
+            let bytes = collected.to_bytes();
+            Ok(match bytes.starts_with(BOM) {
+                true => bytes.slice(BOM.len()..),
+                false => bytes,
+            })
+        }
         Err(e) if caused_by::<LengthLimitError>(e.as_ref()) => Err(ApiError::TooLarge { limit }),
         Err(e) if caused_by::<TimeoutError>(e.as_ref()) => Err(ApiError::BodyTimeout),
         Err(e) => Err(ApiError::Invalid(Rejection::new(

@@ -145,46 +145,138 @@ pub fn is_object_or_null(raw: &RawValue) -> bool {
     t.starts_with('{') || t == "null"
 }
 
-/// True when `json` nests objects and arrays more than `limit` deep.
-/// Runs on input already known to be valid JSON.
-pub fn nests_deeper_than(json: &str, limit: usize) -> bool {
+/// What `check_structure` found in a message's text.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StructureError {
+    /// Objects and arrays nest deeper than the limit.
+    TooDeep,
+    /// The number starting at this byte offset is beyond what a 64-bit float holds
+    /// (`1e999`, a 400-digit integer): valid JSON syntax that no consumer can read.
+    NumberOutOfRange(usize),
+}
+
+/// One pass over valid JSON outside its strings: nesting no deeper than `depth_limit`,
+/// and every number one a 64-bit float can hold. Strings are skipped with `memchr`, so
+/// the cost follows the message's structure, not its text.
+pub fn check_structure(json: &str, depth_limit: usize) -> Result<(), StructureError> {
     let bytes = json.as_bytes();
-    // Fewer opening brackets than the limit (strings included) cannot nest deeper:
-    // a vectorized count settles nearly every real message without the exact scan.
-    if memchr::memchr2_iter(b'{', b'[', bytes).count() <= limit {
-        return false;
-    }
     let mut depth = 0usize;
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'"' => {
-                // Jump to the closing quote, stepping over escapes.
-                i += 1;
-                loop {
-                    let Some(offset) = memchr::memchr2(b'"', b'\\', &bytes[i..]) else {
-                        return false;
-                    };
-                    i += offset;
-                    if bytes[i] == b'\\' {
-                        i += 2;
-                    } else {
-                        break;
-                    }
-                }
-            }
+            b'"' => match string_end(bytes, i + 1) {
+                Some(end) => i = end,
+                None => return Ok(()),
+            },
             b'{' | b'[' => {
                 depth += 1;
-                if depth > limit {
-                    return true;
+                if depth > depth_limit {
+                    return Err(StructureError::TooDeep);
                 }
             }
             b'}' | b']' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                let mut exponent = false;
+                while let Some(&b) = bytes.get(i) {
+                    match b {
+                        b'e' | b'E' => exponent = true,
+                        b'0'..=b'9' | b'.' | b'+' | b'-' => {}
+                        _ => break,
+                    }
+                    i += 1;
+                }
+                // Only an exponent or over 308 digits can leave f64's range.
+                if (exponent || i - start > 308) && !fits_f64(&json[start..i]) {
+                    return Err(StructureError::NumberOutOfRange(start));
+                }
+                continue;
+            }
             _ => {}
         }
         i += 1;
     }
-    false
+    Ok(())
+}
+
+/// The index of the quote closing the string whose text starts at `from`.
+fn string_end(bytes: &[u8], mut from: usize) -> Option<usize> {
+    loop {
+        // Eight bytes at a time (SWAR): most strings in events are short, where this
+        // beats a call to memchr.
+        while let Some(chunk) = bytes.get(from..from + 8) {
+            let word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+            let found = has_byte(word, b'"') | has_byte(word, b'\\');
+            if found != 0 {
+                from += (found.trailing_zeros() / 8) as usize;
+                break;
+            }
+            from += 8;
+        }
+        while *bytes.get(from)? != b'"' && bytes[from] != b'\\' {
+            from += 1;
+        }
+        if bytes[from] == b'"' {
+            return Some(from);
+        }
+        from += 2;
+    }
+}
+
+/// The high bit of each byte of `word` that equals `byte`, and possibly of bytes above
+/// the first match (a borrow); only the lowest set bit is exact, which is the one used.
+fn has_byte(word: u64, byte: u8) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let x = word ^ (ONES * u64::from(byte));
+    x.wrapping_sub(ONES) & !x & (ONES << 7)
+}
+
+/// Whether serde_json reads `number` (one JSON number) as a finite value: the judge is
+/// the parser every later stage (routing, translation, `fanout route`) uses.
+fn fits_f64(number: &str) -> bool {
+    serde_json::from_str::<f64>(number).is_ok_and(f64::is_finite)
+}
+
+/// The key path of the value at byte `offset` of `json` (valid JSON), e.g.
+/// `properties.items[2].price`: for naming the field in an error. Empty when the offset
+/// is the whole document or cannot be placed.
+pub fn path_to(json: &str, offset: usize) -> String {
+    let mut path = String::new();
+    let Ok(mut value) = serde_json::from_str::<&RawValue>(json) else {
+        return path;
+    };
+    let base = json.as_ptr() as usize;
+    let holds = |v: &RawValue| {
+        let start = v.get().as_ptr() as usize - base;
+        (start..start + v.get().len()).contains(&offset)
+    };
+    loop {
+        let text = value.get();
+        let inner = if text.starts_with('{') {
+            RawObject::parse(value).and_then(|object| {
+                let (key, inner) = object.iter().find(|(_, v)| holds(v))?;
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(key);
+                Some(inner)
+            })
+        } else if text.starts_with('[') {
+            serde_json::from_str::<Vec<&RawValue>>(text)
+                .ok()
+                .and_then(|items| {
+                    let (index, inner) = items.into_iter().enumerate().find(|(_, v)| holds(v))?;
+                    path.push_str(&format!("[{index}]"));
+                    Some(inner)
+                })
+        } else {
+            None
+        };
+        match inner {
+            Some(inner) => value = inner,
+            None => return path,
+        }
+    }
 }
 
 /// Appends `"key":` with the key escaped as JSON requires.
@@ -248,6 +340,10 @@ mod tests {
         assert_eq!(scalar(raw("12")), Scalar::Other);
     }
 
+    fn nests_deeper_than(json: &str, limit: usize) -> bool {
+        check_structure(json, limit) == Err(StructureError::TooDeep)
+    }
+
     #[test]
     fn measures_depth_outside_strings() {
         assert!(!nests_deeper_than(r#"{"a":[{"b":"[[[[["}]}"#, 3));
@@ -255,6 +351,30 @@ mod tests {
         assert!(!nests_deeper_than(r#"{"a":"\"{{{{"}"#, 1));
         assert!(!nests_deeper_than(r#"{"a":"\\","b":"[[[["}"#, 1));
         assert!(nests_deeper_than(r#"{"a":"\\","b":[[]]}"#, 2));
+    }
+
+    #[test]
+    fn finds_numbers_no_float_holds_and_names_their_path() {
+        let huge = format!("1{}", "0".repeat(400));
+        for (json, path) in [
+            (r#"{"p":{"price":1e999}}"#.to_string(), "p.price"),
+            (
+                format!(r#"{{"a":"1e999","b":[1,{{"c":-{huge}}}]}}"#),
+                "b[1].c",
+            ),
+            (r#"{"x":-2E+400}"#.to_string(), "x"),
+        ] {
+            let Err(StructureError::NumberOutOfRange(at)) = check_structure(&json, 64) else {
+                panic!("{json}");
+            };
+            assert_eq!(path_to(&json, at), path, "{json}");
+        }
+        for json in [
+            r#"{"a":1e308,"b":-1.5e-400,"c":12345678901234567890123,"d":"9e999","e":true}"#,
+            "[0.1e1, -0, 1E+2]",
+        ] {
+            assert_eq!(check_structure(json, 64), Ok(()), "{json}");
+        }
     }
 
     #[test]

@@ -77,32 +77,45 @@ impl<'a> Envelope<'a> {
     }
 }
 
-/// Checks the size and nesting of one message and reads its top-level fields.
+/// Checks the size, nesting and numbers of one message and reads its top-level fields.
 pub fn parse_item<'a>(
     raw: &'a RawValue,
     limits: &LimitsConfig,
 ) -> Result<RawObject<'a>, Rejection> {
-    check_item(raw.get(), limits)?;
-    RawObject::parse(raw).ok_or_else(not_an_object)
+    check_size(raw.get(), limits)?;
+    match RawObject::parse(raw) {
+        Some(fields) => {
+            check_values(&fields, limits)?;
+            Ok(fields)
+        }
+        // An object the parser gave up on (too deep for it): say why.
+        None if raw.get().starts_with('{') => {
+            json::check_structure(raw.get(), limits.max_json_depth)
+                .map_err(|e| structure_rejection(raw.get(), "", e, limits))?;
+            Err(not_an_object())
+        }
+        None => Err(not_an_object()),
+    }
 }
 
 fn not_an_object() -> Rejection {
     Rejection::new("invalid_message", "message must be a JSON object")
 }
 
-/// Checks the size and nesting of one message and that it is an object (`fields`: its
-/// top-level fields, read already).
+/// Checks the size, nesting and numbers of one message and that it is an object
+/// (`fields`: its top-level fields, read already).
 pub fn check_object<'a, 'f>(
     text: &str,
     fields: Option<&'f RawObject<'a>>,
     limits: &LimitsConfig,
 ) -> Result<&'f RawObject<'a>, Rejection> {
-    check_item(text, limits)?;
-    fields.ok_or_else(not_an_object)
+    check_size(text, limits)?;
+    let fields = fields.ok_or_else(not_an_object)?;
+    check_values(fields, limits)?;
+    Ok(fields)
 }
 
-/// Checks the size and nesting of one message's text.
-fn check_item(text: &str, limits: &LimitsConfig) -> Result<(), Rejection> {
+fn check_size(text: &str, limits: &LimitsConfig) -> Result<(), Rejection> {
     if text.len() > limits.max_message_bytes {
         return Err(Rejection::new(
             "message_too_large",
@@ -113,16 +126,60 @@ fn check_item(text: &str, limits: &LimitsConfig) -> Result<(), Rejection> {
             ),
         ));
     }
-    if json::nests_deeper_than(text, limits.max_json_depth) {
-        return Err(Rejection::new(
+    Ok(())
+}
+
+/// Nesting and numbers, one top-level value at a time (one level below the message):
+/// top-level strings (ids, names, times) can hold neither and are not read again.
+fn check_values(fields: &RawObject<'_>, limits: &LimitsConfig) -> Result<(), Rejection> {
+    let depth = limits.max_json_depth.saturating_sub(1);
+    for (key, value) in fields.iter() {
+        let text = value.get();
+        if !text.starts_with('"') {
+            json::check_structure(text, depth)
+                .map_err(|e| structure_rejection(text, key, e, limits))?;
+        }
+    }
+    Ok(())
+}
+
+/// The rejection for what `check_structure` found in `text`, the value at `at` (a key path
+/// prefixed to the one inside, or "" for a whole message).
+pub fn structure_rejection(
+    text: &str,
+    at: &str,
+    error: json::StructureError,
+    limits: &LimitsConfig,
+) -> Rejection {
+    match error {
+        json::StructureError::TooDeep => Rejection::new(
             "too_deep",
             format!(
                 "message nests deeper than {} levels (limits.max_json_depth)",
                 limits.max_json_depth
             ),
-        ));
+        ),
+        json::StructureError::NumberOutOfRange(offset) => {
+            let inner = json::path_to(text, offset);
+            let field = match (at.is_empty(), inner.is_empty()) {
+                (true, _) => inner,
+                (false, true) => at.to_string(),
+                (false, false) if inner.starts_with('[') => format!("{at}{inner}"),
+                (false, false) => format!("{at}.{inner}"),
+            };
+            let problem = "a number beyond what a 64-bit float holds (about ±1.8e308); no \
+                           JSON consumer can read it: send it as a string";
+            if field.is_empty() {
+                Rejection::new("number_out_of_range", format!("message has {problem}"))
+            } else {
+                Rejection::field(
+                    "number_out_of_range",
+                    &field,
+                    format!("{field} is {problem}"),
+                )
+            }
+        }
     }
-    Ok(())
 }
 
 /// Validates `message` as a `kind` call and appends its enriched JSON to `out`.

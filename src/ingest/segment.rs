@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::json::{is_object_or_null, scalar, RawObject, Scalar};
+use super::json::{check_structure, is_object_or_null, scalar, RawObject, Scalar};
 use super::message::{self, Envelope, MessageType};
 use super::{batch_shape_error, invalid_json, Rejection};
 use crate::config::LimitsConfig;
@@ -75,8 +75,8 @@ pub fn parse_batch<'a>(
     }
     let mut envelope = Envelope::new(received_at);
     envelope.sent_at = message::time_value(body.sent_at, "sentAt")?;
-    envelope.context = batch_object(body.context, "context")?;
-    envelope.integrations = batch_object(body.integrations, "integrations")?;
+    envelope.context = batch_object(body.context, "context", limits)?;
+    envelope.integrations = batch_object(body.integrations, "integrations", limits)?;
     let write_key = match body.write_key.map(scalar) {
         Some(Scalar::Str(k)) if !k.is_empty() => Some(k),
         _ => None,
@@ -221,9 +221,12 @@ fn item_type(message: &RawObject<'_>) -> Result<MessageType, Rejection> {
     }
 }
 
+/// A batch-level `context` or `integrations`: an object, held to the same structure
+/// rules as the messages it is merged into (one level down in each of them).
 fn batch_object<'a>(
     raw: Option<&'a RawValue>,
     key: &str,
+    limits: &LimitsConfig,
 ) -> Result<Option<RawObject<'a>>, Rejection> {
     match raw {
         Some(v) if !is_object_or_null(v) => Err(Rejection::field(
@@ -231,7 +234,11 @@ fn batch_object<'a>(
             key,
             format!("{key} must be an object"),
         )),
-        Some(v) => Ok(RawObject::parse(v)),
+        Some(v) => {
+            check_structure(v.get(), limits.max_json_depth.saturating_sub(1))
+                .map_err(|e| message::structure_rejection(v.get(), key, e, limits))?;
+            Ok(RawObject::parse(v))
+        }
         None => Ok(None),
     }
 }

@@ -3,26 +3,39 @@
 use chrono::{DateTime, Datelike, NaiveDateTime, SecondsFormat, TimeDelta, Timelike, Utc};
 
 /// Parses the date-times real clients send: RFC 3339 with `Z` or an offset and any
-/// fraction length (Go sends nanoseconds); a missing offset is read as UTC.
+/// fraction length (Go sends nanoseconds); a missing offset is read as UTC. Years outside
+/// 0000-9999 are refused: RFC 3339 cannot write them, so no consumer could read them back.
 pub fn parse(s: &str) -> Option<DateTime<Utc>> {
-    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Some(t.with_timezone(&Utc));
-    }
-    ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
-        .iter()
-        .find_map(|f| NaiveDateTime::parse_from_str(s, f).ok())
-        .map(|t| t.and_utc())
+    let t = match DateTime::parse_from_rfc3339(s) {
+        Ok(t) => t.with_timezone(&Utc),
+        Err(_) => ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+            .iter()
+            .find_map(|f| NaiveDateTime::parse_from_str(s, f).ok())?
+            .and_utc(),
+    };
+    (0..=9999).contains(&t.year()).then_some(t)
 }
 
 /// Segment's rule: `timestamp = receivedAt − (sentAt − originalTimestamp)`. The offset
 /// between the client's send time and our receive time is the client's clock skew.
+///
+/// Clamped to [1970-01-01T00:00:00Z, `received_at`]: an event cannot have happened after
+/// it arrived (a `sentAt` before the event's own time is a broken clock, not a delay),
+/// and a correction reaching before the Unix epoch (year 0000 sent in year 9999, say)
+/// is a broken clock too; unclamped it wrote years no consumer reads.
 pub fn corrected(
     received_at: DateTime<Utc>,
     sent_at: DateTime<Utc>,
     original: DateTime<Utc>,
 ) -> DateTime<Utc> {
     let in_queue: TimeDelta = sent_at - original;
-    received_at.checked_sub_signed(in_queue).unwrap_or(original)
+    if in_queue <= TimeDelta::zero() {
+        return received_at;
+    }
+    received_at
+        .checked_sub_signed(in_queue)
+        .map_or(DateTime::UNIX_EPOCH, |t| t.max(DateTime::UNIX_EPOCH))
+        .min(received_at)
 }
 
 /// The one format fanout writes: RFC 3339, UTC, milliseconds.
@@ -99,6 +112,31 @@ mod tests {
                 format!("\"{}\"", format(t))
             );
         }
+    }
+
+    #[test]
+    fn refuses_years_rfc_3339_cannot_write() {
+        assert!(parse("0000-01-01T00:00:00Z").is_some());
+        assert!(parse("9999-12-31T23:59:59.999Z").is_some());
+        assert_eq!(parse("+10000-01-01T00:00:00"), None);
+        assert_eq!(parse("-0001-01-01T00:00:00"), None);
+        // An offset that carries the instant past the range.
+        assert_eq!(parse("9999-12-31T23:00:00-02:00"), None);
+    }
+
+    #[test]
+    fn clamps_the_correction() {
+        let received = parse("2026-01-01T00:00:00Z").unwrap();
+        let year_0 = parse("0000-01-01T00:00:00Z").unwrap();
+        let year_9999 = parse("9999-12-31T00:00:00Z").unwrap();
+        assert_eq!(
+            format(corrected(received, year_9999, year_0)),
+            "1970-01-01T00:00:00.000Z"
+        );
+        // Sent before it happened: it happened when it arrived, not in the future.
+        assert_eq!(corrected(received, year_0, year_9999), received);
+        let t = parse("2025-12-31T23:59:00Z").unwrap();
+        assert_eq!(corrected(received, t, t), received);
     }
 
     #[test]
