@@ -218,13 +218,17 @@ async fn send_with_retries(
             context.hold_until(Instant::now() + context.policy.clamp_retry_after(*asked));
         }
         drop(permit);
-        let (status, retry_after, detail) = match result {
+        let (status, retry_after, detail, answer) = match result {
             Ok(mark) => return Attempt::Delivered(mark),
-            Err(SendError::Rejected { status, detail }) => {
+            Err(SendError::Rejected {
+                status,
+                detail,
+                answer,
+            }) => {
                 return Attempt::Rejected(Failure {
                     reason: Reason::Rejected,
                     status: Some(status),
-                    response: detail,
+                    response: answer.unwrap_or(detail),
                     attempts,
                     first_attempt_at: first_wall,
                 })
@@ -233,7 +237,8 @@ async fn send_with_retries(
                 status,
                 retry_after,
                 detail,
-            }) => (status, retry_after, detail),
+                answer,
+            }) => (status, retry_after, detail, answer),
         };
         let now = Instant::now();
         // A local sink that fails is a disk problem: retry it without end rather than
@@ -249,7 +254,7 @@ async fn send_with_retries(
             return Attempt::Exhausted(Failure {
                 reason: Reason::RetriesExhausted,
                 status,
-                response: detail,
+                response: answer.unwrap_or(detail),
                 attempts,
                 first_attempt_at: first_wall,
             });

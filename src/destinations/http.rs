@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use super::SendError;
 
-/// Most bytes of an error answer kept (for logs and dead letters).
+/// Most bytes of an error answer kept (for dead letters).
 const ERROR_BODY_BYTES: usize = 4096;
 
 pub fn client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
@@ -31,6 +31,7 @@ pub async fn send(request: reqwest::RequestBuilder) -> Result<(), SendError> {
         status: None,
         retry_after: None,
         detail: describe(e),
+        answer: None,
     })?;
     let status = response.status().as_u16();
     let retry_after = response
@@ -48,11 +49,11 @@ pub async fn send(request: reqwest::RequestBuilder) -> Result<(), SendError> {
 
 /// The outcome of an answer: `None` when delivered.
 pub fn classify(status: u16, retry_after: Option<Duration>, body: String) -> Option<SendError> {
-    let detail = if body.is_empty() {
-        format!("HTTP {status}")
-    } else {
-        body
+    let detail = match error_code(&body) {
+        Some(code) => format!("HTTP {status} ({code})"),
+        None => format!("HTTP {status}"),
     };
+    let answer = (!body.is_empty()).then_some(body);
     match status {
         200..=299 => None,
         408 | 429 | 401 | 403 | 404 | 405 | 410 | 300..=399 | 500..=599 => {
@@ -60,15 +61,43 @@ pub fn classify(status: u16, retry_after: Option<Duration>, body: String) -> Opt
                 status: Some(status),
                 retry_after,
                 detail,
+                answer,
             })
         }
-        400..=499 => Some(SendError::Rejected { status, detail }),
+        400..=499 => Some(SendError::Rejected {
+            status,
+            detail,
+            answer,
+        }),
         _ => Some(SendError::Retryable {
             status: Some(status),
             retry_after,
             detail,
+            answer,
         }),
     }
+}
+
+/// The error code of a JSON error answer, in the shapes receivers use (Klaviyo's
+/// `{"errors":[{"code"}]}`, `{"error":{"code"}}`, `{"code"}`, `{"error":"…"}`), when it
+/// is a short identifier: an answer's free text can echo what was sent, a code cannot.
+fn error_code(body: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(body).ok()?;
+    let code = [
+        value.pointer("/errors/0/code"),
+        value.pointer("/error/code"),
+        value.get("code"),
+        value.get("error"),
+    ]
+    .into_iter()
+    .flatten()
+    .find_map(serde_json::Value::as_str)?;
+    let identifier = !code.is_empty()
+        && code.len() <= 64
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+    identifier.then(|| code.to_string())
 }
 
 /// `Retry-After` as delay seconds or an HTTP date (RFC 9110 §10.2.3).
@@ -173,6 +202,32 @@ mod tests {
                 ),
                 "{status}"
             );
+        }
+    }
+
+    #[test]
+    fn logs_see_a_code_never_the_answer() {
+        let answers = [
+            (
+                r#"{"errors":[{"code":"invalid","detail":"jane@example.com is bad"}]}"#,
+                "HTTP 400 (invalid)",
+            ),
+            (
+                r#"{"success":false,"error":{"code":"invalid_field","message":"x"}}"#,
+                "HTTP 400 (invalid_field)",
+            ),
+            (r#"{"error":"jane@example.com"}"#, "HTTP 400"),
+            ("echo: jane@example.com", "HTTP 400"),
+            ("", "HTTP 400"),
+        ];
+        for (body, logged) in answers {
+            let Some(SendError::Rejected { detail, answer, .. }) =
+                classify(400, None, body.to_string())
+            else {
+                panic!("{body}");
+            };
+            assert_eq!(detail, logged);
+            assert_eq!(answer.as_deref(), (!body.is_empty()).then_some(body));
         }
     }
 

@@ -250,6 +250,7 @@ impl Destination for KlaviyoDestination {
                     return Err(SendError::Rejected {
                         status: 422,
                         detail: reason,
+                        answer: None,
                     })
                 }
             }

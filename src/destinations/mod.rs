@@ -22,6 +22,10 @@ use crate::config::{DestinationConfig, DestinationKind};
 use crate::queue::Checkpoint;
 
 /// Why a batch was not delivered.
+///
+/// `detail` is fanout's own account (a status, an error code, a transport error without
+/// the URL) and is safe to log; `answer` is the receiver's answer body, which can echo
+/// message values or credentials, so it is kept only with the dead letter.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SendError {
     /// Worth trying again later: transport failures, timeouts, 408/429/5xx, local I/O.
@@ -31,10 +35,15 @@ pub enum SendError {
         /// What the destination asked for in `Retry-After`.
         retry_after: Option<Duration>,
         detail: String,
+        answer: Option<String>,
     },
     /// The destination refused this content; sending it again cannot succeed.
     #[error("rejected with {status}: {detail}")]
-    Rejected { status: u16, detail: String },
+    Rejected {
+        status: u16,
+        detail: String,
+        answer: Option<String>,
+    },
 }
 
 impl SendError {
@@ -43,6 +52,7 @@ impl SendError {
             status: None,
             retry_after: None,
             detail: format!("I/O error: {e}"),
+            answer: None,
         }
     }
 
