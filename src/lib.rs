@@ -20,4 +20,5 @@ pub mod metrics;
 pub mod queue;
 pub mod routing;
 pub mod server;
+pub mod throttle;
 pub mod translate;

@@ -974,6 +974,20 @@ async fn full_disk_budget_answers_503_until_the_queue_drains() {
     assert_eq!(body["success"], false, "{body}");
     assert!(body["error"]["code"].is_string(), "{body}");
     assert!(!accepted.is_empty(), "the first request fits the budget");
+    // A load balancer sees it too, for as long as it lasts.
+    let ready = || async {
+        let response = client().get(f.url("/ready")).send().await.unwrap();
+        status_json(response).await
+    };
+    let (status, body) = ready().await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "not_ready", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("max_queue_bytes")),
+        "{body}"
+    );
 
     r.restart().await;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1003,6 +1017,7 @@ async fn full_disk_budget_answers_503_until_the_queue_drains() {
 
     let missing = r.wait_for_ids(&accepted, Duration::from_secs(20)).await;
     assert!(missing.is_empty(), "{} accepted but lost", missing.len());
+    assert_eq!(ready().await.0, 200, "ready again once the queue drained");
     let in_file = wait_file(&f, accepted.len(), Duration::from_secs(10)).await;
     assert_eq!(
         id_set(&in_file),

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{assert_success, Fanout, Settings};
-use serde_json::{json, Value};
+use serde_json::json;
 
 async fn send(f: &Fanout, ids: &[&str]) {
     for id in ids {
@@ -94,9 +94,12 @@ async fn a_mark_saved_for_another_output_never_cuts_this_file() {
     let (_other, path, mut f) = archive_with_old_lines();
     assert!(f.terminate().success());
     // As if `archive` had been a webhook (mark 0) or had pointed at another file.
+    let saved = fanout::queue::saved_checkpoint(&f.dir().join("data"), "archive")
+        .unwrap()
+        .expect("a saved cursor");
+    // Written in the JSON form of earlier versions, which is still read.
+    let foreign = json!({"position": saved.position, "sink_offset": 0, "sink_id": 0});
     let cursor = f.dir().join("data/cursors/archive.cursor");
-    let saved: Value = serde_json::from_slice(&std::fs::read(&cursor).unwrap()).unwrap();
-    let foreign = json!({"position": saved["position"], "sink_offset": 0, "sink_id": 0});
     std::fs::write(&cursor, foreign.to_string()).unwrap();
     f.restart();
     assert_old_lines_kept(&f, &path, "b-1").await;

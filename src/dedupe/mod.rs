@@ -21,7 +21,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
@@ -31,6 +31,7 @@ use self::redis::{Claim as SharedClaim, RedisStore, SharedError};
 use self::table::Claim;
 use crate::config::{DedupeBackend, DedupeConfig, SourceConfig};
 use crate::queue::Tag;
+use crate::throttle::LogThrottle;
 
 /// 96 bits of xxh3-128 over (source, messageId): collisions are out of reach
 /// (about 1 in 10^21 per lookup with 10 million keys held).
@@ -61,12 +62,15 @@ pub struct Dedupe {
     disabled_sources: arc_swap::ArcSwap<HashSet<String>>,
     keylog: keylog::KeyLog,
     duplicates: AtomicU64,
-    eviction_log: Mutex<Option<std::time::Instant>>,
+    eviction_log: LogThrottle,
     shared: Option<Arc<RedisStore>>,
     /// Refuse requests (503) when Redis cannot be asked, instead of deduping locally.
     fail_closed: bool,
     shared_errors: AtomicU64,
-    shared_error_log: Mutex<Option<std::time::Instant>>,
+    shared_error_log: LogThrottle,
+    /// Keys of reclaimed segments that a full disk kept out of `keys.bin`.
+    keys_unsaved: AtomicU64,
+    keys_unsaved_log: LogThrottle,
 }
 
 fn disabled_sources(sources: &[SourceConfig]) -> HashSet<String> {
@@ -121,11 +125,13 @@ impl Dedupe {
             disabled_sources: arc_swap::ArcSwap::from_pointee(disabled_sources(sources)),
             keylog,
             duplicates: AtomicU64::new(0),
-            eviction_log: Mutex::new(None),
+            eviction_log: LogThrottle::new(Duration::from_secs(60)),
             shared,
             fail_closed: config.on_redis_error == crate::config::RedisFailure::FailClosed,
             shared_errors: AtomicU64::new(0),
-            shared_error_log: Mutex::new(None),
+            shared_error_log: LogThrottle::new(Duration::from_secs(10)),
+            keys_unsaved: AtomicU64::new(0),
+            keys_unsaved_log: LogThrottle::new(Duration::from_secs(60)),
         })
     }
 
@@ -147,8 +153,21 @@ impl Dedupe {
         }
     }
 
-    /// Rewrites `keys.bin` with just the live keys (after a restore).
-    pub fn compact(&self) -> std::io::Result<()> {
+    /// At start, after the restore: rewrites `keys.bin` with just the live keys if it
+    /// has grown past its bound. Work that can wait: a failure (a full disk) is logged
+    /// and start-up goes on; it is tried again when the log next grows.
+    pub fn compact_if_oversized(&self) {
+        let result =
+            self.keylog
+                .oversized()
+                .and_then(|oversized| if oversized { self.compact() } else { Ok(()) });
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot compact the dedupe key log now; going on");
+        }
+    }
+
+    /// Rewrites `keys.bin` with just the live keys.
+    fn compact(&self) -> std::io::Result<()> {
         let now = now_secs();
         self.keylog.rewrite(|write| {
             let mut result = Ok(());
@@ -171,10 +190,27 @@ impl Dedupe {
             .map(|(_, tag)| (DedupeKey(tag.key), self.table.expiry_of(tag.accepted_at)))
             .filter(|&(_, expires)| expires > now)
             .collect();
-        if self.keylog.append(&entries)? {
-            self.compact()?;
+        match self.keylog.append(&entries) {
+            Ok(true) => self.compact(),
+            Ok(false) => Ok(()),
+            // Keeping the segment would keep the disk full: ingest could never recover
+            // by itself. The window in memory still holds these keys; only a restart
+            // within their window forgets them.
+            Err(e) if e.kind() == std::io::ErrorKind::StorageFull => {
+                self.keys_unsaved
+                    .fetch_add(entries.len() as u64, Ordering::Relaxed);
+                if self.keys_unsaved_log.ready() {
+                    tracing::warn!(
+                        error = %e,
+                        keys = self.keys_unsaved.load(Ordering::Relaxed),
+                        "disk full: the dedupe keys of a reclaimed queue segment were not \
+                         saved; after a restart their messageIds may be accepted again"
+                    );
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
-        Ok(())
     }
 
     /// Marks the new keys of one request as pending and says which messages are
@@ -311,9 +347,7 @@ impl Dedupe {
     }
 
     fn log_shared_error(&self, e: &dyn std::fmt::Display) {
-        let mut last = self.shared_error_log.lock().expect("error log poisoned");
-        if last.is_none_or(|t| t.elapsed().as_secs() >= 10) {
-            *last = Some(std::time::Instant::now());
+        if self.shared_error_log.ready() {
             tracing::warn!(
                 error = %e,
                 errors = self.shared_errors.load(Ordering::Relaxed),
@@ -351,9 +385,7 @@ impl Dedupe {
         if evicted == 0 {
             return;
         }
-        let mut last = self.eviction_log.lock().expect("eviction log poisoned");
-        if last.is_none_or(|t| t.elapsed().as_secs() >= 60) {
-            *last = Some(std::time::Instant::now());
+        if self.eviction_log.ready() {
             tracing::warn!(
                 evicted,
                 "dedupe window is full (dedupe.max_entries): the oldest keys were dropped early"

@@ -86,6 +86,9 @@ pub struct Engine {
     unsaved: Option<Checkpoint>,
     recorded: Checkpoint,
     last_commit: Instant,
+    /// Cursor saves failed in a row, and how often that is logged.
+    save_failures: u64,
+    save_log: crate::throttle::LogThrottle,
     mark: u64,
     read_again_at: Option<Instant>,
     /// When the partial batch held back for `linger` may go.
@@ -138,11 +141,19 @@ impl Engine {
                 sink_id: saved.sink_id,
             },
             last_commit: Instant::now(),
+            save_failures: 0,
+            save_log: crate::throttle::LogThrottle::new(Duration::from_secs(10)),
             mark,
             read_again_at: None,
             linger_until: None,
             stop_closed: false,
         }
+    }
+
+    /// The checkpoint it starts from is not saved yet: save it as soon as it can.
+    pub fn save_soon(mut self) -> Engine {
+        self.unsaved = Some(self.recorded);
+        self
     }
 
     /// Messages read ahead of the cursor are bounded, so memory is too, however long
@@ -542,7 +553,7 @@ impl Engine {
             return;
         };
         self.last_commit = Instant::now();
-        let cursor = self.cursor.take().expect("cursor present");
+        let mut cursor = self.cursor.take().expect("cursor present");
         let context = self.context.clone();
         let (cursor, saved) = tokio::task::spawn_blocking(move || {
             // What the cursor passes must be durable at the destination first.
@@ -555,10 +566,22 @@ impl Engine {
         .await
         .expect("cursor task panicked");
         self.cursor = Some(cursor);
-        if let Err(e) = saved {
-            // Delivered messages past the old cursor are sent again after a restart.
-            tracing::error!(destination = %self.context.name, error = %e, "cannot save the cursor");
-            self.unsaved.get_or_insert(checkpoint);
+        match saved {
+            Ok(()) => self.save_failures = 0,
+            Err(e) => {
+                // Delivered messages past the old cursor are sent again after a restart.
+                // Tried again every COMMIT_INTERVAL: logged when it starts, then seldom.
+                self.save_failures += 1;
+                if self.save_failures == 1 || self.save_log.ready() {
+                    tracing::error!(
+                        destination = %self.context.name,
+                        error = %e,
+                        failures = self.save_failures,
+                        "cannot save the cursor; retrying"
+                    );
+                }
+                self.unsaved.get_or_insert(checkpoint);
+            }
         }
     }
 }

@@ -143,20 +143,27 @@ impl Deliveries {
     fn launch(&mut self, config: &DestinationConfig) -> anyhow::Result<()> {
         let queue = &self.queue;
         let (stop, stop_rx) = watch::channel(false);
-        let (reader, cursor, saved) = queue.subscribe(&config.name)?;
+        let (reader, mut cursor, saved) = queue.subscribe(&config.name)?;
         let destination = AnyDestination::build(config, saved)?;
         // A new destination, or a mark that measures another output (the path or the
         // kind changed): start from what is there now, and save that at once.
-        let saved = match saved {
-            Some(saved) if saved.sink_id == destination.sink_id() => saved,
+        let (saved, save_soon) = match saved {
+            Some(saved) if saved.sink_id == destination.sink_id() => (saved, false),
             _ => {
                 let first = Checkpoint {
                     position: saved.map_or_else(|| reader.position(), |s| s.position),
                     sink_offset: destination.mark(),
                     sink_id: destination.sink_id(),
                 };
-                cursor.commit(first)?;
-                first
+                // A full disk must not keep the server from starting: the engine saves
+                // it as soon as it can (what arrives meanwhile is refused for the same
+                // lack of space).
+                let unsaved = cursor.commit(first).is_err_and(|e| {
+                    tracing::warn!(destination = %config.name, error = %e,
+                        "cannot save the first cursor; retrying in the background");
+                    true
+                });
+                (first, unsaved)
             }
         };
         let sequential = destination.sequential();
@@ -192,6 +199,11 @@ impl Deliveries {
             cursor,
             saved,
         );
+        let engine = if save_soon {
+            engine.save_soon()
+        } else {
+            engine
+        };
         let span = tracing::info_span!("delivery", destination = %config.name);
         let task = self.runtime.spawn(engine.run().instrument(span));
         self.running.insert(

@@ -32,6 +32,11 @@ pub enum ApiError {
         retry_after: u32,
         reason: String,
     },
+    /// `/ready`: ingest cannot store now (full disk, full budget): 503 + Retry-After.
+    NotReady {
+        retry_after: u32,
+        reason: String,
+    },
     /// `/api/v1/event` only: the messageId was already accepted: 409.
     Duplicate(String),
     NotFound,
@@ -50,7 +55,9 @@ impl ApiError {
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable { .. } | ApiError::NotReady { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Duplicate(_) => StatusCode::CONFLICT,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -82,6 +89,7 @@ impl ApiError {
                 "unavailable",
                 format!("messages were not stored: {reason}; retry later"),
             ),
+            ApiError::NotReady { reason, .. } => Rejection::new("not_ready", reason.clone()),
             ApiError::Duplicate(id) => Rejection::field(
                 "duplicate",
                 "messageId",
@@ -96,9 +104,9 @@ impl ApiError {
 
     fn retry_after(&self) -> Option<u32> {
         match self {
-            ApiError::Overloaded { retry_after } | ApiError::Unavailable { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            ApiError::Overloaded { retry_after }
+            | ApiError::Unavailable { retry_after, .. }
+            | ApiError::NotReady { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -120,7 +128,10 @@ impl ApiError {
     /// What the request log says about this error (see `ErrorLog`).
     fn log_entry(&self) -> ErrorLog {
         let rejection = self.rejection();
-        let server_side = matches!(self, ApiError::Internal(_) | ApiError::Unavailable { .. });
+        let server_side = matches!(
+            self,
+            ApiError::Internal(_) | ApiError::Unavailable { .. } | ApiError::NotReady { .. }
+        );
         ErrorLog {
             code: rejection.code,
             field: rejection.field,

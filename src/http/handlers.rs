@@ -176,20 +176,20 @@ pub async fn health() -> Response {
     ([(CONTENT_TYPE, "application/json")], r#"{"status":"ok"}"#).into_response()
 }
 
-/// Readiness: the queue can take writes.
+/// Readiness: ingest can store (the queue's disk and budget have room), so a load
+/// balancer sends traffic elsewhere while it cannot, and back once it can.
 pub async fn ready(State(app): State<Arc<App>>) -> Response {
-    if app.queue.is_healthy() {
-        (
+    match app.queue.readiness() {
+        Ok(()) => (
             [(CONTENT_TYPE, "application/json")],
             r#"{"status":"ready"}"#,
         )
-            .into_response()
-    } else {
-        ApiError::Unavailable {
+            .into_response(),
+        Err(reason) => ApiError::NotReady {
             retry_after: app.retry_after,
-            reason: "queue is not writable".into(),
+            reason,
         }
-        .into_response()
+        .into_response(),
     }
 }
 

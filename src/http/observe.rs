@@ -21,7 +21,9 @@ pub async fn observe(request: Request, next: Next) -> Response {
     let response = next.run(request).await;
     let status = response.status();
     crate::metrics::http_request(path, status.as_u16(), started.elapsed());
-    if worth_a_warning(status) {
+    // A load balancer polls `/ready`: while it answers 503, the queue logs why (once, as
+    // it changes), not each poll.
+    if worth_a_warning(status) && path != "/ready" {
         let error = response.extensions().get::<ErrorLog>();
         tracing::warn!(
             status = status.as_u16(),

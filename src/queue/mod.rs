@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::thread;
 
+use anyhow::Context;
 use tokio::sync::{oneshot, watch};
 
 pub use cursor::{Checkpoint, Cursor};
@@ -54,6 +55,11 @@ struct Shared {
     cursors: Mutex<HashMap<String, u64>>,
     /// False after a write failed and could not be undone.
     healthy: AtomicBool,
+    /// Why writes are failing now (a full disk, say), until one succeeds again: the
+    /// writer probes the disk while this is set, so it clears without traffic too.
+    failing: Mutex<Option<String>>,
+    /// Size of the last append refused for the disk budget (0: none since a success).
+    refused_bytes: AtomicU64,
     /// Base of the oldest retained segment: the log holds `committed - oldest` bytes.
     oldest: AtomicU64,
     /// Disk budget; appends past it are refused.
@@ -62,10 +68,46 @@ struct Shared {
     reclaim_hook: OnceLock<ReclaimHook>,
 }
 
+/// How often a failing disk is probed.
+const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// The probe writes what the last failed group needed, within these bounds.
+const MIN_PROBE_BYTES: u64 = 64 * 1024;
+const MAX_PROBE_BYTES: u64 = 1024 * 1024;
+
 /// Called with a segment's (source, tag) pairs before the segment is deleted.
 pub type ReclaimHook = Box<dyn Fn(&[(String, Tag)]) -> std::io::Result<()> + Send + Sync>;
 
 impl Shared {
+    fn set_failing(&self, why: Option<String>) {
+        let mut failing = self.failing.lock().expect("queue state poisoned");
+        match (&*failing, &why) {
+            (Some(_), None) => tracing::info!("queue writes succeed again; /ready answers 200"),
+            (None, Some(why)) => tracing::warn!(
+                error = %why,
+                "queue writes fail; ingest answers 503 and /ready 503 until they succeed"
+            ),
+            _ => {}
+        }
+        *failing = why;
+    }
+
+    /// Writes, syncs and deletes a file of `bytes` next to the segments: whether an
+    /// append of that size would find room. Clears the failing state when it does.
+    fn probe(&self, bytes: u64) -> std::io::Result<()> {
+        let path = self.queue_dir.join("write-probe");
+        let result = (|| {
+            let mut file = File::create(&path)?;
+            std::io::Write::write_all(&mut file, &vec![0u8; bytes as usize])?;
+            file.sync_data()
+        })();
+        let _ = fs::remove_file(&path);
+        match &result {
+            Ok(()) => self.set_failing(None),
+            Err(e) => self.set_failing(Some(format!("{}: {e}", self.queue_dir.display()))),
+        }
+        result
+    }
+
     fn before_delete(&self, segment: &Path) -> std::io::Result<()> {
         let Some(hook) = self.reclaim_hook.get() else {
             return Ok(());
@@ -94,6 +136,12 @@ impl QueueWriter {
     }
 }
 
+/// The checkpoint a destination has saved in `data_dir`, read without opening the queue
+/// (for inspection; a running fanout may move it at any time).
+pub fn saved_checkpoint(data_dir: &Path, name: &str) -> std::io::Result<Option<Checkpoint>> {
+    cursor::load(&data_dir.join("cursors"), name)
+}
+
 impl Queue {
     /// Opens (or creates) the queue under `data_dir`, recovering from a crash if needed.
     /// Appends are refused once the retained log reaches `max_bytes`.
@@ -102,15 +150,18 @@ impl Queue {
         segment_bytes: u64,
         max_bytes: u64,
     ) -> anyhow::Result<(Queue, QueueWriter)> {
-        fs::create_dir_all(data_dir)?;
-        let lock = File::create(data_dir.join("LOCK"))?;
+        let named = |path: &Path| format!("cannot open the queue at {}", path.display());
+        fs::create_dir_all(data_dir).with_context(|| named(data_dir))?;
+        let lock_path = data_dir.join("LOCK");
+        let lock = File::create(&lock_path).with_context(|| named(&lock_path))?;
         if lock.try_lock().is_err() {
             anyhow::bail!("{} is in use by another fanout process", data_dir.display());
         }
         let queue_dir = data_dir.join("queue");
         let cursor_dir = data_dir.join("cursors");
-        fs::create_dir_all(&cursor_dir)?;
-        let (active, recovered) = segments::ActiveSegment::open(&queue_dir, segment_bytes)?;
+        fs::create_dir_all(&cursor_dir).with_context(|| named(&cursor_dir))?;
+        let (active, recovered) = segments::ActiveSegment::open(&queue_dir, segment_bytes)
+            .with_context(|| named(&queue_dir))?;
         if recovered.truncated > 0 {
             tracing::warn!(
                 bytes = recovered.truncated,
@@ -130,6 +181,8 @@ impl Queue {
             committed: watch::Sender::new(recovered.end),
             cursors: Mutex::new(cursors),
             healthy: AtomicBool::new(true),
+            failing: Mutex::new(None),
+            refused_bytes: AtomicU64::new(0),
             oldest: AtomicU64::new(recovered.start),
             max_bytes,
             reclaim_hook: OnceLock::new(),
@@ -149,6 +202,9 @@ impl Queue {
         }
         let held = self.held_bytes();
         if held + batch.bytes().len() as u64 > self.shared.max_bytes {
+            self.shared
+                .refused_bytes
+                .store(batch.bytes().len() as u64, Ordering::Relaxed);
             return Err(QueueError::Full {
                 held,
                 budget: self.shared.max_bytes,
@@ -245,14 +301,33 @@ impl Queue {
         *self.shared.committed.borrow()
     }
 
-    /// False once a write failed and the log could not be cut back.
-    pub fn is_healthy(&self) -> bool {
-        self.shared.healthy.load(Ordering::Relaxed)
+    /// Whether ingest can store now, and if not, why (for `/ready`): not after a write
+    /// that could not be undone, not while writes fail (until one succeeds or the
+    /// writer's probe does), and not while the last append the disk budget refused
+    /// would still be refused.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.shared.healthy.load(Ordering::Relaxed) {
+            return Err("a failed queue write could not be undone; restart fanout".into());
+        }
+        if let Some(why) = &*self.shared.failing.lock().expect("queue state poisoned") {
+            return Err(format!("queue writes fail: {why}"));
+        }
+        let refused = self.shared.refused_bytes.load(Ordering::Relaxed);
+        let held = self.held_bytes();
+        if refused > 0 && held + refused > self.shared.max_bytes {
+            return Err(format!(
+                "the queue is full ({held} bytes held for destinations, budget {}; \
+                 server.max_queue_bytes)",
+                self.shared.max_bytes
+            ));
+        }
+        Ok(())
     }
 }
 
 /// Group commit: block for one request, take every other one already waiting, write them
-/// all, sync once, answer all. Exits when every `Queue` handle is gone.
+/// all, sync once, answer all. Exits when every `Queue` handle is gone. While writes fail,
+/// it probes the disk every `PROBE_INTERVAL`, so readiness comes back without traffic.
 fn write_loop(
     mut active: segments::ActiveSegment,
     rx: mpsc::Receiver<AppendRequest>,
@@ -260,7 +335,25 @@ fn write_loop(
     _lock: File,
 ) {
     let mut group: Vec<AppendRequest> = Vec::new();
-    while let Ok(first) = rx.recv() {
+    // Starting on a full disk is allowed; knowing it at once keeps `/ready` honest.
+    let mut probe_bytes = MIN_PROBE_BYTES;
+    let mut failing = shared.probe(probe_bytes).is_err();
+    loop {
+        let first = if failing {
+            match rx.recv_timeout(PROBE_INTERVAL) {
+                Ok(request) => request,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    failing = shared.probe(probe_bytes).is_err();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(request) => request,
+                Err(_) => break,
+            }
+        };
         let mut bytes = first.bytes.len();
         group.push(first);
         while bytes < MAX_GROUP_BYTES {
@@ -278,6 +371,9 @@ fn write_loop(
         match result {
             Ok(end) => {
                 shared.committed.send_replace(end);
+                shared.set_failing(None);
+                shared.refused_bytes.store(0, Ordering::Relaxed);
+                failing = false;
                 for request in group.drain(..) {
                     let _ = request.done.send(Ok(()));
                 }
@@ -287,6 +383,9 @@ fn write_loop(
                 shared
                     .healthy
                     .store(!active.is_poisoned(), Ordering::Relaxed);
+                shared.set_failing(Some(e.to_string()));
+                failing = true;
+                probe_bytes = (bytes as u64).clamp(MIN_PROBE_BYTES, MAX_PROBE_BYTES);
                 for request in group.drain(..) {
                     let _ = request.done.send(Err(QueueError::Io(e.to_string())));
                 }

@@ -152,11 +152,27 @@ impl ActiveSegment {
     fn roll(&mut self) -> io::Result<()> {
         let base = self.end();
         let path = segment_path(&self.dir, base);
-        let file = OpenOptions::new()
+        let created = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
-            .open(&path)?;
+            .open(&path);
+        let file = match created {
+            Ok(file) => file,
+            // Left by a roll whose directory sync failed: nothing was written to it, and
+            // taking it over is the only way appends can go on.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let file = OpenOptions::new().read(true).write(true).open(&path)?;
+                if file.metadata()?.len() != 0 {
+                    return Err(io::Error::other(format!(
+                        "{} exists and is not empty",
+                        path.display()
+                    )));
+                }
+                file
+            }
+            Err(e) => return Err(e),
+        };
         sync_dir(&self.dir)?;
         self.file = file;
         self.base = base;
@@ -248,6 +264,23 @@ mod tests {
         assert_eq!(r.truncated, rec.len() as u64 - 3);
         assert_eq!(seg.end(), end);
         assert_eq!(fs::metadata(&path).unwrap().len(), end);
+    }
+
+    #[test]
+    fn a_roll_whose_directory_sync_failed_is_taken_up_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = one(r#"{"n":1}"#);
+        let l = rec.len() as u64;
+        let (mut seg, _) = ActiveSegment::open(dir.path(), 2 * l).unwrap();
+        seg.append(&[&rec, &rec]).unwrap();
+        // The next segment's file exists, empty, as a failed roll leaves it.
+        File::create(segment_path(dir.path(), 2 * l)).unwrap();
+        assert_eq!(seg.append(&[&rec]).unwrap(), 3 * l);
+        assert_eq!(list_segments(dir.path()).unwrap(), vec![0, 2 * l]);
+        // One that holds data is not overwritten.
+        let (mut seg, _) = ActiveSegment::open(dir.path(), l).unwrap();
+        std::fs::write(segment_path(dir.path(), 3 * l), b"x").unwrap();
+        assert!(seg.append(&[&rec]).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::future::IntoFuture;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use anyhow::Context;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -48,7 +49,12 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
     if config.destinations.is_empty() {
         tracing::warn!("no destinations configured: accepted messages are stored but go nowhere");
     }
-    let dead_letters = Arc::new(DeadLetters::open(&config.server.data_dir)?);
+    let dead_letters = Arc::new(DeadLetters::open(&config.server.data_dir).with_context(|| {
+        format!(
+            "cannot open the dead-letter store in {}",
+            config.server.data_dir.display()
+        )
+    })?);
     let admin_token = admin_token(&config)?;
     let deliveries = Deliveries::start(
         &config.destinations,
@@ -155,7 +161,7 @@ fn open_dedupe(config: &Config, queue: &Queue) -> anyhow::Result<Arc<Dedupe>> {
         &config.server.data_dir,
     )?);
     let scanned = queue.scan(|source, tag| dedupe.restore(source, tag))?;
-    dedupe.compact()?;
+    dedupe.compact_if_oversized();
     let hook = dedupe.clone();
     queue.on_reclaim(Box::new(move |records| hook.save_reclaimed(records)));
     tracing::info!(

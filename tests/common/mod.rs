@@ -82,7 +82,12 @@ impl Fanout {
     }
 
     pub fn start_with(settings: Settings) -> Fanout {
-        let tmp = tempfile::tempdir().expect("temp dir");
+        Fanout::start_in(tempfile::tempdir().expect("temp dir"), settings)
+    }
+
+    /// Starts in a directory the test prepared (its `data` subdirectory is the data dir,
+    /// e.g. a small filesystem mounted there); the directory goes when the `Fanout` does.
+    pub fn start_in(tmp: tempfile::TempDir, settings: Settings) -> Fanout {
         let dir = tmp.path().to_path_buf();
         let mut f = Fanout::launch(&dir, &settings);
         f._tmp = Some(tmp);
