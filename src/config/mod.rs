@@ -78,6 +78,22 @@ pub struct ServerConfig {
     /// answered 408, freeing its in-flight slot, e.g. "30s".
     #[serde(default = "default_body_timeout", with = "humantime_serde")]
     pub body_timeout: Duration,
+    /// How long a whole request body may take to arrive, however steadily it trickles,
+    /// before the request is answered 408, e.g. "60s".
+    #[serde(default = "default_body_deadline", with = "humantime_serde")]
+    pub body_deadline: Duration,
+    /// Connections open at once. At the cap the longest-idle connections are closed to
+    /// make room, and new ones wait in the kernel's backlog. Never more than the process's
+    /// open-file limit allows (with room kept for the queue and destinations).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers, from its first byte (or
+    /// from connecting, for the first request), before the connection is closed.
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// How long a kept-alive connection may wait for its next request before it is closed.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
     /// How long a graceful shutdown waits for in-flight requests and deliveries, e.g. "30s".
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -250,6 +266,18 @@ const fn default_retry_after() -> Duration {
 const fn default_body_timeout() -> Duration {
     Duration::from_secs(30)
 }
+const fn default_body_deadline() -> Duration {
+    Duration::from_secs(60)
+}
+const fn default_max_connections() -> usize {
+    10_000
+}
+const fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+const fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
 const fn default_segment_bytes() -> u64 {
     64 * 1024 * 1024
 }
@@ -286,6 +314,10 @@ impl Default for ServerConfig {
             max_in_flight: default_max_in_flight(),
             retry_after: default_retry_after(),
             body_timeout: default_body_timeout(),
+            body_deadline: default_body_deadline(),
+            max_connections: default_max_connections(),
+            header_timeout: default_header_timeout(),
+            idle_timeout: default_idle_timeout(),
             segment_bytes: default_segment_bytes(),
             shutdown_grace: default_shutdown_grace(),
             max_queue_bytes: default_max_queue_bytes(),
@@ -411,6 +443,9 @@ impl Config {
         }
         for (key, value) in [
             ("server.body_timeout", self.server.body_timeout),
+            ("server.body_deadline", self.server.body_deadline),
+            ("server.header_timeout", self.server.header_timeout),
+            ("server.idle_timeout", self.server.idle_timeout),
             ("server.shutdown_grace", self.server.shutdown_grace),
         ] {
             if value.is_zero() {
@@ -449,6 +484,12 @@ impl Config {
                 "server.max_queue_bytes".into(),
                 "must be at least twice server.segment_bytes (the newest segment is always kept)"
                     .into(),
+            ));
+        }
+        if self.server.max_connections == 0 {
+            return Err(err(
+                "server.max_connections".into(),
+                "must be at least 1".into(),
             ));
         }
         if self.server.max_in_flight == 0 {

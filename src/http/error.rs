@@ -21,8 +21,8 @@ pub enum ApiError {
     Unauthorized(&'static str),
     /// Content-Encoding fanout cannot decode: 415.
     UnsupportedEncoding,
-    /// The body stalled longer than `server.body_timeout`: 408.
-    BodyTimeout,
+    /// The body stalled, took too long, or was cut to free its slot: 408.
+    BodyTimeout(super::BodyCut),
     /// Too many requests in flight: 429 + Retry-After.
     Overloaded {
         retry_after: u32,
@@ -52,7 +52,7 @@ impl ApiError {
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::UnsupportedEncoding => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } | ApiError::NotReady { .. } => {
@@ -78,10 +78,9 @@ impl ApiError {
                 "unsupported_encoding",
                 "Content-Encoding must be gzip, deflate or identity",
             ),
-            ApiError::BodyTimeout => Rejection::new(
-                "body_timeout",
-                "the request body stalled (server.body_timeout); send it again",
-            ),
+            ApiError::BodyTimeout(why) => {
+                Rejection::new("body_timeout", format!("{why}; send it again"))
+            }
             ApiError::Overloaded { .. } => {
                 Rejection::new("overloaded", "too many requests in flight; retry later")
             }

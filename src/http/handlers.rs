@@ -14,9 +14,8 @@ use http::HeaderMap;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Serialize;
 use serde_json::json;
-use tower_http::timeout::TimeoutError;
 
-use super::{ApiError, App};
+use super::{ApiError, App, BodyCut};
 use crate::auth::{self, Credential};
 use crate::ingest::{seed, segment, MessageType, Rejection};
 use crate::metrics::EventTally;
@@ -301,22 +300,31 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
             })
         }
         Err(e) if caused_by::<LengthLimitError>(e.as_ref()) => Err(ApiError::TooLarge { limit }),
-        Err(e) if caused_by::<TimeoutError>(e.as_ref()) => Err(ApiError::BodyTimeout),
-        Err(e) => Err(ApiError::Invalid(Rejection::new(
-            "unreadable_body",
-            format!("could not read the request body (bad gzip/deflate data?): {e}"),
-        ))),
+        Err(e) => match cut_by(e.as_ref()) {
+            Some(why) => Err(ApiError::BodyTimeout(why)),
+            None => Err(ApiError::Invalid(Rejection::new(
+                "unreadable_body",
+                format!("could not read the request body (bad gzip/deflate data?): {e}"),
+            ))),
+        },
     }
 }
 
-fn caused_by<E: StdError + 'static>(mut e: &(dyn StdError + 'static)) -> bool {
+fn caused_by<E: StdError + 'static>(e: &(dyn StdError + 'static)) -> bool {
+    cause::<E>(e).is_some()
+}
+
+/// Why the admission guard cut the body, if it did.
+fn cut_by(e: &(dyn StdError + 'static)) -> Option<BodyCut> {
+    cause::<BodyCut>(e).copied()
+}
+
+/// The first error of type `E` in `e`'s chain of sources.
+fn cause<'e, E: StdError + 'static>(mut e: &'e (dyn StdError + 'static)) -> Option<&'e E> {
     loop {
-        if e.is::<E>() {
-            return true;
+        if let Some(found) = e.downcast_ref::<E>() {
+            return Some(found);
         }
-        match e.source() {
-            Some(next) => e = next,
-            None => return false,
-        }
+        e = e.source()?;
     }
 }

@@ -2,6 +2,7 @@
 //! layer first, so it can be read in one place.
 
 mod admin;
+mod admission;
 mod error;
 mod handlers;
 mod observe;
@@ -9,24 +10,23 @@ pub mod ops;
 
 use std::sync::Arc;
 
-use axum::error_handling::HandleErrorLayer;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderName, HeaderValue, Method, Request};
-use tower::limit::GlobalConcurrencyLimitLayer;
-use tower::load_shed::LoadShedLayer;
-use tower::{BoxError, ServiceBuilder};
+use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tower_http::LatencyUnit;
 
+pub use admission::BodyCut;
 pub use error::ApiError;
+
+use admission::{AdmissionConfig, AdmissionLayer};
 
 use crate::auth::Sources;
 use crate::config::{Config, CorsConfig, LimitsConfig};
@@ -135,24 +135,23 @@ fn layered(routes: Router<Arc<App>>, app: Arc<App>, config: &Config) -> Router {
         )
         .layer(axum::middleware::from_fn(observe::observe))
         .layer(PropagateRequestIdLayer::x_request_id())
-        // Before the concurrency limit: preflights and 429s carry CORS headers too.
+        // Before admission: preflights and 429s carry CORS headers too.
         .layer(cors(&config.cors))
-        // Shed load instead of queueing: a 429 is sent before the body is read.
-        .layer(HandleErrorLayer::new(move |_: BoxError| async move {
-            ApiError::Overloaded { retry_after }.into_response()
+        // In-flight slots: a 429 is sent before the body is read (shed load, never
+        // queue); the body is guarded (gap, deadline, and cut when it is the slowest
+        // and every slot is wanted), on the wire bytes, before decoding.
+        .layer(AdmissionLayer::new(AdmissionConfig {
+            max_in_flight: config.server.max_in_flight,
+            body_timeout: config.server.body_timeout,
+            body_deadline: config.server.body_deadline,
+            retry_after,
         }))
-        .layer(LoadShedLayer::new())
-        .layer(GlobalConcurrencyLimitLayer::new(
-            config.server.max_in_flight,
-        ))
         .layer(axum::middleware::map_response(move |r| {
             json_errors(r, request_limit)
         }))
         // Wire size first (a declared Content-Length over the limit is refused unread),
         // then decoding; handlers apply the same limit to the decoded bytes.
         .layer(RequestBodyLimitLayer::new(request_limit))
-        // A stalled upload gives its slot back instead of holding it forever.
-        .layer(RequestBodyTimeoutLayer::new(config.server.body_timeout))
         .layer(RequestDecompressionLayer::new().gzip(true).deflate(true));
     routes.layer(stack)
 }

@@ -43,9 +43,10 @@ pub async fn observe(request: Request, next: Next) -> Response {
 }
 
 /// Refusals of what a client sent, and fanout's own failures. Unknown paths and methods
-/// (scanners), duplicates (retries) and overload (429, answered before any work, and
-/// which would flood the log just when it hurts) are only counted, and logged at debug
-/// with every request.
+/// (scanners), duplicates (retries), overload (429, answered before any work) and bodies
+/// cut short (408: slow clients, summed up by the admission layer instead) would flood
+/// the log just when it hurts: they are only counted, and logged at debug with every
+/// request.
 fn worth_a_warning(status: StatusCode) -> bool {
     status.is_server_error()
         || (status.is_client_error()
@@ -53,6 +54,7 @@ fn worth_a_warning(status: StatusCode) -> bool {
                 status,
                 StatusCode::NOT_FOUND
                     | StatusCode::METHOD_NOT_ALLOWED
+                    | StatusCode::REQUEST_TIMEOUT
                     | StatusCode::CONFLICT
                     | StatusCode::TOO_MANY_REQUESTS
             ))

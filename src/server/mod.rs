@@ -1,8 +1,8 @@
 //! Wires the stages together and owns start-up and graceful shutdown.
 
+mod connections;
 mod reload;
 
-use std::future::IntoFuture;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -18,6 +18,7 @@ use crate::dedupe::Dedupe;
 use crate::delivery::{DeadLetters, Deliveries};
 use crate::http::{self, App};
 use crate::queue::Queue;
+use connections::{ConnectionLimits, Connections};
 
 pub use reload::{ReloadOutcome, ReloadRequest};
 
@@ -82,14 +83,29 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
         Some(addr) => Some(TcpListener::bind(addr).await?),
         None => None,
     };
+    let connections = Connections::new(config.server.max_connections);
+    let limits = ConnectionLimits {
+        header_timeout: config.server.header_timeout,
+        idle_timeout: config.server.idle_timeout,
+    };
+    let serve = |listener, router| {
+        tokio::spawn(
+            connections
+                .clone()
+                .serve(listener, router, limits, stop_rx.clone()),
+        )
+    };
     if let Some(admin) = admin_listener {
         tracing::info!("admin endpoints served on {}", admin.local_addr()?);
-        let router = http::admin_router(app.clone(), &config);
-        servers.push(serve(admin, router, stop_rx.clone()));
+        servers.push(serve(admin, http::admin_router(app.clone(), &config)));
     }
     let router = http::router(app.clone(), &config, config.admin.listen.is_none());
+    tracing::info!(
+        max_connections = connections.max(),
+        "connections capped (server.max_connections)"
+    );
     tracing::info!("listening on {}", listener.local_addr()?);
-    servers.push(serve(listener, router, stop_rx));
+    servers.push(serve(listener, router));
     let grace = config.server.shutdown_grace;
     let mut reloader = reload::Reloader::new(options.config_path, config, app, deliveries);
     drop(queue);
@@ -136,19 +152,6 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-fn serve(
-    listener: TcpListener,
-    router: axum::Router,
-    mut stop: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<std::io::Result<()>> {
-    let server = axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|&s| s).await;
-        })
-        .into_future();
-    tokio::spawn(server)
 }
 
 /// Opens the dedupe window and rebuilds it from the log, then has the queue hand it

@@ -31,6 +31,8 @@ pub struct Settings {
     pub env: Vec<(String, String)>,
     /// Extra command-line arguments for the server (e.g. `--log-format json`).
     pub args: Vec<String>,
+    /// Run the server with this open-file limit (soft and hard), through `prlimit`.
+    pub open_files: Option<u64>,
 }
 
 impl Settings {
@@ -53,6 +55,11 @@ impl Settings {
 
     pub fn arg(mut self, arg: &str) -> Self {
         self.args.push(arg.to_string());
+        self
+    }
+
+    pub fn open_files(mut self, limit: u64) -> Self {
+        self.open_files = Some(limit);
         self
     }
 
@@ -105,7 +112,17 @@ impl Fanout {
         );
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config).expect("write config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fanout"))
+        let mut command = match settings.open_files {
+            Some(limit) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={limit}:{limit}"))
+                    .arg("--")
+                    .arg(env!("CARGO_BIN_EXE_fanout"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_fanout")),
+        };
+        let mut child = command
             .arg("--config")
             .arg(&config_path)
             .args(&settings.args)
