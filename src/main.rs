@@ -112,14 +112,19 @@ fn main() -> ExitCode {
     // Ingest and delivery on runtimes of their own: 64 busy connections must not starve
     // the delivery engines of polls (the queue would grow without end), and a burst of
     // deliveries must not delay acknowledgements. The OS shares the cores between them.
-    let runtimes = tokio::runtime::Runtime::new().and_then(|ingest| {
-        let delivery = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("delivery")
-            .enable_all()
-            .build()?;
-        Ok((ingest, delivery))
-    });
+    let runtimes = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(return_idle_memory)
+        .build()
+        .and_then(|ingest| {
+            let delivery = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("delivery")
+                .enable_all()
+                .on_thread_park(return_idle_memory)
+                .build()?;
+            Ok((ingest, delivery))
+        });
     let (runtime, delivery) = match runtimes {
         Ok(rts) => rts,
         Err(e) => {
@@ -191,6 +196,29 @@ fn route(config: &Config, source: Option<&str>) -> ExitCode {
             eprintln!("fanout: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// mimalloc gives freed memory back to the OS lazily, during later allocations on the
+/// thread that freed it: a worker that goes idle after a burst (a flood of connections,
+/// a delivery backlog) would keep its peak for ever. When a worker parks, at most once a
+/// second, it hands back what it has free.
+fn return_idle_memory() {
+    use std::cell::Cell;
+    use std::time::{Duration, Instant};
+    thread_local!(static LAST: Cell<Option<Instant>> = const { Cell::new(None) });
+    let due = LAST.with(|last| {
+        let due = last
+            .get()
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        if due {
+            last.set(Some(Instant::now()));
+        }
+        due
+    });
+    if due {
+        // SAFETY: mi_collect takes no pointers; it walks the calling thread's own heap.
+        unsafe { libmimalloc_sys::mi_collect(true) }
     }
 }
 
