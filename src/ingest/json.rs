@@ -386,4 +386,159 @@ mod tests {
             r#"{"plain":1,"q\"uote":"v"}"#
         );
     }
+
+    mod properties {
+        use super::super::*;
+        use crate::ingest::testgen;
+        use proptest::prelude::*;
+        use serde_json::Value;
+
+        /// What serde_json's own parser sees of a document's text: its deepest nesting
+        /// (repeated keys' earlier values included), and whether a key cannot appear in a
+        /// path (repeated, so its earlier value is gone, or empty).
+        #[derive(Default)]
+        struct Shape {
+            depth: usize,
+            repeated_key: bool,
+        }
+
+        impl<'de> serde::Deserialize<'de> for Shape {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Shape, D::Error> {
+                struct V;
+                impl<'de> serde::de::Visitor<'de> for V {
+                    type Value = Shape;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("JSON")
+                    }
+                    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                        self,
+                        mut seq: A,
+                    ) -> Result<Shape, A::Error> {
+                        let mut shape = Shape::default();
+                        while let Some(item) = seq.next_element::<Shape>()? {
+                            shape.depth = shape.depth.max(item.depth);
+                            shape.repeated_key |= item.repeated_key;
+                        }
+                        shape.depth += 1;
+                        Ok(shape)
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(
+                        self,
+                        mut map: A,
+                    ) -> Result<Shape, A::Error> {
+                        let mut shape = Shape::default();
+                        let mut keys = std::collections::HashSet::new();
+                        while let Some(key) = map.next_key::<String>()? {
+                            shape.repeated_key |= key.is_empty() || !keys.insert(key);
+                            let item = map.next_value::<Shape>()?;
+                            shape.depth = shape.depth.max(item.depth);
+                            shape.repeated_key |= item.repeated_key;
+                        }
+                        shape.depth += 1;
+                        Ok(shape)
+                    }
+                    fn visit_bool<E>(self, _: bool) -> Result<Shape, E> {
+                        Ok(Shape::default())
+                    }
+                    fn visit_i64<E>(self, _: i64) -> Result<Shape, E> {
+                        Ok(Shape::default())
+                    }
+                    fn visit_u64<E>(self, _: u64) -> Result<Shape, E> {
+                        Ok(Shape::default())
+                    }
+                    fn visit_f64<E>(self, _: f64) -> Result<Shape, E> {
+                        Ok(Shape::default())
+                    }
+                    fn visit_str<E>(self, _: &str) -> Result<Shape, E> {
+                        Ok(Shape::default())
+                    }
+                    fn visit_unit<E>(self) -> Result<Shape, E> {
+                        Ok(Shape::default())
+                    }
+                }
+                d.deserialize_any(V)
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            /// The structure check agrees with serde_json: numbers it refuses are the ones
+            /// serde_json cannot read, and its depth is serde_json's.
+            #[test]
+            fn structure_check_agrees_with_serde_json(text in testgen::value(true)) {
+                match serde_json::from_str::<Shape>(&text) {
+                    Ok(shape) => {
+                        let d = shape.depth;
+                        prop_assert_eq!(check_structure(&text, d), Ok(()));
+                        if d > 0 {
+                            prop_assert_eq!(check_structure(&text, d - 1), Err(StructureError::TooDeep));
+                        }
+                    }
+                    Err(e) => {
+                        prop_assert!(e.to_string().contains("number out of range"), "{}", e);
+                        let Err(StructureError::NumberOutOfRange(at)) = check_structure(&text, 100) else {
+                            return Err(TestCaseError::fail(format!("accepted: {text}")));
+                        };
+                        let end = text[at..]
+                            .find(|c: char| !matches!(c, '0'..='9' | '.' | 'e' | 'E' | '+' | '-'))
+                            .map_or(text.len(), |n| at + n);
+                        prop_assert!(serde_json::from_str::<f64>(&text[at..end]).is_err());
+                    }
+                }
+            }
+
+            /// An object's fields as `RawObject` reads them are serde_json's reading of the
+            /// same object (a repeated key keeps its last value), values byte for byte.
+            #[test]
+            fn raw_object_reads_what_serde_json_reads(text in testgen::object(false)) {
+                let raw: &RawValue = serde_json::from_str(&text).unwrap();
+                let fields = RawObject::parse(raw).unwrap();
+                let Value::Object(expected) = serde_json::from_str::<Value>(&text).unwrap() else {
+                    unreachable!()
+                };
+                prop_assert_eq!(fields.iter().count(), expected.len());
+                for (key, value) in fields.iter() {
+                    let parsed: Value = serde_json::from_str(value.get()).unwrap();
+                    prop_assert_eq!(Some(&parsed), expected.get(key));
+                    // Borrowed from the text: the value's bytes are the client's.
+                    prop_assert!(text.contains(value.get()));
+                }
+            }
+
+            /// A number out of range is named by a path that leads to it.
+            #[test]
+            fn path_to_names_the_value_at_an_offset(text in testgen::object(true)) {
+                if let Err(StructureError::NumberOutOfRange(at)) = check_structure(&text, 100) {
+                    let path = path_to(&text, at);
+                    // Replacing that number by 0 makes the document readable (when no other
+                    // bad number remains), and the value at the path is that 0.
+                    let end = text[at..]
+                        .find(|c: char| !matches!(c, '0'..='9' | '.' | 'e' | 'E' | '+' | '-'))
+                        .map_or(text.len(), |n| at + n);
+                    let fixed = format!("{}0{}", &text[..at], &text[end..]);
+                    // A number inside a value that a repeated key replaces has no path to it:
+                    // the closest field is named, or none.
+                    let unique_keys = serde_json::from_str::<Shape>(&fixed).is_ok_and(|s| !s.repeated_key);
+                    if unique_keys {
+                        prop_assert!(!path.is_empty(), "{}", text);
+                    }
+                    // Follow the path back when its keys are plain words (a key may hold
+                    // dots and brackets itself).
+                    let plain = regex::Regex::new(r"^([A-Za-z]+)((\[\d+\])*)$").unwrap();
+                    let parts: Option<Vec<_>> = path.split('.').map(|p| plain.captures(p)).collect();
+                    if let (true, Ok(value), Some(parts)) = (unique_keys, serde_json::from_str::<Value>(&fixed), parts) {
+                        let mut found = Some(&value);
+                        for part in parts {
+                            found = found.and_then(|v| v.get(&part[1]));
+                            for index in part[2].split(['[', ']']).filter(|s| !s.is_empty()) {
+                                found = found.and_then(|v| v.get(index.parse::<usize>().unwrap()));
+                            }
+                        }
+                        prop_assert_eq!(found.and_then(Value::as_i64), Some(0), "{} at {}", fixed, path);
+                    }
+                }
+            }
+        }
+    }
 }

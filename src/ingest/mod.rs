@@ -7,6 +7,8 @@ pub mod json;
 pub mod message;
 pub mod seed;
 pub mod segment;
+#[cfg(test)]
+pub(crate) mod testgen;
 pub mod timestamp;
 
 pub use message::{Envelope, MessageType};

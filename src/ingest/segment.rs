@@ -507,4 +507,58 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.code, "too_deep");
     }
+
+    mod properties {
+        use super::*;
+        use crate::ingest::testgen;
+        use proptest::prelude::*;
+
+        /// A batch body around `items`, with whitespace and shared fields around them.
+        fn batch(items: &[String], space: &str, shared: bool) -> String {
+            let shared = if shared {
+                r#","context":{"library":{"name":"p"}},"sentAt":"2026-01-01T00:00:00Z""#
+            } else {
+                ""
+            };
+            format!(
+                "{{{space}\"batch\"{space}:{space}[{space}{}{space}]{shared}}}",
+                items.join(&format!("{space},{space}"))
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(500))]
+
+            /// The batch reader finds each item's text by pointer arithmetic on the body;
+            /// it must be exactly serde_json's raw text of that item, or (when it cannot be
+            /// placed) an equal document.
+            #[test]
+            fn each_item_text_is_serde_jsons(
+                items in prop::collection::vec(testgen::object(false), 1..6),
+                space in prop::sample::select(vec!["", " ", "\n\t"]),
+                shared in any::<bool>(),
+            ) {
+                let body = batch(&items, space, shared);
+                let request = parse_batch(body.as_bytes(), &LimitsConfig::default(), Utc::now())
+                    .expect("a batch of objects parses");
+                #[derive(Deserialize)]
+                struct Raw<'a> {
+                    #[serde(borrow)]
+                    batch: Vec<&'a RawValue>,
+                }
+                let raw: Raw<'_> = serde_json::from_str(&body).unwrap();
+                prop_assert_eq!(request.items.len(), raw.batch.len());
+                for (item, expected) in request.items.iter().zip(&raw.batch) {
+                    match &item.text {
+                        Cow::Borrowed(text) => prop_assert_eq!(*text, expected.get()),
+                        Cow::Owned(text) => {
+                            let a: Value = serde_json::from_str(text).unwrap();
+                            let b: Value = serde_json::from_str(expected.get()).unwrap();
+                            prop_assert_eq!(a, b);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

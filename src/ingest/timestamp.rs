@@ -150,4 +150,58 @@ mod tests {
             "2024-01-01T00:00:01.000Z"
         );
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Milliseconds from 0000-01-01 to 9999-12-31T23:59:59.999Z.
+        fn instant() -> impl Strategy<Value = DateTime<Utc>> {
+            (-62_167_219_200_000i64..253_402_300_800_000)
+                .prop_map(|ms| DateTime::from_timestamp_millis(ms).expect("in range"))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn what_is_written_reads_back(t in instant()) {
+                let written = format(t);
+                prop_assert_eq!(parse(&written), Some(t));
+                let mut json = Vec::new();
+                write_json(&mut json, t);
+                prop_assert_eq!(String::from_utf8(json).unwrap(), format!("\"{written}\""));
+            }
+
+            #[test]
+            fn any_text_parses_or_not_without_panic_and_in_range(text in "\\PC{0,40}") {
+                if let Some(t) = parse(&text) {
+                    prop_assert!((0..=9999).contains(&t.year()));
+                }
+            }
+
+            #[test]
+            fn near_misses_of_real_dates(
+                t in instant(),
+                cut in 0usize..30,
+                junk in "[0-9:T+Z. -]{0,4}",
+            ) {
+                let mut text = format(t);
+                text.truncate(text.len().saturating_sub(cut % text.len()));
+                text.push_str(&junk);
+                if let Some(parsed) = parse(&text) {
+                    prop_assert!((0..=9999).contains(&parsed.year()));
+                }
+            }
+
+            /// Whatever the client's clocks say, the corrected time lies between the Unix
+            /// epoch and the receive time.
+            #[test]
+            fn the_correction_is_clamped(received in instant(), sent in instant(), original in instant()) {
+                let received = received.max(DateTime::UNIX_EPOCH);
+                let t = corrected(received, sent, original);
+                prop_assert!(t <= received && t >= DateTime::UNIX_EPOCH);
+            }
+        }
+    }
 }

@@ -340,4 +340,75 @@ mod tests {
         assert_eq!(b.bytes(), before.as_slice());
         assert_eq!(b.len(), 1);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn framed(messages: &[Vec<u8>]) -> Vec<u8> {
+            let mut b = RecordBatch::with_capacity(64);
+            for (n, m) in messages.iter().enumerate() {
+                b.push_with("src", MessageType::Track, |buf| {
+                    buf.extend_from_slice(m);
+                    Ok::<_, ()>(Tag {
+                        key: [n as u32, 1, 2],
+                        accepted_at: 3,
+                    })
+                })
+                .unwrap();
+            }
+            b.into_bytes()
+        }
+
+        /// Reads records until the data ends or stops being valid.
+        fn read_all(mut bytes: &[u8]) -> (Vec<Vec<u8>>, bool) {
+            let mut found = Vec::new();
+            loop {
+                match read_record(&mut bytes).unwrap() {
+                    ReadOutcome::Record { json, .. } => found.push(json),
+                    ReadOutcome::End => return (found, true),
+                    ReadOutcome::Invalid(_) => return (found, false),
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            #[test]
+            fn any_bytes_are_read_without_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+                let _ = read_all(&bytes);
+            }
+
+            /// Cut anywhere, the log reads back as a prefix of what was written, and only a
+            /// cut between records reads as a clean end.
+            #[test]
+            fn a_cut_log_reads_as_a_prefix(
+                messages in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 1..6),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let bytes = framed(&messages);
+                let at = cut.index(bytes.len() + 1);
+                let (found, clean) = read_all(&bytes[..at]);
+                prop_assert!(messages.starts_with(&found));
+                let boundary = framed(&messages[..found.len()]).len() == at;
+                prop_assert_eq!(clean, boundary);
+            }
+
+            /// A byte changed anywhere is never read as a record it was not.
+            #[test]
+            fn a_changed_byte_is_caught(
+                messages in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 1..6),
+                at in any::<prop::sample::Index>(),
+                flip in 1u8..=255,
+            ) {
+                let mut bytes = framed(&messages);
+                let at = at.index(bytes.len());
+                bytes[at] ^= flip;
+                let (found, _) = read_all(&bytes);
+                prop_assert!(messages.starts_with(&found), "{:?}", found);
+                prop_assert!(found.len() < messages.len());
+            }
+        }
+    }
 }

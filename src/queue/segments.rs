@@ -303,4 +303,41 @@ mod tests {
         let (_, r) = ActiveSegment::open(dir.path(), 1 << 20).unwrap();
         assert_eq!((r.start, r.end), (4 * l, 5 * l));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(200))]
+
+            /// Whatever a crash left after the last whole record (a torn record, garbage,
+            /// zeros of a pre-allocated tail), recovery finds the true end and cuts there.
+            #[test]
+            fn recovery_finds_the_end_of_the_last_whole_record(
+                count in 1usize..5,
+                tail in prop_oneof![
+                    prop::collection::vec(any::<u8>(), 0..64),
+                    (1usize..4096).prop_map(|n| vec![0u8; n]),
+                ],
+                torn in 0usize..20,
+            ) {
+                let dir = tempfile::tempdir().unwrap();
+                let rec = one(r#"{"n":1}"#);
+                let (mut seg, _) = ActiveSegment::open(dir.path(), 1 << 20).unwrap();
+                for _ in 0..count {
+                    seg.append(&[&rec]).unwrap();
+                }
+                let end = seg.end();
+                drop(seg);
+                let mut f = OpenOptions::new().append(true).open(segment_path(dir.path(), 0)).unwrap();
+                f.write_all(&rec[..torn.min(rec.len() - 1)]).unwrap();
+                f.write_all(&tail).unwrap();
+                drop(f);
+                let (seg, r) = ActiveSegment::open(dir.path(), 1 << 20).unwrap();
+                prop_assert_eq!(r.end, end);
+                prop_assert_eq!(seg.end(), end);
+            }
+        }
+    }
 }

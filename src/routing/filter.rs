@@ -288,4 +288,39 @@ mod tests {
             &n("18446744073709551615")
         ));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// The same glob as a regular expression: the reference to check against.
+        fn reference(pattern: &str) -> regex::Regex {
+            let mut re = String::from("^");
+            for c in pattern.chars() {
+                match c {
+                    '*' => re.push_str(".*"),
+                    '?' => re.push('.'),
+                    c => re.push_str(&regex::escape(&c.to_string())),
+                }
+            }
+            re.push('$');
+            regex::RegexBuilder::new(&re)
+                .dot_matches_new_line(true)
+                .build()
+                .unwrap()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+
+            #[test]
+            fn globs_match_what_the_regex_matches(
+                pattern in "[ab*?é]{0,8}",
+                text in "[abé]{0,10}",
+            ) {
+                let ours = Pattern::new(&pattern).matches(&text);
+                prop_assert_eq!(ours, reference(&pattern).is_match(&text), "{:?} on {:?}", pattern, text);
+            }
+        }
+    }
 }
