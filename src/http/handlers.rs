@@ -294,29 +294,23 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => {
             let bytes = collected.to_bytes();
-            Ok(match bytes.starts_with(BOM) {
-                true => bytes.slice(BOM.len()..),
-                false => bytes,
-            })
+            if bytes.starts_with(BOM) {
+                Ok(bytes.slice(BOM.len()..))
+            } else {
+                Ok(bytes)
+            }
         }
-        Err(e) if caused_by::<LengthLimitError>(e.as_ref()) => Err(ApiError::TooLarge { limit }),
-        Err(e) => match cut_by(e.as_ref()) {
-            Some(why) => Err(ApiError::BodyTimeout(why)),
+        Err(e) if cause::<LengthLimitError>(e.as_ref()).is_some() => {
+            Err(ApiError::TooLarge { limit })
+        }
+        Err(e) => match cause::<BodyCut>(e.as_ref()) {
+            Some(&why) => Err(ApiError::BodyTimeout(why)),
             None => Err(ApiError::Invalid(Rejection::new(
                 "unreadable_body",
                 format!("could not read the request body (bad gzip/deflate data?): {e}"),
             ))),
         },
     }
-}
-
-fn caused_by<E: StdError + 'static>(e: &(dyn StdError + 'static)) -> bool {
-    cause::<E>(e).is_some()
-}
-
-/// Why the admission guard cut the body, if it did.
-fn cut_by(e: &(dyn StdError + 'static)) -> Option<BodyCut> {
-    cause::<BodyCut>(e).copied()
 }
 
 /// The first error of type `E` in `e`'s chain of sources.
