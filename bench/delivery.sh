@@ -44,7 +44,8 @@ queue_end() { # end position of the log: newest segment's base + its length
   local last; last=$(ls "$work/data/queue" | sort -n | tail -1)
   echo $(( 10#${last%%.*} + $(stat -c %s "$work/data/queue/$last") ))
 }
-cursor() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["position"])' "$work/data/cursors/hook.cursor"; }
+# The saved cursor's distance from the end of the log, as /metrics reports it.
+lag() { curl -s "http://127.0.0.1:$PORT/metrics" | awk '/^fanout_queue_lag_bytes\{destination="hook"\}/ {printf "%d", $2}'; }
 rss_mb() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$fanout/status"; }
 
 # 1. Fill: wrk in rounds of 5 s until the queue holds MESSAGES messages.
@@ -60,10 +61,9 @@ echo "queued: ~$sent messages, $(( $(queue_end) / 1048576 )) MiB of log; fanout 
 # 2. Drain into the ack receiver.
 ADDR="127.0.0.1:$SINK_PORT" taskset -c 1 "$root/target/baseline/release/ack" >/dev/null 2>&1 &
 pids+=("$!")
-end=$(queue_end)
 start=$(date +%s.%N)
 t0=$(cpu_ticks "$fanout")
-until [ "$(cursor)" -ge "$end" ]; do sleep 0.1; done
+until [ "$(lag)" = 0 ]; do sleep 0.1; done
 t1=$(cpu_ticks "$fanout")
 secs=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$start" "$(date +%s.%N)")
 cpu=$(python3 -c "import sys; print(f'{(float(sys.argv[2]) - float(sys.argv[1])) / float(sys.argv[3]):.2f}')" "$t0" "$t1" "$(getconf CLK_TCK)")
