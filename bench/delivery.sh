@@ -9,14 +9,17 @@
 # fanout on CPU 0, wrk and the receiver on CPU 1.
 # (The ack server answers any POST /v1/*, hence the webhook path.)
 # Usage: bench/delivery.sh   (needs wrk; builds fanout and the baseline in release)
-# Env: MESSAGES (1000000), BATCH (webhook batch.max_events, 500), CONCURRENCY (2),
-#      ORDERING (true).
+# Env: MESSAGES (1000000), BATCH (batch.max_events, 500), CONCURRENCY (2),
+#      ORDERING (true), ROUND (each wrk fill round, 5s),
+#      KIND (webhook, or klaviyo: the same events translated and sent as Klaviyo bulk jobs
+#      to the ack server, paced by Klaviyo's built-in limits; compare fanout CPU s).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 . "$root/bench/lib.sh"
 shared=${FANOUT_SHARED_DIR:-$root/../shared}
 MESSAGES=${MESSAGES:-1000000} BATCH=${BATCH:-500} CONCURRENCY=${CONCURRENCY:-2}
 ORDERING=${ORDERING:-true} PORT=${PORT:-18080} SINK_PORT=${SINK_PORT:-18090}
+ROUND=${ROUND:-5s} KIND=${KIND:-webhook}
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
@@ -28,15 +31,18 @@ CARGO_TARGET_DIR="$root/target/baseline" cargo build --release -q --manifest-pat
 { bench_config_head "$PORT" "$work/data"; cat <<TOML
 [[destinations]]
 name = "hook"
-kind = "webhook"
-url = "http://127.0.0.1:$SINK_PORT/v1/hook"
+$(if [ "$KIND" = klaviyo ]; then
+  printf 'kind = "klaviyo"\napi_key_env = "KLAVIYO_BENCH_KEY"\nbase_url = "http://127.0.0.1:%s/v1"\n' "$SINK_PORT"
+else
+  printf 'kind = "webhook"\nurl = "http://127.0.0.1:%s/v1/hook"\n' "$SINK_PORT"
+fi)
 concurrency = $CONCURRENCY
 ordering = $ORDERING
 batch = { max_events = $BATCH, linger = "50ms" }
 retry = { initial_backoff = "100ms", max_backoff = "1s" }
 TOML
 } >"$work/config.toml"
-taskset -c 0 "$root/target/release/fanout" --config "$work/config.toml" 2>"$work/log" &
+KLAVIYO_BENCH_KEY=pk_bench taskset -c 0 "$root/target/release/fanout" --config "$work/config.toml" 2>"$work/log" &
 fanout=$!; pids+=("$fanout")
 wait_port "$PORT"
 
@@ -51,7 +57,7 @@ rss_mb() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$fanout/status"; }
 # 1. Fill: wrk in rounds of 5 s until the queue holds MESSAGES messages.
 sent=0
 while [ "$sent" -lt "$MESSAGES" ]; do
-  taskset -c 1 wrk -t1 -c16 -d5s --timeout 5s -s "$shared/bench/wrk/batch.lua" "http://127.0.0.1:$PORT" >"$work/wrk" 2>&1
+  taskset -c 1 wrk -t1 -c16 "-d$ROUND" --timeout 5s -s "$shared/bench/wrk/batch.lua" "http://127.0.0.1:$PORT" >"$work/wrk" 2>&1
   r=$(sed -n 's/^RESULT //p' "$work/wrk")
   sent=$(( sent + $(python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print(int(r["events_per_s"]*r["duration_s"]))' "$r") ))
 done
@@ -67,4 +73,4 @@ until [ "$(lag)" = 0 ]; do sleep 0.1; done
 t1=$(cpu_ticks "$fanout")
 secs=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$start" "$(date +%s.%N)")
 cpu=$(python3 -c "import sys; print(f'{(float(sys.argv[2]) - float(sys.argv[1])) / float(sys.argv[3]):.2f}')" "$t0" "$t1" "$(getconf CLK_TCK)")
-echo "drained $sent messages in $secs s: $(python3 -c "print(int($sent / $secs))") events/s (batch $BATCH, concurrency $CONCURRENCY, ordering $ORDERING); fanout CPU $cpu s; RSS after: $(rss_mb) MB"
+echo "drained $sent messages to $KIND in $secs s: $(python3 -c "print(int($sent / $secs))") events/s (batch $BATCH, concurrency $CONCURRENCY, ordering $ORDERING); fanout CPU $cpu s; RSS after: $(rss_mb) MB"
