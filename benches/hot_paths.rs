@@ -39,10 +39,11 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use fanout::config::Config;
-use fanout::dedupe::{Dedupe, DedupeKey};
+use fanout::dedupe::Dedupe;
 use fanout::ingest::segment;
+use fanout::message::{DedupeKey, Tag};
 use fanout::queue::record::{read_record, ReadOutcome};
-use fanout::queue::{Queue, RecordBatch, Tag};
+use fanout::queue::{Queue, RecordBatch};
 use fanout::translate::{translate, Mapping, Revision, Translation};
 
 const EVENTS: usize = 100;

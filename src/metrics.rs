@@ -17,7 +17,7 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::ingest::MessageType;
+use crate::message::MessageType;
 
 const HTTP_REQUESTS: &str = "fanout_http_requests_total";
 const HTTP_DURATION: &str = "fanout_http_request_duration_seconds";

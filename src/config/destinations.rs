@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::ingest::MessageType;
+use crate::message::MessageType;
 
 /// One destination.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -6,7 +6,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::DedupeKey;
+use crate::message::DedupeKey;
 
 const ENTRY: usize = 16;
 

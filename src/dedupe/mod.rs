@@ -30,27 +30,8 @@ pub use table::KeyTable;
 use self::redis::{Claim as SharedClaim, RedisStore, SharedError};
 use self::table::Claim;
 use crate::config::{DedupeBackend, DedupeConfig, SourceConfig};
-use crate::queue::Tag;
+use crate::message::{DedupeKey, Tag};
 use crate::throttle::LogThrottle;
-
-/// 96 bits of xxh3-128 over (source, messageId): collisions are out of reach
-/// (about 1 in 10^21 per lookup with 10 million keys held).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct DedupeKey(pub [u32; 3]);
-
-impl DedupeKey {
-    pub fn of(source: &str, message_id: &str) -> DedupeKey {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        h.update(source.as_bytes());
-        // A byte that cannot occur in UTF-8 separates the parts unambiguously.
-        h.update(&[0xff]);
-        h.update(message_id.as_bytes());
-        let v = h.digest128();
-        let key = [v as u32, (v >> 32) as u32, (v >> 64) as u32];
-        // All-zero means "no key" in the log's tags.
-        DedupeKey(if key == [0; 3] { [1, 0, 0] } else { key })
-    }
-}
 
 /// The dedupe stage.
 pub struct Dedupe {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::RwLock;
 
-use super::DedupeKey;
+use crate::message::DedupeKey;
 
 /// How long a claim may stay pending before Redis drops it.
 const PENDING_MS: u64 = 30_000;

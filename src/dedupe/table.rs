@@ -13,7 +13,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use super::DedupeKey;
+use crate::message::DedupeKey;
 
 const SHARDS: usize = 64;
 /// Slots at or above this hold a pending request's id.

@@ -10,11 +10,11 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
 use super::dead_letters::{Failure, Reason};
-use super::rate_limit::RateLimiter;
 use super::retry::RetryPolicy;
 use crate::config::RatePer;
 use crate::destinations::{AnyDestination, Check, Destination, SendError};
 use crate::metrics::DeliveryMetrics;
+use crate::pace::RateLimiter;
 use crate::routing::Route;
 
 /// What a destination's batches share.
@@ -215,7 +215,7 @@ async fn send_with_retries(
         }) = &result
         {
             // Held before the slot is released, so no queued batch slips through.
-            context.hold_until(Instant::now() + context.policy.clamp_retry_after(*asked));
+            context.hold_until(Instant::now() + context.policy.backoff.clamp_retry_after(*asked));
         }
         drop(permit);
         let (status, retry_after, detail, answer) = match result {
@@ -259,7 +259,7 @@ async fn send_with_retries(
                 first_attempt_at: first_wall,
             });
         }
-        let delay = context.policy.delay(attempts, retry_after);
+        let delay = context.policy.backoff.delay(attempts, retry_after);
         metrics.retried.increment(messages.len() as u64);
         tracing::warn!(
             destination = %context.name,

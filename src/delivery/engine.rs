@@ -26,7 +26,7 @@ use super::dead_letters::{DeadLetters, Failure};
 use super::lines::{wire_len, Lines};
 use crate::config::BatchLimits;
 use crate::destinations::Destination;
-use crate::ingest::json::{scalar, RawObject, Scalar};
+use crate::json::{scalar, RawObject, Scalar};
 use crate::metrics::DestinationGauges;
 use crate::queue::{Checkpoint, Cursor, QueueReader, Record};
 use crate::routing::Decision;

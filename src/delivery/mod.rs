@@ -6,7 +6,6 @@ mod batch;
 pub mod dead_letters;
 mod engine;
 mod lines;
-mod rate_limit;
 mod retry;
 
 use std::collections::BTreeMap;
@@ -19,10 +18,10 @@ use tracing::Instrument;
 
 pub use dead_letters::DeadLetters;
 pub use engine::ordering_key;
-pub use rate_limit::RateLimiter;
 
 use crate::config::DestinationConfig;
 use crate::destinations::{AnyDestination, Destination};
+use crate::pace::RateLimiter;
 use crate::queue::{Checkpoint, Queue};
 use crate::routing::Route;
 use batch::DeliveryContext;

@@ -22,7 +22,7 @@ use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 
 use super::{http, secret_from_env, Check, Destination, SendError};
 use crate::config::DestinationConfig;
-use crate::delivery::RateLimiter;
+use crate::pace::RateLimiter;
 use crate::translate::klaviyo_body::{
     write_bulk_item, write_event, write_profile_import, BULK_JOB_HEAD, BULK_JOB_TAIL,
 };

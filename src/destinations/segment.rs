@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 
 use super::{http, secret_from_env, Destination, SendError};
 use crate::config::DestinationConfig;
-use crate::ingest::json::{write_object, RawObject};
+use crate::json::{write_object, RawObject};
 
 pub const DEFAULT_URL: &str = "https://api.segment.io";
 

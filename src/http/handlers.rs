@@ -17,7 +17,8 @@ use serde_json::json;
 
 use super::{ApiError, App, BodyCut};
 use crate::auth::{self, Credential};
-use crate::ingest::{seed, segment, MessageType, Rejection};
+use crate::ingest::{seed, segment, Rejection};
+use crate::message::MessageType;
 use crate::metrics::EventTally;
 use crate::queue::RecordBatch;
 

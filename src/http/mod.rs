@@ -32,7 +32,7 @@ use crate::auth::Sources;
 use crate::config::{Config, CorsConfig, LimitsConfig};
 use crate::dedupe::Dedupe;
 use crate::delivery::DeadLetters;
-use crate::ingest::MessageType;
+use crate::message::MessageType;
 use crate::queue::Queue;
 
 /// What request handlers share.

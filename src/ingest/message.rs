@@ -10,48 +10,11 @@ use std::borrow::Cow;
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 
-use super::json::{self, is_object_or_null, scalar, RawObject, Scalar};
-use super::timestamp;
 use super::Rejection;
 use crate::config::LimitsConfig;
-use crate::queue::Tag;
-
-/// The six Segment call types (lowercase in config, as in messages).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MessageType {
-    Identify,
-    Track,
-    Page,
-    Screen,
-    Group,
-    Alias,
-}
-
-impl MessageType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MessageType::Identify => "identify",
-            MessageType::Track => "track",
-            MessageType::Page => "page",
-            MessageType::Screen => "screen",
-            MessageType::Group => "group",
-            MessageType::Alias => "alias",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<MessageType> {
-        Some(match s {
-            "identify" => MessageType::Identify,
-            "track" => MessageType::Track,
-            "page" => MessageType::Page,
-            "screen" => MessageType::Screen,
-            "group" => MessageType::Group,
-            "alias" => MessageType::Alias,
-            _ => return None,
-        })
-    }
-}
+use crate::json::{self, is_object_or_null, scalar, RawObject, Scalar};
+use crate::message::{DedupeKey, MessageType, Tag};
+use crate::timestamp;
 
 /// What every message of one request shares: the receive time and, for batches, the
 /// batch-level `sentAt`, `context` and `integrations`.
@@ -351,7 +314,7 @@ impl Normalized<'_> {
         let key = if self.assigned {
             [0; 3]
         } else {
-            crate::dedupe::DedupeKey::of(source, &self.message_id).0
+            DedupeKey::of(source, &self.message_id).0
         };
         Tag {
             key,

@@ -3,15 +3,11 @@
 //! Pure functions: no I/O, no clock except the receive time they are given. The HTTP
 //! handlers call them; tests call them directly.
 
-pub mod json;
 pub mod message;
 pub mod seed;
 pub mod segment;
-#[cfg(test)]
-pub(crate) mod testgen;
-pub mod timestamp;
 
-pub use message::{Envelope, MessageType};
+pub use message::Envelope;
 
 /// Why a request (or one item of it) was refused: a stable code, a sentence, and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,7 +52,7 @@ fn batch_shape_error(body: &[u8], e: serde_json::Error) -> Rejection {
     if e.classify() != serde_json::error::Category::Data {
         return invalid_json(e);
     }
-    let Ok(object) = serde_json::from_slice::<json::RawObject<'_>>(body) else {
+    let Ok(object) = serde_json::from_slice::<crate::json::RawObject<'_>>(body) else {
         return Rejection::new(
             "invalid_body",
             "body must be a JSON object with a batch array",

@@ -9,10 +9,11 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::json::{scalar, RawObject, Scalar};
-use super::message::{self, Envelope, MessageType};
+use super::message::{self, Envelope};
 use super::{batch_shape_error, invalid_json, Rejection};
 use crate::config::LimitsConfig;
+use crate::json::{scalar, RawObject, Scalar};
+use crate::message::MessageType;
 use crate::queue::RecordBatch;
 
 /// One item's line in the `/event/batch` answer.

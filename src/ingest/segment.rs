@@ -11,10 +11,11 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::json::{check_structure, is_object_or_null, scalar, RawObject, Scalar};
-use super::message::{self, Envelope, MessageType};
+use super::message::{self, Envelope};
 use super::{batch_shape_error, invalid_json, Rejection};
 use crate::config::LimitsConfig;
+use crate::json::{check_structure, is_object_or_null, scalar, RawObject, Scalar};
+use crate::message::MessageType;
 use crate::queue::RecordBatch;
 
 /// A parsed request: its messages (unvalidated) and what they share.
@@ -510,7 +511,7 @@ mod tests {
 
     mod properties {
         use super::*;
-        use crate::ingest::testgen;
+        use crate::json::testgen;
         use proptest::prelude::*;
 
         /// A batch body around `items`, with whitespace and shared fields around them.

@@ -23,7 +23,9 @@ use tokio::sync::{oneshot, watch};
 
 pub use cursor::{Checkpoint, Cursor};
 pub use reader::QueueReader;
-pub use record::{Record, RecordBatch, Tag};
+pub use record::{Record, RecordBatch};
+
+use crate::message::Tag;
 
 /// Upper bound on the bytes one group commit writes, so one sync cannot grow without end.
 const MAX_GROUP_BYTES: usize = 16 * 1024 * 1024;

@@ -154,14 +154,15 @@ impl QueueReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::record::{RecordBatch, Tag};
+    use crate::message::Tag;
+    use crate::queue::record::RecordBatch;
     use crate::queue::segments::ActiveSegment;
 
     #[test]
     fn a_read_error_mid_batch_skips_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let mut one = RecordBatch::with_capacity(64);
-        one.push_with("s", crate::ingest::MessageType::Track, |b| {
+        one.push_with("s", crate::message::MessageType::Track, |b| {
             b.extend_from_slice(b"{}");
             Ok::<_, ()>(Tag::default())
         })

@@ -8,7 +8,7 @@
 
 use std::io::{self, Read};
 
-use crate::ingest::MessageType;
+use crate::message::{MessageType, Tag};
 
 /// Bytes before the payload: length and CRC.
 pub const HEADER_LEN: usize = 8;
@@ -17,34 +17,20 @@ const TAG_LEN: usize = 16;
 /// Largest payload a reader accepts; anything larger is a corrupt length field.
 pub const MAX_PAYLOAD: usize = 64 * 1024 * 1024;
 
-/// What the log keeps about a message besides its JSON: its dedupe key (all zero when
-/// it has none, e.g. a server-assigned messageId) and when it was accepted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Tag {
-    pub key: [u32; 3],
-    /// Unix seconds.
-    pub accepted_at: u32,
+/// The tag as framed in a record.
+fn tag_bytes(tag: Tag) -> [u8; TAG_LEN] {
+    let mut b = [0u8; TAG_LEN];
+    for (i, word) in tag.key.iter().chain([&tag.accepted_at]).enumerate() {
+        b[i * 4..i * 4 + 4].copy_from_slice(&word.to_le_bytes());
+    }
+    b
 }
 
-impl Tag {
-    fn to_bytes(self) -> [u8; TAG_LEN] {
-        let mut b = [0u8; TAG_LEN];
-        for (i, word) in self.key.iter().chain([&self.accepted_at]).enumerate() {
-            b[i * 4..i * 4 + 4].copy_from_slice(&word.to_le_bytes());
-        }
-        b
-    }
-
-    fn from_bytes(b: &[u8]) -> Tag {
-        let word = |i: usize| u32::from_le_bytes(b[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
-        Tag {
-            key: [word(0), word(1), word(2)],
-            accepted_at: word(3),
-        }
-    }
-
-    pub fn has_key(&self) -> bool {
-        self.key != [0; 3]
+fn tag_from_bytes(b: &[u8]) -> Tag {
+    let word = |i: usize| u32::from_le_bytes(b[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+    Tag {
+        key: [word(0), word(1), word(2)],
+        accepted_at: word(3),
     }
 }
 
@@ -88,7 +74,7 @@ impl RecordBatch {
                 return Err(e);
             }
         };
-        self.buf[tag_at..tag_at + TAG_LEN].copy_from_slice(&tag.to_bytes());
+        self.buf[tag_at..tag_at + TAG_LEN].copy_from_slice(&tag_bytes(tag));
         let payload = &self.buf[start + HEADER_LEN..];
         let len = payload.len() as u32;
         let crc = crc32fast::hash(payload);
@@ -209,7 +195,7 @@ pub fn read_record(reader: &mut impl Read) -> io::Result<ReadOutcome> {
         return Ok(ReadOutcome::Invalid("bad source name"));
     };
     let source = source.to_string();
-    let tag = Tag::from_bytes(&payload[2 + source_len..json_at]);
+    let tag = tag_from_bytes(&payload[2 + source_len..json_at]);
     payload.drain(..json_at);
     Ok(ReadOutcome::Record {
         source,

@@ -8,7 +8,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, IoSlice, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use super::record::{read_record, ReadOutcome, Tag};
+use super::record::{read_record, ReadOutcome};
+use crate::message::Tag;
 
 const SUFFIX: &str = ".seg";
 
@@ -237,7 +238,7 @@ mod tests {
 
     fn one(json: &str) -> Vec<u8> {
         let mut b = RecordBatch::with_capacity(64);
-        b.push_with("s", crate::ingest::MessageType::Track, |buf| {
+        b.push_with("s", crate::message::MessageType::Track, |buf| {
             buf.extend_from_slice(json.as_bytes());
             Ok::<_, ()>(Default::default())
         })

@@ -13,9 +13,10 @@ use serde_json::Value;
 use super::{Decision, Route};
 use crate::config::{Config, DestinationConfig, DestinationKind};
 use crate::destinations::{segment_batch_body, KlaviyoBodies};
-use crate::ingest::json::{scalar, RawObject, Scalar};
 use crate::ingest::segment::{parse_batch, parse_single};
-use crate::ingest::{MessageType, Rejection};
+use crate::ingest::Rejection;
+use crate::json::{scalar, RawObject, Scalar};
+use crate::message::MessageType;
 use crate::queue::record::{read_record, ReadOutcome};
 use crate::translate::Translation;
 

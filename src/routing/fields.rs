@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use serde_json::value::RawValue;
 
 use crate::config::DestinationConfig;
-use crate::ingest::json::{write_key, RawObject};
+use crate::json::{write_key, RawObject};
 
 /// A destination's field edits: drops first, then renames.
 pub(super) struct Transform {

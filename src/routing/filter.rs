@@ -7,8 +7,8 @@ use serde_json::{Number, Value};
 
 use super::{Skip, View};
 use crate::config::{FilterConfig, PropertyCondition};
-use crate::ingest::json::{scalar, RawObject, Scalar};
-use crate::ingest::MessageType;
+use crate::json::{scalar, RawObject, Scalar};
+use crate::message::MessageType;
 
 pub(super) struct Filter {
     types: Option<Vec<MessageType>>,

@@ -23,8 +23,8 @@ use memchr::memmem;
 use serde_json::value::RawValue;
 
 use crate::config::DestinationConfig;
-use crate::ingest::json::RawObject;
-use crate::ingest::MessageType;
+use crate::json::RawObject;
+use crate::message::MessageType;
 pub use explain::{explain, DestinationReport, MessageReport, Report};
 use fields::{Fields, Transform};
 use filter::Filter;

@@ -41,7 +41,8 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::ingest::{timestamp, MessageType};
+use crate::message::MessageType;
+use crate::timestamp;
 pub use limits::Limits;
 pub use mapping::{EventRule, Mapping, MetricName, OrderedProducts, SentType};
 

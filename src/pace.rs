@@ -1,4 +1,7 @@
-//! Outbound token bucket: `rate` tokens per second, holding at most `burst`.
+//! Pacing, shared by the delivery engine and the destinations that pace themselves:
+//! an outbound token bucket (`rate` tokens per second, holding at most `burst`), and
+//! exponential backoff with full jitter under a floor a destination asks for
+//! (`Retry-After`), clamped.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -58,6 +61,34 @@ impl RateLimiter {
     }
 }
 
+/// Exponential backoff with full jitter, at least what a destination asked for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+    /// Longest `Retry-After` honoured; longer requests are clamped to it.
+    pub max_retry_after: Duration,
+}
+
+impl Backoff {
+    /// Delay before attempt `attempts + 1`, after `attempts` failures: a uniform pick in
+    /// [0, min(max, initial × 2^(attempts−1))], raised to `retry_after` if the destination
+    /// asked for more. Full jitter spreads retries of many batches apart.
+    pub fn delay(&self, attempts: u32, retry_after: Option<Duration>) -> Duration {
+        let exp = attempts.saturating_sub(1).min(30);
+        let ceiling = self.initial.saturating_mul(1 << exp).min(self.max);
+        let jittered = ceiling.mul_f64(fastrand::f64());
+        match retry_after {
+            Some(asked) => jittered.max(self.clamp_retry_after(asked)),
+            None => jittered,
+        }
+    }
+
+    pub fn clamp_retry_after(&self, asked: Duration) -> Duration {
+        asked.min(self.max_retry_after)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +118,34 @@ mod tests {
         assert!(
             took >= Duration::from_secs(4) && took < Duration::from_millis(4100),
             "{took:?}"
+        );
+    }
+
+    fn backoff() -> Backoff {
+        Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+            max_retry_after: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn backoff_is_jittered_under_a_growing_cap() {
+        let b = backoff();
+        for _ in 0..200 {
+            assert!(b.delay(1, None) <= Duration::from_millis(100));
+            assert!(b.delay(3, None) <= Duration::from_millis(400));
+            assert!(b.delay(40, None) <= Duration::from_secs(1));
+        }
+    }
+
+    #[test]
+    fn retry_after_is_a_floor_and_is_clamped() {
+        let b = backoff();
+        assert!(b.delay(1, Some(Duration::from_secs(2))) >= Duration::from_secs(2));
+        assert_eq!(
+            b.delay(1, Some(Duration::from_secs(3600))),
+            Duration::from_secs(5)
         );
     }
 }

@@ -1,8 +1,12 @@
-//! A JSON object seen as its top-level fields with the values left unparsed.
+//! The JSON view every stage shares: an object seen as its top-level fields with the
+//! values left unparsed, checks of a document's structure, and writing JSON by hand.
 //!
 //! Ingest reads only a handful of fields (ids, type, timestamps) and forwards the rest
 //! byte for byte, so it parses each message once into borrowed slices of the request body
 //! instead of building a `serde_json::Value` tree and serializing it again.
+
+#[cfg(test)]
+pub(crate) mod testgen;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -389,7 +393,7 @@ mod tests {
 
     mod properties {
         use super::super::*;
-        use crate::ingest::testgen;
+        use crate::json::testgen;
         use proptest::prelude::*;
         use serde_json::Value;
 

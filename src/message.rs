@@ -1,0 +1,73 @@
+//! What every stage may know of a message without reading its JSON: its Segment call
+//! type, its dedupe key, and the tag the log keeps beside it.
+
+/// The six Segment call types (lowercase in config, as in messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageType {
+    Identify,
+    Track,
+    Page,
+    Screen,
+    Group,
+    Alias,
+}
+
+impl MessageType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageType::Identify => "identify",
+            MessageType::Track => "track",
+            MessageType::Page => "page",
+            MessageType::Screen => "screen",
+            MessageType::Group => "group",
+            MessageType::Alias => "alias",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<MessageType> {
+        Some(match s {
+            "identify" => MessageType::Identify,
+            "track" => MessageType::Track,
+            "page" => MessageType::Page,
+            "screen" => MessageType::Screen,
+            "group" => MessageType::Group,
+            "alias" => MessageType::Alias,
+            _ => return None,
+        })
+    }
+}
+
+/// 96 bits of xxh3-128 over (source, messageId): collisions are out of reach
+/// (about 1 in 10^21 per lookup with 10 million keys held).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DedupeKey(pub [u32; 3]);
+
+impl DedupeKey {
+    pub fn of(source: &str, message_id: &str) -> DedupeKey {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(source.as_bytes());
+        // A byte that cannot occur in UTF-8 separates the parts unambiguously.
+        h.update(&[0xff]);
+        h.update(message_id.as_bytes());
+        let v = h.digest128();
+        let key = [v as u32, (v >> 32) as u32, (v >> 64) as u32];
+        // All-zero means "no key" in the log's tags.
+        DedupeKey(if key == [0; 3] { [1, 0, 0] } else { key })
+    }
+}
+
+/// What the log keeps about a message besides its JSON: its dedupe key (all zero when
+/// it has none, e.g. a server-assigned messageId) and when it was accepted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tag {
+    pub key: [u32; 3],
+    /// Unix seconds.
+    pub accepted_at: u32,
+}
+
+impl Tag {
+    pub fn has_key(&self) -> bool {
+        self.key != [0; 3]
+    }
+}
