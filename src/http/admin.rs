@@ -12,8 +12,8 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use super::{ApiError, App};
+use crate::delivery::Changes;
 use crate::ingest::Rejection;
-use crate::server::ReloadRequest;
 
 #[derive(Deserialize)]
 pub struct DeadLetterQuery {
@@ -81,6 +81,27 @@ pub async fn replay_dead_letters(
         .map_err(internal)?
         .map_err(internal)?;
     Ok(Json(serde_json::json!({ "replayed": replayed })).into_response())
+}
+
+/// A reload asked for over HTTP; the server answers on `reply`.
+pub struct ReloadRequest {
+    pub purge: bool,
+    pub reply: tokio::sync::oneshot::Sender<ReloadOutcome>,
+}
+
+/// What a reload did, or why it was refused.
+pub type ReloadOutcome = Result<Reloaded, String>;
+
+#[derive(Debug, serde::Serialize)]
+pub struct Reloaded {
+    pub sources: usize,
+    #[serde(flatten)]
+    pub destinations: Changes,
+    /// Sections that changed but only take effect at a restart.
+    pub restart_needed: Vec<&'static str>,
+    /// Destinations no longer configured whose cursors still hold queued data.
+    pub unpurged: Vec<String>,
+    pub purged: Vec<String>,
 }
 
 #[derive(Deserialize)]

@@ -23,6 +23,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tower_http::LatencyUnit;
 
+pub use admin::{ReloadOutcome, ReloadRequest, Reloaded};
 pub use admission::BodyCut;
 pub use error::ApiError;
 
@@ -38,7 +39,7 @@ use crate::queue::Queue;
 /// What request handlers share.
 pub struct App {
     /// Replaced whole on config reload; a request sees the old set or the new one.
-    pub sources: arc_swap::ArcSwap<Sources>,
+    pub sources: Arc<arc_swap::ArcSwap<Sources>>,
     pub dedupe: Arc<Dedupe>,
     pub queue: Queue,
     pub limits: LimitsConfig,
@@ -48,7 +49,7 @@ pub struct App {
     /// Bearer token for `/admin/...`; those routes answer 404 without one.
     pub admin_token: Option<String>,
     /// Asks the server to reload its config (`POST /admin/reload`).
-    pub reload: tokio::sync::mpsc::Sender<crate::server::ReloadRequest>,
+    pub reload: tokio::sync::mpsc::Sender<ReloadRequest>,
 }
 
 /// Single-call paths: long names, and the browser library's one-letter ones.

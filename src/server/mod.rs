@@ -20,8 +20,6 @@ use crate::http::{self, App};
 use crate::queue::Queue;
 use connections::{ConnectionLimits, Connections};
 
-pub use reload::{ReloadOutcome, ReloadRequest};
-
 /// How `run` was asked to start.
 pub struct Options {
     /// The file the config came from, read again on reload.
@@ -45,7 +43,9 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
         config.server.segment_bytes,
         config.server.max_queue_bytes,
     )?;
-    let sources = Sources::from_config(&config.sources)?;
+    let sources = Arc::new(ArcSwap::from_pointee(Sources::from_config(
+        &config.sources,
+    )?));
     let dedupe = open_dedupe(&config, &queue)?;
     if config.destinations.is_empty() {
         tracing::warn!("no destinations configured: accepted messages are stored but go nowhere");
@@ -66,7 +66,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
     reload::report_removed(&config, &queue, options.purge).await?;
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let app = Arc::new(App {
-        sources: ArcSwap::from_pointee(sources),
+        sources: sources.clone(),
         dedupe,
         queue: queue.clone(),
         limits: config.limits.clone(),
@@ -107,7 +107,17 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
     tracing::info!("listening on {}", listener.local_addr()?);
     servers.push(serve(listener, router));
     let grace = config.server.shutdown_grace;
-    let mut reloader = reload::Reloader::new(options.config_path, config, app, deliveries);
+    let mut reloader = reload::Reloader::new(
+        options.config_path,
+        config,
+        sources,
+        app.dedupe.clone(),
+        app.queue.clone(),
+        deliveries,
+    );
+    // The servers and the reloader hold what they need: the last `Queue` handle must go
+    // with them at shutdown, so that the writer can finish.
+    drop(app);
     drop(queue);
 
     tokio::pin!(shutdown);

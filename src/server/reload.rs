@@ -6,50 +6,42 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use serde::Serialize;
-use tokio::sync::oneshot;
+use arc_swap::ArcSwap;
 
 use crate::auth::Sources;
 use crate::config::Config;
-use crate::delivery::{Changes, Deliveries};
+use crate::dedupe::Dedupe;
+use crate::delivery::Deliveries;
 use crate::destinations::AnyDestination;
-use crate::http::App;
+use crate::http::{ReloadOutcome, Reloaded};
 use crate::queue::Queue;
 
-/// A reload asked for over HTTP; the answer comes back on `reply`.
-pub struct ReloadRequest {
-    pub purge: bool,
-    pub reply: oneshot::Sender<ReloadOutcome>,
-}
-
-/// What a reload did, or why it was refused.
-pub type ReloadOutcome = Result<Reloaded, String>;
-
-#[derive(Debug, Serialize)]
-pub struct Reloaded {
-    pub sources: usize,
-    #[serde(flatten)]
-    pub destinations: Changes,
-    /// Sections that changed but only take effect at a restart.
-    pub restart_needed: Vec<&'static str>,
-    /// Destinations no longer configured whose cursors still hold queued data.
-    pub unpurged: Vec<String>,
-    pub purged: Vec<String>,
-}
-
+/// What a reload changes in the running process: the write keys requests see, the
+/// dedupe switches, and the destinations (and their cursors in the queue).
 pub struct Reloader {
     path: PathBuf,
     current: Config,
-    app: Arc<App>,
+    sources: Arc<ArcSwap<Sources>>,
+    dedupe: Arc<Dedupe>,
+    queue: Queue,
     deliveries: Deliveries,
 }
 
 impl Reloader {
-    pub fn new(path: PathBuf, current: Config, app: Arc<App>, deliveries: Deliveries) -> Self {
+    pub fn new(
+        path: PathBuf,
+        current: Config,
+        sources: Arc<ArcSwap<Sources>>,
+        dedupe: Arc<Dedupe>,
+        queue: Queue,
+        deliveries: Deliveries,
+    ) -> Self {
         Reloader {
             path,
             current,
-            app,
+            sources,
+            dedupe,
+            queue,
             deliveries,
         }
     }
@@ -100,13 +92,13 @@ impl Reloader {
             );
         }
 
-        self.app.sources.store(Arc::new(sources));
-        self.app.dedupe.set_sources(&config.sources);
+        self.sources.store(Arc::new(sources));
+        self.dedupe.set_sources(&config.sources);
         let destinations = self.deliveries.reconcile(&config.destinations).await;
         let sources = config.sources.len();
         // Only destinations named in the file keep their cursors; one that is named but
         // failed to start keeps its cursor too.
-        let (purged, unpurged) = removed_cursors(&config, &self.app.queue, purge)
+        let (purged, unpurged) = removed_cursors(&config, &self.queue, purge)
             .await
             .map_err(|e| format!("purge failed: {e:#}"))?;
         // What the next reload compares against is what is in effect: the destinations
