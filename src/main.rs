@@ -180,7 +180,7 @@ fn route(config: &Config, source: Option<&str>) -> ExitCode {
         eprintln!("fanout: cannot read standard input: {e}");
         return ExitCode::from(2);
     }
-    let report = match fanout::routing::explain(config, source, &input) {
+    let report = match fanout::cli::route::explain(config, source, &input) {
         Ok(report) => report,
         Err(e) => {
             eprintln!("fanout: {e:#}");

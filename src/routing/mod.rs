@@ -13,7 +13,6 @@
 //!
 //! A message that is not a JSON object is passed on unchanged: the destination decides.
 
-mod explain;
 mod fields;
 mod filter;
 
@@ -25,7 +24,6 @@ use serde_json::value::RawValue;
 use crate::config::DestinationConfig;
 use crate::json::RawObject;
 use crate::message::MessageType;
-pub use explain::{explain, DestinationReport, MessageReport, Report};
 use fields::{Fields, Transform};
 use filter::Filter;
 

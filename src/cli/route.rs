@@ -10,7 +10,6 @@ use chrono::Utc;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{Decision, Route};
 use crate::config::{Config, DestinationConfig, DestinationKind};
 use crate::destinations::{segment_batch_body, KlaviyoBodies};
 use crate::ingest::segment::{parse_batch, parse_single};
@@ -18,6 +17,7 @@ use crate::ingest::Rejection;
 use crate::json::{scalar, RawObject, Scalar};
 use crate::message::MessageType;
 use crate::queue::record::{read_record, ReadOutcome};
+use crate::routing::{Decision, Route};
 use crate::translate::Translation;
 
 /// What `fanout route` prints.

@@ -1,0 +1,5 @@
+//! The command line's own work, above every stage: `fanout route` runs a message through
+//! ingest, the queue's framing, each destination's routing and translation, and shows
+//! the result without sending anything.
+
+pub mod route;
