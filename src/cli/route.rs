@@ -10,15 +10,14 @@ use chrono::Utc;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::config::{Config, DestinationConfig, DestinationKind};
-use crate::destinations::{segment_batch_body, KlaviyoBodies};
+use crate::config::Config;
+use crate::destinations::{DestinationConfig, Preview};
 use crate::ingest::segment::{parse_batch, parse_single};
 use crate::ingest::Rejection;
 use crate::json::{scalar, RawObject, Scalar};
 use crate::message::MessageType;
 use crate::queue::record::{read_record, ReadOutcome};
 use crate::routing::{Decision, Route};
-use crate::translate::Translation;
 
 /// What `fanout route` prints.
 #[derive(Debug, Serialize)]
@@ -81,7 +80,7 @@ pub fn explain(config: &Config, source: Option<&str>, input: &[u8]) -> anyhow::R
             destinations.push(match route.decide(source, json) {
                 Decision::Skip(skip) => DestinationReport {
                     destination: config.name.clone(),
-                    kind: config.kind.as_str(),
+                    kind: config.kind(),
                     send: false,
                     skipped: Some(skip.as_str()),
                     refused: None,
@@ -153,44 +152,21 @@ fn rejected(r: Rejection) -> anyhow::Error {
 fn delivered(config: &DestinationConfig, message: &[u8]) -> anyhow::Result<DestinationReport> {
     let mut report = DestinationReport {
         destination: config.name.clone(),
-        kind: config.kind.as_str(),
+        kind: config.kind(),
         send: true,
         skipped: None,
         refused: None,
         payload: Value::Null,
     };
-    match config.kind {
-        DestinationKind::Klaviyo => {
-            let bodies = KlaviyoBodies::new(config)?;
-            let requests = match bodies.translate(message, Utc::now()) {
-                Translation::Events(events) => bodies.requests(&[], &events),
-                Translation::Profile(upsert) => bodies.requests(&[upsert], &[]),
-                Translation::Skip { reason } => {
-                    report.send = false;
-                    report.skipped = Some(reason);
-                    return Ok(report);
-                }
-                Translation::Reject { reason } => {
-                    report.send = false;
-                    report.refused = Some(reason);
-                    return Ok(report);
-                }
-            };
-            let requests = requests
-                .into_iter()
-                .map(|r| {
-                    let body: Value = serde_json::from_slice(&r.body)?;
-                    Ok(serde_json::json!({ "path": r.path, "body": body }))
-                })
-                .collect::<anyhow::Result<Vec<Value>>>()?;
-            report.payload = Value::Array(requests);
+    match config.settings.preview(message)? {
+        Preview::Send(payload) => report.payload = payload,
+        Preview::Skip(reason) => {
+            report.send = false;
+            report.skipped = Some(reason);
         }
-        DestinationKind::Segment => {
-            let batch: Value = serde_json::from_slice(&segment_batch_body(&[message]))?;
-            report.payload = batch["batch"][0].clone();
-        }
-        DestinationKind::File | DestinationKind::Stdout | DestinationKind::Webhook => {
-            report.payload = serde_json::from_slice(message)?;
+        Preview::Refuse(reason) => {
+            report.send = false;
+            report.refused = Some(reason);
         }
     }
     Ok(report)

@@ -12,17 +12,13 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
-mod destinations;
+use crate::destinations::DestinationConfig;
 
-pub use destinations::{
-    BatchConfig, BatchLimits, DestinationConfig, DestinationKind, FilterConfig, PropertyCondition,
-    RateLimitConfig, RatePer, RetryConfig, WebhookPayload,
-};
-
-/// The whole configuration file.
+/// The whole configuration file. `D` is how a destination is held: its typed config,
+/// or, while the file is read, its TOML table (each kind reads its own keys from it).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
+pub struct Config<D = DestinationConfig> {
     #[serde(default)]
     pub server: ServerConfig,
     #[serde(default)]
@@ -36,7 +32,7 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     /// Where accepted messages go; each reads the queue from its own cursor.
     #[serde(default)]
-    pub destinations: Vec<DestinationConfig>,
+    pub destinations: Vec<D>,
     #[serde(default)]
     pub admin: AdminConfig,
 }
@@ -402,8 +398,8 @@ impl Config {
             text,
             doc: doc.clone(),
         };
-        let config: Config = serde_path_to_error::deserialize(toml::de::Deserializer::from(doc))
-            .map_err(|e| {
+        let raw: Config<toml::Table> =
+            serde_path_to_error::deserialize(toml::de::Deserializer::from(doc)).map_err(|e| {
                 let key = e.path().to_string();
                 let key = if key == "." { String::new() } else { key };
                 let inner = e.into_inner();
@@ -421,10 +417,34 @@ impl Config {
                     message,
                 }
             })?;
+        let config = raw.read_destinations(&lines)?;
         config.validate(&lines)?;
         Ok(config)
     }
+}
 
+impl Config<toml::Table> {
+    /// Reads each destination's table as its kind's config, locating errors in the file.
+    fn read_destinations(self, lines: &LineIndex<'_>) -> Result<Config, ConfigError> {
+        let mut destinations = Vec::with_capacity(self.destinations.len());
+        for (i, table) in self.destinations.into_iter().enumerate() {
+            let destination = DestinationConfig::from_table(table)
+                .map_err(|e| lines.error(&format!("destinations[{i}]"), e))?;
+            destinations.push(destination);
+        }
+        Ok(Config {
+            server: self.server,
+            limits: self.limits,
+            cors: self.cors,
+            dedupe: self.dedupe,
+            sources: self.sources,
+            destinations,
+            admin: self.admin,
+        })
+    }
+}
+
+impl Config {
     /// Checks what serde cannot: uniqueness, non-empty keys, safe names.
     fn validate(&self, lines: &LineIndex<'_>) -> Result<(), ConfigError> {
         let err = |key: String, message: String| ConfigError {
@@ -558,10 +578,10 @@ impl Config {
                     format!("destination `{}` is defined twice", dest.name.as_str()),
                 ));
             }
-            if let Err((key, message)) = dest.validate() {
-                return Err(err(format!("destinations[{i}].{key}"), message));
+            if let Err(e) = dest.validate() {
+                return Err(lines.error(&format!("destinations[{i}]"), e));
             }
-            for (j, name) in dest.sources.iter().flatten().enumerate() {
+            for (j, name) in dest.route.sources.iter().flatten().enumerate() {
                 if !source_names.contains(name.as_str()) {
                     return Err(err(
                         format!("destinations[{i}].sources[{j}]"),
@@ -664,6 +684,21 @@ struct LineIndex<'i> {
 }
 
 impl LineIndex<'_> {
+    /// A destination's `KeyError` (its key relative to `at`) as a located `ConfigError`.
+    fn error(&self, at: &str, e: crate::destinations::KeyError) -> ConfigError {
+        let key = if e.key.is_empty() {
+            at.to_string()
+        } else {
+            format!("{at}.{}", e.key)
+        };
+        ConfigError {
+            origin: None,
+            line: self.line(&key),
+            message: hide_secret(&key, e.message),
+            key,
+        }
+    }
+
     fn line(&self, path: &str) -> Option<usize> {
         let mut span = self.doc.span();
         let mut table = Some(self.doc.get_ref());
@@ -738,11 +773,7 @@ path = "/tmp/x/out.jsonl"
         assert_eq!(c.server.listen.port(), 9000);
         assert_eq!(c.sources[0].write_keys, vec!["k1"]);
         assert_eq!(c.limits.max_message_bytes, 32 * 1024);
-        assert_eq!(c.destinations[0].kind, DestinationKind::File);
-        assert_eq!(
-            c.destinations[0].path.as_deref(),
-            Some(Path::new("/tmp/x/out.jsonl"))
-        );
+        assert_eq!(c.destinations[0].kind(), "file");
     }
 
     #[test]
@@ -896,5 +927,141 @@ path = "/tmp/x/out.jsonl"
         let text = GOOD.replace("name = \"out\"", "name = \"../etc\"");
         let e = Config::parse(&text).unwrap_err();
         assert_eq!(e.key, "destinations[0].name");
+    }
+
+    /// A config with sources `web` and `ios` and one file destination ending in `rules`
+    /// (its first line is line 12).
+    fn routed(rules: &str) -> Result<Config, ConfigError> {
+        Config::parse(&format!(
+            "[[sources]]\nname = \"web\"\nwrite_keys = [\"k1\"]\n\n[[sources]]\nname = \"ios\"\n\n\
+             [[destinations]]\nname = \"f\"\nkind = \"file\"\npath = \"/tmp/f\"\n{rules}"
+        ))
+    }
+
+    #[test]
+    fn routing_errors_name_key_and_line() {
+        let cases = [
+            (
+                "sources = [\"web\", \"android\"]\n",
+                "destinations[0].sources[1]",
+                12,
+                "android",
+            ),
+            ("sources = []\n", "destinations[0].sources", 12, "empty"),
+            (
+                "filter = { types = [\"track\", \"click\"] }\n",
+                "destinations[0].filter.types[1]",
+                12,
+                "click",
+            ),
+            (
+                "filter = { types = [] }\n",
+                "destinations[0].filter.types",
+                12,
+                "empty",
+            ),
+            (
+                "filter = {}\n",
+                "destinations[0].filter",
+                12,
+                "at least one",
+            ),
+            (
+                "filter = { event = [\"x\"] }\n",
+                "destinations[0].filter.event",
+                12,
+                "event",
+            ),
+            (
+                "filter = { events = [\"a\", \"\"] }\n",
+                "destinations[0].filter.events[1]",
+                12,
+                "empty",
+            ),
+            (
+                "[destinations.filter.properties]\nplan = { equals = 1, exists = true }\n",
+                "destinations[0].filter.properties.plan",
+                13,
+                "only one",
+            ),
+            (
+                "[destinations.filter.properties]\nplan = {}\n",
+                "destinations[0].filter.properties.plan",
+                13,
+                "equals",
+            ),
+            (
+                "[destinations.filter.properties]\nplan = { equal = 1 }\n",
+                "destinations[0].filter.properties.plan.equal",
+                13,
+                "equal",
+            ),
+            (
+                "[destinations.filter.properties]\nplan = { equals = nan }\n",
+                "destinations[0].filter.properties.plan.equals",
+                13,
+                "nan",
+            ),
+            (
+                "[destinations.filter.properties]\n\"a..b\" = { exists = true }\n",
+                "destinations[0].filter.properties.\"a..b\"",
+                12,
+                "empty segment",
+            ),
+            (
+                "drop_fields = [\"context.ip\", \"type\"]\n",
+                "destinations[0].drop_fields[1]",
+                12,
+                "type",
+            ),
+            (
+                "drop_fields = [\"\"]\n",
+                "destinations[0].drop_fields[0]",
+                12,
+                "dotted path",
+            ),
+            (
+                "rename = { type = \"kind\" }\n",
+                "destinations[0].rename.type",
+                12,
+                "type",
+            ),
+            (
+                "rename = { \"properties.a\" = \"context.ip\" }\ndrop_fields = [\"context\"]\n",
+                "destinations[0].rename.\"properties.a\"",
+                12,
+                "drop_fields",
+            ),
+            (
+                "rename = { \"context.ip\" = \"properties.ip\" }\ndrop_fields = [\"context.ip\"]\n",
+                "destinations[0].rename.\"context.ip\"",
+                12,
+                "removed",
+            ),
+            (
+                "rename = { a = \"b\", c = \"b.x\" }\n",
+                "destinations[0].rename.a",
+                12,
+                "overlaps",
+            ),
+            (
+                "rename = { a = \"a\" }\n",
+                "destinations[0].rename.a",
+                12,
+                "itself",
+            ),
+            (
+                "rename = { a = \"b.\" }\n",
+                "destinations[0].rename.a",
+                12,
+                "b.",
+            ),
+        ];
+        for (rules, key, line, says) in cases {
+            let e = routed(rules).unwrap_err();
+            assert_eq!(e.key, key, "{rules}: {e}");
+            assert_eq!(e.line, Some(line), "{rules}: {e}");
+            assert!(e.message.contains(says), "{rules}: {e}");
+        }
     }
 }

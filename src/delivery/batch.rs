@@ -11,8 +11,8 @@ use tokio::time::Instant;
 
 use super::dead_letters::{Failure, Reason};
 use super::retry::RetryPolicy;
-use crate::config::RatePer;
-use crate::destinations::{AnyDestination, Check, Destination, SendError};
+use crate::destinations::RatePer;
+use crate::destinations::{AnyDestination, Check, Outgoing, Prepared, SendError};
 use crate::metrics::DeliveryMetrics;
 use crate::pace::RateLimiter;
 use crate::routing::Route;
@@ -94,11 +94,18 @@ pub async fn deliver(context: Arc<DeliveryContext>, items: Vec<Item>) -> BatchRe
     let metrics = DeliveryMetrics::new(&context.name);
     let mut settled = vec![Settled::Abandoned; items.len()];
     let mut mark = None;
-    // What the destination can take at all is settled first, without a request.
+    // What the destination can take at all is settled first, without a request; what it
+    // prepares for the rest is kept for every attempt.
     let mut sendable = Vec::with_capacity(items.len());
+    let mut prepared: Vec<Option<Prepared>> = Vec::with_capacity(items.len());
     for (index, item) in items.iter().enumerate() {
-        match context.destination.check(&item.json) {
-            Check::Send => sendable.push(index),
+        let check = context.destination.check(&item.json);
+        prepared.push(None);
+        match check {
+            Check::Send(ready) => {
+                prepared[index] = ready;
+                sendable.push(index);
+            }
             Check::Skip(why) => {
                 tracing::debug!(destination = %context.name, why, "message not for this destination");
                 metrics.skipped.increment(1);
@@ -124,7 +131,13 @@ pub async fn deliver(context: Arc<DeliveryContext>, items: Vec<Item>) -> BatchRe
         if lo == hi {
             continue;
         }
-        let range: Vec<&Item> = sendable[lo..hi].iter().map(|&i| &items[i]).collect();
+        let range: Vec<Outgoing<'_>> = sendable[lo..hi]
+            .iter()
+            .map(|&i| Outgoing {
+                json: &items[i].json,
+                prepared: prepared[i].as_ref(),
+            })
+            .collect();
         let mut settle = |outcome: Settled| {
             for &i in &sendable[lo..hi] {
                 settled[i] = outcome.clone();
@@ -164,10 +177,9 @@ pub async fn deliver(context: Arc<DeliveryContext>, items: Vec<Item>) -> BatchRe
 async fn send_with_retries(
     context: &DeliveryContext,
     metrics: &DeliveryMetrics,
-    items: &[&Item],
+    messages: &[Outgoing<'_>],
     (first, first_wall): (Instant, chrono::DateTime<Utc>),
 ) -> Attempt {
-    let messages: Vec<&[u8]> = items.iter().map(|i| i.json.as_slice()).collect();
     let sequential = context.destination.sequential();
     let mut stop = context.stop.clone();
     let mut attempts = 0u32;
@@ -199,12 +211,12 @@ async fn send_with_retries(
         let sent_at = Instant::now();
         let result = if sequential {
             // A local write is short and must not be torn by shutdown.
-            context.destination.send(&messages).await
+            context.destination.send(messages).await
         } else {
             // Shutdown does not wait for a slow receiver: the batch stays owed and is
             // sent again after the restart.
             tokio::select! {
-                result = context.destination.send(&messages) => result,
+                result = context.destination.send(messages) => result,
                 _ = stop.wait_for(|&s| s) => return Attempt::Stopped,
             }
         };

@@ -19,8 +19,7 @@ use tracing::Instrument;
 pub use dead_letters::DeadLetters;
 pub use engine::ordering_key;
 
-use crate::config::DestinationConfig;
-use crate::destinations::{AnyDestination, Destination};
+use crate::destinations::DestinationConfig;
 use crate::pace::RateLimiter;
 use crate::queue::{Checkpoint, Queue};
 use crate::routing::Route;
@@ -143,7 +142,7 @@ impl Deliveries {
         let queue = &self.queue;
         let (stop, stop_rx) = watch::channel(false);
         let (reader, mut cursor, saved) = queue.subscribe(&config.name)?;
-        let destination = AnyDestination::build(config, saved)?;
+        let destination = config.build(saved)?;
         // A new destination, or a mark that measures another output (the path or the
         // kind changed): start from what is there now, and save that at once.
         let (saved, save_soon) = match saved {
@@ -168,6 +167,7 @@ impl Deliveries {
         let sequential = destination.sequential();
         let concurrency = if sequential { 1 } else { config.concurrency() };
         let limiter = config
+            .http
             .rate_limit
             .as_ref()
             .map(|r| (RateLimiter::new(r.rate, r.burst()), r.per));

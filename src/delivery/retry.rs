@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::RetryConfig;
+use crate::destinations::RetryConfig;
 use crate::pace::Backoff;
 
 pub struct RetryPolicy {

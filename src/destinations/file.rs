@@ -9,9 +9,38 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use super::{json_lines, Destination, SendError};
-use crate::config::DestinationConfig;
+use serde::Deserialize;
+
+use super::{
+    json_lines, AnyDestination, BatchShape, Destination, DestinationConfig, Kind, Outgoing,
+    SendError, Sending,
+};
 use crate::queue::Checkpoint;
+
+/// `kind = "file"`'s own keys.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// The output file, one JSON object per line.
+    pub path: PathBuf,
+}
+
+impl Kind for FileConfig {
+    const NAME: &'static str = "file";
+    const HTTP: bool = false;
+
+    fn batch_shape(&self) -> BatchShape {
+        BatchShape::new(1000, 1024 * 1024, 0)
+    }
+
+    fn build(
+        &self,
+        config: &DestinationConfig,
+        saved: Option<Checkpoint>,
+    ) -> anyhow::Result<AnyDestination> {
+        Ok(Box::new(FileDestination::open(&config.name, self, saved)?))
+    }
+}
 
 pub struct FileDestination {
     path: PathBuf,
@@ -21,14 +50,14 @@ pub struct FileDestination {
 
 impl FileDestination {
     /// Opens the output, cutting off lines written after the last saved checkpoint.
-    pub fn open(config: &DestinationConfig, saved: Option<Checkpoint>) -> anyhow::Result<Self> {
-        let path = config.path.clone().unwrap_or_default();
+    pub fn open(
+        name: &str,
+        config: &FileConfig,
+        saved: Option<Checkpoint>,
+    ) -> anyhow::Result<Self> {
+        let path = config.path.clone();
         Self::open_path(path.clone(), saved).map_err(|e| {
-            anyhow::anyhow!(
-                "destination `{}`: cannot open {}: {e}",
-                config.name,
-                path.display()
-            )
+            anyhow::anyhow!("destination `{name}`: cannot open {}: {e}", path.display())
         })
     }
 
@@ -56,6 +85,27 @@ impl FileDestination {
             path,
             file: Mutex::new(Some(file)),
         })
+    }
+
+    /// Appends the lines on a blocking thread; the handle goes with it and comes back.
+    async fn append(&self, lines: Vec<u8>) -> Result<u64, SendError> {
+        let taken = self.file.lock().expect("file lock poisoned").take();
+        let mut file = match taken {
+            Some(f) => f,
+            None => OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .map_err(SendError::io)?,
+        };
+        let (file, result) = tokio::task::spawn_blocking(move || {
+            let result = append_whole(&mut file, &lines);
+            (file, result)
+        })
+        .await
+        .map_err(|e| SendError::io(std::io::Error::other(e)))?;
+        *self.file.lock().expect("file lock poisoned") = Some(file);
+        result.map_err(SendError::io)
     }
 }
 
@@ -85,25 +135,9 @@ fn append_whole(file: &mut File, lines: &[u8]) -> std::io::Result<u64> {
 }
 
 impl Destination for FileDestination {
-    async fn send(&self, messages: &[&[u8]]) -> Result<u64, SendError> {
-        let lines = json_lines(messages);
-        let taken = self.file.lock().expect("file lock poisoned").take();
-        let mut file = match taken {
-            Some(f) => f,
-            None => OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-                .map_err(SendError::io)?,
-        };
-        let (file, result) = tokio::task::spawn_blocking(move || {
-            let result = append_whole(&mut file, &lines);
-            (file, result)
-        })
-        .await
-        .map_err(|e| SendError::io(std::io::Error::other(e)))?;
-        *self.file.lock().expect("file lock poisoned") = Some(file);
-        result.map_err(SendError::io)
+    fn send<'a>(&'a self, batch: &'a [Outgoing<'a>]) -> Sending<'a> {
+        let lines = json_lines(batch);
+        Box::pin(self.append(lines))
     }
 
     fn sequential(&self) -> bool {

@@ -1,24 +1,37 @@
 //! Stage 8: destination kinds, one file each, behind one trait. The delivery engine
 //! decides what to send and when; a destination only knows how to send one batch.
+//!
+//! A kind is its file (`<kind>.rs`: the strict struct of its own config keys, which
+//! implements `Kind`, and the destination itself) plus one line in `kinds!` below.
 
+mod config;
 mod file;
 mod http;
 mod klaviyo;
+mod rules;
 mod segment;
 mod stdout;
 mod webhook;
 
+use std::any::Any;
 use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
-pub use file::FileDestination;
-pub use http::{classify, parse_retry_after};
-pub use klaviyo::{KlaviyoBodies, KlaviyoDestination, KlaviyoRequest};
-pub use segment::{batch_body as segment_batch_body, SegmentDestination};
-pub use stdout::StdoutDestination;
-pub use webhook::WebhookDestination;
+use serde::de::DeserializeOwned;
 
-use crate::config::{DestinationConfig, DestinationKind};
+pub use config::{
+    deserialize_table, does_not_apply, field_names, BatchConfig, BatchLimits, BatchShape,
+    DestinationConfig, HttpConfig, KeyError, RateLimitConfig, RatePer, RetryConfig,
+};
+pub use file::{FileConfig, FileDestination};
+pub use http::{classify, parse_retry_after};
+pub use klaviyo::{KlaviyoBodies, KlaviyoConfig, KlaviyoDestination, KlaviyoRequest};
+pub use rules::{FilterConfig, PropertyCondition, RouteConfig};
+pub use segment::{batch_body as segment_batch_body, SegmentConfig, SegmentDestination};
+pub use stdout::{StdoutConfig, StdoutDestination};
+pub use webhook::{WebhookConfig, WebhookDestination, WebhookPayload};
+
 use crate::queue::Checkpoint;
 
 /// Why a batch was not delivered.
@@ -64,29 +77,42 @@ impl SendError {
     }
 }
 
+/// What a destination made of a message in `check`, handed back to it in `send` and on
+/// every retry, so that the work (a translation, say) is done once.
+pub type Prepared = Box<dyn Any + Send + Sync>;
+
 /// What a destination makes of one message before any request.
-#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Check {
-    Send,
+    /// Send it, with what was prepared for it, if anything.
+    Send(Option<Prepared>),
     /// Not for this destination by design (e.g. alias for Klaviyo): settled, not sent.
     Skip(&'static str),
     /// Cannot be sent as it is: dead-letter it with `code` and `detail`.
-    Refuse {
-        code: String,
-        detail: String,
-    },
+    Refuse { code: String, detail: String },
 }
+
+/// One message of a batch being sent: as stored, and as `check` prepared it.
+#[derive(Clone, Copy)]
+pub struct Outgoing<'a> {
+    pub json: &'a [u8],
+    pub prepared: Option<&'a Prepared>,
+}
+
+/// The future `send` returns: boxed, so that destinations of any kind (and fakes in the
+/// engine's tests) stand behind one `dyn Destination`. One allocation a batch.
+pub type Sending<'a> = Pin<Box<dyn Future<Output = Result<u64, SendError>> + Send + 'a>>;
 
 /// Sends batches of messages (each one JSON object, as stored) in the order given.
 pub trait Destination: Send + Sync + 'static {
-    /// Looks at one message before it is batched for sending; most destinations send all.
+    /// Looks at one message before it is batched for sending; most destinations send all
+    /// and prepare nothing.
     fn check(&self, _message: &[u8]) -> Check {
-        Check::Send
+        Check::Send(None)
     }
 
     /// Delivers the whole batch or fails as a whole. Returns the mark to save with the
     /// cursor (see `Checkpoint::sink_offset`); 0 when the destination has none.
-    fn send(&self, messages: &[&[u8]]) -> impl Future<Output = Result<u64, SendError>> + Send;
+    fn send<'a>(&'a self, batch: &'a [Outgoing<'a>]) -> Sending<'a>;
 
     /// True when batches must go one at a time, in order, each retried until it succeeds
     /// (a local file whose length is saved with the cursor).
@@ -111,102 +137,154 @@ pub trait Destination: Send + Sync + 'static {
     }
 }
 
-/// Any configured destination; dispatches to the kind.
-pub enum AnyDestination {
-    File(FileDestination),
-    Stdout(StdoutDestination),
-    Webhook(WebhookDestination),
-    Segment(SegmentDestination),
-    /// Boxed: the mapping and three rate buckets make it the largest by far.
-    Klaviyo(Box<KlaviyoDestination>),
+/// A running destination of any kind.
+pub type AnyDestination = Box<dyn Destination>;
+
+/// What `fanout route` shows a destination would make of a message routing let through.
+pub enum Preview {
+    /// The payload it would receive (the message, or the requests it becomes).
+    Send(serde_json::Value),
+    /// Passed over by the destination's own choice.
+    Skip(&'static str),
+    /// Refused: it would be dead-lettered with this reason.
+    Refuse(String),
 }
 
-impl AnyDestination {
-    /// Builds the destination, reading its secrets from the environment. `saved` is its
-    /// last checkpoint (the file destination cuts its output back to it).
-    pub fn build(
+/// One destination kind: its own config keys (a strict serde struct, in its file) and
+/// what the engine and `fanout route` need to know of it.
+pub trait Kind: DeserializeOwned + Clone + std::fmt::Debug + PartialEq + Send + Sync {
+    /// The value of `kind = "…"`.
+    const NAME: &'static str;
+    /// Sends over HTTP: takes `concurrency`, `ordering`, `timeout`, `retry`, `rate_limit`.
+    const HTTP: bool;
+
+    /// Checks what serde cannot; the error names the key (within the destination).
+    fn validate(&self) -> Result<(), KeyError> {
+        Ok(())
+    }
+
+    /// Batch defaults and limits.
+    fn batch_shape(&self) -> BatchShape;
+
+    /// The running destination, with its secrets read from the environment. `saved` is
+    /// its last checkpoint (the file destination cuts its output back to it).
+    fn build(
+        &self,
         config: &DestinationConfig,
         saved: Option<Checkpoint>,
-    ) -> anyhow::Result<AnyDestination> {
-        Ok(match config.kind {
-            DestinationKind::File => AnyDestination::File(FileDestination::open(config, saved)?),
-            DestinationKind::Stdout => AnyDestination::Stdout(StdoutDestination::new()),
-            DestinationKind::Webhook => AnyDestination::Webhook(WebhookDestination::new(config)?),
-            DestinationKind::Segment => AnyDestination::Segment(SegmentDestination::new(config)?),
-            DestinationKind::Klaviyo => {
-                AnyDestination::Klaviyo(Box::new(KlaviyoDestination::new(config)?))
+    ) -> anyhow::Result<AnyDestination>;
+
+    /// What it would receive of `message`, for `fanout route`; sends nothing.
+    fn preview(&self, message: &[u8]) -> anyhow::Result<Preview> {
+        Ok(Preview::Send(serde_json::from_slice(message)?))
+    }
+}
+
+/// Reads a kind's own keys; a key the kind does not take is named, and so is a missing
+/// required one.
+fn read_kind<K: Kind>(own: toml::Table) -> Result<K, KeyError> {
+    deserialize_table::<K>(own).map_err(|mut e| {
+        if e.message.starts_with("missing field") {
+            e.message = format!("kind `{}` needs `{}`", K::NAME, e.key);
+        } else if e.message.starts_with("unknown field") && Settings::any_kind_takes(&e.key) {
+            e = does_not_apply(&e.key, K::NAME);
+        }
+        e
+    })
+}
+
+/// The kinds: each a variant of `Settings` holding its config struct. Adding a kind is
+/// its file plus one line here.
+macro_rules! kinds {
+    ($($variant:ident($config:ty)),+ $(,)?) => {
+        /// A destination's kind and its own keys.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum Settings {
+            $($variant($config)),+
+        }
+
+        impl Settings {
+            /// Reads the kind named `kind` from the keys that are not shared.
+            fn from_table(kind: &str, own: toml::Table) -> Result<Settings, KeyError> {
+                $(
+                    if kind == <$config as Kind>::NAME {
+                        return read_kind::<$config>(own).map(Settings::$variant);
+                    }
+                )+
+                let known = [$(format!("`{}`", <$config as Kind>::NAME)),+].join(", ");
+                Err(KeyError::new(
+                    "kind",
+                    format!("unknown variant `{kind}`, expected one of {known}"),
+                ))
             }
-        })
-    }
+
+            /// Whether some kind has a key named `key`.
+            fn any_kind_takes(key: &str) -> bool {
+                false $(|| field_names::<$config>().contains(&key))+
+            }
+
+            /// The value of `kind = "…"`.
+            pub fn kind(&self) -> &'static str {
+                match self {
+                    $(Settings::$variant(_) => <$config as Kind>::NAME),+
+                }
+            }
+
+            pub fn is_http(&self) -> bool {
+                match self {
+                    $(Settings::$variant(_) => <$config as Kind>::HTTP),+
+                }
+            }
+
+            fn validate(&self) -> Result<(), KeyError> {
+                match self {
+                    $(Settings::$variant(c) => c.validate()),+
+                }
+            }
+
+            pub fn batch_shape(&self) -> BatchShape {
+                match self {
+                    $(Settings::$variant(c) => c.batch_shape()),+
+                }
+            }
+
+            fn build(
+                &self,
+                config: &DestinationConfig,
+                saved: Option<Checkpoint>,
+            ) -> anyhow::Result<AnyDestination> {
+                match self {
+                    $(Settings::$variant(c) => c.build(config, saved)),+
+                }
+            }
+
+            pub fn preview(&self, message: &[u8]) -> anyhow::Result<Preview> {
+                match self {
+                    $(Settings::$variant(c) => c.preview(message)),+
+                }
+            }
+        }
+    };
 }
 
-impl AnyDestination {
-    /// Checks that `config` can be built: its secrets are set, its URL parses, its output
-    /// file can be opened. Without a checkpoint nothing is cut, so this touches no data.
-    pub fn validate(config: &DestinationConfig) -> anyhow::Result<()> {
-        AnyDestination::build(config, None).map(drop)
-    }
+kinds! {
+    File(file::FileConfig),
+    Stdout(stdout::StdoutConfig),
+    Webhook(webhook::WebhookConfig),
+    Segment(segment::SegmentConfig),
+    Klaviyo(klaviyo::KlaviyoConfig),
 }
 
-impl Destination for AnyDestination {
-    fn check(&self, message: &[u8]) -> Check {
-        match self {
-            AnyDestination::File(d) => d.check(message),
-            AnyDestination::Stdout(d) => d.check(message),
-            AnyDestination::Webhook(d) => d.check(message),
-            AnyDestination::Segment(d) => d.check(message),
-            AnyDestination::Klaviyo(d) => d.check(message),
-        }
+impl DestinationConfig {
+    /// Builds the destination, reading its secrets from the environment. `saved` is its
+    /// last checkpoint.
+    pub fn build(&self, saved: Option<Checkpoint>) -> anyhow::Result<AnyDestination> {
+        self.settings.build(self, saved)
     }
 
-    async fn send(&self, messages: &[&[u8]]) -> Result<u64, SendError> {
-        match self {
-            AnyDestination::File(d) => d.send(messages).await,
-            AnyDestination::Stdout(d) => d.send(messages).await,
-            AnyDestination::Webhook(d) => d.send(messages).await,
-            AnyDestination::Segment(d) => d.send(messages).await,
-            AnyDestination::Klaviyo(d) => d.send(messages).await,
-        }
-    }
-
-    fn sequential(&self) -> bool {
-        match self {
-            AnyDestination::File(d) => d.sequential(),
-            AnyDestination::Stdout(d) => d.sequential(),
-            AnyDestination::Webhook(d) => d.sequential(),
-            AnyDestination::Segment(d) => d.sequential(),
-            AnyDestination::Klaviyo(d) => d.sequential(),
-        }
-    }
-
-    fn flush(&self) -> std::io::Result<()> {
-        match self {
-            AnyDestination::File(d) => d.flush(),
-            AnyDestination::Stdout(d) => d.flush(),
-            AnyDestination::Webhook(d) => d.flush(),
-            AnyDestination::Segment(d) => d.flush(),
-            AnyDestination::Klaviyo(d) => d.flush(),
-        }
-    }
-
-    fn mark(&self) -> u64 {
-        match self {
-            AnyDestination::File(d) => d.mark(),
-            AnyDestination::Stdout(d) => d.mark(),
-            AnyDestination::Webhook(d) => d.mark(),
-            AnyDestination::Segment(d) => d.mark(),
-            AnyDestination::Klaviyo(d) => d.mark(),
-        }
-    }
-
-    fn sink_id(&self) -> u64 {
-        match self {
-            AnyDestination::File(d) => d.sink_id(),
-            AnyDestination::Stdout(d) => d.sink_id(),
-            AnyDestination::Webhook(d) => d.sink_id(),
-            AnyDestination::Segment(d) => d.sink_id(),
-            AnyDestination::Klaviyo(d) => d.sink_id(),
-        }
+    /// Builds it and lets it go: whether it can start (secrets set, output openable).
+    pub fn try_build(&self) -> anyhow::Result<()> {
+        self.build(None).map(drop)
     }
 }
 
@@ -221,24 +299,36 @@ fn secret_from_env(destination: &str, key: &str, var: &str) -> anyhow::Result<St
     }
 }
 
+/// Checks a URL key: http(s) and well formed. The value is not quoted: a URL may carry
+/// a token or a password.
+fn check_url(key: &str, url: &str) -> Result<(), KeyError> {
+    if (url.starts_with("http://") || url.starts_with("https://"))
+        && url.parse::<::http::Uri>().is_ok()
+    {
+        Ok(())
+    } else {
+        Err(KeyError::new(key, "is not an http(s) URL"))
+    }
+}
+
 /// One JSON line per message, as written by file-like destinations.
-fn json_lines(messages: &[&[u8]]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(messages.iter().map(|m| m.len() + 1).sum());
-    for message in messages {
-        out.extend_from_slice(message);
+fn json_lines(batch: &[Outgoing<'_>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(batch.iter().map(|m| m.json.len() + 1).sum());
+    for message in batch {
+        out.extend_from_slice(message.json);
         out.push(b'\n');
     }
     out
 }
 
 /// `[m1,m2,…]` from messages that are each one JSON value.
-fn json_array(messages: &[&[u8]], out: &mut Vec<u8>) {
+fn json_array(batch: &[Outgoing<'_>], out: &mut Vec<u8>) {
     out.push(b'[');
-    for (i, message) in messages.iter().enumerate() {
+    for (i, message) in batch.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(message);
+        out.extend_from_slice(message.json);
     }
     out.push(b']');
 }

@@ -11,11 +11,70 @@ use base64::Engine as _;
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde_json::value::RawValue;
 
-use super::{http, secret_from_env, Destination, SendError};
-use crate::config::DestinationConfig;
+use serde::Deserialize;
+
+use super::{
+    check_url, http, secret_from_env, AnyDestination, BatchShape, Destination, DestinationConfig,
+    KeyError, Kind, Outgoing, Preview, Sending,
+};
 use crate::json::{write_object, RawObject};
+use crate::queue::Checkpoint;
 
 pub const DEFAULT_URL: &str = "https://api.segment.io";
+/// Segment's `/v1/batch` limits (and those of any fanout downstream).
+pub const SEGMENT_MAX_EVENTS: usize = 2500;
+/// 500 KB, less room for `{"batch":[` … `]}`.
+pub const SEGMENT_MAX_BYTES: usize = 500 * 1024 - 64;
+
+/// `kind = "segment"`'s own keys.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentConfig {
+    /// The base URL; `/v1/batch` is appended (default `https://api.segment.io`).
+    pub url: Option<String>,
+    /// Environment variable with the write key sent as Basic auth.
+    pub write_key_env: String,
+    /// Gzip the request body.
+    #[serde(default)]
+    pub gzip: bool,
+}
+
+impl Kind for SegmentConfig {
+    const NAME: &'static str = "segment";
+    const HTTP: bool = true;
+
+    fn validate(&self) -> Result<(), KeyError> {
+        self.url
+            .as_deref()
+            .map_or(Ok(()), |url| check_url("url", url))
+    }
+
+    fn batch_shape(&self) -> BatchShape {
+        BatchShape {
+            max_events: SEGMENT_MAX_EVENTS,
+            max_bytes: SEGMENT_MAX_BYTES,
+            limited_by: "Segment's limits: 2 500 messages and 500 KB a request",
+            ..BatchShape::new(500, SEGMENT_MAX_BYTES, 1000)
+        }
+    }
+
+    fn build(
+        &self,
+        config: &DestinationConfig,
+        _: Option<Checkpoint>,
+    ) -> anyhow::Result<AnyDestination> {
+        Ok(Box::new(SegmentDestination::new(config, self)?))
+    }
+
+    /// The message as relayed: without its `sentAt`.
+    fn preview(&self, message: &[u8]) -> anyhow::Result<Preview> {
+        let batch: serde_json::Value = serde_json::from_slice(&batch_body(&[Outgoing {
+            json: message,
+            prepared: None,
+        }]))?;
+        Ok(Preview::Send(batch["batch"][0].clone()))
+    }
+}
 
 pub struct SegmentDestination {
     client: reqwest::Client,
@@ -25,31 +84,30 @@ pub struct SegmentDestination {
 }
 
 impl SegmentDestination {
-    pub fn new(config: &DestinationConfig) -> anyhow::Result<Self> {
-        let var = config.write_key_env.as_deref().unwrap_or_default();
-        let key = secret_from_env(&config.name, "write_key_env", var)?;
+    pub fn new(config: &DestinationConfig, own: &SegmentConfig) -> anyhow::Result<Self> {
+        let key = secret_from_env(&config.name, "write_key_env", &own.write_key_env)?;
         let basic = base64::engine::general_purpose::STANDARD.encode(format!("{key}:"));
         let mut authorization = HeaderValue::from_str(&format!("Basic {basic}"))?;
         authorization.set_sensitive(true);
-        let base = config.url.as_deref().unwrap_or(DEFAULT_URL);
+        let base = own.url.as_deref().unwrap_or(DEFAULT_URL);
         Ok(SegmentDestination {
             client: http::client(config.timeout())?,
             endpoint: format!("{}/v1/batch", base.trim_end_matches('/')),
             authorization,
-            gzip: config.gzip.unwrap_or(false),
+            gzip: own.gzip,
         })
     }
 }
 
 /// `{"batch":[…]}` with each message's `sentAt` left out.
-pub fn batch_body(messages: &[&[u8]]) -> Vec<u8> {
-    let mut body = Vec::with_capacity(messages.iter().map(|m| m.len() + 1).sum::<usize>() + 12);
+pub fn batch_body(batch: &[Outgoing<'_>]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(batch.iter().map(|m| m.json.len() + 1).sum::<usize>() + 12);
     body.extend_from_slice(b"{\"batch\":[");
-    for (i, message) in messages.iter().enumerate() {
+    for (i, message) in batch.iter().enumerate() {
         if i > 0 {
             body.push(b',');
         }
-        write_without_sent_at(message, &mut body);
+        write_without_sent_at(message.json, &mut body);
     }
     body.extend_from_slice(b"]}");
     body
@@ -72,14 +130,14 @@ fn write_without_sent_at(message: &[u8], out: &mut Vec<u8>) {
 }
 
 impl Destination for SegmentDestination {
-    async fn send(&self, messages: &[&[u8]]) -> Result<u64, SendError> {
-        let body = batch_body(messages);
+    fn send<'a>(&'a self, batch: &'a [Outgoing<'a>]) -> Sending<'a> {
+        let body = batch_body(batch);
         let request = self
             .client
             .post(&self.endpoint)
             .header(AUTHORIZATION, self.authorization.clone())
             .header(CONTENT_TYPE, "application/json");
-        http::send_batch(request, body, self.gzip).await
+        Box::pin(http::send_batch(request, body, self.gzip))
     }
 }
 
@@ -91,7 +149,11 @@ mod tests {
     fn batch_leaves_out_sent_at_only() {
         let a = br#"{"type":"track","sentAt":"2026-01-01T00:00:00Z","event":"E","properties":{"sentAt":1}}"#;
         let b = br#"{"type":"identify","userId":"u"}"#;
-        let body: serde_json::Value = serde_json::from_slice(&batch_body(&[a, b])).unwrap();
+        let batch = [a.as_slice(), b.as_slice()].map(|json| Outgoing {
+            json,
+            prepared: None,
+        });
+        let body: serde_json::Value = serde_json::from_slice(&batch_body(&batch)).unwrap();
         assert_eq!(
             body,
             serde_json::json!({"batch": [

@@ -3,12 +3,80 @@
 //! `X-Fanout-Signature: sha256=<hex>` over the JSON body (before any gzip), keyed with
 //! the secret from `signing_secret_env`.
 
+use std::collections::BTreeMap;
+
 use hmac::{Hmac, Mac};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use serde::Deserialize;
 use sha2::Sha256;
 
-use super::{http, json_array, secret_from_env, Destination, SendError};
-use crate::config::{DestinationConfig, WebhookPayload};
+use super::{
+    check_url, http, json_array, secret_from_env, AnyDestination, BatchShape, Destination,
+    DestinationConfig, KeyError, Kind, Outgoing, Sending,
+};
+use crate::queue::Checkpoint;
+
+/// `kind = "webhook"`'s own keys.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// The URL posted to.
+    pub url: String,
+    /// Headers sent with every request.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Environment variable with the HMAC-SHA256 signing secret.
+    pub signing_secret_env: Option<String>,
+    /// A JSON array of messages per request (default), or one message per request.
+    #[serde(default)]
+    pub payload: WebhookPayload,
+    /// Gzip the request body.
+    #[serde(default)]
+    pub gzip: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookPayload {
+    /// `[message, …]`, one request per batch.
+    #[default]
+    Array,
+    /// `message`, one request per message.
+    Message,
+}
+
+impl Kind for WebhookConfig {
+    const NAME: &'static str = "webhook";
+    const HTTP: bool = true;
+
+    fn validate(&self) -> Result<(), KeyError> {
+        check_url("url", &self.url)?;
+        for name in self.headers.keys() {
+            if HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(KeyError::new(
+                    format!("headers.{name}"),
+                    "not a valid header name",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn batch_shape(&self) -> BatchShape {
+        BatchShape {
+            one_per_request: self.payload == WebhookPayload::Message,
+            ..BatchShape::new(100, 1024 * 1024, 200)
+        }
+    }
+
+    fn build(
+        &self,
+        config: &DestinationConfig,
+        _: Option<Checkpoint>,
+    ) -> anyhow::Result<AnyDestination> {
+        Ok(Box::new(WebhookDestination::new(config, self)?))
+    }
+}
 
 pub const SIGNATURE_HEADER: &str = "x-fanout-signature";
 
@@ -22,9 +90,9 @@ pub struct WebhookDestination {
 }
 
 impl WebhookDestination {
-    pub fn new(config: &DestinationConfig) -> anyhow::Result<Self> {
+    pub fn new(config: &DestinationConfig, own: &WebhookConfig) -> anyhow::Result<Self> {
         let mut headers = HeaderMap::new();
-        for (name, value) in &config.headers {
+        for (name, value) in &own.headers {
             headers.insert(
                 HeaderName::from_bytes(name.as_bytes())?,
                 HeaderValue::from_str(value).map_err(|_| {
@@ -35,7 +103,7 @@ impl WebhookDestination {
                 })?,
             );
         }
-        let secret = match &config.signing_secret_env {
+        let secret = match &own.signing_secret_env {
             Some(var) => {
                 Some(secret_from_env(&config.name, "signing_secret_env", var)?.into_bytes())
             }
@@ -43,11 +111,11 @@ impl WebhookDestination {
         };
         Ok(WebhookDestination {
             client: http::client(config.timeout())?,
-            url: config.url.clone().unwrap_or_default(),
+            url: own.url.clone(),
             headers,
             secret,
-            payload: config.payload.unwrap_or_default(),
-            gzip: config.gzip.unwrap_or(false),
+            payload: own.payload,
+            gzip: own.gzip,
         })
     }
 }
@@ -66,13 +134,13 @@ pub fn signature(secret: &[u8], body: &[u8]) -> String {
 }
 
 impl Destination for WebhookDestination {
-    async fn send(&self, messages: &[&[u8]]) -> Result<u64, SendError> {
-        let body = match (self.payload, messages) {
-            (WebhookPayload::Message, [one]) => one.to_vec(),
+    fn send<'a>(&'a self, batch: &'a [Outgoing<'a>]) -> Sending<'a> {
+        let body = match (self.payload, batch) {
+            (WebhookPayload::Message, [one]) => one.json.to_vec(),
             _ => {
                 let mut body =
-                    Vec::with_capacity(messages.iter().map(|m| m.len() + 1).sum::<usize>() + 2);
-                json_array(messages, &mut body);
+                    Vec::with_capacity(batch.iter().map(|m| m.json.len() + 1).sum::<usize>() + 2);
+                json_array(batch, &mut body);
                 body
             }
         };
@@ -84,7 +152,7 @@ impl Destination for WebhookDestination {
         if let Some(secret) = &self.secret {
             request = request.header(SIGNATURE_HEADER, signature(secret, &body));
         }
-        http::send_batch(request, body, self.gzip).await
+        Box::pin(http::send_batch(request, body, self.gzip))
     }
 }
 

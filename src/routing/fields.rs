@@ -5,7 +5,7 @@ use std::borrow::Cow;
 
 use serde_json::value::RawValue;
 
-use crate::config::DestinationConfig;
+use crate::destinations::RouteConfig;
 use crate::json::{write_key, RawObject};
 
 /// A destination's field edits: drops first, then renames.
@@ -20,7 +20,7 @@ fn split(path: &str) -> Vec<String> {
 
 impl Transform {
     /// `None` when the destination edits nothing.
-    pub(super) fn new(config: &DestinationConfig) -> Option<Transform> {
+    pub(super) fn new(config: &RouteConfig) -> Option<Transform> {
         if config.drop_fields.is_empty() && config.rename.is_empty() {
             return None;
         }

@@ -6,7 +6,7 @@ use serde_json::value::RawValue;
 use serde_json::{Number, Value};
 
 use super::{Skip, View};
-use crate::config::{FilterConfig, PropertyCondition};
+use crate::destinations::{FilterConfig, PropertyCondition};
 use crate::json::{scalar, RawObject, Scalar};
 use crate::message::MessageType;
 

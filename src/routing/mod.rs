@@ -21,7 +21,7 @@ use std::borrow::Cow;
 use memchr::memmem;
 use serde_json::value::RawValue;
 
-use crate::config::DestinationConfig;
+use crate::destinations::DestinationConfig;
 use crate::json::RawObject;
 use crate::message::MessageType;
 use fields::{Fields, Transform};
@@ -98,10 +98,10 @@ impl Route {
     pub fn new(config: &DestinationConfig) -> Route {
         Route {
             name: config.name.clone(),
-            kind: config.kind.as_str(),
-            sources: config.sources.clone(),
-            filter: config.filter.as_ref().map(Filter::new),
-            transform: Transform::new(config),
+            kind: config.kind(),
+            sources: config.route.sources.clone(),
+            filter: config.route.filter.as_ref().map(Filter::new),
+            transform: Transform::new(&config.route),
             integrations: memmem::Finder::new(b"\"integrations\""),
         }
     }

@@ -12,7 +12,6 @@ use crate::auth::Sources;
 use crate::config::Config;
 use crate::dedupe::Dedupe;
 use crate::delivery::Deliveries;
-use crate::destinations::AnyDestination;
 use crate::http::{ReloadOutcome, Reloaded};
 use crate::queue::Queue;
 
@@ -81,7 +80,9 @@ impl Reloader {
         for destination in &config.destinations {
             let unchanged = self.current.destinations.iter().any(|d| d == destination);
             if !unchanged {
-                AnyDestination::validate(destination).map_err(|e| format!("{text}: {e:#}"))?;
+                destination
+                    .try_build()
+                    .map_err(|e| format!("{text}: {e:#}"))?;
             }
         }
         warn_of_removed(&self.current, &config);
