@@ -16,7 +16,6 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::value::RawValue;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -25,10 +24,9 @@ use super::batch::{self, BatchResult, DeliveryContext, Item, Origin, Settled};
 use super::dead_letters::{DeadLetters, Failure};
 use super::lines::{wire_len, Lines};
 use crate::destinations::BatchLimits;
-use crate::json::{scalar, RawObject, Scalar};
 use crate::metrics::DestinationGauges;
 use crate::queue::{Checkpoint, Cursor, QueueReader, Record};
-use crate::routing::Decision;
+use crate::routing::{user_key, Decision};
 
 /// How often marked dead letters are looked for.
 const REPLAY_POLL: Duration = Duration::from_secs(1);
@@ -251,7 +249,11 @@ impl Engine {
 
     /// Takes a record read from the queue into a line; false when it is not routed here.
     fn push_record(&mut self, record: Record, now: Instant) -> bool {
-        let edited = match self.context.route.decide(&record.source, &record.json) {
+        let (decision, user) = self
+            .context
+            .route
+            .decide_with_user(&record.source, &record.json);
+        let edited = match decision {
             Decision::Send(Cow::Borrowed(_)) => None,
             Decision::Send(Cow::Owned(edited)) => Some(edited),
             Decision::Skip(why) => {
@@ -263,10 +265,11 @@ impl Engine {
             }
         };
         // From the message as accepted: `drop_fields` may remove the ids it is made of.
-        let user = if self.ordering {
-            ordering_key(&record.json)
-        } else {
-            0
+        // Routing reports the key when it read the message anyway.
+        let user = match (self.ordering, user) {
+            (false, _) => 0,
+            (true, Some(user)) => user,
+            (true, None) => user_key(&record.json),
         };
         let json = edited.unwrap_or(record.json);
         let seq = self.next_seq;
@@ -589,44 +592,5 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-/// The ordering key of a message: its anonymousId, else its userId (hashed); 0 if it
-/// has neither. anonymousId first, because browsers send it on every message, before
-/// and after identify, so one visitor's messages share one key.
-pub fn ordering_key(json: &[u8]) -> u64 {
-    let Some(object) = std::str::from_utf8(json)
-        .ok()
-        .and_then(|text| serde_json::from_str::<&RawValue>(text).ok())
-        .and_then(RawObject::parse)
-    else {
-        return 0;
-    };
-    for field in ["anonymousId", "userId"] {
-        if let Some(Scalar::Str(id)) = object.get(field).map(scalar) {
-            if !id.is_empty() {
-                return xxhash_rust::xxh3::xxh3_64(id.as_bytes()).max(1);
-            }
-        }
-    }
-    0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ordering_key_prefers_anonymous_id() {
-        let both = ordering_key(br#"{"userId":"u1","anonymousId":"a1"}"#);
-        assert_eq!(both, ordering_key(br#"{"anonymousId":"a1"}"#));
-        assert_ne!(both, ordering_key(br#"{"userId":"u1"}"#));
-        assert_eq!(
-            ordering_key(br#"{"userId":"u1","anonymousId":null}"#),
-            ordering_key(br#"{"userId":"u1"}"#)
-        );
-        assert_eq!(ordering_key(br#"{"event":"x"}"#), 0);
-        assert_eq!(ordering_key(b"not json"), 0);
     }
 }

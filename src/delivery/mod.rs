@@ -17,7 +17,6 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 pub use dead_letters::DeadLetters;
-pub use engine::ordering_key;
 
 use crate::destinations::DestinationConfig;
 use crate::pace::RateLimiter;

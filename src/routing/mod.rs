@@ -22,7 +22,7 @@ use memchr::memmem;
 use serde_json::value::RawValue;
 
 use crate::destinations::DestinationConfig;
-use crate::json::RawObject;
+use crate::json::{scalar, RawObject, Scalar};
 use crate::message::MessageType;
 use fields::{Fields, Transform};
 use filter::Filter;
@@ -80,6 +80,8 @@ struct View<'a> {
     integrations: Option<&'a RawValue>,
     properties: Option<&'a RawValue>,
     traits: Option<&'a RawValue>,
+    anonymous_id: Option<&'a RawValue>,
+    user_id: Option<&'a RawValue>,
 }
 
 impl<'a> View<'a> {
@@ -90,8 +92,34 @@ impl<'a> View<'a> {
             integrations: get("integrations"),
             properties: get("properties"),
             traits: get("traits"),
+            anonymous_id: get("anonymousId"),
+            user_id: get("userId"),
         }
     }
+
+    fn user_key(&self) -> u64 {
+        [self.anonymous_id, self.user_id]
+            .into_iter()
+            .flatten()
+            .find_map(|id| match scalar(id) {
+                Scalar::Str(id) if !id.is_empty() => {
+                    Some(xxhash_rust::xxh3::xxh3_64(id.as_bytes()).max(1))
+                }
+                _ => None,
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// The user a message is about, for per-user ordering: a hash of its anonymousId, else
+/// of its userId; 0 if it has neither. anonymousId first, because browsers send it on
+/// every message, before and after identify, so one visitor's messages share one key.
+pub fn user_key(message: &[u8]) -> u64 {
+    std::str::from_utf8(message)
+        .ok()
+        .and_then(|text| serde_json::from_str::<&RawValue>(text).ok())
+        .and_then(RawObject::parse)
+        .map_or(0, |object| View::new(|key| object.get(key)).user_key())
 }
 
 impl Route {
@@ -108,29 +136,39 @@ impl Route {
 
     /// `source` is the source name stored with the message; `message` its JSON as stored.
     pub fn decide<'m>(&self, source: &str, message: &'m [u8]) -> Decision<'m> {
+        self.decide_with_user(source, message).0
+    }
+
+    /// `decide`, and the message's `user_key` when deciding read the message anyway (so
+    /// that the delivery engine does not parse it a second time for it).
+    pub fn decide_with_user<'m>(
+        &self,
+        source: &str,
+        message: &'m [u8],
+    ) -> (Decision<'m>, Option<u64>) {
         if let Some(sources) = &self.sources {
             if !sources.iter().any(|s| s == source) {
-                return Decision::Skip(Skip::Source);
+                return (Decision::Skip(Skip::Source), None);
             }
         }
-        let pass = Decision::Send(Cow::Borrowed(message));
+        let pass = || Decision::Send(Cow::Borrowed(message));
         if !self.may_switch_off(message) {
             match (&self.filter, &self.transform) {
-                (None, None) => return pass,
+                (None, None) => return (pass(), None),
                 // Ingest writes `type` first, so a type filter mostly needs no parse.
                 (Some(filter), None) if filter.types_only() => {
                     if let Some(kind) = leading_type(message) {
                         if filter.type_allowed(MessageType::parse(kind)) {
-                            return pass;
+                            return (pass(), None);
                         }
-                        return Decision::Skip(Skip::Type);
+                        return (Decision::Skip(Skip::Type), None);
                     }
                 }
                 _ => {}
             }
         }
         let Ok(text) = std::str::from_utf8(message) else {
-            return pass;
+            return (pass(), None);
         };
         match &self.transform {
             None => {
@@ -138,26 +176,31 @@ impl Route {
                     .ok()
                     .and_then(RawObject::parse)
                 else {
-                    return pass;
+                    return (pass(), None);
                 };
-                match self.check(&View::new(|key| object.get(key))) {
+                let view = View::new(|key| object.get(key));
+                let decision = match self.check(&view) {
                     Some(skip) => Decision::Skip(skip),
-                    None => pass,
-                }
+                    None => pass(),
+                };
+                (decision, Some(view.user_key()))
             }
             Some(transform) => {
                 let Some(mut fields) = Fields::parse(text) else {
-                    return pass;
+                    return (pass(), None);
                 };
-                if let Some(skip) = self.check(&View::new(|key| fields.raw(key))) {
-                    return Decision::Skip(skip);
+                let view = View::new(|key| fields.raw(key));
+                // Taken before the edits: `drop_fields` may remove the ids it is made of.
+                let user = view.user_key();
+                if let Some(skip) = self.check(&view) {
+                    return (Decision::Skip(skip), Some(user));
                 }
                 if !transform.apply(&mut fields) {
-                    return pass;
+                    return (pass(), Some(user));
                 }
                 let mut out = Vec::with_capacity(message.len());
                 fields.write(&mut out);
-                Decision::Send(Cow::Owned(out))
+                (Decision::Send(Cow::Owned(out)), Some(user))
             }
         }
     }

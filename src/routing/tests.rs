@@ -445,3 +445,27 @@ fn skip_labels() {
         ["source", "type", "event", "property", "integrations"]
     );
 }
+
+#[test]
+fn user_key_prefers_anonymous_id() {
+    let both = user_key(br#"{"userId":"u1","anonymousId":"a1"}"#);
+    assert_eq!(both, user_key(br#"{"anonymousId":"a1"}"#));
+    assert_ne!(both, user_key(br#"{"userId":"u1"}"#));
+    assert_eq!(
+        user_key(br#"{"userId":"u1","anonymousId":null}"#),
+        user_key(br#"{"userId":"u1"}"#)
+    );
+    assert_eq!(user_key(br#"{"event":"x"}"#), 0);
+    assert_eq!(user_key(b"not json"), 0);
+}
+
+#[test]
+fn deciding_reports_the_user_when_it_read_the_message() {
+    let message = br#"{"type":"track","anonymousId":"a1","event":"E","properties":{"x":1}}"#;
+    let (_, user) = route("").decide_with_user("web", message);
+    assert_eq!(user, None, "no rules: not parsed");
+    let (_, user) = route("drop_fields = [\"anonymousId\"]").decide_with_user("web", message);
+    assert_eq!(user, Some(user_key(message)), "taken before the edit");
+    let (_, user) = route("filter = { events = [\"E\"] }").decide_with_user("web", message);
+    assert_eq!(user, Some(user_key(message)));
+}
