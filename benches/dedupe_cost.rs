@@ -9,6 +9,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
 
+use fanout::clock::Clock;
 use fanout::config::Config;
 use fanout::dedupe::Dedupe;
 use fanout::ingest::segment;
@@ -36,7 +37,9 @@ fn batch(n: u64) -> Vec<u8> {
 fn main() {
     let config = Config::parse("[[sources]]\nname = \"bench\"\n").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let dedupe = Arc::new(Dedupe::open(&config.dedupe, &config.sources, dir.path()).unwrap());
+    let dedupe = Arc::new(
+        Dedupe::open(&config.dedupe, &config.sources, dir.path(), Clock::system()).unwrap(),
+    );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();

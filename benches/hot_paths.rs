@@ -38,6 +38,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingM
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use fanout::clock::Clock;
 use fanout::config::Config;
 use fanout::dedupe::Dedupe;
 use fanout::ingest::segment;
@@ -184,7 +185,9 @@ fn dedupe(c: &mut Criterion) {
     let runtime = current_thread_runtime();
     let config = config(&format!("[dedupe]\nmax_entries = {WINDOW_KEYS}\n"));
     let dir = tempfile::tempdir().expect("temp dir");
-    let dedupe = Arc::new(Dedupe::open(&config.dedupe, &config.sources, dir.path()).unwrap());
+    let dedupe = Arc::new(
+        Dedupe::open(&config.dedupe, &config.sources, dir.path(), Clock::system()).unwrap(),
+    );
     let mut keys = FreshKeys {
         next: 0,
         accepted_at: Utc::now().timestamp() as u32,

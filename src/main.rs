@@ -136,6 +136,7 @@ fn main() -> ExitCode {
         config_path: cli.config,
         purge: cli.purge,
         delivery: delivery.handle().clone(),
+        clock: fanout::clock::Clock::system(),
     };
     match runtime.block_on(fanout::server::run(config, options)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -15,20 +15,21 @@
 
 mod keylog;
 mod redis;
+mod reservation;
 mod table;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use tokio::sync::watch;
-
+pub use reservation::Reservation;
 pub use table::KeyTable;
 
-use self::redis::{Claim as SharedClaim, RedisStore, SharedError};
-use self::table::Claim;
+use self::redis::RedisStore;
+use self::reservation::Holders;
+use crate::clock::Clock;
 use crate::config::{DedupeBackend, DedupeConfig, SourceConfig};
 use crate::message::{DedupeKey, Tag};
 use crate::throttle::LogThrottle;
@@ -52,6 +53,7 @@ pub struct Dedupe {
     /// Keys of reclaimed segments that a full disk kept out of `keys.bin`.
     keys_unsaved: AtomicU64,
     keys_unsaved_log: LogThrottle,
+    clock: Clock,
 }
 
 fn disabled_sources(sources: &[SourceConfig]) -> HashSet<String> {
@@ -62,14 +64,6 @@ fn disabled_sources(sources: &[SourceConfig]) -> HashSet<String> {
         .collect()
 }
 
-/// Requests holding pending keys (their ids are in the table's slots); each one's
-/// receiver wakes when that request commits or gives up.
-#[derive(Default)]
-struct Holders {
-    waiting_on: HashMap<u32, watch::Receiver<()>>,
-    next: u32,
-}
-
 /// Why messages could not be checked for duplicates; nothing was stored.
 #[derive(Debug, thiserror::Error)]
 pub enum DedupeError {
@@ -78,15 +72,17 @@ pub enum DedupeError {
 }
 
 impl Dedupe {
-    /// Opens the window, loading the keys of already-reclaimed log segments.
+    /// Opens the window, loading the keys of already-reclaimed log segments. Its time
+    /// (what the TTL is measured with) is `clock`'s.
     pub fn open(
         config: &DedupeConfig,
         sources: &[SourceConfig],
         data_dir: &Path,
+        clock: Clock,
     ) -> anyhow::Result<Dedupe> {
         let ttl_secs = config.ttl.as_secs().clamp(1, u64::from(u32::MAX / 2)) as u32;
         let table = KeyTable::new(config.max_entries, ttl_secs);
-        let now = now_secs();
+        let now = clock.unix_secs();
         let keylog = keylog::KeyLog::open(&data_dir.join("dedupe"), config.max_entries)?;
         let loaded = keylog.load(|key, expires| {
             table.insert_until(key, expires, now);
@@ -113,6 +109,7 @@ impl Dedupe {
             shared_error_log: LogThrottle::new(Duration::from_secs(10)),
             keys_unsaved: AtomicU64::new(0),
             keys_unsaved_log: LogThrottle::new(Duration::from_secs(60)),
+            clock,
         })
     }
 
@@ -130,7 +127,7 @@ impl Dedupe {
     pub fn restore(&self, source: &str, tag: Tag) {
         if tag.has_key() && self.applies_to(source) {
             self.table
-                .insert(DedupeKey(tag.key), tag.accepted_at, now_secs());
+                .insert(DedupeKey(tag.key), tag.accepted_at, self.clock.unix_secs());
         }
     }
 
@@ -149,7 +146,7 @@ impl Dedupe {
 
     /// Rewrites `keys.bin` with just the live keys.
     fn compact(&self) -> std::io::Result<()> {
-        let now = now_secs();
+        let now = self.clock.unix_secs();
         self.keylog.rewrite(|write| {
             let mut result = Ok(());
             self.table.for_each_live(now, |chunk| {
@@ -164,7 +161,7 @@ impl Dedupe {
     /// Saves the keys of a log segment about to be deleted; it may be deleted only
     /// after this returns Ok.
     pub fn save_reclaimed(&self, records: &[(String, Tag)]) -> std::io::Result<()> {
-        let now = now_secs();
+        let now = self.clock.unix_secs();
         let entries: Vec<(DedupeKey, u32)> = records
             .iter()
             .filter(|(source, tag)| tag.has_key() && self.applies_to(source))
@@ -191,149 +188,6 @@ impl Dedupe {
                 Ok(())
             }
             Err(e) => Err(e),
-        }
-    }
-
-    /// Marks the new keys of one request as pending and says which messages are
-    /// duplicates: of an accepted message, or of an earlier message in the same request.
-    /// `source` is the request's source; messages without a key are never duplicates.
-    pub async fn reserve(
-        self: &Arc<Self>,
-        source: &str,
-        tags: impl Iterator<Item = Tag>,
-    ) -> Result<Reservation, DedupeError> {
-        let keys: Vec<Option<DedupeKey>> = if self.applies_to(source) {
-            tags.map(|t| t.has_key().then_some(DedupeKey(t.key)))
-                .collect()
-        } else {
-            tags.map(|_| None).collect()
-        };
-        let mut reservation = self.reserve_locally(&keys).await;
-        if let Some(shared) = &self.shared {
-            self.reserve_shared(shared, &mut reservation).await?;
-        }
-        let count = reservation.duplicates() as u64;
-        self.duplicates.fetch_add(count, Ordering::Relaxed);
-        Ok(reservation)
-    }
-
-    async fn reserve_locally(self: &Arc<Self>, keys: &[Option<DedupeKey>]) -> Reservation {
-        let (signal, waiter) = watch::channel(());
-        let mut reservation = Reservation {
-            dedupe: self.clone(),
-            duplicate: vec![false; keys.len()],
-            ours: Vec::new(),
-            holder: None,
-            shared_claimed: false,
-            _signal: signal,
-            committed: false,
-        };
-        if keys.iter().all(Option::is_none) {
-            return reservation;
-        }
-        // Registered before claiming, so a request meeting our claims can wait on us.
-        let holder = {
-            let mut holders = self.holders.lock().expect("holders poisoned");
-            let id = holders.next;
-            holders.next = (holders.next + 1) % table::MAX_HOLDER;
-            holders.waiting_on.insert(id, waiter);
-            id
-        };
-        reservation.holder = Some(holder);
-        loop {
-            let now = now_secs();
-            let mut busy = None;
-            for (index, key) in keys.iter().enumerate() {
-                let Some(key) = key else { continue };
-                match self.table.claim(*key, holder, now) {
-                    Claim::Marked => reservation.ours.push((index, *key)),
-                    Claim::Accepted => reservation.duplicate[index] = true,
-                    // Our own claim: repeated within this request.
-                    Claim::HeldBy(h) if h == holder => reservation.duplicate[index] = true,
-                    Claim::HeldBy(other) => {
-                        busy = Some(other);
-                        break;
-                    }
-                }
-            }
-            let Some(other) = busy else {
-                return reservation;
-            };
-            // Another request holds one of our keys: give ours back (so two requests
-            // can never wait on each other) and wait for its outcome.
-            for (_, key) in reservation.ours.drain(..) {
-                self.table.unclaim(&key, holder);
-            }
-            reservation.duplicate.iter_mut().for_each(|d| *d = false);
-            let other = self
-                .holders
-                .lock()
-                .expect("holders poisoned")
-                .waiting_on
-                .get(&other)
-                .cloned();
-            match other {
-                // Returns once that request's Reservation is dropped.
-                Some(mut other) => {
-                    let _ = other.changed().await;
-                }
-                // It finished between our claim and this lookup.
-                None => tokio::task::yield_now().await,
-            }
-        }
-    }
-
-    /// Claims the locally new keys in Redis; keys another instance accepted become
-    /// duplicates. On Redis errors: local-only dedupe (fail_open) or a 503 (fail_closed).
-    async fn reserve_shared(
-        &self,
-        shared: &RedisStore,
-        reservation: &mut Reservation,
-    ) -> Result<(), DedupeError> {
-        if reservation.ours.is_empty() {
-            return Ok(());
-        }
-        let keys: Vec<DedupeKey> = reservation.ours.iter().map(|&(_, k)| k).collect();
-        match shared.claim(&keys).await {
-            Ok(claims) => {
-                let now = now_secs();
-                let mut kept = Vec::with_capacity(claims.len());
-                for (&(index, key), claim) in reservation.ours.iter().zip(claims) {
-                    match claim {
-                        SharedClaim::Ours => kept.push((index, key)),
-                        SharedClaim::Committed => {
-                            // Remember it locally (replacing our claim), so the next
-                            // retry needs no round trip.
-                            self.table.insert(key, now, now);
-                            reservation.duplicate[index] = true;
-                        }
-                    }
-                }
-                reservation.ours = kept;
-                reservation.shared_claimed = true;
-                Ok(())
-            }
-            Err(SharedError::StillPending) => Err(DedupeError::Unavailable(
-                "another instance is still storing some of these messageIds".into(),
-            )),
-            Err(SharedError::Redis(e)) => {
-                self.shared_errors.fetch_add(1, Ordering::Relaxed);
-                if self.fail_closed {
-                    return Err(DedupeError::Unavailable(format!("redis: {e}")));
-                }
-                self.log_shared_error(&e);
-                Ok(())
-            }
-        }
-    }
-
-    fn log_shared_error(&self, e: &dyn std::fmt::Display) {
-        if self.shared_error_log.ready() {
-            tracing::warn!(
-                error = %e,
-                errors = self.shared_errors.load(Ordering::Relaxed),
-                "redis unreachable: deduping locally only (dedupe.on_redis_error = fail_open)"
-            );
         }
     }
 
@@ -375,89 +229,6 @@ impl Dedupe {
     }
 }
 
-/// One request's claim on its keys, from `reserve` to `commit` (or drop).
-pub struct Reservation {
-    dedupe: Arc<Dedupe>,
-    duplicate: Vec<bool>,
-    /// (message index, key) of the keys this request claimed.
-    ours: Vec<(usize, DedupeKey)>,
-    /// This request's id in the table's pending slots, when it has keys.
-    holder: Option<u32>,
-    /// The keys are claimed in Redis too.
-    shared_claimed: bool,
-    /// Dropped with the reservation: wakes requests waiting on our keys.
-    _signal: watch::Sender<()>,
-    committed: bool,
-}
-
-impl Reservation {
-    pub fn is_duplicate(&self, index: usize) -> bool {
-        self.duplicate[index]
-    }
-
-    pub fn duplicates(&self) -> usize {
-        self.duplicate.iter().filter(|&&d| d).count()
-    }
-
-    /// The request's messages are durable: their keys enter the window.
-    pub async fn commit(mut self) {
-        let now = now_secs();
-        for &(_, key) in &self.ours {
-            self.dedupe.table.insert(key, now, now);
-        }
-        if let (true, Some(shared)) = (self.shared_claimed, &self.dedupe.shared) {
-            let keys: Vec<DedupeKey> = self.ours.iter().map(|&(_, k)| k).collect();
-            if let Err(e) = shared.commit(&keys).await {
-                // The messages are stored; their pending marks lapse, so a retry reaching
-                // another instance after that may be accepted again.
-                self.dedupe.shared_errors.fetch_add(1, Ordering::Relaxed);
-                self.dedupe.log_shared_error(&e);
-            }
-        }
-        self.committed = true;
-        self.release_locally();
-        self.dedupe.report_evictions();
-    }
-
-    /// Gives back uncommitted claims and stops being waited on.
-    fn release_locally(&mut self) {
-        let Some(holder) = self.holder else { return };
-        if !self.committed {
-            for (_, key) in &self.ours {
-                self.dedupe.table.unclaim(key, holder);
-            }
-        }
-        self.dedupe
-            .holders
-            .lock()
-            .expect("holders poisoned")
-            .waiting_on
-            .remove(&holder);
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if self.committed {
-            return;
-        }
-        self.release_locally();
-        if let (true, Some(shared)) = (self.shared_claimed, self.dedupe.shared.clone()) {
-            let keys: Vec<DedupeKey> = self.ours.iter().map(|&(_, k)| k).collect();
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move { shared.release(&keys).await });
-            }
-        }
-    }
-}
-
-fn now_secs() -> u32 {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    secs.min(u64::from(u32::MAX)) as u32
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,13 +237,13 @@ mod tests {
 
     fn dedupe(dir: &Path) -> Arc<Dedupe> {
         let config = Config::parse("[[sources]]\nname = \"web\"\n\n[[sources]]\nname = \"raw\"\ndedupe = { enabled = false }\n").unwrap();
-        Arc::new(Dedupe::open(&config.dedupe, &config.sources, dir).unwrap())
+        Arc::new(Dedupe::open(&config.dedupe, &config.sources, dir, Clock::system()).unwrap())
     }
 
     fn tag(source: &str, id: &str) -> Tag {
         Tag {
             key: DedupeKey::of(source, id).0,
-            accepted_at: now_secs(),
+            accepted_at: Clock::system().unix_secs(),
         }
     }
 
@@ -592,5 +363,34 @@ mod tests {
             .await
             .unwrap()
             .is_duplicate(0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_window_lasts_its_ttl_on_paused_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let config =
+            Config::parse("[dedupe]\nttl = \"60s\"\n\n[[sources]]\nname = \"web\"\n").unwrap();
+        let start = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let clock = Clock::following_tokio(start);
+        let d = Arc::new(Dedupe::open(&config.dedupe, &config.sources, dir.path(), clock).unwrap());
+        let tag = |id: &str| Tag {
+            key: DedupeKey::of("web", id).0,
+            accepted_at: clock.unix_secs(),
+        };
+        d.reserve("web", [tag("a")].into_iter())
+            .await
+            .unwrap()
+            .commit()
+            .await;
+        let duplicate = || async {
+            d.reserve("web", [tag("a")].into_iter())
+                .await
+                .unwrap()
+                .is_duplicate(0)
+        };
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(duplicate().await, "still within the 60 s window");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!duplicate().await, "61 s later the window is over");
     }
 }

@@ -13,6 +13,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
 use crate::auth::Sources;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::dedupe::Dedupe;
 use crate::delivery::{DeadLetters, Deliveries};
@@ -28,6 +29,8 @@ pub struct Options {
     pub purge: bool,
     /// The runtime the delivery engines run on.
     pub delivery: tokio::runtime::Handle,
+    /// Wall-clock time for receive times, the dedupe window and dead letters.
+    pub clock: Clock,
 }
 
 /// Runs fanout until SIGINT/SIGTERM: then stops accepting, finishes in-flight requests,
@@ -46,7 +49,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
     let sources = Arc::new(ArcSwap::from_pointee(Sources::from_config(
         &config.sources,
     )?));
-    let dedupe = open_dedupe(&config, &queue)?;
+    let dedupe = open_dedupe(&config, &queue, options.clock)?;
     if config.destinations.is_empty() {
         tracing::warn!("no destinations configured: accepted messages are stored but go nowhere");
     }
@@ -166,12 +169,13 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
 
 /// Opens the dedupe window and rebuilds it from the log, then has the queue hand it
 /// each segment's keys before deleting the segment. Runs before any delivery starts.
-fn open_dedupe(config: &Config, queue: &Queue) -> anyhow::Result<Arc<Dedupe>> {
+fn open_dedupe(config: &Config, queue: &Queue, clock: Clock) -> anyhow::Result<Arc<Dedupe>> {
     let started = std::time::Instant::now();
     let dedupe = Arc::new(Dedupe::open(
         &config.dedupe,
         &config.sources,
         &config.server.data_dir,
+        clock,
     )?);
     let scanned = queue.scan(|source, tag| dedupe.restore(source, tag))?;
     dedupe.compact_if_oversized();
