@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use super::dead_letters::{Failure, Reason};
 use super::retry::RetryPolicy;
+use crate::clock::Clock;
 use crate::destinations::RatePer;
 use crate::destinations::{AnyDestination, Check, Outgoing, Prepared, SendError};
 use crate::metrics::DeliveryMetrics;
@@ -31,6 +32,8 @@ pub struct DeliveryContext {
     /// says it is overloaded is overloaded for every batch, not just the one told.
     pub gate: Mutex<Option<Instant>>,
     pub stop: watch::Receiver<bool>,
+    /// Wall time, for when a batch was first tried and when it died.
+    pub clock: Clock,
 }
 
 impl DeliveryContext {
@@ -118,7 +121,7 @@ pub async fn deliver(context: Arc<DeliveryContext>, items: Vec<Item>) -> BatchRe
                     status: None,
                     response: detail,
                     attempts: 0,
-                    first_attempt_at: Utc::now(),
+                    first_attempt_at: context.clock.now(),
                 }));
             }
         }
@@ -126,7 +129,7 @@ pub async fn deliver(context: Arc<DeliveryContext>, items: Vec<Item>) -> BatchRe
     // Ranges of `sendable` still to send; the left half is pushed last so it goes first.
     let mut todo = vec![(0, sendable.len())];
     // `max_age` counts from the batch's first attempt, across the halves it splits into.
-    let started = (Instant::now(), Utc::now());
+    let started = (Instant::now(), context.clock.now());
     while let Some((lo, hi)) = todo.pop() {
         if lo == hi {
             continue;

@@ -70,8 +70,8 @@ pub struct DeadLetters {
     conn: Mutex<Connection>,
 }
 
-fn now() -> String {
-    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
 impl DeadLetters {
@@ -119,20 +119,22 @@ impl DeadLetters {
         failure: &Failure,
     ) -> rusqlite::Result<()> {
         let new: Vec<_> = messages.iter().map(|&(s, j)| (s, j, failure)).collect();
-        self.record(destination, &new, &[])
+        self.record(destination, &new, &[], Utc::now())
     }
 
     /// Records one batch's outcome in one transaction: `new` dead letters (source, JSON,
-    /// failure) and replayed rows that failed `again` (put back unmarked, updated).
+    /// failure) and replayed rows that failed `again` (put back unmarked, updated), as
+    /// dead at `at`.
     pub fn record(
         &self,
         destination: &str,
         new: &[(&str, &[u8], &Failure)],
         again: &[(i64, &Failure)],
+        at: DateTime<Utc>,
     ) -> rusqlite::Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let dead_at = now();
+        let dead_at = rfc3339(at);
         {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO dead_letters (destination, source, reason, status, response,
@@ -147,9 +149,7 @@ impl DeadLetters {
                     failure.status,
                     failure.response,
                     failure.attempts,
-                    failure
-                        .first_attempt_at
-                        .to_rfc3339_opts(SecondsFormat::Millis, true),
+                    rfc3339(failure.first_attempt_at),
                     dead_at,
                     String::from_utf8_lossy(json),
                 ])?;
@@ -243,7 +243,7 @@ impl DeadLetters {
     /// Puts replayed rows that failed again back, unmarked, with the new failure.
     pub fn failed_again(&self, ids: &[i64], failure: &Failure) -> rusqlite::Result<()> {
         let again: Vec<_> = ids.iter().map(|&id| (id, failure)).collect();
-        self.record("", &[], &again)
+        self.record("", &[], &again, Utc::now())
     }
 
     /// The row with this id, if any (tests and the admin API).

@@ -4,8 +4,8 @@
 //! with a retrying batch waits while everyone else goes on; each message costs a heap
 //! operation, whatever is held back.
 //!
-//! Whether a user is busy is the engine's knowledge: it calls `hold` when a user's batch
-//! starts and `release` when it settles. User 0 (no id) is never held.
+//! A user is busy while a batch holds any of its messages: `batch_started` and
+//! `batch_settled` count that. User 0 (no id) is never held.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -22,6 +22,8 @@ struct Line {
 #[derive(Default)]
 pub struct Lines {
     lines: HashMap<u64, Line>,
+    /// Users with messages in unsettled batches: how many.
+    busy: HashMap<u64, usize>,
     /// (sequence number of a free line's head, user). Entries go stale when the head is
     /// taken or the user is held; they are dropped when they surface.
     heads: BinaryHeap<Reverse<(u64, u64)>>,
@@ -35,6 +37,12 @@ fn seq_of(item: &Item) -> u64 {
         Origin::Queue { seq } => seq,
         Origin::Replay { .. } => u64::MAX,
     }
+}
+
+/// Queue messages of identified users keep their user's order; replays and anonymous
+/// messages do not.
+fn counts_for_ordering(item: &Item) -> bool {
+    item.user != 0 && matches!(item.origin, Origin::Queue { .. })
 }
 
 /// Bytes a message takes in a request body: itself and one separator.
@@ -74,9 +82,31 @@ impl Lines {
         }
     }
 
+    /// A batch of `items` started: their users are busy until it settles.
+    pub fn batch_started(&mut self, items: &[Item]) {
+        for item in items.iter().filter(|i| counts_for_ordering(i)) {
+            *self.busy.entry(item.user).or_insert(0) += 1;
+            self.hold(item.user);
+        }
+    }
+
+    /// A batch of `items` settled: users with no other unsettled batch are free again.
+    pub fn batch_settled(&mut self, items: &[Item]) {
+        for item in items.iter().filter(|i| counts_for_ordering(i)) {
+            let Some(count) = self.busy.get_mut(&item.user) else {
+                continue;
+            };
+            *count -= 1;
+            if *count == 0 {
+                self.busy.remove(&item.user);
+                self.release(item.user);
+            }
+        }
+    }
+
     /// `user` has a batch unsettled: its waiting messages, and those pushed from now on,
     /// stay until `release`.
-    pub fn hold(&mut self, user: u64) {
+    fn hold(&mut self, user: u64) {
         if user == 0 {
             return;
         }
@@ -90,7 +120,7 @@ impl Lines {
     }
 
     /// `user`'s batch settled: its messages may go again.
-    pub fn release(&mut self, user: u64) {
+    fn release(&mut self, user: u64) {
         let Some(line) = self.lines.get_mut(&user) else {
             return;
         };
@@ -201,13 +231,13 @@ mod tests {
         }
         let first = lines.take(1, usize::MAX);
         assert_eq!(seqs(&first), [0]);
-        lines.hold(1);
+        lines.batch_started(&first);
         assert_eq!(lines.free_count(), 2);
         assert!(lines.held_bytes() > 0);
         lines.push(item(5, 1));
         lines.push(item(6, 2));
         assert_eq!(seqs(&lines.take(10, usize::MAX)), [2, 4, 6]);
-        lines.release(1);
+        lines.batch_settled(&first);
         assert_eq!(lines.held_bytes(), 0);
         assert_eq!(seqs(&lines.take(10, usize::MAX)), [1, 3, 5]);
     }

@@ -6,6 +6,8 @@ mod batch;
 pub mod dead_letters;
 mod engine;
 mod lines;
+mod progress;
+mod replay;
 mod retry;
 
 use std::collections::BTreeMap;
@@ -18,7 +20,8 @@ use tracing::Instrument;
 
 pub use dead_letters::DeadLetters;
 
-use crate::destinations::DestinationConfig;
+use crate::clock::Clock;
+use crate::destinations::{AnyDestination, DestinationConfig};
 use crate::pace::RateLimiter;
 use crate::queue::{Checkpoint, Queue};
 use crate::routing::Route;
@@ -33,6 +36,7 @@ const EXTRA_OUTSTANDING: usize = 4;
 /// signal so a reload can stop and start destinations one at a time.
 pub struct Deliveries {
     runtime: tokio::runtime::Handle,
+    clock: Clock,
     queue: Queue,
     dead_letters: Arc<DeadLetters>,
     running: BTreeMap<String, Running>,
@@ -61,9 +65,11 @@ impl Deliveries {
         queue: &Queue,
         dead_letters: &Arc<DeadLetters>,
         runtime: tokio::runtime::Handle,
+        clock: Clock,
     ) -> anyhow::Result<Deliveries> {
         let mut deliveries = Deliveries {
             runtime,
+            clock,
             queue: queue.clone(),
             dead_letters: dead_letters.clone(),
             running: BTreeMap::new(),
@@ -138,10 +144,20 @@ impl Deliveries {
 
     /// Starts one destination's engine from its saved cursor.
     fn launch(&mut self, config: &DestinationConfig) -> anyhow::Result<()> {
+        self.launch_with(config, |saved| config.build(saved))
+    }
+
+    /// `launch`, with the destination made by `build` from the saved checkpoint (the
+    /// engine's tests hand it a fake one).
+    fn launch_with(
+        &mut self,
+        config: &DestinationConfig,
+        build: impl FnOnce(Option<Checkpoint>) -> anyhow::Result<AnyDestination>,
+    ) -> anyhow::Result<()> {
         let queue = &self.queue;
         let (stop, stop_rx) = watch::channel(false);
         let (reader, mut cursor, saved) = queue.subscribe(&config.name)?;
-        let destination = config.build(saved)?;
+        let destination = build(saved)?;
         // A new destination, or a mark that measures another output (the path or the
         // kind changed): start from what is there now, and save that at once.
         let (saved, save_soon) = match saved {
@@ -179,6 +195,7 @@ impl Deliveries {
             sends: Semaphore::new(concurrency),
             gate: Mutex::new(None),
             stop: stop_rx,
+            clock: self.clock,
         });
         let max_outstanding = if sequential {
             1
@@ -244,3 +261,6 @@ async fn stop_all(engines: impl IntoIterator<Item = Running>, grace: Duration) {
 fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
 }
+
+#[cfg(test)]
+mod tests;

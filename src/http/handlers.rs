@@ -8,7 +8,6 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use chrono::Utc;
 use http::header::CONTENT_TYPE;
 use http::HeaderMap;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -70,7 +69,7 @@ async fn accept_segment(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let received_at = Utc::now();
+    let received_at = app.clock.now();
     let header_source = app.header_source(headers)?;
     if let Some(source) = &header_source {
         note_source(source);
@@ -109,7 +108,7 @@ pub async fn event_batch(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let received_at = Utc::now();
+    let received_at = app.clock.now();
     let source = app
         .header_source(&headers)?
         .ok_or(ApiError::Unauthorized("missing write key"))?;
@@ -147,7 +146,7 @@ pub async fn event_batch(
 /// `POST /api/v1/event` (seed 000): one event; errors in the seed's `{"message"}` shape.
 pub async fn person_event(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
     let result = async {
-        let received_at = Utc::now();
+        let received_at = app.clock.now();
         let source = app
             .header_source(&headers)?
             .ok_or(ApiError::Unauthorized("missing write key"))?;

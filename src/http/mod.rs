@@ -50,6 +50,8 @@ pub struct App {
     pub admin_token: Option<String>,
     /// Asks the server to reload its config (`POST /admin/reload`).
     pub reload: tokio::sync::mpsc::Sender<ReloadRequest>,
+    /// Wall time: what `receivedAt` says.
+    pub clock: crate::clock::Clock,
 }
 
 /// Single-call paths: long names, and the browser library's one-letter ones.

@@ -65,6 +65,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
         &queue,
         &dead_letters,
         options.delivery.clone(),
+        options.clock,
     )?;
     reload::report_removed(&config, &queue, options.purge).await?;
     let (reload_tx, reload_rx) = mpsc::channel(4);
@@ -77,6 +78,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
         dead_letters,
         admin_token,
         reload: reload_tx,
+        clock: options.clock,
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
