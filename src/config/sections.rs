@@ -1,0 +1,321 @@
+//! The sections of the file other than `[[destinations]]` (whose shape belongs to the
+//! destinations, `crate::destinations::DestinationConfig`): every key with its meaning
+//! and default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Operator endpoints (`/admin/...`).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Environment variable holding the bearer token the admin endpoints require;
+    /// without it they answer 404.
+    pub token_env: Option<String>,
+    /// A separate address for the operator endpoints (`/admin/...`, `/metrics`), e.g.
+    /// one not exposed to the internet; without it they share `server.listen`.
+    pub listen: Option<SocketAddr>,
+}
+
+/// Listening address, storage and request admission.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address the HTTP server binds to.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Directory for the durable queue and destination cursors.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Requests processed at once; past this, new requests get 429 + Retry-After
+    /// before their body is read, so clients back off instead of timing out.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Sent in `Retry-After` with a 429 or 503, e.g. "1s": whole seconds, 1s to 1h,
+    /// since the header carries seconds (read it with [`ServerConfig::retry_after_secs`]).
+    #[serde(default = "default_retry_after", with = "humantime_serde")]
+    pub retry_after: Duration,
+    /// Size at which the queue starts a new segment file.
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+    /// How long a request body may stall between two chunks before the request is
+    /// answered 408, freeing its in-flight slot, e.g. "30s".
+    #[serde(default = "default_body_timeout", with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// How long a whole request body may take to arrive, however steadily it trickles,
+    /// before the request is answered 408, e.g. "60s".
+    #[serde(default = "default_body_deadline", with = "humantime_serde")]
+    pub body_deadline: Duration,
+    /// Connections open at once. At the cap the longest-idle connections are closed to
+    /// make room, and new ones wait in the kernel's backlog. Never more than the process's
+    /// open-file limit allows (with room kept for the queue and destinations).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers, from its first byte (or
+    /// from connecting, for the first request), before the connection is closed.
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// How long a kept-alive connection may wait for its next request before it is closed.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How long a graceful shutdown waits for in-flight requests and deliveries, e.g. "30s".
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Disk budget of the queue: once the data some destination has not consumed
+    /// reaches it, ingest answers 503 + Retry-After instead of accepting more.
+    #[serde(default = "default_max_queue_bytes")]
+    pub max_queue_bytes: u64,
+}
+
+/// Request limits; the defaults are Segment's.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest single message, in bytes of JSON as received.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Largest request body, in bytes, checked on the wire and again after gzip decoding.
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: usize,
+    /// Most messages in one batch.
+    #[serde(default = "default_max_batch_messages")]
+    pub max_batch_messages: usize,
+    /// Deepest nesting of objects and arrays inside one message; deeper input is
+    /// refused so that no downstream parser is handed a stack-exhausting document.
+    #[serde(default = "default_max_json_depth")]
+    pub max_json_depth: usize,
+}
+
+/// Cross-origin access for browser traffic.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Allowed origins; `["*"]` (the default) allows any, echoing the request's origin.
+    #[serde(default = "default_allowed_origins")]
+    pub allowed_origins: Vec<String>,
+    /// How long a browser may cache a preflight answer, e.g. "24h" (whole seconds:
+    /// `Access-Control-Max-Age` carries seconds).
+    #[serde(default = "default_cors_max_age", with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+/// One sending application; its write keys authenticate its requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Name used in logs, the queue and routing.
+    pub name: String,
+    /// Write keys written in the file (fine for development).
+    #[serde(default)]
+    pub write_keys: Vec<String>,
+    /// Environment variable holding more write keys, comma-separated (for production).
+    pub write_keys_env: Option<String>,
+    /// `dedupe = { enabled = false }` turns messageId dedupe off for this source.
+    #[serde(default)]
+    pub dedupe: SourceDedupeConfig,
+}
+
+/// Per-source dedupe switch.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceDedupeConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for SourceDedupeConfig {
+    fn default() -> Self {
+        SourceDedupeConfig { enabled: true }
+    }
+}
+
+/// Dropping repeated messageIds (client retries) within a window.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupeConfig {
+    /// How long an accepted messageId is remembered, e.g. "24h".
+    #[serde(default = "default_dedupe_ttl", with = "humantime_serde")]
+    pub ttl: std::time::Duration,
+    /// Most keys held (about 28 bytes each in memory); past it the oldest are dropped
+    /// early, which is logged and counted.
+    #[serde(default = "default_dedupe_max_entries")]
+    pub max_entries: usize,
+    /// `memory` (this process only) or `redis` (shared by several instances).
+    #[serde(default)]
+    pub backend: DedupeBackend,
+    /// Redis URL, e.g. `redis://127.0.0.1:6379/0`. Prefer `redis_url_env` when it
+    /// carries a password.
+    pub redis_url: Option<String>,
+    /// Environment variable holding the Redis URL.
+    pub redis_url_env: Option<String>,
+    /// Prefix of the Redis keys fanout writes.
+    #[serde(default = "default_redis_key_prefix")]
+    pub redis_key_prefix: String,
+    /// When Redis cannot be reached: `fail_open` (accept, dedupe locally, log and
+    /// count) or `fail_closed` (503 + Retry-After). Losing dedupe beats losing data.
+    #[serde(default)]
+    pub on_redis_error: RedisFailure,
+}
+
+impl Default for DedupeConfig {
+    fn default() -> Self {
+        DedupeConfig {
+            ttl: default_dedupe_ttl(),
+            max_entries: default_dedupe_max_entries(),
+            backend: DedupeBackend::default(),
+            redis_url: None,
+            redis_url_env: None,
+            redis_key_prefix: default_redis_key_prefix(),
+            on_redis_error: RedisFailure::default(),
+        }
+    }
+}
+
+impl DedupeConfig {
+    /// The Redis URL from `redis_url_env` or `redis_url`.
+    pub fn redis_url(&self) -> anyhow::Result<String> {
+        if let Some(var) = &self.redis_url_env {
+            return std::env::var(var).map_err(|_| {
+                anyhow::anyhow!("environment variable {var} (dedupe.redis_url_env) is not set")
+            });
+        }
+        self.redis_url.clone().ok_or_else(|| {
+            anyhow::anyhow!("dedupe.backend = \"redis\" needs dedupe.redis_url or redis_url_env")
+        })
+    }
+}
+
+/// Where the dedupe window lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DedupeBackend {
+    #[default]
+    Memory,
+    Redis,
+}
+
+/// What to do when the shared dedupe store cannot be reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisFailure {
+    #[default]
+    FailOpen,
+    FailClosed,
+}
+
+const fn default_true() -> bool {
+    true
+}
+const fn default_dedupe_ttl() -> std::time::Duration {
+    std::time::Duration::from_secs(24 * 3600)
+}
+const fn default_dedupe_max_entries() -> usize {
+    10_000_000
+}
+fn default_redis_key_prefix() -> String {
+    "fanout:dedupe:".to_string()
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8088))
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data")
+}
+const fn default_max_in_flight() -> usize {
+    1024
+}
+const fn default_retry_after() -> Duration {
+    Duration::from_secs(1)
+}
+const fn default_body_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+const fn default_body_deadline() -> Duration {
+    Duration::from_secs(60)
+}
+const fn default_max_connections() -> usize {
+    10_000
+}
+const fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+const fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+const fn default_segment_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+const fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
+}
+const fn default_max_queue_bytes() -> u64 {
+    10 * 1024 * 1024 * 1024
+}
+const fn default_max_message_bytes() -> usize {
+    32 * 1024
+}
+const fn default_max_request_bytes() -> usize {
+    500 * 1024
+}
+const fn default_max_batch_messages() -> usize {
+    2500
+}
+const fn default_max_json_depth() -> usize {
+    64
+}
+fn default_allowed_origins() -> Vec<String> {
+    vec!["*".to_string()]
+}
+const fn default_cors_max_age() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_listen(),
+            data_dir: default_data_dir(),
+            max_in_flight: default_max_in_flight(),
+            retry_after: default_retry_after(),
+            body_timeout: default_body_timeout(),
+            body_deadline: default_body_deadline(),
+            max_connections: default_max_connections(),
+            header_timeout: default_header_timeout(),
+            idle_timeout: default_idle_timeout(),
+            segment_bytes: default_segment_bytes(),
+            shutdown_grace: default_shutdown_grace(),
+            max_queue_bytes: default_max_queue_bytes(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// `retry_after` in seconds, as the `Retry-After` header carries it (validated to be
+    /// whole seconds from 1 to 3600).
+    pub fn retry_after_secs(&self) -> u32 {
+        u32::try_from(self.retry_after.as_secs()).unwrap_or(u32::MAX)
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message_bytes: default_max_message_bytes(),
+            max_request_bytes: default_max_request_bytes(),
+            max_batch_messages: default_max_batch_messages(),
+            max_json_depth: default_max_json_depth(),
+        }
+    }
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        CorsConfig {
+            allowed_origins: default_allowed_origins(),
+            max_age: default_cors_max_age(),
+        }
+    }
+}

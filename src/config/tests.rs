@@ -1,0 +1,318 @@
+//! Config parsing and validation: key paths and lines of errors.
+
+use std::time::Duration;
+
+use super::*;
+
+const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:9000"
+data_dir = "/tmp/x"
+
+[[sources]]
+name = "web"
+write_keys = ["k1"]
+
+[[destinations]]
+name = "out"
+kind = "file"
+path = "/tmp/x/out.jsonl"
+"#;
+
+#[test]
+fn parses_the_documented_keys() {
+    let c = Config::parse(GOOD).unwrap();
+    assert_eq!(c.server.listen.port(), 9000);
+    assert_eq!(c.sources[0].write_keys, vec!["k1"]);
+    assert_eq!(c.limits.max_message_bytes, 32 * 1024);
+    assert_eq!(c.destinations[0].kind(), "file");
+}
+
+#[test]
+fn unknown_key_names_key_and_line() {
+    let text = GOOD.replace("data_dir", "data_dri");
+    let e = Config::parse(&text).unwrap_err();
+    assert!(e.message.contains("data_dri"), "{e}");
+    assert_eq!(e.key, "server.data_dri");
+    assert_eq!(e.line, Some(4), "{e}");
+}
+
+#[test]
+fn unknown_destination_key_is_located() {
+    let text = GOOD.replace("path = ", "pth = ");
+    let e = Config::parse(&text).unwrap_err();
+    assert!(e.to_string().contains("destinations[0]"), "{e}");
+    assert!(e.message.contains("pth"), "{e}");
+    assert!(e.line.is_some_and(|l| l >= 10), "{e}");
+}
+
+#[test]
+fn duplicate_write_key_is_refused_with_line() {
+    let text = format!("{GOOD}\n[[sources]]\nname = \"app\"\nwrite_keys = [\"k1\"]\n");
+    let e = Config::parse(&text).unwrap_err();
+    assert_eq!(e.key, "sources[1].write_keys[0]");
+    assert_eq!(e.line, Some(17), "{e}");
+}
+
+#[test]
+fn bad_value_type_names_the_key() {
+    let text = GOOD.replace("\"127.0.0.1:9000\"", "9000");
+    let e = Config::parse(&text).unwrap_err();
+    assert_eq!(e.key, "server.listen", "{e}");
+    assert_eq!(e.line, Some(3), "{e}");
+}
+
+fn parse_with(section: &str, lines: &str) -> Result<Config, ConfigError> {
+    Config::parse(&GOOD.replacen(
+        &format!("[{section}]\n"),
+        &format!("[{section}]\n{lines}\n"),
+        1,
+    ))
+}
+
+#[test]
+fn durations_have_the_old_defaults() {
+    let c = Config::parse(GOOD).unwrap();
+    assert_eq!(c.server.retry_after, Duration::from_secs(1));
+    assert_eq!(c.server.retry_after_secs(), 1);
+    assert_eq!(c.server.body_timeout, Duration::from_secs(30));
+    assert_eq!(c.server.shutdown_grace, Duration::from_secs(30));
+    assert_eq!(c.cors.max_age, Duration::from_secs(86_400));
+}
+
+#[test]
+fn durations_parse_with_units() {
+    let c = parse_with(
+        "server",
+        "retry_after = \"1m\"\nbody_timeout = \"30s\"\nshutdown_grace = \"1m 30s\"",
+    )
+    .unwrap();
+    assert_eq!(c.server.retry_after_secs(), 60);
+    assert_eq!(c.server.body_timeout, Duration::from_secs(30));
+    assert_eq!(c.server.shutdown_grace, Duration::from_secs(90));
+    let c = Config::parse(&format!("{GOOD}\n[cors]\nmax_age = \"24h\"\n")).unwrap();
+    assert_eq!(c.cors.max_age, Duration::from_secs(86_400));
+    let c = parse_with("server", "body_timeout = \"250ms\"").unwrap();
+    assert_eq!(c.server.body_timeout, Duration::from_millis(250));
+}
+
+#[test]
+fn a_bare_integer_duration_is_refused_with_key_and_line() {
+    let e = parse_with("server", "body_timeout = 30").unwrap_err();
+    assert_eq!(e.key, "server.body_timeout", "{e}");
+    assert_eq!(e.line, Some(3), "{e}");
+    assert!(e.message.contains("\"30s\""), "{e}");
+    let e = Config::parse(&format!("{GOOD}\n[cors]\nmax_age = 86400\n")).unwrap_err();
+    assert_eq!(e.key, "cors.max_age", "{e}");
+    assert_eq!(e.line, Some(16), "{e}");
+}
+
+#[test]
+fn duration_bounds_are_checked_with_key_and_line() {
+    let cases = [
+        ("server", "retry_after = \"0s\"", "server.retry_after"),
+        ("server", "retry_after = \"1500ms\"", "server.retry_after"),
+        ("server", "retry_after = \"2h\"", "server.retry_after"),
+        ("server", "body_timeout = \"0s\"", "server.body_timeout"),
+        ("server", "shutdown_grace = \"0s\"", "server.shutdown_grace"),
+    ];
+    for (section, lines, key) in cases {
+        let e = parse_with(section, lines).unwrap_err();
+        assert_eq!(e.key, key, "{lines}: {e}");
+        assert_eq!(e.line, Some(3), "{lines}: {e}");
+    }
+    let e = Config::parse(&format!("{GOOD}\n[cors]\nmax_age = \"1.5s\"\n")).unwrap_err();
+    assert_eq!(e.key, "cors.max_age", "{e}");
+    assert_eq!(e.line, Some(16), "{e}");
+    assert!(Config::parse(&format!("{GOOD}\n[cors]\nmax_age = \"0s\"\n")).is_ok());
+}
+
+#[test]
+fn renamed_keys_say_what_to_write() {
+    let e = parse_with("server", "retry_after_secs = 1").unwrap_err();
+    assert_eq!(e.key, "server.retry_after_secs");
+    assert_eq!(e.line, Some(3), "{e}");
+    assert_eq!(
+        e.message,
+        "`server.retry_after_secs` was renamed: use `retry_after = \"1s\"`"
+    );
+    let e = parse_with("server", "shutdown_grace_secs = 90").unwrap_err();
+    assert_eq!(
+        e.message,
+        "`server.shutdown_grace_secs` was renamed: use `shutdown_grace = \"90s\"`"
+    );
+    let e = parse_with("server", "body_timeout_secs = 120").unwrap_err();
+    assert_eq!(
+        e.message,
+        "`server.body_timeout_secs` was renamed: use `body_timeout = \"2m\"`"
+    );
+    let e = Config::parse(&format!("{GOOD}\n[cors]\nmax_age_secs = 86400\n")).unwrap_err();
+    assert_eq!(e.key, "cors.max_age_secs");
+    assert_eq!(e.line, Some(16), "{e}");
+    assert_eq!(
+        e.to_string(),
+        "`cors.max_age_secs` (line 16): `cors.max_age_secs` was renamed: use `max_age = \"24h\"`"
+    );
+    // Not a number: the suggestion falls back to the default.
+    let e = parse_with("server", "retry_after_secs = \"x\"").unwrap_err();
+    assert!(e.message.ends_with("use `retry_after = \"1s\"`"), "{e}");
+}
+
+#[test]
+fn errors_do_not_quote_secret_values() {
+    let text = GOOD.replace("[\"k1\"]", "\"wk_live_secret\"");
+    let e = Config::parse(&text).unwrap_err();
+    assert_eq!(e.key, "sources[0].write_keys", "{e}");
+    assert!(!e.to_string().contains("wk_live_secret"), "{e}");
+    assert!(e.message.contains("expected a sequence"), "{e}");
+    let text = format!("{GOOD}headers = \"Authorization: Bearer s3cret\"\n");
+    let e = Config::parse(&text).unwrap_err();
+    assert_eq!(e.key, "destinations[0].headers", "{e}");
+    assert!(!e.to_string().contains("s3cret"), "{e}");
+    // Other keys still quote what was refused.
+    let e = parse_with("server", "body_timeout = \"soon\"").unwrap_err();
+    assert!(e.message.contains("\"soon\""), "{e}");
+}
+
+#[test]
+fn unsafe_destination_name_is_refused() {
+    let text = GOOD.replace("name = \"out\"", "name = \"../etc\"");
+    let e = Config::parse(&text).unwrap_err();
+    assert_eq!(e.key, "destinations[0].name");
+}
+
+/// A config with sources `web` and `ios` and one file destination ending in `rules`
+/// (its first line is line 12).
+fn routed(rules: &str) -> Result<Config, ConfigError> {
+    Config::parse(&format!(
+        "[[sources]]\nname = \"web\"\nwrite_keys = [\"k1\"]\n\n[[sources]]\nname = \"ios\"\n\n\
+             [[destinations]]\nname = \"f\"\nkind = \"file\"\npath = \"/tmp/f\"\n{rules}"
+    ))
+}
+
+#[test]
+fn routing_errors_name_key_and_line() {
+    let cases = [
+        (
+            "sources = [\"web\", \"android\"]\n",
+            "destinations[0].sources[1]",
+            12,
+            "android",
+        ),
+        ("sources = []\n", "destinations[0].sources", 12, "empty"),
+        (
+            "filter = { types = [\"track\", \"click\"] }\n",
+            "destinations[0].filter.types[1]",
+            12,
+            "click",
+        ),
+        (
+            "filter = { types = [] }\n",
+            "destinations[0].filter.types",
+            12,
+            "empty",
+        ),
+        (
+            "filter = {}\n",
+            "destinations[0].filter",
+            12,
+            "at least one",
+        ),
+        (
+            "filter = { event = [\"x\"] }\n",
+            "destinations[0].filter.event",
+            12,
+            "event",
+        ),
+        (
+            "filter = { events = [\"a\", \"\"] }\n",
+            "destinations[0].filter.events[1]",
+            12,
+            "empty",
+        ),
+        (
+            "[destinations.filter.properties]\nplan = { equals = 1, exists = true }\n",
+            "destinations[0].filter.properties.plan",
+            13,
+            "only one",
+        ),
+        (
+            "[destinations.filter.properties]\nplan = {}\n",
+            "destinations[0].filter.properties.plan",
+            13,
+            "equals",
+        ),
+        (
+            "[destinations.filter.properties]\nplan = { equal = 1 }\n",
+            "destinations[0].filter.properties.plan.equal",
+            13,
+            "equal",
+        ),
+        (
+            "[destinations.filter.properties]\nplan = { equals = nan }\n",
+            "destinations[0].filter.properties.plan.equals",
+            13,
+            "nan",
+        ),
+        (
+            "[destinations.filter.properties]\n\"a..b\" = { exists = true }\n",
+            "destinations[0].filter.properties.\"a..b\"",
+            12,
+            "empty segment",
+        ),
+        (
+            "drop_fields = [\"context.ip\", \"type\"]\n",
+            "destinations[0].drop_fields[1]",
+            12,
+            "type",
+        ),
+        (
+            "drop_fields = [\"\"]\n",
+            "destinations[0].drop_fields[0]",
+            12,
+            "dotted path",
+        ),
+        (
+            "rename = { type = \"kind\" }\n",
+            "destinations[0].rename.type",
+            12,
+            "type",
+        ),
+        (
+            "rename = { \"properties.a\" = \"context.ip\" }\ndrop_fields = [\"context\"]\n",
+            "destinations[0].rename.\"properties.a\"",
+            12,
+            "drop_fields",
+        ),
+        (
+            "rename = { \"context.ip\" = \"properties.ip\" }\ndrop_fields = [\"context.ip\"]\n",
+            "destinations[0].rename.\"context.ip\"",
+            12,
+            "removed",
+        ),
+        (
+            "rename = { a = \"b\", c = \"b.x\" }\n",
+            "destinations[0].rename.a",
+            12,
+            "overlaps",
+        ),
+        (
+            "rename = { a = \"a\" }\n",
+            "destinations[0].rename.a",
+            12,
+            "itself",
+        ),
+        (
+            "rename = { a = \"b.\" }\n",
+            "destinations[0].rename.a",
+            12,
+            "b.",
+        ),
+    ];
+    for (rules, key, line, says) in cases {
+        let e = routed(rules).unwrap_err();
+        assert_eq!(e.key, key, "{rules}: {e}");
+        assert_eq!(e.line, Some(line), "{rules}: {e}");
+        assert!(e.message.contains(says), "{rules}: {e}");
+    }
+}

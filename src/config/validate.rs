@@ -1,0 +1,170 @@
+//! What serde cannot check of a config: values within bounds, names that are safe and
+//! unique, write keys given to one source, routing to sources that exist.
+
+use std::collections::HashSet;
+
+use super::errors::{ConfigError, LineIndex};
+use super::{Config, DedupeBackend};
+
+impl Config {
+    /// Checks what serde cannot: uniqueness, non-empty keys, safe names.
+    pub(super) fn validate(&self, lines: &LineIndex<'_>) -> Result<(), ConfigError> {
+        let err = |key: String, message: String| ConfigError {
+            origin: None,
+            line: lines.line(&key),
+            key,
+            message,
+        };
+        let retry_after = self.server.retry_after;
+        if retry_after.subsec_nanos() != 0 || !(1..=3600).contains(&retry_after.as_secs()) {
+            return Err(err(
+                "server.retry_after".into(),
+                "must be whole seconds from 1s to 1h (it is sent as `Retry-After: <seconds>`)"
+                    .into(),
+            ));
+        }
+        for (key, value) in [
+            ("server.body_timeout", self.server.body_timeout),
+            ("server.body_deadline", self.server.body_deadline),
+            ("server.header_timeout", self.server.header_timeout),
+            ("server.idle_timeout", self.server.idle_timeout),
+            ("server.shutdown_grace", self.server.shutdown_grace),
+        ] {
+            if value.is_zero() {
+                return Err(err(key.into(), "must be more than 0, e.g. \"30s\"".into()));
+            }
+        }
+        if self.cors.max_age.subsec_nanos() != 0 {
+            return Err(err(
+                "cors.max_age".into(),
+                "must be whole seconds (it is sent as `Access-Control-Max-Age: <seconds>`)".into(),
+            ));
+        }
+        if self.dedupe.ttl.as_secs() == 0 {
+            return Err(err(
+                "dedupe.ttl".into(),
+                "must be at least one second".into(),
+            ));
+        }
+        if self.dedupe.backend == DedupeBackend::Redis
+            && self.dedupe.redis_url.is_none()
+            && self.dedupe.redis_url_env.is_none()
+        {
+            return Err(err(
+                "dedupe.backend".into(),
+                "redis needs dedupe.redis_url or dedupe.redis_url_env".into(),
+            ));
+        }
+        if self.dedupe.max_entries == 0 {
+            return Err(err(
+                "dedupe.max_entries".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.server.max_queue_bytes < 2 * self.server.segment_bytes {
+            return Err(err(
+                "server.max_queue_bytes".into(),
+                "must be at least twice server.segment_bytes (the newest segment is always kept)"
+                    .into(),
+            ));
+        }
+        if self.server.max_connections == 0 {
+            return Err(err(
+                "server.max_connections".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.server.max_in_flight == 0 {
+            return Err(err(
+                "server.max_in_flight".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.limits.max_message_bytes > self.limits.max_request_bytes {
+            return Err(err(
+                "limits.max_message_bytes".into(),
+                "must not exceed limits.max_request_bytes".into(),
+            ));
+        }
+        if self.admin.listen == Some(self.server.listen) {
+            return Err(err(
+                "admin.listen".into(),
+                "must differ from server.listen (leave it out to share that address)".into(),
+            ));
+        }
+        // An empty file (or one cut before its sources) would answer 401 to every client,
+        // and Segment's libraries drop events on a 401.
+        if self.sources.is_empty() {
+            return Err(err(
+                "sources".into(),
+                "no [[sources]]: at least one source with write keys is needed, or every \
+                 request is refused (401)"
+                    .into(),
+            ));
+        }
+        let mut source_names = HashSet::new();
+        let mut keys = HashSet::new();
+        for (i, source) in self.sources.iter().enumerate() {
+            if !is_safe_name(&source.name) {
+                return Err(err(format!("sources[{i}].name"), NAME_RULE.into()));
+            }
+            if !source_names.insert(source.name.as_str()) {
+                return Err(err(
+                    format!("sources[{i}].name"),
+                    format!("source `{}` is defined twice", source.name),
+                ));
+            }
+            for (k, key) in source.write_keys.iter().enumerate() {
+                if key.is_empty() {
+                    return Err(err(
+                        format!("sources[{i}].write_keys[{k}]"),
+                        "write key is empty".into(),
+                    ));
+                }
+                if !keys.insert(key.as_str()) {
+                    return Err(err(
+                        format!("sources[{i}].write_keys[{k}]"),
+                        "write key is used by more than one source".into(),
+                    ));
+                }
+            }
+        }
+        let mut dest_names = HashSet::new();
+        for (i, dest) in self.destinations.iter().enumerate() {
+            if !is_safe_name(&dest.name) {
+                return Err(err(format!("destinations[{i}].name"), NAME_RULE.into()));
+            }
+            if !dest_names.insert(dest.name.as_str()) {
+                return Err(err(
+                    format!("destinations[{i}].name"),
+                    format!("destination `{}` is defined twice", dest.name.as_str()),
+                ));
+            }
+            if let Err(e) = dest.validate() {
+                return Err(lines.error(&format!("destinations[{i}]"), e));
+            }
+            for (j, name) in dest.route.sources.iter().flatten().enumerate() {
+                if !source_names.contains(name.as_str()) {
+                    return Err(err(
+                        format!("destinations[{i}].sources[{j}]"),
+                        format!("no source named `{name}` in [[sources]]"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+const NAME_RULE: &str = "names are 1-64 characters of A-Z a-z 0-9 _ - .";
+
+/// Names become file names (cursors) and metric labels, so keep them plain.
+fn is_safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+}
