@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
-    Histogram, Unit,
+    Gauge, Histogram, Unit,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -21,6 +21,9 @@ use crate::message::MessageType;
 
 const HTTP_REQUESTS: &str = "fanout_http_requests_total";
 const HTTP_DURATION: &str = "fanout_http_request_duration_seconds";
+const HTTP_IN_FLIGHT: &str = "fanout_http_requests_in_flight";
+const HTTP_BODIES_CUT: &str = "fanout_http_bodies_cut_total";
+const CONNECTIONS_OPEN: &str = "fanout_connections_open";
 const EVENTS: &str = "fanout_events_total";
 const QUEUE_HELD: &str = "fanout_queue_held_bytes";
 const QUEUE_LAG: &str = "fanout_queue_lag_bytes";
@@ -91,6 +94,20 @@ fn describe() {
         Unit::Seconds,
         "Time from receiving a request to its answer, by route template."
     );
+    describe_gauge!(
+        HTTP_IN_FLIGHT,
+        "Requests holding one of the server.max_in_flight slots (probes, /metrics and the \
+         operator endpoints take none)."
+    );
+    describe_counter!(
+        HTTP_BODIES_CUT,
+        "Request bodies cut short with 408, by reason: stalled (server.body_timeout), \
+         deadline (server.body_deadline), evicted (still arriving while every slot was wanted)."
+    );
+    describe_gauge!(
+        CONNECTIONS_OPEN,
+        "Client connections open, on every listener (capped by server.max_connections)."
+    );
     describe_counter!(
         EVENTS,
         "Messages by source, type and outcome: accepted (stored), duplicate (dropped), \
@@ -159,6 +176,48 @@ pub fn render() -> String {
         .and_then(Option::as_ref)
         .map(PrometheusHandle::render)
         .unwrap_or_default()
+}
+
+/// A request holding an in-flight slot, for as long as this lives.
+pub struct InFlight(());
+
+impl InFlight {
+    pub fn start() -> InFlight {
+        in_flight_gauge().increment(1.0);
+        InFlight(())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        in_flight_gauge().decrement(1.0);
+    }
+}
+
+fn in_flight_gauge() -> &'static Gauge {
+    static GAUGE: OnceLock<Gauge> = OnceLock::new();
+    GAUGE.get_or_init(|| {
+        install();
+        gauge!(HTTP_IN_FLIGHT)
+    })
+}
+
+fn connections_gauge() -> &'static Gauge {
+    static GAUGE: OnceLock<Gauge> = OnceLock::new();
+    GAUGE.get_or_init(|| {
+        install();
+        gauge!(CONNECTIONS_OPEN)
+    })
+}
+
+/// A request body cut short (`reason`: stalled, deadline, evicted).
+pub fn body_cut(reason: &'static str) {
+    counter!(HTTP_BODIES_CUT, "reason" => reason).increment(1);
+}
+
+/// Client connections open now.
+pub fn connections_open(open: usize) {
+    connections_gauge().set(open as f64);
 }
 
 /// One answered HTTP request. `path` is the route template, never the raw path.

@@ -58,8 +58,8 @@ async fn settled(f: &Fanout) -> Vec<Value> {
     loop {
         let lines = f.delivered();
         if lines.iter().any(|l| l["messageId"] == id.as_str()) {
-            // A short extra wait: nothing should follow the marker either.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // Everything settled: nothing can follow the marker either.
+            f.wait_settled("out").await;
             return f
                 .delivered()
                 .into_iter()
@@ -189,7 +189,9 @@ async fn concurrent_identical_batches_deliver_each_message_once() {
             s
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every request is in, each holding a slot while its body waits for its last byte.
+    f.wait_metric("fanout_http_requests_in_flight", &[], |n| n == 10.0)
+        .await;
     let last = *request.last().unwrap();
     for s in &mut streams {
         s.write_all(&[last]).unwrap();

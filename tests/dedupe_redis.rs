@@ -33,8 +33,8 @@ async fn send(f: &Fanout, body: &Value) {
     assert_success(f.post("/v1/batch").json(body).send().await.unwrap()).await;
 }
 
-/// Waits until the instances together delivered `n` messages (and a little longer, so a
-/// stray duplicate would show), then counts each messageId.
+/// Waits until the instances together delivered `n` messages and each has settled
+/// everything (so a stray duplicate would show), then counts each messageId.
 async fn delivered_counts(instances: &[&Fanout], n: usize) -> HashMap<String, usize> {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -44,7 +44,9 @@ async fn delivered_counts(instances: &[&Fanout], n: usize) -> HashMap<String, us
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    for f in instances {
+        f.wait_settled("out").await;
+    }
     let mut counts = HashMap::new();
     for f in instances {
         for m in f.delivered() {

@@ -199,8 +199,8 @@ async fn server_errors_are_retried_until_everything_arrives_once_in_user_order()
     }
     let got = r.wait_for_messages(30, Duration::from_secs(20)).await;
     assert_eq!(id_set(&got), id_set(&sent), "every message arrives");
-    // Let a stray repeat show up before counting.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every message settled: no stray repeat can come after this.
+    f.wait_settled("hook").await;
     let got = r.messages();
     assert_each_once(&ids(&got));
     assert_per_user_order(&sent, &got);
@@ -345,8 +345,8 @@ async fn single_message_rejected_with_400_is_dead_lettered_at_once() {
         "{row}"
     );
 
-    // With 100 ms backoff a retry would show well within a second.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Settled (dead-lettered): no retry can follow.
+    f.wait_settled("hook").await;
     let attempts = r.requests_with("bad-1");
     assert_eq!(attempts.len(), 1, "one attempt only: {attempts:#?}");
     assert_eq!(attempts[0].status, 400);
@@ -378,7 +378,7 @@ async fn poison_message_is_isolated_by_splitting_and_the_rest_delivered() {
     let rows = f
         .wait_dead_letters("hook", 1, Duration::from_secs(15))
         .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    f.wait_settled("hook").await;
 
     let got = r.message_ids();
     assert_each_once(&got);
@@ -453,8 +453,13 @@ async fn a_dead_destination_does_not_hold_up_the_others() {
 
     let first = messages("a", 20, 3);
     send(&f, &first).await;
-    // Again once the dead destination has been failing for a while.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Again once the dead destination has failed twice (20 messages an attempt).
+    f.wait_metric(
+        "fanout_deliveries_total",
+        &[("destination", "dead"), ("outcome", "retried")],
+        |n| n >= 2.0 * 20.0,
+    )
+    .await;
     let second = messages("b", 30, 3);
     let sent_at = Instant::now();
     send(&f, &second).await;
@@ -702,7 +707,7 @@ async fn retries_exhausted_after_max_attempts_are_dead_lettered() {
         rfc3339(&row["first_attempt_at"]) <= rfc3339(&row["dead_at"]),
         "{row}"
     );
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    f.wait_settled("hook").await;
     assert_eq!(r.requests_with("ex-1").len(), 3, "three attempts in all");
 }
 
@@ -771,7 +776,8 @@ async fn python_client_through_a_relay_chain_of_two_fanouts() {
     let in_a = a.wait_delivered(21).await;
     assert_eq!(in_a.len(), 21, "A's own file destination");
     let in_b = b.wait_delivered(21).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.wait_settled("relay").await;
+    b.wait_settled("out").await;
     let in_b_all = b.delivered();
     assert_eq!(in_b.len(), 21);
     assert_eq!(in_b_all.len(), 21, "nothing arrives at B twice");
@@ -884,7 +890,8 @@ async fn segment_relay_posts_basic_auth_gzip_batches_within_segment_limits() {
             .await;
         assert!(missing.is_empty(), "{} missing", missing.len());
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    f.wait_settled("relay-gz").await;
+    f.wait_settled("relay-plain").await;
 
     for (r, gzipped) in [(&zipped, true), (&plain, false)] {
         let requests = r.requests();
@@ -1078,7 +1085,13 @@ async fn a_user_with_a_long_failing_backlog_does_not_hold_back_others() {
     // Far more than the read-ahead holds (5 × (1 + 4 + 1) messages).
     let stuck: Vec<Value> = (0..200).map(|i| track(&format!("s{i}"), "stuck")).collect();
     send(&f, &stuck).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The stuck user's first batch has failed: its backlog now waits behind it.
+    f.wait_metric(
+        "fanout_deliveries_total",
+        &[("destination", "hook"), ("outcome", "retried")],
+        |n| n >= 1.0,
+    )
+    .await;
     send(&f, &[track("free-1", "free")]).await;
     let missing = r
         .wait_for_ids(&["free-1".to_string()].into(), Duration::from_secs(5))

@@ -31,8 +31,8 @@ async fn stdout_and_file_each_get_everything_and_resume_after_restart() {
     f.restart();
     send(&f, &["s-4", "s-5"]).await;
     let second = f.wait_stdout(2).await;
-    // Give a replay the chance to show up before asserting there is none.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Settled: a replay of the old lines would have come by now.
+    f.wait_settled("console").await;
     let second_all = f.wait_stdout(2).await;
     assert_eq!(common::receiver::ids(&second), ["s-4", "s-5"]);
     assert_eq!(

@@ -102,7 +102,9 @@ async fn sigterm_finishes_in_flight_requests_then_exits_cleanly() {
     let mut s = std::net::TcpStream::connect(f.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(format!("POST /v1/batch HTTP/1.1\r\nhost: x\r\nauthorization: {}\r\ncontent-length: {}\r\n\r\n{head}", basic(WRITE_KEY), body.len()).as_bytes()).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // The request is in: it holds a slot.
+    f.wait_metric("fanout_http_requests_in_flight", &[], |n| n == 1.0)
+        .await;
     let pid = f.pid();
     let term = std::process::Command::new("kill")
         .arg("-TERM")
@@ -110,9 +112,16 @@ async fn sigterm_finishes_in_flight_requests_then_exits_cleanly() {
         .status()
         .unwrap();
     assert!(term.success());
-    std::thread::sleep(Duration::from_millis(200));
-    // New connections are refused while the old request may finish.
-    assert!(client().get(f.url("/health")).send().await.is_err());
+    // New connections are refused (once the signal is taken) while the old request may
+    // finish.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while client().get(f.url("/health")).send().await.is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still accepting after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     s.write_all(tail.as_bytes()).unwrap();
     let (status, answer) = common::read_response(&mut s);
     assert_eq!((status, answer.as_str()), (200, r#"{"success":true}"#));

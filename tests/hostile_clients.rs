@@ -205,7 +205,15 @@ async fn idle_connections_past_the_file_limit_leave_room_for_real_clients() {
     for _ in 0..300 {
         idle.push(TcpStream::connect(f.addr).unwrap());
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f
+        .stderr()
+        .iter()
+        .any(|l| l.contains("connection cap reached"))
+    {
+        assert!(Instant::now() < deadline, "the cap was never reached");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let started = Instant::now();
     let health = common::client().get(f.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), 200);

@@ -678,7 +678,8 @@ async fn overload_gets_429_with_retry_after_before_the_body_is_read() {
         .unwrap();
         slow.push(s);
     }
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    f.wait_metric("fanout_http_requests_in_flight", &[], |n| n == 2.0)
+        .await;
     // The third gets 429 at once, although it declares a body it never sends.
     let (status, body) = tokio::task::spawn_blocking({
         let addr = f.addr;
@@ -701,7 +702,8 @@ async fn overload_gets_429_with_retry_after_before_the_body_is_read() {
     assert_eq!(err["error"]["code"], "overloaded");
     // Once the slow clients go, all is well again.
     drop(slow);
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    f.wait_metric("fanout_http_requests_in_flight", &[], |n| n == 0.0)
+        .await;
     let r = f.post("/v1/t").json(&track("after")).send().await.unwrap();
     assert_success(r).await;
 }
@@ -716,7 +718,8 @@ async fn overload_answer_carries_retry_after_header() {
         b"POST /v1/batch HTTP/1.1\r\nhost: x\r\ncontent-length: 50\r\n\r\n{",
     )
     .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    f.wait_metric("fanout_http_requests_in_flight", &[], |n| n == 1.0)
+        .await;
     let r = f.post("/v1/t").json(&track("x")).send().await.unwrap();
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "7");

@@ -106,12 +106,13 @@ async fn stored(f: &Fanout, n: usize) -> HashMap<String, Value> {
         .collect()
 }
 
-/// Waits until every unique_id in `wanted` arrived, then a little longer for stragglers,
-/// and checks every request received so far with the SDK models.
-async fn arrive_valid(k: &Klaviyo, wanted: &HashSet<String>, timeout: Duration) {
+/// Waits until every unique_id in `wanted` arrived and `f`'s Klaviyo destination has
+/// settled everything (nothing more will come), and checks every request received with
+/// the SDK models.
+async fn arrive_valid(f: &Fanout, k: &Klaviyo, wanted: &HashSet<String>, timeout: Duration) {
     let missing = k.wait_for_unique_ids(wanted, timeout).await;
     assert!(missing.is_empty(), "missing {missing:?}\n{}", k.summary());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    f.wait_settled("kl").await;
     k.assert_valid().await;
 }
 
@@ -217,8 +218,8 @@ async fn python_client_calls_arrive_as_events_and_profile_upserts() {
         |k| k.profiles().len() >= 2,
     )
     .await;
-    // Anything more (the alias, a repeat) would show within this.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Everything settled: anything more (the alias, a repeat) would have come by now.
+    f.wait_settled("kl").await;
     k.assert_valid().await;
 
     let events = k.events();
@@ -301,7 +302,7 @@ async fn bulk_false_sends_one_request_per_event() {
     );
     let sent = tracks("one", 10, 4);
     send(&f, &sent).await;
-    arrive_valid(&k, &message_ids(&sent), Duration::from_secs(20)).await;
+    arrive_valid(&f, &k, &message_ids(&sent), Duration::from_secs(20)).await;
 
     let requests = k.requests();
     assert_only_path(&k, EVENTS);
@@ -333,7 +334,7 @@ async fn bulk_jobs_carry_many_events_per_request() {
     );
     let sent = tracks("bulk", 50, 5);
     send(&f, &sent).await;
-    arrive_valid(&k, &message_ids(&sent), Duration::from_secs(20)).await;
+    arrive_valid(&f, &k, &message_ids(&sent), Duration::from_secs(20)).await;
 
     let requests = k.requests();
     assert_only_path(&k, BULK);
@@ -421,7 +422,7 @@ async fn order_with_two_products(bulk: bool) {
     send(&f, std::slice::from_ref(&order)).await;
     let stored = stored(&f, 1).await;
     let wanted = id_set(["order-msg-1", "ord-77_p1", "ord-77_p2"]);
-    arrive_valid(&k, &wanted, Duration::from_secs(20)).await;
+    arrive_valid(&f, &k, &wanted, Duration::from_secs(20)).await;
 
     let events = k.events();
     assert_eq!(events.len(), 3, "{events:#?}");
@@ -486,7 +487,7 @@ async fn revision_2023_01_24_sends_seed_002_flat_events_one_per_request() {
         .await;
     assert!(missing.is_empty(), "missing {missing:?}\n{}", k.summary());
     let rows = f.wait_dead_letters("kl", 1, Duration::from_secs(10)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    f.wait_settled("kl").await;
     k.assert_valid().await;
 
     let requests = k.requests();
@@ -607,7 +608,7 @@ async fn one_rejected_event_in_a_batch(bulk: bool) {
         k.summary()
     );
     let rows = f.wait_dead_letters("kl", 1, Duration::from_secs(15)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    f.wait_settled("kl").await;
     k.assert_valid().await;
 
     assert_eq!(rows.len(), 1, "only the poison: {rows:#?}");
@@ -685,7 +686,7 @@ async fn messages_without_a_profile_identifier_are_dead_lettered_without_a_reque
     )
     .await;
     let rows = f.wait_dead_letters("kl", 2, Duration::from_secs(10)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    f.wait_settled("kl").await;
     k.assert_valid().await;
 
     assert_eq!(rows.len(), 2, "{rows:#?}");
@@ -743,7 +744,7 @@ async fn mapping_renames_and_drops_events() {
         .wait_for_unique_ids(&id_set(["m-1", "m-3", "m-4"]), Duration::from_secs(20))
         .await;
     assert!(missing.is_empty(), "{}", k.summary());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    f.wait_settled("kl").await;
     k.assert_valid().await;
     let events = k.events();
     assert_eq!(events.len(), 3, "Debug is dropped: {events:#?}");
@@ -823,7 +824,7 @@ async fn events_over_klaviyo_limits_are_dead_lettered_or_repaired_before_sending
         k.events().len() >= 3
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    f.wait_settled("kl").await;
     k.assert_valid().await;
 
     let reasons: HashMap<String, String> = rows

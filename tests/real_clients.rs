@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use serde_json::{json, Value};
 
 use common::clients::{run_node, run_python};
@@ -20,7 +18,8 @@ const ROUND: [&str; 7] = [
     "track", "identify", "page", "screen", "group", "alias", "track",
 ];
 
-/// Waits for `n` delivered messages, then a little longer to see that no more arrive.
+/// Waits for `n` delivered messages and for the destination to have settled everything
+/// (so no more can arrive).
 async fn delivered_exactly(f: &Fanout, n: usize) -> Vec<Value> {
     let lines = f.wait_delivered(n).await;
     assert!(
@@ -28,7 +27,7 @@ async fn delivered_exactly(f: &Fanout, n: usize) -> Vec<Value> {
         "only {} of {n} messages delivered: {lines:#?}",
         lines.len()
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    f.wait_settled("out").await;
     let lines = f.delivered();
     let ids: Vec<&str> = lines
         .iter()

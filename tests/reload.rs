@@ -71,6 +71,25 @@ async fn assert_refused(f: &Fanout, config: &str, mentions: &str) {
     assert_eq!(status_as(f, "wk_mobile", "refused").await, 401);
 }
 
+/// Waits until the log shows `n` refused reloads.
+async fn wait_refusals(f: &Fanout, n: usize) {
+    let refused = || {
+        f.stderr()
+            .iter()
+            .filter(|l| l.contains("config reload refused"))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while refused() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{} reloads refused, want {n}",
+            refused()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn status_as(f: &Fanout, key: &str, id: &str) -> u16 {
     f.post_as(key, "/v1/track")
         .json(&track(id))
@@ -141,7 +160,16 @@ async fn sighup_under_load_adds_a_key_and_a_destination_without_failing_a_reques
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Load goes on past the reload: another 50 requests, all answered.
+    let after_reload = sent.load(Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sent.load(Ordering::Relaxed) < after_reload + 50 {
+        assert!(
+            Instant::now() < deadline,
+            "the load stalled after the reload"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     stop.store(true, Ordering::Relaxed);
     let mut failures = Vec::new();
     for worker in load {
@@ -194,7 +222,7 @@ async fn an_invalid_config_is_refused_and_the_old_one_keeps_running() {
 
     // SIGHUP with the same file: also refused; the process keeps serving the old config.
     sighup(&f);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_refusals(&f, 2).await;
     assert_eq!(status_as(&f, common::WRITE_KEY, "still-ok").await, 200);
     assert_eq!(status_as(&f, "wk_mobile", "unknown").await, 401);
 
@@ -366,7 +394,7 @@ async fn an_emptied_config_is_refused_and_a_cut_one_warns() {
     // `: > config.toml; kill -HUP`: refused, every key keeps working.
     std::fs::write(f.config_path(), "").unwrap();
     sighup(&f);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_refusals(&f, 1).await;
     assert_eq!(status_as(&f, common::WRITE_KEY, "after-empty").await, 200);
     assert_refused(&f, "", "sources").await;
     // Cut before its first [[sources]]: refused as well.

@@ -125,18 +125,29 @@ where
         let slots = self.slots.clone();
         let inner = self.inner.clone();
         Box::pin(async move {
+            // A load balancer's probes and the operator's endpoints must answer under
+            // the very load that fills the slots; they have no body to guard.
+            if is_operational(request.uri().path()) {
+                return inner.oneshot(request).await;
+            }
             let Some(permit) = slots.admit().await else {
                 return Ok(ApiError::Overloaded {
                     retry_after: slots.config.retry_after,
                 }
                 .into_response());
             };
+            let in_flight = crate::metrics::InFlight::start();
             let request = Slots::guard(&slots, request);
             let response = inner.oneshot(request).await;
-            drop(permit);
+            drop((permit, in_flight));
             response
         })
     }
+}
+
+/// Probes, metrics and the operator endpoints: never refused for load.
+fn is_operational(path: &str) -> bool {
+    matches!(path, "/health" | "/ready" | "/metrics") || path.starts_with("/admin/")
 }
 
 /// The slots and the bodies being received in them.
@@ -218,6 +229,11 @@ impl Slots {
     }
 
     fn count(&self, cut: BodyCut) {
+        crate::metrics::body_cut(match cut {
+            BodyCut::Stalled => "stalled",
+            BodyCut::Deadline => "deadline",
+            BodyCut::Evicted => "evicted",
+        });
         self.cut[cut as usize].fetch_add(1, Ordering::Relaxed);
         if self.cut_log.ready() {
             let [stalled, deadline, evicted] =

@@ -110,6 +110,7 @@ impl Connections {
             .expect("connections lock poisoned")
             .insert(id, state.clone());
         self.open.send_modify(|n| *n += 1);
+        crate::metrics::connections_open(*self.open.borrow());
         Registered {
             connections: self.clone(),
             id,
@@ -266,6 +267,7 @@ impl Drop for Registered {
             .expect("connections lock poisoned")
             .remove(&self.id);
         self.connections.open.send_modify(|n| *n -= 1);
+        crate::metrics::connections_open(*self.connections.open.borrow());
     }
 }
 

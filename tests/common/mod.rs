@@ -356,6 +356,63 @@ impl Fanout {
         }
     }
 
+    /// The value of one series of `/metrics`: `name` with exactly these `labels`
+    /// (`[]` for none); `None` when it is not there.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let text = client()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        text.lines().find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
+            let mut got: Vec<&str> = rest
+                .trim_end_matches('}')
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .collect();
+            got.sort_unstable();
+            let mut want: Vec<&str> = wanted.iter().map(String::as_str).collect();
+            want.sort_unstable();
+            (metric == name && got == want).then(|| value.parse().ok())?
+        })
+    }
+
+    /// Polls `/metrics` until the series satisfies `done` (or 20 s pass: then panics).
+    pub async fn wait_metric(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        done: impl Fn(f64) -> bool,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let value = self.metric(name, labels).await;
+            if value.is_some_and(&done) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}{labels:?} stayed at {value:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until destination `name` has settled everything accepted so far (its saved
+    /// cursor is at the end of the queue): nothing more will arrive there.
+    pub async fn wait_settled(&self, name: &str) {
+        self.wait_metric("fanout_queue_lag_bytes", &[("destination", name)], |lag| {
+            lag == 0.0
+        })
+        .await;
+    }
+
     /// Sends raw bytes on a new connection and returns the status and body of the answer.
     pub fn raw(&self, request: &[u8]) -> (u16, String) {
         let mut stream = TcpStream::connect(self.addr).expect("connect");
