@@ -1,12 +1,17 @@
 //! fanout: a Segment-compatible event proxy.
 //!
 //! The modules are the pipeline's stages, in the order a message passes them:
-//! `http` (tower stack, routes) → `auth` (write key → source) → `ingest` (parse,
-//! validate, enrich) → `dedupe` (drop retried messageIds) → `queue` (durable log) →
-//! `delivery` (per-destination cursors and retries), which asks `routing` (sources,
-//! filters, `integrations`, field edits) whether and in what shape each message goes →
-//! `translate` (a message → a destination's event format) → `destinations` (one file per
-//! kind). `config` and `server` hold it together.
+//! `server` (accepting connections, start-up, shutdown, reload) → `http` (the tower stack,
+//! admission, routes) → `auth` (write key → source) → `ingest` (parse, validate, enrich) →
+//! `dedupe` (drop retried messageIds) → `queue` (the durable log) → `delivery` (each
+//! destination's cursor, batches and retries), which asks `routing` (sources, filters,
+//! `integrations`, field edits) whether and in what shape each message goes →
+//! `destinations` (one file per kind), which may `translate` it (to Klaviyo's format).
+//!
+//! Beside them: `config` (the file, read and checked as a whole), `metrics`, `cli` (what
+//! the command line does across stages), and leaves that every stage may use and that use
+//! nothing of the crate: `json` (the JSON view), `message` (call type, dedupe key, log
+//! tag), `timestamp`, `pace` (token bucket, backoff), `clock`, `throttle`.
 #![forbid(unsafe_code)]
 
 pub mod auth;

@@ -1,12 +1,6 @@
-//! What every HTTP destination shares: a pooled client and one reading of answers.
-//!
-//! 2xx is delivered. 408, 429, 5xx, transport errors and timeouts are retryable. So are
-//! the answers that mean the destination is misconfigured rather than the data bad —
-//! 401/403 (credential), 404/405/410 (URL), 3xx (redirects are not followed: a POST body
-//! would not survive one): every message would get the same answer, so splitting the
-//! batch and dead-lettering each message would only turn an operator's typo into a
-//! flood of dead letters (peers that drop on these lose everything sent meanwhile).
-//! They retry until fixed or until `retry.max_age`. Any other 4xx rejects the content.
+//! What every HTTP destination shares: a pooled client and one reading of answers
+//! (`classify`; the policy and why is the README's "Delivery", "Answers"). Redirects
+//! are not followed: a POST body would not survive one.
 
 use std::time::{Duration, SystemTime};
 
