@@ -112,14 +112,14 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
     tracing::info!("listening on {}", listener.local_addr()?);
     servers.push(serve(listener, router));
     let grace = config.server.shutdown_grace;
-    let mut reloader = reload::Reloader::new(
-        options.config_path,
-        config,
+    let mut reloader = reload::Reloader {
+        path: options.config_path,
+        current: config,
         sources,
-        app.dedupe.clone(),
-        app.queue.clone(),
+        dedupe: app.dedupe.clone(),
+        queue: app.queue.clone(),
         deliveries,
-    );
+    };
     // The servers and the reloader hold what they need: the last `Queue` handle must go
     // with them at shutdown, so that the writer can finish.
     drop(app);

@@ -18,33 +18,17 @@ use crate::queue::Queue;
 /// What a reload changes in the running process: the write keys requests see, the
 /// dedupe switches, and the destinations (and their cursors in the queue).
 pub struct Reloader {
-    path: PathBuf,
-    current: Config,
-    sources: Arc<ArcSwap<Sources>>,
-    dedupe: Arc<Dedupe>,
-    queue: Queue,
-    deliveries: Deliveries,
+    /// The file, read again at each reload.
+    pub path: PathBuf,
+    /// The config in effect.
+    pub current: Config,
+    pub sources: Arc<ArcSwap<Sources>>,
+    pub dedupe: Arc<Dedupe>,
+    pub queue: Queue,
+    pub deliveries: Deliveries,
 }
 
 impl Reloader {
-    pub fn new(
-        path: PathBuf,
-        current: Config,
-        sources: Arc<ArcSwap<Sources>>,
-        dedupe: Arc<Dedupe>,
-        queue: Queue,
-        deliveries: Deliveries,
-    ) -> Self {
-        Reloader {
-            path,
-            current,
-            sources,
-            dedupe,
-            queue,
-            deliveries,
-        }
-    }
-
     pub fn into_deliveries(self) -> Deliveries {
         self.deliveries
     }
