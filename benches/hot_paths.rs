@@ -10,7 +10,7 @@
 //!   its long-run state: full (`max_entries` = `WINDOW_KEYS`, larger than the L3 cache), so
 //!   new keys evict the oldest ones, as they do in a server that has run for a while (the
 //!   table sweeps expired keys only when a shard is full).
-//! - `queue`: `Queue::append` of the framed batch, which returns only after the writer
+//! - `queue`: `LocalQueue::append` of the framed batch, which returns only after the writer
 //!   thread's `fdatasync`: the figure is the disk's sync latency plus a little, and there is
 //!   no public way to append without syncing. One append at a time, so no group commit:
 //!   this is one request's latency, not the queue's throughput under concurrent requests.
@@ -44,7 +44,7 @@ use fanout::dedupe::Dedupe;
 use fanout::ingest::segment;
 use fanout::message::{DedupeKey, Tag};
 use fanout::queue::record::{read_record, ReadOutcome};
-use fanout::queue::{Queue, RecordBatch};
+use fanout::queue::{LocalQueue, RecordBatch};
 use fanout::translate::{translate, Mapping, Revision, Translation};
 
 const EVENTS: usize = 100;
@@ -250,7 +250,7 @@ fn dedupe(c: &mut Criterion) {
 
 /// A queue in a directory of its own, removed with it.
 struct ScratchQueue {
-    queue: Queue,
+    queue: LocalQueue,
     writer: fanout::queue::QueueWriter,
     _dir: tempfile::TempDir,
 }
@@ -258,7 +258,7 @@ struct ScratchQueue {
 impl ScratchQueue {
     fn open(parent: &Path, config: &Config) -> ScratchQueue {
         let dir = tempfile::tempdir_in(parent).expect("temp dir");
-        let (queue, writer) = Queue::open(
+        let (queue, writer) = LocalQueue::open(
             dir.path(),
             config.server.segment_bytes,
             config.server.max_queue_bytes,

@@ -71,3 +71,30 @@ impl Tag {
         self.key != [0; 3]
     }
 }
+
+/// The user a message is about, for per-user ordering: a hash of its anonymousId, else of
+/// its userId; 0 if it has neither (as non-empty strings). anonymousId first, because
+/// browsers send it on every message, before and after identify, so one visitor's
+/// messages share one key. Ingest partitions the shared log by it and delivery keeps
+/// each key's messages in order, so both use this one function.
+pub fn user_key(anonymous_id: Option<&str>, user_id: Option<&str>) -> u64 {
+    [anonymous_id, user_id]
+        .into_iter()
+        .flatten()
+        .find(|id| !id.is_empty())
+        .map_or(0, |id| xxhash_rust::xxh3::xxh3_64(id.as_bytes()).max(1))
+}
+
+/// What ingest hands the queue about each message it frames: the tag the log keeps, and
+/// the message's user key (not kept; the shared log picks a partition by it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stamp {
+    pub tag: Tag,
+    pub user: u64,
+}
+
+impl From<Tag> for Stamp {
+    fn from(tag: Tag) -> Stamp {
+        Stamp { tag, user: 0 }
+    }
+}

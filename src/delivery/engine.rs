@@ -25,8 +25,7 @@ use super::lines::Lines;
 use super::progress::Progress;
 use super::replay::{self, Replays};
 use crate::destinations::BatchLimits;
-use crate::metrics::DestinationGauges;
-use crate::queue::{Checkpoint, Cursor, QueueReader, Record};
+use crate::queue::{Feed, Record};
 use crate::routing::{user_key, Decision};
 
 const READ_RETRY: Duration = Duration::from_secs(1);
@@ -48,8 +47,8 @@ pub struct Engine {
     limits: BatchLimits,
     ordering: bool,
     max_outstanding: usize,
-    /// Out while a read runs on a blocking thread.
-    reader: Option<QueueReader>,
+    /// Out while a read runs (the local log is read on a blocking thread).
+    feed: Option<Feed>,
     stop: watch::Receiver<bool>,
     /// Read from the queue, not yet in a batch.
     lines: Lines,
@@ -70,23 +69,21 @@ impl Engine {
         context: Arc<DeliveryContext>,
         dead_letters: Arc<DeadLetters>,
         shape: Shape,
-        reader: QueueReader,
-        cursor: Cursor,
-        saved: Checkpoint,
+        feed: Feed,
+        progress: Progress,
     ) -> Engine {
         crate::metrics::install();
-        let gauges = DestinationGauges::register(&context.name);
         let skipped = crate::metrics::DeliveryMetrics::new(&context.name).skipped;
         Engine {
             stop: context.stop.clone(),
-            progress: Progress::new(reader.position(), saved, cursor, gauges),
+            progress,
             skipped,
             context,
             dead_letters,
             limits: shape.limits,
             ordering: shape.ordering,
             max_outstanding: shape.max_outstanding,
-            reader: Some(reader),
+            feed: Some(feed),
             lines: Lines::default(),
             replays: Replays::new(),
             running: JoinSet::new(),
@@ -94,12 +91,6 @@ impl Engine {
             linger_until: None,
             stop_closed: false,
         }
-    }
-
-    /// The checkpoint it starts from is not saved yet: save it as soon as it can.
-    pub fn save_soon(mut self) -> Engine {
-        self.progress.save_soon();
-        self
     }
 
     /// Messages read ahead of the cursor are bounded, so memory is too, however long
@@ -111,10 +102,10 @@ impl Engine {
             || self.lines.held_bytes() >= MAX_HELD_BYTES
     }
 
-    fn reader(&self) -> &QueueReader {
-        self.reader
+    fn feed(&self) -> &Feed {
+        self.feed
             .as_ref()
-            .expect("reader is back after each read")
+            .expect("the feed is back after each read")
     }
 
     pub async fn run(mut self) {
@@ -141,7 +132,10 @@ impl Engine {
             let can_read = !stopping && !self.lookahead_full() && self.read_again_at.is_none();
             let replay_at = self.replays.next_poll();
             let read_again_at = self.read_again_at;
-            let reader = self.reader.as_mut().expect("reader present");
+            let feed = self
+                .feed
+                .as_mut()
+                .expect("the feed is back after each read");
             tokio::select! {
                 Some(done) = self.running.join_next(), if !self.running.is_empty() => {
                     match done {
@@ -152,7 +146,7 @@ impl Engine {
                         ),
                     }
                 }
-                _ = reader.wait_for_data(), if can_read => {}
+                _ = feed.wait_for_data(), if can_read => {}
                 _ = sleep_until_opt(linger_at), if linger_at.is_some() => {}
                 _ = sleep_until_opt(save_at), if save_at.is_some() => {
                     self.progress.save(&self.context).await;
@@ -170,20 +164,15 @@ impl Engine {
 
     /// Reads what fits in the lookahead from the queue.
     async fn read_more(&mut self) {
-        if self.lookahead_full() || self.reader().lag() == 0 || self.read_again_at.is_some() {
+        if self.lookahead_full() || !self.feed().has_more() || self.read_again_at.is_some() {
             return;
         }
         let slots = self.max_outstanding + 1;
         let max_records = (self.limits.max_events * slots).saturating_sub(self.lines.free_count());
         let max_bytes = (self.limits.max_bytes * slots).saturating_sub(self.lines.free_bytes());
-        let mut reader = self.reader.take().expect("reader present");
-        let (reader, read) = tokio::task::spawn_blocking(move || {
-            let read = reader.read_batch(max_records.max(1), max_bytes.max(1));
-            (reader, read)
-        })
-        .await
-        .expect("queue read task panicked");
-        self.reader = Some(reader);
+        let feed = self.feed.take().expect("the feed is back after each read");
+        let (feed, read) = feed.read(max_records.max(1), max_bytes.max(1)).await;
+        self.feed = Some(feed);
         match read {
             Ok(records) => {
                 let now = Instant::now();
@@ -215,7 +204,7 @@ impl Engine {
                 // Settled without a batch: the cursor may pass it.
                 tracing::trace!(why = why.as_str(), "message not routed here");
                 self.skipped.increment(1);
-                self.progress.pass(record.end);
+                self.progress.pass(record.receipt);
                 return;
             }
         };
@@ -226,7 +215,10 @@ impl Engine {
             (true, Some(user)) => user,
             (true, None) => user_key(&record.json),
         };
-        let seq = self.progress.read(record.end, record.tag.accepted_at);
+        let Some(seq) = self.progress.read(record.receipt, record.tag.accepted_at) else {
+            // Delivered to this engine again while it still holds it.
+            return;
+        };
         self.lines.push(Item {
             origin: Origin::Queue { seq },
             source: record.source,
@@ -264,7 +256,7 @@ impl Engine {
             count >= self.limits.max_events || self.lines.free_bytes() > self.limits.max_bytes;
         if !full && !*self.stop.borrow() {
             let more_coming =
-                self.reader().lag() > 0 && !self.lookahead_full() && self.read_again_at.is_none();
+                self.feed().has_more() && !self.lookahead_full() && self.read_again_at.is_none();
             if more_coming {
                 return None;
             }

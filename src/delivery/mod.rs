@@ -22,10 +22,12 @@ pub use dead_letters::DeadLetters;
 
 use crate::clock::Clock;
 use crate::destinations::{AnyDestination, DestinationConfig};
+use crate::metrics::DestinationGauges;
 use crate::pace::RateLimiter;
-use crate::queue::{Checkpoint, Queue};
+use crate::queue::{Checkpoint, Feed, Queue, Subscription};
 use crate::routing::Route;
 use batch::DeliveryContext;
+use progress::Progress;
 use retry::RetryPolicy;
 
 /// Batches beyond `concurrency` a destination may hold unsettled: queued for a send
@@ -60,7 +62,7 @@ pub struct Changes {
 
 impl Deliveries {
     /// Starts a task for each configured destination, on `runtime`.
-    pub fn start(
+    pub async fn start(
         destinations: &[DestinationConfig],
         queue: &Queue,
         dead_letters: &Arc<DeadLetters>,
@@ -75,7 +77,7 @@ impl Deliveries {
             running: BTreeMap::new(),
         };
         for config in destinations {
-            deliveries.launch(config)?;
+            deliveries.launch(config).await?;
         }
         Ok(deliveries)
     }
@@ -120,14 +122,14 @@ impl Deliveries {
             if self.running.contains_key(&config.name) {
                 continue;
             }
-            match self.launch(config) {
+            match self.launch(config).await {
                 Ok(()) if previous.contains_key(&config.name) => {}
                 Ok(()) => changes.added.push(config.name.clone()),
                 Err(e) => {
                     changes.failed.push(format!("{e:#}"));
                     changes.changed.retain(|name| name != &config.name);
                     if let Some(old) = previous.get(&config.name) {
-                        if let Err(e) = self.launch(old) {
+                        if let Err(e) = self.launch(old).await {
                             changes.failed.push(format!("(previous settings) {e:#}"));
                         }
                     }
@@ -143,40 +145,54 @@ impl Deliveries {
     }
 
     /// Starts one destination's engine from its saved cursor.
-    fn launch(&mut self, config: &DestinationConfig) -> anyhow::Result<()> {
-        self.launch_with(config, |saved| config.build(saved))
+    async fn launch(&mut self, config: &DestinationConfig) -> anyhow::Result<()> {
+        self.launch_with(config, |saved| config.build(saved)).await
     }
 
     /// `launch`, with the destination made by `build` from the saved checkpoint (the
     /// engine's tests hand it a fake one).
-    fn launch_with(
+    async fn launch_with(
         &mut self,
         config: &DestinationConfig,
         build: impl FnOnce(Option<Checkpoint>) -> anyhow::Result<AnyDestination>,
     ) -> anyhow::Result<()> {
-        let queue = &self.queue;
         let (stop, stop_rx) = watch::channel(false);
-        let (reader, mut cursor, saved) = queue.subscribe(&config.name)?;
-        let destination = build(saved)?;
-        // A new destination, or a mark that measures another output (the path or the
-        // kind changed): start from what is there now, and save that at once.
-        let (saved, save_soon) = match saved {
-            Some(saved) if saved.sink_id == destination.sink_id() => (saved, false),
-            _ => {
-                let first = Checkpoint {
-                    position: saved.map_or_else(|| reader.position(), |s| s.position),
-                    sink_offset: destination.mark(),
-                    sink_id: destination.sink_id(),
+        let subscription = self.queue.subscribe(&config.name).await?;
+        crate::metrics::install();
+        let gauges = DestinationGauges::register(&config.name);
+        let (destination, feed, progress) = match subscription {
+            Subscription::Log {
+                reader,
+                mut cursor,
+                saved,
+            } => {
+                let destination = build(saved)?;
+                // A new destination, or a mark that measures another output (the path or
+                // the kind changed): start from what is there now, and save that at once.
+                let (saved, save_soon) = match saved {
+                    Some(saved) if saved.sink_id == destination.sink_id() => (saved, false),
+                    _ => {
+                        let first = Checkpoint {
+                            position: saved.map_or_else(|| reader.position(), |s| s.position),
+                            sink_offset: destination.mark(),
+                            sink_id: destination.sink_id(),
+                        };
+                        // A full disk must not keep the server from starting: the engine
+                        // saves it as soon as it can (what arrives meanwhile is refused
+                        // for the same lack of space).
+                        let unsaved = cursor.commit(first).is_err_and(|e| {
+                            tracing::warn!(destination = %config.name, error = %e,
+                                "cannot save the first cursor; retrying in the background");
+                            true
+                        });
+                        (first, unsaved)
+                    }
                 };
-                // A full disk must not keep the server from starting: the engine saves
-                // it as soon as it can (what arrives meanwhile is refused for the same
-                // lack of space).
-                let unsaved = cursor.commit(first).is_err_and(|e| {
-                    tracing::warn!(destination = %config.name, error = %e,
-                        "cannot save the first cursor; retrying in the background");
-                    true
-                });
-                (first, unsaved)
+                let mut progress = Progress::log(reader.position(), saved, cursor, gauges);
+                if save_soon {
+                    progress.save_soon();
+                }
+                (destination, Feed::Log(reader), progress)
             }
         };
         let sequential = destination.sequential();
@@ -210,15 +226,9 @@ impl Deliveries {
                 ordering: config.ordering() && !sequential,
                 max_outstanding,
             },
-            reader,
-            cursor,
-            saved,
+            feed,
+            progress,
         );
-        let engine = if save_soon {
-            engine.save_soon()
-        } else {
-            engine
-        };
         let span = tracing::info_span!("delivery", destination = %config.name);
         let task = self.runtime.spawn(engine.run().instrument(span));
         self.running.insert(

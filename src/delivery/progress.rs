@@ -1,8 +1,8 @@
 //! How far one destination has come: the queue messages it read and has not settled,
-//! and the checkpoint to save. The cursor may move to the start of the oldest message not
-//! yet settled (delivered or dead-lettered), or past everything read when none is left.
-//! It is saved at most every `COMMIT_INTERVAL`, and only after the destination made
-//! what it passes durable (a file destination syncs first).
+//! and what to record of that. On the local log, the cursor may move to the start of the
+//! oldest message not yet settled (delivered or dead-lettered), or past everything read
+//! when none is left; it is saved at most every `COMMIT_INTERVAL`, and only after the
+//! destination made what it passes durable (a file destination syncs first).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::batch::DeliveryContext;
 use crate::metrics::DestinationGauges;
-use crate::queue::{Checkpoint, Cursor};
+use crate::queue::{Checkpoint, Cursor, Receipt};
 use crate::throttle::LogThrottle;
 
 /// Cursor saves are spaced at least this far apart; a crash re-sends at most this much
@@ -20,20 +20,12 @@ use crate::throttle::LogThrottle;
 pub const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 
 pub struct Progress {
-    /// Start position and accepted-at time (Unix seconds) of every queue message read
+    /// Accepted-at time (Unix seconds) and where it starts, of every queue message read
     /// and not settled, by sequence number.
-    unsettled: BTreeMap<u64, (u64, u32)>,
-    /// End of the last record read.
-    read_end: u64,
+    unsettled: BTreeMap<u64, (u32, u64)>,
     next_seq: u64,
-    /// The destination's own mark (a file's length) after its last successful send.
-    mark: u64,
-    /// The checkpoint last noted, and what of it is not saved yet.
-    recorded: Checkpoint,
-    unsaved: Option<Checkpoint>,
+    ledger: Ledger,
     last_save: Instant,
-    /// Out while a save runs on a blocking thread.
-    cursor: Option<Cursor>,
     /// Saves failed in a row, and how often that is logged.
     save_failures: u64,
     save_log: LogThrottle,
@@ -41,26 +33,53 @@ pub struct Progress {
     gauges: DestinationGauges,
 }
 
+/// How progress is recorded: a checkpoint saved in a cursor file.
+enum Ledger {
+    Log(LogLedger),
+}
+
+struct LogLedger {
+    /// End of the last record read.
+    read_end: u64,
+    /// The destination's own mark (a file's length) after its last successful send.
+    mark: u64,
+    /// The checkpoint last noted, and what of it is not saved yet.
+    recorded: Checkpoint,
+    unsaved: Option<Checkpoint>,
+    /// Out while a save runs on a blocking thread.
+    cursor: Option<Cursor>,
+}
+
 impl Progress {
-    /// Starting at `read_end` (where the reader is), from the `saved` checkpoint.
-    pub fn new(
+    /// On the local log: starting at `read_end` (where the reader is), from the `saved`
+    /// checkpoint.
+    pub fn log(
         read_end: u64,
         saved: Checkpoint,
         cursor: Cursor,
         gauges: DestinationGauges,
     ) -> Progress {
+        Progress::new(
+            Ledger::Log(LogLedger {
+                read_end,
+                mark: saved.sink_offset,
+                recorded: Checkpoint {
+                    position: read_end,
+                    ..saved
+                },
+                unsaved: None,
+                cursor: Some(cursor),
+            }),
+            gauges,
+        )
+    }
+
+    fn new(ledger: Ledger, gauges: DestinationGauges) -> Progress {
         Progress {
             unsettled: BTreeMap::new(),
-            read_end,
             next_seq: 0,
-            mark: saved.sink_offset,
-            recorded: Checkpoint {
-                position: read_end,
-                ..saved
-            },
-            unsaved: None,
+            ledger,
             last_save: Instant::now(),
-            cursor: Some(cursor),
             save_failures: 0,
             save_log: LogThrottle::new(Duration::from_secs(10)),
             gauges,
@@ -69,22 +88,28 @@ impl Progress {
 
     /// The checkpoint it starts from is not saved yet: save it as soon as it can.
     pub fn save_soon(&mut self) {
-        self.unsaved = Some(self.recorded);
+        match &mut self.ledger {
+            Ledger::Log(log) => log.unsaved = Some(log.recorded),
+        }
     }
 
-    /// A message read from the queue, ending at `end`, to be settled later; returns its
-    /// sequence number.
-    pub fn read(&mut self, end: u64, accepted_at: u32) -> u64 {
+    /// A message read from the queue, to be settled later; returns its sequence number.
+    /// `None` when the queue delivered a message again that is still held here.
+    pub fn read(&mut self, receipt: Receipt, accepted_at: u32) -> Option<u64> {
         let seq = self.next_seq;
+        let start = match (&mut self.ledger, receipt) {
+            (Ledger::Log(log), Receipt::Log { end }) => std::mem::replace(&mut log.read_end, end),
+        };
         self.next_seq += 1;
-        self.unsettled.insert(seq, (self.read_end, accepted_at));
-        self.read_end = end;
-        seq
+        self.unsettled.insert(seq, (accepted_at, start));
+        Some(seq)
     }
 
     /// A message passed over (not for this destination): settled as it is read.
-    pub fn pass(&mut self, end: u64) {
-        self.read_end = end;
+    pub fn pass(&mut self, receipt: Receipt) {
+        match (&mut self.ledger, receipt) {
+            (Ledger::Log(log), Receipt::Log { end }) => log.read_end = end,
+        }
     }
 
     /// The message `seq` is delivered or durably dead-lettered.
@@ -94,40 +119,52 @@ impl Progress {
 
     /// The destination's mark after a successful send.
     pub fn set_mark(&mut self, mark: u64) {
-        self.mark = mark;
-    }
-
-    /// Where the cursor may move now.
-    pub fn checkpoint(&self) -> Checkpoint {
-        Checkpoint {
-            position: self
-                .unsettled
-                .first_key_value()
-                .map_or(self.read_end, |(_, &(start, _))| start),
-            sink_offset: self.mark,
-            sink_id: self.recorded.sink_id,
+        match &mut self.ledger {
+            Ledger::Log(log) => log.mark = mark,
         }
     }
 
-    /// Takes the current checkpoint as the one to save; true when it moved.
+    /// Where the local log's cursor may move now.
+    fn checkpoint(&self) -> Option<Checkpoint> {
+        match &self.ledger {
+            Ledger::Log(log) => Some(Checkpoint {
+                position: self
+                    .unsettled
+                    .first_key_value()
+                    .map_or(log.read_end, |(_, &(_, start))| start),
+                sink_offset: log.mark,
+                sink_id: log.recorded.sink_id,
+            }),
+        }
+    }
+
+    /// Takes the current progress as the one to record; true when it moved.
     pub fn note(&mut self) -> bool {
-        let now = self.checkpoint();
-        if now == self.recorded {
-            return false;
+        let checkpoint = self.checkpoint();
+        match (&mut self.ledger, checkpoint) {
+            (Ledger::Log(log), Some(now)) => {
+                if now == log.recorded {
+                    return false;
+                }
+                log.recorded = now;
+                log.unsaved = Some(now);
+                true
+            }
+            (Ledger::Log(_), None) => false,
         }
-        self.recorded = now;
-        self.unsaved = Some(now);
-        true
     }
 
-    /// Whether a noted checkpoint waits to be saved.
+    /// Whether noted progress waits to be recorded.
     pub fn has_unsaved(&self) -> bool {
-        self.unsaved.is_some()
+        match &self.ledger {
+            Ledger::Log(log) => log.unsaved.is_some(),
+        }
     }
 
     /// When the next save is due, if one waits.
     pub fn save_at(&self) -> Option<Instant> {
-        self.unsaved.map(|_| self.last_save + COMMIT_INTERVAL)
+        self.has_unsaved()
+            .then_some(self.last_save + COMMIT_INTERVAL)
     }
 
     /// Whether a save now would be at least `COMMIT_INTERVAL` after the last one.
@@ -135,27 +172,17 @@ impl Progress {
         self.last_save.elapsed() >= COMMIT_INTERVAL
     }
 
-    /// Saves the noted checkpoint, after the destination's `flush`; on failure it stays
+    /// Records the noted progress, after the destination's `flush`; on failure it stays
     /// noted (delivered messages past the old cursor would be sent again after a restart)
     /// and is tried again at the next `save_at`.
     pub async fn save(&mut self, context: &Arc<DeliveryContext>) {
-        let Some(checkpoint) = self.unsaved.take() else {
+        if !self.has_unsaved() {
             return;
-        };
+        }
         self.last_save = Instant::now();
-        let mut cursor = self.cursor.take().expect("cursor is back after each save");
-        let sink = context.clone();
-        let (cursor, saved) = tokio::task::spawn_blocking(move || {
-            // What the cursor passes must be durable at the destination first.
-            let saved = sink
-                .destination
-                .flush()
-                .and_then(|()| cursor.commit(checkpoint));
-            (cursor, saved)
-        })
-        .await
-        .expect("cursor task panicked");
-        self.cursor = Some(cursor);
+        let saved = match &mut self.ledger {
+            Ledger::Log(log) => log.save(context).await,
+        };
         match saved {
             Ok(()) => self.save_failures = 0,
             Err(e) => {
@@ -169,25 +196,53 @@ impl Progress {
                         "cannot save the cursor; retrying"
                     );
                 }
-                self.unsaved.get_or_insert(checkpoint);
             }
         }
     }
 
     /// Shows the unsettled messages in `/metrics`: how many, and the oldest's age.
     pub fn report(&self) {
-        let oldest = self.unsettled.first_key_value().map(|(_, &(_, at))| at);
+        let oldest = self.unsettled.first_key_value().map(|(_, &(at, _))| at);
         self.gauges.set(self.unsettled.len(), oldest);
+    }
+}
+
+impl LogLedger {
+    async fn save(&mut self, context: &Arc<DeliveryContext>) -> std::io::Result<()> {
+        let Some(checkpoint) = self.unsaved.take() else {
+            return Ok(());
+        };
+        let mut cursor = self.cursor.take().expect("cursor is back after each save");
+        let sink = context.clone();
+        let (cursor, saved) = tokio::task::spawn_blocking(move || {
+            // What the cursor passes must be durable at the destination first.
+            let saved = sink
+                .destination
+                .flush()
+                .and_then(|()| cursor.commit(checkpoint));
+            (cursor, saved)
+        })
+        .await
+        .expect("cursor task panicked");
+        self.cursor = Some(cursor);
+        if saved.is_err() {
+            self.unsaved.get_or_insert(checkpoint);
+        }
+        saved
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::Queue;
+    use crate::queue::LocalQueue;
+
+    fn at(end: u64) -> Receipt {
+        Receipt::Log { end }
+    }
 
     fn progress(dir: &std::path::Path) -> Progress {
-        let (queue, _writer) = Queue::open(dir, 1 << 20, 1 << 30).unwrap();
+        let (queue, _writer) = LocalQueue::open(dir, 1 << 20, 1 << 30).unwrap();
         let (_, cursor, _) = queue.subscribe("d").unwrap();
         crate::metrics::install();
         let saved = Checkpoint {
@@ -195,7 +250,7 @@ mod tests {
             sink_offset: 7,
             sink_id: 3,
         };
-        Progress::new(100, saved, cursor, DestinationGauges::register("d"))
+        Progress::log(100, saved, cursor, DestinationGauges::register("d"))
     }
 
     #[test]
@@ -203,30 +258,40 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut p = progress(dir.path());
         assert!(!p.note(), "nothing moved yet");
-        let a = p.read(110, 1);
-        let b = p.read(120, 1);
-        p.pass(130);
-        let c = p.read(140, 1);
-        assert_eq!(p.checkpoint().position, 100, "`a` is not settled");
+        let a = p.read(at(110), 1).unwrap();
+        let b = p.read(at(120), 1).unwrap();
+        p.pass(at(130));
+        let c = p.read(at(140), 1).unwrap();
+        assert_eq!(p.checkpoint().unwrap().position, 100, "`a` is not settled");
         p.settled(b);
         assert_eq!(
-            p.checkpoint().position,
+            p.checkpoint().unwrap().position,
             100,
             "`b` settled, `a` still holds it"
         );
         p.settled(a);
         assert_eq!(
-            p.checkpoint().position,
+            p.checkpoint().unwrap().position,
             130,
             "up to `c`, past the passed message"
         );
         assert!(p.note());
         assert!(p.has_unsaved());
         p.settled(c);
-        assert_eq!(p.checkpoint().position, 140, "everything read is settled");
-        assert_eq!((p.checkpoint().sink_offset, p.checkpoint().sink_id), (7, 3));
+        assert_eq!(
+            p.checkpoint().unwrap().position,
+            140,
+            "everything read is settled"
+        );
+        assert_eq!(
+            (
+                p.checkpoint().unwrap().sink_offset,
+                p.checkpoint().unwrap().sink_id
+            ),
+            (7, 3)
+        );
         p.set_mark(9);
-        assert_eq!(p.checkpoint().sink_offset, 9);
+        assert_eq!(p.checkpoint().unwrap().sink_offset, 9);
     }
 
     #[test]
@@ -246,7 +311,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut p = progress(dir.path());
         assert_eq!(p.save_at(), None);
-        let seq = p.read(110, 1);
+        let seq = p.read(at(110), 1).unwrap();
         p.settled(seq);
         p.note();
         let due = p.save_at().unwrap();

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::*;
 use crate::destinations::{Destination, Outgoing, SendError, Sending};
 use crate::message::{MessageType, Tag};
-use crate::queue::{QueueWriter, RecordBatch};
+use crate::queue::{LocalQueue, QueueWriter, RecordBatch};
 
 /// What the fake destination saw and how it answers.
 #[derive(Default)]
@@ -85,9 +85,10 @@ struct Setup {
 
 /// A queue, and a webhook-shaped destination named `hook` with `extra` config keys
 /// whose sends go to the fake.
-fn setup(extra: &str, fake: Fake) -> Setup {
+async fn setup(extra: &str, fake: Fake) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let (queue, writer) = Queue::open(dir.path(), 1 << 20, 1 << 30).unwrap();
+    let (log, writer) = LocalQueue::open(dir.path(), 1 << 20, 1 << 30).unwrap();
+    let queue = Queue::Local(log);
     let dead_letters = Arc::new(DeadLetters::open(dir.path()).unwrap());
     let clock = Clock::following_tokio(start());
     let mut deliveries = Deliveries::start(
@@ -97,6 +98,7 @@ fn setup(extra: &str, fake: Fake) -> Setup {
         tokio::runtime::Handle::current(),
         clock,
     )
+    .await
     .unwrap();
     let config: DestinationConfig = toml::from_str(&format!(
         "name = \"hook\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:9/\"\n{extra}"
@@ -106,6 +108,7 @@ fn setup(extra: &str, fake: Fake) -> Setup {
     let sends = fake.clone();
     deliveries
         .launch_with(&config, |_| Ok(Box::new(FakeDestination(sends))))
+        .await
         .unwrap();
     Setup {
         _dir: dir,
@@ -136,7 +139,8 @@ impl Setup {
                 .unwrap();
         }
         self.queue.append(batch).await.unwrap();
-        self.queue.end()
+        let Queue::Local(log) = &self.queue;
+        log.end()
     }
 
     /// Bytes between `hook`'s saved cursor and the end of the log.
@@ -184,7 +188,8 @@ async fn a_partial_batch_waits_for_linger_then_the_cursor_passes_it() {
     let s = setup(
         "batch = { max_events = 10, linger = \"500ms\" }",
         Fake::default(),
-    );
+    )
+    .await;
     let appended_at = Instant::now();
     s.append(&[("u1", "a"), ("u2", "b"), ("u1", "c")]).await;
     until("one batch", || !s.sends().is_empty()).await;
@@ -210,7 +215,8 @@ async fn a_failing_batch_keeps_the_cursor_until_it_is_delivered() {
     let s = setup(
         "batch = { linger = \"0s\" }\nretry = { initial_backoff = \"1s\", max_backoff = \"1s\" }",
         fake,
-    );
+    )
+    .await;
     let end = s.append(&[("u1", "a"), ("u2", "b")]).await;
     until("the first attempt", || !s.sends().is_empty()).await;
     assert_eq!(
@@ -235,7 +241,7 @@ async fn retry_after_holds_the_next_attempt() {
     let s = setup(
         "batch = { linger = \"0s\" }\nretry = { initial_backoff = \"10ms\", max_backoff = \"10ms\" }",
         fake,
-    );
+    ).await;
     s.append(&[("u1", "a")]).await;
     until("two attempts", || s.sends().len() == 2).await;
     let sends = s.sends();
@@ -256,7 +262,8 @@ async fn a_failing_user_holds_only_itself_and_the_cursor_stays_at_it() {
         "batch = { max_events = 1, linger = \"0s\" }\n\
          retry = { initial_backoff = \"100ms\", max_backoff = \"100ms\" }",
         fake,
-    );
+    )
+    .await;
     let end = s
         .append(&[
             ("stuck", "s1"),
@@ -304,7 +311,7 @@ async fn a_refused_message_is_dead_lettered_alone_and_the_cursor_passes_it() {
         poison_event: Some("poison".into()),
         ..Fake::default()
     };
-    let s = setup("batch = { max_events = 10, linger = \"0s\" }", fake);
+    let s = setup("batch = { max_events = 10, linger = \"0s\" }", fake).await;
     s.append(&[("u1", "ok1"), ("u2", "poison"), ("u3", "ok2")])
         .await;
     until("the cursor at the end", || s.lag() == 0).await;

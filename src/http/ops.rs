@@ -27,12 +27,8 @@ pub(super) fn watch(app: &Arc<App>) {
         let Some(app) = app.upgrade() else {
             return false;
         };
-        let lags = app
-            .queue
-            .cursor_names()
-            .into_iter()
-            .filter_map(|name| app.queue.lag_bytes(&name).map(|lag| (name, lag)));
-        crate::metrics::queue_state(app.queue.held_bytes(), lags);
+        let (held, lags) = app.queue.state();
+        crate::metrics::queue_state(held, lags);
         crate::metrics::dedupe_state(app.dedupe.len(), app.dedupe.evicted());
         true
     });

@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 use super::Rejection;
 use crate::config::LimitsConfig;
 use crate::json::{self, is_object_or_null, scalar, RawObject, Scalar};
-use crate::message::{DedupeKey, MessageType, Tag};
+use crate::message::{DedupeKey, MessageType, Stamp, Tag};
 use crate::timestamp;
 
 /// What every message of one request shares: the receive time and, for batches, the
@@ -155,6 +155,7 @@ pub fn normalize<'a>(
 ) -> Result<Normalized<'a>, Rejection> {
     let user_id = id_field(message, "userId")?;
     let anonymous_id = id_field(message, "anonymousId")?;
+    let user = crate::message::user_key(anonymous_id.as_deref(), user_id.as_deref());
     match kind {
         MessageType::Alias => {
             require_id(
@@ -297,6 +298,7 @@ pub fn normalize<'a>(
     Ok(Normalized {
         message_id,
         assigned,
+        user,
     })
 }
 
@@ -305,9 +307,19 @@ pub struct Normalized<'a> {
     pub message_id: Cow<'a, str>,
     /// True when fanout assigned the messageId (the client sent none).
     pub assigned: bool,
+    /// The message's `message::user_key`.
+    pub user: u64,
 }
 
 impl Normalized<'_> {
+    /// What the queue is handed with the message: its tag and its user.
+    pub fn stamp(&self, source: &str, accepted_at: DateTime<Utc>) -> Stamp {
+        Stamp {
+            tag: self.tag(source, accepted_at),
+            user: self.user,
+        }
+    }
+
     /// The message's queue tag. Only a client's messageId gets a dedupe key: a retry
     /// repeats it, while an assigned UUID never recurs.
     pub fn tag(&self, source: &str, accepted_at: DateTime<Utc>) -> Tag {

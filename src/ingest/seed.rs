@@ -89,9 +89,9 @@ pub fn encode_event_batch(
                 let mut id = None;
                 records.push_with(source, kind, |out| {
                     let normalized = message::normalize(&m, kind, &envelope, out)?;
-                    let tag = normalized.tag(source, received_at);
+                    let stamp = normalized.stamp(source, received_at);
                     id = Some(normalized.message_id.into_owned());
-                    Ok(tag)
+                    Ok(stamp)
                 })?;
                 Ok((id, records.len() - 1))
             });
@@ -136,9 +136,9 @@ pub fn encode_person_event(
     let mut id = String::new();
     records.push_with(source, kind, |out| {
         let normalized = message::normalize(&event, kind, &Envelope::new(received_at), out)?;
-        let tag = normalized.tag(source, received_at);
+        let stamp = normalized.stamp(source, received_at);
         id = normalized.message_id.into_owned();
-        Ok::<_, Rejection>(tag)
+        Ok::<_, Rejection>(stamp)
     })?;
     Ok(id)
 }

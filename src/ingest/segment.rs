@@ -153,10 +153,10 @@ impl<'a> SegmentRequest<'a> {
             records
                 .push_with(source, kind, |out| {
                     let start = out.len();
-                    let tag = message::normalize(message, kind, &self.envelope, out)?
-                        .tag(source, self.envelope.received_at);
+                    let stamp = message::normalize(message, kind, &self.envelope, out)?
+                        .stamp(source, self.envelope.received_at);
                     enriched_within_limit(out.len() - start, limits)?;
-                    Ok(tag)
+                    Ok(stamp)
                 })
                 .map_err(locate)?;
             // Merged batch-level fields multiply with the item count: bound the whole.

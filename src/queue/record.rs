@@ -8,7 +8,7 @@
 
 use std::io::{self, Read};
 
-use crate::message::{MessageType, Tag};
+use crate::message::{MessageType, Stamp, Tag};
 
 /// Bytes before the payload: length and CRC.
 pub const HEADER_LEN: usize = 8;
@@ -38,9 +38,16 @@ fn tag_from_bytes(b: &[u8]) -> Tag {
 #[derive(Debug, Default)]
 pub struct RecordBatch {
     buf: Vec<u8>,
-    /// Where each record ends in `buf`, its tag, and its type (not stored in the log:
-    /// the request's metrics count messages by type).
-    records: Vec<(usize, Tag, MessageType)>,
+    records: Vec<Framed>,
+}
+
+/// Where one record of a batch ends, and what is known of it besides its bytes.
+#[derive(Debug, Clone, Copy)]
+struct Framed {
+    end: usize,
+    stamp: Stamp,
+    /// Not stored in the log: the request's metrics count messages by type.
+    kind: MessageType,
 }
 
 impl RecordBatch {
@@ -52,12 +59,12 @@ impl RecordBatch {
     }
 
     /// Frames one message of type `kind`. `write_json` appends the message's JSON to the
-    /// buffer it is given and returns the message's tag.
-    pub fn push_with<E>(
+    /// buffer it is given and returns the message's stamp (or just its tag).
+    pub fn push_with<E, S: Into<Stamp>>(
         &mut self,
         source: &str,
         kind: MessageType,
-        write_json: impl FnOnce(&mut Vec<u8>) -> Result<Tag, E>,
+        write_json: impl FnOnce(&mut Vec<u8>) -> Result<S, E>,
     ) -> Result<(), E> {
         let start = self.buf.len();
         self.buf.extend_from_slice(&[0; HEADER_LEN]);
@@ -67,20 +74,24 @@ impl RecordBatch {
         self.buf.extend_from_slice(source.as_bytes());
         let tag_at = self.buf.len();
         self.buf.extend_from_slice(&[0; TAG_LEN]);
-        let tag = match write_json(&mut self.buf) {
-            Ok(tag) => tag,
+        let stamp: Stamp = match write_json(&mut self.buf) {
+            Ok(stamp) => stamp.into(),
             Err(e) => {
                 self.buf.truncate(start);
                 return Err(e);
             }
         };
-        self.buf[tag_at..tag_at + TAG_LEN].copy_from_slice(&tag_bytes(tag));
+        self.buf[tag_at..tag_at + TAG_LEN].copy_from_slice(&tag_bytes(stamp.tag));
         let payload = &self.buf[start + HEADER_LEN..];
         let len = payload.len() as u32;
         let crc = crc32fast::hash(payload);
         self.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
         self.buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
-        self.records.push((self.buf.len(), tag, kind));
+        self.records.push(Framed {
+            end: self.buf.len(),
+            stamp,
+            kind,
+        });
         Ok(())
     }
 
@@ -94,12 +105,21 @@ impl RecordBatch {
 
     /// Each record's tag, in order.
     pub fn tags(&self) -> impl Iterator<Item = Tag> + '_ {
-        self.records.iter().map(|&(_, tag, _)| tag)
+        self.records.iter().map(|r| r.stamp.tag)
     }
 
     /// Each record's message type, in order.
     pub fn kinds(&self) -> impl Iterator<Item = MessageType> + '_ {
-        self.records.iter().map(|&(_, _, kind)| kind)
+        self.records.iter().map(|r| r.kind)
+    }
+
+    /// Each record's framed bytes (a whole record as the log stores it) and stamp, in
+    /// order.
+    pub fn framed(&self) -> impl Iterator<Item = (std::ops::Range<usize>, Stamp)> + '_ {
+        let starts = std::iter::once(0).chain(self.records.iter().map(|r| r.end));
+        starts
+            .zip(&self.records)
+            .map(|(start, r)| (start..r.end, r.stamp))
     }
 
     /// Keeps only the records for which `keep(index)` is true.
@@ -111,18 +131,21 @@ impl RecordBatch {
         let mut write = if first_dropped == 0 {
             0
         } else {
-            self.records[first_dropped - 1].0
+            self.records[first_dropped - 1].end
         };
-        let mut start = self.records[first_dropped].0;
-        let mut kept: Vec<(usize, Tag, MessageType)> = self.records[..first_dropped].to_vec();
+        let mut start = self.records[first_dropped].end;
+        let mut kept: Vec<Framed> = self.records[..first_dropped].to_vec();
         for index in first_dropped + 1..self.records.len() {
-            let (end, tag, kind) = self.records[index];
+            let record = self.records[index];
             if keep(index) {
-                self.buf.copy_within(start..end, write);
-                write += end - start;
-                kept.push((write, tag, kind));
+                self.buf.copy_within(start..record.end, write);
+                write += record.end - start;
+                kept.push(Framed {
+                    end: write,
+                    ..record
+                });
             }
-            start = end;
+            start = record.end;
         }
         self.buf.truncate(write);
         self.records = kept;
@@ -135,16 +158,6 @@ impl RecordBatch {
     pub(crate) fn into_bytes(self) -> Vec<u8> {
         self.buf
     }
-}
-
-/// One message read back from the log.
-#[derive(Debug, Clone)]
-pub struct Record {
-    /// Log position just past this record: a cursor set here has consumed it.
-    pub end: u64,
-    pub source: String,
-    pub tag: Tag,
-    pub json: Vec<u8>,
 }
 
 /// Why a record could not be read.

@@ -98,22 +98,20 @@ impl<'a> View<'a> {
     }
 
     fn user_key(&self) -> u64 {
-        [self.anonymous_id, self.user_id]
-            .into_iter()
-            .flatten()
-            .find_map(|id| match scalar(id) {
-                Scalar::Str(id) if !id.is_empty() => {
-                    Some(xxhash_rust::xxh3::xxh3_64(id.as_bytes()).max(1))
-                }
+        fn text(raw: Option<&RawValue>) -> Option<std::borrow::Cow<'_, str>> {
+            match raw.map(scalar) {
+                Some(Scalar::Str(id)) => Some(id),
                 _ => None,
-            })
-            .unwrap_or(0)
+            }
+        }
+        crate::message::user_key(
+            text(self.anonymous_id).as_deref(),
+            text(self.user_id).as_deref(),
+        )
     }
 }
 
-/// The user a message is about, for per-user ordering: a hash of its anonymousId, else
-/// of its userId; 0 if it has neither. anonymousId first, because browsers send it on
-/// every message, before and after identify, so one visitor's messages share one key.
+/// `message::user_key` of a message's JSON as stored.
 pub fn user_key(message: &[u8]) -> u64 {
     std::str::from_utf8(message)
         .ok()

@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::dedupe::Dedupe;
 use crate::delivery::{DeadLetters, Deliveries};
 use crate::http::{self, App};
-use crate::queue::Queue;
+use crate::queue::{LocalQueue, Queue};
 use connections::{ConnectionLimits, Connections};
 
 /// How `run` was asked to start.
@@ -41,11 +41,12 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
     // the process with the default action.
     let shutdown = shutdown_signal()?;
     let mut hangup = signal(SignalKind::hangup())?;
-    let (queue, writer) = Queue::open(
+    let (local, writer) = LocalQueue::open(
         &config.server.data_dir,
         config.server.segment_bytes,
         config.server.max_queue_bytes,
     )?;
+    let queue = Queue::Local(local);
     let sources = Arc::new(ArcSwap::from_pointee(Sources::from_config(
         &config.sources,
     )?));
@@ -66,7 +67,8 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
         &dead_letters,
         options.delivery.clone(),
         options.clock,
-    )?;
+    )
+    .await?;
     reload::report_removed(&config, &queue, options.purge).await?;
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let app = Arc::new(App {
@@ -169,7 +171,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens the dedupe window and rebuilds it from the log, then has the queue hand it
+/// Opens the dedupe window and rebuilds it from the local log, then has the log hand it
 /// each segment's keys before deleting the segment. Runs before any delivery starts.
 fn open_dedupe(config: &Config, queue: &Queue, clock: Clock) -> anyhow::Result<Arc<Dedupe>> {
     let started = std::time::Instant::now();
@@ -179,10 +181,11 @@ fn open_dedupe(config: &Config, queue: &Queue, clock: Clock) -> anyhow::Result<A
         &config.server.data_dir,
         clock,
     )?);
-    let scanned = queue.scan(|source, tag| dedupe.restore(source, tag))?;
+    let Queue::Local(log) = queue;
+    let scanned = log.scan(|source, tag| dedupe.restore(source, tag))?;
     dedupe.compact_if_oversized();
     let hook = dedupe.clone();
-    queue.on_reclaim(Box::new(move |records| hook.save_reclaimed(records)));
+    log.on_reclaim(Box::new(move |records| hook.save_reclaimed(records)));
     tracing::info!(
         keys = dedupe.len(),
         scanned,

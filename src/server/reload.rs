@@ -154,22 +154,19 @@ async fn removed_cursors(
     purge: bool,
 ) -> anyhow::Result<(Vec<String>, Vec<String>)> {
     let orphans: Vec<String> = queue
-        .cursor_names()
+        .held_for()
+        .await?
         .into_iter()
         .filter(|name| !config.destinations.iter().any(|d| &d.name == name))
         .collect();
     if !purge {
         return Ok((Vec::new(), orphans));
     }
-    let queue = queue.clone();
-    tokio::task::spawn_blocking(move || {
-        for name in &orphans {
-            queue.purge(name)?;
-            tracing::info!(destination = %name, "purged the cursor of a removed destination");
-        }
-        Ok((orphans, Vec::new()))
-    })
-    .await?
+    for name in &orphans {
+        queue.purge(name).await?;
+        tracing::info!(destination = %name, "purged the queued data of a removed destination");
+    }
+    Ok((orphans, Vec::new()))
 }
 
 /// At start: purges removed destinations' cursors if asked, else says what they hold.

@@ -8,8 +8,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, IoSlice, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use super::record::{read_record, ReadOutcome};
 use crate::message::Tag;
+use crate::queue::record::{read_record, ReadOutcome};
 
 const SUFFIX: &str = ".seg";
 
@@ -240,7 +240,7 @@ mod tests {
         let mut b = RecordBatch::with_capacity(64);
         b.push_with("s", crate::message::MessageType::Track, |buf| {
             buf.extend_from_slice(json.as_bytes());
-            Ok::<_, ()>(Default::default())
+            Ok::<_, ()>(crate::message::Tag::default())
         })
         .unwrap();
         b.into_bytes()

@@ -259,7 +259,7 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::Queue;
+    use crate::queue::LocalQueue as Queue;
 
     fn checkpoint(position: u64) -> Checkpoint {
         Checkpoint {

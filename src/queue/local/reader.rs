@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 use tokio::sync::watch;
 
-use super::record::{read_record, ReadOutcome, Record};
 use super::segments::{list_segments, segment_path};
+use crate::queue::record::{read_record, ReadOutcome};
+use crate::queue::{Receipt, Record};
 
 /// One destination's view of the log. Reads are blocking file I/O: call them from
 /// `spawn_blocking` or a dedicated thread.
@@ -95,10 +96,10 @@ impl QueueReader {
                     self.position += len;
                     bytes += json.len();
                     records.push(Record {
-                        end: self.position,
                         source,
                         tag,
                         json,
+                        receipt: Receipt::Log { end: self.position },
                     });
                 }
                 // The end of a segment: the next one starts exactly here.
@@ -155,8 +156,8 @@ impl QueueReader {
 mod tests {
     use super::*;
     use crate::message::Tag;
+    use crate::queue::local::segments::ActiveSegment;
     use crate::queue::record::RecordBatch;
-    use crate::queue::segments::ActiveSegment;
 
     #[test]
     fn a_read_error_mid_batch_skips_nothing() {
@@ -187,6 +188,6 @@ mod tests {
         std::fs::rename(dir.path().join("aside"), &second).unwrap();
         let rest = reader.read_batch(100, 1 << 20).unwrap();
         assert_eq!(rest.len(), 6, "nothing skipped");
-        assert_eq!(rest.last().unwrap().end, 9 * len);
+        assert!(matches!(rest.last().unwrap().receipt, Receipt::Log { end } if end == 9 * len));
     }
 }

@@ -1,0 +1,387 @@
+//! The local backend: an append-only segment log with group commit in `server.data_dir`.
+//!
+//! Requests hand their framed messages to one writer thread, which writes whatever has
+//! arrived since its last sync and then fsyncs once for all of them: the disk decides the
+//! pace, not a timer. A request is answered only after the sync that covers it. Each
+//! destination reads the log from its own persisted cursor; segments behind every cursor
+//! are deleted. Why a plain log and not an embedded database: `bench/store-choice/`.
+
+mod cursor;
+mod reader;
+mod segments;
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::thread;
+
+use anyhow::Context;
+use tokio::sync::{oneshot, watch};
+
+pub use cursor::{Checkpoint, Cursor};
+pub use reader::QueueReader;
+
+use super::record::RecordBatch;
+use super::QueueError;
+use crate::message::Tag;
+
+/// Upper bound on the bytes one group commit writes, so one sync cannot grow without end.
+const MAX_GROUP_BYTES: usize = 16 * 1024 * 1024;
+
+struct AppendRequest {
+    bytes: Vec<u8>,
+    done: oneshot::Sender<Result<(), QueueError>>,
+}
+
+/// State shared by the writer, the readers and the cursors.
+struct Shared {
+    queue_dir: PathBuf,
+    cursor_dir: PathBuf,
+    /// End of durable data; readers never read past it.
+    committed: watch::Sender<u64>,
+    /// Every known cursor's position, including destinations no longer configured:
+    /// their data is kept until they are purged.
+    cursors: Mutex<HashMap<String, u64>>,
+    /// False after a write failed and could not be undone.
+    healthy: AtomicBool,
+    /// Why writes are failing now (a full disk, say), until one succeeds again: the
+    /// writer probes the disk while this is set, so it clears without traffic too.
+    failing: Mutex<Option<String>>,
+    /// Size of the last append refused for the disk budget (0: none since a success).
+    refused_bytes: AtomicU64,
+    /// Base of the oldest retained segment: the log holds `committed - oldest` bytes.
+    oldest: AtomicU64,
+    /// Disk budget; appends past it are refused.
+    max_bytes: u64,
+    /// Sees the records of each segment before it is deleted (dedupe saves their keys).
+    reclaim_hook: OnceLock<ReclaimHook>,
+}
+
+/// How often a failing disk is probed.
+const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// The probe writes what the last failed group needed, within these bounds.
+const MIN_PROBE_BYTES: u64 = 64 * 1024;
+const MAX_PROBE_BYTES: u64 = 1024 * 1024;
+
+/// Called with a segment's (source, tag) pairs before the segment is deleted.
+pub type ReclaimHook = Box<dyn Fn(&[(String, Tag)]) -> std::io::Result<()> + Send + Sync>;
+
+impl Shared {
+    fn set_failing(&self, why: Option<String>) {
+        let mut failing = self.failing.lock().expect("queue state poisoned");
+        match (&*failing, &why) {
+            (Some(_), None) => tracing::info!("queue writes succeed again; /ready answers 200"),
+            (None, Some(why)) => tracing::warn!(
+                error = %why,
+                "queue writes fail; ingest answers 503 and /ready 503 until they succeed"
+            ),
+            _ => {}
+        }
+        *failing = why;
+    }
+
+    /// Writes, syncs and deletes a file of `bytes` next to the segments: whether an
+    /// append of that size would find room. Clears the failing state when it does.
+    fn probe(&self, bytes: u64) -> std::io::Result<()> {
+        let path = self.queue_dir.join("write-probe");
+        let result = (|| {
+            let mut file = File::create(&path)?;
+            std::io::Write::write_all(&mut file, &vec![0u8; bytes as usize])?;
+            file.sync_data()
+        })();
+        let _ = fs::remove_file(&path);
+        match &result {
+            Ok(()) => self.set_failing(None),
+            Err(e) => self.set_failing(Some(format!("{}: {e}", self.queue_dir.display()))),
+        }
+        result
+    }
+
+    fn before_delete(&self, segment: &Path) -> std::io::Result<()> {
+        let Some(hook) = self.reclaim_hook.get() else {
+            return Ok(());
+        };
+        let mut records = Vec::new();
+        segments::scan_segment(segment, |source, tag| records.push((source, tag)))?;
+        hook(&records)
+    }
+}
+
+/// Handle for appending to the log and attaching readers. Cheap to clone.
+#[derive(Clone)]
+pub struct LocalQueue {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<AppendRequest>,
+}
+
+/// The writer thread; join it after every `LocalQueue` handle is dropped to flush the last group.
+pub struct QueueWriter {
+    thread: thread::JoinHandle<()>,
+}
+
+impl QueueWriter {
+    pub fn join(self) {
+        let _ = self.thread.join();
+    }
+}
+
+/// The checkpoint a destination has saved in `data_dir`, read without opening the queue
+/// (for inspection; a running fanout may move it at any time).
+pub fn saved_checkpoint(data_dir: &Path, name: &str) -> std::io::Result<Option<Checkpoint>> {
+    cursor::load(&data_dir.join("cursors"), name)
+}
+
+impl LocalQueue {
+    /// Opens (or creates) the queue under `data_dir`, recovering from a crash if needed.
+    /// Appends are refused once the retained log reaches `max_bytes`.
+    pub fn open(
+        data_dir: &Path,
+        segment_bytes: u64,
+        max_bytes: u64,
+    ) -> anyhow::Result<(LocalQueue, QueueWriter)> {
+        let named = |path: &Path| format!("cannot open the queue at {}", path.display());
+        fs::create_dir_all(data_dir).with_context(|| named(data_dir))?;
+        let lock_path = data_dir.join("LOCK");
+        let lock = File::create(&lock_path).with_context(|| named(&lock_path))?;
+        if lock.try_lock().is_err() {
+            anyhow::bail!("{} is in use by another fanout process", data_dir.display());
+        }
+        let queue_dir = data_dir.join("queue");
+        let cursor_dir = data_dir.join("cursors");
+        fs::create_dir_all(&cursor_dir).with_context(|| named(&cursor_dir))?;
+        let (active, recovered) = segments::ActiveSegment::open(&queue_dir, segment_bytes)
+            .with_context(|| named(&queue_dir))?;
+        if recovered.truncated > 0 {
+            tracing::warn!(
+                bytes = recovered.truncated,
+                "cut a torn write off the queue tail (it was never acknowledged)"
+            );
+        }
+        let cursors = cursor::load_all(&cursor_dir)?;
+        tracing::info!(
+            start = recovered.start,
+            end = recovered.end,
+            cursors = cursors.len(),
+            "queue opened"
+        );
+        let shared = Arc::new(Shared {
+            queue_dir,
+            cursor_dir,
+            committed: watch::Sender::new(recovered.end),
+            cursors: Mutex::new(cursors),
+            healthy: AtomicBool::new(true),
+            failing: Mutex::new(None),
+            refused_bytes: AtomicU64::new(0),
+            oldest: AtomicU64::new(recovered.start),
+            max_bytes,
+            reclaim_hook: OnceLock::new(),
+        });
+        let (tx, rx) = mpsc::channel();
+        let writer_shared = shared.clone();
+        let thread = thread::Builder::new()
+            .name("queue-writer".into())
+            .spawn(move || write_loop(active, rx, writer_shared, lock))?;
+        Ok((LocalQueue { shared, tx }, QueueWriter { thread }))
+    }
+
+    /// Appends a batch durably: returns once it is fsynced.
+    pub async fn append(&self, batch: RecordBatch) -> Result<(), QueueError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let held = self.held_bytes();
+        if held + batch.bytes().len() as u64 > self.shared.max_bytes {
+            self.shared
+                .refused_bytes
+                .store(batch.bytes().len() as u64, Ordering::Relaxed);
+            return Err(QueueError::Full(format!(
+                "{held} bytes held for destinations, budget {}; server.max_queue_bytes",
+                self.shared.max_bytes
+            )));
+        }
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(AppendRequest {
+                bytes: batch.into_bytes(),
+                done,
+            })
+            .map_err(|_| QueueError::Closed)?;
+        rx.await.map_err(|_| QueueError::Closed)?
+    }
+
+    /// Attaches a destination: its reader starts at its saved checkpoint (returned too),
+    /// or at the current end of the log if it has none: a new destination gets what
+    /// is accepted from now on. A new destination must save its first checkpoint at
+    /// once (`Cursor::commit` at `QueueReader::position`), or a restart before its first
+    /// delivery would start it at the end again, skipping what arrived in between.
+    pub fn subscribe(
+        &self,
+        name: &str,
+    ) -> anyhow::Result<(QueueReader, Cursor, Option<Checkpoint>)> {
+        let saved = cursor::load(&self.shared.cursor_dir, name)?;
+        let position = {
+            let mut cursors = self.shared.cursors.lock().expect("cursor map poisoned");
+            let position = saved.map_or_else(|| *self.shared.committed.borrow(), |c| c.position);
+            cursors.insert(name.to_string(), position);
+            position
+        };
+        let reader = QueueReader::new(
+            self.shared.queue_dir.clone(),
+            position,
+            self.shared.committed.subscribe(),
+        );
+        let cursor = Cursor::new(name, self.shared.clone());
+        Ok((reader, cursor, saved))
+    }
+
+    /// Names of every destination holding a cursor, configured or not.
+    pub fn cursor_names(&self) -> Vec<String> {
+        let cursors = self.shared.cursors.lock().expect("cursor map poisoned");
+        let mut names: Vec<String> = cursors.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Bytes of the log a destination's cursor still holds (from its position to the end).
+    pub fn lag_bytes(&self, name: &str) -> Option<u64> {
+        let cursors = self.shared.cursors.lock().expect("cursor map poisoned");
+        cursors.get(name).map(|&p| self.end().saturating_sub(p))
+    }
+
+    /// Drops a destination's cursor and deletes the segments only it was holding.
+    /// Only for destinations no longer running. Blocking file I/O.
+    pub fn purge(&self, name: &str) -> std::io::Result<bool> {
+        let existed = cursor::remove(&self.shared, name)?;
+        self.shared.reclaim()?;
+        Ok(existed)
+    }
+
+    /// Installs the hook that sees each segment's records before it is deleted.
+    /// Set it before any destination starts, or early segments go unseen.
+    pub fn on_reclaim(&self, hook: ReclaimHook) {
+        if self.shared.reclaim_hook.set(hook).is_err() {
+            tracing::warn!("queue reclaim hook set twice; keeping the first");
+        }
+    }
+
+    /// Calls `each(source, tag)` for every record still in the log, oldest first.
+    /// Blocking file I/O; meant for start-up.
+    pub fn scan(&self, mut each: impl FnMut(&str, Tag)) -> std::io::Result<usize> {
+        let mut count = 0;
+        for base in segments::list_segments(&self.shared.queue_dir)? {
+            let path = segments::segment_path(&self.shared.queue_dir, base);
+            segments::scan_segment(&path, |source, tag| {
+                each(&source, tag);
+                count += 1;
+            })?;
+        }
+        Ok(count)
+    }
+
+    /// Bytes the log holds: everything from the oldest segment some destination
+    /// still needs to the durable end.
+    pub fn held_bytes(&self) -> u64 {
+        self.end()
+            .saturating_sub(self.shared.oldest.load(Ordering::Relaxed))
+    }
+
+    /// End of durable data.
+    pub fn end(&self) -> u64 {
+        *self.shared.committed.borrow()
+    }
+
+    /// Whether ingest can store now, and if not, why (for `/ready`): not after a write
+    /// that could not be undone, not while writes fail (until one succeeds or the
+    /// writer's probe does), and not while the last append the disk budget refused
+    /// would still be refused.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.shared.healthy.load(Ordering::Relaxed) {
+            return Err("a failed queue write could not be undone; restart fanout".into());
+        }
+        if let Some(why) = &*self.shared.failing.lock().expect("queue state poisoned") {
+            return Err(format!("queue writes fail: {why}"));
+        }
+        let refused = self.shared.refused_bytes.load(Ordering::Relaxed);
+        let held = self.held_bytes();
+        if refused > 0 && held + refused > self.shared.max_bytes {
+            return Err(format!(
+                "the queue is full ({held} bytes held for destinations, budget {}; \
+                 server.max_queue_bytes)",
+                self.shared.max_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Group commit: block for one request, take every other one already waiting, write them
+/// all, sync once, answer all. Exits when every `LocalQueue` handle is gone. While writes fail,
+/// it probes the disk every `PROBE_INTERVAL`, so readiness comes back without traffic.
+fn write_loop(
+    mut active: segments::ActiveSegment,
+    rx: mpsc::Receiver<AppendRequest>,
+    shared: Arc<Shared>,
+    _lock: File,
+) {
+    let mut group: Vec<AppendRequest> = Vec::new();
+    // Starting on a full disk is allowed; knowing it at once keeps `/ready` honest.
+    let mut probe_bytes = MIN_PROBE_BYTES;
+    let mut failing = shared.probe(probe_bytes).is_err();
+    loop {
+        let first = if failing {
+            match rx.recv_timeout(PROBE_INTERVAL) {
+                Ok(request) => request,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    failing = shared.probe(probe_bytes).is_err();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(request) => request,
+                Err(_) => break,
+            }
+        };
+        let mut bytes = first.bytes.len();
+        group.push(first);
+        while bytes < MAX_GROUP_BYTES {
+            match rx.try_recv() {
+                Ok(next) => {
+                    bytes += next.bytes.len();
+                    group.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let chunks: Vec<&[u8]> = group.iter().map(|r| r.bytes.as_slice()).collect();
+        let result = active.append(&chunks);
+        drop(chunks);
+        match result {
+            Ok(end) => {
+                shared.committed.send_replace(end);
+                shared.set_failing(None);
+                shared.refused_bytes.store(0, Ordering::Relaxed);
+                failing = false;
+                for request in group.drain(..) {
+                    let _ = request.done.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, requests = group.len(), "queue append failed");
+                shared
+                    .healthy
+                    .store(!active.is_poisoned(), Ordering::Relaxed);
+                shared.set_failing(Some(e.to_string()));
+                failing = true;
+                probe_bytes = (bytes as u64).clamp(MIN_PROBE_BYTES, MAX_PROBE_BYTES);
+                for request in group.drain(..) {
+                    let _ = request.done.send(Err(QueueError::Io(e.to_string())));
+                }
+            }
+        }
+    }
+    tracing::debug!("queue writer stopped");
+}
