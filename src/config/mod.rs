@@ -16,8 +16,8 @@ use toml::de::DeTable;
 
 pub use errors::ConfigError;
 pub use sections::{
-    AdminConfig, CorsConfig, DedupeBackend, DedupeConfig, LimitsConfig, RedisFailure, ServerConfig,
-    SourceConfig, SourceDedupeConfig,
+    AdminConfig, CorsConfig, DedupeBackend, DedupeConfig, LimitsConfig, QueueBackend, QueueConfig,
+    RedisFailure, ServerConfig, SourceConfig, SourceDedupeConfig,
 };
 
 use crate::destinations::DestinationConfig;
@@ -36,6 +36,8 @@ pub struct Config<D = DestinationConfig> {
     pub cors: CorsConfig,
     #[serde(default)]
     pub dedupe: DedupeConfig,
+    #[serde(default)]
+    pub queue: QueueConfig,
     /// Each source owns write keys; a request's key says which source sent it.
     #[serde(default)]
     pub sources: Vec<SourceConfig>,
@@ -112,6 +114,7 @@ impl Config<toml::Table> {
             limits: self.limits,
             cors: self.cors,
             dedupe: self.dedupe,
+            queue: self.queue,
             sources: self.sources,
             destinations,
             admin: self.admin,

@@ -316,3 +316,80 @@ fn routing_errors_name_key_and_line() {
         assert!(e.message.contains(says), "{rules}: {e}");
     }
 }
+
+fn with_queue(lines: &str) -> Result<Config, ConfigError> {
+    Config::parse(&format!("{GOOD}\n[queue]\n{lines}\n"))
+}
+
+#[test]
+fn the_queue_is_local_unless_nats_is_named() {
+    let c = Config::parse(GOOD).unwrap();
+    assert_eq!(c.queue.backend, QueueBackend::Local);
+    let c = with_queue(
+        "backend = \"nats\"\nservers = [\"nats://n1:4222\", \"tls://n2:4222\"]\nreplicas = 3",
+    )
+    .unwrap();
+    assert_eq!(c.queue.backend, QueueBackend::Nats);
+    assert_eq!(c.queue.stream, "fanout");
+    assert_eq!(c.queue.replicas, 3);
+    assert_eq!(c.queue.partitions, 8);
+    assert_eq!(c.queue.ack_wait, Duration::from_secs(30));
+}
+
+#[test]
+fn queue_errors_name_key_and_line() {
+    let nats = "backend = \"nats\"\n";
+    let servers = "servers = [\"nats://127.0.0.1:4222\"]\n";
+    let cases = [
+        // A missing key points at its section.
+        (nats.to_string(), "queue.servers", 15),
+        (
+            format!("{nats}servers = [\"nats://a:4222\", \"http://b c\"]"),
+            "queue.servers[1]",
+            17,
+        ),
+        (
+            format!("{nats}{servers}stream = \"a.b\""),
+            "queue.stream",
+            18,
+        ),
+        (format!("{nats}{servers}replicas = 0"), "queue.replicas", 18),
+        (
+            format!("{nats}{servers}partitions = 65"),
+            "queue.partitions",
+            18,
+        ),
+        (
+            format!("{nats}{servers}ack_wait = \"0s\""),
+            "queue.ack_wait",
+            18,
+        ),
+        (
+            format!("{nats}{servers}user_env = \"U\""),
+            "queue.user_env",
+            18,
+        ),
+        (
+            format!("{nats}{servers}backend_x = 1"),
+            "queue.backend_x",
+            18,
+        ),
+    ];
+    for (lines, key, line) in cases {
+        let e = with_queue(&lines).unwrap_err();
+        assert_eq!(e.key, key, "{lines}: {e}");
+        assert_eq!(e.line, Some(line), "{lines}: {e}");
+    }
+}
+
+#[test]
+fn on_nats_a_destination_name_cannot_hold_a_dot() {
+    let text = GOOD.replace("name = \"out\"", "name = \"out.v2\"");
+    assert!(Config::parse(&text).is_ok(), "fine on the local log");
+    let e = Config::parse(&format!(
+        "{text}\n[queue]\nbackend = \"nats\"\nservers = [\"nats://127.0.0.1:4222\"]\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "destinations[0].name", "{e}");
+    assert!(e.message.contains("JetStream"), "{e}");
+}

@@ -95,6 +95,7 @@ impl Reloader {
         applied.cors = self.current.cors.clone();
         applied.dedupe = self.current.dedupe.clone();
         applied.admin = self.current.admin.clone();
+        applied.queue = self.current.queue.clone();
         self.current = applied;
         Ok(Reloaded {
             sources,
@@ -140,6 +141,7 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
         ("cors", old.cors != new.cors),
         ("dedupe", old.dedupe != new.dedupe),
         ("admin", old.admin != new.admin),
+        ("queue", old.queue != new.queue),
     ]
     .into_iter()
     .filter_map(|(section, changed)| changed.then_some(section))
