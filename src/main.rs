@@ -147,9 +147,17 @@ fn main() -> ExitCode {
     }
 }
 
-/// Works on the dead-letter store directly (SQLite handles a running server beside us).
+/// Works on the dead-letter store directly: SQLite handles a running server beside us,
+/// and the shared store is the same for every instance.
 fn dead_letters(config: &Config, action: &DeadLetterAction) -> anyhow::Result<()> {
-    let store = DeadLetters::open(&config.server.data_dir)?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(dead_letters_on(config, action))
+}
+
+async fn dead_letters_on(config: &Config, action: &DeadLetterAction) -> anyhow::Result<()> {
+    let store = DeadLetters::for_config(config).await?;
     let known = |name: &str| {
         if !config.destinations.iter().any(|d| d.name == name) {
             eprintln!("fanout: note: no destination `{name}` in the config");
@@ -160,13 +168,13 @@ fn dead_letters(config: &Config, action: &DeadLetterAction) -> anyhow::Result<()
             if let Some(name) = destination {
                 known(name);
             }
-            for letter in store.list(destination.as_deref(), *limit)? {
+            for letter in store.list(destination.as_deref(), *limit).await? {
                 println!("{}", serde_json::to_string(&letter)?);
             }
         }
         DeadLetterAction::Replay { destination } => {
             known(destination);
-            let replayed = store.request_replay(destination)?;
+            let replayed = store.request_replay(destination).await?;
             println!("{}", serde_json::json!({ "replayed": replayed }));
         }
     }

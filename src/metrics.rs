@@ -29,6 +29,9 @@ const QUEUE_HELD: &str = "fanout_queue_held_bytes";
 const QUEUE_LAG: &str = "fanout_queue_lag_bytes";
 const QUEUE_DEPTH: &str = "fanout_queue_depth_events";
 const QUEUE_AGE: &str = "fanout_queue_oldest_age_seconds";
+const CONSUMER_PENDING: &str = "fanout_queue_consumer_pending";
+const CONSUMER_ACK_PENDING: &str = "fanout_queue_consumer_ack_pending";
+const CONSUMER_REDELIVERED: &str = "fanout_queue_consumer_redelivered";
 const DELIVERIES: &str = "fanout_deliveries_total";
 const DELIVERY_DURATION: &str = "fanout_delivery_duration_seconds";
 const DEDUPE_KEYS: &str = "fanout_dedupe_keys";
@@ -148,6 +151,22 @@ fn describe() {
         DELIVERY_DURATION,
         Unit::Seconds,
         "Time of one send attempt of a batch to a destination, whatever its answer."
+    );
+    describe_gauge!(
+        CONSUMER_PENDING,
+        "queue.backend = nats: messages on the stream a destination's consumers have not \
+         delivered to any instance yet."
+    );
+    describe_gauge!(
+        CONSUMER_ACK_PENDING,
+        "queue.backend = nats: messages delivered to an instance for a destination and not \
+         acknowledged yet (being delivered, held in order behind a retry, or on a dead \
+         instance until the ack wait runs out)."
+    );
+    describe_gauge!(
+        CONSUMER_REDELIVERED,
+        "queue.backend = nats: of the destination's unacknowledged messages, those delivered \
+         more than once (after an instance died, or a handover)."
     );
     describe_gauge!(DEDUPE_KEYS, "messageIds in the dedupe window.");
     describe_counter!(
@@ -395,6 +414,30 @@ impl DestinationGauges {
         self.state
             .oldest_accepted_at
             .store(oldest_accepted_at.map_or(0, u64::from), Ordering::Relaxed);
+    }
+}
+
+/// A destination's consumers on the shared log, as last read from the server.
+pub struct ConsumerGauges {
+    pending: Gauge,
+    ack_pending: Gauge,
+    redelivered: Gauge,
+}
+
+impl ConsumerGauges {
+    pub fn register(destination: &str) -> ConsumerGauges {
+        let name = destination.to_owned();
+        ConsumerGauges {
+            pending: gauge!(CONSUMER_PENDING, "destination" => name.clone()),
+            ack_pending: gauge!(CONSUMER_ACK_PENDING, "destination" => name.clone()),
+            redelivered: gauge!(CONSUMER_REDELIVERED, "destination" => name),
+        }
+    }
+
+    pub fn set(&self, pending: u64, ack_pending: u64, redelivered: u64) {
+        self.pending.set(pending as f64);
+        self.ack_pending.set(ack_pending as f64);
+        self.redelivered.set(redelivered as f64);
     }
 }
 

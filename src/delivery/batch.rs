@@ -16,6 +16,7 @@ use crate::destinations::RatePer;
 use crate::destinations::{AnyDestination, Check, Outgoing, Prepared, SendError};
 use crate::metrics::DeliveryMetrics;
 use crate::pace::RateLimiter;
+use crate::queue::Earlier;
 use crate::routing::Route;
 
 /// What a destination's batches share.
@@ -67,6 +68,8 @@ pub struct Item {
     pub user: u64,
     /// When the engine read it; a partial batch waits at most `linger` past this.
     pub read_at: Instant,
+    /// A dead letter sent again through the shared log: its attempts before.
+    pub earlier: Option<Earlier>,
 }
 
 #[derive(Debug, Clone)]

@@ -124,6 +124,10 @@ impl Engine {
             }
             if stopping && self.running.is_empty() {
                 self.progress.save(&self.context).await;
+                let held = self.progress.release();
+                if let Some(feed) = self.feed.take() {
+                    feed.close(held).await;
+                }
                 return;
             }
             let linger_at = if stopping { None } else { self.linger_until };
@@ -225,6 +229,7 @@ impl Engine {
             json: edited.unwrap_or(record.json),
             user,
             read_at: now,
+            earlier: record.earlier,
         });
     }
 
@@ -314,11 +319,7 @@ impl Engine {
             self.progress.save(&self.context).await;
         }
         if !delivered_replays.is_empty() && !self.progress.has_unsaved() {
-            let store = self.dead_letters.clone();
-            let removed = tokio::task::spawn_blocking(move || store.remove(&delivered_replays))
-                .await
-                .expect("dead-letter task panicked");
-            if let Err(e) = removed {
+            if let Err(e) = self.dead_letters.remove(delivered_replays).await {
                 // They stay marked and are sent again: at least once.
                 tracing::error!(destination = %self.context.name, error = %e, "cannot remove replayed dead letters");
             }

@@ -203,6 +203,7 @@ mod tests {
             json: format!("{{\"n\":{seq}}}").into_bytes(),
             user,
             read_at: Instant::now(),
+            earlier: None,
         }
     }
 

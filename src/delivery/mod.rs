@@ -194,6 +194,13 @@ impl Deliveries {
                 }
                 (destination, Feed::Log(reader), progress)
             }
+            // The shared log keeps no checkpoint: a destination's outputs are its own
+            // (a file destination there is at-least-once).
+            Subscription::Stream { feed, acks } => (
+                build(None)?,
+                Feed::Stream(feed),
+                Progress::stream(acks, gauges),
+            ),
         };
         let sequential = destination.sequential();
         let concurrency = if sequential { 1 } else { config.concurrency() };

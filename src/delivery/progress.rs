@@ -1,8 +1,11 @@
 //! How far one destination has come: the queue messages it read and has not settled,
-//! and what to record of that. On the local log, the cursor may move to the start of the
-//! oldest message not yet settled (delivered or dead-lettered), or past everything read
-//! when none is left; it is saved at most every `COMMIT_INTERVAL`, and only after the
-//! destination made what it passes durable (a file destination syncs first).
+//! and what to record of that, at most every `COMMIT_INTERVAL` and only after the
+//! destination made what it records durable (a file destination syncs first).
+//!
+//! On the local log, the cursor may move to the start of the oldest message not yet
+//! settled (delivered or dead-lettered), or past everything read when none is left. On
+//! the shared log, each settled message is acknowledged, and held ones are kept alive
+//! with progress signals (`queue::nats::Acks`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,7 +15,8 @@ use tokio::time::Instant;
 
 use super::batch::DeliveryContext;
 use crate::metrics::DestinationGauges;
-use crate::queue::{Checkpoint, Cursor, Receipt};
+use crate::queue::nats::DeliveryKey;
+use crate::queue::{Acks, Checkpoint, Cursor, Delivery, Receipt};
 use crate::throttle::LogThrottle;
 
 /// Cursor saves are spaced at least this far apart; a crash re-sends at most this much
@@ -20,9 +24,9 @@ use crate::throttle::LogThrottle;
 pub const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 
 pub struct Progress {
-    /// Accepted-at time (Unix seconds) and where it starts, of every queue message read
-    /// and not settled, by sequence number.
-    unsettled: BTreeMap<u64, (u32, u64)>,
+    /// Accepted-at time (Unix seconds) and place of every queue message read and not
+    /// settled, by sequence number.
+    unsettled: BTreeMap<u64, (u32, Place)>,
     next_seq: u64,
     ledger: Ledger,
     last_save: Instant,
@@ -33,9 +37,18 @@ pub struct Progress {
     gauges: DestinationGauges,
 }
 
-/// How progress is recorded: a checkpoint saved in a cursor file.
+/// Where a message read is: its start in the local log, or its delivery from the
+/// shared log.
+#[derive(Debug, Clone, Copy)]
+enum Place {
+    Log(u64),
+    Stream(DeliveryKey),
+}
+
+/// How progress is recorded: a checkpoint saved in a cursor file, or acknowledgements.
 enum Ledger {
     Log(LogLedger),
+    Stream(Box<Acks>),
 }
 
 struct LogLedger {
@@ -74,6 +87,11 @@ impl Progress {
         )
     }
 
+    /// On the shared log.
+    pub fn stream(acks: Box<Acks>, gauges: DestinationGauges) -> Progress {
+        Progress::new(Ledger::Stream(acks), gauges)
+    }
+
     fn new(ledger: Ledger, gauges: DestinationGauges) -> Progress {
         Progress {
             unsettled: BTreeMap::new(),
@@ -88,8 +106,8 @@ impl Progress {
 
     /// The checkpoint it starts from is not saved yet: save it as soon as it can.
     pub fn save_soon(&mut self) {
-        match &mut self.ledger {
-            Ledger::Log(log) => log.unsaved = Some(log.recorded),
+        if let Ledger::Log(log) = &mut self.ledger {
+            log.unsaved = Some(log.recorded);
         }
     }
 
@@ -97,11 +115,17 @@ impl Progress {
     /// `None` when the queue delivered a message again that is still held here.
     pub fn read(&mut self, receipt: Receipt, accepted_at: u32) -> Option<u64> {
         let seq = self.next_seq;
-        let start = match (&mut self.ledger, receipt) {
-            (Ledger::Log(log), Receipt::Log { end }) => std::mem::replace(&mut log.read_end, end),
+        let place = match (&mut self.ledger, receipt) {
+            (Ledger::Log(log), Receipt::Log { end }) => {
+                Place::Log(std::mem::replace(&mut log.read_end, end))
+            }
+            (Ledger::Stream(acks), Receipt::Stream(delivery)) => {
+                Place::Stream(acks.read(delivery)?)
+            }
+            _ => unreachable!("a feed's receipts are its own ledger's"),
         };
         self.next_seq += 1;
-        self.unsettled.insert(seq, (accepted_at, start));
+        self.unsettled.insert(seq, (accepted_at, place));
         Some(seq)
     }
 
@@ -109,18 +133,27 @@ impl Progress {
     pub fn pass(&mut self, receipt: Receipt) {
         match (&mut self.ledger, receipt) {
             (Ledger::Log(log), Receipt::Log { end }) => log.read_end = end,
+            (Ledger::Stream(acks), Receipt::Stream(delivery)) => {
+                if let Some(key) = acks.read(delivery) {
+                    acks.settle(key);
+                }
+            }
+            _ => unreachable!("a feed's receipts are its own ledger's"),
         }
     }
 
     /// The message `seq` is delivered or durably dead-lettered.
     pub fn settled(&mut self, seq: u64) {
-        self.unsettled.remove(&seq);
+        let place = self.unsettled.remove(&seq).map(|(_, place)| place);
+        if let (Some(Place::Stream(key)), Ledger::Stream(acks)) = (place, &mut self.ledger) {
+            acks.settle(key);
+        }
     }
 
     /// The destination's mark after a successful send.
     pub fn set_mark(&mut self, mark: u64) {
-        match &mut self.ledger {
-            Ledger::Log(log) => log.mark = mark,
+        if let Ledger::Log(log) = &mut self.ledger {
+            log.mark = mark;
         }
     }
 
@@ -128,13 +161,14 @@ impl Progress {
     fn checkpoint(&self) -> Option<Checkpoint> {
         match &self.ledger {
             Ledger::Log(log) => Some(Checkpoint {
-                position: self
-                    .unsettled
-                    .first_key_value()
-                    .map_or(log.read_end, |(_, &(_, start))| start),
+                position: match self.unsettled.first_key_value() {
+                    Some((_, &(_, Place::Log(start)))) => start,
+                    _ => log.read_end,
+                },
                 sink_offset: log.mark,
                 sink_id: log.recorded.sink_id,
             }),
+            Ledger::Stream(_) => None,
         }
     }
 
@@ -151,6 +185,7 @@ impl Progress {
                 true
             }
             (Ledger::Log(_), None) => false,
+            (Ledger::Stream(acks), _) => acks.has_unsaved(),
         }
     }
 
@@ -158,13 +193,21 @@ impl Progress {
     pub fn has_unsaved(&self) -> bool {
         match &self.ledger {
             Ledger::Log(log) => log.unsaved.is_some(),
+            Ledger::Stream(acks) => acks.has_unsaved(),
         }
     }
 
-    /// When the next save is due, if one waits.
+    /// When the next save is due, if one waits (or held messages need their progress
+    /// signal on the shared log).
     pub fn save_at(&self) -> Option<Instant> {
-        self.has_unsaved()
-            .then_some(self.last_save + COMMIT_INTERVAL)
+        let save = self
+            .has_unsaved()
+            .then_some(self.last_save + COMMIT_INTERVAL);
+        let ping = match &self.ledger {
+            Ledger::Stream(acks) => acks.ping_at(),
+            Ledger::Log(_) => None,
+        };
+        save.into_iter().chain(ping).min()
     }
 
     /// Whether a save now would be at least `COMMIT_INTERVAL` after the last one.
@@ -176,12 +219,16 @@ impl Progress {
     /// noted (delivered messages past the old cursor would be sent again after a restart)
     /// and is tried again at the next `save_at`.
     pub async fn save(&mut self, context: &Arc<DeliveryContext>) {
+        if let Ledger::Stream(acks) = &mut self.ledger {
+            acks.ping_if_due().await;
+        }
         if !self.has_unsaved() {
             return;
         }
         self.last_save = Instant::now();
         let saved = match &mut self.ledger {
             Ledger::Log(log) => log.save(context).await,
+            Ledger::Stream(acks) => acknowledge(acks, context).await,
         };
         match saved {
             Ok(()) => self.save_failures = 0,
@@ -193,10 +240,18 @@ impl Progress {
                         destination = %context.name,
                         error = %e,
                         failures = self.save_failures,
-                        "cannot save the cursor; retrying"
+                        "cannot record delivery progress (cursor or acks); retrying"
                     );
                 }
             }
+        }
+    }
+
+    /// At stop: the shared log's messages read and not settled, to be given back.
+    pub fn release(&mut self) -> Vec<Delivery> {
+        match &mut self.ledger {
+            Ledger::Stream(acks) => acks.release(),
+            Ledger::Log(_) => Vec::new(),
         }
     }
 
@@ -205,6 +260,15 @@ impl Progress {
         let oldest = self.unsettled.first_key_value().map(|(_, &(at, _))| at);
         self.gauges.set(self.unsettled.len(), oldest);
     }
+}
+
+/// Acknowledges what is settled, once the destination made it durable.
+async fn acknowledge(acks: &mut Acks, context: &Arc<DeliveryContext>) -> std::io::Result<()> {
+    let sink = context.clone();
+    tokio::task::spawn_blocking(move || sink.destination.flush())
+        .await
+        .expect("flush task panicked")?;
+    acks.commit().await.map_err(std::io::Error::other)
 }
 
 impl LogLedger {

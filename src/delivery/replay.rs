@@ -15,6 +15,7 @@ use super::batch::{BatchResult, Item, Origin, Settled};
 use super::dead_letters::{DeadLetters, Failure};
 use super::lines::wire_len;
 use crate::destinations::BatchLimits;
+use crate::queue::Earlier;
 
 /// How often marked dead letters are looked for.
 const POLL: Duration = Duration::from_secs(1);
@@ -48,7 +49,7 @@ impl Replays {
     /// is due.
     pub async fn poll(&mut self, store: &Arc<DeadLetters>, destination: &str, max: usize) {
         let now = Instant::now();
-        if now < self.next_poll {
+        if now < self.next_poll || !store.polled() {
             return;
         }
         self.next_poll = now + POLL;
@@ -58,13 +59,7 @@ impl Replays {
         if self.waiting.len() >= max {
             return;
         }
-        let store = store.clone();
-        let name = destination.to_string();
-        let after = self.after;
-        let rows = tokio::task::spawn_blocking(move || store.marked(&name, after, max))
-            .await
-            .expect("dead-letter task panicked");
-        match rows {
+        match store.marked(destination, self.after, max).await {
             Ok(rows) => {
                 if !rows.is_empty() {
                     tracing::info!(destination, messages = rows.len(), "replaying dead letters");
@@ -77,6 +72,7 @@ impl Replays {
                         json,
                         user: 0,
                         read_at: now,
+                        earlier: None,
                     });
                 }
             }
@@ -110,6 +106,19 @@ impl Replays {
     }
 }
 
+/// A replayed dead letter that failed again on the shared log: its attempts add up, and
+/// its first attempt stays the first.
+fn with_earlier(failure: &Arc<Failure>, earlier: Option<Earlier>) -> Arc<Failure> {
+    match earlier {
+        None => failure.clone(),
+        Some(earlier) => Arc::new(Failure {
+            attempts: failure.attempts + earlier.attempts,
+            first_attempt_at: earlier.first_attempt_at.min(failure.first_attempt_at),
+            ..Failure::clone(failure)
+        }),
+    }
+}
+
 /// Stores a settled batch's dead letters, retrying until the store takes them (a queue
 /// message is settled only once its dead letter is durable): new rows for messages from
 /// the queue, replayed rows put back with their new failure. False if `stop` came first
@@ -126,9 +135,11 @@ pub async fn store_failures(
     for (item, settled) in result.items.iter().zip(&result.settled) {
         if let Settled::Dead(failure) = settled {
             match item.origin {
-                Origin::Queue { .. } => {
-                    new.push((item.source.clone(), item.json.clone(), failure.clone()))
-                }
+                Origin::Queue { .. } => new.push((
+                    item.source.clone(),
+                    item.json.clone(),
+                    with_earlier(failure, item.earlier),
+                )),
                 Origin::Replay { id } => again.push((id, failure.clone())),
             }
         }
@@ -145,24 +156,11 @@ pub async fn store_failures(
     {
         tracing::warn!(destination, reason, status, "dead-lettered");
     }
-    let (new, again) = (Arc::new(new), Arc::new(again));
     let mut wait = Duration::from_millis(100);
     loop {
-        let store = store.clone();
-        let name = destination.to_string();
-        let (new, again) = (new.clone(), again.clone());
-        // One transaction per batch: a retry after a failure never adds rows twice.
-        let stored = tokio::task::spawn_blocking(move || {
-            let new: Vec<(&str, &[u8], &Failure)> = new
-                .iter()
-                .map(|(s, j, f)| (s.as_str(), j.as_slice(), f.as_ref()))
-                .collect();
-            let again: Vec<(i64, &Failure)> =
-                again.iter().map(|(id, f)| (*id, f.as_ref())).collect();
-            store.record(&name, &new, &again, at)
-        })
-        .await
-        .expect("dead-letter task panicked");
+        // One transaction (local) or one id per letter (shared) per batch: a retry after
+        // a failure never stores a letter twice.
+        let stored = store.record(destination, &new, &again, at).await;
         match stored {
             Ok(()) => return true,
             Err(e) => {

@@ -77,6 +77,7 @@ fn retryable(retry_after: Option<Duration>) -> SendError {
 struct Setup {
     _dir: tempfile::TempDir,
     queue: Queue,
+    log: LocalQueue,
     _writer: QueueWriter,
     deliveries: Deliveries,
     dead_letters: Arc<DeadLetters>,
@@ -88,8 +89,8 @@ struct Setup {
 async fn setup(extra: &str, fake: Fake) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let (log, writer) = LocalQueue::open(dir.path(), 1 << 20, 1 << 30).unwrap();
-    let queue = Queue::Local(log);
-    let dead_letters = Arc::new(DeadLetters::open(dir.path()).unwrap());
+    let queue = Queue::Local(log.clone());
+    let dead_letters = Arc::new(DeadLetters::open_local(dir.path()).unwrap());
     let clock = Clock::following_tokio(start());
     let mut deliveries = Deliveries::start(
         &[],
@@ -113,6 +114,7 @@ async fn setup(extra: &str, fake: Fake) -> Setup {
     Setup {
         _dir: dir,
         queue,
+        log,
         _writer: writer,
         deliveries,
         dead_letters,
@@ -139,8 +141,7 @@ impl Setup {
                 .unwrap();
         }
         self.queue.append(batch).await.unwrap();
-        let Queue::Local(log) = &self.queue;
-        log.end()
+        self.log.end()
     }
 
     /// Bytes between `hook`'s saved cursor and the end of the log.
@@ -322,7 +323,7 @@ async fn a_refused_message_is_dead_lettered_alone_and_the_cursor_passes_it() {
         .flatten()
         .collect();
     assert_eq!(delivered, ["ok1", "ok2"]);
-    let letters = s.dead_letters.list(Some("hook"), 10).unwrap();
+    let letters = s.dead_letters.list(Some("hook"), 10).await.unwrap();
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0].reason, "rejected");
     assert_eq!(letters[0].response, "poison");

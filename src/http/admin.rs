@@ -40,8 +40,8 @@ fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError::Internal(format!("dead-letter store: {e}"))
+fn internal(e: anyhow::Error) -> ApiError {
+    ApiError::Internal(format!("dead-letter store: {e:#}"))
 }
 
 /// `GET /admin/dead-letters?destination=NAME&limit=N`
@@ -51,13 +51,12 @@ pub async fn list_dead_letters(
     Query(query): Query<DeadLetterQuery>,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
-    let store = app.dead_letters.clone();
     let limit = query.limit.unwrap_or(1000).min(100_000);
-    let letters =
-        tokio::task::spawn_blocking(move || store.list(query.destination.as_deref(), limit))
-            .await
-            .map_err(internal)?
-            .map_err(internal)?;
+    let letters = app
+        .dead_letters
+        .list(query.destination.as_deref(), limit)
+        .await
+        .map_err(internal)?;
     Ok(Json(serde_json::json!({ "dead_letters": letters })).into_response())
 }
 
@@ -75,10 +74,10 @@ pub async fn replay_dead_letters(
             "name the destination: ?destination=NAME",
         )));
     };
-    let store = app.dead_letters.clone();
-    let replayed = tokio::task::spawn_blocking(move || store.request_replay(&destination))
+    let replayed = app
+        .dead_letters
+        .request_replay(&destination)
         .await
-        .map_err(internal)?
         .map_err(internal)?;
     Ok(Json(serde_json::json!({ "replayed": replayed })).into_response())
 }

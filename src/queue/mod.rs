@@ -6,11 +6,13 @@
 //! (`record.rs`).
 
 pub mod local;
+pub mod nats;
 pub mod record;
 
 use std::io;
 
 pub use local::{saved_checkpoint, Checkpoint, Cursor, LocalQueue, QueueReader, QueueWriter};
+pub use nats::{Acks, Delivery, NatsQueue, StreamFeed};
 pub use record::RecordBatch;
 
 use crate::message::Tag;
@@ -24,12 +26,15 @@ pub enum QueueError {
     Closed,
     #[error("the queue is full ({0})")]
     Full(String),
+    #[error("the shared log is unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// The queue ingest appends to and destinations read from. Cheap to clone.
 #[derive(Clone)]
 pub enum Queue {
     Local(LocalQueue),
+    Nats(NatsQueue),
 }
 
 /// One message read back from the queue.
@@ -40,6 +45,15 @@ pub struct Record {
     pub json: Vec<u8>,
     /// What settles it once it is delivered.
     pub receipt: Receipt,
+    /// When it is a dead letter sent again through the shared log: its earlier attempts.
+    pub earlier: Option<Earlier>,
+}
+
+/// A replayed dead letter's history, carried with it so that failing again adds up.
+#[derive(Debug, Clone, Copy)]
+pub struct Earlier {
+    pub attempts: u32,
+    pub first_attempt_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// How a record read is settled: the backend's own handle.
@@ -47,6 +61,8 @@ pub struct Record {
 pub enum Receipt {
     /// The local log position just past the record: a cursor saved there has consumed it.
     Log { end: u64 },
+    /// A delivery from the shared log, acknowledged once settled.
+    Stream(Delivery),
 }
 
 /// A destination attached to the queue: where it reads, and how it records progress.
@@ -57,11 +73,16 @@ pub enum Subscription {
         /// The checkpoint it saved last time, if any.
         saved: Option<Checkpoint>,
     },
+    Stream {
+        feed: Box<StreamFeed>,
+        acks: Box<Acks>,
+    },
 }
 
 /// Where a destination's engine reads messages from.
 pub enum Feed {
     Log(QueueReader),
+    Stream(Box<StreamFeed>),
 }
 
 impl Feed {
@@ -69,6 +90,7 @@ impl Feed {
     pub async fn wait_for_data(&mut self) -> bool {
         match self {
             Feed::Log(reader) => reader.wait_for_data().await,
+            Feed::Stream(feed) => feed.wait_for_data().await,
         }
     }
 
@@ -76,6 +98,7 @@ impl Feed {
     pub fn has_more(&self) -> bool {
         match self {
             Feed::Log(reader) => reader.lag() > 0,
+            Feed::Stream(feed) => feed.has_more(),
         }
     }
 
@@ -96,6 +119,19 @@ impl Feed {
                 .expect("queue read task panicked");
                 (Feed::Log(reader), records)
             }
+            Feed::Stream(mut feed) => {
+                let records = feed.read(max_records, max_bytes);
+                (Feed::Stream(feed), Ok(records))
+            }
+        }
+    }
+
+    /// Stops reading. `held` are the messages read and not settled: the shared log
+    /// gets them back for whichever instance delivers next.
+    pub async fn close(self, held: Vec<Delivery>) {
+        match self {
+            Feed::Log(_) => {}
+            Feed::Stream(feed) => feed.close(held).await,
         }
     }
 }
@@ -105,6 +141,7 @@ impl Queue {
     pub async fn append(&self, batch: RecordBatch) -> Result<(), QueueError> {
         match self {
             Queue::Local(queue) => queue.append(batch).await,
+            Queue::Nats(queue) => queue.append(batch).await,
         }
     }
 
@@ -112,6 +149,7 @@ impl Queue {
     pub fn readiness(&self) -> Result<(), String> {
         match self {
             Queue::Local(queue) => queue.readiness(),
+            Queue::Nats(queue) => queue.readiness(),
         }
     }
 
@@ -127,6 +165,13 @@ impl Queue {
                     saved,
                 })
             }
+            Queue::Nats(queue) => {
+                let (feed, acks) = queue.subscribe(name).await?;
+                Ok(Subscription::Stream {
+                    feed: Box::new(feed),
+                    acks: Box::new(acks),
+                })
+            }
         }
     }
 
@@ -135,6 +180,7 @@ impl Queue {
     pub async fn held_for(&self) -> anyhow::Result<Vec<String>> {
         match self {
             Queue::Local(queue) => Ok(queue.cursor_names()),
+            Queue::Nats(queue) => queue.destinations().await,
         }
     }
 
@@ -147,14 +193,16 @@ impl Queue {
                 tokio::task::spawn_blocking(move || queue.purge(&name)).await??;
                 Ok(())
             }
+            Queue::Nats(queue) => queue.purge(name).await,
         }
     }
 
-    /// What a destination has still to read or settle, for logs and tests (bytes of the
-    /// local log behind its cursor).
+    /// Bytes of the local log behind a destination's cursor (on the shared log, its
+    /// consumers' gauges say what is pending).
     pub fn lag_bytes(&self, name: &str) -> Option<u64> {
         match self {
             Queue::Local(queue) => queue.lag_bytes(name),
+            Queue::Nats(_) => None,
         }
     }
 
@@ -169,6 +217,7 @@ impl Queue {
                     .collect();
                 (queue.held_bytes(), lags)
             }
+            Queue::Nats(queue) => (queue.held_bytes(), Vec::new()),
         }
     }
 }

@@ -6,7 +6,6 @@ mod reload;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -14,11 +13,11 @@ use tokio::sync::{mpsc, watch};
 
 use crate::auth::Sources;
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, DedupeBackend, QueueBackend};
 use crate::dedupe::Dedupe;
 use crate::delivery::{DeadLetters, Deliveries};
 use crate::http::{self, App};
-use crate::queue::{LocalQueue, Queue};
+use crate::queue::{LocalQueue, NatsQueue, Queue, QueueWriter};
 use connections::{ConnectionLimits, Connections};
 
 /// How `run` was asked to start.
@@ -41,12 +40,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
     // the process with the default action.
     let shutdown = shutdown_signal()?;
     let mut hangup = signal(SignalKind::hangup())?;
-    let (local, writer) = LocalQueue::open(
-        &config.server.data_dir,
-        config.server.segment_bytes,
-        config.server.max_queue_bytes,
-    )?;
-    let queue = Queue::Local(local);
+    let (queue, writer) = open_queue(&config).await?;
     let sources = Arc::new(ArcSwap::from_pointee(Sources::from_config(
         &config.sources,
     )?));
@@ -54,12 +48,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
     if config.destinations.is_empty() {
         tracing::warn!("no destinations configured: accepted messages are stored but go nowhere");
     }
-    let dead_letters = Arc::new(DeadLetters::open(&config.server.data_dir).with_context(|| {
-        format!(
-            "cannot open the dead-letter store in {}",
-            config.server.data_dir.display()
-        )
-    })?);
+    let dead_letters = Arc::new(DeadLetters::open(&queue, &config.server.data_dir).await?);
     let admin_token = admin_token(&config)?;
     let deliveries = Deliveries::start(
         &config.destinations,
@@ -159,16 +148,34 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
     .await
     .is_ok();
     reloader.into_deliveries().stop(grace).await;
-    if drained {
-        // The last `Queue` handle went with the server: the writer finishes and exits.
-        tokio::task::spawn_blocking(move || writer.join()).await?;
-    } else {
+    if !drained {
         tracing::warn!(
             "requests still in flight after the grace period; they were not acknowledged"
         );
+    } else if let Some(writer) = writer {
+        // The last `Queue` handle went with the server: the writer finishes and exits.
+        tokio::task::spawn_blocking(move || writer.join()).await?;
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The configured queue; the local log comes with its writer thread, joined at the end.
+async fn open_queue(config: &Config) -> anyhow::Result<(Queue, Option<QueueWriter>)> {
+    match config.queue.backend {
+        QueueBackend::Local => {
+            let (log, writer) = LocalQueue::open(
+                &config.server.data_dir,
+                config.server.segment_bytes,
+                config.server.max_queue_bytes,
+            )?;
+            Ok((Queue::Local(log), Some(writer)))
+        }
+        QueueBackend::Nats => {
+            let shared = NatsQueue::connect(&config.queue, config.server.max_queue_bytes).await?;
+            Ok((Queue::Nats(shared), None))
+        }
+    }
 }
 
 /// Opens the dedupe window and rebuilds it from the local log, then has the log hand it
@@ -181,7 +188,18 @@ fn open_dedupe(config: &Config, queue: &Queue, clock: Clock) -> anyhow::Result<A
         &config.server.data_dir,
         clock,
     )?);
-    let Queue::Local(log) = queue;
+    let Queue::Local(log) = queue else {
+        // Instances sharing a log share their dedupe window through Redis.
+        if config.dedupe.backend == DedupeBackend::Memory {
+            tracing::warn!(
+                "queue.backend = \"nats\" with dedupe.backend = \"memory\": each instance \
+                 remembers only the messageIds it accepted itself, and the stream's \
+                 duplicate window only catches repeats within queue.duplicate_window; use \
+                 dedupe.backend = \"redis\" when several instances take traffic"
+            );
+        }
+        return Ok(dedupe);
+    };
     let scanned = log.scan(|source, tag| dedupe.restore(source, tag))?;
     dedupe.compact_if_oversized();
     let hook = dedupe.clone();

@@ -1,82 +1,28 @@
-//! Dead letters: messages a destination refused, or that ran out of retries, kept with
-//! why, so an operator can look at them and send them again.
-//!
-//! Stored in SQLite (WAL, synchronous=FULL) under the data dir: low volume, queried by
-//! destination, and changed by the `fanout dead-letters` command while the server runs,
-//! which SQLite's own locking makes safe across processes. Replay marks rows; the
-//! server's delivery task for that destination picks marked rows up, deletes them once
-//! delivered, and puts them back (unmarked, updated) if they fail again.
+//! The dead-letter store beside the local log: SQLite (WAL, synchronous=FULL) under the
+//! data dir. Low volume, queried by destination, and changed by the `fanout dead-letters`
+//! command while the server runs, which SQLite's own locking makes safe across
+//! processes. Replay marks rows; the server's delivery task for that destination picks
+//! marked rows up, deletes them once delivered, and puts them back (unmarked, updated)
+//! if they fail again.
 
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
+
+use super::{rfc3339, DeadLetter, Failure};
 
 pub const FILE_NAME: &str = "dead-letters.sqlite";
 
-/// Why a message was dead-lettered.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reason {
-    /// The destination answered a final 4xx for this message alone.
-    Rejected,
-    /// The batch ran out of attempts or time.
-    RetriesExhausted,
-    /// The destination cannot take this message at all, found before sending (e.g.
-    /// `no_profile_identifier`, a Klaviyo limit): the code, the detail is the response.
-    Refused(String),
-}
-
-impl Reason {
-    pub fn as_str(&self) -> &str {
-        match self {
-            Reason::Rejected => "rejected",
-            Reason::RetriesExhausted => "retries_exhausted",
-            Reason::Refused(code) => code,
-        }
-    }
-}
-
-/// One message's failure, as recorded.
-#[derive(Debug, Clone)]
-pub struct Failure {
-    pub reason: Reason,
-    pub status: Option<u16>,
-    /// The last answer's body or the transport error.
-    pub response: String,
-    pub attempts: u32,
-    pub first_attempt_at: DateTime<Utc>,
-}
-
-/// A stored dead letter.
-#[derive(Debug, Clone, Serialize)]
-pub struct DeadLetter {
-    pub id: i64,
-    pub destination: String,
-    pub source: String,
-    pub reason: String,
-    pub status: Option<u16>,
-    pub response: String,
-    pub attempts: u32,
-    pub first_attempt_at: String,
-    pub dead_at: String,
-    pub replay: bool,
-    pub message: Box<serde_json::value::RawValue>,
-}
-
-pub struct DeadLetters {
+pub struct SqliteStore {
     conn: Mutex<Connection>,
 }
 
-fn rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
-}
-
-impl DeadLetters {
+impl SqliteStore {
     /// Opens (creating if needed) the store in `data_dir`.
-    pub fn open(data_dir: &Path) -> rusqlite::Result<DeadLetters> {
+    pub fn open(data_dir: &Path) -> rusqlite::Result<SqliteStore> {
         if let Err(e) = std::fs::create_dir_all(data_dir) {
             return Err(rusqlite::Error::ToSqlConversionFailure(Box::new(e)));
         }
@@ -102,7 +48,7 @@ impl DeadLetters {
             CREATE INDEX IF NOT EXISTS dead_letters_by_destination
                 ON dead_letters (destination, replay, id);",
         )?;
-        Ok(DeadLetters {
+        Ok(SqliteStore {
             conn: Mutex::new(conn),
         })
     }
@@ -283,6 +229,7 @@ fn row_to_letter(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delivery::dead_letters::Reason;
 
     fn failure(reason: Reason) -> Failure {
         Failure {
@@ -297,7 +244,7 @@ mod tests {
     #[test]
     fn add_list_replay_and_remove() {
         let dir = tempfile::tempdir().unwrap();
-        let store = DeadLetters::open(dir.path()).unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
         store
             .add(
                 "hook",
@@ -322,7 +269,7 @@ mod tests {
         assert_eq!(store.list(None, 10).unwrap().len(), 3);
 
         // A second connection (the CLI) marks them; the first sees the marks.
-        let cli = DeadLetters::open(dir.path()).unwrap();
+        let cli = SqliteStore::open(dir.path()).unwrap();
         assert_eq!(cli.request_replay("hook").unwrap(), 2);
         assert_eq!(cli.request_replay("hook").unwrap(), 0, "already marked");
         let marked = store.marked("hook", 0, 10).unwrap();

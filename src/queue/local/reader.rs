@@ -100,6 +100,7 @@ impl QueueReader {
                         tag,
                         json,
                         receipt: Receipt::Log { end: self.position },
+                        earlier: None,
                     });
                 }
                 // The end of a segment: the next one starts exactly here.

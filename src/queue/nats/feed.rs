@@ -1,0 +1,566 @@
+//! One destination's reading of the shared log: a durable pull consumer per partition
+//! (and one for its replayed dead letters), each pulled by a task of its own into one
+//! channel the engine reads.
+//!
+//! Order across instances: every consumer uses the `pinned_client` priority policy, so
+//! the server delivers a partition to one instance at a time. The pin can move while
+//! messages are still out on another instance (the server may unpin at once when a
+//! client disconnects), so a newly pinned puller first catches up: it holds what arrives
+//! until the consumer's state shows every outstanding delivery came back to it, or the
+//! ack wait has passed, and then forwards in stream order. A clean stop hands over at
+//! once: it pauses the consumers, gives back (naks) what it holds in stream order,
+//! releases the pin, resumes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{self, pull, AckPolicy, DeliverPolicy, PriorityPolicy};
+use async_nats::jetstream::{AckKind, Message};
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::{acks, Delivery, NatsQueue, DESTINATION_KEY, GROUP};
+use crate::queue::record::{read_record, ReadOutcome};
+use crate::queue::{Earlier, Receipt, Record};
+use crate::throttle::LogThrottle;
+
+/// How long one pull request waits at the server. The client renews it at least every
+/// `PULL_EXPIRES + 5 s` even while the engine is not reading, which keeps the pin.
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// The client library's own slack on top of `PULL_EXPIRES` before it renews a pull.
+const PULL_SLACK: Duration = Duration::from_secs(5);
+/// Messages one pull asks for.
+const PULL_BATCH: usize = 256;
+/// Records waiting between the pull tasks and the engine.
+const CHANNEL: usize = 1024;
+/// Unacknowledged messages one consumer may have out; past it the server waits.
+const MAX_ACK_PENDING: i64 = 20_000;
+/// A stopping feed keeps reading what was already sent to it until this much silence.
+const DRAIN_QUIET: Duration = Duration::from_millis(150);
+/// Longest a stop pauses the consumers (they resume on their own if the process dies).
+const HANDOVER_PAUSE: Duration = Duration::from_secs(10);
+/// How often the consumers' lag is read for `/metrics`.
+const LAG_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Headers a replayed dead letter carries: its attempts so far, and when the first was.
+pub const ATTEMPTS_HEADER: &str = "Fanout-Attempts";
+pub const FIRST_ATTEMPT_HEADER: &str = "Fanout-First-Attempt-At";
+
+pub struct StreamFeed {
+    queue: NatsQueue,
+    destination: String,
+    consumers: Vec<String>,
+    records: mpsc::Receiver<Record>,
+    /// Taken off the channel by `wait_for_data`, not yet read.
+    peeked: Option<Record>,
+    stop: watch::Sender<bool>,
+    pullers: Vec<JoinHandle<Vec<Delivery>>>,
+    lag: JoinHandle<()>,
+}
+
+impl StreamFeed {
+    /// Makes (or updates) the destination's consumers and starts pulling them.
+    pub(super) async fn open(queue: NatsQueue, destination: &str) -> anyhow::Result<StreamFeed> {
+        let settings = &queue.inner.settings;
+        let (tx, records) = mpsc::channel(CHANNEL);
+        let (stop, stop_rx) = watch::channel(false);
+        let mut consumers = Vec::new();
+        let mut pullers = Vec::new();
+        // The partitions, then the replays.
+        for index in 0..=settings.partitions {
+            let name = queue.inner.names.consumer(destination, index);
+            let config = pull::Config {
+                durable_name: Some(name.clone()),
+                description: Some(format!("fanout destination `{destination}`")),
+                filter_subject: queue.inner.names.filter(destination, index),
+                // Only what is accepted from now on, like a new destination's cursor.
+                deliver_policy: DeliverPolicy::New,
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: settings.ack_wait,
+                max_deliver: -1,
+                max_ack_pending: MAX_ACK_PENDING,
+                priority_policy: PriorityPolicy::PinnedClient,
+                priority_groups: vec![GROUP.to_string()],
+                priority_timeout: priority_timeout(settings.ack_wait),
+                metadata: HashMap::from([(DESTINATION_KEY.to_string(), destination.to_string())]),
+                ..Default::default()
+            };
+            let consumer = queue
+                .inner
+                .stream
+                .create_consumer(config)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot create consumer `{name}` for destination `{destination}`: {e}"
+                    )
+                })?;
+            pullers.push(tokio::spawn(pull_into(
+                consumer,
+                index,
+                tx.clone(),
+                stop_rx.clone(),
+                destination.to_string(),
+                settings.ack_wait,
+            )));
+            consumers.push(name);
+        }
+        let lag = tokio::spawn(report_lag(
+            queue.clone(),
+            destination.to_string(),
+            consumers.clone(),
+        ));
+        Ok(StreamFeed {
+            queue,
+            destination: destination.to_string(),
+            consumers,
+            records,
+            peeked: None,
+            stop,
+            pullers,
+            lag,
+        })
+    }
+
+    /// Waits for a record. False if every pull task is gone (nothing more will come).
+    pub async fn wait_for_data(&mut self) -> bool {
+        if self.peeked.is_none() {
+            self.peeked = self.records.recv().await;
+        }
+        self.peeked.is_some()
+    }
+
+    pub fn has_more(&self) -> bool {
+        self.peeked.is_some() || !self.records.is_empty()
+    }
+
+    /// What has arrived, up to `max_records` or about `max_bytes`.
+    pub fn read(&mut self, max_records: usize, max_bytes: usize) -> Vec<Record> {
+        let mut records = Vec::new();
+        let mut bytes = 0;
+        while records.len() < max_records && bytes < max_bytes {
+            let next = match self.peeked.take() {
+                Some(record) => record,
+                None => match self.records.try_recv() {
+                    Ok(record) => record,
+                    Err(_) => break,
+                },
+            };
+            bytes += next.json.len();
+            records.push(next);
+        }
+        records
+    }
+
+    /// Hands the destination's partitions over at a clean stop: no delivery meanwhile,
+    /// everything this instance holds given back in stream order, pins released. `held`
+    /// are the messages the engine read and did not settle.
+    pub async fn close(mut self, held: Vec<Delivery>) {
+        let stream = &self.queue.inner.stream;
+        let until = time::OffsetDateTime::now_utc() + HANDOVER_PAUSE;
+        for name in &self.consumers {
+            if let Err(e) = stream.pause_consumer(name, until).await {
+                tracing::warn!(consumer = %name, error = %e, "cannot pause the consumer for the handover");
+            }
+        }
+        let _ = self.stop.send(true);
+        let mut returned = held;
+        for puller in self.pullers.drain(..) {
+            if let Ok(drained) = puller.await {
+                returned.extend(drained);
+            }
+        }
+        self.records.close();
+        returned.extend(self.peeked.take().and_then(into_delivery));
+        while let Some(record) = self.records.recv().await {
+            returned.extend(into_delivery(record));
+        }
+        // The server delivers naked messages again in the order it got the naks.
+        returned.sort_by_key(|d| d.key());
+        let count = returned.len();
+        let client = &self.queue.inner.client;
+        for delivery in returned {
+            let _ = acks::send(client, &delivery.reply, AckKind::Nak(None)).await;
+        }
+        let _ = self.queue.inner.client.flush().await;
+        for name in &self.consumers {
+            if let Err(e) = stream.unpin_consumer(name, GROUP).await {
+                tracing::debug!(consumer = %name, error = %e, "cannot unpin the consumer");
+            }
+            if let Err(e) = stream.resume_consumer(name).await {
+                tracing::warn!(consumer = %name, error = %e, "cannot resume the consumer; it resumes by itself within seconds");
+            }
+        }
+        self.lag.abort();
+        tracing::debug!(destination = %self.destination, returned = count, "handed the consumers over");
+    }
+}
+
+impl Drop for StreamFeed {
+    fn drop(&mut self) {
+        // Without `close` (aborted): the server delivers the rest again after the ack wait.
+        for puller in &self.pullers {
+            puller.abort();
+        }
+        self.lag.abort();
+    }
+}
+
+/// How long a pin outlives its client's last pull: past the ack wait plus the longest
+/// gap between a live client's pulls, so that a live but slow instance keeps its pin and
+/// a dead one's messages are usually due again by the time another is pinned (the
+/// catch-up covers the rest; see the module comment).
+fn priority_timeout(ack_wait: Duration) -> Duration {
+    ack_wait + PULL_EXPIRES + PULL_SLACK + Duration::from_secs(2)
+}
+
+fn into_delivery(record: Record) -> Option<Delivery> {
+    match record.receipt {
+        Receipt::Stream(delivery) => Some(delivery),
+        Receipt::Log { .. } => None,
+    }
+}
+
+/// Pulls one consumer into the channel until stopped; then keeps what was already sent
+/// to it (until `DRAIN_QUIET` passes without more) and returns that, to be given back.
+async fn pull_into(
+    consumer: consumer::PullConsumer,
+    index: u16,
+    records: mpsc::Sender<Record>,
+    stop: watch::Receiver<bool>,
+    destination: String,
+    ack_wait: Duration,
+) -> Vec<Delivery> {
+    Puller {
+        name: consumer.cached_info().name.clone(),
+        consumer,
+        index,
+        records,
+        stop,
+        destination,
+        ack_wait,
+        errors: LogThrottle::new(Duration::from_secs(30)),
+        pin: None,
+        catch_up: None,
+    }
+    .run()
+    .await
+}
+
+struct Puller {
+    consumer: consumer::PullConsumer,
+    name: String,
+    index: u16,
+    records: mpsc::Sender<Record>,
+    stop: watch::Receiver<bool>,
+    destination: String,
+    ack_wait: Duration,
+    errors: LogThrottle,
+    /// The pin this puller holds, as the server last said.
+    pin: Option<String>,
+    /// Set while newly pinned and the previous holder's messages are not all here yet.
+    catch_up: Option<CatchUp>,
+}
+
+/// Newly pinned, a puller holds back what it receives until every message the consumer
+/// has out unacknowledged was delivered to it, then passes all of it on in stream order.
+/// Messages a dead instance held come back only after the ack wait, possibly after newer
+/// ones: without this, a user's later message could overtake its earlier one. (A clean
+/// stop gives its messages back before the pin moves, so this ends at once.)
+struct CatchUp {
+    /// Received since the pin, by stream sequence.
+    held: BTreeMap<u64, Record>,
+    /// The consumer sequence of the first delivery under this pin.
+    first: u64,
+    /// The newest consumer sequence received.
+    last: u64,
+    /// Past this, what is held goes on anyway (the ack wait has run out long ago).
+    until: Instant,
+}
+
+/// How often a catching-up puller asks the server how much is still out elsewhere.
+const CATCH_UP_CHECK: Duration = Duration::from_millis(100);
+
+impl Puller {
+    async fn run(mut self) -> Vec<Delivery> {
+        loop {
+            let pulled = self
+                .consumer
+                .stream()
+                .group(GROUP)
+                .max_messages_per_batch(PULL_BATCH)
+                .expires(PULL_EXPIRES)
+                .messages()
+                .await;
+            let mut messages = match pulled {
+                Ok(messages) => messages,
+                Err(e) => {
+                    self.warn("cannot pull; retrying", &e);
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = stopped(&mut self.stop) => return self.give_back(None).await,
+                    }
+                }
+            };
+            loop {
+                let catching_up = self.catch_up.is_some();
+                let next = tokio::select! {
+                    biased;
+                    _ = stopped(&mut self.stop) => return self.give_back(Some(messages)).await,
+                    _ = tokio::time::sleep(CATCH_UP_CHECK), if catching_up => {
+                        if !self.check_caught_up().await {
+                            return self.give_back(Some(messages)).await;
+                        }
+                        continue;
+                    }
+                    next = messages.next() => next,
+                };
+                match next {
+                    Some(Ok(message)) => {
+                        if !self.take(message).await {
+                            return self.give_back(Some(messages)).await;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        self.warn("pulling failed; pulling again", &e);
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                            _ = stopped(&mut self.stop) => return self.give_back(Some(messages)).await,
+                        }
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+
+    fn warn(&self, what: &str, e: &dyn std::fmt::Display) {
+        if self.errors.ready() {
+            tracing::warn!(destination = %self.destination, consumer = %self.name, error = %e, "{what}");
+        }
+    }
+
+    /// One delivered message: passed on, or held while catching up. False once stopping.
+    async fn take(&mut self, message: Message) -> bool {
+        let pin = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_PIN_ID))
+            .map(|v| v.as_str().to_string());
+        let consumer_sequence = message.info().map_or(0, |i| i.consumer_sequence);
+        let Some(record) = decode(message, self.index, &self.destination).await else {
+            return true;
+        };
+        if pin.is_some() && pin != self.pin {
+            self.pin = pin;
+            self.catch_up = Some(CatchUp {
+                held: BTreeMap::new(),
+                first: consumer_sequence,
+                last: consumer_sequence,
+                until: Instant::now() + self.ack_wait + PULL_EXPIRES + Duration::from_secs(2),
+            });
+        }
+        match &mut self.catch_up {
+            Some(catch_up) => {
+                catch_up.last = catch_up.last.max(consumer_sequence);
+                if let Receipt::Stream(delivery) = &record.receipt {
+                    // A repeat delivery of one held replaces it (its reply is the live one).
+                    catch_up.held.insert(delivery.sequence, record);
+                }
+                true
+            }
+            None => self.forward(record).await,
+        }
+    }
+
+    /// Asks the server whether everything it has out for this consumer was delivered
+    /// here since the pin; if so (or the wait is over), passes the held messages on in
+    /// stream order. False once stopping.
+    async fn check_caught_up(&mut self) -> bool {
+        let Some(catch_up) = &self.catch_up else {
+            return true;
+        };
+        let done = if Instant::now() >= catch_up.until {
+            tracing::warn!(
+                destination = %self.destination,
+                consumer = %self.name,
+                "messages another instance held did not come back in time; delivering what \
+                 is here (a user's order may not hold for them)"
+            );
+            true
+        } else {
+            match self.consumer.get_info().await {
+                // Every delivery since the pin came here, and the server has nothing
+                // unacknowledged beyond them.
+                Ok(info) => {
+                    let delivered_here = info
+                        .delivered
+                        .consumer_sequence
+                        .saturating_sub(catch_up.first)
+                        + 1;
+                    catch_up.last >= info.delivered.consumer_sequence
+                        && info.num_ack_pending as u64 <= delivered_here
+                }
+                Err(_) => false,
+            }
+        };
+        if !done {
+            return true;
+        }
+        let Some(CatchUp { held, first, .. }) = self.catch_up.take() else {
+            return true;
+        };
+        tracing::debug!(
+            destination = %self.destination,
+            consumer = %self.name,
+            messages = held.len(),
+            from = first,
+            "pinned to this instance; delivering in stream order"
+        );
+        for (_, record) in held {
+            if !self.forward(record).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Hands a record to the engine, waiting for room. False once stopping (the record
+    /// is kept with the catch-up buffer, to be given back).
+    async fn forward(&mut self, record: Record) -> bool {
+        let room = tokio::select! {
+            biased;
+            _ = stopped(&mut self.stop) => None,
+            room = self.records.reserve() => room.ok(),
+        };
+        match room {
+            Some(room) => {
+                room.send(record);
+                true
+            }
+            None => {
+                let catch_up = self.catch_up.get_or_insert_with(|| CatchUp {
+                    held: BTreeMap::new(),
+                    first: 0,
+                    last: 0,
+                    until: Instant::now(),
+                });
+                if let Receipt::Stream(delivery) = &record.receipt {
+                    catch_up.held.insert(delivery.sequence, record);
+                }
+                false
+            }
+        }
+    }
+
+    /// At stop: what was held back and what the server had already sent, to give back.
+    async fn give_back(&mut self, messages: Option<pull::Stream>) -> Vec<Delivery> {
+        let mut returned: Vec<Delivery> = self
+            .catch_up
+            .take()
+            .map(|c| c.held.into_values().filter_map(into_delivery).collect())
+            .unwrap_or_default();
+        if let Some(messages) = messages {
+            returned.extend(drain(messages, self.index).await);
+        }
+        returned
+    }
+}
+
+/// Resolves once the feed is stopping (or its owner is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|&s| s).await;
+}
+
+/// What the server had already sent to a stopping puller.
+async fn drain(mut messages: pull::Stream, index: u16) -> Vec<Delivery> {
+    let mut held = Vec::new();
+    while let Ok(Some(Ok(message))) = tokio::time::timeout(DRAIN_QUIET, messages.next()).await {
+        let sequence = message.info().map(|i| i.stream_sequence);
+        if let (Ok(sequence), Some(reply)) = (sequence, message.message.reply.clone()) {
+            held.push(Delivery {
+                consumer: index,
+                sequence,
+                reply,
+            });
+        }
+    }
+    held
+}
+
+/// A delivered message as the engine reads it. One that is not a framed record cannot be
+/// delivered anywhere: it is logged and terminated (never delivered again).
+async fn decode(message: Message, index: u16, destination: &str) -> Option<Record> {
+    let sequence = match message.info() {
+        Ok(info) => info.stream_sequence,
+        Err(e) => {
+            tracing::error!(%destination, error = %e, "a delivered message has no JetStream metadata");
+            return None;
+        }
+    };
+    let earlier = message.headers.as_ref().and_then(|headers| {
+        let attempts = headers.get(ATTEMPTS_HEADER)?.as_str().parse().ok()?;
+        let first = headers.get(FIRST_ATTEMPT_HEADER)?.as_str().parse().ok()?;
+        Some(Earlier {
+            attempts,
+            first_attempt_at: first,
+        })
+    });
+    let Some(reply) = message.message.reply.clone() else {
+        tracing::error!(%destination, "a delivered message has no reply subject");
+        return None;
+    };
+    match read_record(&mut message.payload.as_ref()) {
+        Ok(ReadOutcome::Record {
+            source, tag, json, ..
+        }) => Some(Record {
+            source,
+            tag,
+            json,
+            earlier,
+            receipt: Receipt::Stream(Delivery {
+                consumer: index,
+                sequence,
+                reply,
+            }),
+        }),
+        _ => {
+            tracing::error!(
+                %destination,
+                subject = %message.subject,
+                sequence,
+                "a message on the stream is not a fanout record; it is dropped"
+            );
+            let _ = message.ack_with(AckKind::Term).await;
+            None
+        }
+    }
+}
+
+/// Sets the destination's consumer gauges every `LAG_INTERVAL`: messages not yet
+/// delivered, delivered and not acknowledged, and delivered more than once.
+async fn report_lag(queue: NatsQueue, destination: String, consumers: Vec<String>) {
+    crate::metrics::install();
+    let gauges = crate::metrics::ConsumerGauges::register(&destination);
+    loop {
+        let mut sums = (0u64, 0u64, 0u64);
+        let mut complete = true;
+        for name in &consumers {
+            match queue.inner.stream.consumer_info(name).await {
+                Ok(info) => {
+                    sums.0 += info.num_pending;
+                    sums.1 += info.num_ack_pending as u64;
+                    sums.2 += info.num_redelivered as u64;
+                }
+                Err(_) => complete = false,
+            }
+        }
+        if complete {
+            gauges.set(sums.0, sums.1, sums.2);
+        }
+        tokio::time::sleep(LAG_INTERVAL).await;
+    }
+}

@@ -1,0 +1,498 @@
+//! The shared backend: a JetStream stream that every instance pointed at the same servers
+//! and stream appends to and delivers from (`[queue] backend = "nats"`).
+//!
+//! - Each message is published to `<stream>.p.<k>`, its partition `k` picked by its user
+//!   key, with its dedupe key as `Nats-Msg-Id`; a request is answered only once every
+//!   message has its publish acknowledgement (for R3, a quorum's).
+//! - Each destination reads each partition through a durable pull consumer shared by all
+//!   instances, with the `pinned_client` priority policy: one instance at a time
+//!   delivers a partition, so a user's messages keep their order across instances.
+//! - The stream's retention is `interest`: a message goes once every destination's
+//!   consumer has acknowledged it. Replayed dead letters come back on `<stream>.r.<dest>`.
+//!
+//! Payloads are the local log's framed records (`record.rs`): one format for both.
+
+mod acks;
+mod feed;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::connection::State;
+use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use async_nats::Subject;
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+
+pub use acks::{Acks, Delivery, DeliveryKey};
+pub use feed::{StreamFeed, ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER};
+
+use super::{QueueError, RecordBatch};
+use crate::config::QueueConfig;
+use crate::message::Tag;
+
+/// The priority group every fanout instance pulls in.
+const GROUP: &str = "fanout";
+/// Consumer metadata naming the destination a consumer belongs to.
+const DESTINATION_KEY: &str = "fanout.destination";
+/// Stream metadata recording its partition count, which cannot change under it.
+const PARTITIONS_KEY: &str = "fanout.partitions";
+/// How often a failing stream is probed, and the held bytes refreshed otherwise.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+const STATE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Handle on the shared log. Cheap to clone.
+#[derive(Clone)]
+pub struct NatsQueue {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream: stream::Stream,
+    names: Names,
+    settings: Settings,
+    /// Why publishing fails now (a full stream, no quorum), until a publish or the
+    /// probe succeeds.
+    failing: Mutex<Option<String>>,
+    /// Bytes the stream holds, as last seen.
+    held_bytes: AtomicU64,
+    /// Size of the last request refused for a full stream (0: none since a success).
+    refused_bytes: AtomicU64,
+}
+
+/// Every name fanout uses on the server, derived from the stream's.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub stream: String,
+    partitions: Vec<Subject>,
+}
+
+impl Names {
+    fn new(stream: &str, partitions: u16) -> Names {
+        Names {
+            stream: stream.to_string(),
+            partitions: (0..partitions)
+                .map(|k| Subject::from(format!("{stream}.p.{k}")))
+                .collect(),
+        }
+    }
+
+    fn subjects(&self) -> Vec<String> {
+        vec![
+            format!("{}.p.*", self.stream),
+            format!("{}.r.*", self.stream),
+        ]
+    }
+
+    /// Where dead letters of `destination` are sent again.
+    pub fn replay_subject(&self, destination: &str) -> String {
+        format!("{}.r.{destination}", self.stream)
+    }
+
+    /// The consumer of one of a destination's subjects: its partitions, then replays.
+    fn consumer(&self, destination: &str, index: u16) -> String {
+        if usize::from(index) < self.partitions.len() {
+            format!("{destination}_p{index}")
+        } else {
+            format!("{destination}_replay")
+        }
+    }
+
+    /// The subject consumer `index` of a destination reads.
+    fn filter(&self, destination: &str, index: u16) -> String {
+        match self.partitions.get(usize::from(index)) {
+            Some(subject) => subject.to_string(),
+            None => self.replay_subject(destination),
+        }
+    }
+
+    fn partition_of(&self, user: u64) -> &Subject {
+        &self.partitions[(user % self.partitions.len() as u64) as usize]
+    }
+}
+
+/// What the stream and its consumers are made with.
+#[derive(Debug, Clone)]
+struct Settings {
+    partitions: u16,
+    ack_wait: Duration,
+    max_bytes: u64,
+}
+
+impl NatsQueue {
+    /// Connects, and creates the stream or checks the one there. Fails with a clear error
+    /// when no server answers: a fanout that cannot store must not start.
+    pub async fn connect(config: &QueueConfig, max_bytes: u64) -> anyhow::Result<NatsQueue> {
+        let servers = config.servers.join(", ");
+        let client = connect_options(config)?
+            .connect(config.servers.as_slice())
+            .await
+            .with_context(|| format!("cannot connect to NATS at {servers} (queue.servers)"))?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.publish_timeout)
+            .max_ack_inflight(65_536)
+            .build(client.clone());
+        js.query_account().await.with_context(|| {
+            format!("NATS at {servers} answers, but JetStream is not available to this account")
+        })?;
+        let names = Names::new(&config.stream, config.partitions);
+        let stream = ensure_stream(&js, &names, config, max_bytes).await?;
+        tracing::info!(
+            servers,
+            stream = %names.stream,
+            replicas = config.replicas,
+            partitions = config.partitions,
+            "queue on NATS JetStream"
+        );
+        let inner = Arc::new(Inner {
+            client,
+            js,
+            stream,
+            names,
+            settings: Settings {
+                partitions: config.partitions,
+                ack_wait: config.ack_wait,
+                max_bytes,
+            },
+            failing: Mutex::new(None),
+            held_bytes: AtomicU64::new(0),
+            refused_bytes: AtomicU64::new(0),
+        });
+        tokio::spawn(watch_stream(Arc::downgrade(&inner)));
+        Ok(NatsQueue { inner })
+    }
+
+    pub fn names(&self) -> &Names {
+        &self.inner.names
+    }
+
+    pub fn context(&self) -> &jetstream::Context {
+        &self.inner.js
+    }
+
+    pub fn replicas(&self) -> usize {
+        self.inner.stream.cached_info().config.num_replicas
+    }
+
+    /// Publishes a request's messages, each to its user's partition, and returns once
+    /// every one is acknowledged by the stream.
+    pub async fn append(&self, batch: RecordBatch) -> Result<(), QueueError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        if self.inner.client.connection_state() != State::Connected {
+            return Err(QueueError::Unavailable("not connected to NATS".into()));
+        }
+        let framed: Vec<_> = batch.framed().collect();
+        let bytes = Bytes::from(batch.into_bytes());
+        let size = bytes.len() as u64;
+        let mut pending = Vec::with_capacity(framed.len());
+        for (range, stamp) in framed {
+            let mut publish =
+                jetstream::message::PublishMessage::build().payload(bytes.slice(range));
+            if stamp.tag.has_key() {
+                publish = publish.message_id(message_id(stamp.tag));
+            }
+            let subject = self.inner.names.partition_of(stamp.user).clone();
+            let ack = self.inner.js.send_publish(subject, publish).await;
+            pending.push(ack.map_err(|e| self.refused(e, size))?);
+        }
+        for ack in pending {
+            ack.await.map_err(|e| self.refused(e, size))?;
+        }
+        self.inner.refused_bytes.store(0, Ordering::Relaxed);
+        self.inner.set_failing(None);
+        Ok(())
+    }
+
+    /// Maps a publish failure to why ingest answers 503, and remembers it for `/ready`.
+    fn refused(&self, e: jetstream::context::PublishError, size: u64) -> QueueError {
+        let text = e.to_string();
+        let error = if text.contains("maximum bytes") || text.contains("maximum messages") {
+            self.inner.refused_bytes.store(size, Ordering::Relaxed);
+            QueueError::Full(format!(
+                "stream `{}` is at its limit of {} bytes; server.max_queue_bytes",
+                self.inner.names.stream, self.inner.settings.max_bytes
+            ))
+        } else if e.kind() == PublishErrorKind::TimedOut {
+            QueueError::Unavailable(format!(
+                "no acknowledgement from stream `{}` in time ({text})",
+                self.inner.names.stream
+            ))
+        } else {
+            QueueError::Unavailable(text)
+        };
+        self.inner.set_failing(Some(error.to_string()));
+        error
+    }
+
+    /// Whether ingest can store now (for `/ready`): connected, and publishing works.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.inner.client.connection_state() != State::Connected {
+            return Err("not connected to NATS (queue.servers)".into());
+        }
+        match &*self.inner.failing.lock().expect("queue state poisoned") {
+            Some(why) => Err(why.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Bytes the stream holds, as last seen (refreshed every few seconds).
+    pub fn held_bytes(&self) -> u64 {
+        self.inner.held_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Attaches a destination: its consumers (made if missing), read into one feed.
+    pub async fn subscribe(&self, destination: &str) -> anyhow::Result<(StreamFeed, Acks)> {
+        let feed = StreamFeed::open(self.clone(), destination).await?;
+        let acks = Acks::new(self.inner.client.clone(), self.inner.settings.ack_wait);
+        Ok((feed, acks))
+    }
+
+    /// The consumer that reads a destination's replayed dead letters.
+    pub fn replay_consumer(&self, destination: &str) -> String {
+        self.inner
+            .names
+            .consumer(destination, self.inner.settings.partitions)
+    }
+
+    pub async fn has_consumer(&self, name: &str) -> anyhow::Result<bool> {
+        match self.inner.stream.consumer_info(name).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.to_string().contains("consumer not found") => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("cannot read consumer `{name}`")),
+        }
+    }
+
+    /// Destinations with consumers on the stream, configured here or not.
+    pub async fn destinations(&self) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .consumers()
+            .await?
+            .into_keys()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect())
+    }
+
+    /// Deletes a removed destination's consumers; the stream then lets go of what only
+    /// they held.
+    pub async fn purge(&self, destination: &str) -> anyhow::Result<()> {
+        let consumers = self.consumers().await?;
+        for name in consumers.get(destination).into_iter().flatten() {
+            self.inner
+                .stream
+                .delete_consumer(name)
+                .await
+                .with_context(|| format!("cannot delete consumer `{name}`"))?;
+        }
+        Ok(())
+    }
+
+    /// The stream's consumers that fanout made, by destination.
+    async fn consumers(&self) -> anyhow::Result<HashMap<String, Vec<String>>> {
+        let mut by_destination: HashMap<String, Vec<String>> = HashMap::new();
+        let mut infos = self.inner.stream.consumers();
+        while let Some(info) = infos
+            .try_next()
+            .await
+            .context("cannot list the stream's consumers")?
+        {
+            if let Some(destination) = info.config.metadata.get(DESTINATION_KEY) {
+                by_destination
+                    .entry(destination.clone())
+                    .or_default()
+                    .push(info.name.clone());
+            }
+        }
+        Ok(by_destination)
+    }
+}
+
+impl Inner {
+    fn set_failing(&self, why: Option<String>) {
+        let mut failing = self.failing.lock().expect("queue state poisoned");
+        match (&*failing, &why) {
+            (Some(_), None) => tracing::info!("publishing to NATS works again; /ready answers 200"),
+            (None, Some(why)) => tracing::warn!(
+                error = %why,
+                "publishing to NATS fails; ingest answers 503 and /ready 503 until it works"
+            ),
+            _ => {}
+        }
+        *failing = why;
+    }
+}
+
+/// Keeps the held bytes current, and while publishing fails, probes the stream every
+/// second so that `/ready` recovers without traffic: once the stream answers and (if it
+/// was full) has room again.
+async fn watch_stream(inner: Weak<Inner>) {
+    let mut last_state = tokio::time::Instant::now() - STATE_INTERVAL;
+    loop {
+        tokio::time::sleep(PROBE_INTERVAL).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let failing = inner
+            .failing
+            .lock()
+            .expect("queue state poisoned")
+            .is_some();
+        if !failing && last_state.elapsed() < STATE_INTERVAL {
+            continue;
+        }
+        last_state = tokio::time::Instant::now();
+        if inner.client.connection_state() != State::Connected {
+            continue;
+        }
+        if let Ok(info) = inner.stream.get_info().await {
+            let held = info.state.bytes;
+            inner.held_bytes.store(held, Ordering::Relaxed);
+            // Full: ready again once the request refused last would fit.
+            let refused = inner.refused_bytes.load(Ordering::Relaxed);
+            if failing && held + refused <= inner.settings.max_bytes {
+                inner.set_failing(None);
+            }
+        }
+    }
+}
+
+/// `Nats-Msg-Id` of a message with a dedupe key: the key's 96 bits in hex.
+fn message_id(tag: Tag) -> String {
+    let [a, b, c] = tag.key;
+    format!("{a:08x}{b:08x}{c:08x}")
+}
+
+/// Connection options from the config; secrets from the environment.
+fn connect_options(config: &QueueConfig) -> anyhow::Result<async_nats::ConnectOptions> {
+    let env = |key: &str, var: &str| {
+        std::env::var(var)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("queue.{key} names `{var}`, which is not set"))
+    };
+    let mut options = async_nats::ConnectOptions::new()
+        .name(format!("fanout {}", std::process::id()))
+        .connection_timeout(Duration::from_secs(5))
+        // Keep reconnecting however long the servers are gone: ingest answers 503 meanwhile.
+        .max_reconnects(None)
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("disconnected from NATS; ingest answers 503 and delivery waits until it is back")
+                }
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                other => tracing::debug!(event = %other, "NATS client event"),
+            }
+        });
+    if let Some(var) = &config.token_env {
+        options = options.token(env("token_env", var)?);
+    }
+    if let (Some(user), Some(password)) = (&config.user_env, &config.password_env) {
+        options = options.user_and_password(env("user_env", user)?, env("password_env", password)?);
+    }
+    if let Some(var) = &config.credentials_env {
+        let path = env("credentials_env", var)?;
+        let creds = std::fs::read_to_string(&path).with_context(|| {
+            format!("cannot read the NATS credentials file {path} (queue.credentials_env)")
+        })?;
+        options = options
+            .credentials(&creds)
+            .with_context(|| format!("{path} is not a NATS credentials file"))?;
+    }
+    if let Some(ca) = &config.tls_ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    Ok(options)
+}
+
+/// The stream as fanout needs it.
+fn stream_config(names: &Names, config: &QueueConfig, max_bytes: u64) -> stream::Config {
+    stream::Config {
+        name: names.stream.clone(),
+        description: Some("fanout's shared log".into()),
+        subjects: names.subjects(),
+        // A message stays until every destination's consumer has it.
+        retention: stream::RetentionPolicy::Interest,
+        // Full means 503 for new messages, never dropping accepted ones.
+        discard: stream::DiscardPolicy::New,
+        max_bytes: i64::try_from(max_bytes).unwrap_or(i64::MAX),
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        duplicate_window: config.duplicate_window,
+        metadata: HashMap::from([(PARTITIONS_KEY.to_string(), config.partitions.to_string())]),
+        ..Default::default()
+    }
+}
+
+/// Creates the stream, or checks that the one there is fanout's with the same
+/// partitions (and brings its limits and replicas in line with the config).
+async fn ensure_stream(
+    js: &jetstream::Context,
+    names: &Names,
+    config: &QueueConfig,
+    max_bytes: u64,
+) -> anyhow::Result<stream::Stream> {
+    let wanted = stream_config(names, config, max_bytes);
+    let name = &names.stream;
+    let mut stream = match js.get_stream(name).await {
+        Ok(stream) => stream,
+        Err(e) if is_not_found(&e) => {
+            let stream = js
+                .create_stream(wanted)
+                .await
+                .with_context(|| format!("cannot create stream `{name}`"))?;
+            tracing::info!(stream = %name, "created the stream");
+            return Ok(stream);
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read stream `{name}`")),
+    };
+    let have = stream.cached_info().config.clone();
+    let mut have_subjects = have.subjects.clone();
+    have_subjects.sort();
+    let mut want_subjects = wanted.subjects.clone();
+    want_subjects.sort();
+    if have_subjects != want_subjects || have.retention != stream::RetentionPolicy::Interest {
+        anyhow::bail!(
+            "stream `{name}` exists but is not fanout's (subjects {:?}, retention {:?}; fanout \
+             needs {want_subjects:?} with interest retention): choose another queue.stream",
+            have.subjects,
+            have.retention
+        );
+    }
+    let partitions = have.metadata.get(PARTITIONS_KEY);
+    if partitions != Some(&config.partitions.to_string()) {
+        anyhow::bail!(
+            "stream `{name}` was made with {} partitions and queue.partitions is {}: the \
+             partitions of a stream cannot change (use a new queue.stream)",
+            partitions.map_or("an unknown number of", String::as_str),
+            config.partitions
+        );
+    }
+    let differs = have.max_bytes != wanted.max_bytes
+        || have.num_replicas != wanted.num_replicas
+        || have.duplicate_window != wanted.duplicate_window
+        || have.discard != wanted.discard;
+    if differs {
+        js.update_stream(&wanted)
+            .await
+            .with_context(|| format!("cannot update stream `{name}` to the config"))?;
+        stream.info().await?;
+        tracing::info!(stream = %name, replicas = config.replicas, max_bytes, "updated the stream's settings");
+    }
+    Ok(stream)
+}
+
+fn is_not_found(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        e.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(ref js)
+            if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
