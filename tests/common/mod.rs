@@ -14,6 +14,7 @@ use serde_json::Value;
 pub mod captures;
 pub mod clients;
 pub mod klaviyo;
+pub mod nats;
 pub mod receiver;
 
 /// Write keys every test config accepts (the captures' keys among them).

@@ -1,0 +1,601 @@
+//! `[queue] backend = "nats"`: several fanout processes share one log on real NATS
+//! JetStream servers (one node, or three in a cluster), deliver through a real HTTP
+//! receiver, and are killed, stopped and reloaded mid-traffic. What must hold: every
+//! message answered 200 is delivered; each user's messages arrive in order, a message
+//! repeated only when the instance that held it died; dead letters are shared.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::nats::NatsCluster;
+use common::receiver::{ReceivedRequest, Receiver, Reply};
+use common::{basic, client, Fanout, Settings, WRITE_KEY};
+use serde_json::{json, Value};
+
+/// A short ack wait, so a dead instance's messages move to another within seconds.
+const QUEUE: &str = "ack_wait = \"2s\"\npartitions = 4";
+const ADMIN_TOKEN: &str = "shared-log-admin-token";
+
+/// An instance on `nats` whose `hook` destination posts to `receiver`, saying which
+/// instance it is in a header.
+fn instance(nats: &NatsCluster, receiver: &Receiver, name: &str) -> Fanout {
+    Fanout::start_with(settings(nats, receiver, name))
+}
+
+fn settings(nats: &NatsCluster, receiver: &Receiver, name: &str) -> Settings {
+    Settings::default()
+        .section(&nats.queue_section(QUEUE))
+        .section(&hook(receiver, name))
+        .section("[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n")
+        .env("FANOUT_ADMIN_TOKEN", ADMIN_TOKEN)
+}
+
+fn hook(receiver: &Receiver, instance: &str) -> String {
+    format!(
+        "[[destinations]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"{}\"\n\
+         headers = {{ \"X-Instance\" = \"{instance}\" }}\n\
+         batch = {{ max_events = 20, linger = \"10ms\" }}\n\
+         retry = {{ initial_backoff = \"50ms\", max_backoff = \"500ms\" }}\n",
+        receiver.url("/hook")
+    )
+}
+
+/// `users` users with `each` messages apiece, interleaved: user `u<k>`'s message `n`
+/// has messageId `u<k>-<n>` and `properties.n = n`.
+fn plan(users: usize, each: usize) -> Vec<Value> {
+    let mut all = Vec::new();
+    for n in 0..each {
+        for k in 0..users {
+            all.push(json!({
+                "type": "track",
+                "userId": format!("u{k}"),
+                "event": "Step",
+                "messageId": format!("u{k}-{n}"),
+                "properties": {"n": n},
+            }));
+        }
+    }
+    all
+}
+
+async fn post_batch(f: &Fanout, batch: &[Value]) -> reqwest::Response {
+    client()
+        .post(f.url("/v1/batch"))
+        .header("authorization", basic(WRITE_KEY))
+        .json(&json!({ "batch": batch }))
+        .send()
+        .await
+        .expect("request")
+}
+
+/// Sends `batch`; returns the status.
+async fn send(f: &Fanout, batch: &[Value]) -> u16 {
+    post_batch(f, batch).await.status().as_u16()
+}
+
+/// Sends `batch` until it is answered 200, as the Segment libraries retry a 503.
+async fn send_until_stored(f: &Fanout, batch: &[Value], within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let response = post_batch(f, batch).await;
+        match response.status().as_u16() {
+            200 => return,
+            503 => {
+                assert!(
+                    response.headers().contains_key("retry-after"),
+                    "503 without Retry-After"
+                );
+                assert!(Instant::now() < deadline, "still 503 after {within:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => panic!(
+                "unexpected status {other}: {}",
+                response.text().await.unwrap()
+            ),
+        }
+    }
+}
+
+fn message_ids(messages: &[Value]) -> HashSet<String> {
+    messages
+        .iter()
+        .map(|m| m["messageId"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Each user's messages in arrival order (as `properties.n`), over every 2xx request.
+fn by_user(requests: &[ReceivedRequest]) -> BTreeMap<String, Vec<u64>> {
+    let mut users: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for request in requests.iter().filter(|r| r.ok()) {
+        for m in request.messages() {
+            let user = m["userId"].as_str().unwrap().to_string();
+            users
+                .entry(user)
+                .or_default()
+                .push(m["properties"]["n"].as_u64().unwrap());
+        }
+    }
+    users
+}
+
+/// Per user, the messages arrive in order: ascending runs, where a new run (a step back)
+/// can only start when a delivering instance died (`failovers` times at most), and
+/// only goes back to messages already delivered (a repeat, never a skip ahead).
+fn assert_in_order(requests: &[ReceivedRequest], failovers: usize) {
+    for (user, ns) in by_user(requests) {
+        let mut runs = 1;
+        let mut seen = HashSet::new();
+        for pair in ns.windows(2) {
+            if pair[1] <= pair[0] {
+                runs += 1;
+                assert!(
+                    seen.contains(&pair[1]) || pair[1] == pair[0],
+                    "{user}: went back to {} that was never delivered: {ns:?}",
+                    pair[1]
+                );
+            } else {
+                assert!(
+                    pair[1] == pair[0] + 1 || seen.contains(&(pair[0] + 1)),
+                    "{user}: skipped from {} to {}: {ns:?}",
+                    pair[0],
+                    pair[1]
+                );
+            }
+            seen.insert(pair[0]);
+        }
+        assert!(
+            runs <= 1 + failovers,
+            "{user}: {runs} ascending runs for {failovers} fail-overs: {ns:?}"
+        );
+    }
+}
+
+/// Waits until every message of `sent` arrived at the receiver in a 2xx request.
+async fn assert_all_delivered(receiver: &Receiver, sent: &[Value], within: Duration) {
+    let missing = receiver.wait_for_ids(&message_ids(sent), within).await;
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged messages never delivered, e.g. {:?}",
+        missing.len(),
+        sent.len(),
+        &missing[..missing.len().min(10)]
+    );
+}
+
+fn instance_of(request: &ReceivedRequest) -> String {
+    request.header("x-instance").unwrap_or("?").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_s_messages_are_delivered_by_the_other_in_user_order() {
+    let nats = NatsCluster::single();
+    let receiver = Receiver::start().await;
+    receiver.set_delay(Duration::from_millis(40));
+    // `a` starts first and so holds the partitions; `b` waits on standby.
+    let mut a = instance(&nats, &receiver, "a");
+    let b = instance(&nats, &receiver, "b");
+    let all = plan(12, 40);
+    let (first, second) = all.split_at(all.len() / 2);
+    for (i, chunk) in first.chunks(12).enumerate() {
+        let through = if i % 2 == 0 { &a } else { &b };
+        assert_eq!(send(through, chunk).await, 200);
+    }
+    receiver
+        .wait_for_messages(60, Duration::from_secs(20))
+        .await;
+    a.kill9();
+    let killed_at = Instant::now();
+    for chunk in second.chunks(12) {
+        assert_eq!(send(&b, chunk).await, 200);
+    }
+    assert_all_delivered(&receiver, &all, Duration::from_secs(60)).await;
+
+    let requests: Vec<ReceivedRequest> =
+        receiver.requests().into_iter().filter(|r| r.ok()).collect();
+    assert!(
+        requests
+            .iter()
+            .any(|r| instance_of(r) == "a" && r.at < killed_at),
+        "`a` delivered before it was killed"
+    );
+    let b_took_over = requests
+        .iter()
+        .filter(|r| instance_of(r) == "b")
+        .flat_map(|r| r.messages())
+        .any(|m| first.iter().any(|f| f["messageId"] == m["messageId"]));
+    assert!(
+        b_took_over,
+        "`b` delivered messages accepted before the kill"
+    );
+    assert_in_order(&requests, 1);
+    // A repeat is a message the dead instance had sent (and not yet acknowledged).
+    let mut seen = HashSet::new();
+    let before_kill: HashSet<String> = requests
+        .iter()
+        .filter(|r| r.at < killed_at)
+        .flat_map(|r| r.message_ids())
+        .collect();
+    for id in requests.iter().flat_map(|r| r.message_ids()) {
+        if !seen.insert(id.clone()) {
+            assert!(
+                before_kill.contains(&id),
+                "{id} delivered twice, but the first time was not before the kill"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_hands_over_at_once_without_repeats() {
+    let nats = NatsCluster::single();
+    let receiver = Receiver::start().await;
+    receiver.set_delay(Duration::from_millis(30));
+    let mut a = instance(&nats, &receiver, "a");
+    let b = instance(&nats, &receiver, "b");
+    let all = plan(8, 40);
+    for chunk in all.chunks(16) {
+        assert_eq!(send(&a, chunk).await, 200);
+    }
+    receiver
+        .wait_for_messages(40, Duration::from_secs(20))
+        .await;
+    let stopped_at = Instant::now();
+    assert!(a.terminate().success());
+    // Far less than the pin timeout (ack wait + 9 s) a crash would take.
+    assert_all_delivered(&receiver, &all, Duration::from_secs(8)).await;
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(9),
+        "the handover waited for the pin to time out"
+    );
+    let requests: Vec<ReceivedRequest> =
+        receiver.requests().into_iter().filter(|r| r.ok()).collect();
+    assert!(requests.iter().any(|r| instance_of(r) == "b"));
+    assert_in_order(&requests, 0);
+    let ids: Vec<String> = requests.iter().flat_map(|r| r.message_ids()).collect();
+    assert_eq!(
+        ids.len(),
+        all.len(),
+        "nothing sent twice across a clean stop"
+    );
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_one_node_of_three_loses_no_acknowledged_message() {
+    let mut nats = NatsCluster::start(3);
+    let receiver = Receiver::start().await;
+    let f = Fanout::start_with(
+        Settings::default()
+            .section(&nats.queue_section(&format!("{QUEUE}\nreplicas = 3")))
+            .section(&hook(&receiver, "a")),
+    );
+    let all = plan(10, 60);
+    let (first, second) = all.split_at(all.len() / 3);
+    for chunk in first.chunks(10) {
+        send_until_stored(&f, chunk, Duration::from_secs(30)).await;
+    }
+    // The node leading the stream: the hardest one to lose.
+    let leader = nats
+        .stream_leader("fanout")
+        .expect("the stream has a leader");
+    nats.nodes[leader].kill();
+    for chunk in second.chunks(10) {
+        send_until_stored(&f, chunk, Duration::from_secs(30)).await;
+    }
+    assert_all_delivered(&receiver, &all, Duration::from_secs(60)).await;
+    let requests: Vec<ReceivedRequest> =
+        receiver.requests().into_iter().filter(|r| r.ok()).collect();
+    assert_in_order(&requests, 1);
+    let ready = client().get(f.url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "two nodes of three are a quorum");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_down_means_503_and_recovery_needs_no_restart() {
+    let mut nats = NatsCluster::single();
+    let receiver = Receiver::start().await;
+    let f = instance(&nats, &receiver, "a");
+    let before = plan(4, 10);
+    assert_eq!(send(&f, &before).await, 200);
+    // Delivery is held back, so some is still owed when the server goes.
+    receiver.stop().await;
+    nats.nodes[0].kill();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut probe = 0;
+    let down = loop {
+        probe += 1;
+        let fresh = json!({"type": "track", "userId": "p", "event": "Probe", "messageId": format!("probe-{probe}")});
+        let response = post_batch(&f, &[fresh]).await;
+        if response.status() == 503 {
+            break response;
+        }
+        assert!(Instant::now() < deadline, "still accepting with NATS down");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(down.headers()["retry-after"], "1");
+    let body: Value = down.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    let ready = client().get(f.url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+
+    nats.nodes[0].restart();
+    nats.wait_ready();
+    receiver.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client().get(f.url("/ready")).send().await.unwrap().status() != 200 {
+        assert!(Instant::now() < deadline, "/ready did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after: Vec<Value> = plan(4, 10)
+        .into_iter()
+        .map(|mut m| {
+            let id = format!("after-{}", m["messageId"].as_str().unwrap());
+            m["messageId"] = json!(id);
+            m
+        })
+        .collect();
+    send_until_stored(&f, &after, Duration::from_secs(20)).await;
+    let mut all = before;
+    all.extend(after);
+    assert_all_delivered(&receiver, &all, Duration::from_secs(30)).await;
+}
+
+async fn admin_get(f: &Fanout, path: &str) -> Value {
+    let response = client()
+        .get(f.url(path))
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_from_one_instance_are_replayed_from_the_other() {
+    let nats = NatsCluster::single();
+    let receiver = Receiver::start().await;
+    receiver.respond_with(|r: &ReceivedRequest| {
+        r.contains_message("poison")
+            .then(|| Reply::json(400, r#"{"error":"no"}"#))
+    });
+    let a = instance(&nats, &receiver, "a");
+    let b = instance(&nats, &receiver, "b");
+    let poison = json!({"type": "track", "userId": "p", "event": "Bad", "messageId": "poison"});
+    let good = plan(3, 3);
+    let mut batch = good.clone();
+    batch.push(poison);
+    assert_eq!(send(&a, &batch).await, 200);
+    assert_all_delivered(&receiver, &good, Duration::from_secs(20)).await;
+
+    // Stored once, seen from both instances and both interfaces.
+    let listed = b
+        .wait_dead_letters("hook", 1, Duration::from_secs(20))
+        .await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["message"]["messageId"], "poison");
+    assert_eq!(listed[0]["reason"], "rejected");
+    assert_eq!(listed[0]["attempts"], 1);
+    let via_admin = admin_get(&a, "/admin/dead-letters?destination=hook").await;
+    assert_eq!(via_admin["dead_letters"][0]["id"], listed[0]["id"]);
+
+    // Replayed while the destination still refuses it: it comes back, attempts added up.
+    let replayed = b
+        .cli(&["dead-letters", "replay", "--destination", "hook"])
+        .await;
+    assert!(replayed.contains("\"replayed\":1"), "{replayed}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let again = loop {
+        let rows = a.dead_letters("hook").await;
+        if rows.first().is_some_and(|r| r["attempts"] == 2) {
+            break rows;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not dead-lettered again: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_ne!(again[0]["id"], listed[0]["id"], "stored anew");
+
+    // Accepted now: a replay from the other instance delivers it, and the list empties.
+    receiver.clear_responder();
+    let response = client()
+        .post(a.url("/admin/dead-letters/replay?destination=hook"))
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap()["replayed"], 1);
+    let missing = receiver
+        .wait_for_ids(
+            &HashSet::from(["poison".to_string()]),
+            Duration::from_secs(20),
+        )
+        .await;
+    assert!(missing.is_empty(), "the replayed letter was not delivered");
+    assert!(b.dead_letters("hook").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_and_purges_destinations_on_the_stream() {
+    let nats = NatsCluster::single();
+    let receiver = Receiver::start().await;
+    let f = instance(&nats, &receiver, "a");
+    let path = f.config_path();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let second = format!(
+        "\n[[destinations]]\nname = \"second\"\nkind = \"webhook\"\nurl = \"{}\"\n",
+        receiver.url("/second")
+    );
+    std::fs::write(&path, format!("{text}{second}")).unwrap();
+    let reload = |query: &'static str| {
+        let f = &f;
+        async move {
+            let response = client()
+                .post(f.url(&format!("/admin/reload{query}")))
+                .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            response.json::<Value>().await.unwrap()
+        }
+    };
+    let done = reload("").await;
+    assert_eq!(done["changes"]["added"], json!(["second"]), "{done}");
+    let messages = plan(2, 5);
+    assert_eq!(send(&f, &messages).await, 200);
+    let arrived = |path: &str| {
+        receiver
+            .requests()
+            .iter()
+            .filter(|r| r.ok() && r.path == path)
+            .flat_map(|r| r.message_ids())
+            .collect::<HashSet<String>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while arrived("/second").len() < messages.len() || arrived("/hook").len() < messages.len() {
+        assert!(
+            Instant::now() < deadline,
+            "both destinations get everything"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Removed: its consumers stay (holding what it has not had) until purged.
+    std::fs::write(&path, &text).unwrap();
+    let done = reload("").await;
+    assert_eq!(done["changes"]["unpurged"], json!(["second"]), "{done}");
+    let done = reload("?purge=true").await;
+    assert_eq!(done["changes"]["purged"], json!(["second"]), "{done}");
+    let consumers = nats.nodes[0]
+        .monitor("/jsz?consumers=true")
+        .expect("monitoring answers");
+    let names: Vec<String> = consumers["account_details"][0]["stream_detail"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["consumer_detail"].as_array().cloned().unwrap_or_default())
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(names.iter().any(|n| n.starts_with("hook_")), "{names:?}");
+    assert!(!names.iter().any(|n| n.starts_with("second_")), "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_lag_is_in_metrics_and_a_full_stream_answers_503() {
+    let nats = NatsCluster::single();
+    let receiver = Receiver::start().await;
+    receiver.stop().await;
+    let f = Fanout::start_with(
+        settings(&nats, &receiver, "a").server("segment_bytes = 16384\nmax_queue_bytes = 65536"),
+    );
+    let mut accepted = 0;
+    let mut refused = None;
+    for chunk in plan(50, 40).chunks(20) {
+        let response = post_batch(&f, chunk).await;
+        if response.status() == 503 {
+            refused = Some(response.json::<Value>().await.unwrap());
+            break;
+        }
+        assert_eq!(response.status(), 200);
+        accepted += chunk.len();
+    }
+    let refused = refused.expect("a 64 KiB stream fills up");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(message.contains("full"), "{message}");
+    assert!(accepted > 0);
+    let ready = client().get(f.url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 503, "full: not ready");
+    // The destination is down: what it has not had shows as lag on its consumers
+    // (delivered to the instance and held there, retrying).
+    f.wait_metric(
+        "fanout_queue_consumer_ack_pending",
+        &[("destination", "hook")],
+        |held| held > 0.0,
+    )
+    .await;
+    // Back up: the stream drains, and ingest recovers by itself.
+    receiver.restart().await;
+    for gauge in [
+        "fanout_queue_consumer_ack_pending",
+        "fanout_queue_consumer_pending",
+    ] {
+        f.wait_metric(gauge, &[("destination", "hook")], |n| n == 0.0)
+            .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client().get(f.url("/ready")).send().await.unwrap().status() != 200 {
+        assert!(Instant::now() < deadline, "/ready did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(send(&f, &plan(1, 1)).await, 200);
+}
+
+#[test]
+fn an_unreachable_server_at_start_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
+             [queue]\nbackend = \"nats\"\nservers = [\"nats://127.0.0.1:{port}\"]\n\
+             [[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "cannot connect to NATS at nats://127.0.0.1:{port}"
+        )),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15), "fails fast");
+}
+
+/// Users spread over the partitions: with 4 partitions, a few dozen users use them all
+/// (checked on the stream's subjects).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_are_spread_over_the_partitions() {
+    let nats = NatsCluster::single();
+    let receiver = Receiver::start().await;
+    receiver.stop().await;
+    let f = instance(&nats, &receiver, "a");
+    assert_eq!(send(&f, &plan(40, 1)).await, 200);
+    let jsz = nats.nodes[0]
+        .monitor("/jsz?streams=true&config=true")
+        .unwrap();
+    let stream = jsz["account_details"][0]["stream_detail"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "fanout")
+        .expect("the stream")
+        .clone();
+    assert_eq!(stream["state"]["messages"], 40, "{stream}");
+    assert_eq!(
+        stream["state"]["num_subjects"], 4,
+        "every partition holds some of 40 users: {stream}"
+    );
+}
