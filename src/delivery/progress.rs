@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::batch::DeliveryContext;
 use crate::metrics::DestinationGauges;
 use crate::queue::nats::DeliveryKey;
-use crate::queue::{Acks, Checkpoint, Cursor, Delivery, Receipt};
+use crate::queue::{Acks, Checkpoint, Cursor, Handback, Receipt};
 use crate::throttle::LogThrottle;
 
 /// Cursor saves are spaced at least this far apart; a crash re-sends at most this much
@@ -248,10 +248,10 @@ impl Progress {
     }
 
     /// At stop: the shared log's messages read and not settled, to be given back.
-    pub fn release(&mut self) -> Vec<Delivery> {
+    pub fn release(&mut self) -> Handback {
         match &mut self.ledger {
             Ledger::Stream(acks) => acks.release(),
-            Ledger::Log(_) => Vec::new(),
+            Ledger::Log(_) => Handback::default(),
         }
     }
 

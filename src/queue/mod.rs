@@ -12,7 +12,7 @@ pub mod record;
 use std::io;
 
 pub use local::{saved_checkpoint, Checkpoint, Cursor, LocalQueue, QueueReader, QueueWriter};
-pub use nats::{Acks, Delivery, NatsQueue, StreamFeed};
+pub use nats::{Acks, Delivery, Handback, NatsQueue, StreamFeed};
 pub use record::RecordBatch;
 
 use crate::message::Tag;
@@ -126,12 +126,12 @@ impl Feed {
         }
     }
 
-    /// Stops reading. `held` are the messages read and not settled: the shared log
-    /// gets them back for whichever instance delivers next.
-    pub async fn close(self, held: Vec<Delivery>) {
+    /// Stops reading. The messages read and not settled go back to the shared log for
+    /// whichever instance delivers next.
+    pub async fn close(self, handback: Handback) {
         match self {
             Feed::Log(_) => {}
-            Feed::Stream(feed) => feed.close(held).await,
+            Feed::Stream(feed) => feed.close(handback).await,
         }
     }
 }

@@ -47,6 +47,16 @@ pub(super) async fn send(
     Ok(())
 }
 
+/// What a stopping destination gives back: the messages it holds, and which messages it
+/// settled recently. A copy of a settled one still on its way (the server delivers a
+/// message again when its ack wait passes first) is acknowledged, never given back: the
+/// server may have taken the first ack as stale, and a give-back would deliver it twice.
+#[derive(Default)]
+pub struct Handback {
+    pub held: Vec<Delivery>,
+    pub settled: HashSet<DeliveryKey>,
+}
+
 pub struct Acks {
     client: Client,
     /// Read and not settled: the newest delivery's reply subject of each.
@@ -92,10 +102,12 @@ impl Acks {
         Some(key)
     }
 
-    /// The message is delivered or durably dead-lettered.
+    /// The message is delivered or durably dead-lettered. Remembered at once, so that a
+    /// copy the server sends again before the ack goes out is acknowledged, not sent.
     pub fn settle(&mut self, key: DeliveryKey) {
         if let Some(reply) = self.held.remove(&key) {
             self.settled.push((key, reply));
+            self.remember(key);
         }
     }
 
@@ -116,7 +128,6 @@ impl Acks {
                 self.settled.push((key, reply));
                 return Err(e);
             }
-            self.remember(key);
         }
         Ok(())
     }
@@ -137,15 +148,21 @@ impl Acks {
     }
 
     /// Gives up the held messages (at stop), for the feed to hand back to the stream.
-    pub fn release(&mut self) -> Vec<Delivery> {
-        self.held
+    pub fn release(&mut self) -> Handback {
+        let held = self
+            .held
             .drain()
             .map(|((consumer, sequence), reply)| Delivery {
                 consumer,
                 sequence,
                 reply,
             })
-            .collect()
+            .collect();
+        self.recent.clear();
+        Handback {
+            held,
+            settled: std::mem::take(&mut self.recent_set),
+        }
     }
 
     fn remember(&mut self, key: DeliveryKey) {

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{acks, Delivery, NatsQueue, DESTINATION_KEY, GROUP};
+use super::{acks, Delivery, Handback, NatsQueue, DESTINATION_KEY, GROUP};
 use crate::queue::record::{read_record, ReadOutcome};
 use crate::queue::{Earlier, Receipt, Record};
 use crate::throttle::LogThrottle;
@@ -155,9 +155,9 @@ impl StreamFeed {
     }
 
     /// Hands the destination's partitions over at a clean stop: no delivery meanwhile,
-    /// everything this instance holds given back in stream order, pins released. `held`
-    /// are the messages the engine read and did not settle.
-    pub async fn close(mut self, held: Vec<Delivery>) {
+    /// everything this instance holds given back in stream order (copies of what it
+    /// settled acknowledged instead), pins released.
+    pub async fn close(mut self, handback: Handback) {
         let stream = &self.queue.inner.stream;
         let until = time::OffsetDateTime::now_utc() + HANDOVER_PAUSE;
         for name in &self.consumers {
@@ -166,6 +166,7 @@ impl StreamFeed {
             }
         }
         let _ = self.stop.send(true);
+        let Handback { held, settled } = handback;
         let mut returned = held;
         for puller in self.pullers.drain(..) {
             if let Ok(drained) = puller.await {
@@ -182,7 +183,12 @@ impl StreamFeed {
         let count = returned.len();
         let client = &self.queue.inner.client;
         for delivery in returned {
-            let _ = acks::send(client, &delivery.reply, AckKind::Nak(None)).await;
+            let kind = if settled.contains(&delivery.key()) {
+                AckKind::Ack
+            } else {
+                AckKind::Nak(None)
+            };
+            let _ = acks::send(client, &delivery.reply, kind).await;
         }
         let _ = self.queue.inner.client.flush().await;
         for name in &self.consumers {

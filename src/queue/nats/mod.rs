@@ -27,7 +27,7 @@ use async_nats::Subject;
 use bytes::Bytes;
 use futures_util::TryStreamExt;
 
-pub use acks::{Acks, Delivery, DeliveryKey};
+pub use acks::{Acks, Delivery, DeliveryKey, Handback};
 pub use feed::{StreamFeed, ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER};
 
 use super::{QueueError, RecordBatch};
