@@ -138,3 +138,56 @@ fn a_config_without_sources_is_refused() {
         assert!(stderr.contains("401"), "{stderr}");
     }
 }
+
+#[test]
+fn the_queue_section_is_checked_without_connecting() {
+    let good = "[queue]\nbackend = \"nats\"\nservers = [\"nats://127.0.0.1:1\"]\nreplicas = 3\n\n[[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n\n[[destinations]]\nname = \"hook\"\nkind = \"file\"\npath = \"/tmp/x\"\n";
+    // Nothing listens on port 1: `check` validates, it does not connect.
+    let (ok, _, stderr) = check(good);
+    assert!(ok, "{stderr}");
+    let cases = [
+        (
+            good.replace("servers = [\"nats://127.0.0.1:1\"]\n", ""),
+            "queue.servers",
+            "line 1",
+        ),
+        (
+            good.replace("nats://127.0.0.1:1", "nats://:x"),
+            "queue.servers[0]",
+            "line 3",
+        ),
+        (
+            good.replace("replicas = 3", "replicas = 7"),
+            "queue.replicas",
+            "line 4",
+        ),
+        (
+            good.replace("replicas = 3", "replica = 3"),
+            "queue.replica",
+            "line 4",
+        ),
+        (
+            good.replace("replicas = 3", "ack_wait = 30"),
+            "queue.ack_wait",
+            "line 4",
+        ),
+        (
+            good.replace("backend = \"nats\"", "backend = \"kafka\""),
+            "queue.backend",
+            "line 2",
+        ),
+        (
+            good.replace("name = \"hook\"", "name = \"hook.v2\""),
+            "destinations[0].name",
+            "line 11",
+        ),
+    ];
+    for (config, key, line) in cases {
+        let (ok, _, stderr) = check(&config);
+        assert!(!ok, "should fail: {config}");
+        assert!(
+            stderr.contains(key) && stderr.contains(line),
+            "want {key} at {line}: {stderr}"
+        );
+    }
+}
