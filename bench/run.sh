@@ -14,13 +14,19 @@
 # second source with dedupe off (write key WRITEKEY_NODEDUPE). Otherwise every request after the
 # first would go down the duplicate path.
 #
+# Servers: `fanout` (the local log), `fanout_nats1` and `fanout_nats3` (the same fanout on the
+# NATS JetStream backend: one node, or three nodes with replicas = 3; every node with
+# `sync_interval: always`, so each 200 is fsynced on a quorum; the nodes are not pinned and share
+# both CPUs), `parse` (the baseline). NATS rows also show events/s ÷ the local backend's.
+#
 # Usage: bench/run.sh               the table (3 scripts x 2 conns x 2 servers x (2 s + DURATION),
 #                                   plus fanout's drains: about 5 min) and the sidecar section
 #        LONG=600s bench/run.sh     only the long run: batch.lua at 64 connections for that long,
 #                                   sampling fanout's RSS and queue lag every LONG_EVERY seconds
 #                                   (LONG_DEDUPE=0: on the dedupe-off source)
 # Env:   DURATION (15s)  CONNS ("16 64")  SCRIPTS ("track batch batch_gzip")
-#        SERVERS ("fanout parse")  PORT (18080)  SERVER_CPU (0)  CLIENT_CPU (1)
+#        SERVERS ("fanout parse"; add fanout_nats1 fanout_nats3)  NATS_SERVER (nats-server
+#        binary; default target/nats-venv/bin/nats-server, which scripts/test installs)  PORT (18080)  SERVER_CPU (0)  CLIENT_CPU (1)
 #        SKIP_BUILD=1 (use the binaries already built)  SIDECAR=0 (skip the sidecar section)
 #        DRAIN_TIMEOUT (60, seconds to wait for the file destination)  LONG_EVERY (10, seconds)
 # Output: bench/results/<UTC timestamp>/: table.md, results.jsonl (one raw record per run),
@@ -40,6 +46,7 @@ DURATION=${DURATION:-15s}
 CONNS=${CONNS:-"16 64"}
 SCRIPTS=${SCRIPTS:-"track batch batch_gzip"}
 SERVERS=${SERVERS:-"fanout parse"}
+NATS_SERVER=${NATS_SERVER:-$root/target/nats-venv/bin/nats-server}
 PORT=${PORT:-18080}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
@@ -54,6 +61,7 @@ work=$(mktemp -d /tmp/fanout-bench.XXXXXX)
 out=$root/bench/results/$(date -u +%Y%m%dT%H%M%SZ)
 py=$work/bench.py
 SPID= # the server this script started, if one runs
+NPIDS=() # the NATS nodes of a fanout_nats* run
 CPID= # the background wrk of the long run, if one runs
 
 # ---------------------------------------------------------------- process control ---
@@ -116,6 +124,48 @@ start_fanout() { # run dir
   wait_up "$1/server.log"
 }
 
+# NATS nodes for a fanout_nats* run: $2 of them in $1, clustered when more than one, on ports
+# above PORT; waits until JetStream has a leader. Sets NATS_URLS (a TOML array). Not to be
+# called in a subshell: NPIDS must reach stop_nats.
+start_nats() { # run dir, nodes
+  local dir=$1 n=$2 i routes="" urls=""
+  for i in $(seq "$n"); do routes+="nats://127.0.0.1:$((PORT + 200 + i)),"; done
+  for i in $(seq "$n"); do
+    mkdir -p "$dir/nats$i"
+    {
+      echo "server_name: n$i"
+      echo "listen: 127.0.0.1:$((PORT + 100 + i))"
+      echo "http: 127.0.0.1:$((PORT + 300 + i))"
+      echo "jetstream { store_dir: \"$dir/nats$i\", sync_interval: always }"
+      if [ "$n" -gt 1 ]; then
+        echo "cluster { name: bench, listen: 127.0.0.1:$((PORT + 200 + i)), routes: [${routes%,}] }"
+      fi
+    } >"$dir/nats$i.conf"
+    "$NATS_SERVER" -c "$dir/nats$i.conf" >"$dir/nats$i.log" 2>&1 &
+    NPIDS+=($!)
+    urls+="\"nats://127.0.0.1:$((PORT + 100 + i))\","
+  done
+  for _ in $(seq 200); do
+    curl -sf "http://127.0.0.1:$((PORT + 301))/healthz?js-enabled-only=true" >/dev/null 2>&1 &&
+      { [ "$n" = 1 ] || curl -sf "http://127.0.0.1:$((PORT + 301))/jsz" | grep -q '"leader"'; } && break
+    sleep 0.1
+  done
+  NATS_URLS="[${urls%,}]"
+}
+
+start_fanout_nats() { # run dir, nodes
+  mkdir -p "$1"
+  port_free
+  start_nats "$1" "$2"
+  { fanout_config "$1"; printf '\n[queue]\nbackend = "nats"\nservers = %s\nreplicas = %s\n' "$NATS_URLS" "$2"; } \
+    >"$1/config.toml"
+  taskset -c "$SERVER_CPU" "$fanout_bin" --config "$1/config.toml" 2>"$1/server.log" &
+  SPID=$!
+  wait_up "$1/server.log"
+}
+start_fanout_nats1() { start_fanout_nats "$1" 1; }
+start_fanout_nats3() { start_fanout_nats "$1" 3; }
+
 start_parse() { # run dir
   mkdir -p "$1"
   port_free
@@ -132,6 +182,14 @@ stop_server() {
   kill -KILL "$SPID" 2>/dev/null || true
   wait "$SPID" 2>/dev/null || true
   SPID=
+  stop_nats
+}
+
+stop_nats() {
+  local pid
+  for pid in "${NPIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${NPIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  NPIDS=()
 }
 
 # ------------------------------------------------------------------------ measuring ---
@@ -152,19 +210,33 @@ scrape() { # file: fanout's /metrics
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.2f", b - a}'; }
 
+# What the file destination still owes, from a /metrics scrape: the local log's lag in bytes,
+# or (NATS) messages pending or unacknowledged at its consumers (those gauges lag by up to 2 s,
+# so also: fewer delivered than accepted counts as owed).
+file_lag() { # scrape file
+  local f=$1 lag accepted ok
+  lag=$(( $(metric_sum "$f" fanout_queue_lag_bytes 'destination="file"') +
+    $(metric_sum "$f" fanout_queue_consumer_pending 'destination="file"') +
+    $(metric_sum "$f" fanout_queue_consumer_ack_pending 'destination="file"') ))
+  accepted=$(metric_sum "$f" fanout_events_total 'outcome="accepted"')
+  ok=$(metric_sum "$f" fanout_deliveries_total 'destination="file"' 'outcome="ok"')
+  if [ "$ok" -lt "$accepted" ] && [ "$lag" = 0 ]; then lag=$((accepted - ok)); fi
+  echo "$lag"
+}
+
 # After a fanout run: the file destination's lag when the load stopped, then wait until it is 0
 # (or DRAIN_TIMEOUT) and count what was delivered. Prints key=value pairs for `bench.py record`.
 drain() { # run dir, tag
   local dir=$1 tag=$2 lag start t0 drained=0 lines=0
   scrape "$out/logs/$tag.metrics.end.txt"
   start=$(now); t0=$(cpu_ticks "$SPID")
-  lag=$(metric_sum "$out/logs/$tag.metrics.end.txt" fanout_queue_lag_bytes 'destination="file"')
+  lag=$(file_lag "$out/logs/$tag.metrics.end.txt")
   while :; do
     if [ "$lag" = 0 ]; then drained=1; break; fi
     if awk -v s="$(elapsed "$start")" -v m="$DRAIN_TIMEOUT" 'BEGIN {exit !(s >= m)}'; then break; fi
     sleep 0.2
     scrape "$dir/metrics.txt"
-    lag=$(metric_sum "$dir/metrics.txt" fanout_queue_lag_bytes 'destination="file"')
+    lag=$(file_lag "$dir/metrics.txt")
   done
   echo "drained=$drained" "drain_s=$(elapsed "$start")" "drain_ticks=$(( $(cpu_ticks "$SPID") - t0 ))"
   scrape "$out/logs/$tag.metrics.drained.txt"
@@ -184,12 +256,13 @@ measure() { # server script conns
   if ! alive "$SPID"; then echo "$server died during the run; its log:" >&2; tail -20 "$dir/server.log" >&2; exit 1; fi
   t1=$(cpu_ticks "$SPID")
   rss=$(proc_kb "$SPID" VmRSS) hwm=$(proc_kb "$SPID" VmHWM)
-  if [ "$server" = fanout ]; then
+  if [[ $server == fanout* ]]; then
     # shellcheck disable=SC2207 # drain prints key=value words without spaces
     extra=($(drain "$dir" "$tag"))
   fi
   stop_server
   cp "$dir/server.log" "$out/logs/$tag.server.log"
+  for f in "$dir"/nats*.log; do [ -f "$f" ] && cp "$f" "$out/logs/$tag.$(basename "$f")"; done
   python3 "$py" record server="$server" script="$script" conns="$c" duration="$DURATION" \
     wrk_log="$out/logs/$tag.wrk.log" t0="$t0" t1="$t1" clk_tck="$CLK_TCK" rss_kb="$rss" \
     hwm_kb="$hwm" "${extra[@]}" >>"$out/results.jsonl"
@@ -278,6 +351,9 @@ meta() {
 
 main() {
   need wrk wrk; need taskset util-linux; need curl curl; need strip binutils; need python3 python3
+  if [[ " $SERVERS " == *" fanout_nats"* ]] && ! [ -x "$NATS_SERVER" ]; then
+    echo "no nats-server at $NATS_SERVER (run scripts/test once, or set NATS_SERVER)" >&2; exit 1
+  fi
   build
   for b in "$fanout_bin" "$parse_bin"; do [ -x "$b" ] || { echo "missing $b (build it, or unset SKIP_BUILD)" >&2; exit 1; }; done
   mkdir -p "$out/logs"
@@ -339,7 +415,7 @@ def record():
          "server_cpu_s": (int(a["t1"]) - int(a["t0"])) / tck, "client_cpu_s": cu + cs,
          "wall_s": wall, "rss_kb": int(a["rss_kb"]), "hwm_kb": int(a["hwm_kb"]), "wrk": w}
     r["cpu_us_per_req"] = r["server_cpu_s"] * 1e6 / max(w["requests"], 1)
-    if a["server"] == "fanout":
+    if a["server"].startswith("fanout"):
         r["dedupe"] = a["script"] != "batch_gzip"
         end, drained = scrape(a["metrics_end"]), scrape(a["metrics_drained"])
         statuses = {}
@@ -378,30 +454,36 @@ def table():
     a = args()
     rows = [json.loads(l) for l in open(a["results"])] if os.path.exists(a["results"]) else []
     parse = {(r["script"], r["conns"]): r for r in rows if r["server"] == "parse"}
+    local = {(r["script"], r["conns"]): r for r in rows if r["server"] == "fanout"}
     print(open(a["meta"]).read().rstrip().replace("# ", "", 1).replace("\n# ", "  \n"))
     print()
     if rows:
         print("| script | conns | server | req/s | events/s | p50 ms | p99 ms | server CPU s | CPU µs/req "
-              "| wrk CPU % | RSS MB end / peak | fanout ÷ parse events/s | by CPU µs/req | target (issue 8) "
+              "| wrk CPU % | RSS MB end / peak | fanout ÷ parse events/s | by CPU µs/req | target (issue 8; NATS: issue 15) "
               "| err_status | other errs |")
         print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for r in rows:
         w = r["wrk"]
         name = r["script"]
-        if r["server"] == "fanout":
+        if r["server"].startswith("fanout"):
             name += " (dedupe off)" if not r.get("dedupe", True) else " (dedupe on)"
         ratio = cpu_ratio = target = "—"
         p = parse.get((r["script"], r["conns"]))
-        if r["server"] == "fanout" and p:
+        l = local.get((r["script"], r["conns"]))
+        if r["server"].startswith("fanout") and p:
             x = w["events_per_s"] / p["wrk"]["events_per_s"]
             ratio = "%.2f" % x
             cpu_ratio = "%.2f" % (p["cpu_us_per_req"] / r["cpu_us_per_req"])
             t = TARGETS.get(r["script"])
-            if t and r["conns"] == 64:
+            if r["server"] == "fanout" and t and r["conns"] == 64:
                 p99 = w["p99_us"] / 1e3
                 ok = x >= t[0] and (t[1] is None or p99 < t[1])
                 target = "≥ %.1f×%s: %s" % (t[0], ", p99 < %g ms" % t[1] if t[1] else "",
                                             "met" if ok else "**missed**")
+        if r["server"].startswith("fanout_nats") and l and r["script"] != "track":
+            # Issue 15's target: the NATS backend at >= 0.5 x the local one's events/s.
+            x = w["events_per_s"] / l["wrk"]["events_per_s"]
+            target = "÷ local %.2f (≥ 0.5: %s)" % (x, "met" if x >= 0.5 else "**missed**")
         errs = w["err_connect"] + w["err_read"] + w["err_write"] + w["err_timeout"]
         print("| %s | %d | %s | %.0f | %.0f | %.2f | %.2f | %.2f | %.1f | %.0f | %.1f / %.1f | %s | %s | %s | %d | %d |" % (
             name, r["conns"], r["server"], w["rps"], w["events_per_s"], w["p50_us"] / 1e3,

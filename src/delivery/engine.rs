@@ -74,6 +74,7 @@ impl Engine {
     ) -> Engine {
         crate::metrics::install();
         let skipped = crate::metrics::DeliveryMetrics::new(&context.name).skipped;
+        let replays = Replays::new(&dead_letters);
         Engine {
             stop: context.stop.clone(),
             progress,
@@ -85,7 +86,7 @@ impl Engine {
             max_outstanding: shape.max_outstanding,
             feed: Some(feed),
             lines: Lines::default(),
-            replays: Replays::new(),
+            replays,
             running: JoinSet::new(),
             read_again_at: None,
             linger_until: None,
@@ -155,7 +156,7 @@ impl Engine {
                 _ = sleep_until_opt(save_at), if save_at.is_some() => {
                     self.progress.save(&self.context).await;
                 }
-                _ = tokio::time::sleep_until(replay_at), if !stopping => {}
+                _ = sleep_until_opt(replay_at), if replay_at.is_some() && !stopping => {}
                 _ = sleep_until_opt(read_again_at), if read_again_at.is_some() => {
                     self.read_again_at = None;
                 }

@@ -27,21 +27,22 @@ pub struct Replays {
     in_flight: usize,
     /// The highest row id taken since the last time none was in flight.
     after: i64,
-    next_poll: Instant,
+    /// `None` when the store is not polled (the shared log delivers replays itself).
+    next_poll: Option<Instant>,
 }
 
 impl Replays {
-    pub fn new() -> Replays {
+    pub fn new(store: &DeadLetters) -> Replays {
         Replays {
             waiting: VecDeque::new(),
             in_flight: 0,
             after: 0,
-            next_poll: Instant::now(),
+            next_poll: store.polled().then(Instant::now),
         }
     }
 
-    /// When to look for marked rows again.
-    pub fn next_poll(&self) -> Instant {
+    /// When to look for marked rows again, if ever.
+    pub fn next_poll(&self) -> Option<Instant> {
         self.next_poll
     }
 
@@ -49,10 +50,10 @@ impl Replays {
     /// is due.
     pub async fn poll(&mut self, store: &Arc<DeadLetters>, destination: &str, max: usize) {
         let now = Instant::now();
-        if now < self.next_poll || !store.polled() {
-            return;
+        match self.next_poll {
+            Some(at) if now >= at => self.next_poll = Some(now + POLL),
+            _ => return,
         }
-        self.next_poll = now + POLL;
         if self.in_flight == 0 && self.waiting.is_empty() {
             self.after = 0;
         }
