@@ -14,15 +14,18 @@ use async_nats::jetstream::AckKind;
 use async_nats::{Client, Subject};
 use tokio::time::Instant;
 
-/// A message as one consumer delivered it: where it is in the stream, and the subject
-/// its acknowledgement goes to (a handle of a few dozen bytes, many may be held).
-#[derive(Debug)]
+/// A stream message as one consumer delivered it: where it is in the stream, the subject
+/// its acknowledgement goes to (a handle of a few dozen bytes, many may be held), and how
+/// many records it holds (a pack: one request's messages for one partition). Each record
+/// read carries one; the message is acknowledged once all of its records are settled.
+#[derive(Debug, Clone)]
 pub struct Delivery {
     /// Which of the destination's consumers delivered it (a partition, or the replays).
     pub consumer: u16,
     /// Its sequence number in the stream.
     pub sequence: u64,
     pub(super) reply: Subject,
+    pub(super) records: u32,
 }
 
 /// Identifies a message across its deliveries.
@@ -57,10 +60,17 @@ pub struct Handback {
     pub settled: HashSet<DeliveryKey>,
 }
 
+/// A stream message read and not settled: its newest delivery's reply subject, and how
+/// many of its records are not settled yet.
+struct Held {
+    reply: Subject,
+    unsettled: u32,
+}
+
 pub struct Acks {
     client: Client,
-    /// Read and not settled: the newest delivery's reply subject of each.
-    held: HashMap<DeliveryKey, Subject>,
+    /// Read and not settled.
+    held: HashMap<DeliveryKey, Held>,
     /// Settled, to acknowledge at the next commit.
     settled: Vec<(DeliveryKey, Subject)>,
     /// Recently acknowledged, oldest first.
@@ -85,29 +95,48 @@ impl Acks {
         }
     }
 
-    /// A message delivered to the engine. `None` when it is a message delivered again
-    /// that is held already (its newer handle is kept) or was just acknowledged (it is
-    /// acknowledged again, in case the first ack was lost): either way not sent twice.
+    /// A record delivered to the engine. `None` when its stream message was delivered
+    /// again and is held already (the newer handle is kept) or was just acknowledged (it
+    /// is acknowledged again, in case the first ack was lost): either way not sent twice.
+    /// The records of one delivery arrive one after another and share its reply subject.
     pub fn read(&mut self, delivery: Delivery) -> Option<DeliveryKey> {
         let key = delivery.key();
         if self.recent_set.contains(&key) {
             self.settled.push((key, delivery.reply));
             return None;
         }
-        if let Some(reply) = self.held.get_mut(&key) {
-            *reply = delivery.reply;
-            return None;
+        match self.held.get_mut(&key) {
+            Some(held) if held.reply == delivery.reply => Some(key),
+            Some(held) => {
+                held.reply = delivery.reply;
+                None
+            }
+            None => {
+                self.held.insert(
+                    key,
+                    Held {
+                        reply: delivery.reply,
+                        unsettled: delivery.records.max(1),
+                    },
+                );
+                Some(key)
+            }
         }
-        self.held.insert(key, delivery.reply);
-        Some(key)
     }
 
-    /// The message is delivered or durably dead-lettered. Remembered at once, so that a
-    /// copy the server sends again before the ack goes out is acknowledged, not sent.
+    /// One record is delivered or durably dead-lettered; its stream message is settled
+    /// with its last record. Remembered at once, so that a copy the server sends again
+    /// before the ack goes out is acknowledged, not sent.
     pub fn settle(&mut self, key: DeliveryKey) {
-        if let Some(reply) = self.held.remove(&key) {
-            self.settled.push((key, reply));
-            self.remember(key);
+        let Some(held) = self.held.get_mut(&key) else {
+            return;
+        };
+        held.unsettled = held.unsettled.saturating_sub(1);
+        if held.unsettled == 0 {
+            if let Some(held) = self.held.remove(&key) {
+                self.settled.push((key, held.reply));
+                self.remember(key);
+            }
         }
     }
 
@@ -139,8 +168,8 @@ impl Acks {
             return;
         }
         self.next_ping = Instant::now() + self.ping_every;
-        for reply in self.held.values() {
-            if let Err(e) = send(&self.client, reply, AckKind::Progress).await {
+        for held in self.held.values() {
+            if let Err(e) = send(&self.client, &held.reply, AckKind::Progress).await {
                 tracing::warn!(error = %e, "cannot signal progress to NATS; held messages may be delivered again");
                 return;
             }
@@ -152,10 +181,11 @@ impl Acks {
         let held = self
             .held
             .drain()
-            .map(|((consumer, sequence), reply)| Delivery {
+            .map(|((consumer, sequence), held)| Delivery {
                 consumer,
                 sequence,
-                reply,
+                reply: held.reply,
+                records: held.unsettled,
             })
             .collect();
         self.recent.clear();

@@ -26,13 +26,17 @@ use crate::queue::record::{read_record, ReadOutcome};
 use crate::queue::{Earlier, Receipt, Record};
 use crate::throttle::LogThrottle;
 
-/// How long one pull request waits at the server. The client renews it at least every
-/// `PULL_EXPIRES + 5 s` even while the engine is not reading, which keeps the pin.
+/// How long one pull request waits at the server.
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
-/// The client library's own slack on top of `PULL_EXPIRES` before it renews a pull.
+/// The longest gap between a live puller's requests while the engine reads: a request's
+/// expiry, plus the time its messages take to go on.
 const PULL_SLACK: Duration = Duration::from_secs(5);
-/// Messages one pull asks for.
-const PULL_BATCH: usize = 256;
+/// Stream messages one pull asks for (each holds one or more records).
+const PULL_BATCH: usize = 64;
+/// Room the channel must have before a pull is sent.
+const PULL_ROOM: usize = 256;
+/// Bytes one pull may bring, unless the largest message allowed is bigger.
+const PULL_MAX_BYTES: usize = 4 << 20;
 /// Records waiting between the pull tasks and the engine.
 const CHANNEL: usize = 1024;
 /// Unacknowledged messages one consumer may have out; past it the server waits.
@@ -98,12 +102,12 @@ impl StreamFeed {
                     )
                 })?;
             pullers.push(tokio::spawn(pull_into(
+                queue.clone(),
                 consumer,
                 index,
                 tx.clone(),
                 stop_rx.clone(),
                 destination.to_string(),
-                settings.ack_wait,
             )));
             consumers.push(name);
         }
@@ -179,7 +183,9 @@ impl StreamFeed {
             returned.extend(into_delivery(record));
         }
         // The server delivers naked messages again in the order it got the naks.
+        // (A message whose records were split between the engine and a puller is in both.)
         returned.sort_by_key(|d| d.key());
+        returned.dedup_by_key(|d| d.key());
         let count = returned.len();
         let client = &self.queue.inner.client;
         for delivery in returned {
@@ -232,21 +238,30 @@ fn into_delivery(record: Record) -> Option<Delivery> {
 /// Pulls one consumer into the channel until stopped; then keeps what was already sent
 /// to it (until `DRAIN_QUIET` passes without more) and returns that, to be given back.
 async fn pull_into(
+    queue: NatsQueue,
     consumer: consumer::PullConsumer,
     index: u16,
     records: mpsc::Sender<Record>,
     stop: watch::Receiver<bool>,
     destination: String,
-    ack_wait: Duration,
 ) -> Vec<Delivery> {
+    let name = consumer.cached_info().name.clone();
+    let client = queue.inner.client.clone();
     Puller {
-        name: consumer.cached_info().name.clone(),
+        next_subject: format!(
+            "$JS.API.CONSUMER.MSG.NEXT.{}.{name}",
+            queue.inner.names.stream
+        ),
+        max_bytes: PULL_MAX_BYTES.max(2 * client.server_info().max_payload),
+        name,
+        client,
+        context: queue.inner.js.clone(),
         consumer,
         index,
         records,
         stop,
         destination,
-        ack_wait,
+        ack_wait: queue.inner.settings.ack_wait,
         errors: LogThrottle::new(Duration::from_secs(30)),
         pin: None,
         catch_up: None,
@@ -256,8 +271,14 @@ async fn pull_into(
 }
 
 struct Puller {
+    client: async_nats::Client,
+    context: async_nats::jetstream::Context,
     consumer: consumer::PullConsumer,
     name: String,
+    /// Where pull requests go.
+    next_subject: String,
+    /// Bytes one pull request may bring (at least two of the largest message).
+    max_bytes: usize,
     index: u16,
     records: mpsc::Sender<Record>,
     stop: watch::Receiver<bool>,
@@ -276,8 +297,8 @@ struct Puller {
 /// ones: without this, a user's later message could overtake its earlier one. (A clean
 /// stop gives its messages back before the pin moves, so this ends at once.)
 struct CatchUp {
-    /// Received since the pin, by stream sequence.
-    held: BTreeMap<u64, Record>,
+    /// Received since the pin: each stream message's records, by stream sequence.
+    held: BTreeMap<u64, Vec<Record>>,
     /// The consumer sequence of the first delivery under this pin.
     first: u64,
     /// The newest consumer sequence received.
@@ -286,58 +307,132 @@ struct CatchUp {
     until: Instant,
 }
 
-/// How often a catching-up puller asks the server how much is still out elsewhere.
+/// How often a catching-up puller with a full buffer asks for what is due again.
 const CATCH_UP_CHECK: Duration = Duration::from_millis(100);
+/// Messages a catching-up puller holds before it pulls one at a time.
+const CATCH_UP_LIMIT: usize = 2048;
 
 impl Puller {
+    /// Pulls while the engine keeps up: one request at a time, sent only when the
+    /// channel has room for what it may bring, so what waits in memory is bounded by
+    /// `PULL_BATCH` messages (and `max_bytes`) plus the channel, however long the
+    /// destination stalls. (The client library's pull stream renews its requests on a
+    /// timer whether or not its messages are read, which piled up messages without
+    /// bound behind a slow destination.)
     async fn run(mut self) -> Vec<Delivery> {
-        loop {
-            let pulled = self
-                .consumer
-                .stream()
-                .group(GROUP)
-                .max_messages_per_batch(PULL_BATCH)
-                .expires(PULL_EXPIRES)
-                .messages()
-                .await;
-            let mut messages = match pulled {
-                Ok(messages) => messages,
+        let inbox = self.client.new_inbox();
+        let mut replies = loop {
+            match self.client.subscribe(inbox.clone()).await {
+                Ok(replies) => break replies,
                 Err(e) => {
-                    self.warn("cannot pull; retrying", &e);
+                    self.warn("cannot subscribe for pulls; retrying", &e);
                     tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                         _ = stopped(&mut self.stop) => return self.give_back(None).await,
                     }
                 }
+            }
+        };
+        loop {
+            // Between requests nothing is on its way here, so the catch-up check is exact.
+            if self.catch_up.is_some() && !self.check_caught_up().await {
+                return self.give_back(Some(replies)).await;
+            }
+            // While catching up nothing goes on; past a bound, only what is due again
+            // (the server sends that first) is pulled, one at a time.
+            let full = self
+                .catch_up
+                .as_ref()
+                .is_some_and(|c| c.held.len() >= CATCH_UP_LIMIT);
+            if full {
+                tokio::select! {
+                    _ = tokio::time::sleep(CATCH_UP_CHECK) => {}
+                    _ = stopped(&mut self.stop) => return self.give_back(Some(replies)).await,
+                }
+            }
+            // Room first: a request's messages must fit without waiting long.
+            let room = tokio::select! {
+                biased;
+                _ = stopped(&mut self.stop) => false,
+                room = self.records.reserve_many(PULL_ROOM) => room.is_ok(),
             };
-            loop {
-                let catching_up = self.catch_up.is_some();
+            if !room {
+                return self.give_back(Some(replies)).await;
+            }
+            let batch = if full { 1 } else { PULL_BATCH };
+            let request = serde_json::json!({
+                "batch": batch,
+                "max_bytes": self.max_bytes,
+                "expires": PULL_EXPIRES.as_nanos() as u64,
+                "group": GROUP,
+                "id": self.pin,
+            });
+            let sent = self
+                .client
+                .publish_with_reply(
+                    self.next_subject.clone(),
+                    inbox.clone(),
+                    request.to_string().into(),
+                )
+                .await;
+            if let Err(e) = sent {
+                self.warn("cannot send a pull request; retrying", &e);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = stopped(&mut self.stop) => return self.give_back(Some(replies)).await,
+                }
+            }
+            // The request's answers, until it is complete or has expired.
+            let deadline = Instant::now() + PULL_EXPIRES + Duration::from_secs(1);
+            let mut received = 0;
+            while received < batch {
                 let next = tokio::select! {
                     biased;
-                    _ = stopped(&mut self.stop) => return self.give_back(Some(messages)).await,
-                    _ = tokio::time::sleep(CATCH_UP_CHECK), if catching_up => {
-                        if !self.check_caught_up().await {
-                            return self.give_back(Some(messages)).await;
-                        }
-                        continue;
-                    }
-                    next = messages.next() => next,
+                    _ = stopped(&mut self.stop) => return self.give_back(Some(replies)).await,
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    next = replies.next() => next,
                 };
-                match next {
-                    Some(Ok(message)) => {
-                        if !self.take(message).await {
-                            return self.give_back(Some(messages)).await;
-                        }
+                let Some(message) = next else {
+                    // The subscription ended (the client is closing).
+                    return self.give_back(None).await;
+                };
+                match message.status {
+                    None | Some(async_nats::StatusCode::OK) => {}
+                    Some(async_nats::StatusCode::IDLE_HEARTBEAT) => continue,
+                    Some(async_nats::StatusCode::NOT_FOUND)
+                    | Some(async_nats::StatusCode::TIMEOUT) => break,
+                    // The request's byte budget is used up: it is complete.
+                    Some(async_nats::StatusCode::REQUEST_TERMINATED)
+                        if message
+                            .description
+                            .as_deref()
+                            .is_some_and(|d| d.contains("MaxBytes")) =>
+                    {
+                        break
                     }
-                    Some(Err(e)) => {
-                        self.warn("pulling failed; pulling again", &e);
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                            _ = stopped(&mut self.stop) => return self.give_back(Some(messages)).await,
-                        }
+                    Some(async_nats::StatusCode::PIN_ID_MISMATCH) => {
+                        // Pinned elsewhere now: ask again as a candidate.
+                        self.pin = None;
                         break;
                     }
-                    None => break,
+                    Some(status) => {
+                        let why = message
+                            .description
+                            .clone()
+                            .unwrap_or_else(|| status.to_string());
+                        self.warn("a pull request ended early; pulling again", &why);
+                        // Not in a tight loop if the server keeps refusing at once.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        break;
+                    }
+                }
+                let message = Message {
+                    message,
+                    context: self.context.clone(),
+                };
+                received += 1;
+                if !self.take(message).await {
+                    return self.give_back(Some(replies)).await;
                 }
             }
         }
@@ -357,7 +452,7 @@ impl Puller {
             .and_then(|h| h.get(async_nats::header::NATS_PIN_ID))
             .map(|v| v.as_str().to_string());
         let consumer_sequence = message.info().map_or(0, |i| i.consumer_sequence);
-        let Some(record) = decode(message, self.index, &self.destination).await else {
+        let Some((sequence, records)) = decode(message, self.index, &self.destination).await else {
             return true;
         };
         if pin.is_some() && pin != self.pin {
@@ -372,13 +467,11 @@ impl Puller {
         match &mut self.catch_up {
             Some(catch_up) => {
                 catch_up.last = catch_up.last.max(consumer_sequence);
-                if let Receipt::Stream(delivery) = &record.receipt {
-                    // A repeat delivery of one held replaces it (its reply is the live one).
-                    catch_up.held.insert(delivery.sequence, record);
-                }
+                // A repeat delivery of one held replaces it (its reply is the live one).
+                catch_up.held.insert(sequence, records);
                 true
             }
-            None => self.forward(record).await,
+            None => self.forward(sequence, records).await,
         }
     }
 
@@ -426,51 +519,63 @@ impl Puller {
             from = first,
             "pinned to this instance; delivering in stream order"
         );
-        for (_, record) in held {
-            if !self.forward(record).await {
+        let mut held = held.into_iter();
+        while let Some((sequence, records)) = held.next() {
+            if !self.forward(sequence, records).await {
+                // Stopping: what did not go on is given back with the rest.
+                if let Some(catch_up) = &mut self.catch_up {
+                    catch_up.held.extend(held);
+                }
                 return false;
             }
         }
         true
     }
 
-    /// Hands a record to the engine, waiting for room. False once stopping (the record
-    /// is kept with the catch-up buffer, to be given back).
-    async fn forward(&mut self, record: Record) -> bool {
-        let room = tokio::select! {
-            biased;
-            _ = stopped(&mut self.stop) => None,
-            room = self.records.reserve() => room.ok(),
-        };
-        match room {
-            Some(room) => {
-                room.send(record);
-                true
-            }
-            None => {
-                let catch_up = self.catch_up.get_or_insert_with(|| CatchUp {
-                    held: BTreeMap::new(),
-                    first: 0,
-                    last: 0,
-                    until: Instant::now(),
-                });
-                if let Receipt::Stream(delivery) = &record.receipt {
-                    catch_up.held.insert(delivery.sequence, record);
+    /// Hands a stream message's records to the engine, waiting for room. False once
+    /// stopping (what did not go on is kept with the catch-up buffer, to be given back;
+    /// the engine gives back the message too if it has some of its records).
+    async fn forward(&mut self, sequence: u64, records: Vec<Record>) -> bool {
+        let mut records = records.into_iter();
+        while let Some(record) = records.next() {
+            let room = tokio::select! {
+                biased;
+                _ = stopped(&mut self.stop) => None,
+                room = self.records.reserve() => room.ok(),
+            };
+            match room {
+                Some(room) => room.send(record),
+                None => {
+                    let catch_up = self.catch_up.get_or_insert_with(|| CatchUp {
+                        held: BTreeMap::new(),
+                        first: 0,
+                        last: 0,
+                        until: Instant::now(),
+                    });
+                    catch_up
+                        .held
+                        .insert(sequence, std::iter::once(record).chain(records).collect());
+                    return false;
                 }
-                false
             }
         }
+        true
     }
 
     /// At stop: what was held back and what the server had already sent, to give back.
-    async fn give_back(&mut self, messages: Option<pull::Stream>) -> Vec<Delivery> {
+    async fn give_back(&mut self, replies: Option<async_nats::Subscriber>) -> Vec<Delivery> {
         let mut returned: Vec<Delivery> = self
             .catch_up
             .take()
-            .map(|c| c.held.into_values().filter_map(into_delivery).collect())
+            .map(|c| {
+                c.held
+                    .into_values()
+                    .filter_map(|records| records.into_iter().next().and_then(into_delivery))
+                    .collect()
+            })
             .unwrap_or_default();
-        if let Some(messages) = messages {
-            returned.extend(drain(messages, self.index).await);
+        if let Some(replies) = replies {
+            returned.extend(drain(replies, &self.context, self.index).await);
         }
         returned
     }
@@ -482,24 +587,40 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 }
 
 /// What the server had already sent to a stopping puller.
-async fn drain(mut messages: pull::Stream, index: u16) -> Vec<Delivery> {
+async fn drain(
+    mut replies: async_nats::Subscriber,
+    context: &async_nats::jetstream::Context,
+    index: u16,
+) -> Vec<Delivery> {
     let mut held = Vec::new();
-    while let Ok(Some(Ok(message))) = tokio::time::timeout(DRAIN_QUIET, messages.next()).await {
+    while let Ok(Some(message)) = tokio::time::timeout(DRAIN_QUIET, replies.next()).await {
+        if message
+            .status
+            .is_some_and(|s| s != async_nats::StatusCode::OK)
+        {
+            continue;
+        }
+        let message = Message {
+            message,
+            context: context.clone(),
+        };
         let sequence = message.info().map(|i| i.stream_sequence);
         if let (Ok(sequence), Some(reply)) = (sequence, message.message.reply.clone()) {
             held.push(Delivery {
                 consumer: index,
                 sequence,
                 reply,
+                records: 0,
             });
         }
     }
     held
 }
 
-/// A delivered message as the engine reads it. One that is not a framed record cannot be
-/// delivered anywhere: it is logged and terminated (never delivered again).
-async fn decode(message: Message, index: u16, destination: &str) -> Option<Record> {
+/// A delivered stream message as the engine reads it: its sequence and its records. One
+/// that is not framed records cannot be delivered anywhere: it is logged and terminated
+/// (never delivered again).
+async fn decode(message: Message, index: u16, destination: &str) -> Option<(u64, Vec<Record>)> {
     let sequence = match message.info() {
         Ok(info) => info.stream_sequence,
         Err(e) => {
@@ -519,31 +640,44 @@ async fn decode(message: Message, index: u16, destination: &str) -> Option<Recor
         tracing::error!(%destination, "a delivered message has no reply subject");
         return None;
     };
-    match read_record(&mut message.payload.as_ref()) {
-        Ok(ReadOutcome::Record {
-            source, tag, json, ..
-        }) => Some(Record {
+    let mut payload = message.payload.as_ref();
+    let mut parts = Vec::new();
+    let valid = loop {
+        match read_record(&mut payload) {
+            Ok(ReadOutcome::Record {
+                source, tag, json, ..
+            }) => parts.push((source, tag, json)),
+            Ok(ReadOutcome::End) => break !parts.is_empty(),
+            _ => break false,
+        }
+    };
+    if !valid {
+        tracing::error!(
+            %destination,
+            subject = %message.subject,
+            sequence,
+            "a message on the stream is not fanout records; it is dropped"
+        );
+        let _ = message.ack_with(AckKind::Term).await;
+        return None;
+    }
+    let delivery = Delivery {
+        consumer: index,
+        sequence,
+        reply,
+        records: parts.len() as u32,
+    };
+    let records = parts
+        .into_iter()
+        .map(|(source, tag, json)| Record {
             source,
             tag,
             json,
             earlier,
-            receipt: Receipt::Stream(Delivery {
-                consumer: index,
-                sequence,
-                reply,
-            }),
-        }),
-        _ => {
-            tracing::error!(
-                %destination,
-                subject = %message.subject,
-                sequence,
-                "a message on the stream is not a fanout record; it is dropped"
-            );
-            let _ = message.ack_with(AckKind::Term).await;
-            None
-        }
-    }
+            receipt: Receipt::Stream(delivery.clone()),
+        })
+        .collect();
+    Some((sequence, records))
 }
 
 /// Sets the destination's consumer gauges every `LAG_INTERVAL`: messages not yet
