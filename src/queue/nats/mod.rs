@@ -496,6 +496,7 @@ async fn ensure_stream(
                 .await
                 .with_context(|| format!("cannot create stream `{name}`"))?;
             tracing::info!(stream = %name, "created the stream");
+            wait_for_leader(stream.clone()).await;
             return Ok(stream);
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read stream `{name}`")),
@@ -534,6 +535,20 @@ async fn ensure_stream(
         tracing::info!(stream = %name, replicas = config.replicas, max_bytes, "updated the stream's settings");
     }
     Ok(stream)
+}
+
+/// A new replicated stream takes a moment to elect its leader; publishes meanwhile fail.
+/// Waits for it (up to a few seconds; ingest answers 503 until then anyway).
+async fn wait_for_leader(mut stream: stream::Stream) {
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < until {
+        if let Ok(info) = stream.info().await {
+            if info.cluster.as_ref().is_none_or(|c| c.leader.is_some()) {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn is_not_found(e: &jetstream::context::GetStreamError) -> bool {
