@@ -44,6 +44,23 @@ impl RateLimiter {
         }
     }
 
+    /// What the receiver says is left of its current window (`RateLimit-Remaining`, and
+    /// `RateLimit-Reset` until it renews): never assume more than that; with nothing
+    /// left, the next request waits for the reset.
+    pub fn observe(&self, remaining: u32, reset: Duration) {
+        let now = Instant::now();
+        let mut bucket = self.state.lock().expect("rate limiter lock poisoned");
+        let elapsed = now.saturating_duration_since(bucket.refilled).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
+        bucket.refilled = now;
+        let floor = if remaining == 0 {
+            -reset.as_secs_f64().min(3600.0) * self.rate
+        } else {
+            f64::from(remaining)
+        };
+        bucket.tokens = bucket.tokens.min(floor);
+    }
+
     /// Takes `n` tokens, or says how long until they will be there.
     fn try_take(&self, n: f64, now: Instant) -> Option<Duration> {
         let mut bucket = self.state.lock().expect("rate limiter lock poisoned");

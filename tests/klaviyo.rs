@@ -17,8 +17,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use common::clients::run_python;
 use common::klaviyo::{
-    error_body, reply, Event, Klaviyo, API_KEY, BULK, CURRENT, EVENTS, FLAT, KEY_ENV,
-    PROFILE_IMPORT,
+    error_body, path_of, reply, Event, Klaviyo, API_KEY, BULK, CURRENT, EVENTS, FLAT, KEY_ENV,
+    PROFILE_IMPORT, PROFILE_JOBS,
 };
 use common::receiver::ReceivedRequest;
 use common::{assert_success, Fanout, Settings};
@@ -921,4 +921,196 @@ async fn the_same_message_id_from_two_users_reaches_both_profiles_in_a_bulk_job(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_message_id_from_two_users_reaches_both_profiles_one_request_each() {
     same_message_id_from_two_users(false).await;
+}
+
+fn identify(id: &str, user: &str, traits: Value) -> Value {
+    json!({"type": "identify", "messageId": id, "userId": user, "traits": traits})
+}
+
+/// The requests to `path` (POSTs; job reads excluded).
+fn posts_to(k: &Klaviyo, path: &str) -> usize {
+    k.requests()
+        .iter()
+        .filter(|r| r.method == "POST" && path_of(r) == path)
+        .count()
+}
+
+/// Many identifies in a batch go as one bulk profile import job, several upserts of one
+/// profile merged (later traits winning); the job is followed to its end, and each profile
+/// ends as the last identify left it. Events of the same batch go after the job was taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identifies_go_as_a_bulk_job_merged_per_profile_and_end_at_their_last_state() {
+    let k = Klaviyo::start(CURRENT).await;
+    let f = start(
+        &k,
+        &[("batch", r#"{ max_events = 1000, linger = "300ms" }"#)],
+    );
+    let mut messages = Vec::new();
+    for round in 0..3 {
+        for u in 0..20 {
+            messages.push(identify(
+                &format!("id-{round}-{u}"),
+                &format!("user-{u}"),
+                json!({"email": format!("user-{u}@example.com"), "plan": format!("plan-{round}"),
+                       "firstName": if round == 0 { "First" } else { "Again" }}),
+            ));
+        }
+    }
+    messages.extend(tracks("after", 20, 20));
+    send(&f, &messages).await;
+    arrive_valid(
+        &f,
+        &k,
+        &message_ids(&messages[60..]),
+        Duration::from_secs(20),
+    )
+    .await;
+    // One job for the 20 profiles (60 identifies merged), no single imports.
+    assert_eq!(posts_to(&k, PROFILE_JOBS), 1, "{}", k.summary());
+    assert_eq!(posts_to(&k, PROFILE_IMPORT), 0, "{}", k.summary());
+    assert_eq!(
+        k.profiles().len(),
+        20,
+        "one row per profile: {:?}",
+        k.profiles()
+    );
+    for u in 0..20 {
+        let profile = k.profile_state(&format!("user-{u}")).expect("the profile");
+        assert_eq!(profile["properties"]["plan"], "plan-2", "{profile}");
+        assert_eq!(profile["first_name"], "Again", "{profile}");
+        assert_eq!(profile["email"], format!("user-{u}@example.com"));
+        assert!(profile.get("anonymous_id").is_none(), "{profile}");
+    }
+    // The job's status was read until complete; the events went after the job was taken.
+    let requests = k.requests();
+    let job_at = requests
+        .iter()
+        .position(|r| r.method == "POST" && path_of(r) == PROFILE_JOBS)
+        .unwrap();
+    let first_event = requests.iter().position(|r| path_of(r) == BULK).unwrap();
+    assert!(job_at < first_event, "{}", k.summary());
+    assert!(
+        requests
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.ends_with("/job1"))
+            .count()
+            >= 2,
+        "followed to completion: {}",
+        k.summary()
+    );
+    assert_eq!(f.dead_letters("kl").await, Vec::<Value>::new());
+}
+
+/// A few identifies go as single imports (Klaviyo advises against jobs for a handful), and
+/// an identify whose profile is what was last sent is settled without a request, counted
+/// as skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_identify_makes_no_request() {
+    let k = Klaviyo::start(CURRENT).await;
+    let f = start(&k, &[]);
+    let first = identify(
+        "u-1",
+        "user-1",
+        json!({"email": "a@example.com", "plan": "pro"}),
+    );
+    send(&f, std::slice::from_ref(&first)).await;
+    k.wait("the first import", Duration::from_secs(10), |k| {
+        k.profiles().len() == 1
+    })
+    .await;
+    f.wait_settled("kl").await;
+    let skipped_before = f
+        .metric(
+            "fanout_deliveries_total",
+            &[("destination", "kl"), ("outcome", "skipped")],
+        )
+        .await
+        .unwrap_or(0.0);
+    // The same traits again (a page view's identify), then a change.
+    let same = identify(
+        "u-2",
+        "user-1",
+        json!({"email": "a@example.com", "plan": "pro"}),
+    );
+    send(&f, &[same]).await;
+    f.wait_settled("kl").await;
+    let skipped = f
+        .metric(
+            "fanout_deliveries_total",
+            &[("destination", "kl"), ("outcome", "skipped")],
+        )
+        .await
+        .unwrap_or(0.0);
+    assert_eq!(skipped - skipped_before, 1.0, "counted as skipped");
+    assert_eq!(posts_to(&k, PROFILE_IMPORT), 1, "{}", k.summary());
+    let changed = identify(
+        "u-3",
+        "user-1",
+        json!({"email": "a@example.com", "plan": "max"}),
+    );
+    send(&f, &[changed]).await;
+    k.wait("the changed profile", Duration::from_secs(10), |k| {
+        k.profiles().len() == 2
+    })
+    .await;
+    f.wait_settled("kl").await;
+    assert_eq!(posts_to(&k, PROFILE_IMPORT), 2, "{}", k.summary());
+    assert_eq!(
+        k.profile_state("user-1").unwrap()["properties"]["plan"],
+        "max"
+    );
+    k.assert_valid().await;
+}
+
+/// `profile_cache = { ttl = "0s" }` turns the skipping off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_profile_cache_ttl_sends_every_identify() {
+    let k = Klaviyo::start(CURRENT).await;
+    let f = start(&k, &[("profile_cache", r#"{ ttl = "0s" }"#)]);
+    for n in 0..2 {
+        let same = identify(
+            &format!("z-{n}"),
+            "user-z",
+            json!({"email": "z@example.com"}),
+        );
+        send(&f, &[same]).await;
+        f.wait_settled("kl").await;
+    }
+    assert_eq!(posts_to(&k, PROFILE_IMPORT), 2, "{}", k.summary());
+}
+
+/// A row Klaviyo refuses in a bulk job ends as a dead letter with Klaviyo's reason; the
+/// other rows and the batch's events are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_row_of_a_profile_job_is_a_dead_letter_with_klaviyos_reason() {
+    let k = Klaviyo::start(CURRENT).await;
+    let f = start(
+        &k,
+        &[("batch", r#"{ max_events = 1000, linger = "300ms" }"#)],
+    );
+    let mut messages: Vec<Value> = (0..10)
+        .map(|u| {
+            identify(
+                &format!("row-{u}"),
+                &format!("row-user-{u}"),
+                json!({"email": if u == 4 { "refuse-me@example.com".to_string() } else { format!("row-{u}@example.com") }}),
+            )
+        })
+        .collect();
+    messages.extend(tracks("rows", 5, 5));
+    send(&f, &messages).await;
+    let rows = f.wait_dead_letters("kl", 1, Duration::from_secs(20)).await;
+    f.wait_settled("kl").await;
+    assert_eq!(dead_ids(&rows), id_set(["row-4"]), "{rows:#?}");
+    let text = rows[0].to_string();
+    assert!(text.contains("The email address is not valid."), "{text}");
+    assert_eq!(posts_to(&k, PROFILE_JOBS), 1, "{}", k.summary());
+    for u in (0..10).filter(|&u| u != 4) {
+        assert!(k.profile_state(&format!("row-user-{u}")).is_some());
+    }
+    let missing = k
+        .wait_for_unique_ids(&message_ids(&messages[10..]), Duration::from_secs(5))
+        .await;
+    assert!(missing.is_empty(), "{missing:?}");
+    k.assert_valid().await;
 }

@@ -8,6 +8,7 @@ line per input line, in order: `{"ok": true}` or `{"ok": false, "error": "..."}`
 - `/api/events`                 -> EventCreateQueryV2
 - `/api/event-bulk-create-jobs` -> EventsBulkCreateJob
 - `/api/profile-import`         -> ProfileUpsertQuery
+- `/api/profile-bulk-import-jobs` -> ProfileImportJobCreateQuery
 
 `Model.from_dict(body)` raises on a body of the wrong shape (missing or mistyped fields,
 wrong `type` discriminators). The generated models ignore keys they do not know, so the
@@ -22,11 +23,13 @@ import sys
 from openapi_client.models.event_create_query_v2 import EventCreateQueryV2
 from openapi_client.models.events_bulk_create_job import EventsBulkCreateJob
 from openapi_client.models.profile_upsert_query import ProfileUpsertQuery
+from openapi_client.models.profile_import_job_create_query import ProfileImportJobCreateQuery
 
 MODELS = {
     "/api/events": EventCreateQueryV2,
     "/api/event-bulk-create-jobs": EventsBulkCreateJob,
     "/api/profile-import": ProfileUpsertQuery,
+    "/api/profile-bulk-import-jobs": ProfileImportJobCreateQuery,
 }
 
 

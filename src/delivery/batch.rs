@@ -90,6 +90,8 @@ pub struct BatchResult {
 
 enum Attempt {
     Delivered(u64),
+    /// Delivered except these messages (indices into the range sent), refused on their own.
+    PartlyRejected(Vec<(usize, Failure)>),
     Rejected(Failure),
     Exhausted(Failure),
     Stopped,
@@ -154,6 +156,17 @@ pub async fn deliver(context: Arc<DeliveryContext>, items: Vec<Item>) -> BatchRe
                 metrics.ok.increment((hi - lo) as u64);
                 mark = Some(m);
                 settle(Settled::Delivered);
+            }
+            Attempt::PartlyRejected(refused) => {
+                let count = refused.len().min(hi - lo);
+                metrics.ok.increment((hi - lo - count) as u64);
+                metrics.dead_lettered.increment(count as u64);
+                settle(Settled::Delivered);
+                for (index, failure) in refused {
+                    if let Some(&i) = sendable[lo..hi].get(index) {
+                        settled[i] = Settled::Dead(Arc::new(failure));
+                    }
+                }
             }
             Attempt::Rejected(failure) if hi - lo > 1 => {
                 tracing::info!(
@@ -238,6 +251,23 @@ async fn send_with_retries(
         drop(permit);
         let (status, retry_after, detail, answer) = match result {
             Ok(mark) => return Attempt::Delivered(mark),
+            Err(SendError::PartlyRejected { refused }) => {
+                return Attempt::PartlyRejected(
+                    refused
+                        .into_iter()
+                        .map(|r| {
+                            let failure = Failure {
+                                reason: Reason::Rejected,
+                                status: Some(r.status),
+                                response: r.answer.unwrap_or(r.detail),
+                                attempts,
+                                first_attempt_at: first_wall,
+                            };
+                            (r.index, failure)
+                        })
+                        .collect(),
+                )
+            }
             Err(SendError::Rejected {
                 status,
                 detail,

@@ -7,7 +7,10 @@ use std::time::{Duration, SystemTime};
 use super::SendError;
 
 /// Most bytes of an error answer kept (for dead letters).
-const ERROR_BODY_BYTES: usize = 4096;
+/// Kept of an answer's body: enough for a job's status or a page of import errors.
+const ERROR_BODY_BYTES: usize = 256 * 1024;
+/// Kept of an error answer (it goes with the dead letter).
+const ERROR_ANSWER_BYTES: usize = 4096;
 
 pub fn client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
@@ -21,6 +24,17 @@ pub fn client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
 
 /// Sends `request` and reads the answer into a delivery outcome.
 pub async fn send(request: reqwest::RequestBuilder) -> Result<(), SendError> {
+    send_for_answer(request).await.map(|_| ())
+}
+
+/// A 2xx answer: its body (up to a few KB) and headers.
+pub struct Answer {
+    pub body: String,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+/// Sends `request`; a 2xx answer comes back whole, anything else as a delivery outcome.
+pub async fn send_for_answer(request: reqwest::RequestBuilder) -> Result<Answer, SendError> {
     let response = request.send().await.map_err(|e| SendError::Retryable {
         status: None,
         retry_after: None,
@@ -28,15 +42,22 @@ pub async fn send(request: reqwest::RequestBuilder) -> Result<(), SendError> {
         answer: None,
     })?;
     let status = response.status().as_u16();
-    let retry_after = response
-        .headers()
+    let headers = response.headers().clone();
+    let retry_after = headers
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, SystemTime::now()));
     // Read the body even on success, so the connection goes back to the pool.
     let body = read_limited(response).await;
-    match classify(status, retry_after, body) {
-        None => Ok(()),
+    if (200..300).contains(&status) {
+        return Ok(Answer { body, headers });
+    }
+    let mut cut = body.len().min(ERROR_ANSWER_BYTES);
+    while !body.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    match classify(status, retry_after, body[..cut].to_string()) {
+        None => Ok(Answer { body, headers }),
         Some(e) => Err(e),
     }
 }

@@ -57,6 +57,19 @@ pub enum SendError {
         detail: String,
         answer: Option<String>,
     },
+    /// The batch went, except these messages, which the destination refused on their own
+    /// (e.g. rows of an asynchronous import job); the rest are delivered.
+    #[error("{} messages of the batch refused", refused.len())]
+    PartlyRejected { refused: Vec<Refusal> },
+}
+
+/// One message of a batch the destination refused: its index in the batch `send` got.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub index: usize,
+    pub status: u16,
+    pub detail: String,
+    pub answer: Option<String>,
 }
 
 impl SendError {
@@ -73,6 +86,7 @@ impl SendError {
         match self {
             SendError::Retryable { status, .. } => *status,
             SendError::Rejected { status, .. } => Some(*status),
+            SendError::PartlyRejected { refused } => refused.first().map(|r| r.status),
         }
     }
 }

@@ -13,6 +13,8 @@
 //!   `EventCreateQueryV2`).
 //! - `POST /api/profile-import` (`ProfileUpsertQuery`): the profile's attributes; that
 //!   model has no `anonymous_id`, so it is not written.
+//! - `POST /api/profile-bulk-import-jobs` (`ProfileImportJobCreateQuery`): the same profile
+//!   resources, between `PROFILE_JOB_HEAD` and `PROFILE_JOB_TAIL`.
 //! - `POST /api/event-bulk-create-jobs` (`EventsBulkCreateJob`, current revisions only): one
 //!   `event-bulk-create` item per event (its profile and a one-event list), between
 //!   `BULK_JOB_HEAD` and `BULK_JOB_TAIL`, comma-separated.
@@ -32,6 +34,24 @@ pub const BULK_JOB_HEAD: &str =
     r#"{"data":{"type":"event-bulk-create-job","attributes":{"events-bulk-create":{"data":["#;
 /// Everything of a bulk job body after its items.
 pub const BULK_JOB_TAIL: &str = "]}}}}";
+
+/// Everything of a profile bulk import job body before its profiles.
+pub const PROFILE_JOB_HEAD: &str =
+    r#"{"data":{"type":"profile-bulk-import-job","attributes":{"profiles":{"data":["#;
+/// Everything of a profile bulk import job body after its profiles.
+pub const PROFILE_JOB_TAIL: &str = "]}}}}";
+
+/// Appends one profile of `POST /api/profile-bulk-import-jobs`
+/// (`ProfileImportJobCreateQuery`): the same resource `/api/profile-import` takes.
+pub fn write_profile_item(out: &mut Vec<u8>, upsert: &ProfileUpsert) {
+    write(
+        out,
+        &Resource {
+            kind: "profile",
+            attributes: ProfileAttributes::of(&upsert.profile, false),
+        },
+    );
+}
 
 /// Appends the `POST /api/events` body of `event` in `revision`'s shape.
 pub fn write_event(out: &mut Vec<u8>, event: &KlaviyoEvent, revision: Revision) {

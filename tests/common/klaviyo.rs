@@ -5,13 +5,22 @@
 //! what a test scripts: queued replies (`receiver.push_reply`) first, then a reply for any
 //! request holding a given `unique_id` (`answer_for`).
 //!
+//! Profile bulk import jobs are taken (`202` with a job id), report `processing` on their
+//! first status read and `complete` after, with an import error for every profile whose
+//! email contains `refuse` (such a profile sent to `/api/profile-import` gets a `400`).
+//! Every profile that went in is applied to a store of profiles (`profile_state`), later
+//! values winning, as Klaviyo keeps them. Each endpoint enforces Klaviyo's documented
+//! limits (a burst per second and a steady rate per minute, fixed windows): past them a
+//! `429` with `Retry-After`; every other answer carries `RateLimit-Limit / -Remaining /
+//! -Reset` for the tighter window (`too_many` counts the 429s).
+//!
 //! The recorded bodies are read back as events and profiles (`events`, `profiles`), and
 //! checked with `assert_valid`: headers, and every body against the models of Klaviyo's
 //! official Python SDK (`tests/klaviyo_models.py`, run with the venv `scripts/test` creates:
 //! `FANOUT_KLAVIYO_PYTHON`, default `target/klaviyo-venv/bin/python`), or, for revision
 //! 2023-01-24 (which that SDK no longer models), against seed 002's flat shape.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -34,6 +43,37 @@ pub const FLAT: &str = "2023-01-24";
 pub const EVENTS: &str = "/api/events";
 pub const BULK: &str = "/api/event-bulk-create-jobs";
 pub const PROFILE_IMPORT: &str = "/api/profile-import";
+pub const PROFILE_JOBS: &str = "/api/profile-bulk-import-jobs";
+
+/// Per endpoint: (burst per second, steady per minute), Klaviyo's documented limits.
+fn limits_of(path: &str) -> (u32, u32) {
+    match path {
+        EVENTS => (350, 3500),
+        BULK | PROFILE_JOBS => (10, 150),
+        PROFILE_IMPORT => (75, 750),
+        _ => (350, 3500), // reads of jobs
+    }
+}
+
+/// What the receiver keeps between requests: jobs, the profiles as Klaviyo would hold
+/// them, and each endpoint's rate windows.
+#[derive(Default)]
+struct State {
+    jobs: HashMap<String, Job>,
+    next_job: u64,
+    /// By external_id (else email): the profile's attributes.
+    profiles: HashMap<String, serde_json::Map<String, Value>>,
+    /// Per endpoint: (second, count in it, minute, count in it).
+    windows: HashMap<String, (u64, u32, u64, u32)>,
+    too_many: u64,
+}
+
+struct Job {
+    total: usize,
+    /// (row, detail) of the refused profiles.
+    refused: Vec<(usize, String)>,
+    reads: u32,
+}
 
 /// Klaviyo's JSON:API media type (revision 2023-01-24 used `application/json`).
 pub const JSON_API: &str = "application/vnd.api+json";
@@ -72,6 +112,7 @@ pub struct Klaviyo {
     pub receiver: Receiver,
     expect: Arc<Mutex<Expect>>,
     rules: Arc<Mutex<Vec<(String, Reply)>>>,
+    state: Arc<Mutex<State>>,
 }
 
 /// One event as sent, whichever body carried it.
@@ -99,13 +140,30 @@ impl Klaviyo {
             revision: revision.to_string(),
         }));
         let rules: Arc<Mutex<Vec<(String, Reply)>>> = Arc::new(Mutex::new(Vec::new()));
-        let (e, r) = (expect.clone(), rules.clone());
-        receiver.respond_with(move |request| Some(answer(request, &e.lock().unwrap(), &r)));
+        let state = Arc::new(Mutex::new(State::default()));
+        let (e, r, st) = (expect.clone(), rules.clone(), state.clone());
+        receiver.respond_with(move |request| {
+            let expect = e.lock().unwrap();
+            let mut state = st.lock().unwrap();
+            Some(answer(request, &expect, &r, &mut state))
+        });
         Klaviyo {
             receiver,
             expect,
             rules,
+            state,
         }
+    }
+
+    /// The profile Klaviyo would hold for `id` (an external_id, else an email).
+    pub fn profile_state(&self, id: &str) -> Option<Value> {
+        let state = self.state.lock().unwrap();
+        state.profiles.get(id).cloned().map(Value::Object)
+    }
+
+    /// How many requests were answered 429.
+    pub fn too_many(&self) -> u64 {
+        self.state.lock().unwrap().too_many
     }
 
     /// The `base_url` for fanout's config.
@@ -145,16 +203,13 @@ impl Klaviyo {
             .collect()
     }
 
-    /// The profile attributes of the profile-imports answered with a 2xx, in order.
+    /// The profile attributes of the profile-imports and profile jobs answered with a
+    /// 2xx, in order.
     pub fn profiles(&self) -> Vec<Value> {
         self.requests()
             .iter()
-            .filter(|r| r.ok() && path_of(r) == PROFILE_IMPORT)
-            .map(|r| {
-                r.json().map_or(Value::Null, |b| {
-                    b.pointer("/data/attributes").cloned().unwrap_or_default()
-                })
-            })
+            .filter(|r| r.ok())
+            .flat_map(|r| profiles_of(r).into_iter().map(|(_, p)| p))
             .collect()
     }
 
@@ -244,7 +299,18 @@ impl Klaviyo {
         let mut for_sdk = Vec::new();
         for (i, r) in requests.iter().enumerate() {
             let path = path_of(r);
-            if r.method != "POST" || ![EVENTS, BULK, PROFILE_IMPORT].contains(&path) {
+            if r.method == "GET" && path.starts_with(PROFILE_JOBS) {
+                // A read has no body, so no content-type.
+                let problems_here = header_problems(r, &revision, &api_key);
+                for p in problems_here
+                    .into_iter()
+                    .filter(|p| !p.starts_with("content-type"))
+                {
+                    problems.push(format!("#{i} {path}: {p}"));
+                }
+                continue;
+            }
+            if r.method != "POST" || ![EVENTS, BULK, PROFILE_IMPORT, PROFILE_JOBS].contains(&path) {
                 problems.push(format!(
                     "#{i}: {} {} is no Klaviyo endpoint",
                     r.method, r.path
@@ -370,9 +436,13 @@ fn answer(
     request: &ReceivedRequest,
     expect: &Expect,
     rules: &Mutex<Vec<(String, Reply)>>,
+    state: &mut State,
 ) -> Reply {
     let path = path_of(request);
-    if request.method != "POST" || ![EVENTS, BULK, PROFILE_IMPORT].contains(&path) {
+    let job_read = request.method == "GET" && path.starts_with(&format!("{PROFILE_JOBS}/"));
+    let known =
+        request.method == "POST" && [EVENTS, BULK, PROFILE_IMPORT, PROFILE_JOBS].contains(&path);
+    if !known && !job_read {
         return reply(
             404,
             &error_body(404, "not_found", "Not found.", "Not found.", ""),
@@ -407,6 +477,141 @@ fn answer(
             ),
         );
     }
+    let endpoint = if job_read { "job reads" } else { path };
+    let limits = match state.take(endpoint, request.at) {
+        Ok(limits) => limits,
+        Err(retry_after) => {
+            state.too_many += 1;
+            let mut r = reply(
+                429,
+                &error_body(
+                    429,
+                    "throttled",
+                    "Request was throttled.",
+                    "Request was throttled.",
+                    "",
+                ),
+            );
+            r.headers
+                .push(("Retry-After".into(), retry_after.to_string()));
+            return r;
+        }
+    };
+    let mut r = answer_within_limits(request, path, rules, state);
+    r.headers.extend(limits);
+    r
+}
+
+impl State {
+    /// Counts a request against `endpoint`'s windows: its `RateLimit-*` headers, or how
+    /// many seconds to wait (`Retry-After`) when a window is full.
+    fn take(&mut self, endpoint: &str, at: Instant) -> Result<Vec<(String, String)>, u64> {
+        let (burst, steady) = limits_of(endpoint);
+        let now = at.duration_since(*EPOCH).as_millis() as u64;
+        let (second, minute) = (now / 1000, now / 60_000);
+        let w = self
+            .windows
+            .entry(endpoint.to_string())
+            .or_insert((second, 0, minute, 0));
+        if w.0 != second {
+            *w = (second, 0, w.2, w.3);
+        }
+        if w.2 != minute {
+            *w = (w.0, w.1, minute, 0);
+        }
+        if w.3 >= steady {
+            return Err(60 - (now / 1000) % 60);
+        }
+        if w.1 >= burst {
+            return Err(1);
+        }
+        w.1 += 1;
+        w.3 += 1;
+        // The tighter window's figures.
+        let (limit, left, reset) = if burst - w.1 <= steady - w.3 {
+            (burst, burst - w.1, 1)
+        } else {
+            (steady, steady - w.3, 60 - (now / 1000) % 60)
+        };
+        Ok(vec![
+            ("RateLimit-Limit".into(), limit.to_string()),
+            ("RateLimit-Remaining".into(), left.to_string()),
+            ("RateLimit-Reset".into(), reset.to_string()),
+        ])
+    }
+
+    /// Applies a profile's attributes as Klaviyo keeps them (later non-null values win,
+    /// custom properties key by key).
+    fn apply(&mut self, attributes: &Value) {
+        let Some(key) = attributes["external_id"]
+            .as_str()
+            .or_else(|| attributes["email"].as_str())
+        else {
+            return;
+        };
+        let profile = self.profiles.entry(key.to_string()).or_default();
+        for (k, v) in attributes.as_object().into_iter().flatten() {
+            match (k.as_str(), v) {
+                (_, Value::Null) => {}
+                ("properties", Value::Object(props)) => {
+                    let into = profile.entry("properties").or_insert_with(|| json!({}));
+                    for (pk, pv) in props {
+                        into[pk] = pv.clone();
+                    }
+                }
+                _ => {
+                    profile.insert(k.clone(), v.clone());
+                }
+            }
+        }
+    }
+}
+
+static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+/// Whether this profile is one the receiver refuses (its email says so).
+fn refused(attributes: &Value) -> bool {
+    attributes["email"]
+        .as_str()
+        .is_some_and(|e| e.contains("refuse"))
+}
+
+/// The profiles a request carries, with their row: one for a profile-import, the job's
+/// list for a bulk import job.
+pub fn profiles_of(r: &ReceivedRequest) -> Vec<(usize, Value)> {
+    let Some(body) = r.json() else {
+        return Vec::new();
+    };
+    match path_of(r) {
+        PROFILE_IMPORT if r.method == "POST" => {
+            vec![(
+                0,
+                body.pointer("/data/attributes")
+                    .cloned()
+                    .unwrap_or_default(),
+            )]
+        }
+        PROFILE_JOBS if r.method == "POST" => body
+            .pointer("/data/attributes/profiles/data")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, p)| (i, p["attributes"].clone()))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn answer_within_limits(
+    request: &ReceivedRequest,
+    path: &str,
+    rules: &Mutex<Vec<(String, Reply)>>,
+    state: &mut State,
+) -> Reply {
+    if request.method == "GET" {
+        return job_read(path, state);
+    }
     let ids: HashSet<String> = events_of(0, request)
         .into_iter()
         .filter_map(|e| e.unique_id)
@@ -435,11 +640,53 @@ fn answer(
             }})
             .to_string(),
         ),
+        PROFILE_JOBS => {
+            let profiles = profiles_of(request);
+            let mut refusals = Vec::new();
+            for (row, attributes) in &profiles {
+                if refused(attributes) {
+                    refusals.push((*row, "The email address is not valid.".to_string()));
+                } else {
+                    state.apply(attributes);
+                }
+            }
+            state.next_job += 1;
+            let id = format!("job{}", state.next_job);
+            state.jobs.insert(
+                id.clone(),
+                Job {
+                    total: profiles.len(),
+                    refused: refusals,
+                    reads: 0,
+                },
+            );
+            reply(
+                202,
+                &json!({"data": {"type": "profile-bulk-import-job", "id": id,
+                    "attributes": {"status": "queued", "total_count": profiles.len(),
+                                   "completed_count": 0, "failed_count": 0,
+                                   "created_at": "2026-11-29T00:00:00+00:00"}}})
+                .to_string(),
+            )
+        }
         _ => {
             let attributes = request
                 .json()
                 .and_then(|b| b.pointer("/data/attributes").cloned())
                 .unwrap_or_default();
+            if refused(&attributes) {
+                return reply(
+                    400,
+                    &error_body(
+                        400,
+                        "invalid",
+                        "Invalid input.",
+                        "The email address is not valid.",
+                        "/data/attributes/email",
+                    ),
+                );
+            }
+            state.apply(&attributes);
             reply(
                 201,
                 &json!({"data": {"type": "profile", "id": "01PROFILE", "attributes": attributes}})
@@ -447,6 +694,59 @@ fn answer(
             )
         }
     }
+}
+
+/// `GET /api/profile-bulk-import-jobs/{id}` (processing at the first read, complete
+/// after) and `…/{id}/import-errors`.
+fn job_read(path: &str, state: &mut State) -> Reply {
+    let rest = path
+        .trim_start_matches(PROFILE_JOBS)
+        .trim_start_matches('/');
+    let (id, errors) = match rest.split_once('/') {
+        Some((id, "import-errors")) => (id, true),
+        Some(_) => {
+            return reply(
+                404,
+                &error_body(404, "not_found", "Not found.", "Not found.", ""),
+            )
+        }
+        None => (rest, false),
+    };
+    let Some(job) = state.jobs.get_mut(id) else {
+        return reply(
+            404,
+            &error_body(404, "not_found", "Not found.", "No such job.", ""),
+        );
+    };
+    if errors {
+        let data: Vec<Value> = job
+            .refused
+            .iter()
+            .map(|(row, detail)| {
+                json!({"type": "import-error", "id": format!("{id}-{row}"), "attributes": {
+                    "code": "invalid", "title": "Invalid input.", "detail": detail,
+                    "source": {"pointer": format!("/data/attributes/profiles/data/{row}/attributes/email")},
+                    "original_payload": {}}})
+            })
+            .collect();
+        return reply(
+            200,
+            &json!({"data": data, "links": {"self": path, "next": null}}).to_string(),
+        );
+    }
+    job.reads += 1;
+    let done = job.reads > 1;
+    let failed = if done { job.refused.len() } else { 0 };
+    reply(
+        200,
+        &json!({"data": {"type": "profile-bulk-import-job", "id": id, "attributes": {
+            "status": if done { "complete" } else { "processing" },
+            "total_count": job.total,
+            "completed_count": if done { job.total - failed } else { 0 },
+            "failed_count": failed,
+            "created_at": "2026-11-29T00:00:00+00:00"}}})
+        .to_string(),
+    )
 }
 
 /// What is wrong with a request's headers for `revision` and `api_key`.
