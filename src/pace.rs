@@ -110,6 +110,23 @@ impl Backoff {
 mod tests {
     use super::*;
 
+    #[tokio::test(start_paused = true)]
+    async fn the_receivers_remaining_count_wins() {
+        let limiter = RateLimiter::new(10.0, 10);
+        // The receiver says 2 are left of its window: only 2 go at once.
+        limiter.observe(2, Duration::from_secs(1));
+        let now = Instant::now();
+        assert_eq!(limiter.try_take(2.0, now), None);
+        assert!(limiter.try_take(1.0, now).is_some());
+        // Nothing left until its reset in 3 s: the next one waits at least that long.
+        limiter.observe(0, Duration::from_secs(3));
+        let wait = limiter.try_take(1.0, Instant::now()).unwrap();
+        assert!(wait >= Duration::from_secs(3), "{wait:?}");
+        let start = Instant::now();
+        limiter.acquire(1).await;
+        assert!(start.elapsed() >= Duration::from_secs(3));
+    }
+
     #[test]
     fn burst_then_rate() {
         let limiter = RateLimiter::new(50.0, 50);

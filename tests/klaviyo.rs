@@ -1114,3 +1114,40 @@ async fn a_refused_row_of_a_profile_job_is_a_dead_letter_with_klaviyos_reason() 
     assert!(missing.is_empty(), "{missing:?}");
     k.assert_valid().await;
 }
+
+/// A profile job that takes long holds only its own users: another user's event sent
+/// meanwhile is delivered while the job is still processing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_other_users_do_not_wait_for_a_slow_profile_job() {
+    let k = Klaviyo::start(CURRENT).await;
+    k.slow_jobs(Duration::from_secs(6));
+    let f = start(
+        &k,
+        &[("batch", r#"{ max_events = 1000, linger = "100ms" }"#)],
+    );
+    let identifies: Vec<Value> = (0..10)
+        .map(|u| {
+            identify(
+                &format!("slow-{u}"),
+                &format!("slow-user-{u}"),
+                json!({"email": format!("slow-{u}@example.com")}),
+            )
+        })
+        .collect();
+    send(&f, &identifies).await;
+    k.wait("the profile job", Duration::from_secs(10), |k| {
+        posts_to(k, PROFILE_JOBS) == 1
+    })
+    .await;
+    let other = track("quick-1", "quick-user", "Quick", json!({}));
+    let sent_at = std::time::Instant::now();
+    send(&f, &[other]).await;
+    let missing = k
+        .wait_for_unique_ids(&id_set(["quick-1"]), Duration::from_secs(3))
+        .await;
+    assert!(missing.is_empty(), "{}", k.summary());
+    assert!(!k.jobs_complete(), "the job was still processing");
+    assert!(sent_at.elapsed() < Duration::from_secs(3));
+    f.wait_settled("kl").await;
+    k.assert_valid().await;
+}

@@ -56,7 +56,7 @@ pub struct DestinationConfig {
 /// The delivery knobs of HTTP kinds.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct HttpConfig {
-    /// Batches sent at once (default 1).
+    /// Batches sent at once (default 1; Klaviyo 4).
     pub concurrency: Option<usize>,
     /// Keep each user's messages in the order accepted (default true).
     pub ordering: Option<bool>,
@@ -244,7 +244,9 @@ impl DestinationConfig {
     }
 
     pub fn concurrency(&self) -> usize {
-        self.http.concurrency.unwrap_or(1)
+        self.http
+            .concurrency
+            .unwrap_or_else(|| self.settings.batch_shape().concurrency)
     }
 
     pub fn ordering(&self) -> bool {
@@ -276,6 +278,8 @@ pub struct BatchShape {
     pub limited_by: &'static str,
     /// One message per request whatever `batch` says (a webhook with `payload = "message"`).
     pub one_per_request: bool,
+    /// Batches sending at once unless `concurrency` says otherwise.
+    pub concurrency: usize,
 }
 
 impl BatchShape {
@@ -288,7 +292,13 @@ impl BatchShape {
             max_bytes: 256 * 1024 * 1024,
             limited_by: "fanout's bound",
             one_per_request: false,
+            concurrency: 1,
         }
+    }
+
+    pub const fn with_concurrency(mut self, concurrency: usize) -> BatchShape {
+        self.concurrency = concurrency;
+        self
     }
 }
 

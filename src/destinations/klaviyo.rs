@@ -59,6 +59,8 @@ const PROFILE_JOBS: &str = "/api/profile-bulk-import-jobs";
 const BULK_JOBS: &str = "/api/event-bulk-create-jobs";
 const EVENTS: &str = "/api/events";
 
+/// Batches sending at once by default.
+const KLAVIYO_CONCURRENCY: usize = 4;
 /// More merged profiles than this in a batch go as a bulk import job.
 const PROFILE_JOB_AFTER: usize = 5;
 const PROFILE_JOB_MAX: usize = 10_000;
@@ -131,12 +133,14 @@ impl Kind for KlaviyoConfig {
     }
 
     fn batch_shape(&self) -> BatchShape {
-        // A bulk job takes up to 1 000 events and 5 MB.
-        if self.bulk != Some(false) {
+        // A bulk job takes up to 1 000 events and 5 MB. Four batches at once: while one
+        // waits for its profile job to finish, other users' messages keep going.
+        let shape = if self.bulk != Some(false) {
             BatchShape::new(1000, 4 * 1024 * 1024, 1000)
         } else {
             BatchShape::new(100, 4 * 1024 * 1024, 200)
-        }
+        };
+        shape.with_concurrency(KLAVIYO_CONCURRENCY)
     }
 
     fn build(
@@ -759,4 +763,89 @@ fn rate_limit_left(headers: &reqwest::header::HeaderMap) -> Option<(u32, Duratio
 /// The translation `check` prepared for a message.
 fn prepared<'a>(message: &Outgoing<'a>) -> Option<&'a Translation> {
     message.prepared?.downcast_ref::<Translation>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_headers_are_read_for_the_tightest_window() {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("RateLimit-Remaining", "7, 7;w=1, 140;w=60".parse().unwrap());
+        headers.insert("RateLimit-Reset", "1".parse().unwrap());
+        assert_eq!(rate_limit_left(&headers), Some((7, Duration::from_secs(1))));
+        headers.insert("RateLimit-Remaining", "0".parse().unwrap());
+        headers.insert("RateLimit-Reset", "42".parse().unwrap());
+        assert_eq!(
+            rate_limit_left(&headers),
+            Some((0, Duration::from_secs(42)))
+        );
+        assert_eq!(rate_limit_left(&reqwest::header::HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn import_error_pointers_name_their_row() {
+        assert_eq!(
+            row_of_pointer("/data/attributes/profiles/data/12/attributes/email"),
+            Some(12)
+        );
+        assert_eq!(row_of_pointer("/data/attributes/email"), None);
+    }
+
+    #[test]
+    fn upserts_of_one_profile_merge_later_traits_winning() {
+        let upsert = |external: &str, plan: &str, first: Option<&str>| ProfileUpsert {
+            profile: Profile {
+                external_id: Some(external.to_string()),
+                first_name: first.map(str::to_string),
+                properties: serde_json::json!({"plan": plan})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+                ..Profile::default()
+            },
+        };
+        let (a1, b1, a2) = (
+            upsert("a", "free", Some("Ann")),
+            upsert("b", "pro", None),
+            upsert("a", "max", None),
+        );
+        let merged = merge_profiles(&[(0, &a1), (1, &b1), (2, &a2)]);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(merged[0].messages, vec![0, 2]);
+        let a = &merged[0].upsert.profile;
+        assert_eq!(a.properties["plan"], "max");
+        assert_eq!(
+            a.first_name.as_deref(),
+            Some("Ann"),
+            "a missing trait keeps the earlier"
+        );
+        assert_eq!(merged[1].messages, vec![1]);
+    }
+
+    #[test]
+    fn a_handful_of_profiles_go_one_by_one_more_as_jobs() {
+        let upserts: Vec<ProfileUpsert> = (0..12)
+            .map(|i| ProfileUpsert {
+                profile: Profile {
+                    email: Some(format!("u{i}@example.com")),
+                    ..Profile::default()
+                },
+            })
+            .collect();
+        let refs: Vec<&ProfileUpsert> = upserts.iter().collect();
+        let few = profile_requests(&refs[..PROFILE_JOB_AFTER]);
+        assert!(few.iter().all(|(r, _)| r.path == PROFILE_IMPORT));
+        let many = profile_requests(&refs);
+        assert_eq!(many.len(), 1);
+        assert_eq!(many[0].0.path, PROFILE_JOBS);
+        assert_eq!(many[0].1, 0..12);
+        let body: serde_json::Value = serde_json::from_slice(&many[0].0.body).unwrap();
+        assert_eq!(body["data"]["type"], "profile-bulk-import-job");
+        assert_eq!(
+            body["data"]["attributes"]["profiles"]["data"][11]["attributes"]["email"],
+            "u11@example.com"
+        );
+    }
 }

@@ -66,6 +66,8 @@ struct State {
     /// Per endpoint: (second, count in it, minute, count in it).
     windows: HashMap<String, (u64, u32, u64, u32)>,
     too_many: u64,
+    /// Jobs report `processing` until this long after they were taken.
+    job_time: Duration,
 }
 
 struct Job {
@@ -73,6 +75,7 @@ struct Job {
     /// (row, detail) of the refused profiles.
     refused: Vec<(usize, String)>,
     reads: u32,
+    taken: Instant,
 }
 
 /// Klaviyo's JSON:API media type (revision 2023-01-24 used `application/json`).
@@ -159,6 +162,20 @@ impl Klaviyo {
     pub fn profile_state(&self, id: &str) -> Option<Value> {
         let state = self.state.lock().unwrap();
         state.profiles.get(id).cloned().map(Value::Object)
+    }
+
+    /// Profile jobs take at least `time` to complete from now on.
+    pub fn slow_jobs(&self, time: Duration) {
+        self.state.lock().unwrap().job_time = time;
+    }
+
+    /// Whether every profile job taken so far reported `complete`.
+    pub fn jobs_complete(&self) -> bool {
+        let state = self.state.lock().unwrap();
+        state
+            .jobs
+            .values()
+            .all(|j| j.reads > 1 && j.taken.elapsed() >= state.job_time)
     }
 
     /// How many requests were answered 429.
@@ -658,6 +675,7 @@ fn answer_within_limits(
                     total: profiles.len(),
                     refused: refusals,
                     reads: 0,
+                    taken: request.at,
                 },
             );
             reply(
@@ -712,6 +730,7 @@ fn job_read(path: &str, state: &mut State) -> Reply {
         }
         None => (rest, false),
     };
+    let job_time = state.job_time;
     let Some(job) = state.jobs.get_mut(id) else {
         return reply(
             404,
@@ -735,7 +754,7 @@ fn job_read(path: &str, state: &mut State) -> Reply {
         );
     }
     job.reads += 1;
-    let done = job.reads > 1;
+    let done = job.reads > 1 && job.taken.elapsed() >= job_time;
     let failed = if done { job.refused.len() } else { 0 };
     reply(
         200,
