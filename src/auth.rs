@@ -12,7 +12,7 @@ use base64::Engine;
 use http::header::{HeaderMap, AUTHORIZATION};
 use subtle::ConstantTimeEq;
 
-use crate::config::SourceConfig;
+use crate::config::{BrowserBatching, SourceConfig};
 
 /// The credential a request's headers carry.
 #[derive(Debug, PartialEq, Eq)]
@@ -74,6 +74,8 @@ fn non_empty(key: &str) -> Credential {
 /// The configured sources and their keys.
 pub struct Sources {
     keys: Vec<(Box<[u8]>, Arc<str>)>,
+    /// Per source, how the browser library should batch (`browser.batching`).
+    batching: HashMap<Arc<str>, BrowserBatching>,
 }
 
 impl Sources {
@@ -84,8 +86,12 @@ impl Sources {
     pub fn from_config(sources: &[SourceConfig]) -> anyhow::Result<Sources> {
         let mut keys: Vec<(Box<[u8]>, Arc<str>)> = Vec::new();
         let mut owners: HashMap<String, (Arc<str>, &'static str)> = HashMap::new();
+        let mut batching = HashMap::new();
         for source in sources {
             let name: Arc<str> = Arc::from(source.name.as_str());
+            if let Some(b) = &source.browser.batching {
+                batching.insert(name.clone(), b.clone());
+            }
             let mut source_keys: Vec<(String, &'static str)> = source
                 .write_keys
                 .iter()
@@ -131,7 +137,12 @@ impl Sources {
                  would be refused with 401"
             );
         }
-        Ok(Sources { keys })
+        Ok(Sources { keys, batching })
+    }
+
+    /// How the browser library should batch for `source`, if it should.
+    pub fn batching(&self, source: &str) -> Option<&BrowserBatching> {
+        self.batching.get(source)
     }
 
     /// The source owning `key`. Compares against every key so timing says nothing of
@@ -205,18 +216,8 @@ mod tests {
     #[test]
     fn maps_keys_to_sources() {
         let sources = Sources::from_config(&[
-            SourceConfig {
-                name: "web".into(),
-                write_keys: vec!["k1".into()],
-                write_keys_env: None,
-                dedupe: Default::default(),
-            },
-            SourceConfig {
-                name: "app".into(),
-                write_keys: vec!["k2".into(), "k3".into()],
-                write_keys_env: None,
-                dedupe: Default::default(),
-            },
+            source("web", &["k1"], None),
+            source("app", &["k2", "k3"], None),
         ])
         .unwrap();
         assert_eq!(sources.authenticate("k3").as_deref(), Some("app"));
@@ -231,6 +232,7 @@ mod tests {
             write_keys: keys.iter().map(|k| k.to_string()).collect(),
             write_keys_env: env.map(String::from),
             dedupe: Default::default(),
+            browser: Default::default(),
         }
     }
 

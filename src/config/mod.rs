@@ -16,8 +16,9 @@ use toml::de::DeTable;
 
 pub use errors::ConfigError;
 pub use sections::{
-    AdminConfig, CorsConfig, DedupeBackend, DedupeConfig, LimitsConfig, QueueBackend, QueueConfig,
-    RedisFailure, ServerConfig, SourceConfig, SourceDedupeConfig,
+    AdminConfig, BrowserBatching, BrowserConfig, CorsConfig, DedupeBackend, DedupeConfig,
+    LimitsConfig, QueueBackend, QueueConfig, RedisFailure, ServerConfig, SourceConfig,
+    SourceDedupeConfig,
 };
 
 use crate::destinations::DestinationConfig;
@@ -46,6 +47,8 @@ pub struct Config<D = DestinationConfig> {
     pub destinations: Vec<D>,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub browser: BrowserConfig,
 }
 
 impl Config {
@@ -118,6 +121,7 @@ impl Config<toml::Table> {
             sources: self.sources,
             destinations,
             admin: self.admin,
+            browser: self.browser,
         })
     }
 }

@@ -210,6 +210,37 @@ pub struct SourceConfig {
     /// `dedupe = { enabled = false }` turns messageId dedupe off for this source.
     #[serde(default)]
     pub dedupe: SourceDedupeConfig,
+    /// What the browser library is told for this source's keys (`/v1/projects/…/settings`).
+    #[serde(default)]
+    pub browser: SourceBrowserConfig,
+}
+
+/// `browser = { batching = { size = 10, timeout = "5s" } }`: the browser library batches
+/// (its `deliveryStrategy`) instead of sending each call at once.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceBrowserConfig {
+    pub batching: Option<BrowserBatching>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrowserBatching {
+    /// Calls per batch.
+    pub size: u32,
+    /// Longest a call waits for its batch.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+/// `[browser]`: where `GET /v1/projects/{writeKey}/settings` sends the browser library.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrowserConfig {
+    /// `host[:port]` the library sends to (`/v1` is added); default: the request's Host.
+    pub api_host: Option<String>,
+    /// `http` or `https`; default: the scheme the request arrived with.
+    pub protocol: Option<String>,
 }
 
 /// Per-source dedupe switch.

@@ -34,6 +34,35 @@ impl Config {
                 return Err(err(key.into(), "must be more than 0, e.g. \"30s\"".into()));
             }
         }
+        if let Some(protocol) = &self.browser.protocol {
+            if protocol != "http" && protocol != "https" {
+                return Err(err(
+                    "browser.protocol".into(),
+                    "must be \"http\" or \"https\"".into(),
+                ));
+            }
+        }
+        if let Some(host) = &self.browser.api_host {
+            if host.is_empty() || host.contains("://") || host.contains('/') {
+                return Err(err(
+                    "browser.api_host".into(),
+                    "must be host[:port] without scheme or path, e.g. \"events.example.com\" \
+                     (fanout adds /v1)"
+                        .into(),
+                ));
+            }
+        }
+        for (i, source) in self.sources.iter().enumerate() {
+            if let Some(batching) = &source.browser.batching {
+                if batching.size == 0 || batching.timeout.is_zero() {
+                    return Err(err(
+                        format!("sources[{i}].browser.batching"),
+                        "size and timeout must be more than 0, e.g. { size = 10, timeout = \"5s\" }"
+                            .into(),
+                    ));
+                }
+            }
+        }
         if self.cors.max_age.subsec_nanos() != 0 {
             return Err(err(
                 "cors.max_age".into(),

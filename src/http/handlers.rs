@@ -63,7 +63,7 @@ pub async fn batch(
 }
 
 /// The Segment API's path through the pipeline: a single call of type `kind`, or a batch.
-async fn accept_segment(
+pub(super) async fn accept_segment(
     app: &App,
     kind: Option<MessageType>,
     headers: &HeaderMap,

@@ -3,6 +3,7 @@
 
 mod admin;
 mod admission;
+mod browser;
 mod error;
 mod handlers;
 mod observe;
@@ -52,6 +53,8 @@ pub struct App {
     pub reload: tokio::sync::mpsc::Sender<ReloadRequest>,
     /// Wall time: what `receivedAt` says.
     pub clock: crate::clock::Clock,
+    /// Where the browser settings send the library.
+    pub browser: crate::config::BrowserConfig,
 }
 
 /// Single-call paths: long names, and the browser library's one-letter ones.
@@ -78,6 +81,8 @@ pub fn router(app: Arc<App>, config: &Config, with_admin: bool) -> Router {
         .route("/v1/import", post(handlers::batch))
         .route("/v1/b", post(handlers::batch))
         .route("/v1/m", post(handlers::client_metrics))
+        .route("/v1/projects/{write_key}/settings", get(browser::settings))
+        .route("/v1/pixel/{call}", get(browser::pixel))
         .route("/event/batch", post(handlers::event_batch))
         .route("/api/v1/event", post(handlers::person_event))
         .route("/health", get(handlers::health))

@@ -70,6 +70,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
         admin_token,
         reload: reload_tx,
         clock: options.clock,
+        browser: config.browser.clone(),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);

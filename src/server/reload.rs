@@ -142,6 +142,7 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
         ("dedupe", old.dedupe != new.dedupe),
         ("admin", old.admin != new.admin),
         ("queue", old.queue != new.queue),
+        ("browser", old.browser != new.browser),
     ]
     .into_iter()
     .filter_map(|(section, changed)| changed.then_some(section))
