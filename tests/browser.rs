@@ -1,11 +1,113 @@
 //! What browsers need besides the tracking calls: the settings analytics-next fetches when
 //! its `cdnURL` points at fanout, and Segment's pixel API (`<img>` tags, e-mail opens).
+//! The library itself runs in a real headless Chromium (Debian `chromium`, driven by
+//! `playwright-core` from npm through `tests/browser/drive.cjs`; both installed by
+//! `scripts/test`, which exports `FANOUT_CHROMIUM` and `FANOUT_BROWSER_DEPS`).
 
 mod common;
 
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+
 use base64::Engine as _;
+use common::receiver::{Receiver, Reply};
 use common::{client, Fanout, Settings, WRITE_KEY};
 use serde_json::{json, Value};
+
+/// A page that loads analytics-next's UMD bundle and nothing else.
+const PAGE: &str = "<!doctype html><html><head><title>fanout browser test</title>\
+<script src=\"/analytics.js\"></script></head><body><h1>A site on fanout</h1></body></html>";
+
+/// A path from the environment `scripts/test` sets up; missing is a failure, never a skip.
+fn required(var: &str) -> PathBuf {
+    let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        panic!("{var} is not set: run the tests with scripts/test (it installs Chromium and the npm packages)")
+    });
+    assert!(path.exists(), "{var}={} does not exist", path.display());
+    path
+}
+
+fn page_reply(content_type: &str, body: Vec<u8>) -> Reply {
+    Reply {
+        status: 200,
+        headers: vec![("content-type".to_string(), content_type.to_string())],
+        body,
+        delay: None,
+    }
+}
+
+/// analytics-next, with only `writeKey` and `cdnURL` set, in a real Chromium on a page of
+/// another origin: it reads its settings from fanout and its standard calls arrive once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn analytics_next_in_chromium_sends_each_call_once_with_only_cdn_url_set() {
+    let deps = required("FANOUT_BROWSER_DEPS");
+    let chromium = required("FANOUT_CHROMIUM");
+    let bundle = std::fs::read(deps.join("node_modules/@segment/analytics-next/dist/umd/index.js"))
+        .expect("the analytics-next UMD bundle");
+    let f = Fanout::start();
+    let site = Receiver::start().await;
+    site.respond_with(move |request| {
+        Some(match request.path.as_str() {
+            "/" => page_reply("text/html", PAGE.as_bytes().to_vec()),
+            "/analytics.js" => page_reply("application/javascript", bundle.clone()),
+            _ => Reply::status(404),
+        })
+    });
+    let shots = tempfile::tempdir().unwrap();
+    let screenshot = shots.path().join("page.png");
+    let driver = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/drive.cjs");
+    let command = Command::new("node")
+        .arg(driver)
+        .env("FANOUT_BROWSER_DEPS", &deps)
+        .env("FANOUT_CHROMIUM", &chromium)
+        .env("PAGE_URL", site.url("/"))
+        .env("CDN_URL", format!("http://{}", f.addr))
+        .env("WRITE_KEY", WRITE_KEY)
+        .env("SCREENSHOT", &screenshot)
+        .output();
+    let output = tokio::task::spawn_blocking(move || command)
+        .await
+        .unwrap()
+        .expect("run node");
+    assert!(
+        output.status.success(),
+        "the browser driver failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result: Value = serde_json::from_slice(&output.stdout).expect("the driver's JSON line");
+    assert_eq!(result["failures"], json!([]), "{result}");
+    let requests = result["requests"].as_array().unwrap();
+    let settings: Vec<&Value> = requests
+        .iter()
+        .filter(|r| r["url"].as_str().unwrap().contains("/v1/projects/"))
+        .collect();
+    assert_eq!(settings.len(), 1, "{result}");
+    assert_eq!(settings[0]["status"], 200);
+    assert!(
+        requests.iter().all(|r| r["status"] == 200),
+        "every request to fanout answered 200: {result}"
+    );
+    let stored = f.wait_delivered(4).await;
+    let by_id: HashMap<&str, &Value> = stored
+        .iter()
+        .map(|m| (m["messageId"].as_str().unwrap(), m))
+        .collect();
+    assert_eq!(by_id.len(), 4, "each call once: {stored:#?}");
+    for call in ["identify", "track", "page", "group"] {
+        let id = result["ids"][call].as_str().unwrap();
+        let message = by_id
+            .get(id)
+            .unwrap_or_else(|| panic!("{call} {id} not stored"));
+        assert_eq!(message["type"], call);
+        assert_eq!(message["context"]["library"]["name"], "analytics.js");
+    }
+    let track = by_id[result["ids"]["track"].as_str().unwrap()];
+    assert_eq!(track["event"], "Browser Event");
+    assert_eq!(track["userId"], "browser-user");
+    assert!(std::fs::metadata(&screenshot).unwrap().len() > 0);
+}
 
 fn pixel_url(f: &Fanout, call: &str, message: &Value) -> String {
     let data = base64::engine::general_purpose::STANDARD.encode(message.to_string());
