@@ -24,6 +24,7 @@ pub mod destinations;
 pub mod http;
 pub mod ingest;
 pub mod json;
+pub mod live;
 pub mod message;
 pub mod metrics;
 pub mod pace;

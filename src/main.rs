@@ -48,6 +48,20 @@ enum Command {
         #[arg(long)]
         source: Option<String>,
     },
+    /// Print what a running fanout does, live, as JSON lines (its `/debugger/events`):
+    /// messages accepted, duplicates, refusals, and each destination's outcome.
+    Tap {
+        /// The server, e.g. `http://10.0.0.5:8088` (default: from the config).
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long)]
+        source: Option<String>,
+        #[arg(long)]
+        destination: Option<String>,
+        /// A message type (track, identify, …).
+        #[arg(long = "type")]
+        message_type: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -99,6 +113,31 @@ fn main() -> ExitCode {
     }
     if let Some(Command::Route { source }) = &cli.command {
         return route(&config, source.as_deref());
+    }
+    if let Some(Command::Tap {
+        url,
+        source,
+        destination,
+        message_type,
+    }) = &cli.command
+    {
+        let filter = fanout::live::Filter {
+            source: source.clone(),
+            destination: destination.clone(),
+            message_type: message_type.clone(),
+        };
+        let tapped = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(fanout::cli::tap::tap(&config, url.as_deref(), &filter)));
+        return match tapped {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fanout: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
     if let Some(Command::Check { .. }) = cli.command {
         println!(

@@ -7,7 +7,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::Command;
 
 use base64::Engine as _;
@@ -18,15 +17,6 @@ use serde_json::{json, Value};
 /// A page that loads analytics-next's UMD bundle and nothing else.
 const PAGE: &str = "<!doctype html><html><head><title>fanout browser test</title>\
 <script src=\"/analytics.js\"></script></head><body><h1>A site on fanout</h1></body></html>";
-
-/// A path from the environment `scripts/test` sets up; missing is a failure, never a skip.
-fn required(var: &str) -> PathBuf {
-    let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
-        panic!("{var} is not set: run the tests with scripts/test (it installs Chromium and the npm packages)")
-    });
-    assert!(path.exists(), "{var}={} does not exist", path.display());
-    path
-}
 
 fn page_reply(content_type: &str, body: Vec<u8>) -> Reply {
     Reply {
@@ -41,8 +31,8 @@ fn page_reply(content_type: &str, body: Vec<u8>) -> Reply {
 /// another origin: it reads its settings from fanout and its standard calls arrive once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn analytics_next_in_chromium_sends_each_call_once_with_only_cdn_url_set() {
-    let deps = required("FANOUT_BROWSER_DEPS");
-    let chromium = required("FANOUT_CHROMIUM");
+    let deps = common::required_path("FANOUT_BROWSER_DEPS");
+    let chromium = common::required_path("FANOUT_CHROMIUM");
     let bundle = std::fs::read(deps.join("node_modules/@segment/analytics-next/dist/umd/index.js"))
         .expect("the analytics-next UMD bundle");
     let f = Fanout::start();

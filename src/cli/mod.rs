@@ -3,3 +3,4 @@
 //! the result without sending anything.
 
 pub mod route;
+pub mod tap;

@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
+use serde_json::json;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
@@ -117,17 +118,20 @@ pub async fn deliver(context: Arc<DeliveryContext>, items: Vec<Item>) -> BatchRe
             Check::Skip(why) => {
                 tracing::debug!(destination = %context.name, why, "message not for this destination");
                 metrics.skipped.increment(1);
+                tell(&context, "skipped", [item], json!({"reason": why}));
                 settled[index] = Settled::Delivered;
             }
             Check::Refuse { code, detail } => {
                 metrics.dead_lettered.increment(1);
-                settled[index] = Settled::Dead(Arc::new(Failure {
+                let failure = Failure {
                     reason: Reason::Refused(code),
                     status: None,
                     response: detail,
                     attempts: 0,
                     first_attempt_at: context.clock.now(),
-                }));
+                };
+                tell(&context, "dead_lettered", [item], failure_fields(&failure));
+                settled[index] = Settled::Dead(Arc::new(failure));
             }
         }
     }
@@ -156,6 +160,12 @@ pub async fn deliver(context: Arc<DeliveryContext>, items: Vec<Item>) -> BatchRe
                 metrics.ok.increment((hi - lo) as u64);
                 mark = Some(m);
                 settle(Settled::Delivered);
+                tell(
+                    &context,
+                    "delivered",
+                    sendable[lo..hi].iter().map(|&i| &items[i]),
+                    json!({}),
+                );
             }
             Attempt::PartlyRejected(refused) => {
                 let count = refused.len().min(hi - lo);
@@ -164,9 +174,24 @@ pub async fn deliver(context: Arc<DeliveryContext>, items: Vec<Item>) -> BatchRe
                 settle(Settled::Delivered);
                 for (index, failure) in refused {
                     if let Some(&i) = sendable[lo..hi].get(index) {
+                        tell(
+                            &context,
+                            "dead_lettered",
+                            [&items[i]],
+                            failure_fields(&failure),
+                        );
                         settled[i] = Settled::Dead(Arc::new(failure));
                     }
                 }
+                let delivered = sendable[lo..hi]
+                    .iter()
+                    .filter(|&&i| matches!(settled[i], Settled::Delivered));
+                tell(
+                    &context,
+                    "delivered",
+                    delivered.map(|&i| &items[i]),
+                    json!({}),
+                );
             }
             Attempt::Rejected(failure) if hi - lo > 1 => {
                 tracing::info!(
@@ -181,6 +206,13 @@ pub async fn deliver(context: Arc<DeliveryContext>, items: Vec<Item>) -> BatchRe
             }
             Attempt::Rejected(failure) | Attempt::Exhausted(failure) => {
                 metrics.dead_lettered.increment((hi - lo) as u64);
+                let fields = failure_fields(&failure);
+                tell(
+                    &context,
+                    "dead_lettered",
+                    sendable[lo..hi].iter().map(|&i| &items[i]),
+                    fields,
+                );
                 settle(Settled::Dead(Arc::new(failure)));
             }
             Attempt::Stopped => break,
@@ -309,6 +341,11 @@ async fn send_with_retries(
         }
         let delay = context.policy.backoff.delay(attempts, retry_after);
         metrics.retried.increment(messages.len() as u64);
+        if crate::live::watching() {
+            for message in messages {
+                tell_message(context, "retried", message.json, json!({"status": status}));
+            }
+        }
         tracing::warn!(
             destination = %context.name,
             messages = messages.len(),
@@ -330,4 +367,49 @@ async fn sleep_unless_stopped(stop: &mut watch::Receiver<bool>, until: Instant) 
         _ = tokio::time::sleep_until(until) => true,
         _ = stop.wait_for(|&s| s) => false,
     }
+}
+
+/// Tells the live view what became of `items` at this destination (with what it was sent).
+fn tell<'a>(
+    context: &DeliveryContext,
+    kind: &'static str,
+    items: impl IntoIterator<Item = &'a Item>,
+    fields: serde_json::Value,
+) {
+    if !crate::live::watching() {
+        return;
+    }
+    for item in items {
+        let mut fields = fields.clone();
+        fields["source"] = json!(item.source);
+        tell_message(context, kind, &item.json, fields);
+    }
+}
+
+fn tell_message(
+    context: &DeliveryContext,
+    kind: &'static str,
+    json: &[u8],
+    mut fields: serde_json::Value,
+) {
+    let summary = crate::live::summary(json);
+    let message_type = summary["message"]["type"]
+        .as_str()
+        .and_then(crate::message::MessageType::parse);
+    fields["messageId"] = summary["messageId"].clone();
+    fields["event"] = summary["event"].clone();
+    fields["payload"] = summary["message"].clone();
+    let source = fields["source"].as_str().map(str::to_string);
+    crate::live::publish(
+        kind,
+        source.as_deref(),
+        Some(&context.name),
+        message_type,
+        fields,
+    );
+}
+
+/// A dead letter's reason for the live view.
+fn failure_fields(failure: &Failure) -> serde_json::Value {
+    json!({"reason": failure.reason.as_str(), "status": failure.status, "response": failure.response})
 }

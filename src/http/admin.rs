@@ -23,14 +23,23 @@ pub struct DeadLetterQuery {
 
 /// Checks the bearer token in constant time.
 fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = &app.admin_token else {
-        return Err(ApiError::NotFound);
-    };
-    let given = headers
+    authorize_token(app, bearer(headers).unwrap_or_default())
+}
+
+/// The `Authorization: Bearer` token, if one was sent.
+pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
+}
+
+/// Whether `given` is the admin token (404 when there is none, as if the route did not
+/// exist).
+pub(super) fn authorize_token(app: &App, given: &str) -> Result<(), ApiError> {
+    let Some(token) = &app.admin_token else {
+        return Err(ApiError::NotFound);
+    };
     if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
         Ok(())
     } else {

@@ -246,6 +246,8 @@ impl App {
         for (kind, &duplicate) in records.kinds().zip(&duplicate) {
             tally.add(kind, duplicate);
         }
+        // Only while someone watches the live view: (accepted?, type, summary) each.
+        let watched = crate::live::watching().then(|| live_view(&records, &duplicate));
         records.retain(|i| !duplicate[i]);
         // From here the messages may become durable even if the client goes away, and
         // then their keys must enter the window: finish in a task of its own, which a
@@ -260,6 +262,9 @@ impl App {
                 .map_err(|e| ApiError::from_queue(e, retry_after))?;
             reservation.commit().await;
             tally.record(&source);
+            for (kind, message_type, fields) in watched.into_iter().flatten() {
+                crate::live::publish(kind, Some(&source), None, message_type, fields);
+            }
             Ok::<_, ApiError>(())
         })
         .await
@@ -321,4 +326,32 @@ fn cause<'e, E: StdError + 'static>(mut e: &'e (dyn StdError + 'static)) -> Opti
         }
         e = e.source()?;
     }
+}
+
+/// The live view's events for a request's messages, published once they are stored.
+fn live_view(
+    records: &RecordBatch,
+    duplicate: &[bool],
+) -> Vec<(&'static str, Option<MessageType>, serde_json::Value)> {
+    let bytes = records.bytes();
+    records
+        .framed()
+        .zip(records.kinds())
+        .zip(duplicate)
+        .filter_map(|(((range, _), message_type), &duplicate)| {
+            let json = match crate::queue::record::read_record(&mut &bytes[range]) {
+                Ok(crate::queue::record::ReadOutcome::Record { json, .. }) => json,
+                _ => return None,
+            };
+            let mut fields = crate::live::summary(&json);
+            let kind = if duplicate {
+                // Already shown when it was accepted.
+                fields["message"] = serde_json::Value::Null;
+                "duplicate"
+            } else {
+                "accepted"
+            };
+            Some((kind, Some(message_type), fields))
+        })
+        .collect()
 }

@@ -6,6 +6,7 @@ mod admission;
 mod browser;
 mod error;
 mod handlers;
+mod live;
 mod observe;
 pub mod ops;
 
@@ -111,6 +112,8 @@ fn operator_routes() -> Router<Arc<App>> {
         .route("/metrics", get(ops::metrics))
         .route("/admin/reload", post(admin::reload))
         .route("/admin/dead-letters", get(admin::list_dead_letters))
+        .route("/debugger", get(live::page))
+        .route("/debugger/events", get(live::events))
         .route(
             "/admin/dead-letters/replay",
             post(admin::replay_dead_letters),

@@ -21,6 +21,9 @@ pub async fn observe(request: Request, next: Next) -> Response {
     let response = next.run(request).await;
     let status = response.status();
     crate::metrics::http_request(path, status.as_u16(), started.elapsed());
+    if status.is_client_error() || status.is_server_error() {
+        tell_live(path, status, response.extensions().get::<ErrorLog>());
+    }
     // A load balancer polls `/ready`: while it answers 503, the queue logs why (once, as
     // it changes), not each poll.
     if worth_a_warning(status) && path != "/ready" {
@@ -58,4 +61,28 @@ fn worth_a_warning(status: StatusCode) -> bool {
                     | StatusCode::CONFLICT
                     | StatusCode::TOO_MANY_REQUESTS
             ))
+}
+
+/// A refused or failed ingest request, for the live view: its status, code, field and
+/// index (never the key, nor the message's values).
+fn tell_live(path: &str, status: StatusCode, error: Option<&ErrorLog>) {
+    let ingest = ["/v1/", "/event/", "/api/"]
+        .iter()
+        .any(|p| path.starts_with(p));
+    if !ingest || !crate::live::watching() {
+        return;
+    }
+    crate::live::publish(
+        "refused",
+        None,
+        None,
+        None,
+        serde_json::json!({
+            "path": path,
+            "status": status.as_u16(),
+            "code": error.map(|e| e.code),
+            "field": error.and_then(|e| e.field.as_deref()),
+            "index": error.and_then(|e| e.index),
+        }),
+    );
 }

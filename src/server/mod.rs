@@ -141,6 +141,8 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
     while reload_rx.try_recv().is_ok() {}
     tracing::info!("shutting down: no new connections; finishing in-flight requests");
     let _ = stop_tx.send(true);
+    // Live-view streams never finish on their own.
+    crate::live::close_viewers();
     let drained = tokio::time::timeout(grace, async {
         for server in servers {
             let _ = server.await;

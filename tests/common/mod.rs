@@ -623,3 +623,13 @@ impl Drop for RedisServer {
         self.stop();
     }
 }
+
+/// A path from the environment `scripts/test` sets up (a browser, npm packages); missing
+/// is a failure, never a skip.
+pub fn required_path(var: &str) -> PathBuf {
+    let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        panic!("{var} is not set: run the tests with scripts/test (it installs Chromium and the npm packages)")
+    });
+    assert!(path.exists(), "{var}={} does not exist", path.display());
+    path
+}

@@ -1,0 +1,333 @@
+//! The live view: `GET /debugger/events` (Server-Sent Events) behind the admin token,
+//! what it shows of ingest and delivery, its filters, a viewer that does not read losing
+//! events (and being told) without slowing ingest, and the `/debugger` page in a real
+//! headless Chromium.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{client, Fanout, Settings, WRITE_KEY};
+use serde_json::{json, Value};
+
+const TOKEN: &str = "live-view-admin-token";
+
+fn with_admin() -> Fanout {
+    Fanout::start_with(
+        Settings::default()
+            .section("[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n")
+            .env("FANOUT_ADMIN_TOKEN", TOKEN),
+    )
+}
+
+/// A Server-Sent Events stream read a chunk at a time.
+struct Sse {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl Sse {
+    async fn open(f: &Fanout, query: &str) -> Sse {
+        let response = client()
+            .get(f.url(&format!("/debugger/events?{query}")))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        let mut sse = Sse {
+            response,
+            buffer: String::new(),
+        };
+        // The greeting comes first: the subscription exists from here on.
+        sse.fill(Instant::now() + Duration::from_secs(5)).await;
+        sse
+    }
+
+    async fn fill(&mut self, deadline: Instant) -> bool {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, self.response.chunk()).await {
+            Ok(Ok(Some(chunk))) => {
+                self.buffer.push_str(&String::from_utf8_lossy(&chunk));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The next `data:` event, within `timeout`.
+    async fn next(&mut self, timeout: Duration) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            while let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                for line in block.lines() {
+                    if let Some(data) = line.strip_prefix("data: ") {
+                        return Some(serde_json::from_str(data).expect("an event's JSON"));
+                    }
+                }
+            }
+            if !self.fill(deadline).await {
+                return None;
+            }
+        }
+    }
+
+    /// Events until one matches `wanted` (all of them, that one last).
+    async fn until(&mut self, wanted: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let mut seen = Vec::new();
+        while let Some(event) = self.next(Duration::from_secs(10)).await {
+            let done = wanted(&event);
+            seen.push(event);
+            if done {
+                return seen;
+            }
+        }
+        panic!("the awaited event never came; saw {seen:#?}");
+    }
+}
+
+#[tokio::test]
+async fn the_stream_needs_the_admin_token_in_any_of_three_places() {
+    let f = with_admin();
+    let url = f.url("/debugger/events");
+    let status = |r: reqwest::Response| r.status().as_u16();
+    assert_eq!(status(client().get(&url).send().await.unwrap()), 401);
+    assert_eq!(
+        status(
+            client()
+                .get(&url)
+                .bearer_auth("wrong")
+                .send()
+                .await
+                .unwrap()
+        ),
+        401
+    );
+    for request in [
+        client().get(&url).bearer_auth(TOKEN),
+        client().get(format!("{url}?token={TOKEN}")),
+        client()
+            .get(&url)
+            .header("cookie", format!("theme=dark; fanout_admin={TOKEN}")),
+    ] {
+        let r = request.send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "text/event-stream");
+    }
+    let without = Fanout::start();
+    let r = client()
+        .get(without.url("/debugger/events"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        404,
+        "no admin token configured: as the other admin routes"
+    );
+    assert_eq!(
+        client()
+            .get(without.url("/debugger"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+}
+
+#[tokio::test]
+async fn accepted_delivered_duplicate_and_refused_are_shown() {
+    let f = with_admin();
+    let mut sse = Sse::open(&f, "").await;
+    let track = json!({"type": "track", "messageId": "live-1", "userId": "u", "event": "Live",
+                       "properties": {"n": 1}});
+    let ok = f.post("/v1/track").json(&track).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    let events = sse
+        .until(|e| e["kind"] == "delivered" && e["messageId"] == "live-1")
+        .await;
+    let accepted = events
+        .iter()
+        .find(|e| e["kind"] == "accepted")
+        .expect("accepted");
+    assert_eq!(accepted["messageId"], "live-1");
+    assert_eq!(accepted["source"], "test");
+    assert_eq!(accepted["type"], "track");
+    assert_eq!(accepted["event"], "Live");
+    assert_eq!(accepted["message"]["properties"]["n"], 1);
+    let delivered = events.last().unwrap();
+    assert_eq!(delivered["destination"], "out");
+    assert_eq!(delivered["payload"]["messageId"], "live-1");
+
+    f.post("/v1/track").json(&track).send().await.unwrap();
+    sse.until(|e| e["kind"] == "duplicate" && e["messageId"] == "live-1")
+        .await;
+
+    let bad = json!({"type": "track", "userId": "u"});
+    let refused = f.post("/v1/track").json(&bad).send().await.unwrap();
+    assert_eq!(refused.status(), 400);
+    let events = sse.until(|e| e["kind"] == "refused").await;
+    let refusal = events.last().unwrap();
+    assert_eq!(refusal["status"], 400);
+    assert_eq!(refusal["field"], "event");
+    assert!(!refusal.to_string().contains(WRITE_KEY), "{refusal}");
+}
+
+#[tokio::test]
+async fn filters_pick_source_destination_and_type() {
+    let f = with_admin();
+    let mut identifies = Sse::open(&f, "type=identify&destination=out").await;
+    let track = json!({"type": "track", "messageId": "f-1", "userId": "u", "event": "Skip me"});
+    let identify = json!({"type": "identify", "messageId": "f-2", "userId": "u", "traits": {}});
+    f.post("/v1/track").json(&track).send().await.unwrap();
+    f.post("/v1/identify").json(&identify).send().await.unwrap();
+    let first = identifies
+        .next(Duration::from_secs(10))
+        .await
+        .expect("an event");
+    assert_eq!(first["messageId"], "f-2", "{first}");
+    assert_eq!(
+        first["kind"], "delivered",
+        "only destination events match a destination"
+    );
+    let mut other_source = Sse::open(&f, "source=elsewhere").await;
+    f.post("/v1/track")
+        .json(&json!({"type": "track", "messageId": "f-3", "userId": "u", "event": "E"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(other_source.next(Duration::from_secs(2)).await.is_none());
+}
+
+/// A viewer that does not read loses events once it is `live::BUFFER` behind, and is
+/// told how many; ingest meanwhile answers every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_that_falls_behind_is_told_what_it_lost_and_ingest_goes_on() {
+    let f = with_admin();
+    let mut slow = Sse::open(&f, "").await;
+    // 250 batches of 100: 25 000 accepted + 25 000 delivered events, past the buffer
+    // and what the sockets between hold.
+    for b in 0..250 {
+        let batch: Vec<Value> = (0..100)
+            .map(|i| {
+                json!({"type": "track", "messageId": format!("slow-{b}-{i}"),
+                            "userId": format!("u{i}"), "event": "E"})
+            })
+            .collect();
+        let r = f
+            .post("/v1/batch")
+            .json(&json!({"batch": batch}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    f.wait_delivered(25_000).await;
+    let events = slow.until(|e| e["kind"] == "dropped").await;
+    let dropped = events.last().unwrap();
+    assert!(dropped["count"].as_u64().unwrap() > 0, "{dropped}");
+}
+
+/// `fanout tap` prints the stream as JSON lines, filtered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_tap_prints_the_stream_as_json_lines() {
+    use std::io::BufRead;
+    let f = with_admin();
+    let mut tap = f.command();
+    tap.args(["tap", "--url", &f.url(""), "--type", "identify"])
+        .stdout(std::process::Stdio::piped());
+    let mut child = tap.spawn().expect("fanout tap");
+    let stdout = child.stdout.take().unwrap();
+    let first = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .next()
+            .and_then(Result::ok)
+    });
+    // Until the tap is connected, sends may go unseen: keep sending fresh ones.
+    for n in 0..100 {
+        let track =
+            json!({"type": "track", "messageId": format!("t-{n}"), "userId": "u", "event": "E"});
+        let identify =
+            json!({"type": "identify", "messageId": format!("i-{n}"), "userId": "u", "traits": {}});
+        f.post("/v1/track").json(&track).send().await.unwrap();
+        f.post("/v1/identify").json(&identify).send().await.unwrap();
+        if first.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let line = first.await.unwrap().expect("a line from fanout tap");
+    let _ = child.kill();
+    let _ = child.wait();
+    let event: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["type"], "identify", "{event}");
+    assert!(event["messageId"].as_str().unwrap().starts_with("i-"));
+}
+
+/// The page in a real Chromium: opened with the token in its fragment, it shows a message
+/// sent afterwards, with its destination's outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_debugger_page_shows_messages_live_in_chromium() {
+    let deps = common::required_path("FANOUT_BROWSER_DEPS");
+    let chromium = common::required_path("FANOUT_CHROMIUM");
+    let f = with_admin();
+    let shots = tempfile::tempdir().unwrap();
+    let screenshot = shots.path().join("debugger.png");
+    let driver = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/debugger.cjs");
+    let mut child = std::process::Command::new("node")
+        .arg(driver)
+        .env("FANOUT_BROWSER_DEPS", &deps)
+        .env("FANOUT_CHROMIUM", &chromium)
+        .env("PAGE_URL", f.url(&format!("/debugger#token={TOKEN}")))
+        .env("WAIT_FOR", "page-")
+        .env("SCREENSHOT", &screenshot)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run node");
+    // Send once the page is live (the driver prints "ready" then).
+    let stdout = child.stdout.take().unwrap();
+    let ready = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let first = lines.next().and_then(Result::ok).unwrap_or_default();
+        (first, lines.map_while(Result::ok).collect::<Vec<_>>())
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for n in 0.. {
+        let id = format!("page-{n}");
+        let track = json!({"type": "track", "messageId": id, "userId": "u", "event": "Seen"});
+        f.post("/v1/track").json(&track).send().await.unwrap();
+        if ready.is_finished() || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (first, rest) = ready.await.unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&status.stderr).to_string();
+    assert!(
+        status.status.success(),
+        "driver failed: {first} {rest:?}\n{stderr}"
+    );
+    let result: Value =
+        serde_json::from_str(&first).unwrap_or_else(|_| panic!("{first}\n{stderr}"));
+    assert!(
+        result["row"].as_str().unwrap().contains("page-"),
+        "{result}"
+    );
+    assert!(result["row"].as_str().unwrap().contains("out"), "{result}");
+    assert_eq!(result["status"], "live");
+    assert!(
+        !result["url"].as_str().unwrap().contains(TOKEN),
+        "the token left the address bar"
+    );
+    assert!(std::fs::metadata(&screenshot).unwrap().len() > 0);
+}
