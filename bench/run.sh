@@ -28,6 +28,8 @@
 #        SERVERS ("fanout parse"; add fanout_nats1 fanout_nats3)  NATS_SERVER (nats-server
 #        binary; default target/nats-venv/bin/nats-server, which scripts/test installs)  PORT (18080)  SERVER_CPU (0)  CLIENT_CPU (1)
 #        SKIP_BUILD=1 (use the binaries already built)  SIDECAR=0 (skip the sidecar section)
+#        VIEWER=1 (fanout runs with one live-view viewer attached: curl reading
+#        /debugger/events on CLIENT_CPU for the whole run)
 #        DRAIN_TIMEOUT (60, seconds to wait for the file destination)  LONG_EVERY (10, seconds)
 # Output: bench/results/<UTC timestamp>/: table.md, results.jsonl (one raw record per run),
 #         sidecar.json, long.* (LONG mode), logs/ (wrk output, /metrics scrapes, server logs).
@@ -62,6 +64,8 @@ out=$root/bench/results/$(date -u +%Y%m%dT%H%M%SZ)
 py=$work/bench.py
 SPID= # the server this script started, if one runs
 NPIDS=() # the NATS nodes of a fanout_nats* run
+VPID= # the live-view viewer of a VIEWER=1 run
+VIEWER=${VIEWER:-0}
 CPID= # the background wrk of the long run, if one runs
 
 # ---------------------------------------------------------------- process control ---
@@ -102,6 +106,7 @@ wait_up() {
 fanout_config() {
   bench_config_head "$PORT" "$1/data" "" 'max_in_flight = 4096
 shutdown_grace = "10s"'
+  if [ "$VIEWER" = 1 ]; then printf '[admin]\ntoken_env = "FANOUT_BENCH_ADMIN"\n\n'; fi
   cat <<TOML
 [[sources]]
 name = "bench_nodedupe"
@@ -119,9 +124,18 @@ start_fanout() { # run dir
   mkdir -p "$1"
   fanout_config "$1" >"$1/config.toml"
   port_free
-  taskset -c "$SERVER_CPU" "$fanout_bin" --config "$1/config.toml" 2>"$1/server.log" &
+  FANOUT_BENCH_ADMIN=bench-admin taskset -c "$SERVER_CPU" "$fanout_bin" --config "$1/config.toml" 2>"$1/server.log" &
   SPID=$!
   wait_up "$1/server.log"
+  start_viewer
+}
+
+# With VIEWER=1: one viewer of the live view for the whole run, reading everything.
+start_viewer() {
+  [ "$VIEWER" = 1 ] || return 0
+  taskset -c "$CLIENT_CPU" curl -sN -H "Authorization: Bearer bench-admin" \
+    "http://127.0.0.1:$PORT/debugger/events" >/dev/null &
+  VPID=$!
 }
 
 # NATS nodes for a fanout_nats* run: $2 of them in $1, clustered when more than one, on ports
@@ -176,6 +190,7 @@ start_parse() { # run dir
 
 # SIGTERM (fanout shuts down gracefully), SIGKILL after 20 s.
 stop_server() {
+  if [ -n "$VPID" ]; then kill "$VPID" 2>/dev/null || true; wait "$VPID" 2>/dev/null || true; VPID=; fi
   [ -n "$SPID" ] || return 0
   kill -TERM "$SPID" 2>/dev/null || true
   for _ in $(seq 200); do alive "$SPID" || break; sleep 0.1; done
@@ -345,7 +360,7 @@ meta() {
     echo "# fanout bench $(date -u +%Y-%m-%dT%H:%M:%SZ), git $rev$dirty"
     echo "# host: $(nproc) CPUs, $(lscpu | sed -n 's/^Model name: *//p'), $(uname -r)"
     echo "# server on CPU $SERVER_CPU, wrk -t1 on CPU $CLIENT_CPU; duration $DURATION after a 2 s warm-up;" \
-      "conns [$CONNS], scripts [$SCRIPTS], servers [$SERVERS]"
+      "conns [$CONNS], scripts [$SCRIPTS], servers [$SERVERS], live-view viewer: $VIEWER"
   } | tee "$out/meta.txt"
 }
 

@@ -57,13 +57,15 @@ pub fn subscribe() -> broadcast::Receiver<Arc<LiveEvent>> {
     hub().subscribe()
 }
 
-/// Sends `fields` (an object) as an event of `kind`, stamped with the time.
+/// Sends `fields` (an object) as an event of `kind`, stamped with the time; `raw` is a
+/// JSON document (a message as stored) added under its name as it is, unparsed.
 pub fn publish(
     kind: &'static str,
     source: Option<&str>,
     destination: Option<&str>,
     message_type: Option<MessageType>,
     mut fields: Value,
+    raw: Option<(&'static str, &[u8])>,
 ) {
     if let Some(object) = fields.as_object_mut() {
         object.insert("kind".into(), json!(kind));
@@ -81,11 +83,23 @@ pub fn publish(
             object.insert("type".into(), json!(t.as_str()));
         }
     }
+    let mut json = fields.to_string();
+    if let Some((name, document)) = raw {
+        if json.ends_with('}') && std::str::from_utf8(document).is_ok() {
+            json.pop();
+            if json.len() > 1 {
+                json.push(',');
+            }
+            json.push_str(&format!("\"{name}\":"));
+            json.push_str(std::str::from_utf8(document).unwrap_or("null"));
+            json.push('}');
+        }
+    }
     let event = LiveEvent {
         source: source.map(str::to_string),
         destination: destination.map(str::to_string),
         message_type: message_type.map(MessageType::as_str),
-        json: fields.to_string(),
+        json,
     };
     // No receiver left between the check and now: nothing to do.
     let _ = hub().send(Arc::new(event));
@@ -111,17 +125,25 @@ impl Filter {
     }
 }
 
-/// The parts of a stored message a viewer's table shows.
-pub fn summary(json: &[u8]) -> Value {
-    let message: Value = serde_json::from_slice(json).unwrap_or(Value::Null);
-    let name = message
-        .get("event")
-        .or_else(|| message.get("name"))
-        .cloned()
-        .unwrap_or(Value::Null);
-    json!({
-        "messageId": message.get("messageId").cloned().unwrap_or(Value::Null),
-        "event": name,
-        "message": message,
-    })
+/// The parts of a stored message a viewer's table shows, read without building the
+/// whole document: `{"messageId", "event"}` (a track's event, else a page's name).
+pub fn summary(json: &[u8]) -> (Value, Option<MessageType>) {
+    #[derive(serde::Deserialize)]
+    struct Peek<'a> {
+        #[serde(rename = "messageId", borrow)]
+        message_id: Option<std::borrow::Cow<'a, str>>,
+        #[serde(borrow)]
+        event: Option<std::borrow::Cow<'a, str>>,
+        #[serde(borrow)]
+        name: Option<std::borrow::Cow<'a, str>>,
+        #[serde(rename = "type", borrow)]
+        message_type: Option<std::borrow::Cow<'a, str>>,
+    }
+    match serde_json::from_slice::<Peek>(json) {
+        Ok(p) => (
+            json!({"messageId": p.message_id, "event": p.event.or(p.name)}),
+            p.message_type.as_deref().and_then(MessageType::parse),
+        ),
+        Err(_) => (json!({}), None),
+    }
 }

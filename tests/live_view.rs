@@ -231,6 +231,36 @@ async fn a_viewer_that_falls_behind_is_told_what_it_lost_and_ingest_goes_on() {
     assert!(dropped["count"].as_u64().unwrap() > 0, "{dropped}");
 }
 
+/// For Klaviyo the live view shows the translated request bodies as the payload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_klaviyo_outcome_carries_the_translated_bodies() {
+    use common::klaviyo::{Klaviyo, API_KEY, BULK, CURRENT, KEY_ENV};
+    let k = Klaviyo::start(CURRENT).await;
+    let f = Fanout::start_with(
+        Settings::default()
+            .section("[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n")
+            .env("FANOUT_ADMIN_TOKEN", TOKEN)
+            .section(&format!(
+                "[[destinations]]\nname = \"kl\"\nkind = \"klaviyo\"\napi_key_env = \"{KEY_ENV}\"\n\
+                 base_url = \"{}\"\n",
+                k.base_url()
+            ))
+            .env(KEY_ENV, API_KEY),
+    );
+    let mut sse = Sse::open(&f, "destination=kl").await;
+    let track = json!({"type": "track", "messageId": "kl-live", "userId": "u", "event": "Bought",
+                       "properties": {"revenue": 5}});
+    f.post("/v1/track").json(&track).send().await.unwrap();
+    let events = sse.until(|e| e["kind"] == "delivered").await;
+    let payload = &events.last().unwrap()["payload"];
+    assert_eq!(payload[0]["path"], BULK, "{payload}");
+    let body = payload[0]["body"].to_string();
+    assert!(
+        body.contains("Bought") && body.contains("kl-live"),
+        "{body}"
+    );
+}
+
 /// `fanout tap` prints the stream as JSON lines, filtered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_tap_prints_the_stream_as_json_lines() {

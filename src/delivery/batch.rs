@@ -392,13 +392,17 @@ fn tell_message(
     json: &[u8],
     mut fields: serde_json::Value,
 ) {
-    let summary = crate::live::summary(json);
-    let message_type = summary["message"]["type"]
-        .as_str()
-        .and_then(crate::message::MessageType::parse);
+    let (summary, message_type) = crate::live::summary(json);
     fields["messageId"] = summary["messageId"].clone();
     fields["event"] = summary["event"].clone();
-    fields["payload"] = summary["message"].clone();
+    // What was sent: the message as it is, unless the destination translates it.
+    let raw = match context.destination.live_payload(json) {
+        Some(payload) => {
+            fields["payload"] = payload;
+            None
+        }
+        None => Some(("payload", json)),
+    };
     let source = fields["source"].as_str().map(str::to_string);
     crate::live::publish(
         kind,
@@ -406,6 +410,7 @@ fn tell_message(
         Some(&context.name),
         message_type,
         fields,
+        raw,
     );
 }
 

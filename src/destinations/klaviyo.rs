@@ -647,6 +647,24 @@ impl Destination for KlaviyoDestination {
         }
     }
 
+    fn live_payload(&self, message: &[u8]) -> Option<serde_json::Value> {
+        let requests = match self.bodies.translate(message, Utc::now()) {
+            Translation::Events(events) => self
+                .bodies
+                .requests(&[], &events.iter().collect::<Vec<_>>()),
+            Translation::Profile(upsert) => self.bodies.requests(&[upsert.as_ref()], &[]),
+            Translation::Skip { .. } | Translation::Reject { .. } => return None,
+        };
+        let bodies = requests
+            .into_iter()
+            .map(|r| {
+                let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+                serde_json::json!({"path": r.path, "body": body})
+            })
+            .collect();
+        Some(serde_json::Value::Array(bodies))
+    }
+
     fn send<'a>(&'a self, batch: &'a [Outgoing<'a>]) -> Sending<'a> {
         Box::pin(async move {
             // Translated in `check`; a message that did not pass it (none should) is

@@ -134,6 +134,12 @@ pub trait Destination: Send + Sync + 'static {
         false
     }
 
+    /// What the live view shows as sent for `message`, when it is not the message itself
+    /// (Klaviyo: the translated request bodies).
+    fn live_payload(&self, _message: &[u8]) -> Option<serde_json::Value> {
+        None
+    }
+
     /// Makes everything sent so far durable; called (blocking) before a cursor that
     /// passes it is saved. Only local sinks have anything to do.
     fn flush(&self) -> std::io::Result<()> {

@@ -262,8 +262,9 @@ impl App {
                 .map_err(|e| ApiError::from_queue(e, retry_after))?;
             reservation.commit().await;
             tally.record(&source);
-            for (kind, message_type, fields) in watched.into_iter().flatten() {
-                crate::live::publish(kind, Some(&source), None, message_type, fields);
+            for (kind, message_type, fields, json) in watched.into_iter().flatten() {
+                let raw = json.as_deref().map(|json| ("message", json));
+                crate::live::publish(kind, Some(&source), None, message_type, fields, raw);
             }
             Ok::<_, ApiError>(())
         })
@@ -328,11 +329,9 @@ fn cause<'e, E: StdError + 'static>(mut e: &'e (dyn StdError + 'static)) -> Opti
     }
 }
 
-/// The live view's events for a request's messages, published once they are stored.
-fn live_view(
-    records: &RecordBatch,
-    duplicate: &[bool],
-) -> Vec<(&'static str, Option<MessageType>, serde_json::Value)> {
+/// The live view's events for a request's messages, published once they are stored:
+/// (kind, type, fields, the stored message unless a duplicate).
+fn live_view(records: &RecordBatch, duplicate: &[bool]) -> Vec<LiveMessage> {
     let bytes = records.bytes();
     records
         .framed()
@@ -343,15 +342,21 @@ fn live_view(
                 Ok(crate::queue::record::ReadOutcome::Record { json, .. }) => json,
                 _ => return None,
             };
-            let mut fields = crate::live::summary(&json);
-            let kind = if duplicate {
-                // Already shown when it was accepted.
-                fields["message"] = serde_json::Value::Null;
-                "duplicate"
+            let (fields, _) = crate::live::summary(&json);
+            // A duplicate was shown whole when it was accepted.
+            let (kind, json) = if duplicate {
+                ("duplicate", None)
             } else {
-                "accepted"
+                ("accepted", Some(json))
             };
-            Some((kind, Some(message_type), fields))
+            Some((kind, Some(message_type), fields, json))
         })
         .collect()
 }
+
+type LiveMessage = (
+    &'static str,
+    Option<MessageType>,
+    serde_json::Value,
+    Option<Vec<u8>>,
+);

@@ -16,7 +16,7 @@ use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, COOKIE};
 use http::{HeaderMap, HeaderValue};
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use super::admin::{authorize_token, bearer};
 use super::App;
@@ -24,6 +24,9 @@ use crate::live::{self, Filter};
 
 /// A comment line this often keeps proxies from closing a quiet stream.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// Events already waiting are written together, up to about this much.
+const BATCH_BYTES: usize = 64 * 1024;
 
 /// The page: HTML, CSS and JS in one file, in the binary.
 const PAGE: &str = include_str!("debugger.html");
@@ -62,14 +65,34 @@ pub async fn events(
                 };
                 let chunk = match next {
                     Err(_) => Bytes::from_static(b": keep-alive\n\n"),
-                    Ok(Ok(event)) if filter.matches(&event) => {
-                        Bytes::from(format!("data: {}\n\n", event.json))
+                    Ok(Ok(event)) => {
+                        // Whatever else is already waiting goes in the same write.
+                        let mut text = String::new();
+                        let mut more = Some(event);
+                        while let Some(event) = more.take() {
+                            if filter.matches(&event) {
+                                text.push_str("data: ");
+                                text.push_str(&event.json);
+                                text.push_str("\n\n");
+                            }
+                            if text.len() < BATCH_BYTES {
+                                more = match receiver.try_recv() {
+                                    Ok(event) => Some(event),
+                                    Err(TryRecvError::Lagged(lost)) => {
+                                        text.push_str(&dropped(lost));
+                                        None
+                                    }
+                                    Err(_) => None,
+                                };
+                            }
+                        }
+                        if text.is_empty() {
+                            continue;
+                        }
+                        Bytes::from(text)
                     }
-                    Ok(Ok(_)) => continue,
                     // This viewer fell behind: tell it how much it lost.
-                    Ok(Err(RecvError::Lagged(lost))) => Bytes::from(format!(
-                        "data: {{\"kind\":\"dropped\",\"count\":{lost}}}\n\n"
-                    )),
+                    Ok(Err(RecvError::Lagged(lost))) => Bytes::from(dropped(lost)),
                     Ok(Err(RecvError::Closed)) => return None,
                 };
                 return Some((Ok(chunk), (receiver, filter, None)));
@@ -102,6 +125,11 @@ pub async fn page(State(app): State<Arc<App>>) -> Response {
         PAGE,
     )
         .into_response()
+}
+
+/// The event telling a viewer it fell behind and lost `lost` events.
+fn dropped(lost: u64) -> String {
+    format!("data: {{\"kind\":\"dropped\",\"count\":{lost}}}\n\n")
 }
 
 fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {

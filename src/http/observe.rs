@@ -84,5 +84,6 @@ fn tell_live(path: &str, status: StatusCode, error: Option<&ErrorLog>) {
             "field": error.and_then(|e| e.field.as_deref()),
             "index": error.and_then(|e| e.index),
         }),
+        None,
     );
 }
