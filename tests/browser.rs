@@ -79,12 +79,18 @@ async fn analytics_next_in_chromium_sends_each_call_once_with_only_cdn_url_set()
         requests.iter().all(|r| r["status"] == 200),
         "every request to fanout answered 200: {result}"
     );
-    let stored = f.wait_delivered(4).await;
+    assert_eq!(
+        result["ids"]["pixel"],
+        json!({"loaded": true, "width": 1, "height": 1}),
+        "the pixel loads as a 1x1 image: {result}"
+    );
+    let stored = f.wait_delivered(5).await;
     let by_id: HashMap<&str, &Value> = stored
         .iter()
         .map(|m| (m["messageId"].as_str().unwrap(), m))
         .collect();
-    assert_eq!(by_id.len(), 4, "each call once: {stored:#?}");
+    assert_eq!(by_id.len(), 5, "each call once, and the pixel: {stored:#?}");
+    assert_eq!(by_id["pixel-img-1"]["event"], "Email Opened");
     for call in ["identify", "track", "page", "group"] {
         let id = result["ids"][call].as_str().unwrap();
         let message = by_id
