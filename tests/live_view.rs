@@ -231,6 +231,33 @@ async fn a_viewer_that_falls_behind_is_told_what_it_lost_and_ingest_goes_on() {
     assert!(dropped["count"].as_u64().unwrap() > 0, "{dropped}");
 }
 
+/// A destination's routing that passes a message over says which rule did.
+#[tokio::test]
+async fn a_message_routed_elsewhere_is_shown_skipped_with_the_rule() {
+    let out = tempfile::tempdir().unwrap();
+    let f = Fanout::start_with(
+        Settings::default()
+            .section("[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n")
+            .env("FANOUT_ADMIN_TOKEN", TOKEN)
+            .section(&format!(
+                "[[destinations]]\nname = \"orders\"\nkind = \"file\"\npath = \"{}\"\n\
+                 filter = {{ events = [\"Order *\"] }}\n",
+                out.path().join("orders.jsonl").display()
+            )),
+    );
+    let mut sse = Sse::open(&f, "destination=orders").await;
+    let track =
+        json!({"type": "track", "messageId": "not-an-order", "userId": "u", "event": "Viewed"});
+    f.post("/v1/track").json(&track).send().await.unwrap();
+    let events = sse.until(|e| e["kind"] == "skipped").await;
+    let skipped = events.last().unwrap();
+    assert_eq!(skipped["messageId"], "not-an-order");
+    assert!(
+        skipped["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{skipped}"
+    );
+}
+
 /// For Klaviyo the live view shows the translated request bodies as the payload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_klaviyo_outcome_carries_the_translated_bodies() {

@@ -386,6 +386,20 @@ fn tell<'a>(
     }
 }
 
+/// A message the destination's routing passed over, for the live view (`why`: the rule).
+pub(super) fn tell_skipped(context: &DeliveryContext, source: &str, json: &[u8], why: &str) {
+    let (mut fields, message_type) = crate::live::summary(json);
+    fields["reason"] = json!(why);
+    crate::live::publish(
+        "skipped",
+        Some(source),
+        Some(&context.name),
+        message_type,
+        fields,
+        None,
+    );
+}
+
 fn tell_message(
     context: &DeliveryContext,
     kind: &'static str,

@@ -209,6 +209,14 @@ impl Engine {
                 // Settled without a batch: the cursor may pass it.
                 tracing::trace!(why = why.as_str(), "message not routed here");
                 self.skipped.increment(1);
+                if crate::live::watching() {
+                    super::batch::tell_skipped(
+                        &self.context,
+                        &record.source,
+                        &record.json,
+                        why.as_str(),
+                    );
+                }
                 self.progress.pass(record.receipt);
                 return;
             }
