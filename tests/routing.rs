@@ -268,3 +268,51 @@ async fn route_command_shows_each_destination_and_its_payload() {
         assert!(stderr.contains(says), "{says}: {stderr}");
     }
 }
+
+/// `consent_categories` and `integrations = "ignore"` through the running server: a
+/// message denying a category misses the destination that needs it, one without consent
+/// data goes everywhere, and an archive that ignores `integrations` gets what
+/// `{"All": false}` kept from the others.
+#[tokio::test]
+async fn consent_and_ignored_integrations_decide_per_destination() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ads, archive) = (
+        tmp.path().join("ads.jsonl"),
+        tmp.path().join("archive.jsonl"),
+    );
+    let f = Fanout::start_with(Settings::default().section(&format!(
+        "[[destinations]]\nname = \"ads\"\nkind = \"file\"\npath = \"{}\"\n\
+         consent_categories = [\"Advertising\"]\n\n\
+         [[destinations]]\nname = \"archive\"\nkind = \"file\"\npath = \"{}\"\n\
+         integrations = \"ignore\"\n",
+        ads.display(),
+        archive.display()
+    )));
+    let consent = |advertising: bool| json!({"consent": {"categoryPreferences": {"Advertising": advertising, "Analytics": true}}});
+    let sends = [
+        json!({"userId": "u", "event": "E", "messageId": "denied", "context": consent(false)}),
+        json!({"userId": "u", "event": "E", "messageId": "granted", "context": consent(true)}),
+        json!({"userId": "u", "event": "E", "messageId": "no-consent-data"}),
+        json!({"userId": "u", "event": "E", "messageId": "all-off", "integrations": {"All": false}}),
+    ];
+    for body in &sends {
+        assert_success(f.post("/v1/track").json(body).send().await.unwrap()).await;
+    }
+    common::wait_file_lines(&archive, 4).await;
+    for destination in ["out", "ads", "archive"] {
+        f.wait_settled(destination).await;
+    }
+    assert_eq!(
+        common::receiver::ids(&common::file_lines(&ads)),
+        ["granted", "no-consent-data"]
+    );
+    assert_eq!(
+        common::receiver::ids(&common::file_lines(&archive)),
+        ["denied", "granted", "no-consent-data", "all-off"]
+    );
+    assert_eq!(
+        common::receiver::ids(&f.delivered()),
+        ["denied", "granted", "no-consent-data"],
+        "the catch-all honours `All: false`"
+    );
+}

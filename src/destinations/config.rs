@@ -85,6 +85,12 @@ struct SharedKeys {
     /// message without the old path is left as it is.
     #[serde(default)]
     rename: BTreeMap<String, String>,
+    /// `"honour"` (default) or `"ignore"` the message's `integrations` object.
+    #[serde(default)]
+    integrations: super::rules::IntegrationsPolicy,
+    /// Categories a message's consent must not deny, e.g. `["Advertising"]`.
+    #[serde(default)]
+    consent_categories: Vec<String>,
     batch: Option<BatchConfig>,
     concurrency: Option<usize>,
     ordering: Option<bool>,
@@ -130,6 +136,8 @@ impl DestinationConfig {
                 filter: shared.filter,
                 drop_fields: shared.drop_fields,
                 rename: shared.rename,
+                integrations: shared.integrations,
+                consent_categories: shared.consent_categories,
             },
             batch: shared.batch,
             http,

@@ -27,7 +27,7 @@ pub use config::{
 pub use file::{FileConfig, FileDestination};
 pub use http::{classify, parse_retry_after};
 pub use klaviyo::{KlaviyoBodies, KlaviyoConfig, KlaviyoDestination, KlaviyoRequest};
-pub use rules::{FilterConfig, PropertyCondition, RouteConfig};
+pub use rules::{FilterConfig, IntegrationsPolicy, PropertyCondition, RouteConfig};
 pub use segment::{batch_body as segment_batch_body, SegmentConfig, SegmentDestination};
 pub use stdout::{StdoutConfig, StdoutDestination};
 pub use webhook::{WebhookConfig, WebhookDestination, WebhookPayload};

@@ -18,6 +18,20 @@ pub struct RouteConfig {
     pub drop_fields: Vec<String>,
     /// Dotted path → dotted path, applied after `drop_fields`.
     pub rename: BTreeMap<String, String>,
+    /// Whether a message's own `integrations` object can turn this destination off.
+    pub integrations: IntegrationsPolicy,
+    /// Consent categories this destination needs (`context.consent.categoryPreferences`).
+    pub consent_categories: Vec<String>,
+}
+
+/// `integrations = "honour" | "ignore"`: `ignore` for a relay or archive that must get
+/// everything (`{"All": false, "Mixpanel": true}` is meant for the downstream).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IntegrationsPolicy {
+    #[default]
+    Honour,
+    Ignore,
 }
 
 /// `filter = { types, events, properties }`: a message goes only if every condition given

@@ -9,7 +9,13 @@
 //! `integrations` (Segment's per-message switches; keys compared case-insensitively, since
 //! clients send both `All` and `all`): a key equal to the destination's name, else to its
 //! kind (`"Klaviyo": false` works as it does at Segment), decides — `false` skips, `true`
-//! or an object of settings sends; otherwise `All: false` skips; otherwise it goes.
+//! or an object of settings sends; otherwise `All: false` skips; otherwise it goes. A
+//! destination with `integrations = "ignore"` takes no notice of it.
+//!
+//! `consent_categories`: a message whose `context.consent.categoryPreferences` sets one of
+//! them to anything but `true` (or leaves one out, when the object is there) is skipped
+//! (`consent`); a message without that object goes (Segment's rule for events without
+//! consent data).
 //!
 //! A message that is not a JSON object is passed on unchanged: the destination decides.
 
@@ -21,7 +27,7 @@ use std::borrow::Cow;
 use memchr::memmem;
 use serde_json::value::RawValue;
 
-use crate::destinations::DestinationConfig;
+use crate::destinations::{DestinationConfig, IntegrationsPolicy};
 use crate::json::{scalar, RawObject, Scalar};
 use crate::message::MessageType;
 use fields::{Fields, Transform};
@@ -35,6 +41,8 @@ pub struct Route {
     filter: Option<Filter>,
     transform: Option<Transform>,
     integrations: memmem::Finder<'static>,
+    honour_integrations: bool,
+    consent: Vec<String>,
 }
 
 /// What a destination gets of one message.
@@ -58,6 +66,8 @@ pub enum Skip {
     Property,
     /// The message's `integrations` turned this destination off.
     Integrations,
+    /// The message's consent preferences deny one of `consent_categories`.
+    Consent,
 }
 
 impl Skip {
@@ -69,6 +79,7 @@ impl Skip {
             Skip::Event => "event",
             Skip::Property => "property",
             Skip::Integrations => "integrations",
+            Skip::Consent => "consent",
         }
     }
 }
@@ -80,6 +91,7 @@ struct View<'a> {
     integrations: Option<&'a RawValue>,
     properties: Option<&'a RawValue>,
     traits: Option<&'a RawValue>,
+    context: Option<&'a RawValue>,
     anonymous_id: Option<&'a RawValue>,
     user_id: Option<&'a RawValue>,
 }
@@ -92,6 +104,7 @@ impl<'a> View<'a> {
             integrations: get("integrations"),
             properties: get("properties"),
             traits: get("traits"),
+            context: get("context"),
             anonymous_id: get("anonymousId"),
             user_id: get("userId"),
         }
@@ -129,6 +142,8 @@ impl Route {
             filter: config.route.filter.as_ref().map(Filter::new),
             transform: Transform::new(&config.route),
             integrations: memmem::Finder::new(b"\"integrations\""),
+            honour_integrations: config.route.integrations == IntegrationsPolicy::Honour,
+            consent: config.route.consent_categories.clone(),
         }
     }
 
@@ -150,7 +165,7 @@ impl Route {
             }
         }
         let pass = || Decision::Send(Cow::Borrowed(message));
-        if !self.may_switch_off(message) {
+        if !self.may_switch_off(message) && self.consent.is_empty() {
             match (&self.filter, &self.transform) {
                 (None, None) => return (pass(), None),
                 // Ingest writes `type` first, so a type filter mostly needs no parse.
@@ -208,6 +223,9 @@ impl Route {
     /// parsing nearly every message.
     fn may_switch_off(&self, message: &[u8]) -> bool {
         const EMPTY: &[u8] = b":{}";
+        if !self.honour_integrations {
+            return false;
+        }
         self.integrations.find_iter(message).any(|at| {
             let after = at + b"\"integrations\"".len();
             message.get(after..after + EMPTY.len()) != Some(EMPTY)
@@ -217,6 +235,12 @@ impl Route {
     fn check(&self, view: &View<'_>) -> Option<Skip> {
         if let Some(skip) = self.filter.as_ref().and_then(|f| f.check(view)) {
             return Some(skip);
+        }
+        if !self.consent.is_empty() && !self.consented(view) {
+            return Some(Skip::Consent);
+        }
+        if !self.honour_integrations {
+            return None;
         }
         let integrations = view.integrations.and_then(RawObject::parse)?;
         let (mut by_name, mut by_kind, mut all) = (None, None, None);
@@ -240,6 +264,30 @@ impl Route {
             Some(false) => Some(Skip::Integrations),
             _ => None,
         }
+    }
+}
+
+impl Route {
+    /// Whether the message's consent, if it states any, allows every category this
+    /// destination needs.
+    fn consented(&self, view: &View<'_>) -> bool {
+        let preferences = view
+            .context
+            .and_then(RawObject::parse)
+            .and_then(|context| context.get("consent").and_then(RawObject::parse))
+            .and_then(|consent| {
+                consent
+                    .get("categoryPreferences")
+                    .and_then(RawObject::parse)
+            });
+        let Some(preferences) = preferences else {
+            return true;
+        };
+        self.consent.iter().all(|category| {
+            preferences
+                .iter()
+                .any(|(key, value)| key == category.as_str() && value.get() == "true")
+        })
     }
 }
 

@@ -250,6 +250,57 @@ fn routing_table() {
             PAGE,
             S(Skip::Property),
         ),
+        // integrations = "ignore": the message's switches do not apply here
+        (
+            r#"integrations = "ignore""#,
+            "web",
+            r#"{"type":"track","integrations":{"All":false,"Mixpanel":true}}"#,
+            Same,
+        ),
+        (
+            r#"integrations = "ignore""#,
+            "web",
+            r#"{"type":"track","integrations":{"crm":false}}"#,
+            Same,
+        ),
+        // consent_categories: denied or missing from the preferences skips; none stated goes
+        (
+            r#"consent_categories = ["Advertising"]"#,
+            "web",
+            r#"{"type":"track","context":{"consent":{"categoryPreferences":{"Advertising":false,"Analytics":true}}}}"#,
+            S(Skip::Consent),
+        ),
+        (
+            r#"consent_categories = ["Advertising"]"#,
+            "web",
+            r#"{"type":"track","context":{"consent":{"categoryPreferences":{"Analytics":true}}}}"#,
+            S(Skip::Consent),
+        ),
+        (
+            r#"consent_categories = ["Advertising", "Analytics"]"#,
+            "web",
+            r#"{"type":"track","context":{"consent":{"categoryPreferences":{"Advertising":true,"Analytics":true}}}}"#,
+            Same,
+        ),
+        (
+            r#"consent_categories = ["Advertising"]"#,
+            "web",
+            r#"{"type":"track","context":{"ip":"1.2.3.4"}}"#,
+            Same,
+        ),
+        (
+            r#"consent_categories = ["Advertising"]"#,
+            "web",
+            r#"{"type":"track"}"#,
+            Same,
+        ),
+        (
+            r#"consent_categories = ["Advertising"]
+               drop_fields = ["context.ip"]"#,
+            "web",
+            r#"{"type":"track","context":{"ip":"1.2.3.4","consent":{"categoryPreferences":{"Advertising":false}}}}"#,
+            S(Skip::Consent),
+        ),
         // integrations: name, else kind, else All/all; case-insensitive keys
         (
             "",
