@@ -269,7 +269,7 @@ async fn route_command_shows_each_destination_and_its_payload() {
     }
 }
 
-/// `consent_categories` and `integrations = "ignore"` through the running server: a
+/// `consent_categories`, `hash_fields` and `integrations = "ignore"` through the running server: a
 /// message denying a category misses the destination that needs it, one without consent
 /// data goes everywhere, and an archive that ignores `integrations` gets what
 /// `{"All": false}` kept from the others.
@@ -282,7 +282,7 @@ async fn consent_and_ignored_integrations_decide_per_destination() {
     );
     let f = Fanout::start_with(Settings::default().section(&format!(
         "[[destinations]]\nname = \"ads\"\nkind = \"file\"\npath = \"{}\"\n\
-         consent_categories = [\"Advertising\"]\n\n\
+         consent_categories = [\"Advertising\"]\nhash_fields = [\"properties.email\"]\n\n\
          [[destinations]]\nname = \"archive\"\nkind = \"file\"\npath = \"{}\"\n\
          integrations = \"ignore\"\n",
         ads.display(),
@@ -291,7 +291,8 @@ async fn consent_and_ignored_integrations_decide_per_destination() {
     let consent = |advertising: bool| json!({"consent": {"categoryPreferences": {"Advertising": advertising, "Analytics": true}}});
     let sends = [
         json!({"userId": "u", "event": "E", "messageId": "denied", "context": consent(false)}),
-        json!({"userId": "u", "event": "E", "messageId": "granted", "context": consent(true)}),
+        json!({"userId": "u", "event": "E", "messageId": "granted", "context": consent(true),
+               "properties": {"email": " Jane@Example.com"}}),
         json!({"userId": "u", "event": "E", "messageId": "no-consent-data"}),
         json!({"userId": "u", "event": "E", "messageId": "all-off", "integrations": {"All": false}}),
     ];
@@ -302,10 +303,18 @@ async fn consent_and_ignored_integrations_decide_per_destination() {
     for destination in ["out", "ads", "archive"] {
         f.wait_settled(destination).await;
     }
+    let ads_lines = common::file_lines(&ads);
     assert_eq!(
-        common::receiver::ids(&common::file_lines(&ads)),
+        common::receiver::ids(&ads_lines),
         ["granted", "no-consent-data"]
     );
+    // Hashed for `ads` only (sha256 of "jane@example.com"); the others get it as sent.
+    assert_eq!(
+        ads_lines[0]["properties"]["email"],
+        "8c87b489ce35cf2e2f39f80e282cb2e804932a56a213983eeeb428407d43b52d"
+    );
+    let archived = common::file_lines(&archive);
+    assert_eq!(archived[1]["properties"]["email"], " Jane@Example.com");
     assert_eq!(
         common::receiver::ids(&common::file_lines(&archive)),
         ["denied", "granted", "no-consent-data", "all-off"]

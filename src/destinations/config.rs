@@ -91,6 +91,9 @@ struct SharedKeys {
     /// Categories a message's consent must not deny, e.g. `["Advertising"]`.
     #[serde(default)]
     consent_categories: Vec<String>,
+    /// Dotted paths whose strings are sent as SHA-256 hex, e.g. `traits.email`.
+    #[serde(default)]
+    hash_fields: Vec<String>,
     batch: Option<BatchConfig>,
     concurrency: Option<usize>,
     ordering: Option<bool>,
@@ -138,6 +141,7 @@ impl DestinationConfig {
                 rename: shared.rename,
                 integrations: shared.integrations,
                 consent_categories: shared.consent_categories,
+                hash_fields: shared.hash_fields,
             },
             batch: shared.batch,
             http,

@@ -22,6 +22,8 @@ pub struct RouteConfig {
     pub integrations: IntegrationsPolicy,
     /// Consent categories this destination needs (`context.consent.categoryPreferences`).
     pub consent_categories: Vec<String>,
+    /// Dotted paths whose strings this destination gets as SHA-256 hex.
+    pub hash_fields: Vec<String>,
 }
 
 /// `integrations = "honour" | "ignore"`: `ignore` for a relay or archive that must get
@@ -154,6 +156,9 @@ impl RouteConfig {
                     "`type` cannot be dropped: routing reads it",
                 ));
             }
+        }
+        for (j, path) in self.hash_fields.iter().enumerate() {
+            check_path(path).map_err(|m| KeyError::new(format!("hash_fields[{j}]"), m))?;
         }
         let renames: Vec<(&String, &String)> = self.rename.iter().collect();
         for (i, &(from, to)) in renames.iter().enumerate() {

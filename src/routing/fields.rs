@@ -1,5 +1,10 @@
-//! `drop_fields` and `rename` on a message kept as raw JSON except along the paths they
-//! touch: the rest is copied byte for byte and in its order, not re-serialized.
+//! `drop_fields`, `rename` and `hash_fields` on a message kept as raw JSON except along
+//! the paths they touch: the rest is copied byte for byte and in its order, not
+//! re-serialized.
+//!
+//! Hashing replaces each string at a path by the lower-case hex SHA-256 of the value
+//! trimmed and lower-cased; a path whose last part names a phone (`phone`, `phone_number`,
+//! `phoneNumber`) keeps only digits and a leading `+` first, as ad platforms match them.
 
 use std::borrow::Cow;
 
@@ -8,10 +13,11 @@ use serde_json::value::RawValue;
 use crate::destinations::RouteConfig;
 use crate::json::{write_key, RawObject};
 
-/// A destination's field edits: drops first, then renames.
+/// A destination's field edits: drops first, then renames, then hashes.
 pub(super) struct Transform {
     drop: Vec<Vec<String>>,
     rename: Vec<(Vec<String>, Vec<String>)>,
+    hash: Vec<Vec<String>>,
 }
 
 fn split(path: &str) -> Vec<String> {
@@ -21,7 +27,10 @@ fn split(path: &str) -> Vec<String> {
 impl Transform {
     /// `None` when the destination edits nothing.
     pub(super) fn new(config: &RouteConfig) -> Option<Transform> {
-        if config.drop_fields.is_empty() && config.rename.is_empty() {
+        if config.drop_fields.is_empty()
+            && config.rename.is_empty()
+            && config.hash_fields.is_empty()
+        {
             return None;
         }
         Some(Transform {
@@ -31,6 +40,7 @@ impl Transform {
                 .iter()
                 .map(|(from, to)| (split(from), split(to)))
                 .collect(),
+            hash: config.hash_fields.iter().map(|p| split(p)).collect(),
         })
     }
 
@@ -43,14 +53,39 @@ impl Transform {
         for (from, to) in &self.rename {
             changed |= message.rename(from, to);
         }
+        for path in &self.hash {
+            changed |= message.hash(path);
+        }
         changed
     }
+}
+
+/// The hex SHA-256 a hashed field becomes (see the module comment).
+fn hashed(value: &str, phone: bool) -> String {
+    use sha2::{Digest, Sha256};
+    let normal: String = if phone {
+        let trimmed = value.trim();
+        let plus = trimmed.starts_with('+');
+        let digits = trimmed.chars().filter(char::is_ascii_digit);
+        (if plus { Some('+') } else { None })
+            .into_iter()
+            .chain(digits)
+            .collect()
+    } else {
+        value.trim().to_lowercase()
+    };
+    Sha256::digest(normal.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// One JSON value: raw, or an object opened up because an edit reaches into it.
 pub(super) enum Node<'a> {
     Raw(&'a RawValue),
     Object(Fields<'a>),
+    /// A value fanout wrote (a hash), as JSON.
+    Written(String),
 }
 
 /// An object's fields in order; a repeated key keeps its last value (as `RawObject`).
@@ -78,7 +113,7 @@ impl<'a> Fields<'a> {
     pub(super) fn raw(&self, key: &str) -> Option<&'a RawValue> {
         match self.0.iter().find(|(k, _)| k == key)?.1 {
             Node::Raw(raw) => Some(raw),
-            Node::Object(_) => None,
+            Node::Object(_) | Node::Written(_) => None,
         }
     }
 
@@ -91,7 +126,29 @@ impl<'a> Fields<'a> {
         }
         match node {
             Node::Object(fields) => Some(fields),
-            Node::Raw(_) => None,
+            Node::Raw(_) | Node::Written(_) => None,
+        }
+    }
+
+    /// Replaces the string at `path` by its hash; true if there was one.
+    fn hash(&mut self, path: &[String]) -> bool {
+        match path {
+            [key] => {
+                let Some(i) = self.position(key) else {
+                    return false;
+                };
+                let Node::Raw(raw) = self.0[i].1 else {
+                    return false;
+                };
+                let Ok(text) = serde_json::from_str::<Cow<'_, str>>(raw.get()) else {
+                    return false; // not a string: left as it is
+                };
+                let phone = matches!(key.as_str(), "phone" | "phone_number" | "phoneNumber");
+                self.0[i].1 = Node::Written(format!("\"{}\"", hashed(&text, phone)));
+                true
+            }
+            [key, rest @ ..] => self.child(key).is_some_and(|child| child.hash(rest)),
+            [] => false,
         }
     }
 
@@ -170,6 +227,7 @@ impl<'a> Fields<'a> {
             match node {
                 Node::Raw(raw) => out.extend_from_slice(raw.get().as_bytes()),
                 Node::Object(fields) => fields.write(out),
+                Node::Written(json) => out.extend_from_slice(json.as_bytes()),
             }
         }
         out.push(b'}');
@@ -184,6 +242,7 @@ mod tests {
         let t = Transform {
             drop: drop.iter().map(|p| split(p)).collect(),
             rename: rename.iter().map(|(f, t)| (split(f), split(t))).collect(),
+            hash: Vec::new(),
         };
         let mut fields = Fields::parse(json).unwrap();
         let changed = t.apply(&mut fields);

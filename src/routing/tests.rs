@@ -301,6 +301,19 @@ fn routing_table() {
             r#"{"type":"track","context":{"ip":"1.2.3.4","consent":{"categoryPreferences":{"Advertising":false}}}}"#,
             S(Skip::Consent),
         ),
+        // hash_fields: strings at the paths become SHA-256 hex of the trimmed, lower-cased
+        // value (phones: digits and a leading +); the rest is kept byte for byte
+        (
+            r#"hash_fields = ["traits.email", "context.traits.email", "properties.phone", "traits.age"]"#,
+            "web",
+            r#"{"type":"identify","traits":{"email":"  Jane@Example.COM ","age":30},"properties":{"phone":"+1 (555) 010-0100"},"context":{"ip":"1.2.3.4"}}"#,
+            Edited(concat!(
+                r#"{"type":"identify","traits":{"email":"#,
+                r#""8c87b489ce35cf2e2f39f80e282cb2e804932a56a213983eeeb428407d43b52d","age":30},"#,
+                r#""properties":{"phone":"e54d0c436486638a52c63894af2b2c2d5fa395441fa879df310cdbe87db907e9"},"#,
+                r#""context":{"ip":"1.2.3.4"}}"#
+            )),
+        ),
         // integrations: name, else kind, else All/all; case-insensitive keys
         (
             "",
