@@ -506,7 +506,9 @@ mod tests {
     fn the_shared_keys_are_the_structs_fields() {
         let names = field_names::<SharedKeys>();
         assert!(names.contains(&"rate_limit") && names.contains(&"drop_fields"));
-        assert_eq!(names.len(), 12);
+        assert!(names.contains(&"consent_categories") && names.contains(&"hash_fields"));
+        assert!(names.contains(&"integrations"));
+        assert_eq!(names.len(), 15);
     }
 
     #[test]
