@@ -208,9 +208,9 @@ async fn filters_pick_source_destination_and_type() {
 async fn a_viewer_that_falls_behind_is_told_what_it_lost_and_ingest_goes_on() {
     let f = with_admin();
     let mut slow = Sse::open(&f, "").await;
-    // 250 batches of 100: 25 000 accepted + 25 000 delivered events, past the buffer
-    // and what the sockets between hold.
-    for b in 0..250 {
+    // 500 batches of 100: 50 000 accepted + 50 000 delivered events (~35 MB), past the
+    // ring and past what the sockets between can hold (loopback buffers grow to 32 MB).
+    for b in 0..500 {
         let batch: Vec<Value> = (0..100)
             .map(|i| {
                 json!({"type": "track", "messageId": format!("slow-{b}-{i}"),
@@ -225,7 +225,7 @@ async fn a_viewer_that_falls_behind_is_told_what_it_lost_and_ingest_goes_on() {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
-    f.wait_delivered(25_000).await;
+    f.wait_delivered(50_000).await;
     let events = slow.until(|e| e["kind"] == "dropped").await;
     let dropped = events.last().unwrap();
     assert!(dropped["count"].as_u64().unwrap() > 0, "{dropped}");
