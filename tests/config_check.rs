@@ -19,6 +19,18 @@ fn check(config: &str) -> (bool, String, String) {
     )
 }
 
+/// Each config is refused, naming its key and line.
+fn assert_refused(cases: &[(String, &str, &str)]) {
+    for (config, key, line) in cases {
+        let (ok, _, stderr) = check(config);
+        assert!(!ok, "should fail: {config}");
+        assert!(
+            stderr.contains(key) && stderr.contains(line),
+            "want {key} at {line}: {stderr}"
+        );
+    }
+}
+
 #[test]
 fn the_shipped_example_config_is_valid() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
@@ -87,14 +99,7 @@ fn errors_name_the_key_and_line() {
             "line 2",
         ),
     ];
-    for (config, key, line) in cases {
-        let (ok, _, stderr) = check(&config);
-        assert!(!ok, "should fail: {config}");
-        assert!(
-            stderr.contains(key) && stderr.contains(line),
-            "want {key} at {line}: {stderr}"
-        );
-    }
+    assert_refused(&cases);
 }
 
 #[test]
@@ -182,12 +187,5 @@ fn the_queue_section_is_checked_without_connecting() {
             "line 11",
         ),
     ];
-    for (config, key, line) in cases {
-        let (ok, _, stderr) = check(&config);
-        assert!(!ok, "should fail: {config}");
-        assert!(
-            stderr.contains(key) && stderr.contains(line),
-            "want {key} at {line}: {stderr}"
-        );
-    }
+    assert_refused(&cases);
 }

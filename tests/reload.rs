@@ -50,21 +50,11 @@ fn track(id: &str) -> Value {
     json!({"userId": "u1", "event": "Reloaded", "messageId": id})
 }
 
-async fn post_reload(f: &Fanout, query: &str) -> (u16, Value) {
-    let response = client()
-        .post(f.url(&format!("/admin/reload{query}")))
-        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
-        .send()
-        .await
-        .unwrap();
-    common::status_json(response).await
-}
-
 /// Reloading `config` is refused with a message naming `mentions`, and nothing of it
 /// takes effect (the new source's key stays unknown).
 async fn assert_refused(f: &Fanout, config: &str, mentions: &str) {
     std::fs::write(f.config_path(), config).unwrap();
-    let (status, body) = post_reload(f, "").await;
+    let (status, body) = common::post_reload(f, ADMIN_TOKEN, "").await;
     assert_eq!(status, 400, "{body}");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains(mentions), "{message}");
@@ -212,7 +202,7 @@ async fn an_invalid_config_is_refused_and_the_old_one_keeps_running() {
     edit_config(&f, |text| {
         format!("{text}\n[[sources]]\nname = \"mobile\"\nwrite_kyes = [\"wk_mobile\"]\n")
     });
-    let (status, body) = post_reload(&f, "").await;
+    let (status, body) = common::post_reload(&f, ADMIN_TOKEN, "").await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["code"], "invalid_config", "{body}");
     let message = body["error"]["message"].as_str().unwrap();
@@ -244,7 +234,7 @@ async fn an_invalid_config_is_refused_and_the_old_one_keeps_running() {
 
     // The fixed file is taken, and the answer says what changed.
     edit_config(&f, |_| format!("{good}{NEW_SOURCE}"));
-    let (status, body) = post_reload(&f, "").await;
+    let (status, body) = common::post_reload(&f, ADMIN_TOKEN, "").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["changes"]["sources"], 2, "{body}");
     assert_eq!(status_as(&f, "wk_mobile", "now-known").await, 200);
@@ -283,7 +273,7 @@ async fn a_removed_destination_keeps_its_queue_until_purged() {
     };
     let without_second = std::fs::read_to_string(f.config_path()).unwrap();
     std::fs::write(f.config_path(), &with_second).unwrap();
-    let (status, body) = post_reload(&f, "").await;
+    let (status, body) = common::post_reload(&f, ADMIN_TOKEN, "").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["changes"]["added"], json!(["second"]), "{body}");
     assert_eq!(status_as(&f, common::WRITE_KEY, "m1").await, 200);
@@ -291,7 +281,7 @@ async fn a_removed_destination_keeps_its_queue_until_purged() {
 
     // Removed: it stops receiving, but its cursor stays and holds what arrives meanwhile.
     std::fs::write(f.config_path(), &without_second).unwrap();
-    let (status, body) = post_reload(&f, "").await;
+    let (status, body) = common::post_reload(&f, ADMIN_TOKEN, "").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["changes"]["removed"], json!(["second"]), "{body}");
     assert_eq!(body["changes"]["unpurged"], json!(["second"]), "{body}");
@@ -305,7 +295,7 @@ async fn a_removed_destination_keeps_its_queue_until_purged() {
 
     // Back again: it catches up on what it missed.
     std::fs::write(f.config_path(), &with_second).unwrap();
-    let (status, _) = post_reload(&f, "").await;
+    let (status, _) = common::post_reload(&f, ADMIN_TOKEN, "").await;
     assert_eq!(status, 200);
     let caught_up: Vec<Value> = common::wait_file_lines(&second, 3)
         .await
@@ -316,7 +306,7 @@ async fn a_removed_destination_keeps_its_queue_until_purged() {
 
     // Removed and purged: the cursor is gone.
     std::fs::write(f.config_path(), &without_second).unwrap();
-    let (status, body) = post_reload(&f, "?purge=true").await;
+    let (status, body) = common::post_reload(&f, ADMIN_TOKEN, "?purge=true").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["changes"]["purged"], json!(["second"]), "{body}");
     assert!(!cursor.exists());
@@ -334,7 +324,7 @@ async fn a_changed_destination_restarts_from_its_cursor() {
             "kind = \"file\"\nbatch = { max_events = 7 }\n",
         )
     });
-    let (status, body) = post_reload(&f, "").await;
+    let (status, body) = common::post_reload(&f, ADMIN_TOKEN, "").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["changes"]["changed"], json!(["out"]), "{body}");
     assert_eq!(status_as(&f, common::WRITE_KEY, "b").await, 200);
@@ -409,7 +399,7 @@ async fn an_emptied_config_is_refused_and_a_cut_one_warns() {
     let no_destinations = &good[..good.find("[[destinations]]").unwrap()];
     let admin = "\n[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n";
     std::fs::write(f.config_path(), format!("{no_destinations}{admin}")).unwrap();
-    let (status, body) = post_reload(&f, "").await;
+    let (status, body) = common::post_reload(&f, ADMIN_TOKEN, "").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["changes"]["removed"], json!(["out"]), "{body}");
     assert!(

@@ -439,20 +439,8 @@ async fn reload_adds_and_purges_destinations_on_the_stream() {
         receiver.url("/second")
     );
     std::fs::write(&path, format!("{text}{second}")).unwrap();
-    let reload = |query: &'static str| {
-        let f = &f;
-        async move {
-            let response = client()
-                .post(f.url(&format!("/admin/reload{query}")))
-                .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200);
-            response.json::<Value>().await.unwrap()
-        }
-    };
-    let done = reload("").await;
+    let (status, done) = common::post_reload(&f, ADMIN_TOKEN, "").await;
+    assert_eq!(status, 200, "{done}");
     assert_eq!(done["changes"]["added"], json!(["second"]), "{done}");
     let messages = plan(2, 5);
     assert_eq!(send(&f, &messages).await, 200);
@@ -475,9 +463,11 @@ async fn reload_adds_and_purges_destinations_on_the_stream() {
 
     // Removed: its consumers stay (holding what it has not had) until purged.
     std::fs::write(&path, &text).unwrap();
-    let done = reload("").await;
+    let (status, done) = common::post_reload(&f, ADMIN_TOKEN, "").await;
+    assert_eq!(status, 200, "{done}");
     assert_eq!(done["changes"]["unpurged"], json!(["second"]), "{done}");
-    let done = reload("?purge=true").await;
+    let (status, done) = common::post_reload(&f, ADMIN_TOKEN, "?purge=true").await;
+    assert_eq!(status, 200, "{done}");
     assert_eq!(done["changes"]["purged"], json!(["second"]), "{done}");
     let consumers = nats.nodes[0]
         .monitor("/jsz?consumers=true")

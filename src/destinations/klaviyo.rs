@@ -153,21 +153,7 @@ impl Kind for KlaviyoConfig {
 
     /// The requests it would send, from the real translation.
     fn preview(&self, message: &[u8]) -> anyhow::Result<Preview> {
-        let bodies = KlaviyoBodies::new(self)?;
-        let requests = match bodies.translate(message, Utc::now()) {
-            Translation::Events(events) => bodies.requests(&[], &events.iter().collect::<Vec<_>>()),
-            Translation::Profile(upsert) => bodies.requests(&[upsert.as_ref()], &[]),
-            Translation::Skip { reason } => return Ok(Preview::Skip(reason)),
-            Translation::Reject { reason } => return Ok(Preview::Refuse(reason)),
-        };
-        let requests = requests
-            .into_iter()
-            .map(|r| {
-                let body: serde_json::Value = serde_json::from_slice(&r.body)?;
-                Ok(serde_json::json!({ "path": r.path, "body": body }))
-            })
-            .collect::<anyhow::Result<Vec<serde_json::Value>>>()?;
-        Ok(Preview::Send(serde_json::Value::Array(requests)))
+        KlaviyoBodies::new(self)?.preview(message)
     }
 }
 
@@ -203,6 +189,25 @@ impl KlaviyoBodies {
 
     pub fn translate(&self, message: &[u8], now: DateTime<Utc>) -> Translation {
         translate(message, &self.mapping, self.revision, now)
+    }
+
+    /// The requests `message` becomes, as JSON (`{"path", "body"}` each), or why none:
+    /// what `fanout route` and the live view show.
+    pub fn preview(&self, message: &[u8]) -> anyhow::Result<Preview> {
+        let requests = match self.translate(message, Utc::now()) {
+            Translation::Events(events) => self.requests(&[], &events.iter().collect::<Vec<_>>()),
+            Translation::Profile(upsert) => self.requests(&[upsert.as_ref()], &[]),
+            Translation::Skip { reason } => return Ok(Preview::Skip(reason)),
+            Translation::Reject { reason } => return Ok(Preview::Refuse(reason)),
+        };
+        let requests = requests
+            .into_iter()
+            .map(|r| {
+                let body: serde_json::Value = serde_json::from_slice(&r.body)?;
+                Ok(serde_json::json!({ "path": r.path, "body": body }))
+            })
+            .collect::<anyhow::Result<Vec<serde_json::Value>>>()?;
+        Ok(Preview::Send(serde_json::Value::Array(requests)))
     }
 
     /// The requests for translated profiles and events, in sending order: profiles
@@ -648,21 +653,10 @@ impl Destination for KlaviyoDestination {
     }
 
     fn live_payload(&self, message: &[u8]) -> Option<serde_json::Value> {
-        let requests = match self.bodies.translate(message, Utc::now()) {
-            Translation::Events(events) => self
-                .bodies
-                .requests(&[], &events.iter().collect::<Vec<_>>()),
-            Translation::Profile(upsert) => self.bodies.requests(&[upsert.as_ref()], &[]),
-            Translation::Skip { .. } | Translation::Reject { .. } => return None,
-        };
-        let bodies = requests
-            .into_iter()
-            .map(|r| {
-                let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
-                serde_json::json!({"path": r.path, "body": body})
-            })
-            .collect();
-        Some(serde_json::Value::Array(bodies))
+        match self.bodies.preview(message) {
+            Ok(Preview::Send(requests)) => Some(requests),
+            _ => None,
+        }
     }
 
     fn send<'a>(&'a self, batch: &'a [Outgoing<'a>]) -> Sending<'a> {

@@ -5,6 +5,7 @@
 //! pointed at it (`[queue] backend = "nats"`). Both store the same framed records
 //! (`record.rs`).
 
+mod failing;
 pub mod local;
 pub mod nats;
 pub mod record;

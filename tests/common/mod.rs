@@ -550,6 +550,17 @@ pub async fn expect_error(response: reqwest::Response, status: u16, code: &str) 
 }
 
 /// Status and parsed JSON body.
+/// `POST /admin/reload{query}` with the admin `token`: the status and the JSON answer.
+pub async fn post_reload(f: &Fanout, token: &str, query: &str) -> (u16, Value) {
+    let response = client()
+        .post(f.url(&format!("/admin/reload{query}")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    status_json(response).await
+}
+
 pub async fn status_json(response: reqwest::Response) -> (u16, Value) {
     let status = response.status().as_u16();
     let text = response.text().await.unwrap();

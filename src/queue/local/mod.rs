@@ -23,6 +23,7 @@ use tokio::sync::{oneshot, watch};
 pub use cursor::{Checkpoint, Cursor};
 pub use reader::QueueReader;
 
+use super::failing::Failing;
 use super::record::RecordBatch;
 use super::QueueError;
 use crate::message::Tag;
@@ -48,7 +49,7 @@ struct Shared {
     healthy: AtomicBool,
     /// Why writes are failing now (a full disk, say), until one succeeds again: the
     /// writer probes the disk while this is set, so it clears without traffic too.
-    failing: Mutex<Option<String>>,
+    failing: Failing,
     /// Size of the last append refused for the disk budget (0: none since a success).
     refused_bytes: AtomicU64,
     /// Base of the oldest retained segment: the log holds `committed - oldest` bytes.
@@ -69,19 +70,6 @@ const MAX_PROBE_BYTES: u64 = 1024 * 1024;
 pub type ReclaimHook = Box<dyn Fn(&[(String, Tag)]) -> std::io::Result<()> + Send + Sync>;
 
 impl Shared {
-    fn set_failing(&self, why: Option<String>) {
-        let mut failing = self.failing.lock().expect("queue state poisoned");
-        match (&*failing, &why) {
-            (Some(_), None) => tracing::info!("queue writes succeed again; /ready answers 200"),
-            (None, Some(why)) => tracing::warn!(
-                error = %why,
-                "queue writes fail; ingest answers 503 and /ready 503 until they succeed"
-            ),
-            _ => {}
-        }
-        *failing = why;
-    }
-
     /// Writes, syncs and deletes a file of `bytes` next to the segments: whether an
     /// append of that size would find room. Clears the failing state when it does.
     fn probe(&self, bytes: u64) -> std::io::Result<()> {
@@ -93,8 +81,10 @@ impl Shared {
         })();
         let _ = fs::remove_file(&path);
         match &result {
-            Ok(()) => self.set_failing(None),
-            Err(e) => self.set_failing(Some(format!("{}: {e}", self.queue_dir.display()))),
+            Ok(()) => self.failing.set(None),
+            Err(e) => self
+                .failing
+                .set(Some(format!("{}: {e}", self.queue_dir.display()))),
         }
         result
     }
@@ -172,7 +162,10 @@ impl LocalQueue {
             committed: watch::Sender::new(recovered.end),
             cursors: Mutex::new(cursors),
             healthy: AtomicBool::new(true),
-            failing: Mutex::new(None),
+            failing: Failing::new(
+                "queue writes fail; ingest answers 503 and /ready 503 until they succeed",
+                "queue writes succeed again; /ready answers 200",
+            ),
             refused_bytes: AtomicU64::new(0),
             oldest: AtomicU64::new(recovered.start),
             max_bytes,
@@ -300,7 +293,7 @@ impl LocalQueue {
         if !self.shared.healthy.load(Ordering::Relaxed) {
             return Err("a failed queue write could not be undone; restart fanout".into());
         }
-        if let Some(why) = &*self.shared.failing.lock().expect("queue state poisoned") {
+        if let Some(why) = self.shared.failing.why() {
             return Err(format!("queue writes fail: {why}"));
         }
         let refused = self.shared.refused_bytes.load(Ordering::Relaxed);
@@ -362,7 +355,7 @@ fn write_loop(
         match result {
             Ok(end) => {
                 shared.committed.send_replace(end);
-                shared.set_failing(None);
+                shared.failing.set(None);
                 shared.refused_bytes.store(0, Ordering::Relaxed);
                 failing = false;
                 for request in group.drain(..) {
@@ -374,7 +367,7 @@ fn write_loop(
                 shared
                     .healthy
                     .store(!active.is_poisoned(), Ordering::Relaxed);
-                shared.set_failing(Some(e.to_string()));
+                shared.failing.set(Some(e.to_string()));
                 failing = true;
                 probe_bytes = (bytes as u64).clamp(MIN_PROBE_BYTES, MAX_PROBE_BYTES);
                 for request in group.drain(..) {

@@ -19,7 +19,7 @@ mod feed;
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -32,6 +32,7 @@ use sha2::{Digest, Sha256};
 pub use acks::{Acks, Delivery, DeliveryKey, Handback};
 pub use feed::{StreamFeed, ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER};
 
+use super::failing::Failing;
 use super::{QueueError, RecordBatch};
 use crate::config::QueueConfig;
 use crate::message::Stamp;
@@ -60,7 +61,7 @@ struct Inner {
     settings: Settings,
     /// Why publishing fails now (a full stream, no quorum), until a publish or the
     /// probe succeeds.
-    failing: Mutex<Option<String>>,
+    failing: Failing,
     /// Bytes the stream holds, as last seen.
     held_bytes: AtomicU64,
     /// Size of the last request refused for a full stream (0: none since a success).
@@ -157,7 +158,10 @@ impl NatsQueue {
                 ack_wait: config.ack_wait,
                 max_bytes,
             },
-            failing: Mutex::new(None),
+            failing: Failing::new(
+                "publishing to NATS fails; ingest answers 503 and /ready 503 until it works",
+                "publishing to NATS works again; /ready answers 200",
+            ),
             held_bytes: AtomicU64::new(0),
             refused_bytes: AtomicU64::new(0),
         });
@@ -217,7 +221,7 @@ impl NatsQueue {
             ack.await.map_err(|e| self.refused(e, size))?;
         }
         self.inner.refused_bytes.store(0, Ordering::Relaxed);
-        self.inner.set_failing(None);
+        self.inner.failing.set(None);
         Ok(())
     }
 
@@ -238,7 +242,7 @@ impl NatsQueue {
         } else {
             QueueError::Unavailable(text)
         };
-        self.inner.set_failing(Some(error.to_string()));
+        self.inner.failing.set(Some(error.to_string()));
         error
     }
 
@@ -247,8 +251,8 @@ impl NatsQueue {
         if self.inner.client.connection_state() != State::Connected {
             return Err("not connected to NATS (queue.servers)".into());
         }
-        match &*self.inner.failing.lock().expect("queue state poisoned") {
-            Some(why) => Err(why.clone()),
+        match self.inner.failing.why() {
+            Some(why) => Err(why),
             None => Ok(()),
         }
     }
@@ -325,21 +329,6 @@ impl NatsQueue {
     }
 }
 
-impl Inner {
-    fn set_failing(&self, why: Option<String>) {
-        let mut failing = self.failing.lock().expect("queue state poisoned");
-        match (&*failing, &why) {
-            (Some(_), None) => tracing::info!("publishing to NATS works again; /ready answers 200"),
-            (None, Some(why)) => tracing::warn!(
-                error = %why,
-                "publishing to NATS fails; ingest answers 503 and /ready 503 until it works"
-            ),
-            _ => {}
-        }
-        *failing = why;
-    }
-}
-
 /// Keeps the held bytes current, and while publishing fails, probes the stream every
 /// second so that `/ready` recovers without traffic: once the stream answers and (if it
 /// was full) has room again.
@@ -350,11 +339,7 @@ async fn watch_stream(inner: Weak<Inner>) {
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let failing = inner
-            .failing
-            .lock()
-            .expect("queue state poisoned")
-            .is_some();
+        let failing = inner.failing.is_failing();
         if !failing && last_state.elapsed() < STATE_INTERVAL {
             continue;
         }
@@ -368,7 +353,7 @@ async fn watch_stream(inner: Weak<Inner>) {
             // Full: ready again once the request refused last would fit.
             let refused = inner.refused_bytes.load(Ordering::Relaxed);
             if failing && held + refused <= inner.settings.max_bytes {
-                inner.set_failing(None);
+                inner.failing.set(None);
             }
         }
     }
