@@ -13,6 +13,7 @@ use http::header::{HeaderMap, AUTHORIZATION};
 use subtle::ConstantTimeEq;
 
 use crate::config::{BrowserBatching, SourceConfig};
+use crate::tracking_plan::TrackingPlan;
 
 /// The credential a request's headers carry.
 #[derive(Debug, PartialEq, Eq)]
@@ -76,6 +77,8 @@ pub struct Sources {
     keys: Vec<(Box<[u8]>, Arc<str>)>,
     /// Per source, how the browser library should batch (`browser.batching`).
     batching: HashMap<Arc<str>, BrowserBatching>,
+    /// Per source, its tracking plan (swapped with the keys on reload).
+    plans: HashMap<Arc<str>, Arc<TrackingPlan>>,
 }
 
 impl Sources {
@@ -87,10 +90,14 @@ impl Sources {
         let mut keys: Vec<(Box<[u8]>, Arc<str>)> = Vec::new();
         let mut owners: HashMap<String, (Arc<str>, &'static str)> = HashMap::new();
         let mut batching = HashMap::new();
+        let mut plans = HashMap::new();
         for source in sources {
             let name: Arc<str> = Arc::from(source.name.as_str());
             if let Some(b) = &source.browser.batching {
                 batching.insert(name.clone(), b.clone());
+            }
+            if let Some(plan) = &source.plan {
+                plans.insert(name.clone(), plan.clone());
             }
             let mut source_keys: Vec<(String, &'static str)> = source
                 .write_keys
@@ -137,12 +144,21 @@ impl Sources {
                  would be refused with 401"
             );
         }
-        Ok(Sources { keys, batching })
+        Ok(Sources {
+            keys,
+            batching,
+            plans,
+        })
     }
 
     /// How the browser library should batch for `source`, if it should.
     pub fn batching(&self, source: &str) -> Option<&BrowserBatching> {
         self.batching.get(source)
+    }
+
+    /// `source`'s tracking plan, if it has one.
+    pub fn plan(&self, source: &str) -> Option<&Arc<TrackingPlan>> {
+        self.plans.get(source)
     }
 
     /// The source owning `key`. Compares against every key so timing says nothing of
@@ -233,6 +249,8 @@ mod tests {
             write_keys_env: env.map(String::from),
             dedupe: Default::default(),
             browser: Default::default(),
+            tracking_plan: None,
+            plan: None,
         }
     }
 

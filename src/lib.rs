@@ -3,7 +3,8 @@
 //! The modules are the pipeline's stages, in the order a message passes them:
 //! `server` (accepting connections, start-up, shutdown, reload) → `http` (the tower stack,
 //! admission, routes) → `auth` (write key → source) → `ingest` (parse, validate, enrich) →
-//! `dedupe` (drop retried messageIds) → `queue` (the durable log) → `delivery` (each
+//! `dedupe` (drop retried messageIds) → `tracking_plan` (the source's plan: block, omit,
+//! flag) → `queue` (the durable log) → `delivery` (each
 //! destination's cursor, batches and retries), which asks `routing` (sources, filters,
 //! `integrations`, field edits) whether and in what shape each message goes →
 //! `destinations` (one file per kind), which may `translate` it (to Klaviyo's format).
@@ -33,4 +34,5 @@ pub mod routing;
 pub mod server;
 pub mod throttle;
 pub mod timestamp;
+pub mod tracking_plan;
 pub mod translate;

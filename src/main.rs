@@ -75,10 +75,15 @@ enum DeadLetterAction {
         limit: usize,
     },
     /// Mark a destination's dead letters for delivery again; a running fanout sends
-    /// them within a second (or at its next start).
+    /// them within a second (or at its next start). `--destination tracking_plan` asks
+    /// the running fanout to take the messages tracking plans blocked in again, through
+    /// the plans as they are now.
     Replay {
         #[arg(long)]
         destination: String,
+        /// The running fanout, for `tracking_plan` (default: from the config).
+        #[arg(long)]
+        url: Option<String>,
     },
 }
 
@@ -198,7 +203,8 @@ fn dead_letters(config: &Config, action: &DeadLetterAction) -> anyhow::Result<()
 async fn dead_letters_on(config: &Config, action: &DeadLetterAction) -> anyhow::Result<()> {
     let store = DeadLetters::for_config(config).await?;
     let known = |name: &str| {
-        if !config.destinations.iter().any(|d| d.name == name) {
+        let reserved = name == fanout::tracking_plan::DEAD_LETTER_NAME;
+        if !reserved && !config.destinations.iter().any(|d| d.name == name) {
             eprintln!("fanout: note: no destination `{name}` in the config");
         }
     };
@@ -211,7 +217,14 @@ async fn dead_letters_on(config: &Config, action: &DeadLetterAction) -> anyhow::
                 println!("{}", serde_json::to_string(&letter)?);
             }
         }
-        DeadLetterAction::Replay { destination } => {
+        DeadLetterAction::Replay { destination, url }
+            if destination == fanout::tracking_plan::DEAD_LETTER_NAME =>
+        {
+            let server = fanout::cli::admin::Server::new(config, url.as_deref())?;
+            let path = format!("/admin/dead-letters/replay?destination={destination}");
+            println!("{}", server.post(&path).await?);
+        }
+        DeadLetterAction::Replay { destination, .. } => {
             known(destination);
             let replayed = store.request_replay(destination).await?;
             println!("{}", serde_json::json!({ "replayed": replayed }));

@@ -114,6 +114,7 @@ fn describe() {
     describe_counter!(
         EVENTS,
         "Messages by source, type and outcome: accepted (stored), duplicate (dropped), \
+         blocked (by the source's tracking plan: a dead letter, sent nowhere), \
          rejected (refused as invalid or too large; a batch refused whole counts all its \
          items as type \"unknown\", a request refused before its messages could be counted \
          counts as one). Requests without a valid write key are not counted here."
@@ -282,8 +283,8 @@ const TYPES: [MessageType; 6] = [
 /// One request's stored and duplicate messages by type, counted once they are stored.
 #[derive(Default)]
 pub struct EventTally {
-    /// [accepted, duplicate] per type.
-    counts: [[u64; 2]; 6],
+    /// [accepted, duplicate, blocked] per type.
+    counts: [[u64; 3]; 6],
 }
 
 impl EventTally {
@@ -291,13 +292,19 @@ impl EventTally {
         self.counts[kind as usize][usize::from(duplicate)] += 1;
     }
 
+    /// An accepted message its source's tracking plan blocked.
+    pub fn block(&mut self, kind: MessageType) {
+        let counts = &mut self.counts[kind as usize];
+        counts[0] -= 1;
+        counts[2] += 1;
+    }
+
     pub fn record(&self, source: &str) {
-        for (kind, [accepted, duplicate]) in TYPES.iter().zip(self.counts) {
-            if accepted > 0 {
-                events(source, kind.as_str(), "accepted", accepted);
-            }
-            if duplicate > 0 {
-                events(source, kind.as_str(), "duplicate", duplicate);
+        for (kind, counts) in TYPES.iter().zip(self.counts) {
+            for (outcome, n) in ["accepted", "duplicate", "blocked"].into_iter().zip(counts) {
+                if n > 0 {
+                    events(source, kind.as_str(), outcome, n);
+                }
             }
         }
     }

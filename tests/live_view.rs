@@ -7,6 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::sse::Sse;
 use common::{client, Fanout, Settings, WRITE_KEY};
 use serde_json::{json, Value};
 
@@ -18,74 +19,6 @@ fn with_admin() -> Fanout {
             .section("[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n")
             .env("FANOUT_ADMIN_TOKEN", TOKEN),
     )
-}
-
-/// A Server-Sent Events stream read a chunk at a time.
-struct Sse {
-    response: reqwest::Response,
-    buffer: String,
-}
-
-impl Sse {
-    async fn open(f: &Fanout, query: &str) -> Sse {
-        let response = client()
-            .get(f.url(&format!("/debugger/events?{query}")))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        assert_eq!(response.headers()["content-type"], "text/event-stream");
-        let mut sse = Sse {
-            response,
-            buffer: String::new(),
-        };
-        // The greeting comes first: the subscription exists from here on.
-        sse.fill(Instant::now() + Duration::from_secs(5)).await;
-        sse
-    }
-
-    async fn fill(&mut self, deadline: Instant) -> bool {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, self.response.chunk()).await {
-            Ok(Ok(Some(chunk))) => {
-                self.buffer.push_str(&String::from_utf8_lossy(&chunk));
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// The next `data:` event, within `timeout`.
-    async fn next(&mut self, timeout: Duration) -> Option<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            while let Some(end) = self.buffer.find("\n\n") {
-                let block: String = self.buffer.drain(..end + 2).collect();
-                for line in block.lines() {
-                    if let Some(data) = line.strip_prefix("data: ") {
-                        return Some(serde_json::from_str(data).expect("an event's JSON"));
-                    }
-                }
-            }
-            if !self.fill(deadline).await {
-                return None;
-            }
-        }
-    }
-
-    /// Events until one matches `wanted` (all of them, that one last).
-    async fn until(&mut self, wanted: impl Fn(&Value) -> bool) -> Vec<Value> {
-        let mut seen = Vec::new();
-        while let Some(event) = self.next(Duration::from_secs(10)).await {
-            let done = wanted(&event);
-            seen.push(event);
-            if done {
-                return seen;
-            }
-        }
-        panic!("the awaited event never came; saw {seen:#?}");
-    }
 }
 
 #[tokio::test]
@@ -141,7 +74,7 @@ async fn the_stream_needs_the_admin_token_in_any_of_three_places() {
 #[tokio::test]
 async fn accepted_delivered_duplicate_and_refused_are_shown() {
     let f = with_admin();
-    let mut sse = Sse::open(&f, "").await;
+    let mut sse = Sse::open(&f, TOKEN, "").await;
     let track = json!({"type": "track", "messageId": "live-1", "userId": "u", "event": "Live",
                        "properties": {"n": 1}});
     let ok = f.post("/v1/track").json(&track).send().await.unwrap();
@@ -187,7 +120,7 @@ async fn accepted_delivered_duplicate_and_refused_are_shown() {
 #[tokio::test]
 async fn filters_pick_source_destination_and_type() {
     let f = with_admin();
-    let mut identifies = Sse::open(&f, "type=identify&destination=out").await;
+    let mut identifies = Sse::open(&f, TOKEN, "type=identify&destination=out").await;
     let track = json!({"type": "track", "messageId": "f-1", "userId": "u", "event": "Skip me"});
     let identify = json!({"type": "identify", "messageId": "f-2", "userId": "u", "traits": {}});
     f.post("/v1/track").json(&track).send().await.unwrap();
@@ -201,7 +134,7 @@ async fn filters_pick_source_destination_and_type() {
         first["kind"], "delivered",
         "only destination events match a destination"
     );
-    let mut other_source = Sse::open(&f, "source=elsewhere").await;
+    let mut other_source = Sse::open(&f, TOKEN, "source=elsewhere").await;
     f.post("/v1/track")
         .json(&json!({"type": "track", "messageId": "f-3", "userId": "u", "event": "E"}))
         .send()
@@ -215,7 +148,7 @@ async fn filters_pick_source_destination_and_type() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_viewer_that_falls_behind_is_told_what_it_lost_and_ingest_goes_on() {
     let f = with_admin();
-    let mut slow = Sse::open(&f, "").await;
+    let mut slow = Sse::open(&f, TOKEN, "").await;
     // 500 batches of 100: 50 000 accepted + 50 000 delivered events (~35 MB), past the
     // ring and past what the sockets between can hold (loopback buffers grow to 32 MB).
     for b in 0..500 {
@@ -253,7 +186,7 @@ async fn a_message_routed_elsewhere_is_shown_skipped_with_the_rule() {
                 out.path().join("orders.jsonl").display()
             )),
     );
-    let mut sse = Sse::open(&f, "destination=orders").await;
+    let mut sse = Sse::open(&f, TOKEN, "destination=orders").await;
     let track =
         json!({"type": "track", "messageId": "not-an-order", "userId": "u", "event": "Viewed"});
     f.post("/v1/track").json(&track).send().await.unwrap();
@@ -282,7 +215,7 @@ async fn a_klaviyo_outcome_carries_the_translated_bodies() {
             ))
             .env(KEY_ENV, API_KEY),
     );
-    let mut sse = Sse::open(&f, "destination=kl").await;
+    let mut sse = Sse::open(&f, TOKEN, "destination=kl").await;
     let track = json!({"type": "track", "messageId": "kl-live", "userId": "u", "event": "Bought",
                        "properties": {"revenue": 5}});
     f.post("/v1/track").json(&track).send().await.unwrap();

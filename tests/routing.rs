@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
-use std::process::Stdio;
 
 use common::{assert_success, Fanout, Settings};
 use serde_json::{json, Value};
@@ -149,20 +147,8 @@ async fn each_destination_gets_what_its_rules_and_the_message_allow() {
 /// Runs `fanout route ARGS` with `input` on standard input: (exit code, stdout, stderr).
 fn route(f: &Fanout, args: &[&str], input: &[u8]) -> (i32, String, String) {
     let mut command = f.command();
-    command
-        .arg("route")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = command.spawn().expect("run fanout route");
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    let output = child.wait_with_output().unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    command.arg("route").args(args);
+    common::run_with_stdin(command, input.to_vec())
 }
 
 /// The report's entry for `destination` of message `index`.

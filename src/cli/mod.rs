@@ -2,5 +2,6 @@
 //! ingest, the queue's framing, each destination's routing and translation, and shows
 //! the result without sending anything.
 
+pub mod admin;
 pub mod route;
 pub mod tap;

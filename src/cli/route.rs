@@ -18,6 +18,7 @@ use crate::json::{scalar, RawObject, Scalar};
 use crate::message::MessageType;
 use crate::queue::record::{read_record, ReadOutcome};
 use crate::routing::{Decision, Route};
+use crate::tracking_plan::{Verdict, DEAD_LETTER_NAME};
 
 /// What `fanout route` prints.
 #[derive(Debug, Serialize)]
@@ -29,8 +30,11 @@ pub struct Report {
 
 #[derive(Debug, Serialize)]
 pub struct MessageReport {
-    /// The message as it would be stored (enriched).
+    /// The message as it would be stored (enriched; unplanned properties omitted).
     pub stored: Value,
+    /// The source's tracking plan's verdict, when it has a plan.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracking_plan: Option<Verdict>,
     /// One entry per configured destination, in config order.
     pub destinations: Vec<DestinationReport>,
 }
@@ -40,7 +44,8 @@ pub struct DestinationReport {
     pub destination: String,
     pub kind: &'static str,
     pub send: bool,
-    /// Why not: a routing rule (`source`, `type`, `event`, `property`, `integrations`) or
+    /// Why not: the source's tracking plan blocked it (`tracking_plan`), a routing rule
+    /// (`source`, `type`, `event`, `property`, `integrations`, `consent`) or
     /// the destination's own choice (e.g. Klaviyo's `alias_not_supported`).
     pub skipped: Option<&'static str>,
     /// Why the destination would refuse it (it would be dead-lettered).
@@ -66,6 +71,7 @@ pub fn explain(config: &Config, source: Option<&str>, input: &[u8]) -> anyhow::R
             .first()
             .ok_or_else(|| anyhow!("the config has no [[sources]]"))?,
     };
+    let plan = source.plan.as_deref();
     let source = source.name.as_str();
     let stored = ingest(config, source, input)?;
     let routes: Vec<(&DestinationConfig, Route)> = config
@@ -74,10 +80,30 @@ pub fn explain(config: &Config, source: Option<&str>, input: &[u8]) -> anyhow::R
         .map(|d| (d, Route::new(d)))
         .collect();
     let mut messages = Vec::with_capacity(stored.len());
-    for json in &stored {
+    for json in stored {
+        let (json, verdict) = match plan {
+            Some(plan) => {
+                let mut message: Value = serde_json::from_slice(&json)?;
+                let verdict = plan.apply(&mut message);
+                (serde_json::to_vec(&message)?, Some(verdict))
+            }
+            None => (json, None),
+        };
+        let blocked = matches!(verdict, Some(Verdict::Blocked { .. }));
         let mut destinations = Vec::with_capacity(routes.len());
         for (config, route) in &routes {
-            destinations.push(match route.decide(source, json) {
+            if blocked {
+                destinations.push(DestinationReport {
+                    destination: config.name.clone(),
+                    kind: config.kind(),
+                    send: false,
+                    skipped: Some(DEAD_LETTER_NAME),
+                    refused: None,
+                    payload: Value::Null,
+                });
+                continue;
+            }
+            destinations.push(match route.decide(source, &json) {
                 Decision::Skip(skip) => DestinationReport {
                     destination: config.name.clone(),
                     kind: config.kind(),
@@ -90,7 +116,8 @@ pub fn explain(config: &Config, source: Option<&str>, input: &[u8]) -> anyhow::R
             });
         }
         messages.push(MessageReport {
-            stored: serde_json::from_slice(json)?,
+            stored: serde_json::from_slice(&json)?,
+            tracking_plan: verdict,
             destinations,
         });
     }

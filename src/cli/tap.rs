@@ -4,29 +4,12 @@
 
 use std::io::Write;
 
-use anyhow::Context as _;
-
+use super::admin::{escape, Server};
 use crate::config::Config;
 use crate::live::Filter;
 
 pub async fn tap(config: &Config, url: Option<&str>, filter: &Filter) -> anyhow::Result<()> {
-    let var = config
-        .admin
-        .token_env
-        .as_deref()
-        .context("tap needs the admin token: set admin.token_env in the config")?;
-    let token =
-        std::env::var(var).with_context(|| format!("{var} (admin.token_env) is not set"))?;
-    let address = match url {
-        Some(url) => url.trim_end_matches('/').to_string(),
-        None => {
-            let mut address = config.admin.listen.unwrap_or(config.server.listen);
-            if address.ip().is_unspecified() {
-                address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-            }
-            format!("http://{address}")
-        }
-    };
+    let server = Server::new(config, url)?;
     let query: Vec<String> = [
         ("source", &filter.source),
         ("destination", &filter.destination),
@@ -35,19 +18,8 @@ pub async fn tap(config: &Config, url: Option<&str>, filter: &Filter) -> anyhow:
     .into_iter()
     .filter_map(|(key, value)| value.as_deref().map(|v| format!("{key}={}", escape(v))))
     .collect();
-    let mut response = reqwest::Client::new()
-        .get(format!("{address}/debugger/events?{}", query.join("&")))
-        .bearer_auth(token)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach fanout at {address}"))?;
-    if !response.status().is_success() {
-        anyhow::bail!(
-            "fanout at {address} answered {}: {}",
-            response.status(),
-            response.text().await.unwrap_or_default()
-        );
-    }
+    let path = format!("/debugger/events?{}", query.join("&"));
+    let mut response = server.send(reqwest::Method::GET, &path).await?;
     let mut pending = String::new();
     let stdout = std::io::stdout();
     while let Some(chunk) = response.chunk().await? {
@@ -62,17 +34,4 @@ pub async fn tap(config: &Config, url: Option<&str>, filter: &Filter) -> anyhow:
         }
     }
     Ok(())
-}
-
-/// Percent-encodes a query value.
-fn escape(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

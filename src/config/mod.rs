@@ -10,6 +10,7 @@ mod tests;
 mod validate;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use toml::de::DeTable;
@@ -22,6 +23,7 @@ pub use sections::{
 };
 
 use crate::destinations::DestinationConfig;
+use crate::tracking_plan::TrackingPlan;
 use errors::{hide_secret, line_of, renamed_key, with_duration_hint, LineIndex};
 
 /// The whole configuration file. `D` is how a destination is held: its typed config,
@@ -60,14 +62,21 @@ impl Config {
             line: None,
             message: format!("cannot read: {e}"),
         })?;
-        Config::parse(&text).map_err(|mut e| {
+        let base = path.parent().unwrap_or(Path::new(""));
+        Config::parse_in(&text, base).map_err(|mut e| {
             e.origin = Some(path.display().to_string());
             e
         })
     }
 
-    /// Parses and validates config text.
+    /// Parses and validates config text; files it names are relative to the current
+    /// directory.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse_in(text, Path::new(""))
+    }
+
+    /// Parses and validates config text whose file names are relative to `base`.
+    pub fn parse_in(text: &str, base: &Path) -> Result<Config, ConfigError> {
         let doc = DeTable::parse(text).map_err(|e| ConfigError {
             origin: None,
             key: String::new(),
@@ -97,9 +106,39 @@ impl Config {
                     message,
                 }
             })?;
-        let config = raw.read_destinations(&lines)?;
+        let mut config = raw.read_destinations(&lines)?;
         config.validate(&lines)?;
+        config.load_tracking_plans(base, &lines)?;
         Ok(config)
+    }
+}
+
+impl Config {
+    /// Reads and compiles each source's tracking plan; a bad plan is an error at the
+    /// source's `tracking_plan` key, naming the file and the JSON pointer.
+    fn load_tracking_plans(
+        &mut self,
+        base: &Path,
+        lines: &LineIndex<'_>,
+    ) -> Result<(), ConfigError> {
+        for (i, source) in self.sources.iter_mut().enumerate() {
+            let Some(file) = &source.tracking_plan else {
+                continue;
+            };
+            let plan = TrackingPlan::load(&base.join(file), &file.display().to_string()).map_err(
+                |message| {
+                    let key = format!("sources[{i}].tracking_plan");
+                    ConfigError {
+                        origin: None,
+                        line: lines.line(&key),
+                        key,
+                        message,
+                    }
+                },
+            )?;
+            source.plan = Some(Arc::new(plan));
+        }
+        Ok(())
     }
 }
 

@@ -4,9 +4,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::tracking_plan::TrackingPlan;
 
 /// Operator endpoints (`/admin/...`).
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
@@ -213,6 +216,12 @@ pub struct SourceConfig {
     /// What the browser library is told for this source's keys (`/v1/projects/…/settings`).
     #[serde(default)]
     pub browser: SourceBrowserConfig,
+    /// A tracking plan file (JSON, path relative to the config file): which events and
+    /// properties this source may send (`tracking_plan.rs`).
+    pub tracking_plan: Option<PathBuf>,
+    /// The plan, compiled when the config is read.
+    #[serde(skip)]
+    pub plan: Option<Arc<TrackingPlan>>,
 }
 
 /// `browser = { batching = { size = 10, timeout = "5s" } }`: the browser library batches

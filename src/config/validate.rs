@@ -164,6 +164,16 @@ impl Config {
             if !is_safe_name(&dest.name) {
                 return Err(err(format!("destinations[{i}].name"), NAME_RULE.into()));
             }
+            if dest.name == crate::tracking_plan::DEAD_LETTER_NAME {
+                return Err(err(
+                    format!("destinations[{i}].name"),
+                    format!(
+                        "`{}` is reserved: the dead letters of messages a tracking plan \
+                         blocked are filed under it",
+                        dest.name
+                    ),
+                ));
+            }
             if !dest_names.insert(dest.name.as_str()) {
                 return Err(err(
                     format!("destinations[{i}].name"),

@@ -16,6 +16,7 @@ use serde_json::json;
 
 use super::{ApiError, App, BodyCut};
 use crate::auth::{self, Credential};
+use crate::delivery::dead_letters::{Failure, NewLetter, Reason};
 use crate::ingest::{seed, segment, Rejection};
 use crate::message::MessageType;
 use crate::metrics::EventTally;
@@ -246,23 +247,56 @@ impl App {
         for (kind, &duplicate) in records.kinds().zip(&duplicate) {
             tally.add(kind, duplicate);
         }
-        // Only while someone watches the live view: (accepted?, type, summary) each.
-        let watched = crate::live::watching().then(|| live_view(&records, &duplicate));
+        // Only while someone watches the live view: (kind, type, summary, message) each.
+        let watching = crate::live::watching();
+        let mut watched = Vec::new();
+        if watching {
+            watched = live_view(&records, |i| duplicate[i].then_some("duplicate"));
+        }
         records.retain(|i| !duplicate[i]);
+        let plan = self.sources.load().plan(source).cloned();
+        let mut blocked = Vec::new();
+        if let Some(plan) = plan {
+            (records, blocked) = crate::tracking_plan::apply_to_batch(&plan, source, records);
+            for letter in &blocked {
+                tally.block(letter.kind);
+            }
+        }
+        if watching {
+            watched.extend(live_view(&records, |_| Some("accepted")));
+            watched.extend(blocked.iter().map(blocked_view));
+        }
         // From here the messages may become durable even if the client goes away, and
         // then their keys must enter the window: finish in a task of its own, which a
         // dropped request cannot cancel.
         let queue = self.queue.clone();
+        let dead_letters = self.dead_letters.clone();
         let retry_after = self.retry_after;
         let source = source.to_owned();
+        let now = self.clock.now();
         tokio::spawn(async move {
-            queue
-                .append(records)
-                .await
-                .map_err(|e| ApiError::from_queue(e, retry_after))?;
+            let unavailable = |reason: String| ApiError::Unavailable {
+                retry_after,
+                reason,
+            };
+            // Blocked messages are kept before the rest is stored: if that fails, nothing
+            // is stored, no key enters the window, and the client's retry redoes it all.
+            if !blocked.is_empty() {
+                let letters = plan_letters(&source, &blocked, now);
+                dead_letters
+                    .record(crate::tracking_plan::DEAD_LETTER_NAME, &letters, &[], now)
+                    .await
+                    .map_err(|e| unavailable(format!("cannot store blocked messages: {e:#}")))?;
+            }
+            if !records.is_empty() {
+                queue
+                    .append(records)
+                    .await
+                    .map_err(|e| ApiError::from_queue(e, retry_after))?;
+            }
             reservation.commit().await;
             tally.record(&source);
-            for (kind, message_type, fields, json) in watched.into_iter().flatten() {
+            for (kind, message_type, fields, json) in watched {
                 let raw = json.as_deref().map(|json| ("message", json));
                 crate::live::publish(kind, Some(&source), None, message_type, fields, raw);
             }
@@ -330,26 +364,63 @@ fn cause<'e, E: StdError + 'static>(mut e: &'e (dyn StdError + 'static)) -> Opti
 }
 
 /// The live view's events for a request's messages, published once they are stored:
-/// (kind, type, fields, the stored message unless a duplicate).
-fn live_view(records: &RecordBatch, duplicate: &[bool]) -> Vec<LiveMessage> {
+/// (kind, type, fields, the message unless a duplicate). `kind_of(index)` names each
+/// record's event, or leaves it out.
+fn live_view(
+    records: &RecordBatch,
+    kind_of: impl Fn(usize) -> Option<&'static str>,
+) -> Vec<LiveMessage> {
     let bytes = records.bytes();
     records
         .framed()
         .zip(records.kinds())
-        .zip(duplicate)
-        .filter_map(|(((range, _), message_type), &duplicate)| {
+        .enumerate()
+        .filter_map(|(index, ((range, _), message_type))| {
+            let kind = kind_of(index)?;
             let json = match crate::queue::record::read_record(&mut &bytes[range]) {
                 Ok(crate::queue::record::ReadOutcome::Record { json, .. }) => json,
                 _ => return None,
             };
             let (fields, _) = crate::live::summary(&json);
             // A duplicate was shown whole when it was accepted.
-            let (kind, json) = if duplicate {
-                ("duplicate", None)
-            } else {
-                ("accepted", Some(json))
-            };
+            let json = (kind != "duplicate").then_some(json);
             Some((kind, Some(message_type), fields, json))
+        })
+        .collect()
+}
+
+/// A message the tracking plan blocked, for the live view: with its violations.
+fn blocked_view(blocked: &crate::tracking_plan::Blocked) -> LiveMessage {
+    let (mut fields, _) = crate::live::summary(&blocked.json);
+    if let Some(object) = fields.as_object_mut() {
+        object.insert("violations".into(), json!(blocked.violations));
+    }
+    (
+        "blocked",
+        Some(blocked.kind),
+        fields,
+        Some(blocked.json.clone()),
+    )
+}
+
+/// Dead letters of the source for messages its plan blocked: reason `tracking_plan`, the
+/// schema errors as the response.
+fn plan_letters(
+    source: &str,
+    blocked: &[crate::tracking_plan::Blocked],
+    at: chrono::DateTime<chrono::Utc>,
+) -> Vec<NewLetter> {
+    blocked
+        .iter()
+        .map(|b| {
+            let failure = Failure {
+                reason: Reason::Refused(crate::tracking_plan::DEAD_LETTER_NAME.into()),
+                status: None,
+                response: json!({ "violations": b.violations }).to_string(),
+                attempts: 0,
+                first_attempt_at: at,
+            };
+            (source.to_string(), b.json.clone(), Arc::new(failure))
         })
         .collect()
 }

@@ -16,6 +16,7 @@ pub mod clients;
 pub mod klaviyo;
 pub mod nats;
 pub mod receiver;
+pub mod sse;
 
 /// Write keys every test config accepts (the captures' keys among them).
 pub const WRITE_KEY: &str = "wk_test";
@@ -25,6 +26,8 @@ pub const KEYS: &str = r#"["wk_test", "wk_segment_python", "wk_segment_node", "t
 #[derive(Default, Clone)]
 pub struct Settings {
     pub server: String,
+    /// Lines added to the harness's `test` source.
+    pub source: String,
     pub sections: String,
     /// Keep fanout's standard output (for the stdout destination) instead of discarding it.
     pub capture_stdout: bool,
@@ -40,6 +43,12 @@ impl Settings {
     pub fn server(mut self, lines: &str) -> Self {
         self.server.push_str(lines);
         self.server.push('\n');
+        self
+    }
+
+    pub fn source(mut self, lines: &str) -> Self {
+        self.source.push_str(lines);
+        self.source.push('\n');
         self
     }
 
@@ -105,10 +114,11 @@ impl Fanout {
     fn launch(dir: &Path, settings: &Settings) -> Fanout {
         let config = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{dir}/data\"\n{server}\n\
-             [[sources]]\nname = \"test\"\nwrite_keys = {KEYS}\n\n\
+             [[sources]]\nname = \"test\"\nwrite_keys = {KEYS}\n{source}\n\
              [[destinations]]\nname = \"out\"\nkind = \"file\"\npath = \"{dir}/out.jsonl\"\n\n{sections}",
             dir = dir.display(),
             server = settings.server,
+            source = settings.source,
             sections = settings.sections,
         );
         let config_path = dir.join("config.toml");
@@ -547,6 +557,22 @@ pub async fn expect_error(response: reqwest::Response, status: u16, code: &str) 
         "{body}"
     );
     body
+}
+
+/// Runs `command` with `input` on its standard input: (exit code, stdout, stderr).
+pub fn run_with_stdin(mut command: Command, input: Vec<u8>) -> (i32, String, String) {
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().expect("run fanout");
+    child.stdin.take().unwrap().write_all(&input).unwrap();
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 /// Status and parsed JSON body.

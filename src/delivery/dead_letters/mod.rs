@@ -213,14 +213,14 @@ impl DeadLetters {
         matches!(self, DeadLetters::Local(_))
     }
 
-    /// Removes replayed rows that were delivered.
+    /// Removes letters: replayed rows that were delivered, blocked messages taken in again.
     pub async fn remove(&self, ids: Vec<i64>) -> anyhow::Result<()> {
         match self {
             DeadLetters::Local(store) => {
                 let store = store.clone();
                 blocking(move || store.remove(&ids)).await
             }
-            DeadLetters::Shared(_) => Ok(()),
+            DeadLetters::Shared(store) => store.remove(&ids).await,
         }
     }
 

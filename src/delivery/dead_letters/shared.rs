@@ -228,12 +228,8 @@ impl SharedStore {
             for ack in pending {
                 ack.await.context("cannot replay dead letters")?;
             }
-            for letter in &letters {
-                self.stream
-                    .delete_message(letter.id as u64)
-                    .await
-                    .context("cannot delete a replayed dead letter")?;
-            }
+            let ids: Vec<i64> = letters.iter().map(|letter| letter.id).collect();
+            self.remove(&ids).await?;
             replayed += letters.len();
             tracing::info!(
                 destination,
@@ -241,6 +237,16 @@ impl SharedStore {
                 "dead letters put back on the stream"
             );
         }
+    }
+
+    pub async fn remove(&self, ids: &[i64]) -> anyhow::Result<()> {
+        for &id in ids {
+            self.stream
+                .delete_message(id as u64)
+                .await
+                .context("cannot delete a dead letter")?;
+        }
+        Ok(())
     }
 
     async fn republish(

@@ -1,0 +1,145 @@
+use serde_json::json;
+
+use super::*;
+
+const PLAN: &str = r#"{
+  "events": { "Order Completed": { "type": "object", "required": ["revenue"],
+                                   "properties": { "revenue": {"type": "number"},
+                                                   "currency": {"type": "string"} } } },
+  "identify": { "type": "object", "properties": { "email": {"type": "string"} } },
+  "unplanned_events": "block",
+  "violations": "block",
+  "unplanned_properties": "omit" }"#;
+
+fn plan(settings: &str) -> TrackingPlan {
+    let mut file: Value = serde_json::from_str(PLAN).unwrap();
+    let settings: Value = serde_json::from_str(settings).unwrap();
+    for (k, v) in settings.as_object().unwrap() {
+        file[k] = v.clone();
+    }
+    TrackingPlan::parse(&file.to_string(), "plans/web.json").unwrap()
+}
+
+fn track(event: &str, properties: Value) -> Value {
+    json!({ "type": "track", "event": event, "userId": "u1", "properties": properties })
+}
+
+#[test]
+fn a_planned_valid_event_passes_unchanged() {
+    let plan = plan("{}");
+    let mut message = track("Order Completed", json!({ "revenue": 12.5 }));
+    let before = message.clone();
+    assert_eq!(plan.apply(&mut message), Verdict::deliver());
+    assert_eq!(message, before);
+}
+
+#[test]
+fn unplanned_events_are_blocked_or_allowed() {
+    let mut message = track("Signed Up", json!({}));
+    match plan("{}").apply(&mut message) {
+        Verdict::Blocked { violations } => {
+            assert_eq!(violations[0].path, "/event");
+            assert!(
+                violations[0].message.contains("Signed Up"),
+                "{violations:?}"
+            );
+        }
+        other => panic!("not blocked: {other:?}"),
+    }
+    let allowed = plan(r#"{"unplanned_events": "allow"}"#);
+    assert_eq!(allowed.apply(&mut message), Verdict::deliver());
+}
+
+#[test]
+fn violations_are_blocked_or_flagged_in_context() {
+    let mut message = track("Order Completed", json!({ "revenue": "lots" }));
+    match plan("{}").apply(&mut message) {
+        Verdict::Blocked { violations } => {
+            assert_eq!(violations.len(), 1);
+            assert_eq!(violations[0].path, "/properties/revenue");
+        }
+        other => panic!("not blocked: {other:?}"),
+    }
+    let allowed = plan(r#"{"violations": "allow"}"#);
+    let verdict = allowed.apply(&mut message);
+    assert!(verdict.changed());
+    assert_eq!(
+        message["context"]["violations"][0]["path"],
+        "/properties/revenue"
+    );
+    assert_eq!(message["context"]["violations"][0]["type"], "tracking_plan");
+    assert_eq!(message["properties"]["revenue"], "lots");
+}
+
+#[test]
+fn a_missing_required_property_is_a_violation_even_without_properties() {
+    let mut message = json!({ "type": "track", "event": "Order Completed", "userId": "u1" });
+    match plan("{}").apply(&mut message) {
+        Verdict::Blocked { violations } => {
+            assert_eq!(violations[0].path, "/properties");
+            assert!(violations[0].message.contains("revenue"));
+        }
+        other => panic!("not blocked: {other:?}"),
+    }
+}
+
+#[test]
+fn unplanned_properties_are_omitted_or_kept() {
+    let mut message = track(
+        "Order Completed",
+        json!({ "revenue": 3, "coupon": "X", "currency": "EUR" }),
+    );
+    let verdict = plan("{}").apply(&mut message);
+    assert_eq!(
+        verdict,
+        Verdict::Deliver {
+            omitted: vec!["coupon".into()],
+            violations: vec![]
+        }
+    );
+    assert_eq!(
+        message["properties"],
+        json!({ "revenue": 3, "currency": "EUR" })
+    );
+    let mut message = track("Order Completed", json!({ "revenue": 3, "coupon": "X" }));
+    let keep = plan(r#"{"unplanned_properties": "allow"}"#);
+    assert!(!keep.apply(&mut message).changed());
+    assert_eq!(message["properties"]["coupon"], "X");
+}
+
+#[test]
+fn identify_traits_have_their_schema_and_other_types_pass() {
+    let plan = plan("{}");
+    let mut bad = json!({ "type": "identify", "userId": "u1", "traits": { "email": 7 } });
+    assert!(matches!(plan.apply(&mut bad), Verdict::Blocked { .. }));
+    let mut extra = json!({ "type": "identify", "userId": "u1", "traits": { "email": "a@b.c", "plan": "pro" } });
+    assert!(plan.apply(&mut extra).changed());
+    assert_eq!(extra["traits"], json!({ "email": "a@b.c" }));
+    // No group schema in the plan, and pages are not planned.
+    for mut other in [
+        json!({ "type": "group", "groupId": "g", "traits": { "anything": 1 } }),
+        json!({ "type": "page", "name": "Home", "properties": { "x": 1 } }),
+    ] {
+        let before = other.clone();
+        assert_eq!(plan.apply(&mut other), Verdict::deliver());
+        assert_eq!(other, before);
+    }
+}
+
+#[test]
+fn bad_plan_files_are_errors_naming_file_and_pointer() {
+    let err = TrackingPlan::parse("{ nope", "plans/web.json").unwrap_err();
+    assert!(err.starts_with("plans/web.json: not JSON"), "{err}");
+    let err = TrackingPlan::parse(r#"{"events": {}, "colour": 1}"#, "p.json").unwrap_err();
+    assert!(err.contains("colour"), "{err}");
+    let err = TrackingPlan::parse(r#"{"violations": "shout"}"#, "p.json").unwrap_err();
+    assert!(err.contains("/violations"), "{err}");
+    let err = TrackingPlan::parse(
+        r#"{"events": {"A/B": {"properties": {"n": {"type": "integr"}}}}}"#,
+        "p.json",
+    )
+    .unwrap_err();
+    assert!(err.contains("at /events/A~1B/properties/n/type"), "{err}");
+    let err = TrackingPlan::parse(r#"{"identify": 5}"#, "p.json").unwrap_err();
+    assert!(err.contains("at /identify"), "{err}");
+}

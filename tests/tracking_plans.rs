@@ -1,0 +1,313 @@
+//! Tracking plans through the running server: blocked, omitted and flagged messages with
+//! each setting, what the client is told, the dead letters of the source, the metrics and
+//! the live view; a plan fixed and reloaded, and the blocked messages taken in again;
+//! `fanout route`'s verdict; bad plan files refused as config errors.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::sse::Sse;
+use common::{assert_success, client, Fanout, Settings};
+use serde_json::{json, Value};
+
+const TOKEN: &str = "plan-admin-token";
+
+/// The plan of the issue, with its three settings given.
+fn plan(unplanned_events: &str, violations: &str, unplanned_properties: &str) -> String {
+    json!({
+        "events": { "Order Completed": { "type": "object", "required": ["revenue"],
+                                          "properties": { "revenue": {"type": "number"} } } },
+        "identify": { "type": "object", "properties": { "email": {"type": "string"} } },
+        "unplanned_events": unplanned_events,
+        "violations": violations,
+        "unplanned_properties": unplanned_properties,
+    })
+    .to_string()
+}
+
+/// fanout with the harness's `test` source on `plans/web.json` (written first).
+fn with_plan(plan: &str) -> Fanout {
+    let tmp = tempfile::tempdir().unwrap();
+    write_plan(tmp.path(), plan);
+    let settings = Settings::default()
+        .source("tracking_plan = \"plans/web.json\"")
+        .section("[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n")
+        .env("FANOUT_ADMIN_TOKEN", TOKEN);
+    Fanout::start_in(tmp, settings)
+}
+
+fn write_plan(dir: &Path, plan: &str) {
+    std::fs::create_dir_all(dir.join("plans")).unwrap();
+    std::fs::write(dir.join("plans/web.json"), plan).unwrap();
+}
+
+fn batch() -> Value {
+    json!({"batch": [
+        {"type": "track", "userId": "u1", "event": "Order Completed", "messageId": "planned",
+         "properties": {"revenue": 12.5, "coupon": "SPRING"}},
+        {"type": "track", "userId": "u1", "event": "Signed Up", "messageId": "unplanned"},
+        {"type": "track", "userId": "u1", "event": "Order Completed", "messageId": "violating",
+         "properties": {"revenue": "a lot"}},
+        {"type": "identify", "userId": "u1", "messageId": "bad-traits", "traits": {"email": 7}},
+        {"type": "page", "userId": "u1", "name": "Home", "messageId": "page"},
+    ]})
+}
+
+#[tokio::test]
+async fn a_blocking_plan_keeps_blocked_messages_as_dead_letters_of_the_source() {
+    let f = with_plan(&plan("block", "block", "omit"));
+    let mut live = Sse::open(&f, TOKEN, "").await;
+    // The client's answer is the usual one: a plan is not the client's problem.
+    assert_success(f.post("/v1/batch").json(&batch()).send().await.unwrap()).await;
+
+    f.wait_delivered(2).await;
+    f.wait_settled("out").await;
+    let delivered = f.delivered();
+    assert_eq!(common::receiver::ids(&delivered), ["planned", "page"]);
+    assert_eq!(
+        delivered[0]["properties"],
+        json!({"revenue": 12.5}),
+        "the unplanned property is omitted before any destination"
+    );
+
+    let letters = f.dead_letters("tracking_plan").await;
+    let mut ids: Vec<&str> = letters
+        .iter()
+        .map(|l| l["message"]["messageId"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["bad-traits", "unplanned", "violating"]);
+    for letter in &letters {
+        assert_eq!(letter["source"], "test");
+        assert_eq!(letter["reason"], "tracking_plan");
+        let why: Value = serde_json::from_str(letter["response"].as_str().unwrap()).unwrap();
+        let path = why["violations"][0]["path"].as_str().unwrap();
+        let expected = match letter["message"]["messageId"].as_str().unwrap() {
+            "unplanned" => "/event",
+            "violating" => "/properties/revenue",
+            _ => "/traits/email",
+        };
+        assert_eq!(path, expected, "{letter}");
+    }
+    assert_eq!(
+        f.metric(
+            "fanout_events_total",
+            &[
+                ("source", "test"),
+                ("type", "track"),
+                ("outcome", "blocked")
+            ]
+        )
+        .await,
+        Some(2.0)
+    );
+    assert_eq!(
+        f.metric(
+            "fanout_events_total",
+            &[
+                ("source", "test"),
+                ("type", "identify"),
+                ("outcome", "blocked")
+            ]
+        )
+        .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        f.metric(
+            "fanout_events_total",
+            &[
+                ("source", "test"),
+                ("type", "track"),
+                ("outcome", "accepted")
+            ]
+        )
+        .await,
+        Some(1.0)
+    );
+    let seen = live
+        .until(|e| e["kind"] == "blocked" && e["messageId"] == "violating")
+        .await;
+    let blocked = seen.last().unwrap();
+    assert_eq!(blocked["violations"][0]["path"], "/properties/revenue");
+    assert_eq!(blocked["message"]["properties"]["revenue"], "a lot");
+}
+
+#[tokio::test]
+async fn an_allowing_plan_delivers_everything_and_flags_violations() {
+    let f = with_plan(&plan("allow", "allow", "allow"));
+    assert_success(f.post("/v1/batch").json(&batch()).send().await.unwrap()).await;
+    let delivered = f.wait_delivered(5).await;
+    assert_eq!(
+        common::receiver::ids(&delivered),
+        ["planned", "unplanned", "violating", "bad-traits", "page"]
+    );
+    assert_eq!(delivered[0]["properties"]["coupon"], "SPRING", "extra kept");
+    assert!(delivered[0]["context"].get("violations").is_none());
+    assert!(
+        delivered[1]["context"].get("violations").is_none(),
+        "unplanned is not a violation when allowed"
+    );
+    let flagged = &delivered[2]["context"]["violations"][0];
+    assert_eq!(flagged["type"], "tracking_plan");
+    assert_eq!(flagged["path"], "/properties/revenue");
+    assert_eq!(
+        delivered[3]["context"]["violations"][0]["path"],
+        "/traits/email"
+    );
+    assert!(f.dead_letters("tracking_plan").await.is_empty());
+}
+
+#[tokio::test]
+async fn blocked_messages_go_in_after_the_plan_is_fixed_and_reloaded() {
+    let f = with_plan(&plan("block", "block", "allow"));
+    assert_success(f.post("/v1/batch").json(&batch()).send().await.unwrap()).await;
+    f.wait_delivered(2).await;
+    assert_eq!(f.dead_letters("tracking_plan").await.len(), 3);
+
+    // The plan learns `Signed Up`; violations still block.
+    let mut fixed: Value = serde_json::from_str(&plan("block", "block", "allow")).unwrap();
+    fixed["events"]["Signed Up"] = json!({"type": "object"});
+    write_plan(f.dir(), &fixed.to_string());
+    let (status, body) = common::post_reload(&f, TOKEN, "").await;
+    assert_eq!(status, 200, "{body}");
+
+    let answer = f
+        .cli(&[
+            "dead-letters",
+            "replay",
+            "--destination",
+            "tracking_plan",
+            "--url",
+            &f.url(""),
+        ])
+        .await;
+    let answer: Value = serde_json::from_str(answer.trim()).unwrap();
+    assert_eq!(answer, json!({"replayed": 1, "still_blocked": 2}));
+    let delivered = f.wait_delivered(3).await;
+    assert_eq!(
+        common::receiver::ids(&delivered),
+        ["planned", "page", "unplanned"]
+    );
+    let left: Vec<Value> = f.dead_letters("tracking_plan").await;
+    let mut ids: Vec<&str> = left
+        .iter()
+        .map(|l| l["message"]["messageId"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["bad-traits", "violating"]);
+
+    // Over HTTP too, once the plan allows violations.
+    write_plan(f.dir(), &plan("block", "allow", "allow"));
+    assert_eq!(common::post_reload(&f, TOKEN, "").await.0, 200);
+    let response = client()
+        .post(f.url("/admin/dead-letters/replay?destination=tracking_plan"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = common::status_json(response).await;
+    assert_eq!(
+        (status, body),
+        (200, json!({"replayed": 2, "still_blocked": 0}))
+    );
+    let delivered = f.wait_delivered(5).await;
+    assert_eq!(delivered.len(), 5);
+    assert_eq!(
+        delivered[3]["context"]["violations"][0]["type"],
+        "tracking_plan"
+    );
+    assert!(f.dead_letters("tracking_plan").await.is_empty());
+    // Each message went once more only: nothing else was repeated.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(f.delivered().len(), 5);
+}
+
+#[tokio::test]
+async fn route_shows_the_plans_verdict() {
+    let f = with_plan(&plan("block", "block", "omit"));
+    let run = |input: Value| {
+        let mut command = f.command();
+        command.arg("route");
+        common::run_with_stdin(command, input.to_string().into_bytes())
+    };
+    let (code, out, err) = run(
+        json!({"type": "track", "event": "Order Completed", "userId": "u",
+        "properties": {"revenue": 1, "coupon": "X"}}),
+    );
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let message = &report["messages"][0];
+    assert_eq!(
+        message["tracking_plan"],
+        json!({"verdict": "deliver", "omitted": ["coupon"]})
+    );
+    assert_eq!(message["stored"]["properties"], json!({"revenue": 1}));
+    assert_eq!(message["destinations"][0]["send"], true);
+
+    let (code, out, err) = run(json!({"type": "track", "event": "Nope", "userId": "u"}));
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let message = &report["messages"][0];
+    assert_eq!(message["tracking_plan"]["verdict"], "blocked");
+    assert_eq!(message["tracking_plan"]["violations"][0]["path"], "/event");
+    assert_eq!(message["destinations"][0]["send"], false);
+    assert_eq!(message["destinations"][0]["skipped"], "tracking_plan");
+}
+
+#[test]
+fn bad_plan_files_are_config_errors_naming_file_and_pointer() {
+    let cases: [(&str, &str); 4] = [
+        ("{ not json", "not JSON"),
+        (
+            r#"{"events": {}, "colour": "red"}"#,
+            "unknown field `colour`",
+        ),
+        (r#"{"violations": "warn"}"#, "at /violations"),
+        (
+            r#"{"events": {"Order Completed": {"properties": {"revenue": {"type": "numbr"}}}}}"#,
+            "at /events/Order Completed/properties/revenue/type",
+        ),
+    ];
+    for (plan, wanted) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        write_plan(dir.path(), plan);
+        let config = dir.path().join("fanout.toml");
+        std::fs::write(
+            &config,
+            "[[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\ntracking_plan = \"plans/web.json\"\n",
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+            .args(["check", "--config"])
+            .arg(&config)
+            .current_dir("/")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "accepted: {plan}");
+        assert!(
+            stderr.contains("sources[0].tracking_plan")
+                && stderr.contains("plans/web.json")
+                && stderr.contains(wanted),
+            "want {wanted}: {stderr}"
+        );
+    }
+    // A destination cannot take the name blocked messages are filed under.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fanout.toml");
+    std::fs::write(
+        &config,
+        "[[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n\n[[destinations]]\nname = \"tracking_plan\"\nkind = \"file\"\npath = \"x\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reserved"));
+}
