@@ -48,6 +48,21 @@ enum Command {
         #[arg(long)]
         source: Option<String>,
     },
+    /// Make a running fanout deliver to one destination again what its retained log holds
+    /// from the first message accepted at or after `--since` (`POST /admin/replay`).
+    Replay {
+        #[arg(long)]
+        destination: String,
+        /// RFC 3339, e.g. 2026-11-29T10:00:00Z.
+        #[arg(long)]
+        since: String,
+        /// RFC 3339; messages accepted later are not sent again.
+        #[arg(long)]
+        until: Option<String>,
+        /// The server, e.g. `http://10.0.0.5:8088` (default: from the config).
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Print what a running fanout does, live, as JSON lines (its `/debugger/events`):
     /// messages accepted, duplicates, refusals, and each destination's outcome.
     Tap {
@@ -108,13 +123,7 @@ fn main() -> ExitCode {
         }
     };
     if let Some(Command::DeadLetters { action }) = &cli.command {
-        return match dead_letters(&config, action) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("fanout: {e:#}");
-                ExitCode::FAILURE
-            }
-        };
+        return block_on(dead_letters_on(&config, action));
     }
     if let Some(Command::Route { source }) = &cli.command {
         return route(&config, source.as_deref());
@@ -131,18 +140,29 @@ fn main() -> ExitCode {
             destination: destination.clone(),
             message_type: message_type.clone(),
         };
-        let tapped = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(fanout::cli::tap::tap(&config, url.as_deref(), &filter)));
-        return match tapped {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("fanout: {e:#}");
-                ExitCode::FAILURE
-            }
-        };
+        return block_on(fanout::cli::tap::tap(&config, url.as_deref(), &filter));
+    }
+    if let Some(Command::Replay {
+        destination,
+        since,
+        until,
+        url,
+    }) = &cli.command
+    {
+        let escape = fanout::cli::admin::escape;
+        let mut path = format!(
+            "/admin/replay?destination={}&since={}",
+            escape(destination),
+            escape(since)
+        );
+        if let Some(until) = until {
+            path.push_str(&format!("&until={}", escape(until)));
+        }
+        return block_on(async {
+            let server = fanout::cli::admin::Server::new(&config, url.as_deref())?;
+            println!("{}", server.post(&path).await?);
+            Ok(())
+        });
     }
     if let Some(Command::Check { .. }) = cli.command {
         println!(
@@ -191,15 +211,24 @@ fn main() -> ExitCode {
     }
 }
 
-/// Works on the dead-letter store directly: SQLite handles a running server beside us,
-/// and the shared store is the same for every instance.
-fn dead_letters(config: &Config, action: &DeadLetterAction) -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_current_thread()
+/// Runs a command's work on a runtime of its own; an error is printed and fails it.
+fn block_on(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let done = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?
-        .block_on(dead_letters_on(config, action))
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(work));
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fanout: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
+/// Works on the dead-letter store directly: SQLite handles a running server beside us,
+/// and the shared store is the same for every instance.
 async fn dead_letters_on(config: &Config, action: &DeadLetterAction) -> anyhow::Result<()> {
     let store = DeadLetters::for_config(config).await?;
     let known = |name: &str| {

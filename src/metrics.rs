@@ -26,6 +26,7 @@ const HTTP_BODIES_CUT: &str = "fanout_http_bodies_cut_total";
 const CONNECTIONS_OPEN: &str = "fanout_connections_open";
 const EVENTS: &str = "fanout_events_total";
 const QUEUE_HELD: &str = "fanout_queue_held_bytes";
+const RETENTION_EVICTED: &str = "fanout_queue_retention_evicted_segments_total";
 const QUEUE_LAG: &str = "fanout_queue_lag_bytes";
 const QUEUE_DEPTH: &str = "fanout_queue_depth_events";
 const QUEUE_AGE: &str = "fanout_queue_oldest_age_seconds";
@@ -118,6 +119,11 @@ fn describe() {
          rejected (refused as invalid or too large; a batch refused whole counts all its \
          items as type \"unknown\", a request refused before its messages could be counted \
          counts as one). Requests without a valid write key are not counted here."
+    );
+    describe_counter!(
+        RETENTION_EVICTED,
+        "Queue segments kept for server.retention that were deleted before it ended, to \
+         stay within server.max_queue_bytes (the budget wins over retention)."
     );
     describe_gauge!(
         QUEUE_HELD,
@@ -350,6 +356,11 @@ fn events(source: &str, kind: &'static str, outcome: &'static str, n: u64) {
             counters.push(((kind, outcome), counter));
         }
     }
+}
+
+/// Retained queue segments deleted early to stay within `server.max_queue_bytes`.
+pub fn retention_evicted(segments: u64) {
+    counter!(RETENTION_EVICTED).increment(segments);
 }
 
 /// One destination's delivery counters; looked up once per batch.

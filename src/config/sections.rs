@@ -71,6 +71,10 @@ pub struct ServerConfig {
     /// reaches it, ingest answers 503 + Retry-After instead of accepting more.
     #[serde(default = "default_max_queue_bytes")]
     pub max_queue_bytes: u64,
+    /// How long segments every destination has passed are kept for replays
+    /// (`POST /admin/replay`), within `max_queue_bytes`; "0s": deleted at once.
+    #[serde(default, with = "humantime_serde")]
+    pub retention: Duration,
 }
 
 /// Where accepted messages are stored until every destination has them.
@@ -422,6 +426,7 @@ impl Default for ServerConfig {
             segment_bytes: default_segment_bytes(),
             shutdown_grace: default_shutdown_grace(),
             max_queue_bytes: default_max_queue_bytes(),
+            retention: Duration::ZERO,
         }
     }
 }

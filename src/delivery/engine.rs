@@ -198,6 +198,10 @@ impl Engine {
 
     /// Takes a record read from the queue into a line, unless it is not routed here.
     fn push_record(&mut self, record: Record, now: Instant) {
+        if record.passed {
+            self.progress.pass(record.receipt);
+            return;
+        }
         let (decision, user) = self
             .context
             .route

@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -42,6 +43,23 @@ pub struct Deliveries {
     queue: Queue,
     dead_letters: Arc<DeadLetters>,
     running: BTreeMap<String, Running>,
+    /// Bounded replays waiting for their destination's next start: (until, stop_at).
+    windows: BTreeMap<String, (u32, u64)>,
+}
+
+/// Why a replay did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayRefused {
+    #[error("no running destination `{0}`")]
+    UnknownDestination(String),
+    /// The log no longer holds messages accepted that early; it holds from `oldest` on
+    /// (or nothing at all).
+    #[error("not retained")]
+    NotRetained { oldest: Option<DateTime<Utc>> },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{0:#}")]
+    Failed(anyhow::Error),
 }
 
 struct Running {
@@ -75,6 +93,7 @@ impl Deliveries {
             queue: queue.clone(),
             dead_letters: dead_letters.clone(),
             running: BTreeMap::new(),
+            windows: BTreeMap::new(),
         };
         for config in destinations {
             deliveries.launch(config).await?;
@@ -139,6 +158,80 @@ impl Deliveries {
         changes
     }
 
+    /// Delivers to `name` again what the retained log holds from the first message
+    /// accepted at or after `since` (to `until`, when given); other destinations are not
+    /// touched. Returns how many messages go again.
+    ///
+    /// On the local log the destination's engine is stopped, its cursor moved back, and
+    /// it is started again (messages accepted after `until` and before where it stood are
+    /// passed over while it runs). The shared log keeps nothing to replay.
+    pub async fn replay(
+        &mut self,
+        name: &str,
+        since: DateTime<Utc>,
+        until: Option<DateTime<Utc>>,
+    ) -> Result<u64, ReplayRefused> {
+        let Some(config) = self.running.get(name).map(|r| r.config.clone()) else {
+            return Err(ReplayRefused::UnknownDestination(name.to_string()));
+        };
+        let seconds = |t: DateTime<Utc>| t.timestamp().clamp(0, i64::from(u32::MAX)) as u32;
+        let (since_s, until_s) = (seconds(since), until.map(seconds));
+        let not_retained = |oldest: Option<u32>| ReplayRefused::NotRetained {
+            oldest: oldest.and_then(|t| DateTime::from_timestamp(i64::from(t), 0)),
+        };
+        let log = match &self.queue {
+            Queue::Local(log) => log.clone(),
+            Queue::Nats(_) => {
+                return Err(ReplayRefused::Unsupported(
+                    "replay from the retained log needs queue.backend = \"local\": the shared \
+                 log's stream keeps a message only until every destination has acknowledged it \
+                 (interest retention), so there is nothing to read again"
+                        .into(),
+                ))
+            }
+        };
+        let range = {
+            let (log, name) = (log.clone(), name.to_string());
+            move || log.replay_range(&name, since_s, until_s)
+        };
+        // Checked first, so a refused replay does not stop anything.
+        blocking(range.clone())
+            .await?
+            .map_err(|e| not_retained(e.oldest))?;
+        let running = self.running.remove(name).expect("looked up above");
+        let _ = running.stop.send(true);
+        let _ = running.task.await;
+        // Again, from where the stopped engine saved its cursor.
+        let moved = match blocking(range).await {
+            Ok(Ok(range)) if range.start < range.stop_at => {
+                let (log, owned) = (log.clone(), name.to_string());
+                blocking(move || log.rewind(&owned, range.start))
+                    .await
+                    .map(|_| range)
+            }
+            Ok(Ok(range)) => Ok(range),
+            Ok(Err(e)) => Err(not_retained(e.oldest)),
+            Err(e) => Err(e),
+        };
+        if let (Ok(range), Some(until)) = (&moved, until_s) {
+            self.windows
+                .insert(name.to_string(), (until, range.stop_at));
+        }
+        // Whatever happened, the destination runs again.
+        if let Err(e) = self.launch(&config).await {
+            return Err(ReplayRefused::Failed(e));
+        }
+        let range = moved?;
+        tracing::info!(
+            destination = name,
+            %since,
+            until = ?until,
+            messages = range.messages,
+            "replaying from the retained log"
+        );
+        Ok(range.messages)
+    }
+
     /// The settings of every running destination.
     pub fn configs(&self) -> Vec<DestinationConfig> {
         self.running.values().map(|r| r.config.clone()).collect()
@@ -188,6 +281,10 @@ impl Deliveries {
                         (first, unsaved)
                     }
                 };
+                let mut reader = reader;
+                if let Some((until, stop_at)) = self.windows.remove(&config.name) {
+                    reader.replay_until(until, stop_at);
+                }
                 let mut progress = Progress::log(reader.position(), saved, cursor, gauges);
                 if save_soon {
                     progress.save_soon();
@@ -272,6 +369,16 @@ async fn stop_all(engines: impl IntoIterator<Item = Running>, grace: Duration) {
             task.abort();
         }
     }
+}
+
+/// Runs blocking queue I/O off the runtime.
+async fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, ReplayRefused> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|e| ReplayRefused::Failed(anyhow::anyhow!("replay task failed: {e}")))?
+        .map_err(|e| ReplayRefused::Failed(anyhow::anyhow!("reading the queue: {e}")))
 }
 
 /// A deadline no shutdown reaches (`Instant` + a huge grace would overflow).

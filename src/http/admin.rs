@@ -12,7 +12,9 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use super::{ApiError, App};
-use crate::delivery::Changes;
+use chrono::{DateTime, SecondsFormat, Utc};
+
+use crate::delivery::{Changes, ReplayRefused};
 use crate::ingest::Rejection;
 use crate::message::{MessageType, Stamp, Tag};
 use crate::queue::RecordBatch;
@@ -170,6 +172,116 @@ async fn replay_blocked(app: &App) -> Result<Response, ApiError> {
     )
 }
 
+/// What the operator endpoints ask of the server's control loop, which owns the
+/// destinations' engines.
+pub enum Control {
+    Reload(ReloadRequest),
+    Replay(ReplayRequest),
+}
+
+/// A replay from the retained log asked for over HTTP; the server answers on `reply`
+/// with how many messages go again.
+pub struct ReplayRequest {
+    pub destination: String,
+    pub since: DateTime<Utc>,
+    pub until: Option<DateTime<Utc>>,
+    pub reply: tokio::sync::oneshot::Sender<Result<u64, ReplayRefused>>,
+}
+
+#[derive(Deserialize)]
+pub struct ReplayQuery {
+    destination: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+}
+
+/// `POST /admin/replay?destination=NAME&since=RFC3339[&until=RFC3339]`: that destination
+/// reads the retained log again from the first message accepted at or after `since`.
+pub async fn replay(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(query): Query<ReplayQuery>,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers)?;
+    let missing = |field: &str, hint: &str| {
+        ApiError::Invalid(Rejection::field("missing_field", field, hint.to_string()))
+    };
+    let destination = query
+        .destination
+        .ok_or_else(|| missing("destination", "name the destination: ?destination=NAME"))?;
+    let time = |field: &str, text: &str| {
+        DateTime::parse_from_rfc3339(text)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| {
+                ApiError::Invalid(Rejection::field(
+                    "invalid_time",
+                    field,
+                    format!("`{text}` is not an RFC 3339 time (e.g. 2026-11-29T10:00:00Z): {e}"),
+                ))
+            })
+    };
+    let since = query
+        .since
+        .ok_or_else(|| missing("since", "say from when: ?since=2026-11-29T10:00:00Z"))?;
+    let since = time("since", &since)?;
+    let until = match query.until {
+        Some(until) => Some(time("until", &until)?),
+        None => None,
+    };
+    if until.is_some_and(|until| until < since) {
+        return Err(ApiError::Invalid(Rejection::field(
+            "invalid_time",
+            "until",
+            "`until` is before `since`",
+        )));
+    }
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let request = ReplayRequest {
+        destination: destination.clone(),
+        since,
+        until,
+        reply,
+    };
+    let gone = || ApiError::Internal("the server is shutting down".into());
+    app.control
+        .send(Control::Replay(request))
+        .await
+        .map_err(|_| gone())?;
+    match answer.await.map_err(|_| gone())? {
+        Ok(messages) => Ok(Json(serde_json::json!({
+            "destination": destination,
+            "since": since.to_rfc3339_opts(SecondsFormat::Secs, true),
+            "messages": messages,
+        }))
+        .into_response()),
+        Err(ReplayRefused::UnknownDestination(name)) => Err(ApiError::Invalid(Rejection::field(
+            "unknown_destination",
+            "destination",
+            format!("no running destination `{name}`"),
+        ))),
+        Err(ReplayRefused::NotRetained { oldest }) => {
+            let message = match oldest {
+                Some(oldest) => format!(
+                    "the log no longer holds messages accepted at {}; the oldest available \
+                     was accepted at {} (server.retention keeps more)",
+                    since.to_rfc3339_opts(SecondsFormat::Secs, true),
+                    oldest.to_rfc3339_opts(SecondsFormat::Secs, true)
+                ),
+                None => "the log holds no messages (server.retention keeps them)".into(),
+            };
+            Err(ApiError::Invalid(Rejection::field(
+                "not_retained",
+                "since",
+                message,
+            )))
+        }
+        Err(ReplayRefused::Unsupported(why)) => {
+            Err(ApiError::Invalid(Rejection::new("replay_unsupported", why)))
+        }
+        Err(ReplayRefused::Failed(e)) => Err(ApiError::Internal(format!("replay failed: {e:#}"))),
+    }
+}
+
 /// A reload asked for over HTTP; the server answers on `reply`.
 pub struct ReloadRequest {
     pub purge: bool,
@@ -211,7 +323,10 @@ pub async fn reload(
         reply,
     };
     let gone = || ApiError::Internal("the server is shutting down".into());
-    app.reload.send(request).await.map_err(|_| gone())?;
+    app.control
+        .send(Control::Reload(request))
+        .await
+        .map_err(|_| gone())?;
     match answer.await.map_err(|_| gone())? {
         // Partly applied: the new write keys are live, and some destination did not start.
         Ok(done) if !done.destinations.failed.is_empty() => Ok((

@@ -25,7 +25,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tower_http::LatencyUnit;
 
-pub use admin::{ReloadOutcome, ReloadRequest, Reloaded};
+pub use admin::{Control, ReloadOutcome, ReloadRequest, Reloaded, ReplayRequest};
 pub use admission::BodyCut;
 pub use error::ApiError;
 
@@ -50,8 +50,9 @@ pub struct App {
     pub dead_letters: Arc<DeadLetters>,
     /// Bearer token for `/admin/...`; those routes answer 404 without one.
     pub admin_token: Option<String>,
-    /// Asks the server to reload its config (`POST /admin/reload`).
-    pub reload: tokio::sync::mpsc::Sender<ReloadRequest>,
+    /// Asks the server to reload its config (`POST /admin/reload`) or replay a
+    /// destination (`POST /admin/replay`).
+    pub control: tokio::sync::mpsc::Sender<Control>,
     /// Wall time: what `receivedAt` says.
     pub clock: crate::clock::Clock,
     /// Where the browser settings send the library.
@@ -111,6 +112,7 @@ fn operator_routes() -> Router<Arc<App>> {
     Router::new()
         .route("/metrics", get(ops::metrics))
         .route("/admin/reload", post(admin::reload))
+        .route("/admin/replay", post(admin::replay))
         .route("/admin/dead-letters", get(admin::list_dead_letters))
         .route("/debugger", get(live::page))
         .route("/debugger/events", get(live::events))

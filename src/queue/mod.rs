@@ -48,6 +48,8 @@ pub struct Record {
     pub receipt: Receipt,
     /// When it is a dead letter sent again through the shared log: its earlier attempts.
     pub earlier: Option<Earlier>,
+    /// Delivered already (a bounded replay passes over it): settled without sending.
+    pub passed: bool,
 }
 
 /// A replayed dead letter's history, carried with it so that failing again adds up.

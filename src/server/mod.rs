@@ -68,7 +68,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
         retry_after: config.server.retry_after_secs(),
         dead_letters,
         admin_token,
-        reload: reload_tx,
+        control: reload_tx,
         clock: options.clock,
         browser: config.browser.clone(),
     });
@@ -129,10 +129,19 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
                 tracing::info!("SIGHUP: reloading the config");
                 let _ = reloader.reload(false).await;
             }
-            Some(request) = reload_rx.recv() => {
-                let outcome = reloader.reload(request.purge).await;
-                let _ = request.reply.send(outcome);
-            }
+            Some(request) = reload_rx.recv() => match request {
+                http::Control::Reload(request) => {
+                    let outcome = reloader.reload(request.purge).await;
+                    let _ = request.reply.send(outcome);
+                }
+                http::Control::Replay(request) => {
+                    let outcome = reloader
+                        .deliveries
+                        .replay(&request.destination, request.since, request.until)
+                        .await;
+                    let _ = request.reply.send(outcome);
+                }
+            },
         }
     }
     // Reloads asked for and not started get no answer: their requests end at once
@@ -172,6 +181,7 @@ async fn open_queue(config: &Config) -> anyhow::Result<(Queue, Option<QueueWrite
                 config.server.segment_bytes,
                 config.server.max_queue_bytes,
             )?;
+            log.set_retention(config.server.retention);
             Ok((Queue::Local(log), Some(writer)))
         }
         QueueBackend::Nats => {

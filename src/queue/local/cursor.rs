@@ -234,14 +234,7 @@ impl Shared {
     /// Deletes the segments every cursor has passed (all but the newest when there is
     /// no cursor left).
     pub(super) fn reclaim(&self) -> io::Result<usize> {
-        let oldest_needed = {
-            let cursors = self.cursors.lock().expect("cursor map poisoned");
-            cursors
-                .values()
-                .copied()
-                .min()
-                .unwrap_or_else(|| *self.committed.borrow())
-        };
+        let oldest_needed = self.oldest_cursor().min(self.retained_from()?);
         let deleted = segments::delete_before(&self.queue_dir, oldest_needed, |segment| {
             self.before_delete(segment)
         })?;
@@ -251,6 +244,77 @@ impl Shared {
                     .fetch_max(oldest, std::sync::atomic::Ordering::Relaxed);
             }
             tracing::debug!(deleted, oldest_needed, "reclaimed queue segments");
+        }
+        Ok(deleted)
+    }
+
+    /// The lowest cursor position (the durable end when there is no cursor).
+    fn oldest_cursor(&self) -> u64 {
+        let cursors = self.cursors.lock().expect("cursor map poisoned");
+        cursors
+            .values()
+            .copied()
+            .min()
+            .unwrap_or_else(|| *self.committed.borrow())
+    }
+
+    /// Where `server.retention` keeps the log from: the first segment written to within
+    /// the retention time (the newest always counts as such).
+    fn retained_from(&self) -> io::Result<u64> {
+        let retention = self
+            .retention_secs
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if retention == 0 {
+            return Ok(u64::MAX);
+        }
+        let cutoff = std::time::SystemTime::now() - std::time::Duration::from_secs(retention);
+        let bases = segments::list_segments(&self.queue_dir)?;
+        for pair in bases.windows(2) {
+            let path = segments::segment_path(&self.queue_dir, pair[0]);
+            match fs::metadata(&path).and_then(|m| m.modified()) {
+                Ok(written) if written < cutoff => continue,
+                // Gone meanwhile (another reclaim): what follows decides.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                _ => return Ok(pair[0]),
+            }
+        }
+        Ok(bases.last().copied().unwrap_or(u64::MAX))
+    }
+
+    /// Deletes the oldest retained segments no cursor needs until `more` bytes fit in the
+    /// budget (or nothing retained is left); returns how many went. Counted: retention
+    /// gave way to the budget.
+    pub(super) fn evict_retained(&self, more: u64) -> io::Result<usize> {
+        let end = *self.committed.borrow();
+        let needed = self.oldest_cursor();
+        let bases = segments::list_segments(&self.queue_dir)?;
+        let mut until = None;
+        for pair in bases.windows(2) {
+            if pair[1] > needed {
+                break;
+            }
+            until = Some(pair[1]);
+            if end.saturating_sub(pair[1]) + more <= self.max_bytes {
+                break;
+            }
+        }
+        let Some(until) = until else {
+            return Ok(0);
+        };
+        let deleted = segments::delete_before(&self.queue_dir, until, |segment| {
+            self.before_delete(segment)
+        })?;
+        if let Some(&oldest) = segments::list_segments(&self.queue_dir)?.first() {
+            self.oldest
+                .fetch_max(oldest, std::sync::atomic::Ordering::Relaxed);
+        }
+        if deleted > 0 {
+            crate::metrics::retention_evicted(deleted as u64);
+            tracing::warn!(
+                segments = deleted,
+                "deleted retained queue segments before their retention ended: \
+                 server.max_queue_bytes is reached"
+            );
         }
         Ok(deleted)
     }

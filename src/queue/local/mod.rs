@@ -56,6 +56,12 @@ struct Shared {
     oldest: AtomicU64,
     /// Disk budget; appends past it are refused.
     max_bytes: u64,
+    /// `server.retention` in seconds: segments every cursor has passed are kept until
+    /// their last write is this old (0: deleted at once).
+    retention_secs: AtomicU64,
+    /// When the newest deleted segment was last written (unix seconds; 0: none since
+    /// start): messages accepted up to then may be gone, so a replay from before is refused.
+    deleted_through: AtomicU64,
     /// Sees the records of each segment before it is deleted (dedupe saves their keys).
     reclaim_hook: OnceLock<ReclaimHook>,
 }
@@ -90,6 +96,13 @@ impl Shared {
     }
 
     fn before_delete(&self, segment: &Path) -> std::io::Result<()> {
+        // Its last write is no earlier than its last record's acceptance.
+        if let Ok(written) = fs::metadata(segment).and_then(|m| m.modified()) {
+            let secs = written
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            self.deleted_through.fetch_max(secs, Ordering::Relaxed);
+        }
         let Some(hook) = self.reclaim_hook.get() else {
             return Ok(());
         };
@@ -169,6 +182,8 @@ impl LocalQueue {
             refused_bytes: AtomicU64::new(0),
             oldest: AtomicU64::new(recovered.start),
             max_bytes,
+            retention_secs: AtomicU64::new(0),
+            deleted_through: AtomicU64::new(0),
             reclaim_hook: OnceLock::new(),
         });
         let (tx, rx) = mpsc::channel();
@@ -179,13 +194,34 @@ impl LocalQueue {
         Ok((LocalQueue { shared, tx }, QueueWriter { thread }))
     }
 
+    /// Keeps segments every destination has passed for `retention` after their last
+    /// write (within the disk budget), so destinations can replay them.
+    pub fn set_retention(&self, retention: std::time::Duration) {
+        self.shared
+            .retention_secs
+            .store(retention.as_secs(), Ordering::Relaxed);
+    }
+
     /// Appends a batch durably: returns once it is fsynced.
     pub async fn append(&self, batch: RecordBatch) -> Result<(), QueueError> {
         if batch.is_empty() {
             return Ok(());
         }
-        let held = self.held_bytes();
-        if held + batch.bytes().len() as u64 > self.shared.max_bytes {
+        let mut held = self.held_bytes();
+        let size = batch.bytes().len() as u64;
+        if held + size > self.shared.max_bytes
+            && self.shared.retention_secs.load(Ordering::Relaxed) > 0
+        {
+            // The budget wins over retention: give up the oldest retained segments.
+            let shared = self.shared.clone();
+            match tokio::task::spawn_blocking(move || shared.evict_retained(size)).await {
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot delete retained segments"),
+                Err(e) => tracing::error!(error = %e, "retained-segment eviction failed"),
+                Ok(Ok(_)) => {}
+            }
+            held = self.held_bytes();
+        }
+        if held + size > self.shared.max_bytes {
             self.shared
                 .refused_bytes
                 .store(batch.bytes().len() as u64, Ordering::Relaxed);
@@ -227,6 +263,76 @@ impl LocalQueue {
         );
         let cursor = Cursor::new(name, self.shared.clone());
         Ok((reader, cursor, saved))
+    }
+
+    /// Where a replay of `name` since `since` (unix seconds) would start, and how many
+    /// messages accepted up to `until` it would deliver again before reaching the
+    /// destination's current position. Blocking file I/O.
+    pub fn replay_range(
+        &self,
+        name: &str,
+        since: u32,
+        until: Option<u32>,
+    ) -> std::io::Result<Result<ReplayRange, NotRetained>> {
+        let stop_at = {
+            let cursors = self.shared.cursors.lock().expect("cursor map poisoned");
+            cursors.get(name).copied().unwrap_or_else(|| self.end())
+        };
+        let deleted_through = self.shared.deleted_through.load(Ordering::Relaxed);
+        if deleted_through > 0 && u64::from(since) <= deleted_through {
+            let oldest = u32::try_from(deleted_through + 1).ok();
+            return Ok(Err(NotRetained { oldest }));
+        }
+        let bases = segments::list_segments(&self.shared.queue_dir)?;
+        // Older records were deleted when the log no longer starts at 0 (before this
+        // start too): a replay from before its first record would miss some.
+        if let Some(&oldest_base) = bases.first().filter(|&&base| base > 0) {
+            let mut first = None;
+            let path = segments::segment_path(&self.shared.queue_dir, oldest_base);
+            segments::scan_positions(&path, oldest_base, |_, tag| {
+                first = Some(tag.accepted_at);
+                false
+            })?;
+            if first.is_none_or(|first| first > since) {
+                return Ok(Err(NotRetained { oldest: first }));
+            }
+        }
+        let mut range = ReplayRange {
+            start: stop_at,
+            stop_at,
+            messages: 0,
+        };
+        for &base in &bases {
+            if base >= stop_at {
+                break;
+            }
+            let path = segments::segment_path(&self.shared.queue_dir, base);
+            segments::scan_positions(&path, base, |position, tag| {
+                if position >= stop_at {
+                    return false;
+                }
+                if tag.accepted_at >= since {
+                    range.start = range.start.min(position);
+                    if until.is_none_or(|until| tag.accepted_at <= until) {
+                        range.messages += 1;
+                    }
+                }
+                true
+            })?;
+        }
+        Ok(Ok(range))
+    }
+
+    /// Moves `name`'s saved cursor to `position` (its output mark stays); returns where
+    /// it was. Only while its engine is stopped. Blocking file I/O.
+    pub fn rewind(&self, name: &str, position: u64) -> std::io::Result<u64> {
+        let saved = cursor::load(&self.shared.cursor_dir, name)?.unwrap_or(Checkpoint {
+            position: self.end(),
+            sink_offset: 0,
+            sink_id: 0,
+        });
+        Cursor::new(name, self.shared.clone()).commit(Checkpoint { position, ..saved })?;
+        Ok(saved.position)
     }
 
     /// Names of every destination holding a cursor, configured or not.
@@ -307,6 +413,22 @@ impl LocalQueue {
         }
         Ok(())
     }
+}
+
+/// Where a destination's replay starts (the first record accepted at or after `since`),
+/// where its cursor stood, and how many messages it delivers again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayRange {
+    pub start: u64,
+    pub stop_at: u64,
+    pub messages: u64,
+}
+
+/// A replay asked for data the log no longer holds: the oldest record it has was
+/// accepted at `oldest` (unix seconds), if it holds any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotRetained {
+    pub oldest: Option<u32>,
 }
 
 /// Group commit: block for one request, take every other one already waiting, write them

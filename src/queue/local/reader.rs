@@ -18,6 +18,9 @@ pub struct QueueReader {
     committed: watch::Receiver<u64>,
     /// The segment being read: its base position and a buffered handle.
     open: Option<(u64, BufReader<File>)>,
+    /// A replay with an end: records before `stop_at` (where the cursor stood) that were
+    /// accepted after `until` (unix seconds) were delivered already and are passed over.
+    window: Option<(u32, u64)>,
 }
 
 impl QueueReader {
@@ -27,7 +30,13 @@ impl QueueReader {
             position,
             committed,
             open: None,
+            window: None,
         }
+    }
+
+    /// Passes over records before `stop_at` accepted after `until` (a bounded replay).
+    pub fn replay_until(&mut self, until: u32, stop_at: u64) {
+        self.window = Some((until, stop_at));
     }
 
     /// Position of the next record to read.
@@ -93,7 +102,16 @@ impl QueueReader {
                     json,
                     len,
                 } => {
+                    let at = self.position;
                     self.position += len;
+                    let passed = match self.window {
+                        Some((_, stop_at)) if at >= stop_at => {
+                            self.window = None;
+                            false
+                        }
+                        Some((until, _)) => tag.accepted_at > until,
+                        None => false,
+                    };
                     bytes += json.len();
                     records.push(Record {
                         source,
@@ -101,6 +119,7 @@ impl QueueReader {
                         json,
                         receipt: Receipt::Log { end: self.position },
                         earlier: None,
+                        passed,
                     });
                 }
                 // The end of a segment: the next one starts exactly here.

@@ -202,6 +202,24 @@ pub fn scan_segment(path: &Path, mut each: impl FnMut(String, Tag)) -> io::Resul
     Ok(())
 }
 
+/// Calls `each(position, tag)` for every valid record of the segment at `path`, whose
+/// first byte is log position `base`, until `each` returns false.
+pub fn scan_positions(
+    path: &Path,
+    base: u64,
+    mut each: impl FnMut(u64, Tag) -> bool,
+) -> io::Result<()> {
+    let mut reader = BufReader::with_capacity(1 << 20, File::open(path)?);
+    let mut position = base;
+    while let ReadOutcome::Record { tag, len, .. } = read_record(&mut reader)? {
+        if !each(position, tag) {
+            break;
+        }
+        position += len;
+    }
+    Ok(())
+}
+
 /// Deletes every segment that lies wholly before `position`; the newest is always kept.
 /// `before_delete` runs first for each; if it fails, that segment stays.
 pub fn delete_before(

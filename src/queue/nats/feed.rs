@@ -675,6 +675,7 @@ async fn decode(message: Message, index: u16, destination: &str) -> Option<(u64,
             json,
             earlier,
             receipt: Receipt::Stream(delivery.clone()),
+            passed: false,
         })
         .collect();
     Some((sequence, records))
