@@ -232,26 +232,3 @@ fn assert_file_ids(path: &Path, n: usize) {
     let want: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
     assert_eq!(ids, want);
 }
-
-#[test]
-fn retention_needs_the_local_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("fanout.toml");
-    std::fs::write(
-        &config,
-        "[server]\nretention = \"7d\"\n\n[queue]\nbackend = \"nats\"\nservers = [\"nats://127.0.0.1:4222\"]\n\n\
-         [[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        stderr.contains("server.retention") && stderr.contains("line 2"),
-        "{stderr}"
-    );
-}

@@ -90,14 +90,6 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
-        if self.queue.backend == QueueBackend::Nats && !self.server.retention.is_zero() {
-            return Err(err(
-                "server.retention".into(),
-                "needs queue.backend = \"local\": the shared log's stream keeps a message only \
-                 until every destination has acknowledged it"
-                    .into(),
-            ));
-        }
         if self.server.max_queue_bytes < 2 * self.server.segment_bytes {
             return Err(err(
                 "server.max_queue_bytes".into(),

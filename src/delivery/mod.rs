@@ -56,8 +56,6 @@ pub enum ReplayRefused {
     /// (or nothing at all).
     #[error("not retained")]
     NotRetained { oldest: Option<DateTime<Utc>> },
-    #[error("{0}")]
-    Unsupported(String),
     #[error("{0:#}")]
     Failed(anyhow::Error),
 }
@@ -164,7 +162,8 @@ impl Deliveries {
     ///
     /// On the local log the destination's engine is stopped, its cursor moved back, and
     /// it is started again (messages accepted after `until` and before where it stood are
-    /// passed over while it runs). The shared log keeps nothing to replay.
+    /// passed over while it runs). On the shared log the messages are put on the
+    /// destination's replay subject, as dead-letter replays are.
     pub async fn replay(
         &mut self,
         name: &str,
@@ -181,13 +180,16 @@ impl Deliveries {
         };
         let log = match &self.queue {
             Queue::Local(log) => log.clone(),
-            Queue::Nats(_) => {
-                return Err(ReplayRefused::Unsupported(
-                    "replay from the retained log needs queue.backend = \"local\": the shared \
-                 log's stream keeps a message only until every destination has acknowledged it \
-                 (interest retention), so there is nothing to read again"
-                        .into(),
-                ))
+            Queue::Nats(shared) => {
+                return shared
+                    .replay(name, since, until)
+                    .await
+                    .map_err(|e| match e {
+                        crate::queue::nats::ReplayError::NotRetained(oldest) => {
+                            ReplayRefused::NotRetained { oldest }
+                        }
+                        crate::queue::nats::ReplayError::Failed(e) => ReplayRefused::Failed(e),
+                    });
             }
         };
         let range = {

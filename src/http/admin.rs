@@ -275,9 +275,6 @@ pub async fn replay(
                 message,
             )))
         }
-        Err(ReplayRefused::Unsupported(why)) => {
-            Err(ApiError::Invalid(Rejection::new("replay_unsupported", why)))
-        }
         Err(ReplayRefused::Failed(e)) => Err(ApiError::Internal(format!("replay failed: {e:#}"))),
     }
 }

@@ -15,6 +15,7 @@
 
 mod acks;
 mod feed;
+mod retention;
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
@@ -31,6 +32,7 @@ use sha2::{Digest, Sha256};
 
 pub use acks::{Acks, Delivery, DeliveryKey, Handback};
 pub use feed::{StreamFeed, ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER};
+pub use retention::ReplayError;
 
 use super::failing::Failing;
 use super::{QueueError, RecordBatch};
