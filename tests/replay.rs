@@ -48,28 +48,12 @@ async fn send(f: &Fanout, ids: &[&str]) {
     .await;
 }
 
-/// Waits until the wall clock is in a new second, and returns that second: messages
-/// accepted before are stamped earlier (the log keeps whole seconds).
-async fn next_second() -> DateTime<Utc> {
-    let now = Utc::now();
-    let next = DateTime::from_timestamp(now.timestamp() + 1, 0).unwrap();
-    let wait = (next - now).to_std().unwrap() + Duration::from_millis(20);
-    tokio::time::sleep(wait).await;
-    next
-}
-
 fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
 async fn post_replay(f: &Fanout, query: &str) -> (u16, Value) {
-    let response = client()
-        .post(f.url(&format!("/admin/replay?{query}")))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    common::status_json(response).await
+    common::post_replay(f, TOKEN, query).await
 }
 
 async fn settle_both(f: &Fanout, out: usize, archived: usize) {
@@ -83,7 +67,7 @@ async fn settle_both(f: &Fanout, out: usize, archived: usize) {
 async fn one_destination_replays_since_t_while_another_keeps_its_position() {
     let f = with_archive("retention = \"1h\"");
     send(&f, &["a1", "a2", "a3"]).await;
-    let t1 = next_second().await;
+    let t1 = common::next_second().await;
     send(&f, &["b1", "b2", "b3"]).await;
     settle_both(&f, 6, 6).await;
 
@@ -123,9 +107,9 @@ async fn one_destination_replays_since_t_while_another_keeps_its_position() {
 #[tokio::test]
 async fn until_bounds_a_replay() {
     let f = with_archive("retention = \"1h\"");
-    let t0 = next_second().await;
+    let t0 = common::next_second().await;
     send(&f, &["a1", "a2"]).await;
-    next_second().await;
+    common::next_second().await;
     send(&f, &["b1", "b2"]).await;
     settle_both(&f, 4, 4).await;
 
@@ -152,7 +136,7 @@ async fn until_bounds_a_replay() {
 async fn a_replay_of_what_is_no_longer_retained_is_refused_with_the_oldest_time() {
     // No retention, small segments: what every destination passed is deleted.
     let f = with_archive("segment_bytes = 2048\nmax_queue_bytes = 1048576");
-    let t0 = next_second().await;
+    let t0 = common::next_second().await;
     let ids: Vec<String> = (0..40).map(|i| format!("m{i}")).collect();
     for chunk in ids.chunks(10) {
         send(&f, &chunk.iter().map(String::as_str).collect::<Vec<_>>()).await;

@@ -599,25 +599,6 @@ async fn users_are_spread_over_the_partitions() {
     );
 }
 
-/// Waits until the wall clock is in a new second and returns it (acceptance times are
-/// compared in whole seconds by the local log; the shared log's are finer).
-async fn next_second() -> chrono::DateTime<chrono::Utc> {
-    let now = chrono::Utc::now();
-    let next = chrono::DateTime::from_timestamp(now.timestamp() + 1, 0).unwrap();
-    tokio::time::sleep((next - now).to_std().unwrap() + Duration::from_millis(20)).await;
-    next
-}
-
-async fn post_replay(f: &Fanout, query: &str) -> (u16, Value) {
-    let response = client()
-        .post(f.url(&format!("/admin/replay?{query}")))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    common::status_json(response).await
-}
-
 #[tokio::test]
 async fn retained_messages_are_replayed_to_one_destination() {
     let nats = NatsCluster::single();
@@ -639,11 +620,12 @@ async fn retained_messages_are_replayed_to_one_destination() {
             .collect()
     };
     assert_eq!(send(&f, &batch(&["a1", "a2"])).await, 200);
-    let t1 = next_second().await;
+    let t1 = common::next_second().await;
     assert_eq!(send(&f, &batch(&["b1", "b2"])).await, 200);
     receiver.wait_for_messages(4, Duration::from_secs(20)).await;
     let since = t1.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let (status, body) = post_replay(&f, &format!("destination=hook&since={since}")).await;
+    let (status, body) =
+        common::post_replay(&f, ADMIN_TOKEN, &format!("destination=hook&since={since}")).await;
     assert_eq!((status, &body["messages"]), (200, &json!(2)), "{body}");
     // Repeats count: wait for six deliveries, not six distinct ids.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -669,7 +651,7 @@ async fn without_retention_the_shared_log_refuses_a_replay_with_the_oldest_time(
     let nats = NatsCluster::single();
     let receiver = Receiver::start().await;
     let f = instance(&nats, &receiver, "one");
-    let t0 = next_second().await;
+    let t0 = common::next_second().await;
     let batch = vec![json!({"type": "track", "userId": "u1", "event": "E", "messageId": "x1"})];
     assert_eq!(send(&f, &batch).await, 200);
     receiver.wait_for_messages(1, Duration::from_secs(20)).await;
@@ -677,7 +659,8 @@ async fn without_retention_the_shared_log_refuses_a_replay_with_the_oldest_time(
     // The stream lets a message go once every consumer has acknowledged it.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (status, body) = post_replay(&f, &format!("destination=hook&since={since}")).await;
+        let (status, body) =
+            common::post_replay(&f, ADMIN_TOKEN, &format!("destination=hook&since={since}")).await;
         if status == 400 {
             assert_eq!(body["error"]["code"], "not_retained", "{body}");
             break;

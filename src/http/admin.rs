@@ -179,6 +179,18 @@ pub enum Control {
     Replay(ReplayRequest),
 }
 
+/// Hands the server's control loop a request made with a reply channel, and waits for
+/// the answer.
+async fn ask<T>(
+    app: &App,
+    request: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> Control,
+) -> Result<T, ApiError> {
+    let gone = || ApiError::Internal("the server is shutting down".into());
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    app.control.send(request(reply)).await.map_err(|_| gone())?;
+    answer.await.map_err(|_| gone())
+}
+
 /// A replay from the retained log asked for over HTTP; the server answers on `reply`
 /// with how many messages go again.
 pub struct ReplayRequest {
@@ -235,19 +247,15 @@ pub async fn replay(
             "`until` is before `since`",
         )));
     }
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    let request = ReplayRequest {
-        destination: destination.clone(),
-        since,
-        until,
-        reply,
-    };
-    let gone = || ApiError::Internal("the server is shutting down".into());
-    app.control
-        .send(Control::Replay(request))
-        .await
-        .map_err(|_| gone())?;
-    match answer.await.map_err(|_| gone())? {
+    let asked = ask(&app, |reply| {
+        Control::Replay(ReplayRequest {
+            destination: destination.clone(),
+            since,
+            until,
+            reply,
+        })
+    });
+    match asked.await? {
         Ok(messages) => Ok(Json(serde_json::json!({
             "destination": destination,
             "since": since.to_rfc3339_opts(SecondsFormat::Secs, true),
@@ -314,17 +322,13 @@ pub async fn reload(
     Query(query): Query<ReloadQuery>,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    let request = ReloadRequest {
-        purge: query.purge,
-        reply,
-    };
-    let gone = || ApiError::Internal("the server is shutting down".into());
-    app.control
-        .send(Control::Reload(request))
-        .await
-        .map_err(|_| gone())?;
-    match answer.await.map_err(|_| gone())? {
+    let asked = ask(&app, |reply| {
+        Control::Reload(ReloadRequest {
+            purge: query.purge,
+            reply,
+        })
+    });
+    match asked.await? {
         // Partly applied: the new write keys are live, and some destination did not start.
         Ok(done) if !done.destinations.failed.is_empty() => Ok((
             http::StatusCode::INTERNAL_SERVER_ERROR,

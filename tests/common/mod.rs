@@ -575,6 +575,26 @@ pub fn run_with_stdin(mut command: Command, input: Vec<u8>) -> (i32, String, Str
     )
 }
 
+/// Waits until the wall clock is in a new second and returns that second: messages
+/// accepted before are stamped earlier (the local log keeps whole seconds).
+pub async fn next_second() -> chrono::DateTime<chrono::Utc> {
+    let now = chrono::Utc::now();
+    let next = chrono::DateTime::from_timestamp(now.timestamp() + 1, 0).unwrap();
+    tokio::time::sleep((next - now).to_std().unwrap() + Duration::from_millis(20)).await;
+    next
+}
+
+/// `POST /admin/replay?{query}` with the admin `token`: the status and the JSON answer.
+pub async fn post_replay(f: &Fanout, token: &str, query: &str) -> (u16, Value) {
+    let response = client()
+        .post(f.url(&format!("/admin/replay?{query}")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    status_json(response).await
+}
+
 /// Status and parsed JSON body.
 /// `POST /admin/reload{query}` with the admin `token`: the status and the JSON answer.
 pub async fn post_reload(f: &Fanout, token: &str, query: &str) -> (u16, Value) {
