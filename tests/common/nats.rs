@@ -138,11 +138,14 @@ impl NatsCluster {
                 String::new()
             };
             let config = dir.path().join(format!("{name}.conf"));
+            // A fixed store limit: by default the server takes 75 % of the free disk, and
+            // the tests' streams (10 GiB each, the default budget) running in parallel
+            // would be refused on a fuller disk.
             std::fs::write(
                 &config,
                 format!(
                     "server_name: {name}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http_port}\n\
-                     jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n{cluster}",
+                     jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n  max_file_store: 1TB\n}}\n{cluster}",
                     store.display()
                 ),
             )
