@@ -12,14 +12,16 @@
 # Env: MESSAGES (1000000), BATCH (batch.max_events, 500), CONCURRENCY (2),
 #      ORDERING (true), ROUND (each wrk fill round, 5s),
 #      KIND (webhook, or klaviyo: the same events translated and sent as Klaviyo bulk jobs
-#      to the ack server, paced by Klaviyo's built-in limits; compare fanout CPU s).
+#      to the ack server, paced by Klaviyo's built-in limits; compare fanout CPU s),
+#      SCRIPT (the fill's wrk script; default the shared batch.lua, whose events all carry
+#      one anonymousId, i.e. one user; bench/wrk/batch_users.lua spreads them over USERS).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 . "$root/bench/lib.sh"
 shared=${FANOUT_SHARED_DIR:-$root/../shared}
 MESSAGES=${MESSAGES:-1000000} BATCH=${BATCH:-500} CONCURRENCY=${CONCURRENCY:-2}
 ORDERING=${ORDERING:-true} PORT=${PORT:-18080} SINK_PORT=${SINK_PORT:-18090}
-ROUND=${ROUND:-5s} KIND=${KIND:-webhook}
+ROUND=${ROUND:-5s} KIND=${KIND:-webhook} SCRIPT=${SCRIPT:-$shared/bench/wrk/batch.lua}
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
@@ -57,7 +59,7 @@ rss_mb() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$fanout/status"; }
 # 1. Fill: wrk in rounds of 5 s until the queue holds MESSAGES messages.
 sent=0
 while [ "$sent" -lt "$MESSAGES" ]; do
-  taskset -c 1 wrk -t1 -c16 "-d$ROUND" --timeout 5s -s "$shared/bench/wrk/batch.lua" "http://127.0.0.1:$PORT" >"$work/wrk" 2>&1
+  taskset -c 1 wrk -t1 -c16 "-d$ROUND" --timeout 5s -s "$SCRIPT" "http://127.0.0.1:$PORT" >"$work/wrk" 2>&1
   r=$(sed -n 's/^RESULT //p' "$work/wrk")
   sent=$(( sent + $(python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print(int(r["events_per_s"]*r["duration_s"]))' "$r") ))
 done
@@ -73,4 +75,4 @@ until [ "$(lag)" = 0 ]; do sleep 0.1; done
 t1=$(cpu_ticks "$fanout")
 secs=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$start" "$(date +%s.%N)")
 cpu=$(python3 -c "import sys; print(f'{(float(sys.argv[2]) - float(sys.argv[1])) / float(sys.argv[3]):.2f}')" "$t0" "$t1" "$(getconf CLK_TCK)")
-echo "drained $sent messages to $KIND in $secs s: $(python3 -c "print(int($sent / $secs))") events/s (batch $BATCH, concurrency $CONCURRENCY, ordering $ORDERING); fanout CPU $cpu s; RSS after: $(rss_mb) MB"
+echo "drained $sent messages to $KIND in $secs s: $(python3 -c "print(int($sent / $secs))") events/s (batch $BATCH, concurrency $CONCURRENCY, ordering $ORDERING, $(basename "$SCRIPT")); fanout CPU $cpu s; RSS after: $(rss_mb) MB"

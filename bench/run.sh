@@ -27,7 +27,8 @@
 # Env:   DURATION (15s)  CONNS ("16 64")  SCRIPTS ("track batch batch_gzip")
 #        SERVERS ("fanout parse"; add fanout_nats1 fanout_nats3)  NATS_SERVER (nats-server
 #        binary; default target/nats-venv/bin/nats-server, which scripts/test installs)  PORT (18080)  SERVER_CPU (0)  CLIENT_CPU (1)
-#        SKIP_BUILD=1 (use the binaries already built)  SIDECAR=0 (skip the sidecar section)
+#        SKIP_BUILD=1 (use the binaries already built)  FANOUT_BIN (another fanout binary, e.g.
+#        a copy of an earlier build, to compare; implies nothing about SKIP_BUILD)  SIDECAR=0 (skip the sidecar section)
 #        VIEWER=1 (fanout runs with one live-view viewer attached: curl reading
 #        /debugger/events on CLIENT_CPU for the whole run)
 #        DRAIN_TIMEOUT (60, seconds to wait for the file destination)  LONG_EVERY (10, seconds)
@@ -41,7 +42,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 . "$root/bench/lib.sh"
 shared=${FANOUT_SHARED_DIR:-$root/../shared}
 wrk_dir=$shared/bench/wrk
-fanout_bin=$root/target/release/fanout
+fanout_bin=${FANOUT_BIN:-$root/target/release/fanout}
 parse_bin=$shared/bench/baseline/target/release/parse
 
 DURATION=${DURATION:-15s}

@@ -179,13 +179,19 @@ fn main() -> ExitCode {
     let runtimes = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_park(return_idle_memory)
+        .on_thread_stop(return_thread_memory)
         .build()
         .and_then(|ingest| {
+            // Its blocking pool (large queue reads, file writes and syncs, dead letters)
+            // is capped: a disk stall would otherwise start a thread per waiting call,
+            // each keeping a heap of its own.
             let delivery = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
+                .max_blocking_threads(8)
                 .thread_name("delivery")
                 .enable_all()
                 .on_thread_park(return_idle_memory)
+                .on_thread_stop(return_thread_memory)
                 .build()?;
             Ok((ingest, delivery))
         });
@@ -310,6 +316,14 @@ fn return_idle_memory() {
         // SAFETY: mi_collect takes no pointers; it walks the calling thread's own heap.
         unsafe { libmimalloc_sys::mi_collect(true) }
     }
+}
+
+/// A thread that ends (a blocking-pool thread after its idle time) hands back its free
+/// memory first: mimalloc would otherwise keep its pages as an abandoned heap until some
+/// other thread happens to take them over.
+fn return_thread_memory() {
+    // SAFETY: as in `return_idle_memory`.
+    unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
 fn init_logging(format: LogFormat) {

@@ -87,8 +87,12 @@ impl FileDestination {
         })
     }
 
-    /// Appends the lines on a blocking thread; the handle goes with it and comes back.
+    /// Appends the lines: small batches in place (a write into the page cache costs less
+    /// than a blocking-pool hand-off), larger ones on a blocking thread, which the handle
+    /// goes to and comes back from.
     async fn append(&self, lines: Vec<u8>) -> Result<u64, SendError> {
+        /// Batches up to this size are written in place.
+        const WRITE_IN_PLACE: usize = 256 * 1024;
         let taken = self.file.lock().expect("file lock poisoned").take();
         let mut file = match taken {
             Some(f) => f,
@@ -98,6 +102,11 @@ impl FileDestination {
                 .open(&self.path)
                 .map_err(SendError::io)?,
         };
+        if lines.len() <= WRITE_IN_PLACE {
+            let result = append_whole(&mut file, &lines);
+            *self.file.lock().expect("file lock poisoned") = Some(file);
+            return result.map_err(SendError::io);
+        }
         let (file, result) = tokio::task::spawn_blocking(move || {
             let result = append_whole(&mut file, &lines);
             (file, result)

@@ -105,14 +105,22 @@ impl Feed {
         }
     }
 
-    /// Reads up to `max_records` or about `max_bytes`. The log is read on a blocking
-    /// thread, so the feed is handed over and comes back with what was read.
+    /// Reads up to `max_records` or about `max_bytes`. Near the end of the log (what was
+    /// just written, in the page cache) the log is read in place: a blocking-pool hand-off
+    /// costs more than the copy. Further back it is read on a blocking thread, so the
+    /// feed is handed over and comes back with what was read.
     pub async fn read(
         self,
         max_records: usize,
         max_bytes: usize,
     ) -> (Feed, io::Result<Vec<Record>>) {
+        /// Unread bytes below which the reader is taken to be reading cached data.
+        const READ_IN_PLACE: u64 = 4 * 1024 * 1024;
         match self {
+            Feed::Log(mut reader) if reader.lag() <= READ_IN_PLACE => {
+                let records = reader.read_batch(max_records, max_bytes);
+                (Feed::Log(reader), records)
+            }
             Feed::Log(mut reader) => {
                 let (reader, records) = tokio::task::spawn_blocking(move || {
                     let records = reader.read_batch(max_records, max_bytes);
