@@ -234,18 +234,32 @@ impl Shared {
     /// Deletes the segments every cursor has passed (all but the newest when there is
     /// no cursor left).
     pub(super) fn reclaim(&self) -> io::Result<usize> {
-        let oldest_needed = self.oldest_cursor().min(self.retained_from()?);
+        let oldest_cursor = self.oldest_cursor();
+        if oldest_cursor < self.oldest_end.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(0);
+        }
+        let oldest_needed = oldest_cursor.min(self.retained_from()?);
         let deleted = segments::delete_before(&self.queue_dir, oldest_needed, |segment| {
             self.before_delete(segment)
         })?;
         if deleted > 0 {
-            if let Some(&oldest) = segments::list_segments(&self.queue_dir)?.first() {
-                self.oldest
-                    .fetch_max(oldest, std::sync::atomic::Ordering::Relaxed);
-            }
             tracing::debug!(deleted, oldest_needed, "reclaimed queue segments");
         }
+        self.note_oldest()?;
         Ok(deleted)
+    }
+
+    /// Takes the oldest segment's base and end from the directory.
+    fn note_oldest(&self) -> io::Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let bases = segments::list_segments(&self.queue_dir)?;
+        if let Some(&oldest) = bases.first() {
+            self.oldest.fetch_max(oldest, Relaxed);
+        }
+        // Behind a roll the writer lowers it again (`fetch_min` with the new base).
+        self.oldest_end
+            .store(bases.get(1).copied().unwrap_or(u64::MAX), Relaxed);
+        Ok(())
     }
 
     /// The lowest cursor position (the durable end when there is no cursor).
@@ -304,10 +318,7 @@ impl Shared {
         let deleted = segments::delete_before(&self.queue_dir, until, |segment| {
             self.before_delete(segment)
         })?;
-        if let Some(&oldest) = segments::list_segments(&self.queue_dir)?.first() {
-            self.oldest
-                .fetch_max(oldest, std::sync::atomic::Ordering::Relaxed);
-        }
+        self.note_oldest()?;
         if deleted > 0 {
             crate::metrics::retention_evicted(deleted as u64);
             tracing::warn!(

@@ -54,6 +54,10 @@ struct Shared {
     refused_bytes: AtomicU64,
     /// Base of the oldest retained segment: the log holds `committed - oldest` bytes.
     oldest: AtomicU64,
+    /// Where the oldest segment ends (the next one's base; `u64::MAX` while there is
+    /// one): until every cursor passes it there is nothing to delete, so a cursor save
+    /// need not list the directory.
+    oldest_end: AtomicU64,
     /// Disk budget; appends past it are refused.
     max_bytes: u64,
     /// `server.retention` in seconds: segments every cursor has passed are kept until
@@ -181,6 +185,7 @@ impl LocalQueue {
             ),
             refused_bytes: AtomicU64::new(0),
             oldest: AtomicU64::new(recovered.start),
+            oldest_end: AtomicU64::new(recovered.oldest_end),
             max_bytes,
             retention_secs: AtomicU64::new(0),
             deleted_through: AtomicU64::new(0),
@@ -476,6 +481,10 @@ fn write_loop(
         drop(chunks);
         match result {
             Ok(end) => {
+                // After a roll the segment that was the only one has an end.
+                shared
+                    .oldest_end
+                    .fetch_min(active.base(), Ordering::Relaxed);
                 shared.committed.send_replace(end);
                 shared.failing.set(None);
                 shared.refused_bytes.store(0, Ordering::Relaxed);

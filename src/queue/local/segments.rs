@@ -92,6 +92,8 @@ pub struct Recovered {
     pub end: u64,
     /// Bytes of a torn tail that were cut off.
     pub truncated: u64,
+    /// Where the oldest segment ends: the second one's base (`u64::MAX` if it is alone).
+    pub oldest_end: u64,
 }
 
 impl ActiveSegment {
@@ -134,6 +136,7 @@ impl ActiveSegment {
             start,
             end: base + valid,
             truncated: torn,
+            oldest_end: bases.get(1).copied().unwrap_or(u64::MAX),
         };
         Ok((active, recovered))
     }
@@ -141,6 +144,11 @@ impl ActiveSegment {
     /// True once a failed write could not be undone; every later append fails.
     pub fn is_poisoned(&self) -> bool {
         self.poisoned
+    }
+
+    /// Log position of the segment's first byte.
+    pub fn base(&self) -> u64 {
+        self.base
     }
 
     /// Log position after the last appended byte.
