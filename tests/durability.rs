@@ -17,18 +17,6 @@ async fn send_batches(
     requests: usize,
     per_request: usize,
 ) -> HashSet<String> {
-    send_padded(f, tag, requests, per_request, 0).await
-}
-
-/// `send_batches` with `pad` bytes of padding in each message.
-async fn send_padded(
-    f: &Fanout,
-    tag: &str,
-    requests: usize,
-    per_request: usize,
-    pad: usize,
-) -> HashSet<String> {
-    let padding = "p".repeat(pad);
     let mut handles = Vec::new();
     let mut ids = HashSet::new();
     for r in 0..requests {
@@ -36,7 +24,7 @@ async fn send_padded(
             .map(|i| {
                 let id = format!("{tag}-{}", r * per_request + i);
                 ids.insert(id.clone());
-                json!({"type": "track", "userId": format!("user-{}", i % 7), "event": "Durable", "messageId": id, "properties": {"r": r, "i": i, "pad": padding}})
+                json!({"type": "track", "userId": format!("user-{}", i % 7), "event": "Durable", "messageId": id, "properties": {"r": r, "i": i}})
             })
             .collect();
         let request = f.post("/v1/batch").json(&json!({"batch": batch}));
@@ -77,42 +65,6 @@ async fn kill_9_after_the_last_200_loses_nothing() {
         "and the file holds each exactly once"
     );
     assert_eq!(delivered.len(), 3000);
-}
-
-/// Segments of 4 MiB, each next one written full of zeros ahead of time: killed while
-/// the active segment is such a one, recovery must find its true end among the zeros.
-#[tokio::test]
-async fn kill_9_in_a_segment_written_over_zeros_loses_nothing() {
-    let mut f = Fanout::start_with(common::Settings::default().server("segment_bytes = 4194304"));
-    let mut sent = HashSet::new();
-    let mut prepared = 0;
-    for round in 0..3 {
-        // About 5 MB a round: past a roll into the prepared segment each time.
-        sent.extend(send_padded(&f, &format!("round{round}"), 40, 25, 5000).await);
-        let queue = f.dir().join("data/queue");
-        prepared += std::fs::read_dir(&queue)
-            .unwrap()
-            .filter_map(Result::ok)
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
-            .filter(|e| e.metadata().is_ok_and(|m| m.len() == 4194304))
-            .count();
-        f.kill9();
-        f.restart();
-    }
-    assert!(prepared > 0, "no segment was written over prepared zeros");
-    f.wait_delivered(sent.len()).await;
-    let ids = delivered_ids(&f);
-    let unique: HashSet<String> = ids.iter().cloned().collect();
-    assert_eq!(unique, sent, "every acknowledged message is delivered");
-    assert_eq!(
-        ids.len(),
-        sent.len(),
-        "and the file holds each exactly once"
-    );
-    assert!(
-        !f.stderr().iter().any(|l| l.contains("cut a torn write")),
-        "the zeros are not reported as a torn write"
-    );
 }
 
 #[tokio::test]

@@ -90,7 +90,6 @@ impl QueueReader {
         max_bytes: usize,
     ) -> io::Result<()> {
         let mut bytes = 0;
-        let mut reread = None;
         while self.position < end && records.len() < max_records && bytes < max_bytes {
             if self.open.is_none() {
                 self.open = Some(self.open_at_position()?);
@@ -132,18 +131,6 @@ impl QueueReader {
                         "queue data missing at position {} (durable end {end})",
                         self.position
                     )));
-                }
-                // A segment written over zeros ends in them.
-                ReadOutcome::Invalid(_) if self.next_segment_starts_here()? => {
-                    self.open = None;
-                    continue;
-                }
-                // The read-ahead may hold zeros of a prepared segment from before they
-                // were written over: read the file again once before calling it corrupt.
-                ReadOutcome::Invalid(_) if reread != Some(self.position) => {
-                    reread = Some(self.position);
-                    self.open = None;
-                    continue;
                 }
                 ReadOutcome::Invalid(why) => {
                     return Err(io::Error::other(format!(
@@ -191,35 +178,6 @@ mod tests {
     use crate::message::Tag;
     use crate::queue::local::segments::ActiveSegment;
     use crate::queue::record::RecordBatch;
-
-    #[test]
-    fn a_read_ahead_of_zeros_written_over_later_is_read_again() {
-        use std::os::unix::fs::FileExt;
-        let dir = tempfile::tempdir().unwrap();
-        let mut one = RecordBatch::with_capacity(64);
-        one.push_with("s", crate::message::MessageType::Track, |b| {
-            b.extend_from_slice(b"{}");
-            Ok::<_, ()>(Tag::default())
-        })
-        .unwrap();
-        let len = one.bytes().len() as u64;
-        // A segment prepared as zeros, three records written into it.
-        let path = segment_path(dir.path(), 0);
-        let file = File::create(&path).unwrap();
-        file.set_len(1 << 20).unwrap();
-        for i in 0..3 {
-            file.write_all_at(one.bytes(), i * len).unwrap();
-        }
-        let (tx, committed) = watch::channel(3 * len);
-        let mut reader = QueueReader::new(dir.path().to_path_buf(), 0, committed);
-        assert_eq!(reader.read_batch(1, 1 << 20).unwrap().len(), 1);
-        // Two more land where the reader's buffer already holds zeros.
-        for i in 3..5 {
-            file.write_all_at(one.bytes(), i * len).unwrap();
-        }
-        tx.send_replace(5 * len);
-        assert_eq!(reader.read_batch(100, 1 << 20).unwrap().len(), 4);
-    }
 
     #[test]
     fn a_read_error_mid_batch_skips_nothing() {

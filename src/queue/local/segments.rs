@@ -48,39 +48,6 @@ pub struct ActiveSegment {
     segment_bytes: u64,
     /// Set when a failed write could not be cut back: the file's tail is unknown.
     poisoned: bool,
-    /// The next segment being written full of zeros by a helper thread, if it is.
-    spare: Option<std::thread::JoinHandle<()>>,
-}
-
-/// A next segment written full of zeros and synced ahead of time. Appending into it
-/// changes neither the file's size nor its block map, so `fdatasync` has no inode to
-/// write and needs no journal commit: it does not wait for other files' data (the file
-/// destination's output, say), which is what made its latency spike. Reading stops at the
-/// zeros: a zero length is never a record.
-const SPARE: &str = "spare.zeroed";
-const SPARE_TMP: &str = "spare.tmp";
-/// Segments smaller than this are not prepared ahead (tests use tiny ones).
-const MIN_SPARE_BYTES: u64 = 4 * 1024 * 1024;
-
-/// Writes `segment_bytes` of zeros to a temporary file, syncs it and names it the spare.
-fn prepare_spare(dir: &Path, segment_bytes: u64) -> io::Result<()> {
-    let tmp = dir.join(SPARE_TMP);
-    let written = (|| {
-        let mut file = File::create(&tmp)?;
-        let zeros = vec![0u8; 1024 * 1024];
-        let mut left = segment_bytes;
-        while left > 0 {
-            let n = left.min(zeros.len() as u64) as usize;
-            file.write_all(&zeros[..n])?;
-            left -= n as u64;
-        }
-        file.sync_all()?;
-        fs::rename(&tmp, dir.join(SPARE))
-    })();
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    written
 }
 
 /// What recovery found when the log was opened.
@@ -100,8 +67,6 @@ impl ActiveSegment {
     /// Opens the log in `dir`, cutting off any torn tail left by a crash.
     pub fn open(dir: &Path, segment_bytes: u64) -> io::Result<(ActiveSegment, Recovered)> {
         fs::create_dir_all(dir)?;
-        // Half-written by a helper that did not finish.
-        let _ = fs::remove_file(dir.join(SPARE_TMP));
         let bases = list_segments(dir)?;
         let (base, start) = match (bases.first(), bases.last()) {
             (Some(&first), Some(&last)) => (last, first),
@@ -115,8 +80,6 @@ impl ActiveSegment {
         let mut file = OpenOptions::new().read(true).write(true).open(&path)?;
         let on_disk = file.metadata()?.len();
         let valid = valid_prefix(&file)?;
-        // A prepared segment ends in zeros; only what is not zero was a torn write.
-        let torn = written_end(&file, valid, on_disk)? - valid;
         if valid < on_disk {
             // Bytes past the last whole record were never acknowledged: drop them.
             file.set_len(valid)?;
@@ -130,12 +93,11 @@ impl ActiveSegment {
             len: valid,
             segment_bytes,
             poisoned: false,
-            spare: None,
         };
         let recovered = Recovered {
             start,
             end: base + valid,
-            truncated: torn,
+            truncated: on_disk - valid,
             oldest_end: bases.get(1).copied().unwrap_or(u64::MAX),
         };
         Ok((active, recovered))
@@ -169,7 +131,6 @@ impl ActiveSegment {
         match self.write_and_sync(chunks) {
             Ok(()) => {
                 self.len += total;
-                self.prepare_next();
                 Ok(self.end())
             }
             Err(e) => {
@@ -197,55 +158,9 @@ impl ActiveSegment {
         self.file.sync_data()
     }
 
-    /// Once the segment is half full, starts writing the next one's zeros on a helper
-    /// thread (if none is ready or under way). A helper that fails (a full disk) leaves
-    /// nothing; the next segment is then made empty, as without one.
-    fn prepare_next(&mut self) {
-        if self.segment_bytes < MIN_SPARE_BYTES
-            || self.len < self.segment_bytes / 2
-            || self.spare.is_some()
-            || self.dir.join(SPARE).exists()
-        {
-            return;
-        }
-        let (dir, bytes) = (self.dir.clone(), self.segment_bytes);
-        let spawned = std::thread::Builder::new()
-            .name("queue-spare".into())
-            .spawn(move || {
-                if let Err(e) = prepare_spare(&dir, bytes) {
-                    tracing::debug!(error = %e, "cannot prepare the next queue segment");
-                }
-            });
-        self.spare = spawned.ok();
-    }
-
-    /// The prepared spare, renamed to `path`, if one is ready.
-    fn take_spare(&mut self, path: &Path) -> Option<File> {
-        if self.spare.as_ref().is_some_and(|h| !h.is_finished()) {
-            return None;
-        }
-        if let Some(done) = self.spare.take() {
-            let _ = done.join();
-        }
-        fs::rename(self.dir.join(SPARE), path).ok()?;
-        let opened = OpenOptions::new().read(true).write(true).open(path);
-        if opened.is_err() {
-            // Leave no zero-filled segment that `roll` would refuse as not empty.
-            let _ = fs::remove_file(path);
-        }
-        opened.ok()
-    }
-
     fn roll(&mut self) -> io::Result<()> {
         let base = self.end();
         let path = segment_path(&self.dir, base);
-        if let Some(file) = self.take_spare(&path) {
-            sync_dir(&self.dir)?;
-            self.file = file;
-            self.base = base;
-            self.len = 0;
-            return Ok(());
-        }
         let created = OpenOptions::new()
             .read(true)
             .write(true)
@@ -273,22 +188,6 @@ impl ActiveSegment {
         self.len = 0;
         Ok(())
     }
-}
-
-/// Where the last non-zero byte of `file` between `from` and `to` ends (`from` if none).
-fn written_end(file: &File, from: u64, to: u64) -> io::Result<u64> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; 1024 * 1024];
-    let (mut at, mut end) = (from, from);
-    while at < to {
-        let n = buf.len().min((to - at) as usize);
-        file.read_exact_at(&mut buf[..n], at)?;
-        if let Some(last) = buf[..n].iter().rposition(|&b| b != 0) {
-            end = at + last as u64 + 1;
-        }
-        at += n as u64;
-    }
-    Ok(end)
 }
 
 /// Length of the longest prefix of `file` made of whole, valid records.
@@ -430,68 +329,6 @@ mod tests {
         drop(seg);
         let (_, r) = ActiveSegment::open(dir.path(), 1 << 20).unwrap();
         assert_eq!((r.start, r.end), (4 * l, 5 * l));
-    }
-
-    #[test]
-    fn segments_written_over_prepared_zeros_read_back_and_recover_their_end() {
-        let dir = tempfile::tempdir().unwrap();
-        let rec = one(&format!(r#"{{"pad":"{}"}}"#, "x".repeat(1000)));
-        let (mut seg, _) = ActiveSegment::open(dir.path(), MIN_SPARE_BYTES).unwrap();
-        let mut appended = 0u64;
-        // Past half of the first segment the next one is prepared in the background.
-        while seg.end() < MIN_SPARE_BYTES / 2 + 1 {
-            seg.append(&[&rec]).unwrap();
-            appended += 1;
-        }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !dir.path().join(SPARE).exists() {
-            assert!(std::time::Instant::now() < deadline, "no spare prepared");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        while list_segments(dir.path()).unwrap().len() < 2 {
-            seg.append(&[&rec]).unwrap();
-            appended += 1;
-        }
-        let second = *list_segments(dir.path()).unwrap().last().unwrap();
-        assert_eq!(
-            fs::metadata(segment_path(dir.path(), second))
-                .unwrap()
-                .len(),
-            MIN_SPARE_BYTES,
-            "the second segment is the prepared one"
-        );
-        for _ in 0..3 {
-            seg.append(&[&rec]).unwrap();
-            appended += 1;
-        }
-        let end = seg.end();
-        drop(seg);
-
-        let (_tx, committed) = tokio::sync::watch::channel(end);
-        let mut reader = super::super::QueueReader::new(dir.path().to_path_buf(), 0, committed);
-        let mut read = 0;
-        loop {
-            let batch = reader.read_batch(1000, 1 << 20).unwrap();
-            if batch.is_empty() {
-                break;
-            }
-            read += batch.len() as u64;
-        }
-        assert_eq!(read, appended, "every record, across the zero-filled tails");
-
-        let (seg, r) = ActiveSegment::open(dir.path(), MIN_SPARE_BYTES).unwrap();
-        assert_eq!(
-            r.end, end,
-            "recovery finds the true end in a zero-filled file"
-        );
-        assert_eq!(seg.end(), end);
-        assert_eq!(r.truncated, 0, "zeros are not a torn write");
-        assert_eq!(
-            fs::metadata(segment_path(dir.path(), second))
-                .unwrap()
-                .len(),
-            end - second
-        );
     }
 
     mod properties {
