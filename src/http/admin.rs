@@ -1,5 +1,6 @@
-//! Operator endpoints, behind a bearer token from `[admin] token_env`: list dead letters
-//! and mark them for replay. Without a token configured they do not exist (404).
+//! Operator endpoints, behind a bearer token from `[admin] token_env`: dead letters (list,
+//! replay, and take in again what a tracking plan blocked), replay from the retained log,
+//! and reload. Without a token configured they do not exist (404).
 
 use std::sync::Arc;
 
