@@ -14,9 +14,13 @@ use jsonschema::Validator;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::message::MessageType;
+use chrono::{DateTime, Utc};
+
+use crate::auth::Sources;
+use crate::delivery::DeadLetters;
+use crate::message::{MessageType, Stamp, Tag};
 use crate::queue::record::{read_record, ReadOutcome};
-use crate::queue::RecordBatch;
+use crate::queue::{Queue, QueueError, RecordBatch};
 
 /// The dead letters of blocked messages are filed under this name (a destination may not
 /// take it), with the message's source.
@@ -289,6 +293,95 @@ pub fn apply_to_batch(
         }
     }
     (kept, blocked)
+}
+
+/// What taking blocked messages in again did.
+pub struct Retaken {
+    pub replayed: usize,
+    pub still_blocked: usize,
+}
+
+/// Why taking blocked messages in again stopped (what was done before stays done).
+pub enum RetakeError {
+    /// The dead-letter store failed.
+    Store(anyhow::Error),
+    /// The queue did not take the messages.
+    Queue(QueueError),
+}
+
+/// Messages a tracking plan blocked, taken in again after the plan was fixed: each goes
+/// through its source's plan as it is now; those it lets through are appended to the log
+/// (with their messageIds, no dedupe key) and their letters removed, the others stay.
+pub async fn retake_blocked(
+    queue: &Queue,
+    dead_letters: &DeadLetters,
+    sources: &Sources,
+    now: DateTime<Utc>,
+) -> Result<Retaken, RetakeError> {
+    /// Letters stored (and removed) per round.
+    const ROUND: usize = 500;
+    let letters = dead_letters
+        .list(Some(DEAD_LETTER_NAME), 1_000_000)
+        .await
+        .map_err(RetakeError::Store)?;
+    let (mut replayed, mut still_blocked) = (0, 0);
+    let accepted_at = now.timestamp().clamp(0, i64::from(u32::MAX)) as u32;
+    for round in letters.chunks(ROUND) {
+        let mut by_source: Vec<(&str, RecordBatch)> = Vec::new();
+        let mut done = Vec::new();
+        for letter in round {
+            let Ok(mut message) = serde_json::from_str::<Value>(letter.message.get()) else {
+                continue;
+            };
+            if let Some(plan) = sources.plan(&letter.source) {
+                if let Verdict::Blocked { .. } = plan.apply(&mut message) {
+                    // It keeps its letter, with the violations it was blocked for.
+                    still_blocked += 1;
+                    continue;
+                }
+            }
+            let kind = message
+                .get("type")
+                .and_then(Value::as_str)
+                .and_then(MessageType::parse)
+                .unwrap_or(MessageType::Track);
+            let json = serde_json::to_vec(&message).expect("a Value serializes");
+            let stamp = Stamp {
+                tag: Tag {
+                    key: [0; 3],
+                    accepted_at,
+                },
+                user: crate::routing::user_key(&json),
+            };
+            let at = match by_source.iter().position(|(s, _)| *s == letter.source) {
+                Some(at) => at,
+                None => {
+                    by_source.push((&letter.source, RecordBatch::with_capacity(64 * 1024)));
+                    by_source.len() - 1
+                }
+            };
+            let _ = by_source[at].1.push_with(&letter.source, kind, |out| {
+                out.extend_from_slice(&json);
+                Ok::<_, std::convert::Infallible>(stamp)
+            });
+            done.push(letter.id);
+        }
+        for (_, records) in by_source {
+            replayed += records.len();
+            queue.append(records).await.map_err(RetakeError::Queue)?;
+        }
+        // Stored first: a failure here repeats these messages at the next replay rather
+        // than losing them.
+        dead_letters
+            .remove(done)
+            .await
+            .map_err(RetakeError::Store)?;
+    }
+    tracing::info!(replayed, still_blocked, "blocked messages replayed");
+    Ok(Retaken {
+        replayed,
+        still_blocked,
+    })
 }
 
 /// Writes allowed violations into `context.violations`, where a destination (or whoever

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::sse::Sse;
-use common::{assert_success, client, Fanout, Settings};
+use common::{assert_success, Fanout, Settings};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "plan-admin-token";
@@ -202,13 +202,12 @@ async fn blocked_messages_go_in_after_the_plan_is_fixed_and_reloaded() {
     // Over HTTP too, once the plan allows violations.
     write_plan(f.dir(), &plan("block", "allow", "allow"));
     assert_eq!(common::post_reload(&f, TOKEN, "").await.0, 200);
-    let response = client()
-        .post(f.url("/admin/dead-letters/replay?destination=tracking_plan"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = common::status_json(response).await;
+    let (status, body) = common::post_admin(
+        &f,
+        TOKEN,
+        "/admin/dead-letters/replay?destination=tracking_plan",
+    )
+    .await;
     assert_eq!(
         (status, body),
         (200, json!({"replayed": 2, "still_blocked": 0}))
@@ -274,20 +273,11 @@ fn bad_plan_files_are_config_errors_naming_file_and_pointer() {
     for (plan, wanted) in cases {
         let dir = tempfile::tempdir().unwrap();
         write_plan(dir.path(), plan);
-        let config = dir.path().join("fanout.toml");
-        std::fs::write(
-            &config,
+        let (ok, stderr) = check(
+            dir.path(),
             "[[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\ntracking_plan = \"plans/web.json\"\n",
-        )
-        .unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
-            .args(["check", "--config"])
-            .arg(&config)
-            .current_dir("/")
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "accepted: {plan}");
+        );
+        assert!(!ok, "accepted: {plan}");
         assert!(
             stderr.contains("sources[0].tracking_plan")
                 && stderr.contains("plans/web.json")
@@ -297,17 +287,27 @@ fn bad_plan_files_are_config_errors_naming_file_and_pointer() {
     }
     // A destination cannot take the name blocked messages are filed under.
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("fanout.toml");
-    std::fs::write(
-        &config,
+    let (ok, stderr) = check(
+        dir.path(),
         "[[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n\n[[destinations]]\nname = \"tracking_plan\"\nkind = \"file\"\npath = \"x\"\n",
-    )
-    .unwrap();
+    );
+    assert!(!ok);
+    assert!(stderr.contains("reserved"), "{stderr}");
+}
+
+/// `fanout check` of `config` written to `dir/fanout.toml`, run from another directory (so
+/// the plan's path must be taken relative to the file): (success, standard error).
+fn check(dir: &Path, config: &str) -> (bool, String) {
+    let path = dir.join("fanout.toml");
+    std::fs::write(&path, config).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
         .args(["check", "--config"])
-        .arg(&config)
+        .arg(&path)
+        .current_dir("/")
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("reserved"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -17,10 +17,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 
 use crate::delivery::{Changes, ReplayRefused};
 use crate::ingest::Rejection;
-use crate::message::{MessageType, Stamp, Tag};
-use crate::queue::RecordBatch;
-use crate::tracking_plan::{Verdict, DEAD_LETTER_NAME};
-use serde_json::Value;
+use crate::tracking_plan::{RetakeError, DEAD_LETTER_NAME};
 
 #[derive(Deserialize)]
 pub struct DeadLetterQuery {
@@ -56,6 +53,11 @@ pub(super) fn authorize_token(app: &App, given: &str) -> Result<(), ApiError> {
     }
 }
 
+/// A query parameter the endpoint cannot go without: 400 naming it, with a hint.
+fn required(value: Option<String>, field: &str, hint: &str) -> Result<String, ApiError> {
+    value.ok_or_else(|| ApiError::Invalid(Rejection::field("missing_field", field, hint)))
+}
+
 fn internal(e: anyhow::Error) -> ApiError {
     ApiError::Internal(format!("dead-letter store: {e:#}"))
 }
@@ -83,13 +85,11 @@ pub async fn replay_dead_letters(
     Query(query): Query<DeadLetterQuery>,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
-    let Some(destination) = query.destination else {
-        return Err(ApiError::Invalid(Rejection::field(
-            "missing_field",
-            "destination",
-            "name the destination: ?destination=NAME",
-        )));
-    };
+    let destination = required(
+        query.destination,
+        "destination",
+        "name the destination: ?destination=NAME",
+    )?;
     if destination == DEAD_LETTER_NAME {
         return replay_blocked(&app).await;
     }
@@ -101,76 +101,24 @@ pub async fn replay_dead_letters(
     Ok(Json(serde_json::json!({ "replayed": replayed })).into_response())
 }
 
-/// Messages a tracking plan blocked, taken in again after the plan was fixed: each goes
-/// through its source's plan as it is now; those it lets through are appended to the log
-/// (with their messageIds, no dedupe key) and their letters removed, the others stay.
+/// `?destination=tracking_plan`: what tracking plans blocked, taken in again.
 async fn replay_blocked(app: &App) -> Result<Response, ApiError> {
-    /// Letters stored (and removed) per round.
-    const ROUND: usize = 500;
-    let letters = app
-        .dead_letters
-        .list(Some(DEAD_LETTER_NAME), 1_000_000)
-        .await
-        .map_err(internal)?;
-    let (mut replayed, mut still_blocked) = (0, 0);
-    let accepted_at = app.clock.now().timestamp().clamp(0, i64::from(u32::MAX)) as u32;
-    for round in letters.chunks(ROUND) {
-        let sources = app.sources.load();
-        let mut by_source: Vec<(&str, RecordBatch)> = Vec::new();
-        let mut done = Vec::new();
-        for letter in round {
-            let Ok(mut message) = serde_json::from_str::<Value>(letter.message.get()) else {
-                continue;
-            };
-            if let Some(plan) = sources.plan(&letter.source) {
-                if let Verdict::Blocked { .. } = plan.apply(&mut message) {
-                    // It keeps its letter, with the violations it was blocked for.
-                    still_blocked += 1;
-                    continue;
-                }
-            }
-            let kind = message
-                .get("type")
-                .and_then(Value::as_str)
-                .and_then(MessageType::parse)
-                .unwrap_or(MessageType::Track);
-            let json = serde_json::to_vec(&message).expect("a Value serializes");
-            let stamp = Stamp {
-                tag: Tag {
-                    key: [0; 3],
-                    accepted_at,
-                },
-                user: crate::routing::user_key(&json),
-            };
-            let at = match by_source.iter().position(|(s, _)| *s == letter.source) {
-                Some(at) => at,
-                None => {
-                    by_source.push((&letter.source, RecordBatch::with_capacity(64 * 1024)));
-                    by_source.len() - 1
-                }
-            };
-            let _ = by_source[at].1.push_with(&letter.source, kind, |out| {
-                out.extend_from_slice(&json);
-                Ok::<_, std::convert::Infallible>(stamp)
-            });
-            done.push(letter.id);
-        }
-        for (_, records) in by_source {
-            replayed += records.len();
-            app.queue
-                .append(records)
-                .await
-                .map_err(|e| ApiError::from_queue(e, app.retry_after))?;
-        }
-        // Stored first: a failure here repeats these messages at the next replay rather
-        // than losing them.
-        app.dead_letters.remove(done).await.map_err(internal)?;
-    }
-    tracing::info!(replayed, still_blocked, "blocked messages replayed");
-    Ok(
-        Json(serde_json::json!({ "replayed": replayed, "still_blocked": still_blocked }))
-            .into_response(),
+    let retaken = crate::tracking_plan::retake_blocked(
+        &app.queue,
+        &app.dead_letters,
+        &app.sources.load(),
+        app.clock.now(),
     )
+    .await
+    .map_err(|e| match e {
+        RetakeError::Store(e) => internal(e),
+        RetakeError::Queue(e) => ApiError::from_queue(e, app.retry_after),
+    })?;
+    Ok(Json(serde_json::json!({
+        "replayed": retaken.replayed,
+        "still_blocked": retaken.still_blocked,
+    }))
+    .into_response())
 }
 
 /// What the operator endpoints ask of the server's control loop, which owns the
@@ -216,12 +164,11 @@ pub async fn replay(
     Query(query): Query<ReplayQuery>,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
-    let missing = |field: &str, hint: &str| {
-        ApiError::Invalid(Rejection::field("missing_field", field, hint.to_string()))
-    };
-    let destination = query
-        .destination
-        .ok_or_else(|| missing("destination", "name the destination: ?destination=NAME"))?;
+    let destination = required(
+        query.destination,
+        "destination",
+        "name the destination: ?destination=NAME",
+    )?;
     let time = |field: &str, text: &str| {
         DateTime::parse_from_rfc3339(text)
             .map(|t| t.with_timezone(&Utc))
@@ -233,9 +180,11 @@ pub async fn replay(
                 ))
             })
     };
-    let since = query
-        .since
-        .ok_or_else(|| missing("since", "say from when: ?since=2026-11-29T10:00:00Z"))?;
+    let since = required(
+        query.since,
+        "since",
+        "say from when: ?since=2026-11-29T10:00:00Z",
+    )?;
     let since = time("since", &since)?;
     let until = match query.until {
         Some(until) => Some(time("until", &until)?),

@@ -584,29 +584,28 @@ pub async fn next_second() -> chrono::DateTime<chrono::Utc> {
     next
 }
 
-/// `POST /admin/replay?{query}` with the admin `token`: the status and the JSON answer.
-pub async fn post_replay(f: &Fanout, token: &str, query: &str) -> (u16, Value) {
+/// `POST {path}` with the admin `token`: the status and the JSON answer.
+pub async fn post_admin(f: &Fanout, token: &str, path: &str) -> (u16, Value) {
     let response = client()
-        .post(f.url(&format!("/admin/replay?{query}")))
+        .post(f.url(path))
         .bearer_auth(token)
         .send()
         .await
         .unwrap();
     status_json(response).await
+}
+
+/// `POST /admin/replay?{query}` with the admin `token`.
+pub async fn post_replay(f: &Fanout, token: &str, query: &str) -> (u16, Value) {
+    post_admin(f, token, &format!("/admin/replay?{query}")).await
+}
+
+/// `POST /admin/reload{query}` with the admin `token`.
+pub async fn post_reload(f: &Fanout, token: &str, query: &str) -> (u16, Value) {
+    post_admin(f, token, &format!("/admin/reload{query}")).await
 }
 
 /// Status and parsed JSON body.
-/// `POST /admin/reload{query}` with the admin `token`: the status and the JSON answer.
-pub async fn post_reload(f: &Fanout, token: &str, query: &str) -> (u16, Value) {
-    let response = client()
-        .post(f.url(&format!("/admin/reload{query}")))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
-    status_json(response).await
-}
-
 pub async fn status_json(response: reqwest::Response) -> (u16, Value) {
     let status = response.status().as_u16();
     let text = response.text().await.unwrap();
