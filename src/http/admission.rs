@@ -202,27 +202,13 @@ impl Slots {
         if http_body::Body::is_end_stream(request.body()) {
             return request;
         }
-        let now = Instant::now();
-        let key = (now, slots.next_id.fetch_add(1, Ordering::Relaxed));
-        let receiving = Arc::new(Receiving {
-            evicted: AtomicBool::new(false),
-            notify: Arc::new(Notify::new()),
-        });
-        let evicted_wait = Box::pin(receiving.notify.clone().notified_owned());
-        slots
-            .receiving
-            .lock()
-            .expect("admission lock poisoned")
-            .insert(key, receiving.clone());
+        let started = Instant::now();
         request.map(|inner| {
             Body::new(GuardedBody {
                 inner,
                 slots: slots.clone(),
-                key,
-                receiving,
-                evicted_wait,
-                gap: Box::pin(tokio::time::sleep(slots.config.body_timeout)),
-                deadline: Box::pin(tokio::time::sleep(slots.config.body_deadline)),
+                started,
+                waiting: None,
                 done: false,
             })
         })
@@ -252,24 +238,60 @@ impl Slots {
 struct GuardedBody {
     inner: Body,
     slots: Arc<Slots>,
+    started: Instant,
+    /// Set up the first time the body has to wait for the client: one that arrives with
+    /// its headers (most) never registers, nor arms a timer.
+    waiting: Option<Waiting>,
+    done: bool,
+}
+
+/// A body that has had to wait: its place among the bodies being received, and its timers.
+struct Waiting {
     key: (Instant, u64),
     receiving: Arc<Receiving>,
     evicted_wait: Pin<Box<tokio::sync::futures::OwnedNotified>>,
     gap: Pin<Box<Sleep>>,
     deadline: Pin<Box<Sleep>>,
-    done: bool,
 }
 
 impl GuardedBody {
+    /// Registers the body as being received (from when it started), so it can be cut.
+    fn start_waiting(&mut self) -> &mut Waiting {
+        let slots = &self.slots;
+        self.waiting.get_or_insert_with(|| {
+            let key = (self.started, slots.next_id.fetch_add(1, Ordering::Relaxed));
+            let receiving = Arc::new(Receiving {
+                evicted: AtomicBool::new(false),
+                notify: Arc::new(Notify::new()),
+            });
+            slots
+                .receiving
+                .lock()
+                .expect("admission lock poisoned")
+                .insert(key, receiving.clone());
+            Waiting {
+                key,
+                evicted_wait: Box::pin(receiving.notify.clone().notified_owned()),
+                receiving,
+                gap: Box::pin(tokio::time::sleep(slots.config.body_timeout)),
+                deadline: Box::pin(tokio::time::sleep_until(
+                    self.started + slots.config.body_deadline,
+                )),
+            }
+        })
+    }
+
     /// No longer receiving: the body ended, failed or was cut.
     fn finish(&mut self) {
         if !self.done {
             self.done = true;
-            self.slots
-                .receiving
-                .lock()
-                .expect("admission lock poisoned")
-                .remove(&self.key);
+            if let Some(waiting) = &self.waiting {
+                self.slots
+                    .receiving
+                    .lock()
+                    .expect("admission lock poisoned")
+                    .remove(&waiting.key);
+            }
         }
     }
 
@@ -292,13 +314,16 @@ impl http_body::Body for GuardedBody {
         if this.done {
             return Poll::Ready(None);
         }
-        if this.receiving.evicted.load(Ordering::Relaxed) {
+        let evicted = this.waiting.as_ref();
+        if evicted.is_some_and(|w| w.receiving.evicted.load(Ordering::Relaxed)) {
             return this.cut(BodyCut::Evicted);
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                let next_gap = Instant::now() + this.slots.config.body_timeout;
-                this.gap.as_mut().reset(next_gap);
+                if let Some(waiting) = &mut this.waiting {
+                    let next_gap = Instant::now() + this.slots.config.body_timeout;
+                    waiting.gap.as_mut().reset(next_gap);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -310,13 +335,14 @@ impl http_body::Body for GuardedBody {
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                if this.evicted_wait.as_mut().poll(cx).is_ready() {
+                let waiting = this.start_waiting();
+                if waiting.evicted_wait.as_mut().poll(cx).is_ready() {
                     return this.cut(BodyCut::Evicted);
                 }
-                if this.deadline.as_mut().poll(cx).is_ready() {
+                if waiting.deadline.as_mut().poll(cx).is_ready() {
                     return this.cut(BodyCut::Deadline);
                 }
-                if this.gap.as_mut().poll(cx).is_ready() {
+                if waiting.gap.as_mut().poll(cx).is_ready() {
                     return this.cut(BodyCut::Stalled);
                 }
                 Poll::Pending

@@ -2,7 +2,10 @@
 //! answer. A 200 is sent only after the queue has fsynced the request's messages.
 
 use std::error::Error as StdError;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::body::Body;
 use axum::extract::State;
@@ -267,14 +270,14 @@ impl App {
             watched.extend(blocked.iter().map(blocked_view));
         }
         // From here the messages may become durable even if the client goes away, and
-        // then their keys must enter the window: finish in a task of its own, which a
-        // dropped request cannot cancel.
+        // then their keys must enter the window: a dropped request hands the rest to a
+        // task of its own.
         let queue = self.queue.clone();
         let dead_letters = self.dead_letters.clone();
         let retry_after = self.retry_after;
         let source = source.to_owned();
         let now = self.clock.now();
-        tokio::spawn(async move {
+        FinishAnyway::new(async move {
             let unavailable = |reason: String| ApiError::Unavailable {
                 retry_after,
                 reason,
@@ -302,9 +305,45 @@ impl App {
             }
             Ok::<_, ApiError>(())
         })
-        .await
-        .expect("store task panicked")?;
+        .await?;
         Ok(duplicate)
+    }
+}
+
+/// Runs a future in place; dropped before it completes (the client went away), it hands
+/// what is left to a task of its own. A task for every request would cost a spawn and a
+/// wake-up each time; this costs them only when a client leaves mid-way.
+struct FinishAnyway<F: Future<Output: Send> + Send + 'static> {
+    rest: Option<Pin<Box<F>>>,
+}
+
+impl<F: Future<Output: Send> + Send + 'static> FinishAnyway<F> {
+    fn new(future: F) -> Self {
+        FinishAnyway {
+            rest: Some(Box::pin(future)),
+        }
+    }
+}
+
+impl<F: Future<Output: Send> + Send + 'static> Future for FinishAnyway<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let rest = self.rest.as_mut().expect("polled after it completed");
+        let output = std::task::ready!(rest.as_mut().poll(cx));
+        self.rest = None;
+        Poll::Ready(output)
+    }
+}
+
+impl<F: Future<Output: Send> + Send + 'static> Drop for FinishAnyway<F> {
+    fn drop(&mut self) {
+        if let Some(rest) = self.rest.take() {
+            // Without a runtime (the process is ending) there is nothing to finish on.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(rest);
+            }
+        }
     }
 }
 
@@ -431,3 +470,36 @@ type LiveMessage = (
     serde_json::Value,
     Option<Vec<u8>>,
 );
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::oneshot;
+
+    use super::FinishAnyway;
+
+    #[tokio::test]
+    async fn work_dropped_midway_is_finished_in_a_task() {
+        let (gate, at_gate) = oneshot::channel::<()>();
+        let (finished, was_finished) = oneshot::channel();
+        let mut work = FinishAnyway::new(async move {
+            at_gate.await.expect("the gate opens");
+            finished.send(()).expect("the test waits");
+        });
+        let waited = tokio::time::timeout(Duration::from_millis(10), &mut work).await;
+        assert!(waited.is_err(), "it waits at the gate");
+        drop(work);
+        gate.send(()).expect("the work still waits at the gate");
+        tokio::time::timeout(Duration::from_secs(5), was_finished)
+            .await
+            .expect("finished after its caller went away")
+            .expect("the work ran to its end");
+    }
+
+    #[tokio::test]
+    async fn work_run_to_its_end_answers_in_place() {
+        let answer = FinishAnyway::new(async { 7 }).await;
+        assert_eq!(answer, 7);
+    }
+}

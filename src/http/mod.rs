@@ -16,14 +16,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
-use http::{HeaderName, HeaderValue, Method, Request};
+use http::{HeaderName, HeaderValue, Method};
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
-use tower_http::LatencyUnit;
 
 pub use admin::{Control, ReloadOutcome, ReloadRequest, Reloaded, ReplayRequest};
 pub use admission::BodyCut;
@@ -132,22 +129,8 @@ fn layered(routes: Router<Arc<App>>, app: Arc<App>, config: &Config) -> Router {
     let retry_after = config.server.retry_after_secs();
     let request_limit = config.limits.max_request_bytes;
     let stack = ServiceBuilder::new()
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .layer(
-            // One debug line per request; errors get their own warn line (`observe`).
-            TraceLayer::new_for_http()
-                .make_span_with(request_span)
-                .on_request(())
-                .on_response(
-                    DefaultOnResponse::new()
-                        .level(tracing::Level::DEBUG)
-                        .latency_unit(LatencyUnit::Micros),
-                )
-                .on_eos(())
-                .on_failure(()),
-        )
-        .layer(axum::middleware::from_fn(observe::observe))
-        .layer(PropagateRequestIdLayer::x_request_id())
+        // The request's id, log span, metrics and log lines.
+        .layer(observe::ObserveLayer)
         // Before admission: preflights and 429s carry CORS headers too.
         .layer(cors(&config.cors))
         // In-flight slots: a 429 is sent before the body is read (shed load, never
@@ -167,24 +150,6 @@ fn layered(routes: Router<Arc<App>>, app: Arc<App>, config: &Config) -> Router {
         .layer(RequestBodyLimitLayer::new(request_limit))
         .layer(RequestDecompressionLayer::new().gzip(true).deflate(true));
     routes.layer(stack)
-}
-
-fn request_span<B>(request: &Request<B>) -> tracing::Span {
-    let id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    // At info, so the warn line of a refused request carries the id and source too;
-    // `source` is recorded once the write key is known (never the key itself), `path` as
-    // the route template once routed (a raw path can carry anything, a key included).
-    tracing::info_span!(
-        "request",
-        method = %request.method(),
-        path = tracing::field::Empty,
-        id,
-        source = tracing::field::Empty,
-    )
 }
 
 fn cors(config: &CorsConfig) -> CorsLayer {

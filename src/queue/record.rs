@@ -189,8 +189,10 @@ pub fn read_record(reader: &mut impl Read) -> io::Result<ReadOutcome> {
     if !(2..=MAX_PAYLOAD).contains(&len) {
         return Ok(ReadOutcome::Invalid("bad length"));
     }
-    let mut payload = vec![0u8; len];
-    if read_full(reader, &mut payload)? < len {
+    // Into spare capacity: no zeroing of what the read overwrites.
+    let mut payload = Vec::with_capacity(len);
+    reader.take(len as u64).read_to_end(&mut payload)?;
+    if payload.len() < len {
         return Ok(ReadOutcome::Invalid("torn payload"));
     }
     if crc32fast::hash(&payload) != crc {
