@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
@@ -51,19 +51,16 @@ fn json_response(body: &impl Serialize) -> Response {
 pub async fn single(
     State(app): State<Arc<App>>,
     kind: MessageType,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    accept_segment(&app, Some(kind), &headers, body).await
+    let (parts, body) = request.into_parts();
+    accept_segment(&app, Some(kind), &parts.headers, body).await
 }
 
 /// `/v1/batch`, `/v1/import`, `/v1/b`.
-pub async fn batch(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    accept_segment(&app, None, &headers, body).await
+pub async fn batch(State(app): State<Arc<App>>, request: Request) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    accept_segment(&app, None, &parts.headers, body).await
 }
 
 /// The Segment API's path through the pipeline: a single call of type `kind`, or a batch.
@@ -109,12 +106,12 @@ pub async fn client_metrics() -> Response {
 /// per-item report.
 pub async fn event_batch(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Response, ApiError> {
     let received_at = app.clock.now();
+    let (parts, body) = request.into_parts();
     let source = app
-        .header_source(&headers)?
+        .header_source(&parts.headers)?
         .ok_or(ApiError::Unauthorized("missing write key"))?;
     note_source(&source);
     let body = read_body(body, app.limits.max_request_bytes)
@@ -148,11 +145,12 @@ pub async fn event_batch(
 }
 
 /// `POST /api/v1/event` (seed 000): one event; errors in the seed's `{"message"}` shape.
-pub async fn person_event(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+pub async fn person_event(State(app): State<Arc<App>>, request: Request) -> Response {
     let result = async {
         let received_at = app.clock.now();
+        let (parts, body) = request.into_parts();
         let source = app
-            .header_source(&headers)?
+            .header_source(&parts.headers)?
             .ok_or(ApiError::Unauthorized("missing write key"))?;
         note_source(&source);
         let body = read_body(body, app.limits.max_request_bytes)

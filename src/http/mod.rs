@@ -71,8 +71,7 @@ const SINGLE_CALLS: [(&str, &str, MessageType); 6] = [
 pub fn router(app: Arc<App>, config: &Config, with_admin: bool) -> Router {
     let mut routes = Router::new();
     for (long, short, kind) in SINGLE_CALLS {
-        let handler =
-            post(move |state, headers, body| handlers::single(state, kind, headers, body));
+        let handler = post(move |state, request| handlers::single(state, kind, request));
         routes = routes.route(long, handler.clone()).route(short, handler);
     }
     let routes = routes

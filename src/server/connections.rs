@@ -175,6 +175,9 @@ impl Connections {
             };
             match accepted {
                 Ok((stream, _)) => {
+                    // Answers go out as written: each is one write, and a live-view stream's
+                    // small chunks must not wait for the client's delayed ACK (Nagle).
+                    let _ = stream.set_nodelay(true);
                     let registered = self.add();
                     tokio::spawn(serve_connection(
                         stream,
