@@ -189,7 +189,6 @@ fn main() -> ExitCode {
                 .worker_threads(1)
                 .max_blocking_threads(8)
                 .thread_name("delivery")
-                .on_thread_start(yield_to_ingest)
                 .enable_all()
                 .on_thread_park(return_idle_memory)
                 .on_thread_stop(return_thread_memory)
@@ -317,16 +316,6 @@ fn return_idle_memory() {
         // SAFETY: mi_collect takes no pointers; it walks the calling thread's own heap.
         unsafe { libmimalloc_sys::mi_collect(true) }
     }
-}
-
-/// Delivery threads run at a lower priority (nice 5) than ingest and the queue writer:
-/// on a busy core, a wakeup for new data then no longer preempts a request being answered
-/// (track at 64 connections on one core: p99 about 6 → 4.7 ms); each wakeup reads more at
-/// once; and delivery still gets about a quarter of a contended core, more than the file
-/// destination needs at full ingest speed. With a core to spare it changes nothing.
-fn yield_to_ingest() {
-    const DELIVERY_NICE: i32 = 5;
-    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), DELIVERY_NICE);
 }
 
 /// A thread that ends (a blocking-pool thread after its idle time) hands back its free
