@@ -189,6 +189,7 @@ fn main() -> ExitCode {
                 .worker_threads(1)
                 .max_blocking_threads(8)
                 .thread_name("delivery")
+                .on_thread_start(no_wakeup_preemption)
                 .enable_all()
                 .on_thread_park(return_idle_memory)
                 .on_thread_stop(return_thread_memory)
@@ -316,6 +317,17 @@ fn return_idle_memory() {
         // SAFETY: mi_collect takes no pointers; it walks the calling thread's own heap.
         unsafe { libmimalloc_sys::mi_collect(true) }
     }
+}
+
+/// Delivery threads run under `SCHED_BATCH`: the same share of the CPU as any other
+/// thread (delivery keeps up under a saturated core), but waking one for newly stored data
+/// does not preempt the thread that is answering requests; it runs at the next tick or
+/// when that thread waits. On one shared core this takes the delivery wakeups out of the
+/// answers' latency. If the policy cannot be set, the default stays.
+fn no_wakeup_preemption() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param for the call; pid 0 names the calling thread.
+    let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
 }
 
 /// A thread that ends (a blocking-pool thread after its idle time) hands back its free
