@@ -58,6 +58,15 @@ fn required(value: Option<String>, field: &str, hint: &str) -> Result<String, Ap
     value.ok_or_else(|| ApiError::Invalid(Rejection::field("missing_field", field, hint)))
 }
 
+/// The `?destination=NAME` both replay endpoints need.
+fn required_destination(value: Option<String>) -> Result<String, ApiError> {
+    required(
+        value,
+        "destination",
+        "name the destination: ?destination=NAME",
+    )
+}
+
 fn internal(e: anyhow::Error) -> ApiError {
     ApiError::Internal(format!("dead-letter store: {e:#}"))
 }
@@ -85,11 +94,7 @@ pub async fn replay_dead_letters(
     Query(query): Query<DeadLetterQuery>,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
-    let destination = required(
-        query.destination,
-        "destination",
-        "name the destination: ?destination=NAME",
-    )?;
+    let destination = required_destination(query.destination)?;
     if destination == DEAD_LETTER_NAME {
         return replay_blocked(&app).await;
     }
@@ -164,11 +169,7 @@ pub async fn replay(
     Query(query): Query<ReplayQuery>,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
-    let destination = required(
-        query.destination,
-        "destination",
-        "name the destination: ?destination=NAME",
-    )?;
+    let destination = required_destination(query.destination)?;
     let time = |field: &str, text: &str| {
         DateTime::parse_from_rfc3339(text)
             .map(|t| t.with_timezone(&Utc))
