@@ -6,7 +6,9 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::num::NonZeroU64;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use serde::Deserialize;
@@ -46,7 +48,14 @@ pub struct FileDestination {
     path: PathBuf,
     /// Taken while a blocking write runs (batches go one at a time: `sequential`).
     file: Mutex<Option<File>>,
+    /// Where the output not yet handed to the disk starts (see `push_to_disk`).
+    pushed: AtomicU64,
 }
+
+/// Output is handed to the disk once this much has gathered, rather than all at the
+/// checkpoint's sync: 100 ms of output (~2.5 MB at 35 k events/s) written out at once
+/// held the device long enough to delay the queue's group commits behind it.
+const PUSH_EVERY: u64 = 512 * 1024;
 
 impl FileDestination {
     /// Opens the output, cutting off lines written after the last saved checkpoint.
@@ -81,9 +90,11 @@ impl FileDestination {
                 file.sync_all()?;
             }
         }
+        let len = file.metadata()?.len();
         Ok(FileDestination {
             path,
             file: Mutex::new(Some(file)),
+            pushed: AtomicU64::new(len),
         })
     }
 
@@ -102,19 +113,39 @@ impl FileDestination {
                 .open(&self.path)
                 .map_err(SendError::io)?,
         };
-        if lines.len() <= WRITE_IN_PLACE {
-            let result = append_whole(&mut file, &lines);
-            *self.file.lock().expect("file lock poisoned") = Some(file);
-            return result.map_err(SendError::io);
-        }
-        let (file, result) = tokio::task::spawn_blocking(move || {
+        let (file, result) = if lines.len() <= WRITE_IN_PLACE {
             let result = append_whole(&mut file, &lines);
             (file, result)
-        })
-        .await
-        .map_err(|e| SendError::io(std::io::Error::other(e)))?;
+        } else {
+            tokio::task::spawn_blocking(move || {
+                let result = append_whole(&mut file, &lines);
+                (file, result)
+            })
+            .await
+            .map_err(|e| SendError::io(std::io::Error::other(e)))?
+        };
+        if let Ok(end) = result {
+            self.push_to_disk(&file, end);
+        }
         *self.file.lock().expect("file lock poisoned") = Some(file);
         result.map_err(SendError::io)
+    }
+
+    /// Starts writing out what gathered since the last push, without waiting for it, so
+    /// the checkpoint's sync finds little left to write.
+    fn push_to_disk(&self, file: &File, end: u64) {
+        let from = self.pushed.load(Ordering::Relaxed).min(end);
+        let Some(len) = NonZeroU64::new(end - from).filter(|n| n.get() >= PUSH_EVERY) else {
+            // Also where a truncated or rotated output starts again.
+            self.pushed.store(from, Ordering::Relaxed);
+            return;
+        };
+        // `DONTNEED` starts writeback of dirty pages and drops the clean ones: the output
+        // is not read back, so its page cache would only crowd out the queue's.
+        if let Err(e) = rustix::fs::fadvise(file, from, Some(len), rustix::fs::Advice::DontNeed) {
+            tracing::debug!(error = %e, "cannot start writing out the output file");
+        }
+        self.pushed.store(end, Ordering::Relaxed);
     }
 }
 
