@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{segments, Shared};
+use super::{segments, Shared, SCAN_PAUSE};
 
 /// What a destination has durably consumed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,7 +165,7 @@ impl Cursor {
             .lock()
             .expect("cursor map poisoned")
             .insert(self.name.clone(), checkpoint.position);
-        self.shared.reclaim()?;
+        self.shared.want_reclaim();
         Ok(())
     }
 
@@ -240,7 +240,7 @@ impl Shared {
         }
         let oldest_needed = oldest_cursor.min(self.retained_from()?);
         let deleted = segments::delete_before(&self.queue_dir, oldest_needed, |segment| {
-            self.before_delete(segment)
+            self.before_delete(segment, Some(SCAN_PAUSE))
         })?;
         if deleted > 0 {
             tracing::debug!(deleted, oldest_needed, "reclaimed queue segments");
@@ -315,8 +315,9 @@ impl Shared {
         let Some(until) = until else {
             return Ok(0);
         };
+        // An append is waiting for the room: no pauses.
         let deleted = segments::delete_before(&self.queue_dir, until, |segment| {
-            self.before_delete(segment)
+            self.before_delete(segment, None)
         })?;
         self.note_oldest()?;
         if deleted > 0 {

@@ -4,7 +4,8 @@
 //! arrived since its last sync and then fsyncs once for all of them: the disk decides the
 //! pace, not a timer. A request is answered only after the sync that covers it. Each
 //! destination reads the log from its own persisted cursor; segments behind every cursor
-//! are deleted. Why a plain log and not an embedded database: `bench/store-choice/`.
+//! are deleted, on a thread of their own (`reclaim_loop`). Why a plain log and not an
+//! embedded database: `bench/store-choice/`.
 
 mod cursor;
 mod reader;
@@ -14,7 +15,7 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock, Weak};
 use std::thread;
 
 use anyhow::Context;
@@ -68,6 +69,8 @@ struct Shared {
     deleted_through: AtomicU64,
     /// Sees the records of each segment before it is deleted (dedupe saves their keys).
     reclaim_hook: OnceLock<ReclaimHook>,
+    /// Asks the reclaim thread for a pass; a full slot means one is pending already.
+    reclaim_wanted: OnceLock<mpsc::SyncSender<()>>,
 }
 
 /// How often a failing disk is probed.
@@ -99,7 +102,12 @@ impl Shared {
         result
     }
 
-    fn before_delete(&self, segment: &Path) -> std::io::Result<()> {
+    /// `pause`: see `segments::scan_segment`.
+    fn before_delete(
+        &self,
+        segment: &Path,
+        pause: Option<std::time::Duration>,
+    ) -> std::io::Result<()> {
         // Its last write is no earlier than its last record's acceptance.
         if let Ok(written) = fs::metadata(segment).and_then(|m| m.modified()) {
             let secs = written
@@ -111,8 +119,41 @@ impl Shared {
             return Ok(());
         };
         let mut records = Vec::new();
-        segments::scan_segment(segment, |source, tag| records.push((source, tag)))?;
+        segments::scan_segment(segment, pause, |source, tag| records.push((source, tag)))?;
         hook(&records)
+    }
+
+    /// Asks for a reclaim pass on the reclaim thread, without waiting for it.
+    fn want_reclaim(&self) {
+        if let Some(wanted) = self.reclaim_wanted.get() {
+            // Full: a pass is pending, and it will see this cursor too.
+            let _ = wanted.try_send(());
+        }
+    }
+}
+
+/// The pause after each MB of a segment scanned for its dedupe keys before the reclaim
+/// thread deletes it: in one go, the 64 MB scan held the core answering requests for
+/// several ms (BENCHMARKS.md, issue 19, third pass). Paced, it takes about 0.1 s.
+pub(super) const SCAN_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Deletes what every cursor has passed, whenever a cursor save asks. On its own thread
+/// so that a destination's delivery never waits for a segment's scan and removal. Ends
+/// when the queue is dropped.
+fn reclaim_loop(shared: Weak<Shared>, wants: mpsc::Receiver<()>) {
+    let errors = crate::throttle::LogThrottle::new(std::time::Duration::from_secs(10));
+    while wants.recv().is_ok() {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if let Err(e) = shared.reclaim() {
+            if errors.ready() {
+                tracing::warn!(
+                    error = %e,
+                    "cannot delete consumed queue segments; trying again at the next cursor save"
+                );
+            }
+        }
     }
 }
 
@@ -190,9 +231,16 @@ impl LocalQueue {
             retention_secs: AtomicU64::new(0),
             deleted_through: AtomicU64::new(0),
             reclaim_hook: OnceLock::new(),
+            reclaim_wanted: OnceLock::new(),
         });
         let (tx, rx) = mpsc::channel();
         let writer_shared = shared.clone();
+        let (wanted, wants) = mpsc::sync_channel(1);
+        let _ = shared.reclaim_wanted.set(wanted);
+        let reclaimer = Arc::downgrade(&shared);
+        thread::Builder::new()
+            .name("queue-reclaim".into())
+            .spawn(move || reclaim_loop(reclaimer, wants))?;
         let thread = thread::Builder::new()
             .name("queue-writer".into())
             .spawn(move || write_loop(active, rx, writer_shared, lock))?;
@@ -376,7 +424,7 @@ impl LocalQueue {
         let mut count = 0;
         for base in segments::list_segments(&self.shared.queue_dir)? {
             let path = segments::segment_path(&self.shared.queue_dir, base);
-            segments::scan_segment(&path, |source, tag| {
+            segments::scan_segment(&path, None, |source, tag| {
                 each(&source, tag);
                 count += 1;
             })?;

@@ -207,10 +207,25 @@ fn valid_prefix(file: &File) -> io::Result<u64> {
 }
 
 /// Calls `each(source, tag)` for every valid record of the segment at `path`.
-pub fn scan_segment(path: &Path, mut each: impl FnMut(String, Tag)) -> io::Result<()> {
+/// With `pause`, sleeps that long after each MB read, so a long scan shares the core in
+/// short pieces.
+pub fn scan_segment(
+    path: &Path,
+    pause: Option<std::time::Duration>,
+    mut each: impl FnMut(String, Tag),
+) -> io::Result<()> {
     let mut reader = BufReader::with_capacity(1 << 20, File::open(path)?);
-    while let ReadOutcome::Record { source, tag, .. } = read_record(&mut reader)? {
+    let mut since_pause = 0;
+    while let ReadOutcome::Record {
+        source, tag, len, ..
+    } = read_record(&mut reader)?
+    {
         each(source, tag);
+        since_pause += len;
+        if let Some(pause) = pause.filter(|_| since_pause >= 1 << 20) {
+            std::thread::sleep(pause);
+            since_pause = 0;
+        }
     }
     Ok(())
 }
