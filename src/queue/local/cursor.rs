@@ -337,6 +337,32 @@ mod tests {
     use super::*;
     use crate::queue::LocalQueue as Queue;
 
+    #[tokio::test]
+    async fn with_no_destination_a_roll_deletes_what_nobody_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (queue, _writer) = Queue::open(dir.path(), 256, 1 << 30).unwrap();
+        for _ in 0..20 {
+            let mut batch = crate::queue::RecordBatch::with_capacity(128);
+            batch
+                .push_with("s", crate::message::MessageType::Track, |b| {
+                    b.extend_from_slice(&[b' '; 100]);
+                    Ok::<_, ()>(crate::message::Tag::default())
+                })
+                .unwrap();
+            queue.append(batch).await.unwrap();
+        }
+        let queue_dir = dir.path().join("queue");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while segments::list_segments(&queue_dir).unwrap().len() > 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "segments kept with no destination: {:?}",
+                segments::list_segments(&queue_dir).unwrap()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     fn checkpoint(position: u64) -> Checkpoint {
         Checkpoint {
             position,

@@ -525,6 +525,7 @@ fn write_loop(
             }
         }
         let chunks: Vec<&[u8]> = group.iter().map(|r| r.bytes.as_slice()).collect();
+        let base_before = active.base();
         let result = active.append(&chunks);
         drop(chunks);
         match result {
@@ -534,6 +535,11 @@ fn write_loop(
                     .oldest_end
                     .fetch_min(active.base(), Ordering::Relaxed);
                 shared.committed.send_replace(end);
+                if active.base() != base_before {
+                    // With no destination no cursor save ever asks for a reclaim; without
+                    // this, the log would keep what nobody reads until the budget is full.
+                    shared.want_reclaim();
+                }
                 shared.failing.set(None);
                 shared.refused_bytes.store(0, Ordering::Relaxed);
                 failing = false;
