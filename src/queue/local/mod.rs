@@ -137,9 +137,9 @@ impl Shared {
 /// several ms (BENCHMARKS.md, issue 19, third pass). Paced, it takes about 0.1 s.
 pub(super) const SCAN_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
 
-/// Deletes what every cursor has passed, whenever a cursor save asks. On its own thread
-/// so that a destination's delivery never waits for a segment's scan and removal. Ends
-/// when the queue is dropped.
+/// Deletes what every cursor has passed, whenever a cursor save or a segment roll asks.
+/// On its own thread so that a destination's delivery never waits for a segment's scan
+/// and removal. Ends when the queue is dropped.
 fn reclaim_loop(shared: Weak<Shared>, wants: mpsc::Receiver<()>) {
     let errors = crate::throttle::LogThrottle::new(std::time::Duration::from_secs(10));
     while wants.recv().is_ok() {
@@ -150,7 +150,7 @@ fn reclaim_loop(shared: Weak<Shared>, wants: mpsc::Receiver<()>) {
             if errors.ready() {
                 tracing::warn!(
                     error = %e,
-                    "cannot delete consumed queue segments; trying again at the next cursor save"
+                    "cannot delete consumed queue segments; trying again at the next cursor save or roll"
                 );
             }
         }
