@@ -149,13 +149,16 @@ async fn filters_pick_source_destination_and_type() {
 async fn a_viewer_that_falls_behind_is_told_what_it_lost_and_ingest_goes_on() {
     let f = with_admin();
     let mut slow = Sse::open(&f, TOKEN, "").await;
-    // 500 batches of 100: 50 000 accepted + 50 000 delivered events (~35 MB), past the
-    // ring and past what the sockets between can hold (loopback buffers grow to 32 MB).
+    // 500 batches of 100 messages of ~1.2 KB: 50 000 accepted + 50 000 delivered events
+    // (~130 MB), well past the ring and what the sockets between can hold (here up to
+    // 32 MB received + 4 MB sent; at ~35 MB, as before, the kernel sometimes held it all).
+    let pad = "x".repeat(1024);
     for b in 0..500 {
         let batch: Vec<Value> = (0..100)
             .map(|i| {
                 json!({"type": "track", "messageId": format!("slow-{b}-{i}"),
-                            "userId": format!("u{i}"), "event": "E"})
+                            "userId": format!("u{i}"), "event": "E",
+                            "properties": {"pad": pad}})
             })
             .collect();
         let r = f

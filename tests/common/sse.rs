@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{client, Fanout};
+use super::Fanout;
 
 /// A Server-Sent Events stream read a chunk at a time.
 pub struct Sse {
@@ -15,7 +15,13 @@ pub struct Sse {
 impl Sse {
     /// `GET /debugger/events?{query}` with the admin `token`.
     pub async fn open(f: &Fanout, token: &str, query: &str) -> Sse {
-        let response = client()
+        // Not `client()`: its 30 s limit on a whole request would cut a long test's
+        // stream; each read here has its own deadline instead.
+        let stream_client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .expect("client");
+        let response = stream_client
             .get(f.url(&format!("/debugger/events?{query}")))
             .bearer_auth(token)
             .send()
