@@ -140,8 +140,8 @@ impl FileDestination {
             self.pushed.store(from, Ordering::Relaxed);
             return;
         };
-        // `DONTNEED` starts writeback of dirty pages and drops the clean ones: the output
-        // is not read back, so its page cache would only crowd out the queue's.
+        // `DONTNEED` starts writeback of the range's dirty pages without waiting for it
+        // (and drops any already clean: the output is never read back).
         if let Err(e) = rustix::fs::fadvise(file, from, Some(len), rustix::fs::Advice::DontNeed) {
             tracing::debug!(error = %e, "cannot start writing out the output file");
         }

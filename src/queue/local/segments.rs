@@ -14,6 +14,8 @@ use crate::queue::record::{read_record, ReadOutcome};
 const SUFFIX: &str = ".seg";
 /// A segment being removed: out of the log, its space not yet all freed.
 const REMOVING_SUFFIX: &str = ".seg.removing";
+/// Bytes a paced scan reads between pauses (see `scan_segment`).
+const SCAN_PAUSE_EVERY: u64 = 1 << 20;
 /// Bytes freed at a time when a segment is removed (see `remove_segment`).
 const FREE_STEP: u64 = 4 * 1024 * 1024;
 
@@ -207,8 +209,8 @@ fn valid_prefix(file: &File) -> io::Result<u64> {
 }
 
 /// Calls `each(source, tag)` for every valid record of the segment at `path`.
-/// With `pause`, sleeps that long after each MB read, so a long scan shares the core in
-/// short pieces.
+/// With `pause`, sleeps that long after each `SCAN_PAUSE_EVERY` bytes read, so a long
+/// scan shares the core in short pieces.
 pub fn scan_segment(
     path: &Path,
     pause: Option<std::time::Duration>,
@@ -222,7 +224,7 @@ pub fn scan_segment(
     {
         each(source, tag);
         since_pause += len;
-        if let Some(pause) = pause.filter(|_| since_pause >= 1 << 20) {
+        if let Some(pause) = pause.filter(|_| since_pause >= SCAN_PAUSE_EVERY) {
             std::thread::sleep(pause);
             since_pause = 0;
         }
@@ -282,9 +284,7 @@ pub fn delete_before(
 /// The rename is made durable first, so a crash part-way never leaves a shortened
 /// segment in the log: what it leaves is finished by `finish_removals` at the next start.
 fn remove_segment(dir: &Path, path: &Path) -> io::Result<bool> {
-    let mut removing = path.as_os_str().to_owned();
-    removing.push(&REMOVING_SUFFIX[SUFFIX.len()..]);
-    let removing = PathBuf::from(removing);
+    let removing = path.with_extension(&REMOVING_SUFFIX[1..]);
     match fs::rename(path, &removing) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
