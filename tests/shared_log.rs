@@ -236,7 +236,7 @@ async fn a_clean_stop_hands_over_at_once_without_repeats() {
     let b = instance(&nats, &receiver, "b");
     let all = plan(8, 40);
     // One message a request, so each pack holds one: a pack partly delivered at the stop
-    // is given back whole, and its delivered messages would be sent again (README).
+    // is given back whole, and its delivered messages would be sent again (docs/several-instances.md).
     for message in &all {
         assert_eq!(send(&a, std::slice::from_ref(message)).await, 200);
     }
@@ -290,7 +290,7 @@ async fn losing_one_node_of_three_loses_no_acknowledged_message() {
     let requests: Vec<ReceivedRequest> =
         receiver.requests().into_iter().filter(|r| r.ok()).collect();
     // Acknowledgements the lost leader had not replicated are lost with it: the new
-    // leader delivers those messages again, possibly in several waves (README). Every
+    // leader delivers those messages again, possibly in several waves (docs/several-instances.md). Every
     // step back must still be a repeat of something delivered, never a skip ahead.
     assert_in_order(&requests, usize::MAX - 1);
     let ready = client().get(f.url("/ready")).send().await.unwrap();

@@ -1,5 +1,5 @@
 //! What every HTTP destination shares: a pooled client and one reading of answers
-//! (`classify`; the policy and why is the README's "Delivery", "Answers"). Redirects
+//! (`classify`; the policy and why: docs/delivery.md, "Answers"). Redirects
 //! are not followed: a POST body would not survive one.
 
 use std::time::{Duration, SystemTime};

@@ -1,6 +1,6 @@
 //! Real NATS JetStream servers for the shared-log tests: one node, or a three-node
 //! cluster, on free loopback ports with temporary store directories, `sync_interval:
-//! always` (what the README recommends). The binary comes from `FANOUT_NATS_SERVER`
+//! always` (what docs/several-instances.md recommends). The binary comes from `FANOUT_NATS_SERVER`
 //! (set by `scripts/test`, which installs it) or `PATH`.
 
 use std::net::TcpListener;
