@@ -41,11 +41,11 @@ use serde_json::{json, Value};
 use fanout::clock::Clock;
 use fanout::config::Config;
 use fanout::dedupe::Dedupe;
+use fanout::destinations::klaviyo::translate::{translate, Mapping, Revision, Translation};
 use fanout::ingest::segment;
 use fanout::message::{DedupeKey, Tag};
 use fanout::queue::record::{read_record, ReadOutcome};
 use fanout::queue::{LocalQueue, RecordBatch};
-use fanout::translate::{translate, Mapping, Revision, Translation};
 
 const EVENTS: usize = 100;
 const SOURCE: &str = "bench";

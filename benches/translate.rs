@@ -10,8 +10,8 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use chrono::Utc;
-use fanout::translate::klaviyo_body::{write_bulk_item, write_profile_import};
-use fanout::translate::{translate, Mapping, Revision, Translation};
+use fanout::destinations::klaviyo::translate::body::{write_bulk_item, write_profile_import};
+use fanout::destinations::klaviyo::translate::{translate, Mapping, Revision, Translation};
 
 fn stored(i: u64) -> Vec<u8> {
     let message = match i % 10 {

@@ -7,7 +7,7 @@
 //! flag) → `queue` (the durable log) → `delivery` (each
 //! destination's cursor, batches and retries), which asks `routing` (sources, filters,
 //! `integrations`, field edits) whether and in what shape each message goes →
-//! `destinations` (one file per kind), which may `translate` it (to Klaviyo's format).
+//! `destinations` (one file or folder per kind; Klaviyo's translation lives in its folder).
 //!
 //! Beside them: `config` (the file, read and checked as a whole), `metrics`, `cli` (what
 //! the command line does across stages), and leaves that every stage may use and that use
@@ -35,4 +35,3 @@ pub mod server;
 pub mod throttle;
 pub mod timestamp;
 pub mod tracking_plan;
-pub mod translate;

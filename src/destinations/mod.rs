@@ -7,13 +7,13 @@
 mod config;
 mod file;
 mod http;
-mod klaviyo;
+mod key_error;
+pub mod klaviyo;
 mod rules;
 mod segment;
 mod stdout;
 mod webhook;
 
-use std::any::Any;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
@@ -22,10 +22,11 @@ use serde::de::DeserializeOwned;
 
 pub use config::{
     deserialize_table, does_not_apply, field_names, BatchConfig, BatchLimits, BatchShape,
-    DestinationConfig, HttpConfig, KeyError, RateLimitConfig, RatePer, RetryConfig,
+    DestinationConfig, HttpConfig, RateLimitConfig, RatePer, RetryConfig,
 };
 pub use file::{FileConfig, FileDestination};
 pub use http::{classify, parse_retry_after};
+pub use key_error::KeyError;
 pub use klaviyo::{KlaviyoBodies, KlaviyoConfig, KlaviyoDestination, KlaviyoRequest};
 pub use rules::{FilterConfig, IntegrationsPolicy, PropertyCondition, RouteConfig};
 pub use segment::{batch_body as segment_batch_body, SegmentConfig, SegmentDestination};
@@ -92,8 +93,12 @@ impl SendError {
 }
 
 /// What a destination made of a message in `check`, handed back to it in `send` and on
-/// every retry, so that the work (a translation, say) is done once.
-pub type Prepared = Box<dyn Any + Send + Sync>;
+/// every retry, so that the work (a translation, say) is done once. One variant per kind
+/// that prepares something; the others send the message as stored.
+pub enum Prepared {
+    /// Klaviyo: the message's events or profile upsert.
+    Klaviyo(klaviyo::translate::Translation),
+}
 
 /// What a destination makes of one message before any request.
 pub enum Check {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::config::KeyError;
+use super::key_error::KeyError;
 use crate::message::MessageType;
 
 /// Which messages a destination gets, and what is removed or moved in them.

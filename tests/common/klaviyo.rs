@@ -789,7 +789,7 @@ pub fn header_problems(r: &ReceivedRequest, revision: &str, api_key: &str) -> Ve
     problems
 }
 
-/// The `$`-keys of seed 002's profile, and those `klaviyo_body` writes besides (`$id` for the
+/// The `$`-keys of seed 002's profile, and those `translate::body` writes besides (`$id` for the
 /// external id, `$organization`, `$title`, `$address1`).
 const FLAT_PROFILE_KEYS: &[&str] = &[
     "$email",

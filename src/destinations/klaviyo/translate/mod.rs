@@ -3,7 +3,7 @@
 //! Pure code for the Klaviyo destination: it hands in a message as stored (the enriched
 //! Segment JSON) and gets back what to send, or why not. What Klaviyo would refuse is caught
 //! here, before any request (`limits`), so a dead letter names the reason instead of a 400.
-//! The types below know no API revision; `klaviyo_body` writes them for the one configured.
+//! The types below know no API revision; `body` writes them for the one configured.
 //!
 //! The rules, from `shared/docs/target-format.md` (defaults; `Mapping` overrides them):
 //!
@@ -27,7 +27,7 @@
 //! `products` that are not objects make no event; they still go in the order event.
 //! A message is translated whole: if one of its events breaks a limit, none is sent.
 
-pub mod klaviyo_body;
+pub mod body;
 pub mod limits;
 pub mod mapping;
 mod profile;

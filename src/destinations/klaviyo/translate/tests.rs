@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::{json, Map, Value};
 
-use super::klaviyo_body::{write_bulk_job, write_event, write_profile_import};
+use super::body::{write_bulk_job, write_event, write_profile_import};
 use super::*;
 
 /// The send time of every test.

@@ -1,0 +1,98 @@
+//! `kind = "klaviyo"`: its own config keys and what the engine needs to know of it.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::requests::KlaviyoBodies;
+use super::translate::{Mapping, Revision};
+use super::{KlaviyoDestination, KLAVIYO_CONCURRENCY};
+use crate::destinations::{
+    check_url, AnyDestination, BatchShape, DestinationConfig, KeyError, Kind, Preview,
+};
+use crate::queue::Checkpoint;
+
+/// `kind = "klaviyo"`'s own keys.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KlaviyoConfig {
+    /// Environment variable with the private API key.
+    pub api_key_env: String,
+    /// API base URL (default `https://a.klaviyo.com`).
+    pub base_url: Option<String>,
+    /// The `revision` header; `2023-01-24` sends seed 002's flat bodies.
+    pub revision: Option<String>,
+    /// Events through bulk jobs (up to 1 000 per request); default true.
+    pub bulk: Option<bool>,
+    /// How Segment messages become events and profiles (`translate::Mapping`).
+    pub mapping: Option<Mapping>,
+    /// What was last sent for each profile, to skip identifies that change nothing.
+    pub profile_cache: Option<ProfileCacheConfig>,
+}
+
+/// `profile_cache = { ttl = "1h", max_entries = 1000000 }`; `ttl = "0s"` turns it off.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileCacheConfig {
+    #[serde(default = "default_profile_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+    #[serde(default = "default_profile_entries")]
+    pub max_entries: u64,
+}
+
+impl Default for ProfileCacheConfig {
+    fn default() -> Self {
+        ProfileCacheConfig {
+            ttl: default_profile_ttl(),
+            max_entries: default_profile_entries(),
+        }
+    }
+}
+
+fn default_profile_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_profile_entries() -> u64 {
+    1_000_000
+}
+
+impl Kind for KlaviyoConfig {
+    const NAME: &'static str = "klaviyo";
+    const HTTP: bool = true;
+
+    fn validate(&self) -> Result<(), KeyError> {
+        if let Some(url) = &self.base_url {
+            check_url("base_url", url)?;
+        }
+        if let Some(revision) = &self.revision {
+            Revision::from_header(revision)
+                .map_err(|e| KeyError::new("revision", e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn batch_shape(&self) -> BatchShape {
+        // A bulk job takes up to 1 000 events and 5 MB. Four batches at once: while one
+        // waits for its profile job to finish, other users' messages keep going.
+        let shape = if self.bulk != Some(false) {
+            BatchShape::new(1000, 4 * 1024 * 1024, 1000)
+        } else {
+            BatchShape::new(100, 4 * 1024 * 1024, 200)
+        };
+        shape.with_concurrency(KLAVIYO_CONCURRENCY)
+    }
+
+    fn build(
+        &self,
+        config: &DestinationConfig,
+        _: Option<Checkpoint>,
+    ) -> anyhow::Result<AnyDestination> {
+        Ok(Box::new(KlaviyoDestination::new(config, self)?))
+    }
+
+    /// The requests it would send, from the real translation.
+    fn preview(&self, message: &[u8]) -> anyhow::Result<Preview> {
+        KlaviyoBodies::new(self)?.preview(message)
+    }
+}
