@@ -324,11 +324,16 @@ fn return_idle_memory() {
 /// does not preempt the thread that is answering requests; it runs at the next tick or
 /// when that thread waits. On one shared core this takes the delivery wakeups out of the
 /// answers' latency. If the policy cannot be set, the default stays.
+#[cfg(target_os = "linux")]
 fn no_wakeup_preemption() {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: `param` is a valid sched_param for the call; pid 0 names the calling thread.
     let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
 }
+
+/// `SCHED_BATCH` is Linux's; elsewhere delivery threads keep the default policy.
+#[cfg(not(target_os = "linux"))]
+fn no_wakeup_preemption() {}
 
 /// A thread that ends (a blocking-pool thread after its idle time) hands back its free
 /// memory first: mimalloc would otherwise keep its pages as an abandoned heap until some

@@ -140,14 +140,23 @@ impl FileDestination {
             self.pushed.store(from, Ordering::Relaxed);
             return;
         };
-        // `DONTNEED` starts writeback of the range's dirty pages without waiting for it
-        // (and drops any already clean: the output is never read back).
-        if let Err(e) = rustix::fs::fadvise(file, from, Some(len), rustix::fs::Advice::DontNeed) {
-            tracing::debug!(error = %e, "cannot start writing out the output file");
-        }
+        start_writeback(file, from, len);
         self.pushed.store(end, Ordering::Relaxed);
     }
 }
+
+/// Starts writing out `len` bytes from `from` without waiting: on Linux `DONTNEED` starts
+/// writeback of the range's dirty pages (and drops any already clean: the output is never
+/// read back). Elsewhere the checkpoint's sync does it all.
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &File, from: u64, len: NonZeroU64) {
+    if let Err(e) = rustix::fs::fadvise(file, from, Some(len), rustix::fs::Advice::DontNeed) {
+        tracing::debug!(error = %e, "cannot start writing out the output file");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_: &File, _: u64, _: NonZeroU64) {}
 
 /// Device and inode, hashed: what a saved mark refers to.
 fn identity(file: &File) -> u64 {
