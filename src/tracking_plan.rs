@@ -273,7 +273,12 @@ pub fn apply_to_batch(
         let verdict = plan.apply(&mut message);
         let write = |out: &mut Vec<u8>, value: Option<&Value>| {
             match value {
-                Some(value) => serde_json::to_writer(out, value).expect("a Value serializes"),
+                Some(value) => {
+                    let start = out.len();
+                    serde_json::to_writer(&mut *out, value).expect("a Value serializes");
+                    // serde_json leaves the line separators JSON allows in strings raw.
+                    crate::json::keep_on_one_line(out, start);
+                }
                 None => out.extend_from_slice(&json),
             }
             Ok::<_, std::convert::Infallible>(stamp)
@@ -345,7 +350,8 @@ pub async fn retake_blocked(
                 .and_then(Value::as_str)
                 .and_then(MessageType::parse)
                 .unwrap_or(MessageType::Track);
-            let json = serde_json::to_vec(&message).expect("a Value serializes");
+            let mut json = serde_json::to_vec(&message).expect("a Value serializes");
+            crate::json::keep_on_one_line(&mut json, 0);
             let stamp = Stamp {
                 tag: Tag {
                     key: [0; 3],
