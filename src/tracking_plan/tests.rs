@@ -57,6 +57,34 @@ fn stored(records: &RecordBatch) -> Vec<String> {
 }
 
 #[test]
+fn a_message_the_plan_stage_cannot_read_becomes_a_dead_letter_saying_why() {
+    let plan = plan(r#"{"unplanned_events": "allow"}"#);
+    // Deeper than serde_json reads (128 levels): readable as raw JSON, not as a Value.
+    let deep = format!(
+        r#"{{"type":"track","event":"Deep","userId":"u1","properties":{{"a":{}1{}}}}}"#,
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    let fine = r#"{"type":"track","event":"Other","userId":"u1"}"#;
+    let (kept, blocked) = apply_to_batch(&plan, "web", records(&[&deep, fine]));
+    assert_eq!(stored(&kept), [fine]);
+    assert_eq!(
+        blocked.len(),
+        1,
+        "the unreadable message is neither kept nor blocked"
+    );
+    assert_eq!(blocked[0].json, deep.as_bytes());
+    assert_eq!(blocked[0].violations[0].path, "");
+    assert!(
+        blocked[0].violations[0]
+            .message
+            .starts_with("the tracking plan cannot read the message: recursion limit"),
+        "{:?}",
+        blocked[0].violations
+    );
+}
+
+#[test]
 fn a_message_the_plan_rewrites_stays_on_one_line() {
     let plan = plan("{}");
     // `coupon` is omitted, so the message is written again, with its line separators.
