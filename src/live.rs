@@ -95,6 +95,12 @@ pub fn publish(
             json.push('}');
         }
     }
+    // serde_json leaves the line separators JSON allows in strings raw (a message's event
+    // name in the summary), and `fanout tap` prints each event as one line.
+    let mut bytes = json.into_bytes();
+    crate::json::keep_on_one_line(&mut bytes, 0);
+    let json = String::from_utf8(bytes)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
     let event = LiveEvent {
         source: source.map(str::to_string),
         destination: destination.map(str::to_string),
@@ -145,5 +151,35 @@ pub fn summary(json: &[u8]) -> (Value, Option<MessageType>) {
             p.message_type.as_deref().and_then(MessageType::parse),
         ),
         Err(_) => (json!({}), None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_is_one_line_whatever_its_fields_hold() {
+        let mut viewer = subscribe();
+        let name = "a\u{2028}b\u{85}\u{2029}";
+        publish(
+            "accepted",
+            Some("one-line-test"),
+            None,
+            None,
+            json!({ "event": name }),
+            Some(("message", br#"{"p":"\u2028"}"#)),
+        );
+        let event = loop {
+            match viewer.try_recv() {
+                Ok(event) if event.source.as_deref() == Some("one-line-test") => break event,
+                Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(e) => panic!("the event was not published: {e}"),
+            }
+        };
+        assert!(!crate::json::breaks_lines(&event.json), "{:?}", event.json);
+        let parsed: Value = serde_json::from_str(&event.json).unwrap();
+        assert_eq!(parsed["event"], name);
+        assert_eq!(parsed["message"]["p"], "\u{2028}");
     }
 }

@@ -251,6 +251,10 @@ pub struct Blocked {
     pub violations: Vec<Violation>,
 }
 
+/// Messages the plan stage cannot read: logged at most every 10 s.
+static UNREADABLE_LOG: crate::throttle::LogThrottle =
+    crate::throttle::LogThrottle::new(std::time::Duration::from_secs(10));
+
 /// Applies `plan` to each record of a request: records it blocks are taken out (and
 /// returned), records it changes are framed again with the same stamp.
 pub fn apply_to_batch(
@@ -264,16 +268,42 @@ pub fn apply_to_batch(
     for ((range, stamp), kind) in records.framed().zip(records.kinds()) {
         let json = match read_record(&mut &bytes[range]) {
             Ok(ReadOutcome::Record { json, .. }) => json,
-            // Framed by ingest a moment ago: cannot happen; keep nothing unreadable.
-            _ => continue,
+            // Framed by ingest a moment ago: cannot happen.
+            outcome => {
+                if UNREADABLE_LOG.ready() {
+                    tracing::error!(%source, ?outcome, "a message framed at ingest cannot be read back");
+                }
+                continue;
+            }
         };
-        let Ok(mut message) = serde_json::from_slice::<Value>(&json) else {
-            continue;
+        let mut message = match serde_json::from_slice::<Value>(&json) {
+            Ok(message) => message,
+            // Ingest's depth limit keeps messages readable here; one that is not anyway is
+            // kept as a dead letter saying why, never dropped.
+            Err(e) => {
+                if UNREADABLE_LOG.ready() {
+                    tracing::warn!(%source, error = %e, "the tracking plan cannot read a message; it is kept as a dead letter");
+                }
+                blocked.push(Blocked {
+                    kind,
+                    json,
+                    violations: vec![Violation {
+                        path: String::new(),
+                        message: format!("the tracking plan cannot read the message: {e}"),
+                    }],
+                });
+                continue;
+            }
         };
         let verdict = plan.apply(&mut message);
         let write = |out: &mut Vec<u8>, value: Option<&Value>| {
             match value {
-                Some(value) => serde_json::to_writer(out, value).expect("a Value serializes"),
+                Some(value) => {
+                    let start = out.len();
+                    serde_json::to_writer(&mut *out, value).expect("a Value serializes");
+                    // serde_json leaves the line separators JSON allows in strings raw.
+                    crate::json::keep_on_one_line(out, start);
+                }
                 None => out.extend_from_slice(&json),
             }
             Ok::<_, std::convert::Infallible>(stamp)
@@ -330,8 +360,16 @@ pub async fn retake_blocked(
         let mut by_source: Vec<(&str, RecordBatch)> = Vec::new();
         let mut done = Vec::new();
         for letter in round {
-            let Ok(mut message) = serde_json::from_str::<Value>(letter.message.get()) else {
-                continue;
+            let mut message = match serde_json::from_str::<Value>(letter.message.get()) {
+                Ok(message) => message,
+                // It keeps its letter, which says why.
+                Err(e) => {
+                    if UNREADABLE_LOG.ready() {
+                        tracing::warn!(id = letter.id, error = %e, "a blocked message cannot be read; it stays a dead letter");
+                    }
+                    still_blocked += 1;
+                    continue;
+                }
             };
             if let Some(plan) = sources.plan(&letter.source) {
                 if let Verdict::Blocked { .. } = plan.apply(&mut message) {
@@ -345,7 +383,8 @@ pub async fn retake_blocked(
                 .and_then(Value::as_str)
                 .and_then(MessageType::parse)
                 .unwrap_or(MessageType::Track);
-            let json = serde_json::to_vec(&message).expect("a Value serializes");
+            let mut json = serde_json::to_vec(&message).expect("a Value serializes");
+            crate::json::keep_on_one_line(&mut json, 0);
             let stamp = Stamp {
                 tag: Tag {
                     key: [0; 3],

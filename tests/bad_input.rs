@@ -6,7 +6,8 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{assert_success, basic, expect_error, gzip, status_json, Fanout, WRITE_KEY};
+use common::sse::Sse;
+use common::{assert_success, basic, expect_error, gzip, status_json, Fanout, Settings, WRITE_KEY};
 use serde_json::json;
 
 async fn still_serving(f: &Fanout) {
@@ -342,4 +343,103 @@ async fn a_broken_clock_cannot_write_a_year_no_consumer_reads() {
         (400, Some("sentAt")),
         "{err}"
     );
+}
+
+/// Characters some reader ends a line at (Python's `str.splitlines()`; a superset of
+/// Rust's `lines()` and of Server-Sent Events).
+fn breaks_lines(text: &str) -> bool {
+    text.contains([
+        '\n', '\r', '\u{b}', '\u{c}', '\u{1c}', '\u{1d}', '\u{1e}', '\u{85}', '\u{2028}',
+        '\u{2029}',
+    ])
+}
+
+/// Line breaks inside nested values (raw `\n`/`\r` between JSON tokens, NEL/LS/PS inside
+/// strings) stay inside their message: readers of the file and stdout destinations and of
+/// the live view see one message per line, never a line the client wrote.
+#[tokio::test]
+async fn line_breaks_in_nested_values_cannot_forge_lines() {
+    const TOKEN: &str = "forged-lines-admin-token";
+    let f = Fanout::start_with(
+        Settings::default()
+            .capture_stdout()
+            .section("[[destinations]]\nname = \"console\"\nkind = \"stdout\"\n")
+            .section("[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n")
+            .env("FANOUT_ADMIN_TOKEN", TOKEN),
+    );
+    let mut live = Sse::open(&f, TOKEN, "").await;
+    let forged = r#"{"type":"identify","userId":"victim-42","receivedAt":"2020-01-01T00:00:00Z"}"#;
+    // The request of the report, as curl sends it.
+    let single =
+        format!("{{\"userId\":\"a\",\"event\":\"x\",\"properties\":{{\"x\":\n{forged}\n}}}}");
+    let (status, err) = post(&f, "/v1/track", single.into_bytes()).await;
+    assert_eq!(status, 200, "{err}");
+    // A gzipped batch: bare `\r` between tokens, and a line of its own between line
+    // separators inside a string (serde_json leaves those raw).
+    let in_string = serde_json::to_string(&format!("\u{2028}{forged}\u{85}\u{2029}")).unwrap();
+    let batch = format!(
+        "{{\"batch\":[{{\"type\":\"track\",\"userId\":\"a\",\"event\":\"y\",\"properties\":\
+         {{\"x\":\r{forged}\r,\"s\":{in_string}}}}}]}}"
+    );
+    assert!(batch.contains('\u{2028}'));
+    let r = f
+        .post_encoded("/v1/batch", "gzip", gzip(batch.as_bytes()))
+        .send()
+        .await
+        .unwrap();
+    assert_success(r).await;
+    still_serving(&f).await;
+
+    // Every message is in the file, each on a line of its own.
+    let path = f.dir().join("out.jsonl");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let all = ["x", "y", "alive"].map(|e| text.contains(&format!("\"event\":\"{e}\"")));
+        if all.iter().all(|&a| a) || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let lines: Vec<&str> = text
+        .strip_suffix('\n')
+        .unwrap_or(&text)
+        .split('\n')
+        .collect();
+    assert_eq!(lines.len(), 3, "{text:?}");
+    assert!(!lines.iter().any(|l| breaks_lines(l)), "{text:?}");
+    let mut file: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|line| serde_json::from_str(line).expect("each line is JSON"))
+        .collect();
+    let mut stdout = f.wait_stdout(3).await;
+    assert_eq!(stdout.len(), 3, "{stdout:?}");
+    let by_event = |a: &serde_json::Value, b: &serde_json::Value| {
+        a["event"].as_str().cmp(&b["event"].as_str())
+    };
+    file.sort_by(by_event);
+    stdout.sort_by(by_event);
+    assert_eq!(file, stdout, "the stdout destination writes the same lines");
+    let events: Vec<_> = file.iter().map(|m| m["event"].as_str().unwrap()).collect();
+    assert_eq!(events, ["alive", "x", "y"]);
+    // The nested identify is data of a track, as sent; never a message of its own.
+    for message in &file[1..] {
+        assert_eq!(message["type"], "track");
+        assert_eq!(message["properties"]["x"]["userId"], "victim-42");
+        assert_ne!(message["receivedAt"], "2020-01-01T00:00:00Z");
+    }
+    assert_eq!(
+        file[2]["properties"]["s"],
+        format!("\u{2028}{forged}\u{85}\u{2029}")
+    );
+    // The live view gets each as one event (`Sse` parses every `data:` line).
+    let events = live
+        .until(|e| e["kind"] == "accepted" && e["event"] == "alive")
+        .await;
+    let accepted: Vec<_> = events.iter().filter(|e| e["kind"] == "accepted").collect();
+    assert_eq!(accepted.len(), 3, "{events:#?}");
+    for (event, name) in accepted[..2].iter().zip(["x", "y"]) {
+        assert_eq!(event["event"], name);
+        assert_eq!(event["message"]["properties"]["x"]["userId"], "victim-42");
+    }
 }

@@ -98,6 +98,12 @@ fn errors_name_the_key_and_line() {
             "server.retry_after",
             "line 2",
         ),
+        // Deeper than every stage can read (serde_json stops at 128 levels).
+        (
+            format!("{good}\n[limits]\nmax_json_depth = 200\n"),
+            "limits.max_json_depth",
+            "line 14",
+        ),
     ];
     assert_refused(&cases);
 }

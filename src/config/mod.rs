@@ -19,7 +19,7 @@ pub use errors::ConfigError;
 pub use sections::{
     AdminConfig, BrowserBatching, BrowserConfig, CorsConfig, DedupeBackend, DedupeConfig,
     LimitsConfig, QueueBackend, QueueConfig, RedisFailure, ServerConfig, SourceConfig,
-    SourceDedupeConfig,
+    SourceDedupeConfig, MAX_JSON_DEPTH,
 };
 
 use crate::destinations::DestinationConfig;

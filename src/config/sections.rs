@@ -186,9 +186,15 @@ pub struct LimitsConfig {
     pub max_batch_messages: usize,
     /// Deepest nesting of objects and arrays inside one message; deeper input is
     /// refused so that no downstream parser is handed a stack-exhausting document.
+    /// At most `MAX_JSON_DEPTH`.
     #[serde(default = "default_max_json_depth")]
     pub max_json_depth: usize,
 }
+
+/// The highest `limits.max_json_depth`: serde_json, which the tracking plan, the Klaviyo
+/// translation and `fanout route` read messages with, stops at 128 levels, and a message
+/// also travels inside other documents (a batch, a live-view event, a dead-letter listing).
+pub const MAX_JSON_DEPTH: usize = 100;
 
 /// Cross-origin access for browser traffic.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

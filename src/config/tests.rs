@@ -62,6 +62,21 @@ fn bad_value_type_names_the_key() {
     assert_eq!(e.line, Some(3), "{e}");
 }
 
+#[test]
+fn json_depth_is_bounded_by_what_every_stage_reads() {
+    let with_depth =
+        |depth: usize| Config::parse(&format!("{GOOD}\n[limits]\nmax_json_depth = {depth}\n"));
+    for depth in [1, 64, MAX_JSON_DEPTH] {
+        assert_eq!(with_depth(depth).unwrap().limits.max_json_depth, depth);
+    }
+    for depth in [0, MAX_JSON_DEPTH + 1, 200] {
+        let e = with_depth(depth).unwrap_err();
+        assert_eq!(e.key, "limits.max_json_depth", "{e}");
+        assert_eq!(e.line, Some(16), "{e}");
+        assert!(e.message.contains("from 1 to 100"), "{e}");
+    }
+}
+
 fn parse_with(section: &str, lines: &str) -> Result<Config, ConfigError> {
     Config::parse(&GOOD.replacen(
         &format!("[{section}]\n"),

@@ -109,6 +109,17 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        if !(1..=super::MAX_JSON_DEPTH).contains(&self.limits.max_json_depth) {
+            return Err(err(
+                "limits.max_json_depth".into(),
+                format!(
+                    "must be from 1 to {}: the tracking plan and the Klaviyo translation read \
+                     messages with serde_json, which stops at 128 levels, and messages also \
+                     travel nested in batches and listings",
+                    super::MAX_JSON_DEPTH
+                ),
+            ));
+        }
         if self.limits.max_message_bytes > self.limits.max_request_bytes {
             return Err(err(
                 "limits.max_message_bytes".into(),

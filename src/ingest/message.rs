@@ -1,6 +1,7 @@
 //! One Segment message: validated per type and written out enriched.
 //!
-//! The output keeps every field the client sent, byte for byte, except those fanout owns:
+//! The output keeps every field the client sent, byte for byte but on one line (raw line
+//! breaks would let a client forge lines of JSON-lines output), except those fanout owns:
 //! `type`, `messageId` (assigned when missing), `timestamp` (skew-corrected),
 //! `originalTimestamp` (the client's value), `sentAt`, `receivedAt` (ours, never the
 //! client's), the merged `context`/`integrations`, and `writeKey` (a secret: never stored).
@@ -145,8 +146,8 @@ pub fn structure_rejection(
     }
 }
 
-/// Validates `message` as a `kind` call and appends its enriched JSON to `out`.
-/// Returns the messageId (the client's, or a new UUID v4).
+/// Validates `message` as a `kind` call and appends its enriched JSON to `out`, on one
+/// line (`json::keep_on_one_line`). Returns the messageId (the client's, or a new UUID v4).
 pub fn normalize<'a>(
     message: &RawObject<'a>,
     kind: MessageType,
@@ -243,6 +244,7 @@ pub fn normalize<'a>(
     };
 
     // Owned fields first, then the client's, then the merged and time fields.
+    let start = out.len();
     out.push(b'{');
     json::write_key(out, "type");
     json::write_str(out, kind.as_str());
@@ -295,6 +297,8 @@ pub fn normalize<'a>(
     }
     write_time("receivedAt", &envelope.received_at_json);
     out.push(b'}');
+    // The client's values were copied byte for byte, their line breaks too.
+    json::keep_on_one_line(out, start);
     Ok(Normalized {
         message_id,
         assigned,

@@ -66,3 +66,6 @@ fn batch_shape_error(body: &[u8], e: serde_json::Error) -> Rejection {
         Some(_) => Rejection::new("invalid_body", format!("body is not a batch: {e}")),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -5,8 +5,13 @@
 //! byte for byte, so it parses each message once into borrowed slices of the request body
 //! instead of building a `serde_json::Value` tree and serializing it again.
 
+mod one_line;
 #[cfg(test)]
 pub(crate) mod testgen;
+
+#[cfg(test)]
+pub(crate) use one_line::breaks_lines;
+pub use one_line::keep_on_one_line;
 
 use std::borrow::Cow;
 use std::fmt;

@@ -33,6 +33,74 @@ fn a_planned_valid_event_passes_unchanged() {
     assert_eq!(message, before);
 }
 
+/// Frames each of `messages` as ingest would, for `apply_to_batch`.
+fn records(messages: &[&str]) -> RecordBatch {
+    let mut records = RecordBatch::with_capacity(0);
+    for json in messages {
+        records
+            .push_with("web", MessageType::Track, |out| {
+                out.extend_from_slice(json.as_bytes());
+                Ok::<_, ()>(Tag::default())
+            })
+            .unwrap();
+    }
+    records
+}
+
+fn stored(records: &RecordBatch) -> Vec<String> {
+    let mut bytes = records.bytes();
+    let mut out = Vec::new();
+    while let ReadOutcome::Record { json, .. } = read_record(&mut bytes).unwrap() {
+        out.push(String::from_utf8(json).unwrap());
+    }
+    out
+}
+
+#[test]
+fn a_message_the_plan_stage_cannot_read_becomes_a_dead_letter_saying_why() {
+    let plan = plan(r#"{"unplanned_events": "allow"}"#);
+    // Deeper than serde_json reads (128 levels): readable as raw JSON, not as a Value.
+    let deep = format!(
+        r#"{{"type":"track","event":"Deep","userId":"u1","properties":{{"a":{}1{}}}}}"#,
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    let fine = r#"{"type":"track","event":"Other","userId":"u1"}"#;
+    let (kept, blocked) = apply_to_batch(&plan, "web", records(&[&deep, fine]));
+    assert_eq!(stored(&kept), [fine]);
+    assert_eq!(
+        blocked.len(),
+        1,
+        "the unreadable message is neither kept nor blocked"
+    );
+    assert_eq!(blocked[0].json, deep.as_bytes());
+    assert_eq!(blocked[0].violations[0].path, "");
+    assert!(
+        blocked[0].violations[0]
+            .message
+            .starts_with("the tracking plan cannot read the message: recursion limit"),
+        "{:?}",
+        blocked[0].violations
+    );
+}
+
+#[test]
+fn a_message_the_plan_rewrites_stays_on_one_line() {
+    let plan = plan("{}");
+    // `coupon` is omitted, so the message is written again, with its line separators.
+    let message = "{\"type\":\"track\",\"event\":\"Order Completed\",\"userId\":\"u1\",\
+                   \"properties\":{\"revenue\":1,\"currency\":\"a\u{2028}b\u{85}\",\"coupon\":\"X\"}}";
+    let (kept, blocked) = apply_to_batch(&plan, "web", records(&[message]));
+    assert!(blocked.is_empty());
+    let stored = stored(&kept);
+    assert!(!crate::json::breaks_lines(&stored[0]), "{:?}", stored[0]);
+    let stored: Value = serde_json::from_str(&stored[0]).unwrap();
+    assert_eq!(
+        stored["properties"],
+        json!({ "revenue": 1, "currency": "a\u{2028}b\u{85}" })
+    );
+}
+
 #[test]
 fn unplanned_events_are_blocked_or_allowed() {
     let mut message = track("Signed Up", json!({}));
