@@ -1,4 +1,4 @@
-//! Tracking plans: per source, the track events (and identify / group traits) a team agreed
+//! Stage 4: tracking plans — per source, the track events (and identify / group traits) a team agreed
 //! to send, each a JSON Schema, in a plain file beside the config.
 //!
 //! A plan runs at ingest, after dedupe and before the log, so every destination sees the

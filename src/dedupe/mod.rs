@@ -43,7 +43,6 @@ pub struct Dedupe {
     /// Sources with `dedupe = { enabled = false }`; replaced on config reload.
     disabled_sources: arc_swap::ArcSwap<HashSet<String>>,
     keylog: keylog::KeyLog,
-    duplicates: AtomicU64,
     eviction_log: LogThrottle,
     shared: Option<Arc<RedisStore>>,
     /// Refuse requests (503) when Redis cannot be asked, instead of deduping locally.
@@ -101,7 +100,6 @@ impl Dedupe {
             holders: Mutex::new(Holders::default()),
             disabled_sources: arc_swap::ArcSwap::from_pointee(disabled_sources(sources)),
             keylog,
-            duplicates: AtomicU64::new(0),
             eviction_log: LogThrottle::new(Duration::from_secs(60)),
             shared,
             fail_closed: config.on_redis_error == crate::config::RedisFailure::FailClosed,
@@ -189,16 +187,6 @@ impl Dedupe {
             }
             Err(e) => Err(e),
         }
-    }
-
-    /// Requests whose Redis check failed so far.
-    pub fn shared_errors(&self) -> u64 {
-        self.shared_errors.load(Ordering::Relaxed)
-    }
-
-    /// Messages dropped as duplicates so far.
-    pub fn duplicates(&self) -> u64 {
-        self.duplicates.load(Ordering::Relaxed)
     }
 
     /// Keys in the window.

@@ -42,8 +42,6 @@ impl Dedupe {
         if let Some(shared) = &self.shared {
             self.reserve_shared(shared, &mut reservation).await?;
         }
-        let count = reservation.duplicates() as u64;
-        self.duplicates.fetch_add(count, Ordering::Relaxed);
         Ok(reservation)
     }
 

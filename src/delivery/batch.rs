@@ -23,7 +23,7 @@ use crate::routing::Route;
 /// What a destination's batches share.
 pub struct DeliveryContext {
     pub name: String,
-    /// Which messages this destination gets, and edits to them (stage 5).
+    /// Which messages this destination gets, and edits to them (the routing stage).
     pub route: Route,
     pub destination: AnyDestination,
     pub policy: RetryPolicy,

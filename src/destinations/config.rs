@@ -20,7 +20,7 @@ pub struct DestinationConfig {
     pub name: String,
     /// The kind and its own keys.
     pub settings: Settings,
-    /// Which messages it gets and in what shape (stage 5).
+    /// Which messages it gets and in what shape (the routing stage).
     pub route: RouteConfig,
     pub batch: Option<BatchConfig>,
     /// HTTP kinds only: concurrency, ordering, timeout, retry, rate limit.

@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime};
 
 use super::SendError;
 
-/// Most bytes of an error answer kept (for dead letters).
-/// Kept of an answer's body: enough for a job's status or a page of import errors.
+/// Most bytes read of any answer's body: enough for a job's status or a page of import
+/// errors, and a receiver cannot make fanout hold more.
 const ERROR_BODY_BYTES: usize = 256 * 1024;
 /// Kept of an error answer (it goes with the dead letter).
 const ERROR_ANSWER_BYTES: usize = 4096;

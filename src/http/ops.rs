@@ -1,5 +1,5 @@
-//! `GET /metrics`: the Prometheus text format. A plain handler without state, so it can
-//! be mounted on any router (the main one now, an admin listener later).
+//! `GET /metrics`: the Prometheus text format, mounted on the main router or, with
+//! `admin.listen`, on the admin listener instead.
 
 use std::sync::Arc;
 

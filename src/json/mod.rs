@@ -165,8 +165,8 @@ pub enum StructureError {
 }
 
 /// One pass over valid JSON outside its strings: nesting no deeper than `depth_limit`,
-/// and every number one a 64-bit float can hold. Strings are skipped with `memchr`, so
-/// the cost follows the message's structure, not its text.
+/// and every number one a 64-bit float can hold. Strings are skipped eight bytes at a
+/// time (`string_end`), so the cost follows the message's structure, not its text.
 pub fn check_structure(json: &str, depth_limit: usize) -> Result<(), StructureError> {
     let bytes = json.as_bytes();
     let mut depth = 0usize;
@@ -211,8 +211,8 @@ pub fn check_structure(json: &str, depth_limit: usize) -> Result<(), StructureEr
 /// The index of the quote closing the string whose text starts at `from`.
 fn string_end(bytes: &[u8], mut from: usize) -> Option<usize> {
     loop {
-        // Eight bytes at a time (SWAR): most strings in events are short, where this
-        // beats a call to memchr.
+        // Eight bytes at a time (SWAR), inline: most strings in events are short. Not
+        // measured against memchr2, which would do the same search with a call per string.
         while let Some(chunk) = bytes.get(from..from + 8) {
             let word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
             let found = has_byte(word, b'"') | has_byte(word, b'\\');

@@ -1,4 +1,4 @@
-//! Stage 5: which destinations get a message, and in what shape.
+//! Stage 6: which destinations get a message, and in what shape.
 //!
 //! Each destination's `Route`, compiled once from its config, decides for every message
 //! read from the queue, in this order: its `sources`, its `filter` (type, event name,

@@ -60,7 +60,7 @@ struct Inner {
     js: jetstream::Context,
     stream: stream::Stream,
     names: Names,
-    settings: Settings,
+    settings: StreamSettings,
     /// Why publishing fails now (a full stream, no quorum), until a publish or the
     /// probe succeeds.
     failing: Failing,
@@ -119,7 +119,7 @@ impl Names {
 
 /// What the stream and its consumers are made with.
 #[derive(Debug, Clone)]
-struct Settings {
+struct StreamSettings {
     partitions: u16,
     ack_wait: Duration,
     max_bytes: u64,
@@ -155,7 +155,7 @@ impl NatsQueue {
             js,
             stream,
             names,
-            settings: Settings {
+            settings: StreamSettings {
                 partitions: config.partitions,
                 ack_wait: config.ack_wait,
                 max_bytes,
