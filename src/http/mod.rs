@@ -129,7 +129,7 @@ fn layered(routes: Router<Arc<App>>, app: Arc<App>, config: &Config) -> Router {
     let request_limit = config.limits.max_request_bytes;
     let stack = ServiceBuilder::new()
         // The request's id, log span, metrics and log lines.
-        .layer(observe::ObserveLayer)
+        .layer(observe::ObserveLayer::default())
         // Before admission: preflights and 429s carry CORS headers too.
         .layer(cors(&config.cors))
         // In-flight slots: a 429 is sent before the body is read (shed load, never
