@@ -98,6 +98,14 @@ fn errors_name_the_key_and_line() {
             "server.retry_after",
             "line 2",
         ),
+        (
+            good.replace(
+                "[server]\n",
+                "[server]\ntrusted_proxies = [\"10.0.0.0/8\",\n  \"10.0.0/8\"]\n",
+            ),
+            "server.trusted_proxies[1]",
+            "line 3",
+        ),
     ];
     assert_refused(&cases);
 }

@@ -54,7 +54,14 @@ pub struct App {
     pub clock: crate::clock::Clock,
     /// Where the browser settings send the library.
     pub browser: crate::config::BrowserConfig,
+    /// Peers whose `X-Forwarded-Host`/`-Proto` are believed (`server.trusted_proxies`).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
+
+/// The address a request's connection comes from, put on each request by the accept
+/// loop (`server::connections`): whom `server.trusted_proxies` is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
 
 /// Single-call paths: long names, and the browser library's one-letter ones.
 const SINGLE_CALLS: [(&str, &str, MessageType); 6] = [
