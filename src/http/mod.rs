@@ -9,6 +9,7 @@ mod handlers;
 mod live;
 mod observe;
 pub mod ops;
+mod query;
 
 use std::sync::Arc;
 
