@@ -332,3 +332,30 @@ async fn forwarded_headers_from_a_trusted_proxy_are_used() {
         assert!(vary.contains(&shaped.to_string()), "{shaped}: {vary:?}");
     }
 }
+
+#[tokio::test]
+async fn a_head_of_a_pixel_stores_nothing() {
+    let f = Fanout::start();
+    let probe = json!({"writeKey": WRITE_KEY, "userId": "u-head", "event": "Probe",
+                       "messageId": "head-1"});
+    let answer = client()
+        .head(pixel_url(&f, "track", &probe))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers()["content-type"], "image/gif");
+    assert_eq!(answer.headers()["cache-control"], "no-store");
+    // Stored after the HEAD: had the HEAD been stored, it would be delivered first.
+    let opened = json!({"writeKey": WRITE_KEY, "userId": "u-head", "event": "Opened",
+                        "messageId": "get-1"});
+    let answer = client()
+        .get(pixel_url(&f, "track", &opened))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let stored = f.wait_delivered(1).await;
+    let ids: Vec<&Value> = stored.iter().map(|m| &m["messageId"]).collect();
+    assert_eq!(ids, [&json!("get-1")], "only the GET was stored");
+}

@@ -13,7 +13,8 @@
 //!   (with `writeKey` inside) is taken exactly like a POST of that call. An `<img>` cannot
 //!   read a JSON body, so every answer is the same 1×1 GIF and the status says how it went:
 //!   200 stored, 400 bad `data` or message, 401 unknown key, 404 unknown call, 413 too large,
-//!   503 (with `Retry-After`) not stored now.
+//!   503 (with `Retry-After`) not stored now. A HEAD gets the GIF's headers (200, or 404
+//!   for an unknown call) and stores nothing.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use base64::Engine as _;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HOST, RETRY_AFTER, VARY};
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use serde_json::json;
 
 use super::error::ApiError;
@@ -138,12 +139,18 @@ fn forwarded(headers: &HeaderMap, name: &str) -> Option<String> {
 /// `GET /v1/pixel/{call}?data=<base64 JSON>`.
 pub async fn pixel(
     State(app): State<Arc<App>>,
+    method: Method,
     Path(call): Path<String>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Response {
     let Some(kind) = MessageType::parse(&call) else {
         return gif(ApiError::NotFound.into_response());
     };
+    // A HEAD (a link checker, a mail scanner's preview) gets the GIF's headers and stores
+    // nothing: only a GET is the pixel being loaded.
+    if method == Method::HEAD {
+        return gif(StatusCode::OK.into_response());
+    }
     let data = query.ok().and_then(|Query(mut q)| q.remove("data"));
     let body = match data_of(data) {
         Ok(body) => body,
