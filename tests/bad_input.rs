@@ -443,3 +443,30 @@ async fn line_breaks_in_nested_values_cannot_forge_lines() {
         assert_eq!(event["message"]["properties"]["x"]["userId"], "victim-42");
     }
 }
+
+#[tokio::test]
+async fn an_admin_query_that_does_not_parse_gets_a_json_error_naming_it() {
+    let token = "bad-input-admin-token";
+    let f = Fanout::start_with(
+        common::Settings::default()
+            .section("[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n")
+            .env("FANOUT_ADMIN_TOKEN", token),
+    );
+    let listing = common::client()
+        .get(f.url("/admin/dead-letters?limit=lots"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listing.headers()["content-type"], "application/json");
+    let body = expect_error(listing, 400, "invalid_query").await;
+    assert_eq!(body["error"]["field"], "limit", "{body}");
+    let (status, body) = common::post_reload(&f, token, "?purge=maybe").await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_query", "{body}");
+    assert_eq!(body["error"]["field"], "purge", "{body}");
+    let (status, body) = common::post_replay(&f, token, "destination=out&destination=x").await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["field"], "destination", "{body}");
+    still_serving(&f).await;
+}

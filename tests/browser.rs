@@ -165,14 +165,15 @@ async fn settings_follow_the_browser_section_and_the_source() {
                  browser = { batching = { size = 10, timeout = \"5s\" } }\n",
             ),
     );
-    let body: Value = client()
+    let answer = client()
         .get(f.url("/v1/projects/wk_web/settings"))
+        .header("x-forwarded-host", "attacker.example")
         .send()
         .await
-        .unwrap()
-        .json()
-        .await
         .unwrap();
+    // Nothing the request sent shaped it: a shared cache may keep it.
+    assert_eq!(answer.headers()["cache-control"], "max-age=60");
+    let body: Value = answer.json().await.unwrap();
     let segment = &body["integrations"]["Segment.io"];
     assert_eq!(segment["apiHost"], "events.example.com/v1");
     assert_eq!(segment["protocol"], "https");
@@ -271,4 +272,90 @@ async fn a_bad_pixel_gets_a_gif_with_a_4xx_status() {
         "only the good pixel was stored: {stored:?}"
     );
     assert_eq!(stored[0]["type"], "identify");
+}
+
+/// GET settings with forwarded headers naming another host: (apiHost, protocol,
+/// Cache-Control, Vary's names in lower case).
+async fn settings_with_forwarded_headers(f: &Fanout) -> (Value, Value, String, Vec<String>) {
+    let answer = client()
+        .get(f.url(&format!("/v1/projects/{WRITE_KEY}/settings")))
+        .header("origin", "https://shop.example")
+        .header("x-forwarded-host", "attacker.example")
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let cache = answer.headers()["cache-control"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let vary = answer
+        .headers()
+        .get_all("vary")
+        .iter()
+        .flat_map(|v| v.to_str().unwrap().split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .collect();
+    let body: Value = answer.json().await.unwrap();
+    let segment = &body["integrations"]["Segment.io"];
+    (
+        segment["apiHost"].clone(),
+        segment["protocol"].clone(),
+        cache,
+        vary,
+    )
+}
+
+#[tokio::test]
+async fn forwarded_headers_from_an_untrusted_peer_are_ignored() {
+    // A shared cache keyed on the URL once kept an answer sending every visitor's events
+    // to the host a request named in X-Forwarded-Host.
+    let f = Fanout::start();
+    let (host, protocol, cache, vary) = settings_with_forwarded_headers(&f).await;
+    assert_eq!(host, format!("{}/v1", f.addr));
+    assert_eq!(protocol, "http");
+    assert_eq!(cache, "private, no-store");
+    assert!(vary.contains(&"host".to_string()), "{vary:?}");
+    assert!(vary.contains(&"origin".to_string()), "{vary:?}");
+    assert!(!vary.contains(&"x-forwarded-host".to_string()), "{vary:?}");
+}
+
+#[tokio::test]
+async fn forwarded_headers_from_a_trusted_proxy_are_used() {
+    let f = Fanout::start_with(Settings::default().server("trusted_proxies = [\"127.0.0.0/8\"]"));
+    let (host, protocol, cache, vary) = settings_with_forwarded_headers(&f).await;
+    assert_eq!(host, "attacker.example/v1");
+    assert_eq!(protocol, "https");
+    assert_eq!(cache, "private, no-store");
+    for shaped in ["host", "x-forwarded-host", "x-forwarded-proto"] {
+        assert!(vary.contains(&shaped.to_string()), "{shaped}: {vary:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_head_of_a_pixel_stores_nothing() {
+    let f = Fanout::start();
+    let probe = json!({"writeKey": WRITE_KEY, "userId": "u-head", "event": "Probe",
+                       "messageId": "head-1"});
+    let answer = client()
+        .head(pixel_url(&f, "track", &probe))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers()["content-type"], "image/gif");
+    assert_eq!(answer.headers()["cache-control"], "no-store");
+    // Stored after the HEAD: had the HEAD been stored, it would be delivered first.
+    let opened = json!({"writeKey": WRITE_KEY, "userId": "u-head", "event": "Opened",
+                        "messageId": "get-1"});
+    let answer = client()
+        .get(pixel_url(&f, "track", &opened))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let stored = f.wait_delivered(1).await;
+    let ids: Vec<&Value> = stored.iter().map(|m| &m["messageId"]).collect();
+    assert_eq!(ids, [&json!("get-1")], "only the GET was stored");
 }

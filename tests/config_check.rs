@@ -104,6 +104,14 @@ fn errors_name_the_key_and_line() {
             "limits.max_json_depth",
             "line 14",
         ),
+        (
+            good.replace(
+                "[server]\n",
+                "[server]\ntrusted_proxies = [\"10.0.0.0/8\",\n  \"10.0.0/8\"]\n",
+            ),
+            "server.trusted_proxies[1]",
+            "line 3",
+        ),
     ];
     assert_refused(&cases);
 }

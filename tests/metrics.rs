@@ -416,3 +416,87 @@ async fn json_log_lines_parse_and_carry_the_request_span() {
     assert_eq!(refused["fields"]["code"], "invalid_field");
     assert_eq!(refused["fields"]["field"], "type");
 }
+
+#[tokio::test]
+async fn an_unfit_request_id_is_replaced_and_never_echoed_or_logged() {
+    let mut f = Fanout::start_with(settings().env("FANOUT_LOG", "debug"));
+    // 100 KB ids once grew the log by 957 MB in 5 s: one copy per line of the request.
+    let too_long = "r".repeat(129);
+    let longest = "k".repeat(128);
+    let unfit: [&[u8]; 4] = [too_long.as_bytes(), b"two words", b"tab\there", b"caf\xe9"];
+    for sent in unfit {
+        let answer = client()
+            .post(f.url("/v1/track"))
+            .header("authorization", basic(WRONG_KEY))
+            .header(
+                "x-request-id",
+                reqwest::header::HeaderValue::from_bytes(sent).unwrap(),
+            )
+            .json(&track("unfit-id"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 401);
+        let echoed = answer.headers()["x-request-id"].as_bytes();
+        assert_ne!(
+            echoed,
+            sent,
+            "{:?} was echoed",
+            String::from_utf8_lossy(sent)
+        );
+        assert_eq!(echoed.len(), 36, "a generated UUID instead");
+    }
+    for sent in [longest.as_str(), "req-42_OK:/=+~"] {
+        let answer = f
+            .post("/v1/track")
+            .header("x-request-id", sent)
+            .json(&track(sent))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.headers()["x-request-id"], sent, "a fit id is kept");
+    }
+    let log = stop_and_read_log(&mut f).await;
+    assert!(
+        log.iter().any(|l| l.contains(&longest)),
+        "the fit id is logged"
+    );
+    for unfit in [too_long.as_str(), "two words", "tab\there"] {
+        assert!(!log.iter().any(|l| l.contains(unfit)), "{unfit:?} logged");
+    }
+}
+
+#[tokio::test]
+async fn a_flood_of_refusals_writes_a_bounded_number_of_warn_lines() {
+    let mut f = Fanout::start_with(settings());
+    let started = Instant::now();
+    for i in 0..200 {
+        let answer = client()
+            .post(f.url("/v1/track"))
+            .header("authorization", basic(WRONG_KEY))
+            .json(&track(&format!("flood-{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 401);
+    }
+    // Another reason is not held back by the flood of the first.
+    let bad = f.post("/v1/track").body("{not json").send().await.unwrap();
+    common::expect_error(bad, 400, "invalid_json").await;
+    let elapsed = started.elapsed();
+    let log = stop_and_read_log(&mut f).await;
+    let refused = |code: &str| {
+        log.iter()
+            .filter(|l| l.contains("request refused") && l.contains(code))
+            .count()
+    };
+    // The first line of a reason, then at most one per 10 s (which carries the count of
+    // those left out).
+    let bound = 2 + elapsed.as_secs() as usize / 10;
+    let unauthorized = refused("unauthorized");
+    assert!(
+        (1..=bound).contains(&unauthorized),
+        "{unauthorized} warn lines for 200 refusals in {elapsed:?}"
+    );
+    assert_eq!(refused("invalid_json"), 1);
+}

@@ -2,11 +2,12 @@
 //! destinations, `crate::destinations::DestinationConfig`): every key with its meaning
 //! and default.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::tracking_plan::TrackingPlan;
@@ -75,6 +76,44 @@ pub struct ServerConfig {
     /// (`POST /admin/replay`), within `max_queue_bytes`; "0s": deleted at once.
     #[serde(default, with = "humantime_serde")]
     pub retention: Duration,
+    /// Networks of the reverse proxies in front of fanout, e.g. ["10.0.0.0/8"] (CIDRs, or
+    /// single addresses): only a peer in one of them is believed about the client's host
+    /// and scheme (`X-Forwarded-Host`, `X-Forwarded-Proto`). Empty (the default): those
+    /// headers are ignored, and `Host` alone is used.
+    #[serde(default, deserialize_with = "networks")]
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// A list of networks, each a CIDR or a single address; a bad one is an error at its
+/// index and line (`server.trusted_proxies[1]`).
+fn networks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    struct Network(IpNet);
+    impl<'de> Deserialize<'de> for Network {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Network, D::Error> {
+            // Refused inside the visitor, so the error carries this element's line.
+            struct Text;
+            impl serde::de::Visitor<'_> for Text {
+                type Value = Network;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a network such as \"10.0.0.0/8\"")
+                }
+                fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Network, E> {
+                    text.parse::<IpNet>()
+                        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+                        .map(|net| Network(net.trunc()))
+                        .map_err(|_| {
+                            E::custom(format!(
+                                "`{text}` is not a network: write a CIDR such as \
+                                 \"10.0.0.0/8\" or \"fd00::/8\", or one address"
+                            ))
+                        })
+                }
+            }
+            d.deserialize_str(Text)
+        }
+    }
+    let networks = Vec::<Network>::deserialize(d)?;
+    Ok(networks.into_iter().map(|Network(net)| net).collect())
 }
 
 /// Where accepted messages are stored until every destination has them.
@@ -256,9 +295,10 @@ pub struct BrowserBatching {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrowserConfig {
-    /// `host[:port]` the library sends to (`/v1` is added); default: the request's Host.
+    /// `host[:port]` the library sends to (`/v1` is added); default: the request's Host
+    /// (`X-Forwarded-Host` from a trusted proxy), and then the answer is never cached.
     pub api_host: Option<String>,
-    /// `http` or `https`; default: the scheme the request arrived with.
+    /// `http` or `https`; default: `X-Forwarded-Proto` from a trusted proxy, else `http`.
     pub protocol: Option<String>,
 }
 
@@ -433,6 +473,7 @@ impl Default for ServerConfig {
             shutdown_grace: default_shutdown_grace(),
             max_queue_bytes: default_max_queue_bytes(),
             retention: Duration::ZERO,
+            trusted_proxies: Vec::new(),
         }
     }
 }

@@ -408,3 +408,27 @@ fn on_nats_a_destination_name_cannot_hold_a_dot() {
     assert_eq!(e.key, "destinations[0].name", "{e}");
     assert!(e.message.contains("JetStream"), "{e}");
 }
+
+#[test]
+fn trusted_proxies_are_networks_or_single_addresses() {
+    assert!(Config::parse(GOOD)
+        .unwrap()
+        .server
+        .trusted_proxies
+        .is_empty());
+    let c = parse_with(
+        "server",
+        r#"trusted_proxies = ["10.1.2.3/8", "192.168.1.7", "fd00::/8"]"#,
+    )
+    .unwrap();
+    let nets: Vec<String> = c
+        .server
+        .trusted_proxies
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(nets, ["10.0.0.0/8", "192.168.1.7/32", "fd00::/8"]);
+    let e = parse_with("server", r#"trusted_proxies = ["10.0.0.0/33"]"#).unwrap_err();
+    assert_eq!(e.key, "server.trusted_proxies[0]", "{e}");
+    assert!(e.message.contains("`10.0.0.0/33` is not a network"), "{e}");
+}

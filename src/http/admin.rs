@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::header::AUTHORIZATION;
@@ -12,6 +12,7 @@ use http::HeaderMap;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
+use super::query::Query;
 use super::{ApiError, App};
 use chrono::{DateTime, SecondsFormat, Utc};
 

@@ -4,30 +4,34 @@
 //! - `GET /v1/projects/{writeKey}/settings`: a site that sets the snippet's `cdnURL` to
 //!   fanout gets an answer pointing the library's `Segment.io` integration back at fanout
 //!   (`apiHost` from `[browser] api_host`, else the request's `Host`; `protocol` from
-//!   `[browser] protocol`, else the scheme the request came with), no device-mode plugins
-//!   and no telemetry. An unknown key is a 404 JSON error, so a typo shows in the browser
-//!   console.
+//!   `[browser] protocol`, else `http`), no device-mode plugins and no telemetry. From a
+//!   peer in `server.trusted_proxies`, `X-Forwarded-Host` and `X-Forwarded-Proto` stand
+//!   for the client's host and scheme. Without `api_host` the answer depends on the
+//!   request, so it is `private, no-store`. An unknown key is a 404 JSON error, so a typo
+//!   shows in the browser console.
 //! - `GET /v1/pixel/{track,page,screen,identify,group,alias}?data=<base64 JSON>`: the JSON
 //!   (with `writeKey` inside) is taken exactly like a POST of that call. An `<img>` cannot
 //!   read a JSON body, so every answer is the same 1×1 GIF and the status says how it went:
 //!   200 stored, 400 bad `data` or message, 401 unknown key, 404 unknown call, 413 too large,
-//!   503 (with `Retry-After`) not stored now.
+//!   503 (with `Retry-After`) not stored now. A HEAD gets the GIF's headers (200, or 404
+//!   for an unknown call) and stores nothing.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Body;
-use std::collections::HashMap;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use base64::Engine as _;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, HOST, RETRY_AFTER};
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HOST, RETRY_AFTER, VARY};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use serde_json::json;
 
 use super::error::ApiError;
-use super::{handlers, App};
+use super::{handlers, App, Peer};
 use crate::ingest::Rejection;
 use crate::message::MessageType;
 
@@ -42,6 +46,7 @@ const PIXEL: &[u8] = &[
 pub async fn settings(
     State(app): State<Arc<App>>,
     Path(write_key): Path<String>,
+    peer: Option<Extension<Peer>>,
     headers: HeaderMap,
 ) -> Response {
     let sources = app.sources.load();
@@ -50,19 +55,38 @@ pub async fn settings(
                           "message": "no source has this write key"});
         return (StatusCode::NOT_FOUND, axum::Json(body)).into_response();
     };
-    let host = app
-        .browser
-        .api_host
-        .clone()
-        .or_else(|| forwarded(&headers, "x-forwarded-host"))
-        .or_else(|| forwarded(&headers, HOST.as_str()))
-        .unwrap_or_else(|| "localhost".to_string());
-    let protocol = app
-        .browser
-        .protocol
-        .clone()
-        .or_else(|| forwarded(&headers, "x-forwarded-proto"))
-        .unwrap_or_else(|| "http".to_string());
+    // Anyone can send X-Forwarded-*: only a proxy of ours is believed.
+    let from_proxy = peer.is_some_and(|Extension(Peer(peer))| {
+        let ip = peer.ip().to_canonical();
+        app.trusted_proxies.iter().any(|net| net.contains(&ip))
+    });
+    // The request headers the answer depends on, for `Vary`.
+    let mut shaped_by = Vec::new();
+    let host = match &app.browser.api_host {
+        Some(host) => host.clone(),
+        None => {
+            shaped_by.push("Host");
+            let via_proxy = if from_proxy {
+                shaped_by.push("X-Forwarded-Host");
+                forwarded(&headers, "x-forwarded-host")
+            } else {
+                None
+            };
+            via_proxy
+                .or_else(|| forwarded(&headers, HOST.as_str()))
+                .unwrap_or_else(|| "localhost".to_string())
+        }
+    };
+    let protocol = match &app.browser.protocol {
+        Some(protocol) => protocol.clone(),
+        None if from_proxy => {
+            shaped_by.push("X-Forwarded-Proto");
+            forwarded(&headers, "x-forwarded-proto")
+                .filter(|p| p == "https")
+                .unwrap_or_else(|| "http".to_string())
+        }
+        None => "http".to_string(),
+    };
     let mut segment = json!({
         "apiKey": write_key,
         "apiHost": format!("{host}/v1"),
@@ -91,11 +115,18 @@ pub async fn settings(
         "remotePlugins": [],
         "consentSettings": {"allCategories": []},
     });
-    (
-        [(CACHE_CONTROL, HeaderValue::from_static("max-age=60"))],
-        axum::Json(body),
-    )
-        .into_response()
+    // Shaped by the request's Host, the answer must not reach another visitor from a
+    // shared cache that keys on the URL alone (it would send their events elsewhere).
+    let cache = match app.browser.api_host {
+        Some(_) => "max-age=60",
+        None => "private, no-store",
+    };
+    let mut response = ([(CACHE_CONTROL, cache)], axum::Json(body)).into_response();
+    if !shaped_by.is_empty() {
+        let vary = HeaderValue::from_str(&shaped_by.join(", ")).expect("header names");
+        response.headers_mut().append(VARY, vary);
+    }
+    response
 }
 
 /// The first value of a header, as text.
@@ -108,12 +139,18 @@ fn forwarded(headers: &HeaderMap, name: &str) -> Option<String> {
 /// `GET /v1/pixel/{call}?data=<base64 JSON>`.
 pub async fn pixel(
     State(app): State<Arc<App>>,
+    method: Method,
     Path(call): Path<String>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Response {
     let Some(kind) = MessageType::parse(&call) else {
         return gif(ApiError::NotFound.into_response());
     };
+    // A HEAD (a link checker, a mail scanner's preview) gets the GIF's headers and stores
+    // nothing: only a GET is the pixel being loaded.
+    if method == Method::HEAD {
+        return gif(StatusCode::OK.into_response());
+    }
     let data = query.ok().and_then(|Query(mut q)| q.remove("data"));
     let body = match data_of(data) {
         Ok(body) => body,

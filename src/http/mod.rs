@@ -9,6 +9,7 @@ mod handlers;
 mod live;
 mod observe;
 pub mod ops;
+mod query;
 
 use std::sync::Arc;
 
@@ -54,7 +55,14 @@ pub struct App {
     pub clock: crate::clock::Clock,
     /// Where the browser settings send the library.
     pub browser: crate::config::BrowserConfig,
+    /// Peers whose `X-Forwarded-Host`/`-Proto` are believed (`server.trusted_proxies`).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
+
+/// The address a request's connection comes from, put on each request by the accept
+/// loop (`server::connections`): whom `server.trusted_proxies` is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
 
 /// Single-call paths: long names, and the browser library's one-letter ones.
 const SINGLE_CALLS: [(&str, &str, MessageType); 6] = [
@@ -129,7 +137,7 @@ fn layered(routes: Router<Arc<App>>, app: Arc<App>, config: &Config) -> Router {
     let request_limit = config.limits.max_request_bytes;
     let stack = ServiceBuilder::new()
         // The request's id, log span, metrics and log lines.
-        .layer(observe::ObserveLayer)
+        .layer(observe::ObserveLayer::default())
         // Before admission: preflights and 429s carry CORS headers too.
         .layer(cors(&config.cors))
         // In-flight slots: a 429 is sent before the body is read (shed load, never

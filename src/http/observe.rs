@@ -1,19 +1,22 @@
 //! The outermost layer: every request gets an id (`x-request-id`, the client's own if it
-//! sent one, else a new UUID; echoed on the answer) and a log span naming it, its route
-//! template and, once known, its source. On the way out: the request counter and latency
-//! histogram by route template, one debug line per request, and one warn line for each
-//! answer that refuses or fails, with its code and field but never its message (messages
-//! can quote the client's values).
+//! is 1 to 128 visible ASCII characters, else a new UUID; echoed on the answer) and a log
+//! span naming it, its route template and, once known, its source. On the way out: the
+//! request counter and latency histogram by route template, one debug line per request,
+//! and a warn line for an answer that refuses or fails, with its code and field but never
+//! its message (messages can quote the client's values). Warn lines are spaced out per
+//! reason (status and code), so a flood of refusals cannot flood the log.
 //!
 //! One hand-written layer instead of tower-http's request-id and trace layers and a
 //! middleware function: on single-event requests those three cost about a tenth of the
 //! server's CPU (a span, a response-body wrapper, two header passes); this one creates the
 //! span once, with every field it can know, and enters it only while the request runs.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::{pin, Pin};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request};
 use axum::response::Response;
@@ -22,23 +25,43 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use super::error::ErrorLog;
+use crate::throttle::LogThrottle;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-#[derive(Clone, Copy, Default)]
-pub struct ObserveLayer;
+/// Longest client request id kept: it is in every log line of its request.
+const MAX_REQUEST_ID: usize = 128;
+/// Warn lines of one reason (status and code): the first, then at most one per interval.
+const WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub struct ObserveLayer {
+    warnings: Arc<WarnLines>,
+}
+
+impl Default for ObserveLayer {
+    fn default() -> Self {
+        ObserveLayer {
+            warnings: Arc::new(WarnLines::new(WARN_INTERVAL)),
+        }
+    }
+}
 
 impl<S> Layer<S> for ObserveLayer {
     type Service = Observe<S>;
 
     fn layer(&self, inner: S) -> Observe<S> {
-        Observe { inner }
+        Observe {
+            inner,
+            warnings: self.warnings.clone(),
+        }
     }
 }
 
 #[derive(Clone)]
 pub struct Observe<S> {
     inner: S,
+    warnings: Arc<WarnLines>,
 }
 
 impl<S> Service<Request> for Observe<S>
@@ -59,6 +82,7 @@ where
         let id = request
             .headers()
             .get(&X_REQUEST_ID)
+            .filter(|id| is_fit_request_id(id))
             .cloned()
             .unwrap_or_else(new_request_id);
         // The template, not the raw path: label values must stay few, and a raw path can
@@ -74,17 +98,25 @@ where
             source = tracing::field::Empty,
         );
         let answer = span.in_scope(|| self.inner.call(request));
+        let warnings = self.warnings.clone();
         Box::pin(async move {
             let mut answer = pin!(answer.instrument(span));
             let mut response = answer.as_mut().await?;
             let path = path.as_ref().map_or("unmatched", MatchedPath::as_str);
             answer
                 .span()
-                .in_scope(|| finished(path, &response, started));
+                .in_scope(|| finished(path, &response, started, &warnings));
             response.headers_mut().entry(&X_REQUEST_ID).or_insert(id);
             Ok(response)
         })
     }
+}
+
+/// 1 to 128 visible ASCII characters (no space or control): short enough to log on every
+/// line of its request, and plain enough to read there.
+fn is_fit_request_id(id: &HeaderValue) -> bool {
+    let id = id.as_bytes();
+    (1..=MAX_REQUEST_ID).contains(&id.len()) && id.iter().all(u8::is_ascii_graphic)
 }
 
 fn new_request_id() -> HeaderValue {
@@ -93,8 +125,9 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::from_str(text).expect("a UUID is a valid header value")
 }
 
-/// Counts the answer and logs it: at debug always, at warn when it refuses or fails.
-fn finished(path: &str, response: &Response, started: Instant) {
+/// Counts the answer and logs it: at debug always, at warn when it refuses or fails (as
+/// often as `warnings` lets that reason through).
+fn finished(path: &str, response: &Response, started: Instant, warnings: &WarnLines) {
     let status = response.status();
     let latency = started.elapsed();
     crate::metrics::http_request(path, status.as_u16(), latency);
@@ -110,12 +143,16 @@ fn finished(path: &str, response: &Response, started: Instant) {
     // it changes), not each poll.
     if worth_a_warning(status) && path != "/ready" {
         let error = response.extensions().get::<ErrorLog>();
+        let Some(suppressed) = warnings.admit(status, error.map(|e| e.code)) else {
+            return;
+        };
         tracing::warn!(
             status = status.as_u16(),
             code = error.map(|e| e.code),
             field = error.and_then(|e| e.field.as_deref()),
             index = error.and_then(|e| e.index),
             reason = error.and_then(|e| e.reason.as_deref()),
+            suppressed = (suppressed > 0).then_some(suppressed),
             "{}",
             if status.is_server_error() {
                 "request failed"
@@ -123,6 +160,47 @@ fn finished(path: &str, response: &Response, started: Instant) {
                 "request refused"
             }
         );
+    }
+}
+
+/// The warn lines of refused and failed requests, spaced out per reason: a client can
+/// send refusals as fast as the network allows, and each line would cost disk.
+struct WarnLines {
+    interval: Duration,
+    /// By status and code: a bounded set (codes are fixed strings).
+    reasons: Mutex<HashMap<(StatusCode, &'static str), Reason>>,
+}
+
+/// One reason's throttle, and the lines it held back since its last line.
+struct Reason {
+    throttle: LogThrottle,
+    suppressed: u64,
+}
+
+impl WarnLines {
+    fn new(interval: Duration) -> WarnLines {
+        WarnLines {
+            interval,
+            reasons: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether a line for this reason is written now: if so, how many were held back
+    /// since the last one (the line says so); if not, this one is counted as held back.
+    fn admit(&self, status: StatusCode, code: Option<&'static str>) -> Option<u64> {
+        let mut reasons = self.reasons.lock().expect("warn lines lock poisoned");
+        let reason = reasons
+            .entry((status, code.unwrap_or("")))
+            .or_insert_with(|| Reason {
+                throttle: LogThrottle::new(self.interval),
+                suppressed: 0,
+            });
+        if reason.throttle.ready() {
+            Some(std::mem::take(&mut reason.suppressed))
+        } else {
+            reason.suppressed += 1;
+            None
+        }
     }
 }
 
@@ -167,4 +245,39 @@ fn tell_live(path: &str, status: StatusCode, error: Option<&ErrorLog>) {
         }),
         None,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_id_is_kept_only_when_short_and_visible() {
+        let fit = |bytes: &[u8]| is_fit_request_id(&HeaderValue::from_bytes(bytes).unwrap());
+        assert!(fit(b"req-42_OK:/=+~"));
+        assert!(fit("k".repeat(128).as_bytes()));
+        assert!(!fit("k".repeat(129).as_bytes()));
+        assert!(!fit(b""));
+        assert!(!fit(b"two words"));
+        assert!(!fit(b"tab\there"));
+        assert!(!fit(b"caf\xe9"));
+    }
+
+    #[test]
+    fn warn_lines_are_spaced_out_per_reason_and_count_what_was_held_back() {
+        let lines = WarnLines::new(Duration::from_millis(50));
+        let unauthorized = (StatusCode::UNAUTHORIZED, Some("unauthorized"));
+        assert_eq!(lines.admit(unauthorized.0, unauthorized.1), Some(0));
+        for _ in 0..5 {
+            assert_eq!(lines.admit(unauthorized.0, unauthorized.1), None);
+        }
+        // Another reason has its own throttle.
+        assert_eq!(
+            lines.admit(StatusCode::BAD_REQUEST, Some("invalid_json")),
+            Some(0)
+        );
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(lines.admit(unauthorized.0, unauthorized.1), Some(5));
+        assert_eq!(lines.admit(unauthorized.0, unauthorized.1), None);
+    }
 }

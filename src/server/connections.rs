@@ -14,6 +14,7 @@
 //! a client that sends its whole body before reading sees the answer, not a reset.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,6 +31,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
+use crate::http::Peer;
 use crate::throttle::LogThrottle;
 
 /// Lingering close: how long, and how much, is read and dropped at most.
@@ -174,13 +176,14 @@ impl Connections {
                 _ = stop.wait_for(|&s| s) => break,
             };
             match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
                     // Answers go out as written: each is one write, and a live-view stream's
                     // small chunks must not wait for the client's delayed ACK (Nagle).
                     let _ = stream.set_nodelay(true);
                     let registered = self.add();
                     tokio::spawn(serve_connection(
                         stream,
+                        peer,
                         router.clone(),
                         registered,
                         limits,
@@ -276,6 +279,7 @@ impl Drop for Registered {
 
 async fn serve_connection(
     stream: TcpStream,
+    peer: SocketAddr,
     router: Router,
     registered: Registered,
     limits: ConnectionLimits,
@@ -287,8 +291,9 @@ async fn serve_connection(
         registered: registered.clone(),
     };
     let on_request = registered.clone();
-    let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         on_request.enter(SERVING);
+        request.extensions_mut().insert(Peer(peer));
         let router = router.clone();
         let after = on_request.clone();
         Box::pin(async move {

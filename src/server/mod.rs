@@ -71,6 +71,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
         control: reload_tx,
         clock: options.clock,
         browser: config.browser.clone(),
+        trusted_proxies: config.server.trusted_proxies.clone(),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
