@@ -179,13 +179,14 @@ async fn open_queue(config: &Config) -> anyhow::Result<(Queue, Option<QueueWrite
             let (log, writer) = LocalQueue::open(
                 &config.server.data_dir,
                 config.server.segment_bytes,
-                config.server.max_queue_bytes,
+                // The dead letters' share is reserved out of the budget.
+                config.queue_bytes(),
             )?;
             log.set_retention(config.server.retention);
             Ok((Queue::Local(log), Some(writer)))
         }
         QueueBackend::Nats => {
-            let shared = NatsQueue::connect(&config.queue, config.server.max_queue_bytes).await?;
+            let shared = NatsQueue::connect(&config.queue, config.queue_bytes()).await?;
             shared.keep_retained(config.server.retention).await?;
             Ok((Queue::Nats(shared), None))
         }
