@@ -81,13 +81,14 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DeadLetterAction {
-    /// Print dead letters as JSON lines, oldest first.
+    /// Print dead letters as JSON lines, oldest first (all of them, a page at a time).
     List {
         /// Only this destination's.
         #[arg(long)]
         destination: Option<String>,
-        #[arg(long, default_value_t = 1000)]
-        limit: usize,
+        /// At most this many (default: all).
+        #[arg(long)]
+        limit: Option<usize>,
     },
     /// Mark a destination's dead letters for delivery again; a running fanout sends
     /// them within a second (or at its next start). `--destination tracking_plan` asks
@@ -249,8 +250,18 @@ async fn dead_letters_on(config: &Config, action: &DeadLetterAction) -> anyhow::
             if let Some(name) = destination {
                 known(name);
             }
-            for letter in store.list(destination.as_deref(), *limit).await? {
-                println!("{}", serde_json::to_string(&letter)?);
+            let mut left = limit.unwrap_or(usize::MAX);
+            let mut after = 0;
+            while left > 0 {
+                let page = store.list(destination.as_deref(), after, left).await?;
+                left -= page.dead_letters.len();
+                for letter in &page.dead_letters {
+                    println!("{}", serde_json::to_string(letter)?);
+                }
+                match page.next {
+                    Some(next) => after = next,
+                    None => break,
+                }
             }
         }
         DeadLetterAction::Replay { destination, url }

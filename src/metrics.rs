@@ -37,6 +37,7 @@ const DELIVERIES: &str = "fanout_deliveries_total";
 const DELIVERY_DURATION: &str = "fanout_delivery_duration_seconds";
 const DEDUPE_KEYS: &str = "fanout_dedupe_keys";
 const DEDUPE_EVICTIONS: &str = "fanout_dedupe_evictions_total";
+const DEAD_LETTERS_DROPPED: &str = "fanout_dead_letters_dropped_total";
 
 /// Requests are answered in well under a millisecond (refusals) to tens of ms (fsync).
 const HTTP_BUCKETS: &[f64] = &[
@@ -119,6 +120,12 @@ fn describe() {
          rejected (refused as invalid or too large; a batch refused whole counts all its \
          items as type \"unknown\", a request refused before its messages could be counted \
          counts as one). Requests without a valid write key are not counted here."
+    );
+    describe_counter!(
+        DEAD_LETTERS_DROPPED,
+        "Dead letters dropped unseen, by destination (\"tracking_plan\" for blocked \
+         messages) and reason: max_bytes (the oldest, to stay within dead_letters.max_bytes), \
+         retention (older than dead_letters.retention)."
     );
     describe_counter!(
         RETENTION_EVICTED,
@@ -356,6 +363,12 @@ fn events(source: &str, kind: &'static str, outcome: &'static str, n: u64) {
             counters.push(((kind, outcome), counter));
         }
     }
+}
+
+/// Dead letters of `destination` dropped for `reason` ("max_bytes", "retention").
+pub fn dead_letters_dropped(destination: &str, reason: &'static str, letters: u64) {
+    counter!(DEAD_LETTERS_DROPPED, "destination" => destination.to_string(), "reason" => reason)
+        .increment(letters);
 }
 
 /// Retained queue segments deleted early to stay within `server.max_queue_bytes`.

@@ -348,15 +348,17 @@ pub async fn retake_blocked(
     sources: &Sources,
     now: DateTime<Utc>,
 ) -> Result<Retaken, RetakeError> {
-    /// Letters stored (and removed) per round.
+    /// Letters read, stored (and removed) per round.
     const ROUND: usize = 500;
-    let letters = dead_letters
-        .list(Some(DEAD_LETTER_NAME), 1_000_000)
-        .await
-        .map_err(RetakeError::Store)?;
     let (mut replayed, mut still_blocked) = (0, 0);
     let accepted_at = now.timestamp().clamp(0, i64::from(u32::MAX)) as u32;
-    for round in letters.chunks(ROUND) {
+    let mut after = 0;
+    loop {
+        let page = dead_letters
+            .list(Some(DEAD_LETTER_NAME), after, ROUND)
+            .await
+            .map_err(RetakeError::Store)?;
+        let round = &page.dead_letters;
         let mut by_source: Vec<(&str, RecordBatch)> = Vec::new();
         let mut done = Vec::new();
         for letter in round {
@@ -415,6 +417,10 @@ pub async fn retake_blocked(
             .remove(done)
             .await
             .map_err(RetakeError::Store)?;
+        match page.next {
+            Some(next) => after = next,
+            None => break,
+        }
     }
     tracing::info!(replayed, still_blocked, "blocked messages replayed");
     Ok(Retaken {

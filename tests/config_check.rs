@@ -203,3 +203,39 @@ fn the_queue_section_is_checked_without_connecting() {
     ];
     assert_refused(&cases);
 }
+
+#[test]
+fn the_dead_letters_section_is_checked() {
+    let good = "[server]\nmax_queue_bytes = 1073741824\n\n[dead_letters]\nmax_bytes = 1048576\nretention = \"14d\"\n\n[[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n";
+    let (ok, _, stderr) = check(good);
+    assert!(ok, "{stderr}");
+    let cases = [
+        (
+            good.replace("retention = \"14d\"", "retention = \"0s\""),
+            "dead_letters.retention",
+            "line 6",
+        ),
+        (
+            good.replace("retention = \"14d\"", "retention = 14"),
+            "dead_letters.retention",
+            "line 6",
+        ),
+        (
+            good.replace("max_bytes = 1048576", "max_bytes = 1024"),
+            "dead_letters.max_bytes",
+            "line 5",
+        ),
+        // The queue keeps less than twice a 64 MiB segment beside them.
+        (
+            good.replace("max_bytes = 1048576", "max_bytes = 1000000000"),
+            "dead_letters.max_bytes",
+            "line 5",
+        ),
+        (
+            good.replace("max_bytes = 1048576", "max_byte = 1048576"),
+            "dead_letters.max_byte",
+            "line 5",
+        ),
+    ];
+    assert_refused(&cases);
+}

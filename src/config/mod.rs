@@ -17,9 +17,9 @@ use toml::de::DeTable;
 
 pub use errors::ConfigError;
 pub use sections::{
-    AdminConfig, BrowserBatching, BrowserConfig, CorsConfig, DedupeBackend, DedupeConfig,
-    LimitsConfig, QueueBackend, QueueConfig, RedisFailure, ServerConfig, SourceConfig,
-    SourceDedupeConfig, MAX_JSON_DEPTH,
+    AdminConfig, BrowserBatching, BrowserConfig, CorsConfig, DeadLettersConfig, DedupeBackend,
+    DedupeConfig, LimitsConfig, QueueBackend, QueueConfig, RedisFailure, ServerConfig,
+    SourceConfig, SourceDedupeConfig, MAX_JSON_DEPTH,
 };
 
 use crate::destinations::DestinationConfig;
@@ -51,6 +51,8 @@ pub struct Config<D = DestinationConfig> {
     pub admin: AdminConfig,
     #[serde(default)]
     pub browser: BrowserConfig,
+    #[serde(default)]
+    pub dead_letters: DeadLettersConfig,
 }
 
 impl Config {
@@ -113,6 +115,24 @@ impl Config {
     }
 }
 
+impl<D> Config<D> {
+    /// The bytes of dead letters kept: `dead_letters.max_bytes`, by default a tenth of
+    /// `server.max_queue_bytes`.
+    pub fn dead_letter_bytes(&self) -> u64 {
+        self.dead_letters
+            .max_bytes
+            .unwrap_or(self.server.max_queue_bytes / 10)
+    }
+
+    /// The queue's disk budget: `server.max_queue_bytes` less what the dead letters have
+    /// reserved, so that both together stay within it.
+    pub fn queue_bytes(&self) -> u64 {
+        self.server
+            .max_queue_bytes
+            .saturating_sub(self.dead_letter_bytes())
+    }
+}
+
 impl Config {
     /// Reads and compiles each source's tracking plan; a bad plan is an error at the
     /// source's `tracking_plan` key, naming the file and the JSON pointer.
@@ -161,6 +181,7 @@ impl Config<toml::Table> {
             destinations,
             admin: self.admin,
             browser: self.browser,
+            dead_letters: self.dead_letters,
         })
     }
 }

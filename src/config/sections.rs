@@ -68,8 +68,9 @@ pub struct ServerConfig {
     /// How long a graceful shutdown waits for in-flight requests and deliveries, e.g. "30s".
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
-    /// Disk budget of the queue: once the data some destination has not consumed
-    /// reaches it, ingest answers 503 + Retry-After instead of accepting more.
+    /// Disk budget of the queue and the dead letters, whose `dead_letters.max_bytes` is
+    /// reserved out of it: once the data some destination has not consumed fills the
+    /// rest, ingest answers 503 + Retry-After instead of accepting more.
     #[serde(default = "default_max_queue_bytes")]
     pub max_queue_bytes: u64,
     /// How long segments every destination has passed are kept for replays
@@ -114,6 +115,33 @@ fn networks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Err
     }
     let networks = Vec::<Network>::deserialize(d)?;
     Ok(networks.into_iter().map(|Network(net)| net).collect())
+}
+
+/// `[dead_letters]`: how much of what destinations refused and tracking plans blocked is
+/// kept, so that a flood of refused messages cannot fill the disk.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLettersConfig {
+    /// Bytes of dead letters kept (each counted as its message and last answer plus
+    /// 128); past it the oldest are dropped. Reserved out of `server.max_queue_bytes`,
+    /// the queue getting the rest. Default: a tenth of `server.max_queue_bytes`.
+    pub max_bytes: Option<u64>,
+    /// How long a dead letter is kept, e.g. "14d"; older ones are dropped.
+    #[serde(default = "default_dead_letter_retention", with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl Default for DeadLettersConfig {
+    fn default() -> Self {
+        DeadLettersConfig {
+            max_bytes: None,
+            retention: default_dead_letter_retention(),
+        }
+    }
+}
+
+const fn default_dead_letter_retention() -> Duration {
+    Duration::from_secs(14 * 24 * 3600)
 }
 
 /// Where accepted messages are stored until every destination has them.

@@ -432,3 +432,34 @@ fn trusted_proxies_are_networks_or_single_addresses() {
     assert_eq!(e.key, "server.trusted_proxies[0]", "{e}");
     assert!(e.message.contains("`10.0.0.0/33` is not a network"), "{e}");
 }
+
+#[test]
+fn dead_letters_take_a_tenth_of_the_queue_budget_unless_told() {
+    let c = Config::parse(GOOD).unwrap();
+    let tenth = c.server.max_queue_bytes / 10;
+    assert_eq!(c.dead_letter_bytes(), tenth);
+    assert_eq!(c.queue_bytes(), c.server.max_queue_bytes - tenth);
+    assert_eq!(c.dead_letters.retention, Duration::from_secs(14 * 86_400));
+    let c = Config::parse(&format!(
+        "{GOOD}\n[dead_letters]\nmax_bytes = 1048576\nretention = \"2d\"\n"
+    ))
+    .unwrap();
+    assert_eq!(c.dead_letter_bytes(), 1 << 20);
+    assert_eq!(c.queue_bytes(), c.server.max_queue_bytes - (1 << 20));
+    assert_eq!(c.dead_letters.retention, Duration::from_secs(2 * 86_400));
+}
+
+#[test]
+fn a_queue_budget_the_dead_letters_leave_too_small_is_refused() {
+    // Twice the segment exactly: the dead letters' default tenth leaves too little.
+    let e = parse_with(
+        "server",
+        "segment_bytes = 1048576\nmax_queue_bytes = 2097152",
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "server.max_queue_bytes", "{e}");
+    assert!(e.message.contains("dead_letters.max_bytes"), "{e}");
+    let e = Config::parse(&format!("{GOOD}\n[dead_letters]\nmax_bytes = 1\n")).unwrap_err();
+    assert_eq!(e.key, "dead_letters.max_bytes", "{e}");
+    assert_eq!(e.line, Some(16), "{e}");
+}

@@ -90,13 +90,7 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
-        if self.server.max_queue_bytes < 2 * self.server.segment_bytes {
-            return Err(err(
-                "server.max_queue_bytes".into(),
-                "must be at least twice server.segment_bytes (the newest segment is always kept)"
-                    .into(),
-            ));
-        }
+        self.validate_dead_letters(&err)?;
         if self.server.max_connections == 0 {
             return Err(err(
                 "server.max_connections".into(),
@@ -216,6 +210,46 @@ impl Config {
 }
 
 impl Config {
+    /// `[dead_letters]`: a retention, a cap one letter fits in, and a queue budget left
+    /// beside it.
+    fn validate_dead_letters(
+        &self,
+        err: &impl Fn(String, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        if self.dead_letters.retention.as_secs() == 0 {
+            return Err(err(
+                "dead_letters.retention".into(),
+                "must be at least one second, e.g. \"14d\"".into(),
+            ));
+        }
+        let max_message = self.limits.max_message_bytes as u64;
+        // Not held against the default tenth: a toy budget still starts.
+        if self
+            .dead_letters
+            .max_bytes
+            .is_some_and(|max| max < max_message)
+        {
+            return Err(err(
+                "dead_letters.max_bytes".into(),
+                format!("must be at least limits.max_message_bytes ({max_message}), so that a letter fits"),
+            ));
+        }
+        if self.queue_bytes() < 2 * self.server.segment_bytes {
+            let key = match self.dead_letters.max_bytes {
+                Some(_) => "dead_letters.max_bytes",
+                None => "server.max_queue_bytes",
+            };
+            return Err(err(
+                key.into(),
+                "server.max_queue_bytes less dead_letters.max_bytes (default a tenth) is the \
+                 queue's budget, and must be at least twice server.segment_bytes (the newest \
+                 segment is always kept)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// The `[queue]` section: a nats backend needs servers it can parse, and names and
     /// numbers JetStream takes.
     fn validate_queue(

@@ -90,7 +90,11 @@ async fn setup(extra: &str, fake: Fake) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let (log, writer) = LocalQueue::open(dir.path(), 1 << 20, 1 << 30).unwrap();
     let queue = Queue::Local(log.clone());
-    let dead_letters = Arc::new(DeadLetters::open_local(dir.path()).unwrap());
+    let bounds = crate::delivery::dead_letters::Bounds {
+        max_bytes: 1 << 30,
+        retention: Duration::from_secs(3600),
+    };
+    let dead_letters = Arc::new(DeadLetters::open_local(dir.path(), bounds).unwrap());
     let clock = Clock::following_tokio(start());
     let mut deliveries = Deliveries::start(
         &[],
@@ -323,7 +327,12 @@ async fn a_refused_message_is_dead_lettered_alone_and_the_cursor_passes_it() {
         .flatten()
         .collect();
     assert_eq!(delivered, ["ok1", "ok2"]);
-    let letters = s.dead_letters.list(Some("hook"), 10).await.unwrap();
+    let letters = s
+        .dead_letters
+        .list(Some("hook"), 0, 10)
+        .await
+        .unwrap()
+        .dead_letters;
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0].reason, "rejected");
     assert_eq!(letters[0].response, "poison");

@@ -16,6 +16,7 @@ use super::query::Query;
 use super::{ApiError, App};
 use chrono::{DateTime, SecondsFormat, Utc};
 
+use crate::delivery::dead_letters::MAX_PAGE;
 use crate::delivery::{Changes, ReplayRefused};
 use crate::ingest::Rejection;
 use crate::tracking_plan::{RetakeError, DEAD_LETTER_NAME};
@@ -23,7 +24,6 @@ use crate::tracking_plan::{RetakeError, DEAD_LETTER_NAME};
 #[derive(Deserialize)]
 pub struct DeadLetterQuery {
     destination: Option<String>,
-    limit: Option<usize>,
 }
 
 /// Checks the bearer token in constant time.
@@ -72,20 +72,41 @@ fn internal(e: anyhow::Error) -> ApiError {
     ApiError::Internal(format!("dead-letter store: {e:#}"))
 }
 
-/// `GET /admin/dead-letters?destination=NAME&limit=N`
+/// `?destination=NAME&limit=N&after=ID` of the listing.
+#[derive(Deserialize)]
+pub struct DeadLetterPageQuery {
+    destination: Option<String>,
+    limit: Option<usize>,
+    after: Option<i64>,
+}
+
+/// `GET /admin/dead-letters?destination=NAME&limit=N&after=ID`: one page, oldest first,
+/// with `next`, the `after` of the next page (null on the last). Paged because a page is
+/// held in memory whole.
 pub async fn list_dead_letters(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    Query(query): Query<DeadLetterQuery>,
+    Query(query): Query<DeadLetterPageQuery>,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
-    let limit = query.limit.unwrap_or(1000).min(100_000);
-    let letters = app
+    let limit = query.limit.unwrap_or(MAX_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::Invalid(Rejection::field(
+            "invalid_field",
+            "limit",
+            format!("limit is 1 to {MAX_PAGE}; follow `next` (as ?after=) for more"),
+        )));
+    }
+    let page = app
         .dead_letters
-        .list(query.destination.as_deref(), limit)
+        .list(
+            query.destination.as_deref(),
+            query.after.unwrap_or(0),
+            limit,
+        )
         .await
         .map_err(internal)?;
-    Ok(Json(serde_json::json!({ "dead_letters": letters })).into_response())
+    Ok(Json(page).into_response())
 }
 
 /// `POST /admin/dead-letters/replay?destination=NAME`

@@ -15,6 +15,7 @@ use crate::auth::Sources;
 use crate::clock::Clock;
 use crate::config::{Config, DedupeBackend, QueueBackend};
 use crate::dedupe::Dedupe;
+use crate::delivery::dead_letters::Bounds as DeadLetterBounds;
 use crate::delivery::{DeadLetters, Deliveries};
 use crate::http::{self, App};
 use crate::queue::{LocalQueue, NatsQueue, Queue, QueueWriter};
@@ -48,7 +49,9 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
     if config.destinations.is_empty() {
         tracing::warn!("no destinations configured: accepted messages are stored but go nowhere");
     }
-    let dead_letters = Arc::new(DeadLetters::open(&queue, &config.server.data_dir).await?);
+    let bounds = DeadLetterBounds::of(&config);
+    let dead_letters = Arc::new(DeadLetters::open(&queue, &config.server.data_dir, bounds).await?);
+    dead_letters.keep_pruned(bounds.retention, options.clock);
     let admin_token = admin_token(&config)?;
     let deliveries = Deliveries::start(
         &config.destinations,
@@ -180,13 +183,14 @@ async fn open_queue(config: &Config) -> anyhow::Result<(Queue, Option<QueueWrite
             let (log, writer) = LocalQueue::open(
                 &config.server.data_dir,
                 config.server.segment_bytes,
-                config.server.max_queue_bytes,
+                // The dead letters' share is reserved out of the budget.
+                config.queue_bytes(),
             )?;
             log.set_retention(config.server.retention);
             Ok((Queue::Local(log), Some(writer)))
         }
         QueueBackend::Nats => {
-            let shared = NatsQueue::connect(&config.queue, config.server.max_queue_bytes).await?;
+            let shared = NatsQueue::connect(&config.queue, config.queue_bytes()).await?;
             shared.keep_retained(config.server.retention).await?;
             Ok((Queue::Nats(shared), None))
         }

@@ -8,31 +8,45 @@
 //! far in headers, and then deletes them here: whichever instance delivers that
 //! destination sends them, and one that fails again comes back as a new letter with its
 //! attempts added up.
+//!
+//! Bounds: after each record, while the stream holds more than `max_bytes`, the oldest
+//! letters go (down to nine tenths of it, so that a flood does not prune at every batch);
+//! the stream's own limit, twice that, is a backstop should that fall behind.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt as _, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{rfc3339, DeadLetter, NewLetter};
+use super::{rfc3339, DeadLetter, Dropped, NewLetter};
 use crate::message::{MessageType, Tag};
 use crate::queue::nats::{ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER};
 use crate::queue::{NatsQueue, RecordBatch};
 
 /// Letters replayed per round (each round lists, republishes, then deletes).
 const REPLAY_PAGE: usize = 500;
+/// Letters looked at per fetch when looking for the ones to drop.
+const SCAN_BATCH: usize = 1000;
+/// What a stored letter costs the stream beside its subject and payload: its headers
+/// and the store's own record header.
+const STORED_OVERHEAD: u64 = 96;
 
 pub struct SharedStore {
     queue: NatsQueue,
     stream: stream::Stream,
     /// `<stream>.dead`: a destination's letters are on `<prefix>.<destination>`.
     prefix: String,
+    /// Past this many bytes in the stream, the oldest letters are dropped.
+    max_bytes: u64,
+    /// One drop at a time in this process, so no letter is counted twice.
+    dropping: tokio::sync::Mutex<()>,
 }
 
 /// A letter as the stream holds it (its id and destination are its sequence and subject).
@@ -49,8 +63,9 @@ struct Stored {
 }
 
 impl SharedStore {
-    /// Opens the store's stream, creating it with the shared log's replicas if missing.
-    pub async fn open(queue: NatsQueue) -> anyhow::Result<SharedStore> {
+    /// Opens the store's stream, creating it with the shared log's replicas if missing
+    /// (and setting its backstop limit if it exists).
+    pub async fn open(queue: NatsQueue, max_bytes: u64) -> anyhow::Result<SharedStore> {
         let main = &queue.names().stream;
         let name = format!("{main}_dead_letters");
         let prefix = format!("{main}.dead");
@@ -62,17 +77,28 @@ impl SharedStore {
             storage: stream::StorageType::File,
             num_replicas: queue.replicas(),
             duplicate_window: Duration::from_secs(120),
+            // The backstop: JetStream drops the oldest past it, uncounted.
+            max_bytes: i64::try_from(max_bytes.saturating_mul(2)).unwrap_or(i64::MAX),
+            discard: stream::DiscardPolicy::Old,
             ..Default::default()
         };
+        let context = || format!("cannot open the dead-letter stream `{name}`");
+        queue
+            .context()
+            .create_or_update_stream(config)
+            .await
+            .with_context(context)?;
         let stream = queue
             .context()
-            .get_or_create_stream(config)
+            .get_stream(&name)
             .await
-            .with_context(|| format!("cannot open the dead-letter stream `{name}`"))?;
+            .with_context(context)?;
         Ok(SharedStore {
             queue,
             stream,
             prefix,
+            max_bytes,
+            dropping: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -81,15 +107,18 @@ impl SharedStore {
     }
 
     /// Publishes the letters and waits for every acknowledgement. Each carries an id of
-    /// its content, so a retry after a lost acknowledgement stores it once.
+    /// its content, so a retry after a lost acknowledgement stores it once. The oldest
+    /// letters make room first (and again after, had another instance stored some
+    /// meanwhile); returns how many of each destination's went.
     pub async fn record(
         &self,
         destination: &str,
         new: &[NewLetter],
         at: DateTime<Utc>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Dropped> {
         let subject = self.subject(Some(destination));
-        let mut pending = Vec::with_capacity(new.len());
+        let mut letters = Vec::with_capacity(new.len());
+        let mut incoming = 0;
         for (source, json, failure) in new {
             let text = String::from_utf8_lossy(json).into_owned();
             let message = RawValue::from_string(text.clone())
@@ -111,8 +140,15 @@ impl SharedStore {
                 )
                 .as_bytes(),
             );
+            let payload = serde_json::to_vec(&stored)?;
+            incoming += payload.len() as u64 + subject.len() as u64 + STORED_OVERHEAD;
+            letters.push((payload, id));
+        }
+        let mut dropped = self.drop_over_cap(incoming).await;
+        let mut pending = Vec::with_capacity(letters.len());
+        for (payload, id) in letters {
             let publish = jetstream::message::PublishMessage::build()
-                .payload(Bytes::from(serde_json::to_vec(&stored)?))
+                .payload(Bytes::from(payload))
                 .message_id(format!("dead-{id:032x}"));
             pending.push(
                 self.queue
@@ -124,18 +160,142 @@ impl SharedStore {
         for ack in pending {
             ack.await?;
         }
-        Ok(())
+        for (destination, letters) in self.drop_over_cap(0).await {
+            *dropped.entry(destination).or_default() += letters;
+        }
+        Ok(dropped)
     }
 
-    /// Letters on `destination` (every destination when `None`), oldest first.
+    /// While the stream would hold more than `max_bytes` with `incoming` more, drops the
+    /// oldest letters down to nine tenths of it. Skipped while another drop runs (that
+    /// one sees these letters); a failure is only logged, the letters are kept then.
+    async fn drop_over_cap(&self, incoming: u64) -> Dropped {
+        let Ok(_alone) = self.dropping.try_lock() else {
+            return Dropped::new();
+        };
+        let dropping = async {
+            let held = self.stream.get_info().await?.state.bytes + incoming;
+            if held <= self.max_bytes {
+                return Ok(Dropped::new());
+            }
+            let mut excess = held - self.max_bytes / 10 * 9;
+            self.drop_oldest(|size, _| {
+                let goes = excess > 0;
+                excess = excess.saturating_sub(size);
+                goes
+            })
+            .await
+        };
+        dropping.await.unwrap_or_else(|e: anyhow::Error| {
+            static FAILED: crate::throttle::LogThrottle =
+                crate::throttle::LogThrottle::new(Duration::from_secs(10));
+            if FAILED.ready() {
+                tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "cannot drop dead letters past dead_letters.max_bytes; trying again at the next letter"
+                );
+            }
+            Dropped::new()
+        })
+    }
+
+    /// Drops the letters stored before `cutoff` (by the stream's clock, which stamps them
+    /// as it stores them).
+    pub async fn drop_expired(&self, cutoff: DateTime<Utc>) -> anyhow::Result<Dropped> {
+        let _alone = self.dropping.lock().await;
+        let cutoff = time::OffsetDateTime::from_unix_timestamp(cutoff.timestamp())
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        let state = self.stream.get_info().await?.state;
+        if state.messages == 0 || state.first_timestamp >= cutoff {
+            return Ok(Dropped::new());
+        }
+        self.drop_oldest(|_, stored| stored < cutoff).await
+    }
+
+    /// Reads the letters oldest first (headers only) while `goes(size, stored at)` says
+    /// the letter is dropped, then removes those in one purge.
+    async fn drop_oldest(
+        &self,
+        mut goes: impl FnMut(u64, time::OffsetDateTime) -> bool,
+    ) -> anyhow::Result<Dropped> {
+        let reader = self
+            .stream
+            .create_consumer(pull::Config {
+                description: Some("fanout: dead letters past their bounds".into()),
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: AckPolicy::None,
+                headers_only: true,
+                inactive_threshold: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await
+            .context("cannot read the dead letters to drop")?;
+        let mut dropped = Dropped::new();
+        let mut through = None;
+        let scanned = async {
+            'reading: loop {
+                let mut batch = reader
+                    .fetch()
+                    .max_messages(SCAN_BATCH)
+                    .expires(Duration::from_millis(200))
+                    .messages()
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e))?;
+                let mut seen = 0;
+                while let Some(message) = batch.next().await {
+                    let message = message.map_err(|e| anyhow::anyhow!(e))?;
+                    seen += 1;
+                    let info = message.info().map_err(|e| anyhow::anyhow!(e))?;
+                    let payload = message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("Nats-Msg-Size"))
+                        .and_then(|v| v.as_str().parse::<u64>().ok())
+                        .unwrap_or(0);
+                    let size = payload + message.subject.len() as u64 + STORED_OVERHEAD;
+                    if !goes(size, info.published) {
+                        break 'reading;
+                    }
+                    let destination = message
+                        .subject
+                        .strip_prefix(&format!("{}.", self.prefix))
+                        .unwrap_or(&message.subject);
+                    *dropped.entry(destination.to_string()).or_default() += 1;
+                    through = Some(info.stream_sequence);
+                }
+                if seen == 0 {
+                    break;
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        let name = reader.cached_info().name.clone();
+        if let Err(e) = self.stream.delete_consumer(&name).await {
+            tracing::debug!(error = %e, "the dead-letter reader goes by itself in 30 s");
+        }
+        scanned?;
+        if let Some(last) = through {
+            self.stream
+                .purge()
+                .sequence(last + 1)
+                .await
+                .context("cannot drop dead letters")?;
+        }
+        Ok(dropped)
+    }
+
+    /// Up to `limit` letters on `destination` (every destination when `None`) with an id
+    /// above `after`, oldest first.
     pub async fn list(
         &self,
         destination: Option<&str>,
+        after: i64,
         limit: usize,
     ) -> anyhow::Result<Vec<DeadLetter>> {
         let subject = self.subject(destination);
         let mut letters = Vec::new();
-        let mut next = 1;
+        let mut next = u64::try_from(after).unwrap_or(0) + 1;
         while letters.len() < limit {
             let found = self
                 .stream
@@ -217,7 +377,7 @@ impl SharedStore {
         let target = self.queue.names().replay_subject(destination);
         let mut replayed = 0;
         loop {
-            let letters = self.list(Some(destination), REPLAY_PAGE).await?;
+            let letters = self.list(Some(destination), 0, REPLAY_PAGE).await?;
             if letters.is_empty() {
                 return Ok(replayed);
             }
