@@ -14,10 +14,17 @@ use serde_json::{json, Value};
 const TOKEN: &str = "live-view-admin-token";
 
 fn with_admin() -> Fanout {
+    with_admin_settings(TOKEN, "")
+}
+
+/// `[admin]` with `token` and the further `lines`.
+fn with_admin_settings(token: &str, lines: &str) -> Fanout {
     Fanout::start_with(
         Settings::default()
-            .section("[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n")
-            .env("FANOUT_ADMIN_TOKEN", TOKEN),
+            .section(&format!(
+                "[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n{lines}\n"
+            ))
+            .env("FANOUT_ADMIN_TOKEN", token),
     )
 }
 
@@ -267,6 +274,129 @@ async fn fanout_tap_prints_the_stream_as_json_lines() {
     let event: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(event["type"], "identify", "{event}");
     assert!(event["messageId"].as_str().unwrap().starts_with("i-"));
+}
+
+/// Past `admin.max_viewers` a new viewer gets 429 with a JSON error naming the setting;
+/// once one leaves there is room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn viewers_past_max_viewers_are_refused_with_429() {
+    let f = with_admin_settings(TOKEN, "max_viewers = 2");
+    let first = Sse::open(&f, TOKEN, "").await;
+    let _second = Sse::open(&f, TOKEN, "").await;
+    let third = client()
+        .get(f.url("/debugger/events"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(third.status(), 429);
+    assert!(third.headers().contains_key("retry-after"));
+    let body: Value = third.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_viewers", "{body}");
+    assert_eq!(body["error"]["field"], "admin.max_viewers", "{body}");
+    drop(first);
+    // The server learns the first left when writing to it: keep giving it events.
+    for n in 0..100 {
+        let track = json!({"type": "track", "messageId": format!("mv-{n}"), "userId": "u",
+                           "event": "E"});
+        f.post("/v1/track").json(&track).send().await.unwrap();
+        let again = client()
+            .get(f.url("/debugger/events"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        if again.status() == 200 {
+            return;
+        }
+        assert_eq!(again.status(), 429);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no room for a viewer after one left");
+}
+
+/// A viewer that does not read (a small receive window, so the sockets between hold
+/// little) holds no more than `admin.viewer_buffer_bytes` of events in the server; the
+/// rest it loses, which `/metrics` counts and the viewer is told when it reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_viewer_holds_at_most_viewer_buffer_bytes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BUDGET: usize = 256 * 1024;
+    let f = with_admin_settings(TOKEN, &format!("viewer_buffer_bytes = {BUDGET}"));
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let address = f.url("").trim_start_matches("http://").to_string();
+    let mut stalled = socket.connect(address.parse().unwrap()).await.unwrap();
+    stalled
+        .write_all(
+            format!(
+                "GET /debugger/events HTTP/1.1\r\nhost: {address}\r\n\
+                 authorization: Bearer {TOKEN}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    stalled.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    // 120 batches of 100 messages of ~1.2 KB: ~30 MB of events, far past the budget and
+    // what the server's send buffer (4 MB at most here) and the small window hold.
+    let pad = "x".repeat(1024);
+    for b in 0..120 {
+        let batch: Vec<Value> = (0..100)
+            .map(|i| {
+                json!({"type": "track", "messageId": format!("stall-{b}-{i}"),
+                       "userId": "u", "event": "E", "properties": {"pad": pad}})
+            })
+            .collect();
+        let r = f
+            .post("/v1/batch")
+            .json(&json!({"batch": batch}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    f.wait_delivered(12_000).await;
+    let f = &f;
+    let metric = |name: &'static str| async move {
+        f.metric(name, &[])
+            .await
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    assert_eq!(metric("fanout_live_viewers").await, 1.0);
+    let held = metric("fanout_live_buffered_bytes").await;
+    // The newest event always stays, whatever its size: a little over, at most.
+    assert!(held <= (BUDGET + 8 * 1024) as f64, "{held}");
+    // Lost events are counted when the viewer reads again: read until it is told.
+    let mut seen = Vec::new();
+    let mut piece = vec![0u8; 64 * 1024];
+    let told = loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), stalled.read(&mut piece))
+            .await
+            .expect("the stream went quiet before a dropped event")
+            .unwrap();
+        assert!(n > 0, "the stream ended");
+        seen.extend_from_slice(&piece[..n]);
+        let text = String::from_utf8_lossy(&seen);
+        let marker = "{\"kind\":\"dropped\",\"count\":";
+        if let Some(at) = text.find(marker) {
+            let digits: String = text[at + marker.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            if text[at + marker.len() + digits.len()..].starts_with('}') {
+                break digits.parse::<u64>().unwrap();
+            }
+        }
+        // Keep only the tail a marker could straddle.
+        let keep = seen.len().saturating_sub(64);
+        seen.drain(..keep);
+    };
+    assert!(told > 0);
+    let lost = metric("fanout_live_events_lost_total").await;
+    assert!(lost >= told as f64, "{lost} < {told}");
 }
 
 /// The page in a real Chromium: opened with the token in its fragment, it shows a message

@@ -16,10 +16,9 @@ use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, COOKIE};
 use http::{HeaderMap, HeaderValue};
-use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use super::admin::{authorize_token, bearer};
-use super::App;
+use super::{ApiError, App};
 use crate::live::{self, Filter};
 
 /// A comment line this often keeps proxies from closing a quiet stream.
@@ -50,52 +49,42 @@ pub async fn events(
         destination: params.get("destination").filter(|s| !s.is_empty()).cloned(),
         message_type: params.get("type").filter(|s| !s.is_empty()).cloned(),
     };
-    let receiver = live::subscribe();
+    let viewer = match live::subscribe() {
+        Ok(viewer) => viewer,
+        Err(full) => return too_many_viewers(full.max_viewers, app.retry_after),
+    };
     let hello = Bytes::from_static(b"retry: 2000\n: connected\n\n");
     let stream = futures_util::stream::unfold(
-        (receiver, filter, Some(hello)),
-        |(mut receiver, filter, hello)| async move {
+        (viewer, filter, Some(hello)),
+        |(mut viewer, filter, hello)| async move {
             if let Some(hello) = hello {
-                return Some((Ok::<_, Infallible>(hello), (receiver, filter, None)));
+                return Some((Ok::<_, Infallible>(hello), (viewer, filter, None)));
             }
             loop {
                 let next = tokio::select! {
                     _ = live::closed() => return None,
-                    next = tokio::time::timeout(KEEP_ALIVE, receiver.recv()) => next,
+                    next = tokio::time::timeout(KEEP_ALIVE, viewer.next(BATCH_BYTES)) => next,
                 };
                 let chunk = match next {
                     Err(_) => Bytes::from_static(b": keep-alive\n\n"),
-                    Ok(Ok(event)) => {
-                        // Whatever else is already waiting goes in the same write.
+                    Ok(batch) => {
                         let mut text = String::new();
-                        let mut more = Some(event);
-                        while let Some(event) = more.take() {
-                            if filter.matches(&event) {
-                                text.push_str("data: ");
-                                text.push_str(&event.json);
-                                text.push_str("\n\n");
-                            }
-                            if text.len() < BATCH_BYTES {
-                                more = match receiver.try_recv() {
-                                    Ok(event) => Some(event),
-                                    Err(TryRecvError::Lagged(lost)) => {
-                                        text.push_str(&dropped(lost));
-                                        None
-                                    }
-                                    Err(_) => None,
-                                };
-                            }
+                        // This viewer fell behind: tell it how much it lost, then go on.
+                        if batch.lost > 0 {
+                            text.push_str(&dropped(batch.lost));
+                        }
+                        for event in batch.events.iter().filter(|e| filter.matches(e)) {
+                            text.push_str("data: ");
+                            text.push_str(&event.json);
+                            text.push_str("\n\n");
                         }
                         if text.is_empty() {
                             continue;
                         }
                         Bytes::from(text)
                     }
-                    // This viewer fell behind: tell it how much it lost.
-                    Ok(Err(RecvError::Lagged(lost))) => Bytes::from(dropped(lost)),
-                    Ok(Err(RecvError::Closed)) => return None,
                 };
-                return Some((Ok(chunk), (receiver, filter, None)));
+                return Some((Ok(chunk), (viewer, filter, None)));
             }
         },
     );
@@ -107,12 +96,27 @@ pub async fn events(
     response
 }
 
+/// 429 past `[admin] max_viewers`, naming the setting.
+fn too_many_viewers(max_viewers: usize, retry_after: u32) -> Response {
+    ApiError::Overloaded { retry_after }.respond_with(&serde_json::json!({
+        "success": false,
+        "error": {
+            "code": "too_many_viewers",
+            "message": format!(
+                "the live view has {max_viewers} viewers, its most (admin.max_viewers); \
+                 close one or retry later"
+            ),
+            "field": "admin.max_viewers",
+        }
+    }))
+}
+
 /// `GET /debugger`: the page (404 when no admin token is configured, like the other
 /// operator pages). It reads the token from its URL's fragment, which never reaches a
 /// server log.
 pub async fn page(State(app): State<Arc<App>>) -> Response {
     if app.admin_token.is_none() {
-        return super::ApiError::NotFound.into_response();
+        return ApiError::NotFound.into_response();
     }
     (
         [
