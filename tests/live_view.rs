@@ -28,6 +28,25 @@ fn with_admin_settings(token: &str, lines: &str) -> Fanout {
     )
 }
 
+/// `POST /debugger/session` with `token` (and an `Origin`): the `name=value` of the
+/// cookie it sets, after checking its attributes.
+async fn session_cookie(f: &Fanout, token: &str, origin: Option<&str>) -> String {
+    let mut request = client().post(f.url("/debugger/session")).bearer_auth(token);
+    if let Some(origin) = origin {
+        request = request.header("origin", origin);
+    }
+    let r = request.send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    let attributes: Vec<&str> = set.split("; ").collect();
+    for wanted in ["Path=/debugger", "HttpOnly", "SameSite=Strict"] {
+        assert!(attributes.contains(&wanted), "{set}");
+    }
+    let secure = origin.is_some_and(|o| o.starts_with("https://"));
+    assert_eq!(attributes.contains(&"Secure"), secure, "{set}");
+    attributes[0].to_string()
+}
+
 #[tokio::test]
 async fn the_stream_needs_the_admin_token_in_any_of_three_places() {
     let f = with_admin();
@@ -45,12 +64,13 @@ async fn the_stream_needs_the_admin_token_in_any_of_three_places() {
         ),
         401
     );
+    let cookie = session_cookie(&f, TOKEN, None).await;
     for request in [
         client().get(&url).bearer_auth(TOKEN),
         client().get(format!("{url}?token={TOKEN}")),
         client()
             .get(&url)
-            .header("cookie", format!("theme=dark; fanout_admin={TOKEN}")),
+            .header("cookie", format!("theme=dark; {cookie}")),
     ] {
         let r = request.send().await.unwrap();
         assert_eq!(r.status(), 200);
@@ -276,6 +296,34 @@ async fn fanout_tap_prints_the_stream_as_json_lines() {
     assert!(event["messageId"].as_str().unwrap().starts_with("i-"));
 }
 
+/// The page's cookie comes from `POST /debugger/session` with the token: `HttpOnly`,
+/// `SameSite=Strict`, `Secure` when the page was loaded over https, and not the token
+/// itself; a wrong token gets none, and a cookie of the token itself is refused.
+#[tokio::test]
+async fn the_page_s_cookie_is_set_by_the_server_http_only_and_strict() {
+    let f = with_admin();
+    let plain = session_cookie(&f, TOKEN, Some(&f.url(""))).await;
+    let behind_https = session_cookie(&f, TOKEN, Some("https://fanout.example.com")).await;
+    assert_eq!(plain, behind_https, "one value for the token");
+    assert!(
+        plain.starts_with("fanout_admin=") && !plain.contains(TOKEN),
+        "{plain}"
+    );
+    let events = f.url("/debugger/events");
+    let with_cookie = |cookie: String| client().get(&events).header("cookie", cookie).send();
+    assert_eq!(with_cookie(plain).await.unwrap().status(), 200);
+    let raw = with_cookie(format!("fanout_admin={TOKEN}")).await.unwrap();
+    assert_eq!(raw.status(), 401);
+    let wrong = client()
+        .post(f.url("/debugger/session"))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    assert!(wrong.headers().get("set-cookie").is_none());
+}
+
 /// Past `admin.max_viewers` a new viewer gets 429 with a JSON error naming the setting;
 /// once one leaves there is room again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -399,13 +447,19 @@ async fn a_stalled_viewer_holds_at_most_viewer_buffer_bytes() {
     assert!(lost >= told as f64, "{lost} < {told}");
 }
 
-/// The page in a real Chromium: opened with the token in its fragment, it shows a message
-/// sent afterwards, with its destination's outcome.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_debugger_page_shows_messages_live_in_chromium() {
+/// Runs tests/browser/debugger.cjs on `/debugger#token=<fragment_token>`, sending a
+/// track with `message_id(n)` from each of `keys` until `wait_rows` rows show the id
+/// being waited for (`wait_for`) with an outcome; the driver's JSON line.
+async fn drive_debugger(
+    f: &Fanout,
+    fragment_token: &str,
+    keys: &[&str],
+    message_id: impl Fn(u32) -> String,
+    wait_for: &str,
+    wait_rows: usize,
+) -> Value {
     let deps = common::required_path("FANOUT_BROWSER_DEPS");
     let chromium = common::required_path("FANOUT_CHROMIUM");
-    let f = with_admin();
     let shots = tempfile::tempdir().unwrap();
     let screenshot = shots.path().join("debugger.png");
     let driver = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/debugger.cjs");
@@ -413,43 +467,78 @@ async fn the_debugger_page_shows_messages_live_in_chromium() {
         .arg(driver)
         .env("FANOUT_BROWSER_DEPS", &deps)
         .env("FANOUT_CHROMIUM", &chromium)
-        .env("PAGE_URL", f.url(&format!("/debugger#token={TOKEN}")))
-        .env("WAIT_FOR", "page-")
+        .env(
+            "PAGE_URL",
+            f.url(&format!("/debugger#token={fragment_token}")),
+        )
+        .env("WAIT_FOR", wait_for)
+        .env("WAIT_ROWS", wait_rows.to_string())
         .env("SCREENSHOT", &screenshot)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run node");
-    // Send once the page is live (the driver prints "ready" then).
+    // Once the page's stream is open ("live"), send until the page has shown them (the
+    // driver prints its result then).
     let stdout = child.stdout.take().unwrap();
-    let ready = tokio::task::spawn_blocking(move || {
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
         use std::io::BufRead;
-        let mut lines = std::io::BufReader::new(stdout).lines();
-        let first = lines.next().and_then(Result::ok).unwrap_or_default();
-        (first, lines.map_while(Result::ok).collect::<Vec<_>>())
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
     });
+    let live = tokio::task::block_in_place(|| lines.recv_timeout(Duration::from_secs(30)));
+    let live = live.unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut result = None;
     for n in 0.. {
-        let id = format!("page-{n}");
-        let track = json!({"type": "track", "messageId": id, "userId": "u", "event": "Seen"});
-        f.post("/v1/track").json(&track).send().await.unwrap();
-        if ready.is_finished() || Instant::now() > deadline {
+        if live != "live" {
             break;
         }
+        let track = json!({"type": "track", "messageId": message_id(n), "userId": "u",
+                           "event": "Seen"});
+        for key in keys {
+            f.post_as(key, "/v1/track")
+                .json(&track)
+                .send()
+                .await
+                .unwrap();
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
+        if let Ok(line) = lines.try_recv() {
+            result = Some(line);
+            break;
+        }
+        if Instant::now() > deadline {
+            break;
+        }
     }
-    let (first, rest) = ready.await.unwrap();
     let status = tokio::task::spawn_blocking(move || child.wait_with_output())
         .await
         .unwrap()
         .unwrap();
+    reader.join().unwrap();
+    let result = result.or_else(|| lines.try_recv().ok()).unwrap_or_default();
     let stderr = String::from_utf8_lossy(&status.stderr).to_string();
     assert!(
         status.status.success(),
-        "driver failed: {first} {rest:?}\n{stderr}"
+        "driver failed: {live} {result}\n{stderr}"
     );
-    let result: Value =
-        serde_json::from_str(&first).unwrap_or_else(|_| panic!("{first}\n{stderr}"));
+    assert!(std::fs::metadata(&screenshot).unwrap().len() > 0);
+    serde_json::from_str(&result).unwrap_or_else(|_| panic!("{result}\n{stderr}"))
+}
+
+/// The page in a real Chromium: opened with the token in its fragment, it shows a message
+/// sent afterwards, with its destination's outcome, under a strict Content-Security-Policy
+/// that it does not violate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_debugger_page_shows_messages_live_in_chromium() {
+    let f = with_admin();
+    let result = drive_debugger(&f, TOKEN, &[WRITE_KEY], |n| format!("page-{n}"), "page-", 1).await;
     assert!(
         result["row"].as_str().unwrap().contains("page-"),
         "{result}"
@@ -460,5 +549,37 @@ async fn the_debugger_page_shows_messages_live_in_chromium() {
         !result["url"].as_str().unwrap().contains(TOKEN),
         "the token left the address bar"
     );
-    assert!(std::fs::metadata(&screenshot).unwrap().len() > 0);
+    let csp = result["csp"].as_str().unwrap_or_default();
+    for directive in [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+    ] {
+        assert!(csp.contains(directive), "{result}");
+    }
+    assert_eq!(result["violations"], json!([]), "{result}");
+    assert_eq!(result["consoleErrors"], json!([]), "{result}");
+    assert_eq!(result["failedRequests"], json!([]), "{result}");
+}
+
+/// A base64 admin token (`+`, `/`, `=`) pasted as it is into the fragment works end to
+/// end; the cookie the page gets is HttpOnly and SameSite=Strict, out of the script's
+/// reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_base64_admin_token_works_in_the_debugger_page() {
+    let token = "Zm9v+YmFy/YmF6==";
+    let f = with_admin_settings(token, "");
+    let result = drive_debugger(&f, token, &[WRITE_KEY], |n| format!("b64-{n}"), "b64-", 1).await;
+    assert_eq!(result["status"], "live", "{result}");
+    let cookie = &result["cookie"];
+    assert_eq!(cookie["httpOnly"], true, "{result}");
+    assert_eq!(cookie["sameSite"], "Strict", "{result}");
+    assert_eq!(cookie["path"], "/debugger", "{result}");
+    assert!(
+        !result["documentCookie"]
+            .as_str()
+            .unwrap()
+            .contains("fanout_admin"),
+        "{result}"
+    );
 }
