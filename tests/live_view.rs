@@ -447,6 +447,31 @@ async fn a_stalled_viewer_holds_at_most_viewer_buffer_bytes() {
     assert!(lost >= told as f64, "{lost} < {told}");
 }
 
+/// A `retried` event names the message's source, as every other event of a message does
+/// (the page keys its rows by source and messageId).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_event_names_its_source() {
+    // Nothing listens there: every attempt fails and is retried.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", closed.local_addr().unwrap());
+    drop(closed);
+    let f = Fanout::start_with(
+        Settings::default()
+            .section("[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n")
+            .env("FANOUT_ADMIN_TOKEN", TOKEN)
+            .section(&format!(
+                "[[destinations]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"{url}\"\n"
+            )),
+    );
+    let mut sse = Sse::open(&f, TOKEN, "destination=hook").await;
+    let track = json!({"type": "track", "messageId": "retry-me", "userId": "u", "event": "E"});
+    f.post("/v1/track").json(&track).send().await.unwrap();
+    let events = sse.until(|e| e["kind"] == "retried").await;
+    let retried = events.last().unwrap();
+    assert_eq!(retried["messageId"], "retry-me", "{retried}");
+    assert_eq!(retried["source"], "test", "{retried}");
+}
+
 /// Runs tests/browser/debugger.cjs on `/debugger#token=<fragment_token>`, sending a
 /// track with `message_id(n)` from each of `keys` until `wait_rows` rows show the id
 /// being waited for (`wait_for`) with an outcome; the driver's JSON line.
@@ -582,4 +607,33 @@ async fn a_base64_admin_token_works_in_the_debugger_page() {
             .contains("fanout_admin"),
         "{result}"
     );
+}
+
+/// Two sources that send one messageId get a row each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sources_with_one_message_id_get_a_row_each_in_the_debugger() {
+    let f = Fanout::start_with(
+        Settings::default()
+            .section("[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n")
+            .env("FANOUT_ADMIN_TOKEN", TOKEN)
+            .section("[[sources]]\nname = \"mobile\"\nwrite_keys = [\"wk_mobile\"]\n"),
+    );
+    let result = drive_debugger(
+        &f,
+        TOKEN,
+        &[WRITE_KEY, "wk_mobile"],
+        |_| "shared-id".to_string(),
+        "shared-id",
+        2,
+    )
+    .await;
+    let rows: Vec<&str> = result["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(rows.len(), 2, "{result}");
+    assert!(rows.iter().any(|r| r.contains("test")), "{result}");
+    assert!(rows.iter().any(|r| r.contains("mobile")), "{result}");
 }

@@ -15,7 +15,7 @@
     try { return decodeURIComponent(m[1]); } catch (e) { return m[1]; }
   }
   const $ = (id) => document.getElementById(id);
-  const rows = new Map();       // messageId (or a refusal id) -> {data, tr}
+  const rows = new Map();       // source + messageId (or a refusal id) -> {data, tr}
   let order = [], paused = false, pending = [], dropped = 0, source = null, selected = null;
 
   function el(tag, cls, text) {
@@ -27,7 +27,9 @@
   function time(at) { return at ? at.slice(11, 23) : ""; }
 
   function rowFor(ev) {
-    const key = ev.kind === "refused" ? "refused-" + Math.random() : (ev.messageId || "no-id-" + Math.random());
+    // Two sources may use one messageId: each message is its source's.
+    const key = ev.kind === "refused" || !ev.messageId ? "unique-" + Math.random()
+      : JSON.stringify([ev.source || "", ev.messageId]);
     let r = rows.get(key);
     if (!r) {
       r = { key, data: { at: ev.at, source: ev.source, type: ev.type, event: ev.event,
