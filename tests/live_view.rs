@@ -170,8 +170,8 @@ async fn filters_pick_source_destination_and_type() {
     assert!(other_source.next(Duration::from_secs(2)).await.is_none());
 }
 
-/// A viewer that does not read loses events once it is `live::BUFFER` behind, and is
-/// told how many; ingest meanwhile answers every request.
+/// A viewer that does not read loses events once it is `admin.viewer_buffer_bytes`
+/// (8 MiB) behind, and is told how many; ingest meanwhile answers every request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_viewer_that_falls_behind_is_told_what_it_lost_and_ingest_goes_on() {
     let f = with_admin();
