@@ -38,6 +38,9 @@ const DELIVERY_DURATION: &str = "fanout_delivery_duration_seconds";
 const DEDUPE_KEYS: &str = "fanout_dedupe_keys";
 const DEDUPE_EVICTIONS: &str = "fanout_dedupe_evictions_total";
 const DEAD_LETTERS_DROPPED: &str = "fanout_dead_letters_dropped_total";
+const LIVE_VIEWERS: &str = "fanout_live_viewers";
+const LIVE_BUFFERED: &str = "fanout_live_buffered_bytes";
+const LIVE_LOST: &str = "fanout_live_events_lost_total";
 
 /// Requests are answered in well under a millisecond (refusals) to tens of ms (fsync).
 const HTTP_BUCKETS: &[f64] = &[
@@ -186,6 +189,21 @@ fn describe() {
     describe_counter!(
         DEDUPE_EVICTIONS,
         "messageIds dropped from the dedupe window before their TTL because dedupe.max_entries was reached."
+    );
+    describe_gauge!(
+        LIVE_VIEWERS,
+        "Live-view streams open (/debugger, fanout tap), at most admin.max_viewers."
+    );
+    describe_gauge!(
+        LIVE_BUFFERED,
+        Unit::Bytes,
+        "Bytes of live-view events held for viewers that have not read them, within \
+         admin.viewer_buffer_bytes (plus the newest event)."
+    );
+    describe_counter!(
+        LIVE_LOST,
+        "Live-view events viewers lost by falling further behind than \
+         admin.viewer_buffer_bytes, summed over viewers (each was told its count)."
     );
 }
 
@@ -493,6 +511,13 @@ pub fn queue_state(held_bytes: u64, lags: impl IntoIterator<Item = (String, u64)
 pub fn dedupe_state(keys: usize, evicted: u64) {
     gauge!(DEDUPE_KEYS).set(keys as f64);
     counter!(DEDUPE_EVICTIONS).absolute(evicted);
+}
+
+/// The live view's viewers, what it holds for them, and what they lost (a running total).
+pub fn live_state(viewers: usize, buffered_bytes: usize, lost_total: u64) {
+    gauge!(LIVE_VIEWERS).set(viewers as f64);
+    gauge!(LIVE_BUFFERED).set(buffered_bytes as f64);
+    counter!(LIVE_LOST).absolute(lost_total);
 }
 
 fn unix_now() -> u64 {

@@ -14,11 +14,37 @@ use serde_json::{json, Value};
 const TOKEN: &str = "live-view-admin-token";
 
 fn with_admin() -> Fanout {
+    with_admin_settings(TOKEN, "")
+}
+
+/// `[admin]` with `token` and the further `lines`.
+fn with_admin_settings(token: &str, lines: &str) -> Fanout {
     Fanout::start_with(
         Settings::default()
-            .section("[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n")
-            .env("FANOUT_ADMIN_TOKEN", TOKEN),
+            .section(&format!(
+                "[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n{lines}\n"
+            ))
+            .env("FANOUT_ADMIN_TOKEN", token),
     )
+}
+
+/// `POST /debugger/session` with `token` (and an `Origin`): the `name=value` of the
+/// cookie it sets, after checking its attributes.
+async fn session_cookie(f: &Fanout, token: &str, origin: Option<&str>) -> String {
+    let mut request = client().post(f.url("/debugger/session")).bearer_auth(token);
+    if let Some(origin) = origin {
+        request = request.header("origin", origin);
+    }
+    let r = request.send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    let attributes: Vec<&str> = set.split("; ").collect();
+    for wanted in ["Path=/debugger", "HttpOnly", "SameSite=Strict"] {
+        assert!(attributes.contains(&wanted), "{set}");
+    }
+    let secure = origin.is_some_and(|o| o.starts_with("https://"));
+    assert_eq!(attributes.contains(&"Secure"), secure, "{set}");
+    attributes[0].to_string()
 }
 
 #[tokio::test]
@@ -38,12 +64,13 @@ async fn the_stream_needs_the_admin_token_in_any_of_three_places() {
         ),
         401
     );
+    let cookie = session_cookie(&f, TOKEN, None).await;
     for request in [
         client().get(&url).bearer_auth(TOKEN),
         client().get(format!("{url}?token={TOKEN}")),
         client()
             .get(&url)
-            .header("cookie", format!("theme=dark; fanout_admin={TOKEN}")),
+            .header("cookie", format!("theme=dark; {cookie}")),
     ] {
         let r = request.send().await.unwrap();
         assert_eq!(r.status(), 200);
@@ -143,8 +170,8 @@ async fn filters_pick_source_destination_and_type() {
     assert!(other_source.next(Duration::from_secs(2)).await.is_none());
 }
 
-/// A viewer that does not read loses events once it is `live::BUFFER` behind, and is
-/// told how many; ingest meanwhile answers every request.
+/// A viewer that does not read loses events once it is `admin.viewer_buffer_bytes`
+/// (8 MiB) behind, and is told how many; ingest meanwhile answers every request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_viewer_that_falls_behind_is_told_what_it_lost_and_ingest_goes_on() {
     let f = with_admin();
@@ -269,13 +296,195 @@ async fn fanout_tap_prints_the_stream_as_json_lines() {
     assert!(event["messageId"].as_str().unwrap().starts_with("i-"));
 }
 
-/// The page in a real Chromium: opened with the token in its fragment, it shows a message
-/// sent afterwards, with its destination's outcome.
+/// The page's cookie comes from `POST /debugger/session` with the token: `HttpOnly`,
+/// `SameSite=Strict`, `Secure` when the page was loaded over https, and not the token
+/// itself; a wrong token gets none, and a cookie of the token itself is refused.
+#[tokio::test]
+async fn the_page_s_cookie_is_set_by_the_server_http_only_and_strict() {
+    let f = with_admin();
+    let plain = session_cookie(&f, TOKEN, Some(&f.url(""))).await;
+    let behind_https = session_cookie(&f, TOKEN, Some("https://fanout.example.com")).await;
+    assert_eq!(plain, behind_https, "one value for the token");
+    assert!(
+        plain.starts_with("fanout_admin=") && !plain.contains(TOKEN),
+        "{plain}"
+    );
+    let events = f.url("/debugger/events");
+    let with_cookie = |cookie: String| client().get(&events).header("cookie", cookie).send();
+    assert_eq!(with_cookie(plain).await.unwrap().status(), 200);
+    let raw = with_cookie(format!("fanout_admin={TOKEN}")).await.unwrap();
+    assert_eq!(raw.status(), 401);
+    let wrong = client()
+        .post(f.url("/debugger/session"))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    assert!(wrong.headers().get("set-cookie").is_none());
+}
+
+/// Past `admin.max_viewers` a new viewer gets 429 with a JSON error naming the setting;
+/// once one leaves there is room again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_debugger_page_shows_messages_live_in_chromium() {
+async fn viewers_past_max_viewers_are_refused_with_429() {
+    let f = with_admin_settings(TOKEN, "max_viewers = 2");
+    let first = Sse::open(&f, TOKEN, "").await;
+    let _second = Sse::open(&f, TOKEN, "").await;
+    let third = client()
+        .get(f.url("/debugger/events"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(third.status(), 429);
+    assert!(third.headers().contains_key("retry-after"));
+    let body: Value = third.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_viewers", "{body}");
+    assert_eq!(body["error"]["field"], "admin.max_viewers", "{body}");
+    drop(first);
+    // The server learns the first left when writing to it: keep giving it events.
+    for n in 0..100 {
+        let track = json!({"type": "track", "messageId": format!("mv-{n}"), "userId": "u",
+                           "event": "E"});
+        f.post("/v1/track").json(&track).send().await.unwrap();
+        let again = client()
+            .get(f.url("/debugger/events"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        if again.status() == 200 {
+            return;
+        }
+        assert_eq!(again.status(), 429);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no room for a viewer after one left");
+}
+
+/// A viewer that does not read (a small receive window, so the sockets between hold
+/// little) holds no more than `admin.viewer_buffer_bytes` of events in the server; the
+/// rest it loses, which `/metrics` counts and the viewer is told when it reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_viewer_holds_at_most_viewer_buffer_bytes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BUDGET: usize = 256 * 1024;
+    let f = with_admin_settings(TOKEN, &format!("viewer_buffer_bytes = {BUDGET}"));
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let address = f.url("").trim_start_matches("http://").to_string();
+    let mut stalled = socket.connect(address.parse().unwrap()).await.unwrap();
+    stalled
+        .write_all(
+            format!(
+                "GET /debugger/events HTTP/1.1\r\nhost: {address}\r\n\
+                 authorization: Bearer {TOKEN}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    stalled.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    // 120 batches of 100 messages of ~1.2 KB: ~30 MB of events, far past the budget and
+    // what the server's send buffer (4 MB at most here) and the small window hold.
+    let pad = "x".repeat(1024);
+    for b in 0..120 {
+        let batch: Vec<Value> = (0..100)
+            .map(|i| {
+                json!({"type": "track", "messageId": format!("stall-{b}-{i}"),
+                       "userId": "u", "event": "E", "properties": {"pad": pad}})
+            })
+            .collect();
+        let r = f
+            .post("/v1/batch")
+            .json(&json!({"batch": batch}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    f.wait_delivered(12_000).await;
+    let f = &f;
+    let metric = |name: &'static str| async move {
+        f.metric(name, &[])
+            .await
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    assert_eq!(metric("fanout_live_viewers").await, 1.0);
+    let held = metric("fanout_live_buffered_bytes").await;
+    // The newest event always stays, whatever its size: a little over, at most.
+    assert!(held <= (BUDGET + 8 * 1024) as f64, "{held}");
+    // Lost events are counted when the viewer reads again: read until it is told.
+    let mut seen = Vec::new();
+    let mut piece = vec![0u8; 64 * 1024];
+    let told = loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), stalled.read(&mut piece))
+            .await
+            .expect("the stream went quiet before a dropped event")
+            .unwrap();
+        assert!(n > 0, "the stream ended");
+        seen.extend_from_slice(&piece[..n]);
+        let text = String::from_utf8_lossy(&seen);
+        let marker = "{\"kind\":\"dropped\",\"count\":";
+        if let Some(at) = text.find(marker) {
+            let digits: String = text[at + marker.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            if text[at + marker.len() + digits.len()..].starts_with('}') {
+                break digits.parse::<u64>().unwrap();
+            }
+        }
+        // Keep only the tail a marker could straddle.
+        let keep = seen.len().saturating_sub(64);
+        seen.drain(..keep);
+    };
+    assert!(told > 0);
+    let lost = metric("fanout_live_events_lost_total").await;
+    assert!(lost >= told as f64, "{lost} < {told}");
+}
+
+/// A `retried` event names the message's source, as every other event of a message does
+/// (the page keys its rows by source and messageId).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_event_names_its_source() {
+    // Nothing listens there: every attempt fails and is retried.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", closed.local_addr().unwrap());
+    drop(closed);
+    let f = Fanout::start_with(
+        Settings::default()
+            .section("[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n")
+            .env("FANOUT_ADMIN_TOKEN", TOKEN)
+            .section(&format!(
+                "[[destinations]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"{url}\"\n"
+            )),
+    );
+    let mut sse = Sse::open(&f, TOKEN, "destination=hook").await;
+    let track = json!({"type": "track", "messageId": "retry-me", "userId": "u", "event": "E"});
+    f.post("/v1/track").json(&track).send().await.unwrap();
+    let events = sse.until(|e| e["kind"] == "retried").await;
+    let retried = events.last().unwrap();
+    assert_eq!(retried["messageId"], "retry-me", "{retried}");
+    assert_eq!(retried["source"], "test", "{retried}");
+}
+
+/// Runs tests/browser/debugger.cjs on `/debugger#token=<fragment_token>`, sending a
+/// track with `message_id(n)` from each of `keys` until `wait_rows` rows show the id
+/// being waited for (`wait_for`) with an outcome; the driver's JSON line.
+async fn drive_debugger(
+    f: &Fanout,
+    fragment_token: &str,
+    keys: &[&str],
+    message_id: impl Fn(u32) -> String,
+    wait_for: &str,
+    wait_rows: usize,
+) -> Value {
     let deps = common::required_path("FANOUT_BROWSER_DEPS");
     let chromium = common::required_path("FANOUT_CHROMIUM");
-    let f = with_admin();
     let shots = tempfile::tempdir().unwrap();
     let screenshot = shots.path().join("debugger.png");
     let driver = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/debugger.cjs");
@@ -283,43 +492,78 @@ async fn the_debugger_page_shows_messages_live_in_chromium() {
         .arg(driver)
         .env("FANOUT_BROWSER_DEPS", &deps)
         .env("FANOUT_CHROMIUM", &chromium)
-        .env("PAGE_URL", f.url(&format!("/debugger#token={TOKEN}")))
-        .env("WAIT_FOR", "page-")
+        .env(
+            "PAGE_URL",
+            f.url(&format!("/debugger#token={fragment_token}")),
+        )
+        .env("WAIT_FOR", wait_for)
+        .env("WAIT_ROWS", wait_rows.to_string())
         .env("SCREENSHOT", &screenshot)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run node");
-    // Send once the page is live (the driver prints "ready" then).
+    // Once the page's stream is open ("live"), send until the page has shown them (the
+    // driver prints its result then).
     let stdout = child.stdout.take().unwrap();
-    let ready = tokio::task::spawn_blocking(move || {
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
         use std::io::BufRead;
-        let mut lines = std::io::BufReader::new(stdout).lines();
-        let first = lines.next().and_then(Result::ok).unwrap_or_default();
-        (first, lines.map_while(Result::ok).collect::<Vec<_>>())
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
     });
+    let live = tokio::task::block_in_place(|| lines.recv_timeout(Duration::from_secs(30)));
+    let live = live.unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut result = None;
     for n in 0.. {
-        let id = format!("page-{n}");
-        let track = json!({"type": "track", "messageId": id, "userId": "u", "event": "Seen"});
-        f.post("/v1/track").json(&track).send().await.unwrap();
-        if ready.is_finished() || Instant::now() > deadline {
+        if live != "live" {
             break;
         }
+        let track = json!({"type": "track", "messageId": message_id(n), "userId": "u",
+                           "event": "Seen"});
+        for key in keys {
+            f.post_as(key, "/v1/track")
+                .json(&track)
+                .send()
+                .await
+                .unwrap();
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
+        if let Ok(line) = lines.try_recv() {
+            result = Some(line);
+            break;
+        }
+        if Instant::now() > deadline {
+            break;
+        }
     }
-    let (first, rest) = ready.await.unwrap();
     let status = tokio::task::spawn_blocking(move || child.wait_with_output())
         .await
         .unwrap()
         .unwrap();
+    reader.join().unwrap();
+    let result = result.or_else(|| lines.try_recv().ok()).unwrap_or_default();
     let stderr = String::from_utf8_lossy(&status.stderr).to_string();
     assert!(
         status.status.success(),
-        "driver failed: {first} {rest:?}\n{stderr}"
+        "driver failed: {live} {result}\n{stderr}"
     );
-    let result: Value =
-        serde_json::from_str(&first).unwrap_or_else(|_| panic!("{first}\n{stderr}"));
+    assert!(std::fs::metadata(&screenshot).unwrap().len() > 0);
+    serde_json::from_str(&result).unwrap_or_else(|_| panic!("{result}\n{stderr}"))
+}
+
+/// The page in a real Chromium: opened with the token in its fragment, it shows a message
+/// sent afterwards, with its destination's outcome, under a strict Content-Security-Policy
+/// that it does not violate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_debugger_page_shows_messages_live_in_chromium() {
+    let f = with_admin();
+    let result = drive_debugger(&f, TOKEN, &[WRITE_KEY], |n| format!("page-{n}"), "page-", 1).await;
     assert!(
         result["row"].as_str().unwrap().contains("page-"),
         "{result}"
@@ -330,5 +574,66 @@ async fn the_debugger_page_shows_messages_live_in_chromium() {
         !result["url"].as_str().unwrap().contains(TOKEN),
         "the token left the address bar"
     );
-    assert!(std::fs::metadata(&screenshot).unwrap().len() > 0);
+    let csp = result["csp"].as_str().unwrap_or_default();
+    for directive in [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+    ] {
+        assert!(csp.contains(directive), "{result}");
+    }
+    assert_eq!(result["violations"], json!([]), "{result}");
+    assert_eq!(result["consoleErrors"], json!([]), "{result}");
+    assert_eq!(result["failedRequests"], json!([]), "{result}");
+}
+
+/// A base64 admin token (`+`, `/`, `=`) pasted as it is into the fragment works end to
+/// end; the cookie the page gets is HttpOnly and SameSite=Strict, out of the script's
+/// reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_base64_admin_token_works_in_the_debugger_page() {
+    let token = "Zm9v+YmFy/YmF6==";
+    let f = with_admin_settings(token, "");
+    let result = drive_debugger(&f, token, &[WRITE_KEY], |n| format!("b64-{n}"), "b64-", 1).await;
+    assert_eq!(result["status"], "live", "{result}");
+    let cookie = &result["cookie"];
+    assert_eq!(cookie["httpOnly"], true, "{result}");
+    assert_eq!(cookie["sameSite"], "Strict", "{result}");
+    assert_eq!(cookie["path"], "/debugger", "{result}");
+    assert!(
+        !result["documentCookie"]
+            .as_str()
+            .unwrap()
+            .contains("fanout_admin"),
+        "{result}"
+    );
+}
+
+/// Two sources that send one messageId get a row each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sources_with_one_message_id_get_a_row_each_in_the_debugger() {
+    let f = Fanout::start_with(
+        Settings::default()
+            .section("[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n")
+            .env("FANOUT_ADMIN_TOKEN", TOKEN)
+            .section("[[sources]]\nname = \"mobile\"\nwrite_keys = [\"wk_mobile\"]\n"),
+    );
+    let result = drive_debugger(
+        &f,
+        TOKEN,
+        &[WRITE_KEY, "wk_mobile"],
+        |_| "shared-id".to_string(),
+        "shared-id",
+        2,
+    )
+    .await;
+    let rows: Vec<&str> = result["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(rows.len(), 2, "{result}");
+    assert!(rows.iter().any(|r| r.contains("test")), "{result}");
+    assert!(rows.iter().any(|r| r.contains("mobile")), "{result}");
 }

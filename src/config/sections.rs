@@ -12,8 +12,8 @@ use serde::Deserialize;
 
 use crate::tracking_plan::TrackingPlan;
 
-/// Operator endpoints (`/admin/...`).
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+/// Operator endpoints (`/admin/...`, the live view).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Environment variable holding the bearer token the admin endpoints require;
@@ -22,6 +22,42 @@ pub struct AdminConfig {
     /// A separate address for the operator endpoints (`/admin/...`, `/metrics`), e.g.
     /// one not exposed to the internet; without it they share `server.listen`.
     pub listen: Option<SocketAddr>,
+    /// Live-view streams open at once (`/debugger`, `fanout tap`); more get 429. Each
+    /// reading viewer copies every event onto its socket, on the workers ingest uses.
+    #[serde(default = "default_max_viewers")]
+    pub max_viewers: usize,
+    /// How far, in bytes of events, a live-view viewer may fall behind before it loses
+    /// the oldest (and is told how many). One buffer, shared by every viewer.
+    #[serde(default = "default_viewer_buffer_bytes")]
+    pub viewer_buffer_bytes: usize,
+}
+
+fn default_max_viewers() -> usize {
+    crate::live::Limits::default().max_viewers
+}
+fn default_viewer_buffer_bytes() -> usize {
+    crate::live::Limits::default().buffer_bytes
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            token_env: None,
+            listen: None,
+            max_viewers: default_max_viewers(),
+            viewer_buffer_bytes: default_viewer_buffer_bytes(),
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The live view's limits, as `crate::live::configure` takes them.
+    pub fn live_limits(&self) -> crate::live::Limits {
+        crate::live::Limits {
+            max_viewers: self.max_viewers,
+            buffer_bytes: self.viewer_buffer_bytes,
+        }
+    }
 }
 
 /// Listening address, storage and request admission.

@@ -463,3 +463,23 @@ fn a_queue_budget_the_dead_letters_leave_too_small_is_refused() {
     assert_eq!(e.key, "dead_letters.max_bytes", "{e}");
     assert_eq!(e.line, Some(16), "{e}");
 }
+
+#[test]
+fn the_live_view_limits_have_defaults_and_bounds() {
+    let c = Config::parse(GOOD).unwrap();
+    assert_eq!(c.admin.max_viewers, 16);
+    assert_eq!(c.admin.viewer_buffer_bytes, 8 * 1024 * 1024);
+    let with_admin = |lines: &str| Config::parse(&format!("{GOOD}\n[admin]\n{lines}\n"));
+    let c = with_admin("max_viewers = 2\nviewer_buffer_bytes = 65536").unwrap();
+    assert_eq!(c.admin.max_viewers, 2);
+    assert_eq!(c.admin.viewer_buffer_bytes, 65536);
+    for (lines, key) in [
+        ("max_viewers = 0", "admin.max_viewers"),
+        ("viewer_buffer_bytes = 1000", "admin.viewer_buffer_bytes"),
+        ("max_viewer = 3", "admin.max_viewer"),
+    ] {
+        let e = with_admin(lines).unwrap_err();
+        assert_eq!(e.key, key, "{lines}: {e}");
+        assert!(e.line.is_some(), "{lines}: {e}");
+    }
+}

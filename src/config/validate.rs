@@ -6,6 +6,9 @@ use std::collections::HashSet;
 use super::errors::{ConfigError, LineIndex};
 use super::{Config, DedupeBackend, QueueBackend};
 
+/// Viewers read up to 64 KiB at a time: a smaller buffer loses events to one keeping up.
+const MIN_VIEWER_BUFFER_BYTES: usize = 64 * 1024;
+
 impl Config {
     /// Checks what serde cannot: uniqueness, non-empty keys, safe names.
     pub(super) fn validate(&self, lines: &LineIndex<'_>) -> Result<(), ConfigError> {
@@ -118,6 +121,18 @@ impl Config {
             return Err(err(
                 "limits.max_message_bytes".into(),
                 "must not exceed limits.max_request_bytes".into(),
+            ));
+        }
+        if self.admin.max_viewers == 0 {
+            return Err(err(
+                "admin.max_viewers".into(),
+                "must be at least 1 (leave admin.token_env out to have no live view)".into(),
+            ));
+        }
+        if self.admin.viewer_buffer_bytes < MIN_VIEWER_BUFFER_BYTES {
+            return Err(err(
+                "admin.viewer_buffer_bytes".into(),
+                format!("must be at least {MIN_VIEWER_BUFFER_BYTES} (64 KiB)"),
             ));
         }
         if self.admin.listen == Some(self.server.listen) {

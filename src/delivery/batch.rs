@@ -155,7 +155,16 @@ pub async fn deliver(context: Arc<DeliveryContext>, items: Vec<Item>) -> BatchRe
                 settled[i] = outcome.clone();
             }
         };
-        match send_with_retries(&context, &metrics, &range, started).await {
+        // For the live view's `retried` events, which name each message's source.
+        let sources: Vec<&str> = if crate::live::watching() {
+            sendable[lo..hi]
+                .iter()
+                .map(|&i| &*items[i].source)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        match send_with_retries(&context, &metrics, &range, &sources, started).await {
             Attempt::Delivered(m) => {
                 metrics.ok.increment((hi - lo) as u64);
                 mark = Some(m);
@@ -229,6 +238,7 @@ async fn send_with_retries(
     context: &DeliveryContext,
     metrics: &DeliveryMetrics,
     messages: &[Outgoing<'_>],
+    sources: &[&str],
     (first, first_wall): (Instant, chrono::DateTime<Utc>),
 ) -> Attempt {
     let sequential = context.destination.sequential();
@@ -342,8 +352,9 @@ async fn send_with_retries(
         let delay = context.policy.backoff.delay(attempts, retry_after);
         metrics.retried.increment(messages.len() as u64);
         if crate::live::watching() {
-            for message in messages {
-                tell_message(context, "retried", message.json, json!({"status": status}));
+            for (k, message) in messages.iter().enumerate() {
+                let fields = json!({"status": status, "source": sources.get(k)});
+                tell_message(context, "retried", message.json, fields);
             }
         }
         tracing::warn!(

@@ -31,7 +31,9 @@ pub use klaviyo::{KlaviyoBodies, KlaviyoConfig, KlaviyoDestination, KlaviyoReque
 pub use rules::{FilterConfig, IntegrationsPolicy, PropertyCondition, RouteConfig};
 pub use segment::{batch_body as segment_batch_body, SegmentConfig, SegmentDestination};
 pub use stdout::{StdoutConfig, StdoutDestination};
-pub use webhook::{WebhookConfig, WebhookDestination, WebhookPayload};
+pub use webhook::{
+    signature as hmac_sha256_signature, WebhookConfig, WebhookDestination, WebhookPayload,
+};
 
 use crate::queue::Checkpoint;
 

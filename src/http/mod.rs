@@ -120,6 +120,9 @@ fn operator_routes() -> Router<Arc<App>> {
         .route("/admin/dead-letters", get(admin::list_dead_letters))
         .route("/debugger", get(live::page))
         .route("/debugger/events", get(live::events))
+        .route("/debugger/session", post(live::session))
+        .route("/debugger/debugger.js", get(live::script))
+        .route("/debugger/debugger.css", get(live::style))
         .route(
             "/admin/dead-letters/replay",
             post(admin::replay_dead_letters),

@@ -30,6 +30,8 @@ pub(super) fn watch(app: &Arc<App>) {
         let (held, lags) = app.queue.state();
         crate::metrics::queue_state(held, lags);
         crate::metrics::dedupe_state(app.dedupe.len(), app.dedupe.evicted());
+        let live = crate::live::stats();
+        crate::metrics::live_state(live.viewers, live.buffered_bytes, live.lost_total);
         true
     });
 }

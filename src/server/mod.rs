@@ -53,6 +53,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
     let dead_letters = Arc::new(DeadLetters::open(&queue, &config.server.data_dir, bounds).await?);
     dead_letters.keep_pruned(bounds.retention, options.clock);
     let admin_token = admin_token(&config)?;
+    crate::live::configure(config.admin.live_limits());
     let deliveries = Deliveries::start(
         &config.destinations,
         &queue,
