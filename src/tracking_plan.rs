@@ -454,5 +454,8 @@ fn escape_pointer(key: &str) -> String {
     key.replace('~', "~0").replace('/', "~1")
 }
 
+mod blocking;
 #[cfg(test)]
 mod tests;
+
+pub use blocking::apply_to_batch_off_workers;
