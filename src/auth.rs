@@ -91,7 +91,7 @@ impl Sources {
         let mut owners: HashMap<String, (Arc<str>, &'static str)> = HashMap::new();
         let mut batching = HashMap::new();
         let mut plans = HashMap::new();
-        for source in sources {
+        for (i, source) in sources.iter().enumerate() {
             let name: Arc<str> = Arc::from(source.name.as_str());
             if let Some(b) = &source.browser.batching {
                 batching.insert(name.clone(), b.clone());
@@ -107,7 +107,8 @@ impl Sources {
             if let Some(var) = &source.write_keys_env {
                 let value = std::env::var(var).map_err(|_| {
                     anyhow::anyhow!(
-                        "source `{}`: environment variable {var} (write_keys_env) is not set",
+                        "`sources[{i}].write_keys_env`: source `{}`: environment variable {var} \
+                         is not set",
                         source.name
                     )
                 })?;
@@ -127,8 +128,9 @@ impl Sources {
                 if let Some((owner, first)) = owners.get(&key) {
                     if **owner != *source.name {
                         anyhow::bail!(
-                            "source `{}`: a write key from its {origin} is also a key of source \
-                             `{owner}` (from its {first}); each key must name one source",
+                            "`sources[{i}].{origin}`: source `{}`: a write key from its {origin} \
+                             is also a key of source `{owner}` (from its {first}); each key must \
+                             name one source",
                             source.name
                         );
                     }

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 /// mimalloc: measured in BENCHMARKS.md (glibc malloc/free were ~8 % of the server's CPU).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use fanout::cli::output::line;
 use fanout::config::Config;
 use fanout::delivery::DeadLetters;
 
@@ -161,18 +162,21 @@ fn main() -> ExitCode {
         }
         return block_on(async {
             let server = fanout::cli::admin::Server::new(&config, url.as_deref())?;
-            println!("{}", server.post(&path).await?);
-            Ok(())
+            line(server.post(&path).await?)
         });
     }
     if let Some(Command::Check { .. }) = cli.command {
-        println!(
+        // The keys a start would take, the environment's included (shared by two sources?).
+        if let Err(e) = fanout::auth::Sources::from_config(&config.sources) {
+            eprintln!("fanout: invalid config: {}: {e:#}", path.display());
+            return ExitCode::from(2);
+        }
+        return exit_code(line(format_args!(
             "{}: ok ({} sources, {} destinations)",
             path.display(),
             config.sources.len(),
             config.destinations.len()
-        );
-        return ExitCode::SUCCESS;
+        )));
     }
     // Ingest and delivery on runtimes of their own: 64 busy connections must not starve
     // the delivery engines of polls (the queue would grow without end), and a burst of
@@ -226,8 +230,15 @@ fn block_on(work: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
         .build()
         .map_err(anyhow::Error::from)
         .and_then(|rt| rt.block_on(work));
+    exit_code(done)
+}
+
+/// A command's outcome as its exit code; the error is printed, unless it is standard
+/// output closing (`fanout … | head`), which ends the command quietly.
+fn exit_code(done: anyhow::Result<()>) -> ExitCode {
     match done {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if fanout::cli::output::is_closed(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fanout: {e:#}");
             ExitCode::FAILURE
@@ -256,7 +267,7 @@ async fn dead_letters_on(config: &Config, action: &DeadLetterAction) -> anyhow::
                 let page = store.list(destination.as_deref(), after, left).await?;
                 left -= page.dead_letters.len();
                 for letter in &page.dead_letters {
-                    println!("{}", serde_json::to_string(letter)?);
+                    line(serde_json::to_string(letter)?)?;
                 }
                 match page.next {
                     Some(next) => after = next,
@@ -269,12 +280,12 @@ async fn dead_letters_on(config: &Config, action: &DeadLetterAction) -> anyhow::
         {
             let server = fanout::cli::admin::Server::new(config, url.as_deref())?;
             let path = format!("/admin/dead-letters/replay?destination={destination}");
-            println!("{}", server.post(&path).await?);
+            line(server.post(&path).await?)?;
         }
         DeadLetterAction::Replay { destination, .. } => {
             known(destination);
             let replayed = store.request_replay(destination).await?;
-            println!("{}", serde_json::json!({ "replayed": replayed }));
+            line(serde_json::json!({ "replayed": replayed }))?;
         }
     }
     Ok(())
@@ -295,16 +306,11 @@ fn route(config: &Config, source: Option<&str>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match serde_json::to_string_pretty(&report) {
-        Ok(text) => {
-            println!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("fanout: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code(
+        serde_json::to_string_pretty(&report)
+            .map_err(anyhow::Error::from)
+            .and_then(line),
+    )
 }
 
 /// mimalloc gives freed memory back to the OS lazily, during later allocations on the

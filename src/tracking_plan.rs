@@ -8,9 +8,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::path::Path;
 
-use jsonschema::Validator;
+use jsonschema::error::ValidationErrorKind;
+use jsonschema::{PatternOptions, Validator};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -29,6 +29,14 @@ pub const DEAD_LETTER_NAME: &str = "tracking_plan";
 /// Most schema errors kept per message: a message of a thousand bad properties should not
 /// make a dead letter of a megabyte.
 const MAX_VIOLATIONS: usize = 20;
+
+/// Largest compiled form of one `pattern` (or `patternProperties` key), in bytes: the
+/// regex crate's matching time per character grows with it (its default is 10 MiB).
+const PATTERN_SIZE_LIMIT: usize = 1 << 20;
+
+/// Per pattern (and thread), the most memory its lazy DFA caches; past it the engine falls
+/// back to a slower, still linear, simulation.
+const PATTERN_DFA_SIZE_LIMIT: usize = 2 << 20;
 
 /// A compiled plan.
 pub struct TrackingPlan {
@@ -128,14 +136,8 @@ impl Verdict {
 }
 
 impl TrackingPlan {
-    /// Reads and compiles the plan at `path`; `shown` is how errors name the file. An
-    /// error names the JSON pointer of what is wrong in the file.
-    pub fn load(path: &Path, shown: &str) -> Result<TrackingPlan, String> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| format!("{shown}: cannot read: {e}"))?;
-        TrackingPlan::parse(&text, shown)
-    }
-
+    /// Compiles the plan in `text`; `shown` is how errors name the file. An error names
+    /// the JSON pointer of what is wrong in the file.
     pub fn parse(text: &str, shown: &str) -> Result<TrackingPlan, String> {
         let value: Value =
             serde_json::from_str(text).map_err(|e| format!("{shown}: not JSON: {e}"))?;
@@ -454,8 +456,27 @@ fn compile(schema: &Value) -> Result<Schema, (String, String)> {
     if !schema.is_object() && !schema.is_boolean() {
         return Err((String::new(), "a schema is a JSON object".into()));
     }
-    let validator = jsonschema::validator_for(schema)
-        .map_err(|e| (e.instance_path().to_string(), e.to_string()))?;
+    // The regex crate's engine matches in time linear in the string; fancy-regex (the
+    // default) backtracks: `^(a|aa)+(?!b)$` cost ~30 ms of a worker per message.
+    let validator = jsonschema::options()
+        .with_pattern_options(
+            PatternOptions::regex()
+                .size_limit(PATTERN_SIZE_LIMIT)
+                .dfa_size_limit(PATTERN_DFA_SIZE_LIMIT),
+        )
+        .build(schema)
+        .map_err(|e| {
+            let why = match e.kind() {
+                ValidationErrorKind::Format { format } if format == "regex" => format!(
+                    "{e}: a plan's patterns must run in linear time, so lookaround ((?=, (?!, \
+                     (?<=, (?<!) and backreferences (\\1, \\k<name>) are refused, as is a \
+                     pattern that compiles to more than {} MiB",
+                    PATTERN_SIZE_LIMIT >> 20
+                ),
+                _ => e.to_string(),
+            };
+            (e.instance_path().to_string(), why)
+        })?;
     let planned = schema
         .get("properties")
         .and_then(Value::as_object)
@@ -478,5 +499,8 @@ fn escape_pointer(key: &str) -> String {
     key.replace('~', "~0").replace('/', "~1")
 }
 
+mod blocking;
 #[cfg(test)]
 mod tests;
+
+pub use blocking::apply_to_batch_off_workers;

@@ -1,8 +1,14 @@
 //! `fanout check`: validates a config without starting, naming key and line on error.
 
-use std::process::Command;
+use std::io::Write;
+use std::process::{Command, Stdio};
 
 fn check(config: &str) -> (bool, String, String) {
+    check_with_env(config, &[])
+}
+
+/// `fanout check` of `config` with `env` set.
+fn check_with_env(config: &str, env: &[(&str, &str)]) -> (bool, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.toml");
     std::fs::write(&path, config).unwrap();
@@ -10,6 +16,7 @@ fn check(config: &str) -> (bool, String, String) {
         .arg("check")
         .arg("--config")
         .arg(&path)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     (
@@ -238,4 +245,63 @@ fn the_dead_letters_section_is_checked() {
         ),
     ];
     assert_refused(&cases);
+}
+
+#[test]
+fn a_write_key_the_environment_shares_with_another_source_is_refused() {
+    let config = "[[sources]]\nname = \"web\"\nwrite_keys = [\"secret-shared\"]\n\n\
+                  [[sources]]\nname = \"app\"\nwrite_keys_env = \"FANOUT_TEST_CHECK_KEYS\"\n";
+    let (ok, _, stderr) = check_with_env(config, &[("FANOUT_TEST_CHECK_KEYS", "k2,secret-shared")]);
+    assert!(!ok, "accepted");
+    assert!(
+        stderr.contains("`sources[1].write_keys_env`")
+            && stderr.contains("source `app`")
+            && stderr.contains("source `web`"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("secret-shared"),
+        "the key is not shown: {stderr}"
+    );
+    let (ok, _, stderr) = check_with_env(config, &[("FANOUT_TEST_CHECK_KEYS", "k2")]);
+    assert!(ok, "{stderr}");
+}
+
+#[test]
+fn a_closed_standard_output_ends_commands_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        "[[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n\n\
+         [[destinations]]\nname = \"f\"\nkind = \"file\"\npath = \"/tmp/x\"\n",
+    )
+    .unwrap();
+    let message = br#"{"type": "track", "event": "E", "userId": "u"}"#;
+    for (command, input) in [("check", None), ("route", Some(message))] {
+        // The reader is gone before the command writes: `fanout route | head -0`.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fanout"))
+            .arg(command)
+            .arg("--config")
+            .arg(&path)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(input) = input {
+            // `route` reads all of it before it writes anything.
+            child.stdin.take().unwrap().write_all(input).unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{command}: {}: {stderr}", out.status);
+        assert_eq!(stderr, "", "{command}");
+    }
 }

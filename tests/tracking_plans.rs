@@ -5,7 +5,10 @@
 
 mod common;
 
+use std::io::Read;
 use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::sse::Sse;
 use common::{assert_success, Fanout, Settings};
@@ -300,14 +303,152 @@ fn bad_plan_files_are_config_errors_naming_file_and_pointer() {
 fn check(dir: &Path, config: &str) -> (bool, String) {
     let path = dir.join("fanout.toml");
     std::fs::write(&path, config).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fanout"));
+    command
         .args(["check", "--config"])
         .arg(&path)
-        .current_dir("/")
-        .output()
+        .current_dir("/");
+    let (code, stderr) = run_to_end(command);
+    (code == Some(0), stderr)
+}
+
+/// Runs `command` to its end: (exit code, standard error). One that has not ended after a
+/// minute (a read that waits for ever) is killed, and its code is `None`.
+fn run_to_end(mut command: Command) -> (Option<i32>, String) {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status.and_then(|s| s.code()), stderr)
+}
+
+/// A plan whose `Signed Up` event's `code` must match `pattern`.
+fn plan_with_pattern(pattern: &str) -> String {
+    json!({ "events": { "Signed Up": { "type": "object",
+            "properties": { "code": { "type": "string", "pattern": pattern } } } } })
+    .to_string()
+}
+
+/// Slow in a backtracking engine: it cost ~30 ms per message.
+const BACKTRACKING: &str = "^(a|aa)+(?!b)$";
+
+/// The plan file at `path` becomes a FIFO or a link to `/dev/zero`.
+fn make_special(path: &Path, kind: &str) {
+    let _ = std::fs::remove_file(path);
+    match kind {
+        "fifo" => {
+            let made = Command::new("mkfifo").arg(path).status();
+            assert!(made.unwrap().success());
+        }
+        _ => std::os::unix::fs::symlink("/dev/zero", path).unwrap(),
+    }
+}
+
+const PLANNED_SOURCE: &str =
+    "[[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\ntracking_plan = \"plans/web.json\"\n";
+
+#[test]
+fn a_plan_pattern_that_backtracks_is_refused_by_check_and_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    write_plan(dir.path(), &plan_with_pattern(BACKTRACKING));
+    let at = "plans/web.json: at /events/Signed Up/properties/code/pattern";
+    let (ok, stderr) = check(dir.path(), PLANNED_SOURCE);
+    assert!(!ok, "accepted");
+    assert!(
+        stderr.contains("sources[0].tracking_plan")
+            && stderr.contains(at)
+            && stderr.contains("linear time"),
+        "{stderr}"
+    );
+
+    // The server does not start on it, and says the same.
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}/data\"\n\n{PLANNED_SOURCE}",
+        dir.path().display()
+    );
+    std::fs::write(dir.path().join("fanout.toml"), config).unwrap();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_fanout"));
+    server.arg("--config").arg(dir.path().join("fanout.toml"));
+    let (code, stderr) = run_to_end(server);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("sources[0].tracking_plan") && stderr.contains(at),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn plan_paths_that_are_not_regular_files_are_refused_by_check() {
+    for (kind, what) in [("fifo", "a FIFO"), ("zero", "a character device")] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("plans")).unwrap();
+        make_special(&dir.path().join("plans/web.json"), kind);
+        let (ok, stderr) = check(dir.path(), PLANNED_SOURCE);
+        assert!(!ok, "accepted a {kind}");
+        assert!(
+            stderr.contains("sources[0].tracking_plan")
+                && stderr.contains(&format!("plans/web.json: not a regular file ({what})")),
+            "{stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_reload_refuses_bad_plan_files_and_the_old_plan_stays() {
+    let mut f = with_plan(&plan("allow", "allow", "allow"));
+    let path = f.dir().join("plans/web.json");
+    for (kind, wanted) in [
+        ("fifo", "not a regular file (a FIFO)"),
+        ("zero", "not a regular file (a character device)"),
+        ("backtracking", "linear time"),
+    ] {
+        match kind {
+            "backtracking" => {
+                std::fs::remove_file(&path).unwrap();
+                write_plan(f.dir(), &plan_with_pattern(BACKTRACKING));
+            }
+            _ => make_special(&path, kind),
+        }
+        let (status, body) = common::post_reload(&f, TOKEN, "").await;
+        assert_eq!(status, 400, "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("sources[0].tracking_plan") && message.contains(wanted),
+            "{message}"
+        );
+    }
+    // The plan loaded at start still decides: it lets everything through, flagged. (A
+    // readable file is put back for the CLI, which reads the config too; the server is not
+    // told, and would block with it.)
+    write_plan(f.dir(), &plan("block", "block", "allow"));
+    assert_success(f.post("/v1/batch").json(&batch()).send().await.unwrap()).await;
+    let delivered = f.wait_delivered(5).await;
+    assert_eq!(
+        delivered[2]["context"]["violations"][0]["path"],
+        "/properties/revenue"
+    );
+    assert!(f.dead_letters("tracking_plan").await.is_empty());
+    // And SIGTERM still ends it.
+    assert!(f.terminate().success());
 }

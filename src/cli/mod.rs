@@ -3,5 +3,6 @@
 //! the result without sending anything.
 
 pub mod admin;
+pub mod output;
 pub mod route;
 pub mod tap;

@@ -2,9 +2,8 @@
 //! on standard output, like `vector tap`. The server's address comes from `--url`, else
 //! the config (`[admin] listen`, else `server.listen`); the token from `admin.token_env`.
 
-use std::io::Write;
-
 use super::admin::{escape, Server};
+use super::output;
 use crate::config::Config;
 use crate::live::Filter;
 
@@ -21,15 +20,12 @@ pub async fn tap(config: &Config, url: Option<&str>, filter: &Filter) -> anyhow:
     let path = format!("/debugger/events?{}", query.join("&"));
     let mut response = server.send(reqwest::Method::GET, &path).await?;
     let mut pending = String::new();
-    let stdout = std::io::stdout();
     while let Some(chunk) = response.chunk().await? {
         pending.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(end) = pending.find('\n') {
             let line: String = pending.drain(..=end).collect();
             if let Some(data) = line.trim_end().strip_prefix("data: ") {
-                let mut out = stdout.lock();
-                writeln!(out, "{data}")?;
-                out.flush()?;
+                output::line(data)?;
             }
         }
     }

@@ -4,6 +4,7 @@
 //! not a silently ignored setting.
 
 mod errors;
+mod files;
 mod sections;
 #[cfg(test)]
 mod tests;
@@ -145,8 +146,11 @@ impl Config {
             let Some(file) = &source.tracking_plan else {
                 continue;
             };
-            let plan = TrackingPlan::load(&base.join(file), &file.display().to_string()).map_err(
-                |message| {
+            let shown = file.display().to_string();
+            let plan = files::read_regular(&base.join(file), files::MAX_PLAN_BYTES)
+                .map_err(|why| format!("{shown}: {why}"))
+                .and_then(|text| TrackingPlan::parse(&text, &shown))
+                .map_err(|message| {
                     let key = format!("sources[{i}].tracking_plan");
                     ConfigError {
                         origin: None,
@@ -154,8 +158,7 @@ impl Config {
                         key,
                         message,
                     }
-                },
-            )?;
+                })?;
             source.plan = Some(Arc::new(plan));
         }
         Ok(())

@@ -258,7 +258,8 @@ impl App {
         let plan = self.sources.load().plan(source).cloned();
         let mut blocked = Vec::new();
         if let Some(plan) = plan {
-            (records, blocked) = crate::tracking_plan::apply_to_batch(&plan, source, records);
+            (records, blocked) =
+                crate::tracking_plan::apply_to_batch_off_workers(plan, source, records).await;
             for letter in &blocked {
                 tally.block(letter.kind);
             }

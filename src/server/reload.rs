@@ -57,7 +57,13 @@ impl Reloader {
 
     async fn apply(&mut self, purge: bool) -> ReloadOutcome {
         let text = format!("{}", self.path.display());
-        let config = Config::load(&self.path).map_err(|e| e.to_string())?;
+        // Reading and compiling the file and its plans is blocking work: off the runtime's
+        // workers (the files are bounded in size and never FIFOs, so it ends).
+        let path = self.path.clone();
+        let config = tokio::task::spawn_blocking(move || Config::load(&path))
+            .await
+            .map_err(|e| format!("{text}: loading failed: {e}"))?
+            .map_err(|e| e.to_string())?;
         // Everything that can fail is tried before anything is swapped in.
         let sources =
             Sources::from_config(&config.sources).map_err(|e| format!("{text}: {e:#}"))?;

@@ -211,3 +211,61 @@ fn bad_plan_files_are_errors_naming_file_and_pointer() {
     let err = TrackingPlan::parse(r#"{"identify": 5}"#, "p.json").unwrap_err();
     assert!(err.contains("at /identify"), "{err}");
 }
+
+/// A plan whose `Signed Up` event has `schema` (and whose other settings allow).
+fn plan_with(schema: Value) -> Result<TrackingPlan, String> {
+    let file = json!({ "events": { "Signed Up": schema } });
+    TrackingPlan::parse(&file.to_string(), "plans/web.json")
+}
+
+#[test]
+fn patterns_that_need_backtracking_are_refused_at_load_naming_where() {
+    let cases = [
+        (
+            json!({"properties": {"code": {"type": "string", "pattern": "^(a|aa)+(?!b)$"}}}),
+            "at /events/Signed Up/properties/code/pattern",
+        ),
+        (
+            json!({"patternProperties": {"^(a)\\1$": {}}}),
+            "at /events/Signed Up/patternProperties/^(a)\\1$",
+        ),
+        (
+            json!({"propertyNames": {"pattern": "(?<=a)b"}}),
+            "at /events/Signed Up/propertyNames/pattern",
+        ),
+        (
+            json!({"properties": {"x": {"items": {"pattern": "^(?=a)\\w+$"}}}}),
+            "at /events/Signed Up/properties/x/items/pattern",
+        ),
+    ];
+    for (schema, at) in cases {
+        let error = plan_with(schema.clone()).expect_err(&schema.to_string());
+        assert!(error.starts_with("plans/web.json: "), "{error}");
+        assert!(error.contains(at), "want {at}: {error}");
+        assert!(error.contains("linear time"), "{error}");
+    }
+}
+
+#[test]
+fn ordinary_patterns_still_validate_messages() {
+    let plan = plan_with(json!({
+        "properties": { "plan": { "type": "string", "pattern": "^(free|pro)-[0-9]{2,4}$" } },
+        "patternProperties": { "^utm_[a-z]+$": { "type": "string" } },
+    }))
+    .unwrap();
+    let mut good = track(
+        "Signed Up",
+        json!({ "plan": "pro-2024", "utm_source": "ad" }),
+    );
+    assert_eq!(plan.apply(&mut good), Verdict::deliver());
+    let mut bad = track("Signed Up", json!({ "plan": "gold-1", "utm_source": 7 }));
+    let Verdict::Deliver { violations, .. } = plan.apply(&mut bad) else {
+        panic!("violations are allowed by default");
+    };
+    let paths: Vec<&str> = violations.iter().map(|v| v.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["/properties/plan", "/properties/utm_source"],
+        "{violations:?}"
+    );
+}
