@@ -669,3 +669,51 @@ async fn without_retention_the_shared_log_refuses_a_replay_with_the_oldest_time(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A server older than 2.11 (no priority groups) is refused at start with its version
+/// named. No such server is installed here: a listener speaking just enough of the NATS
+/// protocol (INFO, then PONG to each PING) says it is 2.9.25, as Debian's does.
+#[test]
+fn a_server_older_than_2_11_is_refused_with_its_version() {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let info = r#"INFO {"server_id":"old","server_name":"old","version":"2.9.25","go":"go1.19","host":"127.0.0.1","port":4222,"headers":true,"max_payload":1048576,"proto":1,"jetstream":true}"#;
+            if stream.write_all(format!("{info}\r\n").as_bytes()).is_err() {
+                continue;
+            }
+            let mut lines = BufReader::new(stream.try_clone().unwrap()).lines();
+            while let Some(Ok(line)) = lines.next() {
+                if line.starts_with("PING") && stream.write_all(b"PONG\r\n").is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
+             [queue]\nbackend = \"nats\"\nservers = [\"nats://127.0.0.1:{port}\"]\n\
+             [[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("nats-server 2.9 found, fanout needs ≥ 2.11 (priority groups)"),
+        "{stderr}"
+    );
+}

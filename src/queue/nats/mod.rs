@@ -16,6 +16,7 @@
 mod acks;
 mod feed;
 mod retention;
+mod version;
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
@@ -134,6 +135,7 @@ impl NatsQueue {
             .connect(config.servers.as_slice())
             .await
             .with_context(|| format!("cannot connect to NATS at {servers} (queue.servers)"))?;
+        version::check(&client.server_info().version)?;
         let js = jetstream::ContextBuilder::new()
             .timeout(config.publish_timeout)
             .max_ack_inflight(65_536)
