@@ -27,6 +27,7 @@ const CONNECTIONS_OPEN: &str = "fanout_connections_open";
 const EVENTS: &str = "fanout_events_total";
 const QUEUE_HELD: &str = "fanout_queue_held_bytes";
 const RETENTION_EVICTED: &str = "fanout_queue_retention_evicted_segments_total";
+const STREAM_RECREATED: &str = "fanout_queue_stream_recreated_total";
 const QUEUE_LAG: &str = "fanout_queue_lag_bytes";
 const QUEUE_DEPTH: &str = "fanout_queue_depth_events";
 const QUEUE_AGE: &str = "fanout_queue_oldest_age_seconds";
@@ -124,6 +125,12 @@ fn describe() {
         RETENTION_EVICTED,
         "Queue segments kept for server.retention that were deleted before it ended, to \
          stay within server.max_queue_bytes (the budget wins over retention)."
+    );
+    describe_counter!(
+        STREAM_RECREATED,
+        "Times the shared log's NATS stream was found made again (a wiped server store, a \
+         stream deleted): the messages it held are gone (the ERROR log says up to which \
+         sequence)."
     );
     describe_gauge!(
         QUEUE_HELD,
@@ -361,6 +368,11 @@ fn events(source: &str, kind: &'static str, outcome: &'static str, n: u64) {
 /// Retained queue segments deleted early to stay within `server.max_queue_bytes`.
 pub fn retention_evicted(segments: u64) {
     counter!(RETENTION_EVICTED).increment(segments);
+}
+
+/// The shared log's stream was found made again, its messages gone.
+pub fn nats_stream_recreated() {
+    counter!(STREAM_RECREATED).increment(1);
 }
 
 /// One destination's delivery counters; looked up once per batch.

@@ -717,3 +717,66 @@ fn a_server_older_than_2_11_is_refused_with_its_version() {
         "{stderr}"
     );
 }
+
+/// `plan(users, each)` with its messageIds prefixed, for a second round of the same users.
+fn renamed(messages: Vec<Value>, prefix: &str) -> Vec<Value> {
+    messages
+        .into_iter()
+        .map(|mut m| {
+            let id = format!("{prefix}-{}", m["messageId"].as_str().unwrap());
+            m["messageId"] = json!(id);
+            m
+        })
+        .collect()
+}
+
+/// A server whose store is wiped while fanout runs: the stream and consumers are made
+/// again without a restart (`/ready` recovers, ingest and delivery resume, new messages
+/// numbered from 1 again are not taken for the old ones), and the loss is logged at
+/// ERROR with the sequence reached before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_store_is_made_again_while_running_and_the_loss_is_logged() {
+    let mut nats = NatsCluster::single();
+    let receiver = Receiver::start().await;
+    let f = instance(&nats, &receiver, "a");
+    // Delivered (and acknowledged) first: one stream message per partition a user is on.
+    let delivered = plan(4, 5);
+    assert_eq!(send(&f, &delivered).await, 200);
+    assert_all_delivered(&receiver, &delivered, Duration::from_secs(30)).await;
+    // Then owed when the store goes.
+    receiver.stop().await;
+    assert_eq!(send(&f, &renamed(plan(4, 5), "owed")).await, 200);
+    let jsz = nats.nodes[0].monitor("/jsz?streams=true").unwrap();
+    let last = jsz["account_details"][0]["stream_detail"][0]["state"]["last_seq"].clone();
+    assert!(last.as_u64().is_some_and(|l| l > 1), "{jsz}");
+
+    nats.nodes[0].kill();
+    nats.nodes[0].wipe_store();
+    nats.nodes[0].restart();
+    nats.wait_ready();
+    receiver.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // Traffic or not, the stream comes back.
+        let ready = client().get(f.url("/ready")).send().await.unwrap();
+        if ready.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/ready did not recover: {}",
+            ready.text().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = renamed(plan(4, 5), "after");
+    send_until_stored(&f, &after, Duration::from_secs(20)).await;
+    assert_all_delivered(&receiver, &after, Duration::from_secs(30)).await;
+    let log = f.stderr();
+    assert!(
+        log.iter().any(|l| l.contains("ERROR")
+            && l.contains("stream `fanout` was recreated")
+            && l.contains(&format!("messages up to seq {last} known before are gone"))),
+        "{log:#?}"
+    );
+}

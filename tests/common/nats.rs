@@ -40,6 +40,8 @@ pub struct NatsNode {
     pub port: u16,
     pub http_port: u16,
     config: PathBuf,
+    /// Its JetStream store directory.
+    store: PathBuf,
     child: Option<Child>,
 }
 
@@ -72,6 +74,13 @@ impl NatsNode {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "kill it first");
         self.spawn();
+    }
+
+    /// Deletes its JetStream store (it must be stopped): every stream and consumer on it
+    /// is gone when it starts again.
+    pub fn wipe_store(&mut self) {
+        assert!(self.child.is_none(), "kill it first");
+        std::fs::remove_dir_all(&self.store).expect("wipe the store");
     }
 
     pub fn running(&self) -> bool {
@@ -155,6 +164,7 @@ impl NatsCluster {
                 port,
                 http_port,
                 config,
+                store,
                 child: None,
             };
             node.spawn();

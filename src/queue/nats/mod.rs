@@ -14,14 +14,17 @@
 //! Payloads are the local log's framed records (`record.rs`): one format for both.
 
 mod acks;
+mod consumers;
 mod feed;
+mod lag;
+mod recover;
 mod retention;
 mod version;
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -46,9 +49,6 @@ const GROUP: &str = "fanout";
 const DESTINATION_KEY: &str = "fanout.destination";
 /// Stream metadata recording its partition count, which cannot change under it.
 const PARTITIONS_KEY: &str = "fanout.partitions";
-/// How often a failing stream is probed, and the held bytes refreshed otherwise.
-const PROBE_INTERVAL: Duration = Duration::from_secs(1);
-const STATE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Handle on the shared log. Cheap to clone.
 #[derive(Clone)]
@@ -60,6 +60,16 @@ struct Inner {
     client: async_nats::Client,
     js: jetstream::Context,
     stream: stream::Stream,
+    /// What the stream is made with, to make it again if it goes missing.
+    wanted: stream::Config,
+    /// Durable consumers in use here, made again if they go missing.
+    consumers: Arc<consumers::Registry>,
+    /// The stream's incarnation: counts the times it was found made again.
+    epoch: AtomicU32,
+    /// The highest sequence the stream is known to have reached.
+    last_sequence: AtomicU64,
+    seen: Mutex<recover::Seen>,
+    recovery_log: crate::throttle::LogThrottle,
     names: Names,
     settings: Settings,
     /// Why publishing fails now (a full stream, no quorum), until a publish or the
@@ -145,6 +155,12 @@ impl NatsQueue {
         })?;
         let names = Names::new(&config.stream, config.partitions);
         let stream = ensure_stream(&js, &names, config, max_bytes).await?;
+        let info = stream.cached_info();
+        let seen = recover::Seen {
+            created: info.created,
+            messages: info.state.messages,
+        };
+        let last_sequence = AtomicU64::new(info.state.last_sequence);
         tracing::info!(
             servers,
             stream = %names.stream,
@@ -156,6 +172,12 @@ impl NatsQueue {
             client,
             js,
             stream,
+            wanted: stream_config(&names, config, max_bytes),
+            consumers: Arc::default(),
+            epoch: AtomicU32::new(0),
+            last_sequence,
+            seen: Mutex::new(seen),
+            recovery_log: crate::throttle::LogThrottle::new(Duration::from_secs(30)),
             names,
             settings: Settings {
                 partitions: config.partitions,
@@ -169,7 +191,7 @@ impl NatsQueue {
             held_bytes: AtomicU64::new(0),
             refused_bytes: AtomicU64::new(0),
         });
-        tokio::spawn(watch_stream(Arc::downgrade(&inner)));
+        tokio::spawn(recover::watch_stream(Arc::downgrade(&inner)));
         Ok(NatsQueue { inner })
     }
 
@@ -179,6 +201,11 @@ impl NatsQueue {
 
     pub fn context(&self) -> &jetstream::Context {
         &self.inner.js
+    }
+
+    /// The stream's incarnation, which tells its messages from an earlier stream's.
+    fn epoch(&self) -> u32 {
+        self.inner.epoch.load(Ordering::SeqCst)
     }
 
     pub fn replicas(&self) -> usize {
@@ -222,7 +249,10 @@ impl NatsQueue {
             pending.push(ack.map_err(|e| self.refused(e, size))?);
         }
         for ack in pending {
-            ack.await.map_err(|e| self.refused(e, size))?;
+            let ack = ack.await.map_err(|e| self.refused(e, size))?;
+            self.inner
+                .last_sequence
+                .fetch_max(ack.sequence, Ordering::Relaxed);
         }
         self.inner.refused_bytes.store(0, Ordering::Relaxed);
         self.inner.failing.set(None);
@@ -330,36 +360,6 @@ impl NatsQueue {
             }
         }
         Ok(by_destination)
-    }
-}
-
-/// Keeps the held bytes current, and while publishing fails, probes the stream every
-/// second so that `/ready` recovers without traffic: once the stream answers and (if it
-/// was full) has room again.
-async fn watch_stream(inner: Weak<Inner>) {
-    let mut last_state = tokio::time::Instant::now() - STATE_INTERVAL;
-    loop {
-        tokio::time::sleep(PROBE_INTERVAL).await;
-        let Some(inner) = inner.upgrade() else {
-            return;
-        };
-        let failing = inner.failing.is_failing();
-        if !failing && last_state.elapsed() < STATE_INTERVAL {
-            continue;
-        }
-        last_state = tokio::time::Instant::now();
-        if inner.client.connection_state() != State::Connected {
-            continue;
-        }
-        if let Ok(info) = inner.stream.get_info().await {
-            let held = info.state.bytes;
-            inner.held_bytes.store(held, Ordering::Relaxed);
-            // Full: ready again once the request refused last would fit.
-            let refused = inner.refused_bytes.load(Ordering::Relaxed);
-            if failing && held + refused <= inner.settings.max_bytes {
-                inner.failing.set(None);
-            }
-        }
     }
 }
 

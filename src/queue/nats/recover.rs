@@ -1,0 +1,176 @@
+//! Watches the stream while fanout runs: keeps the held bytes current, clears `/ready`
+//! once publishing can work again, and makes the stream and fanout's consumers again
+//! when they are gone (a server whose store was wiped, a stream or consumer deleted by
+//! hand). What was lost with them cannot come back, so it is said once, at ERROR: the
+//! sequence the stream had reached before and where the new one starts.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Weak;
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream::{self, stream};
+use futures_util::TryStreamExt;
+
+use super::Inner;
+
+/// How often a failing stream is probed, and the stream's state read otherwise.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+const STATE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The stream as fanout last saw it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Seen {
+    /// When the stream was made: another time means another stream under the same name.
+    pub created: time::OffsetDateTime,
+    /// Messages held, as last read.
+    pub messages: u64,
+}
+
+/// Keeps the held bytes current, and while publishing fails, probes the stream every
+/// second so that `/ready` recovers without traffic: once the stream answers and (if it
+/// was full) has room again. Makes a missing stream or consumer again.
+pub(super) async fn watch_stream(inner: Weak<Inner>) {
+    let mut last_state = tokio::time::Instant::now() - STATE_INTERVAL;
+    loop {
+        tokio::time::sleep(PROBE_INTERVAL).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let failing = inner.failing.is_failing();
+        if !failing && last_state.elapsed() < STATE_INTERVAL {
+            continue;
+        }
+        last_state = tokio::time::Instant::now();
+        if inner.client.connection_state() != State::Connected {
+            continue;
+        }
+        let Some((info, remade)) = stream_info(&inner).await else {
+            continue;
+        };
+        restore_consumers(&inner, remade).await;
+        let held = info.state.bytes;
+        inner.held_bytes.store(held, Ordering::Relaxed);
+        // Full: ready again once the request refused last would fit.
+        let refused = inner.refused_bytes.load(Ordering::Relaxed);
+        if failing && held + refused <= inner.settings.max_bytes {
+            inner.failing.set(None);
+        }
+    }
+}
+
+/// The stream's state, making the stream again if it is missing; with whether it is
+/// another stream than the one seen before (made again here or elsewhere).
+async fn stream_info(inner: &Inner) -> Option<(stream::Info, bool)> {
+    let name = &inner.names.stream;
+    let mut bumped = false;
+    let info = match inner.stream.get_info().await {
+        Ok(info) => info,
+        Err(e) if is_missing(&e) => {
+            // Before the new stream exists, so that nothing read from it is taken for
+            // one of the old stream's messages (its sequences start at 1 again).
+            inner.epoch.fetch_add(1, Ordering::SeqCst);
+            bumped = true;
+            match inner.js.create_stream(inner.wanted.clone()).await {
+                Ok(mut stream) => stream.info().await.ok()?.clone(),
+                Err(e) => {
+                    if inner.recovery_log.ready() {
+                        tracing::error!(stream = %name, error = %e, "stream is missing and cannot be made again; ingest answers 503 until it can");
+                    }
+                    return None;
+                }
+            }
+        }
+        Err(_) => return None,
+    };
+    let before = {
+        let mut seen = inner.seen.lock().expect("stream state poisoned");
+        let before = *seen;
+        *seen = Seen {
+            created: info.created,
+            messages: info.state.messages,
+        };
+        before
+    };
+    let known = inner
+        .last_sequence
+        .fetch_max(info.state.last_sequence, Ordering::SeqCst);
+    if before.created == info.created {
+        return Some((info, false));
+    }
+    if !bumped {
+        inner.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+    inner
+        .last_sequence
+        .store(info.state.last_sequence, Ordering::SeqCst);
+    crate::metrics::nats_stream_recreated();
+    tracing::error!(
+        stream = %name,
+        known_sequence = known,
+        held_when_last_seen = before.messages,
+        now_sequence = info.state.last_sequence,
+        "stream `{name}` was recreated{}: messages up to seq {known} known before are gone \
+         ({} were held, not yet delivered everywhere, when last seen); the new stream is at \
+         seq {}",
+        if bumped { " by this instance (it was missing)" } else { " (by another instance or by hand)" },
+        before.messages,
+        info.state.last_sequence,
+    );
+    Some((info, true))
+}
+
+/// Makes again every consumer in use here that the stream lacks. The pullers of a
+/// consumer made again pull from it at their next request.
+async fn restore_consumers(inner: &Inner, stream_remade: bool) {
+    let wanted = inner.consumers.wanted();
+    if wanted.is_empty() {
+        return;
+    }
+    let present: HashSet<String> = match inner.stream.consumer_names().try_collect().await {
+        Ok(names) => names,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot list the stream's consumers");
+            return;
+        }
+    };
+    let mut made = 0;
+    for (name, config) in wanted {
+        if present.contains(&name) {
+            continue;
+        }
+        match inner.stream.create_consumer(config).await {
+            Ok(_) => made += 1,
+            Err(e) => {
+                if inner.recovery_log.ready() {
+                    tracing::error!(consumer = %name, error = %e, "consumer is missing and cannot be made again; retrying");
+                }
+                continue;
+            }
+        }
+        if !stream_remade {
+            let sequence = inner.last_sequence.load(Ordering::SeqCst);
+            tracing::error!(
+                consumer = %name,
+                known_sequence = sequence,
+                "consumer `{name}` was missing and is recreated: it delivers what the stream \
+                 receives from now on; what it had not acknowledged up to seq {sequence} is \
+                 not delivered by it"
+            );
+        }
+    }
+    if stream_remade && made > 0 {
+        tracing::info!(
+            consumers = made,
+            "made the consumers again on the new stream"
+        );
+    }
+}
+
+/// Whether a stream request failed because the stream does not exist.
+fn is_missing(e: &stream::InfoError) -> bool {
+    std::error::Error::source(e)
+        .and_then(|source| source.downcast_ref::<jetstream::Error>())
+        .is_some_and(|e| e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
