@@ -780,3 +780,45 @@ async fn a_wiped_store_is_made_again_while_running_and_the_loss_is_logged() {
         "{log:#?}"
     );
 }
+
+/// A publish the stream does not acknowledge in time (the server paused past
+/// `queue.publish_timeout`) may be stored or not: the 503 says the outcome is unknown,
+/// and the client's retry, packed with a newer message, does not store it twice (nor
+/// the message that was with it the first time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_an_unknown_outcome_is_delivered_once() {
+    let nats = NatsCluster::single();
+    let receiver = Receiver::start().await;
+    let f = Fanout::start_with(
+        Settings::default()
+            .section(&nats.queue_section(&format!("{QUEUE}\npublish_timeout = \"1s\"")))
+            .section(&hook(&receiver, "a")),
+    );
+    // One user: one partition, delivered in order.
+    let message = |id: &str| json!({"type": "track", "userId": "u", "event": "E", "messageId": id});
+    send_until_stored(&f, &[message("first")], Duration::from_secs(10)).await;
+    assert_all_delivered(&receiver, &[message("first")], Duration::from_secs(30)).await;
+
+    nats.nodes[0].pause();
+    let unknown = post_batch(&f, &[message("a"), message("c")]).await;
+    nats.nodes[0].resume();
+    assert_eq!(unknown.status(), 503);
+    let body: Value = unknown.json().await.unwrap();
+
+    // The client sends "a" again, with a message it had since.
+    send_until_stored(&f, &[message("a"), message("b")], Duration::from_secs(20)).await;
+    // Once "last" is here, so is any copy of what was stored before it.
+    send_until_stored(&f, &[message("last")], Duration::from_secs(20)).await;
+    assert_all_delivered(&receiver, &[message("last")], Duration::from_secs(30)).await;
+    let ids = receiver.message_ids();
+    let count = |id: &str| ids.iter().filter(|i| *i == id).count();
+    assert_eq!(count("a"), 1, "{ids:?}");
+    assert_eq!(count("b"), 1, "{ids:?}");
+    // Stored by the first publish after all.
+    assert_eq!(count("c"), 1, "{ids:?}");
+
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    let text = body["error"]["message"].as_str().unwrap();
+    assert!(text.contains("the outcome is unknown"), "{body}");
+    assert!(!text.contains("were not stored"), "{body}");
+}

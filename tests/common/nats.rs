@@ -70,6 +70,25 @@ impl NatsNode {
         }
     }
 
+    /// SIGSTOP: the node stops answering; what clients send waits in its socket.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after `pause`: it reads and handles what was sent meanwhile.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("running");
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     /// Starts it again on the same ports and store directory.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "kill it first");

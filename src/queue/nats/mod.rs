@@ -17,31 +17,29 @@ mod acks;
 mod consumers;
 mod feed;
 mod lag;
+mod publish;
 mod recover;
 mod retention;
+mod unconfirmed;
 mod version;
 
 use std::collections::{BTreeSet, HashMap};
-use std::ops::Range;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::connection::State;
-use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use async_nats::jetstream::{self, stream};
 use async_nats::Subject;
 use futures_util::TryStreamExt;
-use sha2::{Digest, Sha256};
 
 pub use acks::{Acks, Delivery, DeliveryKey, Handback};
 pub use feed::{StreamFeed, ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER};
 pub use retention::ReplayError;
 
 use super::failing::Failing;
-use super::{QueueError, RecordBatch};
 use crate::config::QueueConfig;
-use crate::message::Stamp;
 
 /// The priority group every fanout instance pulls in.
 const GROUP: &str = "fanout";
@@ -70,6 +68,8 @@ struct Inner {
     last_sequence: AtomicU64,
     seen: Mutex<recover::Seen>,
     recovery_log: crate::throttle::LogThrottle,
+    /// Packs published without an acknowledgement, kept to keep their retry single.
+    unconfirmed: unconfirmed::Unconfirmed,
     names: Names,
     settings: Settings,
     /// Why publishing fails now (a full stream, no quorum), until a publish or the
@@ -178,6 +178,7 @@ impl NatsQueue {
             last_sequence,
             seen: Mutex::new(seen),
             recovery_log: crate::throttle::LogThrottle::new(Duration::from_secs(30)),
+            unconfirmed: unconfirmed::Unconfirmed::new(config.duplicate_window),
             names,
             settings: Settings {
                 partitions: config.partitions,
@@ -210,74 +211,6 @@ impl NatsQueue {
 
     pub fn replicas(&self) -> usize {
         self.inner.stream.cached_info().config.num_replicas
-    }
-
-    /// Publishes a request's messages, each to its user's partition, and returns once
-    /// every one is acknowledged by the stream.
-    pub async fn append(&self, batch: RecordBatch) -> Result<(), QueueError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        if self.inner.client.connection_state() != State::Connected {
-            return Err(QueueError::Unavailable("not connected to NATS".into()));
-        }
-        let framed: Vec<_> = batch.framed().collect();
-        let bytes = batch.into_bytes();
-        let size = bytes.len() as u64;
-        let max_payload = self.inner.client.server_info().max_payload;
-        let mut pending = Vec::new();
-        for pack in packs(&framed, self.inner.names.partitions.len(), max_payload) {
-            let mut payload = Vec::with_capacity(pack.bytes);
-            let mut keys = Some(Sha256::new());
-            for (range, stamp) in &pack.records {
-                payload.extend_from_slice(&bytes[range.clone()]);
-                match (&mut keys, stamp.tag.has_key()) {
-                    (Some(hasher), true) => stamp
-                        .tag
-                        .key
-                        .iter()
-                        .for_each(|k| hasher.update(k.to_le_bytes())),
-                    _ => keys = None,
-                }
-            }
-            let mut publish = jetstream::message::PublishMessage::build().payload(payload.into());
-            if let Some(hasher) = keys {
-                publish = publish.message_id(pack_id(hasher));
-            }
-            let subject = self.inner.names.partitions[pack.partition].clone();
-            let ack = self.inner.js.send_publish(subject, publish).await;
-            pending.push(ack.map_err(|e| self.refused(e, size))?);
-        }
-        for ack in pending {
-            let ack = ack.await.map_err(|e| self.refused(e, size))?;
-            self.inner
-                .last_sequence
-                .fetch_max(ack.sequence, Ordering::Relaxed);
-        }
-        self.inner.refused_bytes.store(0, Ordering::Relaxed);
-        self.inner.failing.set(None);
-        Ok(())
-    }
-
-    /// Maps a publish failure to why ingest answers 503, and remembers it for `/ready`.
-    fn refused(&self, e: jetstream::context::PublishError, size: u64) -> QueueError {
-        let text = e.to_string();
-        let error = if text.contains("maximum bytes") || text.contains("maximum messages") {
-            self.inner.refused_bytes.store(size, Ordering::Relaxed);
-            QueueError::Full(format!(
-                "stream `{}` is at its limit of {} bytes; server.max_queue_bytes",
-                self.inner.names.stream, self.inner.settings.max_bytes
-            ))
-        } else if e.kind() == PublishErrorKind::TimedOut {
-            QueueError::Unavailable(format!(
-                "no acknowledgement from stream `{}` in time ({text})",
-                self.inner.names.stream
-            ))
-        } else {
-            QueueError::Unavailable(text)
-        };
-        self.inner.failing.set(Some(error.to_string()));
-        error
     }
 
     /// Whether ingest can store now (for `/ready`): connected, and publishing works.
@@ -361,48 +294,6 @@ impl NatsQueue {
         }
         Ok(by_destination)
     }
-}
-
-/// `Nats-Msg-Id` of a message with a dedupe key: the key's 96 bits in hex.
-/// The messages of one request that go to one partition, published as one stream
-/// message: a fraction of the per-message cost (acks, storage, an fsync each with
-/// `sync_interval: always`).
-struct Pack<'a> {
-    partition: usize,
-    records: Vec<&'a (Range<usize>, Stamp)>,
-    bytes: usize,
-}
-
-/// Groups a request's records by partition, in order, each pack within `max_payload`
-/// (a record alone may be bigger; the server then refuses it with a clear error).
-fn packs(framed: &[(Range<usize>, Stamp)], partitions: usize, max_payload: usize) -> Vec<Pack<'_>> {
-    let mut done = Vec::new();
-    let mut open: Vec<Option<Pack>> = (0..partitions).map(|_| None).collect();
-    for record in framed {
-        let partition = (record.1.user % partitions as u64) as usize;
-        let len = record.0.len();
-        if let Some(pack) = &open[partition] {
-            if pack.bytes + len > max_payload {
-                done.extend(open[partition].take());
-            }
-        }
-        let pack = open[partition].get_or_insert_with(|| Pack {
-            partition,
-            records: Vec::new(),
-            bytes: 0,
-        });
-        pack.records.push(record);
-        pack.bytes += len;
-    }
-    done.extend(open.into_iter().flatten());
-    done
-}
-
-/// A pack's `Nats-Msg-Id`: a digest of its messages' dedupe keys, so a publish retried
-/// after a lost acknowledgement (the same request, packed the same way) is stored once.
-fn pack_id(keys: Sha256) -> String {
-    let digest = keys.finalize();
-    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Connection options from the config; secrets from the environment.
