@@ -68,6 +68,9 @@ struct Inner {
     last_sequence: AtomicU64,
     seen: Mutex<recover::Seen>,
     recovery_log: crate::throttle::LogThrottle,
+    /// Held (to write) while the stream and its consumers are made again; publishes are
+    /// sent under a read guard.
+    remaking: tokio::sync::RwLock<()>,
     /// Packs published without an acknowledgement, kept to keep their retry single.
     unconfirmed: unconfirmed::Unconfirmed,
     names: Names,
@@ -178,6 +181,7 @@ impl NatsQueue {
             last_sequence,
             seen: Mutex::new(seen),
             recovery_log: crate::throttle::LogThrottle::new(Duration::from_secs(30)),
+            remaking: tokio::sync::RwLock::new(()),
             unconfirmed: unconfirmed::Unconfirmed::new(config.duplicate_window),
             names,
             settings: Settings {

@@ -32,6 +32,10 @@ impl NatsQueue {
         let size = bytes.len() as u64;
         let unconfirmed = &self.inner.unconfirmed;
         let now = Instant::now();
+        // Sent in order on one connection, publishes before the guard is released reach
+        // the server before a stream made again exists (and fail), or after its
+        // consumers do (see recover.rs).
+        let sending = self.inner.remaking.read().await;
         // Messages whose earlier publish had an unknown outcome: that pack goes again as
         // it was (the stream stores it at most once), and its messages are then stored.
         let keys: Vec<Key> = framed
@@ -77,6 +81,7 @@ impl NatsQueue {
                 }
             }
         }
+        drop(sending);
         // Every pack sent is waited for, even after a failure: what was stored must be
         // known to keep a retry from storing it again.
         let mut stored = Vec::new();

@@ -68,12 +68,19 @@ async fn stream_info(inner: &Inner) -> Option<(stream::Info, bool)> {
     let info = match inner.stream.get_info().await {
         Ok(info) => info,
         Err(e) if is_missing(&e) => {
+            // No publish goes out between the new stream and its consumers: a consumer
+            // made after a message (it delivers what comes after it) never delivers it.
+            let _remaking = inner.remaking.write().await;
             // Before the new stream exists, so that nothing read from it is taken for
             // one of the old stream's messages (its sequences start at 1 again).
             inner.epoch.fetch_add(1, Ordering::SeqCst);
             bumped = true;
             match inner.js.create_stream(inner.wanted.clone()).await {
-                Ok(mut stream) => stream.info().await.ok()?.clone(),
+                Ok(mut stream) => {
+                    let info = stream.info().await.ok()?.clone();
+                    restore_consumers(inner, true).await;
+                    info
+                }
                 Err(e) => {
                     if inner.recovery_log.ready() {
                         tracing::error!(stream = %name, error = %e, "stream is missing and cannot be made again; ingest answers 503 until it can");
