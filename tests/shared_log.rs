@@ -822,3 +822,46 @@ async fn a_retry_after_an_unknown_outcome_is_delivered_once() {
     assert!(text.contains("the outcome is unknown"), "{body}");
     assert!(!text.contains("were not stored"), "{body}");
 }
+
+/// A store wiped while fanout was stopped: at its next start fanout compares the stream
+/// with what it saw before (kept in `server.data_dir`) and says at ERROR what is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_wiped_while_stopped_is_noted_at_the_next_start() {
+    let mut nats = NatsCluster::single();
+    let receiver = Receiver::start().await;
+    receiver.stop().await;
+    let mut f = instance(&nats, &receiver, "a");
+    assert_eq!(send(&f, &plan(4, 5)).await, 200);
+    let jsz = nats.nodes[0].monitor("/jsz?streams=true").unwrap();
+    let last = jsz["account_details"][0]["stream_detail"][0]["state"]["last_seq"]
+        .as_u64()
+        .unwrap();
+    // The record catches up within a few seconds.
+    let record = f.dir().join("data").join("nats-stream-fanout.json");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let saved: Option<Value> = std::fs::read(&record)
+            .ok()
+            .and_then(|text| serde_json::from_slice(&text).ok());
+        if saved.is_some_and(|s| s["last_sequence"] == last) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no record of seq {last} in {record:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(f.terminate().success());
+
+    nats.nodes[0].kill();
+    nats.nodes[0].wipe_store();
+    nats.nodes[0].restart();
+    nats.wait_ready();
+    f.restart();
+    let log = f.stderr();
+    assert!(
+        log.iter().any(|l| l.contains("ERROR")
+            && l.contains("stream `fanout` is not the one this instance saw before it stopped")
+            && l.contains(&format!("messages up to seq {last} known before are gone"))),
+        "{log:#?}"
+    );
+    assert_eq!(send(&f, &plan(1, 1)).await, 200);
+}

@@ -187,6 +187,7 @@ async fn open_queue(config: &Config) -> anyhow::Result<(Queue, Option<QueueWrite
         QueueBackend::Nats => {
             let shared = NatsQueue::connect(&config.queue, config.server.max_queue_bytes).await?;
             shared.keep_retained(config.server.retention).await?;
+            shared.keep_record(&config.server.data_dir).await;
             Ok((Queue::Nats(shared), None))
         }
     }

@@ -71,6 +71,10 @@ struct Inner {
     /// Held (to write) while the stream and its consumers are made again; publishes are
     /// sent under a read guard.
     remaking: tokio::sync::RwLock<()>,
+    /// Where what was seen of the stream is kept across restarts (`keep_record`), and
+    /// what was written there last.
+    record: std::sync::OnceLock<std::path::PathBuf>,
+    record_written: Mutex<Option<recover::Saved>>,
     /// Packs published without an acknowledgement, kept to keep their retry single.
     unconfirmed: unconfirmed::Unconfirmed,
     names: Names,
@@ -182,6 +186,8 @@ impl NatsQueue {
             seen: Mutex::new(seen),
             recovery_log: crate::throttle::LogThrottle::new(Duration::from_secs(30)),
             remaking: tokio::sync::RwLock::new(()),
+            record: std::sync::OnceLock::new(),
+            record_written: Mutex::new(None),
             unconfirmed: unconfirmed::Unconfirmed::new(config.duplicate_window),
             names,
             settings: Settings {

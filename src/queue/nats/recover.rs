@@ -50,6 +50,7 @@ pub(super) async fn watch_stream(inner: Weak<Inner>) {
             continue;
         };
         restore_consumers(&inner, remade).await;
+        save_record(&inner).await;
         let held = info.state.bytes;
         inner.held_bytes.store(held, Ordering::Relaxed);
         // Full: ready again once the request refused last would fit.
@@ -180,4 +181,89 @@ fn is_missing(e: &stream::InfoError) -> bool {
     std::error::Error::source(e)
         .and_then(|source| source.downcast_ref::<jetstream::Error>())
         .is_some_and(|e| e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
+/// What this instance last saw of the stream, kept in `server.data_dir` so that a stream
+/// made again while fanout was stopped is noticed at its next start.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(super) struct Saved {
+    stream: String,
+    created_unix: i64,
+    created_nanos: u32,
+    last_sequence: u64,
+}
+
+impl Saved {
+    fn now(inner: &Inner) -> Saved {
+        let created = inner.seen.lock().expect("stream state poisoned").created;
+        Saved {
+            stream: inner.names.stream.clone(),
+            created_unix: created.unix_timestamp(),
+            created_nanos: created.nanosecond(),
+            last_sequence: inner.last_sequence.load(Ordering::SeqCst),
+        }
+    }
+
+    fn created(&self) -> String {
+        chrono::DateTime::from_timestamp(self.created_unix, self.created_nanos)
+            .map_or_else(|| self.created_unix.to_string(), |t| t.to_rfc3339())
+    }
+}
+
+impl super::NatsQueue {
+    /// Says (at ERROR) if the stream is not the one this instance saw before it last
+    /// stopped, as recorded in `data_dir`; then keeps that record current.
+    pub async fn keep_record(&self, data_dir: &std::path::Path) {
+        let inner = &self.inner;
+        let path = data_dir.join(format!("nats-stream-{}.json", inner.names.stream));
+        let now = Saved::now(inner);
+        let before = tokio::fs::read(&path)
+            .await
+            .ok()
+            .and_then(|text| serde_json::from_slice::<Saved>(&text).ok());
+        if let Some(before) = before
+            .filter(|b| (b.created_unix, b.created_nanos) != (now.created_unix, now.created_nanos))
+        {
+            crate::metrics::nats_stream_recreated();
+            tracing::error!(
+                stream = %now.stream,
+                known_sequence = before.last_sequence,
+                "stream `{}` is not the one this instance saw before it stopped (made {}, \
+                 this one {}): messages up to seq {} known before are gone, unless \
+                 queue.servers names other servers than then",
+                now.stream,
+                before.created(),
+                now.created(),
+                before.last_sequence,
+            );
+        }
+        let _ = inner.record.set(path);
+        save_record(inner).await;
+    }
+}
+
+/// Writes the record when the stream moved on since it was last written.
+async fn save_record(inner: &Inner) {
+    let Some(path) = inner.record.get() else {
+        return;
+    };
+    let now = Saved::now(inner);
+    {
+        let mut written = inner.record_written.lock().expect("record poisoned");
+        if written.as_ref() == Some(&now) {
+            return;
+        }
+        *written = Some(now.clone());
+    }
+    let text = serde_json::to_vec(&now).expect("the record serializes");
+    let partial = path.with_extension("json.partial");
+    let written = async {
+        tokio::fs::write(&partial, text).await?;
+        tokio::fs::rename(&partial, path).await
+    };
+    if let Err(e) = written.await {
+        // Before `server.data_dir` exists, or a full disk: the next tick tries again.
+        *inner.record_written.lock().expect("record poisoned") = None;
+        tracing::debug!(path = %path.display(), error = %e, "cannot save what was seen of the stream");
+    }
 }
