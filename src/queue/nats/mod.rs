@@ -10,6 +10,8 @@
 //!   delivers a partition, so a user's messages keep their order across instances.
 //! - The stream's retention is `interest`: a message goes once every destination's
 //!   consumer has acknowledged it. Replayed dead letters come back on `<stream>.r.<dest>`.
+//! - A stream or consumer that goes missing (a wiped server store) is made again while
+//!   fanout runs, and what was lost with it is logged (`recover.rs`).
 //!
 //! Payloads are the local log's framed records (`record.rs`): one format for both.
 
