@@ -846,7 +846,10 @@ async fn a_store_wiped_while_stopped_is_noted_at_the_next_start() {
         if saved.is_some_and(|s| s["last_sequence"] == last) {
             break;
         }
-        assert!(Instant::now() < deadline, "no record of seq {last} in {record:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no record of seq {last} in {record:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(f.terminate().success());
