@@ -57,11 +57,10 @@ impl NatsQueue {
                 Err(e) => return Err(self.refused(e, size)),
             }
         }
+        let stored_before = unconfirmed.stored_of(&keys, now);
         let framed: Vec<_> = framed
             .into_iter()
-            .filter(|(_, stamp)| {
-                !(stamp.tag.has_key() && unconfirmed.is_stored(&stamp.tag.key, now))
-            })
+            .filter(|(_, stamp)| !(stamp.tag.has_key() && stored_before.contains(&stamp.tag.key)))
             .collect();
         let max_payload = self.inner.client.server_info().max_payload;
         let mut sent = Vec::new();

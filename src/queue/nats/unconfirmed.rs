@@ -11,7 +11,8 @@
 //! after the window, a pack holding a message without a messageId (no `Nats-Msg-Id`),
 //! and packs past `MAX_BYTES` kept.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -40,6 +41,8 @@ pub(super) struct Unconfirmed {
     /// How long after its publish a pack can still be published again safely.
     window: Duration,
     state: Mutex<State>,
+    /// Whether anything is kept: ingest skips the lock when nothing is (the usual case).
+    any: AtomicBool,
 }
 
 #[derive(Default)]
@@ -62,6 +65,7 @@ impl Unconfirmed {
         Unconfirmed {
             window: duplicate_window.saturating_sub(margin),
             state: Mutex::new(State::default()),
+            any: AtomicBool::new(false),
         }
     }
 
@@ -74,6 +78,7 @@ impl Unconfirmed {
         if state.bytes + pack.payload.len() > MAX_BYTES {
             return false;
         }
+        self.any.store(true, Ordering::Relaxed);
         state.bytes += pack.payload.len();
         for key in &pack.keys {
             state.by_key.insert(*key, pack.id.clone());
@@ -88,6 +93,7 @@ impl Unconfirmed {
     pub(super) fn stored(&self, keys: impl IntoIterator<Item = Key>, now: Instant) {
         let mut state = self.lock(now);
         let until = now + self.window;
+        self.any.store(true, Ordering::Relaxed);
         state
             .stored
             .extend(keys.into_iter().map(|key| (key, until)));
@@ -95,6 +101,9 @@ impl Unconfirmed {
 
     /// The kept packs holding any of `keys`: to publish again before them.
     pub(super) fn holding(&self, keys: &[Key], now: Instant) -> Vec<Pack> {
+        if !self.any.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
         let state = self.lock(now);
         let mut ids: Vec<&String> = keys.iter().filter_map(|k| state.by_key.get(k)).collect();
         ids.sort();
@@ -119,9 +128,16 @@ impl Unconfirmed {
         }
     }
 
-    /// Whether a message is known stored already (within its window).
-    pub(super) fn is_stored(&self, key: &Key, now: Instant) -> bool {
-        self.lock(now).stored.contains_key(key)
+    /// Which of `keys` are known stored already (within their window).
+    pub(super) fn stored_of(&self, keys: &[Key], now: Instant) -> HashSet<Key> {
+        if !self.any.load(Ordering::Relaxed) {
+            return HashSet::new();
+        }
+        let state = self.lock(now);
+        keys.iter()
+            .filter(|key| state.stored.contains_key(*key))
+            .copied()
+            .collect()
     }
 
     /// The state, with what is past its window dropped (counted: a retry of those
@@ -149,6 +165,9 @@ impl Unconfirmed {
             }
         }
         state.stored.retain(|_, until| *until > now);
+        if state.packs.is_empty() && state.stored.is_empty() {
+            self.any.store(false, Ordering::Relaxed);
+        }
         state
     }
 }
@@ -178,12 +197,11 @@ mod tests {
         unconfirmed.confirmed("ac", start);
         assert!(unconfirmed.holding(&[[1, 0, 0]], start).is_empty());
         // Both its messages are stored now, the one not retried yet too.
-        assert!(unconfirmed.is_stored(&[1, 0, 0], start));
-        assert!(unconfirmed.is_stored(&[3, 0, 0], start));
-        assert!(!unconfirmed.is_stored(&[2, 0, 0], start));
+        let stored = unconfirmed.stored_of(&[[1, 0, 0], [2, 0, 0], [3, 0, 0]], start);
+        assert_eq!(stored, HashSet::from([[1, 0, 0], [3, 0, 0]]));
         // Past the window (less the margin) nothing is known any more.
         let later = start + Duration::from_secs(115);
-        assert!(!unconfirmed.is_stored(&[1, 0, 0], later));
+        assert!(unconfirmed.stored_of(&[[1, 0, 0]], later).is_empty());
 
         assert!(unconfirmed.unknown(pack("b", &[2]), start));
         assert!(unconfirmed.holding(&[[2, 0, 0]], later).is_empty());
