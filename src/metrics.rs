@@ -27,6 +27,9 @@ const CONNECTIONS_OPEN: &str = "fanout_connections_open";
 const EVENTS: &str = "fanout_events_total";
 const QUEUE_HELD: &str = "fanout_queue_held_bytes";
 const RETENTION_EVICTED: &str = "fanout_queue_retention_evicted_segments_total";
+const STREAM_RECREATED: &str = "fanout_queue_stream_recreated_total";
+const PUBLISH_UNKNOWN: &str = "fanout_queue_publish_unknown_total";
+const PUBLISH_UNTRACKED: &str = "fanout_queue_publish_unknown_untracked_total";
 const QUEUE_LAG: &str = "fanout_queue_lag_bytes";
 const QUEUE_DEPTH: &str = "fanout_queue_depth_events";
 const QUEUE_AGE: &str = "fanout_queue_oldest_age_seconds";
@@ -134,6 +137,24 @@ fn describe() {
         RETENTION_EVICTED,
         "Queue segments kept for server.retention that were deleted before it ended, to \
          stay within server.max_queue_bytes (the budget wins over retention)."
+    );
+    describe_counter!(
+        STREAM_RECREATED,
+        "Times the shared log's NATS stream was found made again (a wiped server store, a \
+         stream deleted): the messages it held are gone (the ERROR log says up to which \
+         sequence)."
+    );
+    describe_counter!(
+        PUBLISH_UNKNOWN,
+        "Messages answered 503 whose publish to the shared log had an unknown outcome (no \
+         acknowledgement in time): stored or not, a retry within queue.duplicate_window is \
+         stored once."
+    );
+    describe_counter!(
+        PUBLISH_UNTRACKED,
+        "Messages of unknown outcome fanout no longer recognises (queue.duplicate_window \
+         ended before a retry, no messageId, or the 64 MiB kept for retries was full): a \
+         retry of one stores it again, a duplicate if the first publish was stored."
     );
     describe_gauge!(
         QUEUE_HELD,
@@ -392,6 +413,21 @@ pub fn dead_letters_dropped(destination: &str, reason: &'static str, letters: u6
 /// Retained queue segments deleted early to stay within `server.max_queue_bytes`.
 pub fn retention_evicted(segments: u64) {
     counter!(RETENTION_EVICTED).increment(segments);
+}
+
+/// The shared log's stream was found made again, its messages gone.
+pub fn nats_stream_recreated() {
+    counter!(STREAM_RECREATED).increment(1);
+}
+
+/// Messages whose publish to the shared log had an unknown outcome.
+pub fn publish_unknown(messages: u64) {
+    counter!(PUBLISH_UNKNOWN).increment(messages);
+}
+
+/// Messages of unknown outcome whose retry can no longer be recognised.
+pub fn publish_unknown_untracked(messages: u64) {
+    counter!(PUBLISH_UNTRACKED).increment(messages);
 }
 
 /// One destination's delivery counters; looked up once per batch.

@@ -669,3 +669,210 @@ async fn without_retention_the_shared_log_refuses_a_replay_with_the_oldest_time(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A server older than 2.11 (no priority groups) is refused at start with its version
+/// named. No such server is installed here: a listener speaking just enough of the NATS
+/// protocol (INFO, then PONG to each PING) says it is 2.9.25, as Debian's does.
+#[test]
+fn a_server_older_than_2_11_is_refused_with_its_version() {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let info = r#"INFO {"server_id":"old","server_name":"old","version":"2.9.25","go":"go1.19","host":"127.0.0.1","port":4222,"headers":true,"max_payload":1048576,"proto":1,"jetstream":true}"#;
+            if stream.write_all(format!("{info}\r\n").as_bytes()).is_err() {
+                continue;
+            }
+            let mut lines = BufReader::new(stream.try_clone().unwrap()).lines();
+            while let Some(Ok(line)) = lines.next() {
+                if line.starts_with("PING") && stream.write_all(b"PONG\r\n").is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
+             [queue]\nbackend = \"nats\"\nservers = [\"nats://127.0.0.1:{port}\"]\n\
+             [[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("nats-server 2.9 found, fanout needs ≥ 2.11 (priority groups)"),
+        "{stderr}"
+    );
+}
+
+/// `plan(users, each)` with its messageIds prefixed, for a second round of the same users.
+fn renamed(messages: Vec<Value>, prefix: &str) -> Vec<Value> {
+    messages
+        .into_iter()
+        .map(|mut m| {
+            let id = format!("{prefix}-{}", m["messageId"].as_str().unwrap());
+            m["messageId"] = json!(id);
+            m
+        })
+        .collect()
+}
+
+/// The sequence the `fanout` stream has reached, as its (single) node says.
+fn last_sequence(nats: &NatsCluster) -> u64 {
+    let jsz = nats.nodes[0].monitor("/jsz?streams=true").unwrap();
+    jsz["account_details"][0]["stream_detail"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["name"] == "fanout")
+        .and_then(|s| s["state"]["last_seq"].as_u64())
+        .unwrap_or_else(|| panic!("no stream `fanout`: {jsz}"))
+}
+
+/// A server whose store is wiped while fanout runs: the stream and consumers are made
+/// again without a restart (`/ready` recovers, ingest and delivery resume, new messages
+/// numbered from 1 again are not taken for the old ones), and the loss is logged at
+/// ERROR with the sequence reached before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_store_is_made_again_while_running_and_the_loss_is_logged() {
+    let mut nats = NatsCluster::single();
+    let receiver = Receiver::start().await;
+    let f = instance(&nats, &receiver, "a");
+    // Delivered (and acknowledged) first: one stream message per partition a user is on.
+    let delivered = plan(4, 5);
+    assert_eq!(send(&f, &delivered).await, 200);
+    assert_all_delivered(&receiver, &delivered, Duration::from_secs(30)).await;
+    // Then owed when the store goes.
+    receiver.stop().await;
+    assert_eq!(send(&f, &renamed(plan(4, 5), "owed")).await, 200);
+    let last = last_sequence(&nats);
+    assert!(last > 1);
+
+    nats.nodes[0].kill();
+    nats.nodes[0].wipe_store();
+    nats.nodes[0].restart();
+    nats.wait_ready();
+    receiver.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // Traffic or not, the stream comes back.
+        let ready = client().get(f.url("/ready")).send().await.unwrap();
+        if ready.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/ready did not recover: {}",
+            ready.text().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = renamed(plan(4, 5), "after");
+    send_until_stored(&f, &after, Duration::from_secs(20)).await;
+    assert_all_delivered(&receiver, &after, Duration::from_secs(30)).await;
+    let log = f.stderr();
+    assert!(
+        log.iter().any(|l| l.contains("ERROR")
+            && l.contains("stream `fanout` was recreated")
+            && l.contains(&format!("messages up to seq {last} known before are gone"))),
+        "{log:#?}"
+    );
+}
+
+/// A publish the stream does not acknowledge in time (the server paused past
+/// `queue.publish_timeout`) may be stored or not: the 503 says the outcome is unknown,
+/// and the client's retry, packed with a newer message, does not store it twice (nor
+/// the message that was with it the first time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_an_unknown_outcome_is_delivered_once() {
+    let nats = NatsCluster::single();
+    let receiver = Receiver::start().await;
+    let f = Fanout::start_with(
+        Settings::default()
+            .section(&nats.queue_section(&format!("{QUEUE}\npublish_timeout = \"1s\"")))
+            .section(&hook(&receiver, "a")),
+    );
+    // One user: one partition, delivered in order.
+    let message = |id: &str| json!({"type": "track", "userId": "u", "event": "E", "messageId": id});
+    send_until_stored(&f, &[message("first")], Duration::from_secs(10)).await;
+    assert_all_delivered(&receiver, &[message("first")], Duration::from_secs(30)).await;
+
+    nats.nodes[0].pause();
+    let unknown = post_batch(&f, &[message("a"), message("c")]).await;
+    nats.nodes[0].resume();
+    assert_eq!(unknown.status(), 503);
+    let body: Value = unknown.json().await.unwrap();
+
+    // The client sends "a" again, with a message it had since.
+    send_until_stored(&f, &[message("a"), message("b")], Duration::from_secs(20)).await;
+    // Once "last" is here, so is any copy of what was stored before it.
+    send_until_stored(&f, &[message("last")], Duration::from_secs(20)).await;
+    assert_all_delivered(&receiver, &[message("last")], Duration::from_secs(30)).await;
+    let ids = receiver.message_ids();
+    let count = |id: &str| ids.iter().filter(|i| *i == id).count();
+    assert_eq!(count("a"), 1, "{ids:?}");
+    assert_eq!(count("b"), 1, "{ids:?}");
+    // Stored by the first publish after all.
+    assert_eq!(count("c"), 1, "{ids:?}");
+
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    let text = body["error"]["message"].as_str().unwrap();
+    assert!(text.contains("the outcome is unknown"), "{body}");
+    assert!(!text.contains("were not stored"), "{body}");
+}
+
+/// A store wiped while fanout was stopped: at its next start fanout compares the stream
+/// with what it saw before (kept in `server.data_dir`) and says at ERROR what is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_wiped_while_stopped_is_noted_at_the_next_start() {
+    let mut nats = NatsCluster::single();
+    let receiver = Receiver::start().await;
+    receiver.stop().await;
+    let mut f = instance(&nats, &receiver, "a");
+    assert_eq!(send(&f, &plan(4, 5)).await, 200);
+    let last = last_sequence(&nats);
+    // The record catches up within a few seconds.
+    let record = f.dir().join("data").join("nats-stream-fanout.json");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let saved: Option<Value> = std::fs::read(&record)
+            .ok()
+            .and_then(|text| serde_json::from_slice(&text).ok());
+        if saved.is_some_and(|s| s["last_sequence"] == last) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no record of seq {last} in {record:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(f.terminate().success());
+
+    nats.nodes[0].kill();
+    nats.nodes[0].wipe_store();
+    nats.nodes[0].restart();
+    nats.wait_ready();
+    f.restart();
+    let log = f.stderr();
+    assert!(
+        log.iter().any(|l| l.contains("ERROR")
+            && l.contains("stream `fanout` is not the one this instance saw before it stopped")
+            && l.contains(&format!("messages up to seq {last} known before are gone"))),
+        "{log:#?}"
+    );
+    assert_eq!(send(&f, &plan(1, 1)).await, 200);
+}

@@ -32,6 +32,12 @@ pub enum ApiError {
         retry_after: u32,
         reason: String,
     },
+    /// The queue did not confirm storing them (sent, no acknowledgement): 503 +
+    /// Retry-After. They may be stored; a retry with the same messageIds is stored once.
+    Uncertain {
+        retry_after: u32,
+        reason: String,
+    },
     /// `/ready`: ingest cannot store now (full disk, full budget): 503 + Retry-After.
     NotReady {
         retry_after: u32,
@@ -55,9 +61,9 @@ impl ApiError {
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable { .. } | ApiError::NotReady { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Unavailable { .. }
+            | ApiError::Uncertain { .. }
+            | ApiError::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Duplicate(_) => StatusCode::CONFLICT,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -88,6 +94,14 @@ impl ApiError {
                 "unavailable",
                 format!("messages were not stored: {reason}; retry later"),
             ),
+            ApiError::Uncertain { reason, .. } => Rejection::new(
+                "unavailable",
+                format!(
+                    "the outcome is unknown, messages may or may not have been stored: \
+                     {reason}; retry later with the same messageIds (those stored are \
+                     not stored twice)"
+                ),
+            ),
             ApiError::NotReady { reason, .. } => Rejection::new("not_ready", reason.clone()),
             ApiError::Duplicate(id) => Rejection::field(
                 "duplicate",
@@ -105,6 +119,7 @@ impl ApiError {
         match self {
             ApiError::Overloaded { retry_after }
             | ApiError::Unavailable { retry_after, .. }
+            | ApiError::Uncertain { retry_after, .. }
             | ApiError::NotReady { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
@@ -129,7 +144,10 @@ impl ApiError {
         let rejection = self.rejection();
         let server_side = matches!(
             self,
-            ApiError::Internal(_) | ApiError::Unavailable { .. } | ApiError::NotReady { .. }
+            ApiError::Internal(_)
+                | ApiError::Unavailable { .. }
+                | ApiError::Uncertain { .. }
+                | ApiError::NotReady { .. }
         );
         ErrorLog {
             code: rejection.code,
@@ -140,9 +158,15 @@ impl ApiError {
     }
 
     pub fn from_queue(e: QueueError, retry_after: u32) -> ApiError {
-        ApiError::Unavailable {
-            retry_after,
-            reason: e.to_string(),
+        match e {
+            QueueError::Uncertain(_) => ApiError::Uncertain {
+                retry_after,
+                reason: e.to_string(),
+            },
+            e => ApiError::Unavailable {
+                retry_after,
+                reason: e.to_string(),
+            },
         }
     }
 }

@@ -29,6 +29,9 @@ pub enum QueueError {
     Full(String),
     #[error("the shared log is unavailable: {0}")]
     Unavailable(String),
+    /// Sent, but not acknowledged: the messages may have been stored or not.
+    #[error("the shared log did not confirm storing them: {0}")]
+    Uncertain(String),
 }
 
 /// The queue ingest appends to and destinations read from. Cheap to clone.

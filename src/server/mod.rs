@@ -193,6 +193,7 @@ async fn open_queue(config: &Config) -> anyhow::Result<(Queue, Option<QueueWrite
         QueueBackend::Nats => {
             let shared = NatsQueue::connect(&config.queue, config.queue_bytes()).await?;
             shared.keep_retained(config.server.retention).await?;
+            shared.keep_record(&config.server.data_dir).await;
             Ok((Queue::Nats(shared), None))
         }
     }

@@ -40,6 +40,8 @@ pub struct NatsNode {
     pub port: u16,
     pub http_port: u16,
     config: PathBuf,
+    /// Its JetStream store directory.
+    store: PathBuf,
     child: Option<Child>,
 }
 
@@ -68,10 +70,36 @@ impl NatsNode {
         }
     }
 
+    /// SIGSTOP: the node stops answering; what clients send waits in its socket.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after `pause`: it reads and handles what was sent meanwhile.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("running");
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     /// Starts it again on the same ports and store directory.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "kill it first");
         self.spawn();
+    }
+
+    /// Deletes its JetStream store (it must be stopped): every stream and consumer on it
+    /// is gone when it starts again.
+    pub fn wipe_store(&mut self) {
+        assert!(self.child.is_none(), "kill it first");
+        std::fs::remove_dir_all(&self.store).expect("wipe the store");
     }
 
     pub fn running(&self) -> bool {
@@ -155,6 +183,7 @@ impl NatsCluster {
                 port,
                 http_port,
                 config,
+                store,
                 child: None,
             };
             node.spawn();

@@ -22,6 +22,9 @@ use tokio::time::Instant;
 pub struct Delivery {
     /// Which of the destination's consumers delivered it (a partition, or the replays).
     pub consumer: u16,
+    /// The stream's incarnation it came from: a stream made again (a wiped server store)
+    /// numbers its messages from 1 again, and they are not the old ones.
+    pub epoch: u32,
     /// Its sequence number in the stream.
     pub sequence: u64,
     pub(super) reply: Subject,
@@ -29,11 +32,11 @@ pub struct Delivery {
 }
 
 /// Identifies a message across its deliveries.
-pub type DeliveryKey = (u16, u64);
+pub type DeliveryKey = (u16, u32, u64);
 
 impl Delivery {
     pub fn key(&self) -> DeliveryKey {
-        (self.consumer, self.sequence)
+        (self.consumer, self.epoch, self.sequence)
     }
 }
 
@@ -181,8 +184,9 @@ impl Acks {
         let held = self
             .held
             .drain()
-            .map(|((consumer, sequence), held)| Delivery {
+            .map(|((consumer, epoch, sequence), held)| Delivery {
                 consumer,
+                epoch,
                 sequence,
                 reply: held.reply,
                 records: held.unsettled,

@@ -11,17 +11,18 @@
 //! once: it pauses the consumers, gives back (naks) what it holds in stream order,
 //! releases the pin, resumes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{self, pull, AckPolicy, DeliverPolicy, PriorityPolicy};
+use async_nats::jetstream::consumer;
 use async_nats::jetstream::{AckKind, Message};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{acks, Delivery, Handback, NatsQueue, DESTINATION_KEY, GROUP};
+use super::consumers::{destination_config, Registration};
+use super::{acks, lag, Delivery, Handback, NatsQueue, GROUP};
 use crate::queue::record::{read_record, ReadOutcome};
 use crate::queue::{Earlier, Receipt, Record};
 use crate::throttle::LogThrottle;
@@ -39,14 +40,10 @@ const PULL_ROOM: usize = 256;
 const PULL_MAX_BYTES: usize = 4 << 20;
 /// Records waiting between the pull tasks and the engine.
 const CHANNEL: usize = 1024;
-/// Unacknowledged messages one consumer may have out; past it the server waits.
-const MAX_ACK_PENDING: i64 = 20_000;
 /// A stopping feed keeps reading what was already sent to it until this much silence.
 const DRAIN_QUIET: Duration = Duration::from_millis(150);
 /// Longest a stop pauses the consumers (they resume on their own if the process dies).
 const HANDOVER_PAUSE: Duration = Duration::from_secs(10);
-/// How often the consumers' lag is read for `/metrics`.
-const LAG_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Headers a replayed dead letter carries: its attempts so far, and when the first was.
 pub const ATTEMPTS_HEADER: &str = "Fanout-Attempts";
@@ -62,6 +59,8 @@ pub struct StreamFeed {
     stop: watch::Sender<bool>,
     pullers: Vec<JoinHandle<Vec<Delivery>>>,
     lag: JoinHandle<()>,
+    /// Its consumers are made again if they go missing while it reads them.
+    _registration: Registration,
 }
 
 impl StreamFeed {
@@ -72,29 +71,15 @@ impl StreamFeed {
         let (stop, stop_rx) = watch::channel(false);
         let mut consumers = Vec::new();
         let mut pullers = Vec::new();
+        let mut configs = Vec::new();
         // The partitions, then the replays.
         for index in 0..=settings.partitions {
+            let config = destination_config(&queue.inner.names, settings, destination, index);
             let name = queue.inner.names.consumer(destination, index);
-            let config = pull::Config {
-                durable_name: Some(name.clone()),
-                description: Some(format!("fanout destination `{destination}`")),
-                filter_subject: queue.inner.names.filter(destination, index),
-                // Only what is accepted from now on, like a new destination's cursor.
-                deliver_policy: DeliverPolicy::New,
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: settings.ack_wait,
-                max_deliver: -1,
-                max_ack_pending: MAX_ACK_PENDING,
-                priority_policy: PriorityPolicy::PinnedClient,
-                priority_groups: vec![GROUP.to_string()],
-                priority_timeout: priority_timeout(settings.ack_wait),
-                metadata: HashMap::from([(DESTINATION_KEY.to_string(), destination.to_string())]),
-                ..Default::default()
-            };
             let consumer = queue
                 .inner
                 .stream
-                .create_consumer(config)
+                .create_consumer(config.clone())
                 .await
                 .map_err(|e| {
                     anyhow::anyhow!(
@@ -110,8 +95,10 @@ impl StreamFeed {
                 destination.to_string(),
             )));
             consumers.push(name);
+            configs.push(config);
         }
-        let lag = tokio::spawn(report_lag(
+        let registration = queue.inner.consumers.register(configs);
+        let lag = tokio::spawn(lag::report_lag(
             queue.clone(),
             destination.to_string(),
             consumers.clone(),
@@ -125,6 +112,7 @@ impl StreamFeed {
             stop,
             pullers,
             lag,
+            _registration: registration,
         })
     }
 
@@ -224,7 +212,7 @@ impl Drop for StreamFeed {
 /// gap between a live client's pulls, so that a live but slow instance keeps its pin and
 /// a dead one's messages are usually due again by the time another is pinned (the
 /// catch-up covers the rest; see the module comment).
-fn priority_timeout(ack_wait: Duration) -> Duration {
+pub(super) fn priority_timeout(ack_wait: Duration) -> Duration {
     ack_wait + PULL_EXPIRES + PULL_SLACK + Duration::from_secs(2)
 }
 
@@ -256,12 +244,13 @@ async fn pull_into(
         name,
         client,
         context: queue.inner.js.clone(),
+        ack_wait: queue.inner.settings.ack_wait,
+        queue,
         consumer,
         index,
         records,
         stop,
         destination,
-        ack_wait: queue.inner.settings.ack_wait,
         errors: LogThrottle::new(Duration::from_secs(30)),
         pin: None,
         catch_up: None,
@@ -271,6 +260,7 @@ async fn pull_into(
 }
 
 struct Puller {
+    queue: NatsQueue,
     client: async_nats::Client,
     context: async_nats::jetstream::Context,
     consumer: consumer::PullConsumer,
@@ -438,6 +428,11 @@ impl Puller {
         }
     }
 
+    /// What its deliveries are told apart by: the consumer, and the stream's incarnation.
+    fn origin(&self) -> (u16, u32) {
+        (self.index, self.queue.epoch())
+    }
+
     fn warn(&self, what: &str, e: &dyn std::fmt::Display) {
         if self.errors.ready() {
             tracing::warn!(destination = %self.destination, consumer = %self.name, error = %e, "{what}");
@@ -452,7 +447,8 @@ impl Puller {
             .and_then(|h| h.get(async_nats::header::NATS_PIN_ID))
             .map(|v| v.as_str().to_string());
         let consumer_sequence = message.info().map_or(0, |i| i.consumer_sequence);
-        let Some((sequence, records)) = decode(message, self.index, &self.destination).await else {
+        let Some((sequence, records)) = decode(message, self.origin(), &self.destination).await
+        else {
             return true;
         };
         if pin.is_some() && pin != self.pin {
@@ -575,7 +571,7 @@ impl Puller {
             })
             .unwrap_or_default();
         if let Some(replies) = replies {
-            returned.extend(drain(replies, &self.context, self.index).await);
+            returned.extend(drain(replies, &self.context, self.origin()).await);
         }
         returned
     }
@@ -590,7 +586,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 async fn drain(
     mut replies: async_nats::Subscriber,
     context: &async_nats::jetstream::Context,
-    index: u16,
+    (index, epoch): (u16, u32),
 ) -> Vec<Delivery> {
     let mut held = Vec::new();
     while let Ok(Some(message)) = tokio::time::timeout(DRAIN_QUIET, replies.next()).await {
@@ -608,6 +604,7 @@ async fn drain(
         if let (Ok(sequence), Some(reply)) = (sequence, message.message.reply.clone()) {
             held.push(Delivery {
                 consumer: index,
+                epoch,
                 sequence,
                 reply,
                 records: 0,
@@ -620,7 +617,11 @@ async fn drain(
 /// A delivered stream message as the engine reads it: its sequence and its records. One
 /// that is not framed records cannot be delivered anywhere: it is logged and terminated
 /// (never delivered again).
-async fn decode(message: Message, index: u16, destination: &str) -> Option<(u64, Vec<Record>)> {
+async fn decode(
+    message: Message,
+    (index, epoch): (u16, u32),
+    destination: &str,
+) -> Option<(u64, Vec<Record>)> {
     let sequence = match message.info() {
         Ok(info) => info.stream_sequence,
         Err(e) => {
@@ -663,6 +664,7 @@ async fn decode(message: Message, index: u16, destination: &str) -> Option<(u64,
     }
     let delivery = Delivery {
         consumer: index,
+        epoch,
         sequence,
         reply,
         records: parts.len() as u32,
@@ -679,29 +681,4 @@ async fn decode(message: Message, index: u16, destination: &str) -> Option<(u64,
         })
         .collect();
     Some((sequence, records))
-}
-
-/// Sets the destination's consumer gauges every `LAG_INTERVAL`: messages not yet
-/// delivered, delivered and not acknowledged, and delivered more than once.
-async fn report_lag(queue: NatsQueue, destination: String, consumers: Vec<String>) {
-    crate::metrics::install();
-    let gauges = crate::metrics::ConsumerGauges::register(&destination);
-    loop {
-        let mut sums = (0u64, 0u64, 0u64);
-        let mut complete = true;
-        for name in &consumers {
-            match queue.inner.stream.consumer_info(name).await {
-                Ok(info) => {
-                    sums.0 += info.num_pending;
-                    sums.1 += info.num_ack_pending as u64;
-                    sums.2 += info.num_redelivered as u64;
-                }
-                Err(_) => complete = false,
-            }
-        }
-        if complete {
-            gauges.set(sums.0, sums.1, sums.2);
-        }
-        tokio::time::sleep(LAG_INTERVAL).await;
-    }
 }

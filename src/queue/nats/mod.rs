@@ -10,34 +10,38 @@
 //!   delivers a partition, so a user's messages keep their order across instances.
 //! - The stream's retention is `interest`: a message goes once every destination's
 //!   consumer has acknowledged it. Replayed dead letters come back on `<stream>.r.<dest>`.
+//! - A stream or consumer that goes missing (a wiped server store) is made again while
+//!   fanout runs, and what was lost with it is logged (`recover.rs`).
 //!
 //! Payloads are the local log's framed records (`record.rs`): one format for both.
 
 mod acks;
+mod consumers;
 mod feed;
+mod lag;
+mod publish;
+mod recover;
 mod retention;
+mod unconfirmed;
+mod version;
 
 use std::collections::{BTreeSet, HashMap};
-use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::connection::State;
-use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use async_nats::jetstream::{self, stream};
 use async_nats::Subject;
 use futures_util::TryStreamExt;
-use sha2::{Digest, Sha256};
 
 pub use acks::{Acks, Delivery, DeliveryKey, Handback};
 pub use feed::{StreamFeed, ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER};
 pub use retention::ReplayError;
 
 use super::failing::Failing;
-use super::{QueueError, RecordBatch};
 use crate::config::QueueConfig;
-use crate::message::Stamp;
 
 /// The priority group every fanout instance pulls in.
 const GROUP: &str = "fanout";
@@ -45,9 +49,6 @@ const GROUP: &str = "fanout";
 const DESTINATION_KEY: &str = "fanout.destination";
 /// Stream metadata recording its partition count, which cannot change under it.
 const PARTITIONS_KEY: &str = "fanout.partitions";
-/// How often a failing stream is probed, and the held bytes refreshed otherwise.
-const PROBE_INTERVAL: Duration = Duration::from_secs(1);
-const STATE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Handle on the shared log. Cheap to clone.
 #[derive(Clone)]
@@ -59,6 +60,25 @@ struct Inner {
     client: async_nats::Client,
     js: jetstream::Context,
     stream: stream::Stream,
+    /// What the stream is made with, to make it again if it goes missing.
+    wanted: stream::Config,
+    /// Durable consumers in use here, made again if they go missing.
+    consumers: Arc<consumers::Registry>,
+    /// The stream's incarnation: counts the times it was found made again.
+    epoch: AtomicU32,
+    /// The highest sequence the stream is known to have reached.
+    last_sequence: AtomicU64,
+    seen: Mutex<recover::Seen>,
+    recovery_log: crate::throttle::LogThrottle,
+    /// Held (to write) while the stream and its consumers are made again; publishes are
+    /// sent under a read guard.
+    remaking: tokio::sync::RwLock<()>,
+    /// Where what was seen of the stream is kept across restarts (`keep_record`), and
+    /// what was written there last.
+    record: std::sync::OnceLock<std::path::PathBuf>,
+    record_written: Mutex<Option<recover::Saved>>,
+    /// Packs published without an acknowledgement, kept to keep their retry single.
+    unconfirmed: unconfirmed::Unconfirmed,
     names: Names,
     settings: StreamSettings,
     /// Why publishing fails now (a full stream, no quorum), until a publish or the
@@ -134,6 +154,7 @@ impl NatsQueue {
             .connect(config.servers.as_slice())
             .await
             .with_context(|| format!("cannot connect to NATS at {servers} (queue.servers)"))?;
+        version::check(&client.server_info().version)?;
         let js = jetstream::ContextBuilder::new()
             .timeout(config.publish_timeout)
             .max_ack_inflight(65_536)
@@ -143,6 +164,12 @@ impl NatsQueue {
         })?;
         let names = Names::new(&config.stream, config.partitions);
         let stream = ensure_stream(&js, &names, config, max_bytes).await?;
+        let info = stream.cached_info();
+        let seen = recover::Seen {
+            created: info.created,
+            messages: info.state.messages,
+        };
+        let last_sequence = AtomicU64::new(info.state.last_sequence);
         tracing::info!(
             servers,
             stream = %names.stream,
@@ -154,6 +181,16 @@ impl NatsQueue {
             client,
             js,
             stream,
+            wanted: stream_config(&names, config, max_bytes),
+            consumers: Arc::default(),
+            epoch: AtomicU32::new(0),
+            last_sequence,
+            seen: Mutex::new(seen),
+            recovery_log: crate::throttle::LogThrottle::new(Duration::from_secs(30)),
+            remaking: tokio::sync::RwLock::new(()),
+            record: std::sync::OnceLock::new(),
+            record_written: Mutex::new(None),
+            unconfirmed: unconfirmed::Unconfirmed::new(config.duplicate_window),
             names,
             settings: StreamSettings {
                 partitions: config.partitions,
@@ -167,7 +204,7 @@ impl NatsQueue {
             held_bytes: AtomicU64::new(0),
             refused_bytes: AtomicU64::new(0),
         });
-        tokio::spawn(watch_stream(Arc::downgrade(&inner)));
+        tokio::spawn(recover::watch_stream(Arc::downgrade(&inner)));
         Ok(NatsQueue { inner })
     }
 
@@ -179,73 +216,13 @@ impl NatsQueue {
         &self.inner.js
     }
 
+    /// The stream's incarnation, which tells its messages from an earlier stream's.
+    fn epoch(&self) -> u32 {
+        self.inner.epoch.load(Ordering::SeqCst)
+    }
+
     pub fn replicas(&self) -> usize {
         self.inner.stream.cached_info().config.num_replicas
-    }
-
-    /// Publishes a request's messages, each to its user's partition, and returns once
-    /// every one is acknowledged by the stream.
-    pub async fn append(&self, batch: RecordBatch) -> Result<(), QueueError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        if self.inner.client.connection_state() != State::Connected {
-            return Err(QueueError::Unavailable("not connected to NATS".into()));
-        }
-        let framed: Vec<_> = batch.framed().collect();
-        let bytes = batch.into_bytes();
-        let size = bytes.len() as u64;
-        let max_payload = self.inner.client.server_info().max_payload;
-        let mut pending = Vec::new();
-        for pack in packs(&framed, self.inner.names.partitions.len(), max_payload) {
-            let mut payload = Vec::with_capacity(pack.bytes);
-            let mut keys = Some(Sha256::new());
-            for (range, stamp) in &pack.records {
-                payload.extend_from_slice(&bytes[range.clone()]);
-                match (&mut keys, stamp.tag.has_key()) {
-                    (Some(hasher), true) => stamp
-                        .tag
-                        .key
-                        .iter()
-                        .for_each(|k| hasher.update(k.to_le_bytes())),
-                    _ => keys = None,
-                }
-            }
-            let mut publish = jetstream::message::PublishMessage::build().payload(payload.into());
-            if let Some(hasher) = keys {
-                publish = publish.message_id(pack_id(hasher));
-            }
-            let subject = self.inner.names.partitions[pack.partition].clone();
-            let ack = self.inner.js.send_publish(subject, publish).await;
-            pending.push(ack.map_err(|e| self.refused(e, size))?);
-        }
-        for ack in pending {
-            ack.await.map_err(|e| self.refused(e, size))?;
-        }
-        self.inner.refused_bytes.store(0, Ordering::Relaxed);
-        self.inner.failing.set(None);
-        Ok(())
-    }
-
-    /// Maps a publish failure to why ingest answers 503, and remembers it for `/ready`.
-    fn refused(&self, e: jetstream::context::PublishError, size: u64) -> QueueError {
-        let text = e.to_string();
-        let error = if text.contains("maximum bytes") || text.contains("maximum messages") {
-            self.inner.refused_bytes.store(size, Ordering::Relaxed);
-            QueueError::Full(format!(
-                "stream `{}` is at its limit of {} bytes; server.max_queue_bytes",
-                self.inner.names.stream, self.inner.settings.max_bytes
-            ))
-        } else if e.kind() == PublishErrorKind::TimedOut {
-            QueueError::Unavailable(format!(
-                "no acknowledgement from stream `{}` in time ({text})",
-                self.inner.names.stream
-            ))
-        } else {
-            QueueError::Unavailable(text)
-        };
-        self.inner.failing.set(Some(error.to_string()));
-        error
     }
 
     /// Whether ingest can store now (for `/ready`): connected, and publishing works.
@@ -329,78 +306,6 @@ impl NatsQueue {
         }
         Ok(by_destination)
     }
-}
-
-/// Keeps the held bytes current, and while publishing fails, probes the stream every
-/// second so that `/ready` recovers without traffic: once the stream answers and (if it
-/// was full) has room again.
-async fn watch_stream(inner: Weak<Inner>) {
-    let mut last_state = tokio::time::Instant::now() - STATE_INTERVAL;
-    loop {
-        tokio::time::sleep(PROBE_INTERVAL).await;
-        let Some(inner) = inner.upgrade() else {
-            return;
-        };
-        let failing = inner.failing.is_failing();
-        if !failing && last_state.elapsed() < STATE_INTERVAL {
-            continue;
-        }
-        last_state = tokio::time::Instant::now();
-        if inner.client.connection_state() != State::Connected {
-            continue;
-        }
-        if let Ok(info) = inner.stream.get_info().await {
-            let held = info.state.bytes;
-            inner.held_bytes.store(held, Ordering::Relaxed);
-            // Full: ready again once the request refused last would fit.
-            let refused = inner.refused_bytes.load(Ordering::Relaxed);
-            if failing && held + refused <= inner.settings.max_bytes {
-                inner.failing.set(None);
-            }
-        }
-    }
-}
-
-/// `Nats-Msg-Id` of a message with a dedupe key: the key's 96 bits in hex.
-/// The messages of one request that go to one partition, published as one stream
-/// message: a fraction of the per-message cost (acks, storage, an fsync each with
-/// `sync_interval: always`).
-struct Pack<'a> {
-    partition: usize,
-    records: Vec<&'a (Range<usize>, Stamp)>,
-    bytes: usize,
-}
-
-/// Groups a request's records by partition, in order, each pack within `max_payload`
-/// (a record alone may be bigger; the server then refuses it with a clear error).
-fn packs(framed: &[(Range<usize>, Stamp)], partitions: usize, max_payload: usize) -> Vec<Pack<'_>> {
-    let mut done = Vec::new();
-    let mut open: Vec<Option<Pack>> = (0..partitions).map(|_| None).collect();
-    for record in framed {
-        let partition = (record.1.user % partitions as u64) as usize;
-        let len = record.0.len();
-        if let Some(pack) = &open[partition] {
-            if pack.bytes + len > max_payload {
-                done.extend(open[partition].take());
-            }
-        }
-        let pack = open[partition].get_or_insert_with(|| Pack {
-            partition,
-            records: Vec::new(),
-            bytes: 0,
-        });
-        pack.records.push(record);
-        pack.bytes += len;
-    }
-    done.extend(open.into_iter().flatten());
-    done
-}
-
-/// A pack's `Nats-Msg-Id`: a digest of its messages' dedupe keys, so a publish retried
-/// after a lost acknowledgement (the same request, packed the same way) is stored once.
-fn pack_id(keys: Sha256) -> String {
-    let digest = keys.finalize();
-    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Connection options from the config; secrets from the environment.

@@ -63,21 +63,23 @@ impl NatsQueue {
             }
             return Ok(());
         }
+        let config = pull::Config {
+            durable_name: Some(CONSUMER.to_string()),
+            description: Some("fanout: keeps messages for server.retention".into()),
+            filter_subject: format!("{}.p.*", self.inner.names.stream),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            // Young messages are left unacknowledged and come back after this.
+            ack_wait: Duration::from_secs(5),
+            max_deliver: -1,
+            max_ack_pending: (BATCH * 4) as i64,
+            ..Default::default()
+        };
         let consumer = stream
-            .create_consumer(pull::Config {
-                durable_name: Some(CONSUMER.to_string()),
-                description: Some("fanout: keeps messages for server.retention".into()),
-                filter_subject: format!("{}.p.*", self.inner.names.stream),
-                deliver_policy: DeliverPolicy::All,
-                ack_policy: AckPolicy::Explicit,
-                // Young messages are left unacknowledged and come back after this.
-                ack_wait: Duration::from_secs(5),
-                max_deliver: -1,
-                max_ack_pending: (BATCH * 4) as i64,
-                ..Default::default()
-            })
+            .create_consumer(config.clone())
             .await
             .context("cannot create the retention consumer")?;
+        self.inner.consumers.keep(config);
         let queue = self.clone();
         tokio::spawn(async move {
             loop {
