@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PriorityPolicy};
 
-use super::{Names, Settings, DESTINATION_KEY, GROUP};
+use super::{Names, StreamSettings, DESTINATION_KEY, GROUP};
 
 /// Unacknowledged messages one consumer may have out; past it the server waits.
 const MAX_ACK_PENDING: i64 = 20_000;
@@ -16,7 +16,7 @@ const MAX_ACK_PENDING: i64 = 20_000;
 /// The config of a destination's consumer `index` (its partitions, then its replays).
 pub(super) fn destination_config(
     names: &Names,
-    settings: &Settings,
+    settings: &StreamSettings,
     destination: &str,
     index: u16,
 ) -> pull::Config {
