@@ -4,13 +4,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
-
-use crate::tracking_plan::TrackingPlan;
 
 /// Operator endpoints (`/admin/...`, the live view).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -330,11 +327,9 @@ pub struct SourceConfig {
     #[serde(default)]
     pub browser: SourceBrowserConfig,
     /// A tracking plan file (JSON, path relative to the config file): which events and
-    /// properties this source may send (`tracking_plan.rs`).
+    /// properties this source may send (`tracking_plan.rs`). Compiled where the sources
+    /// are built (`auth::Sources::from_config`).
     pub tracking_plan: Option<PathBuf>,
-    /// The plan, compiled when the config is read.
-    #[serde(skip)]
-    pub plan: Option<Arc<TrackingPlan>>,
 }
 
 /// `browser = { batching = { size = 10, timeout = "5s" } }`: the browser library batches

@@ -130,10 +130,11 @@ pub async fn replay_dead_letters(
 
 /// `?destination=tracking_plan`: what tracking plans blocked, taken in again.
 async fn replay_blocked(app: &App) -> Result<Response, ApiError> {
+    let sources = app.sources.load_full();
     let retaken = crate::tracking_plan::retake_blocked(
         &app.queue,
         &app.dead_letters,
-        &app.sources.load(),
+        |source: &str| sources.plan(source).cloned(),
         app.clock.now(),
     )
     .await

@@ -35,16 +35,16 @@ pub struct Options {
 
 /// Runs fanout until SIGINT/SIGTERM: then stops accepting, finishes in-flight requests,
 /// lets deliveries finish their current batch, and flushes the queue. SIGHUP (or
-/// `POST /admin/reload`) reloads the config in between.
-pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
+/// `POST /admin/reload`) reloads the config in between. `sources` are the config's,
+/// built (keys gathered, plans compiled) by the caller, which reports their errors as
+/// the config's.
+pub async fn run(config: Config, sources: Sources, options: Options) -> anyhow::Result<()> {
     // First: a signal during start-up (the dedupe rebuild can take seconds) must not kill
     // the process with the default action.
     let shutdown = shutdown_signal()?;
     let mut hangup = signal(SignalKind::hangup())?;
     let (queue, writer) = open_queue(&config).await?;
-    let sources = Arc::new(ArcSwap::from_pointee(Sources::from_config(
-        &config.sources,
-    )?));
+    let sources = Arc::new(ArcSwap::from_pointee(sources));
     let dedupe = open_dedupe(&config, &queue, options.clock)?;
     if config.destinations.is_empty() {
         tracing::warn!("no destinations configured: accepted messages are stored but go nowhere");
