@@ -23,7 +23,6 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 
-pub use admin::{Control, ReloadOutcome, ReloadRequest, Reloaded, ReplayRequest};
 pub use admission::BodyCut;
 pub use error::ApiError;
 
@@ -31,6 +30,7 @@ use admission::{AdmissionConfig, AdmissionLayer};
 
 use crate::auth::Sources;
 use crate::config::{Config, CorsConfig, LimitsConfig};
+use crate::control::Control;
 use crate::dedupe::Dedupe;
 use crate::delivery::DeadLetters;
 use crate::message::MessageType;

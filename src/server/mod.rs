@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use crate::auth::Sources;
 use crate::clock::Clock;
 use crate::config::{Config, DedupeBackend, QueueBackend};
+use crate::control::Control;
 use crate::dedupe::Dedupe;
 use crate::delivery::dead_letters::Bounds as DeadLetterBounds;
 use crate::delivery::{DeadLetters, Deliveries};
@@ -135,11 +136,11 @@ pub async fn run(config: Config, sources: Sources, options: Options) -> anyhow::
                 let _ = reloader.reload(false).await;
             }
             Some(request) = reload_rx.recv() => match request {
-                http::Control::Reload(request) => {
+                Control::Reload(request) => {
                     let outcome = reloader.reload(request.purge).await;
                     let _ = request.reply.send(outcome);
                 }
-                http::Control::Replay(request) => {
+                Control::Replay(request) => {
                     let outcome = reloader
                         .deliveries
                         .replay(&request.destination, request.since, request.until)

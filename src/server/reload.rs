@@ -10,9 +10,9 @@ use arc_swap::ArcSwap;
 
 use crate::auth::Sources;
 use crate::config::Config;
+use crate::control::{ReloadOutcome, Reloaded};
 use crate::dedupe::Dedupe;
 use crate::delivery::Deliveries;
-use crate::http::{ReloadOutcome, Reloaded};
 use crate::queue::Queue;
 
 /// What a reload changes in the running process: the write keys requests see, the
