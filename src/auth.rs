@@ -6,14 +6,15 @@
 //! (the browser library). Keys are compared in constant time against every configured key.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine;
 use http::header::{HeaderMap, AUTHORIZATION};
+use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use crate::config::{BrowserBatching, SourceConfig};
 use crate::tracking_plan::TrackingPlan;
 
 /// The credential a request's headers carry.
@@ -71,6 +72,65 @@ fn non_empty(key: &str) -> Credential {
     } else {
         Credential::Key(key.to_string())
     }
+}
+
+/// One sending application; its write keys authenticate its requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Name used in logs, the queue and routing.
+    pub name: String,
+    /// Write keys written in the file (fine for development).
+    #[serde(default)]
+    pub write_keys: Vec<String>,
+    /// Environment variable holding more write keys, comma-separated (for production).
+    pub write_keys_env: Option<String>,
+    /// `dedupe = { enabled = false }` turns messageId dedupe off for this source.
+    #[serde(default)]
+    pub dedupe: SourceDedupeConfig,
+    /// What the browser library is told for this source's keys (`/v1/projects/…/settings`).
+    #[serde(default)]
+    pub browser: SourceBrowserConfig,
+    /// A tracking plan file (JSON, path relative to the config file): which events and
+    /// properties this source may send (`tracking_plan.rs`). Compiled where the sources
+    /// are built (`auth::Sources::from_config`).
+    pub tracking_plan: Option<PathBuf>,
+}
+
+/// `browser = { batching = { size = 10, timeout = "5s" } }`: the browser library batches
+/// (its `deliveryStrategy`) instead of sending each call at once.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceBrowserConfig {
+    pub batching: Option<BrowserBatching>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrowserBatching {
+    /// Calls per batch.
+    pub size: u32,
+    /// Longest a call waits for its batch.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+/// Per-source dedupe switch.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceDedupeConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for SourceDedupeConfig {
+    fn default() -> Self {
+        SourceDedupeConfig { enabled: true }
+    }
+}
+
+const fn default_true() -> bool {
+    true
 }
 
 /// The configured sources and their keys.

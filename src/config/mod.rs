@@ -15,11 +15,12 @@ use serde::Deserialize;
 use toml::de::DeTable;
 
 pub use errors::ConfigError;
-pub use sections::{
-    AdminConfig, BrowserBatching, BrowserConfig, CorsConfig, DeadLettersConfig, DedupeBackend,
-    DedupeConfig, LimitsConfig, QueueBackend, QueueConfig, RedisFailure, ServerConfig,
-    SourceConfig, SourceDedupeConfig, MAX_JSON_DEPTH,
-};
+pub use sections::{AdminConfig, DeadLettersConfig, QueueBackend, QueueConfig, ServerConfig};
+
+pub use crate::auth::{BrowserBatching, SourceBrowserConfig, SourceConfig, SourceDedupeConfig};
+pub use crate::dedupe::{DedupeBackend, DedupeConfig, RedisFailure};
+pub use crate::http::{BrowserConfig, CorsConfig};
+pub use crate::ingest::{LimitsConfig, MAX_JSON_DEPTH};
 
 use crate::destinations::DestinationConfig;
 use errors::{hide_secret, line_of, renamed_key, with_duration_hint, LineIndex};

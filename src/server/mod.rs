@@ -100,9 +100,17 @@ pub async fn run(config: Config, sources: Sources, options: Options) -> anyhow::
     };
     if let Some(admin) = admin_listener {
         tracing::info!("admin endpoints served on {}", admin.local_addr()?);
-        servers.push(serve(admin, http::admin_router(app.clone(), &config)));
+        servers.push(serve(
+            admin,
+            http::admin_router(app.clone(), &config.cors, admission(&config)),
+        ));
     }
-    let router = http::router(app.clone(), &config, config.admin.listen.is_none());
+    let router = http::router(
+        app.clone(),
+        &config.cors,
+        admission(&config),
+        config.admin.listen.is_none(),
+    );
     tracing::info!(
         max_connections = connections.max(),
         "connections capped (server.max_connections)"
@@ -236,6 +244,16 @@ fn open_dedupe(config: &Config, queue: &Queue, clock: Clock) -> anyhow::Result<A
 }
 
 /// The admin token from the variable `[admin] token_env` names, if any.
+/// How requests are admitted, from `[server]`.
+fn admission(config: &Config) -> http::AdmissionConfig {
+    http::AdmissionConfig {
+        max_in_flight: config.server.max_in_flight,
+        body_timeout: config.server.body_timeout,
+        body_deadline: config.server.body_deadline,
+        retry_after: config.server.retry_after_secs(),
+    }
+}
+
 fn admin_token(config: &Config) -> anyhow::Result<Option<String>> {
     let Some(var) = &config.admin.token_env else {
         return Ok(None);
