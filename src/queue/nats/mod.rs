@@ -20,6 +20,7 @@ mod consumers;
 mod feed;
 mod lag;
 mod publish;
+mod pull;
 mod recover;
 mod retention;
 mod unconfirmed;
