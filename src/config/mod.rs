@@ -19,11 +19,13 @@ use toml::de::DeTable;
 pub use errors::ConfigError;
 pub use sections::{
     AdminConfig, BrowserBatching, BrowserConfig, CorsConfig, DeadLettersConfig, DedupeBackend,
-    DedupeConfig, LimitsConfig, QueueBackend, QueueConfig, RedisFailure, ServerConfig,
-    SourceConfig, SourceDedupeConfig, MAX_JSON_DEPTH,
+    DedupeConfig, LimitsConfig, RedisFailure, ServerConfig, SourceConfig, SourceDedupeConfig,
+    MAX_JSON_DEPTH,
 };
 
 use crate::destinations::DestinationConfig;
+use crate::queue::dead_letters::Bounds as DeadLetterBounds;
+use crate::queue::QueueConfig;
 use crate::tracking_plan::TrackingPlan;
 use errors::{hide_secret, line_of, renamed_key, with_duration_hint, LineIndex};
 
@@ -131,6 +133,14 @@ impl<D> Config<D> {
         self.server
             .max_queue_bytes
             .saturating_sub(self.dead_letter_bytes())
+    }
+
+    /// How much the dead-letter store keeps: `[dead_letters]`.
+    pub fn dead_letter_bounds(&self) -> DeadLetterBounds {
+        DeadLetterBounds {
+            max_bytes: self.dead_letter_bytes(),
+            retention: self.dead_letters.retention,
+        }
     }
 }
 

@@ -16,9 +16,9 @@ use super::query::Query;
 use super::{ApiError, App};
 use chrono::{DateTime, SecondsFormat, Utc};
 
-use crate::delivery::dead_letters::MAX_PAGE;
 use crate::delivery::{Changes, ReplayRefused};
 use crate::ingest::Rejection;
+use crate::queue::dead_letters::MAX_PAGE;
 use crate::tracking_plan::{RetakeError, DEAD_LETTER_NAME};
 
 #[derive(Deserialize)]

@@ -32,8 +32,8 @@ use admission::{AdmissionConfig, AdmissionLayer};
 use crate::auth::Sources;
 use crate::config::{Config, CorsConfig, LimitsConfig};
 use crate::dedupe::Dedupe;
-use crate::delivery::DeadLetters;
 use crate::message::MessageType;
+use crate::queue::DeadLetters;
 use crate::queue::Queue;
 
 /// What request handlers share.

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use super::consumers::{destination_config, Registration};
 use super::pull::{pull_into, PULL_EXPIRES};
 use super::{acks, lag, Delivery, Handback, NatsQueue, GROUP};
-use crate::queue::{Receipt, Record};
+use crate::queue::Record;
 
 /// The longest gap between a live puller's requests while the engine reads: a request's
 /// expiry, plus the time its messages take to go on.
@@ -38,9 +38,9 @@ pub struct StreamFeed {
     queue: NatsQueue,
     destination: String,
     consumers: Vec<String>,
-    records: mpsc::Receiver<Record>,
+    records: mpsc::Receiver<Record<Delivery>>,
     /// Taken off the channel by `wait_for_data`, not yet read.
-    peeked: Option<Record>,
+    peeked: Option<Record<Delivery>>,
     stop: watch::Sender<bool>,
     pullers: Vec<JoinHandle<Vec<Delivery>>>,
     lag: JoinHandle<()>,
@@ -114,7 +114,7 @@ impl StreamFeed {
     }
 
     /// What has arrived, up to `max_records` or about `max_bytes`.
-    pub fn read(&mut self, max_records: usize, max_bytes: usize) -> Vec<Record> {
+    pub fn read(&mut self, max_records: usize, max_bytes: usize) -> Vec<Record<Delivery>> {
         let mut records = Vec::new();
         let mut bytes = 0;
         while records.len() < max_records && bytes < max_bytes {
@@ -151,9 +151,9 @@ impl StreamFeed {
             }
         }
         self.records.close();
-        returned.extend(self.peeked.take().and_then(into_delivery));
+        returned.extend(self.peeked.take().map(|record| record.receipt));
         while let Some(record) = self.records.recv().await {
-            returned.extend(into_delivery(record));
+            returned.push(record.receipt);
         }
         // The server delivers naked messages again in the order it got the naks.
         // (A message whose records were split between the engine and a puller is in both.)
@@ -199,11 +199,4 @@ impl Drop for StreamFeed {
 /// catch-up covers the rest; see the module comment).
 pub(super) fn priority_timeout(ack_wait: Duration) -> Duration {
     ack_wait + PULL_EXPIRES + PULL_SLACK + Duration::from_secs(2)
-}
-
-pub(super) fn into_delivery(record: Record) -> Option<Delivery> {
-    match record.receipt {
-        Receipt::Stream(delivery) => Some(delivery),
-        Receipt::Log { .. } => None,
-    }
 }

@@ -42,7 +42,7 @@ pub use feed::{StreamFeed, ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER};
 pub use retention::ReplayError;
 
 use super::failing::Failing;
-use crate::config::QueueConfig;
+use super::QueueConfig;
 
 /// The priority group every fanout instance pulls in.
 const GROUP: &str = "fanout";
@@ -247,6 +247,22 @@ impl NatsQueue {
         let feed = StreamFeed::open(self.clone(), destination).await?;
         let acks = Acks::new(self.inner.client.clone(), self.inner.settings.ack_wait);
         Ok((feed, acks))
+    }
+
+    /// Opens the dead-letter stream `config` describes, creating it if missing (and
+    /// bringing its limits in line if it exists).
+    pub async fn open_dead_letter_stream(
+        &self,
+        config: stream::Config,
+    ) -> anyhow::Result<stream::Stream> {
+        let name = config.name.clone();
+        let context = || format!("cannot open the dead-letter stream `{name}`");
+        let js = &self.inner.js;
+        js.create_or_update_stream(config.clone())
+            .await
+            .with_context(context)?;
+        let stream = js.get_stream(&name).await.with_context(context)?;
+        Ok(stream)
     }
 
     /// The consumer that reads a destination's replayed dead letters.

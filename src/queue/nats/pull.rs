@@ -11,10 +11,10 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::feed::{into_delivery, ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER};
+use super::feed::{ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER};
 use super::{Delivery, NatsQueue, GROUP};
 use crate::queue::record::{read_record, ReadOutcome};
-use crate::queue::{Earlier, Receipt, Record};
+use crate::queue::{Earlier, Record};
 use crate::throttle::LogThrottle;
 
 /// How long one pull request waits at the server.
@@ -34,7 +34,7 @@ pub(super) async fn pull_into(
     queue: NatsQueue,
     consumer: consumer::PullConsumer,
     index: u16,
-    records: mpsc::Sender<Record>,
+    records: mpsc::Sender<Record<Delivery>>,
     stop: watch::Receiver<bool>,
     destination: String,
 ) -> Vec<Delivery> {
@@ -75,7 +75,7 @@ struct Puller {
     /// Bytes one pull request may bring (at least two of the largest message).
     max_bytes: usize,
     index: u16,
-    records: mpsc::Sender<Record>,
+    records: mpsc::Sender<Record<Delivery>>,
     stop: watch::Receiver<bool>,
     destination: String,
     ack_wait: Duration,
@@ -93,7 +93,7 @@ struct Puller {
 /// stop gives its messages back before the pin moves, so this ends at once.)
 struct CatchUp {
     /// Received since the pin: each stream message's records, by stream sequence.
-    held: BTreeMap<u64, Vec<Record>>,
+    held: BTreeMap<u64, Vec<Record<Delivery>>>,
     /// The consumer sequence of the first delivery under this pin.
     first: u64,
     /// The newest consumer sequence received.
@@ -336,7 +336,7 @@ impl Puller {
     /// Hands a stream message's records to the engine, waiting for room. False once
     /// stopping (what did not go on is kept with the catch-up buffer, to be given back;
     /// the engine gives back the message too if it has some of its records).
-    async fn forward(&mut self, sequence: u64, records: Vec<Record>) -> bool {
+    async fn forward(&mut self, sequence: u64, records: Vec<Record<Delivery>>) -> bool {
         let mut records = records.into_iter();
         while let Some(record) = records.next() {
             let room = tokio::select! {
@@ -371,7 +371,7 @@ impl Puller {
             .map(|c| {
                 c.held
                     .into_values()
-                    .filter_map(|records| records.into_iter().next().and_then(into_delivery))
+                    .filter_map(|records| records.into_iter().next().map(|record| record.receipt))
                     .collect()
             })
             .unwrap_or_default();
@@ -426,7 +426,7 @@ async fn decode(
     message: Message,
     (index, epoch): (u16, u32),
     destination: &str,
-) -> Option<(u64, Vec<Record>)> {
+) -> Option<(u64, Vec<Record<Delivery>>)> {
     let sequence = match message.info() {
         Ok(info) => info.stream_sequence,
         Err(e) => {
@@ -481,7 +481,7 @@ async fn decode(
             tag,
             json,
             earlier,
-            receipt: Receipt::Stream(delivery.clone()),
+            receipt: delivery.clone(),
             passed: false,
         })
         .collect();
