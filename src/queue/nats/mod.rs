@@ -65,6 +65,8 @@ struct Inner {
     wanted: stream::Config,
     /// Durable consumers in use here, made again if they go missing.
     consumers: Arc<consumers::Registry>,
+    /// What the dead-letter stream is made with, once opened here: made again too.
+    dead_letters: Mutex<Option<stream::Config>>,
     /// The stream's incarnation: counts the times it was found made again.
     epoch: AtomicU32,
     /// The highest sequence the stream is known to have reached.
@@ -184,6 +186,7 @@ impl NatsQueue {
             stream,
             wanted: stream_config(&names, config, max_bytes),
             consumers: Arc::default(),
+            dead_letters: Mutex::new(None),
             epoch: AtomicU32::new(0),
             last_sequence,
             seen: Mutex::new(seen),
@@ -250,7 +253,8 @@ impl NatsQueue {
     }
 
     /// Opens the dead-letter stream `config` describes, creating it if missing (and
-    /// bringing its limits in line if it exists).
+    /// bringing its limits in line if it exists); the stream watcher makes it again
+    /// should it go missing while fanout runs.
     pub async fn open_dead_letter_stream(
         &self,
         config: stream::Config,
@@ -262,6 +266,7 @@ impl NatsQueue {
             .await
             .with_context(context)?;
         let stream = js.get_stream(&name).await.with_context(context)?;
+        *self.inner.dead_letters.lock().expect("poisoned") = Some(config);
         Ok(stream)
     }
 
