@@ -163,10 +163,4 @@ impl QueueConfig {
         }
         Ok(())
     }
-
-    /// Whether several instances share this queue (each one sees only its own traffic
-    /// of it, so a dedupe window in memory is partial).
-    pub fn is_shared(&self) -> bool {
-        self.backend == QueueBackend::Nats
-    }
 }
