@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use fanout::cli::output::line;
 use fanout::config::Config;
-use fanout::delivery::DeadLetters;
+use fanout::queue::DeadLetters;
 
 #[derive(Parser)]
 #[command(version, about = "Segment-compatible event proxy")]
@@ -258,7 +258,13 @@ fn exit_code(done: anyhow::Result<()>) -> ExitCode {
 /// Works on the dead-letter store directly: SQLite handles a running server beside us,
 /// and the shared store is the same for every instance.
 async fn dead_letters_on(config: &Config, action: &DeadLetterAction) -> anyhow::Result<()> {
-    let store = DeadLetters::for_config(config).await?;
+    let store = DeadLetters::for_config(
+        &config.queue,
+        &config.server.data_dir,
+        config.queue_bytes(),
+        config.dead_letter_bounds(),
+    )
+    .await?;
     let known = |name: &str| {
         let reserved = name == fanout::tracking_plan::DEAD_LETTER_NAME;
         if !reserved && !config.destinations.iter().any(|d| d.name == name) {

@@ -18,10 +18,9 @@ use serde_json::{Map, Value};
 
 use chrono::{DateTime, Utc};
 
-use crate::delivery::DeadLetters;
 use crate::message::{MessageType, Stamp, Tag};
 use crate::queue::record::{read_record, ReadOutcome};
-use crate::queue::{Queue, QueueError, RecordBatch};
+use crate::queue::{DeadLetters, Queue, QueueError, RecordBatch};
 
 /// The dead letters of blocked messages are filed under this name (a destination may not
 /// take it), with the message's source.

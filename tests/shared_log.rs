@@ -750,6 +750,10 @@ fn last_sequence(nats: &NatsCluster) -> u64 {
 async fn a_wiped_store_is_made_again_while_running_and_the_loss_is_logged() {
     let mut nats = NatsCluster::single();
     let receiver = Receiver::start().await;
+    receiver.respond_with(|r: &ReceivedRequest| {
+        r.contains_message("poison")
+            .then(|| Reply::json(400, r#"{"error":"no"}"#))
+    });
     let f = instance(&nats, &receiver, "a");
     // Delivered (and acknowledged) first: one stream message per partition a user is on.
     let delivered = plan(4, 5);
@@ -788,6 +792,42 @@ async fn a_wiped_store_is_made_again_while_running_and_the_loss_is_logged() {
         log.iter().any(|l| l.contains("ERROR")
             && l.contains("stream `fanout` was recreated")
             && l.contains(&format!("messages up to seq {last} known before are gone"))),
+        "{log:#?}"
+    );
+
+    // The dead-letter stream went with the store and is made again too: a message
+    // refused now is stored, as this instance lists it (`fanout dead-letters` would
+    // make the stream itself).
+    let poison = json!({"type": "track", "userId": "p", "event": "Bad", "messageId": "poison"});
+    send_until_stored(&f, &[poison], Duration::from_secs(20)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let response = client()
+            .get(f.url("/admin/dead-letters?destination=hook"))
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let listed: Value = response.json().await.unwrap_or_default();
+        if status == 200
+            && listed["dead_letters"]
+                .as_array()
+                .is_some_and(|l| !l.is_empty())
+        {
+            assert_eq!(listed["dead_letters"][0]["message"]["messageId"], "poison");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead letter was not stored: {status} {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = f.stderr();
+    assert!(
+        log.iter().any(|l| l.contains("ERROR")
+            && l.contains("dead-letter stream `fanout_dead_letters` was missing")),
         "{log:#?}"
     );
 }

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use toml::de::DeTable;
 
 pub use errors::ConfigError;
-pub use sections::{AdminConfig, DeadLettersConfig, QueueBackend, QueueConfig, ServerConfig};
+pub use sections::{AdminConfig, DeadLettersConfig, ServerConfig};
 
 pub use crate::auth::{BrowserBatching, SourceBrowserConfig, SourceConfig, SourceDedupeConfig};
 pub use crate::dedupe::{DedupeBackend, DedupeConfig, RedisFailure};
@@ -23,6 +23,8 @@ pub use crate::http::{BrowserConfig, CorsConfig};
 pub use crate::ingest::{LimitsConfig, MAX_JSON_DEPTH};
 
 use crate::destinations::DestinationConfig;
+use crate::queue::dead_letters::Bounds as DeadLetterBounds;
+use crate::queue::QueueConfig;
 use errors::{hide_secret, line_of, renamed_key, with_duration_hint, LineIndex};
 
 /// The whole configuration file. `D` is how a destination is held: its typed config,
@@ -133,6 +135,14 @@ impl<D> Config<D> {
         self.server
             .max_queue_bytes
             .saturating_sub(self.dead_letter_bytes())
+    }
+
+    /// How much the dead-letter store keeps: `[dead_letters]`.
+    pub fn dead_letter_bounds(&self) -> DeadLetterBounds {
+        DeadLetterBounds {
+            max_bytes: self.dead_letter_bytes(),
+            retention: self.dead_letters.retention,
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use super::*;
+use crate::queue::QueueBackend;
 
 const GOOD: &str = r#"
 [server]

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use super::errors::{ConfigError, LineIndex};
-use super::{Config, DedupeBackend, QueueBackend};
+use super::{Config, DedupeBackend};
 
 /// Viewers read up to 64 KiB at a time: a smaller buffer loses events to one keeping up.
 const MIN_VIEWER_BUFFER_BYTES: usize = 64 * 1024;
@@ -141,7 +141,9 @@ impl Config {
                 "must differ from server.listen (leave it out to share that address)".into(),
             ));
         }
-        self.validate_queue(&err)?;
+        if let Err((key, message)) = self.queue.validate() {
+            return Err(err(key, message));
+        }
         // An empty file (or one cut before its sources) would answer 401 to every client,
         // and Segment's libraries drop events on a 401.
         if self.sources.is_empty() {
@@ -200,13 +202,8 @@ impl Config {
                     format!("destination `{}` is defined twice", dest.name.as_str()),
                 ));
             }
-            if self.queue.backend == QueueBackend::Nats && dest.name.contains('.') {
-                return Err(err(
-                    format!("destinations[{i}].name"),
-                    "with queue.backend = \"nats\" a destination name cannot contain `.` (it \
-                     names JetStream consumers and subjects)"
-                        .into(),
-                ));
+            if let Err(message) = self.queue.check_destination_name(&dest.name) {
+                return Err(err(format!("destinations[{i}].name"), message));
             }
             if let Err(e) = dest.validate() {
                 return Err(lines.error(&format!("destinations[{i}]"), e));
@@ -260,73 +257,6 @@ impl Config {
                  queue's budget, and must be at least twice server.segment_bytes (the newest \
                  segment is always kept)"
                     .into(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// The `[queue]` section: a nats backend needs servers it can parse, and names and
-    /// numbers JetStream takes.
-    fn validate_queue(
-        &self,
-        err: &impl Fn(String, String) -> ConfigError,
-    ) -> Result<(), ConfigError> {
-        let queue = &self.queue;
-        if queue.backend == QueueBackend::Local {
-            return Ok(());
-        }
-        if queue.servers.is_empty() {
-            return Err(err(
-                "queue.servers".into(),
-                "backend = \"nats\" needs at least one server, e.g. [\"nats://127.0.0.1:4222\"]"
-                    .into(),
-            ));
-        }
-        for (i, server) in queue.servers.iter().enumerate() {
-            if let Err(e) = server.parse::<async_nats::ServerAddr>() {
-                return Err(err(
-                    format!("queue.servers[{i}]"),
-                    format!("`{server}` is not a NATS server URL ({e}), e.g. nats://host:4222"),
-                ));
-            }
-        }
-        let stream_name_ok = !queue.stream.is_empty()
-            && queue.stream.len() <= 32
-            && queue
-                .stream
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b));
-        if !stream_name_ok {
-            return Err(err(
-                "queue.stream".into(),
-                "must be 1-32 characters of A-Z a-z 0-9 _ -".into(),
-            ));
-        }
-        if !(1..=5).contains(&queue.replicas) {
-            return Err(err(
-                "queue.replicas".into(),
-                "must be from 1 to 5 (JetStream's limit)".into(),
-            ));
-        }
-        if !(1..=64).contains(&queue.partitions) {
-            return Err(err(
-                "queue.partitions".into(),
-                "must be from 1 to 64".into(),
-            ));
-        }
-        for (key, value, least) in [
-            ("queue.ack_wait", queue.ack_wait, 1),
-            ("queue.duplicate_window", queue.duplicate_window, 1),
-            ("queue.publish_timeout", queue.publish_timeout, 1),
-        ] {
-            if value.as_secs() < least {
-                return Err(err(key.into(), format!("must be at least {least}s")));
-            }
-        }
-        if queue.user_env.is_some() != queue.password_env.is_some() {
-            return Err(err(
-                "queue.user_env".into(),
-                "user_env and password_env go together".into(),
             ));
         }
         Ok(())

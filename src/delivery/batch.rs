@@ -10,13 +10,13 @@ use serde_json::json;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
-use super::dead_letters::{Failure, Reason};
 use super::retry::RetryPolicy;
 use crate::clock::Clock;
 use crate::destinations::RatePer;
 use crate::destinations::{AnyDestination, Check, Outgoing, Prepared, SendError};
 use crate::metrics::DeliveryMetrics;
 use crate::pace::RateLimiter;
+use crate::queue::dead_letters::{Failure, Reason};
 use crate::queue::Earlier;
 use crate::routing::Route;
 

@@ -20,12 +20,11 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::batch::{self, BatchResult, DeliveryContext, Item, Origin, Settled};
-use super::dead_letters::DeadLetters;
 use super::lines::Lines;
 use super::progress::Progress;
 use super::replay::{self, Replays};
 use crate::destinations::BatchLimits;
-use crate::queue::{Feed, Record};
+use crate::queue::{DeadLetters, Record};
 use crate::routing::{user_key, Decision};
 
 const READ_RETRY: Duration = Duration::from_secs(1);
@@ -47,8 +46,6 @@ pub struct Engine {
     limits: BatchLimits,
     ordering: bool,
     max_outstanding: usize,
-    /// Out while a read runs (the local log is read on a blocking thread).
-    feed: Option<Feed>,
     stop: watch::Receiver<bool>,
     /// Read from the queue, not yet in a batch.
     lines: Lines,
@@ -69,7 +66,6 @@ impl Engine {
         context: Arc<DeliveryContext>,
         dead_letters: Arc<DeadLetters>,
         shape: Shape,
-        feed: Feed,
         progress: Progress,
     ) -> Engine {
         crate::metrics::install();
@@ -84,7 +80,6 @@ impl Engine {
             limits: shape.limits,
             ordering: shape.ordering,
             max_outstanding: shape.max_outstanding,
-            feed: Some(feed),
             lines: Lines::default(),
             replays,
             running: JoinSet::new(),
@@ -103,12 +98,6 @@ impl Engine {
             || self.lines.held_bytes() >= MAX_HELD_BYTES
     }
 
-    fn feed(&self) -> &Feed {
-        self.feed
-            .as_ref()
-            .expect("the feed is back after each read")
-    }
-
     pub async fn run(mut self) {
         loop {
             let stopping = self.stop_closed || *self.stop.borrow();
@@ -125,10 +114,7 @@ impl Engine {
             }
             if stopping && self.running.is_empty() {
                 self.progress.save(&self.context).await;
-                let held = self.progress.release();
-                if let Some(feed) = self.feed.take() {
-                    feed.close(held).await;
-                }
+                self.progress.close().await;
                 return;
             }
             let linger_at = if stopping { None } else { self.linger_until };
@@ -137,10 +123,6 @@ impl Engine {
             let can_read = !stopping && !self.lookahead_full() && self.read_again_at.is_none();
             let replay_at = self.replays.next_poll();
             let read_again_at = self.read_again_at;
-            let feed = self
-                .feed
-                .as_mut()
-                .expect("the feed is back after each read");
             tokio::select! {
                 Some(done) = self.running.join_next(), if !self.running.is_empty() => {
                     match done {
@@ -151,7 +133,7 @@ impl Engine {
                         ),
                     }
                 }
-                _ = feed.wait_for_data(), if can_read => {}
+                _ = self.progress.wait_for_data(), if can_read => {}
                 _ = sleep_until_opt(linger_at), if linger_at.is_some() => {}
                 _ = sleep_until_opt(save_at), if save_at.is_some() => {
                     self.progress.save(&self.context).await;
@@ -169,15 +151,16 @@ impl Engine {
 
     /// Reads what fits in the lookahead from the queue.
     async fn read_more(&mut self) {
-        if self.lookahead_full() || !self.feed().has_more() || self.read_again_at.is_some() {
+        if self.lookahead_full() || !self.progress.has_more() || self.read_again_at.is_some() {
             return;
         }
         let slots = self.max_outstanding + 1;
         let max_records = (self.limits.max_events * slots).saturating_sub(self.lines.free_count());
         let max_bytes = (self.limits.max_bytes * slots).saturating_sub(self.lines.free_bytes());
-        let feed = self.feed.take().expect("the feed is back after each read");
-        let (feed, read) = feed.read(max_records.max(1), max_bytes.max(1)).await;
-        self.feed = Some(feed);
+        let read = self
+            .progress
+            .read_batch(max_records.max(1), max_bytes.max(1))
+            .await;
         match read {
             Ok(records) => {
                 let now = Instant::now();
@@ -232,10 +215,7 @@ impl Engine {
             (true, Some(user)) => user,
             (true, None) => user_key(&record.json),
         };
-        let Some(seq) = self.progress.read(record.receipt, record.tag.accepted_at) else {
-            // Delivered to this engine again while it still holds it.
-            return;
-        };
+        let seq = self.progress.read(record.receipt, record.tag.accepted_at);
         self.lines.push(Item {
             origin: Origin::Queue { seq },
             source: record.source,
@@ -274,7 +254,7 @@ impl Engine {
             count >= self.limits.max_events || self.lines.free_bytes() > self.limits.max_bytes;
         if !full && !*self.stop.borrow() {
             let more_coming =
-                self.feed().has_more() && !self.lookahead_full() && self.read_again_at.is_none();
+                self.progress.has_more() && !self.lookahead_full() && self.read_again_at.is_none();
             if more_coming {
                 return None;
             }

@@ -3,7 +3,6 @@
 //! destination delays only itself.
 
 mod batch;
-pub mod dead_letters;
 mod engine;
 mod lines;
 mod progress;
@@ -19,14 +18,12 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-pub use dead_letters::DeadLetters;
-
 use crate::clock::Clock;
 use crate::control::{Changes, ReplayRefused};
 use crate::destinations::{AnyDestination, DestinationConfig};
 use crate::metrics::DestinationGauges;
 use crate::pace::RateLimiter;
-use crate::queue::{Checkpoint, Feed, Queue, Subscription};
+use crate::queue::{Checkpoint, DeadLetters, Queue, Replay, ReplayError};
 use crate::routing::Route;
 use batch::DeliveryContext;
 use progress::Progress;
@@ -44,8 +41,6 @@ pub struct Deliveries {
     queue: Queue,
     dead_letters: Arc<DeadLetters>,
     running: BTreeMap<String, Running>,
-    /// Bounded replays waiting for their destination's next start: (until, stop_at).
-    windows: BTreeMap<String, (u32, u64)>,
 }
 
 struct Running {
@@ -69,7 +64,6 @@ impl Deliveries {
             queue: queue.clone(),
             dead_letters: dead_letters.clone(),
             running: BTreeMap::new(),
-            windows: BTreeMap::new(),
         };
         for config in destinations {
             deliveries.launch(config).await?;
@@ -151,65 +145,28 @@ impl Deliveries {
         let Some(config) = self.running.get(name).map(|r| r.config.clone()) else {
             return Err(ReplayRefused::UnknownDestination(name.to_string()));
         };
-        let seconds = |t: DateTime<Utc>| t.timestamp().clamp(0, i64::from(u32::MAX)) as u32;
-        let (since_s, until_s) = (seconds(since), until.map(seconds));
-        let not_retained = |oldest: Option<u32>| ReplayRefused::NotRetained {
-            oldest: oldest.and_then(|t| DateTime::from_timestamp(i64::from(t), 0)),
+        let rewind = match self.queue.replay(name, since, until).await? {
+            Replay::Sent(messages) => return Ok(messages),
+            Replay::Rewind(rewind) => rewind,
         };
-        let log = match &self.queue {
-            Queue::Local(log) => log.clone(),
-            Queue::Nats(shared) => {
-                return shared
-                    .replay(name, since, until)
-                    .await
-                    .map_err(|e| match e {
-                        crate::queue::nats::ReplayError::NotRetained(oldest) => {
-                            ReplayRefused::NotRetained { oldest }
-                        }
-                        crate::queue::nats::ReplayError::Failed(e) => ReplayRefused::Failed(e),
-                    });
-            }
-        };
-        let range = {
-            let (log, name) = (log.clone(), name.to_string());
-            move || log.replay_range(&name, since_s, until_s)
-        };
-        // Checked first, so a refused replay does not stop anything.
-        blocking(range.clone())
-            .await?
-            .map_err(|e| not_retained(e.oldest))?;
         let running = self.running.remove(name).expect("looked up above");
         let _ = running.stop.send(true);
         let _ = running.task.await;
         // Again, from where the stopped engine saved its cursor.
-        let moved = match blocking(range).await {
-            Ok(Ok(range)) if range.start < range.stop_at => {
-                let (log, owned) = (log.clone(), name.to_string());
-                blocking(move || log.rewind(&owned, range.start))
-                    .await
-                    .map(|_| range)
-            }
-            Ok(Ok(range)) => Ok(range),
-            Ok(Err(e)) => Err(not_retained(e.oldest)),
-            Err(e) => Err(e),
-        };
-        if let (Ok(range), Some(until)) = (&moved, until_s) {
-            self.windows
-                .insert(name.to_string(), (until, range.stop_at));
-        }
+        let moved = rewind.apply().await;
         // Whatever happened, the destination runs again.
         if let Err(e) = self.launch(&config).await {
             return Err(ReplayRefused::Failed(e));
         }
-        let range = moved?;
+        let messages = moved?;
         tracing::info!(
             destination = name,
             %since,
             until = ?until,
-            messages = range.messages,
+            messages,
             "replaying from the retained log"
         );
-        Ok(range.messages)
+        Ok(messages)
     }
 
     /// The settings of every running destination.
@@ -233,52 +190,9 @@ impl Deliveries {
         let subscription = self.queue.subscribe(&config.name).await?;
         crate::metrics::install();
         let gauges = DestinationGauges::register(&config.name);
-        let (destination, feed, progress) = match subscription {
-            Subscription::Log {
-                reader,
-                mut cursor,
-                saved,
-            } => {
-                let destination = build(saved)?;
-                // A new destination, or a mark that measures another output (the path or
-                // the kind changed): start from what is there now, and save that at once.
-                let (saved, save_soon) = match saved {
-                    Some(saved) if saved.sink_id == destination.sink_id() => (saved, false),
-                    _ => {
-                        let first = Checkpoint {
-                            position: saved.map_or_else(|| reader.position(), |s| s.position),
-                            sink_offset: destination.mark(),
-                            sink_id: destination.sink_id(),
-                        };
-                        // A full disk must not keep the server from starting: the engine
-                        // saves it as soon as it can (what arrives meanwhile is refused
-                        // for the same lack of space).
-                        let unsaved = cursor.commit(first).is_err_and(|e| {
-                            tracing::warn!(destination = %config.name, error = %e,
-                                "cannot save the first cursor; retrying in the background");
-                            true
-                        });
-                        (first, unsaved)
-                    }
-                };
-                let mut reader = reader;
-                if let Some((until, stop_at)) = self.windows.remove(&config.name) {
-                    reader.replay_until(until, stop_at);
-                }
-                let mut progress = Progress::log(reader.position(), saved, cursor, gauges);
-                if save_soon {
-                    progress.save_soon();
-                }
-                (destination, Feed::Log(reader), progress)
-            }
-            // The shared log keeps no checkpoint: a destination's outputs are its own
-            // (a file destination there is at-least-once).
-            Subscription::Stream { feed, acks } => (
-                build(None)?,
-                Feed::Stream(feed),
-                Progress::stream(acks, gauges),
-            ),
-        };
+        let destination = build(subscription.saved())?;
+        let feed = subscription.start(|| destination.mark(), destination.sink_id());
+        let progress = Progress::new(feed, gauges);
         let sequential = destination.sequential();
         let concurrency = if sequential { 1 } else { config.concurrency() };
         let limiter = config
@@ -310,7 +224,6 @@ impl Deliveries {
                 ordering: config.ordering() && !sequential,
                 max_outstanding,
             },
-            feed,
             progress,
         );
         let span = tracing::info_span!("delivery", destination = %config.name);
@@ -351,14 +264,13 @@ async fn stop_all(engines: impl IntoIterator<Item = Running>, grace: Duration) {
     }
 }
 
-/// Runs blocking queue I/O off the runtime.
-async fn blocking<T: Send + 'static>(
-    call: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> Result<T, ReplayRefused> {
-    tokio::task::spawn_blocking(call)
-        .await
-        .map_err(|e| ReplayRefused::Failed(anyhow::anyhow!("replay task failed: {e}")))?
-        .map_err(|e| ReplayRefused::Failed(anyhow::anyhow!("reading the queue: {e}")))
+impl From<ReplayError> for ReplayRefused {
+    fn from(e: ReplayError) -> ReplayRefused {
+        match e {
+            ReplayError::NotRetained(oldest) => ReplayRefused::NotRetained { oldest },
+            ReplayError::Failed(e) => ReplayRefused::Failed(e),
+        }
+    }
 }
 
 /// A deadline no shutdown reaches (`Instant` + a huge grace would overflow).

@@ -1,13 +1,10 @@
 //! How far one destination has come: the queue messages it read and has not settled,
-//! and what to record of that, at most every `COMMIT_INTERVAL` and only after the
-//! destination made what it records durable (a file destination syncs first).
-//!
-//! On the local log, the cursor may move to the start of the oldest message not yet
-//! settled (delivered or dead-lettered), or past everything read when none is left. On
-//! the shared log, each settled message is acknowledged, and held ones are kept alive
-//! with progress signals (`queue::nats::Acks`).
+//! and when to record that, at most every `COMMIT_INTERVAL` and only after the
+//! destination made what it records durable (a file destination syncs first). What is
+//! recorded (a cursor, acknowledgements) is the queue's business (`queue::Feed`).
 
 use std::collections::BTreeMap;
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,8 +12,7 @@ use tokio::time::Instant;
 
 use super::batch::DeliveryContext;
 use crate::metrics::DestinationGauges;
-use crate::queue::nats::DeliveryKey;
-use crate::queue::{Acks, Checkpoint, Cursor, Handback, Receipt};
+use crate::queue::{Feed, Place, Record};
 use crate::throttle::LogThrottle;
 
 /// Cursor saves are spaced at least this far apart; a crash re-sends at most this much
@@ -24,11 +20,12 @@ use crate::throttle::LogThrottle;
 pub const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 
 pub struct Progress {
+    /// Where the messages come from and progress is recorded; out while a read runs.
+    feed: Option<Feed>,
     /// Accepted-at time (Unix seconds) and place of every queue message read and not
     /// settled, by sequence number.
     unsettled: BTreeMap<u64, (u32, Place)>,
     next_seq: u64,
-    ledger: Ledger,
     last_save: Instant,
     /// Saves failed in a row, and how often that is logged.
     save_failures: u64,
@@ -37,66 +34,12 @@ pub struct Progress {
     gauges: DestinationGauges,
 }
 
-/// Where a message read is: its start in the local log, or its delivery from the
-/// shared log.
-#[derive(Debug, Clone, Copy)]
-enum Place {
-    Log(u64),
-    Stream(DeliveryKey),
-}
-
-/// How progress is recorded: a checkpoint saved in a cursor file, or acknowledgements.
-enum Ledger {
-    Log(LogLedger),
-    Stream(Box<Acks>),
-}
-
-struct LogLedger {
-    /// End of the last record read.
-    read_end: u64,
-    /// The destination's own mark (a file's length) after its last successful send.
-    mark: u64,
-    /// The checkpoint last noted, and what of it is not saved yet.
-    recorded: Checkpoint,
-    unsaved: Option<Checkpoint>,
-    /// Out while a save runs on a blocking thread.
-    cursor: Option<Cursor>,
-}
-
 impl Progress {
-    /// On the local log: starting at `read_end` (where the reader is), from the `saved`
-    /// checkpoint.
-    pub fn log(
-        read_end: u64,
-        saved: Checkpoint,
-        cursor: Cursor,
-        gauges: DestinationGauges,
-    ) -> Progress {
-        Progress::new(
-            Ledger::Log(LogLedger {
-                read_end,
-                mark: saved.sink_offset,
-                recorded: Checkpoint {
-                    position: read_end,
-                    ..saved
-                },
-                unsaved: None,
-                cursor: Some(cursor),
-            }),
-            gauges,
-        )
-    }
-
-    /// On the shared log.
-    pub fn stream(acks: Box<Acks>, gauges: DestinationGauges) -> Progress {
-        Progress::new(Ledger::Stream(acks), gauges)
-    }
-
-    fn new(ledger: Ledger, gauges: DestinationGauges) -> Progress {
+    pub fn new(feed: Feed, gauges: DestinationGauges) -> Progress {
         Progress {
+            feed: Some(feed),
             unsettled: BTreeMap::new(),
             next_seq: 0,
-            ledger,
             last_save: Instant::now(),
             save_failures: 0,
             save_log: LogThrottle::new(Duration::from_secs(10)),
@@ -104,97 +47,86 @@ impl Progress {
         }
     }
 
-    /// The checkpoint it starts from is not saved yet: save it as soon as it can.
-    pub fn save_soon(&mut self) {
-        if let Ledger::Log(log) = &mut self.ledger {
-            log.unsaved = Some(log.recorded);
-        }
+    fn feed(&self) -> &Feed {
+        self.feed
+            .as_ref()
+            .expect("the feed is back after each read")
+    }
+
+    fn feed_mut(&mut self) -> &mut Feed {
+        self.feed
+            .as_mut()
+            .expect("the feed is back after each read")
+    }
+
+    /// Waits until there is something to read. False when nothing more will come.
+    pub async fn wait_for_data(&mut self) -> bool {
+        self.feed_mut().wait_for_data().await
+    }
+
+    /// Whether more is there to read right now.
+    pub fn has_more(&self) -> bool {
+        self.feed().has_more()
+    }
+
+    /// Reads up to `max_records` or about `max_bytes` from the queue.
+    pub async fn read_batch(
+        &mut self,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> io::Result<Vec<Record>> {
+        let feed = self.feed.take().expect("the feed is back after each read");
+        let (feed, read) = feed.read(max_records, max_bytes).await;
+        self.feed = Some(feed);
+        read
     }
 
     /// A message read from the queue, to be settled later; returns its sequence number.
-    /// `None` when the queue delivered a message again that is still held here.
-    pub fn read(&mut self, receipt: Receipt, accepted_at: u32) -> Option<u64> {
+    pub fn read(&mut self, place: Place, accepted_at: u32) -> u64 {
         let seq = self.next_seq;
-        let place = match (&mut self.ledger, receipt) {
-            (Ledger::Log(log), Receipt::Log { end }) => {
-                Place::Log(std::mem::replace(&mut log.read_end, end))
-            }
-            (Ledger::Stream(acks), Receipt::Stream(delivery)) => {
-                Place::Stream(acks.read(delivery)?)
-            }
-            _ => unreachable!("a feed's receipts are its own ledger's"),
-        };
         self.next_seq += 1;
         self.unsettled.insert(seq, (accepted_at, place));
-        Some(seq)
+        seq
     }
 
     /// A message passed over (not for this destination): settled as it is read.
-    pub fn pass(&mut self, receipt: Receipt) {
-        match (&mut self.ledger, receipt) {
-            (Ledger::Log(log), Receipt::Log { end }) => log.read_end = end,
-            (Ledger::Stream(acks), Receipt::Stream(delivery)) => {
-                if let Some(key) = acks.read(delivery) {
-                    acks.settle(key);
-                }
-            }
-            _ => unreachable!("a feed's receipts are its own ledger's"),
-        }
+    pub fn pass(&mut self, place: Place) {
+        self.feed_mut().settle(place);
     }
 
     /// The message `seq` is delivered or durably dead-lettered.
     pub fn settled(&mut self, seq: u64) {
-        let place = self.unsettled.remove(&seq).map(|(_, place)| place);
-        if let (Some(Place::Stream(key)), Ledger::Stream(acks)) = (place, &mut self.ledger) {
-            acks.settle(key);
+        if let Some((_, place)) = self.unsettled.remove(&seq) {
+            self.feed_mut().settle(place);
         }
     }
 
     /// The destination's mark after a successful send.
     pub fn set_mark(&mut self, mark: u64) {
-        if let Ledger::Log(log) = &mut self.ledger {
-            log.mark = mark;
-        }
+        self.feed_mut().set_mark(mark);
+    }
+
+    fn oldest(&self) -> Option<Place> {
+        self.unsettled
+            .first_key_value()
+            .map(|(_, &(_, place))| place)
     }
 
     /// Where the local log's cursor may move now.
-    fn checkpoint(&self) -> Option<Checkpoint> {
-        match &self.ledger {
-            Ledger::Log(log) => Some(Checkpoint {
-                position: match self.unsettled.first_key_value() {
-                    Some((_, &(_, Place::Log(start)))) => start,
-                    _ => log.read_end,
-                },
-                sink_offset: log.mark,
-                sink_id: log.recorded.sink_id,
-            }),
-            Ledger::Stream(_) => None,
-        }
+    #[cfg(test)]
+    fn checkpoint(&self) -> Option<crate::queue::Checkpoint> {
+        self.feed().checkpoint(self.oldest())
     }
 
     /// Takes the current progress as the one to record; true when it moved.
     pub fn note(&mut self) -> bool {
-        let checkpoint = self.checkpoint();
-        match (&mut self.ledger, checkpoint) {
-            (Ledger::Log(log), Some(now)) => {
-                if now == log.recorded {
-                    return false;
-                }
-                log.recorded = now;
-                log.unsaved = Some(now);
-                true
-            }
-            (Ledger::Log(_), None) => false,
-            (Ledger::Stream(acks), _) => acks.has_unsaved(),
-        }
+        let oldest = self.oldest();
+        self.feed_mut().note(oldest)
     }
 
     /// Whether noted progress waits to be recorded.
     pub fn has_unsaved(&self) -> bool {
-        match &self.ledger {
-            Ledger::Log(log) => log.unsaved.is_some(),
-            Ledger::Stream(acks) => acks.has_unsaved(),
-        }
+        self.feed().has_unsaved()
     }
 
     /// When the next save is due, if one waits (or held messages need their progress
@@ -203,11 +135,7 @@ impl Progress {
         let save = self
             .has_unsaved()
             .then_some(self.last_save + COMMIT_INTERVAL);
-        let ping = match &self.ledger {
-            Ledger::Stream(acks) => acks.ping_at(),
-            Ledger::Log(_) => None,
-        };
-        save.into_iter().chain(ping).min()
+        save.into_iter().chain(self.feed().ping_at()).min()
     }
 
     /// Whether a save now would be at least `COMMIT_INTERVAL` after the last one.
@@ -219,17 +147,13 @@ impl Progress {
     /// noted (delivered messages past the old cursor would be sent again after a restart)
     /// and is tried again at the next `save_at`.
     pub async fn save(&mut self, context: &Arc<DeliveryContext>) {
-        if let Ledger::Stream(acks) = &mut self.ledger {
-            acks.ping_if_due().await;
-        }
+        self.feed_mut().ping_if_due().await;
         if !self.has_unsaved() {
             return;
         }
         self.last_save = Instant::now();
-        let saved = match &mut self.ledger {
-            Ledger::Log(log) => log.save(context).await,
-            Ledger::Stream(acks) => acknowledge(acks, context).await,
-        };
+        let sink = context.clone();
+        let saved = self.feed_mut().save(move || sink.destination.flush()).await;
         match saved {
             Ok(()) => self.save_failures = 0,
             Err(e) => {
@@ -247,11 +171,10 @@ impl Progress {
         }
     }
 
-    /// At stop: the shared log's messages read and not settled, to be given back.
-    pub fn release(&mut self) -> Handback {
-        match &mut self.ledger {
-            Ledger::Stream(acks) => acks.release(),
-            Ledger::Log(_) => Handback::default(),
+    /// At stop: the shared log's messages read and not settled go back.
+    pub async fn close(&mut self) {
+        if let Some(feed) = self.feed.take() {
+            feed.close().await;
         }
     }
 
@@ -262,59 +185,27 @@ impl Progress {
     }
 }
 
-/// Acknowledges what is settled, once the destination made it durable.
-async fn acknowledge(acks: &mut Acks, context: &Arc<DeliveryContext>) -> std::io::Result<()> {
-    let sink = context.clone();
-    tokio::task::spawn_blocking(move || sink.destination.flush())
-        .await
-        .expect("flush task panicked")?;
-    acks.commit().await.map_err(std::io::Error::other)
-}
-
-impl LogLedger {
-    async fn save(&mut self, context: &Arc<DeliveryContext>) -> std::io::Result<()> {
-        let Some(checkpoint) = self.unsaved.take() else {
-            return Ok(());
-        };
-        let mut cursor = self.cursor.take().expect("cursor is back after each save");
-        let sink = context.clone();
-        let (cursor, saved) = tokio::task::spawn_blocking(move || {
-            // What the cursor passes must be durable at the destination first.
-            let saved = sink
-                .destination
-                .flush()
-                .and_then(|()| cursor.commit(checkpoint));
-            (cursor, saved)
-        })
-        .await
-        .expect("cursor task panicked");
-        self.cursor = Some(cursor);
-        if saved.is_err() {
-            self.unsaved.get_or_insert(checkpoint);
-        }
-        saved
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::LocalQueue;
+    use crate::queue::{Checkpoint, LocalQueue};
 
-    fn at(end: u64) -> Receipt {
-        Receipt::Log { end }
+    /// The place of a local-log record that ends at `end`, read next.
+    fn at(p: &mut Progress, end: u64) -> Place {
+        p.feed_mut().log_place(end)
     }
 
     fn progress(dir: &std::path::Path) -> Progress {
         let (queue, _writer) = LocalQueue::open(dir, 1 << 20, 1 << 30).unwrap();
-        let (_, cursor, _) = queue.subscribe("d").unwrap();
+        let (reader, cursor, _) = queue.subscribe("d").unwrap();
         crate::metrics::install();
         let saved = Checkpoint {
             position: 100,
             sink_offset: 7,
             sink_id: 3,
         };
-        Progress::log(100, saved, cursor, DestinationGauges::register("d"))
+        let feed = Feed::log(Box::new(reader), cursor, 100, saved);
+        Progress::new(feed, DestinationGauges::register("d"))
     }
 
     #[test]
@@ -322,10 +213,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut p = progress(dir.path());
         assert!(!p.note(), "nothing moved yet");
-        let a = p.read(at(110), 1).unwrap();
-        let b = p.read(at(120), 1).unwrap();
-        p.pass(at(130));
-        let c = p.read(at(140), 1).unwrap();
+        let place = at(&mut p, 110);
+        let a = p.read(place, 1);
+        let place = at(&mut p, 120);
+        let b = p.read(place, 1);
+        let place = at(&mut p, 130);
+        p.pass(place);
+        let place = at(&mut p, 140);
+        let c = p.read(place, 1);
         assert_eq!(p.checkpoint().unwrap().position, 100, "`a` is not settled");
         p.settled(b);
         assert_eq!(
@@ -375,7 +270,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut p = progress(dir.path());
         assert_eq!(p.save_at(), None);
-        let seq = p.read(at(110), 1).unwrap();
+        let place = at(&mut p, 110);
+        let seq = p.read(place, 1);
         p.settled(seq);
         p.note();
         let due = p.save_at().unwrap();

@@ -12,9 +12,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::batch::{BatchResult, Item, Origin, Settled};
-use super::dead_letters::{DeadLetters, Failure};
 use super::lines::wire_len;
 use crate::destinations::BatchLimits;
+use crate::queue::dead_letters::{DeadLetters, Failure};
 use crate::queue::Earlier;
 
 /// How often marked dead letters are looked for.

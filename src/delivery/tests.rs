@@ -89,8 +89,8 @@ struct Setup {
 async fn setup(extra: &str, fake: Fake) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let (log, writer) = LocalQueue::open(dir.path(), 1 << 20, 1 << 30).unwrap();
-    let queue = Queue::Local(log.clone());
-    let bounds = crate::delivery::dead_letters::Bounds {
+    let queue = Queue::from(log.clone());
+    let bounds = crate::queue::dead_letters::Bounds {
         max_bytes: 1 << 30,
         retention: Duration::from_secs(3600),
     };

@@ -17,8 +17,8 @@ use super::{ApiError, App};
 use chrono::{DateTime, SecondsFormat, Utc};
 
 use crate::control::{Control, ReloadRequest, ReplayRefused, ReplayRequest};
-use crate::delivery::dead_letters::MAX_PAGE;
 use crate::ingest::Rejection;
+use crate::queue::dead_letters::MAX_PAGE;
 use crate::tracking_plan::{RetakeError, DEAD_LETTER_NAME};
 
 #[derive(Deserialize)]

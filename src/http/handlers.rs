@@ -19,10 +19,10 @@ use serde_json::json;
 
 use super::{ApiError, App, BodyCut};
 use crate::auth::{self, Credential};
-use crate::delivery::dead_letters::{Failure, NewLetter, Reason};
 use crate::ingest::{seed, segment, Rejection};
 use crate::message::MessageType;
 use crate::metrics::EventTally;
+use crate::queue::dead_letters::{Failure, NewLetter, Reason};
 use crate::queue::RecordBatch;
 
 /// Exactly what Segment answers; clients treat anything else as a failure.

@@ -33,9 +33,9 @@ use admission::AdmissionLayer;
 use crate::auth::Sources;
 use crate::control::Control;
 use crate::dedupe::Dedupe;
-use crate::delivery::DeadLetters;
 use crate::ingest::LimitsConfig;
 use crate::message::MessageType;
+use crate::queue::DeadLetters;
 use crate::queue::Queue;
 
 /// What request handlers share.

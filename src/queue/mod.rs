@@ -5,18 +5,29 @@
 //! pointed at it (`[queue] backend = "nats"`). Both store the same framed records
 //! (`record.rs`).
 
+mod config;
+pub mod dead_letters;
 mod failing;
+mod feed;
 pub mod local;
 pub mod nats;
 pub mod record;
 
 use std::io;
+use std::path::Path;
+use std::time::Duration;
 
-pub use local::{saved_checkpoint, Checkpoint, Cursor, LocalQueue, QueueReader, QueueWriter};
-pub use nats::{Acks, Delivery, Handback, NatsQueue, StreamFeed};
+use chrono::{DateTime, Utc};
+
+pub use config::{QueueBackend, QueueConfig};
+pub use dead_letters::DeadLetters;
+pub use feed::{Feed, Place, Subscription};
+pub use local::{saved_checkpoint, Checkpoint, LocalQueue, QueueWriter};
+pub use nats::{NatsQueue, ReplayError};
 pub use record::RecordBatch;
 
 use crate::message::Tag;
+use feed::Attached;
 
 /// Why an append was not stored.
 #[derive(Debug, thiserror::Error)]
@@ -34,25 +45,49 @@ pub enum QueueError {
     Uncertain(String),
 }
 
-/// The queue ingest appends to and destinations read from. Cheap to clone.
+/// The queue ingest appends to and destinations read from. Cheap to clone. Which
+/// backend it is stays inside this module.
 #[derive(Clone)]
-pub enum Queue {
+pub struct Queue(Backend);
+
+#[derive(Clone)]
+enum Backend {
     Local(LocalQueue),
     Nats(NatsQueue),
 }
 
-/// One message read back from the queue.
+impl From<LocalQueue> for Queue {
+    fn from(log: LocalQueue) -> Queue {
+        Queue(Backend::Local(log))
+    }
+}
+
+/// One message read back from the queue; `R` is how it is settled (a `Place` once the
+/// feed has entered it).
 #[derive(Debug)]
-pub struct Record {
+pub struct Record<R = Place> {
     pub source: String,
     pub tag: Tag,
     pub json: Vec<u8>,
     /// What settles it once it is delivered.
-    pub receipt: Receipt,
+    pub receipt: R,
     /// When it is a dead letter sent again through the shared log: its earlier attempts.
     pub earlier: Option<Earlier>,
     /// Delivered already (a bounded replay passes over it): settled without sending.
     pub passed: bool,
+}
+
+impl<R> Record<R> {
+    fn with_receipt<T>(self, receipt: T) -> Record<T> {
+        Record {
+            source: self.source,
+            tag: self.tag,
+            json: self.json,
+            receipt,
+            earlier: self.earlier,
+            passed: self.passed,
+        }
+    }
 }
 
 /// A replayed dead letter's history, carried with it so that failing again adds up.
@@ -62,129 +97,129 @@ pub struct Earlier {
     pub first_attempt_at: chrono::DateTime<chrono::Utc>,
 }
 
-/// How a record read is settled: the backend's own handle.
-#[derive(Debug)]
-pub enum Receipt {
-    /// The local log position just past the record: a cursor saved there has consumed it.
-    Log { end: u64 },
-    /// A delivery from the shared log, acknowledged once settled.
-    Stream(Delivery),
-}
-
-/// A destination attached to the queue: where it reads, and how it records progress.
-pub enum Subscription {
-    Log {
-        reader: QueueReader,
-        cursor: Cursor,
-        /// The checkpoint it saved last time, if any.
-        saved: Option<Checkpoint>,
-    },
-    Stream {
-        feed: Box<StreamFeed>,
-        acks: Box<Acks>,
-    },
-}
-
-/// Where a destination's engine reads messages from.
-pub enum Feed {
-    Log(QueueReader),
-    Stream(Box<StreamFeed>),
-}
-
-impl Feed {
-    /// Waits until there is something to read. False when nothing more will come.
-    pub async fn wait_for_data(&mut self) -> bool {
-        match self {
-            Feed::Log(reader) => reader.wait_for_data().await,
-            Feed::Stream(feed) => feed.wait_for_data().await,
-        }
-    }
-
-    /// Whether more is there to read right now.
-    pub fn has_more(&self) -> bool {
-        match self {
-            Feed::Log(reader) => reader.lag() > 0,
-            Feed::Stream(feed) => feed.has_more(),
-        }
-    }
-
-    /// Reads up to `max_records` or about `max_bytes`. Near the end of the log (what was
-    /// just written, in the page cache) the log is read in place: a blocking-pool hand-off
-    /// costs more than the copy. Further back it is read on a blocking thread, so the
-    /// feed is handed over and comes back with what was read.
-    pub async fn read(
-        self,
-        max_records: usize,
-        max_bytes: usize,
-    ) -> (Feed, io::Result<Vec<Record>>) {
-        /// Unread bytes below which the reader is taken to be reading cached data.
-        const READ_IN_PLACE: u64 = 4 * 1024 * 1024;
-        match self {
-            Feed::Log(mut reader) if reader.lag() <= READ_IN_PLACE => {
-                let records = reader.read_batch(max_records, max_bytes);
-                (Feed::Log(reader), records)
-            }
-            Feed::Log(mut reader) => {
-                let (reader, records) = tokio::task::spawn_blocking(move || {
-                    let records = reader.read_batch(max_records, max_bytes);
-                    (reader, records)
-                })
-                .await
-                .expect("queue read task panicked");
-                (Feed::Log(reader), records)
-            }
-            Feed::Stream(mut feed) => {
-                let records = feed.read(max_records, max_bytes);
-                (Feed::Stream(feed), Ok(records))
-            }
-        }
-    }
-
-    /// Stops reading. The messages read and not settled go back to the shared log for
-    /// whichever instance delivers next.
-    pub async fn close(self, handback: Handback) {
-        match self {
-            Feed::Log(_) => {}
-            Feed::Stream(feed) => feed.close(handback).await,
-        }
-    }
-}
-
 impl Queue {
+    /// Opens the backend `config` names: the local log in `data_dir` (with its writer
+    /// thread, to be joined at the end), or the shared log on NATS. `max_bytes` is the
+    /// queue's budget; `retention` how long delivered messages are kept for replays.
+    pub async fn open(
+        config: &QueueConfig,
+        data_dir: &Path,
+        segment_bytes: u64,
+        max_bytes: u64,
+        retention: Duration,
+    ) -> anyhow::Result<(Queue, Option<QueueWriter>)> {
+        match config.backend {
+            QueueBackend::Local => {
+                let (log, writer) = LocalQueue::open(data_dir, segment_bytes, max_bytes)?;
+                log.set_retention(retention);
+                Ok((Queue(Backend::Local(log)), Some(writer)))
+            }
+            QueueBackend::Nats => {
+                let shared = NatsQueue::connect(config, max_bytes).await?;
+                shared.keep_retained(retention).await?;
+                shared.keep_record(data_dir).await;
+                Ok((Queue(Backend::Nats(shared)), None))
+            }
+        }
+    }
+
+    /// The dead-letter store that goes with this queue: SQLite in `data_dir` beside the
+    /// local log, a stream beside the shared log.
+    pub async fn dead_letters(
+        &self,
+        data_dir: &Path,
+        bounds: dead_letters::Bounds,
+    ) -> anyhow::Result<DeadLetters> {
+        match &self.0 {
+            Backend::Local(_) => DeadLetters::open_local(data_dir, bounds),
+            Backend::Nats(shared) => DeadLetters::open_shared(shared, bounds).await,
+        }
+    }
+
+    /// Hands `each` every message the log on this machine holds; `None` when the queue
+    /// is shared, and so not all here (instances share their dedupe window otherwise).
+    pub fn scan_local(&self, each: impl FnMut(&str, Tag)) -> io::Result<Option<usize>> {
+        match &self.0 {
+            Backend::Local(log) => log.scan(each).map(Some),
+            Backend::Nats(_) => Ok(None),
+        }
+    }
+
+    /// Has the log on this machine hand `hook` each segment's messages before deleting
+    /// the segment (nothing on a shared queue).
+    pub fn on_reclaim(&self, hook: local::ReclaimHook) {
+        if let Backend::Local(log) = &self.0 {
+            log.on_reclaim(hook);
+        }
+    }
+
     /// Stores a request's messages: returns once every one of them is durable.
     pub async fn append(&self, batch: RecordBatch) -> Result<(), QueueError> {
-        match self {
-            Queue::Local(queue) => queue.append(batch).await,
-            Queue::Nats(queue) => queue.append(batch).await,
+        match &self.0 {
+            Backend::Local(queue) => queue.append(batch).await,
+            Backend::Nats(queue) => queue.append(batch).await,
         }
     }
 
     /// Whether ingest can store now, and if not, why (for `/ready`).
     pub fn readiness(&self) -> Result<(), String> {
-        match self {
-            Queue::Local(queue) => queue.readiness(),
-            Queue::Nats(queue) => queue.readiness(),
+        match &self.0 {
+            Backend::Local(queue) => queue.readiness(),
+            Backend::Nats(queue) => queue.readiness(),
         }
     }
 
     /// Attaches the destination `name` at its saved position (a new one starts with
     /// what is accepted from now on).
     pub async fn subscribe(&self, name: &str) -> anyhow::Result<Subscription> {
-        match self {
-            Queue::Local(queue) => {
+        let kind = match &self.0 {
+            Backend::Local(queue) => {
                 let (reader, cursor, saved) = queue.subscribe(name)?;
-                Ok(Subscription::Log {
-                    reader,
+                Attached::Log {
+                    reader: Box::new(reader),
                     cursor,
                     saved,
-                })
+                    log: queue.clone(),
+                }
             }
-            Queue::Nats(queue) => {
+            Backend::Nats(queue) => {
                 let (feed, acks) = queue.subscribe(name).await?;
-                Ok(Subscription::Stream {
+                Attached::Stream {
                     feed: Box::new(feed),
                     acks: Box::new(acks),
-                })
+                }
+            }
+        };
+        Ok(Subscription {
+            name: name.to_string(),
+            kind,
+        })
+    }
+
+    /// Delivers to `name` again what the retained log holds from the first message
+    /// accepted at or after `since` (to `until`, when given). The shared log puts the
+    /// messages on the destination's replay subject itself; the local log checks the
+    /// range and leaves moving the destination's cursor back to the caller, who stops
+    /// its engine first (`Replay::Rewind`).
+    pub async fn replay(
+        &self,
+        name: &str,
+        since: DateTime<Utc>,
+        until: Option<DateTime<Utc>>,
+    ) -> Result<Replay, ReplayError> {
+        match &self.0 {
+            Backend::Nats(shared) => shared.replay(name, since, until).await.map(Replay::Sent),
+            Backend::Local(log) => {
+                let seconds = |t: DateTime<Utc>| t.timestamp().clamp(0, i64::from(u32::MAX)) as u32;
+                let rewind = Rewind {
+                    log: log.clone(),
+                    name: name.to_string(),
+                    since: seconds(since),
+                    until: until.map(seconds),
+                };
+                // Checked first, so a refused replay does not stop anything.
+                rewind.range().await?;
+                Ok(Replay::Rewind(rewind))
             }
         }
     }
@@ -192,38 +227,38 @@ impl Queue {
     /// Every destination the queue keeps messages for, configured or not: a removed
     /// one keeps its part until it is purged.
     pub async fn held_for(&self) -> anyhow::Result<Vec<String>> {
-        match self {
-            Queue::Local(queue) => Ok(queue.cursor_names()),
-            Queue::Nats(queue) => queue.destinations().await,
+        match &self.0 {
+            Backend::Local(queue) => Ok(queue.cursor_names()),
+            Backend::Nats(queue) => queue.destinations().await,
         }
     }
 
     /// Forgets a destination that no longer runs, and frees what only it was holding.
     pub async fn purge(&self, name: &str) -> anyhow::Result<()> {
-        match self {
-            Queue::Local(queue) => {
+        match &self.0 {
+            Backend::Local(queue) => {
                 let queue = queue.clone();
                 let name = name.to_string();
                 tokio::task::spawn_blocking(move || queue.purge(&name)).await??;
                 Ok(())
             }
-            Queue::Nats(queue) => queue.purge(name).await,
+            Backend::Nats(queue) => queue.purge(name).await,
         }
     }
 
     /// Bytes of the local log behind a destination's cursor (on the shared log, its
     /// consumers' gauges say what is pending).
     pub fn lag_bytes(&self, name: &str) -> Option<u64> {
-        match self {
-            Queue::Local(queue) => queue.lag_bytes(name),
-            Queue::Nats(_) => None,
+        match &self.0 {
+            Backend::Local(queue) => queue.lag_bytes(name),
+            Backend::Nats(_) => None,
         }
     }
 
     /// For `/metrics`: bytes held, and each destination's lag.
     pub fn state(&self) -> (u64, Vec<(String, u64)>) {
-        match self {
-            Queue::Local(queue) => {
+        match &self.0 {
+            Backend::Local(queue) => {
                 let lags = queue
                     .cursor_names()
                     .into_iter()
@@ -231,7 +266,63 @@ impl Queue {
                     .collect();
                 (queue.held_bytes(), lags)
             }
-            Queue::Nats(queue) => (queue.held_bytes(), Vec::new()),
+            Backend::Nats(queue) => (queue.held_bytes(), Vec::new()),
         }
     }
+}
+
+/// How a replay goes on.
+pub enum Replay {
+    /// The queue sent the messages again itself: how many.
+    Sent(u64),
+    /// The destination's cursor must move back, with its engine stopped.
+    Rewind(Rewind),
+}
+
+/// A replay on the local log, its range checked: `apply` moves the destination's cursor
+/// back, and its next subscription passes over what was accepted after `until`.
+pub struct Rewind {
+    log: LocalQueue,
+    name: String,
+    since: u32,
+    until: Option<u32>,
+}
+
+impl Rewind {
+    async fn range(&self) -> Result<local::ReplayRange, ReplayError> {
+        let (log, name, since, until) =
+            (self.log.clone(), self.name.clone(), self.since, self.until);
+        blocking(move || log.replay_range(&name, since, until))
+            .await?
+            .map_err(|e| {
+                ReplayError::NotRetained(
+                    e.oldest
+                        .and_then(|t| DateTime::from_timestamp(i64::from(t), 0)),
+                )
+            })
+    }
+
+    /// Moves the cursor back (from where the stopped engine saved it); returns how many
+    /// messages go again.
+    pub async fn apply(self) -> Result<u64, ReplayError> {
+        let range = self.range().await?;
+        if range.start < range.stop_at {
+            let (log, name) = (self.log.clone(), self.name.clone());
+            blocking(move || log.rewind(&name, range.start)).await?;
+        }
+        if let Some(until) = self.until {
+            self.log.set_window(&self.name, (until, range.stop_at));
+        }
+        Ok(range.messages)
+    }
+}
+
+/// Runs blocking queue I/O off the runtime.
+async fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> Result<T, ReplayError> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|e| ReplayError::Failed(anyhow::anyhow!("replay task failed: {e}")))?
+        .map_err(|e| ReplayError::Failed(anyhow::anyhow!("reading the queue: {e}")))
 }

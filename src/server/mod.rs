@@ -13,13 +13,12 @@ use tokio::sync::{mpsc, watch};
 
 use crate::auth::Sources;
 use crate::clock::Clock;
-use crate::config::{Config, DedupeBackend, QueueBackend};
+use crate::config::{Config, DedupeBackend};
 use crate::control::Control;
 use crate::dedupe::Dedupe;
-use crate::delivery::dead_letters::Bounds as DeadLetterBounds;
-use crate::delivery::{DeadLetters, Deliveries};
+use crate::delivery::Deliveries;
 use crate::http::{self, App};
-use crate::queue::{LocalQueue, NatsQueue, Queue, QueueWriter};
+use crate::queue::{Queue, QueueWriter};
 use connections::{ConnectionLimits, Connections};
 
 /// How `run` was asked to start.
@@ -50,8 +49,8 @@ pub async fn run(config: Config, sources: Sources, options: Options) -> anyhow::
     if config.destinations.is_empty() {
         tracing::warn!("no destinations configured: accepted messages are stored but go nowhere");
     }
-    let bounds = DeadLetterBounds::of(&config);
-    let dead_letters = Arc::new(DeadLetters::open(&queue, &config.server.data_dir, bounds).await?);
+    let bounds = config.dead_letter_bounds();
+    let dead_letters = Arc::new(queue.dead_letters(&config.server.data_dir, bounds).await?);
     dead_letters.keep_pruned(bounds.retention, options.clock);
     let admin_token = admin_token(&config)?;
     crate::live::configure(config.admin.live_limits());
@@ -188,24 +187,15 @@ pub async fn run(config: Config, sources: Sources, options: Options) -> anyhow::
 
 /// The configured queue; the local log comes with its writer thread, joined at the end.
 async fn open_queue(config: &Config) -> anyhow::Result<(Queue, Option<QueueWriter>)> {
-    match config.queue.backend {
-        QueueBackend::Local => {
-            let (log, writer) = LocalQueue::open(
-                &config.server.data_dir,
-                config.server.segment_bytes,
-                // The dead letters' share is reserved out of the budget.
-                config.queue_bytes(),
-            )?;
-            log.set_retention(config.server.retention);
-            Ok((Queue::Local(log), Some(writer)))
-        }
-        QueueBackend::Nats => {
-            let shared = NatsQueue::connect(&config.queue, config.queue_bytes()).await?;
-            shared.keep_retained(config.server.retention).await?;
-            shared.keep_record(&config.server.data_dir).await;
-            Ok((Queue::Nats(shared), None))
-        }
-    }
+    Queue::open(
+        &config.queue,
+        &config.server.data_dir,
+        config.server.segment_bytes,
+        // The dead letters' share is reserved out of the budget.
+        config.queue_bytes(),
+        config.server.retention,
+    )
+    .await
 }
 
 /// Opens the dedupe window and rebuilds it from the local log, then has the log hand it
@@ -218,7 +208,7 @@ fn open_dedupe(config: &Config, queue: &Queue, clock: Clock) -> anyhow::Result<A
         &config.server.data_dir,
         clock,
     )?);
-    let Queue::Local(log) = queue else {
+    let Some(scanned) = queue.scan_local(|source, tag| dedupe.restore(source, tag))? else {
         // Instances sharing a log share their dedupe window through Redis.
         if config.dedupe.backend == DedupeBackend::Memory {
             tracing::warn!(
@@ -230,10 +220,9 @@ fn open_dedupe(config: &Config, queue: &Queue, clock: Clock) -> anyhow::Result<A
         }
         return Ok(dedupe);
     };
-    let scanned = log.scan(|source, tag| dedupe.restore(source, tag))?;
     dedupe.compact_if_oversized();
     let hook = dedupe.clone();
-    log.on_reclaim(Box::new(move |records| hook.save_reclaimed(records)));
+    queue.on_reclaim(Box::new(move |records| hook.save_reclaimed(records)));
     tracing::info!(
         keys = dedupe.len(),
         scanned,

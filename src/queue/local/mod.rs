@@ -71,6 +71,8 @@ struct Shared {
     reclaim_hook: OnceLock<ReclaimHook>,
     /// Asks the reclaim thread for a pass; a full slot means one is pending already.
     reclaim_wanted: OnceLock<mpsc::SyncSender<()>>,
+    /// Bounded replays waiting for their destination's next start: (until, stop_at).
+    windows: Mutex<HashMap<String, (u32, u64)>>,
 }
 
 /// How often a failing disk is probed.
@@ -232,6 +234,7 @@ impl LocalQueue {
             deleted_through: AtomicU64::new(0),
             reclaim_hook: OnceLock::new(),
             reclaim_wanted: OnceLock::new(),
+            windows: Mutex::default(),
         });
         let (tx, rx) = mpsc::channel();
         let writer_shared = shared.clone();
@@ -386,6 +389,22 @@ impl LocalQueue {
         });
         Cursor::new(name, self.shared.clone()).commit(Checkpoint { position, ..saved })?;
         Ok(saved.position)
+    }
+
+    /// Has `name`'s next reader pass over what was accepted after `until` until it
+    /// reaches `stop_at` (a bounded replay).
+    pub fn set_window(&self, name: &str, window: (u32, u64)) {
+        let mut windows = self.shared.windows.lock().expect("windows poisoned");
+        windows.insert(name.to_string(), window);
+    }
+
+    /// The bounded replay waiting for `name`'s next start, if any.
+    pub fn take_window(&self, name: &str) -> Option<(u32, u64)> {
+        self.shared
+            .windows
+            .lock()
+            .expect("windows poisoned")
+            .remove(name)
     }
 
     /// Names of every destination holding a cursor, configured or not.

@@ -11,37 +11,22 @@
 //! once: it pauses the consumers, gives back (naks) what it holds in stream order,
 //! releases the pin, resumes.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer;
-use async_nats::jetstream::{AckKind, Message};
-use futures_util::StreamExt;
+use async_nats::jetstream::AckKind;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 use super::consumers::{destination_config, Registration};
+use super::pull::{pull_into, PULL_EXPIRES};
 use super::{acks, lag, Delivery, Handback, NatsQueue, GROUP};
-use crate::queue::record::{read_record, ReadOutcome};
-use crate::queue::{Earlier, Receipt, Record};
-use crate::throttle::LogThrottle;
+use crate::queue::Record;
 
-/// How long one pull request waits at the server.
-const PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// The longest gap between a live puller's requests while the engine reads: a request's
 /// expiry, plus the time its messages take to go on.
 const PULL_SLACK: Duration = Duration::from_secs(5);
-/// Stream messages one pull asks for (each holds one or more records).
-const PULL_BATCH: usize = 64;
-/// Room the channel must have before a pull is sent.
-const PULL_ROOM: usize = 256;
-/// Bytes one pull may bring, unless the largest message allowed is bigger.
-const PULL_MAX_BYTES: usize = 4 << 20;
 /// Records waiting between the pull tasks and the engine.
 const CHANNEL: usize = 1024;
-/// A stopping feed keeps reading what was already sent to it until this much silence.
-const DRAIN_QUIET: Duration = Duration::from_millis(150);
 /// Longest a stop pauses the consumers (they resume on their own if the process dies).
 const HANDOVER_PAUSE: Duration = Duration::from_secs(10);
 
@@ -53,9 +38,9 @@ pub struct StreamFeed {
     queue: NatsQueue,
     destination: String,
     consumers: Vec<String>,
-    records: mpsc::Receiver<Record>,
+    records: mpsc::Receiver<Record<Delivery>>,
     /// Taken off the channel by `wait_for_data`, not yet read.
-    peeked: Option<Record>,
+    peeked: Option<Record<Delivery>>,
     stop: watch::Sender<bool>,
     pullers: Vec<JoinHandle<Vec<Delivery>>>,
     lag: JoinHandle<()>,
@@ -129,7 +114,7 @@ impl StreamFeed {
     }
 
     /// What has arrived, up to `max_records` or about `max_bytes`.
-    pub fn read(&mut self, max_records: usize, max_bytes: usize) -> Vec<Record> {
+    pub fn read(&mut self, max_records: usize, max_bytes: usize) -> Vec<Record<Delivery>> {
         let mut records = Vec::new();
         let mut bytes = 0;
         while records.len() < max_records && bytes < max_bytes {
@@ -166,9 +151,9 @@ impl StreamFeed {
             }
         }
         self.records.close();
-        returned.extend(self.peeked.take().and_then(into_delivery));
+        returned.extend(self.peeked.take().map(|record| record.receipt));
         while let Some(record) = self.records.recv().await {
-            returned.extend(into_delivery(record));
+            returned.push(record.receipt);
         }
         // The server delivers naked messages again in the order it got the naks.
         // (A message whose records were split between the engine and a puller is in both.)
@@ -214,471 +199,4 @@ impl Drop for StreamFeed {
 /// catch-up covers the rest; see the module comment).
 pub(super) fn priority_timeout(ack_wait: Duration) -> Duration {
     ack_wait + PULL_EXPIRES + PULL_SLACK + Duration::from_secs(2)
-}
-
-fn into_delivery(record: Record) -> Option<Delivery> {
-    match record.receipt {
-        Receipt::Stream(delivery) => Some(delivery),
-        Receipt::Log { .. } => None,
-    }
-}
-
-/// Pulls one consumer into the channel until stopped; then keeps what was already sent
-/// to it (until `DRAIN_QUIET` passes without more) and returns that, to be given back.
-async fn pull_into(
-    queue: NatsQueue,
-    consumer: consumer::PullConsumer,
-    index: u16,
-    records: mpsc::Sender<Record>,
-    stop: watch::Receiver<bool>,
-    destination: String,
-) -> Vec<Delivery> {
-    let name = consumer.cached_info().name.clone();
-    let client = queue.inner.client.clone();
-    Puller {
-        next_subject: format!(
-            "$JS.API.CONSUMER.MSG.NEXT.{}.{name}",
-            queue.inner.names.stream
-        ),
-        max_bytes: PULL_MAX_BYTES.max(2 * client.server_info().max_payload),
-        name,
-        client,
-        context: queue.inner.js.clone(),
-        ack_wait: queue.inner.settings.ack_wait,
-        queue,
-        consumer,
-        index,
-        records,
-        stop,
-        destination,
-        errors: LogThrottle::new(Duration::from_secs(30)),
-        pin: None,
-        catch_up: None,
-    }
-    .run()
-    .await
-}
-
-struct Puller {
-    queue: NatsQueue,
-    client: async_nats::Client,
-    context: async_nats::jetstream::Context,
-    consumer: consumer::PullConsumer,
-    name: String,
-    /// Where pull requests go.
-    next_subject: String,
-    /// Bytes one pull request may bring (at least two of the largest message).
-    max_bytes: usize,
-    index: u16,
-    records: mpsc::Sender<Record>,
-    stop: watch::Receiver<bool>,
-    destination: String,
-    ack_wait: Duration,
-    errors: LogThrottle,
-    /// The pin this puller holds, as the server last said.
-    pin: Option<String>,
-    /// Set while newly pinned and the previous holder's messages are not all here yet.
-    catch_up: Option<CatchUp>,
-}
-
-/// Newly pinned, a puller holds back what it receives until every message the consumer
-/// has out unacknowledged was delivered to it, then passes all of it on in stream order.
-/// Messages a dead instance held come back only after the ack wait, possibly after newer
-/// ones: without this, a user's later message could overtake its earlier one. (A clean
-/// stop gives its messages back before the pin moves, so this ends at once.)
-struct CatchUp {
-    /// Received since the pin: each stream message's records, by stream sequence.
-    held: BTreeMap<u64, Vec<Record>>,
-    /// The consumer sequence of the first delivery under this pin.
-    first: u64,
-    /// The newest consumer sequence received.
-    last: u64,
-    /// Past this, what is held goes on anyway (the ack wait has run out long ago).
-    until: Instant,
-}
-
-/// How often a catching-up puller with a full buffer asks for what is due again.
-const CATCH_UP_CHECK: Duration = Duration::from_millis(100);
-/// Messages a catching-up puller holds before it pulls one at a time.
-const CATCH_UP_LIMIT: usize = 2048;
-
-impl Puller {
-    /// Pulls while the engine keeps up: one request at a time, sent only when the
-    /// channel has room for what it may bring, so what waits in memory is bounded by
-    /// `PULL_BATCH` messages (and `max_bytes`) plus the channel, however long the
-    /// destination stalls. (The client library's pull stream renews its requests on a
-    /// timer whether or not its messages are read, which piled up messages without
-    /// bound behind a slow destination.)
-    async fn run(mut self) -> Vec<Delivery> {
-        let inbox = self.client.new_inbox();
-        let mut replies = loop {
-            match self.client.subscribe(inbox.clone()).await {
-                Ok(replies) => break replies,
-                Err(e) => {
-                    self.warn("cannot subscribe for pulls; retrying", &e);
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = stopped(&mut self.stop) => return self.give_back(None).await,
-                    }
-                }
-            }
-        };
-        loop {
-            // Between requests nothing is on its way here, so the catch-up check is exact.
-            if self.catch_up.is_some() && !self.check_caught_up().await {
-                return self.give_back(Some(replies)).await;
-            }
-            // While catching up nothing goes on; past a bound, only what is due again
-            // (the server sends that first) is pulled, one at a time.
-            let full = self
-                .catch_up
-                .as_ref()
-                .is_some_and(|c| c.held.len() >= CATCH_UP_LIMIT);
-            if full {
-                tokio::select! {
-                    _ = tokio::time::sleep(CATCH_UP_CHECK) => {}
-                    _ = stopped(&mut self.stop) => return self.give_back(Some(replies)).await,
-                }
-            }
-            // Room first: a request's messages must fit without waiting long.
-            let room = tokio::select! {
-                biased;
-                _ = stopped(&mut self.stop) => false,
-                room = self.records.reserve_many(PULL_ROOM) => room.is_ok(),
-            };
-            if !room {
-                return self.give_back(Some(replies)).await;
-            }
-            let batch = if full { 1 } else { PULL_BATCH };
-            let request = serde_json::json!({
-                "batch": batch,
-                "max_bytes": self.max_bytes,
-                "expires": PULL_EXPIRES.as_nanos() as u64,
-                "group": GROUP,
-                "id": self.pin,
-            });
-            let sent = self
-                .client
-                .publish_with_reply(
-                    self.next_subject.clone(),
-                    inbox.clone(),
-                    request.to_string().into(),
-                )
-                .await;
-            if let Err(e) = sent {
-                self.warn("cannot send a pull request; retrying", &e);
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = stopped(&mut self.stop) => return self.give_back(Some(replies)).await,
-                }
-            }
-            // The request's answers, until it is complete or has expired.
-            let deadline = Instant::now() + PULL_EXPIRES + Duration::from_secs(1);
-            let mut received = 0;
-            while received < batch {
-                let next = tokio::select! {
-                    biased;
-                    _ = stopped(&mut self.stop) => return self.give_back(Some(replies)).await,
-                    _ = tokio::time::sleep_until(deadline) => break,
-                    next = replies.next() => next,
-                };
-                let Some(message) = next else {
-                    // The subscription ended (the client is closing).
-                    return self.give_back(None).await;
-                };
-                match message.status {
-                    None | Some(async_nats::StatusCode::OK) => {}
-                    Some(async_nats::StatusCode::IDLE_HEARTBEAT) => continue,
-                    Some(async_nats::StatusCode::NOT_FOUND)
-                    | Some(async_nats::StatusCode::TIMEOUT) => break,
-                    // The request's byte budget is used up: it is complete.
-                    Some(async_nats::StatusCode::REQUEST_TERMINATED)
-                        if message
-                            .description
-                            .as_deref()
-                            .is_some_and(|d| d.contains("MaxBytes")) =>
-                    {
-                        break
-                    }
-                    Some(async_nats::StatusCode::PIN_ID_MISMATCH) => {
-                        // Pinned elsewhere now: ask again as a candidate.
-                        self.pin = None;
-                        break;
-                    }
-                    Some(status) => {
-                        let why = message
-                            .description
-                            .clone()
-                            .unwrap_or_else(|| status.to_string());
-                        self.warn("a pull request ended early; pulling again", &why);
-                        // Not in a tight loop if the server keeps refusing at once.
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        break;
-                    }
-                }
-                let message = Message {
-                    message,
-                    context: self.context.clone(),
-                };
-                received += 1;
-                if !self.take(message).await {
-                    return self.give_back(Some(replies)).await;
-                }
-            }
-        }
-    }
-
-    /// What its deliveries are told apart by: the consumer, and the stream's incarnation.
-    fn origin(&self) -> (u16, u32) {
-        (self.index, self.queue.epoch())
-    }
-
-    fn warn(&self, what: &str, e: &dyn std::fmt::Display) {
-        if self.errors.ready() {
-            tracing::warn!(destination = %self.destination, consumer = %self.name, error = %e, "{what}");
-        }
-    }
-
-    /// One delivered message: passed on, or held while catching up. False once stopping.
-    async fn take(&mut self, message: Message) -> bool {
-        let pin = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(async_nats::header::NATS_PIN_ID))
-            .map(|v| v.as_str().to_string());
-        let consumer_sequence = message.info().map_or(0, |i| i.consumer_sequence);
-        let Some((sequence, records)) = decode(message, self.origin(), &self.destination).await
-        else {
-            return true;
-        };
-        if pin.is_some() && pin != self.pin {
-            self.pin = pin;
-            self.catch_up = Some(CatchUp {
-                held: BTreeMap::new(),
-                first: consumer_sequence,
-                last: consumer_sequence,
-                until: Instant::now() + self.ack_wait + PULL_EXPIRES + Duration::from_secs(2),
-            });
-        }
-        match &mut self.catch_up {
-            Some(catch_up) => {
-                catch_up.last = catch_up.last.max(consumer_sequence);
-                // A repeat delivery of one held replaces it (its reply is the live one).
-                catch_up.held.insert(sequence, records);
-                true
-            }
-            None => self.forward(sequence, records).await,
-        }
-    }
-
-    /// Asks the server whether everything it has out for this consumer was delivered
-    /// here since the pin; if so (or the wait is over), passes the held messages on in
-    /// stream order. False once stopping.
-    async fn check_caught_up(&mut self) -> bool {
-        let Some(catch_up) = &self.catch_up else {
-            return true;
-        };
-        let done = if Instant::now() >= catch_up.until {
-            tracing::warn!(
-                destination = %self.destination,
-                consumer = %self.name,
-                "messages another instance held did not come back in time; delivering what \
-                 is here (a user's order may not hold for them)"
-            );
-            true
-        } else {
-            match self.consumer.get_info().await {
-                // Every delivery since the pin came here, and the server has nothing
-                // unacknowledged beyond them.
-                Ok(info) => {
-                    let delivered_here = info
-                        .delivered
-                        .consumer_sequence
-                        .saturating_sub(catch_up.first)
-                        + 1;
-                    catch_up.last >= info.delivered.consumer_sequence
-                        && info.num_ack_pending as u64 <= delivered_here
-                }
-                Err(_) => false,
-            }
-        };
-        if !done {
-            return true;
-        }
-        let Some(CatchUp { held, first, .. }) = self.catch_up.take() else {
-            return true;
-        };
-        tracing::debug!(
-            destination = %self.destination,
-            consumer = %self.name,
-            messages = held.len(),
-            from = first,
-            "pinned to this instance; delivering in stream order"
-        );
-        let mut held = held.into_iter();
-        while let Some((sequence, records)) = held.next() {
-            if !self.forward(sequence, records).await {
-                // Stopping: what did not go on is given back with the rest.
-                if let Some(catch_up) = &mut self.catch_up {
-                    catch_up.held.extend(held);
-                }
-                return false;
-            }
-        }
-        true
-    }
-
-    /// Hands a stream message's records to the engine, waiting for room. False once
-    /// stopping (what did not go on is kept with the catch-up buffer, to be given back;
-    /// the engine gives back the message too if it has some of its records).
-    async fn forward(&mut self, sequence: u64, records: Vec<Record>) -> bool {
-        let mut records = records.into_iter();
-        while let Some(record) = records.next() {
-            let room = tokio::select! {
-                biased;
-                _ = stopped(&mut self.stop) => None,
-                room = self.records.reserve() => room.ok(),
-            };
-            match room {
-                Some(room) => room.send(record),
-                None => {
-                    let catch_up = self.catch_up.get_or_insert_with(|| CatchUp {
-                        held: BTreeMap::new(),
-                        first: 0,
-                        last: 0,
-                        until: Instant::now(),
-                    });
-                    catch_up
-                        .held
-                        .insert(sequence, std::iter::once(record).chain(records).collect());
-                    return false;
-                }
-            }
-        }
-        true
-    }
-
-    /// At stop: what was held back and what the server had already sent, to give back.
-    async fn give_back(&mut self, replies: Option<async_nats::Subscriber>) -> Vec<Delivery> {
-        let mut returned: Vec<Delivery> = self
-            .catch_up
-            .take()
-            .map(|c| {
-                c.held
-                    .into_values()
-                    .filter_map(|records| records.into_iter().next().and_then(into_delivery))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if let Some(replies) = replies {
-            returned.extend(drain(replies, &self.context, self.origin()).await);
-        }
-        returned
-    }
-}
-
-/// Resolves once the feed is stopping (or its owner is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|&s| s).await;
-}
-
-/// What the server had already sent to a stopping puller.
-async fn drain(
-    mut replies: async_nats::Subscriber,
-    context: &async_nats::jetstream::Context,
-    (index, epoch): (u16, u32),
-) -> Vec<Delivery> {
-    let mut held = Vec::new();
-    while let Ok(Some(message)) = tokio::time::timeout(DRAIN_QUIET, replies.next()).await {
-        if message
-            .status
-            .is_some_and(|s| s != async_nats::StatusCode::OK)
-        {
-            continue;
-        }
-        let message = Message {
-            message,
-            context: context.clone(),
-        };
-        let sequence = message.info().map(|i| i.stream_sequence);
-        if let (Ok(sequence), Some(reply)) = (sequence, message.message.reply.clone()) {
-            held.push(Delivery {
-                consumer: index,
-                epoch,
-                sequence,
-                reply,
-                records: 0,
-            });
-        }
-    }
-    held
-}
-
-/// A delivered stream message as the engine reads it: its sequence and its records. One
-/// that is not framed records cannot be delivered anywhere: it is logged and terminated
-/// (never delivered again).
-async fn decode(
-    message: Message,
-    (index, epoch): (u16, u32),
-    destination: &str,
-) -> Option<(u64, Vec<Record>)> {
-    let sequence = match message.info() {
-        Ok(info) => info.stream_sequence,
-        Err(e) => {
-            tracing::error!(%destination, error = %e, "a delivered message has no JetStream metadata");
-            return None;
-        }
-    };
-    let earlier = message.headers.as_ref().and_then(|headers| {
-        let attempts = headers.get(ATTEMPTS_HEADER)?.as_str().parse().ok()?;
-        let first = headers.get(FIRST_ATTEMPT_HEADER)?.as_str().parse().ok()?;
-        Some(Earlier {
-            attempts,
-            first_attempt_at: first,
-        })
-    });
-    let Some(reply) = message.message.reply.clone() else {
-        tracing::error!(%destination, "a delivered message has no reply subject");
-        return None;
-    };
-    let mut payload = message.payload.as_ref();
-    let mut parts = Vec::new();
-    let valid = loop {
-        match read_record(&mut payload) {
-            Ok(ReadOutcome::Record {
-                source, tag, json, ..
-            }) => parts.push((source, tag, json)),
-            Ok(ReadOutcome::End) => break !parts.is_empty(),
-            _ => break false,
-        }
-    };
-    if !valid {
-        tracing::error!(
-            %destination,
-            subject = %message.subject,
-            sequence,
-            "a message on the stream is not fanout records; it is dropped"
-        );
-        let _ = message.ack_with(AckKind::Term).await;
-        return None;
-    }
-    let delivery = Delivery {
-        consumer: index,
-        epoch,
-        sequence,
-        reply,
-        records: parts.len() as u32,
-    };
-    let records = parts
-        .into_iter()
-        .map(|(source, tag, json)| Record {
-            source,
-            tag,
-            json,
-            earlier,
-            receipt: Receipt::Stream(delivery.clone()),
-            passed: false,
-        })
-        .collect();
-    Some((sequence, records))
 }

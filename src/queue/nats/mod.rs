@@ -20,6 +20,7 @@ mod consumers;
 mod feed;
 mod lag;
 mod publish;
+mod pull;
 mod recover;
 mod retention;
 mod unconfirmed;
@@ -41,7 +42,7 @@ pub use feed::{StreamFeed, ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER};
 pub use retention::ReplayError;
 
 use super::failing::Failing;
-use crate::config::QueueConfig;
+use super::QueueConfig;
 
 /// The priority group every fanout instance pulls in.
 const GROUP: &str = "fanout";
@@ -64,6 +65,8 @@ struct Inner {
     wanted: stream::Config,
     /// Durable consumers in use here, made again if they go missing.
     consumers: Arc<consumers::Registry>,
+    /// What the dead-letter stream is made with, once opened here: made again too.
+    dead_letters: Mutex<Option<stream::Config>>,
     /// The stream's incarnation: counts the times it was found made again.
     epoch: AtomicU32,
     /// The highest sequence the stream is known to have reached.
@@ -183,6 +186,7 @@ impl NatsQueue {
             stream,
             wanted: stream_config(&names, config, max_bytes),
             consumers: Arc::default(),
+            dead_letters: Mutex::new(None),
             epoch: AtomicU32::new(0),
             last_sequence,
             seen: Mutex::new(seen),
@@ -246,6 +250,24 @@ impl NatsQueue {
         let feed = StreamFeed::open(self.clone(), destination).await?;
         let acks = Acks::new(self.inner.client.clone(), self.inner.settings.ack_wait);
         Ok((feed, acks))
+    }
+
+    /// Opens the dead-letter stream `config` describes, creating it if missing (and
+    /// bringing its limits in line if it exists); the stream watcher makes it again
+    /// should it go missing while fanout runs.
+    pub async fn open_dead_letter_stream(
+        &self,
+        config: stream::Config,
+    ) -> anyhow::Result<stream::Stream> {
+        let name = config.name.clone();
+        let context = || format!("cannot open the dead-letter stream `{name}`");
+        let js = &self.inner.js;
+        js.create_or_update_stream(config.clone())
+            .await
+            .with_context(context)?;
+        let stream = js.get_stream(&name).await.with_context(context)?;
+        *self.inner.dead_letters.lock().expect("poisoned") = Some(config);
+        Ok(stream)
     }
 
     /// The consumer that reads a destination's replayed dead letters.

@@ -1,8 +1,9 @@
 //! Watches the stream while fanout runs: keeps the held bytes current, clears `/ready`
-//! once publishing can work again, and makes the stream and fanout's consumers again
-//! when they are gone (a server whose store was wiped, a stream or consumer deleted by
-//! hand). What was lost with them cannot come back, so it is said once, at ERROR: the
-//! sequence the stream had reached before and where the new one starts.
+//! once publishing can work again, and makes the stream, fanout's consumers and the
+//! dead-letter stream again when they are gone (a server whose store was wiped, a
+//! stream or consumer deleted by hand). What was lost with them cannot come back, so it
+//! is said once, at ERROR: the sequence the stream had reached before and where the new
+//! one starts.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -50,6 +51,7 @@ pub(super) async fn watch_stream(inner: Weak<Inner>) {
             continue;
         };
         restore_consumers(&inner, remade).await;
+        restore_dead_letters(&inner).await;
         save_record(&inner).await;
         let held = info.state.bytes;
         inner.held_bytes.store(held, Ordering::Relaxed);
@@ -173,6 +175,31 @@ async fn restore_consumers(inner: &Inner, stream_remade: bool) {
             consumers = made,
             "made the consumers again on the new stream"
         );
+    }
+}
+
+/// Makes the dead-letter stream again if it is gone: without it no message can be
+/// dead-lettered or blocked by a tracking plan. The letters it held cannot come back.
+async fn restore_dead_letters(inner: &Inner) {
+    let Some(wanted) = inner.dead_letters.lock().expect("poisoned").clone() else {
+        return;
+    };
+    let name = wanted.name.clone();
+    match inner.js.get_stream(&name).await {
+        Err(e) if super::is_not_found(&e) => {}
+        _ => return,
+    }
+    match inner.js.create_stream(wanted).await {
+        Ok(_) => tracing::error!(
+            stream = %name,
+            "dead-letter stream `{name}` was missing and is recreated: the dead letters it \
+             held are gone"
+        ),
+        Err(e) => {
+            if inner.recovery_log.ready() {
+                tracing::error!(stream = %name, error = %e, "dead-letter stream is missing and cannot be made again; retrying");
+            }
+        }
     }
 }
 

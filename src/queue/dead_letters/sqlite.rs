@@ -107,6 +107,7 @@ impl SqliteStore {
     }
 
     /// Records messages (source, JSON) that failed together, in one transaction.
+    #[cfg(test)]
     pub fn add(
         &self,
         destination: &str,
@@ -197,6 +198,7 @@ impl SqliteStore {
     }
 
     /// Bytes the letters count for (what `max_bytes` bounds).
+    #[cfg(test)]
     pub fn held_bytes(&self) -> rusqlite::Result<u64> {
         self.conn()
             .query_row("SELECT bytes FROM dead_letters_size", [], |row| {
@@ -276,6 +278,7 @@ impl SqliteStore {
     }
 
     /// Puts replayed rows that failed again back, unmarked, with the new failure.
+    #[cfg(test)]
     pub fn failed_again(
         &self,
         ids: &[i64],
@@ -350,7 +353,7 @@ fn row_to_letter(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::delivery::dead_letters::Reason;
+    use crate::queue::dead_letters::Reason;
 
     fn failure(reason: Reason) -> Failure {
         Failure {

@@ -23,9 +23,8 @@ use serde::{Deserialize, Serialize};
 
 pub use sqlite::FILE_NAME;
 
+use super::{NatsQueue, QueueBackend, QueueConfig};
 use crate::clock::Clock;
-use crate::config::{Config, QueueBackend};
-use crate::queue::{NatsQueue, Queue};
 use crate::throttle::LogThrottle;
 use shared::SharedStore;
 use sqlite::SqliteStore;
@@ -101,15 +100,6 @@ pub struct Bounds {
     pub retention: Duration,
 }
 
-impl Bounds {
-    pub fn of(config: &Config) -> Bounds {
-        Bounds {
-            max_bytes: config.dead_letter_bytes(),
-            retention: config.dead_letters.retention,
-        }
-    }
-}
-
 /// One page of a listing; `next` is the `after` that gives the next page, if there is one.
 #[derive(Debug, Serialize)]
 pub struct Page {
@@ -172,33 +162,27 @@ fn report(reason: DropReason, dropped: &Dropped) {
 }
 
 /// The dead-letter store of the configured queue backend.
-pub enum DeadLetters {
+pub struct DeadLetters(Store);
+
+enum Store {
     Local(Arc<SqliteStore>),
     Shared(Box<SharedStore>),
 }
 
 impl DeadLetters {
-    /// The store that goes with `queue`: SQLite in `data_dir` for the local log, a
-    /// stream beside the shared log.
-    pub async fn open(
-        queue: &Queue,
+    /// The store of the queue `config` names, for the command line (the server takes
+    /// its store from its queue, `Queue::dead_letters`): the local one in `data_dir`, or
+    /// the shared one (connecting to NATS; `queue_bytes` is the stream's budget).
+    pub async fn for_config(
+        config: &QueueConfig,
         data_dir: &Path,
+        queue_bytes: u64,
         bounds: Bounds,
     ) -> anyhow::Result<DeadLetters> {
-        match queue {
-            Queue::Local(_) => DeadLetters::open_local(data_dir, bounds),
-            Queue::Nats(shared) => DeadLetters::open_shared(shared, bounds).await,
-        }
-    }
-
-    /// The store `config` names, for the command line: the local one in
-    /// `server.data_dir`, or the shared one (connecting to NATS).
-    pub async fn for_config(config: &Config) -> anyhow::Result<DeadLetters> {
-        let bounds = Bounds::of(config);
-        match config.queue.backend {
-            QueueBackend::Local => DeadLetters::open_local(&config.server.data_dir, bounds),
+        match config.backend {
+            QueueBackend::Local => DeadLetters::open_local(data_dir, bounds),
             QueueBackend::Nats => {
-                let queue = NatsQueue::connect(&config.queue, config.queue_bytes()).await?;
+                let queue = NatsQueue::connect(config, queue_bytes).await?;
                 DeadLetters::open_shared(&queue, bounds).await
             }
         }
@@ -211,13 +195,16 @@ impl DeadLetters {
                 data_dir.display()
             )
         })?;
-        Ok(DeadLetters::Local(Arc::new(store)))
+        Ok(DeadLetters(Store::Local(Arc::new(store))))
     }
 
-    pub async fn open_shared(queue: &NatsQueue, bounds: Bounds) -> anyhow::Result<DeadLetters> {
-        Ok(DeadLetters::Shared(Box::new(
+    pub(super) async fn open_shared(
+        queue: &NatsQueue,
+        bounds: Bounds,
+    ) -> anyhow::Result<DeadLetters> {
+        Ok(DeadLetters(Store::Shared(Box::new(
             SharedStore::open(queue.clone(), bounds.max_bytes).await?,
-        )))
+        ))))
     }
 
     /// Drops letters older than `retention` now and then, as `clock` tells the time,
@@ -249,12 +236,12 @@ impl DeadLetters {
 
     /// Drops the letters dead before `cutoff`; returns how many of each destination's.
     pub async fn drop_expired(&self, cutoff: DateTime<Utc>) -> anyhow::Result<Dropped> {
-        match self {
-            DeadLetters::Local(store) => {
+        match &self.0 {
+            Store::Local(store) => {
                 let store = store.clone();
                 blocking(move || store.drop_expired(cutoff)).await
             }
-            DeadLetters::Shared(store) => store.drop_expired(cutoff).await,
+            Store::Shared(store) => store.drop_expired(cutoff).await,
         }
     }
 
@@ -268,8 +255,8 @@ impl DeadLetters {
         again: &[(i64, Arc<Failure>)],
         at: DateTime<Utc>,
     ) -> anyhow::Result<()> {
-        let dropped = match self {
-            DeadLetters::Local(store) => {
+        let dropped = match &self.0 {
+            Store::Local(store) => {
                 let store = store.clone();
                 let (destination, new, again) =
                     (destination.to_string(), new.to_vec(), again.to_vec());
@@ -284,7 +271,7 @@ impl DeadLetters {
                 })
                 .await?
             }
-            DeadLetters::Shared(store) => store.record(destination, new, at).await?,
+            Store::Shared(store) => store.record(destination, new, at).await?,
         };
         report(DropReason::MaxBytes, &dropped);
         Ok(())
@@ -300,12 +287,12 @@ impl DeadLetters {
     ) -> anyhow::Result<Page> {
         let limit = limit.clamp(1, MAX_PAGE);
         // One more than asked says whether there is a next page.
-        let mut letters = match self {
-            DeadLetters::Local(store) => {
+        let mut letters = match &self.0 {
+            Store::Local(store) => {
                 let (store, destination) = (store.clone(), destination.map(str::to_string));
                 blocking(move || store.list(destination.as_deref(), after, limit + 1)).await?
             }
-            DeadLetters::Shared(store) => store.list(destination, after, limit + 1).await?,
+            Store::Shared(store) => store.list(destination, after, limit + 1).await?,
         };
         let next = (letters.len() > limit).then(|| {
             letters.truncate(limit);
@@ -318,12 +305,12 @@ impl DeadLetters {
     }
 
     pub async fn count(&self, destination: &str) -> anyhow::Result<u64> {
-        match self {
-            DeadLetters::Local(store) => {
+        match &self.0 {
+            Store::Local(store) => {
                 let (store, destination) = (store.clone(), destination.to_string());
                 blocking(move || store.count(&destination)).await
             }
-            DeadLetters::Shared(store) => store.count(destination).await,
+            Store::Shared(store) => store.count(destination).await,
         }
     }
 
@@ -331,12 +318,12 @@ impl DeadLetters {
     /// marks them for its running engine; the shared store puts them back on the stream,
     /// for whichever instance delivers that destination.
     pub async fn request_replay(&self, destination: &str) -> anyhow::Result<usize> {
-        match self {
-            DeadLetters::Local(store) => {
+        match &self.0 {
+            Store::Local(store) => {
                 let (store, destination) = (store.clone(), destination.to_string());
                 blocking(move || store.request_replay(&destination)).await
             }
-            DeadLetters::Shared(store) => store.request_replay(destination).await,
+            Store::Shared(store) => store.request_replay(destination).await,
         }
     }
 
@@ -348,39 +335,39 @@ impl DeadLetters {
         after: i64,
         limit: usize,
     ) -> anyhow::Result<Vec<(i64, String, Vec<u8>)>> {
-        match self {
-            DeadLetters::Local(store) => {
+        match &self.0 {
+            Store::Local(store) => {
                 let (store, destination) = (store.clone(), destination.to_string());
                 blocking(move || store.marked(&destination, after, limit)).await
             }
-            DeadLetters::Shared(_) => Ok(Vec::new()),
+            Store::Shared(_) => Ok(Vec::new()),
         }
     }
 
     /// Whether replays arrive by `marked` (else they come through the queue).
     pub fn polled(&self) -> bool {
-        matches!(self, DeadLetters::Local(_))
+        matches!(self.0, Store::Local(_))
     }
 
     /// Removes letters: replayed rows that were delivered, blocked messages taken in again.
     pub async fn remove(&self, ids: Vec<i64>) -> anyhow::Result<()> {
-        match self {
-            DeadLetters::Local(store) => {
+        match &self.0 {
+            Store::Local(store) => {
                 let store = store.clone();
                 blocking(move || store.remove(&ids)).await
             }
-            DeadLetters::Shared(store) => store.remove(&ids).await,
+            Store::Shared(store) => store.remove(&ids).await,
         }
     }
 
     /// The dead letter with this id, if any.
     pub async fn get(&self, id: i64) -> anyhow::Result<Option<DeadLetter>> {
-        match self {
-            DeadLetters::Local(store) => {
+        match &self.0 {
+            Store::Local(store) => {
                 let store = store.clone();
                 blocking(move || store.get(id)).await
             }
-            DeadLetters::Shared(store) => store.get(id).await,
+            Store::Shared(store) => store.get(id).await,
         }
     }
 }

@@ -82,17 +82,7 @@ impl SharedStore {
             discard: stream::DiscardPolicy::Old,
             ..Default::default()
         };
-        let context = || format!("cannot open the dead-letter stream `{name}`");
-        queue
-            .context()
-            .create_or_update_stream(config)
-            .await
-            .with_context(context)?;
-        let stream = queue
-            .context()
-            .get_stream(&name)
-            .await
-            .with_context(context)?;
+        let stream = queue.open_dead_letter_stream(config).await?;
         Ok(SharedStore {
             queue,
             stream,

@@ -1,0 +1,166 @@
+//! The `[queue]` section: which backend stores accepted messages, and how to reach it.
+//! The queue owns its section; `config` composes it into the file.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where accepted messages are stored until every destination has them.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// `local` (a log in `server.data_dir`, one machine) or `nats` (a JetStream stream
+    /// shared by every instance pointed at the same servers and stream).
+    #[serde(default)]
+    pub backend: QueueBackend,
+    /// NATS server URLs, e.g. `nats://nats-1:4222`; `tls://` requires TLS.
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// The stream's name; created if missing, checked if present.
+    #[serde(default = "default_stream")]
+    pub stream: String,
+    /// Copies of each message the cluster keeps (1, 3 or 5 in practice).
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+    /// Subjects the stream spreads messages over by user; each is delivered by one
+    /// instance at a time, which keeps a user's messages in order. Fixed once the
+    /// stream exists.
+    #[serde(default = "default_partitions")]
+    pub partitions: u16,
+    /// How long a message delivered to an instance may go unacknowledged (the instance
+    /// keeps extending it while it works) before another instance gets it, e.g. "30s".
+    #[serde(default = "default_ack_wait", with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// How long the stream remembers a message's dedupe key (`Nats-Msg-Id`), so a
+    /// publish retried within it is stored once.
+    #[serde(default = "default_duplicate_window", with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// How long a publish waits for the stream's acknowledgement before ingest answers
+    /// 503.
+    #[serde(default = "default_publish_timeout", with = "humantime_serde")]
+    pub publish_timeout: Duration,
+    /// Environment variable holding a token.
+    pub token_env: Option<String>,
+    /// Environment variables holding a user name and its password.
+    pub user_env: Option<String>,
+    pub password_env: Option<String>,
+    /// Environment variable holding the path of a `.creds` file (JWT and NKey seed).
+    pub credentials_env: Option<String>,
+    /// PEM file of the certificate authorities to trust for `tls://` servers (the
+    /// system's roots otherwise).
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+/// Where the queue lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueBackend {
+    #[default]
+    Local,
+    Nats,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            backend: QueueBackend::default(),
+            servers: Vec::new(),
+            stream: default_stream(),
+            replicas: default_replicas(),
+            partitions: default_partitions(),
+            ack_wait: default_ack_wait(),
+            duplicate_window: default_duplicate_window(),
+            publish_timeout: default_publish_timeout(),
+            token_env: None,
+            user_env: None,
+            password_env: None,
+            credentials_env: None,
+            tls_ca_file: None,
+        }
+    }
+}
+
+fn default_stream() -> String {
+    "fanout".to_string()
+}
+const fn default_replicas() -> usize {
+    1
+}
+const fn default_partitions() -> u16 {
+    8
+}
+const fn default_ack_wait() -> Duration {
+    Duration::from_secs(30)
+}
+const fn default_duplicate_window() -> Duration {
+    Duration::from_secs(120)
+}
+const fn default_publish_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl QueueConfig {
+    /// What serde cannot check: a nats backend needs servers it can parse, and names and
+    /// numbers JetStream takes. An error is the key path and why.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let err = |key: &str, message: &str| Err((key.to_string(), message.to_string()));
+        if self.backend == QueueBackend::Local {
+            return Ok(());
+        }
+        if self.servers.is_empty() {
+            return err(
+                "queue.servers",
+                "backend = \"nats\" needs at least one server, e.g. [\"nats://127.0.0.1:4222\"]",
+            );
+        }
+        for (i, server) in self.servers.iter().enumerate() {
+            if let Err(e) = server.parse::<async_nats::ServerAddr>() {
+                return Err((
+                    format!("queue.servers[{i}]"),
+                    format!("`{server}` is not a NATS server URL ({e}), e.g. nats://host:4222"),
+                ));
+            }
+        }
+        let stream_name_ok = !self.stream.is_empty()
+            && self.stream.len() <= 32
+            && self
+                .stream
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b));
+        if !stream_name_ok {
+            return err("queue.stream", "must be 1-32 characters of A-Z a-z 0-9 _ -");
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return err("queue.replicas", "must be from 1 to 5 (JetStream's limit)");
+        }
+        if !(1..=64).contains(&self.partitions) {
+            return err("queue.partitions", "must be from 1 to 64");
+        }
+        for (key, value, least) in [
+            ("queue.ack_wait", self.ack_wait, 1),
+            ("queue.duplicate_window", self.duplicate_window, 1),
+            ("queue.publish_timeout", self.publish_timeout, 1),
+        ] {
+            if value.as_secs() < least {
+                return Err((key.into(), format!("must be at least {least}s")));
+            }
+        }
+        if self.user_env.is_some() != self.password_env.is_some() {
+            return err("queue.user_env", "user_env and password_env go together");
+        }
+        Ok(())
+    }
+
+    /// Whether `name` can name a destination on this backend; if not, why.
+    pub fn check_destination_name(&self, name: &str) -> Result<(), String> {
+        if self.backend == QueueBackend::Nats && name.contains('.') {
+            return Err(
+                "with queue.backend = \"nats\" a destination name cannot contain \
+                        `.` (it names JetStream consumers and subjects)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
