@@ -241,7 +241,9 @@ impl Deliveries {
 
     /// Starts one destination's engine from its saved cursor.
     async fn launch(&mut self, config: &DestinationConfig) -> anyhow::Result<()> {
-        self.launch_with(config, |saved| config.build(saved)).await
+        let clock = self.clock;
+        self.launch_with(config, |saved| config.build(saved, clock))
+            .await
     }
 
     /// `launch`, with the destination made by `build` from the saved checkpoint (the
@@ -254,7 +256,7 @@ impl Deliveries {
         let (stop, stop_rx) = watch::channel(false);
         let subscription = self.queue.subscribe(&config.name).await?;
         crate::metrics::install();
-        let gauges = DestinationGauges::register(&config.name);
+        let gauges = DestinationGauges::register(&config.name, self.clock);
         let (destination, feed, progress) = match subscription {
             Subscription::Log {
                 reader,

@@ -306,7 +306,8 @@ mod tests {
     }
 
     fn progress(dir: &std::path::Path) -> Progress {
-        let (queue, _writer) = LocalQueue::open(dir, 1 << 20, 1 << 30).unwrap();
+        let (queue, _writer) =
+            LocalQueue::open(dir, 1 << 20, 1 << 30, crate::clock::Clock::system()).unwrap();
         let (_, cursor, _) = queue.subscribe("d").unwrap();
         crate::metrics::install();
         let saved = Checkpoint {
@@ -314,7 +315,12 @@ mod tests {
             sink_offset: 7,
             sink_id: 3,
         };
-        Progress::log(100, saved, cursor, DestinationGauges::register("d"))
+        Progress::log(
+            100,
+            saved,
+            cursor,
+            DestinationGauges::register("d", crate::clock::Clock::system()),
+        )
     }
 
     #[test]

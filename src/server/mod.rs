@@ -41,7 +41,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
     // the process with the default action.
     let shutdown = shutdown_signal()?;
     let mut hangup = signal(SignalKind::hangup())?;
-    let (queue, writer) = open_queue(&config).await?;
+    let (queue, writer) = open_queue(&config, options.clock).await?;
     let sources = Arc::new(ArcSwap::from_pointee(Sources::from_config(
         &config.sources,
     )?));
@@ -53,7 +53,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
     let dead_letters = Arc::new(DeadLetters::open(&queue, &config.server.data_dir, bounds).await?);
     dead_letters.keep_pruned(bounds.retention, options.clock);
     let admin_token = admin_token(&config)?;
-    crate::live::configure(config.admin.live_limits());
+    crate::live::configure(config.admin.live_limits(), options.clock);
     let deliveries = Deliveries::start(
         &config.destinations,
         &queue,
@@ -178,7 +178,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
 }
 
 /// The configured queue; the local log comes with its writer thread, joined at the end.
-async fn open_queue(config: &Config) -> anyhow::Result<(Queue, Option<QueueWriter>)> {
+async fn open_queue(config: &Config, clock: Clock) -> anyhow::Result<(Queue, Option<QueueWriter>)> {
     match config.queue.backend {
         QueueBackend::Local => {
             let (log, writer) = LocalQueue::open(
@@ -186,6 +186,7 @@ async fn open_queue(config: &Config) -> anyhow::Result<(Queue, Option<QueueWrite
                 config.server.segment_bytes,
                 // The dead letters' share is reserved out of the budget.
                 config.queue_bytes(),
+                clock,
             )?;
             log.set_retention(config.server.retention);
             Ok((Queue::Local(log), Some(writer)))

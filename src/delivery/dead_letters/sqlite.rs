@@ -348,6 +348,7 @@ fn row_to_letter(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests read the system clock freely
 mod tests {
     use super::*;
     use crate::delivery::dead_letters::Reason;
