@@ -206,8 +206,7 @@ pub trait Kind: DeserializeOwned + Clone + std::fmt::Debug + PartialEq + Send + 
 
     /// What it would receive of `message` at `clock`'s now, for `fanout route`; sends
     /// nothing.
-    fn preview(&self, message: &[u8], clock: Clock) -> anyhow::Result<Preview> {
-        let _ = clock;
+    fn preview(&self, message: &[u8], _: Clock) -> anyhow::Result<Preview> {
         Ok(Preview::Send(serde_json::from_slice(message)?))
     }
 }
