@@ -6,13 +6,15 @@
 //! (the browser library). Keys are compared in constant time against every configured key.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine;
 use http::header::{HeaderMap, AUTHORIZATION};
+use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use crate::config::{BrowserBatching, SourceConfig};
 use crate::tracking_plan::TrackingPlan;
 
 /// The credential a request's headers carry.
@@ -72,6 +74,65 @@ fn non_empty(key: &str) -> Credential {
     }
 }
 
+/// One sending application; its write keys authenticate its requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Name used in logs, the queue and routing.
+    pub name: String,
+    /// Write keys written in the file (fine for development).
+    #[serde(default)]
+    pub write_keys: Vec<String>,
+    /// Environment variable holding more write keys, comma-separated (for production).
+    pub write_keys_env: Option<String>,
+    /// `dedupe = { enabled = false }` turns messageId dedupe off for this source.
+    #[serde(default)]
+    pub dedupe: SourceDedupeConfig,
+    /// What the browser library is told for this source's keys (`/v1/projects/…/settings`).
+    #[serde(default)]
+    pub browser: SourceBrowserConfig,
+    /// A tracking plan file (JSON, path relative to the config file): which events and
+    /// properties this source may send (`tracking_plan.rs`). Compiled where the sources
+    /// are built (`auth::Sources::from_config`).
+    pub tracking_plan: Option<PathBuf>,
+}
+
+/// `browser = { batching = { size = 10, timeout = "5s" } }`: the browser library batches
+/// (its `deliveryStrategy`) instead of sending each call at once.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceBrowserConfig {
+    pub batching: Option<BrowserBatching>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrowserBatching {
+    /// Calls per batch.
+    pub size: u32,
+    /// Longest a call waits for its batch.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+/// Per-source dedupe switch.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceDedupeConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for SourceDedupeConfig {
+    fn default() -> Self {
+        SourceDedupeConfig { enabled: true }
+    }
+}
+
+const fn default_true() -> bool {
+    true
+}
+
 /// The configured sources and their keys.
 pub struct Sources {
     keys: Vec<(Box<[u8]>, Arc<str>)>,
@@ -82,22 +143,28 @@ pub struct Sources {
 }
 
 impl Sources {
-    /// Collects keys from the config and from each source's `write_keys_env` variable.
-    /// Refuses a key that two sources share (the file's keys are checked with their
-    /// lines by `Config::parse`; this also sees the environment's) and a set of sources
-    /// without any key, which would refuse every request.
-    pub fn from_config(sources: &[SourceConfig]) -> anyhow::Result<Sources> {
+    /// Compiles each source's tracking plan (its file relative to `dir`, the config
+    /// file's directory) and collects keys from the config and from each source's
+    /// `write_keys_env` variable. Refuses a bad plan at its source's `tracking_plan` key,
+    /// a key that two sources share (the file's keys are checked with their lines by
+    /// `Config::parse`; this also sees the environment's) and a set of sources without any
+    /// key, which would refuse every request.
+    pub fn from_config(sources: &[SourceConfig], dir: &Path) -> anyhow::Result<Sources> {
+        let mut plans = HashMap::new();
+        for (i, source) in sources.iter().enumerate() {
+            if let Some(file) = &source.tracking_plan {
+                let plan = TrackingPlan::load(dir, file)
+                    .map_err(|why| anyhow::anyhow!("`sources[{i}].tracking_plan`: {why}"))?;
+                plans.insert(Arc::from(source.name.as_str()), Arc::new(plan));
+            }
+        }
         let mut keys: Vec<(Box<[u8]>, Arc<str>)> = Vec::new();
         let mut owners: HashMap<String, (Arc<str>, &'static str)> = HashMap::new();
         let mut batching = HashMap::new();
-        let mut plans = HashMap::new();
         for (i, source) in sources.iter().enumerate() {
             let name: Arc<str> = Arc::from(source.name.as_str());
             if let Some(b) = &source.browser.batching {
                 batching.insert(name.clone(), b.clone());
-            }
-            if let Some(plan) = &source.plan {
-                plans.insert(name.clone(), plan.clone());
             }
             let mut source_keys: Vec<(String, &'static str)> = source
                 .write_keys
@@ -233,10 +300,13 @@ mod tests {
 
     #[test]
     fn maps_keys_to_sources() {
-        let sources = Sources::from_config(&[
-            source("web", &["k1"], None),
-            source("app", &["k2", "k3"], None),
-        ])
+        let sources = Sources::from_config(
+            &[
+                source("web", &["k1"], None),
+                source("app", &["k2", "k3"], None),
+            ],
+            Path::new(""),
+        )
         .unwrap();
         assert_eq!(sources.authenticate("k3").as_deref(), Some("app"));
         assert_eq!(sources.authenticate("k1").as_deref(), Some("web"));
@@ -252,17 +322,19 @@ mod tests {
             dedupe: Default::default(),
             browser: Default::default(),
             tracking_plan: None,
-            plan: None,
         }
     }
 
     #[test]
     fn a_key_shared_through_the_environment_is_refused_unnamed() {
         std::env::set_var("FANOUT_TEST_AUTH_DUP", "k9, secret-shared");
-        let e = Sources::from_config(&[
-            source("web", &["secret-shared"], None),
-            source("app", &[], Some("FANOUT_TEST_AUTH_DUP")),
-        ])
+        let e = Sources::from_config(
+            &[
+                source("web", &["secret-shared"], None),
+                source("app", &[], Some("FANOUT_TEST_AUTH_DUP")),
+            ],
+            Path::new(""),
+        )
         .err()
         .unwrap()
         .to_string();
@@ -274,18 +346,47 @@ mod tests {
         assert!(!e.contains("secret-shared"), "the key is not shown: {e}");
         // The same key twice in one source is harmless.
         std::env::set_var("FANOUT_TEST_AUTH_SAME", "k1,k1");
-        let s =
-            Sources::from_config(&[source("web", &["k1"], Some("FANOUT_TEST_AUTH_SAME"))]).unwrap();
+        let s = Sources::from_config(
+            &[source("web", &["k1"], Some("FANOUT_TEST_AUTH_SAME"))],
+            Path::new(""),
+        )
+        .unwrap();
         assert_eq!(s.authenticate("k1").as_deref(), Some("web"));
+    }
+
+    #[test]
+    fn plans_are_compiled_from_the_config_files_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("plans")).unwrap();
+        std::fs::write(dir.path().join("plans/web.json"), r#"{"events": {}}"#).unwrap();
+        let mut web = source("web", &["k1"], None);
+        web.tracking_plan = Some("plans/web.json".into());
+        let sources =
+            Sources::from_config(&[web.clone(), source("app", &["k2"], None)], dir.path()).unwrap();
+        assert_eq!(sources.plan("web").unwrap().file(), "plans/web.json");
+        assert!(sources.plan("app").is_none());
+
+        std::fs::write(dir.path().join("plans/web.json"), "{ not json").unwrap();
+        let e = Sources::from_config(&[source("app", &["k2"], None), web], dir.path())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("`sources[1].tracking_plan`") && e.contains("plans/web.json: not JSON"),
+            "{e}"
+        );
     }
 
     #[test]
     fn sources_without_any_key_are_refused() {
         std::env::set_var("FANOUT_TEST_AUTH_EMPTY", " , ");
-        let e = Sources::from_config(&[source("web", &[], Some("FANOUT_TEST_AUTH_EMPTY"))])
-            .err()
-            .unwrap();
+        let e = Sources::from_config(
+            &[source("web", &[], Some("FANOUT_TEST_AUTH_EMPTY"))],
+            Path::new(""),
+        )
+        .err()
+        .unwrap();
         assert!(e.to_string().contains("401"), "{e}");
-        assert!(Sources::from_config(&[]).is_err());
+        assert!(Sources::from_config(&[], Path::new("")).is_err());
     }
 }

@@ -9,8 +9,9 @@
 //! `integrations`, field edits) whether and in what shape each message goes →
 //! `destinations` (one file or folder per kind; Klaviyo's translation lives in its folder).
 //!
-//! Beside them: `config` (the file, read and checked as a whole), `metrics`, `cli` (what
-//! the command line does across stages), and leaves that every stage may use and that use
+//! Beside them: `config` (the file, read and checked as a whole), `control` (the
+//! operator's reload and replay requests, passed from `http` to `server`), `metrics`,
+//! `cli` (what the command line does across stages), and leaves that every stage may use and that use
 //! nothing of the crate: `json` (the JSON view), `message` (call type, dedupe key, log
 //! tag), `timestamp`, `pace` (token bucket, backoff), `clock`, `throttle`.
 #![forbid(unsafe_code)]
@@ -19,6 +20,7 @@ pub mod auth;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod dedupe;
 pub mod delivery;
 pub mod destinations;

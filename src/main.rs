@@ -166,8 +166,9 @@ fn main() -> ExitCode {
         });
     }
     if let Some(Command::Check { .. }) = cli.command {
-        // The keys a start would take, the environment's included (shared by two sources?).
-        if let Err(e) = fanout::auth::Sources::from_config(&config.sources) {
+        // The plans and keys a start would take, the environment's included (shared by
+        // two sources?).
+        if let Err(e) = fanout::auth::Sources::from_config(&config.sources, &config.dir) {
             eprintln!("fanout: invalid config: {}: {e:#}", path.display());
             return ExitCode::from(2);
         }
@@ -178,6 +179,14 @@ fn main() -> ExitCode {
             config.destinations.len()
         )));
     }
+    // A bad plan or write key stops the start as `fanout check` would.
+    let sources = match fanout::auth::Sources::from_config(&config.sources, &config.dir) {
+        Ok(sources) => sources,
+        Err(e) => {
+            eprintln!("fanout: invalid config: {}: {e:#}", path.display());
+            return ExitCode::from(2);
+        }
+    };
     // Ingest and delivery on runtimes of their own: 64 busy connections must not starve
     // the delivery engines of polls (the queue would grow without end), and a burst of
     // deliveries must not delay acknowledgements. The OS shares the cores between them.
@@ -214,7 +223,7 @@ fn main() -> ExitCode {
         delivery: delivery.handle().clone(),
         clock: fanout::clock::Clock::system(),
     };
-    match runtime.block_on(fanout::server::run(config, options)) {
+    match runtime.block_on(fanout::server::run(config, sources, options)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fanout: {e:#}");

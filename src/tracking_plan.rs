@@ -8,6 +8,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
 
 use jsonschema::error::ValidationErrorKind;
 use jsonschema::{PatternOptions, Validator};
@@ -16,7 +18,6 @@ use serde_json::{Map, Value};
 
 use chrono::{DateTime, Utc};
 
-use crate::auth::Sources;
 use crate::delivery::DeadLetters;
 use crate::message::{MessageType, Stamp, Tag};
 use crate::queue::record::{read_record, ReadOutcome};
@@ -136,6 +137,15 @@ impl Verdict {
 }
 
 impl TrackingPlan {
+    /// Reads and compiles the plan file `file`, named as the config names it (relative to
+    /// `dir`, the config file's directory); an error names the file and what is wrong in it.
+    pub fn load(dir: &Path, file: &Path) -> Result<TrackingPlan, String> {
+        let shown = file.display().to_string();
+        let text = files::read_regular(&dir.join(file), files::MAX_PLAN_BYTES)
+            .map_err(|why| format!("{shown}: {why}"))?;
+        TrackingPlan::parse(&text, &shown)
+    }
+
     /// Compiles the plan in `text`; `shown` is how errors name the file. An error names
     /// the JSON pointer of what is wrong in the file.
     pub fn parse(text: &str, shown: &str) -> Result<TrackingPlan, String> {
@@ -342,12 +352,12 @@ pub enum RetakeError {
 }
 
 /// Messages a tracking plan blocked, taken in again after the plan was fixed: each goes
-/// through its source's plan as it is now; those it lets through are appended to the log
+/// through its source's plan as it is now (`plan_of` a source's name); those it lets through are appended to the log
 /// (with their messageIds, no dedupe key) and their letters removed, the others stay.
 pub async fn retake_blocked(
     queue: &Queue,
     dead_letters: &DeadLetters,
-    sources: &Sources,
+    plan_of: impl Fn(&str) -> Option<Arc<TrackingPlan>>,
     now: DateTime<Utc>,
 ) -> Result<Retaken, RetakeError> {
     /// Letters read, stored (and removed) per round.
@@ -375,7 +385,7 @@ pub async fn retake_blocked(
                     continue;
                 }
             };
-            if let Some(plan) = sources.plan(&letter.source) {
+            if let Some(plan) = plan_of(&letter.source) {
                 if let Verdict::Blocked { .. } = plan.apply(&mut message) {
                     // It keeps its letter, with the violations it was blocked for.
                     still_blocked += 1;
@@ -500,6 +510,7 @@ fn escape_pointer(key: &str) -> String {
 }
 
 mod blocking;
+mod files;
 #[cfg(test)]
 mod tests;
 

@@ -19,7 +19,7 @@ use crate::json::{scalar, RawObject, Scalar};
 use crate::message::MessageType;
 use crate::queue::record::{read_record, ReadOutcome};
 use crate::routing::{Decision, Route};
-use crate::tracking_plan::{Verdict, DEAD_LETTER_NAME};
+use crate::tracking_plan::{TrackingPlan, Verdict, DEAD_LETTER_NAME};
 
 /// What `fanout route` prints.
 #[derive(Debug, Serialize)]
@@ -78,7 +78,14 @@ pub fn explain(
             .first()
             .ok_or_else(|| anyhow!("the config has no [[sources]]"))?,
     };
-    let plan = source.plan.as_deref();
+    let plan = match &source.tracking_plan {
+        Some(file) => Some(
+            TrackingPlan::load(&config.dir, file)
+                .map_err(|why| anyhow!("source `{}`: tracking_plan: {why}", source.name))?,
+        ),
+        None => None,
+    };
+    let plan = plan.as_ref();
     let source = source.name.as_str();
     let stored = ingest(config, source, input, clock.now())?;
     let routes: Vec<(&DestinationConfig, Route)> = config

@@ -4,27 +4,25 @@
 //! not a silently ignored setting.
 
 mod errors;
-mod files;
 mod sections;
 #[cfg(test)]
 mod tests;
 mod validate;
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use toml::de::DeTable;
 
 pub use errors::ConfigError;
-pub use sections::{
-    AdminConfig, BrowserBatching, BrowserConfig, CorsConfig, DeadLettersConfig, DedupeBackend,
-    DedupeConfig, LimitsConfig, QueueBackend, QueueConfig, RedisFailure, ServerConfig,
-    SourceConfig, SourceDedupeConfig, MAX_JSON_DEPTH,
-};
+pub use sections::{AdminConfig, DeadLettersConfig, QueueBackend, QueueConfig, ServerConfig};
+
+pub use crate::auth::{BrowserBatching, SourceBrowserConfig, SourceConfig, SourceDedupeConfig};
+pub use crate::dedupe::{DedupeBackend, DedupeConfig, RedisFailure};
+pub use crate::http::{BrowserConfig, CorsConfig};
+pub use crate::ingest::{LimitsConfig, MAX_JSON_DEPTH};
 
 use crate::destinations::DestinationConfig;
-use crate::tracking_plan::TrackingPlan;
 use errors::{hide_secret, line_of, renamed_key, with_duration_hint, LineIndex};
 
 /// The whole configuration file. `D` is how a destination is held: its typed config,
@@ -54,6 +52,10 @@ pub struct Config<D = DestinationConfig> {
     pub browser: BrowserConfig,
     #[serde(default)]
     pub dead_letters: DeadLettersConfig,
+    /// The directory the file's relative paths (`sources[].tracking_plan`) are taken
+    /// from: the file's own.
+    #[serde(skip)]
+    pub dir: PathBuf,
 }
 
 impl Config {
@@ -111,7 +113,7 @@ impl Config {
             })?;
         let mut config = raw.read_destinations(&lines)?;
         config.validate(&lines)?;
-        config.load_tracking_plans(base, &lines)?;
+        config.dir = base.to_path_buf();
         Ok(config)
     }
 }
@@ -131,37 +133,6 @@ impl<D> Config<D> {
         self.server
             .max_queue_bytes
             .saturating_sub(self.dead_letter_bytes())
-    }
-}
-
-impl Config {
-    /// Reads and compiles each source's tracking plan; a bad plan is an error at the
-    /// source's `tracking_plan` key, naming the file and the JSON pointer.
-    fn load_tracking_plans(
-        &mut self,
-        base: &Path,
-        lines: &LineIndex<'_>,
-    ) -> Result<(), ConfigError> {
-        for (i, source) in self.sources.iter_mut().enumerate() {
-            let Some(file) = &source.tracking_plan else {
-                continue;
-            };
-            let shown = file.display().to_string();
-            let plan = files::read_regular(&base.join(file), files::MAX_PLAN_BYTES)
-                .map_err(|why| format!("{shown}: {why}"))
-                .and_then(|text| TrackingPlan::parse(&text, &shown))
-                .map_err(|message| {
-                    let key = format!("sources[{i}].tracking_plan");
-                    ConfigError {
-                        origin: None,
-                        line: lines.line(&key),
-                        key,
-                        message,
-                    }
-                })?;
-            source.plan = Some(Arc::new(plan));
-        }
-        Ok(())
     }
 }
 
@@ -185,6 +156,7 @@ impl Config<toml::Table> {
             admin: self.admin,
             browser: self.browser,
             dead_letters: self.dead_letters,
+            dir: self.dir,
         })
     }
 }

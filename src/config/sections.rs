@@ -1,16 +1,15 @@
-//! The sections of the file other than `[[destinations]]` (whose shape belongs to the
-//! destinations, `crate::destinations::DestinationConfig`): every key with its meaning
-//! and default.
+//! The sections of the file that the server reads itself (`[server]`, `[admin]`,
+//! `[queue]`, `[dead_letters]`): every key with its meaning and default. A stage's own
+//! section is the stage's (`[[sources]]` in `crate::auth`, `[dedupe]` in `crate::dedupe`,
+//! `[limits]` in `crate::ingest`, `[cors]` and `[browser]` in `crate::http`,
+//! `[[destinations]]` in `crate::destinations`); `Config` composes them.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
-
-use crate::tracking_plan::TrackingPlan;
 
 /// Operator endpoints (`/admin/...`, the live view).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -274,198 +273,6 @@ const fn default_publish_timeout() -> Duration {
     Duration::from_secs(5)
 }
 
-/// Request limits; the defaults are Segment's.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsConfig {
-    /// Largest single message, in bytes of JSON as received.
-    #[serde(default = "default_max_message_bytes")]
-    pub max_message_bytes: usize,
-    /// Largest request body, in bytes, checked on the wire and again after gzip decoding.
-    #[serde(default = "default_max_request_bytes")]
-    pub max_request_bytes: usize,
-    /// Most messages in one batch.
-    #[serde(default = "default_max_batch_messages")]
-    pub max_batch_messages: usize,
-    /// Deepest nesting of objects and arrays inside one message; deeper input is
-    /// refused so that no downstream parser is handed a stack-exhausting document.
-    /// At most `MAX_JSON_DEPTH`.
-    #[serde(default = "default_max_json_depth")]
-    pub max_json_depth: usize,
-}
-
-/// The highest `limits.max_json_depth`: serde_json, which the tracking plan, the Klaviyo
-/// translation and `fanout route` read messages with, stops at 128 levels, and a message
-/// also travels inside other documents (a batch, a live-view event, a dead-letter listing).
-pub const MAX_JSON_DEPTH: usize = 100;
-
-/// Cross-origin access for browser traffic.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CorsConfig {
-    /// Allowed origins; `["*"]` (the default) allows any, echoing the request's origin.
-    #[serde(default = "default_allowed_origins")]
-    pub allowed_origins: Vec<String>,
-    /// How long a browser may cache a preflight answer, e.g. "24h" (whole seconds:
-    /// `Access-Control-Max-Age` carries seconds).
-    #[serde(default = "default_cors_max_age", with = "humantime_serde")]
-    pub max_age: Duration,
-}
-
-/// One sending application; its write keys authenticate its requests.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SourceConfig {
-    /// Name used in logs, the queue and routing.
-    pub name: String,
-    /// Write keys written in the file (fine for development).
-    #[serde(default)]
-    pub write_keys: Vec<String>,
-    /// Environment variable holding more write keys, comma-separated (for production).
-    pub write_keys_env: Option<String>,
-    /// `dedupe = { enabled = false }` turns messageId dedupe off for this source.
-    #[serde(default)]
-    pub dedupe: SourceDedupeConfig,
-    /// What the browser library is told for this source's keys (`/v1/projects/…/settings`).
-    #[serde(default)]
-    pub browser: SourceBrowserConfig,
-    /// A tracking plan file (JSON, path relative to the config file): which events and
-    /// properties this source may send (`tracking_plan.rs`).
-    pub tracking_plan: Option<PathBuf>,
-    /// The plan, compiled when the config is read.
-    #[serde(skip)]
-    pub plan: Option<Arc<TrackingPlan>>,
-}
-
-/// `browser = { batching = { size = 10, timeout = "5s" } }`: the browser library batches
-/// (its `deliveryStrategy`) instead of sending each call at once.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SourceBrowserConfig {
-    pub batching: Option<BrowserBatching>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BrowserBatching {
-    /// Calls per batch.
-    pub size: u32,
-    /// Longest a call waits for its batch.
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
-}
-
-/// `[browser]`: where `GET /v1/projects/{writeKey}/settings` sends the browser library.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BrowserConfig {
-    /// `host[:port]` the library sends to (`/v1` is added); default: the request's Host
-    /// (`X-Forwarded-Host` from a trusted proxy), and then the answer is never cached.
-    pub api_host: Option<String>,
-    /// `http` or `https`; default: `X-Forwarded-Proto` from a trusted proxy, else `http`.
-    pub protocol: Option<String>,
-}
-
-/// Per-source dedupe switch.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SourceDedupeConfig {
-    #[serde(default = "default_true")]
-    pub enabled: bool,
-}
-
-impl Default for SourceDedupeConfig {
-    fn default() -> Self {
-        SourceDedupeConfig { enabled: true }
-    }
-}
-
-/// Dropping repeated messageIds (client retries) within a window.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DedupeConfig {
-    /// How long an accepted messageId is remembered, e.g. "24h".
-    #[serde(default = "default_dedupe_ttl", with = "humantime_serde")]
-    pub ttl: std::time::Duration,
-    /// Most keys held (about 28 bytes each in memory); past it the oldest are dropped
-    /// early, which is logged and counted.
-    #[serde(default = "default_dedupe_max_entries")]
-    pub max_entries: usize,
-    /// `memory` (this process only) or `redis` (shared by several instances).
-    #[serde(default)]
-    pub backend: DedupeBackend,
-    /// Redis URL, e.g. `redis://127.0.0.1:6379/0`. Prefer `redis_url_env` when it
-    /// carries a password.
-    pub redis_url: Option<String>,
-    /// Environment variable holding the Redis URL.
-    pub redis_url_env: Option<String>,
-    /// Prefix of the Redis keys fanout writes.
-    #[serde(default = "default_redis_key_prefix")]
-    pub redis_key_prefix: String,
-    /// When Redis cannot be reached: `fail_open` (accept, dedupe locally, log and
-    /// count) or `fail_closed` (503 + Retry-After). Losing dedupe beats losing data.
-    #[serde(default)]
-    pub on_redis_error: RedisFailure,
-}
-
-impl Default for DedupeConfig {
-    fn default() -> Self {
-        DedupeConfig {
-            ttl: default_dedupe_ttl(),
-            max_entries: default_dedupe_max_entries(),
-            backend: DedupeBackend::default(),
-            redis_url: None,
-            redis_url_env: None,
-            redis_key_prefix: default_redis_key_prefix(),
-            on_redis_error: RedisFailure::default(),
-        }
-    }
-}
-
-impl DedupeConfig {
-    /// The Redis URL from `redis_url_env` or `redis_url`.
-    pub fn redis_url(&self) -> anyhow::Result<String> {
-        if let Some(var) = &self.redis_url_env {
-            return std::env::var(var).map_err(|_| {
-                anyhow::anyhow!("environment variable {var} (dedupe.redis_url_env) is not set")
-            });
-        }
-        self.redis_url.clone().ok_or_else(|| {
-            anyhow::anyhow!("dedupe.backend = \"redis\" needs dedupe.redis_url or redis_url_env")
-        })
-    }
-}
-
-/// Where the dedupe window lives.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DedupeBackend {
-    #[default]
-    Memory,
-    Redis,
-}
-
-/// What to do when the shared dedupe store cannot be reached.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RedisFailure {
-    #[default]
-    FailOpen,
-    FailClosed,
-}
-
-const fn default_true() -> bool {
-    true
-}
-const fn default_dedupe_ttl() -> std::time::Duration {
-    std::time::Duration::from_secs(24 * 3600)
-}
-const fn default_dedupe_max_entries() -> usize {
-    10_000_000
-}
-fn default_redis_key_prefix() -> String {
-    "fanout:dedupe:".to_string()
-}
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8088))
 }
@@ -502,25 +309,6 @@ const fn default_shutdown_grace() -> Duration {
 const fn default_max_queue_bytes() -> u64 {
     10 * 1024 * 1024 * 1024
 }
-const fn default_max_message_bytes() -> usize {
-    32 * 1024
-}
-const fn default_max_request_bytes() -> usize {
-    500 * 1024
-}
-const fn default_max_batch_messages() -> usize {
-    2500
-}
-const fn default_max_json_depth() -> usize {
-    64
-}
-fn default_allowed_origins() -> Vec<String> {
-    vec!["*".to_string()]
-}
-const fn default_cors_max_age() -> Duration {
-    Duration::from_secs(24 * 3600)
-}
-
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -547,25 +335,5 @@ impl ServerConfig {
     /// whole seconds from 1 to 3600).
     pub fn retry_after_secs(&self) -> u32 {
         u32::try_from(self.retry_after.as_secs()).unwrap_or(u32::MAX)
-    }
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        LimitsConfig {
-            max_message_bytes: default_max_message_bytes(),
-            max_request_bytes: default_max_request_bytes(),
-            max_batch_messages: default_max_batch_messages(),
-            max_json_depth: default_max_json_depth(),
-        }
-    }
-}
-
-impl Default for CorsConfig {
-    fn default() -> Self {
-        CorsConfig {
-            allowed_origins: default_allowed_origins(),
-            max_age: default_cors_max_age(),
-        }
     }
 }

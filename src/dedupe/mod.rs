@@ -13,6 +13,7 @@
 //! With `backend = "redis"`, instances share the window through Redis (`redis.rs`); the
 //! local table then serves as a front cache of keys known to be taken.
 
+mod config;
 mod keylog;
 mod redis;
 mod reservation;
@@ -24,13 +25,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use config::{DedupeBackend, DedupeConfig, RedisFailure};
 pub use reservation::Reservation;
 pub use table::KeyTable;
 
 use self::redis::RedisStore;
 use self::reservation::Holders;
+use crate::auth::SourceConfig;
 use crate::clock::Clock;
-use crate::config::{DedupeBackend, DedupeConfig, SourceConfig};
 use crate::message::{DedupeKey, Tag};
 use crate::throttle::LogThrottle;
 
@@ -102,7 +104,7 @@ impl Dedupe {
             keylog,
             eviction_log: LogThrottle::new(Duration::from_secs(60)),
             shared,
-            fail_closed: config.on_redis_error == crate::config::RedisFailure::FailClosed,
+            fail_closed: config.on_redis_error == RedisFailure::FailClosed,
             shared_errors: AtomicU64::new(0),
             shared_error_log: LogThrottle::new(Duration::from_secs(10)),
             keys_unsaved: AtomicU64::new(0),
@@ -220,12 +222,19 @@ impl Dedupe {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
     use std::time::Duration;
 
+    /// Sources as `[[sources]]` tables write them.
+    fn sources(tables: &[&str]) -> Vec<SourceConfig> {
+        tables.iter().map(|t| toml::from_str(t).unwrap()).collect()
+    }
+
     fn dedupe(dir: &Path) -> Arc<Dedupe> {
-        let config = Config::parse("[[sources]]\nname = \"web\"\n\n[[sources]]\nname = \"raw\"\ndedupe = { enabled = false }\n").unwrap();
-        Arc::new(Dedupe::open(&config.dedupe, &config.sources, dir, Clock::system()).unwrap())
+        let sources = sources(&[
+            "name = \"web\"",
+            "name = \"raw\"\ndedupe = { enabled = false }",
+        ]);
+        Arc::new(Dedupe::open(&DedupeConfig::default(), &sources, dir, Clock::system()).unwrap())
     }
 
     fn tag(source: &str, id: &str) -> Tag {
@@ -356,11 +365,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_window_lasts_its_ttl_on_paused_time() {
         let dir = tempfile::tempdir().unwrap();
-        let config =
-            Config::parse("[dedupe]\nttl = \"60s\"\n\n[[sources]]\nname = \"web\"\n").unwrap();
+        let config = DedupeConfig {
+            ttl: Duration::from_secs(60),
+            ..DedupeConfig::default()
+        };
+        let sources = sources(&["name = \"web\""]);
         let start = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
         let clock = Clock::following_tokio(start);
-        let d = Arc::new(Dedupe::open(&config.dedupe, &config.sources, dir.path(), clock).unwrap());
+        let d = Arc::new(Dedupe::open(&config, &sources, dir.path(), clock).unwrap());
         let tag = |id: &str| Tag {
             key: DedupeKey::of("web", id).0,
             accepted_at: clock.unix_secs(),

@@ -22,6 +22,7 @@ use tracing::Instrument;
 pub use dead_letters::DeadLetters;
 
 use crate::clock::Clock;
+use crate::control::{Changes, ReplayRefused};
 use crate::destinations::{AnyDestination, DestinationConfig};
 use crate::metrics::DestinationGauges;
 use crate::pace::RateLimiter;
@@ -47,33 +48,10 @@ pub struct Deliveries {
     windows: BTreeMap<String, (u32, u64)>,
 }
 
-/// Why a replay did not start.
-#[derive(Debug, thiserror::Error)]
-pub enum ReplayRefused {
-    #[error("no running destination `{0}`")]
-    UnknownDestination(String),
-    /// The log no longer holds messages accepted that early; it holds from `oldest` on
-    /// (or nothing at all).
-    #[error("not retained")]
-    NotRetained { oldest: Option<DateTime<Utc>> },
-    #[error("{0:#}")]
-    Failed(anyhow::Error),
-}
-
 struct Running {
     config: DestinationConfig,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
-}
-
-/// What a reload changed.
-#[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct Changes {
-    pub added: Vec<String>,
-    pub changed: Vec<String>,
-    pub removed: Vec<String>,
-    /// Destinations that could not start, with why.
-    pub failed: Vec<String>,
 }
 
 impl Deliveries {

@@ -16,8 +16,8 @@ use super::query::Query;
 use super::{ApiError, App};
 use chrono::{DateTime, SecondsFormat, Utc};
 
+use crate::control::{Control, ReloadRequest, ReplayRefused, ReplayRequest};
 use crate::delivery::dead_letters::MAX_PAGE;
-use crate::delivery::{Changes, ReplayRefused};
 use crate::ingest::Rejection;
 use crate::tracking_plan::{RetakeError, DEAD_LETTER_NAME};
 
@@ -130,10 +130,11 @@ pub async fn replay_dead_letters(
 
 /// `?destination=tracking_plan`: what tracking plans blocked, taken in again.
 async fn replay_blocked(app: &App) -> Result<Response, ApiError> {
+    let sources = app.sources.load_full();
     let retaken = crate::tracking_plan::retake_blocked(
         &app.queue,
         &app.dead_letters,
-        &app.sources.load(),
+        |source: &str| sources.plan(source).cloned(),
         app.clock.now(),
     )
     .await
@@ -148,13 +149,6 @@ async fn replay_blocked(app: &App) -> Result<Response, ApiError> {
     .into_response())
 }
 
-/// What the operator endpoints ask of the server's control loop, which owns the
-/// destinations' engines.
-pub enum Control {
-    Reload(ReloadRequest),
-    Replay(ReplayRequest),
-}
-
 /// Hands the server's control loop a request made with a reply channel, and waits for
 /// the answer.
 async fn ask<T>(
@@ -165,15 +159,6 @@ async fn ask<T>(
     let (reply, answer) = tokio::sync::oneshot::channel();
     app.control.send(request(reply)).await.map_err(|_| gone())?;
     answer.await.map_err(|_| gone())
-}
-
-/// A replay from the retained log asked for over HTTP; the server answers on `reply`
-/// with how many messages go again.
-pub struct ReplayRequest {
-    pub destination: String,
-    pub since: DateTime<Utc>,
-    pub until: Option<DateTime<Utc>>,
-    pub reply: tokio::sync::oneshot::Sender<Result<u64, ReplayRefused>>,
 }
 
 #[derive(Deserialize)]
@@ -258,27 +243,6 @@ pub async fn replay(
         }
         Err(ReplayRefused::Failed(e)) => Err(ApiError::Internal(format!("replay failed: {e:#}"))),
     }
-}
-
-/// A reload asked for over HTTP; the server answers on `reply`.
-pub struct ReloadRequest {
-    pub purge: bool,
-    pub reply: tokio::sync::oneshot::Sender<ReloadOutcome>,
-}
-
-/// What a reload did, or why it was refused.
-pub type ReloadOutcome = Result<Reloaded, String>;
-
-#[derive(Debug, serde::Serialize)]
-pub struct Reloaded {
-    pub sources: usize,
-    #[serde(flatten)]
-    pub destinations: Changes,
-    /// Sections that changed but only take effect at a restart.
-    pub restart_needed: Vec<&'static str>,
-    /// Destinations no longer configured whose cursors still hold queued data.
-    pub unpurged: Vec<String>,
-    pub purged: Vec<String>,
 }
 
 #[derive(Deserialize)]

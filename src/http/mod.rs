@@ -4,6 +4,7 @@
 mod admin;
 mod admission;
 mod browser;
+mod config;
 mod error;
 mod handlers;
 mod live;
@@ -23,16 +24,17 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 
-pub use admin::{Control, ReloadOutcome, ReloadRequest, Reloaded, ReplayRequest};
-pub use admission::BodyCut;
+pub use admission::{AdmissionConfig, BodyCut};
+pub use config::{BrowserConfig, CorsConfig};
 pub use error::ApiError;
 
-use admission::{AdmissionConfig, AdmissionLayer};
+use admission::AdmissionLayer;
 
 use crate::auth::Sources;
-use crate::config::{Config, CorsConfig, LimitsConfig};
+use crate::control::Control;
 use crate::dedupe::Dedupe;
 use crate::delivery::DeadLetters;
+use crate::ingest::LimitsConfig;
 use crate::message::MessageType;
 use crate::queue::Queue;
 
@@ -54,7 +56,7 @@ pub struct App {
     /// Wall time: what `receivedAt` says.
     pub clock: crate::clock::Clock,
     /// Where the browser settings send the library.
-    pub browser: crate::config::BrowserConfig,
+    pub browser: BrowserConfig,
     /// Peers whose `X-Forwarded-Host`/`-Proto` are believed (`server.trusted_proxies`).
     pub trusted_proxies: Vec<ipnet::IpNet>,
 }
@@ -76,7 +78,12 @@ const SINGLE_CALLS: [(&str, &str, MessageType); 6] = [
 
 /// The public routes and the middleware stack around them; the operator routes too
 /// unless they have a listener of their own (`with_admin` false).
-pub fn router(app: Arc<App>, config: &Config, with_admin: bool) -> Router {
+pub fn router(
+    app: Arc<App>,
+    cors: &CorsConfig,
+    admission: AdmissionConfig,
+    with_admin: bool,
+) -> Router {
     let mut routes = Router::new();
     for (long, short, kind) in SINGLE_CALLS {
         let handler = post(move |state, request| handlers::single(state, kind, request));
@@ -99,15 +106,15 @@ pub fn router(app: Arc<App>, config: &Config, with_admin: bool) -> Router {
     } else {
         routes
     };
-    layered(routes, app, config)
+    layered(routes, app, cors, admission)
 }
 
 /// The operator routes alone, for `[admin] listen`.
-pub fn admin_router(app: Arc<App>, config: &Config) -> Router {
+pub fn admin_router(app: Arc<App>, cors: &CorsConfig, admission: AdmissionConfig) -> Router {
     let routes = operator_routes()
         .route("/health", get(handlers::health))
         .route("/ready", get(handlers::ready));
-    layered(routes, app, config)
+    layered(routes, app, cors, admission)
 }
 
 /// Metrics, and behind the admin token reload and dead letters: on their own listener
@@ -130,28 +137,27 @@ fn operator_routes() -> Router<Arc<App>> {
 }
 
 /// Wraps routes in the middleware stack, outermost layer first.
-fn layered(routes: Router<Arc<App>>, app: Arc<App>, config: &Config) -> Router {
+fn layered(
+    routes: Router<Arc<App>>,
+    app: Arc<App>,
+    cors_config: &CorsConfig,
+    admission: AdmissionConfig,
+) -> Router {
+    let request_limit = app.limits.max_request_bytes;
     let routes = routes
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(app);
 
-    let retry_after = config.server.retry_after_secs();
-    let request_limit = config.limits.max_request_bytes;
     let stack = ServiceBuilder::new()
         // The request's id, log span, metrics and log lines.
         .layer(observe::ObserveLayer::default())
         // Before admission: preflights and 429s carry CORS headers too.
-        .layer(cors(&config.cors))
+        .layer(cors(cors_config))
         // In-flight slots: a 429 is sent before the body is read (shed load, never
         // queue); the body is guarded (gap, deadline, and cut when it is the slowest
         // and every slot is wanted), on the wire bytes, before decoding.
-        .layer(AdmissionLayer::new(AdmissionConfig {
-            max_in_flight: config.server.max_in_flight,
-            body_timeout: config.server.body_timeout,
-            body_deadline: config.server.body_deadline,
-            retry_after,
-        }))
+        .layer(AdmissionLayer::new(admission))
         .layer(axum::middleware::map_response(move |r| {
             json_errors(r, request_limit)
         }))

@@ -11,8 +11,8 @@ use std::borrow::Cow;
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 
+use super::LimitsConfig;
 use super::Rejection;
-use crate::config::LimitsConfig;
 use crate::json::{self, is_object_or_null, scalar, RawObject, Scalar};
 use crate::message::{DedupeKey, MessageType, Stamp, Tag};
 use crate::timestamp;

@@ -3,10 +3,12 @@
 //! Pure functions: no I/O, no clock except the receive time they are given. The HTTP
 //! handlers call them; tests call them directly.
 
+mod limits;
 pub mod message;
 pub mod seed;
 pub mod segment;
 
+pub use limits::{LimitsConfig, MAX_JSON_DEPTH};
 pub use message::Envelope;
 
 /// Why a request (or one item of it) was refused: a stable code, a sentence, and where.

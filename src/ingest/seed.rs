@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::message::{self, Envelope};
+use super::LimitsConfig;
 use super::{batch_shape_error, invalid_json, Rejection};
-use crate::config::LimitsConfig;
 use crate::json::{scalar, RawObject, Scalar};
 use crate::message::MessageType;
 use crate::queue::RecordBatch;

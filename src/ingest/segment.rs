@@ -12,8 +12,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::message::{self, Envelope};
+use super::LimitsConfig;
 use super::{batch_shape_error, invalid_json, Rejection};
-use crate::config::LimitsConfig;
 use crate::json::{check_structure, is_object_or_null, scalar, RawObject, Scalar};
 use crate::message::MessageType;
 use crate::queue::RecordBatch;

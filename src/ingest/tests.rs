@@ -5,7 +5,7 @@ use chrono::Utc;
 use proptest::prelude::*;
 use serde_json::Value;
 
-use crate::config::LimitsConfig;
+use super::LimitsConfig;
 use crate::json::{breaks_lines, testgen};
 use crate::message::MessageType;
 use crate::queue::record::{read_record, ReadOutcome};

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use crate::auth::Sources;
 use crate::clock::Clock;
 use crate::config::{Config, DedupeBackend, QueueBackend};
+use crate::control::Control;
 use crate::dedupe::Dedupe;
 use crate::delivery::dead_letters::Bounds as DeadLetterBounds;
 use crate::delivery::{DeadLetters, Deliveries};
@@ -35,16 +36,16 @@ pub struct Options {
 
 /// Runs fanout until SIGINT/SIGTERM: then stops accepting, finishes in-flight requests,
 /// lets deliveries finish their current batch, and flushes the queue. SIGHUP (or
-/// `POST /admin/reload`) reloads the config in between.
-pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
+/// `POST /admin/reload`) reloads the config in between. `sources` are the config's,
+/// built (keys gathered, plans compiled) by the caller, which reports their errors as
+/// the config's.
+pub async fn run(config: Config, sources: Sources, options: Options) -> anyhow::Result<()> {
     // First: a signal during start-up (the dedupe rebuild can take seconds) must not kill
     // the process with the default action.
     let shutdown = shutdown_signal()?;
     let mut hangup = signal(SignalKind::hangup())?;
     let (queue, writer) = open_queue(&config, options.clock).await?;
-    let sources = Arc::new(ArcSwap::from_pointee(Sources::from_config(
-        &config.sources,
-    )?));
+    let sources = Arc::new(ArcSwap::from_pointee(sources));
     let dedupe = open_dedupe(&config, &queue, options.clock)?;
     if config.destinations.is_empty() {
         tracing::warn!("no destinations configured: accepted messages are stored but go nowhere");
@@ -99,9 +100,17 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
     };
     if let Some(admin) = admin_listener {
         tracing::info!("admin endpoints served on {}", admin.local_addr()?);
-        servers.push(serve(admin, http::admin_router(app.clone(), &config)));
+        servers.push(serve(
+            admin,
+            http::admin_router(app.clone(), &config.cors, admission(&config)),
+        ));
     }
-    let router = http::router(app.clone(), &config, config.admin.listen.is_none());
+    let router = http::router(
+        app.clone(),
+        &config.cors,
+        admission(&config),
+        config.admin.listen.is_none(),
+    );
     tracing::info!(
         max_connections = connections.max(),
         "connections capped (server.max_connections)"
@@ -135,11 +144,11 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
                 let _ = reloader.reload(false).await;
             }
             Some(request) = reload_rx.recv() => match request {
-                http::Control::Reload(request) => {
+                Control::Reload(request) => {
                     let outcome = reloader.reload(request.purge).await;
                     let _ = request.reply.send(outcome);
                 }
-                http::Control::Replay(request) => {
+                Control::Replay(request) => {
                     let outcome = reloader
                         .deliveries
                         .replay(&request.destination, request.since, request.until)
@@ -236,6 +245,16 @@ fn open_dedupe(config: &Config, queue: &Queue, clock: Clock) -> anyhow::Result<A
 }
 
 /// The admin token from the variable `[admin] token_env` names, if any.
+/// How requests are admitted, from `[server]`.
+fn admission(config: &Config) -> http::AdmissionConfig {
+    http::AdmissionConfig {
+        max_in_flight: config.server.max_in_flight,
+        body_timeout: config.server.body_timeout,
+        body_deadline: config.server.body_deadline,
+        retry_after: config.server.retry_after_secs(),
+    }
+}
+
 fn admin_token(config: &Config) -> anyhow::Result<Option<String>> {
     let Some(var) = &config.admin.token_env else {
         return Ok(None);

@@ -10,9 +10,9 @@ use arc_swap::ArcSwap;
 
 use crate::auth::Sources;
 use crate::config::Config;
+use crate::control::{ReloadOutcome, Reloaded};
 use crate::dedupe::Dedupe;
 use crate::delivery::Deliveries;
-use crate::http::{ReloadOutcome, Reloaded};
 use crate::queue::Queue;
 
 /// What a reload changes in the running process: the write keys requests see, the
@@ -60,13 +60,16 @@ impl Reloader {
         // Reading and compiling the file and its plans is blocking work: off the runtime's
         // workers (the files are bounded in size and never FIFOs, so it ends).
         let path = self.path.clone();
-        let config = tokio::task::spawn_blocking(move || Config::load(&path))
-            .await
-            .map_err(|e| format!("{text}: loading failed: {e}"))?
-            .map_err(|e| e.to_string())?;
-        // Everything that can fail is tried before anything is swapped in.
-        let sources =
-            Sources::from_config(&config.sources).map_err(|e| format!("{text}: {e:#}"))?;
+        let shown = text.clone();
+        let (config, sources) = tokio::task::spawn_blocking(move || {
+            let config = Config::load(&path).map_err(|e| e.to_string())?;
+            // Everything that can fail is tried before anything is swapped in.
+            let sources = Sources::from_config(&config.sources, &config.dir)
+                .map_err(|e| format!("{shown}: {e:#}"))?;
+            Ok::<_, String>((config, sources))
+        })
+        .await
+        .map_err(|e| format!("{text}: loading failed: {e}"))??;
         for destination in &config.destinations {
             let unchanged = self.current.destinations.iter().any(|d| d == destination);
             if !unchanged {

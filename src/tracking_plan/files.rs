@@ -1,5 +1,5 @@
-//! Files the config names besides itself (tracking plans): read only when they are regular
-//! files, and only up to a size. A path to a FIFO would hold a reload until some writer
+//! Reading a plan file the config names: only when it is a regular file, and only up to a
+//! size. A path to a FIFO would hold a reload until some writer
 //! came; one to `/dev/zero` would be read until memory ran out.
 
 use std::fs::{File, OpenOptions};
