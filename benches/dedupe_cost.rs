@@ -4,6 +4,7 @@
 //! keys so lookups miss the caches as they do under load.
 //!
 //!     cargo bench --bench dedupe_cost
+#![allow(clippy::disallowed_methods)] // benchmarks read the system clock freely
 
 use std::hint::black_box;
 use std::sync::Arc;

@@ -25,6 +25,7 @@
 //!     cargo bench --bench hot_paths                 # about a minute
 //!     cargo bench --bench hot_paths -- dedupe       # only the benchmarks matching "dedupe"
 //!     cargo bench --bench hot_paths -- --quick
+#![allow(clippy::disallowed_methods)] // benchmarks read the system clock freely
 
 use std::fs::OpenOptions;
 use std::hint::black_box;
@@ -262,6 +263,7 @@ impl ScratchQueue {
             dir.path(),
             config.server.segment_bytes,
             config.server.max_queue_bytes,
+            fanout::clock::Clock::system(),
         )
         .expect("queue opens");
         ScratchQueue {

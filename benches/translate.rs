@@ -5,6 +5,7 @@
 //! message before any request.
 //!
 //!     taskset -c 0 cargo bench --bench translate
+#![allow(clippy::disallowed_methods)] // benchmarks read the system clock freely
 
 use std::hint::black_box;
 use std::time::Instant;

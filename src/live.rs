@@ -17,6 +17,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
+use crate::clock::Clock;
 use crate::message::MessageType;
 
 /// What an event costs beyond its JSON: the struct, its names and the ring's slot.
@@ -118,6 +119,8 @@ pub struct Hub {
     /// Set when events were published since the waker last woke viewers.
     wake_pending: AtomicBool,
     waker: std::thread::Thread,
+    /// What events are stamped with (`at`).
+    clock: Mutex<Clock>,
 }
 
 /// A viewer count over `max_viewers`: refused.
@@ -153,6 +156,7 @@ impl Hub {
                 end: watch::channel(0).0,
                 wake_pending: AtomicBool::new(false),
                 waker: waker.thread().clone(),
+                clock: Mutex::new(Clock::system()),
             }
         })
     }
@@ -170,6 +174,15 @@ impl Hub {
 
     pub fn watching(&self) -> bool {
         self.viewers.load(Ordering::Relaxed) > 0
+    }
+
+    pub fn set_clock(&self, clock: Clock) {
+        *self.clock.lock().unwrap_or_else(|e| e.into_inner()) = clock;
+    }
+
+    /// The time events are stamped with.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.clock.lock().unwrap_or_else(|e| e.into_inner()).now()
     }
 
     /// A new viewer, seeing events from now on; refused past `max_viewers`.
@@ -303,9 +316,11 @@ fn hub() -> &'static Arc<Hub> {
     HUB.get_or_init(|| Hub::new(Limits::default()))
 }
 
-/// Applies `[admin] max_viewers` and `viewer_buffer_bytes` (at start).
-pub fn configure(limits: Limits) {
+/// Applies `[admin] max_viewers` and `viewer_buffer_bytes` (at start); events are
+/// stamped by `clock` from then on.
+pub fn configure(limits: Limits, clock: Clock) {
     hub().set_limits(limits);
+    hub().set_clock(clock);
 }
 
 /// Whether anyone watches: check before building an event.
@@ -335,7 +350,9 @@ pub fn publish(
         object.insert("kind".into(), json!(kind));
         object.insert(
             "at".into(),
-            json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+            json!(hub()
+                .now()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
         );
         if let Some(source) = source {
             object.insert("source".into(), json!(source));
@@ -546,5 +563,21 @@ mod tests {
         let parsed: Value = serde_json::from_str(&event.json).unwrap();
         assert_eq!(parsed["event"], name);
         assert_eq!(parsed["message"]["p"], "\u{2028}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_are_stamped_by_the_configured_clock() {
+        let start = chrono::DateTime::from_timestamp(978_307_200, 0).unwrap();
+        configure(Limits::default(), Clock::following_tokio(start));
+        let mut viewer = subscribe().expect("a viewer");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        publish("accepted", Some("clock-test"), None, None, json!({}), None);
+        configure(Limits::default(), Clock::system());
+        let event = std::iter::from_fn(|| viewer.try_next(usize::MAX))
+            .flat_map(|batch| batch.events)
+            .find(|event| event.source.as_deref() == Some("clock-test"))
+            .expect("the event was not published");
+        let parsed: Value = serde_json::from_str(&event.json).unwrap();
+        assert_eq!(parsed["at"], "2001-01-01T00:00:01.500Z");
     }
 }

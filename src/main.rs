@@ -299,7 +299,9 @@ async fn dead_letters_on(config: &Config, action: &DeadLetterAction) -> anyhow::
         }
         DeadLetterAction::Replay { destination, .. } => {
             known(destination);
-            let replayed = store.request_replay(destination).await?;
+            let replayed = store
+                .request_replay(destination, fanout::clock::Clock::system().now())
+                .await?;
             line(serde_json::json!({ "replayed": replayed }))?;
         }
     }
@@ -314,13 +316,14 @@ fn route(config: &Config, source: Option<&str>) -> ExitCode {
         eprintln!("fanout: cannot read standard input: {e}");
         return ExitCode::from(2);
     }
-    let report = match fanout::cli::route::explain(config, source, &input) {
-        Ok(report) => report,
-        Err(e) => {
-            eprintln!("fanout: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
+    let report =
+        match fanout::cli::route::explain(config, source, &input, fanout::clock::Clock::system()) {
+            Ok(report) => report,
+            Err(e) => {
+                eprintln!("fanout: {e:#}");
+                return ExitCode::from(2);
+            }
+        };
     exit_code(
         serde_json::to_string_pretty(&report)
             .map_err(anyhow::Error::from)

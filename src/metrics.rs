@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
@@ -17,6 +17,7 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::clock::Clock;
 use crate::message::MessageType;
 
 const HTTP_REQUESTS: &str = "fanout_http_requests_total";
@@ -466,8 +467,9 @@ struct DestinationState {
 }
 
 impl DestinationGauges {
-    /// Reports for `destination` until dropped; then its depth and age read 0.
-    pub fn register(destination: &str) -> DestinationGauges {
+    /// Reports for `destination` until dropped, the age as `clock` tells it; then its
+    /// depth and age read 0.
+    pub fn register(destination: &str, clock: Clock) -> DestinationGauges {
         let state = Arc::new(DestinationState::default());
         let watched: Weak<DestinationState> = Arc::downgrade(&state);
         let name = destination.to_owned();
@@ -482,7 +484,7 @@ impl DestinationGauges {
             let age = if oldest == 0 {
                 0
             } else {
-                unix_now().saturating_sub(oldest)
+                u64::from(clock.unix_secs()).saturating_sub(oldest)
             };
             gauge!(QUEUE_DEPTH, "destination" => name.clone()).set(depth as f64);
             gauge!(QUEUE_AGE, "destination" => name.clone()).set(age as f64);
@@ -554,12 +556,6 @@ pub fn live_state(viewers: usize, buffered_bytes: usize, lost_total: u64) {
     gauge!(LIVE_VIEWERS).set(viewers as f64);
     gauge!(LIVE_BUFFERED).set(buffered_bytes as f64);
     counter!(LIVE_LOST).absolute(lost_total);
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Every ingest endpoint, auth form, body encoding, validation error and limit, against
 //! the real server over loopback.
+#![allow(clippy::disallowed_methods)] // tests read the system clock freely
 
 mod common;
 

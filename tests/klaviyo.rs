@@ -8,6 +8,7 @@
 //!
 //! The tests run on a multi-threaded runtime so the receiver keeps answering while a test
 //! blocks (starting fanout, running its CLI).
+#![allow(clippy::disallowed_methods)] // tests read the system clock freely
 
 mod common;
 

@@ -146,7 +146,12 @@ async fn accepted_delivered_duplicate_and_refused_are_shown() {
 
 #[tokio::test]
 async fn filters_pick_source_destination_and_type() {
-    let f = with_admin();
+    let f = Fanout::start_with(
+        Settings::default()
+            .section("[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n")
+            .env("FANOUT_ADMIN_TOKEN", TOKEN)
+            .section("[[sources]]\nname = \"elsewhere\"\nwrite_keys = [\"wk_elsewhere\"]\n"),
+    );
     let mut identifies = Sse::open(&f, TOKEN, "type=identify&destination=out").await;
     let track = json!({"type": "track", "messageId": "f-1", "userId": "u", "event": "Skip me"});
     let identify = json!({"type": "identify", "messageId": "f-2", "userId": "u", "traits": {}});
@@ -167,20 +172,34 @@ async fn filters_pick_source_destination_and_type() {
         .send()
         .await
         .unwrap();
-    assert!(other_source.next(Duration::from_secs(2)).await.is_none());
+    // Then one from `elsewhere`: f-3's events (accepted, delivered) come before this
+    // one's, so by its delivery any of them that passed the filter would have shown.
+    f.post_as("wk_elsewhere", "/v1/track")
+        .json(&json!({"type": "track", "messageId": "f-4", "userId": "u", "event": "E"}))
+        .send()
+        .await
+        .unwrap();
+    let seen = other_source
+        .until(|e| e["kind"] == "delivered" && e["messageId"] == "f-4")
+        .await;
+    assert!(seen.iter().all(|e| e["source"] == "elsewhere"), "{seen:#?}");
 }
 
 /// A viewer that does not read loses events once it is `admin.viewer_buffer_bytes`
-/// (8 MiB) behind, and is told how many; ingest meanwhile answers every request.
+/// behind, and is told how many; ingest meanwhile answers every request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_viewer_that_falls_behind_is_told_what_it_lost_and_ingest_goes_on() {
-    let f = with_admin();
+    const RING: usize = 64 * 1024;
+    let f = with_admin_settings(TOKEN, &format!("viewer_buffer_bytes = {RING}"));
     let mut slow = Sse::open(&f, TOKEN, "").await;
-    // 500 batches of 100 messages of ~1.2 KB: 50 000 accepted + 50 000 delivered events
-    // (~130 MB), well past the ring and what the sockets between can hold (here up to
-    // 32 MB received + 4 MB sent; at ~35 MB, as before, the kernel sometimes held it all).
+    // Before the server's ring, the stalled viewer's events fill the sockets between: at
+    // most the kernel's largest receive and send buffers (and HTTP buffers far smaller).
+    // Twice that and the ring, and it must have lost some, whatever the machine. Each
+    // message of ~1.2 KB makes two events that carry it (accepted, delivered): ≥ 2 KiB.
+    let sockets = kernel_max("tcp_rmem") + kernel_max("tcp_wmem");
+    let batches = (2 * (sockets + RING)).div_ceil(100 * 2048);
     let pad = "x".repeat(1024);
-    for b in 0..500 {
+    for b in 0..batches {
         let batch: Vec<Value> = (0..100)
             .map(|i| {
                 json!({"type": "track", "messageId": format!("slow-{b}-{i}"),
@@ -196,10 +215,21 @@ async fn a_viewer_that_falls_behind_is_told_what_it_lost_and_ingest_goes_on() {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
-    f.wait_delivered(50_000).await;
+    f.wait_delivered(batches * 100).await;
     let events = slow.until(|e| e["kind"] == "dropped").await;
     let dropped = events.last().unwrap();
     assert!(dropped["count"].as_u64().unwrap() > 0, "{dropped}");
+}
+
+/// The most bytes the kernel lets a TCP socket buffer grow to (`tcp_rmem` or `tcp_wmem`,
+/// their third field): what autotuning reaches without `SO_RCVBUF`/`SO_SNDBUF`.
+fn kernel_max(sysctl: &str) -> usize {
+    let path = format!("/proc/sys/net/ipv4/{sysctl}");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.split_whitespace()
+        .nth(2)
+        .and_then(|max| max.parse().ok())
+        .unwrap_or_else(|| panic!("{path}: {text}"))
 }
 
 /// A destination's routing that passes a message over says which rule did.

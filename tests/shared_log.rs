@@ -599,6 +599,35 @@ async fn users_are_spread_over_the_partitions() {
     );
 }
 
+/// Waits until every consumer of `destination` on the stream, as nats-server reports them
+/// now, has no message left to deliver (`num_pending`) or awaiting its ack
+/// (`num_ack_pending`).
+async fn wait_consumers_idle(nats: &NatsCluster, destination: &str) {
+    let prefix = format!("{destination}_");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let jsz = nats.nodes[0].monitor("/jsz?consumers=true");
+        let consumers: Vec<Value> = jsz.as_ref().map_or_else(Vec::new, |jsz| {
+            jsz["account_details"][0]["stream_detail"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|s| s["consumer_detail"].as_array().cloned().unwrap_or_default())
+                .filter(|c| c["name"].as_str().is_some_and(|n| n.starts_with(&prefix)))
+                .collect()
+        });
+        let idle = |c: &Value| c["num_pending"] == 0 && c["num_ack_pending"] == 0;
+        if !consumers.is_empty() && consumers.iter().all(idle) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{destination}'s consumers never went idle: {consumers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn retained_messages_are_replayed_to_one_destination() {
     let nats = NatsCluster::single();
@@ -638,7 +667,9 @@ async fn retained_messages_are_replayed_to_one_destination() {
         ["a1", "a2", "b1", "b2", "b1", "b2"]
     );
     common::wait_file_lines(&archive, 4).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The copies are on the stream (the replay answered once they were stored): when
+    // the archive's consumers have nothing left to deliver or settle, it has all it gets.
+    wait_consumers_idle(&nats, "archive").await;
     assert_eq!(
         common::file_lines(&archive).len(),
         4,

@@ -6,10 +6,11 @@
 //! store it — with a fresh `receivedAt` and, when the client sent none, a fresh messageId.
 
 use anyhow::{anyhow, bail, Context};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::destinations::{DestinationConfig, Preview};
 use crate::ingest::segment::{parse_batch, parse_single};
@@ -58,8 +59,14 @@ pub struct DestinationReport {
 }
 
 /// Runs one Segment message (with its `type`) or batch (`{"batch":[…]}`) through ingest and
-/// every destination's route. `source` defaults to the first configured source.
-pub fn explain(config: &Config, source: Option<&str>, input: &[u8]) -> anyhow::Result<Report> {
+/// every destination's route, at `clock`'s now. `source` defaults to the first configured
+/// source.
+pub fn explain(
+    config: &Config,
+    source: Option<&str>,
+    input: &[u8],
+    clock: Clock,
+) -> anyhow::Result<Report> {
     let source = match source {
         Some(name) => config
             .sources
@@ -80,7 +87,7 @@ pub fn explain(config: &Config, source: Option<&str>, input: &[u8]) -> anyhow::R
     };
     let plan = plan.as_ref();
     let source = source.name.as_str();
-    let stored = ingest(config, source, input)?;
+    let stored = ingest(config, source, input, clock.now())?;
     let routes: Vec<(&DestinationConfig, Route)> = config
         .destinations
         .iter()
@@ -119,7 +126,7 @@ pub fn explain(config: &Config, source: Option<&str>, input: &[u8]) -> anyhow::R
                     refused: None,
                     payload: Value::Null,
                 },
-                Decision::Send(message) => delivered(config, &message)?,
+                Decision::Send(message) => delivered(config, &message, clock)?,
             });
         }
         messages.push(MessageReport {
@@ -135,8 +142,12 @@ pub fn explain(config: &Config, source: Option<&str>, input: &[u8]) -> anyhow::R
 }
 
 /// The input validated, enriched and framed as the server would store it; then read back.
-fn ingest(config: &Config, source: &str, input: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
-    let now = Utc::now();
+fn ingest(
+    config: &Config,
+    source: &str,
+    input: &[u8],
+    now: DateTime<Utc>,
+) -> anyhow::Result<Vec<Vec<u8>>> {
     let object = std::str::from_utf8(input)
         .ok()
         .and_then(|text| serde_json::from_str(text).ok())
@@ -183,7 +194,11 @@ fn rejected(r: Rejection) -> anyhow::Error {
 }
 
 /// What `config`'s destination would make of a message routing let through.
-fn delivered(config: &DestinationConfig, message: &[u8]) -> anyhow::Result<DestinationReport> {
+fn delivered(
+    config: &DestinationConfig,
+    message: &[u8],
+    clock: Clock,
+) -> anyhow::Result<DestinationReport> {
     let mut report = DestinationReport {
         destination: config.name.clone(),
         kind: config.kind(),
@@ -192,7 +207,7 @@ fn delivered(config: &DestinationConfig, message: &[u8]) -> anyhow::Result<Desti
         refused: None,
         payload: Value::Null,
     };
-    match config.settings.preview(message)? {
+    match config.settings.preview(message, clock)? {
         Preview::Send(payload) => report.payload = payload,
         Preview::Skip(reason) => {
             report.send = false;

@@ -176,7 +176,9 @@ impl Deliveries {
 
     /// Starts one destination's engine from its saved cursor.
     async fn launch(&mut self, config: &DestinationConfig) -> anyhow::Result<()> {
-        self.launch_with(config, |saved| config.build(saved)).await
+        let clock = self.clock;
+        self.launch_with(config, |saved| config.build(saved, clock))
+            .await
     }
 
     /// `launch`, with the destination made by `build` from the saved checkpoint (the
@@ -189,7 +191,7 @@ impl Deliveries {
         let (stop, stop_rx) = watch::channel(false);
         let subscription = self.queue.subscribe(&config.name).await?;
         crate::metrics::install();
-        let gauges = DestinationGauges::register(&config.name);
+        let gauges = DestinationGauges::register(&config.name, self.clock);
         let destination = build(subscription.saved())?;
         let feed = subscription.start(|| destination.mark(), destination.sink_id());
         let progress = Progress::new(feed, gauges);

@@ -196,7 +196,8 @@ mod tests {
     }
 
     fn progress(dir: &std::path::Path) -> Progress {
-        let (queue, _writer) = LocalQueue::open(dir, 1 << 20, 1 << 30).unwrap();
+        let (queue, _writer) =
+            LocalQueue::open(dir, 1 << 20, 1 << 30, crate::clock::Clock::system()).unwrap();
         let (reader, cursor, _) = queue.subscribe("d").unwrap();
         crate::metrics::install();
         let saved = Checkpoint {
@@ -205,7 +206,10 @@ mod tests {
             sink_id: 3,
         };
         let feed = Feed::log(Box::new(reader), cursor, 100, saved);
-        Progress::new(feed, DestinationGauges::register("d"))
+        Progress::new(
+            feed,
+            DestinationGauges::register("d", crate::clock::Clock::system()),
+        )
     }
 
     #[test]

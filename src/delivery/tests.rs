@@ -88,7 +88,7 @@ struct Setup {
 /// whose sends go to the fake.
 async fn setup(extra: &str, fake: Fake) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let (log, writer) = LocalQueue::open(dir.path(), 1 << 20, 1 << 30).unwrap();
+    let (log, writer) = LocalQueue::open(dir.path(), 1 << 20, 1 << 30, Clock::system()).unwrap();
     let queue = Queue::from(log.clone());
     let bounds = crate::queue::dead_letters::Bounds {
         max_bytes: 1 << 30,

@@ -17,6 +17,7 @@ use super::{
     json_lines, AnyDestination, BatchShape, Destination, DestinationConfig, Kind, Outgoing,
     SendError, Sending,
 };
+use crate::clock::Clock;
 use crate::queue::Checkpoint;
 
 /// `kind = "file"`'s own keys.
@@ -39,6 +40,7 @@ impl Kind for FileConfig {
         &self,
         config: &DestinationConfig,
         saved: Option<Checkpoint>,
+        _: Clock,
     ) -> anyhow::Result<AnyDestination> {
         Ok(Box::new(FileDestination::open(&config.name, self, saved)?))
     }

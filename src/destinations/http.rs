@@ -5,6 +5,7 @@
 use std::time::{Duration, SystemTime};
 
 use super::SendError;
+use crate::clock::Clock;
 
 /// Most bytes read of any answer's body: enough for a job's status or a page of import
 /// errors, and a receiver cannot make fanout hold more.
@@ -22,9 +23,10 @@ pub fn client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
         .build()?)
 }
 
-/// Sends `request` and reads the answer into a delivery outcome.
-pub async fn send(request: reqwest::RequestBuilder) -> Result<(), SendError> {
-    send_for_answer(request).await.map(|_| ())
+/// Sends `request` and reads the answer into a delivery outcome; a `Retry-After` date
+/// is measured from `clock`.
+pub async fn send(request: reqwest::RequestBuilder, clock: Clock) -> Result<(), SendError> {
+    send_for_answer(request, clock).await.map(|_| ())
 }
 
 /// A 2xx answer: its body (up to a few KB) and headers.
@@ -34,7 +36,11 @@ pub struct Answer {
 }
 
 /// Sends `request`; a 2xx answer comes back whole, anything else as a delivery outcome.
-pub async fn send_for_answer(request: reqwest::RequestBuilder) -> Result<Answer, SendError> {
+/// A `Retry-After` date is measured from `clock`.
+pub async fn send_for_answer(
+    request: reqwest::RequestBuilder,
+    clock: Clock,
+) -> Result<Answer, SendError> {
     let response = request.send().await.map_err(|e| SendError::Retryable {
         status: None,
         retry_after: None,
@@ -46,7 +52,7 @@ pub async fn send_for_answer(request: reqwest::RequestBuilder) -> Result<Answer,
     let retry_after = headers
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        .and_then(|v| parse_retry_after(v, SystemTime::from(clock.now())));
     // Read the body even on success, so the connection goes back to the pool.
     let body = read_limited(response).await;
     if (200..300).contains(&status) {
@@ -161,8 +167,11 @@ pub async fn send_batch(
     request: reqwest::RequestBuilder,
     body: Vec<u8>,
     gzip: bool,
+    clock: Clock,
 ) -> Result<u64, SendError> {
-    send(with_body(request, body, gzip)).await.map(|()| 0)
+    send(with_body(request, body, gzip), clock)
+        .await
+        .map(|()| 0)
 }
 
 /// Sets the body, gzip-compressed (with `Content-Encoding: gzip`) when asked.
@@ -259,5 +268,36 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    /// A `Retry-After` date is measured from the destination's clock, not the system's.
+    #[tokio::test]
+    async fn a_retry_after_date_is_read_against_the_clock() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let answer = "HTTP/1.1 429 Too Many Requests\r\n\
+                          Retry-After: Sun, 06 Nov 1994 09:49:37 GMT\r\n\
+                          Content-Length: 0\r\nConnection: close\r\n\r\n";
+            socket.write_all(answer.as_bytes()).await.unwrap();
+        });
+        let at = chrono::DateTime::parse_from_rfc2822("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        let clock = Clock::following_tokio(at.to_utc());
+        let client = client(Duration::from_secs(5)).unwrap();
+        let Err(SendError::Retryable { retry_after, .. }) = send(client.post(url), clock).await
+        else {
+            panic!("a 429 is retried");
+        };
+        // An hour after the clock's now, less the time the request took; by the system
+        // clock that date is long past (zero).
+        let wait = retry_after.expect("the answer's Retry-After");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(3600),
+            "{wait:?}"
+        );
     }
 }

@@ -35,6 +35,7 @@ pub use webhook::{
     signature as hmac_sha256_signature, WebhookConfig, WebhookDestination, WebhookPayload,
 };
 
+use crate::clock::Clock;
 use crate::queue::Checkpoint;
 
 /// Why a batch was not delivered.
@@ -194,15 +195,18 @@ pub trait Kind: DeserializeOwned + Clone + std::fmt::Debug + PartialEq + Send + 
     fn batch_shape(&self) -> BatchShape;
 
     /// The running destination, with its secrets read from the environment. `saved` is
-    /// its last checkpoint (the file destination cuts its output back to it).
+    /// its last checkpoint (the file destination cuts its output back to it); `clock`
+    /// tells it the time.
     fn build(
         &self,
         config: &DestinationConfig,
         saved: Option<Checkpoint>,
+        clock: Clock,
     ) -> anyhow::Result<AnyDestination>;
 
-    /// What it would receive of `message`, for `fanout route`; sends nothing.
-    fn preview(&self, message: &[u8]) -> anyhow::Result<Preview> {
+    /// What it would receive of `message` at `clock`'s now, for `fanout route`; sends
+    /// nothing.
+    fn preview(&self, message: &[u8], _: Clock) -> anyhow::Result<Preview> {
         Ok(Preview::Send(serde_json::from_slice(message)?))
     }
 }
@@ -279,15 +283,16 @@ macro_rules! kinds {
                 &self,
                 config: &DestinationConfig,
                 saved: Option<Checkpoint>,
+                clock: Clock,
             ) -> anyhow::Result<AnyDestination> {
                 match self {
-                    $(Settings::$variant(c) => c.build(config, saved)),+
+                    $(Settings::$variant(c) => c.build(config, saved, clock)),+
                 }
             }
 
-            pub fn preview(&self, message: &[u8]) -> anyhow::Result<Preview> {
+            pub fn preview(&self, message: &[u8], clock: Clock) -> anyhow::Result<Preview> {
                 match self {
-                    $(Settings::$variant(c) => c.preview(message)),+
+                    $(Settings::$variant(c) => c.preview(message, clock)),+
                 }
             }
         }
@@ -304,14 +309,15 @@ kinds! {
 
 impl DestinationConfig {
     /// Builds the destination, reading its secrets from the environment. `saved` is its
-    /// last checkpoint.
-    pub fn build(&self, saved: Option<Checkpoint>) -> anyhow::Result<AnyDestination> {
-        self.settings.build(self, saved)
+    /// last checkpoint; `clock` tells it the time.
+    pub fn build(&self, saved: Option<Checkpoint>, clock: Clock) -> anyhow::Result<AnyDestination> {
+        self.settings.build(self, saved, clock)
     }
 
     /// Builds it and lets it go: whether it can start (secrets set, output openable).
+    /// It never sends, so never reads the time: any clock will do.
     pub fn try_build(&self) -> anyhow::Result<()> {
-        self.build(None).map(drop)
+        self.build(None, Clock::system()).map(drop)
     }
 }
 

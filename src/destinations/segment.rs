@@ -17,6 +17,7 @@ use super::{
     check_url, http, secret_from_env, AnyDestination, BatchShape, Destination, DestinationConfig,
     KeyError, Kind, Outgoing, Preview, Sending,
 };
+use crate::clock::Clock;
 use crate::json::{write_object, RawObject};
 use crate::queue::Checkpoint;
 
@@ -62,12 +63,13 @@ impl Kind for SegmentConfig {
         &self,
         config: &DestinationConfig,
         _: Option<Checkpoint>,
+        clock: Clock,
     ) -> anyhow::Result<AnyDestination> {
-        Ok(Box::new(SegmentDestination::new(config, self)?))
+        Ok(Box::new(SegmentDestination::new(config, self, clock)?))
     }
 
     /// The message as relayed: without its `sentAt`.
-    fn preview(&self, message: &[u8]) -> anyhow::Result<Preview> {
+    fn preview(&self, message: &[u8], _: Clock) -> anyhow::Result<Preview> {
         let batch: serde_json::Value = serde_json::from_slice(&batch_body(&[Outgoing {
             json: message,
             prepared: None,
@@ -81,10 +83,15 @@ pub struct SegmentDestination {
     endpoint: String,
     authorization: HeaderValue,
     gzip: bool,
+    clock: Clock,
 }
 
 impl SegmentDestination {
-    pub fn new(config: &DestinationConfig, own: &SegmentConfig) -> anyhow::Result<Self> {
+    pub fn new(
+        config: &DestinationConfig,
+        own: &SegmentConfig,
+        clock: Clock,
+    ) -> anyhow::Result<Self> {
         let key = secret_from_env(&config.name, "write_key_env", &own.write_key_env)?;
         let basic = base64::engine::general_purpose::STANDARD.encode(format!("{key}:"));
         let mut authorization = HeaderValue::from_str(&format!("Basic {basic}"))?;
@@ -95,6 +102,7 @@ impl SegmentDestination {
             endpoint: format!("{}/v1/batch", base.trim_end_matches('/')),
             authorization,
             gzip: own.gzip,
+            clock,
         })
     }
 }
@@ -137,7 +145,7 @@ impl Destination for SegmentDestination {
             .post(&self.endpoint)
             .header(AUTHORIZATION, self.authorization.clone())
             .header(CONTENT_TYPE, "application/json");
-        Box::pin(http::send_batch(request, body, self.gzip))
+        Box::pin(http::send_batch(request, body, self.gzip, self.clock))
     }
 }
 

@@ -8,6 +8,7 @@ use super::{
     json_lines, AnyDestination, BatchShape, Destination, DestinationConfig, Kind, Outgoing,
     SendError, Sending,
 };
+use crate::clock::Clock;
 use crate::queue::Checkpoint;
 
 /// `kind = "stdout"` has no keys of its own.
@@ -27,6 +28,7 @@ impl Kind for StdoutConfig {
         &self,
         _: &DestinationConfig,
         _: Option<Checkpoint>,
+        _: Clock,
     ) -> anyhow::Result<AnyDestination> {
         Ok(Box::new(StdoutDestination::new()))
     }

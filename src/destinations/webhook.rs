@@ -14,6 +14,7 @@ use super::{
     check_url, http, json_array, secret_from_env, AnyDestination, BatchShape, Destination,
     DestinationConfig, KeyError, Kind, Outgoing, Sending,
 };
+use crate::clock::Clock;
 use crate::queue::Checkpoint;
 
 /// `kind = "webhook"`'s own keys.
@@ -73,8 +74,9 @@ impl Kind for WebhookConfig {
         &self,
         config: &DestinationConfig,
         _: Option<Checkpoint>,
+        clock: Clock,
     ) -> anyhow::Result<AnyDestination> {
-        Ok(Box::new(WebhookDestination::new(config, self)?))
+        Ok(Box::new(WebhookDestination::new(config, self, clock)?))
     }
 }
 
@@ -87,10 +89,15 @@ pub struct WebhookDestination {
     secret: Option<Vec<u8>>,
     payload: WebhookPayload,
     gzip: bool,
+    clock: Clock,
 }
 
 impl WebhookDestination {
-    pub fn new(config: &DestinationConfig, own: &WebhookConfig) -> anyhow::Result<Self> {
+    pub fn new(
+        config: &DestinationConfig,
+        own: &WebhookConfig,
+        clock: Clock,
+    ) -> anyhow::Result<Self> {
         let mut headers = HeaderMap::new();
         for (name, value) in &own.headers {
             headers.insert(
@@ -116,6 +123,7 @@ impl WebhookDestination {
             secret,
             payload: own.payload,
             gzip: own.gzip,
+            clock,
         })
     }
 }
@@ -152,7 +160,7 @@ impl Destination for WebhookDestination {
         if let Some(secret) = &self.secret {
             request = request.header(SIGNATURE_HEADER, signature(secret, &body));
         }
-        Box::pin(http::send_batch(request, body, self.gzip))
+        Box::pin(http::send_batch(request, body, self.gzip, self.clock))
     }
 }
 

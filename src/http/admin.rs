@@ -122,7 +122,7 @@ pub async fn replay_dead_letters(
     }
     let replayed = app
         .dead_letters
-        .request_replay(&destination)
+        .request_replay(&destination, app.clock.now())
         .await
         .map_err(internal)?;
     Ok(Json(serde_json::json!({ "replayed": replayed })).into_response())

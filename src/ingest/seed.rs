@@ -186,6 +186,7 @@ fn client_message_id(m: &RawObject<'_>) -> Option<String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests read the system clock freely
 mod tests {
     use super::*;
 

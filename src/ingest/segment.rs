@@ -368,6 +368,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for BatchItem<'a> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests read the system clock freely
 mod tests {
     use super::*;
     use crate::queue::record::{read_record, ReadOutcome};

@@ -1,4 +1,5 @@
 //! Properties of what ingest stores, whichever API took the message.
+#![allow(clippy::disallowed_methods)] // tests read the system clock freely
 
 use chrono::Utc;
 use proptest::prelude::*;

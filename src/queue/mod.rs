@@ -26,6 +26,7 @@ pub use local::{saved_checkpoint, Checkpoint, LocalQueue, QueueWriter};
 pub use nats::{NatsQueue, ReplayError};
 pub use record::RecordBatch;
 
+use crate::clock::Clock;
 use crate::message::Tag;
 use feed::Attached;
 
@@ -107,10 +108,11 @@ impl Queue {
         segment_bytes: u64,
         max_bytes: u64,
         retention: Duration,
+        clock: Clock,
     ) -> anyhow::Result<(Queue, Option<QueueWriter>)> {
         match config.backend {
             QueueBackend::Local => {
-                let (log, writer) = LocalQueue::open(data_dir, segment_bytes, max_bytes)?;
+                let (log, writer) = LocalQueue::open(data_dir, segment_bytes, max_bytes, clock)?;
                 log.set_retention(retention);
                 Ok((Queue(Backend::Local(log)), Some(writer)))
             }

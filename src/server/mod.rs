@@ -43,7 +43,7 @@ pub async fn run(config: Config, sources: Sources, options: Options) -> anyhow::
     // the process with the default action.
     let shutdown = shutdown_signal()?;
     let mut hangup = signal(SignalKind::hangup())?;
-    let (queue, writer) = open_queue(&config).await?;
+    let (queue, writer) = open_queue(&config, options.clock).await?;
     let sources = Arc::new(ArcSwap::from_pointee(sources));
     let dedupe = open_dedupe(&config, &queue, options.clock)?;
     if config.destinations.is_empty() {
@@ -53,7 +53,7 @@ pub async fn run(config: Config, sources: Sources, options: Options) -> anyhow::
     let dead_letters = Arc::new(queue.dead_letters(&config.server.data_dir, bounds).await?);
     dead_letters.keep_pruned(bounds.retention, options.clock);
     let admin_token = admin_token(&config)?;
-    crate::live::configure(config.admin.live_limits());
+    crate::live::configure(config.admin.live_limits(), options.clock);
     let deliveries = Deliveries::start(
         &config.destinations,
         &queue,
@@ -186,7 +186,7 @@ pub async fn run(config: Config, sources: Sources, options: Options) -> anyhow::
 }
 
 /// The configured queue; the local log comes with its writer thread, joined at the end.
-async fn open_queue(config: &Config) -> anyhow::Result<(Queue, Option<QueueWriter>)> {
+async fn open_queue(config: &Config, clock: Clock) -> anyhow::Result<(Queue, Option<QueueWriter>)> {
     Queue::open(
         &config.queue,
         &config.server.data_dir,
@@ -194,6 +194,7 @@ async fn open_queue(config: &Config) -> anyhow::Result<(Queue, Option<QueueWrite
         // The dead letters' share is reserved out of the budget.
         config.queue_bytes(),
         config.server.retention,
+        clock,
     )
     .await
 }

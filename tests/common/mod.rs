@@ -1,6 +1,7 @@
 //! Test harness: runs the real `fanout` binary on a free loopback port with a file
 //! destination, and reads what it delivered.
 #![allow(dead_code)]
+#![allow(clippy::disallowed_methods)] // tests read the system clock freely
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

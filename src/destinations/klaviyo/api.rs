@@ -66,7 +66,7 @@ impl KlaviyoDestination {
             .header(AUTHORIZATION, self.authorization.clone())
             .header("revision", self.revision_header.clone())
             .header(ACCEPT, self.content_type());
-        let result = http::send_for_answer(request).await;
+        let result = http::send_for_answer(request, self.clock).await;
         match &result {
             Ok(answer) => {
                 if let Some((remaining, reset)) = rate_limit_left(&answer.headers) {

@@ -7,6 +7,7 @@ use serde::Deserialize;
 use super::requests::KlaviyoBodies;
 use super::translate::{Mapping, Revision};
 use super::{KlaviyoDestination, KLAVIYO_CONCURRENCY};
+use crate::clock::Clock;
 use crate::destinations::{
     check_url, AnyDestination, BatchShape, DestinationConfig, KeyError, Kind, Preview,
 };
@@ -87,12 +88,13 @@ impl Kind for KlaviyoConfig {
         &self,
         config: &DestinationConfig,
         _: Option<Checkpoint>,
+        clock: Clock,
     ) -> anyhow::Result<AnyDestination> {
-        Ok(Box::new(KlaviyoDestination::new(config, self)?))
+        Ok(Box::new(KlaviyoDestination::new(config, self, clock)?))
     }
 
     /// The requests it would send, from the real translation.
-    fn preview(&self, message: &[u8]) -> anyhow::Result<Preview> {
-        KlaviyoBodies::new(self)?.preview(message)
+    fn preview(&self, message: &[u8], clock: Clock) -> anyhow::Result<Preview> {
+        KlaviyoBodies::new(self)?.preview(message, clock.now())
     }
 }

@@ -38,7 +38,6 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use chrono::Utc;
 use reqwest::header::HeaderValue;
 
 pub use config::{KlaviyoConfig, ProfileCacheConfig};
@@ -48,6 +47,7 @@ use super::{
     http, secret_from_env, Check, Destination, DestinationConfig, Outgoing, Prepared, Preview,
     Refusal, SendError, Sending,
 };
+use crate::clock::Clock;
 use crate::pace::RateLimiter;
 use profiles::{merge_profiles, profile_cache};
 use translate::{Revision, Translation};
@@ -89,10 +89,16 @@ pub struct KlaviyoDestination {
     job_reads_limit: RateLimiter,
     /// Identity hash → body hash of the profile last sent; `None` when turned off.
     profile_cache: Option<moka::sync::Cache<u64, u64>>,
+    /// Translations check event times against it; `Retry-After` dates are read with it.
+    clock: Clock,
 }
 
 impl KlaviyoDestination {
-    pub fn new(config: &DestinationConfig, own: &KlaviyoConfig) -> anyhow::Result<Self> {
+    pub fn new(
+        config: &DestinationConfig,
+        own: &KlaviyoConfig,
+        clock: Clock,
+    ) -> anyhow::Result<Self> {
         let var = own.api_key_env.as_str();
         let key = secret_from_env(&config.name, "api_key_env", var)?;
         let mut authorization =
@@ -121,13 +127,14 @@ impl KlaviyoDestination {
             profile_jobs_limit: RateLimiter::new(150.0 / 60.0, 10),
             job_reads_limit: RateLimiter::new(3500.0 / 60.0, 350),
             profile_cache: profile_cache(&own.profile_cache.clone().unwrap_or_default()),
+            clock,
         })
     }
 }
 
 impl Destination for KlaviyoDestination {
     fn check(&self, message: &[u8]) -> Check {
-        match self.bodies.translate(message, Utc::now()) {
+        match self.bodies.translate(message, self.clock.now()) {
             Translation::Profile(upsert) if self.unchanged(&upsert) => {
                 Check::Skip("profile_unchanged")
             }
@@ -148,7 +155,7 @@ impl Destination for KlaviyoDestination {
     }
 
     fn live_payload(&self, message: &[u8]) -> Option<serde_json::Value> {
-        match self.bodies.preview(message) {
+        match self.bodies.preview(message, self.clock.now()) {
             Ok(Preview::Send(requests)) => Some(requests),
             _ => None,
         }
@@ -162,7 +169,7 @@ impl Destination for KlaviyoDestination {
                 .iter()
                 .map(|m| match prepared(m) {
                     Some(done) => Cow::Borrowed(done),
-                    None => Cow::Owned(self.bodies.translate(m.json, Utc::now())),
+                    None => Cow::Owned(self.bodies.translate(m.json, self.clock.now())),
                 })
                 .collect();
             let mut events = Vec::new();

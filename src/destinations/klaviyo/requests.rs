@@ -52,10 +52,10 @@ impl KlaviyoBodies {
         translate(message, &self.mapping, self.revision, now)
     }
 
-    /// The requests `message` becomes, as JSON (`{"path", "body"}` each), or why none:
-    /// what `fanout route` and the live view show.
-    pub fn preview(&self, message: &[u8]) -> anyhow::Result<Preview> {
-        let requests = match self.translate(message, Utc::now()) {
+    /// The requests `message` becomes at `now`, as JSON (`{"path", "body"}` each), or why
+    /// none: what `fanout route` and the live view show.
+    pub fn preview(&self, message: &[u8], now: DateTime<Utc>) -> anyhow::Result<Preview> {
+        let requests = match self.translate(message, now) {
             Translation::Events(events) => self.requests(&[], &events.iter().collect::<Vec<_>>()),
             Translation::Profile(upsert) => self.requests(&[upsert.as_ref()], &[]),
             Translation::Skip { reason } => return Ok(Preview::Skip(reason)),

@@ -316,14 +316,18 @@ impl DeadLetters {
 
     /// Sends every dead letter of `destination` again; returns how many. The local store
     /// marks them for its running engine; the shared store puts them back on the stream,
-    /// for whichever instance delivers that destination.
-    pub async fn request_replay(&self, destination: &str) -> anyhow::Result<usize> {
+    /// for whichever instance delivers that destination, as accepted at `now`.
+    pub async fn request_replay(
+        &self,
+        destination: &str,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<usize> {
         match &self.0 {
             Store::Local(store) => {
                 let (store, destination) = (store.clone(), destination.to_string());
                 blocking(move || store.request_replay(&destination)).await
             }
-            Store::Shared(store) => store.request_replay(destination).await,
+            Store::Shared(store) => store.request_replay(destination, now).await,
         }
     }
 
@@ -382,6 +386,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests read the system clock freely
 mod tests {
     use super::*;
 

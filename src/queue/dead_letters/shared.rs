@@ -354,8 +354,13 @@ impl SharedStore {
     /// Moves every letter of `destination` back onto the shared log; returns how many.
     /// A letter is deleted only once its copy on the log is acknowledged, and the copy's
     /// `Nats-Msg-Id` is the letter's, so a replay interrupted and asked for again sends
-    /// each letter once (within the stream's duplicate window).
-    pub async fn request_replay(&self, destination: &str) -> anyhow::Result<usize> {
+    /// each letter once (within the stream's duplicate window). The copies count as
+    /// accepted at `now`.
+    pub async fn request_replay(
+        &self,
+        destination: &str,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<usize> {
         let consumer = self.queue.replay_consumer(destination);
         if !self.queue.has_consumer(&consumer).await? {
             anyhow::bail!(
@@ -373,7 +378,7 @@ impl SharedStore {
             }
             let mut pending = Vec::with_capacity(letters.len());
             for letter in &letters {
-                pending.push(self.republish(letter, &target).await?);
+                pending.push(self.republish(letter, &target, now).await?);
             }
             for ack in pending {
                 ack.await.context("cannot replay dead letters")?;
@@ -403,9 +408,10 @@ impl SharedStore {
         &self,
         letter: &DeadLetter,
         target: &str,
+        now: DateTime<Utc>,
     ) -> anyhow::Result<jetstream::context::PublishAckFuture> {
         let mut record = RecordBatch::with_capacity(letter.message.get().len() + 64);
-        let accepted_at = Utc::now().timestamp().clamp(0, i64::from(u32::MAX)) as u32;
+        let accepted_at = now.timestamp().clamp(0, i64::from(u32::MAX)) as u32;
         record
             // The type is not stored; the framing wants one for ingest's metrics.
             .push_with(&letter.source, MessageType::Track, |out| {

@@ -351,6 +351,7 @@ fn row_to_letter(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests read the system clock freely
 mod tests {
     use super::*;
     use crate::queue::dead_letters::Reason;

@@ -281,7 +281,8 @@ impl Shared {
         if retention == 0 {
             return Ok(u64::MAX);
         }
-        let cutoff = std::time::SystemTime::now() - std::time::Duration::from_secs(retention);
+        let cutoff = std::time::SystemTime::from(self.clock.now())
+            - std::time::Duration::from_secs(retention);
         let bases = segments::list_segments(&self.queue_dir)?;
         for pair in bases.windows(2) {
             let path = segments::segment_path(&self.queue_dir, pair[0]);
@@ -335,12 +336,32 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::Clock;
     use crate::queue::LocalQueue as Queue;
 
     #[tokio::test]
     async fn with_no_destination_a_roll_deletes_what_nobody_reads() {
         let dir = tempfile::tempdir().unwrap();
-        let (queue, _writer) = Queue::open(dir.path(), 256, 1 << 30).unwrap();
+        let (queue, _writer) = Queue::open(dir.path(), 256, 1 << 30, Clock::system()).unwrap();
+        fill_and_wait_for_one_segment(&queue, dir.path()).await;
+    }
+
+    /// Retention measures a segment's age with the queue's clock: two hours ahead of the
+    /// system's, segments written now are past an hour's retention.
+    #[tokio::test]
+    async fn retention_ages_segments_by_the_queue_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        #[allow(clippy::disallowed_methods)] // a clock set off from the system's on purpose
+        let ahead = chrono::Utc::now() + chrono::TimeDelta::hours(2);
+        let clock = Clock::following_tokio(ahead);
+        let (queue, _writer) = Queue::open(dir.path(), 256, 1 << 30, clock).unwrap();
+        queue.set_retention(std::time::Duration::from_secs(3600));
+        fill_and_wait_for_one_segment(&queue, dir.path()).await;
+    }
+
+    /// Appends 20 records over many small segments, then waits until the log is down to
+    /// one segment (at most 5 s).
+    async fn fill_and_wait_for_one_segment(queue: &Queue, dir: &std::path::Path) {
         for _ in 0..20 {
             let mut batch = crate::queue::RecordBatch::with_capacity(128);
             batch
@@ -351,7 +372,7 @@ mod tests {
                 .unwrap();
             queue.append(batch).await.unwrap();
         }
-        let queue_dir = dir.path().join("queue");
+        let queue_dir = dir.join("queue");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while segments::list_segments(&queue_dir).unwrap().len() > 1 {
             assert!(
@@ -374,7 +395,7 @@ mod tests {
     #[test]
     fn saves_in_place_and_reads_the_newest_whole_slot() {
         let dir = tempfile::tempdir().unwrap();
-        let (queue, _writer) = Queue::open(dir.path(), 1 << 20, 1 << 30).unwrap();
+        let (queue, _writer) = Queue::open(dir.path(), 1 << 20, 1 << 30, Clock::system()).unwrap();
         let (_, mut cursor, saved) = queue.subscribe("d").unwrap();
         assert_eq!(saved, None);
         let file = dir.path().join("cursors/d.cursor");
@@ -400,7 +421,7 @@ mod tests {
     #[test]
     fn a_torn_second_save_leaves_the_first() {
         let dir = tempfile::tempdir().unwrap();
-        let (queue, _writer) = Queue::open(dir.path(), 1 << 20, 1 << 30).unwrap();
+        let (queue, _writer) = Queue::open(dir.path(), 1 << 20, 1 << 30, Clock::system()).unwrap();
         let (_, mut cursor, _) = queue.subscribe("d").unwrap();
         let file = dir.path().join("cursors/d.cursor");
         cursor.commit(checkpoint(1)).unwrap();
@@ -420,7 +441,7 @@ mod tests {
         fs::create_dir_all(dir.path().join("cursors")).unwrap();
         let file = dir.path().join("cursors/d.cursor");
         fs::write(&file, r#"{"position":0,"sink_offset":3}"#).unwrap();
-        let (queue, _writer) = Queue::open(dir.path(), 1 << 20, 1 << 30).unwrap();
+        let (queue, _writer) = Queue::open(dir.path(), 1 << 20, 1 << 30, Clock::system()).unwrap();
         let (_, mut cursor, saved) = queue.subscribe("d").unwrap();
         let old = Checkpoint {
             position: 0,

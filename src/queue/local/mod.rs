@@ -27,6 +27,7 @@ pub use reader::QueueReader;
 use super::failing::Failing;
 use super::record::RecordBatch;
 use super::QueueError;
+use crate::clock::Clock;
 use crate::message::Tag;
 
 /// Upper bound on the bytes one group commit writes, so one sync cannot grow without end.
@@ -67,6 +68,8 @@ struct Shared {
     /// When the newest deleted segment was last written (unix seconds; 0: none since
     /// start): messages accepted up to then may be gone, so a replay from before is refused.
     deleted_through: AtomicU64,
+    /// What segments' ages are measured with, for `retention_secs`.
+    clock: Clock,
     /// Sees the records of each segment before it is deleted (dedupe saves their keys).
     reclaim_hook: OnceLock<ReclaimHook>,
     /// Asks the reclaim thread for a pass; a full slot means one is pending already.
@@ -185,11 +188,13 @@ pub fn saved_checkpoint(data_dir: &Path, name: &str) -> std::io::Result<Option<C
 
 impl LocalQueue {
     /// Opens (or creates) the queue under `data_dir`, recovering from a crash if needed.
-    /// Appends are refused once the retained log reaches `max_bytes`.
+    /// Appends are refused once the retained log reaches `max_bytes`; retention is
+    /// measured with `clock`.
     pub fn open(
         data_dir: &Path,
         segment_bytes: u64,
         max_bytes: u64,
+        clock: Clock,
     ) -> anyhow::Result<(LocalQueue, QueueWriter)> {
         let named = |path: &Path| format!("cannot open the queue at {}", path.display());
         fs::create_dir_all(data_dir).with_context(|| named(data_dir))?;
@@ -232,6 +237,7 @@ impl LocalQueue {
             max_bytes,
             retention_secs: AtomicU64::new(0),
             deleted_through: AtomicU64::new(0),
+            clock,
             reclaim_hook: OnceLock::new(),
             reclaim_wanted: OnceLock::new(),
             windows: Mutex::default(),

@@ -136,6 +136,8 @@ impl StreamFeed {
     /// settled acknowledged instead), pins released.
     pub async fn close(mut self, handback: Handback) {
         let stream = &self.queue.inner.stream;
+        // nats-server reads the deadline against its own clock, so the system's it is.
+        #[allow(clippy::disallowed_methods)]
         let until = time::OffsetDateTime::now_utc() + HANDOVER_PAUSE;
         for name in &self.consumers {
             if let Err(e) = stream.pause_consumer(name, until).await {
