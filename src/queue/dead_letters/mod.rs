@@ -304,16 +304,6 @@ impl DeadLetters {
         })
     }
 
-    pub async fn count(&self, destination: &str) -> anyhow::Result<u64> {
-        match &self.0 {
-            Store::Local(store) => {
-                let (store, destination) = (store.clone(), destination.to_string());
-                blocking(move || store.count(&destination)).await
-            }
-            Store::Shared(store) => store.count(destination).await,
-        }
-    }
-
     /// Sends every dead letter of `destination` again; returns how many. The local store
     /// marks them for its running engine; the shared store puts them back on the stream,
     /// for whichever instance delivers that destination, as accepted at `now`.
@@ -361,17 +351,6 @@ impl DeadLetters {
                 blocking(move || store.remove(&ids)).await
             }
             Store::Shared(store) => store.remove(&ids).await,
-        }
-    }
-
-    /// The dead letter with this id, if any.
-    pub async fn get(&self, id: i64) -> anyhow::Result<Option<DeadLetter>> {
-        match &self.0 {
-            Store::Local(store) => {
-                let store = store.clone();
-                blocking(move || store.get(id)).await
-            }
-            Store::Shared(store) => store.get(id).await,
         }
     }
 }

@@ -13,7 +13,6 @@
 //! letters go (down to nine tenths of it, so that a flood does not prune at every batch);
 //! the stream's own limit, twice that, is a backstop should that fall behind.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -21,7 +20,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures_util::{StreamExt as _, TryStreamExt};
+use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -303,30 +302,6 @@ impl SharedStore {
             letters.push(self.letter(&message.subject, message.sequence, &message.payload)?);
         }
         Ok(letters)
-    }
-
-    pub async fn count(&self, destination: &str) -> anyhow::Result<u64> {
-        let counts: HashMap<String, usize> = self
-            .stream
-            .info_with_subjects(self.subject(Some(destination)))
-            .await?
-            .try_collect()
-            .await?;
-        Ok(counts.values().sum::<usize>() as u64)
-    }
-
-    pub async fn get(&self, id: i64) -> anyhow::Result<Option<DeadLetter>> {
-        let Ok(sequence) = u64::try_from(id) else {
-            return Ok(None);
-        };
-        match self.stream.get_raw_message(sequence).await {
-            Ok(message) if message.subject.starts_with(&format!("{}.", self.prefix)) => Ok(Some(
-                self.letter(&message.subject, message.sequence, &message.payload)?,
-            )),
-            Ok(_) => Ok(None),
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(e).context("cannot read the dead letter"),
-        }
     }
 
     fn letter(&self, subject: &str, sequence: u64, payload: &[u8]) -> anyhow::Result<DeadLetter> {

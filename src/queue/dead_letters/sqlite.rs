@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 
 use super::{rfc3339, DeadLetter, Dropped, Failure};
 
@@ -226,6 +226,7 @@ impl SqliteStore {
         rows.collect()
     }
 
+    #[cfg(test)]
     pub fn count(&self, destination: &str) -> rusqlite::Result<u64> {
         self.conn().query_row(
             "SELECT COUNT(*) FROM dead_letters WHERE destination = ?1",
@@ -289,8 +290,10 @@ impl SqliteStore {
         self.record("", &[], &again, at)
     }
 
-    /// The row with this id, if any (tests and the admin API).
+    /// The row with this id, if any.
+    #[cfg(test)]
     pub fn get(&self, id: i64) -> rusqlite::Result<Option<DeadLetter>> {
+        use rusqlite::OptionalExtension;
         self.conn()
             .query_row(
                 "SELECT id, destination, source, reason, status, response, attempts,

@@ -32,7 +32,7 @@ pub(super) fn destination_config(
         max_ack_pending: MAX_ACK_PENDING,
         priority_policy: PriorityPolicy::PinnedClient,
         priority_groups: vec![GROUP.to_string()],
-        priority_timeout: super::feed::priority_timeout(settings.ack_wait),
+        priority_timeout: super::pull::priority_timeout(settings.ack_wait),
         metadata: HashMap::from([(DESTINATION_KEY.to_string(), destination.to_string())]),
         ..Default::default()
     }

@@ -18,21 +18,14 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::consumers::{destination_config, Registration};
-use super::pull::{pull_into, PULL_EXPIRES};
+use super::pull::pull_into;
 use super::{acks, lag, Delivery, Handback, NatsQueue, GROUP};
 use crate::queue::Record;
 
-/// The longest gap between a live puller's requests while the engine reads: a request's
-/// expiry, plus the time its messages take to go on.
-const PULL_SLACK: Duration = Duration::from_secs(5);
 /// Records waiting between the pull tasks and the engine.
 const CHANNEL: usize = 1024;
 /// Longest a stop pauses the consumers (they resume on their own if the process dies).
 const HANDOVER_PAUSE: Duration = Duration::from_secs(10);
-
-/// Headers a replayed dead letter carries: its attempts so far, and when the first was.
-pub const ATTEMPTS_HEADER: &str = "Fanout-Attempts";
-pub const FIRST_ATTEMPT_HEADER: &str = "Fanout-First-Attempt-At";
 
 pub struct StreamFeed {
     queue: NatsQueue,
@@ -193,12 +186,4 @@ impl Drop for StreamFeed {
         }
         self.lag.abort();
     }
-}
-
-/// How long a pin outlives its client's last pull: past the ack wait plus the longest
-/// gap between a live client's pulls, so that a live but slow instance keeps its pin and
-/// a dead one's messages are usually due again by the time another is pinned (the
-/// catch-up covers the rest; see the module comment).
-pub(super) fn priority_timeout(ack_wait: Duration) -> Duration {
-    ack_wait + PULL_EXPIRES + PULL_SLACK + Duration::from_secs(2)
 }

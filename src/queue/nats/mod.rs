@@ -38,7 +38,8 @@ use async_nats::Subject;
 use futures_util::TryStreamExt;
 
 pub use acks::{Acks, Delivery, DeliveryKey, Handback};
-pub use feed::{StreamFeed, ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER};
+pub use feed::StreamFeed;
+pub use pull::{ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER};
 pub use retention::ReplayError;
 
 use super::failing::Failing;

@@ -11,7 +11,6 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::feed::{ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER};
 use super::{Delivery, NatsQueue, GROUP};
 use crate::queue::record::{read_record, ReadOutcome};
 use crate::queue::{Earlier, Record};
@@ -19,6 +18,14 @@ use crate::throttle::LogThrottle;
 
 /// How long one pull request waits at the server.
 pub(super) const PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// The longest gap between a live puller's requests while the engine reads: a request's
+/// expiry, plus the time its messages take to go on.
+const PULL_SLACK: Duration = Duration::from_secs(5);
+
+/// Headers a replayed dead letter carries: its attempts so far, and when the first was.
+pub const ATTEMPTS_HEADER: &str = "Fanout-Attempts";
+pub const FIRST_ATTEMPT_HEADER: &str = "Fanout-First-Attempt-At";
+
 /// Stream messages one pull asks for (each holds one or more records).
 const PULL_BATCH: usize = 64;
 /// Room the channel must have before a pull is sent.
@@ -486,4 +493,12 @@ async fn decode(
         })
         .collect();
     Some((sequence, records))
+}
+
+/// How long a pin outlives its client's last pull: past the ack wait plus the longest
+/// gap between a live client's pulls, so that a live but slow instance keeps its pin and
+/// a dead one's messages are usually due again by the time another is pinned (the
+/// catch-up covers the rest; see `feed.rs`'s module comment).
+pub(super) fn priority_timeout(ack_wait: Duration) -> Duration {
+    ack_wait + PULL_EXPIRES + PULL_SLACK + Duration::from_secs(2)
 }
