@@ -12,14 +12,14 @@ use serde::Deserialize;
 
 use super::key_error::KeyError;
 use super::rules::RouteConfig;
-use super::Settings;
+use super::KindSettings;
 
 /// One destination.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DestinationConfig {
     pub name: String,
     /// The kind and its own keys.
-    pub settings: Settings,
+    pub settings: KindSettings,
     /// Which messages it gets and in what shape (the routing stage).
     pub route: RouteConfig,
     pub batch: Option<BatchConfig>,
@@ -85,7 +85,7 @@ impl DestinationConfig {
             .into_iter()
             .partition(|(key, _)| shared_names.contains(&key.as_str()));
         let shared: SharedKeys = deserialize_table(shared)?;
-        let settings = Settings::from_table(&shared.kind, own)?;
+        let settings = KindSettings::from_table(&shared.kind, own)?;
         let http = HttpConfig {
             concurrency: shared.concurrency,
             ordering: shared.ordering,

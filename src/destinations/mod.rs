@@ -217,29 +217,29 @@ fn read_kind<K: Kind>(own: toml::Table) -> Result<K, KeyError> {
     deserialize_table::<K>(own).map_err(|mut e| {
         if e.message.starts_with("missing field") {
             e.message = format!("kind `{}` needs `{}`", K::NAME, e.key);
-        } else if e.message.starts_with("unknown field") && Settings::any_kind_takes(&e.key) {
+        } else if e.message.starts_with("unknown field") && KindSettings::any_kind_takes(&e.key) {
             e = does_not_apply(&e.key, K::NAME);
         }
         e
     })
 }
 
-/// The kinds: each a variant of `Settings` holding its config struct. Adding a kind is
+/// The kinds: each a variant of `KindSettings` holding its config struct. Adding a kind is
 /// its file plus one line here.
 macro_rules! kinds {
     ($($variant:ident($config:ty)),+ $(,)?) => {
         /// A destination's kind and its own keys.
         #[derive(Debug, Clone, PartialEq)]
-        pub enum Settings {
+        pub enum KindSettings {
             $($variant($config)),+
         }
 
-        impl Settings {
+        impl KindSettings {
             /// Reads the kind named `kind` from the keys that are not shared.
-            fn from_table(kind: &str, own: toml::Table) -> Result<Settings, KeyError> {
+            fn from_table(kind: &str, own: toml::Table) -> Result<KindSettings, KeyError> {
                 $(
                     if kind == <$config as Kind>::NAME {
-                        return read_kind::<$config>(own).map(Settings::$variant);
+                        return read_kind::<$config>(own).map(KindSettings::$variant);
                     }
                 )+
                 let known = [$(format!("`{}`", <$config as Kind>::NAME)),+].join(", ");
@@ -257,25 +257,25 @@ macro_rules! kinds {
             /// The value of `kind = "…"`.
             pub fn kind(&self) -> &'static str {
                 match self {
-                    $(Settings::$variant(_) => <$config as Kind>::NAME),+
+                    $(KindSettings::$variant(_) => <$config as Kind>::NAME),+
                 }
             }
 
             pub fn is_http(&self) -> bool {
                 match self {
-                    $(Settings::$variant(_) => <$config as Kind>::HTTP),+
+                    $(KindSettings::$variant(_) => <$config as Kind>::HTTP),+
                 }
             }
 
             fn validate(&self) -> Result<(), KeyError> {
                 match self {
-                    $(Settings::$variant(c) => c.validate()),+
+                    $(KindSettings::$variant(c) => c.validate()),+
                 }
             }
 
             pub fn batch_shape(&self) -> BatchShape {
                 match self {
-                    $(Settings::$variant(c) => c.batch_shape()),+
+                    $(KindSettings::$variant(c) => c.batch_shape()),+
                 }
             }
 
@@ -286,13 +286,13 @@ macro_rules! kinds {
                 clock: Clock,
             ) -> anyhow::Result<AnyDestination> {
                 match self {
-                    $(Settings::$variant(c) => c.build(config, saved, clock)),+
+                    $(KindSettings::$variant(c) => c.build(config, saved, clock)),+
                 }
             }
 
             pub fn preview(&self, message: &[u8], clock: Clock) -> anyhow::Result<Preview> {
                 match self {
-                    $(Settings::$variant(c) => c.preview(message, clock)),+
+                    $(KindSettings::$variant(c) => c.preview(message, clock)),+
                 }
             }
         }
