@@ -198,23 +198,7 @@ async fn a_viewer_that_falls_behind_is_told_what_it_lost_and_ingest_goes_on() {
     // message of ~1.2 KB makes two events that carry it (accepted, delivered): ≥ 2 KiB.
     let sockets = kernel_max("tcp_rmem") + kernel_max("tcp_wmem");
     let batches = (2 * (sockets + RING)).div_ceil(100 * 2048);
-    let pad = "x".repeat(1024);
-    for b in 0..batches {
-        let batch: Vec<Value> = (0..100)
-            .map(|i| {
-                json!({"type": "track", "messageId": format!("slow-{b}-{i}"),
-                            "userId": format!("u{i}"), "event": "E",
-                            "properties": {"pad": pad}})
-            })
-            .collect();
-        let r = f
-            .post("/v1/batch")
-            .json(&json!({"batch": batch}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-    }
+    post_padded_batches(&f, "slow", batches, |i| format!("u{i}")).await;
     f.wait_delivered(batches * 100).await;
     let events = slow.until(|e| e["kind"] == "dropped").await;
     let dropped = events.last().unwrap();
@@ -420,22 +404,7 @@ async fn a_stalled_viewer_holds_at_most_viewer_buffer_bytes() {
     assert_eq!(&head, b"HTTP/1.1 200");
     // 120 batches of 100 messages of ~1.2 KB: ~30 MB of events, far past the budget and
     // what the server's send buffer (4 MB at most here) and the small window hold.
-    let pad = "x".repeat(1024);
-    for b in 0..120 {
-        let batch: Vec<Value> = (0..100)
-            .map(|i| {
-                json!({"type": "track", "messageId": format!("stall-{b}-{i}"),
-                       "userId": "u", "event": "E", "properties": {"pad": pad}})
-            })
-            .collect();
-        let r = f
-            .post("/v1/batch")
-            .json(&json!({"batch": batch}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-    }
+    post_padded_batches(&f, "stall", 120, |_| "u".to_string()).await;
     f.wait_delivered(12_000).await;
     let f = &f;
     let metric = |name: &'static str| async move {
@@ -666,4 +635,30 @@ async fn two_sources_with_one_message_id_get_a_row_each_in_the_debugger() {
     assert_eq!(rows.len(), 2, "{result}");
     assert!(rows.iter().any(|r| r.contains("test")), "{result}");
     assert!(rows.iter().any(|r| r.contains("mobile")), "{result}");
+}
+
+/// Sends `batches` batches of 100 tracks of ~1 KB each (`<prefix>-<batch>-<i>`, user
+/// `user_of(i)`), each answered 200.
+async fn post_padded_batches(
+    f: &Fanout,
+    prefix: &str,
+    batches: usize,
+    user_of: fn(usize) -> String,
+) {
+    let pad = "x".repeat(1024);
+    for b in 0..batches {
+        let batch: Vec<Value> = (0..100)
+            .map(|i| {
+                json!({"type": "track", "messageId": format!("{prefix}-{b}-{i}"),
+                       "userId": user_of(i), "event": "E", "properties": {"pad": pad}})
+            })
+            .collect();
+        let r = f
+            .post("/v1/batch")
+            .json(&json!({"batch": batch}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
 }

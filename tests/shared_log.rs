@@ -535,29 +535,13 @@ async fn consumer_lag_is_in_metrics_and_a_full_stream_answers_503() {
 
 #[test]
 fn an_unreachable_server_at_start_is_a_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
-             [queue]\nbackend = \"nats\"\nservers = [\"nats://127.0.0.1:{port}\"]\n\
-             [[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n",
-            dir.path().display()
-        ),
-    )
-    .unwrap();
     let started = Instant::now();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
+    let output = run_against_nats_at(port);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -724,23 +708,7 @@ fn a_server_older_than_2_11_is_refused_with_its_version() {
             }
         }
     });
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
-             [queue]\nbackend = \"nats\"\nservers = [\"nats://127.0.0.1:{port}\"]\n\
-             [[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n",
-            dir.path().display()
-        ),
-    )
-    .unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
+    let output = run_against_nats_at(port);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -946,4 +914,25 @@ async fn a_store_wiped_while_stopped_is_noted_at_the_next_start() {
         "{log:#?}"
     );
     assert_eq!(send(&f, &plan(1, 1)).await, 200);
+}
+
+/// Runs fanout on the NATS backend with one server at `port` until it exits.
+fn run_against_nats_at(port: u16) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
+             [queue]\nbackend = \"nats\"\nservers = [\"nats://127.0.0.1:{port}\"]\n\
+             [[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap()
 }
