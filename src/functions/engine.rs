@@ -146,7 +146,7 @@ impl Engine {
     }
 
     /// Runs `handler(args…)` to the end: its promise settled, within the time limit.
-    pub fn call(&self, handler: &str, args: Vec<serde_json::Value>) -> Outcome {
+    pub fn call(&self, handler: &str, args: Vec<String>) -> Outcome {
         self.clock.arm(self.timeout);
         let outcome = self.context.with(|ctx| self.run(&ctx, handler, args));
         let timed_out = self.clock.hit.load(Ordering::Relaxed);
@@ -166,7 +166,7 @@ impl Engine {
         }
     }
 
-    fn run(&self, ctx: &Ctx<'_>, handler: &str, args: Vec<serde_json::Value>) -> Outcome {
+    fn run(&self, ctx: &Ctx<'_>, handler: &str, args: Vec<String>) -> Outcome {
         let function: Function = match ctx.globals().get(handler) {
             Ok(f) => f,
             Err(_) => {
@@ -179,7 +179,7 @@ impl Engine {
         };
         let mut values = Vec::with_capacity(args.len());
         for arg in args {
-            match ctx.json_parse(arg.to_string()).catch(ctx) {
+            match ctx.json_parse(arg).catch(ctx) {
                 Ok(v) => values.push(v),
                 Err(e) => return failed(e),
             }

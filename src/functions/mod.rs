@@ -87,7 +87,8 @@ impl std::fmt::Display for Failure {
 
 struct Call {
     handler: &'static str,
-    args: Vec<serde_json::Value>,
+    /// Each argument as JSON text.
+    args: Vec<String>,
     reply: tokio::sync::oneshot::Sender<Outcome>,
 }
 
@@ -131,11 +132,12 @@ impl Function {
 
     /// Whether the script defines a top-level function named `handler`.
     pub fn has(&self, handler: &str) -> bool {
-        self.handlers.iter().any(|h| *h == handler)
+        self.handlers.contains(&handler)
     }
 
-    /// Calls `handler(args…)` and waits (without blocking the caller's thread) for it.
-    pub async fn call(&self, handler: &'static str, args: Vec<serde_json::Value>) -> Outcome {
+    /// Calls `handler(args…)`, each argument given as JSON text, and waits (without
+    /// blocking the caller's thread) for it.
+    pub async fn call(&self, handler: &'static str, args: Vec<String>) -> Outcome {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let sent = self.calls.send(Call {
             handler,

@@ -22,7 +22,10 @@ fn call(function: &Function, handler: &'static str, event: serde_json::Value) ->
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(function.call(handler, vec![event, json!({"k": "v"})]))
+    runtime.block_on(function.call(
+        handler,
+        vec![event.to_string(), json!({"k": "v"}).to_string()],
+    ))
 }
 
 fn failure(outcome: Outcome) -> Failure {
