@@ -233,3 +233,86 @@ fn check_names_the_file_and_line_of_a_syntax_error() {
     assert!(stderr.contains("destinations[0].file"), "{stderr}");
     assert!(stderr.contains("functions/f.js:3: SyntaxError"), "{stderr}");
 }
+
+#[tokio::test]
+async fn an_insert_function_changes_drops_and_fails_messages_keeping_their_order() {
+    let receiver = Receiver::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("functions")).unwrap();
+    std::fs::write(
+        tmp.path().join("functions/clean.js"),
+        r#"
+seen = 0;
+flaked = false;
+function onTrack(event) {
+  if (event.event === 'Internal') return null;
+  if (event.event === 'Flaky' && !flaked) { flaked = true; throw new RetryError('later'); }
+  if (event.event === 'Broken') throw new InvalidEventPayload('no amount');
+  event.properties = event.properties || {};
+  event.properties.seen = ++seen;
+  delete event.context;
+  return event;
+}
+"#,
+    )
+    .unwrap();
+    let section = format!(
+        "[[destinations]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"{}\"\n\
+         payload = \"message\"\ninsert_function = \"functions/clean.js\"\n\
+         retry = {{ initial_backoff = \"100ms\", max_backoff = \"300ms\" }}\n",
+        receiver.url("/hook")
+    );
+    let f = Fanout::start_in(tmp, Settings::default().section(&section));
+    let track = |id: &str, event: &str| {
+        json!({"type": "track", "userId": "u1", "event": event, "messageId": id,
+               "context": {"ip": "10.0.0.1"}})
+    };
+    send(
+        &f,
+        json!([
+            track("t1", "Viewed"),
+            track("t2", "Internal"),
+            track("t3", "Broken"),
+            {"type": "identify", "userId": "u1", "messageId": "i1"},
+            track("t4", "Paid"),
+            track("t5", "Flaky"),
+        ]),
+    )
+    .await;
+    f.wait_settled("hook").await;
+    let messages = receiver.messages();
+    let ids: Vec<&str> = messages
+        .iter()
+        .map(|m| m["messageId"].as_str().unwrap())
+        .collect();
+    // t5 threw RetryError once: tried again, then sent.
+    assert_eq!(ids, ["t1", "t4", "t5"], "the user's order is kept");
+    let retried = f
+        .stderr()
+        .iter()
+        .any(|l| l.contains("insert function failed; will retry"));
+    assert!(retried);
+    assert_eq!(messages[0]["properties"]["seen"], 1);
+    assert_eq!(messages[2]["properties"]["seen"], 3);
+    assert!(messages[0].get("context").is_none(), "{}", messages[0]);
+    let letters = f.dead_letters("hook").await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["message"]["messageId"], "t3");
+    assert_eq!(letters[0]["reason"], "insert_function");
+    let response = letters[0]["response"].as_str().unwrap();
+    assert!(
+        response.starts_with("InvalidEventPayload: no amount"),
+        "{response}"
+    );
+    let skipped = f
+        .metric(
+            "fanout_deliveries_total",
+            &[("destination", "hook"), ("outcome", "skipped")],
+        )
+        .await;
+    assert_eq!(skipped, Some(2.0), "t2 (null) and i1 (no onIdentify)");
+    // The file destination without one gets every message unchanged.
+    let all = f.wait_delivered(6).await;
+    assert_eq!(all.len(), 6);
+    assert_eq!(all[0]["context"]["ip"], "10.0.0.1");
+}

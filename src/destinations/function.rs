@@ -69,17 +69,7 @@ impl Kind for FunctionConfig {
 
     fn load_files(&mut self, dir: &Path) -> Result<(), KeyError> {
         let path = dir.join(&self.file);
-        let read = std::fs::File::open(&path).and_then(|file| {
-            use std::io::Read;
-            let mut text = String::new();
-            file.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;
-            Ok(text)
-        });
-        let text = read.map_err(|e| KeyError::new("file", format!("cannot read: {e}")))?;
-        if text.len() as u64 > MAX_FILE_BYTES {
-            return Err(KeyError::new("file", "is over 4 MiB"));
-        }
-        functions::check_syntax(&text, &self.file).map_err(|e| KeyError::new("file", e))?;
+        let text = read_script(&path, &self.file).map_err(|e| KeyError::new("file", e))?;
         self.loaded = Some((path, text));
         Ok(())
     }
@@ -142,8 +132,56 @@ impl FunctionDestination {
     }
 }
 
+/// A function file named by a key other than a function destination's `file` (an
+/// insert function), read and syntax-checked when the config is loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Script {
+    /// As configured: relative to the config file's directory.
+    pub file: String,
+    /// The text, once loaded (`DestinationConfig::load_files`).
+    pub source: Option<String>,
+}
+
+impl Script {
+    pub fn load(&mut self, dir: &Path) -> Result<(), String> {
+        self.source = Some(read_script(&dir.join(&self.file), &self.file)?);
+        Ok(())
+    }
+
+    /// Starts it with the default limits and no `fetch` beyond public hosts.
+    pub fn start(&self) -> anyhow::Result<Function> {
+        let source = self.source.as_deref().unwrap_or_default();
+        Function::load(
+            source,
+            functions::Options {
+                name: self.file.clone(),
+                timeout: functions::DEFAULT_TIMEOUT,
+                memory_limit: functions::DEFAULT_MEMORY_LIMIT,
+                hosts: HostPolicy::default(),
+            },
+        )
+    }
+}
+
+/// Reads a function file (bounded in size) and checks its syntax; `name` is how errors
+/// call it.
+fn read_script(path: &Path, name: &str) -> Result<String, String> {
+    let read = std::fs::File::open(path).and_then(|file| {
+        use std::io::Read;
+        let mut text = String::new();
+        file.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;
+        Ok(text)
+    });
+    let text = read.map_err(|e| format!("cannot read: {e}"))?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err("is over 4 MiB".into());
+    }
+    functions::check_syntax(&text, name)?;
+    Ok(text)
+}
+
 /// The message's handler name, if its type has one.
-fn handler_of(message: &[u8]) -> Option<&'static str> {
+pub fn handler_of(message: &[u8]) -> Option<&'static str> {
     #[derive(Deserialize)]
     struct Typed<'a> {
         #[serde(rename = "type", borrow)]

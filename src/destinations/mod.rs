@@ -26,7 +26,7 @@ pub use config::{
     DestinationConfig, HttpConfig, RateLimitConfig, RatePer, RetryConfig,
 };
 pub use file::{FileConfig, FileDestination};
-pub use function::{FunctionConfig, FunctionDestination};
+pub use function::{handler_of, FunctionConfig, FunctionDestination, Script};
 pub use http::{classify, parse_retry_after};
 pub use key_error::KeyError;
 pub use klaviyo::{KlaviyoBodies, KlaviyoConfig, KlaviyoDestination, KlaviyoRequest};
@@ -326,6 +326,11 @@ impl DestinationConfig {
     /// Reads and checks the files its keys name, relative to `dir` (the config file's
     /// directory); the error names the key.
     pub fn load_files(&mut self, dir: &std::path::Path) -> Result<(), KeyError> {
+        if let Some(script) = &mut self.insert_function {
+            script
+                .load(dir)
+                .map_err(|e| KeyError::new("insert_function", e))?;
+        }
         self.settings.load_files(dir)
     }
 
@@ -338,6 +343,11 @@ impl DestinationConfig {
     /// Builds it and lets it go: whether it can start (secrets set, output openable).
     /// It never sends, so never reads the time: any clock will do.
     pub fn try_build(&self) -> anyhow::Result<()> {
+        if let Some(script) = &self.insert_function {
+            script.start().map_err(|e| {
+                anyhow::anyhow!("destination `{}`: insert_function: {e}", self.name)
+            })?;
+        }
         self.build(None, Clock::system()).map(drop)
     }
 }
