@@ -12,7 +12,7 @@ use rquickjs::context::EvalOptions;
 use rquickjs::{CatchResultExt, CaughtError, Context, Ctx, Exception, Function, Runtime, Value};
 
 use super::fetch::{self, HostPolicy};
-use super::{Failure, FailureKind, Options, Outcome};
+use super::{Failure, FailureKind, Options, Outcome, DEFAULT_MEMORY_LIMIT};
 use crate::throttle::LogThrottle;
 
 const PRELUDE: &str = include_str!("prelude.js");
@@ -28,6 +28,9 @@ const HANDLERS: [&str; 8] = [
     "onDelete",
     "onBatch",
 ];
+
+/// How long code may run during a syntax check (none should: see `check_syntax`).
+const SYNTAX_CHECK_LIMIT: Duration = Duration::from_secs(1);
 
 /// Console lines are spaced out: a handler logging per event must not flood the logs.
 const CONSOLE_INTERVAL: Duration = Duration::from_millis(200);
@@ -308,6 +311,11 @@ fn script_options(name: &str) -> EvalOptions {
 /// first line, so that lines keep their numbers.
 pub fn check_syntax(source: &str, name: &str) -> Result<(), String> {
     let runtime = Runtime::new().map_err(|e| e.to_string())?;
+    // A file that closes the block early would run at load: bounded (the interrupt
+    // handler is only asked while code runs, never while parsing).
+    runtime.set_memory_limit(DEFAULT_MEMORY_LIMIT as usize);
+    let start = Instant::now();
+    runtime.set_interrupt_handler(Some(Box::new(move || start.elapsed() > SYNTAX_CHECK_LIMIT)));
     let context = Context::full(&runtime).map_err(|e| e.to_string())?;
     context.with(|ctx| {
         let wrapped = format!("if (false) {{ {source}\n}}");

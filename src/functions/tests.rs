@@ -135,6 +135,9 @@ fn a_syntax_error_names_file_and_line_without_running_the_script() {
     assert!(error.to_string().contains("SyntaxError"), "{error}");
     // Not run: an endless loop at the top level passes the syntax check at once.
     assert_eq!(check_syntax("while (true) {}", "f.js"), Ok(()));
+    // A file that closes the block to run at load is stopped by the time limit.
+    let error = check_syntax("} while (true) {} {", "f.js").unwrap_err();
+    assert!(error.contains("interrupted"), "{error}");
 }
 
 #[test]
