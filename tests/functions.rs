@@ -316,3 +316,61 @@ function onTrack(event) {
     assert_eq!(all.len(), 6);
     assert_eq!(all[0]["context"]["ip"], "10.0.0.1");
 }
+
+#[tokio::test]
+async fn a_reload_runs_the_changed_file_and_refuses_a_syntax_error() {
+    let receiver = Receiver::start().await;
+    let version = |n: u32| {
+        format!(
+            "async function onTrack(e) {{ await fetch('https://api.example.com/v{n}', \
+             {{ method: 'POST', body: e.messageId }}); }}"
+        )
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    std::fs::create_dir_all(dir.join("functions")).unwrap();
+    std::fs::write(dir.join("functions/f.js"), version(1)).unwrap();
+    let section = format!(
+        "[[destinations]]\nname = \"fn\"\nkind = \"function\"\nfile = \"functions/f.js\"\n\
+         fetch_hosts = {{ \"api.example.com\" = \"http://127.0.0.1:{}\" }}\n",
+        receiver.port()
+    );
+    let settings = Settings::default()
+        .section(&section)
+        .section("[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n")
+        .env("FANOUT_ADMIN_TOKEN", "fn-admin-token");
+    let f = Fanout::start_in(tmp, settings);
+    let track =
+        |id: &str| json!([{"type": "track", "userId": "u1", "event": "A", "messageId": id}]);
+    send(&f, track("a")).await;
+    f.wait_settled("fn").await;
+
+    std::fs::write(dir.join("functions/f.js"), version(2)).unwrap();
+    let (status, body) = common::post_reload(&f, "fn-admin-token", "").await;
+    assert_eq!(status, 200, "{body}");
+    send(&f, track("b")).await;
+    let requests = receiver
+        .wait_until(Duration::from_secs(10), |r| r.len() >= 2)
+        .await;
+    let paths: Vec<String> = requests.iter().map(|r| r.path.clone()).collect();
+    assert_eq!(paths, ["/v1", "/v2"]);
+
+    std::fs::write(
+        dir.join("functions/f.js"),
+        "function onTrack(e) {\n  return ) ;\n}",
+    )
+    .unwrap();
+    let (status, body) = common::post_reload(&f, "fn-admin-token", "").await;
+    assert_ne!(status, 200, "{body}");
+    assert!(
+        body.to_string().contains("functions/f.js:2: SyntaxError"),
+        "{body}"
+    );
+    // The running function is the last good one.
+    send(&f, track("c")).await;
+    let requests = receiver
+        .wait_until(Duration::from_secs(10), |r| r.len() >= 3)
+        .await;
+    assert_eq!(requests.len(), 3);
+    assert_eq!(requests[2].path, "/v2");
+}
