@@ -54,8 +54,8 @@ pub struct Config<D = DestinationConfig> {
     pub browser: BrowserConfig,
     #[serde(default)]
     pub dead_letters: DeadLettersConfig,
-    /// The directory the file's relative paths (`sources[].tracking_plan`) are taken
-    /// from: the file's own.
+    /// The directory the file's relative paths (`sources[].tracking_plan`, a function's
+    /// `file`, `insert_function`) are taken from: the file's own.
     #[serde(skip)]
     pub dir: PathBuf,
 }
@@ -114,9 +114,8 @@ impl Config {
                 }
             })?;
         raw.dir = base.to_path_buf();
-        let mut config = raw.read_destinations(&lines)?;
+        let config = raw.read_destinations(&lines)?;
         config.validate(&lines)?;
-        config.dir = base.to_path_buf();
         Ok(config)
     }
 }
