@@ -25,7 +25,7 @@ impl HostPolicy {
     /// The URL to request for `url`, or why it is refused. A remapped host is the
     /// operator's choice, so its target is not checked; any other host must be listed
     /// (when a list is set) and, unless listed, resolve to public addresses only.
-    async fn target(&self, url: &reqwest::Url) -> Result<reqwest::Url, String> {
+    pub(super) async fn target(&self, url: &reqwest::Url) -> Result<reqwest::Url, String> {
         let host = url
             .host_str()
             .ok_or_else(|| "fetch: the URL has no host".to_string())?

@@ -217,3 +217,32 @@ fn settings_read_env_keys_without_their_suffix() {
     let error = settings_from(&table, |_| None).unwrap_err();
     assert!(error.contains("`HOOK_URL`"), "{error}");
 }
+
+#[test]
+fn fetch_hosts_keep_the_path_and_query_under_the_base() {
+    let policy = HostPolicy {
+        allow: vec!["api.example.com".into()],
+        remap: [(
+            "api.example.com".to_string(),
+            "http://127.0.0.1:9000/stage/".to_string(),
+        )]
+        .into_iter()
+        .collect(),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = reqwest::Url::parse("https://API.example.com/v1/items?x=1&y=2").unwrap();
+    let target = runtime.block_on(policy.target(&url)).unwrap();
+    assert_eq!(
+        target.as_str(),
+        "http://127.0.0.1:9000/stage/v1/items?x=1&y=2"
+    );
+    // Not listed: refused before any lookup.
+    let other = reqwest::Url::parse("https://other.example.com/").unwrap();
+    let refused = runtime.block_on(policy.target(&other)).unwrap_err();
+    assert!(refused.contains("not in allow_hosts"), "{refused}");
+    let ftp = reqwest::Url::parse("ftp://api.example.com/x").unwrap();
+    assert!(runtime.block_on(policy.target(&ftp)).is_err());
+}
