@@ -24,6 +24,7 @@ pub mod control;
 pub mod dedupe;
 pub mod delivery;
 pub mod destinations;
+pub mod functions;
 pub mod http;
 pub mod ingest;
 pub mod json;

@@ -54,8 +54,8 @@ pub struct Config<D = DestinationConfig> {
     pub browser: BrowserConfig,
     #[serde(default)]
     pub dead_letters: DeadLettersConfig,
-    /// The directory the file's relative paths (`sources[].tracking_plan`) are taken
-    /// from: the file's own.
+    /// The directory the file's relative paths (`sources[].tracking_plan`, a function's
+    /// `file`, `insert_function`) are taken from: the file's own.
     #[serde(skip)]
     pub dir: PathBuf,
 }
@@ -94,7 +94,7 @@ impl Config {
             text,
             doc: doc.clone(),
         };
-        let raw: Config<toml::Table> =
+        let mut raw: Config<toml::Table> =
             serde_path_to_error::deserialize(toml::de::Deserializer::from(doc)).map_err(|e| {
                 let key = e.path().to_string();
                 let key = if key == "." { String::new() } else { key };
@@ -113,9 +113,9 @@ impl Config {
                     message,
                 }
             })?;
-        let mut config = raw.read_destinations(&lines)?;
+        raw.dir = base.to_path_buf();
+        let config = raw.read_destinations(&lines)?;
         config.validate(&lines)?;
-        config.dir = base.to_path_buf();
         Ok(config)
     }
 }
@@ -151,8 +151,12 @@ impl Config<toml::Table> {
     fn read_destinations(self, lines: &LineIndex<'_>) -> Result<Config, ConfigError> {
         let mut destinations = Vec::with_capacity(self.destinations.len());
         for (i, table) in self.destinations.into_iter().enumerate() {
-            let destination = DestinationConfig::from_table(table)
-                .map_err(|e| lines.error(&format!("destinations[{i}]"), e))?;
+            let at = format!("destinations[{i}]");
+            let mut destination =
+                DestinationConfig::from_table(table).map_err(|e| lines.error(&at, e))?;
+            destination
+                .load_files(&self.dir)
+                .map_err(|e| lines.error(&at, e))?;
             destinations.push(destination);
         }
         Ok(Config {

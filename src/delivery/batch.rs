@@ -10,6 +10,7 @@ use serde_json::json;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
+use super::insert::Inserted;
 use super::retry::RetryPolicy;
 use crate::clock::Clock;
 use crate::destinations::RatePer;
@@ -26,6 +27,8 @@ pub struct DeliveryContext {
     /// Which messages this destination gets, and edits to them (the routing stage).
     pub route: Route,
     pub destination: AnyDestination,
+    /// Run on each message before the destination sees it (`insert_function`).
+    pub insert: Option<crate::functions::Function>,
     pub policy: RetryPolicy,
     pub limiter: Option<(RateLimiter, RatePer)>,
     /// Batches sending at once.
@@ -99,17 +102,56 @@ enum Attempt {
 }
 
 /// Delivers `items`, splitting on rejection. Every item comes back settled.
-pub async fn deliver(context: Arc<DeliveryContext>, items: Vec<Item>) -> BatchResult {
+pub async fn deliver(context: Arc<DeliveryContext>, mut items: Vec<Item>) -> BatchResult {
     let metrics = DeliveryMetrics::new(&context.name);
     let mut settled = vec![Settled::Abandoned; items.len()];
     let mut mark = None;
+    // The insert function first: what it skips or fails is settled here, the rest goes
+    // on as it answered.
+    let mut inserted = vec![true; items.len()];
+    if let Some(function) = &context.insert {
+        for (index, item) in items.iter_mut().enumerate() {
+            inserted[index] = false;
+            match super::insert::apply(&context, function, &item.json).await {
+                Inserted::Send(json) => {
+                    item.json = json;
+                    inserted[index] = true;
+                }
+                Inserted::Skip(why) => {
+                    metrics.skipped.increment(1);
+                    tell(&context, "skipped", [&*item], json!({"reason": why}));
+                    settled[index] = Settled::Delivered;
+                }
+                Inserted::Dead(failure) => {
+                    metrics.dead_lettered.increment(1);
+                    tell(
+                        &context,
+                        "dead_lettered",
+                        [&*item],
+                        failure_fields(&failure),
+                    );
+                    settled[index] = Settled::Dead(Arc::new(failure));
+                }
+                Inserted::Stopped => {
+                    return BatchResult {
+                        items,
+                        settled,
+                        mark,
+                    }
+                }
+            }
+        }
+    }
     // What the destination can take at all is settled first, without a request; what it
     // prepares for the rest is kept for every attempt.
     let mut sendable = Vec::with_capacity(items.len());
     let mut prepared: Vec<Option<Prepared>> = Vec::with_capacity(items.len());
     for (index, item) in items.iter().enumerate() {
-        let check = context.destination.check(&item.json);
         prepared.push(None);
+        if !inserted[index] {
+            continue;
+        }
+        let check = context.destination.check(&item.json);
         match check {
             Check::Send(ready) => {
                 prepared[index] = ready;

@@ -4,6 +4,7 @@
 
 mod batch;
 mod engine;
+mod insert;
 mod lines;
 mod progress;
 mod replay;
@@ -193,6 +194,12 @@ impl Deliveries {
         crate::metrics::install();
         let gauges = DestinationGauges::register(&config.name, self.clock);
         let destination = build(subscription.saved())?;
+        let insert = match &config.insert_function {
+            Some(script) => Some(script.start().map_err(|e| {
+                anyhow::anyhow!("destination `{}`: insert_function: {e}", config.name)
+            })?),
+            None => None,
+        };
         let feed = subscription.start(|| destination.mark(), destination.sink_id());
         let progress = Progress::new(feed, gauges);
         let sequential = destination.sequential();
@@ -206,6 +213,7 @@ impl Deliveries {
             name: config.name.clone(),
             route: Route::new(config),
             destination,
+            insert,
             policy: RetryPolicy::new(config.retry()),
             limiter,
             sends: Semaphore::new(concurrency),

@@ -23,6 +23,8 @@ pub struct DestinationConfig {
     /// Which messages it gets and in what shape (the routing stage).
     pub route: RouteConfig,
     pub batch: Option<BatchConfig>,
+    /// A Segment insert function run on each message before this destination.
+    pub insert_function: Option<super::Script>,
     /// HTTP kinds only: concurrency, ordering, timeout, retry, rate limit.
     pub http: HttpConfig,
 }
@@ -68,6 +70,9 @@ struct SharedKeys {
     /// Dotted paths whose strings are sent as SHA-256 hex, e.g. `traits.email`.
     #[serde(default)]
     hash_fields: Vec<String>,
+    /// A Segment insert function's file (relative to the config file's directory): its
+    /// `onTrack`, … get each message and return the one to send, or null to skip it.
+    insert_function: Option<String>,
     batch: Option<BatchConfig>,
     concurrency: Option<usize>,
     ordering: Option<bool>,
@@ -118,6 +123,9 @@ impl DestinationConfig {
                 hash_fields: shared.hash_fields,
             },
             batch: shared.batch,
+            insert_function: shared
+                .insert_function
+                .map(|file| super::Script { file, source: None }),
             http,
         })
     }
@@ -482,7 +490,7 @@ mod tests {
         assert!(names.contains(&"rate_limit") && names.contains(&"drop_fields"));
         assert!(names.contains(&"consent_categories") && names.contains(&"hash_fields"));
         assert!(names.contains(&"integrations"));
-        assert_eq!(names.len(), 15);
+        assert_eq!(names.len(), 16);
     }
 
     #[test]

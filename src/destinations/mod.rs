@@ -6,6 +6,7 @@
 
 mod config;
 mod file;
+mod function;
 mod http;
 mod key_error;
 pub mod klaviyo;
@@ -25,6 +26,7 @@ pub use config::{
     DestinationConfig, HttpConfig, RateLimitConfig, RatePer, RetryConfig,
 };
 pub use file::{FileConfig, FileDestination};
+pub use function::{handler_of, FunctionConfig, FunctionDestination, Script};
 pub use http::{classify, parse_retry_after};
 pub use key_error::KeyError;
 pub use klaviyo::{KlaviyoBodies, KlaviyoConfig, KlaviyoDestination, KlaviyoRequest};
@@ -191,6 +193,12 @@ pub trait Kind: DeserializeOwned + Clone + std::fmt::Debug + PartialEq + Send + 
         Ok(())
     }
 
+    /// Reads and checks the files the kind's keys name, relative to `dir` (the config
+    /// file's directory); the error names the key.
+    fn load_files(&mut self, _dir: &std::path::Path) -> Result<(), KeyError> {
+        Ok(())
+    }
+
     /// Batch defaults and limits.
     fn batch_shape(&self) -> BatchShape;
 
@@ -273,6 +281,12 @@ macro_rules! kinds {
                 }
             }
 
+            fn load_files(&mut self, dir: &std::path::Path) -> Result<(), KeyError> {
+                match self {
+                    $(KindSettings::$variant(c) => c.load_files(dir)),+
+                }
+            }
+
             pub fn batch_shape(&self) -> BatchShape {
                 match self {
                     $(KindSettings::$variant(c) => c.batch_shape()),+
@@ -305,9 +319,21 @@ kinds! {
     Webhook(webhook::WebhookConfig),
     Segment(segment::SegmentConfig),
     Klaviyo(klaviyo::KlaviyoConfig),
+    Function(function::FunctionConfig),
 }
 
 impl DestinationConfig {
+    /// Reads and checks the files its keys name, relative to `dir` (the config file's
+    /// directory); the error names the key.
+    pub fn load_files(&mut self, dir: &std::path::Path) -> Result<(), KeyError> {
+        if let Some(script) = &mut self.insert_function {
+            script
+                .load(dir)
+                .map_err(|e| KeyError::new("insert_function", e))?;
+        }
+        self.settings.load_files(dir)
+    }
+
     /// Builds the destination, reading its secrets from the environment. `saved` is its
     /// last checkpoint; `clock` tells it the time.
     pub fn build(&self, saved: Option<Checkpoint>, clock: Clock) -> anyhow::Result<AnyDestination> {
@@ -317,6 +343,11 @@ impl DestinationConfig {
     /// Builds it and lets it go: whether it can start (secrets set, output openable).
     /// It never sends, so never reads the time: any clock will do.
     pub fn try_build(&self) -> anyhow::Result<()> {
+        if let Some(script) = &self.insert_function {
+            script.start().map_err(|e| {
+                anyhow::anyhow!("destination `{}`: insert_function: {e}", self.name)
+            })?;
+        }
         self.build(None, Clock::system()).map(drop)
     }
 }

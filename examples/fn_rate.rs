@@ -1,0 +1,46 @@
+//! A rough figure, not a benchmark: calls per second of an identity `onTrack` on a
+//! ~1 KB track through `fanout::functions` (one function, calls one after another).
+//! `cargo run --release --example fn_rate [calls]`
+
+use std::time::{Duration, Instant};
+
+use fanout::functions::{Function, HostPolicy, Options, Outcome};
+
+fn main() -> anyhow::Result<()> {
+    let calls: u32 = std::env::args()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(20_000);
+    let function = Function::load(
+        "function onTrack(event, settings) { return event; }",
+        Options {
+            name: "identity.js".into(),
+            timeout: Duration::from_secs(5),
+            memory_limit: 64 * 1024 * 1024,
+            hosts: HostPolicy::default(),
+        },
+    )?;
+    let event = serde_json::json!({
+        "type": "track", "userId": "user-1234567890", "event": "Order Completed",
+        "messageId": "0d3c1f6e-6f0b-4c59-9d7a-4c0b8c1e2f3a",
+        "timestamp": "2026-12-07T04:00:00.000Z",
+        "properties": {"revenue": 42.5, "currency": "EUR", "note": "x".repeat(700)},
+        "context": {"ip": "203.0.113.9", "library": {"name": "analytics.js", "version": "2"}},
+    })
+    .to_string();
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    let started = Instant::now();
+    for _ in 0..calls {
+        let outcome =
+            runtime.block_on(function.call("onTrack", vec![event.clone(), "{}".to_string()]));
+        anyhow::ensure!(matches!(outcome, Outcome::Returned(_)), "{outcome:?}");
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "{calls} calls of an identity onTrack on a {} B track: {:.0} calls/s ({:.1} µs each)",
+        event.len(),
+        f64::from(calls) / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64() * 1e6 / f64::from(calls)
+    );
+    Ok(())
+}

@@ -1,0 +1,263 @@
+//! `kind = "function"`: a Segment destination function (`onTrack(event, settings)`, …)
+//! run in fanout's JavaScript runtime (`crate::functions`). One message per call, so
+//! that a retry never sends a message the function already took. A handler that returns
+//! delivers the message; `RetryError`, a `fetch` network error or the time limit retry it
+//! with the destination's backoff; a handler the file lacks skips it
+//! (`event_not_supported`); `ValidationError`, `InvalidEventPayload` or any other error
+//! dead-letters it with the error's message and stack.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::{
+    AnyDestination, BatchShape, Check, Destination, DestinationConfig, KeyError, Kind, Outgoing,
+    Refusal, SendError, Sending,
+};
+use crate::clock::Clock;
+use crate::functions::{self, FailureKind, Function, HostPolicy, Outcome};
+use crate::queue::Checkpoint;
+
+/// The largest function file read.
+const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// `kind = "function"`'s own keys. The shared `timeout` is the per-call time limit
+/// (default 5 s).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionConfig {
+    /// The function's JavaScript file, relative to the config file's directory.
+    pub file: String,
+    /// Handed to each handler as `settings`; a key ending in `_env` names an environment
+    /// variable, passed under the key without the suffix.
+    #[serde(default)]
+    pub settings: BTreeMap<String, serde_json::Value>,
+    /// Hosts `fetch` may reach; default any public host (never loopback or private
+    /// addresses unless listed here).
+    #[serde(default)]
+    pub allow_hosts: Vec<String>,
+    /// Host → base URL its `fetch` requests go to instead; the code sees its own URL.
+    #[serde(default)]
+    pub fetch_hosts: BTreeMap<String, String>,
+    /// Bytes the function's JavaScript heap may use (default 64 MiB).
+    pub memory_limit: Option<u64>,
+    /// The file's path and text, read when the config is loaded: a reload that finds the
+    /// file changed rebuilds the destination.
+    #[serde(skip)]
+    pub loaded: Option<(PathBuf, String)>,
+}
+
+impl Kind for FunctionConfig {
+    const NAME: &'static str = "function";
+    // Sent like an HTTP destination: concurrency, ordering, retry, rate limit apply.
+    const HTTP: bool = true;
+
+    fn validate(&self) -> Result<(), KeyError> {
+        if self.memory_limit.is_some_and(|m| m < 1024 * 1024) {
+            return Err(KeyError::new(
+                "memory_limit",
+                "must be at least 1 MiB (1048576)",
+            ));
+        }
+        for (host, base) in &self.fetch_hosts {
+            super::check_url(&format!("fetch_hosts.{host}"), base)?;
+        }
+        Ok(())
+    }
+
+    fn load_files(&mut self, dir: &Path) -> Result<(), KeyError> {
+        let path = dir.join(&self.file);
+        let text = read_script(&path, &self.file).map_err(|e| KeyError::new("file", e))?;
+        self.loaded = Some((path, text));
+        Ok(())
+    }
+
+    fn batch_shape(&self) -> BatchShape {
+        BatchShape {
+            one_per_request: true,
+            ..BatchShape::new(1, 1024 * 1024, 0)
+        }
+    }
+
+    fn build(
+        &self,
+        config: &DestinationConfig,
+        _: Option<Checkpoint>,
+        _: Clock,
+    ) -> anyhow::Result<AnyDestination> {
+        Ok(Box::new(FunctionDestination::new(config, self)?))
+    }
+}
+
+pub struct FunctionDestination {
+    function: Function,
+    /// `settings` as JSON text, the environment's values in.
+    settings: String,
+}
+
+impl FunctionDestination {
+    pub fn new(config: &DestinationConfig, own: &FunctionConfig) -> anyhow::Result<Self> {
+        let Some((_, source)) = &own.loaded else {
+            anyhow::bail!(
+                "destination `{}`: `{}` was not loaded",
+                config.name,
+                own.file
+            );
+        };
+        let settings = functions::settings_from(&own.settings, |var| {
+            std::env::var(var).ok().filter(|v| !v.is_empty())
+        })
+        .map_err(|e| anyhow::anyhow!("destination `{}`: {e}", config.name))?;
+        let options = functions::Options {
+            name: own.file.clone(),
+            timeout: config.http.timeout.unwrap_or(functions::DEFAULT_TIMEOUT),
+            memory_limit: own.memory_limit.unwrap_or(functions::DEFAULT_MEMORY_LIMIT),
+            hosts: HostPolicy {
+                allow: own.allow_hosts.clone(),
+                remap: own
+                    .fetch_hosts
+                    .iter()
+                    .map(|(h, base)| (h.to_ascii_lowercase(), base.clone()))
+                    .collect(),
+            },
+        };
+        let function = Function::load(source, options)
+            .map_err(|e| anyhow::anyhow!("destination `{}`: {e}", config.name))?;
+        Ok(FunctionDestination {
+            function,
+            settings: settings.to_string(),
+        })
+    }
+}
+
+/// A function file named by a key other than a function destination's `file` (an
+/// insert function), read and syntax-checked when the config is loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Script {
+    /// As configured: relative to the config file's directory.
+    pub file: String,
+    /// The text, once loaded (`DestinationConfig::load_files`).
+    pub source: Option<String>,
+}
+
+impl Script {
+    pub fn load(&mut self, dir: &Path) -> Result<(), String> {
+        self.source = Some(read_script(&dir.join(&self.file), &self.file)?);
+        Ok(())
+    }
+
+    /// Starts it with the default limits and no `fetch` beyond public hosts.
+    pub fn start(&self) -> anyhow::Result<Function> {
+        let source = self.source.as_deref().unwrap_or_default();
+        Function::load(
+            source,
+            functions::Options {
+                name: self.file.clone(),
+                timeout: functions::DEFAULT_TIMEOUT,
+                memory_limit: functions::DEFAULT_MEMORY_LIMIT,
+                hosts: HostPolicy::default(),
+            },
+        )
+    }
+}
+
+/// Reads a function file (bounded in size) and checks its syntax; `name` is how errors
+/// call it.
+fn read_script(path: &Path, name: &str) -> Result<String, String> {
+    let read = std::fs::File::open(path).and_then(|file| {
+        use std::io::Read;
+        let mut text = String::new();
+        file.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;
+        Ok(text)
+    });
+    let text = read.map_err(|e| format!("cannot read: {e}"))?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err("is over 4 MiB".into());
+    }
+    functions::check_syntax(&text, name)?;
+    Ok(text)
+}
+
+/// The message's handler name, if its type has one.
+pub fn handler_of(message: &[u8]) -> Option<&'static str> {
+    #[derive(Deserialize)]
+    struct Typed<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: Option<Cow<'a, str>>,
+    }
+    let typed: Typed<'_> = serde_json::from_slice(message).ok()?;
+    functions::handler_for(&typed.kind?)
+}
+
+impl Destination for FunctionDestination {
+    fn check(&self, message: &[u8]) -> Check {
+        match handler_of(message) {
+            Some(handler) if self.function.has(handler) => Check::Send(None),
+            _ => Check::Skip("event_not_supported"),
+        }
+    }
+
+    fn send<'a>(&'a self, batch: &'a [Outgoing<'a>]) -> Sending<'a> {
+        Box::pin(async move {
+            let mut refused = Vec::new();
+            for (index, message) in batch.iter().enumerate() {
+                let Some(handler) = handler_of(message.json) else {
+                    continue;
+                };
+                let event = String::from_utf8_lossy(message.json).into_owned();
+                let outcome = self
+                    .function
+                    .call(handler, vec![event, self.settings.clone()])
+                    .await;
+                let failure = match outcome {
+                    Outcome::Returned(_) => continue,
+                    Outcome::Failed(failure) => failure,
+                };
+                let answer = Some(match &failure.stack {
+                    Some(stack) => format!("{}\n{stack}", failure.message),
+                    None => failure.message.clone(),
+                });
+                match failure.kind {
+                    // Thrown by a handler that exists: settled, not an error (Segment
+                    // discards it uncounted).
+                    FailureKind::NotSupported => continue,
+                    FailureKind::Retry | FailureKind::Timeout => {
+                        return Err(SendError::Retryable {
+                            status: None,
+                            retry_after: None,
+                            detail: format!("function {handler}: {}", failure.message),
+                            answer,
+                        })
+                    }
+                    FailureKind::Invalid | FailureKind::Error => {
+                        let status = if failure.kind == FailureKind::Invalid {
+                            400
+                        } else {
+                            500
+                        };
+                        refused.push(Refusal {
+                            index,
+                            status,
+                            detail: format!("function {handler}: {}", failure.message),
+                            answer,
+                        });
+                    }
+                }
+            }
+            match refused.len() {
+                0 => Ok(0),
+                1 if batch.len() == 1 => {
+                    let r = refused.remove(0);
+                    Err(SendError::Rejected {
+                        status: r.status,
+                        detail: r.detail,
+                        answer: r.answer,
+                    })
+                }
+                _ => Err(SendError::PartlyRejected { refused }),
+            }
+        })
+    }
+}

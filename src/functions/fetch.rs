@@ -1,0 +1,174 @@
+//! `fetch` for functions: which hosts a function may reach (`allow_hosts`), where some of
+//! them really go (`fetch_hosts`), and the request itself, run to completion on the
+//! function's thread.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use serde_json::json;
+
+/// The largest answer body a function is handed.
+const MAX_BODY: usize = 16 * 1024 * 1024;
+
+/// Where `fetch` may go.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HostPolicy {
+    /// Hosts `fetch` may reach; empty: any host whose addresses are all public.
+    pub allow: Vec<String>,
+    /// Host → base URL its requests are sent to instead (the script still sees its own
+    /// URL): staging, an egress proxy, tests.
+    pub remap: BTreeMap<String, String>,
+}
+
+impl HostPolicy {
+    /// The URL to request for `url`, or why it is refused. A remapped host is the
+    /// operator's choice, so its target is not checked; any other host must be listed
+    /// (when a list is set) and, unless listed, resolve to public addresses only.
+    pub(super) async fn target(&self, url: &reqwest::Url) -> Result<reqwest::Url, String> {
+        let host = url
+            .host_str()
+            .ok_or_else(|| "fetch: the URL has no host".to_string())?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!("fetch: scheme `{}` is not allowed", url.scheme()));
+        }
+        if let Some(base) = self.remap.get(&host) {
+            let base = reqwest::Url::parse(base)
+                .map_err(|e| format!("fetch_hosts: `{host}` maps to a bad URL: {e}"))?;
+            let mut target = base.clone();
+            let path = format!("{}{}", base.path().trim_end_matches('/'), url.path());
+            target.set_path(&path);
+            target.set_query(url.query());
+            return Ok(target);
+        }
+        let listed = self.allow.iter().any(|h| h.eq_ignore_ascii_case(&host));
+        if !self.allow.is_empty() && !listed {
+            return Err(format!("fetch: host `{host}` is not in allow_hosts"));
+        }
+        if !listed {
+            let port = url.port_or_known_default().unwrap_or(443);
+            let addresses: Vec<IpAddr> = match host.parse::<IpAddr>() {
+                Ok(ip) => vec![ip],
+                Err(_) => tokio::net::lookup_host((host.as_str(), port))
+                    .await
+                    .map_err(|e| format!("fetch: cannot resolve `{host}`: {e}"))?
+                    .map(|a| a.ip())
+                    .collect(),
+            };
+            if addresses.iter().any(|ip| !is_public(ip)) {
+                return Err(format!(
+                    "fetch: host `{host}` is a loopback or private address; list it in \
+                     allow_hosts to allow it"
+                ));
+            }
+        }
+        Ok(url.clone())
+    }
+}
+
+/// Whether `ip` is reachable on the public internet (not loopback, private, link-local,
+/// shared or unspecified).
+pub fn is_public(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b)))
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(&IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
+/// A request as the script made it.
+pub struct Request {
+    pub url: String,
+    pub method: String,
+    pub headers: BTreeMap<String, String>,
+    pub body: Option<String>,
+}
+
+/// Runs `request` within `time_left`; the answer is the JSON the prelude's `fetch` reads:
+/// `{status, headers, body}`, `{error}` (network: worth a retry) or `{refused}`.
+pub async fn run(
+    client: &reqwest::Client,
+    policy: &HostPolicy,
+    request: Request,
+    time_left: Duration,
+) -> serde_json::Value {
+    let url = match reqwest::Url::parse(&request.url) {
+        Ok(url) => url,
+        Err(e) => return json!({ "refused": format!("fetch: bad URL: {e}") }),
+    };
+    let target = match policy.target(&url).await {
+        Ok(target) => target,
+        Err(refused) => return json!({ "refused": refused }),
+    };
+    let method = match reqwest::Method::from_bytes(request.method.to_ascii_uppercase().as_bytes()) {
+        Ok(method) => method,
+        Err(_) => return json!({ "refused": format!("fetch: bad method `{}`", request.method) }),
+    };
+    let mut builder = client.request(method, target).timeout(time_left);
+    for (name, value) in &request.headers {
+        builder = builder.header(name, value);
+    }
+    if let Some(body) = request.body {
+        builder = builder.body(body);
+    }
+    let answer = async {
+        let mut response = builder.send().await?;
+        let status = response.status().as_u16();
+        let headers: serde_json::Map<String, serde_json::Value> = response
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                let value = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                (k.as_str().to_string(), serde_json::Value::String(value))
+            })
+            .collect();
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await? {
+            if body.len() + chunk.len() > MAX_BODY {
+                break;
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let body = String::from_utf8_lossy(&body).into_owned();
+        Ok::<_, reqwest::Error>(json!({ "status": status, "headers": headers, "body": body }))
+    };
+    match tokio::time::timeout(time_left, answer).await {
+        Ok(Ok(answer)) => answer,
+        // Without the URL: it may carry a token.
+        Ok(Err(e)) => json!({ "error": format!("fetch to `{url_host}` failed: {kind}",
+            url_host = url.host_str().unwrap_or(""), kind = error_kind(&e)) }),
+        Err(_) => json!({ "error": "fetch: the call's time limit passed" }),
+    }
+}
+
+fn error_kind(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "cannot connect"
+    } else if e.is_body() || e.is_decode() {
+        "the answer broke off"
+    } else {
+        "request error"
+    }
+}

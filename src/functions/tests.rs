@@ -1,0 +1,248 @@
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::*;
+
+fn options() -> Options {
+    Options {
+        name: "functions/test.js".into(),
+        timeout: Duration::from_millis(500),
+        memory_limit: 16 * 1024 * 1024,
+        hosts: HostPolicy::default(),
+    }
+}
+
+fn load(source: &str) -> Function {
+    Function::load(source, options()).expect("loads")
+}
+
+fn call(function: &Function, handler: &'static str, event: serde_json::Value) -> Outcome {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(function.call(
+        handler,
+        vec![event.to_string(), json!({"k": "v"}).to_string()],
+    ))
+}
+
+fn failure(outcome: Outcome) -> Failure {
+    match outcome {
+        Outcome::Failed(f) => f,
+        Outcome::Returned(v) => panic!("returned {v}"),
+    }
+}
+
+#[test]
+fn a_sloppy_script_keeps_module_state_between_calls() {
+    let f = load(
+        "count = 0;\n\
+         async function onTrack(event, settings) { count += 1; \
+           return { n: count, event: event.event, k: settings.k }; }",
+    );
+    assert!(f.has("onTrack"));
+    assert!(!f.has("onIdentify"));
+    call(&f, "onTrack", json!({"event": "A"}));
+    assert_eq!(
+        call(&f, "onTrack", json!({"event": "B"})),
+        Outcome::Returned(json!({"n": 2, "event": "B", "k": "v"}))
+    );
+}
+
+#[test]
+fn thrown_errors_are_classed_by_name() {
+    let f = load(
+        "function onTrack(e) { throw new RetryError('later'); }\n\
+         function onIdentify(e) { throw new ValidationError('no email'); }\n\
+         async function onPage(e) { throw new EventNotSupported('page'); }\n\
+         function onGroup(e) { null.x; }",
+    );
+    let retry = failure(call(&f, "onTrack", json!({})));
+    assert_eq!(retry.kind, FailureKind::Retry);
+    assert_eq!(retry.message, "RetryError: later");
+    let invalid = failure(call(&f, "onIdentify", json!({})));
+    assert_eq!(invalid.kind, FailureKind::Invalid);
+    assert!(invalid.stack.unwrap().contains("functions/test.js:2"));
+    assert_eq!(
+        failure(call(&f, "onPage", json!({}))).kind,
+        FailureKind::NotSupported
+    );
+    assert_eq!(
+        failure(call(&f, "onAlias", json!({}))).kind,
+        FailureKind::NotSupported
+    );
+    let other = failure(call(&f, "onGroup", json!({})));
+    assert_eq!(other.kind, FailureKind::Error);
+    assert!(other.message.starts_with("TypeError"), "{}", other.message);
+}
+
+#[test]
+fn an_endless_loop_fails_its_call_and_the_next_call_runs() {
+    let f = load(
+        "function onTrack(e) { while (true) {} }\n\
+         async function onPage(e) { await null; for (;;) {} }\n\
+         function onIdentify(e) { return 'fine'; }",
+    );
+    assert_eq!(
+        failure(call(&f, "onTrack", json!({}))).kind,
+        FailureKind::Timeout
+    );
+    assert_eq!(
+        failure(call(&f, "onPage", json!({}))).kind,
+        FailureKind::Timeout
+    );
+    assert_eq!(
+        call(&f, "onIdentify", json!({})),
+        Outcome::Returned(json!("fine"))
+    );
+}
+
+#[test]
+fn an_allocation_bomb_fails_its_call_and_the_next_call_runs() {
+    let f = load(
+        "function onTrack(e) { const a = []; while (true) { a.push('x'.repeat(1 << 16) + a.length); } }\n\
+         function onIdentify(e) { return [1, 2].map(x => x * 2); }",
+    );
+    let bomb = failure(call(&f, "onTrack", json!({})));
+    assert_eq!(bomb.kind, FailureKind::Error);
+    assert!(bomb.message.contains("out of memory"), "{}", bomb.message);
+    assert_eq!(
+        call(&f, "onIdentify", json!({})),
+        Outcome::Returned(json!([2, 4]))
+    );
+}
+
+#[test]
+fn a_syntax_error_names_file_and_line_without_running_the_script() {
+    assert_eq!(
+        check_syntax("x = 1;\nfunction onTrack(e) { return 1 }", "f.js"),
+        Ok(())
+    );
+    let error = check_syntax(
+        "x = 1;\n\nfunction onTrack(e) { return ) }",
+        "functions/bad.js",
+    )
+    .unwrap_err();
+    assert!(
+        error.starts_with("functions/bad.js:3: SyntaxError"),
+        "{error}"
+    );
+    let error = Function::load("function onTrack(e) {", options())
+        .err()
+        .unwrap();
+    assert!(error.to_string().contains("SyntaxError"), "{error}");
+    // Not run: an endless loop at the top level passes the syntax check at once.
+    assert_eq!(check_syntax("while (true) {}", "f.js"), Ok(()));
+    // A file that closes the block to run at load is stopped by the time limit.
+    let error = check_syntax("} while (true) {} {", "f.js").unwrap_err();
+    assert!(error.contains("interrupted"), "{error}");
+}
+
+#[test]
+fn atob_btoa_and_console_are_there() {
+    let f = load(
+        "function onTrack(e) { console.log('seen', e); \
+           return [btoa('user:pass'), atob('dXNlcjpwYXNz')]; }",
+    );
+    assert_eq!(
+        call(&f, "onTrack", json!({"event": "A"})),
+        Outcome::Returned(json!(["dXNlcjpwYXNz", "user:pass"]))
+    );
+}
+
+#[test]
+fn fetch_refuses_loopback_unless_listed_and_remaps_hosts() {
+    let f = load(
+        "async function onTrack(e) { const r = await fetch('http://127.0.0.1:9/x'); return r.status; }",
+    );
+    let refused = failure(call(&f, "onTrack", json!({})));
+    assert_eq!(refused.kind, FailureKind::Error);
+    assert!(
+        refused.message.contains("loopback or private"),
+        "{}",
+        refused.message
+    );
+
+    // Listed (and nothing listening on port 9): a network error, worth a retry.
+    let mut listed = options();
+    listed.hosts.allow = vec!["127.0.0.1".into()];
+    let f = Function::load(
+        "async function onTrack(e) { const r = await fetch('http://127.0.0.1:9/x'); return r.status; }",
+        listed,
+    )
+    .unwrap();
+    assert_eq!(
+        failure(call(&f, "onTrack", json!({}))).kind,
+        FailureKind::Retry
+    );
+}
+
+#[test]
+fn public_and_private_addresses() {
+    for private in [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.1.1",
+        "100.64.0.1",
+        "0.0.0.0",
+        "::1",
+        "fd00::1",
+        "fe80::1",
+        "::ffff:127.0.0.1",
+    ] {
+        assert!(!fetch::is_public(&private.parse().unwrap()), "{private}");
+    }
+    for public in ["8.8.8.8", "2606:4700::1111"] {
+        assert!(fetch::is_public(&public.parse().unwrap()), "{public}");
+    }
+}
+
+#[test]
+fn settings_read_env_keys_without_their_suffix() {
+    let table: BTreeMap<String, serde_json::Value> = [
+        ("url_env".to_string(), json!("HOOK_URL")),
+        ("channel".to_string(), json!("#a")),
+    ]
+    .into_iter()
+    .collect();
+    let lookup = |var: &str| (var == "HOOK_URL").then(|| "https://h.example".to_string());
+    assert_eq!(
+        settings_from(&table, lookup),
+        Ok(json!({"url": "https://h.example", "channel": "#a"}))
+    );
+    let error = settings_from(&table, |_| None).unwrap_err();
+    assert!(error.contains("`HOOK_URL`"), "{error}");
+}
+
+#[test]
+fn fetch_hosts_keep_the_path_and_query_under_the_base() {
+    let policy = HostPolicy {
+        allow: vec!["api.example.com".into()],
+        remap: [(
+            "api.example.com".to_string(),
+            "http://127.0.0.1:9000/stage/".to_string(),
+        )]
+        .into_iter()
+        .collect(),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = reqwest::Url::parse("https://API.example.com/v1/items?x=1&y=2").unwrap();
+    let target = runtime.block_on(policy.target(&url)).unwrap();
+    assert_eq!(
+        target.as_str(),
+        "http://127.0.0.1:9000/stage/v1/items?x=1&y=2"
+    );
+    // Not listed: refused before any lookup.
+    let other = reqwest::Url::parse("https://other.example.com/").unwrap();
+    let refused = runtime.block_on(policy.target(&other)).unwrap_err();
+    assert!(refused.contains("not in allow_hosts"), "{refused}");
+    let ftp = reqwest::Url::parse("ftp://api.example.com/x").unwrap();
+    assert!(runtime.block_on(policy.target(&ftp)).is_err());
+}

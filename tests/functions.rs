@@ -1,0 +1,376 @@
+//! `kind = "function"`: Segment destination functions run by a real fanout process,
+//! reaching a real receiver on loopback through `fetch` (a public-looking host mapped to
+//! it with `fetch_hosts`): delivery, settings from the environment, `RetryError` and the
+//! time limit retried, an allocation bomb and `ValidationError` dead-lettered, a missing
+//! handler skipped, a fetch to a refused host failing, a syntax error refused by `check`.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::receiver::{Receiver, Reply};
+use common::{assert_success, Fanout, Settings};
+use serde_json::{json, Value};
+
+/// fanout with destination `fn` running `script` (written to `functions/f.js` beside the
+/// config), `extra` keys added to it, `api.example.com` mapped to `receiver`.
+fn start(script: &str, receiver: &Receiver, extra: &str) -> Fanout {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("functions")).unwrap();
+    std::fs::write(tmp.path().join("functions/f.js"), script).unwrap();
+    let section = format!(
+        "[[destinations]]\nname = \"fn\"\nkind = \"function\"\nfile = \"functions/f.js\"\n\
+         fetch_hosts = {{ \"api.example.com\" = \"http://127.0.0.1:{port}\" }}\n\
+         retry = {{ initial_backoff = \"100ms\", max_backoff = \"300ms\" }}\n{extra}\n",
+        port = receiver.port()
+    );
+    let settings = Settings::default()
+        .section(&section)
+        .env("FN_TOKEN", "s3cret");
+    Fanout::start_in(tmp, settings)
+}
+
+async fn send(f: &Fanout, messages: Value) {
+    assert_success(
+        f.post("/v1/batch")
+            .json(&json!({ "batch": messages }))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+}
+
+async fn outcome(f: &Fanout, outcome: &str) -> f64 {
+    f.metric(
+        "fanout_deliveries_total",
+        &[("destination", "fn"), ("outcome", outcome)],
+    )
+    .await
+    .unwrap_or(0.0)
+}
+
+const POSTER: &str = r#"
+// Sloppy mode: an undeclared module-level variable, kept between calls.
+sent = 0;
+async function onTrack(event, settings) {
+  const res = await fetch('https://api.example.com/hook?x=1', {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json',
+               Authorization: 'Basic ' + btoa(settings.token + ':') },
+    body: JSON.stringify({ id: event.messageId, event: event.event,
+                           channel: settings.channel, n: ++sent }),
+  });
+  if (res.status >= 500) throw new RetryError('upstream answered ' + res.status);
+  if (!res.ok) throw new ValidationError('upstream refused: ' + (await res.json()).error);
+  return res.headers.get('x-seen');
+}
+"#;
+
+#[tokio::test]
+async fn a_function_posts_each_track_through_fetch_retrying_on_retry_error() {
+    let receiver = Receiver::start().await;
+    receiver.push_reply(Reply::status(500));
+    receiver.respond_with(|r| {
+        let body = r.json()?;
+        (body["event"] == "Bad").then(|| Reply::json(422, r#"{"error":"no such event"}"#))
+    });
+    let f = start(
+        POSTER,
+        &receiver,
+        "settings = { token_env = \"FN_TOKEN\", channel = \"#events\" }",
+    );
+    send(
+        &f,
+        json!([
+            {"type": "track", "userId": "u1", "event": "Signed Up", "messageId": "m1"},
+            {"type": "track", "userId": "u1", "event": "Bad", "messageId": "m2"},
+            {"type": "identify", "userId": "u1", "traits": {"a": 1}, "messageId": "m3"},
+            {"type": "track", "userId": "u1", "event": "Paid", "messageId": "m4"},
+        ]),
+    )
+    .await;
+    f.wait_settled("fn").await;
+
+    let requests = receiver.requests();
+    let seen: Vec<(String, u16)> = requests
+        .iter()
+        .map(|r| {
+            (
+                r.json().unwrap()["id"].as_str().unwrap().to_string(),
+                r.status,
+            )
+        })
+        .collect();
+    let expected = [("m1", 500), ("m1", 200), ("m2", 422), ("m4", 200)]
+        .map(|(id, status)| (id.to_string(), status));
+    assert_eq!(seen, expected);
+    let first = &requests[1];
+    assert_eq!(first.method, "POST");
+    assert_eq!(first.path, "/hook");
+    assert_eq!(first.query.as_deref(), Some("x=1"));
+    // Settings: `token_env` read from the environment and passed as `token`.
+    assert_eq!(first.header("authorization"), Some("Basic czNjcmV0Og=="));
+    let body = first.json().unwrap();
+    assert_eq!(body["channel"], "#events");
+    assert_eq!(body["event"], "Signed Up");
+    assert_eq!(requests[3].json().unwrap()["n"], 4, "module state is kept");
+
+    // ValidationError: dead-lettered with its message and the function's stack.
+    let letters = f.wait_dead_letters("fn", 1, Duration::from_secs(10)).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["message"]["messageId"], "m2");
+    assert_eq!(letters[0]["reason"], "rejected");
+    let response = letters[0]["response"].as_str().unwrap();
+    assert!(
+        response.starts_with("ValidationError: upstream refused: no such event"),
+        "{response}"
+    );
+    assert!(response.contains("functions/f.js:13"), "{response}");
+
+    // No onIdentify: skipped, not sent, not an error.
+    assert_eq!(outcome(&f, "skipped").await, 1.0);
+    assert_eq!(outcome(&f, "ok").await, 2.0);
+    assert!(outcome(&f, "retried").await >= 1.0);
+}
+
+#[tokio::test]
+async fn an_endless_loop_is_retried_and_an_allocation_bomb_dead_lettered() {
+    let receiver = Receiver::start().await;
+    let script = r#"
+var loops = 0;
+function onTrack(event) {
+  if (event.event === 'Loop' && ++loops === 1) { while (true) {} }
+  if (event.event === 'Bomb') { const a = []; for (;;) a.push('x'.repeat(65536) + a.length); }
+  return fetch('https://api.example.com/done', { method: 'POST', body: event.messageId });
+}
+"#;
+    let f = start(
+        script,
+        &receiver,
+        "timeout = \"300ms\"\nmemory_limit = 8388608",
+    );
+    send(
+        &f,
+        json!([
+            {"type": "track", "userId": "u1", "event": "Loop", "messageId": "loop"},
+            {"type": "track", "userId": "u2", "event": "Bomb", "messageId": "bomb"},
+            {"type": "track", "userId": "u3", "event": "After", "messageId": "after"},
+        ]),
+    )
+    .await;
+    f.wait_settled("fn").await;
+    let mut bodies: Vec<String> = receiver
+        .requests()
+        .iter()
+        .map(|r| String::from_utf8(r.body.clone()).unwrap())
+        .collect();
+    bodies.sort();
+    assert_eq!(bodies, ["after", "loop"]);
+    assert!(outcome(&f, "retried").await >= 1.0);
+    let letters = f.dead_letters("fn").await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["message"]["messageId"], "bomb");
+    let response = letters[0]["response"].as_str().unwrap();
+    assert!(response.contains("out of memory"), "{response}");
+
+    // The server goes on serving.
+    send(
+        &f,
+        json!([{"type": "track", "userId": "u1", "event": "Later", "messageId": "later"}]),
+    )
+    .await;
+    let requests = receiver
+        .wait_until(Duration::from_secs(10), |requests| requests.len() == 3)
+        .await;
+    assert_eq!(requests.len(), 3);
+}
+
+#[tokio::test]
+async fn a_fetch_to_a_loopback_host_not_listed_is_refused() {
+    let receiver = Receiver::start().await;
+    let script = format!(
+        "async function onTrack(e) {{ await fetch('{}'); }}",
+        receiver.url("/direct")
+    );
+    let f = start(&script, &receiver, "");
+    send(
+        &f,
+        json!([{"type": "track", "userId": "u1", "event": "A", "messageId": "a"}]),
+    )
+    .await;
+    let letters = f.wait_dead_letters("fn", 1, Duration::from_secs(10)).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let response = letters[0]["response"].as_str().unwrap();
+    assert!(response.contains("loopback or private"), "{response}");
+    assert!(receiver.requests().is_empty());
+}
+
+#[test]
+fn check_names_the_file_and_line_of_a_syntax_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("functions")).unwrap();
+    std::fs::write(
+        tmp.path().join("functions/f.js"),
+        "x = 1;\nfunction onTrack(e) {\n  return ) ;\n}\n",
+    )
+    .unwrap();
+    let config = tmp.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n\n\
+         [[destinations]]\nname = \"fn\"\nkind = \"function\"\nfile = \"functions/f.js\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("destinations[0].file"), "{stderr}");
+    assert!(stderr.contains("functions/f.js:3: SyntaxError"), "{stderr}");
+}
+
+#[tokio::test]
+async fn an_insert_function_changes_drops_and_fails_messages_keeping_their_order() {
+    let receiver = Receiver::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("functions")).unwrap();
+    std::fs::write(
+        tmp.path().join("functions/clean.js"),
+        r#"
+seen = 0;
+flaked = false;
+function onTrack(event) {
+  if (event.event === 'Internal') return null;
+  if (event.event === 'Flaky' && !flaked) { flaked = true; throw new RetryError('later'); }
+  if (event.event === 'Broken') throw new InvalidEventPayload('no amount');
+  event.properties = event.properties || {};
+  event.properties.seen = ++seen;
+  delete event.context;
+  return event;
+}
+"#,
+    )
+    .unwrap();
+    let section = format!(
+        "[[destinations]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"{}\"\n\
+         payload = \"message\"\ninsert_function = \"functions/clean.js\"\n\
+         retry = {{ initial_backoff = \"100ms\", max_backoff = \"300ms\" }}\n",
+        receiver.url("/hook")
+    );
+    let f = Fanout::start_in(tmp, Settings::default().section(&section));
+    let track = |id: &str, event: &str| {
+        json!({"type": "track", "userId": "u1", "event": event, "messageId": id,
+               "context": {"ip": "10.0.0.1"}})
+    };
+    send(
+        &f,
+        json!([
+            track("t1", "Viewed"),
+            track("t2", "Internal"),
+            track("t3", "Broken"),
+            {"type": "identify", "userId": "u1", "messageId": "i1"},
+            track("t4", "Paid"),
+            track("t5", "Flaky"),
+        ]),
+    )
+    .await;
+    f.wait_settled("hook").await;
+    let messages = receiver.messages();
+    let ids: Vec<&str> = messages
+        .iter()
+        .map(|m| m["messageId"].as_str().unwrap())
+        .collect();
+    // t5 threw RetryError once: tried again, then sent.
+    assert_eq!(ids, ["t1", "t4", "t5"], "the user's order is kept");
+    let retried = f
+        .stderr()
+        .iter()
+        .any(|l| l.contains("insert function failed; will retry"));
+    assert!(retried);
+    assert_eq!(messages[0]["properties"]["seen"], 1);
+    assert_eq!(messages[2]["properties"]["seen"], 3);
+    assert!(messages[0].get("context").is_none(), "{}", messages[0]);
+    let letters = f.dead_letters("hook").await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["message"]["messageId"], "t3");
+    assert_eq!(letters[0]["reason"], "insert_function");
+    let response = letters[0]["response"].as_str().unwrap();
+    assert!(
+        response.starts_with("InvalidEventPayload: no amount"),
+        "{response}"
+    );
+    let skipped = f
+        .metric(
+            "fanout_deliveries_total",
+            &[("destination", "hook"), ("outcome", "skipped")],
+        )
+        .await;
+    assert_eq!(skipped, Some(2.0), "t2 (null) and i1 (no onIdentify)");
+    // The file destination without one gets every message unchanged.
+    let all = f.wait_delivered(6).await;
+    assert_eq!(all.len(), 6);
+    assert_eq!(all[0]["context"]["ip"], "10.0.0.1");
+}
+
+#[tokio::test]
+async fn a_reload_runs_the_changed_file_and_refuses_a_syntax_error() {
+    let receiver = Receiver::start().await;
+    let version = |n: u32| {
+        format!(
+            "async function onTrack(e) {{ await fetch('https://api.example.com/v{n}', \
+             {{ method: 'POST', body: e.messageId }}); }}"
+        )
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    std::fs::create_dir_all(dir.join("functions")).unwrap();
+    std::fs::write(dir.join("functions/f.js"), version(1)).unwrap();
+    let section = format!(
+        "[[destinations]]\nname = \"fn\"\nkind = \"function\"\nfile = \"functions/f.js\"\n\
+         fetch_hosts = {{ \"api.example.com\" = \"http://127.0.0.1:{}\" }}\n",
+        receiver.port()
+    );
+    let settings = Settings::default()
+        .section(&section)
+        .section("[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n")
+        .env("FANOUT_ADMIN_TOKEN", "fn-admin-token");
+    let f = Fanout::start_in(tmp, settings);
+    let track =
+        |id: &str| json!([{"type": "track", "userId": "u1", "event": "A", "messageId": id}]);
+    send(&f, track("a")).await;
+    f.wait_settled("fn").await;
+
+    std::fs::write(dir.join("functions/f.js"), version(2)).unwrap();
+    let (status, body) = common::post_reload(&f, "fn-admin-token", "").await;
+    assert_eq!(status, 200, "{body}");
+    send(&f, track("b")).await;
+    let requests = receiver
+        .wait_until(Duration::from_secs(10), |r| r.len() >= 2)
+        .await;
+    let paths: Vec<String> = requests.iter().map(|r| r.path.clone()).collect();
+    assert_eq!(paths, ["/v1", "/v2"]);
+
+    std::fs::write(
+        dir.join("functions/f.js"),
+        "function onTrack(e) {\n  return ) ;\n}",
+    )
+    .unwrap();
+    let (status, body) = common::post_reload(&f, "fn-admin-token", "").await;
+    assert_ne!(status, 200, "{body}");
+    assert!(
+        body.to_string().contains("functions/f.js:2: SyntaxError"),
+        "{body}"
+    );
+    // The running function is the last good one.
+    send(&f, track("c")).await;
+    let requests = receiver
+        .wait_until(Duration::from_secs(10), |r| r.len() >= 3)
+        .await;
+    assert_eq!(requests.len(), 3);
+    assert_eq!(requests[2].path, "/v2");
+}
