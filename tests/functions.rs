@@ -374,3 +374,31 @@ async fn a_reload_runs_the_changed_file_and_refuses_a_syntax_error() {
     assert_eq!(requests.len(), 3);
     assert_eq!(requests[2].path, "/v2");
 }
+
+/// What an insert function returns is stored output like any message: one line each,
+/// even when it puts line separators in (serde_json writes U+2028/2029 raw).
+#[tokio::test]
+async fn what_an_insert_function_returns_stays_on_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("functions")).unwrap();
+    std::fs::write(
+        tmp.path().join("functions/note.js"),
+        "function onTrack(event) { event.properties = { note: 'a\\u2028b\\u2029c\\u0085d' }; return event; }\n",
+    )
+    .unwrap();
+    let path = tmp.path().join("noted.jsonl");
+    let section = format!(
+        "[[destinations]]\nname = \"noted\"\nkind = \"file\"\npath = \"{}\"\n\
+         insert_function = \"functions/note.js\"\n",
+        path.display()
+    );
+    let f = Fanout::start_in(tmp, Settings::default().section(&section));
+    let track = |id: &str| json!({"type": "track", "userId": "u1", "event": "E", "messageId": id});
+    send(&f, json!([track("n1"), track("n2")])).await;
+    let lines = common::wait_file_lines(&path, 2).await;
+    f.wait_settled("noted").await;
+    let raw = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(raw.lines().count(), 2, "{raw:?}");
+    assert!(!raw.contains(['\u{2028}', '\u{2029}', '\u{85}']), "{raw:?}");
+    assert_eq!(lines[0]["properties"]["note"], "a\u{2028}b\u{2029}c\u{85}d");
+}

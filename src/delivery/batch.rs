@@ -3,56 +3,20 @@
 //! out of attempts; on a rejection split it in halves, down to single messages, so that
 //! only the message the destination refuses is dead-lettered.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use chrono::Utc;
 use serde_json::json;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::context::DeliveryContext;
 use super::insert::Inserted;
-use super::retry::RetryPolicy;
-use crate::clock::Clock;
 use crate::destinations::RatePer;
-use crate::destinations::{AnyDestination, Check, Outgoing, Prepared, SendError};
+use crate::destinations::{Check, Outgoing, Prepared, SendError};
 use crate::metrics::DeliveryMetrics;
-use crate::pace::RateLimiter;
 use crate::queue::dead_letters::{Failure, Reason};
 use crate::queue::Earlier;
-use crate::routing::Route;
-
-/// What a destination's batches share.
-pub struct DeliveryContext {
-    pub name: String,
-    /// Which messages this destination gets, and edits to them (the routing stage).
-    pub route: Route,
-    pub destination: AnyDestination,
-    /// Run on each message before the destination sees it (`insert_function`).
-    pub insert: Option<crate::functions::Function>,
-    pub policy: RetryPolicy,
-    pub limiter: Option<(RateLimiter, RatePer)>,
-    /// Batches sending at once.
-    pub sends: Semaphore,
-    /// No request before this instant (set from `Retry-After`): a destination that
-    /// says it is overloaded is overloaded for every batch, not just the one told.
-    pub gate: Mutex<Option<Instant>>,
-    pub stop: watch::Receiver<bool>,
-    /// Wall time, for when a batch was first tried and when it died.
-    pub clock: Clock,
-}
-
-impl DeliveryContext {
-    fn gate(&self) -> Option<Instant> {
-        *self.gate.lock().expect("gate lock poisoned")
-    }
-
-    fn hold_until(&self, until: Instant) {
-        let mut gate = self.gate.lock().expect("gate lock poisoned");
-        if gate.is_none_or(|g| g < until) {
-            *gate = Some(until);
-        }
-    }
-}
 
 /// Where a message came from, which decides what happens once it is settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -19,7 +19,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::batch::{self, BatchResult, DeliveryContext, Item, Origin, Settled};
+use super::batch::{self, BatchResult, Item, Origin, Settled};
+use super::context::DeliveryContext;
 use super::lines::Lines;
 use super::progress::Progress;
 use super::replay::{self, Replays};

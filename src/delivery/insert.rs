@@ -8,7 +8,7 @@
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::batch::DeliveryContext;
+use super::context::DeliveryContext;
 use crate::destinations::handler_of;
 use crate::functions::{FailureKind, Function, Outcome};
 use crate::queue::dead_letters::{Failure, Reason};
@@ -49,7 +49,10 @@ pub(super) async fn apply(context: &DeliveryContext, function: &Function, json: 
         let failure = match outcome {
             Outcome::Returned(Value::Null) => return Inserted::Skip("insert_function"),
             Outcome::Returned(message @ Value::Object(_)) => {
-                return Inserted::Send(message.to_string().into_bytes())
+                // serde_json writes U+2028/2029 raw: stored messages stay one line each.
+                let mut json = message.to_string().into_bytes();
+                crate::json::keep_on_one_line(&mut json, 0);
+                return Inserted::Send(json);
             }
             Outcome::Returned(other) => {
                 let what = match other {

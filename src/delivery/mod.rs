@@ -3,6 +3,7 @@
 //! destination delays only itself.
 
 mod batch;
+mod context;
 mod engine;
 mod insert;
 mod lines;
@@ -26,7 +27,7 @@ use crate::metrics::DestinationGauges;
 use crate::pace::RateLimiter;
 use crate::queue::{Checkpoint, DeadLetters, Queue, Replay, ReplayError};
 use crate::routing::Route;
-use batch::DeliveryContext;
+use context::DeliveryContext;
 use progress::Progress;
 use retry::RetryPolicy;
 

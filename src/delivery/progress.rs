@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::batch::DeliveryContext;
+use super::context::DeliveryContext;
 use crate::metrics::DestinationGauges;
 use crate::queue::{Feed, Place, Record};
 use crate::throttle::LogThrottle;
