@@ -172,7 +172,11 @@ impl Sources {
         let mut functions = HashMap::new();
         for (i, source) in sources.iter().enumerate() {
             if let Some(file) = &source.function {
-                let function = SourceFunction::load(dir, file, &source.function_settings)
+                let settings = crate::functions::settings_from(&source.function_settings, |var| {
+                    std::env::var(var).ok().filter(|v| !v.is_empty())
+                })
+                .map_err(|why| anyhow::anyhow!("`sources[{i}].function_settings`: {why}"))?;
+                let function = SourceFunction::load(dir, file, settings)
                     .map_err(|why| anyhow::anyhow!("`sources[{i}].function`: {why}"))?;
                 functions.insert(Arc::from(source.name.as_str()), Arc::new(function));
             }

@@ -3,6 +3,8 @@
 //! it with `fetch_hosts`): delivery, settings from the environment, `RetryError` and the
 //! time limit retried, an allocation bomb and `ValidationError` dead-lettered, a missing
 //! handler skipped, a fetch to a refused host failing, a syntax error refused by `check`.
+//! Source functions: a webhook at `/v1/functions/{writeKey}` turned into messages of its
+//! source, and each answer `onRequest` can lead to.
 
 mod common;
 
@@ -511,6 +513,18 @@ async fn a_source_function_answers_each_way_it_can_end() {
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("no customer in the webhook"), "{body}");
 
+    // GET too, for senders that use it.
+    common::expect_error(
+        common::client()
+            .get(f.url(&format!("/v1/functions/{}?mode=invalid", common::WRITE_KEY)))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "validation_error",
+    )
+    .await;
+
     common::expect_error(
         webhook(&f, "?mode=unsupported")
             .body("{}")
@@ -611,6 +625,38 @@ fn check_names_the_file_and_line_of_a_source_functions_syntax_error() {
     assert!(stderr.contains("sources[0].function"), "{stderr}");
     assert!(
         stderr.contains("functions/src.js:2: SyntaxError"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_names_a_source_functions_setting_whose_variable_is_unset() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("functions")).unwrap();
+    std::fs::write(
+        tmp.path().join("functions/src.js"),
+        "function onRequest(request, settings) {}\n",
+    )
+    .unwrap();
+    let config = tmp.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n\
+         function = \"functions/src.js\"\n\
+         function_settings = { api_key_env = \"FANOUT_TEST_UNSET_API_KEY\" }\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .env_remove("FANOUT_TEST_UNSET_API_KEY")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("sources[0].function_settings")
+            && stderr.contains("FANOUT_TEST_UNSET_API_KEY"),
         "{stderr}"
     );
 }

@@ -36,12 +36,12 @@ pub struct Emitted {
 }
 
 impl SourceFunction {
-    /// Reads `file` (relative to `dir`), checks it defines `onRequest`, resolves the
-    /// settings' `_env` keys and starts it with the default limits.
+    /// Reads `file` (relative to `dir`), starts it with the default limits and checks it
+    /// defines `onRequest`; `settings` are resolved already (`settings_from`).
     pub fn load(
         dir: &Path,
         file: &str,
-        settings: &BTreeMap<String, serde_json::Value>,
+        settings: serde_json::Value,
     ) -> Result<SourceFunction, String> {
         // Syntax and load errors name the file already; the others get it in front.
         let named = |e: String| {
@@ -52,9 +52,6 @@ impl SourceFunction {
             }
         };
         let source = super::read_script(&dir.join(file), file).map_err(named)?;
-        let settings = super::settings_from(settings, |var| {
-            std::env::var(var).ok().filter(|v| !v.is_empty())
-        })?;
         let function = Function::load(
             &source,
             Options {
