@@ -5,7 +5,7 @@
 //! (`Bearer key` or the bare key), and, when no header is sent, `writeKey` in the body
 //! (the browser library). Keys are compared in constant time against every configured key.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +15,7 @@ use http::header::{HeaderMap, AUTHORIZATION};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
+use crate::functions::SourceFunction;
 use crate::tracking_plan::TrackingPlan;
 
 /// The credential a request's headers carry.
@@ -95,6 +96,14 @@ pub struct SourceConfig {
     /// properties this source may send (`tracking_plan.rs`). Compiled where the sources
     /// are built (`auth::Sources::from_config`).
     pub tracking_plan: Option<PathBuf>,
+    /// A source function's JavaScript file (relative to the config file): its
+    /// `onRequest(request, settings)` turns what `POST /v1/functions/{writeKey}` receives
+    /// into messages of this source. Loaded where the sources are built.
+    pub function: Option<String>,
+    /// Handed to `onRequest` as `settings`; a key ending in `_env` names an environment
+    /// variable, passed under the key without the suffix.
+    #[serde(default)]
+    pub function_settings: BTreeMap<String, serde_json::Value>,
 }
 
 /// `browser = { batching = { size = 10, timeout = "5s" } }`: the browser library batches
@@ -140,6 +149,8 @@ pub struct Sources {
     batching: HashMap<Arc<str>, BrowserBatching>,
     /// Per source, its tracking plan (swapped with the keys on reload).
     plans: HashMap<Arc<str>, Arc<TrackingPlan>>,
+    /// Per source, its source function (swapped with the keys on reload).
+    functions: HashMap<Arc<str>, Arc<SourceFunction>>,
 }
 
 impl Sources {
@@ -156,6 +167,18 @@ impl Sources {
                 let plan = TrackingPlan::load(dir, file)
                     .map_err(|why| anyhow::anyhow!("`sources[{i}].tracking_plan`: {why}"))?;
                 plans.insert(Arc::from(source.name.as_str()), Arc::new(plan));
+            }
+        }
+        let mut functions = HashMap::new();
+        for (i, source) in sources.iter().enumerate() {
+            if let Some(file) = &source.function {
+                let settings = crate::functions::settings_from(&source.function_settings, |var| {
+                    std::env::var(var).ok().filter(|v| !v.is_empty())
+                })
+                .map_err(|why| anyhow::anyhow!("`sources[{i}].function_settings`: {why}"))?;
+                let function = SourceFunction::load(dir, file, settings)
+                    .map_err(|why| anyhow::anyhow!("`sources[{i}].function`: {why}"))?;
+                functions.insert(Arc::from(source.name.as_str()), Arc::new(function));
             }
         }
         let mut keys: Vec<(Box<[u8]>, Arc<str>)> = Vec::new();
@@ -217,6 +240,7 @@ impl Sources {
             keys,
             batching,
             plans,
+            functions,
         })
     }
 
@@ -228,6 +252,11 @@ impl Sources {
     /// `source`'s tracking plan, if it has one.
     pub fn plan(&self, source: &str) -> Option<&Arc<TrackingPlan>> {
         self.plans.get(source)
+    }
+
+    /// `source`'s source function, if it has one.
+    pub fn function(&self, source: &str) -> Option<&Arc<SourceFunction>> {
+        self.functions.get(source)
     }
 
     /// The source owning `key`. Compares against every key so timing says nothing of
@@ -322,6 +351,8 @@ mod tests {
             dedupe: Default::default(),
             browser: Default::default(),
             tracking_plan: None,
+            function: None,
+            function_settings: BTreeMap::new(),
         }
     }
 

@@ -3,6 +3,8 @@
 //! it with `fetch_hosts`): delivery, settings from the environment, `RetryError` and the
 //! time limit retried, an allocation bomb and `ValidationError` dead-lettered, a missing
 //! handler skipped, a fetch to a refused host failing, a syntax error refused by `check`.
+//! Source functions: a webhook at `/v1/functions/{writeKey}` turned into messages of its
+//! source, and each answer `onRequest` can lead to.
 
 mod common;
 
@@ -401,4 +403,260 @@ async fn what_an_insert_function_returns_stays_on_one_line() {
     assert_eq!(raw.lines().count(), 2, "{raw:?}");
     assert!(!raw.contains(['\u{2028}', '\u{2029}', '\u{85}']), "{raw:?}");
     assert_eq!(lines[0]["properties"]["note"], "a\u{2028}b\u{2029}c\u{85}d");
+}
+
+/// A source function: a Stripe-like webhook turned into an identify and a track, and one
+/// way out per `?mode=`.
+const WEBHOOK: &str = r#"
+function onRequest(request, settings) {
+  const mode = request.url.searchParams.get('mode');
+  if (mode === 'invalid') throw new ValidationError('no customer in the webhook');
+  if (mode === 'unsupported') throw new EventNotSupported('ping is not supported');
+  if (mode === 'loop') { for (;;) {} }
+  if (mode === 'throw') { const missing = null; return missing.id; }
+  if (mode === 'bad') {
+    Segment.track({ userId: 'u1', event: 'Fine' });
+    Segment.track({ userId: 'u1', event: 'Broken', properties: 'not an object' });
+    return;
+  }
+  const body = request.json();
+  const invoice = body.data.object;
+  Segment.identify({ userId: invoice.customer, traits: { email: invoice.customer_email } });
+  Segment.track({
+    userId: invoice.customer,
+    event: 'Invoice Paid',
+    properties: { amount: invoice.amount_paid / 100, kind: body.type,
+                  signature: request.headers.get('Stripe-Signature'), account: settings.account },
+  });
+  Segment.set({ collection: 'invoices', id: invoice.id, properties: {} });
+}
+"#;
+
+/// fanout whose `test` source runs `WEBHOOK`, its `account` setting from the environment.
+fn start_source_function() -> Fanout {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("functions")).unwrap();
+    std::fs::write(tmp.path().join("functions/stripe.js"), WEBHOOK).unwrap();
+    let settings = Settings::default()
+        .source(
+            "function = \"functions/stripe.js\"\n\
+             function_settings = { account_env = \"STRIPE_ACCOUNT\" }",
+        )
+        .env("STRIPE_ACCOUNT", "acct_42");
+    Fanout::start_in(tmp, settings)
+}
+
+fn webhook(f: &Fanout, query: &str) -> reqwest::RequestBuilder {
+    common::client().post(f.url(&format!("/v1/functions/{}{query}", common::WRITE_KEY)))
+}
+
+#[tokio::test]
+async fn a_source_function_turns_a_webhook_into_messages_of_its_source() {
+    let f = start_source_function();
+    let stripe = json!({
+        "id": "evt_1", "type": "invoice.paid",
+        "data": { "object": { "id": "in_1", "customer": "cus_9",
+                              "customer_email": "ada@example.com", "amount_paid": 4200 } }
+    });
+    let response = webhook(&f, "")
+        .header("Stripe-Signature", "t=1,v1=abc")
+        .json(&stripe)
+        .send()
+        .await
+        .unwrap();
+    assert_success(response).await;
+    let delivered = f.wait_delivered(2).await;
+    assert_eq!(delivered.len(), 2, "{delivered:?}");
+    let identify = delivered.iter().find(|m| m["type"] == "identify").unwrap();
+    assert_eq!(identify["userId"], "cus_9");
+    assert_eq!(identify["traits"]["email"], "ada@example.com");
+    let track = delivered.iter().find(|m| m["type"] == "track").unwrap();
+    assert_eq!(track["event"], "Invoice Paid");
+    assert_eq!(track["properties"]["amount"], 42);
+    assert_eq!(track["properties"]["kind"], "invoice.paid");
+    assert_eq!(track["properties"]["signature"], "t=1,v1=abc");
+    assert_eq!(track["properties"]["account"], "acct_42");
+    // Ingested as a batch of the source: a messageId and receivedAt each.
+    for m in &delivered {
+        assert!(
+            m["messageId"].as_str().is_some_and(|id| !id.is_empty()),
+            "{m}"
+        );
+        assert!(m["receivedAt"].is_string(), "{m}");
+    }
+
+    // Basic auth names the source too, whatever the path's key.
+    let response = common::client()
+        .post(f.url("/v1/functions/not-a-key"))
+        .header("Authorization", common::basic(common::WRITE_KEY))
+        .json(&stripe)
+        .send()
+        .await
+        .unwrap();
+    assert_success(response).await;
+    assert_eq!(f.wait_delivered(4).await.len(), 4);
+}
+
+#[tokio::test]
+async fn a_source_function_answers_each_way_it_can_end() {
+    let f = start_source_function();
+    let body = common::expect_error(
+        webhook(&f, "?mode=invalid")
+            .body("{}")
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "validation_error",
+    )
+    .await;
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("no customer in the webhook"), "{body}");
+
+    // GET too, for senders that use it.
+    common::expect_error(
+        common::client()
+            .get(f.url(&format!("/v1/functions/{}?mode=invalid", common::WRITE_KEY)))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "validation_error",
+    )
+    .await;
+
+    common::expect_error(
+        webhook(&f, "?mode=unsupported")
+            .body("{}")
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "event_not_supported",
+    )
+    .await;
+
+    // The batch path's own error, naming the emitted message; nothing of it is stored.
+    let body = common::expect_error(
+        webhook(&f, "?mode=bad").body("{}").send().await.unwrap(),
+        400,
+        "invalid_field",
+    )
+    .await;
+    assert_eq!(body["error"]["index"], 1, "{body}");
+    assert_eq!(body["error"]["field"], "properties", "{body}");
+
+    common::expect_error(
+        webhook(&f, "?mode=throw").body("{}").send().await.unwrap(),
+        500,
+        "internal",
+    )
+    .await;
+
+    common::expect_error(
+        webhook(&f, "?mode=loop").body("{}").send().await.unwrap(),
+        504,
+        "function_timeout",
+    )
+    .await;
+    // The function's thread and the server go on.
+    common::expect_error(
+        webhook(&f, "?mode=invalid")
+            .body("{}")
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "validation_error",
+    )
+    .await;
+    assert_success(
+        f.post("/v1/track")
+            .json(&json!({"userId": "u", "event": "E"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let delivered = f.wait_delivered(1).await;
+    assert_eq!(delivered.len(), 1, "only the plain track: {delivered:?}");
+    assert_eq!(delivered[0]["event"], "E");
+}
+
+#[tokio::test]
+async fn a_source_function_refuses_an_unknown_key() {
+    let f = start_source_function();
+    common::expect_error(
+        common::client()
+            .post(f.url("/v1/functions/wk_unknown"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap(),
+        401,
+        "unauthorized",
+    )
+    .await;
+}
+
+#[test]
+fn check_names_the_file_and_line_of_a_source_functions_syntax_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("functions")).unwrap();
+    std::fs::write(
+        tmp.path().join("functions/src.js"),
+        "function onRequest(request) {\n  Segment.track({ ;\n}\n",
+    )
+    .unwrap();
+    let config = tmp.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n\
+         function = \"functions/src.js\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("sources[0].function"), "{stderr}");
+    assert!(
+        stderr.contains("functions/src.js:2: SyntaxError"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_names_a_source_functions_setting_whose_variable_is_unset() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("functions")).unwrap();
+    std::fs::write(
+        tmp.path().join("functions/src.js"),
+        "function onRequest(request, settings) {}\n",
+    )
+    .unwrap();
+    let config = tmp.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n\
+         function = \"functions/src.js\"\n\
+         function_settings = { api_key_env = \"FANOUT_TEST_UNSET_API_KEY\" }\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .env_remove("FANOUT_TEST_UNSET_API_KEY")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("sources[0].function_settings")
+            && stderr.contains("FANOUT_TEST_UNSET_API_KEY"),
+        "{stderr}"
+    );
 }

@@ -20,9 +20,6 @@ use crate::clock::Clock;
 use crate::functions::{self, FailureKind, Function, HostPolicy, Outcome};
 use crate::queue::Checkpoint;
 
-/// The largest function file read.
-const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
-
 /// `kind = "function"`'s own keys. The shared `timeout` is the per-call time limit
 /// (default 5 s).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -69,7 +66,8 @@ impl Kind for FunctionConfig {
 
     fn load_files(&mut self, dir: &Path) -> Result<(), KeyError> {
         let path = dir.join(&self.file);
-        let text = read_script(&path, &self.file).map_err(|e| KeyError::new("file", e))?;
+        let text =
+            functions::read_script(&path, &self.file).map_err(|e| KeyError::new("file", e))?;
         self.loaded = Some((path, text));
         Ok(())
     }
@@ -144,7 +142,7 @@ pub struct Script {
 
 impl Script {
     pub fn load(&mut self, dir: &Path) -> Result<(), String> {
-        self.source = Some(read_script(&dir.join(&self.file), &self.file)?);
+        self.source = Some(functions::read_script(&dir.join(&self.file), &self.file)?);
         Ok(())
     }
 
@@ -161,23 +159,6 @@ impl Script {
             },
         )
     }
-}
-
-/// Reads a function file (bounded in size) and checks its syntax; `name` is how errors
-/// call it.
-fn read_script(path: &Path, name: &str) -> Result<String, String> {
-    let read = std::fs::File::open(path).and_then(|file| {
-        use std::io::Read;
-        let mut text = String::new();
-        file.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;
-        Ok(text)
-    });
-    let text = read.map_err(|e| format!("cannot read: {e}"))?;
-    if text.len() as u64 > MAX_FILE_BYTES {
-        return Err("is over 4 MiB".into());
-    }
-    functions::check_syntax(&text, name)?;
-    Ok(text)
 }
 
 /// The message's handler name, if its type has one.

@@ -18,7 +18,8 @@ use crate::throttle::LogThrottle;
 const PRELUDE: &str = include_str!("prelude.js");
 
 /// The handler names looked up after the script's top level ran.
-const HANDLERS: [&str; 8] = [
+const HANDLERS: [&str; 9] = [
+    "onRequest",
     "onTrack",
     "onIdentify",
     "onPage",

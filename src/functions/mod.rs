@@ -21,17 +21,22 @@
 
 mod engine;
 mod fetch;
+mod source;
 #[cfg(test)]
 mod tests;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
 pub use fetch::HostPolicy;
+pub use source::{Emitted, RawRequest, SourceFunction};
 
 /// The per-call time limit when the config names none.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest function file read.
+const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
 /// The runtime's memory limit when the config names none.
 pub const DEFAULT_MEMORY_LIMIT: u64 = 64 * 1024 * 1024;
 
@@ -205,6 +210,23 @@ pub fn settings_from(
         }
     }
     Ok(serde_json::Value::Object(out))
+}
+
+/// Reads a function file (bounded in size) and checks its syntax; `name` is how errors
+/// call it.
+pub fn read_script(path: &Path, name: &str) -> Result<String, String> {
+    let read = std::fs::File::open(path).and_then(|file| {
+        use std::io::Read;
+        let mut text = String::new();
+        file.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;
+        Ok(text)
+    });
+    let text = read.map_err(|e| format!("cannot read: {e}"))?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err("is over 4 MiB".into());
+    }
+    check_syntax(&text, name)?;
+    Ok(text)
 }
 
 fn short_name(name: &str) -> &str {

@@ -91,6 +91,77 @@
       { status: answer.status, headers: answer.headers, url: String(url) }));
   };
 
+  // Source functions. `Segment.track(…)` and friends collect what `onRequest` emits,
+  // shaped as Segment's shim does (spec fields only, falsy ones left out, the ids each
+  // type needs checked); the engine calls __sourceRequest, which hands them back once
+  // the handler settled, so a handler that throws emits nothing.
+  const FIELDS = ['userId', 'anonymousId', 'event', 'name', 'properties', 'traits', 'groupId',
+    'previousId', 'context', 'integrations', 'messageId', 'sentAt', 'timestamp'];
+  const NEEDS = { track: 'event', group: 'groupId', alias: 'previousId' };
+  let emitted = [], sets = 0;
+  function emitter(type) {
+    return function (fields) {
+      fields = fields || {};
+      const message = { type: type };
+      for (const key of FIELDS) if (fields[key]) message[key] = fields[key];
+      if (!message.userId && !message.anonymousId) {
+        throw new global.ValidationError('Segment.' + type + ': userId or anonymousId is required');
+      }
+      const needed = NEEDS[type];
+      if (needed && !message[needed]) {
+        throw new global.ValidationError('Segment.' + type + ': ' + needed + ' is required');
+      }
+      emitted.push(message);
+    };
+  }
+  global.Segment = {
+    track: emitter('track'), identify: emitter('identify'), page: emitter('page'),
+    screen: emitter('screen'), group: emitter('group'), alias: emitter('alias'),
+    set: function () { sets += 1; },
+  };
+
+  // `request.url`'s query, decoded as forms encode it.
+  class SearchParams {
+    constructor(query) {
+      this._pairs = [];
+      for (const part of query.split('&')) {
+        if (!part) continue;
+        const at = part.indexOf('=');
+        const decode = function (s) { return decodeURIComponent(s.replace(/\+/g, ' ')); };
+        this._pairs.push(at < 0 ? [decode(part), ''] : [decode(part.slice(0, at)), decode(part.slice(at + 1))]);
+      }
+    }
+    get(name) { const p = this._pairs.find(function (p) { return p[0] === name; }); return p ? p[1] : null; }
+    getAll(name) { return this._pairs.filter(function (p) { return p[0] === name; }).map(function (p) { return p[1]; }); }
+    has(name) { return this._pairs.some(function (p) { return p[0] === name; }); }
+  }
+  class RequestUrl {
+    constructor(href) {
+      const query = href.indexOf('?');
+      this.href = href;
+      this.search = query < 0 ? '' : href.slice(query);
+      this.searchParams = new SearchParams(query < 0 ? '' : href.slice(query + 1));
+    }
+    toString() { return this.href; }
+  }
+  global.__sourceRequest = function (raw, settings) {
+    emitted = [];
+    sets = 0;
+    const body = raw.body;
+    const request = {
+      method: raw.method,
+      url: new RequestUrl(raw.url),
+      headers: new Headers(raw.headers),
+      text: function () { return body; },
+      json: function () { return JSON.parse(body); },
+    };
+    return Promise.resolve(global.onRequest(request, settings)).then(function () {
+      const out = { messages: emitted, sets: sets };
+      emitted = [];
+      return out;
+    });
+  };
+
   delete global.__log;
   delete global.__fetch;
   delete global.__atob;

@@ -246,3 +246,41 @@ fn fetch_hosts_keep_the_path_and_query_under_the_base() {
     let ftp = reqwest::Url::parse("ftp://api.example.com/x").unwrap();
     assert!(runtime.block_on(policy.target(&ftp)).is_err());
 }
+
+#[test]
+fn segment_calls_are_shaped_as_segments_shim_does_and_a_throw_emits_nothing() {
+    let f = load(
+        r#"
+        function onRequest(request, settings) {
+          const body = request.json();
+          Segment.track({ userId: 'u', event: 'E', properties: body, extra: 1, traits: null,
+                          context: { q: request.url.searchParams.get('q') } });
+          Segment.set({ collection: 'c', id: '1' });
+          if (request.headers.get('X-Fail')) Segment.alias({ userId: 'u' });
+        }
+        "#,
+    );
+    let request = |fail: bool| {
+        json!({
+            "method": "POST",
+            "url": "http://h/v1/functions/k?q=a+b%21",
+            "headers": if fail { json!({"x-fail": "1"}) } else { json!({}) },
+            "body": "{\"n\":1}",
+        })
+    };
+    let emitted = match call(&f, "__sourceRequest", request(false)) {
+        Outcome::Returned(v) => v,
+        other => panic!("{other:?}"),
+    };
+    // Spec fields only, falsy ones left out, `type` from the method.
+    assert_eq!(
+        emitted,
+        json!({"messages": [{"type": "track", "userId": "u", "event": "E",
+                             "properties": {"n": 1}, "context": {"q": "a b!"}}],
+               "sets": 1})
+    );
+    // alias without previousId throws; the track before it is not emitted either.
+    let failed = failure(call(&f, "__sourceRequest", request(true)));
+    assert_eq!(failed.kind, FailureKind::Invalid, "{failed:?}");
+    assert!(failed.message.contains("previousId"), "{failed:?}");
+}

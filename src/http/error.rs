@@ -47,6 +47,8 @@ pub enum ApiError {
     Duplicate(String),
     NotFound,
     MethodNotAllowed,
+    /// A source function ran over its time limit: 504.
+    FunctionTimeout(String),
     /// A store fanout depends on failed: 500.
     Internal(String),
 }
@@ -60,6 +62,7 @@ impl ApiError {
             ApiError::UnsupportedEncoding => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::FunctionTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. }
             | ApiError::Uncertain { .. }
@@ -80,6 +83,7 @@ impl ApiError {
             ),
             ApiError::Unauthorized(why) => Rejection::new("unauthorized", *why),
             ApiError::Internal(why) => Rejection::new("internal", why.clone()),
+            ApiError::FunctionTimeout(why) => Rejection::new("function_timeout", why.clone()),
             ApiError::UnsupportedEncoding => Rejection::new(
                 "unsupported_encoding",
                 "Content-Encoding must be gzip, deflate or identity",
@@ -145,6 +149,7 @@ impl ApiError {
         let server_side = matches!(
             self,
             ApiError::Internal(_)
+                | ApiError::FunctionTimeout(_)
                 | ApiError::Unavailable { .. }
                 | ApiError::Uncertain { .. }
                 | ApiError::NotReady { .. }

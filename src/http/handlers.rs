@@ -28,7 +28,7 @@ use crate::queue::RecordBatch;
 /// Exactly what Segment answers; clients treat anything else as a failure.
 const SUCCESS: &str = r#"{"success":true}"#;
 
-fn success() -> Response {
+pub(super) fn success() -> Response {
     ([(CONTENT_TYPE, "application/json")], SUCCESS).into_response()
 }
 
@@ -78,9 +78,22 @@ pub(super) async fn accept_segment(
     let body = read_body(body, app.limits.max_request_bytes)
         .await
         .map_err(|e| refused(header_source.as_deref(), kind, 1, e))?;
+    ingest_segment(app, kind, header_source, &body, received_at).await
+}
+
+/// Ingests a Segment API body (a single call of type `kind`, or a batch): validation,
+/// the source (the header's, else the body's `writeKey`), dedupe, tracking plan, durable
+/// storage. Source functions hand their messages here as one batch.
+pub(super) async fn ingest_segment(
+    app: &App,
+    kind: Option<MessageType>,
+    header_source: Option<Arc<str>>,
+    body: &[u8],
+    received_at: chrono::DateTime<chrono::Utc>,
+) -> Result<Response, ApiError> {
     let request = match kind {
-        Some(kind) => segment::parse_single(&body, kind, received_at),
-        None => segment::parse_batch(&body, &app.limits, received_at),
+        Some(kind) => segment::parse_single(body, kind, received_at),
+        None => segment::parse_batch(body, &app.limits, received_at),
     }
     .map_err(|e| refused(header_source.as_deref(), kind, 1, e.into()))?;
     // Recorded once: a span field recorded twice is logged twice.
@@ -196,7 +209,7 @@ pub async fn ready(State(app): State<Arc<App>>) -> Response {
 
 impl App {
     /// The source named by the request's auth header; `None` when there is no header.
-    fn header_source(&self, headers: &HeaderMap) -> Result<Option<Arc<str>>, ApiError> {
+    pub(super) fn header_source(&self, headers: &HeaderMap) -> Result<Option<Arc<str>>, ApiError> {
         match auth::credential(headers) {
             Credential::Missing => Ok(None),
             Credential::Key(key) => self
@@ -367,7 +380,7 @@ fn refused(
 
 /// Collects the (decoded) body, refusing more than `limit` bytes. A UTF-8 byte-order
 /// mark in front of the JSON (some HTTP stacks add one) is dropped.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub(super) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     const BOM: &[u8] = b"\xEF\xBB\xBF";
     match Limited::new(body, limit).collect().await {
         Ok(collected) => {

@@ -6,6 +6,7 @@ mod admission;
 mod browser;
 mod config;
 mod error;
+mod functions;
 mod handlers;
 mod live;
 mod observe;
@@ -94,6 +95,10 @@ pub fn router(
         .route("/v1/import", post(handlers::batch))
         .route("/v1/b", post(handlers::batch))
         .route("/v1/m", post(handlers::client_metrics))
+        .route(
+            "/v1/functions/{write_key}",
+            post(functions::source_function).get(functions::source_function),
+        )
         .route("/v1/projects/{write_key}/settings", get(browser::settings))
         .route("/v1/pixel/{call}", get(browser::pixel))
         .route("/event/batch", post(handlers::event_batch))
