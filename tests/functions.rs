@@ -601,27 +601,10 @@ async fn a_source_function_refuses_an_unknown_key() {
 
 #[test]
 fn check_names_the_file_and_line_of_a_source_functions_syntax_error() {
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(tmp.path().join("functions")).unwrap();
-    std::fs::write(
-        tmp.path().join("functions/src.js"),
+    let stderr = check_refuses_source_function(
         "function onRequest(request) {\n  Segment.track({ ;\n}\n",
-    )
-    .unwrap();
-    let config = tmp.path().join("config.toml");
-    std::fs::write(
-        &config,
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n\
-         function = \"functions/src.js\"\n",
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_fanout"))
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+        "",
+    );
     assert!(stderr.contains("sources[0].function"), "{stderr}");
     assert!(
         stderr.contains("functions/src.js:2: SyntaxError"),
@@ -631,19 +614,30 @@ fn check_names_the_file_and_line_of_a_source_functions_syntax_error() {
 
 #[test]
 fn check_names_a_source_functions_setting_whose_variable_is_unset() {
+    let stderr = check_refuses_source_function(
+        "function onRequest(request, settings) {}\n",
+        "function_settings = { api_key_env = \"FANOUT_TEST_UNSET_API_KEY\" }\n",
+    );
+    assert!(
+        stderr.contains("sources[0].function_settings")
+            && stderr.contains("FANOUT_TEST_UNSET_API_KEY"),
+        "{stderr}"
+    );
+}
+
+/// `fanout check` on a source running `script` (as functions/src.js) with `extra` keys;
+/// it must refuse the config. Returns what it said.
+fn check_refuses_source_function(script: &str, extra: &str) -> String {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(tmp.path().join("functions")).unwrap();
-    std::fs::write(
-        tmp.path().join("functions/src.js"),
-        "function onRequest(request, settings) {}\n",
-    )
-    .unwrap();
+    std::fs::write(tmp.path().join("functions/src.js"), script).unwrap();
     let config = tmp.path().join("config.toml");
     std::fs::write(
         &config,
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n\
-         function = \"functions/src.js\"\n\
-         function_settings = { api_key_env = \"FANOUT_TEST_UNSET_API_KEY\" }\n",
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n\
+             function = \"functions/src.js\"\n{extra}"
+        ),
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_fanout"))
@@ -652,11 +646,7 @@ fn check_names_a_source_functions_setting_whose_variable_is_unset() {
         .env_remove("FANOUT_TEST_UNSET_API_KEY")
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("sources[0].function_settings")
-            && stderr.contains("FANOUT_TEST_UNSET_API_KEY"),
-        "{stderr}"
-    );
+    stderr
 }
