@@ -78,6 +78,39 @@ enum Command {
         #[arg(long = "type")]
         message_type: Option<String>,
     },
+    /// Work on Segment Functions files without a config or a server.
+    Fn {
+        #[command(subcommand)]
+        action: FnAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum FnAction {
+    /// Run a function file once, with the runtime's default limits, and print JSON lines.
+    ///
+    /// With `--event`, calls the handler for the message's `type` (onTrack, onIdentify,
+    /// …) with the message and the settings, and prints `{"returned": …}`. With
+    /// `--request` (a JSON file `{"method","url","headers":{},"body":…}`), calls
+    /// `onRequest` as a source function and prints `{"emitted": message}` for each
+    /// `Segment.track(…)` and friends (and `{"sets": n}` for `Segment.set`). A throw prints
+    /// `{"threw": {"name","message","stack"}}`. The `fetch` calls it makes are not
+    /// printed. Exit code: 0 when it returned, 1 when it threw or could not load, 2 on
+    /// bad arguments.
+    Test {
+        /// The function's JavaScript file.
+        file: PathBuf,
+        /// A message (JSON, with its `type`) to call the handler of its type with.
+        #[arg(long, conflicts_with = "request", required_unless_present = "request")]
+        event: Option<PathBuf>,
+        /// A webhook request (JSON `{"method","url","headers":{},"body":…}`) for onRequest.
+        #[arg(long)]
+        request: Option<PathBuf>,
+        /// `KEY=VALUE` handed over in `settings` (repeatable); a key ending in `_env`
+        /// names an environment variable, passed as the key without `_env`.
+        #[arg(long = "settings", value_name = "KEY=VALUE", num_args = 1..)]
+        settings: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -113,6 +146,10 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    // Needs no config: a function is tried before it goes in one.
+    if let Some(Command::Fn { action }) = &cli.command {
+        return fn_command(action);
+    }
     let path = match &cli.command {
         Some(Command::Check { file: Some(file) }) => file.clone(),
         _ => cli.config.clone(),
@@ -251,6 +288,35 @@ fn exit_code(done: anyhow::Result<()>) -> ExitCode {
         Err(e) => {
             eprintln!("fanout: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn fn_command(action: &FnAction) -> ExitCode {
+    use fanout::cli::fn_test::{run, Ended, Input};
+    let FnAction::Test {
+        file,
+        event,
+        request,
+        settings,
+    } = action;
+    let input = match (event, request) {
+        (Some(event), _) => Input::Event(event.clone()),
+        (None, Some(request)) => Input::Request(request.clone()),
+        (None, None) => unreachable!("clap requires --event or --request"),
+    };
+    let done = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(file, &input, settings)));
+    match done {
+        Ok(Ended::Returned) => ExitCode::SUCCESS,
+        Ok(Ended::Threw) => ExitCode::FAILURE,
+        Err(e) if fanout::cli::output::is_closed(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fanout: {e:#}");
+            ExitCode::from(2)
         }
     }
 }

@@ -650,3 +650,86 @@ fn check_refuses_source_function(script: &str, extra: &str) -> String {
     assert!(!out.status.success(), "{stderr}");
     stderr
 }
+
+/// `fanout fn test` on `script` (as f.js) with `input` (as input.json) and `args` after
+/// the file; its exit code and each line it printed, as JSON.
+fn fn_test(script: &str, input: &Value, args: &[&str]) -> (Option<i32>, Vec<Value>, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("f.js"), script).unwrap();
+    std::fs::write(tmp.path().join("input.json"), input.to_string()).unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fanout"));
+    command.current_dir(tmp.path()).args(["fn", "test", "f.js"]);
+    for arg in args {
+        command.arg(arg.replace("INPUT", "input.json"));
+    }
+    let out = command.output().unwrap();
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), lines, stderr)
+}
+
+#[test]
+fn fn_test_prints_what_an_event_handler_returned() {
+    let script = "function onTrack(event, settings) {\n\
+                  event.properties.plan = settings.plan;\n  return event;\n}\n";
+    let message = json!({"type": "track", "event": "Signed Up", "userId": "u1", "properties": {}});
+    let (code, lines, stderr) = fn_test(
+        script,
+        &message,
+        &["--event", "INPUT", "--settings", "plan=pro"],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["returned"]["properties"]["plan"], "pro");
+    assert_eq!(lines[0]["returned"]["event"], "Signed Up");
+}
+
+#[test]
+fn fn_test_prints_what_a_source_function_emitted() {
+    let script = "async function onRequest(request, settings) {\n\
+                  const body = request.json();\n\
+                  Segment.track({ event: body.kind, userId: body.user,\n\
+                    properties: { source: request.headers.get('x-from') } });\n}\n";
+    let request = json!({
+        "method": "POST", "url": "https://hooks.example.com/in?x=1",
+        "headers": {"x-from": "stripe"}, "body": {"kind": "Charge Succeeded", "user": "u9"}
+    });
+    let (code, lines, stderr) = fn_test(script, &request, &["--request", "INPUT"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let emitted = &lines[0]["emitted"];
+    assert_eq!(emitted["type"], "track");
+    assert_eq!(emitted["event"], "Charge Succeeded");
+    assert_eq!(emitted["userId"], "u9");
+    assert_eq!(emitted["properties"]["source"], "stripe");
+}
+
+#[test]
+fn fn_test_prints_what_a_handler_threw_and_exits_1() {
+    let script = "function onIdentify(event) {\n  throw new ValidationError('no email');\n}\n";
+    let message = json!({"type": "identify", "userId": "u1"});
+    let (code, lines, stderr) = fn_test(script, &message, &["--event", "INPUT"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["threw"]["name"], "ValidationError");
+    assert_eq!(lines[0]["threw"]["message"], "no email");
+    assert!(lines[0]["threw"]["stack"]
+        .as_str()
+        .unwrap()
+        .contains("f.js:2"));
+}
+
+#[test]
+fn fn_test_refuses_bad_arguments_with_exit_2() {
+    let message = json!({"type": "nope"});
+    let (code, _, stderr) = fn_test("function onTrack(e) {}\n", &message, &["--event", "INPUT"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("`type`"), "{stderr}");
+    let track = json!({"type": "track"});
+    let (code, _, stderr) = fn_test("", &track, &["--event", "INPUT", "--settings", "novalue"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("KEY=VALUE"), "{stderr}");
+}

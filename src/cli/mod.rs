@@ -3,6 +3,7 @@
 //! the result without sending anything.
 
 pub mod admin;
+pub mod fn_test;
 pub mod output;
 pub mod route;
 pub mod tap;
