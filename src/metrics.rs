@@ -20,6 +20,9 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use crate::clock::Clock;
 use crate::message::MessageType;
 
+mod functions;
+pub use functions::FunctionMetrics;
+
 const HTTP_REQUESTS: &str = "fanout_http_requests_total";
 const HTTP_DURATION: &str = "fanout_http_request_duration_seconds";
 const HTTP_IN_FLIGHT: &str = "fanout_http_requests_in_flight";
@@ -72,6 +75,10 @@ pub fn install() {
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Full(DELIVERY_DURATION.into()), DELIVERY_BUCKETS)
             })
+            .and_then(|b| {
+                let name = functions::CALL_DURATION.into();
+                b.set_buckets_for_metric(Matcher::Full(name), functions::CALL_BUCKETS)
+            })
             .expect("bucket lists are not empty");
         match builder.install_recorder() {
             Ok(handle) => {
@@ -97,6 +104,7 @@ pub fn install() {
 }
 
 fn describe() {
+    functions::describe();
     describe_counter!(
         HTTP_REQUESTS,
         "HTTP requests answered, by route template (\"unmatched\" for unknown paths) and status."

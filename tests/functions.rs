@@ -733,3 +733,42 @@ fn fn_test_refuses_bad_arguments_with_exit_2() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("KEY=VALUE"), "{stderr}");
 }
+
+#[tokio::test]
+async fn metrics_count_each_functions_calls_by_outcome_and_time_them() {
+    let receiver = Receiver::start().await;
+    let script = "function onTrack(event) {\n\
+                  if (event.event === 'Bad') throw new ValidationError('bad');\n\
+                  return event.messageId;\n}\n";
+    let f = start(script, &receiver, "");
+    send(
+        &f,
+        json!([
+            {"type": "track", "userId": "u1", "event": "Good", "messageId": "a"},
+            {"type": "track", "userId": "u1", "event": "Bad", "messageId": "b"},
+            {"type": "track", "userId": "u1", "event": "Good", "messageId": "c"},
+        ]),
+    )
+    .await;
+    f.wait_settled("fn").await;
+    let calls = |outcome: &'static str| {
+        let f = &f;
+        async move {
+            f.metric(
+                "fanout_function_calls_total",
+                &[("function", "functions/f.js"), ("outcome", outcome)],
+            )
+            .await
+        }
+    };
+    assert_eq!(calls("returned").await, Some(2.0));
+    assert_eq!(calls("invalid").await, Some(1.0));
+    assert_eq!(calls("timeout").await, Some(0.0));
+    let timed = f
+        .metric(
+            "fanout_function_call_duration_seconds_count",
+            &[("function", "functions/f.js")],
+        )
+        .await;
+    assert_eq!(timed, Some(3.0));
+}

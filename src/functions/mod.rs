@@ -28,7 +28,9 @@ mod tests;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crate::metrics::FunctionMetrics;
 
 pub use fetch::HostPolicy;
 pub use source::{Emitted, RawRequest, SourceFunction};
@@ -58,6 +60,22 @@ pub enum Outcome {
     /// `undefined`).
     Returned(serde_json::Value),
     Failed(Failure),
+}
+
+impl Outcome {
+    /// The `outcome` label of `fanout_function_calls_total` (one of `metrics::functions::CALL_OUTCOMES`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Returned(_) => "returned",
+            Outcome::Failed(failure) => match failure.kind {
+                FailureKind::Retry => "retry",
+                FailureKind::Timeout => "timeout",
+                FailureKind::NotSupported => "not_supported",
+                FailureKind::Invalid => "invalid",
+                FailureKind::Error => "error",
+            },
+        }
+    }
 }
 
 /// A call that did not return.
@@ -115,11 +133,15 @@ impl Function {
             .name(format!("fn {}", short_name(&name)))
             .spawn({
                 let source = source.to_string();
+                let name = name.clone();
                 move || match engine::Engine::new(&source, options) {
                     Ok(engine) => {
                         let _ = ready.send(Ok(engine.handlers()));
+                        let metrics = FunctionMetrics::new(&name);
                         for call in receiver {
+                            let started = Instant::now();
                             let outcome = engine.call(call.handler, call.args);
+                            metrics.record(outcome.label(), started.elapsed());
                             let _ = call.reply.send(outcome);
                         }
                     }
