@@ -4,7 +4,8 @@
 //! time limit retried, an allocation bomb and `ValidationError` dead-lettered, a missing
 //! handler skipped, a fetch to a refused host failing, a syntax error refused by `check`.
 //! Source functions: a webhook at `/v1/functions/{writeKey}` turned into messages of its
-//! source, and each answer `onRequest` can lead to.
+//! source, and each answer `onRequest` can lead to. `fanout fn test` on a message, a request and
+//! a throw; the per-function call metrics.
 
 mod common;
 
