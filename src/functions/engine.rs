@@ -119,6 +119,7 @@ impl Engine {
         engine.clock.arm(options.timeout);
         let handlers = engine.context.with(|ctx| {
             hooks.install(&ctx).map_err(|e| e.to_string())?;
+            super::globals::install(&ctx).map_err(|e| e.to_string())?;
             ctx.eval::<(), _>(PRELUDE)
                 .catch(&ctx)
                 .map_err(|e| format!("prelude: {e}"))?;
