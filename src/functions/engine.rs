@@ -199,10 +199,7 @@ impl Engine {
             Ok(v) => v,
             Err(e) => return failed(e),
         };
-        let settled = match returned.as_promise() {
-            Some(promise) => promise.finish::<Value>().catch(ctx),
-            None => Ok(returned),
-        };
+        let settled = super::globals::settle(ctx, returned, || self.clock.left());
         match settled {
             Ok(value) => Outcome::Returned(to_json(ctx, value)),
             Err(CaughtError::Error(rquickjs::Error::WouldBlock)) => Outcome::Failed(Failure {

@@ -3,7 +3,9 @@
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
-use rquickjs::{Ctx, Exception, Function};
+use std::time::{Duration, Instant};
+
+use rquickjs::{CatchResultExt, CaughtError, Ctx, Exception, Function, Value};
 use sha2::{Digest, Sha256, Sha512};
 
 pub(super) fn install(ctx: &Ctx<'_>) -> rquickjs::Result<()> {
@@ -46,6 +48,11 @@ pub(super) fn install(ctx: &Ctx<'_>) -> rquickjs::Result<()> {
                     .map_err(|e| Exception::throw_message(&ctx, &e))
             },
         )?,
+    )?;
+    let start = Instant::now();
+    globals.set(
+        "__now",
+        Function::new(ctx.clone(), move || start.elapsed().as_secs_f64() * 1000.0)?,
     )?;
     globals.set(
         "__uuid",
@@ -143,4 +150,39 @@ fn digest(algorithm: &str, key: Option<&[u8]>, data: &[u8]) -> Result<Vec<u8>, S
             "crypto: digest algorithm '{other}' is not supported (sha256 and sha512 are)"
         )),
     }
+}
+
+/// Settles what a handler returned. While its promise is pending, the `setTimeout` timers
+/// run in due order, each after its delay, as long as it falls within the time limit
+/// (`left`); timers still queued when the call ends are dropped.
+pub(super) fn settle<'js>(
+    ctx: &Ctx<'js>,
+    returned: Value<'js>,
+    left: impl Fn() -> Duration,
+) -> Result<Value<'js>, CaughtError<'js>> {
+    let settled = match returned.as_promise() {
+        None => Ok(returned),
+        Some(promise) => loop {
+            match promise.finish::<Value>().catch(ctx) {
+                Err(CaughtError::Error(rquickjs::Error::WouldBlock)) => {}
+                other => break other,
+            }
+            let next: f64 = timer_hook(ctx, "__nextTimer")?.call(()).catch(ctx)?;
+            let wait = Duration::from_secs_f64(next.max(0.0) / 1000.0);
+            if next < 0.0 || wait > left() {
+                break Err(CaughtError::Error(rquickjs::Error::WouldBlock));
+            }
+            std::thread::sleep(wait);
+            timer_hook(ctx, "__fireTimer")?
+                .call::<_, ()>(())
+                .catch(ctx)?;
+        },
+    };
+    let dropped = timer_hook(ctx, "__dropTimers").and_then(|f| f.call::<_, ()>(()).catch(ctx));
+    let value = settled?;
+    dropped.map(|()| value)
+}
+
+fn timer_hook<'js>(ctx: &Ctx<'js>, name: &str) -> Result<Function<'js>, CaughtError<'js>> {
+    ctx.globals().get(name).catch(ctx)
 }

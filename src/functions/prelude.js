@@ -92,6 +92,25 @@
       { status: answer.status, headers: answer.headers, url: String(url) }));
   };
 
+  // `setTimeout`: the engine runs due timers while the handler's promise is pending
+  // (globals.rs `settle`) and drops the rest when the call ends.
+  const now = global.__now;
+  let timers = [], timerIds = 0;
+  global.setTimeout = function (f, ms) {
+    const args = Array.prototype.slice.call(arguments, 2);
+    timerIds += 1;
+    timers.push({ id: timerIds, at: now() + Math.max(0, Number(ms) || 0), f: f, args: args });
+    return timerIds;
+  };
+  global.clearTimeout = function (id) { timers = timers.filter(function (t) { return t.id !== id; }); };
+  function nextTimer() {
+    timers.sort(function (a, b) { return a.at - b.at || a.id - b.id; });
+    return timers[0];
+  }
+  global.__nextTimer = function () { const t = nextTimer(); return t ? Math.max(0, t.at - now()) : -1; };
+  global.__fireTimer = function () { const t = nextTimer(); timers.shift(); t.f.apply(null, t.args); };
+  global.__dropTimers = function () { timers = []; };
+
   // Source functions. `Segment.track(…)` and friends collect what `onRequest` emits,
   // shaped as Segment's shim does (spec fields only, falsy ones left out, the ids each
   // type needs checked); the engine calls __sourceRequest, which hands them back once
@@ -270,5 +289,5 @@
   delete global.__fetch;
   delete global.__atob;
   delete global.__btoa;
-  for (const hook of ['__url', '__decode', '__encode', '__digest', '__uuid']) delete global[hook];
+  for (const hook of ['__url', '__decode', '__encode', '__digest', '__uuid', '__now']) delete global[hook];
 })(globalThis);

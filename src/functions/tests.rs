@@ -414,3 +414,37 @@ fn a_source_request_url_is_a_url_even_under_an_odd_host() {
         );
     }
 }
+
+#[test]
+fn set_timeout_runs_while_the_handler_waits_and_late_timers_are_dropped() {
+    let f = load(
+        "let late = 0;\n\
+         async function onTrack(e) {\n\
+           const order = [];\n\
+           setTimeout(function (x) { order.push(x); }, 20, 'second');\n\
+           const cancelled = setTimeout(function () { order.push('cancelled'); }, 5);\n\
+           clearTimeout(cancelled);\n\
+           setTimeout(function () { late += 1; }, 60000);\n\
+           order.push('sync');\n\
+           await new Promise(function (resolve) { setTimeout(function () { order.push('first'); resolve(); }, 10); });\n\
+           await new Promise(function (resolve) { setTimeout(resolve, 30); });\n\
+           return { order, late };\n\
+         }\n\
+         function onPage(e) { setTimeout(function () { late += 1; }, 0); return 'sync'; }\n\
+         function onIdentify(e) { return new Promise(function (resolve) { setTimeout(resolve, 60000); }); }",
+    );
+    let expected = json!({"order": ["sync", "first", "second"], "late": 0});
+    assert_eq!(
+        call(&f, "onTrack", json!({})),
+        Outcome::Returned(expected.clone())
+    );
+    // A timer still queued when its call ended (here a synchronous one) never fires later.
+    assert_eq!(
+        call(&f, "onPage", json!({})),
+        Outcome::Returned(json!("sync"))
+    );
+    assert_eq!(call(&f, "onTrack", json!({})), Outcome::Returned(expected));
+    // A promise waiting on a timer past the time limit fails the call, without the wait.
+    let failed = failure(call(&f, "onIdentify", json!({})));
+    assert!(failed.message.contains("never settled"), "{failed:?}");
+}
