@@ -199,7 +199,12 @@ impl Engine {
             Ok(v) => v,
             Err(e) => return failed(e),
         };
-        let settled = super::globals::settle(ctx, returned, || self.clock.left());
+        let settled = super::globals::settle(
+            ctx,
+            returned,
+            || self.clock.left(),
+            || self.clock.hit.store(true, Ordering::Relaxed),
+        );
         match settled {
             Ok(value) => Outcome::Returned(to_json(ctx, value)),
             Err(CaughtError::Error(rquickjs::Error::WouldBlock)) => Outcome::Failed(Failure {

@@ -154,11 +154,13 @@ fn digest(algorithm: &str, key: Option<&[u8]>, data: &[u8]) -> Result<Vec<u8>, S
 
 /// Settles what a handler returned. While its promise is pending, the `setTimeout` timers
 /// run in due order, each after its delay, as long as it falls within the time limit
-/// (`left`); timers still queued when the call ends are dropped.
+/// (`left`); one due past it ends the call as over the limit (`overran`), without the
+/// wait. Timers still queued when the call ends are dropped.
 pub(super) fn settle<'js>(
     ctx: &Ctx<'js>,
     returned: Value<'js>,
     left: impl Fn() -> Duration,
+    overran: impl Fn(),
 ) -> Result<Value<'js>, CaughtError<'js>> {
     let settled = match returned.as_promise() {
         None => Ok(returned),
@@ -169,7 +171,11 @@ pub(super) fn settle<'js>(
             }
             let next: f64 = timer_hook(ctx, "__nextTimer")?.call(()).catch(ctx)?;
             let wait = Duration::from_secs_f64(next.max(0.0) / 1000.0);
-            if next < 0.0 || wait > left() {
+            if next < 0.0 {
+                break Err(CaughtError::Error(rquickjs::Error::WouldBlock));
+            }
+            if wait > left() {
+                overran();
                 break Err(CaughtError::Error(rquickjs::Error::WouldBlock));
             }
             std::thread::sleep(wait);
