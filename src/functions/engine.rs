@@ -119,6 +119,7 @@ impl Engine {
         engine.clock.arm(options.timeout);
         let handlers = engine.context.with(|ctx| {
             hooks.install(&ctx).map_err(|e| e.to_string())?;
+            super::globals::install(&ctx).map_err(|e| e.to_string())?;
             ctx.eval::<(), _>(PRELUDE)
                 .catch(&ctx)
                 .map_err(|e| format!("prelude: {e}"))?;
@@ -198,10 +199,12 @@ impl Engine {
             Ok(v) => v,
             Err(e) => return failed(e),
         };
-        let settled = match returned.as_promise() {
-            Some(promise) => promise.finish::<Value>().catch(ctx),
-            None => Ok(returned),
-        };
+        let settled = super::globals::settle(
+            ctx,
+            returned,
+            || self.clock.left(),
+            || self.clock.hit.store(true, Ordering::Relaxed),
+        );
         match settled {
             Ok(value) => Outcome::Returned(to_json(ctx, value)),
             Err(CaughtError::Error(rquickjs::Error::WouldBlock)) => Outcome::Failed(Failure {

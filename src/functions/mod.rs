@@ -21,6 +21,7 @@
 
 mod engine;
 mod fetch;
+mod globals;
 mod source;
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,6 @@
 // The globals Segment's runtime gives functions, over the few native hooks the engine
-// installs (__log, __fetch, __atob, __btoa). Runs once per runtime, before the script.
+// installs (__log, __fetch, __atob, __btoa; globals.rs: __url, __decode, __encode,
+// __digest, __uuid). Runs once per runtime, before the script.
 (function (global) {
   'use strict';
   function errorClass(name) {
@@ -91,6 +92,25 @@
       { status: answer.status, headers: answer.headers, url: String(url) }));
   };
 
+  // `setTimeout`: the engine runs due timers while the handler's promise is pending
+  // (globals.rs `settle`) and drops the rest when the call ends.
+  const now = global.__now;
+  let timers = [], timerIds = 0;
+  global.setTimeout = function (f, ms) {
+    const args = Array.prototype.slice.call(arguments, 2);
+    timerIds += 1;
+    timers.push({ id: timerIds, at: now() + Math.max(0, Number(ms) || 0), f: f, args: args });
+    return timerIds;
+  };
+  global.clearTimeout = function (id) { timers = timers.filter(function (t) { return t.id !== id; }); };
+  function nextTimer() {
+    timers.sort(function (a, b) { return a.at - b.at || a.id - b.id; });
+    return timers[0];
+  }
+  global.__nextTimer = function () { const t = nextTimer(); return t ? Math.max(0, t.at - now()) : -1; };
+  global.__fireTimer = function () { const t = nextTimer(); timers.shift(); t.f.apply(null, t.args); };
+  global.__dropTimers = function () { timers = []; };
+
   // Source functions. `Segment.track(…)` and friends collect what `onRequest` emits,
   // shaped as Segment's shim does (spec fields only, falsy ones left out, the ids each
   // type needs checked); the engine calls __sourceRequest, which hands them back once
@@ -120,29 +140,132 @@
     set: function () { sets += 1; },
   };
 
-  // `request.url`'s query, decoded as forms encode it.
-  class SearchParams {
-    constructor(query) {
+  // WHATWG `URLSearchParams`: pairs decoded and encoded as forms do. A URL's own
+  // `searchParams` tells its URL when they change, so `href` and `search` follow.
+  function formDecode(s) { return decodeURIComponent(s.replace(/\+/g, ' ')); }
+  function formEncode(s) {
+    return encodeURIComponent(s).replace(/%20/g, '+').replace(/[!'()~]/g, function (c) {
+      return '%' + c.charCodeAt(0).toString(16).toUpperCase();
+    });
+  }
+  class URLSearchParams {
+    constructor(init) {
       this._pairs = [];
-      for (const part of query.split('&')) {
-        if (!part) continue;
-        const at = part.indexOf('=');
-        const decode = function (s) { return decodeURIComponent(s.replace(/\+/g, ' ')); };
-        this._pairs.push(at < 0 ? [decode(part), ''] : [decode(part.slice(0, at)), decode(part.slice(at + 1))]);
+      this._changed = null;
+      if (init == null) return;
+      if (init instanceof URLSearchParams) {
+        this._pairs = init._pairs.map(function (p) { return p.slice(); });
+      } else if (typeof init === 'object') {
+        const entries = Array.isArray(init) ? init : Object.entries(init);
+        for (const [k, v] of entries) this._pairs.push([String(k), String(v)]);
+      } else {
+        let query = String(init);
+        if (query[0] === '?') query = query.slice(1);
+        for (const part of query.split('&')) {
+          if (!part) continue;
+          const at = part.indexOf('=');
+          this._pairs.push(at < 0 ? [formDecode(part), '']
+            : [formDecode(part.slice(0, at)), formDecode(part.slice(at + 1))]);
+        }
       }
     }
-    get(name) { const p = this._pairs.find(function (p) { return p[0] === name; }); return p ? p[1] : null; }
-    getAll(name) { return this._pairs.filter(function (p) { return p[0] === name; }).map(function (p) { return p[1]; }); }
-    has(name) { return this._pairs.some(function (p) { return p[0] === name; }); }
-  }
-  class RequestUrl {
-    constructor(href) {
-      const query = href.indexOf('?');
-      this.href = href;
-      this.search = query < 0 ? '' : href.slice(query);
-      this.searchParams = new SearchParams(query < 0 ? '' : href.slice(query + 1));
+    _touch() { if (this._changed) this._changed(this.toString()); }
+    get size() { return this._pairs.length; }
+    get(name) { const p = this._pairs.find(function (p) { return p[0] === String(name); }); return p ? p[1] : null; }
+    getAll(name) { return this._pairs.filter(function (p) { return p[0] === String(name); }).map(function (p) { return p[1]; }); }
+    has(name) { return this._pairs.some(function (p) { return p[0] === String(name); }); }
+    append(name, value) { this._pairs.push([String(name), String(value)]); this._touch(); }
+    delete(name) { this._pairs = this._pairs.filter(function (p) { return p[0] !== String(name); }); this._touch(); }
+    set(name, value) {
+      name = String(name);
+      const at = this._pairs.findIndex(function (p) { return p[0] === name; });
+      if (at < 0) this._pairs.push([name, String(value)]);
+      else this._pairs = this._pairs.filter(function (p, i) { return p[0] !== name || i === at; })
+        .map(function (p) { return p[0] === name ? [name, String(value)] : p; });
+      this._touch();
     }
+    forEach(f, self) { for (const [k, v] of this._pairs.slice()) f.call(self, v, k, this); }
+    keys() { return this._pairs.map(function (p) { return p[0]; })[Symbol.iterator](); }
+    values() { return this._pairs.map(function (p) { return p[1]; })[Symbol.iterator](); }
+    entries() { return this._pairs.map(function (p) { return p.slice(); })[Symbol.iterator](); }
+    [Symbol.iterator]() { return this.entries(); }
+    toString() { return this._pairs.map(function (p) { return formEncode(p[0]) + '=' + formEncode(p[1]); }).join('&'); }
+  }
+  global.URLSearchParams = URLSearchParams;
+
+  // WHATWG `URL`, parsed natively (the `url` crate); read-only but for `searchParams`.
+  const parseUrl = global.__url;
+  class URL {
+    constructor(href, base) {
+      const parts = JSON.parse(parseUrl(String(href), base === undefined ? undefined : String(base)));
+      for (const key of ['protocol', 'username', 'password', 'hostname', 'port', 'host',
+        'pathname', 'origin']) this[key] = parts[key];
+      this.hash = parts.hash;
+      this._beforeQuery = parts.beforeQuery;
+      this._search = parts.search;
+      this.searchParams = new URLSearchParams(parts.search);
+      const self = this;
+      this.searchParams._changed = function (query) { self._search = query ? '?' + query : ''; };
+    }
+    get search() { return this._search; }
+    get href() { return this._beforeQuery + this._search + this.hash; }
     toString() { return this.href; }
+    toJSON() { return this.href; }
+  }
+  global.URL = URL;
+
+  // Node's `Buffer`, as far as functions use it: bytes with utf8/base64/hex/latin1
+  // conversions done natively.
+  const decodeBytes = global.__decode, encodeBytes = global.__encode;
+  class Buffer extends Uint8Array {
+    static from(value, encoding) {
+      if (typeof value === 'string') return new Buffer(decodeBytes(value, String(encoding || 'utf8')));
+      return new Buffer(value);
+    }
+    static alloc(size) { return new Buffer(size); }
+    static isBuffer(value) { return value instanceof Buffer; }
+    static byteLength(value, encoding) {
+      return typeof value === 'string' ? Buffer.from(value, encoding).length : value.byteLength;
+    }
+    static concat(list) {
+      const out = new Buffer(list.reduce(function (n, b) { return n + b.length; }, 0));
+      let at = 0;
+      for (const b of list) { out.set(b, at); at += b.length; }
+      return out;
+    }
+    toString(encoding) { return encodeBytes(Array.from(this), String(encoding || 'utf8')); }
+    toJSON() { return { type: 'Buffer', data: Array.from(this) }; }
+  }
+  global.Buffer = Buffer;
+
+  // Node's `crypto`: SHA-2 digests and HMACs (native), and random v4 UUIDs.
+  const nativeDigest = global.__digest, uuid = global.__uuid;
+  function bytesOf(data, encoding) {
+    return Array.from(typeof data === 'string' ? Buffer.from(data, encoding) : Buffer.from(data));
+  }
+  function hasher(algorithm, key) {
+    algorithm = String(algorithm);
+    nativeDigest(algorithm, key, []);
+    let data = [];
+    return {
+      update: function (chunk, encoding) { data = data.concat(bytesOf(chunk, encoding)); return this; },
+      digest: function (encoding) {
+        const out = Buffer.from(nativeDigest(algorithm, key, data));
+        return encoding ? out.toString(encoding) : out;
+      },
+    };
+  }
+  global.crypto = {
+    createHash: function (algorithm) { return hasher(algorithm, null); },
+    createHmac: function (algorithm, key) { return hasher(algorithm, bytesOf(key)); },
+    randomUUID: function () { return uuid(); },
+  };
+
+  // A Host header that does not parse still leaves the path and query readable.
+  function requestUrl(href) {
+    try { return new URL(href); } catch (e) {
+      return new URL(href.replace(/^[a-z]+:\/\/[^\/]*/, ''), 'http://localhost');
+    }
   }
   global.__sourceRequest = function (raw, settings) {
     emitted = [];
@@ -150,7 +273,7 @@
     const body = raw.body;
     const request = {
       method: raw.method,
-      url: new RequestUrl(raw.url),
+      url: requestUrl(raw.url),
       headers: new Headers(raw.headers),
       text: function () { return body; },
       json: function () { return JSON.parse(body); },
@@ -166,4 +289,5 @@
   delete global.__fetch;
   delete global.__atob;
   delete global.__btoa;
+  for (const hook of ['__url', '__decode', '__encode', '__digest', '__uuid', '__now']) delete global[hook];
 })(globalThis);

@@ -284,3 +284,167 @@ fn segment_calls_are_shaped_as_segments_shim_does_and_a_throw_emits_nothing() {
     assert_eq!(failed.kind, FailureKind::Invalid, "{failed:?}");
     assert!(failed.message.contains("previousId"), "{failed:?}");
 }
+
+#[test]
+fn url_and_search_params_follow_whatwg() {
+    let f = load(
+        "function onTrack(e) {\n\
+           const u = new URL('/a/b?x=1&y=two+words&x=3#top', 'https://user@Example.com:8443/base');\n\
+           const before = u.href;\n\
+           u.searchParams.set('z', 'a&b');\n\
+           u.searchParams.append('x', '4');\n\
+           u.searchParams.delete('y');\n\
+           const seen = [];\n\
+           u.searchParams.forEach(function (v, k) { seen.push(k + ':' + v); });\n\
+           const fromObject = new URLSearchParams({ a: 'one two', b: '2' });\n\
+           let bad = null;\n\
+           try { new URL('not a url'); } catch (err) { bad = err.name; }\n\
+           return { before, protocol: u.protocol, host: u.host, hostname: u.hostname, port: u.port,\n\
+             pathname: u.pathname, hash: u.hash, origin: u.origin, y: new URL(before).searchParams.get('y'),\n\
+             x: u.searchParams.getAll('x'), hasY: u.searchParams.has('y'), missing: u.searchParams.get('q'),\n\
+             search: u.search, href: String(u), seen, fromObject: fromObject.toString(),\n\
+             fromString: new URLSearchParams('?k=v%21').get('k'), bad };\n\
+         }",
+    );
+    assert_eq!(
+        call(&f, "onTrack", json!({})),
+        Outcome::Returned(json!({
+            "before": "https://user@example.com:8443/a/b?x=1&y=two+words&x=3#top",
+            "protocol": "https:",
+            "host": "example.com:8443",
+            "hostname": "example.com",
+            "port": "8443",
+            "pathname": "/a/b",
+            "hash": "#top",
+            "origin": "https://example.com:8443",
+            "y": "two words",
+            "x": ["1", "3", "4"],
+            "hasY": false,
+            "missing": null,
+            "search": "?x=1&x=3&z=a%26b&x=4",
+            "href": "https://user@example.com:8443/a/b?x=1&x=3&z=a%26b&x=4#top",
+            "seen": ["x:1", "x:3", "z:a&b", "x:4"],
+            "fromObject": "a=one+two&b=2",
+            "fromString": "v!",
+            "bad": "TypeError",
+        }))
+    );
+}
+
+#[test]
+fn buffer_converts_utf8_base64_and_hex() {
+    let f = load(
+        "function onTrack(e) {\n\
+           const b = Buffer.from('héllo', 'utf8');\n\
+           return { length: b.length, byteLength: Buffer.byteLength('héllo'),\n\
+             base64: b.toString('base64'), hex: b.toString('hex'),\n\
+             back: Buffer.from(b.toString('base64'), 'base64').toString(),\n\
+             fromHex: Buffer.from('6869', 'hex').toString('utf8'),\n\
+             basic: Buffer.from('user:pass').toString('base64'),\n\
+             isBuffer: Buffer.isBuffer(b),\n\
+             concat: Buffer.concat([Buffer.from('a'), Buffer.from('b')]).toString() };\n\
+         }",
+    );
+    assert_eq!(
+        call(&f, "onTrack", json!({})),
+        Outcome::Returned(json!({
+            "length": 6,
+            "byteLength": 6,
+            "base64": "aMOpbGxv",
+            "hex": "68c3a96c6c6f",
+            "back": "héllo",
+            "fromHex": "hi",
+            "basic": "dXNlcjpwYXNz",
+            "isBuffer": true,
+            "concat": "ab",
+        }))
+    );
+}
+
+#[test]
+fn crypto_hashes_hmacs_and_uuids() {
+    let f = load(
+        "function onTrack(e) {\n\
+           let md5 = null;\n\
+           try { crypto.createHash('md5'); } catch (err) { md5 = err.message; }\n\
+           const id = crypto.randomUUID();\n\
+           return { sha256: crypto.createHash('sha256').update('ab').update('c').digest('hex'),\n\
+             b64: crypto.createHash('sha256').update('abc').digest('base64'),\n\
+             hmac: crypto.createHmac('sha256', 'key')\n\
+               .update('The quick brown fox jumps over the lazy dog').digest('hex'),\n\
+             md5, uuid: /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/.test(id),\n\
+             distinct: id !== crypto.randomUUID() };\n\
+         }",
+    );
+    assert_eq!(
+        call(&f, "onTrack", json!({})),
+        Outcome::Returned(json!({
+            "sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+            "b64": "ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0=",
+            "hmac": "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8",
+            "md5": "crypto: digest algorithm 'md5' is not supported (sha256 and sha512 are)",
+            "uuid": true,
+            "distinct": true,
+        }))
+    );
+}
+
+#[test]
+fn a_source_request_url_is_a_url_even_under_an_odd_host() {
+    let f = load(
+        "function onRequest(request) {\n\
+           const u = request.url;\n\
+           Segment.track({ userId: 'u', event: 'E', properties: { isUrl: u instanceof URL,\n\
+             pathname: u.pathname, mode: u.searchParams.get('mode') } });\n\
+         }",
+    );
+    for (url, host) in [
+        ("http://h:9/v1/functions/k?mode=a", "h:9"),
+        ("http://bad host/v1/functions/k?mode=a", "odd"),
+    ] {
+        let raw = json!({"method": "GET", "url": url, "headers": {}, "body": ""});
+        let emitted = match call(&f, "__sourceRequest", raw) {
+            Outcome::Returned(v) => v,
+            other => panic!("{host}: {other:?}"),
+        };
+        assert_eq!(
+            emitted["messages"][0]["properties"],
+            json!({"isUrl": true, "pathname": "/v1/functions/k", "mode": "a"}),
+            "{host}"
+        );
+    }
+}
+
+#[test]
+fn set_timeout_runs_while_the_handler_waits_and_late_timers_are_dropped() {
+    let f = load(
+        "let late = 0;\n\
+         async function onTrack(e) {\n\
+           const order = [];\n\
+           setTimeout(function (x) { order.push(x); }, 20, 'second');\n\
+           const cancelled = setTimeout(function () { order.push('cancelled'); }, 5);\n\
+           clearTimeout(cancelled);\n\
+           setTimeout(function () { late += 1; }, 60000);\n\
+           order.push('sync');\n\
+           await new Promise(function (resolve) { setTimeout(function () { order.push('first'); resolve(); }, 10); });\n\
+           await new Promise(function (resolve) { setTimeout(resolve, 30); });\n\
+           return { order, late };\n\
+         }\n\
+         function onPage(e) { setTimeout(function () { late += 1; }, 0); return 'sync'; }\n\
+         function onIdentify(e) { return new Promise(function (resolve) { setTimeout(resolve, 60000); }); }",
+    );
+    let expected = json!({"order": ["sync", "first", "second"], "late": 0});
+    assert_eq!(
+        call(&f, "onTrack", json!({})),
+        Outcome::Returned(expected.clone())
+    );
+    // A timer still queued when its call ended (here a synchronous one) never fires later.
+    assert_eq!(
+        call(&f, "onPage", json!({})),
+        Outcome::Returned(json!("sync"))
+    );
+    assert_eq!(call(&f, "onTrack", json!({})), Outcome::Returned(expected));
+    // A promise waiting on a timer past the time limit fails the call, without the wait.
+    let failed = failure(call(&f, "onIdentify", json!({})));
+    assert_eq!(failed.kind, FailureKind::Timeout, "{failed:?}");
+}
