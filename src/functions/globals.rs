@@ -2,7 +2,7 @@
 //! digests are done here with the crates fanout already trusts, not re-implemented in JS.
 
 use base64::Engine as _;
-use hmac::{Hmac, Mac};
+use hmac::{Mac, SimpleHmac};
 use std::time::{Duration, Instant};
 
 use rquickjs::{CatchResultExt, CaughtError, Ctx, Exception, Function, Value};
@@ -129,26 +129,31 @@ fn encode(bytes: &[u8], encoding: &str) -> Result<String, String> {
     }
 }
 
-/// A SHA-2 digest, or its HMAC when `key` is given. md5 and sha1 are refused: no crate
-/// for them is in the dependency tree.
+/// A digest of `data` (md5, sha1, sha256 or sha512), or its HMAC when `key` is given.
 fn digest(algorithm: &str, key: Option<&[u8]>, data: &[u8]) -> Result<Vec<u8>, String> {
-    let hmac_error = |_| "crypto: bad HMAC key".to_string();
-    match (algorithm.to_ascii_lowercase().as_str(), key) {
-        ("sha256", None) => Ok(Sha256::digest(data).to_vec()),
-        ("sha512", None) => Ok(Sha512::digest(data).to_vec()),
-        ("sha256", Some(key)) => {
-            let mut mac = Hmac::<Sha256>::new_from_slice(key).map_err(hmac_error)?;
-            mac.update(data);
-            Ok(mac.finalize().into_bytes().to_vec())
-        }
-        ("sha512", Some(key)) => {
-            let mut mac = Hmac::<Sha512>::new_from_slice(key).map_err(hmac_error)?;
-            mac.update(data);
-            Ok(mac.finalize().into_bytes().to_vec())
-        }
-        (other, _) => Err(format!(
-            "crypto: digest algorithm '{other}' is not supported (sha256 and sha512 are)"
+    match algorithm.to_ascii_lowercase().as_str() {
+        "md5" => digest_with::<md5::Md5>(key, data),
+        "sha1" => digest_with::<sha1::Sha1>(key, data),
+        "sha256" => digest_with::<Sha256>(key, data),
+        "sha512" => digest_with::<Sha512>(key, data),
+        other => Err(format!(
+            "crypto: digest algorithm '{other}' is not supported (md5, sha1, sha256 and sha512 are)"
         )),
+    }
+}
+
+fn digest_with<D>(key: Option<&[u8]>, data: &[u8]) -> Result<Vec<u8>, String>
+where
+    D: Digest + hmac::digest::core_api::BlockSizeUser + Clone,
+{
+    match key {
+        None => Ok(D::digest(data).to_vec()),
+        Some(key) => {
+            let mut mac = <SimpleHmac<D> as Mac>::new_from_slice(key)
+                .map_err(|_| "crypto: bad HMAC key".to_string())?;
+            mac.update(data);
+            Ok(mac.finalize().into_bytes().to_vec())
+        }
     }
 }
 
@@ -192,3 +197,7 @@ pub(super) fn settle<'js>(
 fn timer_hook<'js>(ctx: &Ctx<'js>, name: &str) -> Result<Function<'js>, CaughtError<'js>> {
     ctx.globals().get(name).catch(ctx)
 }
+
+#[cfg(test)]
+#[path = "globals_tests.rs"]
+mod tests;

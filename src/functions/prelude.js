@@ -238,7 +238,7 @@
   }
   global.Buffer = Buffer;
 
-  // Node's `crypto`: SHA-2 digests and HMACs (native), and random v4 UUIDs.
+  // Node's `crypto`: md5, sha1 and SHA-2 digests and HMACs (native), and random v4 UUIDs.
   const nativeDigest = global.__digest, uuid = global.__uuid;
   function bytesOf(data, encoding) {
     return Array.from(typeof data === 'string' ? Buffer.from(data, encoding) : Buffer.from(data));
