@@ -1,6 +1,8 @@
 //! Calls per second of an identity `onTrack` on a ~1 KB track through
 //! `fanout::functions` (one function, calls one after another): the cost a destination
-//! or insert function adds per message (issue 28's target: at most 20 µs).
+//! or insert function adds per message (issue 28's target: at most 20 µs). Then what
+//! loading a function costs (once per config load or reload), without and with lodash:
+//! `_` is run the first time a function reads it.
 //!
 //!     taskset -c 0 cargo bench --bench functions
 
@@ -8,17 +10,26 @@ use std::time::{Duration, Instant};
 
 use fanout::functions::{Function, HostPolicy, Options, Outcome};
 
+fn options() -> Options {
+    Options {
+        name: "identity.js".into(),
+        timeout: Duration::from_secs(5),
+        memory_limit: 64 * 1024 * 1024,
+        hosts: HostPolicy::default(),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
+    calls()?;
+    loads("an identity function", IDENTITY)?;
+    loads("one that reads `_` (lodash)", "const get = _.get;\n")
+}
+
+const IDENTITY: &str = "function onTrack(event, settings) { return event; }";
+
+fn calls() -> anyhow::Result<()> {
     let calls: u32 = 20_000;
-    let function = Function::load(
-        "function onTrack(event, settings) { return event; }",
-        Options {
-            name: "identity.js".into(),
-            timeout: Duration::from_secs(5),
-            memory_limit: 64 * 1024 * 1024,
-            hosts: HostPolicy::default(),
-        },
-    )?;
+    let function = Function::load(IDENTITY, options())?;
     let event = serde_json::json!({
         "type": "track", "userId": "user-1234567890", "event": "Order Completed",
         "messageId": "0d3c1f6e-6f0b-4c59-9d7a-4c0b8c1e2f3a",
@@ -40,6 +51,22 @@ fn main() -> anyhow::Result<()> {
         event.len(),
         f64::from(calls) / elapsed.as_secs_f64(),
         elapsed.as_secs_f64() * 1e6 / f64::from(calls)
+    );
+    Ok(())
+}
+
+/// Loads per second of `source` (each a new runtime, its top level run, then dropped).
+fn loads(what: &str, source: &str) -> anyhow::Result<()> {
+    let loads: u32 = 100;
+    let started = Instant::now();
+    for _ in 0..loads {
+        let function = Function::load(source, options())?;
+        drop(function);
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "{loads} loads of {what}: {:.2} ms each",
+        elapsed.as_secs_f64() * 1e3 / f64::from(loads)
     );
     Ok(())
 }

@@ -5,11 +5,31 @@ use base64::Engine as _;
 use hmac::{Mac, SimpleHmac};
 use std::time::{Duration, Instant};
 
+use rquickjs::context::EvalOptions;
 use rquickjs::{CatchResultExt, CaughtError, Ctx, Exception, Function, Value};
 use sha2::{Digest, Sha256, Sha512};
 
+/// lodash 4 (vendored by scripts/vendor-lodash), wrapped so that the names its UMD
+/// header looks for are undefined: it then sets the global `_`, whatever a function
+/// declared (a script's own `module` or `exports` would otherwise receive it).
+const LODASH: &str = concat!(
+    "(function (module, exports, define, global, self) {\n",
+    include_str!("vendor/lodash.min.js"),
+    "\n}).call(globalThis);"
+);
+
 pub(super) fn install(ctx: &Ctx<'_>) -> rquickjs::Result<()> {
     let globals = ctx.globals();
+    globals.set(
+        "__lodash",
+        Function::new(ctx.clone(), |ctx: Ctx<'_>| {
+            let mut options = EvalOptions::default();
+            options.global = true;
+            options.strict = false;
+            options.filename = Some("lodash.min.js".into());
+            ctx.eval_with_options::<(), _>(LODASH, options)
+        })?,
+    )?;
     globals.set(
         "__url",
         Function::new(

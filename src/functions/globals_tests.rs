@@ -86,3 +86,114 @@ fn an_unknown_digest_algorithm_throws_naming_the_supported_ones() {
         ))
     );
 }
+
+/// The pin `NAME=value` in scripts/vendor-lodash.
+fn pin(name: &str) -> &'static str {
+    include_str!("../../scripts/vendor-lodash")
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("scripts/vendor-lodash pins no {name}"))
+}
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn the_vendored_lodash_is_what_the_script_pinned() {
+    assert_eq!(
+        sha256_hex(include_str!("vendor/lodash.min.js")),
+        pin("LODASH_MIN_SHA256"),
+        "src/functions/vendor/lodash.min.js differs from what scripts/vendor-lodash brings in"
+    );
+    assert_eq!(
+        sha256_hex(include_str!("vendor/LICENSE-lodash")),
+        pin("LICENSE_SHA256")
+    );
+    assert!(include_str!("vendor/lodash.min.js").contains(&format!("\"{}\"", pin("VERSION"))));
+}
+
+#[test]
+fn lodash_is_the_global_underscore_in_destination_functions() {
+    let outcome = run(
+        "function onTrack(event) {\n\
+           return {\n\
+             version: _.VERSION,\n\
+             plan: _.get(event, 'properties.plan.name'),\n\
+             missing: _.get(event, 'properties.nope.x', 'default'),\n\
+             picked: _.pick(event, ['userId', 'event']),\n\
+             chunks: _.chunk(event.properties.items, 2),\n\
+             empty: [_.isEmpty({}), _.isEmpty([]), _.isEmpty(event.properties), _.isEmpty(null)],\n\
+           };\n\
+         }",
+        "onTrack",
+        json!({"type": "track", "userId": "u1", "event": "Order",
+               "properties": {"plan": {"name": "pro"}, "items": [1, 2, 3, 4, 5]}}),
+    );
+    assert_eq!(
+        outcome,
+        Outcome::Returned(json!({
+            "version": "4.17.21",
+            "plan": "pro",
+            "missing": "default",
+            "picked": {"userId": "u1", "event": "Order"},
+            "chunks": [[1, 2], [3, 4], [5]],
+            "empty": [true, true, false, true],
+        }))
+    );
+}
+
+#[test]
+fn lodash_is_there_at_the_top_level_and_in_source_functions() {
+    let function = Function::load(
+        "const getPath = _.get;\n\
+         function onRequest(request) {\n\
+           const body = request.json();\n\
+           Segment.track({ userId: getPath(body, 'user.id'), event: 'Paid',\n\
+             properties: _.pick(body, ['amount']) });\n\
+         }",
+        options(),
+    )
+    .expect("loads");
+    let raw = json!({"method": "POST", "url": "http://localhost/", "headers": {},
+                     "body": json!({"user": {"id": "u7"}, "amount": 5, "card": "x"}).to_string()});
+    let emitted = match call(&function, "__sourceRequest", raw) {
+        Outcome::Returned(v) => v,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        emitted["messages"],
+        json!([{"type": "track", "userId": "u7", "event": "Paid", "properties": {"amount": 5}}])
+    );
+}
+
+#[test]
+fn a_script_may_declare_its_own_underscore() {
+    for script in [
+        "var _ = { get: function () { return 'mine'; } };",
+        "let _ = { get: function () { return 'mine'; } };",
+        "_ = { get: function () { return 'mine'; } };",
+        "function _() {} _.get = function () { return 'mine'; };",
+    ] {
+        let source = format!("{script}\nfunction onTrack(e) {{ return _.get(e, 'x'); }}");
+        assert_eq!(
+            run(&source, "onTrack", json!({"x": 1})),
+            Outcome::Returned(json!("mine")),
+            "{script}"
+        );
+    }
+    // A script's own `module` and `exports` do not take lodash away from `_`.
+    assert_eq!(
+        run(
+            "var module = { exports: {} }; var exports = module.exports;\n\
+             function onTrack(e) { return [typeof _.get, typeof module.exports.get]; }",
+            "onTrack",
+            json!({}),
+        ),
+        Outcome::Returned(json!(["function", "undefined"]))
+    );
+}

@@ -1,6 +1,6 @@
 // The globals Segment's runtime gives functions, over the few native hooks the engine
 // installs (__log, __fetch, __atob, __btoa; globals.rs: __url, __decode, __encode,
-// __digest, __uuid). Runs once per runtime, before the script.
+// __digest, __uuid, __lodash). Runs once per runtime, before the script.
 (function (global) {
   'use strict';
   function errorClass(name) {
@@ -261,6 +261,29 @@
     randomUUID: function () { return uuid(); },
   };
 
+  // `_`: lodash 4, run the first time a function reads `_`: most functions never do, and
+  // running it at every load would add its parse and setup to each (benches/functions.rs).
+  // Writable and configurable, so that a script may still declare its own `_`.
+  const loadLodash = global.__lodash;
+  function defineLodash(value) {
+    Object.defineProperty(global, '_', { value: value, writable: true, configurable: true });
+  }
+  const lazyLodash = {
+    configurable: true,
+    get: function () {
+      // lodash reads the `_` it replaces (for `noConflict`): it finds undefined, not this.
+      defineLodash(undefined);
+      try { loadLodash(); } catch (e) {
+        // Out of time or memory: the next read tries again.
+        Object.defineProperty(global, '_', lazyLodash);
+        throw e;
+      }
+      return global._;
+    },
+    set: defineLodash,
+  };
+  Object.defineProperty(global, '_', lazyLodash);
+
   // A Host header that does not parse still leaves the path and query readable.
   function requestUrl(href) {
     try { return new URL(href); } catch (e) {
@@ -289,5 +312,7 @@
   delete global.__fetch;
   delete global.__atob;
   delete global.__btoa;
-  for (const hook of ['__url', '__decode', '__encode', '__digest', '__uuid', '__now']) delete global[hook];
+  for (const hook of ['__url', '__decode', '__encode', '__digest', '__uuid', '__now', '__lodash']) {
+    delete global[hook];
+  }
 })(globalThis);
