@@ -105,7 +105,8 @@ pub struct Request {
 }
 
 /// Runs `request` within `time_left`; the answer is the JSON the prelude's `fetch` reads:
-/// `{status, headers, body}`, `{error}` (network: worth a retry) or `{refused}`.
+/// `{status, headers, body}`, `{error}` (network: worth a retry) or `{refused}`, with
+/// `sent_to` (the URL requested instead) when `fetch_hosts` remapped the host.
 pub async fn run(
     client: &reqwest::Client,
     policy: &HostPolicy,
@@ -120,6 +121,21 @@ pub async fn run(
         Ok(target) => target,
         Err(refused) => return json!({ "refused": refused }),
     };
+    let sent_to = (target != url).then(|| target.to_string());
+    let mut answer = send(client, request, target, &url, time_left).await;
+    if let (Some(sent_to), Some(fields)) = (sent_to, answer.as_object_mut()) {
+        fields.insert("sent_to".into(), sent_to.into());
+    }
+    answer
+}
+
+async fn send(
+    client: &reqwest::Client,
+    request: Request,
+    target: reqwest::Url,
+    url: &reqwest::Url,
+    time_left: Duration,
+) -> serde_json::Value {
     let method = match reqwest::Method::from_bytes(request.method.to_ascii_uppercase().as_bytes()) {
         Ok(method) => method,
         Err(_) => return json!({ "refused": format!("fetch: bad method `{}`", request.method) }),

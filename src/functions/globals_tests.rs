@@ -197,3 +197,194 @@ fn a_script_may_declare_its_own_underscore() {
         Outcome::Returned(json!(["function", "undefined"]))
     );
 }
+
+/// A receiver on loopback answering each request with what it got, as JSON
+/// `{method, path, x_token, x_other, body}`; its base URL. Ends with the test process.
+fn echo_receiver() -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut head = Vec::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                head.push(line.trim_end().to_string());
+            }
+            let header = |name: &str| {
+                head.iter().skip(1).find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                })
+            };
+            let length: usize = header("content-length").map_or(0, |v| v.parse().unwrap());
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            let mut first = head[0].split(' ');
+            let answer = json!({
+                "method": first.next(), "path": first.next(),
+                "x_token": header("x-token"), "x_other": header("x-other"),
+                "body": String::from_utf8_lossy(&body),
+            })
+            .to_string();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+                 connection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+        }
+    });
+    base
+}
+
+fn remapped_to(base: &str) -> Options {
+    Options {
+        hosts: HostPolicy {
+            allow: vec!["api.example.com".into()],
+            remap: [("api.example.com".to_string(), base.to_string())].into(),
+        },
+        ..options()
+    }
+}
+
+#[test]
+fn a_request_holds_url_method_headers_and_body() {
+    let outcome = run(
+        "async function onTrack(e) {\n\
+           const r = new Request('https://api.example.com/v1/items?x=1',\n\
+             { method: 'post', headers: { 'X-Token': 't' }, body: JSON.stringify({ a: 1 }) });\n\
+           const copy = new Request(r, { method: 'PATCH' });\n\
+           const errors = [];\n\
+           try { new Request('/relative'); } catch (err) { errors.push(err.name); }\n\
+           try { new Request('https://x.example.com/', { body: 'b' }); } catch (err) { errors.push(err.name); }\n\
+           return { url: r.url, method: r.method, token: r.headers.get('x-token'),\n\
+             isHeaders: r.headers instanceof Headers, text: await r.text(), json: await r.json(),\n\
+             copy: [copy.url, copy.method, copy.headers.get('x-token'), await copy.text()],\n\
+             bare: [new Request(new URL('https://x.example.com')).url, new Request('https://x.example.com').method],\n\
+             errors };\n\
+         }",
+        "onTrack",
+        json!({}),
+    );
+    assert_eq!(
+        outcome,
+        Outcome::Returned(json!({
+            "url": "https://api.example.com/v1/items?x=1",
+            "method": "POST",
+            "token": "t",
+            "isHeaders": true,
+            "text": "{\"a\":1}",
+            "json": {"a": 1},
+            "copy": ["https://api.example.com/v1/items?x=1", "PATCH", "t", "{\"a\":1}"],
+            "bare": ["https://x.example.com/", "GET"],
+            "errors": ["TypeError", "TypeError"],
+        }))
+    );
+}
+
+#[test]
+fn fetch_takes_a_request_and_init_over_it_under_the_host_policy() {
+    let base = echo_receiver();
+    let function = Function::load(
+        "async function onTrack(e) {\n\
+           const r = new Request('https://api.example.com/v1/items?x=1',\n\
+             { method: 'POST', headers: { 'X-Token': 't' }, body: 'hello' });\n\
+           const first = await fetch(r);\n\
+           const second = await fetch(r, { method: 'PUT', headers: { 'X-Other': 'o' } });\n\
+           const refused = [];\n\
+           for (const url of ['https://other.example.com/', 'http://127.0.0.1:9/']) {\n\
+             try { await fetch(new Request(url)); } catch (err) { refused.push(err.message); }\n\
+           }\n\
+           return { first: await first.json(), url: first.url, second: await second.json(), refused };\n\
+         }",
+        remapped_to(&base),
+    )
+    .expect("loads");
+    let returned = match call(&function, "onTrack", json!({})) {
+        Outcome::Returned(v) => v,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        returned["first"],
+        json!({"method": "POST", "path": "/v1/items?x=1", "x_token": "t", "x_other": null,
+               "body": "hello"})
+    );
+    assert_eq!(returned["url"], "https://api.example.com/v1/items?x=1");
+    assert_eq!(
+        returned["second"],
+        json!({"method": "PUT", "path": "/v1/items?x=1", "x_token": null, "x_other": "o",
+               "body": "hello"})
+    );
+    let refused = returned["refused"].as_array().unwrap();
+    assert!(
+        refused[0].as_str().unwrap().contains("not in allow_hosts"),
+        "{refused:?}"
+    );
+    assert!(
+        refused[1].as_str().unwrap().contains("not in allow_hosts"),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn a_request_to_loopback_is_refused_unless_listed() {
+    let outcome = run(
+        "async function onTrack(e) {\n\
+           try { await fetch(new Request('http://127.0.0.1:9/x', { method: 'DELETE' })); }\n\
+           catch (err) { return err.message; }\n\
+         }",
+        "onTrack",
+        json!({}),
+    );
+    let Outcome::Returned(message) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(
+        message.as_str().unwrap().contains("loopback or private"),
+        "{message}"
+    );
+}
+
+#[test]
+fn fetched_lists_what_fetch_did_with_the_remapped_url() {
+    let base = echo_receiver();
+    let function = Function::load(
+        "async function onTrack(e) {\n\
+           await fetch('https://api.example.com/a?b=1', { method: 'post', body: 'x' });\n\
+           try { await fetch('https://other.example.com/'); } catch (err) {}\n\
+         }",
+        remapped_to(&base),
+    )
+    .expect("loads");
+    assert_eq!(
+        call(&function, "onTrack", json!({})),
+        Outcome::Returned(json!(null))
+    );
+    let Outcome::Returned(fetched) = call(&function, "__fetched", json!({})) else {
+        panic!("__fetched failed")
+    };
+    assert_eq!(fetched[0]["method"], "POST");
+    assert_eq!(fetched[0]["url"], "https://api.example.com/a?b=1");
+    assert_eq!(fetched[0]["sent_to"], format!("{base}/a?b=1"));
+    assert_eq!(fetched[0]["status"], 200);
+    assert_eq!(fetched[1]["url"], "https://other.example.com/");
+    assert!(fetched[1].get("sent_to").is_none(), "{fetched}");
+    assert!(
+        fetched[1]["refused"]
+            .as_str()
+            .unwrap()
+            .contains("not in allow_hosts"),
+        "{fetched}"
+    );
+    // Taken: a second ask finds none.
+    assert_eq!(
+        call(&function, "__fetched", json!({})),
+        Outcome::Returned(json!([]))
+    );
+}

@@ -75,13 +75,51 @@
   }
   global.Response = Response;
 
+  // The fetch API's `Request`: its URL parsed (so a bad one is a TypeError), the method
+  // normalised as the spec does, and `init` over what a `Request` given as input holds.
+  const NORMAL_METHODS = ['DELETE', 'GET', 'HEAD', 'OPTIONS', 'POST', 'PUT'];
+  class Request {
+    constructor(input, init) {
+      init = init || {};
+      const from = input instanceof Request ? input : null;
+      this.url = new URL(from ? from.url : String(input)).href;
+      let method = String(init.method || (from ? from.method : 'GET'));
+      if (NORMAL_METHODS.indexOf(method.toUpperCase()) >= 0) method = method.toUpperCase();
+      this.method = method;
+      this.headers = new Headers(init.headers !== undefined ? init.headers : from && from.headers);
+      const body = init.body !== undefined ? init.body : from && from._body;
+      this._body = body == null ? null : String(body);
+      if (this._body !== null && (method === 'GET' || method === 'HEAD')) {
+        throw new TypeError('Request with GET/HEAD method cannot have body');
+      }
+    }
+    text() { return Promise.resolve(this._body === null ? '' : this._body); }
+    json() {
+      try { return Promise.resolve(JSON.parse(this._body)); } catch (e) { return Promise.reject(e); }
+    }
+    clone() { return new Request(this); }
+  }
+  global.Request = Request;
+
+  // What `fetch` did, for `fanout fn test` (__fetched takes them); only the last few are
+  // kept, as nothing takes them in a running destination.
+  const FETCHES_KEPT = 50;
+  let fetched = [];
+  global.__fetched = function () { const out = fetched; fetched = []; return out; };
+
   const nativeFetch = global.__fetch;
-  global.fetch = function (url, options) {
-    options = options || {};
-    const headers = new Headers(options.headers);
-    const body = options.body == null ? null : String(options.body);
-    const answer = JSON.parse(nativeFetch(String(url), String(options.method || 'GET'),
-      JSON.stringify(headers._map), body));
+  global.fetch = function (input, init) {
+    let request;
+    try { request = new Request(input, init); } catch (e) { return Promise.reject(e); }
+    const answer = JSON.parse(nativeFetch(request.url, request.method,
+      JSON.stringify(request.headers._map), request._body));
+    const seen = { method: request.method, url: request.url };
+    if (answer.sent_to) seen.sent_to = answer.sent_to;
+    if (answer.refused) seen.refused = answer.refused;
+    else if (answer.error) seen.error = answer.error;
+    else seen.status = answer.status;
+    fetched.push(seen);
+    if (fetched.length > FETCHES_KEPT) fetched.shift();
     if (answer.refused) return Promise.reject(new Error(answer.refused));
     if (answer.error) {
       const e = new FetchError(answer.error);
@@ -89,7 +127,7 @@
       return Promise.reject(e);
     }
     return Promise.resolve(new Response(answer.body,
-      { status: answer.status, headers: answer.headers, url: String(url) }));
+      { status: answer.status, headers: answer.headers, url: request.url }));
   };
 
   // `setTimeout`: the engine runs due timers while the handler's promise is pending
