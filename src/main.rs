@@ -94,9 +94,10 @@ enum FnAction {
     /// `--request` (a JSON file `{"method","url","headers":{},"body":…}`), calls
     /// `onRequest` as a source function and prints `{"emitted": message}` for each
     /// `Segment.track(…)` and friends (and `{"sets": n}` for `Segment.set`). A throw prints
-    /// `{"threw": {"name","message","stack"}}`. The `fetch` calls it makes are not
-    /// printed. Exit code: 0 when it returned, 1 when it threw or could not load, 2 on
-    /// bad arguments.
+    /// `{"threw": {"name","message","stack"}}`. Each `fetch` it made is printed before
+    /// these, as `{"fetched": {"method","url","sent_to","status"|"error"|"refused"}}`
+    /// (`sent_to` only when `--fetch-host` remapped it). Exit code: 0 when it returned, 1
+    /// when it threw or could not load, 2 on bad arguments.
     Test {
         /// The function's JavaScript file.
         file: PathBuf,
@@ -110,6 +111,14 @@ enum FnAction {
         /// names an environment variable, passed as the key without `_env`.
         #[arg(long = "settings", value_name = "KEY=VALUE", num_args = 1..)]
         settings: Vec<String>,
+        /// A host `fetch` may reach (repeatable), as a destination's `allow_hosts`; without
+        /// any, only public hosts.
+        #[arg(long = "allow-host", value_name = "HOST")]
+        allow_hosts: Vec<String>,
+        /// `fetch` requests to HOST go to the base URL instead (repeatable), as a
+        /// destination's `fetch_hosts`.
+        #[arg(long = "fetch-host", value_name = "HOST=URL")]
+        fetch_hosts: Vec<String>,
     },
 }
 
@@ -293,12 +302,14 @@ fn exit_code(done: anyhow::Result<()>) -> ExitCode {
 }
 
 fn fn_command(action: &FnAction) -> ExitCode {
-    use fanout::cli::fn_test::{run, Ended, Input};
+    use fanout::cli::fn_test::{host_policy, run, Ended, Input};
     let FnAction::Test {
         file,
         event,
         request,
         settings,
+        allow_hosts,
+        fetch_hosts,
     } = action;
     let input = match (event, request) {
         (Some(event), _) => Input::Event(event.clone()),
@@ -309,7 +320,10 @@ fn fn_command(action: &FnAction) -> ExitCode {
         .enable_all()
         .build()
         .map_err(anyhow::Error::from)
-        .and_then(|rt| rt.block_on(run(file, &input, settings)));
+        .and_then(|rt| {
+            let hosts = host_policy(allow_hosts, fetch_hosts)?;
+            rt.block_on(run(file, &input, settings, hosts))
+        });
     match done {
         Ok(Ended::Returned) => ExitCode::SUCCESS,
         Ok(Ended::Threw) => ExitCode::FAILURE,

@@ -4,8 +4,8 @@
 //! time limit retried, an allocation bomb and `ValidationError` dead-lettered, a missing
 //! handler skipped, a fetch to a refused host failing, a syntax error refused by `check`.
 //! Source functions: a webhook at `/v1/functions/{writeKey}` turned into messages of its
-//! source, and each answer `onRequest` can lead to. `fanout fn test` on a message, a request and
-//! a throw; the per-function call metrics.
+//! source, and each answer `onRequest` can lead to. `fanout fn test` on a message, a request, a
+//! throw and the fetches it made; the per-function call metrics.
 
 mod common;
 
@@ -733,6 +733,125 @@ fn fn_test_refuses_bad_arguments_with_exit_2() {
     let (code, _, stderr) = fn_test("", &track, &["--event", "INPUT", "--settings", "novalue"]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("KEY=VALUE"), "{stderr}");
+}
+
+/// `fn_test` on a blocking thread, so that a receiver in this runtime can answer it.
+async fn fn_test_beside(
+    script: String,
+    input: Value,
+    args: Vec<String>,
+) -> (Option<i32>, Vec<Value>, String) {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        fn_test(&script, &input, &args)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fn_test_prints_each_fetch_with_where_it_went_and_how_it_ended() {
+    let receiver = Receiver::start().await;
+    receiver.push_reply(Reply::status(201));
+    let script = format!(
+        "async function onTrack(event) {{\n\
+           const a = await fetch('https://api.example.com/hook?x=1', {{ method: 'post', body: 'hi' }});\n\
+           const b = await fetch(new Request('{direct}'));\n\
+           try {{ await fetch('https://blocked.example.com/'); }} catch (e) {{}}\n\
+           try {{ await fetch('http://127.0.0.1:1/closed'); }} catch (e) {{}}\n\
+           return [a.status, b.status];\n\
+         }}\n",
+        direct = receiver.url("/direct")
+    );
+    let remap = format!("api.example.com={}", receiver.url("/base"));
+    let args = [
+        "--event",
+        "INPUT",
+        "--allow-host",
+        "127.0.0.1",
+        "--fetch-host",
+        &remap,
+    ];
+    let message = json!({"type": "track", "userId": "u1", "event": "E"});
+    let (code, lines, stderr) = fn_test_beside(
+        script,
+        message,
+        args.iter().map(|a| a.to_string()).collect(),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    assert_eq!(
+        lines[0],
+        json!({"fetched": {"method": "POST", "url": "https://api.example.com/hook?x=1",
+                           "sent_to": receiver.url("/base/hook?x=1"), "status": 201}})
+    );
+    assert_eq!(
+        lines[1],
+        json!({"fetched": {"method": "GET", "url": receiver.url("/direct"), "status": 200}})
+    );
+    let refused = &lines[2]["fetched"];
+    assert_eq!(refused["url"], "https://blocked.example.com/");
+    assert!(
+        refused["refused"]
+            .as_str()
+            .unwrap()
+            .contains("not in allow_hosts"),
+        "{refused}"
+    );
+    let failed = &lines[3]["fetched"];
+    assert_eq!(failed["url"], "http://127.0.0.1:1/closed");
+    assert!(
+        failed["error"].as_str().unwrap().contains("cannot connect"),
+        "{failed}"
+    );
+    assert_eq!(lines[4], json!({"returned": [201, 200]}));
+    let paths: Vec<String> = receiver.requests().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(paths, ["/base/hook", "/direct"]);
+
+    // A source function's fetches come before what it emitted; a throw still shows them.
+    let script = "async function onRequest(request) {\n\
+                    const r = await fetch('https://api.example.com/lookup');\n\
+                    Segment.track({ userId: 'u', event: 'Looked Up', properties: { status: r.status } });\n\
+                    throw new RetryError('later');\n\
+                  }\n";
+    let request = json!({"method": "POST", "url": "https://hooks.example.com/in", "body": "{}"});
+    let args = ["--request", "INPUT", "--fetch-host", &remap];
+    let (code, lines, stderr) = fn_test_beside(
+        script.to_string(),
+        request,
+        args.iter().map(|a| a.to_string()).collect(),
+    )
+    .await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["fetched"]["sent_to"], receiver.url("/base/lookup"));
+    assert_eq!(lines[0]["fetched"]["status"], 200);
+    assert_eq!(lines[1]["threw"]["name"], "RetryError");
+}
+
+#[test]
+fn fn_test_refuses_a_fetch_host_that_is_not_an_http_url() {
+    let message = json!({"type": "track"});
+    let (code, _, stderr) = fn_test(
+        "function onTrack(e) {}\n",
+        &message,
+        &[
+            "--event",
+            "INPUT",
+            "--fetch-host",
+            "api.example.com=ftp://x",
+        ],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--fetch-host api.example.com"), "{stderr}");
+    let (code, _, stderr) = fn_test(
+        "function onTrack(e) {}\n",
+        &message,
+        &["--event", "INPUT", "--fetch-host", "api.example.com"],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("HOST=URL"), "{stderr}");
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
 //! `fanout fn test`: runs one function file on a message or a webhook request from the
-//! command line, with the runtime's default limits, and prints what it did as JSON lines.
+//! command line, with the runtime's default limits, and prints what it did as JSON lines:
+//! each `fetch`, then what it returned, emitted or threw.
 //! No config and no server: a team checks a function before it goes in the config.
 
 use std::path::{Path, PathBuf};
@@ -8,7 +9,9 @@ use anyhow::Context as _;
 use serde_json::{json, Value};
 
 use super::output::line;
-use crate::functions::{self, Failure, Function, Options, Outcome, RawRequest, SourceFunction};
+use crate::functions::{
+    self, Failure, Function, HostPolicy, Options, Outcome, RawRequest, SourceFunction,
+};
 
 /// What to run the function on.
 pub enum Input {
@@ -27,16 +30,42 @@ pub enum Ended {
 }
 
 /// Runs `file` on `input` with `settings` (`KEY=VALUE`; a key ending in `_env` reads the
-/// environment as the config does). `Err` is a bad argument: exit 2.
-pub async fn run(file: &Path, input: &Input, settings: &[String]) -> anyhow::Result<Ended> {
+/// environment as the config does), `fetch` limited by `hosts`. `Err` is a bad argument:
+/// exit 2.
+pub async fn run(
+    file: &Path,
+    input: &Input,
+    settings: &[String],
+    hosts: HostPolicy,
+) -> anyhow::Result<Ended> {
     let settings = parse_settings(settings)?;
     if !file.is_file() {
         anyhow::bail!("{}: no such file", file.display());
     }
     match input {
-        Input::Event(path) => event(file, &read_json(path)?, &settings).await,
-        Input::Request(path) => request(file, &read_json(path)?, settings).await,
+        Input::Event(path) => event(file, &read_json(path)?, &settings, hosts).await,
+        Input::Request(path) => request(file, &read_json(path)?, settings, hosts).await,
     }
+}
+
+/// `--allow-host HOST` and `--fetch-host HOST=URL`, checked as a destination's
+/// `allow_hosts` and `fetch_hosts` are.
+pub fn host_policy(allow: &[String], remaps: &[String]) -> anyhow::Result<HostPolicy> {
+    let mut remap = std::collections::BTreeMap::new();
+    for pair in remaps {
+        let (host, base) = pair
+            .split_once('=')
+            .with_context(|| format!("--fetch-host {pair}: expected HOST=URL"))?;
+        match url::Url::parse(base) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") => {}
+            _ => anyhow::bail!("--fetch-host {host}: `{base}` is not an http(s) URL"),
+        }
+        remap.insert(host.to_ascii_lowercase(), base.to_string());
+    }
+    Ok(HostPolicy {
+        allow: allow.to_vec(),
+        remap,
+    })
 }
 
 fn parse_settings(pairs: &[String]) -> anyhow::Result<Value> {
@@ -57,7 +86,12 @@ fn read_json(path: &Path) -> anyhow::Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
 }
 
-async fn event(file: &Path, message: &Value, settings: &Value) -> anyhow::Result<Ended> {
+async fn event(
+    file: &Path,
+    message: &Value,
+    settings: &Value,
+    hosts: HostPolicy,
+) -> anyhow::Result<Ended> {
     let message_type = message.get("type").and_then(Value::as_str).unwrap_or("");
     let handler = functions::handler_for(message_type).with_context(|| {
         format!("--event: `type` must be one of track, identify, page, screen, group, alias, delete (got {message_type:?})")
@@ -71,7 +105,7 @@ async fn event(file: &Path, message: &Value, settings: &Value) -> anyhow::Result
                 name: name.clone(),
                 timeout: functions::DEFAULT_TIMEOUT,
                 memory_limit: functions::DEFAULT_MEMORY_LIMIT,
-                hosts: functions::HostPolicy::default(),
+                hosts,
             },
         )
     });
@@ -82,6 +116,7 @@ async fn event(file: &Path, message: &Value, settings: &Value) -> anyhow::Result
     let outcome = function
         .call(handler, vec![message.to_string(), settings.to_string()])
         .await;
+    print_fetched(function.fetched().await)?;
     match outcome {
         Outcome::Returned(value) => {
             line(json!({ "returned": value }))?;
@@ -91,7 +126,12 @@ async fn event(file: &Path, message: &Value, settings: &Value) -> anyhow::Result
     }
 }
 
-async fn request(file: &Path, raw: &Value, settings: Value) -> anyhow::Result<Ended> {
+async fn request(
+    file: &Path,
+    raw: &Value,
+    settings: Value,
+    hosts: HostPolicy,
+) -> anyhow::Result<Ended> {
     let text = |key: &str| raw.get(key).and_then(Value::as_str).map(str::to_string);
     let headers = match raw.get("headers") {
         None | Some(Value::Null) => Default::default(),
@@ -113,12 +153,15 @@ async fn request(file: &Path, raw: &Value, settings: Value) -> anyhow::Result<En
     };
     let dir = file.parent().unwrap_or(Path::new(""));
     let name = file.file_name().map(|n| n.to_string_lossy().to_string());
-    let function = SourceFunction::load(dir, name.as_deref().unwrap_or(""), settings);
+    let function =
+        SourceFunction::load_with_hosts(dir, name.as_deref().unwrap_or(""), settings, hosts);
     let function = match function {
         Ok(function) => function,
         Err(e) => return not_loaded(&e),
     };
-    match function.run(&request).await {
+    let outcome = function.run(&request).await;
+    print_fetched(function.fetched().await)?;
+    match outcome {
         Ok(emitted) => {
             for message in emitted.messages {
                 line(json!({ "emitted": message }))?;
@@ -130,6 +173,14 @@ async fn request(file: &Path, raw: &Value, settings: Value) -> anyhow::Result<En
         }
         Err(failure) => threw(&failure),
     }
+}
+
+/// `{"fetched": {"method","url","sent_to"?,"status"|"error"|"refused"}}` per request.
+fn print_fetched(fetched: Vec<Value>) -> anyhow::Result<()> {
+    for fetch in fetched {
+        line(json!({ "fetched": fetch }))?;
+    }
+    Ok(())
 }
 
 fn not_loaded(error: &str) -> anyhow::Result<Ended> {

@@ -177,6 +177,16 @@ impl Function {
             Err(_) => gone(),
         }
     }
+
+    /// What `fetch` did since the last ask, oldest first (the prelude keeps the last 50):
+    /// `{method, url, sent_to?, status | error | refused}` each, for `fanout fn test` to
+    /// print. Empty if the function cannot answer.
+    pub async fn fetched(&self) -> Vec<serde_json::Value> {
+        match self.call("__fetched", Vec::new()).await {
+            Outcome::Returned(serde_json::Value::Array(fetched)) => fetched,
+            _ => Vec::new(),
+        }
+    }
 }
 
 fn gone() -> Outcome {

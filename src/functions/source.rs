@@ -43,6 +43,16 @@ impl SourceFunction {
         file: &str,
         settings: serde_json::Value,
     ) -> Result<SourceFunction, String> {
+        Self::load_with_hosts(dir, file, settings, HostPolicy::default())
+    }
+
+    /// `load`, with `fetch` limited or redirected by `hosts` (`fanout fn test`).
+    pub fn load_with_hosts(
+        dir: &Path,
+        file: &str,
+        settings: serde_json::Value,
+        hosts: HostPolicy,
+    ) -> Result<SourceFunction, String> {
         // Syntax and load errors name the file already; the others get it in front.
         let named = |e: String| {
             if e.starts_with(file) {
@@ -58,7 +68,7 @@ impl SourceFunction {
                 name: file.to_string(),
                 timeout: super::DEFAULT_TIMEOUT,
                 memory_limit: super::DEFAULT_MEMORY_LIMIT,
-                hosts: HostPolicy::default(),
+                hosts,
             },
         )
         .map_err(|e| named(e.to_string()))?;
@@ -87,5 +97,10 @@ impl SourceFunction {
             }),
             Outcome::Failed(failure) => Err(failure),
         }
+    }
+
+    /// What `fetch` did since the last ask (`Function::fetched`).
+    pub async fn fetched(&self) -> Vec<serde_json::Value> {
+        self.function.fetched().await
     }
 }
