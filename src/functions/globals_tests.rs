@@ -388,3 +388,23 @@ fn fetched_lists_what_fetch_did_with_the_remapped_url() {
         Outcome::Returned(json!([]))
     );
 }
+
+#[test]
+fn a_lodash_that_cannot_load_fails_the_read_and_is_tried_again_later() {
+    // 1 MiB holds the prelude and this script, not lodash.
+    let tight = Options {
+        memory_limit: 1024 * 1024,
+        ..options()
+    };
+    let function = Function::load(
+        "function onTrack(e) {\n\
+           try { return _.VERSION; } catch (err) {\n\
+             return ['threw', typeof Object.getOwnPropertyDescriptor(globalThis, '_').get];\n\
+           }\n\
+         }",
+        tight,
+    )
+    .expect("loads");
+    let outcome = call(&function, "onTrack", json!({}));
+    assert_eq!(outcome, Outcome::Returned(json!(["threw", "function"])));
+}
