@@ -11,6 +11,7 @@ mod http;
 mod key_error;
 pub mod klaviyo;
 mod rules;
+mod s3;
 mod segment;
 mod stdout;
 mod webhook;
@@ -31,6 +32,7 @@ pub use http::{classify, parse_retry_after};
 pub use key_error::KeyError;
 pub use klaviyo::{KlaviyoBodies, KlaviyoConfig, KlaviyoDestination, KlaviyoRequest};
 pub use rules::{FilterConfig, IntegrationsPolicy, PropertyCondition, RouteConfig};
+pub use s3::{S3Config, S3Destination};
 pub use segment::{batch_body as segment_batch_body, SegmentConfig, SegmentDestination};
 pub use stdout::{StdoutConfig, StdoutDestination};
 pub use webhook::{
@@ -334,6 +336,7 @@ kinds! {
     Segment(segment::SegmentConfig),
     Klaviyo(klaviyo::KlaviyoConfig),
     Function(function::FunctionConfig),
+    S3(s3::S3Config),
 }
 
 impl DestinationConfig {
