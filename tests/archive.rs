@@ -342,3 +342,29 @@ async fn a_large_object_goes_up_in_parts_and_only_whole() {
     assert_eq!(ids(&lines), sent);
     assert!(s3.open_uploads().is_empty(), "{:?}", s3.open_uploads());
 }
+
+#[tokio::test]
+async fn a_retried_batch_rewrites_its_stored_objects_instead_of_adding_copies() {
+    let s3 = S3sFs::start();
+    // A file where the `ios` folder would go: s3s-fs fails that source's uploads (500)
+    // while the `test` source's object of the same batch is stored.
+    let blocker = s3.root.path().join(BUCKET).join("segment-logs/ios");
+    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    std::fs::write(&blocker, b"").unwrap();
+    let f = fanout(&s3.endpoint(), SECRET_KEY, "batch = { linger = \"1s\" }\n");
+    send(&f, common::WRITE_KEY, (0..10).map(|i| format!("t-{i}"))).await;
+    send(&f, "wk_ios", (0..10).map(|i| format!("i-{i}"))).await;
+    f.wait_metric(
+        "fanout_deliveries_total",
+        &[("destination", "archive"), ("outcome", "retried")],
+        |n| n >= 3.0 * 20.0,
+    )
+    .await;
+    std::fs::remove_file(&blocker).unwrap();
+
+    let archived = wait_archived(&s3, 20).await;
+    f.wait_settled("archive").await;
+    let keys: Vec<&String> = archived.keys().collect();
+    assert_eq!(keys.len(), 2, "one object per source: {keys:?}");
+    assert!(f.dead_letters("archive").await.is_empty());
+}
