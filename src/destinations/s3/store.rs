@@ -31,6 +31,17 @@ const REFUSED_CODES: &[&str] = &[
     "AccountProblem",
 ];
 
+/// S3 error codes of a 400 that are about the transfer, not the content: sent again,
+/// the same object goes through.
+const RETRIED_CODES: &[&str] = &[
+    "RequestTimeout",
+    "IncompleteBody",
+    "BadDigest",
+    "InvalidPart",
+    "InvalidPartOrder",
+    "NoSuchUpload",
+];
+
 /// One failed abort a minute is logged: during an outage every attempt's abort fails.
 static ABORT_FAILED: LogThrottle = LogThrottle::new(Duration::from_secs(60));
 
@@ -155,7 +166,8 @@ pub fn classify(status: u16, answer: Option<String>) -> SendError {
         None => format!("HTTP {status}"),
     };
     let refused = code.is_some_and(|c| REFUSED_CODES.contains(&c));
-    let retryable = matches!(status, 200..=399 | 401 | 403 | 404 | 408 | 429 | 500..=599);
+    let retryable = matches!(status, 200..=399 | 401 | 403 | 404 | 408 | 429 | 500..=599)
+        || code.is_some_and(|c| RETRIED_CODES.contains(&c));
     if refused || !retryable {
         SendError::Rejected {
             status,
@@ -216,6 +228,8 @@ mod tests {
             (503, error("SlowDown")),
             (403, error("RequestTimeTooSkewed")),
             (404, error("NoSuchUpload")),
+            (400, error("RequestTimeout")),
+            (400, error("InvalidPart")),
             (200, error("InternalError")),
             (502, Some("<html>bad gateway</html>".into())),
             (503, None),
