@@ -315,9 +315,10 @@ async fn a_large_object_goes_up_in_parts_and_only_whole() {
     let f = fanout(
         &s3.endpoint(),
         SECRET_KEY,
-        "part_size = 5242880\nbatch = { linger = \"5s\" }\n",
+        "part_size = 5242880\nbatch = { max_events = 1200, linger = \"60s\" }\n",
     );
-    // Random text barely compresses: 1 200 messages of 9 KB make an object of ~2 parts.
+    // Random text barely compresses: 1 200 messages of 9 KB make an object of ~2 parts,
+    // sent as one batch (`max_events`) however long sending them takes.
     let mut sent = Vec::new();
     for request in 0..30 {
         let batch: Vec<Value> = (0..40)
@@ -351,7 +352,12 @@ async fn a_retried_batch_rewrites_its_stored_objects_instead_of_adding_copies() 
     let blocker = s3.root.path().join(BUCKET).join("segment-logs/ios");
     std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
     std::fs::write(&blocker, b"").unwrap();
-    let f = fanout(&s3.endpoint(), SECRET_KEY, "batch = { linger = \"1s\" }\n");
+    // The 20 messages make one batch, however long sending them takes.
+    let f = fanout(
+        &s3.endpoint(),
+        SECRET_KEY,
+        "batch = { max_events = 20, linger = \"60s\" }\n",
+    );
     send(&f, common::WRITE_KEY, (0..10).map(|i| format!("t-{i}"))).await;
     send(&f, "wk_ios", (0..10).map(|i| format!("i-{i}"))).await;
     f.wait_metric(
