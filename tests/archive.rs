@@ -66,6 +66,16 @@ impl S3sFs {
         }
     }
 
+    /// `kill -STOP` / `kill -CONT`: frozen, it answers nothing but keeps its connections.
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+    }
+
     fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
@@ -309,16 +319,13 @@ async fn wrong_credentials_dead_letter_with_the_s3_error_code() {
     assert!(s3.objects().is_empty());
 }
 
-#[tokio::test]
-async fn a_large_object_goes_up_in_parts_and_only_whole() {
-    let s3 = S3sFs::start();
-    let f = fanout(
-        &s3.endpoint(),
-        SECRET_KEY,
-        "part_size = 5242880\nbatch = { max_events = 1200, linger = \"60s\" }\n",
-    );
-    // Random text barely compresses: 1 200 messages of 9 KB make an object of ~2 parts,
-    // sent as one batch (`max_events`) however long sending them takes.
+/// Parts of 5 MiB, and one batch of exactly what `send_big` sends.
+const BIG: &str = "part_size = 5242880\nbatch = { max_events = 1200, linger = \"60s\" }\n";
+
+/// Random text barely compresses: 1 200 messages of 9 KB make an object of ~2 parts,
+/// sent as one batch (`max_events` in `BIG`) however long sending them takes. Returns
+/// the messageIds, sorted.
+async fn send_big(f: &Fanout) -> Vec<String> {
     let mut sent = Vec::new();
     for request in 0..30 {
         let batch: Vec<Value> = (0..40)
@@ -333,15 +340,54 @@ async fn a_large_object_goes_up_in_parts_and_only_whole() {
         let body = json!({ "batch": batch });
         assert_success(f.post("/v1/batch").json(&body).send().await.unwrap()).await;
     }
+    sent.sort();
+    sent
+}
+
+#[tokio::test]
+async fn a_large_object_goes_up_in_parts_and_only_whole() {
+    let s3 = S3sFs::start();
+    let f = fanout(&s3.endpoint(), SECRET_KEY, BIG);
+    let sent = send_big(&f).await;
     let archived = wait_archived(&s3, sent.len()).await;
     assert_eq!(archived.len(), 1, "one batch, one object");
     let (key, _) = archived.iter().next().unwrap();
     let size = s3.objects()[key].len();
     assert!(size > 5_242_880, "{size} bytes: more than one part");
     let lines: Vec<&String> = archived.values().flatten().collect();
-    sent.sort();
     assert_eq!(ids(&lines), sent);
     assert!(s3.open_uploads().is_empty(), "{:?}", s3.open_uploads());
+}
+
+#[tokio::test]
+async fn a_crash_mid_upload_shows_no_part_of_the_object_and_the_restart_writes_it_once() {
+    let s3 = S3sFs::start();
+    let mut f = fanout(&s3.endpoint(), SECRET_KEY, BIG);
+    let sent = send_big(&f).await;
+    // Once the multipart upload exists, freeze s3s-fs (its parts stay in flight) and
+    // kill fanout without a goodbye.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !s3.open_uploads().iter().any(|p| {
+        let name = p.file_name().unwrap().to_string_lossy();
+        name.starts_with(".upload-") && name.ends_with(".json")
+    }) {
+        assert!(Instant::now() < deadline, "no multipart upload began");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    s3.signal("-STOP");
+    f.kill9();
+    s3.signal("-CONT");
+    // Nothing, or (when fanout was quicker than the freeze) the whole object.
+    for (key, bytes) in s3.objects() {
+        assert_eq!(gunzip(&bytes).lines().count(), sent.len(), "{key}");
+    }
+
+    // The same batch again after the restart: the same object, written once.
+    f.restart();
+    let archived = wait_archived(&s3, sent.len()).await;
+    assert_eq!(archived.len(), 1, "{:?}", archived.keys());
+    let lines: Vec<&String> = archived.values().flatten().collect();
+    assert_eq!(ids(&lines), sent);
 }
 
 #[tokio::test]
