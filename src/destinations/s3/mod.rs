@@ -18,8 +18,8 @@ use crate::clock::Clock;
 use crate::queue::Checkpoint;
 use store::Store;
 
-/// S3's smallest part (but for the last) and most parts; 16 MiB parts cover objects up
-/// to 160 GiB, far past any batch.
+/// S3's part sizes: 5 MiB (but for the last) to 5 GiB, 10 000 parts at most; 16 MiB
+/// parts cover objects up to 160 GiB, far past any batch (`batch.max_bytes` ≤ 256 MiB).
 const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
 const DEFAULT_PART_SIZE: usize = 16 * 1024 * 1024;
 const MAX_PART_SIZE: usize = 5 * 1024 * 1024 * 1024;
