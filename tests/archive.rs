@@ -420,3 +420,60 @@ async fn a_retried_batch_rewrites_its_stored_objects_instead_of_adding_copies() 
     assert_eq!(keys.len(), 2, "one object per source: {keys:?}");
     assert!(f.dead_letters("archive").await.is_empty());
 }
+
+#[test]
+fn fanout_check_names_the_s3_key_at_fault() {
+    let config = "[server]\nlisten = \"127.0.0.1:1\"\n\n[[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n\n\
+        [[destinations]]\nname = \"archive\"\nkind = \"s3\"\nbucket = \"events\"\n\
+        endpoint = \"http://127.0.0.1:9000\"\nregion = \"us-east-1\"\n\
+        access_key_id_env = \"ARCHIVE_KEY\"\nsecret_access_key_env = \"ARCHIVE_SECRET\"\n";
+    let check = |config: &str, env: &[(&str, &str)]| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, config).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_fanout"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .env_remove("ARCHIVE_KEY")
+            .env_remove("ARCHIVE_SECRET")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.success(), stderr)
+    };
+    let env = [("ARCHIVE_KEY", "k"), ("ARCHIVE_SECRET", "s")];
+    let (ok, stderr) = check(config, &env);
+    assert!(ok, "{stderr}");
+
+    let cases = [
+        (
+            config.replace("\"events\"", "\"Events\""),
+            "`destinations[0].bucket` (line 11)",
+        ),
+        (
+            format!("{config}part_size = 1024\n"),
+            "`destinations[0].part_size` (line 16)",
+        ),
+        (
+            format!("{config}path_style = false\n"),
+            "`destinations[0].path_style` (line 16)",
+        ),
+        (
+            format!("{config}prefix = \"../x\"\n"),
+            "`destinations[0].prefix` (line 16)",
+        ),
+        (
+            format!("{config}bucket_name = \"x\"\n"),
+            "destinations[0].bucket_name",
+        ),
+        (
+            config.replace("region = \"us-east-1\"\n", ""),
+            "`s3` needs `region`",
+        ),
+    ];
+    for (bad, want) in cases {
+        let (ok, stderr) = check(&bad, &env);
+        assert!(!ok && stderr.contains(want), "want {want}: {stderr}");
+    }
+}
