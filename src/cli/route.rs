@@ -126,7 +126,7 @@ pub fn explain(
                     refused: None,
                     payload: Value::Null,
                 },
-                Decision::Send(message) => delivered(config, &message, clock)?,
+                Decision::Send(message) => delivered(config, source, &message, clock)?,
             });
         }
         messages.push(MessageReport {
@@ -196,6 +196,7 @@ fn rejected(r: Rejection) -> anyhow::Error {
 /// What `config`'s destination would make of a message routing let through.
 fn delivered(
     config: &DestinationConfig,
+    source: &str,
     message: &[u8],
     clock: Clock,
 ) -> anyhow::Result<DestinationReport> {
@@ -207,7 +208,7 @@ fn delivered(
         refused: None,
         payload: Value::Null,
     };
-    match config.settings.preview(message, clock)? {
+    match config.settings.preview(source, message, clock)? {
         Preview::Send(payload) => report.payload = payload,
         Preview::Skip(reason) => {
             report.send = false;

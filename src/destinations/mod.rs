@@ -11,6 +11,7 @@ mod http;
 mod key_error;
 pub mod klaviyo;
 mod rules;
+mod s3;
 mod segment;
 mod stdout;
 mod webhook;
@@ -31,6 +32,7 @@ pub use http::{classify, parse_retry_after};
 pub use key_error::KeyError;
 pub use klaviyo::{KlaviyoBodies, KlaviyoConfig, KlaviyoDestination, KlaviyoRequest};
 pub use rules::{FilterConfig, IntegrationsPolicy, PropertyCondition, RouteConfig};
+pub use s3::{S3Config, S3Destination};
 pub use segment::{batch_body as segment_batch_body, SegmentConfig, SegmentDestination};
 pub use stdout::{StdoutConfig, StdoutDestination};
 pub use webhook::{
@@ -118,6 +120,8 @@ pub enum Check {
 /// One message of a batch being sent: as stored, and as `check` prepared it.
 #[derive(Clone, Copy)]
 pub struct Outgoing<'a> {
+    /// The name of the `[[sources]]` it came in through (the archive's folders).
+    pub source: &'a str,
     pub json: &'a [u8],
     pub prepared: Option<&'a Prepared>,
 }
@@ -217,6 +221,12 @@ pub trait Kind: DeserializeOwned + Clone + std::fmt::Debug + PartialEq + Send + 
     fn preview(&self, message: &[u8], _: Clock) -> anyhow::Result<Preview> {
         Ok(Preview::Send(serde_json::from_slice(message)?))
     }
+
+    /// `preview` of a message from the source named `source`, for kinds whose output
+    /// depends on it (the archive's folders).
+    fn preview_from(&self, _source: &str, message: &[u8], clock: Clock) -> anyhow::Result<Preview> {
+        self.preview(message, clock)
+    }
 }
 
 /// Reads a kind's own keys; a key the kind does not take is named, and so is a missing
@@ -304,9 +314,15 @@ macro_rules! kinds {
                 }
             }
 
-            pub fn preview(&self, message: &[u8], clock: Clock) -> anyhow::Result<Preview> {
+            /// What it would receive of `message` from the source named `source`.
+            pub fn preview(
+                &self,
+                source: &str,
+                message: &[u8],
+                clock: Clock,
+            ) -> anyhow::Result<Preview> {
                 match self {
-                    $(KindSettings::$variant(c) => c.preview(message, clock)),+
+                    $(KindSettings::$variant(c) => c.preview_from(source, message, clock)),+
                 }
             }
         }
@@ -320,6 +336,7 @@ kinds! {
     Segment(segment::SegmentConfig),
     Klaviyo(klaviyo::KlaviyoConfig),
     Function(function::FunctionConfig),
+    S3(s3::S3Config),
 }
 
 impl DestinationConfig {
