@@ -113,7 +113,8 @@ async fn request(file: &Path, raw: &Value, settings: Value) -> anyhow::Result<En
     };
     let dir = file.parent().unwrap_or(Path::new(""));
     let name = file.file_name().map(|n| n.to_string_lossy().to_string());
-    let function = SourceFunction::load(dir, name.as_deref().unwrap_or(""), settings);
+    let sandbox = functions::FunctionSandbox::file(name.unwrap_or_default());
+    let function = SourceFunction::load(dir, &sandbox, settings);
     let function = match function {
         Ok(function) => function,
         Err(e) => return not_loaded(&e),
