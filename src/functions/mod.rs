@@ -22,6 +22,7 @@
 mod engine;
 mod fetch;
 mod globals;
+mod resolver;
 mod sandbox;
 mod source;
 #[cfg(test)]
