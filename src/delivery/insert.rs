@@ -97,3 +97,22 @@ pub(super) async fn apply(context: &DeliveryContext, insert: &Sandboxed, json: &
         }
     }
 }
+
+/// Shows the live view the message before and after the insert function (`inserted`);
+/// what is sent follows as the destination's outcome.
+pub(super) fn tell_inserted(context: &DeliveryContext, source: &str, before: &[u8], after: &[u8]) {
+    if !crate::live::watching() {
+        return;
+    }
+    let (mut fields, message_type) = crate::live::summary(before);
+    fields["before"] = serde_json::from_slice(before).unwrap_or(Value::Null);
+    fields["after"] = serde_json::from_slice(after).unwrap_or(Value::Null);
+    crate::live::publish(
+        "inserted",
+        Some(source),
+        Some(&context.name),
+        message_type,
+        fields,
+        None,
+    );
+}
