@@ -147,3 +147,39 @@ async fn a_source_function_over_its_own_timeout_answers_504() {
     assert_eq!(delivered.len(), 1, "{delivered:?}");
     assert_eq!(delivered[0]["event"], "After");
 }
+
+/// `fanout check` on a config with `section` appended and `functions/f.js` = `script`;
+/// it must refuse it. Returns what it said.
+fn check_refuses(script: &str, section: &str) -> String {
+    let tmp = with_functions(&[("f.js", script)]);
+    let config = tmp.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[sources]]\nname = \"web\"\n\
+             write_keys = [\"k\"]\n\n{section}"
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{stderr}");
+    stderr
+}
+
+#[test]
+fn check_names_a_source_function_s_sandbox_key() {
+    let stderr = check_refuses(
+        "function onRequest() {}\n",
+        "[[sources]]\nname = \"hooks\"\nwrite_keys = [\"k2\"]\n\
+         function = { file = \"functions/f.js\", memory_limit = 10 }\n",
+    );
+    assert!(
+        stderr.contains("sources[1].function.memory_limit"),
+        "{stderr}"
+    );
+}

@@ -165,3 +165,34 @@ pub fn file_or_table<'de, D: serde::Deserializer<'de>>(
     }
     deserializer.deserialize_any(FileOrTable).map(Some)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unset_settings_variable_stops_the_start_naming_key_and_variable() {
+        let mut sandbox = FunctionSandbox::file("f.js");
+        sandbox.source = Some("function onTrack(e) { return e; }".into());
+        sandbox.settings.insert(
+            "tag_env".into(),
+            serde_json::json!("FANOUT_TEST_SANDBOX_UNSET"),
+        );
+        let e = sandbox.start(None).err().unwrap().to_string();
+        assert!(e.contains("settings.tag_env"), "{e}");
+        assert!(e.contains("FANOUT_TEST_SANDBOX_UNSET"), "{e}");
+    }
+
+    #[test]
+    fn a_destination_s_timeout_wins_over_the_sandbox_s() {
+        let mut sandbox = FunctionSandbox::file("f.js");
+        assert_eq!(
+            sandbox.options(None).timeout,
+            crate::functions::DEFAULT_TIMEOUT
+        );
+        sandbox.timeout = Some(Duration::from_secs(2));
+        assert_eq!(sandbox.options(None).timeout, Duration::from_secs(2));
+        let shared = Some(Duration::from_secs(7));
+        assert_eq!(sandbox.options(shared).timeout, Duration::from_secs(7));
+    }
+}
