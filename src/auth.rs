@@ -15,7 +15,7 @@ use http::header::{HeaderMap, AUTHORIZATION};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use crate::functions::SourceFunction;
+use crate::functions::{FunctionSandbox, SourceFunction};
 use crate::tracking_plan::TrackingPlan;
 
 /// The credential a request's headers carry.
@@ -96,12 +96,16 @@ pub struct SourceConfig {
     /// properties this source may send (`tracking_plan.rs`). Compiled where the sources
     /// are built (`auth::Sources::from_config`).
     pub tracking_plan: Option<PathBuf>,
-    /// A source function's JavaScript file (relative to the config file): its
-    /// `onRequest(request, settings)` turns what `POST /v1/functions/{writeKey}` receives
-    /// into messages of this source. Loaded where the sources are built.
-    pub function: Option<String>,
-    /// Handed to `onRequest` as `settings`; a key ending in `_env` names an environment
-    /// variable, passed under the key without the suffix.
+    /// A source function: its JavaScript file (relative to the config file), or a table
+    /// with the file and its sandbox keys (`settings`, `allow_hosts`, `fetch_hosts`,
+    /// `timeout`, `memory_limit`). Its `onRequest(request, settings)` turns what
+    /// `POST /v1/functions/{writeKey}` receives into messages of this source. Loaded where
+    /// the sources are built.
+    #[serde(default, deserialize_with = "crate::functions::file_or_table")]
+    pub function: Option<FunctionSandbox>,
+    /// The older place of the function's `settings` (kept working): handed to `onRequest`
+    /// as `settings`; a key ending in `_env` names an environment variable, passed under
+    /// the key without the suffix. Not both this and `function.settings`.
     #[serde(default)]
     pub function_settings: BTreeMap<String, serde_json::Value>,
 }
@@ -171,12 +175,18 @@ impl Sources {
         }
         let mut functions = HashMap::new();
         for (i, source) in sources.iter().enumerate() {
-            if let Some(file) = &source.function {
-                let settings = crate::functions::settings_from(&source.function_settings, |var| {
+            if let Some(sandbox) = &source.function {
+                // `Config::validate` refuses both at once.
+                let (key, table) = if sandbox.settings.is_empty() {
+                    ("function_settings", &source.function_settings)
+                } else {
+                    ("function.settings", &sandbox.settings)
+                };
+                let settings = crate::functions::settings_from(table, |var| {
                     std::env::var(var).ok().filter(|v| !v.is_empty())
                 })
-                .map_err(|why| anyhow::anyhow!("`sources[{i}].function_settings`: {why}"))?;
-                let function = SourceFunction::load(dir, file, settings)
+                .map_err(|why| anyhow::anyhow!("`sources[{i}].{key}`: {why}"))?;
+                let function = SourceFunction::load(dir, sandbox, settings)
                     .map_err(|why| anyhow::anyhow!("`sources[{i}].function`: {why}"))?;
                 functions.insert(Arc::from(source.name.as_str()), Arc::new(function));
             }

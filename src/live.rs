@@ -1,5 +1,6 @@
 //! The live view: each happening — a message accepted, a duplicate, a request refused, and
-//! per destination delivered, skipped, retried or dead-lettered — as an event for whoever
+//! per destination delivered, skipped, retried or dead-lettered, and what its insert
+//! function made of a message (`inserted`: `before` and `after`) — as an event for whoever
 //! watches (`GET /debugger/events`, the `/debugger` page, `fanout tap`).
 //!
 //! Events are built only while someone watches (a viewer count, one atomic read, is all

@@ -482,6 +482,20 @@ async fn drive_debugger(
     wait_for: &str,
     wait_rows: usize,
 ) -> Value {
+    drive_debugger_until(f, fragment_token, keys, message_id, wait_for, wait_rows, "").await
+}
+
+/// `drive_debugger`, the driver also waiting for the clicked row's detail to show
+/// `wait_detail` (when not empty): outcomes of several destinations arrive one by one.
+async fn drive_debugger_until(
+    f: &Fanout,
+    fragment_token: &str,
+    keys: &[&str],
+    message_id: impl Fn(u32) -> String,
+    wait_for: &str,
+    wait_rows: usize,
+    wait_detail: &str,
+) -> Value {
     let deps = common::required_path("FANOUT_BROWSER_DEPS");
     let chromium = common::required_path("FANOUT_CHROMIUM");
     let shots = tempfile::tempdir().unwrap();
@@ -497,6 +511,7 @@ async fn drive_debugger(
         )
         .env("WAIT_FOR", wait_for)
         .env("WAIT_ROWS", wait_rows.to_string())
+        .env("WAIT_DETAIL", wait_detail)
         .env("SCREENSHOT", &screenshot)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -661,4 +676,113 @@ async fn post_padded_batches(
             .unwrap();
         assert_eq!(r.status(), 200);
     }
+}
+
+/// fanout with the admin token and destination `cleaned` (a file) whose insert function
+/// marks each track `cleaned` and drops the event `Internal`.
+fn with_insert_function() -> Fanout {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("functions")).unwrap();
+    std::fs::write(
+        tmp.path().join("functions/clean.js"),
+        "function onTrack(event) {\n\
+           if (event.event === 'Internal') return null;\n\
+           event.properties = { cleaned: true };\n\
+           return event;\n\
+         }\n",
+    )
+    .unwrap();
+    let section = format!(
+        "[[destinations]]\nname = \"cleaned\"\nkind = \"file\"\npath = \"{}\"\n\
+         insert_function = \"functions/clean.js\"\n",
+        tmp.path().join("cleaned.jsonl").display()
+    );
+    Fanout::start_in(
+        tmp,
+        Settings::default()
+            .section("[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n")
+            .env("FANOUT_ADMIN_TOKEN", TOKEN)
+            .section(&section),
+    )
+}
+
+#[tokio::test]
+async fn an_insert_function_s_before_and_after_are_shown() {
+    let f = with_insert_function();
+    let mut sse = Sse::open(&f, TOKEN, "destination=cleaned").await;
+    let track = |id: &str, event: &str| {
+        json!({"type": "track", "messageId": id, "userId": "u", "event": event,
+               "properties": {"raw": 1}})
+    };
+    f.post("/v1/track")
+        .json(&track("changed", "Viewed"))
+        .send()
+        .await
+        .unwrap();
+    let events = sse.until(|e| e["kind"] == "delivered").await;
+    let inserted = events
+        .iter()
+        .find(|e| e["kind"] == "inserted")
+        .unwrap_or_else(|| panic!("no inserted event: {events:?}"));
+    assert_eq!(inserted["messageId"], "changed", "{inserted}");
+    assert_eq!(inserted["source"], "test", "{inserted}");
+    assert_eq!(inserted["type"], "track", "{inserted}");
+    assert_eq!(
+        inserted["before"]["properties"],
+        json!({"raw": 1}),
+        "{inserted}"
+    );
+    assert_eq!(
+        inserted["after"]["properties"],
+        json!({"cleaned": true}),
+        "{inserted}"
+    );
+    let delivered = events.last().unwrap();
+    assert_eq!(delivered["payload"]["properties"], json!({"cleaned": true}));
+
+    f.post("/v1/track")
+        .json(&track("dropped", "Internal"))
+        .send()
+        .await
+        .unwrap();
+    let events = sse.until(|e| e["kind"] == "skipped").await;
+    let skipped = events.last().unwrap();
+    assert_eq!(skipped["messageId"], "dropped", "{skipped}");
+    assert_eq!(skipped["reason"], "insert_function", "{skipped}");
+    assert_eq!(
+        skipped["payload"]["properties"],
+        json!({"raw": 1}),
+        "{skipped}"
+    );
+    assert!(
+        !events.iter().any(|e| e["kind"] == "inserted"),
+        "a dropped message has no after: {events:?}"
+    );
+}
+
+/// The page shows the message before and after a destination's insert function.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_debugger_page_shows_an_insert_function_s_before_and_after() {
+    let f = with_insert_function();
+    let result = drive_debugger_until(
+        &f,
+        TOKEN,
+        &[WRITE_KEY],
+        |n| format!("ins-{n}"),
+        "ins-",
+        1,
+        "after insert_function",
+    )
+    .await;
+    let detail = result["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("cleaned: before insert_function"),
+        "{result}"
+    );
+    assert!(
+        detail.contains("cleaned: after insert_function"),
+        "{result}"
+    );
+    assert!(detail.contains("\"cleaned\": true"), "{result}");
+    assert_eq!(result["consoleErrors"], json!([]), "{result}");
 }

@@ -153,8 +153,12 @@ async fn request(
     };
     let dir = file.parent().unwrap_or(Path::new(""));
     let name = file.file_name().map(|n| n.to_string_lossy().to_string());
-    let function =
-        SourceFunction::load_with_hosts(dir, name.as_deref().unwrap_or(""), settings, hosts);
+    let sandbox = functions::FunctionSandbox {
+        allow_hosts: hosts.allow,
+        fetch_hosts: hosts.remap,
+        ..functions::FunctionSandbox::file(name.unwrap_or_default())
+    };
+    let function = SourceFunction::load(dir, &sandbox, settings);
     let function = match function {
         Ok(function) => function,
         Err(e) => return not_loaded(&e),

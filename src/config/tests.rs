@@ -484,3 +484,75 @@ fn the_live_view_limits_have_defaults_and_bounds() {
         assert!(e.line.is_some(), "{lines}: {e}");
     }
 }
+
+#[test]
+fn a_source_function_takes_a_file_or_a_sandbox_table() {
+    let plain = GOOD.replace(
+        "write_keys = [\"k1\"]",
+        "write_keys = [\"k1\"]\nfunction = \"functions/a.js\"",
+    );
+    let c = Config::parse(&plain).unwrap();
+    let function = c.sources[0].function.as_ref().unwrap();
+    assert_eq!(function.file, "functions/a.js");
+    assert_eq!(function.timeout, None);
+
+    let table = GOOD.replace(
+        "write_keys = [\"k1\"]",
+        "write_keys = [\"k1\"]\nfunction = { file = \"functions/a.js\", timeout = \"250ms\", \
+         memory_limit = 2097152, allow_hosts = [\"127.0.0.1\"], \
+         fetch_hosts = { \"api.example.com\" = \"http://127.0.0.1:9\" }, \
+         settings = { key_env = \"K\" } }",
+    );
+    let c = Config::parse(&table).unwrap();
+    let function = c.sources[0].function.as_ref().unwrap();
+    assert_eq!(function.timeout, Some(Duration::from_millis(250)));
+    assert_eq!(function.memory_limit, Some(2 * 1024 * 1024));
+    assert_eq!(function.allow_hosts, ["127.0.0.1"]);
+    assert_eq!(function.settings["key_env"], "K");
+}
+
+#[test]
+fn a_source_function_s_sandbox_errors_name_their_key() {
+    let with = |function: &str| {
+        let text = GOOD.replace(
+            "write_keys = [\"k1\"]",
+            &format!("write_keys = [\"k1\"]\n{function}"),
+        );
+        Config::parse(&text).unwrap_err()
+    };
+    let e = with("function = { file = \"a.js\", timout = \"1s\" }");
+    assert_eq!(e.key, "sources[0].function.timout", "{e}");
+    assert!(e.message.contains("timout"), "{e}");
+    let e = with("function = { file = \"a.js\", memory_limit = 1000 }");
+    assert_eq!(e.key, "sources[0].function.memory_limit", "{e}");
+    let e = with("function = { file = \"a.js\", timeout = \"0s\" }");
+    assert_eq!(e.key, "sources[0].function.timeout", "{e}");
+    let e = with("function = { file = \"a.js\", fetch_hosts = { \"a.com\" = \"ftp://x\" } }");
+    assert_eq!(e.key, "sources[0].function.fetch_hosts.a.com", "{e}");
+    let e = with("function = { settings = {} }");
+    assert!(e.message.contains("file"), "{e}");
+    let e = with("function = 3");
+    assert_eq!(e.key, "sources[0].function", "{e}");
+    let e =
+        with("function = { file = \"a.js\", settings = { a = 1 } }\nfunction_settings = { b = 2 }");
+    assert_eq!(e.key, "sources[0].function_settings", "{e}");
+    assert!(e.message.contains("not both"), "{e}");
+}
+
+#[test]
+fn an_insert_function_s_sandbox_errors_name_their_key() {
+    let with = |insert: &str| {
+        let text = format!("{GOOD}insert_function = {insert}\n");
+        Config::parse(&text).unwrap_err()
+    };
+    let e = with("{ file = \"a.js\", memory_limit = 1000 }");
+    assert_eq!(e.key, "destinations[0].insert_function.memory_limit", "{e}");
+    let e = with("{ file = \"a.js\", timeout = \"2h\" }");
+    assert_eq!(e.key, "destinations[0].insert_function.timeout", "{e}");
+    let e = with("{ file = \"a.js\", allow = [] }");
+    assert_eq!(e.key, "destinations[0].insert_function.allow", "{e}");
+    // The file is read once the keys are right: its error is the table's.
+    let e = with("{ file = \"no/such/file.js\", timeout = \"1s\" }");
+    assert_eq!(e.key, "destinations[0].insert_function", "{e}");
+    assert!(e.message.contains("cannot read"), "{e}");
+}

@@ -56,6 +56,19 @@ impl Config {
             }
         }
         for (i, source) in self.sources.iter().enumerate() {
+            if let Some(function) = &source.function {
+                if let Err((key, message)) = function.validate() {
+                    return Err(err(format!("sources[{i}].function.{key}"), message));
+                }
+                if !function.settings.is_empty() && !source.function_settings.is_empty() {
+                    return Err(err(
+                        format!("sources[{i}].function_settings"),
+                        "give the settings in one place: `function.settings` or \
+                         `function_settings`, not both"
+                            .into(),
+                    ));
+                }
+            }
             if let Some(batching) = &source.browser.batching {
                 if batching.size == 0 || batching.timeout.is_zero() {
                     return Err(err(

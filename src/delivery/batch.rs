@@ -78,6 +78,7 @@ pub async fn deliver(context: Arc<DeliveryContext>, mut items: Vec<Item>) -> Bat
             inserted[index] = false;
             match super::insert::apply(&context, function, &item.json).await {
                 Inserted::Send(json) => {
+                    super::insert::tell_inserted(&context, &item.source, &item.json, &json);
                     item.json = json;
                     inserted[index] = true;
                 }

@@ -20,7 +20,7 @@ pub struct DeliveryContext {
     pub route: Route,
     pub destination: AnyDestination,
     /// Run on each message before the destination sees it (`insert_function`).
-    pub insert: Option<crate::functions::Function>,
+    pub insert: Option<crate::functions::Sandboxed>,
     pub policy: RetryPolicy,
     pub limiter: Option<(RateLimiter, RatePer)>,
     /// Batches sending at once.

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::context::DeliveryContext;
 use crate::destinations::handler_of;
-use crate::functions::{FailureKind, Function, Outcome};
+use crate::functions::{FailureKind, Outcome, Sandboxed};
 use crate::queue::dead_letters::{Failure, Reason};
 
 /// What became of one message.
@@ -23,7 +23,8 @@ pub(super) enum Inserted {
     Stopped,
 }
 
-pub(super) async fn apply(context: &DeliveryContext, function: &Function, json: &[u8]) -> Inserted {
+pub(super) async fn apply(context: &DeliveryContext, insert: &Sandboxed, json: &[u8]) -> Inserted {
+    let function = &insert.function;
     let Some(handler) = handler_of(json).filter(|h| function.has(h)) else {
         return Inserted::Skip("event_not_supported");
     };
@@ -35,7 +36,7 @@ pub(super) async fn apply(context: &DeliveryContext, function: &Function, json: 
     loop {
         attempts += 1;
         let outcome = function
-            .call(handler, vec![event.clone(), "{}".to_string()])
+            .call(handler, vec![event.clone(), insert.settings.clone()])
             .await;
         let dead = |reason: Reason, response: String| {
             Inserted::Dead(Failure {
@@ -95,4 +96,23 @@ pub(super) async fn apply(context: &DeliveryContext, function: &Function, json: 
             _ = stop.wait_for(|&s| s) => return Inserted::Stopped,
         }
     }
+}
+
+/// Shows the live view the message before and after the insert function (`inserted`);
+/// what is sent follows as the destination's outcome.
+pub(super) fn tell_inserted(context: &DeliveryContext, source: &str, before: &[u8], after: &[u8]) {
+    if !crate::live::watching() {
+        return;
+    }
+    let (mut fields, message_type) = crate::live::summary(before);
+    fields["before"] = serde_json::from_slice(before).unwrap_or(Value::Null);
+    fields["after"] = serde_json::from_slice(after).unwrap_or(Value::Null);
+    crate::live::publish(
+        "inserted",
+        Some(source),
+        Some(&context.name),
+        message_type,
+        fields,
+        None,
+    );
 }

@@ -196,7 +196,7 @@ impl Deliveries {
         let gauges = DestinationGauges::register(&config.name, self.clock);
         let destination = build(subscription.saved())?;
         let insert = match &config.insert_function {
-            Some(script) => Some(script.start().map_err(|e| {
+            Some(sandbox) => Some(sandbox.start(None).map_err(|e| {
                 anyhow::anyhow!("destination `{}`: insert_function: {e}", config.name)
             })?),
             None => None,

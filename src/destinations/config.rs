@@ -24,7 +24,7 @@ pub struct DestinationConfig {
     pub route: RouteConfig,
     pub batch: Option<BatchConfig>,
     /// A Segment insert function run on each message before this destination.
-    pub insert_function: Option<super::Script>,
+    pub insert_function: Option<crate::functions::FunctionSandbox>,
     /// HTTP kinds only: concurrency, ordering, timeout, retry, rate limit.
     pub http: HttpConfig,
 }
@@ -70,9 +70,10 @@ struct SharedKeys {
     /// Dotted paths whose strings are sent as SHA-256 hex, e.g. `traits.email`.
     #[serde(default)]
     hash_fields: Vec<String>,
-    /// A Segment insert function's file (relative to the config file's directory): its
-    /// `onTrack`, … get each message and return the one to send, or null to skip it.
-    insert_function: Option<String>,
+    /// A Segment insert function (its `onTrack`, … return the message to send, or null
+    /// to skip it): a file name, or a table with the file and its sandbox keys.
+    #[serde(default, deserialize_with = "crate::functions::file_or_table")]
+    insert_function: Option<crate::functions::FunctionSandbox>,
     batch: Option<BatchConfig>,
     concurrency: Option<usize>,
     ordering: Option<bool>,
@@ -123,9 +124,7 @@ impl DestinationConfig {
                 hash_fields: shared.hash_fields,
             },
             batch: shared.batch,
-            insert_function: shared
-                .insert_function
-                .map(|file| super::Script { file, source: None }),
+            insert_function: shared.insert_function,
             http,
         })
     }

@@ -7,8 +7,7 @@
 //! dead-letters it with the error's message and stack.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Deserialize;
 
@@ -17,33 +16,16 @@ use super::{
     Refusal, SendError, Sending,
 };
 use crate::clock::Clock;
-use crate::functions::{self, FailureKind, Function, HostPolicy, Outcome};
+use crate::functions::{self, FailureKind, Function, FunctionSandbox, Outcome, Sandboxed};
 use crate::queue::Checkpoint;
 
-/// `kind = "function"`'s own keys. The shared `timeout` is the per-call time limit
-/// (default 5 s).
+/// `kind = "function"`'s own keys: `file`, `settings`, `allow_hosts`, `fetch_hosts`,
+/// `memory_limit`, as every function's sandbox has them. The shared `timeout` is the
+/// per-call time limit (default 5 s).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(transparent)]
 pub struct FunctionConfig {
-    /// The function's JavaScript file, relative to the config file's directory.
-    pub file: String,
-    /// Handed to each handler as `settings`; a key ending in `_env` names an environment
-    /// variable, passed under the key without the suffix.
-    #[serde(default)]
-    pub settings: BTreeMap<String, serde_json::Value>,
-    /// Hosts `fetch` may reach; default any public host (never loopback or private
-    /// addresses unless listed here).
-    #[serde(default)]
-    pub allow_hosts: Vec<String>,
-    /// Host → base URL its `fetch` requests go to instead; the code sees its own URL.
-    #[serde(default)]
-    pub fetch_hosts: BTreeMap<String, String>,
-    /// Bytes the function's JavaScript heap may use (default 64 MiB).
-    pub memory_limit: Option<u64>,
-    /// The file's path and text, read when the config is loaded: a reload that finds the
-    /// file changed rebuilds the destination.
-    #[serde(skip)]
-    pub loaded: Option<(PathBuf, String)>,
+    pub function: FunctionSandbox,
 }
 
 impl Kind for FunctionConfig {
@@ -52,24 +34,15 @@ impl Kind for FunctionConfig {
     const HTTP: bool = true;
 
     fn validate(&self) -> Result<(), KeyError> {
-        if self.memory_limit.is_some_and(|m| m < 1024 * 1024) {
-            return Err(KeyError::new(
-                "memory_limit",
-                "must be at least 1 MiB (1048576)",
-            ));
-        }
-        for (host, base) in &self.fetch_hosts {
-            super::check_url(&format!("fetch_hosts.{host}"), base)?;
-        }
-        Ok(())
+        self.function
+            .validate()
+            .map_err(|(key, e)| KeyError::new(key, e))
     }
 
     fn load_files(&mut self, dir: &Path) -> Result<(), KeyError> {
-        let path = dir.join(&self.file);
-        let text =
-            functions::read_script(&path, &self.file).map_err(|e| KeyError::new("file", e))?;
-        self.loaded = Some((path, text));
-        Ok(())
+        self.function
+            .load(dir)
+            .map_err(|e| KeyError::new("file", e))
     }
 
     fn batch_shape(&self) -> BatchShape {
@@ -97,67 +70,11 @@ pub struct FunctionDestination {
 
 impl FunctionDestination {
     pub fn new(config: &DestinationConfig, own: &FunctionConfig) -> anyhow::Result<Self> {
-        let Some((_, source)) = &own.loaded else {
-            anyhow::bail!(
-                "destination `{}`: `{}` was not loaded",
-                config.name,
-                own.file
-            );
-        };
-        let settings = functions::settings_from(&own.settings, |var| {
-            std::env::var(var).ok().filter(|v| !v.is_empty())
-        })
-        .map_err(|e| anyhow::anyhow!("destination `{}`: {e}", config.name))?;
-        let options = functions::Options {
-            name: own.file.clone(),
-            timeout: config.http.timeout.unwrap_or(functions::DEFAULT_TIMEOUT),
-            memory_limit: own.memory_limit.unwrap_or(functions::DEFAULT_MEMORY_LIMIT),
-            hosts: HostPolicy {
-                allow: own.allow_hosts.clone(),
-                remap: own
-                    .fetch_hosts
-                    .iter()
-                    .map(|(h, base)| (h.to_ascii_lowercase(), base.clone()))
-                    .collect(),
-            },
-        };
-        let function = Function::load(source, options)
+        let Sandboxed { function, settings } = own
+            .function
+            .start(config.http.timeout)
             .map_err(|e| anyhow::anyhow!("destination `{}`: {e}", config.name))?;
-        Ok(FunctionDestination {
-            function,
-            settings: settings.to_string(),
-        })
-    }
-}
-
-/// A function file named by a key other than a function destination's `file` (an
-/// insert function), read and syntax-checked when the config is loaded.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Script {
-    /// As configured: relative to the config file's directory.
-    pub file: String,
-    /// The text, once loaded (`DestinationConfig::load_files`).
-    pub source: Option<String>,
-}
-
-impl Script {
-    pub fn load(&mut self, dir: &Path) -> Result<(), String> {
-        self.source = Some(functions::read_script(&dir.join(&self.file), &self.file)?);
-        Ok(())
-    }
-
-    /// Starts it with the default limits and no `fetch` beyond public hosts.
-    pub fn start(&self) -> anyhow::Result<Function> {
-        let source = self.source.as_deref().unwrap_or_default();
-        Function::load(
-            source,
-            functions::Options {
-                name: self.file.clone(),
-                timeout: functions::DEFAULT_TIMEOUT,
-                memory_limit: functions::DEFAULT_MEMORY_LIMIT,
-                hosts: HostPolicy::default(),
-            },
-        )
+        Ok(FunctionDestination { function, settings })
     }
 }
 

@@ -27,7 +27,7 @@ pub use config::{
     DestinationConfig, HttpConfig, RateLimitConfig, RatePer, RetryConfig,
 };
 pub use file::{FileConfig, FileDestination};
-pub use function::{handler_of, FunctionConfig, FunctionDestination, Script};
+pub use function::{handler_of, FunctionConfig, FunctionDestination};
 pub use http::{classify, parse_retry_after};
 pub use key_error::KeyError;
 pub use klaviyo::{KlaviyoBodies, KlaviyoConfig, KlaviyoDestination, KlaviyoRequest};
@@ -343,8 +343,11 @@ impl DestinationConfig {
     /// Reads and checks the files its keys name, relative to `dir` (the config file's
     /// directory); the error names the key.
     pub fn load_files(&mut self, dir: &std::path::Path) -> Result<(), KeyError> {
-        if let Some(script) = &mut self.insert_function {
-            script
+        if let Some(sandbox) = &mut self.insert_function {
+            sandbox
+                .validate()
+                .map_err(|(key, e)| KeyError::new(format!("insert_function.{key}"), e))?;
+            sandbox
                 .load(dir)
                 .map_err(|e| KeyError::new("insert_function", e))?;
         }
@@ -360,8 +363,8 @@ impl DestinationConfig {
     /// Builds it and lets it go: whether it can start (secrets set, output openable).
     /// It never sends, so never reads the time: any clock will do.
     pub fn try_build(&self) -> anyhow::Result<()> {
-        if let Some(script) = &self.insert_function {
-            script.start().map_err(|e| {
+        if let Some(sandbox) = &self.insert_function {
+            sandbox.start(None).map_err(|e| {
                 anyhow::anyhow!("destination `{}`: insert_function: {e}", self.name)
             })?;
         }

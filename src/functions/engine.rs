@@ -96,11 +96,7 @@ impl Engine {
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("fanout/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| e.to_string())?;
+        let client = super::resolver::client(&options.hosts).map_err(|e| e.to_string())?;
         let name = options.name.clone();
         let engine = Engine {
             runtime,

@@ -24,7 +24,8 @@ pub struct HostPolicy {
 impl HostPolicy {
     /// The URL to request for `url`, or why it is refused. A remapped host is the
     /// operator's choice, so its target is not checked; any other host must be listed
-    /// (when a list is set) and, unless listed, resolve to public addresses only.
+    /// (when a list is set) and, unless listed, be a public address. A name's addresses
+    /// are checked by the client's resolver (`resolver.rs`), where it connects.
     pub(super) async fn target(&self, url: &reqwest::Url) -> Result<reqwest::Url, String> {
         let host = url
             .host_str()
@@ -48,21 +49,10 @@ impl HostPolicy {
         if !self.allow.is_empty() && !listed {
             return Err(format!("fetch: host `{host}` is not in allow_hosts"));
         }
-        if !listed {
-            let port = url.port_or_known_default().unwrap_or(443);
-            let addresses: Vec<IpAddr> = match host.parse::<IpAddr>() {
-                Ok(ip) => vec![ip],
-                Err(_) => tokio::net::lookup_host((host.as_str(), port))
-                    .await
-                    .map_err(|e| format!("fetch: cannot resolve `{host}`: {e}"))?
-                    .map(|a| a.ip())
-                    .collect(),
-            };
-            if addresses.iter().any(|ip| !is_public(ip)) {
-                return Err(format!(
-                    "fetch: host `{host}` is a loopback or private address; list it in \
-                     allow_hosts to allow it"
-                ));
+        // An address in the URL is never resolved: checked here.
+        if let (false, Ok(ip)) = (listed, host.parse::<IpAddr>()) {
+            if !is_public(&ip) {
+                return Err(super::resolver::PrivateAddress { host }.to_string());
             }
         }
         Ok(url.clone())
@@ -170,6 +160,9 @@ async fn send(
     };
     match tokio::time::timeout(time_left, answer).await {
         Ok(Ok(answer)) => answer,
+        Ok(Err(e)) if super::resolver::refusal(&e).is_some() => {
+            json!({ "refused": super::resolver::refusal(&e).map(|r| r.to_string()) })
+        }
         // Without the URL: it may carry a token.
         Ok(Err(e)) => json!({ "error": format!("fetch to `{url_host}` failed: {kind}",
             url_host = url.host_str().unwrap_or(""), kind = error_kind(&e)) }),

@@ -22,6 +22,8 @@
 mod engine;
 mod fetch;
 mod globals;
+mod resolver;
+mod sandbox;
 mod source;
 #[cfg(test)]
 mod tests;
@@ -34,6 +36,7 @@ use std::time::{Duration, Instant};
 use crate::metrics::FunctionMetrics;
 
 pub use fetch::HostPolicy;
+pub use sandbox::{file_or_table, FunctionSandbox, Sandboxed};
 pub use source::{Emitted, RawRequest, SourceFunction};
 
 /// The per-call time limit when the config names none.

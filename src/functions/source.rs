@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::{Failure, FailureKind, Function, HostPolicy, Options, Outcome};
+use super::{Failure, FailureKind, Function, FunctionSandbox, Outcome};
 
 /// A source's loaded function and its settings.
 pub struct SourceFunction {
@@ -36,23 +36,14 @@ pub struct Emitted {
 }
 
 impl SourceFunction {
-    /// Reads `file` (relative to `dir`), starts it with the default limits and checks it
-    /// defines `onRequest`; `settings` are resolved already (`settings_from`).
+    /// Reads the sandbox's file (relative to `dir`), starts it within the sandbox's limits
+    /// and checks it defines `onRequest`; `settings` are resolved already (`settings_from`).
     pub fn load(
         dir: &Path,
-        file: &str,
+        sandbox: &FunctionSandbox,
         settings: serde_json::Value,
     ) -> Result<SourceFunction, String> {
-        Self::load_with_hosts(dir, file, settings, HostPolicy::default())
-    }
-
-    /// `load`, with `fetch` limited or redirected by `hosts` (`fanout fn test`).
-    pub fn load_with_hosts(
-        dir: &Path,
-        file: &str,
-        settings: serde_json::Value,
-        hosts: HostPolicy,
-    ) -> Result<SourceFunction, String> {
+        let file = sandbox.file.as_str();
         // Syntax and load errors name the file already; the others get it in front.
         let named = |e: String| {
             if e.starts_with(file) {
@@ -62,16 +53,8 @@ impl SourceFunction {
             }
         };
         let source = super::read_script(&dir.join(file), file).map_err(named)?;
-        let function = Function::load(
-            &source,
-            Options {
-                name: file.to_string(),
-                timeout: super::DEFAULT_TIMEOUT,
-                memory_limit: super::DEFAULT_MEMORY_LIMIT,
-                hosts,
-            },
-        )
-        .map_err(|e| named(e.to_string()))?;
+        let function =
+            Function::load(&source, sandbox.options(None)).map_err(|e| named(e.to_string()))?;
         if !function.has("onRequest") {
             return Err(format!("{file} defines no function onRequest"));
         }

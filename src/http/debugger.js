@@ -82,6 +82,13 @@
                                       d.violations = ev.violations; d.type = ev.type; d.event = ev.event; }
     else if (ev.kind === "refused") { d.status = "refused"; d.code = ev.code; d.field = ev.field;
                                       d.httpStatus = ev.status; d.index = ev.index; d.at = ev.at; d.path = ev.path; }
+    else if (ev.kind === "inserted") {
+      // The insert function's answer: shown beside the destination's outcome, which follows.
+      const o = d.outcomes[ev.destination] || { retries: 0, kind: "inserted" };
+      o.before = ev.before; o.after = ev.after;
+      d.outcomes[ev.destination] = o;
+      d.source = d.source || ev.source; d.type = d.type || ev.type; d.event = d.event || ev.event;
+    }
     else if (ev.destination) {
       const o = d.outcomes[ev.destination] || { retries: 0 };
       o.kind = ev.kind; o.reason = ev.reason; o.status = ev.status; o.payload = ev.payload;
@@ -112,8 +119,15 @@
       : "(not shown: a duplicate, or accepted before this view opened)"), null, 2);
     box.append(pre);
     for (const [name, o] of Object.entries(d.outcomes)) {
+      const reason = o.reason === "insert_function" ? "dropped by insert_function" : o.reason;
+      if (o.before !== undefined) {
+        box.append(el("h2", null, name + ": before insert_function"));
+        box.append(el("pre", "mono before", JSON.stringify(o.before, null, 2)));
+        box.append(el("h2", null, name + ": after insert_function"));
+        box.append(el("pre", "mono after", JSON.stringify(o.after, null, 2)));
+      }
       box.append(el("h2", null, name + ": " + o.kind.replace("_", " ") +
-        (o.reason ? " (" + o.reason + ")" : "") + (o.status ? " · HTTP " + o.status : "") +
+        (reason ? " (" + reason + ")" : "") + (o.status ? " · HTTP " + o.status : "") +
         (o.retries ? " · retried " + o.retries + "×" : "")));
       const p = el("pre", "mono");
       p.textContent = JSON.stringify(o.payload, null, 2);

@@ -1,9 +1,11 @@
 // Opens fanout's /debugger page (PAGE_URL, token in the fragment) in a real headless
 // Chromium, prints "live" once its stream is open, waits until WAIT_ROWS (default 1) table rows show WAIT_FOR (a messageId the
-// test keeps sending) with a destination outcome, saves a screenshot, and prints one
+// test keeps sending) with a destination outcome, clicks the first (waiting, when WAIT_DETAIL is set, for its
+// detail to show that text), saves a screenshot, and prints one
 // JSON line: the first such row's text and all of them, the connection status, the
 // page's URL afterwards, the page's Content-Security-Policy, any CSP violations, console
-// errors and failed requests (but the favicon the page does not have), the fanout_admin cookie as the browser holds it, and document.cookie.
+// errors and failed requests (but the favicon the page does not have), the fanout_admin cookie as the browser holds it, document.cookie, and the clicked row's
+// detail panel text.
 const path = require("path");
 const { chromium } = require(path.join(process.env.FANOUT_BROWSER_DEPS, "node_modules", "playwright-core"));
 
@@ -49,6 +51,9 @@ const { chromium } = require(path.join(process.env.FANOUT_BROWSER_DEPS, "node_mo
     const row = rows.first();
     await row.click();
     await page.locator("aside pre").first().waitFor();
+    if (process.env.WAIT_DETAIL) {
+      await page.locator("aside", { hasText: process.env.WAIT_DETAIL }).waitFor({ timeout: 20000 });
+    }
     await page.screenshot({ path: process.env.SCREENSHOT });
     const status = (await page.locator("#status span").textContent()).trim();
     const cookie = (await context.cookies()).find((c) => c.name === "fanout_admin") || null;
@@ -63,6 +68,7 @@ const { chromium } = require(path.join(process.env.FANOUT_BROWSER_DEPS, "node_mo
       failedRequests,
       cookie,
       documentCookie: await page.evaluate(() => document.cookie),
+      detail: await page.locator("aside").textContent(),
     }));
   } finally {
     await browser.close();
