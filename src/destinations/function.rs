@@ -1,10 +1,12 @@
 //! `kind = "function"`: a Segment destination function (`onTrack(event, settings)`, …)
-//! run in fanout's JavaScript runtime (`crate::functions`). One message per call, so
-//! that a retry never sends a message the function already took. A handler that returns
-//! delivers the message; `RetryError`, a `fetch` network error or the time limit retry it
-//! with the destination's backoff; a handler the file lacks skips it
-//! (`event_not_supported`); `ValidationError`, `InvalidEventPayload` or any other error
-//! dead-letters it with the error's message and stack.
+//! run in fanout's JavaScript runtime (`crate::functions`). By default one message per
+//! call; with `batch.max_events` above 1 the batch's messages call their handlers in turn.
+//! A handler that returns delivers the message; `RetryError`, a `fetch` network error or
+//! the time limit retry it with the destination's backoff (and the rest of the batch after
+//! it, so that order holds and nothing delivered goes again); a missing handler or
+//! `EventNotSupported` skips it (`event_not_supported`); `ValidationError`,
+//! `InvalidEventPayload` or any other error dead-letters it with the error's message and
+//! stack.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -14,7 +16,7 @@ use serde::Deserialize;
 
 use super::{
     AnyDestination, BatchShape, Check, Destination, DestinationConfig, KeyError, Kind, Outgoing,
-    Refusal, SendError, Sending,
+    Refusal, RefusalKind, SendError, Sending,
 };
 use crate::clock::Clock;
 use crate::functions::{self, FailureKind, Function, HostPolicy, Outcome};
@@ -73,8 +75,11 @@ impl Kind for FunctionConfig {
     }
 
     fn batch_shape(&self) -> BatchShape {
+        // One message per call unless `batch.max_events` asks for batches, no larger than
+        // Segment's batches of a function.
         BatchShape {
-            one_per_request: true,
+            max_events: MAX_BATCH_EVENTS,
+            limited_by: "the most events Segment batches for a function",
             ..BatchShape::new(1, 1024 * 1024, 0)
         }
     }
@@ -88,6 +93,9 @@ impl Kind for FunctionConfig {
         Ok(Box::new(FunctionDestination::new(config, self)?))
     }
 }
+
+/// Segment's largest batch for a function.
+const MAX_BATCH_EVENTS: usize = 400;
 
 pub struct FunctionDestination {
     function: Function,
@@ -182,63 +190,88 @@ impl Destination for FunctionDestination {
 
     fn send<'a>(&'a self, batch: &'a [Outgoing<'a>]) -> Sending<'a> {
         Box::pin(async move {
-            let mut refused = Vec::new();
-            for (index, message) in batch.iter().enumerate() {
-                let Some(handler) = handler_of(message.json) else {
-                    continue;
-                };
-                let event = String::from_utf8_lossy(message.json).into_owned();
-                let outcome = self
-                    .function
-                    .call(handler, vec![event, self.settings.clone()])
-                    .await;
-                let failure = match outcome {
-                    Outcome::Returned(_) => continue,
-                    Outcome::Failed(failure) => failure,
-                };
-                let answer = Some(match &failure.stack {
-                    Some(stack) => format!("{}\n{stack}", failure.message),
-                    None => failure.message.clone(),
-                });
-                match failure.kind {
-                    // Thrown by a handler that exists: settled, not an error (Segment
-                    // discards it uncounted).
-                    FailureKind::NotSupported => continue,
-                    FailureKind::Retry | FailureKind::Timeout => {
-                        return Err(SendError::Retryable {
-                            status: None,
-                            retry_after: None,
-                            detail: format!("function {handler}: {}", failure.message),
-                            answer,
-                        })
-                    }
-                    FailureKind::Invalid | FailureKind::Error => {
-                        let status = if failure.kind == FailureKind::Invalid {
-                            400
-                        } else {
-                            500
-                        };
-                        refused.push(Refusal {
-                            index,
-                            status,
-                            detail: format!("function {handler}: {}", failure.message),
-                            answer,
-                        });
-                    }
-                }
-            }
-            match refused.len() {
-                0 => Ok(0),
-                1 if batch.len() == 1 => {
-                    let r = refused.remove(0);
-                    Err(SendError::Rejected {
-                        status: r.status,
-                        detail: r.detail,
-                        answer: r.answer,
-                    })
-                }
-                _ => Err(SendError::PartlyRejected { refused }),
+            let refused = self.call_each(batch).await;
+            if refused.is_empty() {
+                Ok(0)
+            } else {
+                Err(SendError::PartlyRejected { refused })
             }
         })
+    }
+}
+
+impl FunctionDestination {
+    /// Each message to its handler, in order; what was not delivered.
+    async fn call_each(&self, batch: &[Outgoing<'_>]) -> Vec<Refusal> {
+        let mut refused = Vec::new();
+        for (index, message) in batch.iter().enumerate() {
+            let Some(handler) = handler_of(message.json) else {
+                // `check` skips these before any batch; kept so `send` never guesses.
+                refused.push(Refusal {
+                    index,
+                    kind: RefusalKind::Skipped {
+                        reason: "event_not_supported",
+                    },
+                    status: None,
+                    detail: "no handler for the message's type".into(),
+                    answer: None,
+                });
+                continue;
+            };
+            let event = String::from_utf8_lossy(message.json).into_owned();
+            let outcome = self
+                .function
+                .call(handler, vec![event, self.settings.clone()])
+                .await;
+            let Outcome::Failed(failure) = outcome else {
+                continue;
+            };
+            let refusal = failed(index, handler, &failure);
+            let retry = matches!(refusal.kind, RefusalKind::Retry { .. });
+            refused.push(refusal);
+            if retry {
+                // The rest wait for it, uncalled: a user's later message must not go
+                // first, and what was delivered is not sent again.
+                refused.extend((index + 1..batch.len()).map(|later| Refusal {
+                    index: later,
+                    kind: RefusalKind::Retry { retry_after: None },
+                    status: None,
+                    detail: format!("not called yet: message {index} of the batch is retried"),
+                    answer: None,
+                }));
+                break;
+            }
+        }
+        refused
+    }
+}
+
+/// What a call that threw makes of a message it was given.
+fn failed(index: usize, handler: &str, failure: &functions::Failure) -> Refusal {
+    let detail = format!("function {handler}: {}", failure.message);
+    let answer = Some(match &failure.stack {
+        Some(stack) => format!("{}\n{stack}", failure.message),
+        None => failure.message.clone(),
+    });
+    let (kind, status) = match failure.kind {
+        FailureKind::Retry | FailureKind::Timeout => {
+            (RefusalKind::Retry { retry_after: None }, None)
+        }
+        // Thrown by a handler that exists: Segment discards the event, not as an error.
+        FailureKind::NotSupported => (
+            RefusalKind::Skipped {
+                reason: "event_not_supported",
+            },
+            None,
+        ),
+        FailureKind::Invalid => (RefusalKind::Refused, Some(400)),
+        FailureKind::Error => (RefusalKind::Refused, Some(500)),
+    };
+    Refusal {
+        index,
+        kind,
+        status,
+        detail,
+        answer,
     }
 }
