@@ -1,11 +1,13 @@
 //! `kind = "function"` with batches, run by a real fanout process against a real receiver
-//! on loopback (`api.example.com` mapped to it with `fetch_hosts`): a thrown
-//! `EventNotSupported` counted as skipped, and per-message handlers in a batch whose
-//! retried message does not send the delivered ones again.
+//! on loopback (`api.example.com` mapped to it with `fetch_hosts`): `onBatch` settling
+//! each event by the status it returns (delivered, retried alone, dead-lettered), `onBatch`
+//! throwing, a thrown `EventNotSupported` counted as skipped, and per-message handlers in
+//! a batch whose retried message does not send the delivered ones again.
 
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use common::receiver::{Receiver, Reply};
 use common::{assert_success, Fanout, Settings};
@@ -74,6 +76,99 @@ fn expected(rows: &[(&str, u64, u16)]) -> Vec<(String, u64, u16)> {
         .collect()
 }
 
+/// Posts each event on its own and answers with the receiver's status per event.
+const PER_EVENT_STATUSES: &str = r#"
+async function onBatch(events, settings) {
+  const results = [];
+  for (const e of events) {
+    const res = await fetch('https://api.example.com/e', {
+      method: 'POST',
+      body: JSON.stringify({ id: e.messageId, size: events.length }),
+    });
+    if (res.ok) results.push({ status: res.status });
+    else results.push({ status: res.status, errormessage: (await res.json()).error });
+  }
+  return results;
+}
+"#;
+
+#[tokio::test]
+async fn on_batch_settles_each_event_by_the_status_it_returns() {
+    let receiver = Receiver::start().await;
+    let m2_seen = AtomicUsize::new(0);
+    receiver.respond_with(move |r| match r.json()?["id"].as_str()? {
+        "m2" if m2_seen.fetch_add(1, Ordering::SeqCst) == 0 => {
+            Some(Reply::json(503, r#"{"error":"busy"}"#))
+        }
+        "m3" => Some(Reply::json(400, r#"{"error":"bad email"}"#)),
+        _ => None,
+    });
+    let f = start(PER_EVENT_STATUSES, &receiver, BATCHED);
+    send(&f, tracks(&[("u1", "m1"), ("u2", "m2"), ("u3", "m3")])).await;
+    f.wait_settled("fn").await;
+
+    // One call with the three; then m2 alone: m1 (delivered) is not sent again, nor m3.
+    assert_eq!(
+        seen(&receiver),
+        expected(&[
+            ("m1", 3, 200),
+            ("m2", 3, 503),
+            ("m3", 3, 400),
+            ("m2", 1, 200)
+        ])
+    );
+    let letters = f.dead_letters("fn").await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["message"]["messageId"], "m3");
+    assert_eq!(letters[0]["reason"], "rejected");
+    assert_eq!(letters[0]["status"], 400);
+    assert_eq!(letters[0]["response"], "bad email");
+    assert_eq!(outcome(&f, "ok").await, 2.0);
+    assert_eq!(outcome(&f, "dead_lettered").await, 1.0);
+    assert_eq!(outcome(&f, "retried").await, 1.0);
+}
+
+#[tokio::test]
+async fn on_batch_throwing_retry_error_sends_the_whole_batch_again() {
+    let receiver = Receiver::start().await;
+    receiver.push_reply(Reply::status(500));
+    let script = r#"
+async function onBatch(events, settings) {
+  const res = await fetch('https://api.example.com/batch', {
+    method: 'POST',
+    body: JSON.stringify({ id: events.map(e => e.messageId).join(','), size: events.length }),
+  });
+  if (res.status >= 500) throw new RetryError('upstream answered ' + res.status);
+}
+"#;
+    let f = start(script, &receiver, BATCHED);
+    send(&f, tracks(&[("u1", "m1"), ("u2", "m2"), ("u1", "m3")])).await;
+    f.wait_settled("fn").await;
+    assert_eq!(
+        seen(&receiver),
+        expected(&[("m1,m2,m3", 3, 500), ("m1,m2,m3", 3, 200)])
+    );
+    assert!(f.dead_letters("fn").await.is_empty());
+    assert_eq!(outcome(&f, "ok").await, 3.0);
+    assert_eq!(outcome(&f, "retried").await, 3.0);
+}
+
+#[tokio::test]
+async fn on_batch_returning_the_wrong_number_of_statuses_dead_letters_the_batch() {
+    let receiver = Receiver::start().await;
+    let script = "function onBatch(events) { return [{ status: 200 }]; }";
+    let f = start(script, &receiver, BATCHED);
+    send(&f, tracks(&[("u1", "m1"), ("u2", "m2")])).await;
+    let letters = f.wait_dead_letters("fn", 2, Duration::from_secs(10)).await;
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    let response = letters[0]["response"].as_str().unwrap();
+    assert!(
+        response.starts_with("onBatch returned 1 results for 2 events"),
+        "{response}"
+    );
+    assert_eq!(outcome(&f, "ok").await, 0.0);
+}
+
 #[tokio::test]
 async fn event_not_supported_thrown_by_a_handler_is_counted_skipped() {
     let receiver = Receiver::start().await;
@@ -132,4 +227,31 @@ async function onTrack(event) {
     );
     assert_eq!(outcome(&f, "ok").await, 4.0);
     assert!(f.dead_letters("fn").await.is_empty());
+}
+
+#[tokio::test]
+async fn on_batch_throwing_validation_error_dead_letters_the_batch_in_one_call() {
+    let receiver = Receiver::start().await;
+    let script = r#"
+async function onBatch(events) {
+  await fetch('https://api.example.com/calls', {
+    method: 'POST', body: JSON.stringify({ id: 'call', size: events.length }) });
+  throw new ValidationError('no such list');
+}
+"#;
+    let f = start(script, &receiver, BATCHED);
+    send(&f, tracks(&[("u1", "m1"), ("u2", "m2")])).await;
+    f.wait_settled("fn").await;
+    // Not split to find a culprit: the function settled the batch as a whole.
+    assert_eq!(seen(&receiver), expected(&[("call", 2, 200)]));
+    let letters = f.dead_letters("fn").await;
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    for letter in &letters {
+        assert_eq!(letter["status"], 400);
+        let response = letter["response"].as_str().unwrap();
+        assert!(
+            response.starts_with("ValidationError: no such list"),
+            "{response}"
+        );
+    }
 }
