@@ -135,8 +135,24 @@ impl FunctionDestination {
         };
         let function = Function::load(source, options)
             .map_err(|e| anyhow::anyhow!("destination `{}`: {e}", config.name))?;
+        let batches = config.batch_limits().max_events > 1;
+        let per_type = [
+            "track", "identify", "page", "screen", "group", "alias", "delete",
+        ]
+        .into_iter()
+        .filter_map(functions::handler_for)
+        .any(|handler| function.has(handler));
+        if function.has("onBatch") && !batches && !per_type {
+            // Every message would be skipped: surely not what the file was written for.
+            anyhow::bail!(
+                "destination `{}`: `{}` defines only onBatch, which is called when \
+                 batch.max_events is above 1 (Segment's default is 20)",
+                config.name,
+                own.file
+            );
+        }
         Ok(FunctionDestination {
-            on_batch: function.has("onBatch") && config.batch_limits().max_events > 1,
+            on_batch: batches && function.has("onBatch"),
             function,
             settings: settings.to_string(),
         })
@@ -401,6 +417,26 @@ mod tests {
             ]
         );
         assert_eq!(refused[2].answer.as_deref(), Some("bad email"));
+    }
+
+    #[test]
+    fn a_file_with_only_on_batch_does_not_start_without_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f.js"), "function onBatch(events) {}").unwrap();
+        let build = |extra: &str| {
+            let mut config: DestinationConfig = toml::from_str(&format!(
+                "name = \"fn\"\nkind = \"function\"\nfile = \"f.js\"\n{extra}"
+            ))
+            .unwrap();
+            config.load_files(dir.path()).unwrap();
+            config.try_build()
+        };
+        let error = build("").unwrap_err().to_string();
+        assert!(
+            error.contains("defines only onBatch") && error.contains("batch.max_events"),
+            "{error}"
+        );
+        build("batch = { max_events = 20 }").unwrap();
     }
 
     #[test]
