@@ -12,8 +12,9 @@ use tokio::time::Instant;
 
 use super::context::DeliveryContext;
 use super::insert::Inserted;
+use super::live_view::{failure_fields, tell, tell_message};
 use crate::destinations::RatePer;
-use crate::destinations::{Check, Outgoing, Prepared, SendError};
+use crate::destinations::{Check, Outgoing, Prepared, Refusal, RefusalKind, SendError};
 use crate::metrics::DeliveryMetrics;
 use crate::queue::dead_letters::{Failure, Reason};
 use crate::queue::Earlier;
@@ -58,11 +59,25 @@ pub struct BatchResult {
 
 enum Attempt {
     Delivered(u64),
-    /// Delivered except these messages (indices into the range sent), refused on their own.
-    PartlyRejected(Vec<(usize, Failure)>),
+    /// Settled message by message (indices into the messages sent); the ones not named
+    /// here were delivered.
+    Partly {
+        refused: Vec<(usize, Failure)>,
+        skipped: Vec<(usize, &'static str)>,
+        /// The ones to send again, on their own.
+        retry: Option<Retry>,
+    },
     Rejected(Failure),
     Exhausted(Failure),
     Stopped,
+}
+
+/// Messages of a send to try again (indices into the messages sent), after `attempts`
+/// attempts, at `at`.
+struct Retry {
+    indices: Vec<usize>,
+    attempts: u32,
+    at: Instant,
 }
 
 /// Delivers `items`, splitting on rejection. Every item comes back settled.
@@ -84,7 +99,7 @@ pub async fn deliver(context: Arc<DeliveryContext>, mut items: Vec<Item>) -> Bat
                 }
                 Inserted::Skip(why) => {
                     metrics.skipped.increment(1);
-                    tell(&context, "skipped", [&*item], json!({"reason": why}));
+                    tell(&context, "skipped", [shown(item)], json!({"reason": why}));
                     settled[index] = Settled::Delivered;
                 }
                 Inserted::Dead(failure) => {
@@ -92,7 +107,7 @@ pub async fn deliver(context: Arc<DeliveryContext>, mut items: Vec<Item>) -> Bat
                     tell(
                         &context,
                         "dead_lettered",
-                        [&*item],
+                        [shown(item)],
                         failure_fields(&failure),
                     );
                     settled[index] = Settled::Dead(Arc::new(failure));
@@ -125,7 +140,7 @@ pub async fn deliver(context: Arc<DeliveryContext>, mut items: Vec<Item>) -> Bat
             Check::Skip(why) => {
                 tracing::debug!(destination = %context.name, why, "message not for this destination");
                 metrics.skipped.increment(1);
-                tell(&context, "skipped", [item], json!({"reason": why}));
+                tell(&context, "skipped", [shown(item)], json!({"reason": why}));
                 settled[index] = Settled::Delivered;
             }
             Check::Refuse { code, detail } => {
@@ -137,20 +152,35 @@ pub async fn deliver(context: Arc<DeliveryContext>, mut items: Vec<Item>) -> Bat
                     attempts: 0,
                     first_attempt_at: context.clock.now(),
                 };
-                tell(&context, "dead_lettered", [item], failure_fields(&failure));
+                tell(
+                    &context,
+                    "dead_lettered",
+                    [shown(item)],
+                    failure_fields(&failure),
+                );
                 settled[index] = Settled::Dead(Arc::new(failure));
             }
         }
     }
-    // Ranges of `sendable` still to send; the left half is pushed last so it goes first.
-    let mut todo = vec![(0, sendable.len())];
-    // `max_age` counts from the batch's first attempt, across the halves it splits into.
+    // Still to send; the left half of a split is pushed last so it goes first, and the
+    // messages a send asks to retry go before anything after them.
+    let mut todo = vec![Todo {
+        indices: sendable,
+        attempts: 0,
+        not_before: None,
+    }];
+    // `max_age` counts from the batch's first attempt, across the parts it splits into.
     let started = (Instant::now(), context.clock.now());
-    while let Some((lo, hi)) = todo.pop() {
-        if lo == hi {
+    while let Some(Todo {
+        indices,
+        attempts,
+        not_before,
+    }) = todo.pop()
+    {
+        if indices.is_empty() {
             continue;
         }
-        let range: Vec<Outgoing<'_>> = sendable[lo..hi]
+        let range: Vec<Outgoing<'_>> = indices
             .iter()
             .map(|&i| Outgoing {
                 source: &items[i].source,
@@ -158,79 +188,117 @@ pub async fn deliver(context: Arc<DeliveryContext>, mut items: Vec<Item>) -> Bat
                 prepared: prepared[i].as_ref(),
             })
             .collect();
-        let mut settle = |outcome: Settled| {
-            for &i in &sendable[lo..hi] {
-                settled[i] = outcome.clone();
-            }
-        };
         // For the live view's `retried` events, which name each message's source.
         let sources: Vec<&str> = if crate::live::watching() {
-            sendable[lo..hi]
-                .iter()
-                .map(|&i| &*items[i].source)
-                .collect()
+            indices.iter().map(|&i| &*items[i].source).collect()
         } else {
             Vec::new()
         };
-        match send_with_retries(&context, &metrics, &range, &sources, started).await {
+        let tries = Tries {
+            attempts,
+            not_before,
+            started,
+        };
+        match send_with_retries(&context, &metrics, &range, &sources, tries).await {
             Attempt::Delivered(m) => {
-                metrics.ok.increment((hi - lo) as u64);
+                metrics.ok.increment(indices.len() as u64);
                 mark = Some(m);
-                settle(Settled::Delivered);
-                tell(
-                    &context,
-                    "delivered",
-                    sendable[lo..hi].iter().map(|&i| &items[i]),
-                    json!({}),
-                );
-            }
-            Attempt::PartlyRejected(refused) => {
-                let count = refused.len().min(hi - lo);
-                metrics.ok.increment((hi - lo - count) as u64);
-                metrics.dead_lettered.increment(count as u64);
-                settle(Settled::Delivered);
-                for (index, failure) in refused {
-                    if let Some(&i) = sendable[lo..hi].get(index) {
-                        tell(
-                            &context,
-                            "dead_lettered",
-                            [&items[i]],
-                            failure_fields(&failure),
-                        );
-                        settled[i] = Settled::Dead(Arc::new(failure));
-                    }
+                for &i in &indices {
+                    settled[i] = Settled::Delivered;
                 }
-                let delivered = sendable[lo..hi]
-                    .iter()
-                    .filter(|&&i| matches!(settled[i], Settled::Delivered));
                 tell(
                     &context,
                     "delivered",
-                    delivered.map(|&i| &items[i]),
+                    indices.iter().map(|&i| shown(&items[i])),
                     json!({}),
                 );
             }
-            Attempt::Rejected(failure) if hi - lo > 1 => {
+            Attempt::Partly {
+                refused,
+                skipped,
+                retry,
+            } => {
+                // Positions (into `indices`) the destination did not name were delivered.
+                let mut delivered = vec![true; indices.len()];
+                metrics.dead_lettered.increment(refused.len() as u64);
+                for (k, failure) in refused {
+                    delivered[k] = false;
+                    let i = indices[k];
+                    tell(
+                        &context,
+                        "dead_lettered",
+                        [shown(&items[i])],
+                        failure_fields(&failure),
+                    );
+                    settled[i] = Settled::Dead(Arc::new(failure));
+                }
+                metrics.skipped.increment(skipped.len() as u64);
+                for (k, why) in skipped {
+                    delivered[k] = false;
+                    let i = indices[k];
+                    tell(
+                        &context,
+                        "skipped",
+                        [shown(&items[i])],
+                        json!({"reason": why}),
+                    );
+                    settled[i] = Settled::Delivered;
+                }
+                if let Some(retry) = retry {
+                    for &k in &retry.indices {
+                        delivered[k] = false;
+                    }
+                    todo.push(Todo {
+                        indices: retry.indices.iter().map(|&k| indices[k]).collect(),
+                        attempts: retry.attempts,
+                        not_before: Some(retry.at),
+                    });
+                }
+                let delivered: Vec<usize> = (0..indices.len())
+                    .filter(|&k| delivered[k])
+                    .map(|k| indices[k])
+                    .collect();
+                metrics.ok.increment(delivered.len() as u64);
+                for &i in &delivered {
+                    settled[i] = Settled::Delivered;
+                }
+                tell(
+                    &context,
+                    "delivered",
+                    delivered.iter().map(|&i| shown(&items[i])),
+                    json!({}),
+                );
+            }
+            Attempt::Rejected(failure) if indices.len() > 1 => {
                 tracing::info!(
                     destination = %context.name,
-                    messages = hi - lo,
+                    messages = indices.len(),
                     status = failure.status,
                     "batch rejected; splitting it to find the message at fault"
                 );
-                let mid = lo + (hi - lo) / 2;
-                todo.push((mid, hi));
-                todo.push((lo, mid));
+                let mut left = indices;
+                let right = left.split_off(left.len() / 2);
+                for half in [right, left] {
+                    todo.push(Todo {
+                        indices: half,
+                        attempts: 0,
+                        not_before: None,
+                    });
+                }
             }
             Attempt::Rejected(failure) | Attempt::Exhausted(failure) => {
-                metrics.dead_lettered.increment((hi - lo) as u64);
+                metrics.dead_lettered.increment(indices.len() as u64);
                 let fields = failure_fields(&failure);
                 tell(
                     &context,
                     "dead_lettered",
-                    sendable[lo..hi].iter().map(|&i| &items[i]),
+                    indices.iter().map(|&i| shown(&items[i])),
                     fields,
                 );
-                settle(Settled::Dead(Arc::new(failure)));
+                let failure = Arc::new(failure);
+                for &i in &indices {
+                    settled[i] = Settled::Dead(failure.clone());
+                }
             }
             Attempt::Stopped => break,
         }
@@ -242,16 +310,42 @@ pub async fn deliver(context: Arc<DeliveryContext>, mut items: Vec<Item>) -> Bat
     }
 }
 
+/// Messages of a batch to send together (indices into its items), the attempts they
+/// have had, and when they may go.
+struct Todo {
+    indices: Vec<usize>,
+    attempts: u32,
+    not_before: Option<Instant>,
+}
+
+/// Where a send starts: the attempts before it, when it may go, and when the batch was
+/// first tried (monotonic, for `max_age`; wall, for the dead letter).
+#[derive(Clone, Copy)]
+struct Tries {
+    attempts: u32,
+    not_before: Option<Instant>,
+    started: (Instant, chrono::DateTime<Utc>),
+}
+
 async fn send_with_retries(
     context: &DeliveryContext,
     metrics: &DeliveryMetrics,
     messages: &[Outgoing<'_>],
     sources: &[&str],
-    (first, first_wall): (Instant, chrono::DateTime<Utc>),
+    tries: Tries,
 ) -> Attempt {
     let sequential = context.destination.sequential();
     let mut stop = context.stop.clone();
-    let mut attempts = 0u32;
+    let Tries {
+        mut attempts,
+        not_before,
+        started,
+    } = tries;
+    if let Some(at) = not_before {
+        if !sleep_unless_stopped(&mut stop, at).await {
+            return Attempt::Stopped;
+        }
+    }
     loop {
         if let Some(until) = context.gate().filter(|&g| g > Instant::now()) {
             if !sleep_unless_stopped(&mut stop, until).await {
@@ -290,33 +384,16 @@ async fn send_with_retries(
             }
         };
         metrics.duration.record(sent_at.elapsed().as_secs_f64());
-        if let Err(SendError::Retryable {
-            retry_after: Some(asked),
-            ..
-        }) = &result
-        {
+        if let Some(asked) = asked_to_wait(&result) {
             // Held before the slot is released, so no queued batch slips through.
-            context.hold_until(Instant::now() + context.policy.backoff.clamp_retry_after(*asked));
+            context.hold_until(Instant::now() + context.policy.backoff.clamp_retry_after(asked));
         }
         drop(permit);
-        let (status, retry_after, detail, answer) = match result {
+        let failed = match result {
             Ok(mark) => return Attempt::Delivered(mark),
             Err(SendError::PartlyRejected { refused }) => {
-                return Attempt::PartlyRejected(
-                    refused
-                        .into_iter()
-                        .map(|r| {
-                            let failure = Failure {
-                                reason: Reason::Rejected,
-                                status: Some(r.status),
-                                response: r.answer.unwrap_or(r.detail),
-                                attempts,
-                                first_attempt_at: first_wall,
-                            };
-                            (r.index, failure)
-                        })
-                        .collect(),
-                )
+                let tried = Tries { attempts, ..tries };
+                return partly(context, metrics, messages, sources, refused, tried);
             }
             Err(SendError::Rejected {
                 status,
@@ -328,7 +405,7 @@ async fn send_with_retries(
                     status: Some(status),
                     response: answer.unwrap_or(detail),
                     attempts,
-                    first_attempt_at: first_wall,
+                    first_attempt_at: started.1,
                 })
             }
             Err(SendError::Retryable {
@@ -336,48 +413,178 @@ async fn send_with_retries(
                 retry_after,
                 detail,
                 answer,
-            }) => (status, retry_after, detail, answer),
-        };
-        let now = Instant::now();
-        // A local sink that fails is a disk problem: retry it without end rather than
-        // dead-letter everything onto the same disk.
-        if !sequential && context.policy.exhausted(attempts, first, now) {
-            tracing::error!(
-                destination = %context.name,
-                messages = messages.len(),
-                attempts,
-                error = %detail,
-                "giving up on a batch; dead-lettering it"
-            );
-            return Attempt::Exhausted(Failure {
-                reason: Reason::RetriesExhausted,
+            }) => Failed {
                 status,
-                response: answer.unwrap_or(detail),
-                attempts,
-                first_attempt_at: first_wall,
-            });
-        }
-        let delay = context.policy.backoff.delay(attempts, retry_after);
-        metrics.retried.increment(messages.len() as u64);
-        if crate::live::watching() {
-            for (k, message) in messages.iter().enumerate() {
-                let fields = json!({"status": status, "source": sources.get(k)});
-                tell_message(context, "retried", message.json, fields);
+                retry_after,
+                detail,
+                answer,
+            },
+        };
+        let tried = Tries { attempts, ..tries };
+        match next_try(context, metrics, messages, sources, tried, failed) {
+            Ok(at) => {
+                if !sleep_unless_stopped(&mut stop, at).await {
+                    return Attempt::Stopped;
+                }
             }
+            Err(failure) => return Attempt::Exhausted(failure),
         }
-        tracing::warn!(
+    }
+}
+
+/// The longest `Retry-After` an answer asked for, of the batch or of any message in it.
+fn asked_to_wait(result: &Result<u64, SendError>) -> Option<std::time::Duration> {
+    match result {
+        Err(SendError::Retryable { retry_after, .. }) => *retry_after,
+        Err(SendError::PartlyRejected { refused }) => refused
+            .iter()
+            .filter_map(|r| match r.kind {
+                RefusalKind::Retry { retry_after } => retry_after,
+                _ => None,
+            })
+            .max(),
+        _ => None,
+    }
+}
+
+/// Sorts what a send settled message by message (`tries.attempts` counts that send):
+/// refused and skipped ones as they are, retried ones into one retry of them alone (or
+/// dead letters, when out of attempts). An index out of range or named twice is ignored.
+fn partly(
+    context: &DeliveryContext,
+    metrics: &DeliveryMetrics,
+    messages: &[Outgoing<'_>],
+    sources: &[&str],
+    refusals: Vec<Refusal>,
+    tries: Tries,
+) -> Attempt {
+    let mut named = vec![false; messages.len()];
+    let (mut refused, mut skipped, mut retried) = (Vec::new(), Vec::new(), Vec::new());
+    for r in refusals {
+        if named.get(r.index) != Some(&false) {
+            continue;
+        }
+        named[r.index] = true;
+        match r.kind {
+            RefusalKind::Refused => {
+                let failure = Failure {
+                    reason: Reason::Rejected,
+                    status: r.status,
+                    response: r.answer.unwrap_or(r.detail),
+                    attempts: tries.attempts,
+                    first_attempt_at: tries.started.1,
+                };
+                refused.push((r.index, failure));
+            }
+            RefusalKind::Skipped { reason } => skipped.push((r.index, reason)),
+            RefusalKind::Retry { retry_after } => retried.push((r, retry_after)),
+        }
+    }
+    let Some((first, _)) = retried.first() else {
+        return Attempt::Partly {
+            refused,
+            skipped,
+            retry: None,
+        };
+    };
+    let failed = Failed {
+        status: first.status,
+        retry_after: retried.iter().filter_map(|(_, asked)| *asked).max(),
+        detail: first.detail.clone(),
+        answer: first.answer.clone(),
+    };
+    let indices: Vec<usize> = retried.iter().map(|(r, _)| r.index).collect();
+    let subset: Vec<Outgoing<'_>> = indices.iter().map(|&k| messages[k]).collect();
+    let subset_sources: Vec<&str> = indices
+        .iter()
+        .filter_map(|&k| sources.get(k).copied())
+        .collect();
+    let retry = match next_try(context, metrics, &subset, &subset_sources, tries, failed) {
+        Ok(at) => Some(Retry {
+            indices,
+            attempts: tries.attempts,
+            at,
+        }),
+        Err(failure) => {
+            refused.extend(indices.into_iter().map(|k| (k, failure.clone())));
+            None
+        }
+    };
+    Attempt::Partly {
+        refused,
+        skipped,
+        retry,
+    }
+}
+
+/// A failed attempt, as the destination told it.
+struct Failed {
+    status: Option<u16>,
+    retry_after: Option<std::time::Duration>,
+    detail: String,
+    answer: Option<String>,
+}
+
+/// After `messages` failed (`tries.attempts` counts that attempt): when to try them
+/// again, or, out of attempts or time, the failure to dead-letter them with. A local
+/// sink that fails is a disk problem: it is retried without end rather than
+/// dead-lettering everything onto the same disk.
+fn next_try(
+    context: &DeliveryContext,
+    metrics: &DeliveryMetrics,
+    messages: &[Outgoing<'_>],
+    sources: &[&str],
+    tries: Tries,
+    failed: Failed,
+) -> Result<Instant, Failure> {
+    let Failed {
+        status,
+        retry_after,
+        detail,
+        answer,
+    } = failed;
+    let attempts = tries.attempts;
+    let now = Instant::now();
+    if !context.destination.sequential() && context.policy.exhausted(attempts, tries.started.0, now)
+    {
+        tracing::error!(
             destination = %context.name,
             messages = messages.len(),
             attempts,
-            status,
-            retry_in_ms = delay.as_millis() as u64,
             error = %detail,
-            "delivery failed; will retry"
+            "giving up on a batch; dead-lettering it"
         );
-        if !sleep_unless_stopped(&mut stop, now + delay).await {
-            return Attempt::Stopped;
+        return Err(Failure {
+            reason: Reason::RetriesExhausted,
+            status,
+            response: answer.unwrap_or(detail),
+            attempts,
+            first_attempt_at: tries.started.1,
+        });
+    }
+    let delay = context.policy.backoff.delay(attempts, retry_after);
+    metrics.retried.increment(messages.len() as u64);
+    if crate::live::watching() {
+        for (k, message) in messages.iter().enumerate() {
+            let fields = json!({"status": status, "source": sources.get(k)});
+            tell_message(context, "retried", message.json, fields);
         }
     }
+    tracing::warn!(
+        destination = %context.name,
+        messages = messages.len(),
+        attempts,
+        status,
+        retry_in_ms = delay.as_millis() as u64,
+        error = %detail,
+        "delivery failed; will retry"
+    );
+    Ok(now + delay)
+}
+
+/// An item as the live view names it: its source and JSON.
+fn shown(item: &Item) -> (&str, &[u8]) {
+    (&item.source, &item.json)
 }
 
 /// Sleeps until `until`; false if shutdown came first.
@@ -386,68 +593,4 @@ async fn sleep_unless_stopped(stop: &mut watch::Receiver<bool>, until: Instant) 
         _ = tokio::time::sleep_until(until) => true,
         _ = stop.wait_for(|&s| s) => false,
     }
-}
-
-/// Tells the live view what became of `items` at this destination (with what it was sent).
-fn tell<'a>(
-    context: &DeliveryContext,
-    kind: &'static str,
-    items: impl IntoIterator<Item = &'a Item>,
-    fields: serde_json::Value,
-) {
-    if !crate::live::watching() {
-        return;
-    }
-    for item in items {
-        let mut fields = fields.clone();
-        fields["source"] = json!(item.source);
-        tell_message(context, kind, &item.json, fields);
-    }
-}
-
-/// A message the destination's routing passed over, for the live view (`why`: the rule).
-pub(super) fn tell_skipped(context: &DeliveryContext, source: &str, json: &[u8], why: &str) {
-    let (mut fields, message_type) = crate::live::summary(json);
-    fields["reason"] = json!(why);
-    crate::live::publish(
-        "skipped",
-        Some(source),
-        Some(&context.name),
-        message_type,
-        fields,
-        None,
-    );
-}
-
-fn tell_message(
-    context: &DeliveryContext,
-    kind: &'static str,
-    json: &[u8],
-    mut fields: serde_json::Value,
-) {
-    let (summary, message_type) = crate::live::summary(json);
-    fields["messageId"] = summary["messageId"].clone();
-    fields["event"] = summary["event"].clone();
-    // What was sent: the message as it is, unless the destination translates it.
-    let raw = match context.destination.live_payload(json) {
-        Some(payload) => {
-            fields["payload"] = payload;
-            None
-        }
-        None => Some(("payload", json)),
-    };
-    let source = fields["source"].as_str().map(str::to_string);
-    crate::live::publish(
-        kind,
-        source.as_deref(),
-        Some(&context.name),
-        message_type,
-        fields,
-        raw,
-    );
-}
-
-/// A dead letter's reason for the live view.
-fn failure_fields(failure: &Failure) -> serde_json::Value {
-    json!({"reason": failure.reason.as_str(), "status": failure.status, "response": failure.response})
 }

@@ -198,7 +198,7 @@ impl Engine {
                 tracing::trace!(why = why.as_str(), "message not routed here");
                 self.skipped.increment(1);
                 if crate::live::watching() {
-                    super::batch::tell_skipped(
+                    super::live_view::tell_skipped(
                         &self.context,
                         &record.source,
                         &record.json,

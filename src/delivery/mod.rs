@@ -7,6 +7,7 @@ mod context;
 mod engine;
 mod insert;
 mod lines;
+mod live_view;
 mod progress;
 mod replay;
 mod retry;

@@ -1,6 +1,7 @@
 //! The engine on tokio's paused time, with a fake destination: batching and linger,
-//! retries and `Retry-After`, per-user holds, poison isolation, and where the cursor is
-//! saved through all of it. Queue, cursors and dead letters are the real ones, in a
+//! retries and `Retry-After`, per-user holds, poison isolation, per-message outcomes of a
+//! batch (refused, skipped, retried alone), and where the cursor is saved through all of
+//! it. Queue, cursors and dead letters are the real ones, in a
 //! temporary directory.
 
 use std::collections::VecDeque;
@@ -12,7 +13,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::*;
-use crate::destinations::{Destination, Outgoing, SendError, Sending};
+use crate::destinations::{Destination, Outgoing, Refusal, RefusalKind, SendError, Sending};
 use crate::message::{MessageType, Tag};
 use crate::queue::{LocalQueue, QueueWriter, RecordBatch};
 
@@ -343,5 +344,123 @@ async fn a_refused_message_is_dead_lettered_alone_and_the_cursor_passes_it() {
         letters[0].dead_at
     );
     assert!(letters[0].message.get().contains("poison"));
+    s.stop().await;
+}
+
+/// The destination's answer settling messages `(index, kind)` of a batch on their own.
+fn partly(outcomes: &[(usize, RefusalKind)]) -> Result<u64, SendError> {
+    Err(SendError::PartlyRejected {
+        refused: outcomes
+            .iter()
+            .map(|&(index, kind)| Refusal {
+                index,
+                kind,
+                status: Some(500),
+                detail: format!("message {index}"),
+                answer: Some(format!("answer for {index}")),
+            })
+            .collect(),
+    })
+}
+
+const RETRY: RefusalKind = RefusalKind::Retry { retry_after: None };
+
+async fn dead_letters(s: &Setup) -> Vec<crate::queue::dead_letters::DeadLetter> {
+    s.dead_letters
+        .list(Some("hook"), 0, 10)
+        .await
+        .unwrap()
+        .dead_letters
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_message_of_a_batch_settles_as_told_and_only_retried_ones_go_again() {
+    let fake = Fake::default();
+    fake.script.lock().unwrap().push_back(partly(&[
+        (0, RefusalKind::Refused),
+        (1, RefusalKind::Skipped { reason: "not_here" }),
+        (
+            3,
+            RefusalKind::Retry {
+                retry_after: Some(Duration::from_secs(5)),
+            },
+        ),
+    ]));
+    let s = setup(
+        "batch = { max_events = 10, linger = \"0s\" }\n\
+         retry = { initial_backoff = \"10ms\", max_backoff = \"10ms\" }",
+        fake,
+    )
+    .await;
+    s.append(&[("u1", "a"), ("u2", "b"), ("u3", "c"), ("u4", "d")])
+        .await;
+    until("the cursor at the end", || s.lag() == 0).await;
+    assert_eq!(s.events(), [vec!["a", "b", "c", "d"], vec!["d"]]);
+    let sends = s.sends();
+    assert!(
+        sends[1].0 - sends[0].0 >= Duration::from_secs(5),
+        "a message's Retry-After holds its retry; tried again after {:?}",
+        sends[1].0 - sends[0].0
+    );
+    let letters = dead_letters(&s).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].reason, "rejected");
+    assert_eq!(letters[0].response, "answer for 0");
+    assert!(letters[0].message.get().contains("\"a\""));
+    s.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn messages_retried_alone_are_dead_lettered_when_out_of_attempts() {
+    let fake = Fake::default();
+    // The retry sends [b] alone: its index there is 0.
+    fake.script
+        .lock()
+        .unwrap()
+        .extend([partly(&[(1, RETRY)]), partly(&[(0, RETRY)])]);
+    let s = setup(
+        "batch = { max_events = 10, linger = \"0s\" }\n\
+         retry = { initial_backoff = \"10ms\", max_backoff = \"10ms\", max_attempts = 2 }",
+        fake,
+    )
+    .await;
+    s.append(&[("u1", "a"), ("u2", "b"), ("u3", "c")]).await;
+    until("the cursor at the end", || s.lag() == 0).await;
+    assert_eq!(s.events(), [vec!["a", "b", "c"], vec!["b"]]);
+    let letters = dead_letters(&s).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].reason, "retries_exhausted");
+    assert_eq!(letters[0].attempts, 2);
+    assert_eq!(letters[0].response, "answer for 0");
+    assert!(letters[0].message.get().contains("\"b\""));
+    s.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_users_later_message_waits_for_its_retried_one() {
+    let fake = Fake::default();
+    fake.script.lock().unwrap().push_back(partly(&[(0, RETRY)]));
+    let s = setup(
+        "batch = { max_events = 2, linger = \"0s\" }\n\
+         retry = { initial_backoff = \"1s\", max_backoff = \"1s\" }",
+        fake,
+    )
+    .await;
+    s.append(&[("u1", "a1"), ("u2", "b1"), ("u1", "a2"), ("u3", "c1")])
+        .await;
+    until("the cursor at the end", || s.lag() == 0).await;
+    let sent: Vec<String> = s.events().into_iter().flatten().collect();
+    let of_u1: Vec<&str> = sent
+        .iter()
+        .map(String::as_str)
+        .filter(|e| e.starts_with('a'))
+        .collect();
+    assert_eq!(of_u1, ["a1", "a1", "a2"], "sends: {:?}", s.events());
+    assert_eq!(
+        sent.iter().filter(|e| *e == "b1").count(),
+        1,
+        "b1 was delivered; not sent again: {:?}",
+        s.events()
+    );
     s.stop().await;
 }

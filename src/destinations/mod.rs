@@ -65,19 +65,35 @@ pub enum SendError {
         detail: String,
         answer: Option<String>,
     },
-    /// The batch went, except these messages, which the destination refused on their own
-    /// (e.g. rows of an asynchronous import job); the rest are delivered.
-    #[error("{} messages of the batch refused", refused.len())]
+    /// The batch went, except these messages, which the destination settled on their own
+    /// (refused rows of an asynchronous import job, a function's per-event statuses);
+    /// the rest are delivered.
+    #[error("{} messages of the batch not delivered", refused.len())]
     PartlyRejected { refused: Vec<Refusal> },
 }
 
-/// One message of a batch the destination refused: its index in the batch `send` got.
+/// One message of a batch that was not simply delivered: its index in the batch `send`
+/// got, and what is to become of it.
 #[derive(Debug, Clone)]
 pub struct Refusal {
     pub index: usize,
-    pub status: u16,
+    pub kind: RefusalKind,
+    /// The status given for this message, if any (a thrown `RetryError` has none).
+    pub status: Option<u16>,
     pub detail: String,
     pub answer: Option<String>,
+}
+
+/// What the engine does with one message of a `PartlyRejected` batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// Cannot succeed: dead-lettered.
+    Refused,
+    /// Worth another try: sent again after the backoff (or `retry_after`, if asked), with
+    /// the batch's other retried messages and without the ones delivered.
+    Retry { retry_after: Option<Duration> },
+    /// Not for this destination after all: settled, counted skipped for `reason`.
+    Skipped { reason: &'static str },
 }
 
 impl SendError {
@@ -94,7 +110,7 @@ impl SendError {
         match self {
             SendError::Retryable { status, .. } => *status,
             SendError::Rejected { status, .. } => Some(*status),
-            SendError::PartlyRejected { refused } => refused.first().map(|r| r.status),
+            SendError::PartlyRejected { refused } => refused.first().and_then(|r| r.status),
         }
     }
 }

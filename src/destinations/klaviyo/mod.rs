@@ -45,7 +45,7 @@ pub use requests::{KlaviyoBodies, KlaviyoRequest};
 
 use super::{
     http, secret_from_env, Check, Destination, DestinationConfig, Outgoing, Prepared, Preview,
-    Refusal, SendError, Sending,
+    Refusal, RefusalKind, SendError, Sending,
 };
 use crate::clock::Clock;
 use crate::pace::RateLimiter;
@@ -209,7 +209,8 @@ impl Destination for KlaviyoDestination {
                     Some((reason, error)) => {
                         refused.extend(profile.messages.iter().map(|&index| Refusal {
                             index,
-                            status: 400,
+                            kind: RefusalKind::Refused,
+                            status: Some(400),
                             detail: reason.clone(),
                             answer: Some(error.clone()),
                         }))

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::{
     check_url, http, secret_from_env, AnyDestination, BatchShape, Destination, DestinationConfig,
-    KeyError, Kind, Outgoing, Preview, Refusal, SendError, Sending,
+    KeyError, Kind, Outgoing, Preview, Refusal, RefusalKind, SendError, Sending,
 };
 use crate::clock::Clock;
 use crate::queue::Checkpoint;
@@ -255,7 +255,8 @@ impl Destination for S3Destination {
                         answer,
                     }) => refused.extend(group.indices.iter().map(|&index| Refusal {
                         index,
-                        status,
+                        kind: RefusalKind::Refused,
+                        status: Some(status),
                         detail: detail.clone(),
                         answer: answer.clone(),
                     })),
