@@ -305,3 +305,22 @@ fn a_closed_standard_output_ends_commands_quietly() {
         assert_eq!(stderr, "", "{command}");
     }
 }
+
+#[test]
+fn klaviyo_metric_names_are_checked_with_their_key() {
+    let klaviyo = "[server]\nlisten = \"127.0.0.1:1\"\n\n[[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n\n[[destinations]]\nname = \"kl\"\nkind = \"klaviyo\"\napi_key_env = \"KL_KEY\"\necommerce_names = false\nmetric_names = { \"Signed Up\" = \"Registered\" }\n";
+    let env = [("KL_KEY", "pk_test")];
+    let (ok, _, stderr) = check_with_env(klaviyo, &env);
+    assert!(ok, "{stderr}");
+    let twice = format!("{klaviyo}mapping = {{ events = {{ \"Signed Up\" = false }} }}\n");
+    let (ok, _, stderr) = check_with_env(&twice, &env);
+    assert!(!ok, "a rule in both tables");
+    assert!(
+        stderr.contains("metric_names.\"Signed Up\"") && stderr.contains("mapping.events"),
+        "{stderr}"
+    );
+    let empty = klaviyo.replace("\"Registered\"", "\"\"");
+    let (ok, _, stderr) = check_with_env(&empty, &env);
+    assert!(!ok, "an empty metric name");
+    assert!(stderr.contains("metric_names"), "{stderr}");
+}
