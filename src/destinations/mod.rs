@@ -10,6 +10,7 @@ mod function;
 mod http;
 mod key_error;
 pub mod klaviyo;
+pub mod postgres;
 mod rules;
 mod segment;
 mod stdout;
