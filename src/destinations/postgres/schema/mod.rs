@@ -45,9 +45,11 @@ pub struct RowError {
     pub problem: &'static str,
 }
 
-/// The tables every source has; an event whose name snake-cases to one of them gets its
-/// table name prefixed with `_` so its rows never land in a standard table.
-pub const STANDARD_TABLES: [&str; 7] = [
+/// The tables of Segment's schema (`accounts` is its group upsert table, which fanout does
+/// not write yet). An event whose name snake-cases to one of them gets its table name
+/// prefixed with `_` (`Tracks` → `_tracks`), so its rows never land in a standard table;
+/// RudderStack does the same, Segment does not document it.
+pub const STANDARD_TABLES: [&str; 8] = [
     "tracks",
     "identifies",
     "users",
@@ -55,6 +57,7 @@ pub const STANDARD_TABLES: [&str; 7] = [
     "screens",
     "groups",
     "aliases",
+    "accounts",
 ];
 
 /// Columns of every event table, which a property or trait of the same name cannot take.
@@ -189,6 +192,9 @@ pub fn rows(message: &Json, loaded_at: DateTime<Utc>) -> Result<Vec<Row>, RowErr
         }
         MessageType::Page | MessageType::Screen => {
             row.add_some("name", id_text(m.get("name")));
+            // Server libraries send the category beside the name; analytics.js sends it as
+            // `properties.category`, which lands in the same column when this one is absent.
+            row.add_some("category", id_text(m.get("category")));
             custom(&mut row, "properties");
             let name = if kind == MessageType::Page {
                 "pages"
@@ -204,6 +210,8 @@ pub fn rows(message: &Json, loaded_at: DateTime<Utc>) -> Result<Vec<Row>, RowErr
         }
         MessageType::Alias => {
             row.add_some("previous_id", id_text(m.get("previousId")));
+            // Segment's docs: the aliases table has the traits sent with the call.
+            custom(&mut row, "traits");
             vec![table("aliases", row)]
         }
     })
