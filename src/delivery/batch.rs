@@ -152,6 +152,7 @@ pub async fn deliver(context: Arc<DeliveryContext>, mut items: Vec<Item>) -> Bat
         let range: Vec<Outgoing<'_>> = sendable[lo..hi]
             .iter()
             .map(|&i| Outgoing {
+                source: &items[i].source,
                 json: &items[i].json,
                 prepared: prepared[i].as_ref(),
             })

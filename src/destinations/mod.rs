@@ -31,6 +31,7 @@ pub use function::{handler_of, FunctionConfig, FunctionDestination, Script};
 pub use http::{classify, parse_retry_after};
 pub use key_error::KeyError;
 pub use klaviyo::{KlaviyoBodies, KlaviyoConfig, KlaviyoDestination, KlaviyoRequest};
+pub use postgres::{PostgresConfig, PostgresDestination};
 pub use rules::{FilterConfig, IntegrationsPolicy, PropertyCondition, RouteConfig};
 pub use segment::{batch_body as segment_batch_body, SegmentConfig, SegmentDestination};
 pub use stdout::{StdoutConfig, StdoutDestination};
@@ -104,6 +105,8 @@ impl SendError {
 pub enum Prepared {
     /// Klaviyo: the message's events or profile upsert.
     Klaviyo(klaviyo::translate::Translation),
+    /// Postgres: the warehouse rows the message becomes.
+    Postgres(Vec<postgres::schema::Row>),
 }
 
 /// What a destination makes of one message before any request.
@@ -119,6 +122,8 @@ pub enum Check {
 /// One message of a batch being sent: as stored, and as `check` prepared it.
 #[derive(Clone, Copy)]
 pub struct Outgoing<'a> {
+    /// The name of the source it came in through (stored with it, not in the JSON).
+    pub source: &'a str,
     pub json: &'a [u8],
     pub prepared: Option<&'a Prepared>,
 }
@@ -321,6 +326,7 @@ kinds! {
     Segment(segment::SegmentConfig),
     Klaviyo(klaviyo::KlaviyoConfig),
     Function(function::FunctionConfig),
+    Postgres(postgres::PostgresConfig),
 }
 
 impl DestinationConfig {

@@ -71,6 +71,7 @@ impl Kind for SegmentConfig {
     /// The message as relayed: without its `sentAt`.
     fn preview(&self, message: &[u8], _: Clock) -> anyhow::Result<Preview> {
         let batch: serde_json::Value = serde_json::from_slice(&batch_body(&[Outgoing {
+            source: "",
             json: message,
             prepared: None,
         }]))?;
@@ -158,6 +159,7 @@ mod tests {
         let a = br#"{"type":"track","sentAt":"2026-01-01T00:00:00Z","event":"E","properties":{"sentAt":1}}"#;
         let b = br#"{"type":"identify","userId":"u"}"#;
         let batch = [a.as_slice(), b.as_slice()].map(|json| Outgoing {
+            source: "",
             json,
             prepared: None,
         });
