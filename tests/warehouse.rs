@@ -257,11 +257,11 @@ async fn the_python_clients_calls_land_in_segments_tables_and_columns() {
 async fn users_are_upserted_new_properties_add_columns_and_conflicts_store_null() {
     let pg = PgServer::start();
     let f = with_warehouse(&pg, "postgres", "schema = \"events\"");
-    let identify = |id: &str, traits: Value| json!({"type": "identify", "messageId": id, "userId": "u2", "traits": traits});
+    let identify = |id: &str, user: &str, traits: Value| json!({"type": "identify", "messageId": id, "userId": user, "traits": traits});
     send(
         &f,
         vec![
-            identify("i1", json!({"plan": "free", "age": 30})),
+            identify("i1", "u2", json!({"plan": "free", "age": 30})),
             track("t1", "Plan Changed", json!({"seats": 3})),
         ],
     )
@@ -270,7 +270,9 @@ async fn users_are_upserted_new_properties_add_columns_and_conflicts_store_null(
     send(
         &f,
         vec![
-            identify("i2", json!({"plan": "pro"})),
+            identify("i2", "u2", json!({"plan": "pro"})),
+            // Another user's trait in the same batch must not blank u2's.
+            identify("i3", "u3", json!({"age": 40})),
             track(
                 "t2",
                 "Plan Changed",
@@ -285,17 +287,21 @@ async fn users_are_upserted_new_properties_add_columns_and_conflicts_store_null(
 
     let client = pg.connect("postgres").await;
     let users = client
-        .query("SELECT id, plan, age FROM events.users", &[])
+        .query(
+            "SELECT id, plan, age FROM events.users WHERE id = 'u2'",
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(users.len(), 1, "one row per user_id");
+    assert_eq!(count(&pg, "events.users").await, 2);
     assert_eq!(users[0].get::<_, String>(1), "pro", "the latest traits");
     assert_eq!(
         users[0].get::<_, i64>(2),
         30,
         "traits not sent again are kept"
     );
-    assert_eq!(count(&pg, "events.identifies").await, 2);
+    assert_eq!(count(&pg, "events.identifies").await, 3);
 
     let plan_changed = columns(&pg, "events", "plan_changed").await;
     assert_eq!(plan_changed["seats"], "bigint", "typed by the first value");

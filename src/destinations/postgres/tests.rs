@@ -298,3 +298,38 @@ fn insert_skips_known_ids_and_upserts_users_unless_stored_row_is_later() {
          OR EXCLUDED.received_at IS NULL OR EXCLUDED.received_at >= t.received_at"
     );
 }
+
+#[test]
+fn route_shows_the_tables_and_typed_columns_a_message_lands_in() {
+    let own = PostgresConfig {
+        url_env: "U".into(),
+        schema: PER_SOURCE.into(),
+    };
+    let message = br#"{"type":"track","event":"Signed Up","userId":"u1","messageId":"m1",
+        "receivedAt":"2026-01-01T00:00:00Z","properties":{"seats":3,"tags":["a"]}}"#;
+    let Preview::Send(shown) = own.preview(message, Clock::system()).unwrap() else {
+        panic!("not sent")
+    };
+    assert_eq!(shown["schema"], "{source}");
+    let tables: Vec<&str> = shown["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["table"].as_str().unwrap())
+        .collect();
+    assert_eq!(tables, ["tracks", "signed_up"]);
+    let columns = shown["rows"][1]["columns"].as_array().unwrap();
+    let seats = columns.iter().find(|c| c["name"] == "seats").unwrap();
+    assert_eq!(seats["type"], "bigint");
+    assert_eq!(seats["value"], 3);
+    let tags = columns.iter().find(|c| c["name"] == "tags").unwrap();
+    assert_eq!(
+        (&tags["type"], &tags["value"]),
+        (&json!("text"), &json!("[\"a\"]"))
+    );
+
+    let refused = own.preview(br#"{"type":"track","messageId":"m1"}"#, Clock::system());
+    assert!(
+        matches!(refused.unwrap(), Preview::Refuse(why) if why.contains("receivedAt") || why.contains("event"))
+    );
+}
