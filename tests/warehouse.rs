@@ -527,3 +527,28 @@ async fn two_instances_adding_the_same_columns_at_once_both_load() {
     assert_eq!(a.dead_letters("warehouse").await.len(), 0);
     assert_eq!(b.dead_letters("warehouse").await.len(), 0);
 }
+
+#[tokio::test]
+async fn a_column_or_table_dropped_by_hand_is_made_again() {
+    let pg = PgServer::start();
+    let f = with_warehouse(&pg, "postgres", "");
+    send(&f, vec![track("d1", "Signed Up", json!({"plan": "pro"}))]).await;
+    wait_rows(&pg, "test.signed_up", 1).await;
+    pg.execute(
+        "postgres",
+        "ALTER TABLE test.signed_up DROP COLUMN plan; DROP TABLE test.tracks",
+    )
+    .await;
+    send(&f, vec![track("d2", "Signed Up", json!({"plan": "team"}))]).await;
+    wait_rows(&pg, "test.signed_up", 2).await;
+    wait_rows(&pg, "test.tracks", 1).await;
+    f.wait_settled("warehouse").await;
+    let client = pg.connect("postgres").await;
+    let plan: String = client
+        .query_one("SELECT plan FROM test.signed_up WHERE id = 'd2'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(plan, "team");
+    assert_eq!(f.dead_letters("warehouse").await.len(), 0);
+}

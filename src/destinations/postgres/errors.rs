@@ -57,7 +57,7 @@ pub fn classify_pool(e: &PoolError) -> SendError {
 }
 
 /// True when the statement failed because a table or column the cache knew of is gone
-/// (dropped by hand): the cache is reloaded and the batch tried again, not refused.
+/// (dropped by hand): the caller forgets the cache and retries, rather than refusing.
 pub fn is_stale_cache(e: &tokio_postgres::Error) -> bool {
     matches!(
         e.code(),
@@ -78,7 +78,7 @@ pub fn is_made_concurrently(e: &tokio_postgres::Error) -> bool {
     )
 }
 
-fn retryable(detail: String) -> SendError {
+pub fn retryable(detail: String) -> SendError {
     SendError::Retryable {
         status: None,
         retry_after: None,

@@ -206,7 +206,13 @@ impl PostgresDestination {
         let result = self.load_on(&mut client, &by_schema, loaded_at).await;
         result.map_err(|e| {
             if errors::is_stale_cache(&e) {
+                // Dropped by hand since it was cached: the retry reads the tables again
+                // and makes it anew.
                 self.catalog.forget();
+                return errors::retryable(format!(
+                    "Postgres error {}",
+                    e.code().map_or("", |c| c.code())
+                ));
             }
             errors::classify(&e)
         })
