@@ -22,7 +22,12 @@ const TOKEN: &str = "warehouse-admin-token";
 /// fanout with a `warehouse` destination loading `pg` as `user` into `schema` (default
 /// one per source: the harness's source is `test`), plus `extra` keys for it.
 fn with_warehouse(pg: &PgServer, user: &str, extra: &str) -> Fanout {
-    let settings = Settings::default()
+    with_warehouse_at(&pg.url_as(user, "postgres"), extra, &[])
+}
+
+/// The same with the URL given, and more environment for fanout.
+fn with_warehouse_at(url: &str, extra: &str, env: &[(&str, &str)]) -> Fanout {
+    let mut settings = Settings::default()
         .server("retention = \"1h\"")
         .section(&format!(
             "[[destinations]]\nname = \"warehouse\"\nkind = \"postgres\"\n\
@@ -31,7 +36,10 @@ fn with_warehouse(pg: &PgServer, user: &str, extra: &str) -> Fanout {
         ))
         .section("[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n")
         .env("FANOUT_ADMIN_TOKEN", TOKEN)
-        .env("WAREHOUSE_URL", &pg.url_as(user, "postgres"));
+        .env("WAREHOUSE_URL", url);
+    for (key, value) in env {
+        settings = settings.env(key, value);
+    }
     Fanout::start_with(settings)
 }
 
@@ -551,4 +559,44 @@ async fn a_column_or_table_dropped_by_hand_is_made_again() {
         .get(0);
     assert_eq!(plan, "team");
     assert_eq!(f.dead_letters("warehouse").await.len(), 0);
+}
+
+#[tokio::test]
+async fn sslmode_require_loads_over_tls_checked_against_the_roots() {
+    let mut pg = PgServer::start();
+    let ca = pg.enable_tls();
+    let url = pg
+        .url("postgres")
+        .replace("sslmode=disable", "sslmode=require");
+    // rustls-native-certs reads the roots from SSL_CERT_FILE when it is set.
+    let trusting = with_warehouse_at(&url, "", &[("SSL_CERT_FILE", ca.to_str().unwrap())]);
+    send(&trusting, vec![track("s1", "Signed Up", json!({}))]).await;
+    wait_rows(&pg, "test.signed_up", 1).await;
+    let client = pg.connect("postgres").await;
+    let encrypted: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE application_name = 'fanout' AND ssl",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(encrypted > 0, "fanout's connections use TLS");
+    drop(trusting);
+
+    // A server certificate from a CA the system does not trust: not loaded, retried.
+    let empty = pg.path().join("no-roots.pem");
+    std::fs::write(&empty, "").unwrap();
+    let doubting = with_warehouse_at(&url, "", &[("SSL_CERT_FILE", empty.to_str().unwrap())]);
+    send(&doubting, vec![track("s2", "Signed Up", json!({}))]).await;
+    doubting
+        .wait_metric(
+            "fanout_deliveries_total",
+            &[("destination", "warehouse"), ("outcome", "retried")],
+            |n| n >= 2.0,
+        )
+        .await;
+    assert_eq!(count(&pg, "test.signed_up").await, 1);
+    assert_eq!(doubting.dead_letters("warehouse").await.len(), 0);
 }

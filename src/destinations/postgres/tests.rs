@@ -333,3 +333,27 @@ fn route_shows_the_tables_and_typed_columns_a_message_lands_in() {
         matches!(refused.unwrap(), Preview::Refuse(why) if why.contains("receivedAt") || why.contains("event"))
     );
 }
+
+#[test]
+fn a_message_that_maps_to_no_row_is_refused_alone() {
+    let config: DestinationConfig = toml::from_str(
+        "name = \"w\"\nkind = \"postgres\"\nurl_env = \"FANOUT_TEST_PG_CHECK_URL\"\n",
+    )
+    .unwrap();
+    std::env::set_var("FANOUT_TEST_PG_CHECK_URL", "postgres://u@127.0.0.1:1/db");
+    let destination = config.build(None, Clock::system()).unwrap();
+    let ok = br#"{"type":"alias","messageId":"m1","previousId":"a","userId":"u",
+        "receivedAt":"2026-01-01T00:00:00Z"}"#;
+    assert!(matches!(
+        destination.check(ok),
+        Check::Send(Some(Prepared::Postgres(rows))) if rows[0].table == "aliases"
+    ));
+    let no_event = br#"{"type":"track","messageId":"m2","receivedAt":"2026-01-01T00:00:00Z"}"#;
+    match destination.check(no_event) {
+        Check::Refuse { code, detail } => {
+            assert_eq!(code, "unmappable");
+            assert!(detail.contains("`event`"), "{detail}");
+        }
+        _ => panic!("not refused"),
+    }
+}
