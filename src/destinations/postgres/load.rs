@@ -56,7 +56,11 @@ pub struct TableLoad<'a> {
 pub fn needs<'a>(rows: impl Iterator<Item = &'a Row>) -> Needs {
     let mut needs = Needs::new();
     for row in rows {
-        let columns = needs.entry(row.table.clone()).or_default();
+        // The table's name is copied once a batch, not once a row.
+        if !needs.contains_key(&row.table) {
+            needs.insert(row.table.clone(), Vec::new());
+        }
+        let columns = needs.get_mut(&row.table).expect("inserted above");
         for (name, value) in &row.columns {
             if !columns.iter().any(|(have, _)| have == name) {
                 columns.push((name.clone(), ColumnType::of(value)));
@@ -75,13 +79,13 @@ pub fn lay_out<'a>(
     loaded_at: DateTime<Utc>,
     mismatches: &mut Vec<Mismatch>,
 ) -> BTreeMap<String, TableLoad<'a>> {
-    let mut by_table: BTreeMap<String, Vec<&'a Row>> = BTreeMap::new();
+    let mut by_table: BTreeMap<&'a str, Vec<&'a Row>> = BTreeMap::new();
     for row in rows {
-        by_table.entry(row.table.clone()).or_default().push(row);
+        by_table.entry(&row.table).or_default().push(row);
     }
     let mut out = BTreeMap::new();
     for (table, mut rows) in by_table {
-        let Some(have) = tables.get(&table) else {
+        let Some(have) = tables.get(table) else {
             continue;
         };
         let upsert = rows.iter().any(|r| r.upsert);
@@ -113,7 +117,7 @@ pub fn lay_out<'a>(
                 } else {
                     fit(value, ty).unwrap_or_else(|| {
                         mismatches.push(Mismatch {
-                            table: table.clone(),
+                            table: table.to_owned(),
                             column: name.clone(),
                             column_type: ty,
                             value_type: ColumnType::of(value),
@@ -143,7 +147,7 @@ pub fn lay_out<'a>(
             }
         }
         out.insert(
-            table,
+            table.to_owned(),
             TableLoad {
                 upsert,
                 columns,
