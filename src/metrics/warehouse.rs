@@ -8,8 +8,8 @@ const SCHEMA_WARNINGS: &str = "fanout_warehouse_schema_warnings_total";
 pub(super) fn describe() {
     describe_counter!(
         SCHEMA_WARNINGS,
-        "Values stored as NULL because they could not be converted to their column's type, \
-         by destination, table and column."
+        "Values stored as NULL because they do not convert to their column's type (or the \
+         column could not be made), by destination, table and column."
     );
 }
 

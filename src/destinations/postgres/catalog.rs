@@ -22,6 +22,11 @@ pub type Tables = HashMap<String, Columns>;
 /// value seen, in the order first seen.
 pub type Needs = BTreeMap<String, Vec<(String, ColumnType)>>;
 
+/// Rounds of DDL per batch: a second is needed when another loader made a table first;
+/// a column still missing after them (dropped as fast as it is added) is loaded as NULL
+/// and counted as a schema warning.
+const DDL_ROUNDS: usize = 3;
+
 #[derive(Default)]
 pub struct Catalog {
     schemas: Mutex<HashMap<String, Arc<Tables>>>,
@@ -47,22 +52,26 @@ impl Catalog {
             Some(tables) => tables,
             None => self.reload(client, schema).await?,
         };
-        if missing(&tables, needs).next().is_none() {
-            return Ok(tables);
+        // A table another loader made meanwhile turns our `CREATE TABLE IF NOT EXISTS`
+        // into a no-op without our columns: the next round adds them with `ALTER TABLE`.
+        for _ in 0..DDL_ROUNDS {
+            if missing(&tables, needs).next().is_none() {
+                break;
+            }
+            if tables.is_empty() && !schema_exists(client, schema).await? {
+                // Only when it is missing: Postgres checks the CREATE privilege on the
+                // database before it looks whether the schema exists.
+                ignore_race(
+                    client
+                        .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote(schema)))
+                        .await,
+                )?;
+            }
+            for ddl in ddl(schema, &tables, needs) {
+                ignore_race(client.batch_execute(&ddl).await)?;
+            }
+            tables = self.reload(client, schema).await?;
         }
-        if tables.is_empty() && !schema_exists(client, schema).await? {
-            // Only when it is missing: Postgres checks the CREATE privilege on the
-            // database before it looks whether the schema exists.
-            ignore_race(
-                client
-                    .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote(schema)))
-                    .await,
-            )?;
-        }
-        for ddl in ddl(schema, &tables, needs) {
-            ignore_race(client.batch_execute(&ddl).await)?;
-        }
-        tables = self.reload(client, schema).await?;
         Ok(tables)
     }
 

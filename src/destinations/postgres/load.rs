@@ -38,7 +38,8 @@ impl Cell<'_> {
 pub struct Mismatch {
     pub table: String,
     pub column: String,
-    pub column_type: ColumnType,
+    /// `None`: the table has no such column (see `catalog::DDL_ROUNDS`).
+    pub column_type: Option<ColumnType>,
     pub value_type: ColumnType,
 }
 
@@ -109,6 +110,12 @@ pub fn lay_out<'a>(
             let mut cells = vec![Cell::Null; columns.len()];
             for (name, value) in &row.columns {
                 let Some(&i) = index.get(name.as_str()) else {
+                    mismatches.push(Mismatch {
+                        table: table.to_owned(),
+                        column: name.clone(),
+                        column_type: None,
+                        value_type: ColumnType::of(value),
+                    });
                     continue;
                 };
                 let ty = columns[i].1;
@@ -119,7 +126,7 @@ pub fn lay_out<'a>(
                         mismatches.push(Mismatch {
                             table: table.to_owned(),
                             column: name.clone(),
-                            column_type: ty,
+                            column_type: Some(ty),
                             value_type: ColumnType::of(value),
                         });
                         Cell::Null

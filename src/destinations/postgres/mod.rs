@@ -257,7 +257,7 @@ impl PostgresDestination {
                 destination = %self.name,
                 table = %first.table,
                 column = %first.column,
-                column_type = first.column_type.sql(),
+                column_type = first.column_type.map_or("none (no such column)", |t| t.sql()),
                 value_type = first.value_type.sql(),
                 values = mismatches.len(),
                 "values stored as NULL: they do not convert to their column's type"

@@ -208,7 +208,7 @@ fn values_are_converted_to_the_columns_types_or_stored_null_with_a_mismatch() {
         [load::Mismatch {
             table: "orders".into(),
             column: "flag".into(),
-            column_type: ColumnType::Bool,
+            column_type: Some(ColumnType::Bool),
             value_type: ColumnType::Text,
         }]
     );
