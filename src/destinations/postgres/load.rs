@@ -62,8 +62,12 @@ pub fn needs<'a>(rows: impl Iterator<Item = &'a Row>) -> Needs {
             needs.insert(row.table.clone(), Vec::new());
         }
         let columns = needs.get_mut(&row.table).expect("inserted above");
-        for (name, value) in &row.columns {
-            if !columns.iter().any(|(have, _)| have == name) {
+        for (k, (name, value)) in row.columns.iter().enumerate() {
+            // Rows of one table mostly have the same columns in the same order: the
+            // column at the same place is looked at first.
+            let known = columns.get(k).is_some_and(|(have, _)| have == name)
+                || columns.iter().any(|(have, _)| have == name);
+            if !known {
                 columns.push((name.clone(), ColumnType::of(value)));
             }
         }
@@ -108,8 +112,12 @@ pub fn lay_out<'a>(
         let mut by_id: HashMap<&str, usize> = HashMap::new();
         for row in rows {
             let mut cells = vec![Cell::Null; columns.len()];
-            for (name, value) in &row.columns {
-                let Some(&i) = index.get(name.as_str()) else {
+            for (k, (name, value)) in row.columns.iter().enumerate() {
+                let same_place = columns.get(k).is_some_and(|(have, _)| have == name);
+                let Some(i) = same_place
+                    .then_some(k)
+                    .or_else(|| index.get(name.as_str()).copied())
+                else {
                     mismatches.push(Mismatch {
                         table: table.to_owned(),
                         column: name.clone(),
