@@ -305,3 +305,32 @@ fn a_closed_standard_output_ends_commands_quietly() {
         assert_eq!(stderr, "", "{command}");
     }
 }
+
+#[test]
+fn the_postgres_section_is_checked_with_key_paths() {
+    let good = "[server]\nlisten = \"127.0.0.1:1\"\n\n[[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n\n[[destinations]]\nname = \"wh\"\nkind = \"postgres\"\nurl_env = \"WH_URL\"\nschema = \"{source}\"\n";
+    assert!(check(good).0, "{}", check(good).2);
+    let cases = [
+        (
+            good.replace("\"{source}\"", "\"Web App\""),
+            "destinations[0].schema",
+            "line 12",
+        ),
+        (
+            good.replace("url_env = \"WH_URL\"\n", ""),
+            "destinations[0].url_env",
+            "",
+        ),
+        (
+            good.replace("schema =", "tabel ="),
+            "destinations[0].tabel",
+            "line 12",
+        ),
+        (
+            format!("{good}batch = {{ max_events = 200000 }}\n"),
+            "destinations[0].batch.max_events",
+            "line 13",
+        ),
+    ];
+    assert_refused(&cases);
+}
