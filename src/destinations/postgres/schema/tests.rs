@@ -55,6 +55,8 @@ fn snakecase_matches_go_snakecase() {
         // The warehouse docs' own examples.
         ("accountType", "account_type"),
         ("Signed Up", "signed_up"),
+        // Non-ASCII letters separate words, as every byte ≥ 0x80 does in go-snakecase.
+        ("Größe", "gr_e"),
         ("", ""),
         ("$%", ""),
     ];
@@ -161,6 +163,9 @@ fn assert_valid_names(rows: &[Row]) {
     }
 }
 
+/// A table and its column names, in order.
+type TableColumns<'a> = (&'a str, Vec<String>);
+
 const STANDARD: [&str; 7] = [
     "id",
     "user_id",
@@ -185,7 +190,7 @@ fn official_client_messages_make_segments_tables_and_columns() {
             .map(|s| s.to_string())
             .collect()
     };
-    let cases: [(&str, &[(&str, Vec<String>)]); 6] = [
+    let cases: [(&str, &[TableColumns]); 6] = [
         (
             "track",
             &[
@@ -711,6 +716,28 @@ proptest! {
         });
         let rows = rows(&message, loaded()).unwrap();
         assert_valid_names(&rows);
+    }
+
+    /// Odd values in the fields a message is read by (ids, times, names) make rows or a
+    /// `RowError`, never a panic.
+    #[test]
+    fn odd_standard_fields_make_rows_or_an_error(
+        values in prop::collection::vec(testgen::value(false), 9),
+        kind in prop::sample::select(vec!["track", "identify", "page", "screen", "group", "alias"]),
+    ) {
+        let keys = [
+            "messageId", "userId", "anonymousId", "receivedAt", "sentAt", "timestamp",
+            "originalTimestamp", "event", "name",
+        ];
+        let mut message = json!({
+            "type": kind, "groupId": 7, "previousId": "p", "receivedAt": "2026-01-01T00:00:00Z",
+        });
+        for (key, value) in keys.iter().zip(&values) {
+            message[*key] = serde_json::from_str(value).unwrap();
+        }
+        if let Ok(rows) = rows(&message, loaded()) {
+            assert_valid_names(&rows);
+        }
     }
 
     /// Whatever JSON a stored message turns out to be, `rows` answers without a panic.
