@@ -10,6 +10,7 @@ mod function;
 mod http;
 mod key_error;
 pub mod klaviyo;
+pub mod postgres;
 mod rules;
 mod s3;
 mod segment;
@@ -31,6 +32,7 @@ pub use function::{handler_of, FunctionConfig, FunctionDestination};
 pub use http::{classify, parse_retry_after};
 pub use key_error::KeyError;
 pub use klaviyo::{KlaviyoBodies, KlaviyoConfig, KlaviyoDestination, KlaviyoRequest};
+pub use postgres::{PostgresConfig, PostgresDestination};
 pub use rules::{FilterConfig, IntegrationsPolicy, PropertyCondition, RouteConfig};
 pub use s3::{S3Config, S3Destination};
 pub use segment::{batch_body as segment_batch_body, SegmentConfig, SegmentDestination};
@@ -121,6 +123,8 @@ impl SendError {
 pub enum Prepared {
     /// Klaviyo: the message's events or profile upsert.
     Klaviyo(klaviyo::translate::Translation),
+    /// Postgres: the warehouse rows the message becomes.
+    Postgres(Vec<postgres::schema::Row>),
 }
 
 /// What a destination makes of one message before any request.
@@ -353,6 +357,7 @@ kinds! {
     Klaviyo(klaviyo::KlaviyoConfig),
     Function(function::FunctionConfig),
     S3(s3::S3Config),
+    Postgres(postgres::PostgresConfig),
 }
 
 impl DestinationConfig {

@@ -238,6 +238,7 @@ fn job_reads_limiter() -> RateLimiter {
 fn prepared<'a>(message: &Outgoing<'a>) -> Option<&'a Translation> {
     match message.prepared? {
         Prepared::Klaviyo(translation) => Some(translation),
+        _ => None,
     }
 }
 
