@@ -94,10 +94,20 @@ impl Kind for PostgresConfig {
 
     /// The schema, and the tables and typed columns the message becomes.
     fn preview(&self, message: &[u8], clock: Clock) -> anyhow::Result<Preview> {
+        self.preview_from(PER_SOURCE, message, clock)
+    }
+
+    /// The rows and the schema they land in: the source's own under `"{source}"`.
+    fn preview_from(&self, source: &str, message: &[u8], clock: Clock) -> anyhow::Result<Preview> {
         let message: serde_json::Value = serde_json::from_slice(message)?;
+        let schema = if self.schema == PER_SOURCE && source != PER_SOURCE {
+            source_schema(source)
+        } else {
+            self.schema.clone()
+        };
         Ok(match schema::rows(&message, clock.now()) {
             Ok(rows) => Preview::Send(json!({
-                "schema": self.schema,
+                "schema": schema,
                 "rows": rows.iter().map(row_json).collect::<Vec<_>>(),
             })),
             Err(e) => Preview::Refuse(e.to_string()),

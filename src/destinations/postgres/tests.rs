@@ -311,6 +311,16 @@ fn route_shows_the_tables_and_typed_columns_a_message_lands_in() {
         panic!("not sent")
     };
     assert_eq!(shown["schema"], "{source}");
+    let Preview::Send(shown) = own
+        .preview_from("iOS-App", message, Clock::system())
+        .unwrap()
+    else {
+        panic!("not sent")
+    };
+    assert_eq!(
+        shown["schema"], "i_os_app",
+        "route names the source's own schema"
+    );
     let tables: Vec<&str> = shown["rows"]
         .as_array()
         .unwrap()
