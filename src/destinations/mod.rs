@@ -10,6 +10,7 @@ mod function;
 mod http;
 mod key_error;
 pub mod klaviyo;
+mod mapped;
 mod rules;
 mod segment;
 mod stdout;
@@ -30,6 +31,7 @@ pub use function::{handler_of, FunctionConfig, FunctionDestination, Script};
 pub use http::{classify, parse_retry_after};
 pub use key_error::KeyError;
 pub use klaviyo::{KlaviyoBodies, KlaviyoConfig, KlaviyoDestination, KlaviyoRequest};
+pub use mapped::{MappedConfig, MappedDestination};
 pub use rules::{FilterConfig, IntegrationsPolicy, PropertyCondition, RouteConfig};
 pub use segment::{batch_body as segment_batch_body, SegmentConfig, SegmentDestination};
 pub use stdout::{StdoutConfig, StdoutDestination};
@@ -103,6 +105,8 @@ impl SendError {
 pub enum Prepared {
     /// Klaviyo: the message's events or profile upsert.
     Klaviyo(klaviyo::translate::Translation),
+    /// `kind = "http"`: the message's requests, rendered.
+    Http(mapped::Requests),
 }
 
 /// What a destination makes of one message before any request.
@@ -320,6 +324,7 @@ kinds! {
     Segment(segment::SegmentConfig),
     Klaviyo(klaviyo::KlaviyoConfig),
     Function(function::FunctionConfig),
+    Http(mapped::MappedConfig),
 }
 
 impl DestinationConfig {
@@ -350,6 +355,16 @@ impl DestinationConfig {
         }
         self.build(None, Clock::system()).map(drop)
     }
+}
+
+/// Moves `batch.body` (the http kind's envelope) from the shared `batch` table to the
+/// kind's own keys, so that kinds without it refuse it by name.
+fn lift_batch_body(mut shared: toml::Table, own: &mut toml::Table) -> toml::Table {
+    let batch = shared.get_mut("batch").and_then(toml::Value::as_table_mut);
+    if let Some(body) = batch.and_then(|batch| batch.remove("body")) {
+        own.insert("batch.body".into(), body);
+    }
+    shared
 }
 
 /// Reads a secret named by a `*_env` key; the error names the variable, never the value.

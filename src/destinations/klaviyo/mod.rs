@@ -230,5 +230,6 @@ impl Destination for KlaviyoDestination {
 fn prepared<'a>(message: &Outgoing<'a>) -> Option<&'a Translation> {
     match message.prepared? {
         Prepared::Klaviyo(translation) => Some(translation),
+        Prepared::Http(_) => None,
     }
 }
