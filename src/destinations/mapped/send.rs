@@ -23,6 +23,13 @@ use super::MASK;
 /// The requests one message becomes, rendered.
 pub struct Requests(Vec<Request>);
 
+#[cfg(test)]
+impl Requests {
+    pub fn body_of_first(&self) -> Option<Json> {
+        self.0.first()?.body.clone()
+    }
+}
+
 struct Request {
     action: usize,
     method: reqwest::Method,

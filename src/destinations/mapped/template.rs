@@ -44,11 +44,6 @@ pub fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     // Missing paths are undefined all the way down (`traits.address.city`), never errors.
     env.set_undefined_behavior(UndefinedBehavior::Chainable);
-    let syntax = minijinja::syntax::SyntaxConfig::builder()
-        .keep_trailing_newline(true)
-        .build()
-        .expect("the default delimiters are valid");
-    env.set_syntax(syntax);
     filters::register(&mut env);
     env
 }

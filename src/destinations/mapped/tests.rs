@@ -324,3 +324,49 @@ fn a_message_the_mapping_cannot_render_is_refused() {
         panic!("sent");
     };
 }
+
+#[test]
+fn the_live_view_shows_the_requests_with_secrets_masked() {
+    // Names no other test reads; the values must never be shown.
+    std::env::set_var("MAPPED_LIVE_TEST_TOKEN", "live-secret");
+    std::env::set_var("MAPPED_LIVE_TEST_KEY", "live-key");
+    let d = destination(
+        "name = \"c\"\nkind = \"http\"\nurl = \"http://h/{{ userId }}\"\n\
+         headers = { X-Token = \"{{ env.MAPPED_LIVE_TEST_TOKEN }}\" }\n\
+         api_key = { header = \"X-Key\", env = \"MAPPED_LIVE_TEST_KEY\" }\n\
+         body = { t = \"{{ env.MAPPED_LIVE_TEST_TOKEN }}\", e = \"{{ traits.email | trim }}\" }\n",
+    )
+    .unwrap();
+    let running = d.build(None, crate::clock::Clock::system()).unwrap();
+    let shown = running.live_payload(MESSAGE.as_bytes()).unwrap();
+    assert!(!shown.to_string().contains("live-"), "{shown}");
+    assert_eq!(
+        shown["requests"][0],
+        json!({
+            "action": "request",
+            "method": "POST",
+            "url": "http://h/u%201",
+            "headers": {"x-token": "***", "x-key": "***"},
+            "body": {"t": "***", "e": "Jane@Example.COM"},
+        })
+    );
+    // What is sent carries the real values.
+    let Check::Send(Some(Prepared::Http(requests))) = running.check(MESSAGE.as_bytes()) else {
+        panic!("sent");
+    };
+    assert_eq!(
+        requests.body_of_first(),
+        Some(json!({"t": "live-secret", "e": "Jane@Example.COM"}))
+    );
+}
+
+#[test]
+fn a_missing_secret_stops_the_start_by_name() {
+    let d = destination(
+        "name = \"c\"\nkind = \"http\"\nurl = \"http://h/\"\n\
+         headers = { A = \"{{ env.MAPPED_TEST_NEVER_SET }}\" }\n",
+    )
+    .unwrap();
+    let e = d.build(None, crate::clock::Clock::system()).err().unwrap();
+    assert!(e.to_string().contains("MAPPED_TEST_NEVER_SET"), "{e}");
+}
