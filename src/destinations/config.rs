@@ -497,8 +497,8 @@ mod tests {
         let names = field_names::<SharedKeys>();
         assert!(names.contains(&"rate_limit") && names.contains(&"drop_fields"));
         assert!(names.contains(&"consent_categories") && names.contains(&"hash_fields"));
-        assert!(names.contains(&"integrations"));
-        assert_eq!(names.len(), 16);
+        assert!(names.contains(&"integrations") && names.contains(&"enrich_identity"));
+        assert_eq!(names.len(), 17);
     }
 
     #[test]
