@@ -45,7 +45,8 @@ pub struct Lesson {
 }
 
 /// Which of the three fields a destination lets enrichment write: not one its
-/// `drop_fields`, `rename` or `hash_fields` names, which enrichment would undo.
+/// `drop_fields`, `rename` or `hash_fields` names, which enrichment would undo. A path
+/// ending in the same name counts too: hashing `traits.email` means no raw email.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fill {
     pub user_id: bool,
@@ -60,14 +61,16 @@ impl Fill {
         phone: true,
     };
 
-    /// All three, less those at or under one of `paths` (dotted, as the route keys are).
+    /// All three, less those at, under or named like one of `paths` (dotted).
     pub fn except<'p>(paths: impl IntoIterator<Item = &'p str>) -> Fill {
         let mut fill = Fill::ALL;
         for path in paths {
             let covers = |field: &str| {
+                let name = field.rsplit('.').next().unwrap_or(field);
                 field == path
                     || field.starts_with(&format!("{path}."))
                     || path.starts_with(&format!("{field}."))
+                    || path.rsplit('.').next() == Some(name)
             };
             fill.user_id &= !covers("userId");
             fill.email &= !covers("context.traits.email");
@@ -265,6 +268,8 @@ mod tests {
                 phone: false
             }
         );
+        let by_name = Fill::except(["traits.phone", "context.ip"]);
+        assert!(by_name.user_id && by_name.email && !by_name.phone);
         let fill = Fill::except(["context.traits.email"]);
         assert!(fill.user_id && !fill.email && fill.phone);
         let known = Known {
