@@ -12,7 +12,8 @@
 # Env: MESSAGES (1000000), BATCH (batch.max_events, 500), CONCURRENCY (2),
 #      ORDERING (true), ROUND (each wrk fill round, 5s),
 #      KIND (webhook, or klaviyo: the same events translated and sent as Klaviyo bulk jobs
-#      to the ack server, paced by Klaviyo's built-in limits; compare fanout CPU s),
+#      to the ack server, paced by Klaviyo's built-in limits; compare fanout CPU s; or
+#      http: `kind = "http"` rendering a 7-field body per event into an `events` batch),
 #      SCRIPT (the fill's wrk script; default the shared batch.lua, whose events all carry
 #      one anonymousId, i.e. one user; bench/wrk/batch_users.lua spreads them over USERS).
 set -euo pipefail
@@ -35,12 +36,15 @@ CARGO_TARGET_DIR="$root/target/baseline" cargo build --release -q --manifest-pat
 name = "hook"
 $(if [ "$KIND" = klaviyo ]; then
   printf 'kind = "klaviyo"\napi_key_env = "KLAVIYO_BENCH_KEY"\nbase_url = "http://127.0.0.1:%s/v1"\n' "$SINK_PORT"
+elif [ "$KIND" = http ]; then
+  printf 'kind = "http"\nurl = "http://127.0.0.1:%s/v1/events"\n' "$SINK_PORT"
+  printf '%s\n' 'body = { event = "{{ event }}", user_id = "{{ userId }}", device_id = "{{ anonymousId }}", insert_id = "{{ messageId }}", time = "{{ timestamp | unix_ms }}", revenue = "{{ properties.revenue | default(0) | number }}", properties = "{{ properties }}" }'
 else
   printf 'kind = "webhook"\nurl = "http://127.0.0.1:%s/v1/hook"\n' "$SINK_PORT"
 fi)
 concurrency = $CONCURRENCY
 ordering = $ORDERING
-batch = { max_events = $BATCH, linger = "50ms" }
+batch = { max_events = $BATCH, linger = "50ms"$(if [ "$KIND" = http ]; then printf ', body = { events = "{{ batch }}" }'; fi) }
 retry = { initial_backoff = "100ms", max_backoff = "1s" }
 TOML
 } >"$work/config.toml"

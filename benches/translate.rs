@@ -2,7 +2,7 @@
 //! `../shared/bench/wrk/batch.lua`'s "Order Completed" tracks, one product each, plus
 //! identify and page calls) → Klaviyo events and profile upserts → request bodies
 //! (bulk-job items and profile-import bodies), the work the Klaviyo destination does per
-//! message before any request.
+//! message before any request, with the default keys (`Order Completed` → `Placed Order`).
 //!
 //!     taskset -c 0 cargo bench --bench translate
 #![allow(clippy::disallowed_methods)] // benchmarks read the system clock freely
@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use chrono::Utc;
 use fanout::destinations::klaviyo::translate::body::{write_bulk_item, write_profile_import};
-use fanout::destinations::klaviyo::translate::{translate, Mapping, Revision, Translation};
+use fanout::destinations::klaviyo::translate::{names, translate, Mapping, Revision, Translation};
 
 fn stored(i: u64) -> Vec<u8> {
     let message = match i % 10 {
@@ -31,7 +31,8 @@ fn stored(i: u64) -> Vec<u8> {
 
 fn main() {
     let messages: Vec<Vec<u8>> = (0..10_000).map(stored).collect();
-    let mapping = Mapping::default();
+    // As a destination with the default keys builds it: standard ecommerce names on.
+    let mapping = names::with_names(Mapping::default(), true, &Default::default());
     let rounds: usize = std::env::var("ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())

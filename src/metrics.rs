@@ -21,7 +21,9 @@ use crate::clock::Clock;
 use crate::message::MessageType;
 
 mod functions;
+mod warehouse;
 pub use functions::FunctionMetrics;
+pub use warehouse::schema_warnings;
 
 const HTTP_REQUESTS: &str = "fanout_http_requests_total";
 const HTTP_DURATION: &str = "fanout_http_request_duration_seconds";
@@ -105,6 +107,7 @@ pub fn install() {
 
 fn describe() {
     functions::describe();
+    warehouse::describe();
     describe_counter!(
         HTTP_REQUESTS,
         "HTTP requests answered, by route template (\"unmatched\" for unknown paths) and status."

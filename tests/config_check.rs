@@ -305,3 +305,51 @@ fn a_closed_standard_output_ends_commands_quietly() {
         assert_eq!(stderr, "", "{command}");
     }
 }
+
+#[test]
+fn klaviyo_metric_names_are_checked_with_their_key() {
+    let klaviyo = "[server]\nlisten = \"127.0.0.1:1\"\n\n[[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n\n[[destinations]]\nname = \"kl\"\nkind = \"klaviyo\"\napi_key_env = \"KL_KEY\"\necommerce_names = false\nmetric_names = { \"Signed Up\" = \"Registered\" }\n";
+    let env = [("KL_KEY", "pk_test")];
+    let (ok, _, stderr) = check_with_env(klaviyo, &env);
+    assert!(ok, "{stderr}");
+    let twice = format!("{klaviyo}mapping = {{ events = {{ \"Signed Up\" = false }} }}\n");
+    let (ok, _, stderr) = check_with_env(&twice, &env);
+    assert!(!ok, "a rule in both tables");
+    assert!(
+        stderr.contains("metric_names.\"Signed Up\"") && stderr.contains("mapping.events"),
+        "{stderr}"
+    );
+    let empty = klaviyo.replace("\"Registered\"", "\"\"");
+    let (ok, _, stderr) = check_with_env(&empty, &env);
+    assert!(!ok, "an empty metric name");
+    assert!(stderr.contains("metric_names"), "{stderr}");
+}
+
+#[test]
+fn the_postgres_section_is_checked_with_key_paths() {
+    let good = "[server]\nlisten = \"127.0.0.1:1\"\n\n[[sources]]\nname = \"web\"\nwrite_keys = [\"k\"]\n\n[[destinations]]\nname = \"wh\"\nkind = \"postgres\"\nurl_env = \"WH_URL\"\nschema = \"{source}\"\n";
+    assert!(check(good).0, "{}", check(good).2);
+    let cases = [
+        (
+            good.replace("\"{source}\"", "\"Web App\""),
+            "destinations[0].schema",
+            "line 12",
+        ),
+        (
+            good.replace("url_env = \"WH_URL\"\n", ""),
+            "destinations[0].url_env",
+            "",
+        ),
+        (
+            good.replace("schema =", "tabel ="),
+            "destinations[0].tabel",
+            "line 12",
+        ),
+        (
+            format!("{good}batch = {{ max_events = 200000 }}\n"),
+            "destinations[0].batch.max_events",
+            "line 13",
+        ),
+    ];
+    assert_refused(&cases);
+}

@@ -192,9 +192,13 @@ fn ok_requests(k: &Klaviyo, path: &str) -> Vec<ReceivedRequest> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_client_calls_arrive_as_events_and_profile_upserts() {
     let k = Klaviyo::start(CURRENT).await;
-    // The script's alias links anon-123 to user-1: without this, identity stitching would
-    // send its anonymous track as user-1's (tests/identity.rs covers that).
-    let f = start(&k, &[("enrich_identity", "false")]);
+    // Names as sent: the standard names have their own tests. The script's alias links
+    // anon-123 to user-1: without enrich_identity = false, identity stitching would send
+    // its anonymous track as user-1's (tests/identity.rs covers that).
+    let f = start(
+        &k,
+        &[("ecommerce_names", "false"), ("enrich_identity", "false")],
+    );
     run_python(&f, &[]).await;
 
     // track (Order Completed, revenue 42.5), identify, page, screen, group, alias, and an
@@ -409,7 +413,13 @@ async fn bulk_jobs_stay_within_1000_events_when_orders_add_product_events() {
 /// An order of two products, sent with `bulk`.
 async fn order_with_two_products(bulk: bool) {
     let k = Klaviyo::start(CURRENT).await;
-    let f = start(&k, &[("bulk", if bulk { "true" } else { "false" })]);
+    let f = start(
+        &k,
+        &[
+            ("bulk", if bulk { "true" } else { "false" }),
+            ("ecommerce_names", "false"),
+        ],
+    );
     let order = json!({
         "type": "track", "messageId": "order-msg-1", "userId": "buyer-1",
         "event": "Order Completed",
@@ -458,6 +468,198 @@ async fn order_completed_adds_one_ordered_product_per_product_in_a_bulk_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_completed_adds_one_ordered_product_per_product_one_request_each() {
     order_with_two_products(false).await;
+}
+
+/// (metric, value, value_currency) of the only event with `unique_id`.
+fn metric_and_value<'a>(
+    events: &'a [Event],
+    unique_id: &str,
+) -> (&'a str, Option<f64>, Option<&'a str>) {
+    let e = the_event(events, unique_id);
+    (
+        e.metric.as_str(),
+        number(&e.value),
+        e.value_currency.as_deref(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ecommerce_events_arrive_under_klaviyos_standard_names_by_default() {
+    let k = Klaviyo::start(CURRENT).await;
+    let f = start(&k, &[]);
+    let order = json!({
+        "type": "track", "messageId": "std-order", "userId": "buyer-2",
+        "event": "Order Completed",
+        "context": {"traits": {"email": "buyer2@example.com"}},
+        "properties": {
+            "order_id": "ord-88", "revenue": 25, "shipping": 4, "tax": 2.5, "total": 31.5,
+            "currency": "EUR",
+            "products": [
+                {"product_id": "p1", "name": "Pen", "price": 10, "quantity": 2},
+                {"product_id": "p2", "name": "Pad", "price": 5}
+            ]
+        }
+    });
+    let sent = vec![
+        order,
+        track(
+            "std-viewed",
+            "buyer-2",
+            "Product Viewed",
+            json!({"product_id": "p1", "price": 10, "currency": "EUR"}),
+        ),
+        track(
+            "std-added",
+            "buyer-2",
+            "Product Added",
+            json!({"product_id": "p1", "value": 10, "currency": "EUR"}),
+        ),
+        track(
+            "std-checkout",
+            "buyer-2",
+            "Checkout Started",
+            json!({"revenue": 25, "total": 31.5, "currency": "EUR"}),
+        ),
+        track(
+            "std-refunded",
+            "buyer-2",
+            "Order Refunded",
+            json!({"order_id": "ord-88", "total": 31.5, "currency": "EUR"}),
+        ),
+        track(
+            "std-cancelled",
+            "buyer-2",
+            "Order Cancelled",
+            json!({"order_id": "ord-87", "currency": "EUR"}),
+        ),
+        track(
+            "std-other",
+            "buyer-2",
+            "Signed Up",
+            json!({"currency": "EUR"}),
+        ),
+    ];
+    send(&f, &sent).await;
+    let mut wanted = message_ids(&sent);
+    wanted.extend(id_set(["ord-88_p1", "ord-88_p2"]));
+    arrive_valid(&f, &k, &wanted, Duration::from_secs(20)).await;
+
+    let events = k.events();
+    assert_eq!(events.len(), 9, "{events:#?}");
+    assert_each_once(&k);
+    assert_eq!(
+        metric_and_value(&events, "std-order"),
+        ("Placed Order", Some(31.5), Some("EUR")),
+        "an order's value is its total, with shipping and tax"
+    );
+    for (unique_id, name, value) in [("ord-88_p1", "Pen", 20.0), ("ord-88_p2", "Pad", 5.0)] {
+        assert_eq!(
+            metric_and_value(&events, unique_id),
+            ("Ordered Product", Some(value), Some("EUR")),
+            "price × quantity"
+        );
+        let e = the_event(&events, unique_id);
+        assert_eq!(e.properties["name"], name, "{e:#?}");
+        assert_eq!(e.properties["order_id"], "ord-88", "{e:#?}");
+    }
+    assert_eq!(
+        metric_and_value(&events, "std-viewed"),
+        ("Viewed Product", None, None),
+        "a currency without a value is not sent"
+    );
+    assert_eq!(
+        metric_and_value(&events, "std-added"),
+        ("Added to Cart", Some(10.0), Some("EUR"))
+    );
+    assert_eq!(
+        metric_and_value(&events, "std-checkout"),
+        ("Started Checkout", Some(31.5), Some("EUR"))
+    );
+    assert_eq!(
+        metric_and_value(&events, "std-refunded"),
+        ("Refunded Order", Some(31.5), Some("EUR"))
+    );
+    assert_eq!(
+        metric_and_value(&events, "std-cancelled"),
+        ("Cancelled Order", None, None)
+    );
+    assert_eq!(
+        metric_and_value(&events, "std-other"),
+        ("Signed Up", None, None)
+    );
+    assert_eq!(f.dead_letters("kl").await, Vec::<Value>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metric_names_override_and_extend_the_standard_names() {
+    let k = Klaviyo::start(CURRENT).await;
+    let f = start(
+        &k,
+        &[(
+            "metric_names",
+            r#"{ "Order Completed" = "Purchase", "Signed Up" = "Registered" }"#,
+        )],
+    );
+    let sent = vec![
+        track(
+            "mn-order",
+            "u1",
+            "Order Completed",
+            json!({"order_id": "o-1", "total": 7,
+              "products": [{"sku": "s-1", "price": 7}]}),
+        ),
+        track("mn-signed", "u1", "Signed Up", json!({})),
+        track("mn-added", "u1", "Product Added", json!({})),
+    ];
+    send(&f, &sent).await;
+    let mut wanted = message_ids(&sent);
+    wanted.extend(id_set(["o-1_s-1"]));
+    arrive_valid(&f, &k, &wanted, Duration::from_secs(20)).await;
+    let events = k.events();
+    assert_eq!(events.len(), 4, "{events:#?}");
+    assert_eq!(the_event(&events, "mn-order").metric, "Purchase");
+    assert_eq!(the_event(&events, "o-1_s-1").metric, "Ordered Product");
+    assert_eq!(the_event(&events, "mn-signed").metric, "Registered");
+    assert_eq!(the_event(&events, "mn-added").metric, "Added to Cart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ecommerce_names_false_keeps_names_as_sent() {
+    let k = Klaviyo::start(CURRENT).await;
+    let f = start(&k, &[("ecommerce_names", "false")]);
+    let sent = vec![
+        track(
+            "en-order",
+            "u1",
+            "Order Completed",
+            json!({"order_id": "o-2", "revenue": 5,
+              "total": 6, "currency": "USD", "products": [{"sku": "s-2", "price": 5}]}),
+        ),
+        track(
+            "en-viewed",
+            "u1",
+            "Product Viewed",
+            json!({"currency": "USD"}),
+        ),
+    ];
+    send(&f, &sent).await;
+    let mut wanted = message_ids(&sent);
+    wanted.extend(id_set(["o-2_s-2"]));
+    arrive_valid(&f, &k, &wanted, Duration::from_secs(20)).await;
+    let events = k.events();
+    assert_eq!(events.len(), 3, "{events:#?}");
+    assert_eq!(
+        metric_and_value(&events, "en-order"),
+        ("Order Completed", Some(6.0), Some("USD"))
+    );
+    assert_eq!(
+        metric_and_value(&events, "o-2_s-2"),
+        ("Ordered Product", Some(5.0), Some("USD"))
+    );
+    assert_eq!(
+        metric_and_value(&events, "en-viewed"),
+        ("Product Viewed", None, None)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -168,7 +168,8 @@ async fn route_command_shows_each_destination_and_its_payload() {
         .env("ROUTE_TEST_KLAVIYO_KEY", "pk_test")
         .section(
             "[[destinations]]\nname = \"crm\"\nkind = \"klaviyo\"\napi_key_env = \"ROUTE_TEST_KLAVIYO_KEY\"\n\
-             base_url = \"http://127.0.0.1:9\"\nsources = [\"test\"]\nrename = { \"properties.total\" = \"properties.amount\" }\n",
+             base_url = \"http://127.0.0.1:9\"\nsources = [\"test\"]\nrename = { \"properties.total\" = \"properties.amount\" }\n\
+             ecommerce_names = false\n",
         );
     let f = Fanout::start_with(settings);
 

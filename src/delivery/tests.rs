@@ -338,9 +338,10 @@ async fn a_refused_message_is_dead_lettered_alone_and_the_cursor_passes_it() {
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0].reason, "rejected");
     assert_eq!(letters[0].response, "poison");
-    // Wall time came from the clock, which follows tokio's paused time from 2030.
+    // Wall time came from the clock, which follows tokio's paused time from 2030 (the
+    // day only: paused time runs on by itself while the test waits on blocking I/O).
     assert!(
-        letters[0].dead_at.starts_with("2030-01-01T00:00"),
+        letters[0].dead_at.starts_with("2030-01-01T"),
         "{}",
         letters[0].dead_at
     );

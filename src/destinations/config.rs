@@ -92,10 +92,10 @@ impl DestinationConfig {
     /// Reads one `[[destinations]]` table: the shared keys, then the kind's own.
     pub fn from_table(table: toml::Table) -> Result<DestinationConfig, KeyError> {
         let shared_names = field_names::<SharedKeys>();
-        let (shared, own): (toml::Table, toml::Table) = table
+        let (shared, mut own): (toml::Table, toml::Table) = table
             .into_iter()
             .partition(|(key, _)| shared_names.contains(&key.as_str()));
-        let shared: SharedKeys = deserialize_table(shared)?;
+        let shared: SharedKeys = deserialize_table(super::lift_batch_body(shared, &mut own))?;
         let settings = KindSettings::from_table(&shared.kind, own)?;
         let http = HttpConfig {
             concurrency: shared.concurrency,

@@ -10,6 +10,8 @@ mod function;
 mod http;
 mod key_error;
 pub mod klaviyo;
+pub mod postgres;
+mod mapped;
 mod rules;
 mod s3;
 mod segment;
@@ -31,6 +33,8 @@ pub use function::{handler_of, FunctionConfig, FunctionDestination};
 pub use http::{classify, parse_retry_after};
 pub use key_error::KeyError;
 pub use klaviyo::{KlaviyoBodies, KlaviyoConfig, KlaviyoDestination, KlaviyoRequest};
+pub use postgres::{PostgresConfig, PostgresDestination};
+pub use mapped::{MappedConfig, MappedDestination};
 pub use rules::{FilterConfig, IntegrationsPolicy, PropertyCondition, RouteConfig};
 pub use s3::{S3Config, S3Destination};
 pub use segment::{batch_body as segment_batch_body, SegmentConfig, SegmentDestination};
@@ -121,6 +125,10 @@ impl SendError {
 pub enum Prepared {
     /// Klaviyo: the message's events or profile upsert.
     Klaviyo(klaviyo::translate::Translation),
+    /// Postgres: the warehouse rows the message becomes.
+    Postgres(Vec<postgres::schema::Row>),
+    /// `kind = "http"`: the message's requests, rendered.
+    Http(mapped::Requests),
 }
 
 /// What a destination makes of one message before any request.
@@ -362,6 +370,8 @@ kinds! {
     Klaviyo(klaviyo::KlaviyoConfig),
     Function(function::FunctionConfig),
     S3(s3::S3Config),
+    Postgres(postgres::PostgresConfig),
+    Http(mapped::MappedConfig),
 }
 
 impl DestinationConfig {
@@ -395,6 +405,16 @@ impl DestinationConfig {
         }
         self.build(None, Clock::system()).map(drop)
     }
+}
+
+/// Moves `batch.body` (the http kind's envelope) from the shared `batch` table to the
+/// kind's own keys, so that kinds without it refuse it by name.
+fn lift_batch_body(mut shared: toml::Table, own: &mut toml::Table) -> toml::Table {
+    let batch = shared.get_mut("batch").and_then(toml::Value::as_table_mut);
+    if let Some(body) = batch.and_then(|batch| batch.remove("body")) {
+        own.insert("batch.body".into(), body);
+    }
+    shared
 }
 
 /// Reads a secret named by a `*_env` key; the error names the variable, never the value.

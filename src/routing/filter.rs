@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use serde_json::value::RawValue;
 use serde_json::{Number, Value};
 
-use super::{Skip, View};
+use super::view::{Skip, View};
 use crate::destinations::{FilterConfig, PropertyCondition};
 use crate::json::{scalar, RawObject, Scalar};
 use crate::message::MessageType;
@@ -80,6 +80,25 @@ impl Filter {
             }
         }
         None
+    }
+}
+
+/// A `filter` table tested on whole messages on its own: the http kind's `when`.
+pub struct MessageFilter(Filter);
+
+impl MessageFilter {
+    pub fn new(config: &FilterConfig) -> MessageFilter {
+        MessageFilter(Filter::new(config))
+    }
+
+    /// Whether `message` (JSON as stored) meets every condition; a message that is not a
+    /// JSON object meets none.
+    pub fn matches(&self, message: &[u8]) -> bool {
+        std::str::from_utf8(message)
+            .ok()
+            .and_then(|text| serde_json::from_str::<&RawValue>(text).ok())
+            .and_then(RawObject::parse)
+            .is_some_and(|object| self.0.check(&View::new(|key| object.get(key))).is_none())
     }
 }
 

@@ -21,6 +21,7 @@
 
 mod fields;
 mod filter;
+mod view;
 
 use std::borrow::Cow;
 
@@ -28,10 +29,13 @@ use memchr::memmem;
 use serde_json::value::RawValue;
 
 use crate::destinations::{DestinationConfig, IntegrationsPolicy};
-use crate::json::{scalar, RawObject, Scalar};
+use crate::json::RawObject;
 use crate::message::MessageType;
 use fields::{Fields, Transform};
 use filter::Filter;
+pub use filter::MessageFilter;
+pub use view::Skip;
+use view::View;
 
 /// One destination's routing rules, compiled.
 pub struct Route {
@@ -51,77 +55,6 @@ pub enum Decision<'m> {
     /// The message as stored (`Borrowed`), or edited by `drop_fields` / `rename` (`Owned`).
     Send(Cow<'m, [u8]>),
     Skip(Skip),
-}
-
-/// Why a message was not for a destination.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Skip {
-    /// From a source not in the destination's `sources`.
-    Source,
-    /// `filter.types`.
-    Type,
-    /// `filter.events`.
-    Event,
-    /// `filter.properties`.
-    Property,
-    /// The message's `integrations` turned this destination off.
-    Integrations,
-    /// The message's consent preferences deny one of `consent_categories`.
-    Consent,
-}
-
-impl Skip {
-    /// For logs and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Skip::Source => "source",
-            Skip::Type => "type",
-            Skip::Event => "event",
-            Skip::Property => "property",
-            Skip::Integrations => "integrations",
-            Skip::Consent => "consent",
-        }
-    }
-}
-
-/// The top-level fields routing reads, unparsed.
-struct View<'a> {
-    kind: Option<&'a RawValue>,
-    event: Option<&'a RawValue>,
-    integrations: Option<&'a RawValue>,
-    properties: Option<&'a RawValue>,
-    traits: Option<&'a RawValue>,
-    context: Option<&'a RawValue>,
-    anonymous_id: Option<&'a RawValue>,
-    user_id: Option<&'a RawValue>,
-}
-
-impl<'a> View<'a> {
-    fn new(get: impl Fn(&str) -> Option<&'a RawValue>) -> View<'a> {
-        View {
-            kind: get("type"),
-            event: get("event"),
-            integrations: get("integrations"),
-            properties: get("properties"),
-            traits: get("traits"),
-            context: get("context"),
-            anonymous_id: get("anonymousId"),
-            user_id: get("userId"),
-        }
-    }
-
-    fn user_key(&self) -> u64 {
-        fn text(raw: Option<&RawValue>) -> Option<std::borrow::Cow<'_, str>> {
-            match raw.map(scalar) {
-                Some(Scalar::Str(id)) => Some(id),
-                _ => None,
-            }
-        }
-        crate::message::user_key(
-            text(self.anonymous_id).as_deref(),
-            text(self.user_id).as_deref(),
-        )
-    }
 }
 
 /// `message::user_key` of a message's JSON as stored.

@@ -16,6 +16,7 @@ pub mod captures;
 pub mod clients;
 pub mod klaviyo;
 pub mod nats;
+pub mod postgres;
 pub mod receiver;
 pub mod sse;
 

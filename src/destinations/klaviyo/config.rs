@@ -1,11 +1,12 @@
 //! `kind = "klaviyo"`: its own config keys and what the engine needs to know of it.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::requests::KlaviyoBodies;
-use super::translate::{Mapping, Revision};
+use super::translate::{Mapping, MetricName, Revision};
 use super::{KlaviyoDestination, KLAVIYO_CONCURRENCY};
 use crate::clock::Clock;
 use crate::destinations::{
@@ -27,6 +28,14 @@ pub struct KlaviyoConfig {
     pub bulk: Option<bool>,
     /// How Segment messages become events and profiles (`translate::Mapping`).
     pub mapping: Option<Mapping>,
+    /// Segment ecommerce events under Klaviyo's standard metric names (`Order Completed`
+    /// → `Placed Order`, …, `translate::names`); default true, false keeps names as sent.
+    #[serde(default = "default_ecommerce_names")]
+    pub ecommerce_names: bool,
+    /// Segment event name → metric name, over the standard names (`{ "Old" = "New" }`);
+    /// default empty.
+    #[serde(default)]
+    pub metric_names: BTreeMap<String, MetricName>,
     /// What was last sent for each profile, to skip identifies that change nothing.
     pub profile_cache: Option<ProfileCacheConfig>,
 }
@@ -50,6 +59,10 @@ impl Default for ProfileCacheConfig {
     }
 }
 
+fn default_ecommerce_names() -> bool {
+    true
+}
+
 fn default_profile_ttl() -> Duration {
     Duration::from_secs(3600)
 }
@@ -71,6 +84,18 @@ impl Kind for KlaviyoConfig {
         if let Some(revision) = &self.revision {
             Revision::from_header(revision)
                 .map_err(|e| KeyError::new("revision", e.to_string()))?;
+        }
+        // One rule per event: with two, which one wins would be a guess.
+        let events = self.mapping.as_ref().map(|m| &m.events);
+        if let Some(event) = self
+            .metric_names
+            .keys()
+            .find(|event| events.is_some_and(|e| e.contains_key(*event)))
+        {
+            return Err(KeyError::new(
+                format!("metric_names.{event:?}"),
+                "also in mapping.events: give one rule for it, in one of the two",
+            ));
         }
         Ok(())
     }
@@ -98,5 +123,48 @@ impl Kind for KlaviyoConfig {
     /// The requests it would send, from the real translation.
     fn preview(&self, message: &[u8], clock: Clock) -> anyhow::Result<Preview> {
         KlaviyoBodies::new(self)?.preview(message, clock.now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_keys_read_with_their_defaults_and_a_rule_given_twice_is_refused() {
+        let config: KlaviyoConfig = toml::from_str(r#"api_key_env = "K""#).unwrap();
+        assert!(config.ecommerce_names);
+        assert!(config.metric_names.is_empty());
+        let config: KlaviyoConfig = toml::from_str(
+            r#"
+            api_key_env = "K"
+            ecommerce_names = false
+            metric_names = { "Signed Up" = "Registered" }
+            "#,
+        )
+        .unwrap();
+        assert!(!config.ecommerce_names);
+        assert_eq!(config.metric_names["Signed Up"].as_str(), "Registered");
+        assert!(config.validate().is_ok());
+        assert!(
+            toml::from_str::<KlaviyoConfig>(
+                r#"api_key_env = "K"
+                metric_names = { "Signed Up" = "" }"#
+            )
+            .is_err(),
+            "an empty metric name"
+        );
+
+        let config: KlaviyoConfig = toml::from_str(
+            r#"
+            api_key_env = "K"
+            metric_names = { "Signed Up" = "Registered" }
+            mapping = { events = { "Signed Up" = false } }
+            "#,
+        )
+        .unwrap();
+        let error = config.validate().unwrap_err();
+        assert_eq!(error.key, r#"metric_names."Signed Up""#);
+        assert!(error.message.contains("mapping.events"), "{error}");
     }
 }

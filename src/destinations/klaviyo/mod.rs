@@ -23,8 +23,9 @@
 //!
 //! Klaviyo's documented per-account limits are built in, one bucket per endpoint (events
 //! 350/s burst and 3 500/min steady; bulk jobs 10/s, 150/min; profile import 75/s,
-//! 750/min), on top of the destination's own `rate_limit`; each bucket also follows the
-//! `RateLimit-Remaining` / `-Reset` of its endpoint's answers and a 429's `Retry-After`. A batch that fails midway is
+//! 750/min; job status and import-error reads 10/s, 150/min), on top of the destination's
+//! own `rate_limit`; each bucket also follows the `RateLimit-Remaining` / `-Reset` of its
+//! endpoint's answers and a 429's `Retry-After`. A batch that fails midway is
 //! sent again whole: Klaviyo keeps the first event per (profile, metric, unique_id), and
 //! unique_id is the messageId, so a repeat is not a second event.
 
@@ -125,7 +126,7 @@ impl KlaviyoDestination {
             bulk_limit: RateLimiter::new(150.0 / 60.0, 10),
             profiles_limit: RateLimiter::new(750.0 / 60.0, 75),
             profile_jobs_limit: RateLimiter::new(150.0 / 60.0, 10),
-            job_reads_limit: RateLimiter::new(3500.0 / 60.0, 350),
+            job_reads_limit: job_reads_limiter(),
             profile_cache: profile_cache(&own.profile_cache.clone().unwrap_or_default()),
             clock,
         })
@@ -227,9 +228,50 @@ impl Destination for KlaviyoDestination {
     }
 }
 
+/// Reads of bulk-import jobs (status, import errors), at Klaviyo's documented limit for
+/// them: 10/s burst, 150/min steady.
+fn job_reads_limiter() -> RateLimiter {
+    RateLimiter::new(150.0 / 60.0, 10)
+}
+
 /// The translation `check` prepared for a message.
 fn prepared<'a>(message: &Outgoing<'a>) -> Option<&'a Translation> {
     match message.prepared? {
         Prepared::Klaviyo(translation) => Some(translation),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn job_reads_are_paced_at_10_a_second_and_150_a_minute() {
+        let limiter = job_reads_limiter();
+        let start = tokio::time::Instant::now();
+        for _ in 0..10 {
+            limiter.acquire(1).await;
+        }
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "a burst of 10 goes at once"
+        );
+        // Then 150 a minute: one every 0.4 s, so 140 more take 56 s (virtual time).
+        limiter.acquire(1).await;
+        assert!(
+            start.elapsed() >= Duration::from_millis(400),
+            "{:?}",
+            start.elapsed()
+        );
+        for _ in 0..139 {
+            limiter.acquire(1).await;
+        }
+        assert!(
+            start.elapsed() >= Duration::from_secs(56),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }

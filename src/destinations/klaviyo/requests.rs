@@ -11,7 +11,9 @@ use super::translate::body::{
     write_bulk_item, write_event, write_profile_import, write_profile_item, BULK_JOB_HEAD,
     BULK_JOB_TAIL, PROFILE_JOB_HEAD, PROFILE_JOB_TAIL,
 };
-use super::translate::{translate, KlaviyoEvent, Mapping, ProfileUpsert, Revision, Translation};
+use super::translate::{
+    names, translate, KlaviyoEvent, Mapping, ProfileUpsert, Revision, Translation,
+};
 use super::{
     KlaviyoConfig, BULK_JOBS, BULK_MAX_BYTES, BULK_MAX_EVENTS, EVENTS, PROFILE_IMPORT,
     PROFILE_JOBS, PROFILE_JOB_AFTER, PROFILE_JOB_MAX, PROFILE_JOB_MAX_BYTES,
@@ -21,6 +23,7 @@ use crate::destinations::Preview;
 /// What decides a Klaviyo destination's request bodies: shared by sending and by
 /// `fanout route`, which shows them without sending.
 pub struct KlaviyoBodies {
+    /// The configured mapping with the standard and `metric_names` renames folded in.
     pub mapping: Mapping,
     pub revision: Revision,
     /// Events through bulk jobs (only the JSON:API revisions have them).
@@ -42,7 +45,11 @@ impl KlaviyoBodies {
                 .unwrap_or(Revision::DEFAULT_HEADER),
         )?;
         Ok(KlaviyoBodies {
-            mapping: config.mapping.clone().unwrap_or_default(),
+            mapping: names::with_names(
+                config.mapping.clone().unwrap_or_default(),
+                config.ecommerce_names,
+                &config.metric_names,
+            ),
             revision,
             bulk: config.bulk.unwrap_or(true) && revision == Revision::Current,
         })

@@ -11,6 +11,9 @@
 //! events = { "Order Completed" = "Placed Order", "Debug" = false }
 //! # Event properties tried in order for the event's value: the first JSON number wins.
 //! value_properties = ["revenue", "total", "value"]
+//! # The same for order events (`Checkout Started`, `Order Completed`, … as sent): an
+//! # order's value is its total, with shipping and tax.
+//! order_value_properties = ["total", "revenue", "value"]
 //! page_metric = "Viewed Page"
 //! screen_metric = "Viewed Screen"
 //! # One extra event per product of this Segment event (matched before any rename).
@@ -35,6 +38,9 @@ pub struct Mapping {
     pub events: BTreeMap<String, EventRule>,
     /// Event properties tried in order for `value`; default `revenue`, `total`, `value`.
     pub value_properties: Vec<String>,
+    /// The same for the Segment order events (`names::ORDER_EVENTS`); default `total`,
+    /// `revenue`, `value`.
+    pub order_value_properties: Vec<String>,
     /// Metric of page calls; default `Viewed Page`.
     pub page_metric: MetricName,
     /// Metric of screen calls; default `Viewed Screen`.
@@ -55,6 +61,7 @@ impl Default for Mapping {
             ],
             events: BTreeMap::new(),
             value_properties: ["revenue", "total", "value"].map(String::from).to_vec(),
+            order_value_properties: ["total", "revenue", "value"].map(String::from).to_vec(),
             page_metric: MetricName("Viewed Page".to_string()),
             screen_metric: MetricName("Viewed Screen".to_string()),
             ordered_products: OrderedProducts::default(),

@@ -9,18 +9,18 @@
 //!
 //! | Segment | result |
 //! |---|---|
-//! | track | event: metric = `event`, properties = `properties`, value = first JSON number of `properties.revenue` / `total` / `value`, value_currency = `properties.currency` |
+//! | track | event: metric = `event` (Segment ecommerce names → Klaviyo's standard ones, `names`), properties = `properties`, value = first JSON number of `properties.revenue` / `total` / `value` (order events: `total` / `revenue` / `value`), value_currency = `properties.currency` when there is a value |
 //! | page, screen | event `Viewed Page` / `Viewed Screen`; properties = `properties` + message `name`, `category` (the message's win) |
 //! | identify | profile upsert from `traits` |
 //! | group | profile upsert: the user's profile with `organization` = group `traits.name` (other group traits describe the company, not the person, and are not copied); no name → skipped |
 //! | alias | skipped (`alias_not_supported`) |
-//! | track `Order Completed` | the order event, plus one `Ordered Product` per object in `properties.products` |
+//! | track `Order Completed` | the order event (`Placed Order` by default), plus one `Ordered Product` per object in `properties.products` |
 //!
 //! Every event: time = the message's corrected `timestamp` (else `receivedAt`), cut to the
 //! second; unique_id = `messageId`. Profiles: see `profile`. `Ordered Product` events:
 //! properties = the product object (+ `order_id` when the product lacks one); value =
-//! `price` × `quantity` (quantity 1 when absent); value_currency = the product's `currency`,
-//! else the order's; unique_id = `<order>_<product>` where order is `order_id` / `orderId`
+//! `price` × `quantity` (quantity 1 when absent); value_currency (only with a value) = the
+//! product's `currency`, else the order's; unique_id = `<order>_<product>` where order is `order_id` / `orderId`
 //! (else the messageId) and product is `product_id` / `productId`, else `sku`, else the
 //! product's index in the array; a key already used in the same order gets `_<index>`
 //! appended, so bulk jobs (which fail whole on a repeated unique_id) stay valid. Entries of
@@ -30,6 +30,7 @@
 pub mod body;
 pub mod limits;
 pub mod mapping;
+pub mod names;
 mod profile;
 
 #[cfg(test)]
@@ -275,11 +276,16 @@ fn to_events(
                 reason: "event_not_sent",
             });
         };
-        value = mapping
-            .value_properties
+        let value_properties = if names::ORDER_EVENTS.contains(&event) {
+            &mapping.order_value_properties
+        } else {
+            &mapping.value_properties
+        };
+        value = value_properties
             .iter()
             .find_map(|key| properties.get(key).and_then(Value::as_f64));
-        value_currency = currency(&properties);
+        // A currency says what a value is in: Klaviyo takes it only beside one.
+        value_currency = value.and_then(|_| currency(&properties));
         let ordered = &mapping.ordered_products;
         if ordered.enabled && event == ordered.order_event {
             products = Some(ordered.metric.as_str());
@@ -411,7 +417,8 @@ fn ordered_products(
         events.push(KlaviyoEvent {
             profile: profile.clone(),
             metric: metric.to_string(),
-            value_currency: currency(&properties).or_else(|| order_currency.clone()),
+            value_currency: value
+                .and_then(|_| currency(&properties).or_else(|| order_currency.clone())),
             properties,
             time,
             value,

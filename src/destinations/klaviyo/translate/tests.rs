@@ -143,6 +143,56 @@ fn track_value_is_the_first_numeric_of_revenue_total_value() {
 }
 
 #[test]
+fn an_orders_value_is_its_total_before_revenue() {
+    let value_of = |event: &str, properties: Value| {
+        let fields =
+            json!({"type": "track", "userId": "u", "event": event, "properties": properties});
+        events(run(fields))[0].value
+    };
+    let order = json!({"revenue": 20, "shipping": 4, "tax": 3, "total": 27});
+    for event in names::ORDER_EVENTS {
+        assert_eq!(value_of(event, order.clone()), Some(27.0), "{event}");
+    }
+    assert_eq!(
+        value_of("Order Completed", json!({"revenue": 20})),
+        Some(20.0)
+    );
+    // Other events keep revenue first.
+    assert_eq!(value_of("Signed Up", order), Some(20.0));
+    let mapping: Mapping = toml::from_str(r#"order_value_properties = ["revenue"]"#).unwrap();
+    let fields = json!({"type": "track", "userId": "u", "event": "Order Completed",
+                        "properties": {"revenue": 20, "total": 27}});
+    assert_eq!(
+        events(run_with(fields, &mapping, Revision::Current))[0].value,
+        Some(20.0)
+    );
+}
+
+#[test]
+fn a_currency_goes_only_with_a_value() {
+    let event = one_event(run(json!({
+        "type": "track", "userId": "u", "event": "Product Viewed",
+        "properties": {"currency": "EUR", "price": 9},
+    })));
+    assert_eq!((event.value, event.value_currency.as_deref()), (None, None));
+    assert_json(
+        &event_body(&event, Revision::Current),
+        r#"{"data":{"type":"event","attributes":{"properties":{"currency":"EUR","price":9},
+            "metric":{"data":{"type":"metric","attributes":{"name":"Product Viewed"}}},
+            "profile":{"data":{"type":"profile","attributes":{"external_id":"u"}}},
+            "time":"2024-01-02T03:04:05+00:00","unique_id":"m-1"}}}"#,
+    );
+    let event = one_event(run(json!({
+        "type": "track", "userId": "u", "event": "Product Viewed",
+        "properties": {"currency": "EUR", "value": 9},
+    })));
+    assert_eq!(
+        (event.value, event.value_currency.as_deref()),
+        (Some(9.0), Some("EUR"))
+    );
+}
+
+#[test]
 fn page_becomes_viewed_page_with_name_and_category() {
     let event = one_event(run(json!({
         "type": "page",
@@ -288,7 +338,8 @@ fn order_completed_adds_one_ordered_product_per_product() {
             ("Order Completed", "m-1", Some(27.0), Some("EUR")),
             ("Ordered Product", "o-7_p1", Some(20.0), Some("EUR")),
             ("Ordered Product", "o-7_s2", Some(5.5), Some("USD")),
-            ("Ordered Product", "o-7_2", None, Some("EUR")),
+            // No price, no value: no currency either.
+            ("Ordered Product", "o-7_2", None, None),
             // product_id repeated in the same order: the index keeps it unique.
             ("Ordered Product", "o-7_p1_3", Some(1.0), Some("EUR")),
         ]

@@ -1,0 +1,330 @@
+//! The running `kind = "http"` destination: a message's requests are rendered once, in
+//! `check` (and kept for retries); `send` groups a batch's requests that go to the same
+//! action, method, URL and headers into one request when `batch.body` is set.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use base64::Engine;
+use minijinja::Value;
+use reqwest::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use serde_json::{json, Value as Json};
+
+use super::{context, Action, Compiled, MappedConfig};
+use crate::clock::Clock;
+use crate::destinations::webhook::{signature, SIGNATURE_HEADER};
+use crate::destinations::{
+    http, secret_from_env, Check, Destination, DestinationConfig, Outgoing, Prepared, Preview,
+    SendError, Sending,
+};
+
+use super::MASK;
+
+/// The requests one message becomes, rendered.
+pub struct Requests(Vec<Request>);
+
+#[cfg(test)]
+impl Requests {
+    pub fn body_of_first(&self) -> Option<Json> {
+        self.0.first()?.body.clone()
+    }
+}
+
+struct Request {
+    action: usize,
+    method: reqwest::Method,
+    /// With the query string.
+    url: String,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    /// `None` for GET.
+    body: Option<Json>,
+}
+
+pub struct MappedDestination {
+    client: reqwest::Client,
+    compiled: Compiled,
+    /// `env`: the variables the templates name, read at start.
+    env: Value,
+    /// What `env` is in the live view: every variable `***`.
+    masked_env: Value,
+    /// From `basic`, `bearer_env`, `api_key`.
+    auth: Vec<(HeaderName, HeaderValue)>,
+    secret: Option<Vec<u8>>,
+    clock: Clock,
+}
+
+impl MappedDestination {
+    pub fn new(
+        config: &DestinationConfig,
+        own: &MappedConfig,
+        compiled: Compiled,
+        clock: Clock,
+    ) -> anyhow::Result<MappedDestination> {
+        let name = &config.name;
+        let mut env = BTreeMap::new();
+        for var in &compiled.env_names {
+            env.insert(var.clone(), secret_from_env(name, "a template", var)?);
+        }
+        let mut auth = Vec::new();
+        let sensitive = |value: String| -> anyhow::Result<HeaderValue> {
+            let mut value = HeaderValue::from_str(&value).map_err(|_| {
+                anyhow::anyhow!("destination `{name}`: a secret is not a valid header value")
+            })?;
+            value.set_sensitive(true);
+            Ok(value)
+        };
+        if let Some(basic) = &own.basic {
+            let password = secret_from_env(name, "basic.password_env", &basic.password_env)?;
+            let token = base64::engine::general_purpose::STANDARD
+                .encode(format!("{}:{password}", basic.user));
+            auth.push((AUTHORIZATION, sensitive(format!("Basic {token}"))?));
+        }
+        if let Some(var) = &own.bearer_env {
+            let token = secret_from_env(name, "bearer_env", var)?;
+            auth.push((AUTHORIZATION, sensitive(format!("Bearer {token}"))?));
+        }
+        if let Some(key) = &own.api_key {
+            let value = secret_from_env(name, "api_key.env", &key.env)?;
+            auth.push((
+                HeaderName::from_bytes(key.header.as_bytes())?,
+                sensitive(value)?,
+            ));
+        }
+        let secret = match &own.signing_secret_env {
+            Some(var) => Some(secret_from_env(name, "signing_secret_env", var)?.into_bytes()),
+            None => None,
+        };
+        Ok(MappedDestination {
+            client: http::client(config.timeout())?,
+            masked_env: masked(&compiled),
+            compiled,
+            env: Value::from(env),
+            auth,
+            secret,
+            clock,
+        })
+    }
+}
+
+/// Every variable the templates name, as `***`.
+fn masked(compiled: &Compiled) -> Value {
+    let env: BTreeMap<String, Value> = compiled
+        .env_names
+        .iter()
+        .map(|name| (name.clone(), Value::from(MASK)))
+        .collect();
+    Value::from(env)
+}
+
+/// What a message becomes: its requests, skipped (no `when` holds), or refused.
+pub(super) fn render(compiled: &Compiled, message: &[u8], env: &Value) -> Check {
+    if let Some(when) = &compiled.when {
+        if !when.matches(message) {
+            return Check::Skip("when");
+        }
+    }
+    let parsed: Json = match serde_json::from_slice(message) {
+        Ok(object @ Json::Object(_)) => object,
+        _ => return refuse("not a JSON object".into()),
+    };
+    let root = context::root(Arc::new(parsed), env, None);
+    let mut requests = Vec::new();
+    for (i, action) in compiled.actions.iter().enumerate() {
+        if action.when.as_ref().is_some_and(|w| !w.matches(message)) {
+            continue;
+        }
+        match request(compiled, i, action, message, &root) {
+            Ok(request) => requests.push(request),
+            Err(detail) => return refuse(detail),
+        }
+        if !compiled.all {
+            break;
+        }
+    }
+    if requests.is_empty() {
+        return Check::Skip("no action");
+    }
+    Check::Send(Some(Prepared::Http(Requests(requests))))
+}
+
+fn refuse(detail: String) -> Check {
+    Check::Refuse {
+        code: "mapping".into(),
+        detail,
+    }
+}
+
+fn request(
+    compiled: &Compiled,
+    index: usize,
+    action: &Action,
+    message: &[u8],
+    root: &Value,
+) -> Result<Request, String> {
+    let env = &compiled.env;
+    let url = action.url.render_text(env, root)?.unwrap_or_default();
+    let mut url = url::Url::parse(&url)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https"))
+        .ok_or_else(|| format!("{}: the URL rendered is not an http(s) URL", action.name))?;
+    if !action.query.is_empty() {
+        let mut pairs = url.query_pairs_mut();
+        for (name, value) in &action.query {
+            if let Some(value) = value.render_text(env, root)? {
+                pairs.append_pair(name, &value);
+            }
+        }
+    }
+    let mut headers = Vec::with_capacity(action.headers.len());
+    for (name, value) in &action.headers {
+        if let Some(value) = value.render_text(env, root)? {
+            // The value is not quoted: it can hold a secret.
+            let value = HeaderValue::from_str(&value)
+                .map_err(|_| format!("header `{name}` rendered to an invalid value"))?;
+            headers.push((name.clone(), value));
+        }
+    }
+    let body = match (&action.method, &action.body) {
+        (&reqwest::Method::GET, _) => None,
+        (_, Some(body)) => Some(
+            body.render(env, root, action.keep_nulls)?
+                .value
+                .unwrap_or(Json::Null),
+        ),
+        (_, None) => Some(serde_json::from_slice(message).map_err(|e| e.to_string())?),
+    };
+    Ok(Request {
+        action: index,
+        method: action.method.clone(),
+        url: url.into(),
+        headers,
+        body,
+    })
+}
+
+/// The body of a batch's requests to one place: the `batch.body` envelope around their
+/// bodies, or the one body.
+fn envelope(compiled: &Compiled, env: &Value, bodies: Vec<Json>) -> Result<Json, String> {
+    match &compiled.batch_body {
+        Some(mapping) => {
+            let root = context::root(Arc::new(json!({})), env, Some(context::array(bodies)));
+            Ok(mapping
+                .render(&compiled.env, &root, true)?
+                .value
+                .unwrap_or(Json::Null))
+        }
+        None => Ok(bodies.into_iter().next().unwrap_or(Json::Null)),
+    }
+}
+
+/// The requests as `fanout route` and the live view show them.
+fn show(compiled: &Compiled, check: Check, env: &Value) -> Preview {
+    let requests = match check {
+        Check::Send(Some(Prepared::Http(Requests(requests)))) => requests,
+        Check::Skip(reason) => return Preview::Skip(reason),
+        Check::Refuse { detail, .. } => return Preview::Refuse(detail),
+        Check::Send(_) => return Preview::Refuse("nothing rendered".into()),
+    };
+    let mut shown = Vec::new();
+    for request in requests {
+        let mut headers = serde_json::Map::new();
+        for (name, value) in &request.headers {
+            let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
+            headers.insert(name.to_string(), Json::String(text));
+        }
+        for (name, value) in &compiled.shown_auth {
+            headers.insert(name.clone(), Json::String(value.clone()));
+        }
+        let body = match request.body {
+            Some(body) => match envelope(compiled, env, vec![body]) {
+                Ok(body) => body,
+                Err(detail) => return Preview::Refuse(detail),
+            },
+            None => Json::Null,
+        };
+        shown.push(json!({
+            "action": compiled.actions[request.action].name,
+            "method": request.method.as_str(),
+            "url": request.url,
+            "headers": headers,
+            "body": body,
+        }));
+    }
+    Preview::Send(json!({ "requests": shown }))
+}
+
+/// `fanout route`: reads no secret; every one is shown as `***`.
+pub fn preview(compiled: &Compiled, message: &[u8]) -> Preview {
+    let env = masked(compiled);
+    show(compiled, render(compiled, message, &env), &env)
+}
+
+impl Destination for MappedDestination {
+    fn check(&self, message: &[u8]) -> Check {
+        render(&self.compiled, message, &self.env)
+    }
+
+    fn send<'a>(&'a self, batch: &'a [Outgoing<'a>]) -> Sending<'a> {
+        Box::pin(async move {
+            // Requests to the same action, method, URL and headers, in first-seen order.
+            let mut groups: Vec<(&Request, Vec<Json>)> = Vec::new();
+            for message in batch {
+                let Some(Prepared::Http(Requests(requests))) = message.prepared else {
+                    continue;
+                };
+                for request in requests {
+                    let body = request.body.clone().unwrap_or(Json::Null);
+                    let same = |(r, _): &&mut (&Request, Vec<Json>)| {
+                        self.compiled.batch_body.is_some()
+                            && r.action == request.action
+                            && r.method == request.method
+                            && r.url == request.url
+                            && r.headers == request.headers
+                    };
+                    match groups.iter_mut().find(same) {
+                        Some((_, bodies)) => bodies.push(body),
+                        None => groups.push((request, vec![body])),
+                    }
+                }
+            }
+            for (request, bodies) in groups {
+                let mut builder = self
+                    .client
+                    .request(request.method.clone(), &request.url)
+                    .headers(request.headers.iter().cloned().collect())
+                    .headers(self.auth.iter().cloned().collect());
+                let body = if request.body.is_some() {
+                    let body = envelope(&self.compiled, &self.env, bodies).map_err(|detail| {
+                        SendError::Rejected {
+                            status: 0,
+                            detail,
+                            answer: None,
+                        }
+                    })?;
+                    serde_json::to_vec(&body).expect("JSON values serialize")
+                } else {
+                    Vec::new()
+                };
+                if let Some(secret) = &self.secret {
+                    builder = builder.header(SIGNATURE_HEADER, signature(secret, &body));
+                }
+                if request.body.is_some() {
+                    builder = builder.header(CONTENT_TYPE, "application/json");
+                }
+                http::send_batch(builder, body, false, self.clock).await?;
+            }
+            Ok(0)
+        })
+    }
+
+    fn live_payload(&self, message: &[u8]) -> Option<Json> {
+        match show(
+            &self.compiled,
+            render(&self.compiled, message, &self.masked_env),
+            &self.masked_env,
+        ) {
+            Preview::Send(requests) => Some(requests),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,372 @@
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use serde_json::{json, Value as Json};
+
+use super::template::{environment, Mapping};
+use super::*;
+use crate::destinations::{Check, DestinationConfig, Prepared};
+
+const MESSAGE: &str = r#"{"type":"identify","messageId":"m1","userId":"u 1","anonymousId":null,
+  "timestamp":"2024-03-01T12:00:00.250Z","traits":{"email":"  Jane@Example.COM ","plan":null,
+  "age":"42","score":3.456,"tags":["a","b"],"vip":true,"address":{"city":"Paris"}}}"#;
+
+/// Renders one TOML value (e.g. `"{{ traits.email }}"`) against `MESSAGE`.
+fn render_with(value: &str, keep_nulls: bool) -> Option<Json> {
+    let value: toml::Value =
+        toml::from_str::<toml::Table>(&format!("v = {value}")).unwrap()["v"].clone();
+    let mut env = environment();
+    let mapping = Mapping::compile(&mut env, "v", &value, &mut BTreeSet::new()).unwrap();
+    let message: Json = serde_json::from_str(MESSAGE).unwrap();
+    let env_value = minijinja::Value::from(std::collections::BTreeMap::from([(
+        "TOKEN".to_string(),
+        minijinja::Value::from("s3cret"),
+    )]));
+    let root = context::root(Arc::new(message), &env_value, None);
+    mapping.render(&env, &root, keep_nulls).unwrap().value
+}
+
+fn render(value: &str) -> Option<Json> {
+    render_with(value, false)
+}
+
+#[test]
+fn one_expression_keeps_its_type() {
+    assert_eq!(render(r#""{{ traits.score }}""#), Some(json!(3.456)));
+    assert_eq!(render(r#""{{ traits.vip }}""#), Some(json!(true)));
+    assert_eq!(render(r#""{{ traits.tags }}""#), Some(json!(["a", "b"])));
+    assert_eq!(
+        render(r#""{{ traits.address }}""#),
+        Some(json!({"city": "Paris"}))
+    );
+    assert_eq!(render(r#""{{ traits.age }}""#), Some(json!("42")));
+    assert_eq!(render(r#""{{- traits.vip -}}""#), Some(json!(true)));
+}
+
+#[test]
+fn undefined_drops_the_key_and_null_unless_kept() {
+    assert_eq!(render(r#""{{ traits.missing.deeper }}""#), None);
+    assert_eq!(render(r#""{{ traits.plan }}""#), None);
+    assert_eq!(
+        render_with(r#""{{ traits.plan }}""#, true),
+        Some(json!(null))
+    );
+    assert_eq!(
+        render(
+            r#"{ plan = "{{ traits.plan }}", email = "{{ traits.nope }}", id = "{{ userId }}" }"#
+        ),
+        Some(json!({"id": "u 1"}))
+    );
+    assert_eq!(
+        render(r#"["{{ traits.nope }}", "{{ userId }}", 1]"#),
+        Some(json!(["u 1", 1]))
+    );
+}
+
+#[test]
+fn mixed_text_is_a_string_and_literals_map_recursively() {
+    assert_eq!(render(r#""id={{ traits.age }}""#), Some(json!("id=42")));
+    assert_eq!(
+        render(r#""{{ traits.age }}{{ traits.age }}""#),
+        Some(json!("4242"))
+    );
+    assert_eq!(render(r#""a {{ traits.nope }}b""#), Some(json!("a b")));
+    assert_eq!(
+        render(
+            r#"{ n = 3, f = 1.5, b = false, nested = { list = [1, "x", "{{ traits.vip }}"] } }"#
+        ),
+        Some(json!({"n": 3, "f": 1.5, "b": false, "nested": {"list": [1, "x", true]}}))
+    );
+    assert_eq!(
+        render("1979-05-27T07:32:00Z"),
+        Some(json!("1979-05-27T07:32:00Z"))
+    );
+}
+
+#[test]
+fn filters() {
+    let cases = [
+        (r#""{{ traits.plan | default('free') }}""#, json!("free")),
+        (r#""{{ traits.nope | default('free') }}""#, json!("free")),
+        (r#""{{ userId | default('free') }}""#, json!("u 1")),
+        (
+            r#""{{ traits.email | trim | lower }}""#,
+            json!("jane@example.com"),
+        ),
+        (
+            r#""{{ traits.email | trim | upper }}""#,
+            json!("JANE@EXAMPLE.COM"),
+        ),
+        (
+            // sha256("jane@example.com"): trimmed and lower-cased first.
+            r#""{{ traits.email | sha256 }}""#,
+            json!("8c87b489ce35cf2e2f39f80e282cb2e804932a56a213983eeeb428407d43b52d"),
+        ),
+        (r#""{{ timestamp | unix }}""#, json!(1709294400)),
+        (r#""{{ timestamp | unix_ms }}""#, json!(1709294400250i64)),
+        (
+            r#""{{ 1709294400 | iso8601 }}""#,
+            json!("2024-03-01T12:00:00.000Z"),
+        ),
+        (
+            r#""{{ '2024-03-01T13:00:00+01:00' | iso8601 }}""#,
+            json!("2024-03-01T12:00:00.000Z"),
+        ),
+        (
+            r#""{{ traits.address | json }}""#,
+            json!(r#"{"city":"Paris"}"#),
+        ),
+        (r#""{{ traits.score | string }}""#, json!("3.456")),
+        (r#""{{ traits.age | number }}""#, json!(42)),
+        (r#""{{ '2.5' | number }}""#, json!(2.5)),
+        (r#""{{ traits.score | round }}""#, json!(3)),
+        (r#""{{ traits.score | round(2) }}""#, json!(3.46)),
+        (r#""{{ 'a,b,c' | split(',') }}""#, json!(["a", "b", "c"])),
+        (r#""{{ traits.tags | join('|') }}""#, json!("a|b")),
+        (r#""{{ traits.nope | lower }}""#, Json::Null),
+        (
+            r#""{{ traits.nope | sha256 | default('none') }}""#,
+            json!("none"),
+        ),
+        (r#""{{ env.TOKEN }}""#, json!("s3cret")),
+    ];
+    for (template, expected) in cases {
+        let got = render(template).unwrap_or(Json::Null);
+        assert_eq!(got, expected, "{template}");
+    }
+}
+
+#[test]
+fn sha256_does_not_hash_a_digest_twice() {
+    let digest = filters::sha256("jane@example.com");
+    assert_eq!(filters::sha256(&digest.to_uppercase()), digest);
+}
+
+#[test]
+fn a_filter_error_names_the_key_not_the_value() {
+    let value = toml::Value::String("{{ traits.email | number }}".into());
+    let mut env = environment();
+    let mapping = Mapping::compile(&mut env, "body.n", &value, &mut BTreeSet::new()).unwrap();
+    let message: Json = serde_json::from_str(MESSAGE).unwrap();
+    let root = context::root(Arc::new(message), &minijinja::Value::UNDEFINED, None);
+    let e = mapping.render(&env, &root, false).unwrap_err();
+    assert!(e.starts_with("`body.n`: template error on line 1"), "{e}");
+    assert!(!e.contains("Jane"), "{e}");
+}
+
+proptest! {
+    /// Text with no Jinja syntax comes out as it went in, alone or around an expression.
+    #[test]
+    fn text_without_expressions_renders_the_literal(text in "[^{}]*") {
+        prop_assert_eq!(render(&toml_string(&text)), Some(json!(text.clone())));
+        let around = format!("{text}<{{{{ traits.nope }}}}>{text}");
+        prop_assert_eq!(render(&toml_string(&around)), Some(json!(format!("{text}<>{text}"))));
+    }
+}
+
+fn toml_string(text: &str) -> String {
+    toml::Value::String(text.to_string()).to_string()
+}
+
+fn destination(toml_text: &str) -> Result<DestinationConfig, KeyError> {
+    let table: toml::Table = toml::from_str(toml_text).unwrap();
+    let d = DestinationConfig::from_table(table)?;
+    d.validate()?;
+    Ok(d)
+}
+
+#[test]
+fn a_bad_template_is_named_by_key_and_line() {
+    let e = destination(
+        "name = \"c\"\nkind = \"http\"\nurl = \"http://h/\"\n\
+         body = { a = { b = \"\"\"line one\n{{ traits.email | }}\"\"\" } }\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "body.a.b");
+    assert!(e.message.contains("line 2"), "{e}");
+    let e = destination(
+        "name = \"c\"\nkind = \"http\"\nurl = \"http://h/\"\n\
+         [[actions]]\nbody = \"{{ x\"\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "actions[0].body");
+    let e = destination("name = \"c\"\nkind = \"http\"\nurl = \"http://h/\"\nheaders = { A = \"{{ env['X'] }}\" }\n")
+        .unwrap_err();
+    assert_eq!(e.key, "headers.A");
+    let e = destination("name = \"c\"\nkind = \"http\"\nurl = \"ftp://h/\"\n").unwrap_err();
+    assert_eq!(e.key, "url");
+    let e = destination("name = \"c\"\nkind = \"http\"\nurl = \"http://h/\"\nmethod = \"YANK\"\n")
+        .unwrap_err();
+    assert_eq!(e.key, "method");
+    let e =
+        destination("name = \"c\"\nkind = \"http\"\nurl = \"http://h/\"\nwhen = { types = [] }\n")
+            .unwrap_err();
+    assert_eq!(e.key, "when.types");
+}
+
+#[test]
+fn batch_body_belongs_to_the_http_kind() {
+    let d = destination(
+        "name = \"c\"\nkind = \"http\"\nurl = \"http://h/\"\n\
+         batch = { max_events = 10, body = { contacts = \"{{ batch }}\" } }\n",
+    )
+    .unwrap();
+    assert_eq!(d.batch_limits().max_events, 10);
+    let d = destination("name = \"c\"\nkind = \"http\"\nurl = \"http://h/\"\n").unwrap();
+    assert_eq!(d.batch_limits().max_events, 1);
+    let e = destination(
+        "name = \"w\"\nkind = \"webhook\"\nurl = \"http://h/\"\nbatch = { body = {} }\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "batch.body");
+    assert_eq!(e.message, "`batch.body` does not apply to kind `webhook`");
+}
+
+fn config(toml_text: &str) -> MappedConfig {
+    match destination(toml_text).unwrap().settings {
+        crate::destinations::KindSettings::Http(c) => c,
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn actions_first_match_wins_unless_all() {
+    let text = "name = \"c\"\nkind = \"http\"\nurl = \"http://h/{{ type }}\"\n\
+                [[actions]]\nname = \"ident\"\nwhen = { types = [\"identify\"] }\n\
+                [[actions]]\nname = \"any\"\nurl = \"http://h/any\"\n";
+    let names = |c: &MappedConfig, message: &str| -> Vec<String> {
+        let compiled = c.compile().unwrap();
+        let Preview::Send(shown) = send::preview(&compiled, message.as_bytes()) else {
+            return Vec::new();
+        };
+        shown["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| format!("{} {}", r["action"], r["url"]))
+            .collect()
+    };
+    let first = config(text);
+    assert_eq!(names(&first, MESSAGE), ["\"ident\" \"http://h/identify\""]);
+    assert_eq!(
+        names(&first, r#"{"type":"track"}"#),
+        ["\"any\" \"http://h/any\""]
+    );
+    let all = config(&format!("all = true\n{text}"));
+    assert_eq!(names(&all, MESSAGE).len(), 2);
+    let none = config(
+        "name = \"c\"\nkind = \"http\"\nurl = \"http://h/\"\n\
+         [[actions]]\nwhen = { types = [\"page\"] }\n",
+    );
+    let compiled = none.compile().unwrap();
+    assert!(matches!(
+        send::preview(&compiled, MESSAGE.as_bytes()),
+        Preview::Skip("no action")
+    ));
+}
+
+#[test]
+fn route_shows_the_request_with_secrets_masked() {
+    let c = config(
+        "name = \"c\"\nkind = \"http\"\nmethod = \"put\"\n\
+         url = \"https://api.example.com/v2/contacts/{{ userId | urlencode }}\"\n\
+         query = { key = \"{{ env.CRM_KEY }}\", skip = \"{{ nope }}\" }\n\
+         headers = { X-Token = \"Token {{ env.CRM_KEY }}\" }\n\
+         bearer_env = \"CRM_TOKEN\"\nsigning_secret_env = \"CRM_SIGN\"\n\
+         body = { email = \"{{ traits.email | trim }}\", seen = \"{{ timestamp | unix }}\" }\n",
+    );
+    let compiled = c.compile().unwrap();
+    let Preview::Send(shown) = send::preview(&compiled, MESSAGE.as_bytes()) else {
+        panic!("sent");
+    };
+    assert_eq!(
+        shown["requests"][0],
+        json!({
+            "action": "request",
+            "method": "PUT",
+            "url": "https://api.example.com/v2/contacts/u%201?key=***",
+            "headers": {
+                "x-token": "Token ***",
+                "authorization": "Bearer ***",
+                "x-fanout-signature": "sha256=***",
+            },
+            "body": {"email": "Jane@Example.COM", "seen": 1709294400},
+        })
+    );
+}
+
+#[test]
+fn a_message_the_mapping_cannot_render_is_refused() {
+    let c = config("name = \"c\"\nkind = \"http\"\nurl = \"{{ traits.tags }}\"\n");
+    let compiled = c.compile().unwrap();
+    let env = minijinja::Value::UNDEFINED;
+    assert!(matches!(
+        send::render(&compiled, MESSAGE.as_bytes(), &env),
+        Check::Refuse { .. }
+    ));
+    assert!(matches!(
+        send::render(&compiled, b"[1]", &env),
+        Check::Refuse { .. }
+    ));
+    let c = config(
+        "name = \"c\"\nkind = \"http\"\nurl = \"http://h/\"\nwhen = { types = [\"track\"] }\n",
+    );
+    let compiled = c.compile().unwrap();
+    assert!(matches!(
+        send::render(&compiled, MESSAGE.as_bytes(), &env),
+        Check::Skip("when")
+    ));
+    let c = config("name = \"c\"\nkind = \"http\"\nurl = \"http://h/\"\n");
+    let compiled = c.compile().unwrap();
+    let Check::Send(Some(Prepared::Http(_))) = send::render(&compiled, MESSAGE.as_bytes(), &env)
+    else {
+        panic!("sent");
+    };
+}
+
+#[test]
+fn the_live_view_shows_the_requests_with_secrets_masked() {
+    // Names no other test reads; the values must never be shown.
+    std::env::set_var("MAPPED_LIVE_TEST_TOKEN", "live-secret");
+    std::env::set_var("MAPPED_LIVE_TEST_KEY", "live-key");
+    let d = destination(
+        "name = \"c\"\nkind = \"http\"\nurl = \"http://h/{{ userId }}\"\n\
+         headers = { X-Token = \"{{ env.MAPPED_LIVE_TEST_TOKEN }}\" }\n\
+         api_key = { header = \"X-Key\", env = \"MAPPED_LIVE_TEST_KEY\" }\n\
+         body = { t = \"{{ env.MAPPED_LIVE_TEST_TOKEN }}\", e = \"{{ traits.email | trim }}\" }\n",
+    )
+    .unwrap();
+    let running = d.build(None, crate::clock::Clock::system()).unwrap();
+    let shown = running.live_payload(MESSAGE.as_bytes()).unwrap();
+    assert!(!shown.to_string().contains("live-"), "{shown}");
+    assert_eq!(
+        shown["requests"][0],
+        json!({
+            "action": "request",
+            "method": "POST",
+            "url": "http://h/u%201",
+            "headers": {"x-token": "***", "x-key": "***"},
+            "body": {"t": "***", "e": "Jane@Example.COM"},
+        })
+    );
+    // What is sent carries the real values.
+    let Check::Send(Some(Prepared::Http(requests))) = running.check(MESSAGE.as_bytes()) else {
+        panic!("sent");
+    };
+    assert_eq!(
+        requests.body_of_first(),
+        Some(json!({"t": "live-secret", "e": "Jane@Example.COM"}))
+    );
+}
+
+#[test]
+fn a_missing_secret_stops_the_start_by_name() {
+    let d = destination(
+        "name = \"c\"\nkind = \"http\"\nurl = \"http://h/\"\n\
+         headers = { A = \"{{ env.MAPPED_TEST_NEVER_SET }}\" }\n",
+    )
+    .unwrap();
+    let e = d.build(None, crate::clock::Clock::system()).err().unwrap();
+    assert!(e.to_string().contains("MAPPED_TEST_NEVER_SET"), "{e}");
+}
