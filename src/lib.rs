@@ -26,6 +26,7 @@ pub mod delivery;
 pub mod destinations;
 pub mod functions;
 pub mod http;
+pub mod identity;
 pub mod ingest;
 pub mod json;
 pub mod live;

@@ -192,8 +192,13 @@ fn ok_requests(k: &Klaviyo, path: &str) -> Vec<ReceivedRequest> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_client_calls_arrive_as_events_and_profile_upserts() {
     let k = Klaviyo::start(CURRENT).await;
-    // Names as sent: the standard names have their own tests.
-    let f = start(&k, &[("ecommerce_names", "false")]);
+    // Names as sent: the standard names have their own tests. The script's alias links
+    // anon-123 to user-1: without enrich_identity = false, identity stitching would send
+    // its anonymous track as user-1's (tests/identity.rs covers that).
+    let f = start(
+        &k,
+        &[("ecommerce_names", "false"), ("enrich_identity", "false")],
+    );
     run_python(&f, &[]).await;
 
     // track (Order Completed, revenue 42.5), identify, page, screen, group, alias, and an

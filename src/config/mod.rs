@@ -20,6 +20,7 @@ pub use sections::{AdminConfig, DeadLettersConfig, ServerConfig};
 pub use crate::auth::{BrowserBatching, SourceBrowserConfig, SourceConfig, SourceDedupeConfig};
 pub use crate::dedupe::{DedupeBackend, DedupeConfig, RedisFailure};
 pub use crate::http::{BrowserConfig, CorsConfig};
+pub use crate::identity::{IdentityBackend, IdentityConfig};
 pub use crate::ingest::{LimitsConfig, MAX_JSON_DEPTH};
 
 use crate::destinations::DestinationConfig;
@@ -40,6 +41,8 @@ pub struct Config<D = DestinationConfig> {
     pub cors: CorsConfig,
     #[serde(default)]
     pub dedupe: DedupeConfig,
+    #[serde(default)]
+    pub identity: IdentityConfig,
     #[serde(default)]
     pub queue: QueueConfig,
     /// Each source owns write keys; a request's key says which source sent it.
@@ -164,6 +167,7 @@ impl Config<toml::Table> {
             limits: self.limits,
             cors: self.cors,
             dedupe: self.dedupe,
+            identity: self.identity,
             queue: self.queue,
             sources: self.sources,
             destinations,

@@ -556,3 +556,35 @@ fn an_insert_function_s_sandbox_errors_name_their_key() {
     assert_eq!(e.key, "destinations[0].insert_function", "{e}");
     assert!(e.message.contains("cannot read"), "{e}");
 }
+
+#[test]
+fn identity_section_and_enrich_identity_defaults_and_errors() {
+    let c = Config::parse(GOOD).unwrap();
+    assert_eq!(c.identity, IdentityConfig::default());
+    assert_eq!(c.identity.ttl, Duration::from_secs(90 * 24 * 3600));
+    assert!(
+        !c.destinations[0].enrich_identity,
+        "off for kinds other than klaviyo"
+    );
+    let klaviyo = "\n[[destinations]]\nname = \"kl\"\nkind = \"klaviyo\"\napi_key_env = \"K\"\n";
+    let c = Config::parse(&format!("{GOOD}{klaviyo}")).unwrap();
+    assert!(c.destinations[1].enrich_identity, "on for klaviyo");
+    let c = Config::parse(&format!("{GOOD}{klaviyo}enrich_identity = false\n")).unwrap();
+    assert!(!c.destinations[1].enrich_identity);
+    let c = Config::parse(&format!("{GOOD}enrich_identity = true\n")).unwrap();
+    assert!(c.destinations[0].enrich_identity);
+
+    let cases = [
+        ("[identity]\nttl = \"0s\"\n", "identity.ttl"),
+        ("[identity]\nmax_entries = 0\n", "identity.max_entries"),
+        ("[identity]\nbackend = \"redis\"\n", "identity.backend"),
+        ("[identity]\nbackend = \"disk\"\n", "identity.backend"),
+        ("[identity]\nmax_entry = 5\n", "identity.max_entry"),
+    ];
+    for (section, key) in cases {
+        let e = Config::parse(&format!("{section}{GOOD}")).unwrap_err();
+        assert_eq!(e.key, key, "{section}: {e}");
+    }
+    let e = Config::parse(&format!("{GOOD}enrich_identity = \"yes\"\n")).unwrap_err();
+    assert!(e.to_string().contains("enrich_identity"), "{e}");
+}

@@ -106,6 +106,9 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        if let Err((key, problem)) = self.identity.validate() {
+            return Err(err(key.into(), problem.into()));
+        }
         self.validate_dead_letters(&err)?;
         if self.server.max_connections == 0 {
             return Err(err(

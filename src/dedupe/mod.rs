@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use self::redis::SharedConnection;
 pub use config::{DedupeBackend, DedupeConfig, RedisFailure};
 pub use reservation::Reservation;
 pub use table::KeyTable;

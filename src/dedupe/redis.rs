@@ -47,8 +47,7 @@ pub enum SharedError {
 }
 
 pub struct RedisStore {
-    client: redis::Client,
-    connection: RwLock<Option<ConnectionManager>>,
+    connection: SharedConnection,
     prefix: String,
     pending_mark: String,
     ttl_ms: u64,
@@ -57,35 +56,13 @@ pub struct RedisStore {
 
 impl RedisStore {
     pub fn new(url: &str, prefix: &str, ttl: Duration) -> anyhow::Result<RedisStore> {
-        let client =
-            redis::Client::open(url).map_err(|e| anyhow::anyhow!("dedupe.redis_url: {e}"))?;
         Ok(RedisStore {
-            client,
-            connection: RwLock::new(None),
+            connection: SharedConnection::new(url, "dedupe.redis_url")?,
             prefix: prefix.to_string(),
             pending_mark: format!("p:{}", uuid::Uuid::new_v4().simple()),
             ttl_ms: ttl.as_millis().max(1) as u64,
             release: redis::Script::new(RELEASE),
         })
-    }
-
-    /// The shared connection, made on first use and again after it could not be made
-    /// (the manager itself reconnects after a connection breaks).
-    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
-        if let Some(c) = self.connection.read().await.as_ref() {
-            return Ok(c.clone());
-        }
-        let mut slot = self.connection.write().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
-        }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(TIMEOUT))
-            .set_response_timeout(Some(TIMEOUT))
-            .set_number_of_retries(1);
-        let c = ConnectionManager::new_with_config(self.client.clone(), config).await?;
-        *slot = Some(c.clone());
-        Ok(c)
     }
 
     fn name(&self, key: &DedupeKey) -> String {
@@ -125,7 +102,7 @@ impl RedisStore {
             for &i in &open {
                 pipe.cmd("GET").arg(self.name(&keys[i]));
             }
-            let mut connection = self.connection().await?;
+            let mut connection = self.connection.get().await?;
             let replies: Vec<Option<String>> = pipe.query_async(&mut connection).await?;
             let (set, get) = replies.split_at(open.len());
             for (n, &i) in open.iter().enumerate() {
@@ -168,7 +145,7 @@ impl RedisStore {
                 .arg(self.ttl_ms)
                 .ignore();
         }
-        let mut connection = self.connection().await?;
+        let mut connection = self.connection.get().await?;
         pipe.query_async::<()>(&mut connection).await
     }
 
@@ -182,7 +159,7 @@ impl RedisStore {
             invocation.key(self.name(key));
         }
         invocation.arg(&self.pending_mark);
-        let result = match self.connection().await {
+        let result = match self.connection.get().await {
             Ok(mut c) => invocation.invoke_async::<i64>(&mut c).await.map(drop),
             Err(e) => Err(e),
         };
@@ -190,5 +167,41 @@ impl RedisStore {
             // The pending marks lapse by themselves after PENDING_MS.
             tracing::warn!(error = %e, keys = keys.len(), "could not release dedupe claims in redis");
         }
+    }
+}
+
+/// One Redis connection for a store, made on first use and again after it could not be
+/// made (the manager itself reconnects after a connection breaks). The identity store
+/// shares it too.
+pub struct SharedConnection {
+    client: redis::Client,
+    slot: RwLock<Option<ConnectionManager>>,
+}
+
+impl SharedConnection {
+    /// `key` names the config key the URL came from, for the error.
+    pub fn new(url: &str, key: &str) -> anyhow::Result<SharedConnection> {
+        let client = redis::Client::open(url).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        Ok(SharedConnection {
+            client,
+            slot: RwLock::new(None),
+        })
+    }
+
+    pub async fn get(&self) -> redis::RedisResult<ConnectionManager> {
+        if let Some(c) = self.slot.read().await.as_ref() {
+            return Ok(c.clone());
+        }
+        let mut slot = self.slot.write().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(TIMEOUT))
+            .set_response_timeout(Some(TIMEOUT))
+            .set_number_of_retries(1);
+        let c = ConnectionManager::new_with_config(self.client.clone(), config).await?;
+        *slot = Some(c.clone());
+        Ok(c)
     }
 }

@@ -85,6 +85,9 @@ pub async fn deliver(context: Arc<DeliveryContext>, mut items: Vec<Item>) -> Bat
     let metrics = DeliveryMetrics::new(&context.name);
     let mut settled = vec![Settled::Abandoned; items.len()];
     let mut mark = None;
+    context
+        .enrich(items.iter_mut().map(|item| &mut item.json))
+        .await;
     // The insert function first: what it skips or fails is settled here, the rest goes
     // on as it answered.
     let mut inserted = vec![true; items.len()];

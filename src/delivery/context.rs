@@ -2,7 +2,7 @@
 //! its routing, insert function, retry policy, rate limit, send slots and `Retry-After`
 //! gate. Read by the batch sender (`batch.rs`) and the insert-function step (`insert.rs`).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use super::retry::RetryPolicy;
 use crate::clock::Clock;
 use crate::destinations::{AnyDestination, RatePer};
+use crate::identity::{Fill, Identity};
 use crate::pace::RateLimiter;
 use crate::routing::Route;
 
@@ -18,6 +19,8 @@ pub struct DeliveryContext {
     pub name: String,
     /// Which messages this destination gets, and edits to them (the routing stage).
     pub route: Route,
+    /// With `enrich_identity`: the store, and which fields this destination lets it fill.
+    pub identity: Option<(Arc<Identity>, Fill)>,
     pub destination: AnyDestination,
     /// Run on each message before the destination sees it (`insert_function`).
     pub insert: Option<crate::functions::Sandboxed>,
@@ -36,6 +39,14 @@ pub struct DeliveryContext {
 impl DeliveryContext {
     pub(super) fn gate(&self) -> Option<Instant> {
         *self.gate.lock().expect("gate lock poisoned")
+    }
+
+    /// Fills anonymous-only messages from the identity store, with `enrich_identity`.
+    pub(super) async fn enrich<'a>(&self, messages: impl Iterator<Item = &'a mut Vec<u8>>) {
+        if let Some((identity, fill)) = &self.identity {
+            let mut messages: Vec<&mut Vec<u8>> = messages.collect();
+            identity.enrich_all(&mut messages, *fill).await;
+        }
     }
 
     pub(super) fn hold_until(&self, until: Instant) {

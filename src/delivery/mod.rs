@@ -24,6 +24,7 @@ use tracing::Instrument;
 use crate::clock::Clock;
 use crate::control::{Changes, ReplayRefused};
 use crate::destinations::{AnyDestination, DestinationConfig};
+use crate::identity::{Fill, Identity};
 use crate::metrics::DestinationGauges;
 use crate::pace::RateLimiter;
 use crate::queue::{Checkpoint, DeadLetters, Queue, Replay, ReplayError};
@@ -43,6 +44,8 @@ pub struct Deliveries {
     clock: Clock,
     queue: Queue,
     dead_letters: Arc<DeadLetters>,
+    /// Fills the messages of destinations with `enrich_identity`; `None` in tests.
+    identity: Option<Arc<Identity>>,
     running: BTreeMap<String, Running>,
 }
 
@@ -60,10 +63,12 @@ impl Deliveries {
         dead_letters: &Arc<DeadLetters>,
         runtime: tokio::runtime::Handle,
         clock: Clock,
+        identity: Option<Arc<Identity>>,
     ) -> anyhow::Result<Deliveries> {
         let mut deliveries = Deliveries {
             runtime,
             clock,
+            identity,
             queue: queue.clone(),
             dead_letters: dead_letters.clone(),
             running: BTreeMap::new(),
@@ -214,6 +219,19 @@ impl Deliveries {
         let context = Arc::new(DeliveryContext {
             name: config.name.clone(),
             route: Route::new(config),
+            identity: self
+                .identity
+                .clone()
+                .filter(|_| config.enrich_identity)
+                .map(|store| {
+                    let route = &config.route;
+                    let paths = route.drop_fields.iter().chain(&route.hash_fields);
+                    let renamed = route.rename.iter().flat_map(|(from, to)| [from, to]);
+                    (
+                        store,
+                        Fill::except(paths.chain(renamed).map(String::as_str)),
+                    )
+                }),
             destination,
             insert,
             policy: RetryPolicy::new(config.retry()),

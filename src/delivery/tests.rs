@@ -103,6 +103,7 @@ async fn setup(extra: &str, fake: Fake) -> Setup {
         &dead_letters,
         tokio::runtime::Handle::current(),
         clock,
+        None,
     )
     .await
     .unwrap();

@@ -27,6 +27,8 @@ pub struct DestinationConfig {
     pub insert_function: Option<crate::functions::FunctionSandbox>,
     /// HTTP kinds only: concurrency, ordering, timeout, retry, rate limit.
     pub http: HttpConfig,
+    /// Fill anonymous-only messages from the identity store (`crate::identity`).
+    pub enrich_identity: bool,
 }
 
 /// The delivery knobs of HTTP kinds.
@@ -70,6 +72,9 @@ struct SharedKeys {
     /// Dotted paths whose strings are sent as SHA-256 hex, e.g. `traits.email`.
     #[serde(default)]
     hash_fields: Vec<String>,
+    /// Fill anonymous-only messages with the userId, email and phone an identify taught
+    /// (`[identity]`); default true for Klaviyo, false for the others.
+    enrich_identity: Option<bool>,
     /// A Segment insert function (its `onTrack`, … return the message to send, or null
     /// to skip it): a file name, or a table with the file and its sandbox keys.
     #[serde(default, deserialize_with = "crate::functions::file_or_table")]
@@ -111,7 +116,11 @@ impl DestinationConfig {
                 return Err(does_not_apply(key, settings.kind()));
             }
         }
+        let enrich_identity = shared
+            .enrich_identity
+            .unwrap_or(settings.enriches_identity());
         Ok(DestinationConfig {
+            enrich_identity,
             name: shared.name,
             settings,
             route: RouteConfig {
@@ -488,8 +497,8 @@ mod tests {
         let names = field_names::<SharedKeys>();
         assert!(names.contains(&"rate_limit") && names.contains(&"drop_fields"));
         assert!(names.contains(&"consent_categories") && names.contains(&"hash_fields"));
-        assert!(names.contains(&"integrations"));
-        assert_eq!(names.len(), 16);
+        assert!(names.contains(&"integrations") && names.contains(&"enrich_identity"));
+        assert_eq!(names.len(), 17);
     }
 
     #[test]

@@ -215,6 +215,8 @@ pub trait Kind: DeserializeOwned + Clone + std::fmt::Debug + PartialEq + Send + 
     const NAME: &'static str;
     /// Sends over HTTP: takes `concurrency`, `ordering`, `timeout`, `retry`, `rate_limit`.
     const HTTP: bool;
+    /// The default of `enrich_identity`.
+    const ENRICH_IDENTITY: bool = false;
 
     /// Checks what serde cannot; the error names the key (within the destination).
     fn validate(&self) -> Result<(), KeyError> {
@@ -300,6 +302,13 @@ macro_rules! kinds {
             pub fn kind(&self) -> &'static str {
                 match self {
                     $(KindSettings::$variant(_) => <$config as Kind>::NAME),+
+                }
+            }
+
+            /// The kind's default of `enrich_identity`.
+            fn enriches_identity(&self) -> bool {
+                match self {
+                    $(KindSettings::$variant(_) => <$config as Kind>::ENRICH_IDENTITY),+
                 }
             }
 

@@ -285,6 +285,7 @@ impl App {
         // then their keys must enter the window: a dropped request hands the rest to a
         // task of its own.
         let queue = self.queue.clone();
+        let identity = self.identity.clone();
         let dead_letters = self.dead_letters.clone();
         let retry_after = self.retry_after;
         let source = source.to_owned();
@@ -304,6 +305,8 @@ impl App {
                     .map_err(|e| unavailable(format!("cannot store blocked messages: {e:#}")))?;
             }
             if !records.is_empty() {
+                // Before storing: what is stored after an identify is read after this.
+                identity.learn(records.messages()).await;
                 queue
                     .append(records)
                     .await

@@ -44,6 +44,8 @@ pub struct App {
     /// Replaced whole on config reload; a request sees the old set or the new one.
     pub sources: Arc<arc_swap::ArcSwap<Sources>>,
     pub dedupe: Arc<Dedupe>,
+    /// Taught by the identify and alias calls stored.
+    pub identity: Arc<crate::identity::Identity>,
     pub queue: Queue,
     pub limits: LimitsConfig,
     /// Seconds clients are told to wait after a 429 or 503.

@@ -122,6 +122,16 @@ impl RecordBatch {
             .map(|(start, r)| (start..r.end, r.stamp))
     }
 
+    /// Each record's message type and JSON, in order.
+    pub fn messages(&self) -> impl Iterator<Item = (MessageType, &[u8])> + '_ {
+        self.framed().zip(&self.records).map(|((range, _), r)| {
+            // Header, version byte, source length byte, source, tag, then the JSON.
+            let source_len = usize::from(self.buf[range.start + HEADER_LEN + 1]);
+            let json_at = range.start + HEADER_LEN + 2 + source_len + TAG_LEN;
+            (r.kind, &self.buf[json_at..range.end])
+        })
+    }
+
     /// Keeps only the records for which `keep(index)` is true.
     pub fn retain(&mut self, mut keep: impl FnMut(usize) -> bool) {
         // Nothing moves until the first dropped record (usually there is none).

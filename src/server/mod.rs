@@ -18,6 +18,7 @@ use crate::control::Control;
 use crate::dedupe::Dedupe;
 use crate::delivery::Deliveries;
 use crate::http::{self, App};
+use crate::identity::Identity;
 use crate::queue::{Queue, QueueWriter};
 use connections::{ConnectionLimits, Connections};
 
@@ -46,6 +47,11 @@ pub async fn run(config: Config, sources: Sources, options: Options) -> anyhow::
     let (queue, writer) = open_queue(&config, options.clock).await?;
     let sources = Arc::new(ArcSwap::from_pointee(sources));
     let dedupe = open_dedupe(&config, &queue, options.clock)?;
+    let identity = Arc::new(Identity::open(
+        &config.identity,
+        &config.server.data_dir,
+        options.clock,
+    )?);
     if config.destinations.is_empty() {
         tracing::warn!("no destinations configured: accepted messages are stored but go nowhere");
     }
@@ -60,6 +66,7 @@ pub async fn run(config: Config, sources: Sources, options: Options) -> anyhow::
         &dead_letters,
         options.delivery.clone(),
         options.clock,
+        Some(identity.clone()),
     )
     .await?;
     reload::report_removed(&config, &queue, options.purge).await?;
@@ -67,6 +74,7 @@ pub async fn run(config: Config, sources: Sources, options: Options) -> anyhow::
     let app = Arc::new(App {
         sources: sources.clone(),
         dedupe,
+        identity,
         queue: queue.clone(),
         limits: config.limits.clone(),
         retry_after: config.server.retry_after_secs(),

@@ -103,6 +103,7 @@ impl Reloader {
         applied.limits = self.current.limits.clone();
         applied.cors = self.current.cors.clone();
         applied.dedupe = self.current.dedupe.clone();
+        applied.identity = self.current.identity.clone();
         applied.admin = self.current.admin.clone();
         applied.queue = self.current.queue.clone();
         self.current = applied;
@@ -149,6 +150,7 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
         ("limits", old.limits != new.limits),
         ("cors", old.cors != new.cors),
         ("dedupe", old.dedupe != new.dedupe),
+        ("identity", old.identity != new.identity),
         ("admin", old.admin != new.admin),
         ("queue", old.queue != new.queue),
         ("browser", old.browser != new.browser),

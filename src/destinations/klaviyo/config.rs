@@ -74,6 +74,8 @@ fn default_profile_entries() -> u64 {
 impl Kind for KlaviyoConfig {
     const NAME: &'static str = "klaviyo";
     const HTTP: bool = true;
+    /// Klaviyo cannot merge an anonymous profile into a known one by itself.
+    const ENRICH_IDENTITY: bool = true;
 
     fn validate(&self) -> Result<(), KeyError> {
         if let Some(url) = &self.base_url {
