@@ -10,10 +10,13 @@
 //! `destinations` (one file or folder per kind; Klaviyo's translation lives in its folder).
 //!
 //! Beside them: `config` (the file, read and checked as a whole), `control` (the
-//! operator's reload and replay requests, passed from `http` to `server`), `metrics`,
+//! operator's reload and replay requests, passed from `http` to `server`), `identity`
+//! (anonymousId → the user it was identified as: learnt at ingest, filled at delivery),
+//! `functions` (the JavaScript runtime of Segment Functions), `metrics`,
 //! `cli` (what the command line does across stages), and leaves that every stage may use and that use
 //! nothing of the crate: `json` (the JSON view), `message` (call type, dedupe key, log
-//! tag), `timestamp`, `pace` (token bucket, backoff), `clock`, `throttle`.
+//! tag), `timestamp`, `pace` (token bucket, backoff), `clock`, `throttle`, `key_error` (a
+//! config error that names its key).
 #![forbid(unsafe_code)]
 
 pub mod auth;
@@ -29,6 +32,7 @@ pub mod http;
 pub mod identity;
 pub mod ingest;
 pub mod json;
+pub mod key_error;
 pub mod live;
 pub mod message;
 pub mod metrics;

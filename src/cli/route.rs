@@ -91,7 +91,7 @@ pub fn explain(
     let routes: Vec<(&DestinationConfig, Route)> = config
         .destinations
         .iter()
-        .map(|d| (d, Route::new(d)))
+        .map(|d| (d, Route::new(&d.name, d.kind(), &d.route)))
         .collect();
     let mut messages = Vec::with_capacity(stored.len());
     for json in stored {

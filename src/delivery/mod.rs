@@ -218,7 +218,7 @@ impl Deliveries {
             .map(|r| (RateLimiter::new(r.rate, r.burst()), r.per));
         let context = Arc::new(DeliveryContext {
             name: config.name.clone(),
-            route: Route::new(config),
+            route: Route::new(&config.name, config.kind(), &config.route),
             identity: self
                 .identity
                 .clone()

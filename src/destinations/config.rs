@@ -10,9 +10,9 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use super::key_error::KeyError;
-use super::rules::RouteConfig;
 use super::KindSettings;
+use crate::key_error::KeyError;
+use crate::routing::RouteConfig;
 
 /// One destination.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,7 +54,7 @@ struct SharedKeys {
     /// Names of the `[[sources]]` whose messages this destination gets; default all.
     sources: Option<Vec<String>>,
     /// Which messages this destination gets (all conditions must hold); default all.
-    filter: Option<super::rules::FilterConfig>,
+    filter: Option<crate::routing::FilterConfig>,
     /// Dotted paths removed from each message before it is sent, e.g. `context.ip`.
     #[serde(default)]
     drop_fields: Vec<String>,
@@ -65,7 +65,7 @@ struct SharedKeys {
     rename: BTreeMap<String, String>,
     /// `"honour"` (default) or `"ignore"` the message's `integrations` object.
     #[serde(default)]
-    integrations: super::rules::IntegrationsPolicy,
+    integrations: crate::routing::IntegrationsPolicy,
     /// Categories a message's consent must not deny, e.g. `["Advertising"]`.
     #[serde(default)]
     consent_categories: Vec<String>,

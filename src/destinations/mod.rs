@@ -8,11 +8,9 @@ mod config;
 mod file;
 mod function;
 mod http;
-mod key_error;
 pub mod klaviyo;
 mod mapped;
 pub mod postgres;
-mod rules;
 mod s3;
 mod segment;
 mod stdout;
@@ -24,6 +22,8 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
+pub use crate::key_error::KeyError;
+pub use crate::routing::{FilterConfig, IntegrationsPolicy, PropertyCondition, RouteConfig};
 pub use config::{
     deserialize_table, does_not_apply, field_names, BatchConfig, BatchLimits, BatchShape,
     DestinationConfig, HttpConfig, RateLimitConfig, RatePer, RetryConfig,
@@ -31,11 +31,9 @@ pub use config::{
 pub use file::{FileConfig, FileDestination};
 pub use function::{handler_of, FunctionConfig, FunctionDestination};
 pub use http::{classify, parse_retry_after};
-pub use key_error::KeyError;
 pub use klaviyo::{KlaviyoBodies, KlaviyoConfig, KlaviyoDestination, KlaviyoRequest};
 pub use mapped::{MappedConfig, MappedDestination};
 pub use postgres::{PostgresConfig, PostgresDestination};
-pub use rules::{FilterConfig, IntegrationsPolicy, PropertyCondition, RouteConfig};
 pub use s3::{S3Config, S3Destination};
 pub use segment::{batch_body as segment_batch_body, SegmentConfig, SegmentDestination};
 pub use stdout::{StdoutConfig, StdoutDestination};

@@ -11,7 +11,8 @@ use base64::Engine as _;
 use rquickjs::context::EvalOptions;
 use rquickjs::{CatchResultExt, CaughtError, Context, Ctx, Exception, Function, Runtime, Value};
 
-use super::fetch::{self, HostPolicy};
+use super::fetch;
+use super::hosts::HostPolicy;
 use super::{Failure, FailureKind, Options, Outcome, DEFAULT_MEMORY_LIMIT};
 use crate::throttle::LogThrottle;
 

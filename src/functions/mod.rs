@@ -22,6 +22,7 @@
 mod engine;
 mod fetch;
 mod globals;
+mod hosts;
 mod resolver;
 mod sandbox;
 mod source;
@@ -35,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use crate::metrics::FunctionMetrics;
 
-pub use fetch::HostPolicy;
+pub use hosts::HostPolicy;
 pub use sandbox::{file_or_table, FunctionSandbox, Sandboxed};
 pub use source::{Emitted, RawRequest, SourceFunction};
 

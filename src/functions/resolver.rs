@@ -8,27 +8,7 @@ use std::sync::Arc;
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
-use super::fetch::{is_public, HostPolicy};
-
-/// A name refused for resolving to a non-public address; `fetch` reports it as refused
-/// (not worth a retry), never as a network error.
-#[derive(Debug)]
-pub struct PrivateAddress {
-    pub host: String,
-}
-
-impl std::fmt::Display for PrivateAddress {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "fetch: host `{}` is a loopback or private address; list it in allow_hosts to \
-             allow it",
-            self.host
-        )
-    }
-}
-
-impl std::error::Error for PrivateAddress {}
+use super::hosts::{is_public, HostPolicy, PrivateAddress};
 
 /// Resolves with the system's resolver, then checks what it found.
 struct GuardedResolver {

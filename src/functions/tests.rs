@@ -194,10 +194,10 @@ fn public_and_private_addresses() {
         "fe80::1",
         "::ffff:127.0.0.1",
     ] {
-        assert!(!fetch::is_public(&private.parse().unwrap()), "{private}");
+        assert!(!hosts::is_public(&private.parse().unwrap()), "{private}");
     }
     for public in ["8.8.8.8", "2606:4700::1111"] {
-        assert!(fetch::is_public(&public.parse().unwrap()), "{public}");
+        assert!(hosts::is_public(&public.parse().unwrap()), "{public}");
     }
 }
 

@@ -10,7 +10,7 @@ use std::borrow::Cow;
 
 use serde_json::value::RawValue;
 
-use crate::destinations::RouteConfig;
+use super::config::RouteConfig;
 use crate::json::{write_key, RawObject};
 
 /// A destination's field edits: drops first, then renames, then hashes.

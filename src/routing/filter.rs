@@ -5,8 +5,8 @@ use std::borrow::Cow;
 use serde_json::value::RawValue;
 use serde_json::{Number, Value};
 
+use super::config::{FilterConfig, PropertyCondition};
 use super::view::{Skip, View};
-use crate::destinations::{FilterConfig, PropertyCondition};
 use crate::json::{scalar, RawObject, Scalar};
 use crate::message::MessageType;
 

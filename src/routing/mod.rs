@@ -19,6 +19,7 @@
 //!
 //! A message that is not a JSON object is passed on unchanged: the destination decides.
 
+mod config;
 mod fields;
 mod filter;
 mod view;
@@ -28,9 +29,9 @@ use std::borrow::Cow;
 use memchr::memmem;
 use serde_json::value::RawValue;
 
-use crate::destinations::{DestinationConfig, IntegrationsPolicy};
 use crate::json::RawObject;
 use crate::message::MessageType;
+pub use config::{FilterConfig, IntegrationsPolicy, PropertyCondition, RouteConfig};
 use fields::{Fields, Transform};
 use filter::Filter;
 pub use filter::MessageFilter;
@@ -67,16 +68,17 @@ pub fn user_key(message: &[u8]) -> u64 {
 }
 
 impl Route {
-    pub fn new(config: &DestinationConfig) -> Route {
+    /// The rules `route` of destination `name`, of kind `kind` (named in skips' logs).
+    pub fn new(name: &str, kind: &'static str, route: &RouteConfig) -> Route {
         Route {
-            name: config.name.clone(),
-            kind: config.kind(),
-            sources: config.route.sources.clone(),
-            filter: config.route.filter.as_ref().map(Filter::new),
-            transform: Transform::new(&config.route),
+            name: name.to_string(),
+            kind,
+            sources: route.sources.clone(),
+            filter: route.filter.as_ref().map(Filter::new),
+            transform: Transform::new(route),
             integrations: memmem::Finder::new(b"\"integrations\""),
-            honour_integrations: config.route.integrations == IntegrationsPolicy::Honour,
-            consent: config.route.consent_categories.clone(),
+            honour_integrations: route.integrations == IntegrationsPolicy::Honour,
+            consent: route.consent_categories.clone(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! Table tests: (destination config, source, stored message) → decision.
 
 use super::*;
+use crate::destinations::DestinationConfig;
 
 /// A destination named `crm` of kind `klaviyo`, with `rules` added.
 fn route(rules: &str) -> Route {
@@ -10,7 +11,7 @@ fn route(rules: &str) -> Route {
     config
         .validate()
         .unwrap_or_else(|e| panic!("{rules}: {e:?}"));
-    Route::new(&config)
+    Route::new(&config.name, config.kind(), &config.route)
 }
 
 #[derive(Debug)]
@@ -483,7 +484,7 @@ fn routing_table() {
 fn integrations_fall_back_to_the_kind_for_other_kinds() {
     let config: DestinationConfig =
         toml::from_str("name = \"archive\"\nkind = \"file\"\npath = \"/tmp/x\"\n").unwrap();
-    let r = Route::new(&config);
+    let r = Route::new(&config.name, config.kind(), &config.route);
     let off = |json: &str| r.decide("web", json.as_bytes()) == Decision::Skip(Skip::Integrations);
     assert!(off(r#"{"type":"track","integrations":{"File":false}}"#));
     assert!(off(

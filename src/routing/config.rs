@@ -1,11 +1,12 @@
 //! A destination's routing rules as configured: `sources`, `filter`, `drop_fields`,
-//! `rename`. The `routing` stage compiles them; here they are read and checked.
+//! `rename`, … (keys of its `[[destinations]]` table). Read and checked here; compiled by
+//! the rest of this module.
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::key_error::KeyError;
+use crate::key_error::KeyError;
 use crate::message::MessageType;
 
 /// Which messages a destination gets, and what is removed or moved in them.
