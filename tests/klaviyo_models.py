@@ -9,6 +9,12 @@ line per input line, in order: `{"ok": true}` or `{"ok": false, "error": "..."}`
 - `/api/event-bulk-create-jobs` -> EventsBulkCreateJob
 - `/api/profile-import`         -> ProfileUpsertQuery
 - `/api/profile-bulk-import-jobs` -> ProfileImportJobCreateQuery
+- `/api/profile-subscription-bulk-create-jobs` -> SubscriptionCreateJobCreateQuery
+- `/api/profile-subscription-bulk-delete-jobs` -> SubscriptionDeleteJobCreateQuery
+- `/api/profile-suppression-bulk-create-jobs` -> SuppressionCreateJobCreateQuery
+- `/api/profile-suppression-bulk-delete-jobs` -> SuppressionDeleteJobCreateQuery
+- `POST /api/lists/{id}/relationships/profiles` -> ListMembersAddQuery
+- `DELETE /api/lists/{id}/relationships/profiles` -> ListMembersDeleteQuery
 
 `Model.from_dict(body)` raises on a body of the wrong shape (missing or mistyped fields,
 wrong `type` discriminators). The generated models ignore keys they do not know, so the
@@ -24,12 +30,32 @@ from openapi_client.models.event_create_query_v2 import EventCreateQueryV2
 from openapi_client.models.events_bulk_create_job import EventsBulkCreateJob
 from openapi_client.models.profile_upsert_query import ProfileUpsertQuery
 from openapi_client.models.profile_import_job_create_query import ProfileImportJobCreateQuery
+from openapi_client.models.subscription_create_job_create_query import (
+    SubscriptionCreateJobCreateQuery,
+)
+from openapi_client.models.subscription_delete_job_create_query import (
+    SubscriptionDeleteJobCreateQuery,
+)
+from openapi_client.models.suppression_create_job_create_query import (
+    SuppressionCreateJobCreateQuery,
+)
+from openapi_client.models.suppression_delete_job_create_query import (
+    SuppressionDeleteJobCreateQuery,
+)
+from openapi_client.models.list_members_add_query import ListMembersAddQuery
+from openapi_client.models.list_members_delete_query import ListMembersDeleteQuery
 
 MODELS = {
     "/api/events": EventCreateQueryV2,
     "/api/event-bulk-create-jobs": EventsBulkCreateJob,
     "/api/profile-import": ProfileUpsertQuery,
     "/api/profile-bulk-import-jobs": ProfileImportJobCreateQuery,
+    "/api/profile-subscription-bulk-create-jobs": SubscriptionCreateJobCreateQuery,
+    "/api/profile-subscription-bulk-delete-jobs": SubscriptionDeleteJobCreateQuery,
+    "/api/profile-suppression-bulk-create-jobs": SuppressionCreateJobCreateQuery,
+    "/api/profile-suppression-bulk-delete-jobs": SuppressionDeleteJobCreateQuery,
+    "POST /api/lists/{id}/relationships/profiles": ListMembersAddQuery,
+    "DELETE /api/lists/{id}/relationships/profiles": ListMembersDeleteQuery,
 }
 
 

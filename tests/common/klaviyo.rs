@@ -44,13 +44,51 @@ pub const EVENTS: &str = "/api/events";
 pub const BULK: &str = "/api/event-bulk-create-jobs";
 pub const PROFILE_IMPORT: &str = "/api/profile-import";
 pub const PROFILE_JOBS: &str = "/api/profile-bulk-import-jobs";
+pub const SUBSCRIBE: &str = "/api/profile-subscription-bulk-create-jobs";
+pub const UNSUBSCRIBE: &str = "/api/profile-subscription-bulk-delete-jobs";
+pub const SUPPRESS: &str = "/api/profile-suppression-bulk-create-jobs";
+pub const UNSUPPRESS: &str = "/api/profile-suppression-bulk-delete-jobs";
+/// The rate buckets of `POST` and `DELETE /api/lists/{id}/relationships/profiles`.
+pub const LIST_ADD: &str = "list add";
+pub const LIST_REMOVE: &str = "list remove";
+
+/// The rate bucket of a consent or list request (`None` for other requests): the job
+/// endpoints' paths, `LIST_ADD` / `LIST_REMOVE` for list relationships of any list.
+pub fn action_endpoint(method: &str, path: &str) -> Option<&'static str> {
+    let list = path
+        .strip_prefix("/api/lists/")
+        .and_then(|rest| rest.strip_suffix("/relationships/profiles"))
+        .is_some_and(|id| !id.is_empty() && !id.contains('/'));
+    match (method, path) {
+        ("POST", SUBSCRIBE) => Some(SUBSCRIBE),
+        ("POST", UNSUBSCRIBE) => Some(UNSUBSCRIBE),
+        ("POST", SUPPRESS) => Some(SUPPRESS),
+        ("POST", UNSUPPRESS) => Some(UNSUPPRESS),
+        ("POST", _) if list => Some(LIST_ADD),
+        ("DELETE", _) if list => Some(LIST_REMOVE),
+        _ => None,
+    }
+}
+
+/// The profile rows of a consent job (`data.attributes.profiles.data[]`) or a list
+/// relationships call (`data[]`).
+pub fn action_rows(r: &ReceivedRequest) -> Vec<Value> {
+    let Some(body) = r.json() else {
+        return Vec::new();
+    };
+    let rows = body
+        .pointer("/data/attributes/profiles/data")
+        .or_else(|| body.get("data").filter(|d| d.is_array()));
+    rows.and_then(Value::as_array).cloned().unwrap_or_default()
+}
 
 /// Per endpoint: (burst per second, steady per minute), Klaviyo's documented limits.
 fn limits_of(path: &str) -> (u32, u32) {
     match path {
         EVENTS => (350, 3500),
-        BULK | PROFILE_JOBS => (10, 150),
+        BULK | PROFILE_JOBS | LIST_ADD | LIST_REMOVE => (10, 150),
         PROFILE_IMPORT => (75, 750),
+        SUBSCRIBE | UNSUBSCRIBE | SUPPRESS | UNSUPPRESS => (75, 700),
         _ => (350, 3500), // reads of jobs
     }
 }
@@ -327,7 +365,11 @@ impl Klaviyo {
                 }
                 continue;
             }
-            if r.method != "POST" || ![EVENTS, BULK, PROFILE_IMPORT, PROFILE_JOBS].contains(&path) {
+            let action = action_endpoint(&r.method, path);
+            if action.is_none()
+                && (r.method != "POST"
+                    || ![EVENTS, BULK, PROFILE_IMPORT, PROFILE_JOBS].contains(&path))
+            {
                 problems.push(format!(
                     "#{i}: {} {} is no Klaviyo endpoint",
                     r.method, r.path
@@ -351,7 +393,14 @@ impl Klaviyo {
                     problems.push(format!("#{i} {path} (seed 002 shape): {p}: {body}"));
                 }
             } else {
-                for_sdk.push((i, path.to_string(), body));
+                // List calls are checked as `<METHOD> /api/lists/{id}/relationships/profiles`.
+                let model_path = match action {
+                    Some(LIST_ADD | LIST_REMOVE) => {
+                        format!("{} /api/lists/{{id}}/relationships/profiles", r.method)
+                    }
+                    _ => path.to_string(),
+                };
+                for_sdk.push((i, model_path, body));
             }
         }
         let lines: Vec<Value> = for_sdk
@@ -457,9 +506,10 @@ fn answer(
 ) -> Reply {
     let path = path_of(request);
     let job_read = request.method == "GET" && path.starts_with(&format!("{PROFILE_JOBS}/"));
+    let action = action_endpoint(&request.method, path);
     let known =
         request.method == "POST" && [EVENTS, BULK, PROFILE_IMPORT, PROFILE_JOBS].contains(&path);
-    if !known && !job_read {
+    if !known && !job_read && action.is_none() {
         return reply(
             404,
             &error_body(404, "not_found", "Not found.", "Not found.", ""),
@@ -494,7 +544,11 @@ fn answer(
             ),
         );
     }
-    let endpoint = if job_read { "job reads" } else { path };
+    let endpoint = match action {
+        _ if job_read => "job reads",
+        Some(action) => action,
+        None => path,
+    };
     let limits = match state.take(endpoint, request.at) {
         Ok(limits) => limits,
         Err(retry_after) => {
@@ -629,6 +683,9 @@ fn answer_within_limits(
     if request.method == "GET" {
         return job_read(path, state);
     }
+    if action_endpoint(&request.method, path).is_some() {
+        return action_answer(request);
+    }
     let ids: HashSet<String> = events_of(0, request)
         .into_iter()
         .filter_map(|e| e.unique_id)
@@ -705,12 +762,42 @@ fn answer_within_limits(
                 );
             }
             state.apply(&attributes);
+            // An id per profile, so list calls show whose id they carry.
+            let id = ["external_id", "email", "phone_number"]
+                .iter()
+                .find_map(|k| attributes[*k].as_str())
+                .map_or("01PROFILE".to_string(), |who| format!("01P-{who}"));
             reply(
                 201,
-                &json!({"data": {"type": "profile", "id": "01PROFILE", "attributes": attributes}})
+                &json!({"data": {"type": "profile", "id": id, "attributes": attributes}})
                     .to_string(),
             )
         }
+    }
+}
+
+/// A consent job or list call: `400` naming every row whose email contains `refuse`
+/// (Klaviyo refuses the whole call), else `202` (jobs) or `204` (list relationships).
+fn action_answer(request: &ReceivedRequest) -> Reply {
+    let list = request.json().is_some_and(|b| b["data"].is_array());
+    let errors: Vec<Value> = action_rows(request)
+        .iter()
+        .enumerate()
+        .filter(|(_, row)| refused(&row["attributes"]))
+        .map(|(i, _)| {
+            json!({"id": format!("e{i}"), "status": 400, "code": "invalid",
+                "title": "Invalid input.", "detail": "The email address is not valid.",
+                "source": {"pointer": format!("/data/attributes/profiles/data/{i}/attributes/email")}})
+        })
+        .collect();
+    if !errors.is_empty() {
+        return reply(400, &json!({ "errors": errors }).to_string());
+    }
+    Reply {
+        status: if list { 204 } else { 202 },
+        headers: Vec::new(),
+        body: Vec::new(),
+        delay: None,
     }
 }
 

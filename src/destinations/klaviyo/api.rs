@@ -24,7 +24,7 @@ pub(super) struct ProfileJob {
 }
 
 impl KlaviyoDestination {
-    fn content_type(&self) -> &'static str {
+    pub(super) fn content_type(&self) -> &'static str {
         match self.bodies.revision {
             Revision::V2023_01_24 => "application/json",
             Revision::Current => "application/vnd.api+json",
@@ -56,7 +56,7 @@ impl KlaviyoDestination {
 
     /// One request, paced by `limiter`, which learns from the answer's `RateLimit-*`
     /// headers and from a 429's `Retry-After` how much of the endpoint's window is left.
-    async fn call(
+    pub(super) async fn call(
         &self,
         request: reqwest::RequestBuilder,
         limiter: &RateLimiter,

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::actions::{validate_actions, KlaviyoActionConfig};
 use super::requests::KlaviyoBodies;
 use super::translate::{Mapping, MetricName, Revision};
 use super::{KlaviyoDestination, KLAVIYO_CONCURRENCY};
@@ -38,6 +39,10 @@ pub struct KlaviyoConfig {
     pub metric_names: BTreeMap<String, MetricName>,
     /// What was last sent for each profile, to skip identifies that change nothing.
     pub profile_cache: Option<ProfileCacheConfig>,
+    /// `[[destinations.actions]]`: consent and list changes by rule (`actions`); none by
+    /// default.
+    #[serde(default)]
+    pub actions: Vec<KlaviyoActionConfig>,
 }
 
 /// `profile_cache = { ttl = "1h", max_entries = 1000000 }`; `ttl = "0s"` turns it off.
@@ -82,8 +87,14 @@ impl Kind for KlaviyoConfig {
             check_url("base_url", url)?;
         }
         if let Some(revision) = &self.revision {
-            Revision::from_header(revision)
+            let parsed = Revision::from_header(revision)
                 .map_err(|e| KeyError::new("revision", e.to_string()))?;
+            if parsed == Revision::V2023_01_24 && !self.actions.is_empty() {
+                return Err(KeyError::new(
+                    "actions",
+                    "subscription, suppression and list calls need a current revision",
+                ));
+            }
         }
         // One rule per event: with two, which one wins would be a guess.
         let events = self.mapping.as_ref().map(|m| &m.events);
@@ -97,7 +108,7 @@ impl Kind for KlaviyoConfig {
                 "also in mapping.events: give one rule for it, in one of the two",
             ));
         }
-        Ok(())
+        validate_actions(&self.actions)
     }
 
     fn batch_shape(&self) -> BatchShape {

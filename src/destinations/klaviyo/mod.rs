@@ -19,6 +19,9 @@
 //!   identifier, a Klaviyo limit) are refused before any request and dead-lettered with
 //!   the reason.
 //!
+//! - `[[destinations.actions]]` (consent, suppression, lists by rule: `actions`) run in
+//!   addition to the above, after the batch's profiles and events (`action_calls`).
+//!
 //! Each message is translated once, in `check`; `send` and its retries use that.
 //!
 //! Klaviyo's documented per-account limits are built in, one bucket per endpoint (events
@@ -29,6 +32,8 @@
 //! sent again whole: Klaviyo keeps the first event per (profile, metric, unique_id), and
 //! unique_id is the messageId, so a repeat is not a second event.
 
+mod action_calls;
+mod actions;
 mod api;
 mod config;
 mod profiles;
@@ -41,6 +46,7 @@ use std::time::Duration;
 
 use reqwest::header::HeaderValue;
 
+pub use actions::{KlaviyoActionConfig, KlaviyoActionKind, KlaviyoChannel};
 pub use config::{KlaviyoConfig, ProfileCacheConfig};
 pub use requests::{KlaviyoBodies, KlaviyoRequest};
 
@@ -50,6 +56,8 @@ use super::{
 };
 use crate::clock::Clock;
 use crate::pace::RateLimiter;
+use action_calls::ActionLimits;
+use actions::{plan, KlaviyoAction};
 use profiles::{merge_profiles, profile_cache};
 use translate::{Revision, Translation};
 
@@ -92,6 +100,9 @@ pub struct KlaviyoDestination {
     profile_cache: Option<moka::sync::Cache<u64, u64>>,
     /// Translations check event times against it; `Retry-After` dates are read with it.
     clock: Clock,
+    /// `[[destinations.actions]]`, compiled.
+    actions: Vec<KlaviyoAction>,
+    action_limits: ActionLimits,
 }
 
 impl KlaviyoDestination {
@@ -129,13 +140,32 @@ impl KlaviyoDestination {
             job_reads_limit: job_reads_limiter(),
             profile_cache: profile_cache(&own.profile_cache.clone().unwrap_or_default()),
             clock,
+            actions: own.actions.iter().map(KlaviyoAction::compile).collect(),
+            action_limits: ActionLimits::new(),
         })
     }
 }
 
 impl Destination for KlaviyoDestination {
     fn check(&self, message: &[u8]) -> Check {
-        match self.bodies.translate(message, self.clock.now()) {
+        let now = self.clock.now();
+        let translation = self.bodies.translate(message, now);
+        match plan(&self.actions, message, now) {
+            Err(reason) => return refuse(reason),
+            // The actions still need the message sent, whatever its own translation is.
+            Ok(items) if !items.is_empty() => {
+                let translation = match translation {
+                    Translation::Reject { reason } => return refuse(reason),
+                    Translation::Profile(upsert) if self.unchanged(&upsert) => Translation::Skip {
+                        reason: "profile_unchanged",
+                    },
+                    other => other,
+                };
+                return Check::Send(Some(Prepared::Klaviyo(translation)));
+            }
+            Ok(_) => {}
+        }
+        match translation {
             Translation::Profile(upsert) if self.unchanged(&upsert) => {
                 Check::Skip("profile_unchanged")
             }
@@ -143,15 +173,7 @@ impl Destination for KlaviyoDestination {
                 Check::Send(Some(Prepared::Klaviyo(sendable)))
             }
             Translation::Skip { reason } => Check::Skip(reason),
-            Translation::Reject { reason } => Check::Refuse {
-                code: reason
-                    .split(':')
-                    .next()
-                    .unwrap_or_default()
-                    .trim()
-                    .to_string(),
-                detail: reason,
-            },
+            Translation::Reject { reason } => refuse(reason),
         }
     }
 
@@ -173,6 +195,22 @@ impl Destination for KlaviyoDestination {
                     None => Cow::Owned(self.bodies.translate(m.json, self.clock.now())),
                 })
                 .collect();
+            let now = self.clock.now();
+            let mut refused = Vec::new();
+            let mut action_items = Vec::new();
+            for (index, message) in batch.iter().enumerate() {
+                match plan(&self.actions, message.json, now) {
+                    Ok(items) => action_items.extend(items.into_iter().map(|i| (index, i))),
+                    // `check` refused it already; none should get here.
+                    Err(detail) => refused.push(Refusal {
+                        index,
+                        kind: RefusalKind::Refused,
+                        status: None,
+                        detail,
+                        answer: None,
+                    }),
+                }
+            }
             let mut events = Vec::new();
             let mut profiles = Vec::new();
             for (index, translation) in translations.iter().enumerate() {
@@ -204,7 +242,7 @@ impl Destination for KlaviyoDestination {
                     refused_profiles.insert(job.profiles.start + row, (reason, error));
                 }
             }
-            let mut refused = Vec::new();
+            refused.extend(self.send_actions(action_items).await?);
             for (at, profile) in merged.iter().enumerate() {
                 match refused_profiles.get(&at) {
                     Some((reason, error)) => {
@@ -232,6 +270,19 @@ impl Destination for KlaviyoDestination {
 /// them: 10/s burst, 150/min steady.
 fn job_reads_limiter() -> RateLimiter {
     RateLimiter::new(150.0 / 60.0, 10)
+}
+
+/// A message that cannot go: dead-lettered with the reason's code (before its `:`).
+fn refuse(reason: String) -> Check {
+    Check::Refuse {
+        code: reason
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        detail: reason,
+    }
 }
 
 /// The translation `check` prepared for a message.

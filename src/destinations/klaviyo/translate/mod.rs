@@ -46,6 +46,7 @@ use crate::message::MessageType;
 use crate::timestamp;
 pub use limits::Limits;
 pub use mapping::{EventRule, Mapping, MetricName, OrderedProducts, SentType};
+pub(super) use profile::build as build_profile;
 
 /// One Klaviyo event: who (`profile`), what (`metric`), details (`properties`).
 #[derive(Debug, Clone, PartialEq)]

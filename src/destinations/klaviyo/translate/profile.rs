@@ -22,7 +22,7 @@ use serde_json::{Map, Value};
 use super::{Location, Profile, Revision};
 
 /// Builds the profile of a message from its ids and the traits that describe the user.
-pub(super) fn build(
+pub(in crate::destinations::klaviyo) fn build(
     user_id: Option<String>,
     anonymous_id: Option<String>,
     traits: Option<Map<String, Value>>,
