@@ -232,7 +232,9 @@ impl KlaviyoDestination {
                     for row in rows {
                         match self.profile_id(&row.item).await? {
                             Ok(id) => found.push((row, id)),
-                            Err((detail, answer)) => refuse(&mut refused, row, detail, answer),
+                            Err((status, detail, answer)) => {
+                                refuse(&mut refused, row, status, detail, answer)
+                            }
                         }
                     }
                     self.list_call(group.kind, list, &mut found, &mut refused)
@@ -306,7 +308,7 @@ impl KlaviyoDestination {
     async fn profile_id(
         &self,
         item: &ActionItem,
-    ) -> Result<Result<String, (String, Option<String>)>, SendError> {
+    ) -> Result<Result<String, (u16, String, Option<String>)>, SendError> {
         let upsert = ProfileUpsert {
             profile: Profile {
                 email: item.email.clone(),
@@ -328,7 +330,11 @@ impl KlaviyoDestination {
                     detail: "a profile import answered without the profile's id".into(),
                     answer: None,
                 }),
-            Err(SendError::Rejected { detail, answer, .. }) => Ok(Err((detail, answer))),
+            Err(SendError::Rejected {
+                status,
+                detail,
+                answer,
+            }) => Ok(Err((status, detail, answer))),
             Err(e) => Err(e),
         }
     }
@@ -343,11 +349,17 @@ impl KlaviyoDestination {
     }
 }
 
-fn refuse(refused: &mut Vec<Refusal>, row: &Row, detail: String, answer: Option<String>) {
+fn refuse(
+    refused: &mut Vec<Refusal>,
+    row: &Row,
+    status: u16,
+    detail: String,
+    answer: Option<String>,
+) {
     refused.extend(row.messages.iter().map(|&index| Refusal {
         index,
         kind: RefusalKind::Refused,
-        status: Some(400),
+        status: Some(status),
         detail: detail.clone(),
         answer: answer.clone(),
     }));
@@ -361,20 +373,31 @@ fn take_refused<'r, T>(
     row_of: impl Fn(&T) -> &'r Row,
     refused: &mut Vec<Refusal>,
 ) -> Result<(), SendError> {
-    let SendError::Rejected { detail, answer, .. } = error else {
+    let SendError::Rejected {
+        status,
+        detail,
+        answer,
+    } = error
+    else {
         return Err(error);
     };
     let named = refused_rows(answer.as_deref(), rows.len());
     if named.is_empty() {
         for row in rows.drain(..) {
-            refuse(refused, row_of(&row), detail.clone(), answer.clone());
+            refuse(
+                refused,
+                row_of(&row),
+                status,
+                detail.clone(),
+                answer.clone(),
+            );
         }
         return Ok(());
     }
     let mut drop = vec![false; rows.len()];
     for (row, detail, error) in named {
         if !drop[row] {
-            refuse(refused, row_of(&rows[row]), detail, Some(error));
+            refuse(refused, row_of(&rows[row]), status, detail, Some(error));
         }
         drop[row] = true;
     }

@@ -116,8 +116,14 @@ pub fn validate_actions(actions: &[KlaviyoActionConfig]) -> Result<(), KeyError>
                     format!("`do = \"{}\"` needs a list_id", kind.as_str()),
                 ))
             }
-            (Some(id), _, _) if id.trim().is_empty() => {
-                return Err(KeyError::new(at("list_id"), "must not be empty"))
+            // It goes into a URL path; Klaviyo's list ids are short alphanumerics.
+            (Some(id), _, _) if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric()) => {
+                return Err(KeyError::new(
+                    at("list_id"),
+                    format!(
+                        "{id:?} is not a Klaviyo list id (letters and digits, e.g. \"Xy12Ab\")"
+                    ),
+                ))
             }
             (Some(_), _, true) => {
                 return Err(KeyError::new(

@@ -45,6 +45,12 @@ fn action_keys_are_checked_with_their_path() {
         "actions[0].channels"
     );
     assert_eq!(
+        key_of(
+            "[[actions]]\nwhen = { events = [\"a\"] }\ndo = \"add_to_list\"\nlist_id = \"a/b\"\n"
+        ),
+        "actions[0].list_id"
+    );
+    assert_eq!(
         key_of("[[actions]]\nwhen = { events = [\"a\"] }\ndo = \"suppress\"\nlist_id = \"L\"\n"),
         "actions[0].list_id"
     );
