@@ -22,9 +22,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::translate::{build_profile, Profile};
-use crate::destinations::KeyError;
-use crate::destinations::{FilterConfig, RouteConfig};
-use crate::routing::MessageFilter;
+use crate::key_error::KeyError;
+use crate::routing::{FilterConfig, MessageFilter, RouteConfig};
 use crate::timestamp;
 
 /// One `[[destinations.actions]]` table.
