@@ -278,6 +278,46 @@ async fn consent_older_than_a_day_is_sent_as_a_historical_import() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_klaviyo_does_not_know_dead_letters_its_messages_at_once() {
+    let k = Klaviyo::start(CURRENT).await;
+    let f = start(
+        &k,
+        &[
+            action("Joined", "do = \"add_to_list\"\nlist_id = \"Missing1\""),
+            action("Subscribed", "do = \"subscribe\""),
+        ]
+        .concat(),
+    );
+    send(
+        &f,
+        &[
+            track("join", "joiner", "Joined"),
+            track("sub", "subscriber", "Subscribed"),
+        ],
+    )
+    .await;
+    let rows = f.wait_dead_letters("kl", 1, Duration::from_secs(20)).await;
+    f.wait_settled("kl").await;
+    assert_eq!(
+        dead_ids(&rows),
+        ["join".to_string()].into_iter().collect(),
+        "{rows:#?}"
+    );
+    assert_eq!(rows[0]["status"], 404, "{rows:#?}");
+    assert!(rows[0]["response"]
+        .as_str()
+        .unwrap()
+        .contains("does not exist"));
+    // One call, not retried: a wrong list_id is not mended by waiting.
+    let list_calls = k
+        .requests()
+        .iter()
+        .filter(|r| r.path.starts_with("/api/lists/Missing1/"))
+        .count();
+    assert_eq!(list_calls, 1, "{}", k.summary());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_profile_dead_letters_only_its_message_with_klaviyos_detail() {
     let k = Klaviyo::start(CURRENT).await;
     let f = start(

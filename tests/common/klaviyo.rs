@@ -776,9 +776,22 @@ fn answer_within_limits(
     }
 }
 
-/// A consent job or list call: `400` naming every row whose email contains `refuse`
-/// (Klaviyo refuses the whole call), else `202` (jobs) or `204` (list relationships).
+/// A consent job or list call: `404` for a list whose id starts with `Missing` (no such
+/// list), `400` naming every row whose email contains `refuse` (Klaviyo refuses the whole
+/// call), else `202` (jobs) or `204` (list relationships).
 fn action_answer(request: &ReceivedRequest) -> Reply {
+    if request.path.starts_with("/api/lists/Missing") {
+        return reply(
+            404,
+            &error_body(
+                404,
+                "not_found",
+                "Not found.",
+                "A list with id Missing… does not exist.",
+                "",
+            ),
+        );
+    }
     let list = request.json().is_some_and(|b| b["data"].is_array());
     let errors: Vec<Value> = action_rows(request)
         .iter()

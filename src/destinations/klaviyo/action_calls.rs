@@ -297,7 +297,7 @@ impl KlaviyoDestination {
                 .body(body);
             match self.call_with_body(request, limiter).await {
                 Ok(_) => return Ok(()),
-                Err(e) => take_refused(e, rows, |(r, _)| r, refused)?,
+                Err(e) => take_refused(no_such_list(e), rows, |(r, _)| r, refused)?,
             }
         }
         Ok(())
@@ -346,6 +346,24 @@ impl KlaviyoDestination {
     ) -> Result<crate::destinations::http::Answer, SendError> {
         self.call(request.header(CONTENT_TYPE, self.content_type()), limiter)
             .await
+    }
+}
+
+/// A list call answered 404: the list does not exist (a wrong `list_id`), which no retry
+/// mends, though a 404 is retried elsewhere (a resource not there yet). Dead-lettered.
+fn no_such_list(error: SendError) -> SendError {
+    match error {
+        SendError::Retryable {
+            status: Some(404),
+            detail,
+            answer,
+            ..
+        } => SendError::Rejected {
+            status: 404,
+            detail: format!("no such list: {detail}"),
+            answer,
+        },
+        other => other,
     }
 }
 
