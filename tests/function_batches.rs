@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::receiver::{Receiver, Reply};
-use common::{assert_success, Fanout, Settings};
+use common::{Fanout, Settings};
 use serde_json::{json, Value};
 
 /// Batches of up to 10 messages: the few of one `/v1/batch` go together.
@@ -28,26 +28,6 @@ fn start(script: &str, receiver: &Receiver, extra: &str) -> Fanout {
         port = receiver.port()
     );
     Fanout::start_in(tmp, Settings::default().section(&section))
-}
-
-async fn send(f: &Fanout, messages: Value) {
-    assert_success(
-        f.post("/v1/batch")
-            .json(&json!({ "batch": messages }))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-}
-
-async fn outcome(f: &Fanout, outcome: &str) -> f64 {
-    f.metric(
-        "fanout_deliveries_total",
-        &[("destination", "fn"), ("outcome", outcome)],
-    )
-    .await
-    .unwrap_or(0.0)
 }
 
 fn tracks(ids: &[(&str, &str)]) -> Value {
@@ -104,7 +84,8 @@ async fn on_batch_settles_each_event_by_the_status_it_returns() {
         _ => None,
     });
     let f = start(PER_EVENT_STATUSES, &receiver, BATCHED);
-    send(&f, tracks(&[("u1", "m1"), ("u2", "m2"), ("u3", "m3")])).await;
+    f.send_batch(tracks(&[("u1", "m1"), ("u2", "m2"), ("u3", "m3")]))
+        .await;
     f.wait_settled("fn").await;
 
     // One call with the three; then m2 alone: m1 (delivered) is not sent again, nor m3.
@@ -123,9 +104,9 @@ async fn on_batch_settles_each_event_by_the_status_it_returns() {
     assert_eq!(letters[0]["reason"], "rejected");
     assert_eq!(letters[0]["status"], 400);
     assert_eq!(letters[0]["response"], "bad email");
-    assert_eq!(outcome(&f, "ok").await, 2.0);
-    assert_eq!(outcome(&f, "dead_lettered").await, 1.0);
-    assert_eq!(outcome(&f, "retried").await, 1.0);
+    assert_eq!(f.deliveries("fn", "ok").await, 2.0);
+    assert_eq!(f.deliveries("fn", "dead_lettered").await, 1.0);
+    assert_eq!(f.deliveries("fn", "retried").await, 1.0);
 }
 
 #[tokio::test]
@@ -142,15 +123,16 @@ async function onBatch(events, settings) {
 }
 "#;
     let f = start(script, &receiver, BATCHED);
-    send(&f, tracks(&[("u1", "m1"), ("u2", "m2"), ("u1", "m3")])).await;
+    f.send_batch(tracks(&[("u1", "m1"), ("u2", "m2"), ("u1", "m3")]))
+        .await;
     f.wait_settled("fn").await;
     assert_eq!(
         seen(&receiver),
         expected(&[("m1,m2,m3", 3, 500), ("m1,m2,m3", 3, 200)])
     );
     assert!(f.dead_letters("fn").await.is_empty());
-    assert_eq!(outcome(&f, "ok").await, 3.0);
-    assert_eq!(outcome(&f, "retried").await, 3.0);
+    assert_eq!(f.deliveries("fn", "ok").await, 3.0);
+    assert_eq!(f.deliveries("fn", "retried").await, 3.0);
 }
 
 #[tokio::test]
@@ -158,7 +140,7 @@ async fn on_batch_returning_the_wrong_number_of_statuses_dead_letters_the_batch(
     let receiver = Receiver::start().await;
     let script = "function onBatch(events) { return [{ status: 200 }]; }";
     let f = start(script, &receiver, BATCHED);
-    send(&f, tracks(&[("u1", "m1"), ("u2", "m2")])).await;
+    f.send_batch(tracks(&[("u1", "m1"), ("u2", "m2")])).await;
     let letters = f.wait_dead_letters("fn", 2, Duration::from_secs(10)).await;
     assert_eq!(letters.len(), 2, "{letters:?}");
     let response = letters[0]["response"].as_str().unwrap();
@@ -166,7 +148,7 @@ async fn on_batch_returning_the_wrong_number_of_statuses_dead_letters_the_batch(
         response.starts_with("onBatch returned 1 results for 2 events"),
         "{response}"
     );
-    assert_eq!(outcome(&f, "ok").await, 0.0);
+    assert_eq!(f.deliveries("fn", "ok").await, 0.0);
 }
 
 #[tokio::test]
@@ -184,10 +166,10 @@ async function onTrack(event) {
         {"type": "track", "userId": "u1", "event": "Ignored", "messageId": "m1"},
         {"type": "track", "userId": "u1", "event": "Kept", "messageId": "m2"},
     ]);
-    send(&f, messages).await;
+    f.send_batch(messages).await;
     f.wait_settled("fn").await;
-    assert_eq!(outcome(&f, "skipped").await, 1.0);
-    assert_eq!(outcome(&f, "ok").await, 1.0);
+    assert_eq!(f.deliveries("fn", "skipped").await, 1.0);
+    assert_eq!(f.deliveries("fn", "ok").await, 1.0);
     assert_eq!(seen(&receiver), expected(&[("m2", 0, 200)]));
     assert!(f.dead_letters("fn").await.is_empty());
 }
@@ -208,10 +190,12 @@ async function onTrack(event) {
 }
 "#;
     let f = start(script, &receiver, BATCHED);
-    send(
-        &f,
-        tracks(&[("u1", "m1"), ("u2", "m2"), ("u2", "m3"), ("u3", "m4")]),
-    )
+    f.send_batch(tracks(&[
+        ("u1", "m1"),
+        ("u2", "m2"),
+        ("u2", "m3"),
+        ("u3", "m4"),
+    ]))
     .await;
     f.wait_settled("fn").await;
     // m1 went once; m2 again, then what came after it in the batch, in order.
@@ -225,7 +209,7 @@ async function onTrack(event) {
             ("m4", 0, 200)
         ])
     );
-    assert_eq!(outcome(&f, "ok").await, 4.0);
+    assert_eq!(f.deliveries("fn", "ok").await, 4.0);
     assert!(f.dead_letters("fn").await.is_empty());
 }
 
@@ -240,7 +224,7 @@ async function onBatch(events) {
 }
 "#;
     let f = start(script, &receiver, BATCHED);
-    send(&f, tracks(&[("u1", "m1"), ("u2", "m2")])).await;
+    f.send_batch(tracks(&[("u1", "m1"), ("u2", "m2")])).await;
     f.wait_settled("fn").await;
     // Not split to find a culprit: the function settled the batch as a whole.
     assert_eq!(seen(&receiver), expected(&[("call", 2, 200)]));

@@ -34,26 +34,6 @@ fn start(script: &str, receiver: &Receiver, extra: &str) -> Fanout {
     Fanout::start_in(tmp, settings)
 }
 
-async fn send(f: &Fanout, messages: Value) {
-    assert_success(
-        f.post("/v1/batch")
-            .json(&json!({ "batch": messages }))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-}
-
-async fn outcome(f: &Fanout, outcome: &str) -> f64 {
-    f.metric(
-        "fanout_deliveries_total",
-        &[("destination", "fn"), ("outcome", outcome)],
-    )
-    .await
-    .unwrap_or(0.0)
-}
-
 const POSTER: &str = r#"
 // Sloppy mode: an undeclared module-level variable, kept between calls.
 sent = 0;
@@ -84,15 +64,12 @@ async fn a_function_posts_each_track_through_fetch_retrying_on_retry_error() {
         &receiver,
         "settings = { token_env = \"FN_TOKEN\", channel = \"#events\" }",
     );
-    send(
-        &f,
-        json!([
-            {"type": "track", "userId": "u1", "event": "Signed Up", "messageId": "m1"},
-            {"type": "track", "userId": "u1", "event": "Bad", "messageId": "m2"},
-            {"type": "identify", "userId": "u1", "traits": {"a": 1}, "messageId": "m3"},
-            {"type": "track", "userId": "u1", "event": "Paid", "messageId": "m4"},
-        ]),
-    )
+    f.send_batch(json!([
+        {"type": "track", "userId": "u1", "event": "Signed Up", "messageId": "m1"},
+        {"type": "track", "userId": "u1", "event": "Bad", "messageId": "m2"},
+        {"type": "identify", "userId": "u1", "traits": {"a": 1}, "messageId": "m3"},
+        {"type": "track", "userId": "u1", "event": "Paid", "messageId": "m4"},
+    ]))
     .await;
     f.wait_settled("fn").await;
 
@@ -133,9 +110,9 @@ async fn a_function_posts_each_track_through_fetch_retrying_on_retry_error() {
     assert!(response.contains("functions/f.js:13"), "{response}");
 
     // No onIdentify: skipped, not sent, not an error.
-    assert_eq!(outcome(&f, "skipped").await, 1.0);
-    assert_eq!(outcome(&f, "ok").await, 2.0);
-    assert!(outcome(&f, "retried").await >= 1.0);
+    assert_eq!(f.deliveries("fn", "skipped").await, 1.0);
+    assert_eq!(f.deliveries("fn", "ok").await, 2.0);
+    assert!(f.deliveries("fn", "retried").await >= 1.0);
 }
 
 #[tokio::test]
@@ -154,14 +131,11 @@ function onTrack(event) {
         &receiver,
         "timeout = \"300ms\"\nmemory_limit = 8388608",
     );
-    send(
-        &f,
-        json!([
-            {"type": "track", "userId": "u1", "event": "Loop", "messageId": "loop"},
-            {"type": "track", "userId": "u2", "event": "Bomb", "messageId": "bomb"},
-            {"type": "track", "userId": "u3", "event": "After", "messageId": "after"},
-        ]),
-    )
+    f.send_batch(json!([
+        {"type": "track", "userId": "u1", "event": "Loop", "messageId": "loop"},
+        {"type": "track", "userId": "u2", "event": "Bomb", "messageId": "bomb"},
+        {"type": "track", "userId": "u3", "event": "After", "messageId": "after"},
+    ]))
     .await;
     f.wait_settled("fn").await;
     let mut bodies: Vec<String> = receiver
@@ -171,7 +145,7 @@ function onTrack(event) {
         .collect();
     bodies.sort();
     assert_eq!(bodies, ["after", "loop"]);
-    assert!(outcome(&f, "retried").await >= 1.0);
+    assert!(f.deliveries("fn", "retried").await >= 1.0);
     let letters = f.dead_letters("fn").await;
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0]["message"]["messageId"], "bomb");
@@ -179,8 +153,7 @@ function onTrack(event) {
     assert!(response.contains("out of memory"), "{response}");
 
     // The server goes on serving.
-    send(
-        &f,
+    f.send_batch(
         json!([{"type": "track", "userId": "u1", "event": "Later", "messageId": "later"}]),
     )
     .await;
@@ -198,11 +171,8 @@ async fn a_fetch_to_a_loopback_host_not_listed_is_refused() {
         receiver.url("/direct")
     );
     let f = start(&script, &receiver, "");
-    send(
-        &f,
-        json!([{"type": "track", "userId": "u1", "event": "A", "messageId": "a"}]),
-    )
-    .await;
+    f.send_batch(json!([{"type": "track", "userId": "u1", "event": "A", "messageId": "a"}]))
+        .await;
     let letters = f.wait_dead_letters("fn", 1, Duration::from_secs(10)).await;
     assert_eq!(letters.len(), 1, "{letters:?}");
     let response = letters[0]["response"].as_str().unwrap();
@@ -270,17 +240,14 @@ function onTrack(event) {
         json!({"type": "track", "userId": "u1", "event": event, "messageId": id,
                "context": {"ip": "10.0.0.1"}})
     };
-    send(
-        &f,
-        json!([
-            track("t1", "Viewed"),
-            track("t2", "Internal"),
-            track("t3", "Broken"),
-            {"type": "identify", "userId": "u1", "messageId": "i1"},
-            track("t4", "Paid"),
-            track("t5", "Flaky"),
-        ]),
-    )
+    f.send_batch(json!([
+        track("t1", "Viewed"),
+        track("t2", "Internal"),
+        track("t3", "Broken"),
+        {"type": "identify", "userId": "u1", "messageId": "i1"},
+        track("t4", "Paid"),
+        track("t5", "Flaky"),
+    ]))
     .await;
     f.wait_settled("hook").await;
     let messages = receiver.messages();
@@ -345,13 +312,13 @@ async fn a_reload_runs_the_changed_file_and_refuses_a_syntax_error() {
     let f = Fanout::start_in(tmp, settings);
     let track =
         |id: &str| json!([{"type": "track", "userId": "u1", "event": "A", "messageId": id}]);
-    send(&f, track("a")).await;
+    f.send_batch(track("a")).await;
     f.wait_settled("fn").await;
 
     std::fs::write(dir.join("functions/f.js"), version(2)).unwrap();
     let (status, body) = common::post_reload(&f, "fn-admin-token", "").await;
     assert_eq!(status, 200, "{body}");
-    send(&f, track("b")).await;
+    f.send_batch(track("b")).await;
     let requests = receiver
         .wait_until(Duration::from_secs(10), |r| r.len() >= 2)
         .await;
@@ -370,7 +337,7 @@ async fn a_reload_runs_the_changed_file_and_refuses_a_syntax_error() {
         "{body}"
     );
     // The running function is the last good one.
-    send(&f, track("c")).await;
+    f.send_batch(track("c")).await;
     let requests = receiver
         .wait_until(Duration::from_secs(10), |r| r.len() >= 3)
         .await;
@@ -397,7 +364,7 @@ async fn what_an_insert_function_returns_stays_on_one_line() {
     );
     let f = Fanout::start_in(tmp, Settings::default().section(&section));
     let track = |id: &str| json!({"type": "track", "userId": "u1", "event": "E", "messageId": id});
-    send(&f, json!([track("n1"), track("n2")])).await;
+    f.send_batch(json!([track("n1"), track("n2")])).await;
     let lines = common::wait_file_lines(&path, 2).await;
     f.wait_settled("noted").await;
     let raw = std::fs::read_to_string(&path).unwrap();
@@ -861,14 +828,11 @@ async fn metrics_count_each_functions_calls_by_outcome_and_time_them() {
                   if (event.event === 'Bad') throw new ValidationError('bad');\n\
                   return event.messageId;\n}\n";
     let f = start(script, &receiver, "");
-    send(
-        &f,
-        json!([
-            {"type": "track", "userId": "u1", "event": "Good", "messageId": "a"},
-            {"type": "track", "userId": "u1", "event": "Bad", "messageId": "b"},
-            {"type": "track", "userId": "u1", "event": "Good", "messageId": "c"},
-        ]),
-    )
+    f.send_batch(json!([
+        {"type": "track", "userId": "u1", "event": "Good", "messageId": "a"},
+        {"type": "track", "userId": "u1", "event": "Bad", "messageId": "b"},
+        {"type": "track", "userId": "u1", "event": "Good", "messageId": "c"},
+    ]))
     .await;
     f.wait_settled("fn").await;
     let calls = |outcome: &'static str| {

@@ -369,6 +369,28 @@ impl Fanout {
         }
     }
 
+    /// Posts `messages` as one `/v1/batch` and asserts the 200.
+    pub async fn send_batch(&self, messages: Value) {
+        assert_success(
+            self.post("/v1/batch")
+                .json(&serde_json::json!({ "batch": messages }))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+    }
+
+    /// `fanout_deliveries_total` of `destination` with `outcome` (0 when absent).
+    pub async fn deliveries(&self, destination: &str, outcome: &str) -> f64 {
+        self.metric(
+            "fanout_deliveries_total",
+            &[("destination", destination), ("outcome", outcome)],
+        )
+        .await
+        .unwrap_or(0.0)
+    }
+
     /// The value of one series of `/metrics`: `name` with exactly these `labels`
     /// (`[]` for none); `None` when it is not there.
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
