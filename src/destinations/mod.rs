@@ -5,6 +5,7 @@
 //! implements `Kind`, and the destination itself) plus one line in `kinds!` below.
 
 mod config;
+mod erase;
 mod file;
 mod function;
 mod http;
@@ -28,6 +29,7 @@ pub use config::{
     deserialize_table, does_not_apply, field_names, BatchConfig, BatchLimits, BatchShape,
     DestinationConfig, HttpConfig, RateLimitConfig, RatePer, RetryConfig,
 };
+pub use erase::{EraseError, Erasing, Erasure, Subject};
 pub use file::{FileConfig, FileDestination};
 pub use function::{handler_of, FunctionConfig, FunctionDestination};
 pub use http::{classify, parse_retry_after};
@@ -190,6 +192,12 @@ pub trait Destination: Send + Sync + 'static {
     /// What the mark measures (see `Checkpoint::sink_id`); 0 when there is no mark.
     fn sink_id(&self) -> u64 {
         0
+    }
+
+    /// Deletes what this destination holds or sent of `subject` (privacy regulations);
+    /// most cannot.
+    fn erase<'a>(&'a self, _subject: &'a Subject) -> Erasing<'a> {
+        Box::pin(async { Ok(Erasure::NotSupported) })
     }
 }
 
