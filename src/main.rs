@@ -78,6 +78,11 @@ enum Command {
         #[arg(long = "type")]
         message_type: Option<String>,
     },
+    /// Privacy regulations of a running fanout (`/admin/regulations`).
+    Regulations {
+        #[command(subcommand)]
+        action: fanout::cli::regulations::Action,
+    },
     /// Work on Segment Functions files without a config or a server.
     Fn {
         #[command(subcommand)]
@@ -172,6 +177,9 @@ fn main() -> ExitCode {
     };
     if let Some(Command::DeadLetters { action }) = &cli.command {
         return block_on(dead_letters_on(&config, action));
+    }
+    if let Some(Command::Regulations { action }) = &cli.command {
+        return block_on(fanout::cli::regulations::run(&config, action));
     }
     if let Some(Command::Route { source }) = &cli.command {
         return route(&config, source.as_deref());

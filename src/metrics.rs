@@ -47,6 +47,7 @@ const DELIVERY_DURATION: &str = "fanout_delivery_duration_seconds";
 const DEDUPE_KEYS: &str = "fanout_dedupe_keys";
 const DEDUPE_EVICTIONS: &str = "fanout_dedupe_evictions_total";
 const DEAD_LETTERS_DROPPED: &str = "fanout_dead_letters_dropped_total";
+const SUPPRESSED: &str = "fanout_suppressed_total";
 const LIVE_VIEWERS: &str = "fanout_live_viewers";
 const LIVE_BUFFERED: &str = "fanout_live_buffered_bytes";
 const LIVE_LOST: &str = "fanout_live_events_lost_total";
@@ -217,6 +218,10 @@ fn describe() {
         CONSUMER_REDELIVERED,
         "queue.backend = nats: of the destination's unacknowledged messages, those delivered \
          more than once (after an instance died, or a handover)."
+    );
+    describe_counter!(
+        SUPPRESSED,
+        "Messages answered 200 and dropped: their subject is under a privacy suppression."
     );
     describe_gauge!(DEDUPE_KEYS, "messageIds in the dedupe window.");
     describe_counter!(
@@ -413,6 +418,13 @@ fn events(source: &str, kind: &'static str, outcome: &'static str, n: u64) {
             counter.increment(n);
             counters.push(((kind, outcome), counter));
         }
+    }
+}
+
+/// Messages of `source` dropped at ingest for a privacy suppression.
+pub fn suppressed(source: &str, messages: u64) {
+    if messages > 0 {
+        counter!(SUPPRESSED, "source" => source.to_string()).increment(messages);
     }
 }
 

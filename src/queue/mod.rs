@@ -138,6 +138,14 @@ impl Queue {
         }
     }
 
+    /// The shared log, when the queue is one (stores beside it open their own streams).
+    pub fn shared(&self) -> Option<&NatsQueue> {
+        match &self.0 {
+            Backend::Local(_) => None,
+            Backend::Nats(shared) => Some(shared),
+        }
+    }
+
     /// Hands `each` every message the log on this machine holds; `None` when the queue
     /// is shared, and so not all here (instances share their dedupe window otherwise).
     pub fn scan_local(&self, each: impl FnMut(&str, Tag)) -> io::Result<Option<usize>> {
