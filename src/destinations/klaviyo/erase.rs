@@ -168,6 +168,44 @@ mod tests {
         }
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn deletions_and_profile_reads_are_paced_at_klaviyos_limits() {
+        use std::time::Duration;
+        let limits = EraseLimits::new();
+        let start = tokio::time::Instant::now();
+        for _ in 0..3 {
+            limits.deletion_jobs.acquire(1).await;
+        }
+        assert_eq!(start.elapsed(), Duration::ZERO, "a burst of 3 goes at once");
+        // Then 60 a minute: 60 more take a minute (virtual time).
+        for _ in 0..60 {
+            limits.deletion_jobs.acquire(1).await;
+        }
+        assert!(
+            start.elapsed() >= Duration::from_secs(59),
+            "{:?}",
+            start.elapsed()
+        );
+        let start = tokio::time::Instant::now();
+        for _ in 0..75 {
+            limits.profile_reads.acquire(1).await;
+        }
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "a burst of 75 goes at once"
+        );
+        // Then 750 a minute: 125 more take 10 s.
+        for _ in 0..125 {
+            limits.profile_reads.acquire(1).await;
+        }
+        assert!(
+            start.elapsed() >= Duration::from_millis(9900),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
     #[test]
     fn email_goes_first_then_phone_else_a_lookup() {
         let all = subject(Some("u1"), Some("a@example.com"), Some("+15555550100"));
