@@ -24,7 +24,8 @@ pub(super) struct EraseLimits {
 impl EraseLimits {
     pub(super) fn new() -> EraseLimits {
         EraseLimits {
-            deletion_jobs: RateLimiter::new(60.0 / 60.0, 3),
+            // 60 a minute is one a second.
+            deletion_jobs: RateLimiter::new(1.0, 3),
             profile_reads: RateLimiter::new(750.0 / 60.0, 75),
         }
     }
