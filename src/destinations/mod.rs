@@ -29,7 +29,7 @@ pub use config::{
     deserialize_table, does_not_apply, field_names, BatchConfig, BatchLimits, BatchShape,
     DestinationConfig, HttpConfig, RateLimitConfig, RatePer, RetryConfig,
 };
-pub use erase::{EraseError, Erasing, Erasure, Subject};
+pub use erase::{delete_message, EraseError, Erasing, Erasure, Subject};
 pub use file::{FileConfig, FileDestination};
 pub use function::{handler_of, FunctionConfig, FunctionDestination};
 pub use http::{classify, parse_retry_after};

@@ -36,6 +36,7 @@ mod action_calls;
 mod actions;
 mod api;
 mod config;
+mod erase;
 mod profiles;
 mod requests;
 pub mod translate;
@@ -51,13 +52,14 @@ pub use config::{KlaviyoConfig, ProfileCacheConfig};
 pub use requests::{KlaviyoBodies, KlaviyoRequest};
 
 use super::{
-    http, secret_from_env, Check, Destination, DestinationConfig, Outgoing, Prepared, Preview,
-    Refusal, RefusalKind, SendError, Sending,
+    http, secret_from_env, Check, Destination, DestinationConfig, Erasing, Outgoing, Prepared,
+    Preview, Refusal, RefusalKind, SendError, Sending, Subject,
 };
 use crate::clock::Clock;
 use crate::pace::RateLimiter;
 use action_calls::ActionLimits;
 use actions::{plan, KlaviyoAction};
+use erase::EraseLimits;
 use profiles::{merge_profiles, profile_cache};
 use translate::{Revision, Translation};
 
@@ -103,6 +105,8 @@ pub struct KlaviyoDestination {
     /// `[[destinations.actions]]`, compiled.
     actions: Vec<KlaviyoAction>,
     action_limits: ActionLimits,
+    /// Privacy deletions' endpoints (`erase`).
+    erase_limits: EraseLimits,
 }
 
 impl KlaviyoDestination {
@@ -142,6 +146,7 @@ impl KlaviyoDestination {
             clock,
             actions: own.actions.iter().map(KlaviyoAction::compile).collect(),
             action_limits: ActionLimits::new(),
+            erase_limits: EraseLimits::new(),
         })
     }
 }
@@ -263,6 +268,10 @@ impl Destination for KlaviyoDestination {
                 Err(SendError::PartlyRejected { refused })
             }
         })
+    }
+
+    fn erase<'a>(&'a self, subject: &'a Subject) -> Erasing<'a> {
+        Box::pin(self.erase_subject(subject))
     }
 }
 

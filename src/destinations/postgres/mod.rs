@@ -9,6 +9,7 @@
 
 mod catalog;
 mod connect;
+pub mod erase;
 mod errors;
 mod load;
 pub mod schema;
@@ -24,8 +25,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{
-    secret_from_env, AnyDestination, BatchShape, Check, Destination, DestinationConfig, KeyError,
-    Kind, Outgoing, Prepared, Preview, SendError, Sending,
+    secret_from_env, AnyDestination, BatchShape, Check, Destination, DestinationConfig, Erasing,
+    KeyError, Kind, Outgoing, Prepared, Preview, SendError, Sending, Subject,
 };
 use crate::clock::Clock;
 use crate::queue::Checkpoint;
@@ -295,5 +296,9 @@ impl Destination for PostgresDestination {
 
     fn send<'a>(&'a self, batch: &'a [Outgoing<'a>]) -> Sending<'a> {
         Box::pin(async move { self.load(batch).await.map(|()| 0) })
+    }
+
+    fn erase<'a>(&'a self, subject: &'a Subject) -> Erasing<'a> {
+        Box::pin(self.erase_subject(subject))
     }
 }
