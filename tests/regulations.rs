@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use chrono::SecondsFormat;
 use common::nats::NatsCluster;
+use common::receiver::{Receiver, Reply};
 use common::{assert_success, client, event_batch, status_json, Fanout, Settings, WRITE_KEY};
 use serde_json::{json, Value};
 
@@ -167,11 +168,26 @@ async fn a_suppressed_users_later_messages_reach_no_destination_nor_the_log() {
 
 #[tokio::test]
 async fn a_suppression_purges_the_subjects_dead_letters() {
+    purges_dead_letters(None).await;
+}
+
+#[tokio::test]
+async fn a_suppression_purges_the_subjects_dead_letters_on_the_shared_log() {
+    let nats = NatsCluster::single();
+    purges_dead_letters(Some(&nats)).await;
+}
+
+/// Messages a tracking plan blocks are dead letters; suppressing u1 purges its own.
+async fn purges_dead_letters(nats: Option<&NatsCluster>) {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(tmp.path().join("plans")).unwrap();
     let plan = json!({"events": {"Planned": {"type": "object"}}, "unplanned_events": "block"});
     std::fs::write(tmp.path().join("plans/web.json"), plan.to_string()).unwrap();
-    let f = Fanout::start_in(tmp, settings().source("tracking_plan = \"plans/web.json\""));
+    let mut settings = settings().source("tracking_plan = \"plans/web.json\"");
+    if let Some(nats) = nats {
+        settings = settings.section(&nats.queue_section(""));
+    }
+    let f = Fanout::start_in(tmp, settings);
     f.send_batch(json!([
         track("u1", "Blocked-u1-a"),
         track("u2", "Blocked-u2"),
@@ -378,4 +394,97 @@ async fn a_regulation_made_on_one_instance_holds_on_another() {
         .iter()
         .chain(&events(&b))
         .any(|e| e == "Secret-b"));
+}
+
+/// The harness's `out` file, and a webhook `hook` posting to `receiver`.
+fn with_hook(receiver: &Receiver) -> Settings {
+    settings().section(&format!(
+        "[[destinations]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"{}\"\n",
+        receiver.url("/hook")
+    ))
+}
+
+/// The delete messages the receiver accepted.
+fn deletes(receiver: &Receiver) -> Vec<Value> {
+    receiver
+        .messages()
+        .into_iter()
+        .filter(|m| m["type"] == "delete")
+        .collect()
+}
+
+#[tokio::test]
+async fn a_webhook_gets_the_delete_message_and_the_report_says_done() {
+    let receiver = Receiver::start().await;
+    // The first attempt fails as a 503 would: tried again.
+    receiver.push_reply(Reply::status(503));
+    let f = Fanout::start_with(with_hook(&receiver));
+    let (status, made) =
+        post_regulation(&f, json!({"type": "suppress_with_delete", "userId": "u1"})).await;
+    assert_eq!(status, 201, "{made}");
+    assert_eq!(made["destinations"]["hook"]["status"], "pending");
+    let listed =
+        wait_regulations(&f, |all| all[0]["destinations"]["hook"]["status"] == "done").await;
+    let report = &listed[0]["destinations"];
+    assert_eq!(report["out"], json!({"status": "not supported"}));
+    assert!(report["hook"]["at"].is_string(), "{report}");
+    let sent = deletes(&receiver);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0]["userId"], "u1");
+    assert_eq!(
+        receiver.requests().len(),
+        2,
+        "the 503, then the delete accepted"
+    );
+}
+
+#[tokio::test]
+async fn a_pending_deletion_resumes_after_a_restart() {
+    let receiver = Receiver::start().await;
+    receiver.stop().await;
+    let mut f = Fanout::start_with(with_hook(&receiver));
+    let (status, _) = post_regulation(
+        &f,
+        json!({"type": "suppress_with_delete", "anonymousId": "a1"}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let listed = wait_regulations(&f, |all| {
+        all[0]["destinations"]["hook"]["attempts"].as_u64() >= Some(1)
+    })
+    .await;
+    let hook = &listed[0]["destinations"]["hook"];
+    assert_eq!(hook["status"], "pending", "{hook}");
+    assert!(hook["last_error"].is_string(), "{hook}");
+
+    f.terminate();
+    receiver.restart().await;
+    f.restart();
+    wait_regulations(&f, |all| all[0]["destinations"]["hook"]["status"] == "done").await;
+    let sent = deletes(&receiver);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0]["anonymousId"], "a1");
+}
+
+#[tokio::test]
+async fn one_instance_of_a_shared_log_runs_a_deletion() {
+    let nats = NatsCluster::single();
+    let receiver = Receiver::start().await;
+    let shared = || with_hook(&receiver).section(&nats.queue_section(""));
+    let a = Fanout::start_with(shared());
+    let b = Fanout::start_with(shared());
+    let (status, made) =
+        post_regulation(&a, json!({"type": "suppress_with_delete", "userId": "u1"})).await;
+    assert_eq!(status, 201, "{made}");
+    for f in [&a, &b] {
+        let listed = wait_regulations(f, |all| {
+            all.first()
+                .is_some_and(|r| r["destinations"]["hook"]["status"] == "done")
+        })
+        .await;
+        assert!(listed[0].get("claim").is_none(), "{listed:?}");
+    }
+    let sent = deletes(&receiver);
+    assert_eq!(sent.len(), 1, "both instances ran it: {sent:?}");
+    assert_eq!(sent[0]["userId"], "u1");
 }

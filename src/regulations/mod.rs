@@ -234,6 +234,11 @@ impl Regulations {
         Ok(regulations)
     }
 
+    /// Whether other instances share the store (and so claim deletions too).
+    fn is_shared(&self) -> bool {
+        matches!(self.store, Store::Shared(_))
+    }
+
     /// What ingest and delivery check messages against.
     pub fn suppression(&self) -> Suppression {
         self.suppression.clone()

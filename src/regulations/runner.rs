@@ -78,10 +78,11 @@ async fn run_due(regulations: &Regulations, identity: &Identity) -> Duration {
         if regulation.kind != Kind::SuppressWithDelete {
             continue;
         }
+        // A local store has one server: a claim there is a dead process's.
         let claimed_until = regulation
             .claim
             .as_ref()
-            .filter(|c| c.owner != regulations.instance)
+            .filter(|c| regulations.is_shared() && c.owner != regulations.instance)
             .and_then(|c| parse_time(&c.until))
             .filter(|until| *until > now);
         if let Some(until) = claimed_until {
@@ -265,6 +266,33 @@ mod tests {
                 attempts: 1
             }
         );
+    }
+
+    #[tokio::test]
+    async fn a_users_email_and_phone_come_from_the_identity_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::identity::IdentityConfig::default();
+        let identity = Identity::open(&config, dir.path(), crate::clock::Clock::system()).unwrap();
+        let identify = br#"{"type":"identify","anonymousId":"a1","userId":"u1","traits":{"email":"x@example.com","phone":"+15550100"}}"#;
+        identity
+            .learn([(crate::message::MessageType::Identify, &identify[..])].into_iter())
+            .await;
+        let by_user = subject_of(&SubjectId::UserId("u1".into()), &identity).await;
+        let expected = Subject {
+            user_id: Some("u1".into()),
+            anonymous_id: None,
+            email: Some("x@example.com".into()),
+            phone: Some("+15550100".into()),
+        };
+        assert_eq!(by_user, expected);
+        let by_anonymous = subject_of(&SubjectId::AnonymousId("a1".into()), &identity).await;
+        assert_eq!(by_anonymous.email.as_deref(), Some("x@example.com"));
+        assert_eq!(
+            by_anonymous.user_id, None,
+            "the deletion stays about the anonymousId"
+        );
+        let unknown = subject_of(&SubjectId::UserId("u2".into()), &identity).await;
+        assert_eq!(unknown.email, None);
     }
 
     #[test]
