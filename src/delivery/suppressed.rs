@@ -3,10 +3,8 @@
 //! `suppressed`). Checked after identity enrichment, so an anonymous message filled with
 //! a suppressed userId is caught too.
 
-use serde_json::json;
-
 use super::context::DeliveryContext;
-use super::live_view::tell;
+use super::live_view::tell_skipped;
 use crate::metrics::DeliveryMetrics;
 
 /// Which of `messages` (source, JSON) may go on: false for a suppressed subject's.
@@ -25,12 +23,10 @@ pub(super) fn screen<'a>(
                 return true;
             }
             metrics.skipped.increment(1);
-            tell(
-                context,
-                "skipped",
-                [(source, json)],
-                json!({"reason": "suppressed"}),
-            );
+            if crate::live::watching() {
+                // As routing's skips: the summary, not the message.
+                tell_skipped(context, source, json, "suppressed");
+            }
             false
         })
         .collect()
