@@ -2,18 +2,20 @@
 //! of each destination) against real receivers on loopback: Klaviyo's deletion jobs (the
 //! test receiver, with Klaviyo's documented limits and every body checked by Klaviyo's
 //! SDK models), a real PostgreSQL, a signed webhook, a function's `onDelete`, and the
-//! kinds that cannot delete.
+//! kinds that cannot delete; first each destination on its own, then all of them behind a
+//! running fanout, asked through `POST /admin/regulations`.
 
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use common::klaviyo::{self, error_body, Klaviyo, API_KEY, CURRENT, KEY_ENV};
 use common::postgres::PgServer;
 use common::receiver::{Receiver, Reply};
+use common::{client, status_json, Fanout, Settings};
 use fanout::clock::Clock;
 use fanout::destinations::{
     hmac_sha256_signature, AnyDestination, Check, DestinationConfig, Erasure, Outgoing, Subject,
@@ -519,4 +521,156 @@ async fn file_stdout_segment_and_http_kinds_cannot_delete() {
             "{config}"
         );
     }
+}
+
+const TOKEN: &str = "erasure-admin-token";
+
+/// Polls `GET /admin/regulations` until no destination of the first regulation is
+/// pending (or 30 s pass: then panics); returns its reports by destination.
+async fn wait_reports(f: &Fanout) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let response = client()
+            .get(f.url("/admin/regulations"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = status_json(response).await;
+        assert_eq!(status, 200, "{body}");
+        let reports = body["regulations"][0]["destinations"].clone();
+        let pending = reports
+            .as_object()
+            .is_none_or(|all| all.values().any(|r| r["status"] == "pending"));
+        if !pending {
+            return reports;
+        }
+        assert!(Instant::now() < deadline, "still pending: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn suppress_with_delete_reaches_every_destination_that_can_delete() {
+    let k = Klaviyo::start(CURRENT).await;
+    let pg = PgServer::start();
+    let hook = Receiver::start().await;
+    let forget = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("forget.js");
+    std::fs::write(
+        &script,
+        "async function onTrack(event) {}\n\
+         async function onIdentify(event) {}\n\
+         async function onDelete(event) {\n\
+           await fetch('https://api.example.com/forget', {method: 'POST',\n\
+             body: JSON.stringify({user: event.userId})});\n\
+         }\n",
+    )
+    .unwrap();
+    let fast = "batch = { linger = \"100ms\" }";
+    let settings = Settings::default()
+        .section("[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n")
+        .env("FANOUT_ADMIN_TOKEN", TOKEN)
+        .section(&format!(
+            "[[destinations]]\nname = \"klaviyo\"\nkind = \"klaviyo\"\n\
+             api_key_env = \"{KEY_ENV}\"\nbase_url = \"{}\"\n{fast}\n",
+            k.base_url()
+        ))
+        .env(KEY_ENV, API_KEY)
+        .section(&format!(
+            "[[destinations]]\nname = \"warehouse\"\nkind = \"postgres\"\n\
+             url_env = \"WAREHOUSE_URL\"\n{fast}\n"
+        ))
+        .env("WAREHOUSE_URL", &pg.url("postgres"))
+        .section(&format!(
+            "[[destinations]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"{}\"\n\
+             payload = \"message\"\n",
+            hook.url("/hook")
+        ))
+        .section(&format!(
+            "[[destinations]]\nname = \"fn\"\nkind = \"function\"\nfile = \"{}\"\n\
+             fetch_hosts = {{ \"api.example.com\" = \"http://127.0.0.1:{}\" }}\n",
+            script.display(),
+            forget.port()
+        ));
+    let f = Fanout::start_with(settings);
+    f.send_batch(json!([
+        {"type": "identify", "messageId": "i1", "userId": "u1", "anonymousId": "a1",
+         "traits": {"email": "u1@example.com"}},
+        {"type": "track", "messageId": "t1", "userId": "u1", "event": "Signed Up"},
+        {"type": "track", "messageId": "t2", "userId": "u2", "event": "Signed Up"},
+    ]))
+    .await;
+    f.wait_delivered(3).await;
+    k.wait(
+        "u1's profile and both events",
+        Duration::from_secs(30),
+        |k| k.profile_state("u1").is_some() && k.events().len() == 2,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pg
+        .connect("postgres")
+        .await
+        .query_one("SELECT count(*) FROM test.tracks", &[])
+        .await
+        .map_or(0, |row| row.get::<_, i64>(0))
+        < 2
+    {
+        assert!(Instant::now() < deadline, "the warehouse did not load");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    hook.wait_for_messages(3, Duration::from_secs(30)).await;
+
+    let response = client()
+        .post(f.url("/admin/regulations"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"type": "suppress_with_delete", "userId": "u1"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, made) = status_json(response).await;
+    assert_eq!(status, 201, "{made}");
+    let reports = wait_reports(&f).await;
+
+    // Klaviyo: by the email the identify taught fanout, not by the external_id.
+    assert_eq!(reports["klaviyo"]["status"], "done", "{reports}");
+    assert_eq!(
+        reports["klaviyo"]["detail"], "deletion job accepted, by email",
+        "{reports}"
+    );
+    assert_eq!(
+        deletions(&k),
+        [("email".to_string(), "u1@example.com".to_string())]
+    );
+    assert!(k.profile_state("u1").is_none());
+    k.assert_valid().await;
+
+    assert_eq!(reports["warehouse"]["status"], "done", "{reports}");
+    let detail = reports["warehouse"]["detail"].as_str().unwrap();
+    assert!(detail.contains("test.tracks 1"), "{detail}");
+    assert!(detail.contains("test.users 1"), "{detail}");
+    for table in ["test.tracks", "test.signed_up", "test.identifies"] {
+        assert_eq!(count(&pg, table, "user_id = 'u1'").await, 0, "{table}");
+    }
+    assert_eq!(count(&pg, "test.users", "id = 'u1'").await, 0);
+    assert_eq!(count(&pg, "test.tracks", "user_id = 'u2'").await, 1);
+
+    assert_eq!(
+        reports["hook"]["detail"], "delete message accepted",
+        "{reports}"
+    );
+    let delete = hook
+        .requests()
+        .iter()
+        .filter_map(|r| r.json())
+        .find(|m| m["type"] == "delete")
+        .expect("a delete message");
+    assert_eq!(delete["userId"], "u1");
+
+    assert_eq!(reports["fn"]["detail"], "onDelete returned", "{reports}");
+    assert_eq!(forget.requests()[0].json().unwrap(), json!({"user": "u1"}));
+
+    assert_eq!(reports["out"], json!({"status": "not supported"}));
 }
