@@ -204,6 +204,147 @@ batch = {{ linger = "20ms" }}
     );
 }
 
+fn mixpanel(r: &Receiver) -> Settings {
+    Settings::default()
+        .env("PRESETS_TEST_MIXPANEL_SECRET", "sa-secret")
+        .section(&format!(
+            r#"[[destinations]]
+name = "mp"
+preset = "mixpanel"
+base_url = "{}"
+settings = {{ token = "mp-token", project_id = "4242", service_account = "sa.fanout", service_account_secret_env = "PRESETS_TEST_MIXPANEL_SECRET" }}
+batch = {{ linger = "200ms" }}
+{FAST_RETRY}
+"#,
+            r.url("")
+        ))
+}
+
+/// Every record of the requests to `path` answered 2xx.
+fn records(requests: &[ReceivedRequest], path: &str) -> Vec<Value> {
+    bodies(requests, path)
+        .into_iter()
+        .flat_map(|b| b.as_array().unwrap().clone())
+        .collect()
+}
+
+/// Mixpanel: events to /import with the service account, the identify's $identify event
+/// and profile, the group's profile, as Segment's Mixpanel destination maps them; every
+/// request checked against what Mixpanel's SDK builds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixpanel_maps_segment_calls_as_segment_does() {
+    let r = Receiver::start().await;
+    let f = Fanout::start_with(mixpanel(&r));
+    f.send_batch(segment_calls()).await;
+    let requests = r
+        .wait_until(WAIT, |rs| {
+            records(rs, "/import").len() == 5
+                && records(rs, "/engage").len() == 1
+                && records(rs, "/groups").len() == 1
+        })
+        .await;
+    validate("mixpanel", &requests).await;
+    for request in requests.iter().filter(|r| r.path == "/import") {
+        assert_eq!(request.query.as_deref(), Some("project_id=4242&strict=1"));
+        // sa.fanout:sa-secret
+        assert_eq!(
+            request.header("authorization"),
+            Some("Basic c2EuZmFub3V0OnNhLXNlY3JldA==")
+        );
+    }
+    let events: std::collections::BTreeMap<String, Value> = records(&requests, "/import")
+        .into_iter()
+        .map(|e| (e["event"].as_str().unwrap().to_string(), e))
+        .collect();
+    assert_eq!(
+        events.keys().collect::<Vec<_>>(),
+        [
+            "$identify",
+            "Order Completed",
+            "Signed Up",
+            "Viewed Cart",
+            "Viewed Settings"
+        ]
+    );
+    let signed_up = &events["Signed Up"]["properties"];
+    assert_eq!(signed_up["distinct_id"], "user-1");
+    assert_eq!(signed_up["time"], 1709294400250i64);
+    assert_eq!(signed_up["token"], "mp-token");
+    assert_eq!(signed_up["plan"], "pro");
+    assert_eq!(signed_up["seats"], 3);
+    assert_eq!(signed_up["$os"], "Mac OS X");
+    assert_eq!(signed_up["$current_url"], "https://shop.example/cart");
+    assert_eq!(signed_up["$referrer"], "https://search.example/");
+    assert_eq!(signed_up["mp_lib"], "Segment: analytics.js");
+    assert_eq!(signed_up["mp_country_code"], "France");
+    assert_eq!(signed_up["ip"], "203.0.113.9");
+    assert_eq!(signed_up["$source"], "segment");
+    assert_eq!(events["Viewed Cart"]["properties"]["distinct_id"], "anon-1");
+    assert_eq!(
+        events["Viewed Settings"]["properties"]["$device_id"],
+        "device-42"
+    );
+    let order = &events["Order Completed"]["properties"];
+    assert_eq!(order["revenue"], 25.0);
+    assert_eq!(order["products"][0]["sku"], "SKU-1");
+    let identify = &events["$identify"]["properties"];
+    assert_eq!(identify["$identified_id"], "user-1");
+    assert_eq!(identify["$anon_id"], "anon-1");
+    let insert_ids: std::collections::BTreeSet<&str> = events
+        .values()
+        .map(|e| e["properties"]["$insert_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(insert_ids.len(), 5, "one $insert_id per message");
+
+    let profile = &records(&requests, "/engage")[0];
+    assert_eq!(
+        profile,
+        &json!({"$token": "mp-token", "$distinct_id": "user-1", "$ip": "203.0.113.9",
+                "$set": {"$email": "jane@example.com", "$first_name": "Jane",
+                         "$last_name": "Doe", "$phone": "+33 6 12 34 56 78", "plan": "pro",
+                         "address": {"city": "Paris", "country": "FR"}}})
+    );
+    assert!(requests
+        .iter()
+        .filter(|r| r.path != "/import")
+        .all(|r| r.header("authorization").is_none()));
+    assert_eq!(
+        records(&requests, "/groups")[0],
+        json!({"$token": "mp-token", "$group_key": "$group_id", "$group_id": "org-7",
+               "$set": {"name": "Acme", "plan": "enterprise"}})
+    );
+}
+
+/// Mixpanel's documented answers: 429 (rate limited) retried; a 400 with failed_records
+/// (strict mode) is a dead letter with Mixpanel's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixpanel_answers_retry_or_dead_letter() {
+    let r = Receiver::start().await;
+    let f = Fanout::start_with(mixpanel(&r));
+    r.push_reply(Reply::json(
+        429,
+        r#"{"code":429,"error":"Project exceeded rate limits. Please retry the request with exponential backoff.","status":"Bad Request"}"#,
+    ));
+    f.send_batch(json!([track("t-retry", "user-1", "Retried")]))
+        .await;
+    let requests = r
+        .wait_until(WAIT, |rs| !records(rs, "/import").is_empty())
+        .await;
+    let tries: Vec<u16> = requests.iter().map(|r| r.status).collect();
+    assert_eq!(tries, [429, 200]);
+    validate("mixpanel", &requests[1..]).await;
+
+    r.push_reply(Reply::json(
+        400,
+        r#"{"code":400,"error":"some data points in the request failed validation","failed_records":[{"index":0,"$insert_id":"x","field":"properties.time","message":"'properties.time' is invalid"}],"num_records_imported":0,"status":"Bad Request"}"#,
+    ));
+    f.send_batch(json!([track("t-bad", "user-1", "Refused")]))
+        .await;
+    let dead = f.wait_dead_letters("mp", 1, WAIT).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].to_string().contains("failed_records"), "{dead:?}");
+}
+
 /// The mechanism on one preset: its keys under the user's (`base_url`, a `batch` key),
 /// a secret setting read from the environment into the body, and `drop_on` settling a
 /// documented refusal as skipped while another 400 is a dead letter.
