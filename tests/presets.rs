@@ -345,6 +345,125 @@ async fn mixpanel_answers_retry_or_dead_letter() {
     assert!(dead[0].to_string().contains("failed_records"), "{dead:?}");
 }
 
+fn posthog(r: &Receiver, extra: &str) -> Settings {
+    Settings::default()
+        .env("PRESETS_TEST_POSTHOG_KEY", "phc_test")
+        .section(&format!(
+            r#"[[destinations]]
+name = "ph"
+preset = "posthog"
+base_url = "{}"
+settings = {{ api_key_env = "PRESETS_TEST_POSTHOG_KEY"{extra} }}
+batch = {{ linger = "200ms" }}
+{FAST_RETRY}
+"#,
+            r.url("")
+        ))
+}
+
+/// The events of every PostHog request answered 2xx, by event name.
+fn posthog_events(requests: &[ReceivedRequest]) -> std::collections::BTreeMap<String, Value> {
+    bodies(requests, "/batch/")
+        .iter()
+        .flat_map(|b| b["batch"].as_array().unwrap().clone())
+        .map(|e| (e["event"].as_str().unwrap().to_string(), e))
+        .collect()
+}
+
+/// PostHog (a self-hosted instance: `base_url`): every Segment call as a capture event,
+/// checked against what PostHog's SDK enqueues for the same call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posthog_maps_segment_calls_as_segment_does() {
+    let r = Receiver::start().await;
+    let f = Fanout::start_with(posthog(&r, ", historical_migration = true"));
+    f.send_batch(segment_calls()).await;
+    let requests = r.wait_until(WAIT, |rs| posthog_events(rs).len() == 7).await;
+    validate("posthog", &requests).await;
+    for body in bodies(&requests, "/batch/") {
+        assert_eq!(body["api_key"], "phc_test");
+        assert_eq!(body["historical_migration"], true);
+    }
+    let events = posthog_events(&requests);
+    assert_eq!(
+        events.keys().collect::<Vec<_>>(),
+        [
+            "$create_alias",
+            "$groupidentify",
+            "$identify",
+            "$pageview",
+            "$screen",
+            "Order Completed",
+            "Signed Up"
+        ]
+    );
+    let signed_up = &events["Signed Up"];
+    assert_eq!(signed_up["distinct_id"], "user-1");
+    assert_eq!(signed_up["timestamp"], "2024-03-01T12:00:00.250Z");
+    assert_eq!(
+        signed_up["properties"],
+        json!({"plan": "pro", "seats": 3, "distinct_id": "user-1", "$ip": "203.0.113.9"})
+    );
+    let uuids: std::collections::BTreeSet<&str> = events
+        .values()
+        .map(|e| e["uuid"].as_str().unwrap())
+        .collect();
+    assert_eq!(uuids.len(), 7, "one uuid per message");
+    let identify = &events["$identify"];
+    assert_eq!(identify["distinct_id"], "user-1");
+    assert_eq!(identify["properties"]["$set"]["email"], "jane@example.com");
+    assert_eq!(identify["properties"]["$anon_distinct_id"], "anon-1");
+    let page = &events["$pageview"];
+    assert_eq!(page["distinct_id"], "anon-1");
+    assert_eq!(
+        page["properties"]["$current_url"],
+        "https://shop.example/cart"
+    );
+    assert_eq!(events["$screen"]["properties"]["$screen_name"], "Settings");
+    assert_eq!(
+        events["$groupidentify"]["properties"],
+        json!({"$group_type": "company", "$group_key": "org-7",
+               "$group_set": {"name": "Acme", "plan": "enterprise"}})
+    );
+    let alias = &events["$create_alias"];
+    assert_eq!(alias["distinct_id"], "anon-1");
+    assert_eq!(
+        alias["properties"],
+        json!({"distinct_id": "anon-1", "alias": "user-1"})
+    );
+    assert_eq!(events["Order Completed"]["properties"]["total"], 27.5);
+}
+
+/// PostHog's documented answers: 503 retried; 400 (invalid payload) a dead letter with
+/// PostHog's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posthog_answers_retry_or_dead_letter() {
+    let r = Receiver::start().await;
+    let f = Fanout::start_with(posthog(&r, ""));
+    r.push_reply(Reply::json(503, r#"{"type":"server_error","code":"server_error","detail":"Service unavailable","attr":null}"#));
+    f.send_batch(json!([track("t-retry", "user-1", "Retried")]))
+        .await;
+    let requests = r
+        .wait_until(WAIT, |rs| !posthog_events(rs).is_empty())
+        .await;
+    let tries: Vec<u16> = requests.iter().map(|r| r.status).collect();
+    assert_eq!(tries, [503, 200]);
+    validate("posthog", &requests[1..]).await;
+    assert_eq!(
+        bodies(&requests, "/batch/")[0].get("historical_migration"),
+        None
+    );
+
+    r.push_reply(Reply::json(
+        400,
+        r#"{"type":"validation_error","code":"invalid_payload","detail":"Malformed request data","attr":null}"#,
+    ));
+    f.send_batch(json!([track("t-bad", "user-1", "Refused")]))
+        .await;
+    let dead = f.wait_dead_letters("ph", 1, WAIT).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].to_string().contains("invalid_payload"), "{dead:?}");
+}
+
 /// The mechanism on one preset: its keys under the user's (`base_url`, a `batch` key),
 /// a secret setting read from the environment into the body, and `drop_on` settling a
 /// documented refusal as skipped while another 400 is a dead letter.
