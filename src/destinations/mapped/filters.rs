@@ -28,6 +28,7 @@ pub fn register(env: &mut Environment<'static>) {
     env.add_filter("round", round);
     env.add_filter("split", split);
     env.add_filter("join", join);
+    super::reshape::register(env);
 }
 
 fn missing(v: &Value) -> bool {

@@ -10,6 +10,7 @@
 
 mod context;
 mod filters;
+mod reshape;
 mod send;
 mod template;
 #[cfg(test)]
