@@ -1,15 +1,18 @@
 //! Filters that reshape a value where a vendor's API wants another shape than Segment's:
 //! `pick` builds an object from named paths (`products | map('pick', {...})` renames every
-//! product's keys, which Jinja cannot do in one expression), `omit` drops keys, `digits`
+//! product's keys, which Jinja cannot do in one expression), `omit` drops keys, `merge`
+//! sets keys that have a value (never clearing one with a missing field), `digits`
 //! and `snake_case` normalise text as vendors document (Meta's phones, GA4's event names).
-//! Like every fanout filter they pass undefined and null through untouched.
+//! Like every fanout filter they pass undefined and null through untouched, except `merge`,
+//! which starts from an empty object then.
 
-use minijinja::value::{Rest, ValueKind};
+use minijinja::value::{Kwargs, Rest, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, Value};
 
 pub fn register(env: &mut Environment<'static>) {
     env.add_filter("pick", pick);
     env.add_filter("omit", omit);
+    env.add_filter("merge", merge);
     env.add_filter("digits", digits);
     env.add_filter("snake_case", snake_case);
 }
@@ -69,21 +72,58 @@ fn omit(v: Value, keys: Rest<String>) -> Result<Value, Error> {
     Ok(Value::from_pairs(kept))
 }
 
-/// The ASCII digits of the text: a phone number as Meta hashes it ("+1 (555) 010-9999"
-/// → "15550109999").
-fn digits(v: Value) -> Value {
+/// `merge({...})`: the object (none when undefined or null) with the given keys set over
+/// it; a given value that is undefined or null is left out, so that a missing field never
+/// clears one the object has.
+fn merge(v: Value, other: Value) -> Result<Value, Error> {
+    if other.kind() != ValueKind::Map {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            "merge takes a map, e.g. merge({'email': traits.email})",
+        ));
+    }
+    let mut merged = Vec::new();
+    if v.kind() == ValueKind::Map {
+        for key in v.try_iter()? {
+            let value = v.get_item(&key)?;
+            merged.push((key, value));
+        }
+    } else if !missing(&v) {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("merge: {} is not an object", v.kind()),
+        ));
+    }
+    for key in other.try_iter()? {
+        let value = other.get_item(&key)?;
+        if missing(&value) {
+            continue;
+        }
+        merged.retain(|(k, _)| *k != key);
+        merged.push((key, value));
+    }
+    Ok(Value::from_pairs(merged))
+}
+
+/// The ASCII digits of the text; `digits(leading_zeros=false)` drops the zeros they start
+/// with, as Meta normalises phone numbers ("+1 (555) 010-9999" → "15550109999", "0044 20…"
+/// → "4420…").
+fn digits(v: Value, kwargs: Kwargs) -> Result<Value, Error> {
+    let leading_zeros = kwargs.get::<Option<bool>>("leading_zeros")?.unwrap_or(true);
+    kwargs.assert_all_used()?;
     if missing(&v) {
-        return v;
+        return Ok(v);
     }
     let text = match v.as_str() {
         Some(s) => s.to_string(),
         None => v.to_string(),
     };
-    Value::from(
-        text.chars()
-            .filter(char::is_ascii_digit)
-            .collect::<String>(),
-    )
+    let digits: String = text.chars().filter(char::is_ascii_digit).collect();
+    Ok(Value::from(if leading_zeros {
+        digits.as_str()
+    } else {
+        digits.trim_start_matches('0')
+    }))
 }
 
 /// Lower-cased, every run of characters other than letters and digits one `_`, none at
@@ -172,6 +212,29 @@ mod tests {
     }
 
     #[test]
+    fn merge_sets_given_values_and_skips_missing_ones() {
+        let message = json!({"userId": "u1", "traits": {"plan": "pro", "email": "old@x.test"}});
+        assert_eq!(
+            eval(
+                "traits | merge({'external_id': userId, 'email': 'new@x.test', 'gone': nope})",
+                message.clone()
+            ),
+            json!({"plan": "pro", "email": "new@x.test", "external_id": "u1"})
+        );
+        assert_eq!(
+            eval("nope | merge({'a': userId})", message.clone()),
+            json!({"a": "u1"})
+        );
+        assert_eq!(
+            eval(
+                "[{'p': 1}, {'p': 2}] | map('merge', {'u': userId}) | list",
+                message
+            ),
+            json!([{"p": 1, "u": "u1"}, {"p": 2, "u": "u1"}])
+        );
+    }
+
+    #[test]
     fn digits_keeps_only_digits() {
         assert_eq!(
             eval("p | digits", json!({"p": "+1 (555) 010-9999 ext"})),
@@ -179,6 +242,13 @@ mod tests {
         );
         assert_eq!(eval("p | digits", json!({"p": 33612})), json!("33612"));
         assert_eq!(eval("p | digits", json!({"p": null})), json!(null));
+        assert_eq!(
+            eval(
+                "p | digits(leading_zeros=false)",
+                json!({"p": "0044 20 7946 0000"})
+            ),
+            json!("442079460000")
+        );
     }
 
     #[test]
