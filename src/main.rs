@@ -83,6 +83,18 @@ enum Command {
         #[command(subcommand)]
         action: FnAction,
     },
+    /// List the destination presets shipped in the binary (`preset = "NAME"` in a
+    /// `[[destinations]]` table), or print one's file.
+    Presets {
+        #[command(subcommand)]
+        action: Option<PresetAction>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PresetAction {
+    /// Print the preset's TOML: its settings and every key a destination may override.
+    Show { name: String },
 }
 
 #[derive(Subcommand)]
@@ -158,6 +170,12 @@ fn main() -> ExitCode {
     // Needs no config: a function is tried before it goes in one.
     if let Some(Command::Fn { action }) = &cli.command {
         return fn_command(action);
+    }
+    if let Some(Command::Presets { action }) = &cli.command {
+        return exit_code(match action {
+            None => fanout::cli::presets::list(),
+            Some(PresetAction::Show { name }) => fanout::cli::presets::show(name),
+        });
     }
     let path = match &cli.command {
         Some(Command::Check { file: Some(file) }) => file.clone(),

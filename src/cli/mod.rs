@@ -5,5 +5,6 @@
 pub mod admin;
 pub mod fn_test;
 pub mod output;
+pub mod presets;
 pub mod route;
 pub mod tap;

@@ -91,6 +91,7 @@ struct SharedKeys {
 impl DestinationConfig {
     /// Reads one `[[destinations]]` table: the shared keys, then the kind's own.
     pub fn from_table(table: toml::Table) -> Result<DestinationConfig, KeyError> {
+        let table = super::mapped::presets::expand(table)?;
         let shared_names = field_names::<SharedKeys>();
         let (shared, mut own): (toml::Table, toml::Table) = table
             .into_iter()

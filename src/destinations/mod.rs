@@ -32,7 +32,7 @@ pub use file::{FileConfig, FileDestination};
 pub use function::{handler_of, FunctionConfig, FunctionDestination};
 pub use http::{classify, parse_retry_after};
 pub use klaviyo::{KlaviyoBodies, KlaviyoConfig, KlaviyoDestination, KlaviyoRequest};
-pub use mapped::{MappedConfig, MappedDestination};
+pub use mapped::{presets, MappedConfig, MappedDestination};
 pub use postgres::{PostgresConfig, PostgresDestination};
 pub use s3::{S3Config, S3Destination};
 pub use segment::{batch_body as segment_batch_body, SegmentConfig, SegmentDestination};

@@ -1,27 +1,34 @@
-//! What templates see: the stored message, `env` and (in a batch body) `batch`, as
-//! minijinja values read lazily: only the paths a template names are converted.
+//! What templates see: the stored message, `env`, `settings` and (in a batch body)
+//! `batch`, as minijinja values read lazily: only the paths a template names are converted.
 
 use std::sync::Arc;
 
 use minijinja::value::{Enumerator, Object, ObjectRepr, Value};
 use serde_json::Value as Json;
 
-/// The root of a render: the message's fields, with `env` and `batch` above them.
-pub fn root(message: Arc<Json>, env: &Value, batch: Option<Value>) -> Value {
+/// The root of a render: the message's fields, with `env`, `settings` and `batch` above
+/// them.
+pub fn root(message: Arc<Json>, env: &Value, settings: &Value, batch: Option<Value>) -> Value {
     Value::from_object(Root {
         message: Node {
             root: message,
             path: Vec::new(),
         },
         env: env.clone(),
+        settings: settings.clone(),
         batch,
     })
 }
 
 /// A JSON array as a template value (the `batch` of rendered bodies).
 pub fn array(items: Vec<Json>) -> Value {
+    document(Json::Array(items))
+}
+
+/// A JSON object or array as a template value (`settings`).
+pub fn document(value: Json) -> Value {
     Value::from_object(Node {
-        root: Arc::new(Json::Array(items)),
+        root: Arc::new(value),
         path: Vec::new(),
     })
 }
@@ -30,6 +37,7 @@ pub fn array(items: Vec<Json>) -> Value {
 struct Root {
     message: Node,
     env: Value,
+    settings: Value,
     batch: Option<Value>,
 }
 
@@ -37,6 +45,7 @@ impl Object for Root {
     fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
         match key.as_str()? {
             "env" => Some(self.env.clone()),
+            "settings" => Some(self.settings.clone()),
             "batch" => self.batch.clone(),
             name => self.message.child(&Step::Key(name.to_string())),
         }

@@ -2,6 +2,7 @@
 //! through untouched (so that a missing field stays missing and `default` still applies),
 //! except `default`, which replaces them.
 
+use base64::{engine::general_purpose::STANDARD, Engine};
 use minijinja::value::ValueKind;
 use minijinja::{Environment, Error, ErrorKind, Value};
 use sha2::{Digest, Sha256};
@@ -15,6 +16,8 @@ pub fn register(env: &mut Environment<'static>) {
     env.add_filter("upper", |v: Value| text(v, |s| s.to_uppercase()));
     env.add_filter("trim", |v: Value| text(v, |s| s.trim().to_string()));
     env.add_filter("sha256", |v: Value| text(v, |s| sha256(&s)));
+    // Basic authentication from settings (a preset's `Authorization` header).
+    env.add_filter("base64", |v: Value| text(v, |s| STANDARD.encode(s)));
     env.add_filter("string", |v: Value| text(v, |s| s));
     env.add_filter("unix", |v: Value| time(v, |t| Value::from(t.timestamp())));
     env.add_filter("unix_ms", |v: Value| {

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine;
 use minijinja::Value;
@@ -15,8 +16,9 @@ use crate::clock::Clock;
 use crate::destinations::webhook::{signature, SIGNATURE_HEADER};
 use crate::destinations::{
     http, secret_from_env, Check, Destination, DestinationConfig, Outgoing, Prepared, Preview,
-    SendError, Sending,
+    Refusal, RefusalKind, SendError, Sending,
 };
+use crate::throttle::LogThrottle;
 
 use super::MASK;
 
@@ -40,13 +42,30 @@ struct Request {
     body: Option<Json>,
 }
 
+/// What templates read besides the message: `env` and `settings`.
+pub(super) struct Scope {
+    env: Value,
+    settings: Value,
+}
+
+#[cfg(test)]
+impl Scope {
+    pub(super) fn undefined() -> Scope {
+        Scope {
+            env: Value::UNDEFINED,
+            settings: Value::UNDEFINED,
+        }
+    }
+}
+
 pub struct MappedDestination {
+    name: String,
     client: reqwest::Client,
     compiled: Compiled,
-    /// `env`: the variables the templates name, read at start.
-    env: Value,
-    /// What `env` is in the live view: every variable `***`.
-    masked_env: Value,
+    /// `env`: the variables the templates name, and the secret settings, read at start.
+    scope: Scope,
+    /// What the scope is in the live view: every secret `***`.
+    masked: Scope,
     /// From `basic`, `bearer_env`, `api_key`.
     auth: Vec<(HeaderName, HeaderValue)>,
     secret: Option<Vec<u8>>,
@@ -64,6 +83,11 @@ impl MappedDestination {
         let mut env = BTreeMap::new();
         for var in &compiled.env_names {
             env.insert(var.clone(), secret_from_env(name, "a template", var)?);
+        }
+        let mut settings = compiled.settings.clone();
+        for (setting, var) in &compiled.secret_settings {
+            let key = format!("settings.{setting}_env");
+            settings.insert(setting.clone(), secret_from_env(name, &key, var)?.into());
         }
         let mut auth = Vec::new();
         let sensitive = |value: String| -> anyhow::Result<HeaderValue> {
@@ -95,10 +119,14 @@ impl MappedDestination {
             None => None,
         };
         Ok(MappedDestination {
+            name: name.clone(),
             client: http::client(config.timeout())?,
-            masked_env: masked(&compiled),
+            masked: masked(&compiled),
             compiled,
-            env: Value::from(env),
+            scope: Scope {
+                env: Value::from(env),
+                settings: context::document(Json::Object(settings)),
+            },
             auth,
             secret,
             clock,
@@ -106,18 +134,25 @@ impl MappedDestination {
     }
 }
 
-/// Every variable the templates name, as `***`.
-fn masked(compiled: &Compiled) -> Value {
+/// Every variable the templates name and every secret setting, as `***`.
+fn masked(compiled: &Compiled) -> Scope {
     let env: BTreeMap<String, Value> = compiled
         .env_names
         .iter()
         .map(|name| (name.clone(), Value::from(MASK)))
         .collect();
-    Value::from(env)
+    let mut settings = compiled.settings.clone();
+    for name in compiled.secret_settings.keys() {
+        settings.insert(name.clone(), MASK.into());
+    }
+    Scope {
+        env: Value::from(env),
+        settings: context::document(Json::Object(settings)),
+    }
 }
 
 /// What a message becomes: its requests, skipped (no `when` holds), or refused.
-pub(super) fn render(compiled: &Compiled, message: &[u8], env: &Value) -> Check {
+pub(super) fn render(compiled: &Compiled, message: &[u8], scope: &Scope) -> Check {
     if let Some(when) = &compiled.when {
         if !when.matches(message) {
             return Check::Skip("when");
@@ -127,7 +162,7 @@ pub(super) fn render(compiled: &Compiled, message: &[u8], env: &Value) -> Check 
         Ok(object @ Json::Object(_)) => object,
         _ => return refuse("not a JSON object".into()),
     };
-    let root = context::root(Arc::new(parsed), env, None);
+    let root = context::root(Arc::new(parsed), &scope.env, &scope.settings, None);
     let mut requests = Vec::new();
     for (i, action) in compiled.actions.iter().enumerate() {
         if action.when.as_ref().is_some_and(|w| !w.matches(message)) {
@@ -204,10 +239,11 @@ fn request(
 
 /// The body of a batch's requests to one place: the `batch.body` envelope around their
 /// bodies, or the one body.
-fn envelope(compiled: &Compiled, env: &Value, bodies: Vec<Json>) -> Result<Json, String> {
+fn envelope(compiled: &Compiled, scope: &Scope, bodies: Vec<Json>) -> Result<Json, String> {
     match &compiled.batch_body {
         Some(mapping) => {
-            let root = context::root(Arc::new(json!({})), env, Some(context::array(bodies)));
+            let batch = Some(context::array(bodies));
+            let root = context::root(Arc::new(json!({})), &scope.env, &scope.settings, batch);
             Ok(mapping
                 .render(&compiled.env, &root, true)?
                 .value
@@ -218,7 +254,7 @@ fn envelope(compiled: &Compiled, env: &Value, bodies: Vec<Json>) -> Result<Json,
 }
 
 /// The requests as `fanout route` and the live view show them.
-fn show(compiled: &Compiled, check: Check, env: &Value) -> Preview {
+fn show(compiled: &Compiled, check: Check, scope: &Scope) -> Preview {
     let requests = match check {
         Check::Send(Some(Prepared::Http(Requests(requests)))) => requests,
         Check::Skip(reason) => return Preview::Skip(reason),
@@ -236,7 +272,7 @@ fn show(compiled: &Compiled, check: Check, env: &Value) -> Preview {
             headers.insert(name.clone(), Json::String(value.clone()));
         }
         let body = match request.body {
-            Some(body) => match envelope(compiled, env, vec![body]) {
+            Some(body) => match envelope(compiled, scope, vec![body]) {
                 Ok(body) => body,
                 Err(detail) => return Preview::Refuse(detail),
             },
@@ -255,26 +291,93 @@ fn show(compiled: &Compiled, check: Check, env: &Value) -> Preview {
 
 /// `fanout route`: reads no secret; every one is shown as `***`.
 pub fn preview(compiled: &Compiled, message: &[u8]) -> Preview {
-    let env = masked(compiled);
-    show(compiled, render(compiled, message, &env), &env)
+    let masked = masked(compiled);
+    show(compiled, render(compiled, message, &masked), &masked)
+}
+
+/// What an error answer's body said, if it had one.
+fn answer_of(e: &SendError) -> Option<&str> {
+    match e {
+        SendError::Retryable { answer, .. } | SendError::Rejected { answer, .. } => {
+            answer.as_deref()
+        }
+        SendError::PartlyRejected { .. } => None,
+    }
+}
+
+/// Spaces out the log lines about answers `drop_on` settled.
+static DROPPED: LogThrottle = LogThrottle::new(Duration::from_secs(60));
+
+impl MappedDestination {
+    /// One request carrying `bodies` (in the `batch.body` envelope, if any).
+    async fn send_one(&self, request: &Request, bodies: Vec<Json>) -> Result<(), SendError> {
+        let mut builder = self
+            .client
+            .request(request.method.clone(), &request.url)
+            .headers(request.headers.iter().cloned().collect())
+            .headers(self.auth.iter().cloned().collect());
+        let body = if request.body.is_some() {
+            let body = envelope(&self.compiled, &self.scope, bodies).map_err(|detail| {
+                SendError::Rejected {
+                    status: 0,
+                    detail,
+                    answer: None,
+                }
+            })?;
+            serde_json::to_vec(&body).expect("JSON values serialize")
+        } else {
+            Vec::new()
+        };
+        if let Some(secret) = &self.secret {
+            builder = builder.header(SIGNATURE_HEADER, signature(secret, &body));
+        }
+        if request.body.is_some() {
+            builder = builder.header(CONTENT_TYPE, "application/json");
+        }
+        http::send_batch(builder, body, false, self.clock)
+            .await
+            .map(drop)
+    }
+
+    /// `Some` when a `drop_on` entry matches the 4xx answer: its messages are settled as
+    /// skipped (logged, with the vendor's answer shortened), not dead-lettered.
+    fn dropped(&self, e: &SendError) -> Option<()> {
+        let status = e.status().filter(|s| (400..=499).contains(s))?;
+        let answer = answer_of(e).unwrap_or("");
+        self.compiled
+            .drop_on
+            .iter()
+            .find(|entry| entry.matches(status, answer))?;
+        if DROPPED.ready() {
+            let shown: String = answer.chars().take(300).collect();
+            tracing::warn!(
+                destination = %self.name,
+                status,
+                answer = %shown,
+                "answer matched `drop_on`: messages skipped, not dead-lettered"
+            );
+        }
+        Some(())
+    }
 }
 
 impl Destination for MappedDestination {
     fn check(&self, message: &[u8]) -> Check {
-        render(&self.compiled, message, &self.env)
+        render(&self.compiled, message, &self.scope)
     }
 
     fn send<'a>(&'a self, batch: &'a [Outgoing<'a>]) -> Sending<'a> {
         Box::pin(async move {
-            // Requests to the same action, method, URL and headers, in first-seen order.
-            let mut groups: Vec<(&Request, Vec<Json>)> = Vec::new();
-            for message in batch {
+            // Requests to the same action, method, URL and headers, in first-seen order,
+            // with the indices of the messages whose bodies they carry.
+            let mut groups: Vec<(&Request, Vec<Json>, Vec<usize>)> = Vec::new();
+            for (index, message) in batch.iter().enumerate() {
                 let Some(Prepared::Http(Requests(requests))) = message.prepared else {
                     continue;
                 };
                 for request in requests {
                     let body = request.body.clone().unwrap_or(Json::Null);
-                    let same = |(r, _): &&mut (&Request, Vec<Json>)| {
+                    let same = |(r, _, _): &&mut (&Request, Vec<Json>, Vec<usize>)| {
                         self.compiled.batch_body.is_some()
                             && r.action == request.action
                             && r.method == request.method
@@ -282,46 +385,43 @@ impl Destination for MappedDestination {
                             && r.headers == request.headers
                     };
                     match groups.iter_mut().find(same) {
-                        Some((_, bodies)) => bodies.push(body),
-                        None => groups.push((request, vec![body])),
+                        Some((_, bodies, indices)) => {
+                            bodies.push(body);
+                            indices.push(index);
+                        }
+                        None => groups.push((request, vec![body], vec![index])),
                     }
                 }
             }
-            for (request, bodies) in groups {
-                let mut builder = self
-                    .client
-                    .request(request.method.clone(), &request.url)
-                    .headers(request.headers.iter().cloned().collect())
-                    .headers(self.auth.iter().cloned().collect());
-                let body = if request.body.is_some() {
-                    let body = envelope(&self.compiled, &self.env, bodies).map_err(|detail| {
-                        SendError::Rejected {
-                            status: 0,
-                            detail,
-                            answer: None,
-                        }
-                    })?;
-                    serde_json::to_vec(&body).expect("JSON values serialize")
-                } else {
-                    Vec::new()
-                };
-                if let Some(secret) = &self.secret {
-                    builder = builder.header(SIGNATURE_HEADER, signature(secret, &body));
+            let mut dropped = Vec::new();
+            for (request, bodies, indices) in groups {
+                match self.send_one(request, bodies).await {
+                    Ok(()) => {}
+                    Err(e) => match self.dropped(&e) {
+                        Some(()) => dropped.extend(indices.into_iter().map(|index| Refusal {
+                            index,
+                            kind: RefusalKind::Skipped { reason: "drop_on" },
+                            status: e.status(),
+                            detail: e.to_string(),
+                            answer: answer_of(&e).map(str::to_string),
+                        })),
+                        None => return Err(e),
+                    },
                 }
-                if request.body.is_some() {
-                    builder = builder.header(CONTENT_TYPE, "application/json");
-                }
-                http::send_batch(builder, body, false, self.clock).await?;
             }
-            Ok(0)
+            if dropped.is_empty() {
+                Ok(0)
+            } else {
+                Err(SendError::PartlyRejected { refused: dropped })
+            }
         })
     }
 
     fn live_payload(&self, message: &[u8]) -> Option<Json> {
         match show(
             &self.compiled,
-            render(&self.compiled, message, &self.masked_env),
-            &self.masked_env,
+            render(&self.compiled, message, &self.masked),
+            &self.masked,
         ) {
             Preview::Send(requests) => Some(requests),
             _ => None,
