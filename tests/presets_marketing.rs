@@ -235,7 +235,8 @@ async fn ga4_sends_recommended_events_and_retries_server_errors() {
 /// Meta: the e-commerce events and page views in `data` batches to
 /// /{version}/{pixel}/events with the token as Bearer; user data hashed as Meta's SDK
 /// normalises (the validator recomputes em and ph from the plain values); 5xx retried; a
-/// 400 invalid-parameter answer dead-letters the batch with the answer.
+/// 400 invalid-parameter answer dead-letters the batch with the answer, a 400 throttling
+/// answer (`retry_on`) is retried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meta_sends_hashed_standard_events_and_dead_letters_invalid_ones() {
     let r = Receiver::start().await;
@@ -327,6 +328,28 @@ async fn meta_sends_hashed_standard_events_and_dead_letters_invalid_ones() {
     assert_eq!(rows[0]["reason"], "rejected");
     assert_eq!(rows[0]["status"], 400);
     assert_eq!(rows[0]["response"], answer);
+
+    // Throttling is a 400 too, told apart by its error code: retried, then delivered.
+    let throttled = r#"{"error":{"message":"(#17) User request limit reached","type":"OAuthException","is_transient":true,"code":17,"error_subcode":2446079,"fbtrace_id":"AbC"}}"#;
+    r.push_reply(Reply::json(400, throttled));
+    let (at, _) = now();
+    f.send_batch(json!([messages("m3", &at).remove(6)])).await;
+    let carries =
+        |request: &ReceivedRequest| request.json().unwrap()["data"][0]["event_id"] == "m3-order";
+    let requests = r
+        .wait_until(WAIT, |rs| rs.iter().any(|r| r.ok() && carries(r)))
+        .await;
+    let statuses: Vec<u16> = requests
+        .iter()
+        .filter(|r| carries(r))
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(statuses, [400, 200]);
+    assert_eq!(
+        f.dead_letters("meta").await.len(),
+        1,
+        "only the invalid event"
+    );
 }
 
 /// Customer.io: every Segment call as a Track API v2 batch entry (identify → person
