@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::receiver::{ReceivedRequest, Receiver, Reply};
+use common::vendors::validate;
 use common::{Fanout, Settings};
 use serde_json::{json, Value};
 
@@ -28,6 +29,320 @@ fn track(id: &str, user: &str, event: &str) -> Value {
     json!({"type": "track", "messageId": id, "userId": user, "anonymousId": "anon-1",
            "event": event, "timestamp": "2024-03-01T12:00:00.250Z",
            "properties": {"plan": "pro"}})
+}
+
+/// One of each Segment call, as analytics.js and the server libraries send them: track,
+/// identify, page, screen, group, alias and an Order Completed with products.
+fn segment_calls() -> Value {
+    let context = json!({
+        "ip": "203.0.113.9", "locale": "fr-FR", "userAgent": "Mozilla/5.0",
+        "library": {"name": "analytics.js", "version": "2.11.1"},
+        "location": {"latitude": 48, "longitude": 2.35, "country": "France", "city": "Paris"},
+        "os": {"name": "Mac OS X", "version": "14.1"},
+        "page": {"url": "https://shop.example/cart", "referrer": "https://search.example/"},
+    });
+    json!([
+        {"type": "track", "messageId": "m-track", "userId": "user-1", "anonymousId": "anon-1",
+         "event": "Signed Up", "timestamp": "2024-03-01T12:00:00.250Z",
+         "properties": {"plan": "pro", "seats": 3}, "context": context},
+        {"type": "identify", "messageId": "m-identify", "userId": "user-1",
+         "anonymousId": "anon-1", "timestamp": "2024-03-01T12:00:01Z",
+         "traits": {"email": "jane@example.com", "firstName": "Jane", "lastName": "Doe",
+                    "phone": "+33 6 12 34 56 78", "plan": "pro",
+                    "address": {"city": "Paris", "country": "FR"}},
+         "context": context},
+        {"type": "page", "messageId": "m-page", "anonymousId": "anon-1", "name": "Cart",
+         "timestamp": "2024-03-01T12:00:02Z",
+         "properties": {"url": "https://shop.example/cart", "title": "Cart"}, "context": context},
+        {"type": "screen", "messageId": "m-screen", "userId": "user-1", "name": "Settings",
+         "timestamp": "2024-03-01T12:00:03Z", "properties": {"tab": "billing"},
+         "context": {"device": {"id": "device-42", "type": "ios", "model": "iPhone15,2",
+                                "manufacturer": "Apple"},
+                     "os": {"name": "iOS", "version": "17.1"}, "app": {"version": "3.2.1"},
+                     "library": {"name": "analytics-ios", "version": "4.1"}}},
+        {"type": "group", "messageId": "m-group", "userId": "user-1", "groupId": "org-7",
+         "timestamp": "2024-03-01T12:00:04Z", "traits": {"name": "Acme", "plan": "enterprise"}},
+        {"type": "alias", "messageId": "m-alias", "userId": "user-1", "previousId": "anon-1",
+         "timestamp": "2024-03-01T12:00:05Z"},
+        {"type": "track", "messageId": "m-order", "userId": "user-1", "anonymousId": "anon-1",
+         "event": "Order Completed", "timestamp": "2024-03-01T12:00:06Z",
+         "properties": {"order_id": "o-1", "total": 27.5, "revenue": 25.0, "currency": "EUR",
+                        "products": [
+                            {"product_id": "p-1", "sku": "SKU-1", "name": "Mug", "price": 10.0,
+                             "quantity": 2},
+                            {"product_id": "p-2", "sku": "SKU-2", "name": "Tea", "price": 5.0,
+                             "quantity": 1}]},
+         "context": context},
+    ])
+}
+
+/// The events of every Amplitude request answered 2xx, by `insert_id`.
+fn amplitude_events(requests: &[ReceivedRequest]) -> std::collections::BTreeMap<String, Value> {
+    bodies(requests, "/2/httpapi")
+        .iter()
+        .flat_map(|b| b["events"].as_array().unwrap().clone())
+        .map(|e| (e["insert_id"].as_str().unwrap().to_string(), e))
+        .collect()
+}
+
+/// Amplitude: every call of `segment_calls` as Segment's Amplitude destination maps it
+/// by default, each body taken by the SDK's event model; group and alias skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amplitude_maps_segment_calls_as_segment_does() {
+    let r = Receiver::start().await;
+    let f = Fanout::start_with(
+        Settings::default()
+            .env("PRESETS_TEST_AMPLITUDE_KEY", "amp-key")
+            .section(&format!(
+                r#"[[destinations]]
+name = "amp"
+preset = "amplitude"
+base_url = "{}"
+settings = {{ api_key_env = "PRESETS_TEST_AMPLITUDE_KEY" }}
+batch = {{ linger = "200ms" }}
+"#,
+                r.url("")
+            )),
+    );
+    f.send_batch(segment_calls()).await;
+    let requests = r
+        .wait_until(WAIT, |rs| amplitude_events(rs).len() == 5)
+        .await;
+    validate("amplitude", &requests).await;
+    let events = amplitude_events(&requests);
+    assert_eq!(
+        events.keys().collect::<Vec<_>>(),
+        ["m-identify", "m-order", "m-page", "m-screen", "m-track"]
+    );
+    assert!(bodies(&requests, "/2/httpapi")
+        .iter()
+        .all(|b| b["api_key"] == "amp-key"));
+    assert_eq!(
+        events["m-track"],
+        json!({"event_type": "Signed Up", "user_id": "user-1", "device_id": "anon-1",
+               "time": 1709294400250i64, "insert_id": "m-track",
+               "event_properties": {"plan": "pro", "seats": 3},
+               "platform": "Web", "os_name": "Mac OS X", "os_version": "14.1",
+               "country": "France", "city": "Paris", "language": "fr-FR",
+               "location_lat": 48.0, "location_lng": 2.35, "ip": "203.0.113.9",
+               "library": "analytics.js"})
+    );
+    let identify = &events["m-identify"];
+    assert_eq!(identify["event_type"], "$identify");
+    assert_eq!(
+        identify["user_properties"]["$set"]["email"],
+        "jane@example.com"
+    );
+    assert_eq!(identify.get("event_properties"), None);
+    assert_eq!(events["m-page"]["event_type"], "Viewed Cart");
+    assert_eq!(events["m-page"].get("user_id"), None);
+    let screen = &events["m-screen"];
+    assert_eq!(screen["event_type"], "Viewed Settings");
+    assert_eq!(screen["device_id"], "device-42");
+    assert_eq!(screen["platform"], "iOS");
+    assert_eq!(screen["app_version"], "3.2.1");
+    let order = &events["m-order"];
+    assert_eq!(order["event_type"], "Order Completed");
+    assert_eq!(order["revenue"], 25.0);
+    assert_eq!(order["revenueType"], "Purchase");
+    assert_eq!(order["event_properties"]["products"][1]["sku"], "SKU-2");
+    assert_eq!(events["m-track"].get("revenue"), None);
+}
+
+/// Amplitude's documented answers: 429 (throttled) is retried after its Retry-After,
+/// 5xx retried; a 400 (invalid event) is a dead letter with Amplitude's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amplitude_answers_retry_or_dead_letter() {
+    let r = Receiver::start().await;
+    let f = Fanout::start_with(
+        Settings::default()
+            .env("PRESETS_TEST_AMPLITUDE_KEY", "amp-key")
+            .section(&format!(
+                r#"[[destinations]]
+name = "amp"
+preset = "amplitude"
+base_url = "{}"
+settings = {{ api_key_env = "PRESETS_TEST_AMPLITUDE_KEY" }}
+batch = {{ linger = "20ms" }}
+{FAST_RETRY}
+"#,
+                r.url("")
+            )),
+    );
+    r.push_reply(
+        Reply::json(429, r#"{"code":429,"error":"Too many requests for some devices and users","throttled_devices":{"anon-1":31}}"#)
+            .header("retry-after", "1"),
+    );
+    r.push_reply(Reply::json(
+        503,
+        r#"{"code":503,"error":"Service unavailable"}"#,
+    ));
+    f.send_batch(json!([track("t-retry", "user-1", "Retried")]))
+        .await;
+    let requests = r
+        .wait_until(WAIT, |rs| !amplitude_events(rs).is_empty())
+        .await;
+    let tries: Vec<u16> = requests.iter().map(|r| r.status).collect();
+    assert_eq!(tries, [429, 503, 200]);
+    validate("amplitude", &requests[2..]).await;
+    assert!(
+        requests[1].at.duration_since(requests[0].at) >= Duration::from_millis(900),
+        "Retry-After was honoured"
+    );
+
+    r.push_reply(Reply::json(
+        400,
+        r#"{"code":400,"error":"Request missing required field","missing_field":"event_type","events_with_missing_fields":{"event_type":[0]}}"#,
+    ));
+    f.send_batch(json!([track("t-bad", "user-1", "Refused")]))
+        .await;
+    let dead = f.wait_dead_letters("amp", 1, WAIT).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(
+        dead[0].to_string().contains("events_with_missing_fields"),
+        "{dead:?}"
+    );
+}
+
+fn mixpanel(r: &Receiver) -> Settings {
+    Settings::default()
+        .env("PRESETS_TEST_MIXPANEL_SECRET", "sa-secret")
+        .section(&format!(
+            r#"[[destinations]]
+name = "mp"
+preset = "mixpanel"
+base_url = "{}"
+settings = {{ token = "mp-token", project_id = "4242", service_account = "sa.fanout", service_account_secret_env = "PRESETS_TEST_MIXPANEL_SECRET" }}
+batch = {{ linger = "200ms" }}
+{FAST_RETRY}
+"#,
+            r.url("")
+        ))
+}
+
+/// Every record of the requests to `path` answered 2xx.
+fn records(requests: &[ReceivedRequest], path: &str) -> Vec<Value> {
+    bodies(requests, path)
+        .into_iter()
+        .flat_map(|b| b.as_array().unwrap().clone())
+        .collect()
+}
+
+/// Mixpanel: events to /import with the service account, the identify's $identify event
+/// and profile, the group's profile, as Segment's Mixpanel destination maps them; every
+/// request checked against what Mixpanel's SDK builds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixpanel_maps_segment_calls_as_segment_does() {
+    let r = Receiver::start().await;
+    let f = Fanout::start_with(mixpanel(&r));
+    f.send_batch(segment_calls()).await;
+    let requests = r
+        .wait_until(WAIT, |rs| {
+            records(rs, "/import").len() == 5
+                && records(rs, "/engage").len() == 1
+                && records(rs, "/groups").len() == 1
+        })
+        .await;
+    validate("mixpanel", &requests).await;
+    for request in requests.iter().filter(|r| r.path == "/import") {
+        assert_eq!(request.query.as_deref(), Some("project_id=4242&strict=1"));
+        // sa.fanout:sa-secret
+        assert_eq!(
+            request.header("authorization"),
+            Some("Basic c2EuZmFub3V0OnNhLXNlY3JldA==")
+        );
+    }
+    let events: std::collections::BTreeMap<String, Value> = records(&requests, "/import")
+        .into_iter()
+        .map(|e| (e["event"].as_str().unwrap().to_string(), e))
+        .collect();
+    assert_eq!(
+        events.keys().collect::<Vec<_>>(),
+        [
+            "$identify",
+            "Order Completed",
+            "Signed Up",
+            "Viewed Cart",
+            "Viewed Settings"
+        ]
+    );
+    let signed_up = &events["Signed Up"]["properties"];
+    assert_eq!(signed_up["distinct_id"], "user-1");
+    assert_eq!(signed_up["time"], 1709294400250i64);
+    assert_eq!(signed_up["token"], "mp-token");
+    assert_eq!(signed_up["plan"], "pro");
+    assert_eq!(signed_up["seats"], 3);
+    assert_eq!(signed_up["$os"], "Mac OS X");
+    assert_eq!(signed_up["$current_url"], "https://shop.example/cart");
+    assert_eq!(signed_up["$referrer"], "https://search.example/");
+    assert_eq!(signed_up["mp_lib"], "Segment: analytics.js");
+    assert_eq!(signed_up["mp_country_code"], "France");
+    assert_eq!(signed_up["ip"], "203.0.113.9");
+    assert_eq!(signed_up["$source"], "segment");
+    assert_eq!(events["Viewed Cart"]["properties"]["distinct_id"], "anon-1");
+    assert_eq!(
+        events["Viewed Settings"]["properties"]["$device_id"],
+        "device-42"
+    );
+    let order = &events["Order Completed"]["properties"];
+    assert_eq!(order["revenue"], 25.0);
+    assert_eq!(order["products"][0]["sku"], "SKU-1");
+    let identify = &events["$identify"]["properties"];
+    assert_eq!(identify["$identified_id"], "user-1");
+    assert_eq!(identify["$anon_id"], "anon-1");
+    let insert_ids: std::collections::BTreeSet<&str> = events
+        .values()
+        .map(|e| e["properties"]["$insert_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(insert_ids.len(), 5, "one $insert_id per message");
+
+    let profile = &records(&requests, "/engage")[0];
+    assert_eq!(
+        profile,
+        &json!({"$token": "mp-token", "$distinct_id": "user-1", "$ip": "203.0.113.9",
+                "$set": {"$email": "jane@example.com", "$first_name": "Jane",
+                         "$last_name": "Doe", "$phone": "+33 6 12 34 56 78", "plan": "pro",
+                         "address": {"city": "Paris", "country": "FR"}}})
+    );
+    assert!(requests
+        .iter()
+        .filter(|r| r.path != "/import")
+        .all(|r| r.header("authorization").is_none()));
+    assert_eq!(
+        records(&requests, "/groups")[0],
+        json!({"$token": "mp-token", "$group_key": "$group_id", "$group_id": "org-7",
+               "$set": {"name": "Acme", "plan": "enterprise"}})
+    );
+}
+
+/// Mixpanel's documented answers: 429 (rate limited) retried; a 400 with failed_records
+/// (strict mode) is a dead letter with Mixpanel's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixpanel_answers_retry_or_dead_letter() {
+    let r = Receiver::start().await;
+    let f = Fanout::start_with(mixpanel(&r));
+    r.push_reply(Reply::json(
+        429,
+        r#"{"code":429,"error":"Project exceeded rate limits. Please retry the request with exponential backoff.","status":"Bad Request"}"#,
+    ));
+    f.send_batch(json!([track("t-retry", "user-1", "Retried")]))
+        .await;
+    let requests = r
+        .wait_until(WAIT, |rs| !records(rs, "/import").is_empty())
+        .await;
+    let tries: Vec<u16> = requests.iter().map(|r| r.status).collect();
+    assert_eq!(tries, [429, 200]);
+    validate("mixpanel", &requests[1..]).await;
+
+    r.push_reply(Reply::json(
+        400,
+        r#"{"code":400,"error":"some data points in the request failed validation","failed_records":[{"index":0,"$insert_id":"x","field":"properties.time","message":"'properties.time' is invalid"}],"num_records_imported":0,"status":"Bad Request"}"#,
+    ));
+    f.send_batch(json!([track("t-bad", "user-1", "Refused")]))
+        .await;
+    let dead = f.wait_dead_letters("mp", 1, WAIT).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].to_string().contains("failed_records"), "{dead:?}");
 }
 
 /// The mechanism on one preset: its keys under the user's (`base_url`, a `batch` key),

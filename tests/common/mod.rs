@@ -19,6 +19,7 @@ pub mod nats;
 pub mod postgres;
 pub mod receiver;
 pub mod sse;
+pub mod vendors;
 
 /// Write keys every test config accepts (the captures' keys among them).
 pub const WRITE_KEY: &str = "wk_test";

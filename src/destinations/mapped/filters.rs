@@ -7,7 +7,10 @@ use minijinja::value::ValueKind;
 use minijinja::{Environment, Error, ErrorKind, Value};
 use sha2::{Digest, Sha256};
 
-use super::context::to_json;
+use minijinja::value::Rest;
+use serde_json::Value as Json;
+
+use super::context::{document, to_json};
 
 pub fn register(env: &mut Environment<'static>) {
     env.add_filter("default", default);
@@ -31,6 +34,9 @@ pub fn register(env: &mut Environment<'static>) {
     env.add_filter("round", round);
     env.add_filter("split", split);
     env.add_filter("join", join);
+    env.add_filter("merge", merge);
+    env.add_filter("compact", |v: Value| merge(v, Value::UNDEFINED));
+    env.add_filter("omit", omit);
     super::reshape::register(env);
 }
 
@@ -162,4 +168,38 @@ fn join(v: Value, separator: Option<String>) -> Result<Value, Error> {
         .map(|item| as_text(&item))
         .collect();
     Ok(Value::from(items.join(separator.as_deref().unwrap_or(""))))
+}
+
+/// `merge(other)`: an object with `other`'s keys over its own, keys whose value is
+/// undefined or null left out (`traits | merge({'$email': traits.email})`); an undefined
+/// or null `other` adds nothing (`compact`: an object without its null keys).
+fn merge(v: Value, other: Value) -> Result<Value, Error> {
+    if missing(&v) {
+        return Ok(v);
+    }
+    let over = if missing(&other) {
+        Json::Object(Default::default())
+    } else {
+        to_json(&other)
+    };
+    let (Json::Object(mut object), Json::Object(over)) = (to_json(&v), over) else {
+        return Err(invalid("merge takes two objects".into()));
+    };
+    object.extend(over);
+    object.retain(|_, value| !value.is_null());
+    Ok(document(Json::Object(object)))
+}
+
+/// `omit('a', 'b', …)`: an object without these keys.
+fn omit(v: Value, keys: Rest<String>) -> Result<Value, Error> {
+    if missing(&v) {
+        return Ok(v);
+    }
+    let Json::Object(mut object) = to_json(&v) else {
+        return Err(invalid(format!("omit takes an object, not {}", v.kind())));
+    };
+    for key in keys.iter() {
+        object.remove(key);
+    }
+    Ok(document(Json::Object(object)))
 }

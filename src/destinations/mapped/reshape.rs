@@ -1,18 +1,14 @@
 //! Filters that reshape a value where a vendor's API wants another shape than Segment's:
 //! `pick` builds an object from named paths (`products | map('pick', {...})` renames every
-//! product's keys, which Jinja cannot do in one expression), `omit` drops keys, `merge`
-//! sets keys that have a value (never clearing one with a missing field), `digits`
-//! and `snake_case` normalise text as vendors document (Meta's phones, GA4's event names).
-//! Like every fanout filter they pass undefined and null through untouched, except `merge`,
-//! which starts from an empty object then.
+//! product's keys, which Jinja cannot do in one expression); `digits` and `snake_case`
+//! normalise text as vendors document (Meta's phones, GA4's event names). Like every
+//! fanout filter they pass undefined and null through untouched.
 
-use minijinja::value::{Kwargs, Rest, ValueKind};
+use minijinja::value::{Kwargs, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, Value};
 
 pub fn register(env: &mut Environment<'static>) {
     env.add_filter("pick", pick);
-    env.add_filter("omit", omit);
-    env.add_filter("merge", merge);
     env.add_filter("digits", digits);
     env.add_filter("snake_case", snake_case);
 }
@@ -54,55 +50,6 @@ fn pick(v: Value, keys: Value) -> Result<Value, Error> {
         }
     }
     Ok(Value::from_pairs(picked))
-}
-
-/// `omit("a", "b")`: the object without those keys; anything else as it is.
-fn omit(v: Value, keys: Rest<String>) -> Result<Value, Error> {
-    if v.kind() != ValueKind::Map {
-        return Ok(v);
-    }
-    let mut kept = Vec::new();
-    for key in v.try_iter()? {
-        if key.as_str().is_some_and(|k| keys.iter().any(|o| o == k)) {
-            continue;
-        }
-        let value = v.get_item(&key)?;
-        kept.push((key, value));
-    }
-    Ok(Value::from_pairs(kept))
-}
-
-/// `merge({...})`: the object (none when undefined or null) with the given keys set over
-/// it; a given value that is undefined or null is left out, so that a missing field never
-/// clears one the object has.
-fn merge(v: Value, other: Value) -> Result<Value, Error> {
-    if other.kind() != ValueKind::Map {
-        return Err(Error::new(
-            ErrorKind::InvalidOperation,
-            "merge takes a map, e.g. merge({'email': traits.email})",
-        ));
-    }
-    let mut merged = Vec::new();
-    if v.kind() == ValueKind::Map {
-        for key in v.try_iter()? {
-            let value = v.get_item(&key)?;
-            merged.push((key, value));
-        }
-    } else if !missing(&v) {
-        return Err(Error::new(
-            ErrorKind::InvalidOperation,
-            format!("merge: {} is not an object", v.kind()),
-        ));
-    }
-    for key in other.try_iter()? {
-        let value = other.get_item(&key)?;
-        if missing(&value) {
-            continue;
-        }
-        merged.retain(|(k, _)| *k != key);
-        merged.push((key, value));
-    }
-    Ok(Value::from_pairs(merged))
 }
 
 /// The ASCII digits of the text; `digits(leading_zeros=false)` drops the zeros they start
@@ -197,41 +144,6 @@ mod tests {
                 .eval(minijinja::context! { x => minijinja::context! { a => 1 } });
             assert!(result.is_err(), "{expression}");
         }
-    }
-
-    #[test]
-    fn omit_drops_the_named_keys() {
-        assert_eq!(
-            eval(
-                "traits | omit('firstName', 'lastName')",
-                json!({"traits": {"firstName": "J", "lastName": "D", "plan": "pro"}})
-            ),
-            json!({"plan": "pro"})
-        );
-        assert_eq!(eval("'text' | omit('a')", json!({})), json!("text"));
-    }
-
-    #[test]
-    fn merge_sets_given_values_and_skips_missing_ones() {
-        let message = json!({"userId": "u1", "traits": {"plan": "pro", "email": "old@x.test"}});
-        assert_eq!(
-            eval(
-                "traits | merge({'external_id': userId, 'email': 'new@x.test', 'gone': nope})",
-                message.clone()
-            ),
-            json!({"plan": "pro", "email": "new@x.test", "external_id": "u1"})
-        );
-        assert_eq!(
-            eval("nope | merge({'a': userId})", message.clone()),
-            json!({"a": "u1"})
-        );
-        assert_eq!(
-            eval(
-                "[{'p': 1}, {'p': 2}] | map('merge', {'u': userId}) | list",
-                message
-            ),
-            json!([{"p": 1, "u": "u1"}, {"p": 2, "u": "u1"}])
-        );
     }
 
     #[test]

@@ -169,7 +169,9 @@ pub(super) fn render(compiled: &Compiled, message: &[u8], scope: &Scope) -> Chec
             continue;
         }
         match request(compiled, i, action, message, &root) {
-            Ok(request) => requests.push(request),
+            Ok(Some(request)) => requests.push(request),
+            // Its body rendered to nothing: the action is not taken (the next one may be).
+            Ok(None) => continue,
             Err(detail) => return refuse(detail),
         }
         if !compiled.all {
@@ -189,13 +191,15 @@ fn refuse(detail: String) -> Check {
     }
 }
 
+/// One action's request for the message; `None` when its body renders to nothing (a
+/// single expression, undefined or null), so that a mapping can decline a message.
 fn request(
     compiled: &Compiled,
     index: usize,
     action: &Action,
     message: &[u8],
     root: &Value,
-) -> Result<Request, String> {
+) -> Result<Option<Request>, String> {
     let env = &compiled.env;
     let url = action.url.render_text(env, root)?.unwrap_or_default();
     let mut url = url::Url::parse(&url)
@@ -221,20 +225,19 @@ fn request(
     }
     let body = match (&action.method, &action.body) {
         (&reqwest::Method::GET, _) => None,
-        (_, Some(body)) => Some(
-            body.render(env, root, action.keep_nulls)?
-                .value
-                .unwrap_or(Json::Null),
-        ),
+        (_, Some(body)) => match body.render(env, root, action.keep_nulls)?.value {
+            Some(body) => Some(body),
+            None => return Ok(None),
+        },
         (_, None) => Some(serde_json::from_slice(message).map_err(|e| e.to_string())?),
     };
-    Ok(Request {
+    Ok(Some(Request {
         action: index,
         method: action.method.clone(),
         url: url.into(),
         headers,
         body,
-    })
+    }))
 }
 
 /// The body of a batch's requests to one place: the `batch.body` envelope around their

@@ -139,6 +139,23 @@ fn filters() {
         (r#""{{ settings.limit }}""#, json!(3)),
         (r#""{{ settings.nope }}""#, Json::Null),
         (r#""{{ 'user:pass' | base64 }}""#, json!("dXNlcjpwYXNz")),
+        (
+            r#""{{ traits.address | merge({'zip': '75001', 'no': traits.nope, 'n': none}) }}""#,
+            json!({"city": "Paris", "zip": "75001"}),
+        ),
+        (
+            r#""{{ traits | omit('email', 'plan', 'age', 'score', 'tags', 'vip') }}""#,
+            json!({"address": {"city": "Paris"}}),
+        ),
+        (r#""{{ traits.nope | omit('a') | merge({}) }}""#, Json::Null),
+        (
+            r#""{{ {'a': 1, 'b': traits.nope} | merge(traits.nope) }}""#,
+            json!({"a": 1}),
+        ),
+        (
+            r#""{{ {'a': 1, 'b': traits.nope, 'c': traits.plan} | compact }}""#,
+            json!({"a": 1}),
+        ),
     ];
     for (template, expected) in cases {
         let got = render(template).unwrap_or(Json::Null);
@@ -525,4 +542,24 @@ fn drop_on_matches_status_and_body_text() {
         body_contains: None,
     };
     assert!(any.matches(413, ""));
+}
+
+#[test]
+fn an_action_whose_body_renders_to_nothing_is_not_taken() {
+    let c = config(
+        "name = \"c\"\nkind = \"http\"\nurl = \"http://h/\"\n\
+         [[actions]]\nname = \"anon\"\nbody = \"{{ {'a': anonymousId} if anonymousId }}\"\n\
+         [[actions]]\nname = \"user\"\nbody = { u = \"{{ userId }}\" }\n",
+    );
+    let compiled = c.compile().unwrap();
+    let Preview::Send(shown) = send::preview(&compiled, MESSAGE.as_bytes()) else {
+        panic!("sent");
+    };
+    assert_eq!(shown["requests"][0]["action"], "user");
+    assert_eq!(shown["requests"][0]["body"], json!({"u": "u 1"}));
+    let anon = r#"{"type":"track","anonymousId":"a1"}"#;
+    let Preview::Send(shown) = send::preview(&compiled, anon.as_bytes()) else {
+        panic!("sent");
+    };
+    assert_eq!(shown["requests"][0]["action"], "anon");
 }
