@@ -37,6 +37,7 @@ pub fn register(env: &mut Environment<'static>) {
     env.add_filter("merge", merge);
     env.add_filter("compact", |v: Value| merge(v, Value::UNDEFINED));
     env.add_filter("omit", omit);
+    super::reshape::register(env);
 }
 
 fn missing(v: &Value) -> bool {

@@ -104,11 +104,12 @@ pub(super) fn settings(settings: &BTreeMap<String, toml::Value>) -> Result<Setti
     Ok((values, secrets))
 }
 
-pub(super) fn check_drop_on(drop_on: &[DropOn]) -> Result<(), KeyError> {
-    for (i, entry) in drop_on.iter().enumerate() {
+/// `drop_on` or `retry_on` (`key`): 4xx statuses only.
+pub(super) fn check_drop_on(key: &str, entries: &[DropOn]) -> Result<(), KeyError> {
+    for (i, entry) in entries.iter().enumerate() {
         if !(400..=499).contains(&entry.status) {
             return Err(KeyError::new(
-                format!("drop_on[{i}].status"),
+                format!("{key}[{i}].status"),
                 "a 4xx status: other answers are delivered, retried or dead-lettered",
             ));
         }

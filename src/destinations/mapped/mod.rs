@@ -16,6 +16,7 @@ mod context;
 mod filters;
 mod keys;
 pub mod presets;
+mod reshape;
 mod send;
 mod template;
 #[cfg(test)]
@@ -55,6 +56,11 @@ pub struct MappedConfig {
     /// event will never be taken" that are no error to keep.
     #[serde(default)]
     pub drop_on: Vec<DropOn>,
+    /// 4xx answers retried like a 429 instead of dead-lettered, same shape as `drop_on`:
+    /// for vendors that answer throttling with a 4xx (Meta's Graph API: 400 with its
+    /// error code in the body).
+    #[serde(default)]
+    pub retry_on: Vec<DropOn>,
     /// `POST` (default), `PUT`, `PATCH`, `DELETE` or `GET` (sent without a body).
     pub method: Option<String>,
     /// Header name → template.
@@ -116,7 +122,8 @@ pub struct ActionConfig {
     pub keep_nulls: Option<bool>,
 }
 
-/// One `drop_on` entry: an answer with this status (and, if given, this text in its body).
+/// One `drop_on` or `retry_on` entry: an answer with this status (and, if given, this text
+/// in its body).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DropOn {
@@ -218,6 +225,7 @@ pub struct Compiled {
     /// `settings.NAME_env`: NAME → the environment variable, read at start.
     secret_settings: BTreeMap<String, String>,
     drop_on: Vec<DropOn>,
+    retry_on: Vec<DropOn>,
 }
 
 /// How a secret is shown by `fanout route` and the live view.
@@ -240,7 +248,8 @@ impl MappedConfig {
     /// Compiles every template; the error names the key and the line in its value.
     pub fn compile(&self) -> Result<Compiled, KeyError> {
         let (settings, secret_settings) = keys::settings(&self.settings)?;
-        keys::check_drop_on(&self.drop_on)?;
+        keys::check_drop_on("drop_on", &self.drop_on)?;
+        keys::check_drop_on("retry_on", &self.retry_on)?;
         let mut env = template::environment();
         let mut env_names = BTreeSet::new();
         let own = ActionConfig {
@@ -353,6 +362,7 @@ impl MappedConfig {
             settings,
             secret_settings,
             drop_on: self.drop_on.clone(),
+            retry_on: self.retry_on.clone(),
             shown_auth,
             env,
             when: self.when.as_ref().map(|f| when("when", f)).transpose()?,

@@ -16,7 +16,13 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("amplitude", include_str!("../../../presets/amplitude.toml")),
     ("mixpanel", include_str!("../../../presets/mixpanel.toml")),
     ("posthog", include_str!("../../../presets/posthog.toml")),
-    // presets-b: one line per preset below.
+    ("ga4", include_str!("../../../presets/ga4.toml")),
+    ("meta_capi", include_str!("../../../presets/meta_capi.toml")),
+    (
+        "customerio",
+        include_str!("../../../presets/customerio.toml"),
+    ),
+    ("braze", include_str!("../../../presets/braze.toml")),
 ];
 
 /// A preset file's `[preset]` table.

@@ -340,6 +340,31 @@ impl MappedDestination {
         http::send_batch(builder, body, false, self.clock)
             .await
             .map(drop)
+            .map_err(|e| self.retried(e))
+    }
+
+    /// A 4xx answer a `retry_on` entry matches, made retryable (backoff, no Retry-After).
+    fn retried(&self, e: SendError) -> SendError {
+        match e {
+            SendError::Rejected {
+                status,
+                detail,
+                answer,
+            } if self
+                .compiled
+                .retry_on
+                .iter()
+                .any(|entry| entry.matches(status, answer.as_deref().unwrap_or(""))) =>
+            {
+                SendError::Retryable {
+                    status: Some(status),
+                    retry_after: None,
+                    detail,
+                    answer,
+                }
+            }
+            e => e,
+        }
     }
 
     /// `Some` when a `drop_on` entry matches the 4xx answer: its messages are settled as

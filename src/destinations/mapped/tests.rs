@@ -520,6 +520,7 @@ fn settings_and_drop_on_errors_name_the_key() {
             "drop_on[1].status",
         ),
         ("drop_on = [{ status = 400, body = \"x\" }]\n", "drop_on[0]"),
+        ("retry_on = [{ status = 503 }]\n", "retry_on[0].status"),
     ];
     for (keys, key) in cases {
         let e = destination(&format!("{head}{keys}")).unwrap_err();
