@@ -21,8 +21,10 @@ use crate::clock::Clock;
 use crate::message::MessageType;
 
 mod functions;
+mod sources;
 mod warehouse;
 pub use functions::FunctionMetrics;
+pub use sources::source_throttled;
 pub use warehouse::schema_warnings;
 
 const HTTP_REQUESTS: &str = "fanout_http_requests_total";
@@ -108,6 +110,7 @@ pub fn install() {
 
 fn describe() {
     functions::describe();
+    sources::describe();
     warehouse::describe();
     describe_counter!(
         HTTP_REQUESTS,

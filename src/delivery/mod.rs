@@ -227,11 +227,12 @@ impl Deliveries {
         let progress = Progress::new(feed, gauges);
         let sequential = destination.sequential();
         let concurrency = if sequential { 1 } else { config.concurrency() };
-        let limiter = config
-            .http
-            .rate_limit
-            .as_ref()
-            .map(|r| (RateLimiter::new(r.rate, r.burst()), r.per));
+        let limiter = config.http.rate_limit.as_ref().map(|r| {
+            (
+                RateLimiter::named(&format!("d.{}", config.name), r.rate, r.burst()),
+                r.per,
+            )
+        });
         let context = Arc::new(DeliveryContext {
             name: config.name.clone(),
             route: Route::new(&config.name, config.kind(), &config.route),

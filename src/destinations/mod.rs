@@ -413,6 +413,14 @@ impl DestinationConfig {
     }
 }
 
+/// Tests and tools read a destination from a TOML table on its own.
+impl<'de> serde::Deserialize<'de> for DestinationConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let table = <toml::Table as serde::Deserialize>::deserialize(deserializer)?;
+        DestinationConfig::from_table(table).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Moves `batch.body` (the http kind's envelope) from the shared `batch` table to the
 /// kind's own keys, so that kinds without it refuse it by name.
 fn lift_batch_body(mut shared: toml::Table, own: &mut toml::Table) -> toml::Table {

@@ -246,6 +246,19 @@ impl App {
         source: &str,
         mut records: RecordBatch,
     ) -> Result<Vec<bool>, ApiError> {
+        // Counted in events, duplicates included: they cost the work of a check too.
+        let quota = self.sources.load().quota(source).cloned();
+        if let Some(quota) = quota {
+            let events = u32::try_from(records.len()).unwrap_or(u32::MAX);
+            if let Err(wait) = quota.try_acquire(events).await {
+                crate::metrics::source_throttled(source, u64::from(events));
+                return Err(ApiError::Throttled {
+                    // Whole seconds, as the header carries them, rounded up.
+                    retry_after: wait.as_secs_f64().ceil().clamp(1.0, 3600.0) as u32,
+                    source: source.to_string(),
+                });
+            }
+        }
         let reservation = self
             .dedupe
             .reserve(source, records.tags())

@@ -47,6 +47,12 @@ pub struct QueueConfig {
     pub password_env: Option<String>,
     /// Environment variable holding the path of a `.creds` file (JWT and NKey seed).
     pub credentials_env: Option<String>,
+    /// On `nats`: destinations' `rate_limit`, the Klaviyo kind's own limits and sources'
+    /// `rate_limit` hold for all instances together (token buckets in the KV bucket
+    /// `<stream>_limits`, leased in small chunks). `false`: each instance applies each
+    /// limit on its own, so N instances allow N times it.
+    #[serde(default = "default_shared_limits")]
+    pub shared_limits: bool,
     /// PEM file of the certificate authorities to trust for `tls://` servers (the
     /// system's roots otherwise).
     pub tls_ca_file: Option<PathBuf>,
@@ -77,6 +83,7 @@ impl Default for QueueConfig {
             password_env: None,
             credentials_env: None,
             tls_ca_file: None,
+            shared_limits: default_shared_limits(),
         }
     }
 }
@@ -89,6 +96,9 @@ const fn default_replicas() -> usize {
 }
 const fn default_partitions() -> u16 {
     8
+}
+const fn default_shared_limits() -> bool {
+    true
 }
 const fn default_ack_wait() -> Duration {
     Duration::from_secs(30)

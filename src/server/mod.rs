@@ -213,7 +213,7 @@ pub async fn run(config: Config, sources: Sources, options: Options) -> anyhow::
 
 /// The configured queue; the local log comes with its writer thread, joined at the end.
 async fn open_queue(config: &Config, clock: Clock) -> anyhow::Result<(Queue, Option<QueueWriter>)> {
-    Queue::open(
+    let opened = Queue::open(
         &config.queue,
         &config.server.data_dir,
         config.server.segment_bytes,
@@ -222,7 +222,10 @@ async fn open_queue(config: &Config, clock: Clock) -> anyhow::Result<(Queue, Opt
         config.server.retention,
         clock,
     )
-    .await
+    .await?;
+    // Before any destination or source makes its limiter.
+    opened.0.share_limits(&config.queue, clock).await?;
+    Ok(opened)
 }
 
 /// Opens the dedupe window and rebuilds it from the local log, then has the log hand it

@@ -22,11 +22,12 @@ pub(super) struct EraseLimits {
 }
 
 impl EraseLimits {
-    pub(super) fn new() -> EraseLimits {
+    /// The limits of the Klaviyo account `account` (shared by the cluster's instances).
+    pub(super) fn new(account: &str) -> EraseLimits {
         EraseLimits {
             // 60 a minute is one a second.
-            deletion_jobs: RateLimiter::new(1.0, 3),
-            profile_reads: RateLimiter::new(750.0 / 60.0, 75),
+            deletion_jobs: RateLimiter::named(&format!("{account}.deletion_jobs"), 1.0, 3),
+            profile_reads: RateLimiter::named(&format!("{account}.profile_reads"), 750.0 / 60.0, 75),
         }
     }
 }
@@ -172,7 +173,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn deletions_and_profile_reads_are_paced_at_klaviyos_limits() {
         use std::time::Duration;
-        let limits = EraseLimits::new();
+        let limits = EraseLimits::new("k.test");
         let start = tokio::time::Instant::now();
         for _ in 0..3 {
             limits.deletion_jobs.acquire(1).await;
