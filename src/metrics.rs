@@ -42,6 +42,8 @@ const QUEUE_AGE: &str = "fanout_queue_oldest_age_seconds";
 const CONSUMER_PENDING: &str = "fanout_queue_consumer_pending";
 const CONSUMER_ACK_PENDING: &str = "fanout_queue_consumer_ack_pending";
 const CONSUMER_REDELIVERED: &str = "fanout_queue_consumer_redelivered";
+const CONSUMER_SHARE: &str = "fanout_queue_consumer_partitions";
+const INSTANCES: &str = "fanout_queue_instances";
 const DELIVERIES: &str = "fanout_deliveries_total";
 const DELIVERY_DURATION: &str = "fanout_delivery_duration_seconds";
 const DEDUPE_KEYS: &str = "fanout_dedupe_keys";
@@ -217,6 +219,14 @@ fn describe() {
         CONSUMER_REDELIVERED,
         "queue.backend = nats: of the destination's unacknowledged messages, those delivered \
          more than once (after an instance died, or a handover)."
+    );
+    describe_gauge!(
+        CONSUMER_SHARE,
+        "queue.backend = nats: partitions of a destination this instance delivers (its share)."
+    );
+    describe_gauge!(
+        INSTANCES,
+        "queue.backend = nats: live instances sharing the stream, this one included."
     );
     describe_gauge!(DEDUPE_KEYS, "messageIds in the dedupe window.");
     describe_counter!(
@@ -536,6 +546,14 @@ impl ConsumerGauges {
         self.pending.set(pending as f64);
         self.ack_pending.set(ack_pending as f64);
         self.redelivered.set(redelivered as f64);
+    }
+}
+
+/// The shared log's live instances, and how many of `destination`'s partitions are here.
+pub fn queue_share(instances: usize, destination: Option<(&str, usize)>) {
+    gauge!(INSTANCES).set(instances as f64);
+    if let Some((destination, held)) = destination {
+        gauge!(CONSUMER_SHARE, "destination" => destination.to_owned()).set(held as f64);
     }
 }
 

@@ -1,6 +1,7 @@
-//! The pullers behind a `StreamFeed`: one task per consumer, pulling only while the
-//! engine keeps up, catching up when newly pinned, and decoding each stream message
-//! into the records the engine reads.
+//! The pullers behind a `StreamFeed`: one task per consumer, pulling only while its
+//! partition is this instance's share and the engine keeps up, catching up when newly
+//! pinned, handing over when the share moves, and decoding each stream message into the
+//! records the engine reads.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -11,7 +12,8 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::{Delivery, NatsQueue, GROUP};
+use super::members::Members;
+use super::{acks, Delivery, NatsQueue, GROUP};
 use crate::queue::record::{read_record, ReadOutcome};
 use crate::queue::{Earlier, Record};
 use crate::throttle::LogThrottle;
@@ -43,6 +45,7 @@ pub(super) async fn pull_into(
     index: u16,
     records: mpsc::Sender<Record<Delivery>>,
     stop: watch::Receiver<bool>,
+    members: watch::Receiver<Members>,
     destination: String,
 ) -> Vec<Delivery> {
     let name = consumer.cached_info().name.clone();
@@ -62,6 +65,7 @@ pub(super) async fn pull_into(
         index,
         records,
         stop,
+        members,
         destination,
         errors: LogThrottle::new(Duration::from_secs(30)),
         pin: None,
@@ -84,6 +88,8 @@ struct Puller {
     index: u16,
     records: mpsc::Sender<Record<Delivery>>,
     stop: watch::Receiver<bool>,
+    /// The live instances: whose share this partition is.
+    members: watch::Receiver<Members>,
     destination: String,
     ack_wait: Duration,
     errors: LogThrottle,
@@ -136,6 +142,11 @@ impl Puller {
             }
         };
         loop {
+            // Between requests nothing is on its way here: the hand-over leaves no request
+            // at the server that could pin this instance again.
+            if !self.owned() && !self.sit_out().await {
+                return self.give_back(Some(replies)).await;
+            }
             // Between requests nothing is on its way here, so the catch-up check is exact.
             if self.catch_up.is_some() && !self.check_caught_up().await {
                 return self.give_back(Some(replies)).await;
@@ -149,6 +160,7 @@ impl Puller {
             if full {
                 tokio::select! {
                     _ = tokio::time::sleep(CATCH_UP_CHECK) => {}
+                    _ = self.members.changed() => continue,
                     _ = stopped(&mut self.stop) => return self.give_back(Some(replies)).await,
                 }
             }
@@ -156,6 +168,7 @@ impl Puller {
             let room = tokio::select! {
                 biased;
                 _ = stopped(&mut self.stop) => false,
+                _ = self.members.changed() => continue,
                 room = self.records.reserve_many(PULL_ROOM) => room.is_ok(),
             };
             if !room {
@@ -238,6 +251,64 @@ impl Puller {
                 }
             }
         }
+    }
+
+    /// Whether this partition is this instance's share now.
+    fn owned(&self) -> bool {
+        let partitions = self.queue.inner.settings.partitions;
+        self.members
+            .borrow()
+            .owns(&self.destination, partitions, self.index)
+    }
+
+    /// The partition is another instance's share now: hands it over, and waits until it
+    /// is this one's again. False once stopping.
+    async fn sit_out(&mut self) -> bool {
+        self.release().await;
+        loop {
+            if self.owned() {
+                return true;
+            }
+            tokio::select! {
+                changed = self.members.changed() => if changed.is_err() {
+                    stopped(&mut self.stop).await;
+                    return false;
+                },
+                _ = stopped(&mut self.stop) => return false,
+            }
+        }
+    }
+
+    /// Gives back (in stream order) what was held here unforwarded, and releases this
+    /// instance's pin, so that the new owner is pinned at once; it catches up on what the
+    /// engine here still delivers before passing anything on, which keeps a user's order.
+    async fn release(&mut self) {
+        if let Some(catch_up) = self.catch_up.take() {
+            for records in catch_up.held.into_values() {
+                if let Some(record) = records.first() {
+                    let _ =
+                        acks::send(&self.client, &record.receipt.reply, AckKind::Nak(None)).await;
+                }
+            }
+        }
+        let Some(pin) = self.pin.take() else {
+            return;
+        };
+        // Only a pin this instance still holds: past the priority timeout it may be the
+        // new owner's already.
+        let ours = self.consumer.get_info().await.is_ok_and(|info| {
+            info.priority_groups
+                .iter()
+                .any(|g| g.pinned_client_id.as_deref() == Some(pin.as_str()))
+        });
+        if ours {
+            let stream = &self.queue.inner.stream;
+            if let Err(e) = stream.unpin_consumer(&self.name, GROUP).await {
+                self.warn("cannot release the pin; it lapses by itself", &e);
+            }
+        }
+        tracing::debug!(destination = %self.destination, consumer = %self.name,
+            "partition handed over to another instance");
     }
 
     /// What its deliveries are told apart by: the consumer, and the stream's incarnation.
