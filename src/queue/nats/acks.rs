@@ -1,6 +1,6 @@
 //! One destination's acknowledgements on the shared log: which delivered messages it
-//! holds, which it has settled and must acknowledge, and the progress signals that keep
-//! JetStream from handing held messages to another instance.
+//! holds, and which it has settled and must acknowledge. (The progress signals that keep
+//! held messages here are `keepalive.rs`'s.)
 //!
 //! Each message is acknowledged on its own (`AckPolicy::Explicit`). Acknowledging "all up
 //! to here" would be cheaper, but after a fail-over it would also acknowledge messages
@@ -8,11 +8,12 @@
 //! only ever cost a duplicate.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::time::Duration;
+use std::sync::Arc;
 
 use async_nats::jetstream::AckKind;
 use async_nats::{Client, Subject};
-use tokio::time::Instant;
+
+use super::keepalive::InFlight;
 
 /// A stream message as one consumer delivered it: where it is in the stream, the subject
 /// its acknowledgement goes to (a handle of a few dozen bytes, many may be held), and how
@@ -79,22 +80,19 @@ pub struct Acks {
     /// Recently acknowledged, oldest first.
     recent: VecDeque<DeliveryKey>,
     recent_set: HashSet<DeliveryKey>,
-    /// Held messages are signalled "in progress" this often: well inside the ack wait.
-    ping_every: Duration,
-    next_ping: Instant,
+    /// What is kept alive until acknowledged.
+    in_flight: Arc<InFlight>,
 }
 
 impl Acks {
-    pub(super) fn new(client: Client, ack_wait: Duration) -> Acks {
-        let ping_every = ack_wait / 3;
+    pub(super) fn new(client: Client, in_flight: Arc<InFlight>) -> Acks {
         Acks {
             client,
             held: HashMap::new(),
             settled: Vec::new(),
             recent: VecDeque::new(),
             recent_set: HashSet::new(),
-            ping_every,
-            next_ping: Instant::now() + ping_every,
+            in_flight,
         }
     }
 
@@ -148,11 +146,6 @@ impl Acks {
         !self.settled.is_empty()
     }
 
-    /// When held messages next need their progress signal, if any are held.
-    pub fn ping_at(&self) -> Option<Instant> {
-        (!self.held.is_empty()).then_some(self.next_ping)
-    }
-
     /// Acknowledges everything settled. On an error the rest stay for the next commit.
     pub async fn commit(&mut self) -> Result<(), async_nats::Error> {
         while let Some((key, reply)) = self.settled.pop() {
@@ -160,23 +153,9 @@ impl Acks {
                 self.settled.push((key, reply));
                 return Err(e);
             }
+            self.in_flight.done(&key);
         }
         Ok(())
-    }
-
-    /// Tells the server the held messages are still being worked on, when that is due,
-    /// so that it does not give them to another instance after the ack wait.
-    pub async fn ping_if_due(&mut self) {
-        if Instant::now() < self.next_ping {
-            return;
-        }
-        self.next_ping = Instant::now() + self.ping_every;
-        for held in self.held.values() {
-            if let Err(e) = send(&self.client, &held.reply, AckKind::Progress).await {
-                tracing::warn!(error = %e, "cannot signal progress to NATS; held messages may be delivered again");
-                return;
-            }
-        }
     }
 
     /// Gives up the held messages (at stop), for the feed to hand back to the stream.

@@ -18,6 +18,7 @@
 //! owner, pulling all along, is pinned then and catches up as above: never two instances
 //! delivering one partition at once.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
@@ -25,6 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::consumers::{destination_config, Registration};
+use super::keepalive::{keep_alive, InFlight};
 use super::pull::pull_into;
 use super::startup::retried;
 use super::{acks, lag, Delivery, Handback, NatsQueue, GROUP};
@@ -45,6 +47,9 @@ pub struct StreamFeed {
     stop: watch::Sender<bool>,
     pullers: Vec<JoinHandle<Vec<Delivery>>>,
     lag: JoinHandle<()>,
+    /// Everything delivered here and not acknowledged yet, kept alive by `keep_alive`.
+    in_flight: Arc<InFlight>,
+    keep_alive: JoinHandle<()>,
     /// Its consumers are made again if they go missing while it reads them.
     _registration: Registration,
 }
@@ -57,6 +62,7 @@ impl StreamFeed {
         membership.reads(destination);
         let members = membership.members();
         let (tx, records) = mpsc::channel(CHANNEL);
+        let in_flight = Arc::new(InFlight::default());
         let (stop, stop_rx) = watch::channel(false);
         let mut consumers = Vec::new();
         let mut pullers = Vec::new();
@@ -85,6 +91,7 @@ impl StreamFeed {
                 tx.clone(),
                 stop_rx.clone(),
                 members.clone(),
+                in_flight.clone(),
                 destination.to_string(),
             )));
             consumers.push(name);
@@ -96,7 +103,14 @@ impl StreamFeed {
             destination.to_string(),
             consumers.clone(),
         ));
+        let keep_alive = tokio::spawn(keep_alive(
+            in_flight.clone(),
+            queue.inner.client.clone(),
+            settings.ack_wait,
+        ));
         Ok(StreamFeed {
+            in_flight,
+            keep_alive,
             queue,
             destination: destination.to_string(),
             consumers,
@@ -107,6 +121,11 @@ impl StreamFeed {
             lag,
             _registration: registration,
         })
+    }
+
+    /// What is delivered here and not acknowledged yet (the acks take it off).
+    pub(super) fn in_flight(&self) -> Arc<InFlight> {
+        self.in_flight.clone()
     }
 
     /// Waits for a record. False if every pull task is gone (nothing more will come).
@@ -196,6 +215,7 @@ impl StreamFeed {
             }
         }
         self.lag.abort();
+        self.keep_alive.abort();
         tracing::debug!(destination = %self.destination, returned = count, "handed the consumers over");
     }
 }
@@ -224,5 +244,6 @@ impl Drop for StreamFeed {
             puller.abort();
         }
         self.lag.abort();
+        self.keep_alive.abort();
     }
 }

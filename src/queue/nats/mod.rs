@@ -20,6 +20,7 @@
 mod acks;
 mod consumers;
 mod feed;
+mod keepalive;
 mod lag;
 mod members;
 mod publish;
@@ -172,9 +173,21 @@ impl NatsQueue {
             .timeout(config.publish_timeout)
             .max_ack_inflight(65_536)
             .build(client.clone());
-        js.query_account().await.with_context(|| {
-            format!("NATS at {servers} answers, but JetStream is not available to this account")
-        })?;
+        // A cluster just started may take a moment to answer: only a timeout is retried.
+        startup::retried("asking for the JetStream account", || async {
+            js.query_account().await.map(drop).map_err(|e| {
+                let timed_out = e.kind() == jetstream::context::AccountErrorKind::TimedOut;
+                let error = anyhow::anyhow!(
+                    "NATS at {servers} answers, but JetStream is not available to this account: {e}"
+                );
+                if timed_out {
+                    error
+                } else {
+                    startup::Refused(format!("{error:#}")).into()
+                }
+            })
+        })
+        .await?;
         let (stream, partitions) = startup::retried("opening the stream", || {
             ensure_stream(&js, config, max_bytes)
         })
@@ -285,7 +298,7 @@ impl NatsQueue {
     /// delivers this instance's share of its partitions.
     pub async fn subscribe(&self, destination: &str) -> anyhow::Result<(StreamFeed, Acks)> {
         let feed = StreamFeed::open(self.clone(), destination).await?;
-        let acks = Acks::new(self.inner.client.clone(), self.inner.settings.ack_wait);
+        let acks = Acks::new(self.inner.client.clone(), feed.in_flight());
         Ok((feed, acks))
     }
 

@@ -4,6 +4,7 @@
 //! records the engine reads.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer;
@@ -12,6 +13,7 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::keepalive::InFlight;
 use super::members::Members;
 use super::{acks, Delivery, NatsQueue, GROUP};
 use crate::queue::record::{read_record, ReadOutcome};
@@ -46,6 +48,7 @@ pub(super) async fn pull_into(
     records: mpsc::Sender<Record<Delivery>>,
     stop: watch::Receiver<bool>,
     members: watch::Receiver<Members>,
+    in_flight: Arc<InFlight>,
     destination: String,
 ) -> Vec<Delivery> {
     let name = consumer.cached_info().name.clone();
@@ -66,6 +69,7 @@ pub(super) async fn pull_into(
         records,
         stop,
         members,
+        in_flight,
         destination,
         errors: LogThrottle::new(Duration::from_secs(30)),
         pin: None,
@@ -90,6 +94,8 @@ struct Puller {
     stop: watch::Receiver<bool>,
     /// The live instances: whose share this partition is.
     members: watch::Receiver<Members>,
+    /// What is kept alive until acknowledged or given back.
+    in_flight: Arc<InFlight>,
     destination: String,
     ack_wait: Duration,
     errors: LogThrottle,
@@ -334,6 +340,9 @@ impl Puller {
         else {
             return true;
         };
+        if let Some(record) = records.first() {
+            self.in_flight.delivered(&record.receipt);
+        }
         if pin.is_some() && pin != self.pin {
             self.pin = pin;
             self.catch_up = Some(CatchUp {
