@@ -393,6 +393,17 @@ fn queue_errors_name_key_and_line() {
             "queue.backend_x",
             18,
         ),
+        (
+            format!("{nats}{servers}member_heartbeat = \"0s\""),
+            "queue.member_heartbeat",
+            18,
+        ),
+        (
+            // Not in the file: the section's line.
+            format!("{nats}{servers}member_heartbeat = \"5s\""),
+            "queue.member_ttl",
+            15,
+        ),
     ];
     for (lines, key, line) in cases {
         let e = with_queue(&lines).unwrap_err();
