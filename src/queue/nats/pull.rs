@@ -236,6 +236,12 @@ impl Puller {
                         self.pin = None;
                         break;
                     }
+                    // No consumer leader yet (a consumer just made, a node restarting):
+                    // routine at start-up, not worth a warning per partition.
+                    Some(async_nats::StatusCode::NO_RESPONDERS) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        break;
+                    }
                     Some(status) => {
                         let why = message
                             .description
