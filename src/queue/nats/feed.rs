@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 
 use super::consumers::{destination_config, Registration};
 use super::keepalive::{keep_alive, InFlight};
-use super::pull::pull_into;
+use super::pull::{pull_into, Shared};
 use super::startup::retried;
 use super::{acks, lag, Delivery, Handback, NatsQueue, GROUP};
 use crate::queue::Record;
@@ -90,8 +90,10 @@ impl StreamFeed {
                 index,
                 tx.clone(),
                 stop_rx.clone(),
-                members.clone(),
-                in_flight.clone(),
+                Shared {
+                    members: members.clone(),
+                    in_flight: in_flight.clone(),
+                },
                 destination.to_string(),
             )));
             consumers.push(name);

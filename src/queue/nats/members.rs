@@ -78,21 +78,18 @@ impl Membership {
         timing: Timing,
     ) -> anyhow::Result<Membership> {
         let bucket = format!("fanout-members-{stream}");
-        let store = retried("making the membership bucket", || async {
-            js.create_or_update_key_value(kv::Config {
-                bucket: bucket.clone(),
-                description: "fanout: live instances and the destinations they read".into(),
-                history: 1,
-                max_age: timing.ttl,
-                // Heartbeats need no disk: a lost bucket is refilled within a heartbeat.
-                storage: jetstream::stream::StorageType::Memory,
-                num_replicas: replicas,
-                ..Default::default()
-            })
-            .await
-            .with_context(|| format!("cannot open the membership bucket `{bucket}`"))
-        })
-        .await?;
+        let config = kv::Config {
+            bucket: bucket.clone(),
+            description: "fanout: live instances and the destinations they read".into(),
+            history: 1,
+            max_age: timing.ttl,
+            // Heartbeats need no disk: a lost bucket is made again and refilled within a
+            // heartbeat.
+            storage: jetstream::stream::StorageType::Memory,
+            num_replicas: replicas,
+            ..Default::default()
+        };
+        let store = retried("making the membership bucket", || open_bucket(js, &config)).await?;
         let id = format!(
             "{}-{}",
             std::process::id(),
@@ -109,6 +106,8 @@ impl Membership {
         });
         let (live_tx, live) = watch::channel(1);
         let mut keeper = Keeper {
+            js: js.clone(),
+            config,
             store: store.clone(),
             id: id.clone(),
             timing,
@@ -184,6 +183,10 @@ impl Membership {
 
 /// The task behind a `Membership`: puts its key, watches the bucket, forgets the silent.
 struct Keeper {
+    js: jetstream::Context,
+    /// What the bucket is made with, to make it again if it goes (a restarted server
+    /// loses memory streams).
+    config: kv::Config,
     store: kv::Store,
     id: String,
     timing: Timing,
@@ -213,7 +216,9 @@ impl Keeper {
                 }
             }
             if Instant::now() >= next_beat {
-                self.beat().await;
+                if self.beat().await {
+                    watch = None;
+                }
                 next_beat = Instant::now() + self.timing.heartbeat;
             }
             self.publish();
@@ -261,10 +266,20 @@ impl Keeper {
     }
 
     /// Puts this instance's key.
-    async fn beat(&mut self) {
+    /// Puts this instance's key; if that fails, makes the bucket again (if it went).
+    /// True when the bucket was made again (its watch must be opened again).
+    async fn beat(&mut self) -> bool {
         let reading = self.reading.borrow_and_update().clone();
-        if let Err(e) = put(&self.store, &self.id, &reading).await {
-            self.warn("cannot put this instance's membership key", &e);
+        let Err(e) = put(&self.store, &self.id, &reading).await else {
+            return false;
+        };
+        self.warn("cannot put this instance's membership key", &e);
+        match open_bucket(&self.js, &self.config).await {
+            Ok(store) => {
+                self.store = store;
+                put(&self.store, &self.id, &reading).await.is_ok()
+            }
+            Err(_) => false,
         }
     }
 
@@ -312,6 +327,13 @@ impl Keeper {
             tracing::warn!(error = %e, "{what}");
         }
     }
+}
+
+/// Opens the membership bucket, making it if missing.
+async fn open_bucket(js: &jetstream::Context, config: &kv::Config) -> anyhow::Result<kv::Store> {
+    js.create_or_update_key_value(config.clone())
+        .await
+        .with_context(|| format!("cannot open the membership bucket `{}`", config.bucket))
 }
 
 /// Puts an instance's key with what it reads; deletes it while it reads nothing.
@@ -369,8 +391,12 @@ pub(super) fn owners(members: &[&str], destination: &str, partitions: u16) -> Ve
 
 /// A member's rank for a consumer: a hash that is the same on every instance and build.
 fn score(member: &str, destination: &str, index: u16) -> u64 {
-    let key = format!("{member}\0{destination}\0{index}");
-    xxhash_rust::xxh3::xxh3_64(key.as_bytes())
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(member.as_bytes());
+    hasher.update(&[0]);
+    hasher.update(destination.as_bytes());
+    hasher.update(&index.to_le_bytes());
+    hasher.digest()
 }
 
 #[cfg(test)]

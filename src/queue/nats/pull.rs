@@ -39,6 +39,14 @@ const PULL_MAX_BYTES: usize = 4 << 20;
 /// A stopping feed keeps reading what was already sent to it until this much silence.
 const DRAIN_QUIET: Duration = Duration::from_millis(150);
 
+/// What a feed's pullers share: the live members, which say whose share each partition
+/// is, and the messages in flight, kept alive until acknowledged or given back.
+#[derive(Clone)]
+pub(super) struct Shared {
+    pub members: watch::Receiver<Members>,
+    pub in_flight: Arc<InFlight>,
+}
+
 /// Pulls one consumer into the channel until stopped; then keeps what was already sent
 /// to it (until `DRAIN_QUIET` passes without more) and returns that, to be given back.
 pub(super) async fn pull_into(
@@ -47,8 +55,7 @@ pub(super) async fn pull_into(
     index: u16,
     records: mpsc::Sender<Record<Delivery>>,
     stop: watch::Receiver<bool>,
-    members: watch::Receiver<Members>,
-    in_flight: Arc<InFlight>,
+    Shared { members, in_flight }: Shared,
     destination: String,
 ) -> Vec<Delivery> {
     let name = consumer.cached_info().name.clone();
