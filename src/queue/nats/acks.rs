@@ -64,11 +64,37 @@ pub struct Handback {
     pub settled: HashSet<DeliveryKey>,
 }
 
-/// A stream message read and not settled: its newest delivery's reply subject, and how
-/// many of its records are not settled yet.
+/// A stream message read and not settled: its newest delivery's reply subject (the one
+/// its ack goes to), the delivery whose records go on, and how many of its records are
+/// not settled yet.
 struct Held {
     reply: Subject,
+    passing: Subject,
     unsettled: u32,
+}
+
+/// Enters a record of a message not just acknowledged: passed on when it belongs to the
+/// message's first delivery here; a later delivery's only renews the ack subject.
+fn admit(held: &mut HashMap<DeliveryKey, Held>, delivery: Delivery) -> Option<DeliveryKey> {
+    let key = delivery.key();
+    match held.get_mut(&key) {
+        Some(held) if held.passing == delivery.reply => Some(key),
+        Some(held) => {
+            held.reply = delivery.reply;
+            None
+        }
+        None => {
+            held.insert(
+                key,
+                Held {
+                    reply: delivery.reply.clone(),
+                    passing: delivery.reply,
+                    unsettled: delivery.records.max(1),
+                },
+            );
+            Some(key)
+        }
+    }
 }
 
 pub struct Acks {
@@ -99,30 +125,15 @@ impl Acks {
     /// A record delivered to the engine. `None` when its stream message was delivered
     /// again and is held already (the newer handle is kept) or was just acknowledged (it
     /// is acknowledged again, in case the first ack was lost): either way not sent twice.
-    /// The records of one delivery arrive one after another and share its reply subject.
+    /// Only the first delivery's records go on: a pack's repeat brings all its records
+    /// again, and every one of them is left out.
     pub fn read(&mut self, delivery: Delivery) -> Option<DeliveryKey> {
         let key = delivery.key();
         if self.recent_set.contains(&key) {
             self.settled.push((key, delivery.reply));
             return None;
         }
-        match self.held.get_mut(&key) {
-            Some(held) if held.reply == delivery.reply => Some(key),
-            Some(held) => {
-                held.reply = delivery.reply;
-                None
-            }
-            None => {
-                self.held.insert(
-                    key,
-                    Held {
-                        reply: delivery.reply,
-                        unsettled: delivery.records.max(1),
-                    },
-                );
-                Some(key)
-            }
-        }
+        admit(&mut self.held, delivery)
     }
 
     /// One record is delivered or durably dead-lettered; its stream message is settled
@@ -187,5 +198,39 @@ impl Acks {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pack(reply: &str) -> Delivery {
+        Delivery {
+            consumer: 3,
+            epoch: 0,
+            sequence: 42,
+            reply: Subject::from(reply),
+            records: 3,
+        }
+    }
+
+    #[test]
+    fn a_repeat_of_a_held_pack_passes_none_of_its_records() {
+        let mut held = HashMap::new();
+        let first: Vec<_> = (0..2).map(|_| admit(&mut held, pack("r1"))).collect();
+        // The repeat arrives between the first delivery's records.
+        let repeat: Vec<_> = (0..3).map(|_| admit(&mut held, pack("r2"))).collect();
+        let last = admit(&mut held, pack("r1"));
+        assert_eq!(first, vec![Some((3, 0, 42)); 2]);
+        assert_eq!(repeat, vec![None; 3], "a repeat's records are all left out");
+        assert_eq!(last, Some((3, 0, 42)));
+        let entry = &held[&(3, 0, 42)];
+        assert_eq!(
+            entry.reply,
+            Subject::from("r2"),
+            "acknowledged on the newest"
+        );
+        assert_eq!(entry.unsettled, 3);
     }
 }
