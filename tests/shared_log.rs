@@ -941,6 +941,10 @@ fn run_against_nats_at(port: u16) -> std::process::Output {
 /// to be quick, and the stream on all three nodes.
 const SPREAD_QUEUE: &str = "ack_wait = \"5s\"\nreplicas = 3";
 
+/// The spread tests each run a 3-node cluster and several instances under load: one at
+/// a time, so that none starves another's cluster on a small machine.
+static SPREAD_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn spread_instance(nats: &NatsCluster, receiver: &Receiver, name: &str) -> Fanout {
     Fanout::start_with(
         Settings::default()
@@ -991,6 +995,7 @@ fn shares_of(receiver: &Receiver, ids: &HashSet<String>) -> BTreeMap<String, usi
 /// each user's messages arrive in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spread_live_instances_share_the_partitions_as_they_join_and_leave() {
+    let _turn = SPREAD_TURN.lock().await;
     let nats = NatsCluster::start(3);
     let receiver = Receiver::start().await;
     let a = spread_instance(&nats, &receiver, "a");
@@ -1041,6 +1046,7 @@ async fn spread_live_instances_share_the_partitions_as_they_join_and_leave() {
 /// come up (several rounds, a new stream each).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spread_instances_started_together_on_a_new_stream_all_come_up() {
+    let _turn = SPREAD_TURN.lock().await;
     let nats = NatsCluster::start(3);
     let receiver = Receiver::start().await;
     for round in 0..4 {
@@ -1067,6 +1073,7 @@ async fn spread_instances_started_together_on_a_new_stream_all_come_up() {
 /// behind several instances' backlogs), and are kept alive, so none is delivered twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spread_messages_held_past_the_ack_wait_are_kept_alive_and_delivered_once() {
+    let _turn = SPREAD_TURN.lock().await;
     let nats = NatsCluster::start(3);
     let receiver = Receiver::start().await;
     receiver.set_delay(Duration::from_millis(100));
@@ -1085,7 +1092,19 @@ async fn spread_messages_held_past_the_ack_wait_are_kept_alive_and_delivered_onc
         .flat_map(|r| r.message_ids())
         .collect();
     let repeated = ids.len() - message_ids(&all).len();
-    assert_eq!(repeated, 0, "{repeated} of {} delivered twice", all.len());
+    let mut by: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for request in receiver.requests().iter().filter(|r| r.ok()) {
+        for id in request.message_ids() {
+            by.entry(id).or_default().push(instance_of(request));
+        }
+    }
+    let twice: Vec<_> = by.iter().filter(|(_, at)| at.len() > 1).take(10).collect();
+    assert_eq!(
+        repeated,
+        0,
+        "{repeated} of {} delivered twice, e.g. (id, by) {twice:?}",
+        all.len()
+    );
     // Nor did the server send any of them again (to be told apart here).
     wait_consumers_idle(&nats, "hook").await;
     let (deliveries, packs) = server_deliveries(&nats, "hook");
