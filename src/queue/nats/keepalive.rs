@@ -68,7 +68,8 @@ impl InFlight {
 /// Signals progress for the messages in flight that are half-way through their ack wait,
 /// until the feed goes (it aborts this task).
 pub(super) async fn keep_alive(in_flight: Arc<InFlight>, client: Client, ack_wait: Duration) {
-    let every = (ack_wait / 4).max(Duration::from_millis(100));
+    // Ticks well inside the half left: a message is signalled by 0.6 of its wait at most.
+    let every = (ack_wait / 10).max(Duration::from_millis(100));
     let errors = crate::throttle::LogThrottle::new(Duration::from_secs(30));
     loop {
         tokio::time::sleep(every).await;
