@@ -348,7 +348,10 @@ fn the_queue_is_local_unless_nats_is_named() {
     assert_eq!(c.queue.backend, QueueBackend::Nats);
     assert_eq!(c.queue.stream, "fanout");
     assert_eq!(c.queue.replicas, 3);
-    assert_eq!(c.queue.partitions, 8);
+    assert_eq!(
+        c.queue.partitions, None,
+        "unset: 32 for a new stream, its own for one there"
+    );
     assert_eq!(c.queue.ack_wait, Duration::from_secs(30));
 }
 
@@ -389,6 +392,17 @@ fn queue_errors_name_key_and_line() {
             format!("{nats}{servers}backend_x = 1"),
             "queue.backend_x",
             18,
+        ),
+        (
+            format!("{nats}{servers}member_heartbeat = \"0s\""),
+            "queue.member_heartbeat",
+            18,
+        ),
+        (
+            // Not in the file: the section's line.
+            format!("{nats}{servers}member_heartbeat = \"5s\""),
+            "queue.member_ttl",
+            15,
         ),
     ];
     for (lines, key, line) in cases {

@@ -27,7 +27,11 @@ impl EraseLimits {
         EraseLimits {
             // 60 a minute is one a second.
             deletion_jobs: RateLimiter::named(&format!("{account}.deletion_jobs"), 1.0, 3),
-            profile_reads: RateLimiter::named(&format!("{account}.profile_reads"), 750.0 / 60.0, 75),
+            profile_reads: RateLimiter::named(
+                &format!("{account}.profile_reads"),
+                750.0 / 60.0,
+                75,
+            ),
         }
     }
 }
