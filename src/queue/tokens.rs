@@ -55,22 +55,26 @@ impl KvBuckets {
         clock: Clock,
     ) -> anyhow::Result<KvBuckets> {
         let bucket = format!("{stream}_limits");
-        let store = match js.get_key_value(&bucket).await {
-            Ok(store) => store,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: bucket.clone(),
-                    description: "fanout's cluster-wide rate limits and quotas".into(),
-                    history: 1,
-                    max_age: IDLE_KEY,
-                    // Lost tokens are a full bucket: no need to write them to disk.
-                    storage: jetstream::stream::StorageType::Memory,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .with_context(|| format!("cannot open the limits bucket `{bucket}`"))?,
-        };
+        // Instances started together race to make it: tried again like the stream.
+        let store = super::nats::retried_at_start("opening the limits bucket", || async {
+            match js.get_key_value(&bucket).await {
+                Ok(store) => Ok(store),
+                Err(_) => js
+                    .create_key_value(kv::Config {
+                        bucket: bucket.clone(),
+                        description: "fanout's cluster-wide rate limits and quotas".into(),
+                        history: 1,
+                        max_age: IDLE_KEY,
+                        // Lost tokens are a full bucket: no need to write them to disk.
+                        storage: jetstream::stream::StorageType::Memory,
+                        num_replicas: replicas,
+                        ..Default::default()
+                    })
+                    .await
+                    .with_context(|| format!("cannot open the limits bucket `{bucket}`")),
+            }
+        })
+        .await?;
         Ok(KvBuckets {
             store,
             clock,

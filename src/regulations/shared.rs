@@ -31,11 +31,15 @@ impl SharedStore {
             num_replicas: queue.replicas(),
             ..Default::default()
         };
-        let kv = queue
-            .context()
-            .create_or_update_key_value(config)
-            .await
-            .with_context(|| format!("cannot open the regulations bucket `{bucket}`"))?;
+        // Instances started together race to make it: tried again like the stream.
+        let kv = crate::queue::nats::retried_at_start("opening the regulations bucket", || async {
+            queue
+                .context()
+                .create_or_update_key_value(config.clone())
+                .await
+                .with_context(|| format!("cannot open the regulations bucket `{bucket}`"))
+        })
+        .await?;
         Ok(SharedStore { kv })
     }
 

@@ -47,6 +47,8 @@ pub use feed::StreamFeed;
 pub use members::Membership;
 pub use pull::{ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER};
 pub use retention::ReplayError;
+/// For the other buckets made at start (regulations, limits): tried again like the queue's.
+pub use startup::retried as retried_at_start;
 
 use super::failing::Failing;
 use super::QueueConfig;

@@ -23,7 +23,7 @@ pub(super) struct Refused(pub String);
 
 /// Runs `attempt` until it succeeds, fails with `Refused`, or `START_DEADLINE` passes
 /// (the last error is returned then). `what` says what is tried, for the log.
-pub(super) async fn retried<T, F, Fut>(what: &str, mut attempt: F) -> anyhow::Result<T>
+pub async fn retried<T, F, Fut>(what: &str, mut attempt: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<T>>,
