@@ -7,10 +7,10 @@
 //! them with `ON CONFLICT (id)` (`load`): `id` is the messageId, so a retried or replayed
 //! batch adds no row twice.
 
-mod catalog;
+pub mod catalog;
 mod connect;
 mod errors;
-mod load;
+pub mod load;
 pub mod schema;
 #[cfg(test)]
 mod tests;
