@@ -99,13 +99,13 @@ impl Kind for PostgresConfig {
 
     /// The rows and the schema they land in: the source's own under `"{source}"`.
     fn preview_from(&self, source: &str, message: &[u8], clock: Clock) -> anyhow::Result<Preview> {
-        let message: serde_json::Value = serde_json::from_slice(message)?;
+        let message = schema::node::parse(message)?;
         let schema = if self.schema == PER_SOURCE && source != PER_SOURCE {
             source_schema(source)
         } else {
             self.schema.clone()
         };
-        Ok(match schema::rows(&message, clock.now()) {
+        Ok(match schema::message_rows(&message, clock.now()) {
             Ok(rows) => Preview::Send(json!({
                 "schema": schema,
                 "rows": rows.iter().map(row_json).collect::<Vec<_>>(),
@@ -277,9 +277,8 @@ impl PostgresDestination {
 }
 
 fn rows_of(message: &[u8], loaded_at: DateTime<Utc>) -> Result<Vec<Row>, String> {
-    let message: serde_json::Value =
-        serde_json::from_slice(message).map_err(|e| format!("not JSON: {e}"))?;
-    schema::rows(&message, loaded_at).map_err(|e| e.to_string())
+    let message = schema::node::parse(message).map_err(|e| format!("not JSON: {e}"))?;
+    schema::message_rows(&message, loaded_at).map_err(|e| e.to_string())
 }
 
 impl Destination for PostgresDestination {
