@@ -9,6 +9,7 @@
 
 pub mod catalog;
 mod connect;
+pub mod copy;
 mod errors;
 pub mod load;
 pub mod schema;
@@ -198,15 +199,28 @@ impl PostgresDestination {
             .collect();
         let mut mapped = mapped.iter();
         let mut by_schema: BTreeMap<Cow<'_, str>, Vec<&Row>> = BTreeMap::new();
+        // A batch is mostly of one source: its schema name is made once a run, not once
+        // a message.
+        let mut last: Option<(&str, Cow<'_, str>)> = None;
         for message in batch {
             let rows = match message.prepared {
                 Some(Prepared::Postgres(rows)) => rows,
                 _ => mapped.next().map_or(&[][..], Vec::as_slice),
             };
-            by_schema
-                .entry(self.schema_of(message.source))
-                .or_default()
-                .extend(rows);
+            let schema = match &last {
+                Some((source, schema)) if *source == message.source => schema,
+                _ => {
+                    &last
+                        .insert((message.source, self.schema_of(message.source)))
+                        .1
+                }
+            };
+            match by_schema.get_mut(schema.as_ref()) {
+                Some(list) => list.extend(rows),
+                None => {
+                    by_schema.insert(schema.clone(), rows.iter().collect());
+                }
+            }
         }
         let mut client = self
             .pool
@@ -240,14 +254,21 @@ impl PostgresDestination {
             let needs = load::needs(rows.iter().copied());
             let tables = self.catalog.ensure(client, schema, &needs).await?;
             let laid = load::lay_out(rows.iter().copied(), &tables, loaded_at, &mut mismatches);
+            let laid: Vec<_> = laid
+                .into_iter()
+                .map(|(table, load)| {
+                    let data = copy::encode(&table, &load, &mut mismatches);
+                    (table, load, data)
+                })
+                .collect();
             layouts.push((schema, laid));
         }
         self.warn(&mismatches);
         let tx = client.transaction().await?;
         let mut n = 0;
-        for (schema, tables) in &layouts {
-            for (table, laid) in tables {
-                load::copy_table(&tx, schema, table, laid, n).await?;
+        for (schema, tables) in layouts {
+            for (table, laid, data) in tables {
+                load::copy_table(&tx, schema, &table, &laid, data, n).await?;
                 n += 1;
             }
         }
