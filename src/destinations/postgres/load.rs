@@ -101,8 +101,15 @@ pub fn lay_out<'a>(
         let mut columns: Vec<(String, ColumnType)> = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
         for row in &rows {
-            for (name, _) in &row.columns {
-                if let (false, Some(ty)) = (index.contains_key(name.as_str()), have.get(name)) {
+            for (k, (name, _)) in row.columns.iter().enumerate() {
+                // Rows of one table mostly have the same columns in the same order: a
+                // name at its place is known without hashing it.
+                if columns.get(k).is_some_and(|(known, _)| known == name)
+                    || index.contains_key(name.as_str())
+                {
+                    continue;
+                }
+                if let Some(ty) = have.get(name) {
                     index.insert(name, columns.len());
                     columns.push((name.clone(), *ty));
                 }
