@@ -42,6 +42,7 @@ pub mod queue;
 pub mod regulations;
 pub mod routing;
 pub mod server;
+pub mod suppression;
 pub mod throttle;
 pub mod timestamp;
 pub mod tracking_plan;

@@ -12,8 +12,8 @@ use crate::clock::Clock;
 use crate::destinations::{AnyDestination, RatePer};
 use crate::identity::{Fill, Identity};
 use crate::pace::RateLimiter;
-use crate::regulations::Suppression;
 use crate::routing::Route;
+use crate::suppression::Suppression;
 
 /// What a destination's batches share.
 pub struct DeliveryContext {

@@ -8,10 +8,9 @@
 //! Durable and shared, one seam with two stores like the dead letters: SQLite beside the
 //! local log (`sqlite.rs`), a JetStream KV bucket beside the shared log (`shared.rs`),
 //! watched by every instance. What is suppressed is kept in memory as a snapshot
-//! (`matcher.rs`) that ingest and delivery read without a lock; the deletions run in
+//! (`src/suppression.rs`, a leaf) that ingest and delivery read without a lock; the deletions run in
 //! `runner.rs`.
 
-mod matcher;
 mod runner;
 mod shared;
 mod sqlite;
@@ -23,7 +22,7 @@ use std::sync::{Arc, Mutex, Weak};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
-pub use matcher::{normal_email, Suppressed, Suppression};
+pub use crate::suppression::{normal_email, Suppressed, Suppression};
 pub use runner::start_deletions;
 pub use sqlite::FILE_NAME;
 

@@ -29,7 +29,7 @@ use super::consumers::{destination_config, Registration};
 use super::keepalive::{keep_alive, InFlight};
 use super::pull::{pull_into, Shared};
 use super::startup::retried;
-use super::{acks, lag, Delivery, Handback, NatsQueue, GROUP};
+use super::{delivery as wire, lag, Delivery, Handback, NatsQueue, GROUP};
 use crate::queue::Record;
 
 /// Records waiting between the pull tasks and the engine.
@@ -205,7 +205,7 @@ impl StreamFeed {
             } else {
                 AckKind::Nak(None)
             };
-            let _ = acks::send(client, &delivery.reply, kind).await;
+            let _ = wire::send(client, &delivery.reply, kind).await;
         }
         let _ = self.queue.inner.client.flush().await;
         for name in &share {

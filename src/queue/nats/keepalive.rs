@@ -13,7 +13,7 @@ use async_nats::jetstream::AckKind;
 use async_nats::{Client, Subject};
 use tokio::time::Instant;
 
-use super::acks::{self, Delivery, DeliveryKey};
+use super::delivery::{self, Delivery, DeliveryKey};
 
 /// Messages delivered here and not yet acknowledged or given back.
 #[derive(Default)]
@@ -76,7 +76,7 @@ pub(super) async fn keep_alive(in_flight: Arc<InFlight>, client: Client, ack_wai
         let before = Instant::now().checked_sub(ack_wait / 2);
         let Some(before) = before else { continue };
         for reply in in_flight.due(before) {
-            if let Err(e) = acks::send(&client, &reply, AckKind::Progress).await {
+            if let Err(e) = delivery::send(&client, &reply, AckKind::Progress).await {
                 if errors.ready() {
                     tracing::warn!(error = %e, "cannot signal progress to NATS; held messages may be delivered again");
                 }

@@ -19,6 +19,7 @@
 
 mod acks;
 mod consumers;
+mod delivery;
 mod feed;
 mod keepalive;
 mod lag;
@@ -42,7 +43,8 @@ use async_nats::jetstream::{self, stream};
 use async_nats::Subject;
 use futures_util::TryStreamExt;
 
-pub use acks::{Acks, Delivery, DeliveryKey, Handback};
+pub use acks::{Acks, Handback};
+pub use delivery::{Delivery, DeliveryKey};
 pub use feed::StreamFeed;
 pub use members::Membership;
 pub use pull::{ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER};

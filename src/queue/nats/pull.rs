@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::keepalive::InFlight;
 use super::members::Members;
-use super::{acks, Delivery, NatsQueue, GROUP};
+use super::{delivery as wire, Delivery, NatsQueue, GROUP};
 use crate::queue::record::{read_record, ReadOutcome};
 use crate::queue::{Earlier, Record};
 use crate::throttle::LogThrottle;
@@ -306,7 +306,7 @@ impl Puller {
             for records in catch_up.held.into_values() {
                 if let Some(record) = records.first() {
                     let _ =
-                        acks::send(&self.client, &record.receipt.reply, AckKind::Nak(None)).await;
+                        wire::send(&self.client, &record.receipt.reply, AckKind::Nak(None)).await;
                 }
             }
         }
