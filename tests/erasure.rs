@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use common::klaviyo::{self, error_body, Klaviyo, API_KEY, CURRENT, KEY_ENV};
 use common::postgres::PgServer;
 use common::receiver::{Receiver, Reply};
-use common::{client, status_json, Fanout, Settings};
+use common::{Fanout, Settings};
 use fanout::clock::Clock;
 use fanout::destinations::{
     hmac_sha256_signature, AnyDestination, Check, DestinationConfig, Erasure, Outgoing, Subject,
@@ -530,22 +530,17 @@ const TOKEN: &str = "erasure-admin-token";
 async fn wait_reports(f: &Fanout) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let response = client()
-            .get(f.url("/admin/regulations"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap();
-        let (status, body) = status_json(response).await;
-        assert_eq!(status, 200, "{body}");
-        let reports = body["regulations"][0]["destinations"].clone();
+        let all = common::regulations::list(f, TOKEN).await;
+        let reports = all
+            .first()
+            .map_or(Value::Null, |r| r["destinations"].clone());
         let pending = reports
             .as_object()
             .is_none_or(|all| all.values().any(|r| r["status"] == "pending"));
         if !pending {
             return reports;
         }
-        assert!(Instant::now() < deadline, "still pending: {body}");
+        assert!(Instant::now() < deadline, "still pending: {all:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -623,14 +618,8 @@ async fn suppress_with_delete_reaches_every_destination_that_can_delete() {
     }
     hook.wait_for_messages(3, Duration::from_secs(30)).await;
 
-    let response = client()
-        .post(f.url("/admin/regulations"))
-        .bearer_auth(TOKEN)
-        .json(&json!({"type": "suppress_with_delete", "userId": "u1"}))
-        .send()
-        .await
-        .unwrap();
-    let (status, made) = status_json(response).await;
+    let body = json!({"type": "suppress_with_delete", "userId": "u1"});
+    let (status, made) = common::regulations::post(&f, TOKEN, &body).await;
     assert_eq!(status, 201, "{made}");
     let reports = wait_reports(&f).await;
 

@@ -8,22 +8,13 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::receiver::{ReceivedRequest, Receiver, Reply};
+use common::receiver::{bodies, items_by, ReceivedRequest, Receiver, Reply};
 use common::vendors::validate;
 use common::{Fanout, Settings};
 use serde_json::{json, Value};
 
 const FAST_RETRY: &str = r#"retry = { initial_backoff = "100ms", max_backoff = "1s" }"#;
 const WAIT: Duration = Duration::from_secs(15);
-
-/// Bodies of every request to `path` answered 2xx, in the order they arrived.
-fn bodies(requests: &[ReceivedRequest], path: &str) -> Vec<Value> {
-    requests
-        .iter()
-        .filter(|r| r.path == path && r.ok())
-        .map(|r| r.json().unwrap())
-        .collect()
-}
 
 fn track(id: &str, user: &str, event: &str) -> Value {
     json!({"type": "track", "messageId": id, "userId": user, "anonymousId": "anon-1",
@@ -78,11 +69,7 @@ fn segment_calls() -> Value {
 
 /// The events of every Amplitude request answered 2xx, by `insert_id`.
 fn amplitude_events(requests: &[ReceivedRequest]) -> std::collections::BTreeMap<String, Value> {
-    bodies(requests, "/2/httpapi")
-        .iter()
-        .flat_map(|b| b["events"].as_array().unwrap().clone())
-        .map(|e| (e["insert_id"].as_str().unwrap().to_string(), e))
-        .collect()
+    items_by(requests, "/2/httpapi", "events", "insert_id")
 }
 
 /// Amplitude: every call of `segment_calls` as Segment's Amplitude destination maps it
@@ -363,11 +350,7 @@ batch = {{ linger = "200ms" }}
 
 /// The events of every PostHog request answered 2xx, by event name.
 fn posthog_events(requests: &[ReceivedRequest]) -> std::collections::BTreeMap<String, Value> {
-    bodies(requests, "/batch/")
-        .iter()
-        .flat_map(|b| b["batch"].as_array().unwrap().clone())
-        .map(|e| (e["event"].as_str().unwrap().to_string(), e))
-        .collect()
+    items_by(requests, "/batch/", "batch", "event")
 }
 
 /// PostHog (a self-hosted instance: `base_url`): every Segment call as a capture event,

@@ -30,26 +30,11 @@ fn track(user_id: &str, event: &str) -> Value {
 }
 
 async fn post_regulation(f: &Fanout, body: Value) -> (u16, Value) {
-    let response = client()
-        .post(f.url("/admin/regulations"))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    status_json(response).await
+    common::regulations::post(f, TOKEN, &body).await
 }
 
 async fn regulations(f: &Fanout) -> Vec<Value> {
-    let response = client()
-        .get(f.url("/admin/regulations"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = status_json(response).await;
-    assert_eq!(status, 200, "{body}");
-    body["regulations"].as_array().unwrap().clone()
+    common::regulations::list(f, TOKEN).await
 }
 
 /// The events the file destination `out` got, in order.

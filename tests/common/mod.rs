@@ -18,6 +18,7 @@ pub mod klaviyo;
 pub mod nats;
 pub mod postgres;
 pub mod receiver;
+pub mod regulations;
 pub mod sse;
 pub mod vendors;
 
