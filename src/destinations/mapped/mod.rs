@@ -9,6 +9,7 @@
 //! every one of them as `***`, so no secret reaches a terminal or the live view.
 
 mod context;
+mod fast;
 mod filters;
 mod send;
 mod template;

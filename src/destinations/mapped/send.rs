@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use base64::Engine;
-use minijinja::Value;
 use reqwest::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde_json::{json, Value as Json};
 
-use super::{context, Action, Compiled, MappedConfig};
+use super::context::{Names, Scope};
+use super::{Action, Compiled, MappedConfig};
 use crate::clock::Clock;
 use crate::destinations::webhook::{signature, SIGNATURE_HEADER};
 use crate::destinations::{
@@ -26,7 +26,8 @@ pub struct Requests(Vec<Request>);
 #[cfg(test)]
 impl Requests {
     pub fn body_of_first(&self) -> Option<Json> {
-        self.0.first()?.body.clone()
+        let body = self.0.first()?.body.as_deref()?;
+        Some(serde_json::from_slice(body).expect("bodies are JSON"))
     }
 }
 
@@ -36,17 +37,17 @@ struct Request {
     /// With the query string.
     url: String,
     headers: Vec<(HeaderName, HeaderValue)>,
-    /// `None` for GET.
-    body: Option<Json>,
+    /// The JSON text; `None` for GET.
+    body: Option<Vec<u8>>,
 }
 
 pub struct MappedDestination {
     client: reqwest::Client,
     compiled: Compiled,
     /// `env`: the variables the templates name, read at start.
-    env: Value,
+    names: Arc<Names>,
     /// What `env` is in the live view: every variable `***`.
-    masked_env: Value,
+    masked_names: Arc<Names>,
     /// From `basic`, `bearer_env`, `api_key`.
     auth: Vec<(HeaderName, HeaderValue)>,
     secret: Option<Vec<u8>>,
@@ -96,9 +97,9 @@ impl MappedDestination {
         };
         Ok(MappedDestination {
             client: http::client(config.timeout())?,
-            masked_env: masked(&compiled),
+            masked_names: masked(&compiled),
             compiled,
-            env: Value::from(env),
+            names: Arc::new(names(env)),
             auth,
             secret,
             clock,
@@ -107,17 +108,22 @@ impl MappedDestination {
 }
 
 /// Every variable the templates name, as `***`.
-fn masked(compiled: &Compiled) -> Value {
-    let env: BTreeMap<String, Value> = compiled
+fn masked(compiled: &Compiled) -> Arc<Names> {
+    let env = compiled
         .env_names
         .iter()
-        .map(|name| (name.clone(), Value::from(MASK)))
-        .collect();
-    Value::from(env)
+        .map(|name| (name.clone(), MASK.into()));
+    Arc::new(names(env.collect()))
+}
+
+/// The names templates read besides the message's fields.
+fn names(env: BTreeMap<String, String>) -> Names {
+    let env = env.into_iter().map(|(k, v)| (k, Json::String(v))).collect();
+    Names::default().with("env", Json::Object(env))
 }
 
 /// What a message becomes: its requests, skipped (no `when` holds), or refused.
-pub(super) fn render(compiled: &Compiled, message: &[u8], env: &Value) -> Check {
+pub(super) fn render(compiled: &Compiled, message: &[u8], names: &Arc<Names>) -> Check {
     if let Some(when) = &compiled.when {
         if !when.matches(message) {
             return Check::Skip("when");
@@ -127,13 +133,13 @@ pub(super) fn render(compiled: &Compiled, message: &[u8], env: &Value) -> Check 
         Ok(object @ Json::Object(_)) => object,
         _ => return refuse("not a JSON object".into()),
     };
-    let root = context::root(Arc::new(parsed), env, None);
+    let scope = Scope::new(Arc::new(parsed), names.clone());
     let mut requests = Vec::new();
     for (i, action) in compiled.actions.iter().enumerate() {
         if action.when.as_ref().is_some_and(|w| !w.matches(message)) {
             continue;
         }
-        match request(compiled, i, action, message, &root) {
+        match request(compiled, i, action, &scope) {
             Ok(request) => requests.push(request),
             Err(detail) => return refuse(detail),
         }
@@ -158,11 +164,10 @@ fn request(
     compiled: &Compiled,
     index: usize,
     action: &Action,
-    message: &[u8],
-    root: &Value,
+    scope: &Scope,
 ) -> Result<Request, String> {
     let env = &compiled.env;
-    let url = action.url.render_text(env, root)?.unwrap_or_default();
+    let url = action.url.render_text(env, scope)?.unwrap_or_default();
     let mut url = url::Url::parse(&url)
         .ok()
         .filter(|u| matches!(u.scheme(), "http" | "https"))
@@ -170,14 +175,14 @@ fn request(
     if !action.query.is_empty() {
         let mut pairs = url.query_pairs_mut();
         for (name, value) in &action.query {
-            if let Some(value) = value.render_text(env, root)? {
+            if let Some(value) = value.render_text(env, scope)? {
                 pairs.append_pair(name, &value);
             }
         }
     }
     let mut headers = Vec::with_capacity(action.headers.len());
     for (name, value) in &action.headers {
-        if let Some(value) = value.render_text(env, root)? {
+        if let Some(value) = value.render_text(env, scope)? {
             // The value is not quoted: it can hold a secret.
             let value = HeaderValue::from_str(&value)
                 .map_err(|_| format!("header `{name}` rendered to an invalid value"))?;
@@ -186,12 +191,12 @@ fn request(
     }
     let body = match (&action.method, &action.body) {
         (&reqwest::Method::GET, _) => None,
-        (_, Some(body)) => Some(
-            body.render(env, root, action.keep_nulls)?
-                .value
-                .unwrap_or(Json::Null),
-        ),
-        (_, None) => Some(serde_json::from_slice(message).map_err(|e| e.to_string())?),
+        (_, Some(body)) => {
+            let mut out = Vec::with_capacity(256);
+            body.write(env, scope, action.keep_nulls, &mut out)?;
+            Some(out)
+        }
+        (_, None) => Some(serde_json::to_vec(scope.message()).expect("JSON values serialize")),
     };
     Ok(Request {
         action: index,
@@ -204,21 +209,25 @@ fn request(
 
 /// The body of a batch's requests to one place: the `batch.body` envelope around their
 /// bodies, or the one body.
-fn envelope(compiled: &Compiled, env: &Value, bodies: Vec<Json>) -> Result<Json, String> {
-    match &compiled.batch_body {
-        Some(mapping) => {
-            let root = context::root(Arc::new(json!({})), env, Some(context::array(bodies)));
-            Ok(mapping
-                .render(&compiled.env, &root, true)?
-                .value
-                .unwrap_or(Json::Null))
-        }
-        None => Ok(bodies.into_iter().next().unwrap_or(Json::Null)),
-    }
+fn envelope(compiled: &Compiled, names: &Names, bodies: &[&[u8]]) -> Result<Vec<u8>, String> {
+    let Some(mapping) = &compiled.batch_body else {
+        return Ok(bodies
+            .first()
+            .map_or(b"null".to_vec(), |body| body.to_vec()));
+    };
+    let batch = bodies
+        .iter()
+        .map(|body| serde_json::from_slice(body).expect("bodies are JSON"))
+        .collect();
+    let names = Arc::new(names.clone().with("batch", Json::Array(batch)));
+    let scope = Scope::new(Arc::new(json!({})), names);
+    let mut out = Vec::with_capacity(bodies.iter().map(|b| b.len() + 1).sum::<usize>() + 64);
+    mapping.write(&compiled.env, &scope, true, &mut out)?;
+    Ok(out)
 }
 
 /// The requests as `fanout route` and the live view show them.
-fn show(compiled: &Compiled, check: Check, env: &Value) -> Preview {
+fn show(compiled: &Compiled, check: Check, names: &Names) -> Preview {
     let requests = match check {
         Check::Send(Some(Prepared::Http(Requests(requests)))) => requests,
         Check::Skip(reason) => return Preview::Skip(reason),
@@ -235,9 +244,9 @@ fn show(compiled: &Compiled, check: Check, env: &Value) -> Preview {
         for (name, value) in &compiled.shown_auth {
             headers.insert(name.clone(), Json::String(value.clone()));
         }
-        let body = match request.body {
-            Some(body) => match envelope(compiled, env, vec![body]) {
-                Ok(body) => body,
+        let body = match &request.body {
+            Some(body) => match envelope(compiled, names, &[body]) {
+                Ok(body) => serde_json::from_slice(&body).expect("bodies are JSON"),
                 Err(detail) => return Preview::Refuse(detail),
             },
             None => Json::Null,
@@ -255,26 +264,26 @@ fn show(compiled: &Compiled, check: Check, env: &Value) -> Preview {
 
 /// `fanout route`: reads no secret; every one is shown as `***`.
 pub fn preview(compiled: &Compiled, message: &[u8]) -> Preview {
-    let env = masked(compiled);
-    show(compiled, render(compiled, message, &env), &env)
+    let names = masked(compiled);
+    show(compiled, render(compiled, message, &names), &names)
 }
 
 impl Destination for MappedDestination {
     fn check(&self, message: &[u8]) -> Check {
-        render(&self.compiled, message, &self.env)
+        render(&self.compiled, message, &self.names)
     }
 
     fn send<'a>(&'a self, batch: &'a [Outgoing<'a>]) -> Sending<'a> {
         Box::pin(async move {
             // Requests to the same action, method, URL and headers, in first-seen order.
-            let mut groups: Vec<(&Request, Vec<Json>)> = Vec::new();
+            let mut groups: Vec<(&Request, Vec<&[u8]>)> = Vec::new();
             for message in batch {
                 let Some(Prepared::Http(Requests(requests))) = message.prepared else {
                     continue;
                 };
                 for request in requests {
-                    let body = request.body.clone().unwrap_or(Json::Null);
-                    let same = |(r, _): &&mut (&Request, Vec<Json>)| {
+                    let body = request.body.as_deref().unwrap_or(b"null");
+                    let same = |(r, _): &&mut (&Request, Vec<&[u8]>)| {
                         self.compiled.batch_body.is_some()
                             && r.action == request.action
                             && r.method == request.method
@@ -294,14 +303,13 @@ impl Destination for MappedDestination {
                     .headers(request.headers.iter().cloned().collect())
                     .headers(self.auth.iter().cloned().collect());
                 let body = if request.body.is_some() {
-                    let body = envelope(&self.compiled, &self.env, bodies).map_err(|detail| {
+                    envelope(&self.compiled, &self.names, &bodies).map_err(|detail| {
                         SendError::Rejected {
                             status: 0,
                             detail,
                             answer: None,
                         }
-                    })?;
-                    serde_json::to_vec(&body).expect("JSON values serialize")
+                    })?
                 } else {
                     Vec::new()
                 };
@@ -320,8 +328,8 @@ impl Destination for MappedDestination {
     fn live_payload(&self, message: &[u8]) -> Option<Json> {
         match show(
             &self.compiled,
-            render(&self.compiled, message, &self.masked_env),
-            &self.masked_env,
+            render(&self.compiled, message, &self.masked_names),
+            &self.masked_names,
         ) {
             Preview::Send(requests) => Some(requests),
             _ => None,
