@@ -158,10 +158,15 @@ impl Mapping {
         })
     }
 
-    /// How many slots have a fast form.
+    /// How many slots have a fast form, of how many.
     #[cfg(test)]
     pub fn fast_slots(&self) -> usize {
         self.fast.iter().flatten().count()
+    }
+
+    #[cfg(test)]
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
     }
 
     /// Renders every slot with minijinja alone (what the fast path must agree with).

@@ -548,3 +548,25 @@ fn a_mapping_with_slow_slots_renders_the_fast_ones_beside() {
     let e = mapping.render(&env, &scope(), false).unwrap_err();
     assert!(e.starts_with("`v.n`: template error on line 1"), "{e}");
 }
+
+#[test]
+fn the_benchmarked_mapping_takes_the_fast_path_everywhere() {
+    // benches/http_kind.rs's destination: every template is of a common form.
+    let c = config(
+        "name = \"b\"\nkind = \"http\"\nurl = \"http://127.0.0.1:9/v1/events/{{ userId }}\"\n\
+         headers = { X-Source = \"fanout {{ context.library.name }}\" }\n\
+         [body]\nevent = \"{{ event }}\"\nuser_id = \"{{ userId }}\"\n\
+         insert_id = \"{{ messageId }}\"\ntime = \"{{ timestamp | unix_ms }}\"\n\
+         email = \"{{ context.traits.email | sha256 }}\"\n\
+         revenue = \"{{ properties.revenue }}\"\n\
+         currency = \"{{ properties.currency | default('USD') | lower }}\"\n\
+         order = \"order {{ properties.orderId }}\"\n\
+         products = \"{{ properties.products }}\"\nip = \"{{ context.ip }}\"\n",
+    );
+    let compiled = c.compile().unwrap();
+    let action = &compiled.actions[0];
+    let body = action.body.as_ref().unwrap();
+    assert_eq!((body.fast_slots(), body.slot_count()), (10, 10));
+    assert_eq!(action.url.fast_slots(), 1);
+    assert_eq!(action.headers[0].1.fast_slots(), 1);
+}
