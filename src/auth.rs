@@ -16,6 +16,7 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use crate::functions::{FunctionSandbox, SourceFunction};
+use crate::pace::RateLimiter;
 use crate::tracking_plan::TrackingPlan;
 
 /// The credential a request's headers carry.
@@ -108,6 +109,34 @@ pub struct SourceConfig {
     /// the key without the suffix. Not both this and `function.settings`.
     #[serde(default)]
     pub function_settings: BTreeMap<String, serde_json::Value>,
+    /// This source's quota, counted in events: past it, requests get 429 with
+    /// `Retry-After`, so one noisy source cannot take every admission slot. Held by the
+    /// whole cluster on the shared log (`queue.shared_limits`). Default: none.
+    pub rate_limit: Option<SourceRateLimit>,
+}
+
+/// `rate_limit = { events_per_second = 1000, burst = 5000 }`: a token bucket in events
+/// (a batch of 100 takes 100). A batch larger than `burst` is admitted once the bucket
+/// is full, leaving a debt the following requests wait out, so that no batch a client
+/// sends is refused forever.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceRateLimit {
+    /// Events accepted per second, on average.
+    pub events_per_second: f64,
+    /// Events accepted at once when the source has been quiet; default one second's
+    /// worth (`events_per_second`, at least 1).
+    pub burst: Option<u32>,
+}
+
+impl SourceRateLimit {
+    pub fn burst(&self) -> u32 {
+        self.burst.unwrap_or_else(|| {
+            self.events_per_second
+                .ceil()
+                .clamp(1.0, f64::from(u32::MAX)) as u32
+        })
+    }
 }
 
 /// `browser = { batching = { size = 10, timeout = "5s" } }`: the browser library batches
@@ -155,6 +184,9 @@ pub struct Sources {
     plans: HashMap<Arc<str>, Arc<TrackingPlan>>,
     /// Per source, its source function (swapped with the keys on reload).
     functions: HashMap<Arc<str>, Arc<SourceFunction>>,
+    /// Per source with a `rate_limit`, its bucket (a reload starts it full; the cluster's
+    /// shared bucket carries on).
+    quotas: HashMap<Arc<str>, Arc<RateLimiter>>,
 }
 
 impl Sources {
@@ -251,7 +283,21 @@ impl Sources {
             batching,
             plans,
             functions,
+            quotas: sources
+                .iter()
+                .filter_map(|source| {
+                    let limit = source.rate_limit.as_ref()?;
+                    let key = format!("s.{}", source.name);
+                    let bucket = RateLimiter::named(&key, limit.events_per_second, limit.burst());
+                    Some((Arc::from(source.name.as_str()), Arc::new(bucket)))
+                })
+                .collect(),
         })
+    }
+
+    /// `source`'s quota, if it has one.
+    pub fn quota(&self, source: &str) -> Option<&Arc<RateLimiter>> {
+        self.quotas.get(source)
     }
 
     /// How the browser library should batch for `source`, if it should.
@@ -363,6 +409,7 @@ mod tests {
             tracking_plan: None,
             function: None,
             function_settings: BTreeMap::new(),
+            rate_limit: None,
         }
     }
 

@@ -12,6 +12,7 @@
 //! Beside them: `config` (the file, read and checked as a whole), `control` (the
 //! operator's reload and replay requests, passed from `http` to `server`), `identity`
 //! (anonymousId → the user it was identified as: learnt at ingest, filled at delivery),
+//! `regulations` (privacy suppressions and deletions: checked at ingest and delivery),
 //! `functions` (the JavaScript runtime of Segment Functions), `metrics`,
 //! `cli` (what the command line does across stages), and leaves that every stage may use and that use
 //! nothing of the crate: `json` (the JSON view), `message` (call type, dedupe key, log
@@ -38,8 +39,10 @@ pub mod message;
 pub mod metrics;
 pub mod pace;
 pub mod queue;
+pub mod regulations;
 pub mod routing;
 pub mod server;
+pub mod suppression;
 pub mod throttle;
 pub mod timestamp;
 pub mod tracking_plan;

@@ -78,11 +78,28 @@ enum Command {
         #[arg(long = "type")]
         message_type: Option<String>,
     },
+    /// Privacy regulations of a running fanout (`/admin/regulations`).
+    Regulations {
+        #[command(subcommand)]
+        action: fanout::cli::regulations::Action,
+    },
     /// Work on Segment Functions files without a config or a server.
     Fn {
         #[command(subcommand)]
         action: FnAction,
     },
+    /// List the destination presets shipped in the binary (`preset = "NAME"` in a
+    /// `[[destinations]]` table), or print one's file.
+    Presets {
+        #[command(subcommand)]
+        action: Option<PresetAction>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PresetAction {
+    /// Print the preset's TOML: its settings and every key a destination may override.
+    Show { name: String },
 }
 
 #[derive(Subcommand)]
@@ -159,6 +176,12 @@ fn main() -> ExitCode {
     if let Some(Command::Fn { action }) = &cli.command {
         return fn_command(action);
     }
+    if let Some(Command::Presets { action }) = &cli.command {
+        return exit_code(match action {
+            None => fanout::cli::presets::list(),
+            Some(PresetAction::Show { name }) => fanout::cli::presets::show(name),
+        });
+    }
     let path = match &cli.command {
         Some(Command::Check { file: Some(file) }) => file.clone(),
         _ => cli.config.clone(),
@@ -172,6 +195,9 @@ fn main() -> ExitCode {
     };
     if let Some(Command::DeadLetters { action }) = &cli.command {
         return block_on(dead_letters_on(&config, action));
+    }
+    if let Some(Command::Regulations { action }) = &cli.command {
+        return block_on(fanout::cli::regulations::run(&config, action));
     }
     if let Some(Command::Route { source }) = &cli.command {
         return route(&config, source.as_deref());

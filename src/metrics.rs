@@ -21,8 +21,14 @@ use crate::clock::Clock;
 use crate::message::MessageType;
 
 mod functions;
+mod shared_log;
+mod sources;
 mod warehouse;
 pub use functions::FunctionMetrics;
+pub use shared_log::{
+    nats_stream_recreated, publish_unknown, publish_unknown_untracked, queue_share, ConsumerGauges,
+};
+pub use sources::source_throttled;
 pub use warehouse::schema_warnings;
 
 const HTTP_REQUESTS: &str = "fanout_http_requests_total";
@@ -33,20 +39,15 @@ const CONNECTIONS_OPEN: &str = "fanout_connections_open";
 const EVENTS: &str = "fanout_events_total";
 const QUEUE_HELD: &str = "fanout_queue_held_bytes";
 const RETENTION_EVICTED: &str = "fanout_queue_retention_evicted_segments_total";
-const STREAM_RECREATED: &str = "fanout_queue_stream_recreated_total";
-const PUBLISH_UNKNOWN: &str = "fanout_queue_publish_unknown_total";
-const PUBLISH_UNTRACKED: &str = "fanout_queue_publish_unknown_untracked_total";
 const QUEUE_LAG: &str = "fanout_queue_lag_bytes";
 const QUEUE_DEPTH: &str = "fanout_queue_depth_events";
 const QUEUE_AGE: &str = "fanout_queue_oldest_age_seconds";
-const CONSUMER_PENDING: &str = "fanout_queue_consumer_pending";
-const CONSUMER_ACK_PENDING: &str = "fanout_queue_consumer_ack_pending";
-const CONSUMER_REDELIVERED: &str = "fanout_queue_consumer_redelivered";
 const DELIVERIES: &str = "fanout_deliveries_total";
 const DELIVERY_DURATION: &str = "fanout_delivery_duration_seconds";
 const DEDUPE_KEYS: &str = "fanout_dedupe_keys";
 const DEDUPE_EVICTIONS: &str = "fanout_dedupe_evictions_total";
 const DEAD_LETTERS_DROPPED: &str = "fanout_dead_letters_dropped_total";
+const SUPPRESSED: &str = "fanout_suppressed_total";
 const LIVE_VIEWERS: &str = "fanout_live_viewers";
 const LIVE_BUFFERED: &str = "fanout_live_buffered_bytes";
 const LIVE_LOST: &str = "fanout_live_events_lost_total";
@@ -106,7 +107,9 @@ pub fn install() {
 }
 
 fn describe() {
+    shared_log::describe();
     functions::describe();
+    sources::describe();
     warehouse::describe();
     describe_counter!(
         HTTP_REQUESTS,
@@ -150,24 +153,6 @@ fn describe() {
         "Queue segments kept for server.retention that were deleted before it ended, to \
          stay within server.max_queue_bytes (the budget wins over retention)."
     );
-    describe_counter!(
-        STREAM_RECREATED,
-        "Times the shared log's NATS stream was found made again (a wiped server store, a \
-         stream deleted): the messages it held are gone (the ERROR log says up to which \
-         sequence)."
-    );
-    describe_counter!(
-        PUBLISH_UNKNOWN,
-        "Messages answered 503 whose publish to the shared log had an unknown outcome (no \
-         acknowledgement in time): stored or not, a retry within queue.duplicate_window is \
-         stored once."
-    );
-    describe_counter!(
-        PUBLISH_UNTRACKED,
-        "Messages of unknown outcome fanout no longer recognises (queue.duplicate_window \
-         ended before a retry, no messageId, or the 64 MiB kept for retries was full): a \
-         retry of one stores it again, a duplicate if the first publish was stored."
-    );
     describe_gauge!(
         QUEUE_HELD,
         Unit::Bytes,
@@ -202,21 +187,9 @@ fn describe() {
         Unit::Seconds,
         "Time of one send attempt of a batch to a destination, whatever its answer."
     );
-    describe_gauge!(
-        CONSUMER_PENDING,
-        "queue.backend = nats: messages on the stream a destination's consumers have not \
-         delivered to any instance yet."
-    );
-    describe_gauge!(
-        CONSUMER_ACK_PENDING,
-        "queue.backend = nats: messages delivered to an instance for a destination and not \
-         acknowledged yet (being delivered, held in order behind a retry, or on a dead \
-         instance until the ack wait runs out)."
-    );
-    describe_gauge!(
-        CONSUMER_REDELIVERED,
-        "queue.backend = nats: of the destination's unacknowledged messages, those delivered \
-         more than once (after an instance died, or a handover)."
+    describe_counter!(
+        SUPPRESSED,
+        "Messages answered 200 and dropped: their subject is under a privacy suppression."
     );
     describe_gauge!(DEDUPE_KEYS, "messageIds in the dedupe window.");
     describe_counter!(
@@ -416,6 +389,13 @@ fn events(source: &str, kind: &'static str, outcome: &'static str, n: u64) {
     }
 }
 
+/// Messages of `source` dropped at ingest for a privacy suppression.
+pub fn suppressed(source: &str, messages: u64) {
+    if messages > 0 {
+        counter!(SUPPRESSED, "source" => source.to_string()).increment(messages);
+    }
+}
+
 /// Dead letters of `destination` dropped for `reason` ("max_bytes", "retention").
 pub fn dead_letters_dropped(destination: &str, reason: &'static str, letters: u64) {
     counter!(DEAD_LETTERS_DROPPED, "destination" => destination.to_string(), "reason" => reason)
@@ -425,21 +405,6 @@ pub fn dead_letters_dropped(destination: &str, reason: &'static str, letters: u6
 /// Retained queue segments deleted early to stay within `server.max_queue_bytes`.
 pub fn retention_evicted(segments: u64) {
     counter!(RETENTION_EVICTED).increment(segments);
-}
-
-/// The shared log's stream was found made again, its messages gone.
-pub fn nats_stream_recreated() {
-    counter!(STREAM_RECREATED).increment(1);
-}
-
-/// Messages whose publish to the shared log had an unknown outcome.
-pub fn publish_unknown(messages: u64) {
-    counter!(PUBLISH_UNKNOWN).increment(messages);
-}
-
-/// Messages of unknown outcome whose retry can no longer be recognised.
-pub fn publish_unknown_untracked(messages: u64) {
-    counter!(PUBLISH_UNTRACKED).increment(messages);
 }
 
 /// One destination's delivery counters; looked up once per batch.
@@ -512,30 +477,6 @@ impl DestinationGauges {
         self.state
             .oldest_accepted_at
             .store(oldest_accepted_at.map_or(0, u64::from), Ordering::Relaxed);
-    }
-}
-
-/// A destination's consumers on the shared log, as last read from the server.
-pub struct ConsumerGauges {
-    pending: Gauge,
-    ack_pending: Gauge,
-    redelivered: Gauge,
-}
-
-impl ConsumerGauges {
-    pub fn register(destination: &str) -> ConsumerGauges {
-        let name = destination.to_owned();
-        ConsumerGauges {
-            pending: gauge!(CONSUMER_PENDING, "destination" => name.clone()),
-            ack_pending: gauge!(CONSUMER_ACK_PENDING, "destination" => name.clone()),
-            redelivered: gauge!(CONSUMER_REDELIVERED, "destination" => name),
-        }
-    }
-
-    pub fn set(&self, pending: u64, ack_pending: u64, redelivered: u64) {
-        self.pending.set(pending as f64);
-        self.ack_pending.set(ack_pending as f64);
-        self.redelivered.set(redelivered as f64);
     }
 }
 

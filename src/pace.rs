@@ -1,46 +1,177 @@
-//! Pacing, shared by the delivery engine and the destinations that pace themselves:
-//! an outbound token bucket (`rate` tokens per second, holding at most `burst`), and
-//! exponential backoff with full jitter under a floor a destination asks for
+//! Pacing, shared by the delivery engine, the destinations that pace themselves and the
+//! per-source quotas: token buckets (`rate` tokens per second, holding at most `burst`),
+//! held by one instance or, on the shared log, by the whole cluster (`SharedBuckets`),
+//! and exponential backoff with full jitter under a floor a destination asks for
 //! (`Retry-After`), clamped.
 
-use std::sync::Mutex;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use crate::throttle::LogThrottle;
+
+/// A token bucket's state, as one instance or the cluster's store keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Bucket {
+    /// Below 0 after a take larger than the burst: a debt paid by refilling.
+    pub tokens: f64,
+    /// When `tokens` was counted, in seconds on the keeper's clock.
+    pub at: f64,
+}
+
+impl Bucket {
+    /// A full bucket at `at`.
+    pub fn full(burst: f64, at: f64) -> Bucket {
+        Bucket { tokens: burst, at }
+    }
+
+    /// Refills for the time since it was counted (a clock that went back adds nothing).
+    pub fn refill(&mut self, now: f64, rate: f64, burst: f64) {
+        let elapsed = (now - self.at).max(0.0);
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        self.at = self.at.max(now);
+    }
+
+    /// Takes `n` tokens once `min(n, burst)` are there (so a take larger than the burst
+    /// passes when the bucket is full, and leaves a debt), or says how long until then.
+    pub fn take(&mut self, now: f64, rate: f64, burst: f64, n: f64) -> Option<Duration> {
+        self.refill(now, rate, burst);
+        let needed = n.min(burst);
+        // A hair short is rounding in the refill: waiting for it would not move a paused
+        // clock (the wait rounds to nothing) and would spin.
+        if self.tokens >= needed - 1e-9 {
+            self.tokens -= n;
+            None
+        } else {
+            // Capped so a tiny rate cannot overflow the Duration; callers ask again.
+            Some(Duration::from_secs_f64(
+                ((needed - self.tokens) / rate).min(3600.0),
+            ))
+        }
+    }
+}
+
+/// Token buckets the whole cluster shares (a KV bucket beside the shared log), so that
+/// a rate limit or quota holds for all instances together rather than for each.
+pub trait SharedBuckets: Send + Sync {
+    /// Takes `n` tokens from the bucket `key` (refilled at `rate`, at most `burst`; see
+    /// `Bucket::take`), or says how long until there will be enough. `Err`: the store
+    /// cannot be reached, and why.
+    fn take<'a>(
+        &'a self,
+        key: &'a str,
+        rate: f64,
+        burst: f64,
+        n: f64,
+    ) -> Pin<Box<dyn Future<Output = Result<Option<Duration>, String>> + Send + 'a>>;
+}
+
+/// The cluster's buckets, once the shared log installed them at start.
+static SHARED: OnceLock<Arc<dyn SharedBuckets>> = OnceLock::new();
+
+/// Makes every limiter named after this call hold for the whole cluster.
+pub fn share_buckets(store: Arc<dyn SharedBuckets>) {
+    let _ = SHARED.set(store);
+}
+
+/// How often a limiter falling back to its own bucket says so.
+static FALLBACK_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(30));
 
 pub struct RateLimiter {
     rate: f64,
     burst: f64,
     state: Mutex<Bucket>,
-}
-
-struct Bucket {
-    tokens: f64,
-    refilled: Instant,
+    /// A named limit's key in the cluster's store, once there is one (`share_buckets`).
+    key: Option<String>,
+    /// A store given to this limiter alone, in place of the cluster's.
+    store: Option<Arc<dyn SharedBuckets>>,
+    start: Instant,
 }
 
 impl RateLimiter {
+    /// A limiter this instance keeps on its own.
     pub fn new(rate: f64, burst: u32) -> RateLimiter {
         RateLimiter {
             rate,
             burst: f64::from(burst),
-            state: Mutex::new(Bucket {
-                tokens: f64::from(burst),
-                refilled: Instant::now(),
-            }),
+            state: Mutex::new(Bucket::full(f64::from(burst), 0.0)),
+            key: None,
+            store: None,
+            start: Instant::now(),
         }
     }
 
+    /// A limiter for the limit `key` (e.g. `d.<destination>`): shared by the cluster
+    /// when the buckets are (`share_buckets`, looked up at each take, so it may come
+    /// later), this instance's own otherwise.
+    pub fn named(key: &str, rate: f64, burst: u32) -> RateLimiter {
+        let mut limiter = RateLimiter::new(rate, burst);
+        limiter.key = Some(key.to_string());
+        limiter
+    }
+
+    /// `named`, in `store` rather than the cluster's.
+    pub fn named_in(store: Arc<dyn SharedBuckets>, key: &str, rate: f64, burst: u32) -> Self {
+        let mut limiter = RateLimiter::named(key, rate, burst);
+        limiter.store = Some(store);
+        limiter
+    }
+
+    /// The cluster's store and this limit's key there, when the limit is shared.
+    fn shared(&self) -> Option<(&dyn SharedBuckets, &str)> {
+        let key = self.key.as_deref()?;
+        Some((self.store.as_ref().or(SHARED.get())?.as_ref(), key))
+    }
+
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+
+    pub fn burst(&self) -> f64 {
+        self.burst
+    }
+
     /// Waits until `n` tokens are available and takes them. More than `burst` is
-    /// taken as `burst` (batches are sized to fit, so this only guards misuse).
+    /// taken as `burst` (batches are sized to fit, so this only guards misuse). Shared:
+    /// this instance's bucket first (which holds what the receiver said is left), then
+    /// the cluster's.
     pub async fn acquire(&self, n: u32) {
         let n = f64::from(n).min(self.burst);
+        while let Some(wait) = self.try_take(n, Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+        let Some((store, key)) = self.shared() else {
+            return;
+        };
         loop {
-            let wait = self.try_take(n, Instant::now());
-            match wait {
-                None => return,
-                Some(wait) => tokio::time::sleep(wait).await,
+            match store.take(key, self.rate, self.burst, n).await {
+                Ok(None) => return,
+                Ok(Some(wait)) => tokio::time::sleep(wait).await,
+                Err(why) => return fallback(key, &why),
             }
+        }
+    }
+
+    /// Takes `n` tokens if they are there (a take larger than the burst once the bucket
+    /// is full: see `Bucket::take`), or says how long until they will be. Shared: the
+    /// cluster's bucket alone.
+    pub async fn try_acquire(&self, n: u32) -> Result<(), Duration> {
+        let n = f64::from(n);
+        if let Some((store, key)) = self.shared() {
+            match store.take(key, self.rate, self.burst, n).await {
+                Ok(None) => return Ok(()),
+                Ok(Some(wait)) => return Err(wait),
+                Err(why) => fallback(key, &why),
+            }
+        }
+        let now = self.seconds(Instant::now());
+        let mut bucket = self.state.lock().expect("rate limiter lock poisoned");
+        match bucket.take(now, self.rate, self.burst, n) {
+            None => Ok(()),
+            Some(wait) => Err(wait),
         }
     }
 
@@ -48,11 +179,9 @@ impl RateLimiter {
     /// `RateLimit-Reset` until it renews): never assume more than that; with nothing
     /// left, the next request waits for the reset.
     pub fn observe(&self, remaining: u32, reset: Duration) {
-        let now = Instant::now();
+        let now = self.seconds(Instant::now());
         let mut bucket = self.state.lock().expect("rate limiter lock poisoned");
-        let elapsed = now.saturating_duration_since(bucket.refilled).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
-        bucket.refilled = now;
+        bucket.refill(now, self.rate, self.burst);
         let floor = if remaining == 0 {
             -reset.as_secs_f64().min(3600.0) * self.rate
         } else {
@@ -61,20 +190,28 @@ impl RateLimiter {
         bucket.tokens = bucket.tokens.min(floor);
     }
 
-    /// Takes `n` tokens, or says how long until they will be there.
+    /// Takes `n` tokens (at most `burst`) from this instance's bucket, or says how long
+    /// until they will be there.
     fn try_take(&self, n: f64, now: Instant) -> Option<Duration> {
+        let now = self.seconds(now);
         let mut bucket = self.state.lock().expect("rate limiter lock poisoned");
-        let elapsed = now.saturating_duration_since(bucket.refilled).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
-        bucket.refilled = now;
-        if bucket.tokens >= n {
-            bucket.tokens -= n;
-            None
-        } else {
-            // Capped so a tiny rate cannot overflow the Duration; the loop re-checks.
-            let secs = ((n - bucket.tokens) / self.rate).min(3600.0);
-            Some(Duration::from_secs_f64(secs))
-        }
+        bucket.take(now, self.rate, self.burst, n)
+    }
+
+    fn seconds(&self, now: Instant) -> f64 {
+        now.saturating_duration_since(self.start).as_secs_f64()
+    }
+}
+
+/// The cluster's store cannot be reached: this instance's own bucket alone limits until
+/// it can (the cluster may then exceed the limit; ingest and delivery need it anyway).
+fn fallback(key: &str, why: &str) {
+    if FALLBACK_LOG.ready() {
+        tracing::warn!(
+            limit = key,
+            why,
+            "the cluster's rate limits cannot be read; each instance limits on its own meanwhile"
+        );
     }
 }
 
@@ -153,6 +290,64 @@ mod tests {
             took >= Duration::from_secs(4) && took < Duration::from_millis(4100),
             "{took:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quota_larger_than_its_burst_passes_when_full_and_leaves_a_debt() {
+        let quota = RateLimiter::named("s.test", 10.0, 20);
+        assert_eq!(quota.try_acquire(15).await, Ok(()));
+        // 5 left: 15 more need 1 s of refill.
+        let wait = quota.try_acquire(15).await.unwrap_err();
+        assert!((wait.as_secs_f64() - 1.0).abs() < 1e-6, "{wait:?}");
+        // 50 > burst: refused until the bucket is full (10 of 20 after 0.5 s: 1 s more),
+        // then taken whole.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let wait = quota.try_acquire(50).await.unwrap_err();
+        assert!((wait.as_secs_f64() - 1.0).abs() < 1e-6, "{wait:?}");
+        tokio::time::sleep(wait).await;
+        assert_eq!(quota.try_acquire(50).await, Ok(()));
+        // A debt of 30: one event waits 3.1 s.
+        let wait = quota.try_acquire(1).await.unwrap_err();
+        assert!((wait.as_secs_f64() - 3.1).abs() < 1e-6, "{wait:?}");
+    }
+
+    /// A store that counts what it is asked for and keeps one bucket per key.
+    struct Counting(Mutex<std::collections::HashMap<String, (Bucket, u32)>>);
+
+    impl SharedBuckets for Counting {
+        fn take<'a>(
+            &'a self,
+            key: &'a str,
+            rate: f64,
+            burst: f64,
+            n: f64,
+        ) -> Pin<Box<dyn Future<Output = Result<Option<Duration>, String>> + Send + 'a>> {
+            let mut buckets = self.0.lock().unwrap();
+            let (bucket, asked) = buckets
+                .entry(key.to_string())
+                .or_insert((Bucket::full(burst, 0.0), 0));
+            *asked += 1;
+            // No time passes in the test that uses it.
+            let taken = bucket.take(0.0, rate, burst, n);
+            Box::pin(async move { Ok(taken) })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn named_limiters_share_the_store_s_bucket() {
+        let store = Arc::new(Counting(Mutex::new(Default::default())));
+        let a = RateLimiter::named_in(store.clone(), "d.hook", 10.0, 10);
+        let b = RateLimiter::named_in(store.clone(), "d.hook", 10.0, 10);
+        // Two instances' limiters on one key: 10 between them, not 10 each.
+        assert_eq!(a.try_acquire(6).await, Ok(()));
+        assert!(b.try_acquire(6).await.is_err());
+        assert_eq!(b.try_acquire(4).await, Ok(()));
+        assert_eq!(store.0.lock().unwrap()["d.hook"].1, 3);
+        // Waiting for tokens asks the store again, and the instance's own bucket first.
+        let c = RateLimiter::named_in(store.clone(), "d.other", 10.0, 10);
+        c.acquire(10).await;
+        let (bucket, asked) = store.0.lock().unwrap()["d.other"];
+        assert_eq!((bucket.tokens, asked), (0.0, 1));
     }
 
     fn backoff() -> Backoff {

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::receiver::{ReceivedRequest, Receiver, Reply};
+use common::receiver::{bodies, ReceivedRequest, Receiver, Reply};
 use common::{assert_success, Fanout, Settings};
 use serde_json::{json, Value};
 
@@ -27,15 +27,6 @@ fn identify(id: &str, user: &str, email: &str) -> Value {
 fn track(id: &str, user: &str) -> Value {
     json!({"type": "track", "messageId": id, "userId": user, "event": "Order Completed",
            "properties": {"total": "19.99"}})
-}
-
-/// Bodies of every request to `path`, in the order they arrived.
-fn bodies(requests: &[ReceivedRequest], path: &str) -> Vec<Value> {
-    requests
-        .iter()
-        .filter(|r| r.path == path && r.ok())
-        .map(|r| r.json().unwrap())
-        .collect()
 }
 
 /// The example: PUT per user, bearer token from a template, identify only,

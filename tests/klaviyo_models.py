@@ -15,6 +15,7 @@ line per input line, in order: `{"ok": true}` or `{"ok": false, "error": "..."}`
 - `/api/profile-suppression-bulk-delete-jobs` -> SuppressionDeleteJobCreateQuery
 - `POST /api/lists/{id}/relationships/profiles` -> ListMembersAddQuery
 - `DELETE /api/lists/{id}/relationships/profiles` -> ListMembersDeleteQuery
+- `/api/data-privacy-deletion-jobs` -> DataPrivacyCreateDeletionJobQuery
 
 `Model.from_dict(body)` raises on a body of the wrong shape (missing or mistyped fields,
 wrong `type` discriminators). The generated models ignore keys they do not know, so the
@@ -44,6 +45,9 @@ from openapi_client.models.suppression_delete_job_create_query import (
 )
 from openapi_client.models.list_members_add_query import ListMembersAddQuery
 from openapi_client.models.list_members_delete_query import ListMembersDeleteQuery
+from openapi_client.models.data_privacy_create_deletion_job_query import (
+    DataPrivacyCreateDeletionJobQuery,
+)
 
 MODELS = {
     "/api/events": EventCreateQueryV2,
@@ -56,6 +60,7 @@ MODELS = {
     "/api/profile-suppression-bulk-delete-jobs": SuppressionDeleteJobCreateQuery,
     "POST /api/lists/{id}/relationships/profiles": ListMembersAddQuery,
     "DELETE /api/lists/{id}/relationships/profiles": ListMembersDeleteQuery,
+    "/api/data-privacy-deletion-jobs": DataPrivacyCreateDeletionJobQuery,
 }
 
 

@@ -243,6 +243,31 @@ async fn a_message_routed_elsewhere_is_shown_skipped_with_the_rule() {
     );
 }
 
+/// A user outside a destination's `sample` is shown skipped, reason `sampled`.
+#[tokio::test]
+async fn a_user_outside_the_sample_is_shown_skipped_as_sampled() {
+    let out = tempfile::tempdir().unwrap();
+    let f = Fanout::start_with(
+        Settings::default()
+            .section("[admin]\ntoken_env = \"FANOUT_ADMIN_TOKEN\"\n")
+            .env("FANOUT_ADMIN_TOKEN", TOKEN)
+            .section(&format!(
+                "[[destinations]]\nname = \"tenth\"\nkind = \"file\"\npath = \"{}\"\n\
+                 sample = 0.1\n",
+                out.path().join("tenth.jsonl").display()
+            )),
+    );
+    let mut sse = Sse::open(&f, TOKEN, "destination=tenth").await;
+    // Of 20 users, a tenth are in the sample: the others are skipped.
+    let batch: Vec<Value> = (0..20)
+        .map(|n| json!({"type": "identify", "messageId": format!("s{n}"), "userId": format!("user-{n}")}))
+        .collect();
+    f.send_batch(json!(batch)).await;
+    let events = sse.until(|e| e["kind"] == "skipped").await;
+    let skipped = events.last().unwrap();
+    assert_eq!(skipped["reason"], "sampled", "{skipped}");
+}
+
 /// For Klaviyo the live view shows the translated request bodies as the payload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_klaviyo_outcome_carries_the_translated_bodies() {

@@ -312,3 +312,53 @@ async fn consent_and_ignored_integrations_decide_per_destination() {
         "the catch-all honours `All: false`"
     );
 }
+
+/// `sample = 0.1` through the running server: a tenth of 10 000 users, each with all of
+/// their messages, and `fanout route` names the others `sampled`.
+#[tokio::test]
+async fn a_sample_keeps_a_tenth_of_users_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sampled = tmp.path().join("sampled.jsonl");
+    let f = Fanout::start_with(Settings::default().section(&format!(
+        "[[destinations]]\nname = \"sampled\"\nkind = \"file\"\npath = \"{}\"\nsample = 0.1\n",
+        sampled.display()
+    )));
+    let users = 10_000;
+    for chunk in (0..users).collect::<Vec<_>>().chunks(250) {
+        let batch: Vec<Value> = chunk
+            .iter()
+            .flat_map(|n| {
+                [
+                    json!({"type": "track", "event": "E", "userId": format!("u{n}"),
+                           "anonymousId": format!("a{n}"), "messageId": format!("t{n}")}),
+                    json!({"type": "identify", "userId": format!("u{n}"), "messageId": format!("i{n}")}),
+                ]
+            })
+            .collect();
+        f.send_batch(json!(batch)).await;
+    }
+    f.wait_settled("sampled").await;
+    let lines = common::file_lines(&sampled);
+    let mut per_user = std::collections::BTreeMap::<String, usize>::new();
+    for line in &lines {
+        *per_user
+            .entry(line["userId"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert!(per_user.values().all(|&n| n == 2), "a user split");
+    let kept = per_user.len();
+    assert!((800..=1200).contains(&kept), "kept {kept} of {users}");
+
+    let skipped = (0..users)
+        .map(|n| format!("u{n}"))
+        .find(|user| !per_user.contains_key(user))
+        .unwrap();
+    let kept_user = per_user.keys().next().unwrap();
+    for (user, expect) in [(&skipped, json!("sampled")), (kept_user, Value::Null)] {
+        let message = json!({"type": "identify", "userId": user});
+        let (code, stdout, stderr) = route(&f, &[], message.to_string().as_bytes());
+        assert_eq!(code, 0, "{stderr}");
+        let report: Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(entry(&report, 0, "sampled")["skipped"], expect, "{report}");
+    }
+}

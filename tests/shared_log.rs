@@ -936,3 +936,210 @@ fn run_against_nats_at(port: u16) -> std::process::Output {
         .output()
         .unwrap()
 }
+
+/// Spread tests: the default partitions (32), an ack wait short enough for a handover
+/// to be quick, and the stream on all three nodes.
+const SPREAD_QUEUE: &str = "ack_wait = \"5s\"\nreplicas = 3";
+
+/// The spread tests each run a 3-node cluster and several instances under load: one at
+/// a time, so that none starves another's cluster on a small machine.
+static SPREAD_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn spread_instance(nats: &NatsCluster, receiver: &Receiver, name: &str) -> Fanout {
+    Fanout::start_with(
+        Settings::default()
+            .section(&nats.queue_section(SPREAD_QUEUE))
+            .section(&hook(receiver, name)),
+    )
+}
+
+/// Sends `messages` in requests of 100, through each of `through` in turn.
+async fn send_round_robin(through: &[&Fanout], messages: &[Value]) {
+    for (i, chunk) in messages.chunks(100).enumerate() {
+        send_until_stored(through[i % through.len()], chunk, Duration::from_secs(30)).await;
+    }
+}
+
+/// Waits until each of `instances` sees `count` live instances and holds a share of
+/// `hook`'s partitions no bigger than ⌈32 / count⌉.
+async fn wait_shares(instances: &[&Fanout], count: usize) {
+    let cap = 32usize.div_ceil(count) as f64;
+    for f in instances {
+        f.wait_metric("fanout_queue_instances", &[], |n| n == count as f64)
+            .await;
+        f.wait_metric(
+            "fanout_queue_consumer_partitions",
+            &[("destination", "hook")],
+            |held| held >= 1.0 && held <= cap,
+        )
+        .await;
+    }
+}
+
+/// How many of `ids` each instance delivered (first deliveries, by the X-Instance header).
+fn shares_of(receiver: &Receiver, ids: &HashSet<String>) -> BTreeMap<String, usize> {
+    let mut shares = BTreeMap::new();
+    let mut seen = HashSet::new();
+    for request in receiver.requests().iter().filter(|r| r.ok()) {
+        for id in request.message_ids() {
+            if ids.contains(&id) && seen.insert(id) {
+                *shares.entry(instance_of(request)).or_insert(0) += 1;
+            }
+        }
+    }
+    shares
+}
+
+/// Three instances share a webhook's 30 000 messages (each ≥ 20 %); a fourth joining
+/// takes a share of the next ones; one stopping hands its share over. Nothing is lost,
+/// each user's messages arrive in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spread_live_instances_share_the_partitions_as_they_join_and_leave() {
+    let _turn = SPREAD_TURN.lock().await;
+    let nats = NatsCluster::start(3);
+    let receiver = Receiver::start().await;
+    let a = spread_instance(&nats, &receiver, "a");
+    let b = spread_instance(&nats, &receiver, "b");
+    let mut c = spread_instance(&nats, &receiver, "c");
+    wait_shares(&[&a, &b, &c], 3).await;
+
+    let all = plan(300, 166);
+    let (first, rest) = all.split_at(30_000);
+    let (second, third) = rest.split_at(10_000);
+    send_round_robin(&[&a, &b, &c], first).await;
+    assert_all_delivered(&receiver, first, Duration::from_secs(240)).await;
+    let shares = shares_of(&receiver, &message_ids(first));
+    for name in ["a", "b", "c"] {
+        let share = shares.get(name).copied().unwrap_or(0);
+        assert!(
+            share * 5 >= first.len(),
+            "{name} delivered {share} of 30 000: {shares:?}"
+        );
+    }
+
+    let d = spread_instance(&nats, &receiver, "d");
+    wait_shares(&[&a, &b, &c, &d], 4).await;
+    send_round_robin(&[&a, &b, &c, &d], second).await;
+    assert_all_delivered(&receiver, second, Duration::from_secs(120)).await;
+    let shares = shares_of(&receiver, &message_ids(second));
+    let d_share = shares.get("d").copied().unwrap_or(0);
+    assert!(
+        d_share * 10 >= second.len(),
+        "the joining instance delivered {d_share}: {shares:?}"
+    );
+
+    assert!(c.terminate().success());
+    wait_shares(&[&a, &b, &d], 3).await;
+    send_round_robin(&[&a, &b, &d], third).await;
+    assert_all_delivered(&receiver, third, Duration::from_secs(120)).await;
+    let shares = shares_of(&receiver, &message_ids(third));
+    assert_eq!(shares.get("c"), None, "{shares:?}");
+    assert_eq!(shares.values().sum::<usize>(), third.len());
+
+    let requests: Vec<ReceivedRequest> =
+        receiver.requests().into_iter().filter(|r| r.ok()).collect();
+    // The clean stop may send again what was in a pack it had partly delivered.
+    assert_in_order(&requests, 1);
+}
+
+/// Three instances started at the same moment on a stream that does not exist yet all
+/// come up (several rounds, a new stream each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spread_instances_started_together_on_a_new_stream_all_come_up() {
+    let _turn = SPREAD_TURN.lock().await;
+    let nats = NatsCluster::start(3);
+    let receiver = Receiver::start().await;
+    for round in 0..4 {
+        let queue = format!("{SPREAD_QUEUE}\nstream = \"together{round}\"");
+        let settings = Settings::default()
+            .section(&nats.queue_section(&queue))
+            .section(&hook(&receiver, "x"));
+        // Each start panics if its process exits instead of listening.
+        let instances: Vec<Fanout> = std::thread::scope(|s| {
+            let starting: Vec<_> = (0..3)
+                .map(|_| s.spawn(|| Fanout::start_with(settings.clone())))
+                .collect();
+            starting.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let refs: Vec<&Fanout> = instances.iter().collect();
+        wait_shares(&refs, 3).await;
+        let messages = renamed(plan(10, 3), &format!("r{round}-"));
+        send_round_robin(&refs, &messages).await;
+        assert_all_delivered(&receiver, &messages, Duration::from_secs(30)).await;
+    }
+}
+
+/// A 5 s ack wait under load: messages wait here far longer than that (a slow receiver
+/// behind several instances' backlogs), and are kept alive, so none is delivered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spread_messages_held_past_the_ack_wait_are_kept_alive_and_delivered_once() {
+    let _turn = SPREAD_TURN.lock().await;
+    let nats = NatsCluster::start(3);
+    let receiver = Receiver::start().await;
+    receiver.set_delay(Duration::from_millis(100));
+    let a = spread_instance(&nats, &receiver, "a");
+    let b = spread_instance(&nats, &receiver, "b");
+    wait_shares(&[&a, &b], 2).await;
+    // About 200 messages a second get through (20 a request, two instances, 100 ms
+    // each): 4 000 take about 20 s, so most wait here well past the 5 s ack wait.
+    let all = plan(100, 40);
+    send_round_robin(&[&a, &b], &all).await;
+    assert_all_delivered(&receiver, &all, Duration::from_secs(120)).await;
+    let ids: Vec<String> = receiver
+        .requests()
+        .iter()
+        .filter(|r| r.ok())
+        .flat_map(|r| r.message_ids())
+        .collect();
+    let repeated = ids.len() - message_ids(&all).len();
+    let mut by: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for request in receiver.requests().iter().filter(|r| r.ok()) {
+        for id in request.message_ids() {
+            by.entry(id).or_default().push(instance_of(request));
+        }
+    }
+    let twice: Vec<_> = by.iter().filter(|(_, at)| at.len() > 1).take(10).collect();
+    assert_eq!(
+        repeated,
+        0,
+        "{repeated} of {} delivered twice, e.g. (id, by) {twice:?}",
+        all.len()
+    );
+    // Nor did the server send any of them again (to be told apart here).
+    wait_consumers_idle(&nats, "hook").await;
+    let (deliveries, packs) = server_deliveries(&nats, "hook");
+    assert_eq!(deliveries, packs, "the server delivered packs again");
+    let requests: Vec<ReceivedRequest> =
+        receiver.requests().into_iter().filter(|r| r.ok()).collect();
+    assert_in_order(&requests, 0);
+}
+
+/// Deliveries the server made to `destination`'s partition consumers (the most any node
+/// reports for each), and the packs published to the stream: equal when none was sent again.
+fn server_deliveries(nats: &NatsCluster, destination: &str) -> (u64, u64) {
+    let prefix = format!("{destination}_p");
+    let mut by_consumer: BTreeMap<String, u64> = BTreeMap::new();
+    let mut packs = 0;
+    for node in &nats.nodes {
+        let Some(jsz) = node.monitor("/jsz?streams=true&consumers=true") else {
+            continue;
+        };
+        for stream in jsz["account_details"][0]["stream_detail"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["name"] == "fanout")
+        {
+            packs = packs.max(stream["state"]["last_seq"].as_u64().unwrap_or(0));
+            for consumer in stream["consumer_detail"].as_array().into_iter().flatten() {
+                let name = consumer["name"].as_str().unwrap_or("");
+                if name.starts_with(&prefix) {
+                    let sent = consumer["delivered"]["consumer_seq"].as_u64().unwrap_or(0);
+                    let most = by_consumer.entry(name.to_string()).or_default();
+                    *most = (*most).max(sent);
+                }
+            }
+        }
+    }
+    (by_consumer.values().sum(), packs)
+}

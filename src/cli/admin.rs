@@ -40,9 +40,25 @@ impl Server {
         method: reqwest::Method,
         path: &str,
     ) -> anyhow::Result<reqwest::Response> {
-        let response = reqwest::Client::new()
+        self.send_body(method, path, None).await
+    }
+
+    /// `send`, with `body` as JSON when there is one.
+    pub async fn send_body(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> anyhow::Result<reqwest::Response> {
+        let mut request = reqwest::Client::new()
             .request(method, format!("{}{path}", self.address))
-            .bearer_auth(&self.token)
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_string());
+        }
+        let response = request
             .send()
             .await
             .with_context(|| format!("cannot reach fanout at {}", self.address))?;

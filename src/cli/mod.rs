@@ -5,5 +5,7 @@
 pub mod admin;
 pub mod fn_test;
 pub mod output;
+pub mod presets;
+pub mod regulations;
 pub mod route;
 pub mod tap;

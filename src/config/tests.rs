@@ -348,7 +348,10 @@ fn the_queue_is_local_unless_nats_is_named() {
     assert_eq!(c.queue.backend, QueueBackend::Nats);
     assert_eq!(c.queue.stream, "fanout");
     assert_eq!(c.queue.replicas, 3);
-    assert_eq!(c.queue.partitions, 8);
+    assert_eq!(
+        c.queue.partitions, None,
+        "unset: 32 for a new stream, its own for one there"
+    );
     assert_eq!(c.queue.ack_wait, Duration::from_secs(30));
 }
 
@@ -389,6 +392,17 @@ fn queue_errors_name_key_and_line() {
             format!("{nats}{servers}backend_x = 1"),
             "queue.backend_x",
             18,
+        ),
+        (
+            format!("{nats}{servers}member_heartbeat = \"0s\""),
+            "queue.member_heartbeat",
+            18,
+        ),
+        (
+            // Not in the file: the section's line.
+            format!("{nats}{servers}member_heartbeat = \"5s\""),
+            "queue.member_ttl",
+            15,
         ),
     ];
     for (lines, key, line) in cases {
@@ -587,4 +601,35 @@ fn identity_section_and_enrich_identity_defaults_and_errors() {
     }
     let e = Config::parse(&format!("{GOOD}enrich_identity = \"yes\"\n")).unwrap_err();
     assert!(e.to_string().contains("enrich_identity"), "{e}");
+}
+
+#[test]
+fn quota_and_sample_errors_name_their_key_and_line() {
+    let with_source = |lines: &str| {
+        let text = GOOD.replace(
+            "write_keys = [\"k1\"]",
+            &format!("write_keys = [\"k1\"]\n{lines}"),
+        );
+        Config::parse(&text)
+    };
+    let c = with_source("rate_limit = { events_per_second = 1000, burst = 5000 }").unwrap();
+    let quota = c.sources[0].rate_limit.as_ref().unwrap();
+    assert_eq!((quota.events_per_second, quota.burst()), (1000.0, 5000));
+    let e = with_source("rate_limit = { events_per_second = 0 }").unwrap_err();
+    assert_eq!(e.key, "sources[0].rate_limit.events_per_second", "{e}");
+    assert!(e.line.is_some(), "{e}");
+    let e = with_source("rate_limit = { events_per_second = 5, burst = 0 }").unwrap_err();
+    assert_eq!(e.key, "sources[0].rate_limit.burst", "{e}");
+    let e = with_source("rate_limit = { events_per_second = 5, bursts = 9 }").unwrap_err();
+    assert_eq!(e.key, "sources[0].rate_limit.bursts", "{e}");
+
+    let e = routed("sample = 1.5\n").unwrap_err();
+    assert_eq!(e.key, "destinations[0].sample", "{e}");
+    assert_eq!(e.line, Some(12), "{e}");
+    assert_eq!(
+        routed("sample = 0.25\n").unwrap().destinations[0]
+            .route
+            .sample,
+        Some(0.25)
+    );
 }

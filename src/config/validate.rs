@@ -69,6 +69,20 @@ impl Config {
                     ));
                 }
             }
+            if let Some(limit) = &source.rate_limit {
+                if !(limit.events_per_second.is_finite() && limit.events_per_second >= 0.001) {
+                    return Err(err(
+                        format!("sources[{i}].rate_limit.events_per_second"),
+                        "must be at least 0.001 (events per second)".into(),
+                    ));
+                }
+                if limit.burst == Some(0) {
+                    return Err(err(
+                        format!("sources[{i}].rate_limit.burst"),
+                        "must be at least 1 (events)".into(),
+                    ));
+                }
+            }
             if let Some(batching) = &source.browser.batching {
                 if batching.size == 0 || batching.timeout.is_zero() {
                     return Err(err(

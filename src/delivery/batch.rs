@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use serde_json::json;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::context::DeliveryContext;
 use super::insert::Inserted;
 use super::live_view::{failure_fields, tell, tell_message};
+use super::retry::sleep_unless_stopped;
 use crate::destinations::RatePer;
 use crate::destinations::{Check, Outgoing, Prepared, Refusal, RefusalKind, SendError};
 use crate::metrics::DeliveryMetrics;
@@ -88,12 +88,17 @@ pub async fn deliver(context: Arc<DeliveryContext>, mut items: Vec<Item>) -> Bat
     context
         .enrich(items.iter_mut().map(|item| &mut item.json))
         .await;
-    // The insert function first: what it skips or fails is settled here, the rest goes
-    // on as it answered.
-    let mut inserted = vec![true; items.len()];
+    // A suppressed subject's messages (still in the log, or replayed) go nowhere; then
+    // the insert function: what it skips or fails is settled here, the rest goes on.
+    let mut inserted = super::suppressed::screen(&context, &metrics, items.iter().map(shown));
+    for index in (0..items.len()).filter(|&i| !inserted[i]) {
+        settled[index] = Settled::Delivered;
+    }
     if let Some(function) = &context.insert {
         for (index, item) in items.iter_mut().enumerate() {
-            inserted[index] = false;
+            if !std::mem::take(&mut inserted[index]) {
+                continue;
+            }
             match super::insert::apply(&context, function, &item.json).await {
                 Inserted::Send(json) => {
                     super::insert::tell_inserted(&context, &item.source, &item.json, &json);
@@ -588,12 +593,4 @@ fn next_try(
 /// An item as the live view names it: its source and JSON.
 fn shown(item: &Item) -> (&str, &[u8]) {
     (&item.source, &item.json)
-}
-
-/// Sleeps until `until`; false if shutdown came first.
-async fn sleep_unless_stopped(stop: &mut watch::Receiver<bool>, until: Instant) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep_until(until) => true,
-        _ = stop.wait_for(|&s| s) => false,
-    }
 }

@@ -13,6 +13,7 @@ use crate::destinations::{AnyDestination, RatePer};
 use crate::identity::{Fill, Identity};
 use crate::pace::RateLimiter;
 use crate::routing::Route;
+use crate::suppression::Suppression;
 
 /// What a destination's batches share.
 pub struct DeliveryContext {
@@ -22,6 +23,8 @@ pub struct DeliveryContext {
     /// With `enrich_identity`: the store, and which fields this destination lets it fill.
     pub identity: Option<(Arc<Identity>, Fill)>,
     pub destination: AnyDestination,
+    /// Subjects under a privacy regulation: their messages are skipped.
+    pub suppression: Suppression,
     /// Run on each message before the destination sees it (`insert_function`).
     pub insert: Option<crate::functions::Sandboxed>,
     pub policy: RetryPolicy,

@@ -5,12 +5,14 @@
 mod batch;
 mod context;
 mod engine;
+mod erasers;
 mod insert;
 mod lines;
 mod live_view;
 mod progress;
 mod replay;
 mod retry;
+mod suppressed;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -29,7 +31,9 @@ use crate::metrics::DestinationGauges;
 use crate::pace::RateLimiter;
 use crate::queue::{Checkpoint, DeadLetters, Queue, Replay, ReplayError};
 use crate::routing::Route;
+use crate::suppression::Suppression;
 use context::DeliveryContext;
+pub use erasers::Erasers;
 use progress::Progress;
 use retry::RetryPolicy;
 
@@ -46,7 +50,16 @@ pub struct Deliveries {
     dead_letters: Arc<DeadLetters>,
     /// Fills the messages of destinations with `enrich_identity`; `None` in tests.
     identity: Option<Arc<Identity>>,
+    privacy: Privacy,
     running: BTreeMap<String, Running>,
+}
+
+/// What privacy regulations need of delivery: the suppressed subjects, whose messages
+/// are skipped, and the running destinations, which deletions go to.
+#[derive(Clone, Default)]
+pub struct Privacy {
+    pub suppression: Suppression,
+    pub erasers: Erasers,
 }
 
 struct Running {
@@ -64,11 +77,13 @@ impl Deliveries {
         runtime: tokio::runtime::Handle,
         clock: Clock,
         identity: Option<Arc<Identity>>,
+        privacy: Privacy,
     ) -> anyhow::Result<Deliveries> {
         let mut deliveries = Deliveries {
             runtime,
             clock,
             identity,
+            privacy,
             queue: queue.clone(),
             dead_letters: dead_letters.clone(),
             running: BTreeMap::new(),
@@ -103,6 +118,7 @@ impl Deliveries {
             .collect();
         for running in &stopping {
             let _ = running.stop.send(true);
+            self.privacy.erasers.remove(&running.config.name);
         }
         let mut previous = BTreeMap::new();
         for running in stopping {
@@ -211,11 +227,12 @@ impl Deliveries {
         let progress = Progress::new(feed, gauges);
         let sequential = destination.sequential();
         let concurrency = if sequential { 1 } else { config.concurrency() };
-        let limiter = config
-            .http
-            .rate_limit
-            .as_ref()
-            .map(|r| (RateLimiter::new(r.rate, r.burst()), r.per));
+        let limiter = config.http.rate_limit.as_ref().map(|r| {
+            (
+                RateLimiter::named(&format!("d.{}", config.name), r.rate, r.burst()),
+                r.per,
+            )
+        });
         let context = Arc::new(DeliveryContext {
             name: config.name.clone(),
             route: Route::new(&config.name, config.kind(), &config.route),
@@ -233,6 +250,7 @@ impl Deliveries {
                     )
                 }),
             destination,
+            suppression: self.privacy.suppression.clone(),
             insert,
             policy: RetryPolicy::new(config.retry()),
             limiter,
@@ -246,6 +264,7 @@ impl Deliveries {
         } else {
             concurrency + EXTRA_OUTSTANDING
         };
+        self.privacy.erasers.insert(context.clone());
         let engine = engine::Engine::new(
             context,
             self.dead_letters.clone(),

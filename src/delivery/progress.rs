@@ -129,13 +129,10 @@ impl Progress {
         self.feed().has_unsaved()
     }
 
-    /// When the next save is due, if one waits (or held messages need their progress
-    /// signal on the shared log).
+    /// When the next save is due, if one waits.
     pub fn save_at(&self) -> Option<Instant> {
-        let save = self
-            .has_unsaved()
-            .then_some(self.last_save + COMMIT_INTERVAL);
-        save.into_iter().chain(self.feed().ping_at()).min()
+        self.has_unsaved()
+            .then_some(self.last_save + COMMIT_INTERVAL)
     }
 
     /// Whether a save now would be at least `COMMIT_INTERVAL` after the last one.
@@ -147,7 +144,6 @@ impl Progress {
     /// noted (delivered messages past the old cursor would be sent again after a restart)
     /// and is tried again at the next `save_at`.
     pub async fn save(&mut self, context: &Arc<DeliveryContext>) {
-        self.feed_mut().ping_if_due().await;
         if !self.has_unsaved() {
             return;
         }

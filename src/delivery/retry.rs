@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::destinations::RetryConfig;
@@ -30,6 +31,14 @@ impl RetryPolicy {
     pub fn exhausted(&self, attempts: u32, first: Instant, now: Instant) -> bool {
         (self.max_attempts > 0 && attempts >= self.max_attempts)
             || now.saturating_duration_since(first) >= self.max_age
+    }
+}
+
+/// Sleeps until `until`; false if shutdown came first.
+pub async fn sleep_unless_stopped(stop: &mut watch::Receiver<bool>, until: Instant) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep_until(until) => true,
+        _ = stop.wait_for(|&s| s) => false,
     }
 }
 

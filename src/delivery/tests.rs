@@ -104,6 +104,7 @@ async fn setup(extra: &str, fake: Fake) -> Setup {
         tokio::runtime::Handle::current(),
         clock,
         None,
+        super::Privacy::default(),
     )
     .await
     .unwrap();

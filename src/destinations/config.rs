@@ -91,11 +91,13 @@ struct SharedKeys {
 impl DestinationConfig {
     /// Reads one `[[destinations]]` table: the shared keys, then the kind's own.
     pub fn from_table(table: toml::Table) -> Result<DestinationConfig, KeyError> {
+        let table = super::mapped::presets::expand(table)?;
         let shared_names = field_names::<SharedKeys>();
         let (shared, mut own): (toml::Table, toml::Table) = table
             .into_iter()
             .partition(|(key, _)| shared_names.contains(&key.as_str()));
         let shared: SharedKeys = deserialize_table(super::lift_batch_body(shared, &mut own))?;
+        let sample = crate::routing::take_sample(&mut own)?;
         let settings = KindSettings::from_table(&shared.kind, own)?;
         let http = HttpConfig {
             concurrency: shared.concurrency,
@@ -131,6 +133,7 @@ impl DestinationConfig {
                 integrations: shared.integrations,
                 consent_categories: shared.consent_categories,
                 hash_fields: shared.hash_fields,
+                sample,
             },
             batch: shared.batch,
             insert_function: shared.insert_function,
@@ -257,14 +260,6 @@ impl DestinationConfig {
 
     pub fn timeout(&self) -> Duration {
         self.http.timeout.unwrap_or(Duration::from_secs(30))
-    }
-}
-
-/// Tests and tools read a destination from a TOML table on its own.
-impl<'de> Deserialize<'de> for DestinationConfig {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let table = toml::Table::deserialize(deserializer)?;
-        DestinationConfig::from_table(table).map_err(serde::de::Error::custom)
     }
 }
 

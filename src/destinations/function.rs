@@ -16,8 +16,8 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::{
-    AnyDestination, BatchShape, Check, Destination, DestinationConfig, KeyError, Kind, Outgoing,
-    Refusal, RefusalKind, SendError, Sending,
+    delete_message, AnyDestination, BatchShape, Check, Destination, DestinationConfig, EraseError,
+    Erasing, Erasure, KeyError, Kind, Outgoing, Refusal, RefusalKind, SendError, Sending, Subject,
 };
 use crate::clock::Clock;
 use crate::functions::{self, FailureKind, Function, FunctionSandbox, Outcome, Sandboxed};
@@ -63,9 +63,9 @@ impl Kind for FunctionConfig {
         &self,
         config: &DestinationConfig,
         _: Option<Checkpoint>,
-        _: Clock,
+        clock: Clock,
     ) -> anyhow::Result<AnyDestination> {
-        Ok(Box::new(FunctionDestination::new(config, self)?))
+        Ok(Box::new(FunctionDestination::new(config, self, clock)?))
     }
 }
 
@@ -78,10 +78,16 @@ pub struct FunctionDestination {
     settings: String,
     /// Batches go to `onBatch`: the file defines it and `batch.max_events` is above 1.
     on_batch: bool,
+    /// The time of a delete message (`erase`).
+    clock: Clock,
 }
 
 impl FunctionDestination {
-    pub fn new(config: &DestinationConfig, own: &FunctionConfig) -> anyhow::Result<Self> {
+    pub fn new(
+        config: &DestinationConfig,
+        own: &FunctionConfig,
+        clock: Clock,
+    ) -> anyhow::Result<Self> {
         let Sandboxed { function, settings } = own
             .function
             .start(config.http.timeout)
@@ -106,6 +112,7 @@ impl FunctionDestination {
             on_batch: batches && function.has("onBatch"),
             function,
             settings,
+            clock,
         })
     }
 }
@@ -143,6 +150,33 @@ impl Destination for FunctionDestination {
                 Ok(0)
             } else {
                 Err(SendError::PartlyRejected { refused })
+            }
+        })
+    }
+
+    /// Calls `onDelete(event, settings)` with a Segment delete message; a file without
+    /// it, or whose `onDelete` throws `EventNotSupported`, cannot delete.
+    fn erase<'a>(&'a self, subject: &'a Subject) -> Erasing<'a> {
+        Box::pin(async move {
+            if !self.function.has("onDelete") {
+                return Ok(Erasure::NotSupported);
+            }
+            let message = delete_message(subject, self.clock.now())?;
+            let event = String::from_utf8_lossy(&message).into_owned();
+            let outcome = self
+                .function
+                .call("onDelete", vec![event, self.settings.clone()])
+                .await;
+            let Outcome::Failed(failure) = outcome else {
+                return Ok(Erasure::Done {
+                    detail: "onDelete returned".into(),
+                });
+            };
+            let message = format!("function onDelete: {}", failure.message);
+            match failure.kind {
+                FailureKind::NotSupported => Ok(Erasure::NotSupported),
+                FailureKind::Retry | FailureKind::Timeout => Err(EraseError::retry(message)),
+                FailureKind::Invalid | FailureKind::Error => Err(EraseError::failed(message)),
             }
         })
     }

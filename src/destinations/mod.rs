@@ -5,6 +5,7 @@
 //! implements `Kind`, and the destination itself) plus one line in `kinds!` below.
 
 mod config;
+mod erase;
 mod file;
 mod function;
 mod http;
@@ -28,11 +29,12 @@ pub use config::{
     deserialize_table, does_not_apply, field_names, BatchConfig, BatchLimits, BatchShape,
     DestinationConfig, HttpConfig, RateLimitConfig, RatePer, RetryConfig,
 };
+pub use erase::{delete_message, EraseError, Erasing, Erasure, Subject};
 pub use file::{FileConfig, FileDestination};
 pub use function::{handler_of, FunctionConfig, FunctionDestination};
 pub use http::{classify, parse_retry_after};
 pub use klaviyo::{KlaviyoBodies, KlaviyoConfig, KlaviyoDestination, KlaviyoRequest};
-pub use mapped::{MappedConfig, MappedDestination};
+pub use mapped::{presets, MappedConfig, MappedDestination};
 pub use postgres::{PostgresConfig, PostgresDestination};
 pub use s3::{S3Config, S3Destination};
 pub use segment::{batch_body as segment_batch_body, SegmentConfig, SegmentDestination};
@@ -190,6 +192,12 @@ pub trait Destination: Send + Sync + 'static {
     /// What the mark measures (see `Checkpoint::sink_id`); 0 when there is no mark.
     fn sink_id(&self) -> u64 {
         0
+    }
+
+    /// Deletes what this destination holds or sent of `subject` (privacy regulations);
+    /// most cannot.
+    fn erase<'a>(&'a self, _subject: &'a Subject) -> Erasing<'a> {
+        Box::pin(async { Ok(Erasure::NotSupported) })
     }
 }
 
@@ -402,6 +410,14 @@ impl DestinationConfig {
             })?;
         }
         self.build(None, Clock::system()).map(drop)
+    }
+}
+
+/// Tests and tools read a destination from a TOML table on its own.
+impl<'de> serde::Deserialize<'de> for DestinationConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let table = <toml::Table as serde::Deserialize>::deserialize(deserializer)?;
+        DestinationConfig::from_table(table).map_err(serde::de::Error::custom)
     }
 }
 

@@ -11,8 +11,9 @@ use serde::Deserialize;
 use sha2::Sha256;
 
 use super::{
-    check_url, http, json_array, secret_from_env, AnyDestination, BatchShape, Destination,
-    DestinationConfig, KeyError, Kind, Outgoing, Sending,
+    check_url, delete_message, http, json_array, secret_from_env, AnyDestination, BatchShape,
+    Destination, DestinationConfig, EraseError, Erasing, Erasure, KeyError, Kind, Outgoing,
+    Sending, Subject,
 };
 use crate::clock::Clock;
 use crate::queue::Checkpoint;
@@ -141,6 +142,21 @@ pub fn signature(secret: &[u8], body: &[u8]) -> String {
     out
 }
 
+impl WebhookDestination {
+    /// The request for `body`: the configured headers, signed when a secret is set.
+    fn request(&self, body: &[u8]) -> reqwest::RequestBuilder {
+        let mut request = self
+            .client
+            .post(&self.url)
+            .headers(self.headers.clone())
+            .header(CONTENT_TYPE, "application/json");
+        if let Some(secret) = &self.secret {
+            request = request.header(SIGNATURE_HEADER, signature(secret, body));
+        }
+        request
+    }
+}
+
 impl Destination for WebhookDestination {
     fn send<'a>(&'a self, batch: &'a [Outgoing<'a>]) -> Sending<'a> {
         let body = match (self.payload, batch) {
@@ -152,15 +168,26 @@ impl Destination for WebhookDestination {
                 body
             }
         };
-        let mut request = self
-            .client
-            .post(&self.url)
-            .headers(self.headers.clone())
-            .header(CONTENT_TYPE, "application/json");
-        if let Some(secret) = &self.secret {
-            request = request.header(SIGNATURE_HEADER, signature(secret, &body));
-        }
+        let request = self.request(&body);
         Box::pin(http::send_batch(request, body, self.gzip, self.clock))
+    }
+
+    /// Posts a Segment delete message, shaped as the destination's messages are (alone
+    /// or in an array of one) and signed like them.
+    fn erase<'a>(&'a self, subject: &'a Subject) -> Erasing<'a> {
+        Box::pin(async move {
+            let message = delete_message(subject, self.clock.now())?;
+            let body = match self.payload {
+                WebhookPayload::Message => message,
+                WebhookPayload::Array => [b"[".as_slice(), &message, b"]"].concat(),
+            };
+            http::send_batch(self.request(&body), body, self.gzip, self.clock)
+                .await
+                .map_err(|e| EraseError::from_send("webhook", e))?;
+            Ok(Erasure::Done {
+                detail: "delete message accepted".into(),
+            })
+        })
     }
 }
 

@@ -27,7 +27,7 @@ pub struct DeadLetterQuery {
 }
 
 /// Checks the bearer token in constant time.
-fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(super) fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     authorize_token(app, bearer(headers).unwrap_or_default())
 }
 

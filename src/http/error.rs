@@ -27,6 +27,12 @@ pub enum ApiError {
     Overloaded {
         retry_after: u32,
     },
+    /// The request's source is over its quota (`sources[].rate_limit`): 429 +
+    /// Retry-After, the seconds until its bucket holds the request's events.
+    Throttled {
+        retry_after: u32,
+        source: String,
+    },
     /// The queue could not store the messages: 503 + Retry-After. Nothing was accepted.
     Unavailable {
         retry_after: u32,
@@ -63,7 +69,9 @@ impl ApiError {
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::FunctionTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Overloaded { .. } | ApiError::Throttled { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::Unavailable { .. }
             | ApiError::Uncertain { .. }
             | ApiError::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -94,6 +102,15 @@ impl ApiError {
             ApiError::Overloaded { .. } => {
                 Rejection::new("overloaded", "too many requests in flight; retry later")
             }
+            ApiError::Throttled {
+                retry_after,
+                source,
+            } => Rejection::new(
+                "rate_limited",
+                format!(
+                    "source `{source}` is over its rate limit (sources[].rate_limit); retry                      after {retry_after} s"
+                ),
+            ),
             ApiError::Unavailable { reason, .. } => Rejection::new(
                 "unavailable",
                 format!("messages were not stored: {reason}; retry later"),
@@ -122,6 +139,7 @@ impl ApiError {
     fn retry_after(&self) -> Option<u32> {
         match self {
             ApiError::Overloaded { retry_after }
+            | ApiError::Throttled { retry_after, .. }
             | ApiError::Unavailable { retry_after, .. }
             | ApiError::Uncertain { retry_after, .. }
             | ApiError::NotReady { retry_after, .. } => Some(*retry_after),

@@ -246,6 +246,19 @@ impl App {
         source: &str,
         mut records: RecordBatch,
     ) -> Result<Vec<bool>, ApiError> {
+        // Counted in events, duplicates included: they cost the work of a check too.
+        let quota = self.sources.load().quota(source).cloned();
+        if let Some(quota) = quota {
+            let events = u32::try_from(records.len()).unwrap_or(u32::MAX);
+            if let Err(wait) = quota.try_acquire(events).await {
+                crate::metrics::source_throttled(source, u64::from(events));
+                return Err(ApiError::Throttled {
+                    // Whole seconds, as the header carries them, rounded up.
+                    retry_after: wait.as_secs_f64().ceil().clamp(1.0, 3600.0) as u32,
+                    source: source.to_string(),
+                });
+            }
+        }
         let reservation = self
             .dedupe
             .reserve(source, records.tags())
@@ -257,17 +270,25 @@ impl App {
         let duplicate: Vec<bool> = (0..records.len())
             .map(|i| reservation.is_duplicate(i))
             .collect();
+        // A suppressed subject's messages are answered as if accepted, and never stored.
+        let suppressed = self
+            .suppression
+            .screen(records.messages().map(|(_, json)| json));
+        let is_suppressed = |i: usize| suppressed.as_ref().is_some_and(|s| s[i]);
         let mut tally = EventTally::default();
-        for (kind, &duplicate) in records.kinds().zip(&duplicate) {
-            tally.add(kind, duplicate);
+        for (i, (kind, &duplicate)) in records.kinds().zip(&duplicate).enumerate() {
+            if !is_suppressed(i) {
+                tally.add(kind, duplicate);
+            }
         }
+        let suppressed_count = (0..records.len()).filter(|&i| is_suppressed(i)).count();
         // Only while someone watches the live view: (kind, type, summary, message) each.
         let watching = crate::live::watching();
         let mut watched = Vec::new();
         if watching {
             watched = live_view(&records, |i| duplicate[i].then_some("duplicate"));
         }
-        records.retain(|i| !duplicate[i]);
+        records.retain(|i| !duplicate[i] && !is_suppressed(i));
         let plan = self.sources.load().plan(source).cloned();
         let mut blocked = Vec::new();
         if let Some(plan) = plan {
@@ -314,6 +335,7 @@ impl App {
             }
             reservation.commit().await;
             tally.record(&source);
+            crate::metrics::suppressed(&source, suppressed_count as u64);
             for (kind, message_type, fields, json) in watched {
                 let raw = json.as_deref().map(|json| ("message", json));
                 crate::live::publish(kind, Some(&source), None, message_type, fields, raw);

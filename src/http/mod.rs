@@ -12,11 +12,12 @@ mod live;
 mod observe;
 pub mod ops;
 mod query;
+mod regulations;
 
 use std::sync::Arc;
 
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderName, HeaderValue, Method};
@@ -46,6 +47,10 @@ pub struct App {
     pub dedupe: Arc<Dedupe>,
     /// Taught by the identify and alias calls stored.
     pub identity: Arc<crate::identity::Identity>,
+    /// Privacy regulations (`/admin/regulations`).
+    pub regulations: Arc<crate::regulations::Regulations>,
+    /// The subjects whose messages are answered 200 and dropped.
+    pub suppression: crate::regulations::Suppression,
     pub queue: Queue,
     pub limits: LimitsConfig,
     /// Seconds clients are told to wait after a 429 or 503.
@@ -132,6 +137,11 @@ fn operator_routes() -> Router<Arc<App>> {
         .route("/admin/reload", post(admin::reload))
         .route("/admin/replay", post(admin::replay))
         .route("/admin/dead-letters", get(admin::list_dead_letters))
+        .route(
+            "/admin/regulations",
+            post(regulations::add).get(regulations::list),
+        )
+        .route("/admin/regulations/{id}", delete(regulations::remove))
         .route("/debugger", get(live::page))
         .route("/debugger/events", get(live::events))
         .route("/debugger/session", post(live::session))

@@ -62,6 +62,18 @@ impl MemoryStore {
             .filter(|e| e.learned_at.saturating_add(self.ttl_secs) > now)
     }
 
+    /// What the newest live entry that names `user_id` knows: a walk over every entry,
+    /// for the rare privacy deletion, not for the request path.
+    pub fn known_user(&self, user_id: &str) -> Option<Known> {
+        let now = self.clock.unix_secs();
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.learned_at.saturating_add(self.ttl_secs) > now)
+            .filter(|(_, e)| e.known.user_id.as_deref() == Some(user_id))
+            .max_by_key(|(_, e)| e.learned_at)
+            .map(|(_, e)| e.known.clone())
+    }
+
     pub fn learn(&self, lessons: Vec<Lesson>) -> std::io::Result<()> {
         let now = self.clock.unix_secs();
         let mut lines = Vec::new();

@@ -109,6 +109,16 @@ impl Identity {
         }
     }
 
+    /// What is known of the user an identify named `user_id` (its email and phone), for
+    /// a privacy deletion. Only the memory backend can tell: Redis keys identities by
+    /// anonymousId alone, and a scan of them all is not worth one deletion.
+    pub async fn known_user(&self, user_id: &str) -> Option<Known> {
+        match &self.store {
+            Store::Memory(store) => store.known_user(user_id),
+            Store::Redis(_) => None,
+        }
+    }
+
     /// Fills each anonymous-only message of `messages` with what is known of its
     /// anonymousId, as far as `fill` allows. One lookup for the whole batch.
     pub async fn enrich_all(&self, messages: &mut [&mut Vec<u8>], fill: Fill) {

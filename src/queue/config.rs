@@ -24,10 +24,11 @@ pub struct QueueConfig {
     #[serde(default = "default_replicas")]
     pub replicas: usize,
     /// Subjects the stream spreads messages over by user; each is delivered by one
-    /// instance at a time, which keeps a user's messages in order. Fixed once the
-    /// stream exists.
-    #[serde(default = "default_partitions")]
-    pub partitions: u16,
+    /// instance at a time, which keeps a user's messages in order, and the live
+    /// instances share them out. Fixed once the stream exists: unset, a new stream gets
+    /// 32 and an existing one keeps its count.
+    #[serde(default)]
+    pub partitions: Option<u16>,
     /// How long a message delivered to an instance may go unacknowledged (the instance
     /// keeps extending it while it works) before another instance gets it, e.g. "30s".
     #[serde(default = "default_ack_wait", with = "humantime_serde")]
@@ -40,6 +41,14 @@ pub struct QueueConfig {
     /// 503.
     #[serde(default = "default_publish_timeout", with = "humantime_serde")]
     pub publish_timeout: Duration,
+    /// How often each instance tells the others it is live (its key in the membership
+    /// bucket), e.g. "2s".
+    #[serde(default = "default_member_heartbeat", with = "humantime_serde")]
+    pub member_heartbeat: Duration,
+    /// How long an instance counts as live without a heartbeat: after it, a crashed
+    /// instance's partitions go to the others. At least three heartbeats.
+    #[serde(default = "default_member_ttl", with = "humantime_serde")]
+    pub member_ttl: Duration,
     /// Environment variable holding a token.
     pub token_env: Option<String>,
     /// Environment variables holding a user name and its password.
@@ -47,6 +56,12 @@ pub struct QueueConfig {
     pub password_env: Option<String>,
     /// Environment variable holding the path of a `.creds` file (JWT and NKey seed).
     pub credentials_env: Option<String>,
+    /// On `nats`: destinations' `rate_limit`, the Klaviyo kind's own limits and sources'
+    /// `rate_limit` hold for all instances together (token buckets in the KV bucket
+    /// `<stream>_limits`, leased in small chunks). `false`: each instance applies each
+    /// limit on its own, so N instances allow N times it.
+    #[serde(default = "default_shared_limits")]
+    pub shared_limits: bool,
     /// PEM file of the certificate authorities to trust for `tls://` servers (the
     /// system's roots otherwise).
     pub tls_ca_file: Option<PathBuf>,
@@ -68,15 +83,18 @@ impl Default for QueueConfig {
             servers: Vec::new(),
             stream: default_stream(),
             replicas: default_replicas(),
-            partitions: default_partitions(),
+            partitions: None,
             ack_wait: default_ack_wait(),
             duplicate_window: default_duplicate_window(),
             publish_timeout: default_publish_timeout(),
+            member_heartbeat: default_member_heartbeat(),
+            member_ttl: default_member_ttl(),
             token_env: None,
             user_env: None,
             password_env: None,
             credentials_env: None,
             tls_ca_file: None,
+            shared_limits: default_shared_limits(),
         }
     }
 }
@@ -87,9 +105,12 @@ fn default_stream() -> String {
 const fn default_replicas() -> usize {
     1
 }
-const fn default_partitions() -> u16 {
-    8
+const fn default_shared_limits() -> bool {
+    true
 }
+/// Partitions of a stream made without `queue.partitions`: enough to spread over a few
+/// dozen instances, few enough that each consumer costs little.
+pub const DEFAULT_PARTITIONS: u16 = 32;
 const fn default_ack_wait() -> Duration {
     Duration::from_secs(30)
 }
@@ -98,6 +119,12 @@ const fn default_duplicate_window() -> Duration {
 }
 const fn default_publish_timeout() -> Duration {
     Duration::from_secs(5)
+}
+const fn default_member_heartbeat() -> Duration {
+    Duration::from_secs(2)
+}
+const fn default_member_ttl() -> Duration {
+    Duration::from_secs(10)
 }
 
 impl QueueConfig {
@@ -134,17 +161,25 @@ impl QueueConfig {
         if !(1..=5).contains(&self.replicas) {
             return err("queue.replicas", "must be from 1 to 5 (JetStream's limit)");
         }
-        if !(1..=64).contains(&self.partitions) {
+        if self.partitions.is_some_and(|p| !(1..=64).contains(&p)) {
             return err("queue.partitions", "must be from 1 to 64");
         }
         for (key, value, least) in [
             ("queue.ack_wait", self.ack_wait, 1),
             ("queue.duplicate_window", self.duplicate_window, 1),
             ("queue.publish_timeout", self.publish_timeout, 1),
+            ("queue.member_heartbeat", self.member_heartbeat, 1),
         ] {
             if value.as_secs() < least {
                 return Err((key.into(), format!("must be at least {least}s")));
             }
+        }
+        if self.member_ttl < 3 * self.member_heartbeat {
+            return err(
+                "queue.member_ttl",
+                "must be at least three times queue.member_heartbeat, so that one late \
+                 heartbeat does not drop a live instance",
+            );
         }
         if self.user_env.is_some() != self.password_env.is_some() {
             return err("queue.user_env", "user_env and password_env go together");

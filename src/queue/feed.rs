@@ -5,12 +5,9 @@
 //!
 //! On the local log, the cursor may move to the start of the oldest message not yet
 //! settled, or past everything read when none is left. On the shared log, each settled
-//! message is acknowledged, and held ones are kept alive with progress signals
-//! (`nats::Acks`).
+//! message is acknowledged (`nats::Acks`); the feed keeps held ones alive by itself.
 
 use std::io;
-
-use tokio::time::Instant;
 
 use super::local::{Checkpoint, Cursor, LocalQueue, QueueReader};
 use super::nats::{Acks, DeliveryKey, StreamFeed};
@@ -275,21 +272,6 @@ impl Feed {
         match &self.0 {
             Kind::Log { ledger, .. } => ledger.unsaved.is_some(),
             Kind::Stream { acks, .. } => acks.has_unsaved(),
-        }
-    }
-
-    /// When held messages need their progress signal (on the shared log).
-    pub fn ping_at(&self) -> Option<Instant> {
-        match &self.0 {
-            Kind::Stream { acks, .. } => acks.ping_at(),
-            Kind::Log { .. } => None,
-        }
-    }
-
-    /// Sends the progress signal for held messages, if it is due.
-    pub async fn ping_if_due(&mut self) {
-        if let Kind::Stream { acks, .. } = &mut self.0 {
-            acks.ping_if_due().await;
         }
     }
 

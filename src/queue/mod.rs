@@ -12,6 +12,7 @@ mod feed;
 pub mod local;
 pub mod nats;
 pub mod record;
+mod tokens;
 
 use std::io;
 use std::path::Path;
@@ -125,6 +126,27 @@ impl Queue {
         }
     }
 
+    /// On the shared log (with `queue.shared_limits`): makes rate limits and source
+    /// quotas hold for the whole cluster, through token buckets in a KV bucket beside
+    /// the stream. Before any limiter is made. Nothing on the local log.
+    pub async fn share_limits(&self, config: &QueueConfig, clock: Clock) -> anyhow::Result<()> {
+        let Backend::Nats(shared) = &self.0 else {
+            return Ok(());
+        };
+        if !config.shared_limits {
+            return Ok(());
+        }
+        let buckets = tokens::KvBuckets::open(
+            shared.context(),
+            &shared.names().stream,
+            config.replicas,
+            clock,
+        )
+        .await?;
+        crate::pace::share_buckets(std::sync::Arc::new(buckets));
+        Ok(())
+    }
+
     /// The dead-letter store that goes with this queue: SQLite in `data_dir` beside the
     /// local log, a stream beside the shared log.
     pub async fn dead_letters(
@@ -135,6 +157,14 @@ impl Queue {
         match &self.0 {
             Backend::Local(_) => DeadLetters::open_local(data_dir, bounds),
             Backend::Nats(shared) => DeadLetters::open_shared(shared, bounds).await,
+        }
+    }
+
+    /// The shared log, when the queue is one (stores beside it open their own streams).
+    pub fn shared(&self) -> Option<&NatsQueue> {
+        match &self.0 {
+            Backend::Local(_) => None,
+            Backend::Nats(shared) => Some(shared),
         }
     }
 

@@ -25,6 +25,24 @@ pub struct RouteConfig {
     pub consent_categories: Vec<String>,
     /// Dotted paths whose strings this destination gets as SHA-256 hex.
     pub hash_fields: Vec<String>,
+    /// `sample = 0.1`: the share of users this destination gets, all of a user's
+    /// messages or none (by userId, else anonymousId; messages with neither all go).
+    /// Above 0, at most 1; `None` (the default): every user.
+    pub sample: Option<f64>,
+}
+
+/// Removes `sample` from a destination's table and reads it (its range is checked in
+/// `validate`): it is routing's key, kept apart from the keys every kind shares.
+pub fn take_sample(table: &mut toml::Table) -> Result<Option<f64>, KeyError> {
+    match table.remove("sample") {
+        None => Ok(None),
+        Some(toml::Value::Float(share)) => Ok(Some(share)),
+        Some(toml::Value::Integer(share)) => Ok(Some(share as f64)),
+        Some(other) => Err(KeyError::new(
+            "sample",
+            format!("must be a number such as 0.1, not a {}", other.type_str()),
+        )),
+    }
 }
 
 /// `integrations = "honour" | "ignore"`: `ignore` for a relay or archive that must get
@@ -96,6 +114,9 @@ impl RouteConfig {
     /// source exists is checked against the whole config, in `Config::validate`).
     pub fn validate(&self) -> Result<(), KeyError> {
         let empty = |key: &str| Err(KeyError::new(key, "must not be empty"));
+        if self.sample.is_some_and(|s| !(s > 0.0 && s <= 1.0)) {
+            return Err(KeyError::new("sample", "must be above 0 and at most 1"));
+        }
         if self.sources.as_ref().is_some_and(Vec::is_empty) {
             return empty("sources");
         }

@@ -17,6 +17,9 @@
 //! (`consent`); a message without that object goes (Segment's rule for events without
 //! consent data).
 //!
+//! `sample`: a share of users, picked by a fixed hash of the userId (else anonymousId),
+//! so every instance, and every restart, keeps the same users (`sampled` otherwise).
+//!
 //! A message that is not a JSON object is passed on unchanged: the destination decides.
 
 mod config;
@@ -31,7 +34,7 @@ use serde_json::value::RawValue;
 
 use crate::json::RawObject;
 use crate::message::MessageType;
-pub use config::{FilterConfig, IntegrationsPolicy, PropertyCondition, RouteConfig};
+pub use config::{take_sample, FilterConfig, IntegrationsPolicy, PropertyCondition, RouteConfig};
 use fields::{Fields, Transform};
 use filter::Filter;
 pub use filter::MessageFilter;
@@ -48,6 +51,8 @@ pub struct Route {
     integrations: memmem::Finder<'static>,
     honour_integrations: bool,
     consent: Vec<String>,
+    /// With `sample`: a user is kept when their hash is below this.
+    sample_below: Option<u64>,
 }
 
 /// What a destination gets of one message.
@@ -79,6 +84,11 @@ impl Route {
             integrations: memmem::Finder::new(b"\"integrations\""),
             honour_integrations: route.integrations == IntegrationsPolicy::Honour,
             consent: route.consent_categories.clone(),
+            // All of them: no need to read a message for it.
+            sample_below: route
+                .sample
+                .filter(|&share| share < 1.0)
+                .map(view::sample_threshold),
         }
     }
 
@@ -100,7 +110,7 @@ impl Route {
             }
         }
         let pass = || Decision::Send(Cow::Borrowed(message));
-        if !self.may_switch_off(message) && self.consent.is_empty() {
+        if !self.may_switch_off(message) && self.consent.is_empty() && self.sample_below.is_none() {
             match (&self.filter, &self.transform) {
                 (None, None) => return (pass(), None),
                 // Ingest writes `type` first, so a type filter mostly needs no parse.
@@ -174,10 +184,20 @@ impl Route {
         if !self.consent.is_empty() && !self.consented(view) {
             return Some(Skip::Consent);
         }
-        if !self.honour_integrations {
-            return None;
+        if self.honour_integrations && self.switched_off(view) {
+            return Some(Skip::Integrations);
         }
-        let integrations = view.integrations.and_then(RawObject::parse)?;
+        match self.sample_below {
+            Some(below) if !view.sampled_in(below) => Some(Skip::Sampled),
+            _ => None,
+        }
+    }
+
+    /// Whether the message's `integrations` turn this destination off.
+    fn switched_off(&self, view: &View<'_>) -> bool {
+        let Some(integrations) = view.integrations.and_then(RawObject::parse) else {
+            return false;
+        };
         let (mut by_name, mut by_kind, mut all) = (None, None, None);
         for (key, value) in integrations.iter() {
             let on = match value.get() {
@@ -195,10 +215,7 @@ impl Route {
                 all = Some(on);
             }
         }
-        match by_name.or(by_kind).or(all) {
-            Some(false) => Some(Skip::Integrations),
-            _ => None,
-        }
+        by_name.or(by_kind).or(all) == Some(false)
     }
 }
 

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::destinations::DestinationConfig;
+use serde_json::json;
 
 /// A destination named `crm` of kind `klaviyo`, with `rules` added.
 fn route(rules: &str) -> Route {
@@ -533,4 +534,81 @@ fn deciding_reports_the_user_when_it_read_the_message() {
     assert_eq!(user, Some(user_key(message)), "taken before the edit");
     let (_, user) = route("filter = { events = [\"E\"] }").decide_with_user("web", message);
     assert_eq!(user, Some(user_key(message)));
+}
+
+#[test]
+fn a_sample_keeps_a_tenth_of_users_each_whole() {
+    let sampled = route("sample = 0.1");
+    let mut kept = 0;
+    for n in 0..10_000 {
+        let user = format!("user-{n}");
+        // The same user from a browser (with one anonymousId, then another) and a server.
+        let messages = [
+            json!({"type": "track", "event": "E", "userId": user, "anonymousId": format!("a-{n}")}),
+            json!({"type": "identify", "userId": user}),
+            json!({"type": "page", "userId": user, "anonymousId": format!("b-{n}")}),
+        ];
+        let decisions: Vec<bool> = messages
+            .iter()
+            .map(|m| {
+                let text = m.to_string();
+                match sampled.decide("web", text.as_bytes()) {
+                    Decision::Send(_) => true,
+                    Decision::Skip(why) => {
+                        assert_eq!(why, Skip::Sampled);
+                        false
+                    }
+                }
+            })
+            .collect();
+        assert!(
+            decisions.iter().all(|&d| d == decisions[0]),
+            "{user} split: {decisions:?}"
+        );
+        kept += usize::from(decisions[0]);
+    }
+    assert!((800..=1200).contains(&kept), "kept {kept} of 10000 users");
+    // The same users every time: a route made again (another instance) decides alike.
+    let again = route("sample = 0.1");
+    for n in 0..200 {
+        let m = json!({"type": "identify", "userId": format!("user-{n}")}).to_string();
+        assert_eq!(
+            sampled.decide("web", m.as_bytes()),
+            again.decide("web", m.as_bytes())
+        );
+    }
+    // Anonymous-only messages are sampled by anonymousId; without any id, they go.
+    let anonymous = (0..1000)
+        .map(|n| json!({"type": "page", "anonymousId": format!("a-{n}")}).to_string())
+        .filter(|m| matches!(sampled.decide("web", m.as_bytes()), Decision::Send(_)))
+        .count();
+    assert!((50..=150).contains(&anonymous), "{anonymous}");
+    check(
+        "sample = 0.1",
+        "web",
+        r#"{"type":"track","event":"E"}"#,
+        Expect::Same,
+    );
+    // A whole sample reads nothing.
+    check("sample = 1", "web", TRACK, Expect::Same);
+}
+
+#[test]
+fn sample_must_be_a_share() {
+    for (value, says) in [
+        ("0", "above 0"),
+        ("-0.5", "above 0"),
+        ("1.5", "at most 1"),
+        ("nan", "above 0"),
+        ("\"half\"", "a number"),
+    ] {
+        let text = format!("name = \"w\"\nkind = \"file\"\npath = \"x\"\nsample = {value}\n");
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        let e = match DestinationConfig::from_table(table) {
+            Ok(d) => d.validate().unwrap_err(),
+            Err(e) => e,
+        };
+        assert_eq!(e.key, "sample", "{value}");
+        assert!(e.message.contains(says), "{value}: {}", e.message);
+    }
 }

@@ -20,6 +20,8 @@ pub enum Skip {
     Integrations,
     /// The message's consent preferences deny one of `consent_categories`.
     Consent,
+    /// Its user is not in the destination's `sample`.
+    Sampled,
 }
 
 impl Skip {
@@ -32,6 +34,7 @@ impl Skip {
             Skip::Property => "property",
             Skip::Integrations => "integrations",
             Skip::Consent => "consent",
+            Skip::Sampled => "sampled",
         }
     }
 }
@@ -74,4 +77,29 @@ impl<'a> View<'a> {
             text(self.user_id).as_deref(),
         )
     }
+
+    /// Whether the message's user is in a sample kept below `below` (`sample_threshold`):
+    /// by userId first, so a known user is whole across devices and server-side calls.
+    /// A message with neither id is kept: there is no user to split.
+    pub(super) fn sampled_in(&self, below: u64) -> bool {
+        let id = [self.user_id, self.anonymous_id]
+            .into_iter()
+            .find_map(|raw| match raw.map(scalar) {
+                Some(Scalar::Str(id)) if !id.is_empty() => Some(id),
+                _ => None,
+            });
+        match id {
+            // A fixed seed, not the partition hash's, so the sample cuts across partitions.
+            Some(id) => xxhash_rust::xxh3::xxh3_64_with_seed(id.as_bytes(), SAMPLE_SEED) < below,
+            None => true,
+        }
+    }
+}
+
+/// Seed of the sampling hash: fixed, so every instance and release keeps the same users.
+const SAMPLE_SEED: u64 = 0x5a4d_504c_4530_0001;
+
+/// The hash below which a user is in a sample of `share` (0 < share < 1): 2^64 × share.
+pub(super) fn sample_threshold(share: f64) -> u64 {
+    (share * 18_446_744_073_709_551_616.0) as u64
 }

@@ -16,10 +16,11 @@ use crate::clock::Clock;
 use crate::config::{Config, DedupeBackend};
 use crate::control::Control;
 use crate::dedupe::Dedupe;
-use crate::delivery::Deliveries;
+use crate::delivery::{Deliveries, Erasers, Privacy};
 use crate::http::{self, App};
 use crate::identity::Identity;
 use crate::queue::{Queue, QueueWriter};
+use crate::regulations::Regulations;
 use connections::{ConnectionLimits, Connections};
 
 /// How `run` was asked to start.
@@ -60,6 +61,18 @@ pub async fn run(config: Config, sources: Sources, options: Options) -> anyhow::
     dead_letters.keep_pruned(bounds.retention, options.clock);
     let admin_token = admin_token(&config)?;
     crate::live::configure(config.admin.live_limits(), options.clock);
+    let erasers = Erasers::default();
+    let regulations = Regulations::open(
+        &queue,
+        &config.server.data_dir,
+        options.clock,
+        erasers.clone(),
+    )
+    .await?;
+    let privacy = Privacy {
+        suppression: regulations.suppression(),
+        erasers,
+    };
     let deliveries = Deliveries::start(
         &config.destinations,
         &queue,
@@ -67,14 +80,19 @@ pub async fn run(config: Config, sources: Sources, options: Options) -> anyhow::
         options.delivery.clone(),
         options.clock,
         Some(identity.clone()),
+        privacy,
     )
     .await?;
+    // After the destinations started: a deletion a restart left pending goes to them.
+    crate::regulations::start_deletions(regulations.clone(), identity.clone());
     reload::report_removed(&config, &queue, options.purge).await?;
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let app = Arc::new(App {
         sources: sources.clone(),
         dedupe,
         identity,
+        suppression: regulations.suppression(),
+        regulations,
         queue: queue.clone(),
         limits: config.limits.clone(),
         retry_after: config.server.retry_after_secs(),
@@ -195,7 +213,7 @@ pub async fn run(config: Config, sources: Sources, options: Options) -> anyhow::
 
 /// The configured queue; the local log comes with its writer thread, joined at the end.
 async fn open_queue(config: &Config, clock: Clock) -> anyhow::Result<(Queue, Option<QueueWriter>)> {
-    Queue::open(
+    let opened = Queue::open(
         &config.queue,
         &config.server.data_dir,
         config.server.segment_bytes,
@@ -204,7 +222,10 @@ async fn open_queue(config: &Config, clock: Clock) -> anyhow::Result<(Queue, Opt
         config.server.retention,
         clock,
     )
-    .await
+    .await?;
+    // Before any destination or source makes its limiter.
+    opened.0.share_limits(&config.queue, clock).await?;
+    Ok(opened)
 }
 
 /// Opens the dedupe window and rebuilds it from the local log, then has the log hand it

@@ -5,6 +5,11 @@
 //! what a test scripts: queued replies (`receiver.push_reply`) first, then a reply for any
 //! request holding a given `unique_id` (`answer_for`).
 //!
+//! Privacy deletions: `POST /api/data-privacy-deletion-jobs` takes exactly one of email,
+//! phone number or profile id (else `400`) and removes the matching profiles from the
+//! store; `GET /api/profiles?filter=equals(external_id,"…")` finds a stored profile by
+//! its external_id (its id is `01P-<external_id>`).
+//!
 //! Profile bulk import jobs are taken (`202` with a job id), report `processing` on their
 //! first status read and `complete` after, with an import error for every profile whose
 //! email contains `refuse` (such a profile sent to `/api/profile-import` gets a `400`).
@@ -48,6 +53,8 @@ pub const SUBSCRIBE: &str = "/api/profile-subscription-bulk-create-jobs";
 pub const UNSUBSCRIBE: &str = "/api/profile-subscription-bulk-delete-jobs";
 pub const SUPPRESS: &str = "/api/profile-suppression-bulk-create-jobs";
 pub const UNSUPPRESS: &str = "/api/profile-suppression-bulk-delete-jobs";
+pub const DELETION_JOBS: &str = "/api/data-privacy-deletion-jobs";
+pub const PROFILES: &str = "/api/profiles";
 /// The rate buckets of `POST` and `DELETE /api/lists/{id}/relationships/profiles`.
 pub const LIST_ADD: &str = "list add";
 pub const LIST_REMOVE: &str = "list remove";
@@ -89,6 +96,8 @@ fn limits_of(path: &str) -> (u32, u32) {
         BULK | PROFILE_JOBS | LIST_ADD | LIST_REMOVE => (10, 150),
         PROFILE_IMPORT => (75, 750),
         SUBSCRIBE | UNSUBSCRIBE | SUPPRESS | UNSUPPRESS => (75, 700),
+        DELETION_JOBS => (3, 60),
+        PROFILES => (75, 750),
         _ => (350, 3500), // reads of jobs
     }
 }
@@ -200,6 +209,11 @@ impl Klaviyo {
     pub fn profile_state(&self, id: &str) -> Option<Value> {
         let state = self.state.lock().unwrap();
         state.profiles.get(id).cloned().map(Value::Object)
+    }
+
+    /// Stores a profile as if it had been imported (`attributes` as in a profile-import).
+    pub fn add_profile(&self, attributes: Value) {
+        self.state.lock().unwrap().apply(&attributes);
     }
 
     /// Profile jobs take at least `time` to complete from now on.
@@ -354,7 +368,7 @@ impl Klaviyo {
         let mut for_sdk = Vec::new();
         for (i, r) in requests.iter().enumerate() {
             let path = path_of(r);
-            if r.method == "GET" && path.starts_with(PROFILE_JOBS) {
+            if r.method == "GET" && (path.starts_with(PROFILE_JOBS) || path == PROFILES) {
                 // A read has no body, so no content-type.
                 let problems_here = header_problems(r, &revision, &api_key);
                 for p in problems_here
@@ -368,7 +382,7 @@ impl Klaviyo {
             let action = action_endpoint(&r.method, path);
             if action.is_none()
                 && (r.method != "POST"
-                    || ![EVENTS, BULK, PROFILE_IMPORT, PROFILE_JOBS].contains(&path))
+                    || ![EVENTS, BULK, PROFILE_IMPORT, PROFILE_JOBS, DELETION_JOBS].contains(&path))
             {
                 problems.push(format!(
                     "#{i}: {} {} is no Klaviyo endpoint",
@@ -507,8 +521,9 @@ fn answer(
     let path = path_of(request);
     let job_read = request.method == "GET" && path.starts_with(&format!("{PROFILE_JOBS}/"));
     let action = action_endpoint(&request.method, path);
-    let known =
-        request.method == "POST" && [EVENTS, BULK, PROFILE_IMPORT, PROFILE_JOBS].contains(&path);
+    let known = request.method == "POST"
+        && [EVENTS, BULK, PROFILE_IMPORT, PROFILE_JOBS, DELETION_JOBS].contains(&path)
+        || request.method == "GET" && path == PROFILES;
     if !known && !job_read && action.is_none() {
         return reply(
             404,
@@ -680,8 +695,14 @@ fn answer_within_limits(
     rules: &Mutex<Vec<(String, Reply)>>,
     state: &mut State,
 ) -> Reply {
+    if request.method == "GET" && path == PROFILES {
+        return profiles_read(request, state);
+    }
     if request.method == "GET" {
         return job_read(path, state);
+    }
+    if path == DELETION_JOBS {
+        return deletion(request, state);
     }
     if action_endpoint(&request.method, path).is_some() {
         return action_answer(request);
@@ -808,6 +829,84 @@ fn action_answer(request: &ReceivedRequest) -> Reply {
     }
     Reply {
         status: if list { 204 } else { 202 },
+        headers: Vec::new(),
+        body: Vec::new(),
+        delay: None,
+    }
+}
+
+/// `GET /api/profiles?filter=equals(external_id,"…")`: the stored profiles with that
+/// external_id (any other filter is a `400`, as this receiver knows no other).
+fn profiles_read(request: &ReceivedRequest, state: &State) -> Reply {
+    let query = request.query.as_deref().unwrap_or_default();
+    let filter = url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "filter")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    let Some(wanted) = filter
+        .strip_prefix("equals(external_id,\"")
+        .and_then(|rest| rest.strip_suffix("\")"))
+        .map(|quoted| quoted.replace("\\\"", "\"").replace("\\\\", "\\"))
+    else {
+        return reply(
+            400,
+            &error_body(
+                400,
+                "invalid",
+                "Invalid input.",
+                &format!("unsupported filter {filter:?}"),
+                "",
+            ),
+        );
+    };
+    let data: Vec<Value> = state
+        .profiles
+        .values()
+        .filter(|p| p.get("external_id").and_then(Value::as_str) == Some(wanted.as_str()))
+        .map(|p| json!({"type": "profile", "id": format!("01P-{wanted}"), "attributes": p}))
+        .collect();
+    reply(
+        200,
+        &json!({"data": data, "links": {"self": request.path, "next": null}}).to_string(),
+    )
+}
+
+/// `POST /api/data-privacy-deletion-jobs`: `202` and the matching profiles gone, or `400`
+/// unless exactly one of email, phone number and id is given.
+fn deletion(request: &ReceivedRequest, state: &mut State) -> Reply {
+    let profile = request
+        .json()
+        .and_then(|b| b.pointer("/data/attributes/profile/data").cloned())
+        .unwrap_or_default();
+    let given: Vec<(&str, String)> = [
+        ("email", profile.pointer("/attributes/email")),
+        ("phone_number", profile.pointer("/attributes/phone_number")),
+        ("id", profile.get("id")),
+    ]
+    .into_iter()
+    .filter_map(|(key, v)| Some((key, v?.as_str()?.to_string())))
+    .collect();
+    let [(key, value)] = given.as_slice() else {
+        return reply(
+            400,
+            &error_body(
+                400,
+                "invalid",
+                "Invalid input.",
+                "Exactly one of email, phone_number or id must be provided.",
+                "/data/attributes/profile/data",
+            ),
+        );
+    };
+    state.profiles.retain(|external_or_email, p| {
+        let matches = match *key {
+            "id" => value.strip_prefix("01P-") == Some(external_or_email.as_str()),
+            field => p.get(field).and_then(Value::as_str) == Some(value.as_str()),
+        };
+        !matches
+    });
+    Reply {
+        status: 202,
         headers: Vec::new(),
         body: Vec::new(),
         delay: None,

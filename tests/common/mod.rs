@@ -18,7 +18,9 @@ pub mod klaviyo;
 pub mod nats;
 pub mod postgres;
 pub mod receiver;
+pub mod regulations;
 pub mod sse;
+pub mod vendors;
 
 /// Write keys every test config accepts (the captures' keys among them).
 pub const WRITE_KEY: &str = "wk_test";
@@ -173,7 +175,8 @@ impl Fanout {
                 lines.lock().unwrap().push(line);
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+        // On a busy NATS cluster start-up retries each step for up to 30 s.
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(addr) => addr.parse().expect("listen address"),
             Err(_) => {
                 let _ = child.kill();

@@ -80,6 +80,30 @@ pub struct ReceivedRequest {
     pub status: u16,
 }
 
+/// Bodies of every request to `path` answered 2xx, in the order they arrived.
+pub fn bodies(requests: &[ReceivedRequest], path: &str) -> Vec<Value> {
+    requests
+        .iter()
+        .filter(|r| r.path == path && r.ok())
+        .map(|r| r.json().unwrap())
+        .collect()
+}
+
+/// The items of the `array` of every 2xx body to `path`, by their `id` field: what a
+/// vendor's batch endpoint took, one entry per event.
+pub fn items_by(
+    requests: &[ReceivedRequest],
+    path: &str,
+    array: &str,
+    id: &str,
+) -> std::collections::BTreeMap<String, Value> {
+    bodies(requests, path)
+        .iter()
+        .flat_map(|b| b[array].as_array().unwrap().clone())
+        .map(|e| (e[id].as_str().unwrap().to_string(), e))
+        .collect()
+}
+
 impl ReceivedRequest {
     /// A header as text (the first, when repeated).
     pub fn header(&self, name: &str) -> Option<&str> {

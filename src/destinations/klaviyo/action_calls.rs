@@ -35,16 +35,18 @@ pub(super) struct ActionLimits {
 }
 
 impl ActionLimits {
-    pub(super) fn new() -> ActionLimits {
-        let jobs = || RateLimiter::new(700.0 / 60.0, 75);
-        let lists = || RateLimiter::new(150.0 / 60.0, 10);
+    /// The buckets of `account` (`k.<hash of the API key>`).
+    pub(super) fn new(account: &str) -> ActionLimits {
+        let limit = |endpoint: &str, per_minute: f64, burst: u32| {
+            RateLimiter::named(&format!("{account}.{endpoint}"), per_minute / 60.0, burst)
+        };
         ActionLimits {
-            subscribe: jobs(),
-            unsubscribe: jobs(),
-            suppress: jobs(),
-            unsuppress: jobs(),
-            list_add: lists(),
-            list_remove: lists(),
+            subscribe: limit("subscribe", 700.0, 75),
+            unsubscribe: limit("unsubscribe", 700.0, 75),
+            suppress: limit("suppress", 700.0, 75),
+            unsuppress: limit("unsuppress", 700.0, 75),
+            list_add: limit("list_add", 150.0, 10),
+            list_remove: limit("list_remove", 150.0, 10),
         }
     }
 }

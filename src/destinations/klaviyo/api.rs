@@ -45,7 +45,11 @@ impl KlaviyoDestination {
         self.call(request, limiter).await
     }
 
-    async fn get(&self, path: &str, limiter: &RateLimiter) -> Result<http::Answer, SendError> {
+    pub(super) async fn get(
+        &self,
+        path: &str,
+        limiter: &RateLimiter,
+    ) -> Result<http::Answer, SendError> {
         let url = if path.starts_with("http") {
             path.to_string()
         } else {

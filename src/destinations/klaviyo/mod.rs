@@ -36,6 +36,7 @@ mod action_calls;
 mod actions;
 mod api;
 mod config;
+mod erase;
 mod profiles;
 mod requests;
 pub mod translate;
@@ -51,13 +52,14 @@ pub use config::{KlaviyoConfig, ProfileCacheConfig};
 pub use requests::{KlaviyoBodies, KlaviyoRequest};
 
 use super::{
-    http, secret_from_env, Check, Destination, DestinationConfig, Outgoing, Prepared, Preview,
-    Refusal, RefusalKind, SendError, Sending,
+    http, secret_from_env, Check, Destination, DestinationConfig, Erasing, Outgoing, Prepared,
+    Preview, Refusal, RefusalKind, SendError, Sending, Subject,
 };
 use crate::clock::Clock;
 use crate::pace::RateLimiter;
 use action_calls::ActionLimits;
 use actions::{plan, KlaviyoAction};
+use erase::EraseLimits;
 use profiles::{merge_profiles, profile_cache};
 use translate::{Revision, Translation};
 
@@ -103,6 +105,8 @@ pub struct KlaviyoDestination {
     /// `[[destinations.actions]]`, compiled.
     actions: Vec<KlaviyoAction>,
     action_limits: ActionLimits,
+    /// Privacy deletions' endpoints (`erase`).
+    erase_limits: EraseLimits,
 }
 
 impl KlaviyoDestination {
@@ -122,6 +126,12 @@ impl KlaviyoDestination {
             })?;
         authorization.set_sensitive(true);
         let revision_text = own.revision.as_deref().unwrap_or(Revision::DEFAULT_HEADER);
+        // Klaviyo limits each account: destinations with one key share their buckets
+        // (across the cluster on the shared log), named by a hash, never by the key.
+        let account = format!("k.{:016x}", xxhash_rust::xxh3::xxh3_64(key.as_bytes()));
+        let limit = |endpoint: &str, per_minute: f64, burst: u32| {
+            RateLimiter::named(&format!("{account}.{endpoint}"), per_minute / 60.0, burst)
+        };
         Ok(KlaviyoDestination {
             client: http::client(config.timeout())?,
             base: own
@@ -133,15 +143,16 @@ impl KlaviyoDestination {
             authorization,
             revision_header: HeaderValue::from_str(revision_text)?,
             bodies: KlaviyoBodies::new(own)?,
-            events_limit: RateLimiter::new(3500.0 / 60.0, 350),
-            bulk_limit: RateLimiter::new(150.0 / 60.0, 10),
-            profiles_limit: RateLimiter::new(750.0 / 60.0, 75),
-            profile_jobs_limit: RateLimiter::new(150.0 / 60.0, 10),
-            job_reads_limit: job_reads_limiter(),
+            events_limit: limit("events", 3500.0, 350),
+            bulk_limit: limit("bulk", 150.0, 10),
+            profiles_limit: limit("profiles", 750.0, 75),
+            profile_jobs_limit: limit("profile_jobs", 150.0, 10),
+            job_reads_limit: job_reads_limiter(&account),
             profile_cache: profile_cache(&own.profile_cache.clone().unwrap_or_default()),
             clock,
             actions: own.actions.iter().map(KlaviyoAction::compile).collect(),
-            action_limits: ActionLimits::new(),
+            action_limits: ActionLimits::new(&account),
+            erase_limits: EraseLimits::new(&account),
         })
     }
 }
@@ -264,12 +275,16 @@ impl Destination for KlaviyoDestination {
             }
         })
     }
+
+    fn erase<'a>(&'a self, subject: &'a Subject) -> Erasing<'a> {
+        Box::pin(self.erase_subject(subject))
+    }
 }
 
 /// Reads of bulk-import jobs (status, import errors), at Klaviyo's documented limit for
 /// them: 10/s burst, 150/min steady.
-fn job_reads_limiter() -> RateLimiter {
-    RateLimiter::new(150.0 / 60.0, 10)
+fn job_reads_limiter(account: &str) -> RateLimiter {
+    RateLimiter::named(&format!("{account}.job_reads"), 150.0 / 60.0, 10)
 }
 
 /// A message that cannot go: dead-lettered with the reason's code (before its `:`).
@@ -299,7 +314,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn job_reads_are_paced_at_10_a_second_and_150_a_minute() {
-        let limiter = job_reads_limiter();
+        let limiter = job_reads_limiter("k.test");
         let start = tokio::time::Instant::now();
         for _ in 0..10 {
             limiter.acquire(1).await;

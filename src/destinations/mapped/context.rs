@@ -1,15 +1,16 @@
 //! What templates see: the stored message's fields and, above them, named values (`env`,
-//! `batch`…). The message is parsed once; the fast path (`fast.rs`) reads it in place, and
-//! minijinja reads it through a lazy object: only the paths a template names are converted.
+//! `settings`, `batch`…). The message is parsed once; the fast path (`fast.rs`) reads it
+//! in place, and minijinja reads it through a lazy object: only the paths a template names
+//! are converted.
 
 use std::sync::Arc;
 
 use minijinja::value::{Enumerator, Object, ObjectRepr, Value};
 use serde_json::Value as Json;
 
-/// Top-level names a template reads besides the message's fields (`env`, `batch` in a
-/// batch body); a name here hides a message field of the same name. Adding one is one
-/// `with` where the scope is made.
+/// Top-level names a template reads besides the message's fields (`env`, `settings`,
+/// `batch` in a batch body); a name here hides a message field of the same name. Adding
+/// one is one `with` where the scope is made.
 #[derive(Debug, Clone, Default)]
 pub struct Names(Vec<(&'static str, Arc<Json>)>);
 
@@ -86,6 +87,11 @@ impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("<json>")
     }
+}
+
+/// A JSON object or array as a template value (what `merge` and `omit` return).
+pub fn document(value: Json) -> Value {
+    node(Arc::new(value), Vec::new())
 }
 
 /// The value at `path` in `root`: scalars converted, objects and arrays left lazy.

@@ -7,11 +7,13 @@
 
 use std::borrow::Cow;
 
+use base64::{engine::general_purpose::STANDARD, Engine};
+use minijinja::value::Rest;
 use minijinja::{Environment, Error, ErrorKind, Value};
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
-use super::context::to_json;
+use super::context::{document, to_json};
 
 /// A value while a template is evaluated: undefined (a missing path), or JSON, borrowed
 /// from the message where it was not changed.
@@ -56,6 +58,8 @@ pub enum Filter {
     Upper,
     Trim,
     Sha256,
+    /// Basic authentication from settings (a preset's `Authorization` header).
+    Base64,
     String,
     Unix,
     UnixMs,
@@ -71,11 +75,12 @@ pub enum Filter {
 }
 
 /// The filters without arguments, by name.
-pub const PLAIN: [(&str, Filter); 11] = [
+pub const PLAIN: [(&str, Filter); 12] = [
     ("lower", Filter::Lower),
     ("upper", Filter::Upper),
     ("trim", Filter::Trim),
     ("sha256", Filter::Sha256),
+    ("base64", Filter::Base64),
     ("string", Filter::String),
     ("unix", Filter::Unix),
     ("unix_ms", Filter::UnixMs),
@@ -107,6 +112,10 @@ pub fn register(env: &mut Environment<'static>) {
     env.add_filter("join", |v: Value, separator: Option<String>| {
         via(&v, &Filter::Join(separator))
     });
+    env.add_filter("merge", merge);
+    env.add_filter("compact", |v: Value| merge(v, Value::UNDEFINED));
+    env.add_filter("omit", omit);
+    super::reshape::register(env);
 }
 
 /// A filter applied to a minijinja value: undefined and null pass unconverted.
@@ -147,6 +156,7 @@ impl Filter {
             Filter::Upper => text(str::to_uppercase),
             Filter::Trim => text(|s| s.trim().to_string()),
             Filter::Sha256 => text(sha256),
+            Filter::Base64 => text(|s| STANDARD.encode(s)),
             Filter::String if json.is_string() => Ok(Val::Json(json)),
             Filter::String => text(str::to_string),
             Filter::Unix => time(&json).map(|t| Val::owned(Json::from(t.timestamp()))),
@@ -277,4 +287,46 @@ fn join<'a>(json: Cow<'a, Json>, separator: &str) -> Result<Val<'a>, String> {
         other => return Err(format!("{} is not iterable", kind(other))),
     };
     Ok(Val::owned(Json::String(items.join(separator))))
+}
+
+fn missing(v: &Value) -> bool {
+    v.is_undefined() || v.is_none()
+}
+
+fn invalid(message: String) -> Error {
+    Error::new(ErrorKind::InvalidOperation, message)
+}
+
+/// `merge(other)`: an object with `other`'s keys over its own, keys whose value is
+/// undefined or null left out (`traits | merge({'$email': traits.email})`); an undefined
+/// or null `other` adds nothing (`compact`: an object without its null keys).
+fn merge(v: Value, other: Value) -> Result<Value, Error> {
+    if missing(&v) {
+        return Ok(v);
+    }
+    let over = if missing(&other) {
+        Json::Object(Default::default())
+    } else {
+        to_json(&other)
+    };
+    let (Json::Object(mut object), Json::Object(over)) = (to_json(&v), over) else {
+        return Err(invalid("merge takes two objects".into()));
+    };
+    object.extend(over);
+    object.retain(|_, value| !value.is_null());
+    Ok(document(Json::Object(object)))
+}
+
+/// `omit('a', 'b', …)`: an object without these keys.
+fn omit(v: Value, keys: Rest<String>) -> Result<Value, Error> {
+    if missing(&v) {
+        return Ok(v);
+    }
+    let Json::Object(mut object) = to_json(&v) else {
+        return Err(invalid(format!("omit takes an object, not {}", v.kind())));
+    };
+    for key in keys.iter() {
+        object.remove(key);
+    }
+    Ok(document(Json::Object(object)))
 }

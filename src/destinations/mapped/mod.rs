@@ -4,13 +4,20 @@
 //! message by their `when` (routing's filter syntax), and `batch.body` wraps many
 //! messages' bodies in one request. Answers go through the shared policy (`http.rs`).
 //!
-//! Secrets: `env.NAME` in a template and the auth helpers' `*_env` keys are read once at
-//! start (a missing one stops the start, named); `fanout route` and the live view render
-//! every one of them as `***`, so no secret reaches a terminal or the live view.
+//! Secrets: `env.NAME` in a template, `settings.NAME_env` and the auth helpers' `*_env`
+//! keys are read once at start (a missing one stops the start, named); `fanout route` and
+//! the live view render every one of them as `***`, so no secret reaches a terminal or
+//! the live view.
+//!
+//! `base_url` + `path` instead of `url` let a preset (`presets.rs`) name paths that a user
+//! moves to another host (an EU region, a self-hosted instance) with one key.
 
 mod context;
 mod fast;
 mod filters;
+mod keys;
+pub mod presets;
+mod reshape;
 mod send;
 mod template;
 #[cfg(test)]
@@ -34,8 +41,27 @@ use template::Mapping;
 #[serde(deny_unknown_fields)]
 pub struct MappedConfig {
     /// The URL, a template, e.g. `"https://api.example.com/v2/contacts/{{ userId }}"`;
-    /// needed unless every action names its own.
+    /// needed unless `path` or every action names one.
     pub url: Option<String>,
+    /// Scheme and host (port, path prefix) that `path`, here and in the actions, follows,
+    /// e.g. `"https://api.eu.amplitude.com"`; not a template.
+    pub base_url: Option<String>,
+    /// The URL's path after `base_url`, a template; instead of `url`.
+    pub path: Option<String>,
+    /// Values templates read as `settings.NAME`; `NAME_env = "VAR"` reads the variable at
+    /// start into `settings.NAME`, a secret shown as `***`.
+    #[serde(default)]
+    pub settings: BTreeMap<String, toml::Value>,
+    /// 4xx answers that settle the messages sent as skipped instead of dead letters:
+    /// `[{ status = 400, body_contains = "…" }]`, for answers a vendor documents as "this
+    /// event will never be taken" that are no error to keep.
+    #[serde(default)]
+    pub drop_on: Vec<DropOn>,
+    /// 4xx answers retried like a 429 instead of dead-lettered, same shape as `drop_on`:
+    /// for vendors that answer throttling with a 4xx (Meta's Graph API: 400 with its
+    /// error code in the body).
+    #[serde(default)]
+    pub retry_on: Vec<DropOn>,
     /// `POST` (default), `PUT`, `PATCH`, `DELETE` or `GET` (sent without a body).
     pub method: Option<String>,
     /// Header name → template.
@@ -82,6 +108,10 @@ pub struct ActionConfig {
     /// Which messages take this action; default all.
     pub when: Option<FilterConfig>,
     pub url: Option<String>,
+    /// Overrides the destination's `base_url` for this action's `path`.
+    pub base_url: Option<String>,
+    /// The path after `base_url`, a template; instead of `url`.
+    pub path: Option<String>,
     pub method: Option<String>,
     /// Added to (and overriding) the destination's headers.
     #[serde(default)]
@@ -91,6 +121,28 @@ pub struct ActionConfig {
     pub query: BTreeMap<String, String>,
     pub body: Option<toml::Value>,
     pub keep_nulls: Option<bool>,
+}
+
+/// One `drop_on` or `retry_on` entry: an answer with this status (and, if given, this text
+/// in its body).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DropOn {
+    /// A 4xx status.
+    pub status: u16,
+    /// Text the answer's body must contain; default any body.
+    pub body_contains: Option<String>,
+}
+
+impl DropOn {
+    /// Whether an answer with `status` and `body` is this entry's.
+    pub fn matches(&self, status: u16, body: &str) -> bool {
+        self.status == status
+            && self
+                .body_contains
+                .as_ref()
+                .is_none_or(|text| body.contains(text.as_str()))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -169,6 +221,12 @@ pub struct Compiled {
     env_names: BTreeSet<String>,
     /// The headers the auth helpers add, as shown: secrets masked.
     shown_auth: Vec<(String, String)>,
+    /// `settings` given as values.
+    settings: serde_json::Map<String, serde_json::Value>,
+    /// `settings.NAME_env`: NAME → the environment variable, read at start.
+    secret_settings: BTreeMap<String, String>,
+    drop_on: Vec<DropOn>,
+    retry_on: Vec<DropOn>,
 }
 
 /// How a secret is shown by `fanout route` and the live view.
@@ -190,12 +248,17 @@ struct Action {
 impl MappedConfig {
     /// Compiles every template; the error names the key and the line in its value.
     pub fn compile(&self) -> Result<Compiled, KeyError> {
+        let (settings, secret_settings) = keys::settings(&self.settings)?;
+        keys::check_drop_on("drop_on", &self.drop_on)?;
+        keys::check_drop_on("retry_on", &self.retry_on)?;
         let mut env = template::environment();
         let mut env_names = BTreeSet::new();
         let own = ActionConfig {
             name: None,
             when: None,
             url: None,
+            base_url: None,
+            path: None,
             method: None,
             headers: BTreeMap::new(),
             query: BTreeMap::new(),
@@ -213,21 +276,11 @@ impl MappedConfig {
             let mut compile = |key: String, value: &toml::Value| {
                 Mapping::compile(&mut env, &key, value, &mut env_names)
             };
-            let (url_key, url) = match (&action.url, &self.url) {
-                (Some(url), _) => (format!("{prefix}url"), url),
-                (None, Some(url)) => ("url".to_string(), url),
-                (None, None) => {
-                    let key = if prefix.is_empty() { "url" } else { "actions" };
-                    return Err(KeyError::new(
-                        key,
-                        "kind `http` needs `url` (for the destination, or for every action)",
-                    ));
-                }
-            };
-            if !template::has_template(url) {
-                check_url(&url_key, url)?;
+            let (url_key, url) = self.url_of(&prefix, action)?;
+            if !template::has_template(&url) {
+                check_url(&url_key, &url)?;
             }
-            let url = compile(url_key, &toml::Value::String(url.clone()))?;
+            let url = compile(url_key, &toml::Value::String(url))?;
             let (method_key, method) = match (&action.method, &self.method) {
                 (Some(m), _) => (format!("{prefix}method"), m.as_str()),
                 (None, Some(m)) => ("method".to_string(), m.as_str()),
@@ -307,6 +360,10 @@ impl MappedConfig {
             shown_auth.push((header.into(), format!("sha256={MASK}")));
         }
         Ok(Compiled {
+            settings,
+            secret_settings,
+            drop_on: self.drop_on.clone(),
+            retry_on: self.retry_on.clone(),
             shown_auth,
             env,
             when: self.when.as_ref().map(|f| when("when", f)).transpose()?,

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine;
 use reqwest::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
@@ -15,8 +16,9 @@ use crate::clock::Clock;
 use crate::destinations::webhook::{signature, SIGNATURE_HEADER};
 use crate::destinations::{
     http, secret_from_env, Check, Destination, DestinationConfig, Outgoing, Prepared, Preview,
-    SendError, Sending,
+    Refusal, RefusalKind, SendError, Sending,
 };
+use crate::throttle::LogThrottle;
 
 use super::MASK;
 
@@ -42,11 +44,13 @@ struct Request {
 }
 
 pub struct MappedDestination {
+    name: String,
     client: reqwest::Client,
     compiled: Compiled,
-    /// `env`: the variables the templates name, read at start.
+    /// `env` and `settings`: the variables the templates name and the secret settings,
+    /// read at start.
     names: Arc<Names>,
-    /// What `env` is in the live view: every variable `***`.
+    /// What they are in the live view: every secret `***`.
     masked_names: Arc<Names>,
     /// From `basic`, `bearer_env`, `api_key`.
     auth: Vec<(HeaderName, HeaderValue)>,
@@ -65,6 +69,11 @@ impl MappedDestination {
         let mut env = BTreeMap::new();
         for var in &compiled.env_names {
             env.insert(var.clone(), secret_from_env(name, "a template", var)?);
+        }
+        let mut settings = compiled.settings.clone();
+        for (setting, var) in &compiled.secret_settings {
+            let key = format!("settings.{setting}_env");
+            settings.insert(setting.clone(), secret_from_env(name, &key, var)?.into());
         }
         let mut auth = Vec::new();
         let sensitive = |value: String| -> anyhow::Result<HeaderValue> {
@@ -96,10 +105,11 @@ impl MappedDestination {
             None => None,
         };
         Ok(MappedDestination {
+            name: name.clone(),
             client: http::client(config.timeout())?,
             masked_names: masked(&compiled),
             compiled,
-            names: Arc::new(names(env)),
+            names: Arc::new(names(env, settings)),
             auth,
             secret,
             clock,
@@ -107,19 +117,25 @@ impl MappedDestination {
     }
 }
 
-/// Every variable the templates name, as `***`.
+/// Every variable the templates name and every secret setting, as `***`.
 fn masked(compiled: &Compiled) -> Arc<Names> {
     let env = compiled
         .env_names
         .iter()
         .map(|name| (name.clone(), MASK.into()));
-    Arc::new(names(env.collect()))
+    let mut settings = compiled.settings.clone();
+    for name in compiled.secret_settings.keys() {
+        settings.insert(name.clone(), MASK.into());
+    }
+    Arc::new(names(env.collect(), settings))
 }
 
 /// The names templates read besides the message's fields.
-fn names(env: BTreeMap<String, String>) -> Names {
+fn names(env: BTreeMap<String, String>, settings: serde_json::Map<String, Json>) -> Names {
     let env = env.into_iter().map(|(k, v)| (k, Json::String(v))).collect();
-    Names::default().with("env", Json::Object(env))
+    Names::default()
+        .with("env", Json::Object(env))
+        .with("settings", Json::Object(settings))
 }
 
 /// What a message becomes: its requests, skipped (no `when` holds), or refused.
@@ -140,7 +156,9 @@ pub(super) fn render(compiled: &Compiled, message: &[u8], names: &Arc<Names>) ->
             continue;
         }
         match request(compiled, i, action, &scope) {
-            Ok(request) => requests.push(request),
+            Ok(Some(request)) => requests.push(request),
+            // Its body rendered to nothing: the action is not taken (the next one may be).
+            Ok(None) => continue,
             Err(detail) => return refuse(detail),
         }
         if !compiled.all {
@@ -160,12 +178,14 @@ fn refuse(detail: String) -> Check {
     }
 }
 
+/// One action's request for the message; `None` when its body renders to nothing (a
+/// single expression, undefined or null), so that a mapping can decline a message.
 fn request(
     compiled: &Compiled,
     index: usize,
     action: &Action,
     scope: &Scope,
-) -> Result<Request, String> {
+) -> Result<Option<Request>, String> {
     let env = &compiled.env;
     let url = action.url.render_text(env, scope)?.unwrap_or_default();
     let mut url = url::Url::parse(&url)
@@ -193,18 +213,20 @@ fn request(
         (&reqwest::Method::GET, _) => None,
         (_, Some(body)) => {
             let mut out = Vec::with_capacity(256);
-            body.write(env, scope, action.keep_nulls, &mut out)?;
+            if !body.write_some(env, scope, action.keep_nulls, &mut out)? {
+                return Ok(None);
+            }
             Some(out)
         }
         (_, None) => Some(serde_json::to_vec(scope.message()).expect("JSON values serialize")),
     };
-    Ok(Request {
+    Ok(Some(Request {
         action: index,
         method: action.method.clone(),
         url: url.into(),
         headers,
         body,
-    })
+    }))
 }
 
 /// The body of a batch's requests to one place: the `batch.body` envelope around their
@@ -268,6 +290,98 @@ pub fn preview(compiled: &Compiled, message: &[u8]) -> Preview {
     show(compiled, render(compiled, message, &names), &names)
 }
 
+/// Requests to one place: the first, the bodies they carry, and their messages' indices
+/// in the batch.
+type Group<'a> = (&'a Request, Vec<&'a [u8]>, Vec<usize>);
+
+/// What an error answer's body said, if it had one.
+fn answer_of(e: &SendError) -> Option<&str> {
+    match e {
+        SendError::Retryable { answer, .. } | SendError::Rejected { answer, .. } => {
+            answer.as_deref()
+        }
+        SendError::PartlyRejected { .. } => None,
+    }
+}
+
+/// Spaces out the log lines about answers `drop_on` settled.
+static DROPPED: LogThrottle = LogThrottle::new(Duration::from_secs(60));
+
+impl MappedDestination {
+    /// One request carrying `bodies` (in the `batch.body` envelope, if any).
+    async fn send_one(&self, request: &Request, bodies: &[&[u8]]) -> Result<(), SendError> {
+        let mut builder = self
+            .client
+            .request(request.method.clone(), &request.url)
+            .headers(request.headers.iter().cloned().collect())
+            .headers(self.auth.iter().cloned().collect());
+        let body = if request.body.is_some() {
+            envelope(&self.compiled, &self.names, bodies).map_err(|detail| SendError::Rejected {
+                status: 0,
+                detail,
+                answer: None,
+            })?
+        } else {
+            Vec::new()
+        };
+        if let Some(secret) = &self.secret {
+            builder = builder.header(SIGNATURE_HEADER, signature(secret, &body));
+        }
+        if request.body.is_some() {
+            builder = builder.header(CONTENT_TYPE, "application/json");
+        }
+        http::send_batch(builder, body, false, self.clock)
+            .await
+            .map(drop)
+            .map_err(|e| self.retried(e))
+    }
+
+    /// A 4xx answer a `retry_on` entry matches, made retryable (backoff, no Retry-After).
+    fn retried(&self, e: SendError) -> SendError {
+        match e {
+            SendError::Rejected {
+                status,
+                detail,
+                answer,
+            } if self
+                .compiled
+                .retry_on
+                .iter()
+                .any(|entry| entry.matches(status, answer.as_deref().unwrap_or(""))) =>
+            {
+                SendError::Retryable {
+                    status: Some(status),
+                    retry_after: None,
+                    detail,
+                    answer,
+                }
+            }
+            e => e,
+        }
+    }
+
+    /// `Some` when a `drop_on` entry matches the 4xx answer: its messages are settled as
+    /// skipped (logged, with the vendor's answer shortened), not dead-lettered.
+    fn dropped(&self, e: &SendError) -> Option<()> {
+        let status = e.status().filter(|s| (400..=499).contains(s))?;
+        let answer = answer_of(e).unwrap_or("");
+        self.compiled
+            .drop_on
+            .iter()
+            .find(|entry| entry.matches(status, answer))?;
+        if DROPPED.ready() {
+            let shown: String = answer.chars().take(300).collect();
+            tracing::warn!(
+                destination = %self.name,
+                status,
+                answer = %shown,
+                "answer matched `drop_on`: messages skipped, not dead-lettered"
+            );
+        }
+        Some(())
+    }
+}
+
 impl Destination for MappedDestination {
     fn check(&self, message: &[u8]) -> Check {
         render(&self.compiled, message, &self.names)
@@ -275,15 +389,16 @@ impl Destination for MappedDestination {
 
     fn send<'a>(&'a self, batch: &'a [Outgoing<'a>]) -> Sending<'a> {
         Box::pin(async move {
-            // Requests to the same action, method, URL and headers, in first-seen order.
-            let mut groups: Vec<(&Request, Vec<&[u8]>)> = Vec::new();
-            for message in batch {
+            // Requests to the same action, method, URL and headers, in first-seen order,
+            // with the indices of the messages whose bodies they carry.
+            let mut groups: Vec<Group> = Vec::new();
+            for (index, message) in batch.iter().enumerate() {
                 let Some(Prepared::Http(Requests(requests))) = message.prepared else {
                     continue;
                 };
                 for request in requests {
                     let body = request.body.as_deref().unwrap_or(b"null");
-                    let same = |(r, _): &&mut (&Request, Vec<&[u8]>)| {
+                    let same = |(r, _, _): &&mut Group| {
                         self.compiled.batch_body.is_some()
                             && r.action == request.action
                             && r.method == request.method
@@ -291,37 +406,35 @@ impl Destination for MappedDestination {
                             && r.headers == request.headers
                     };
                     match groups.iter_mut().find(same) {
-                        Some((_, bodies)) => bodies.push(body),
-                        None => groups.push((request, vec![body])),
+                        Some((_, bodies, indices)) => {
+                            bodies.push(body);
+                            indices.push(index);
+                        }
+                        None => groups.push((request, vec![body], vec![index])),
                     }
                 }
             }
-            for (request, bodies) in groups {
-                let mut builder = self
-                    .client
-                    .request(request.method.clone(), &request.url)
-                    .headers(request.headers.iter().cloned().collect())
-                    .headers(self.auth.iter().cloned().collect());
-                let body = if request.body.is_some() {
-                    envelope(&self.compiled, &self.names, &bodies).map_err(|detail| {
-                        SendError::Rejected {
-                            status: 0,
-                            detail,
-                            answer: None,
-                        }
-                    })?
-                } else {
-                    Vec::new()
-                };
-                if let Some(secret) = &self.secret {
-                    builder = builder.header(SIGNATURE_HEADER, signature(secret, &body));
+            let mut dropped = Vec::new();
+            for (request, bodies, indices) in groups {
+                match self.send_one(request, &bodies).await {
+                    Ok(()) => {}
+                    Err(e) => match self.dropped(&e) {
+                        Some(()) => dropped.extend(indices.into_iter().map(|index| Refusal {
+                            index,
+                            kind: RefusalKind::Skipped { reason: "drop_on" },
+                            status: e.status(),
+                            detail: e.to_string(),
+                            answer: answer_of(&e).map(str::to_string),
+                        })),
+                        None => return Err(e),
+                    },
                 }
-                if request.body.is_some() {
-                    builder = builder.header(CONTENT_TYPE, "application/json");
-                }
-                http::send_batch(builder, body, false, self.clock).await?;
             }
-            Ok(0)
+            if dropped.is_empty() {
+                Ok(0)
+            } else {
+                Err(SendError::PartlyRejected { refused: dropped })
+            }
         })
     }
 

@@ -137,11 +137,23 @@ impl Mapping {
         keep_nulls: bool,
         out: &mut Vec<u8>,
     ) -> Result<(), String> {
-        let values = self.values(env, scope, true)?;
-        if !write(&self.shape, &values, keep_nulls, out) {
+        if !self.write_some(env, scope, keep_nulls, out)? {
             out.extend_from_slice(b"null");
         }
         Ok(())
+    }
+
+    /// Renders as JSON text appended to `out`; false, with nothing written, when the value
+    /// is dropped (a body that renders to nothing: its action is not taken).
+    pub fn write_some(
+        &self,
+        env: &Environment<'static>,
+        scope: &Scope,
+        keep_nulls: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<bool, String> {
+        let values = self.values(env, scope, true)?;
+        Ok(write(&self.shape, &values, keep_nulls, out))
     }
 
     /// Renders to text (a URL, a header): numbers and booleans as JSON writes them;

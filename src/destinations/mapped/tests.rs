@@ -26,10 +26,12 @@ fn render(value: &str) -> Option<Json> {
     render_with(value, false)
 }
 
-/// `MESSAGE` with `env.TOKEN` set.
+/// `MESSAGE` with `env.TOKEN` and the unit tests' `settings` set.
 fn scope() -> Scope {
     let message: Json = serde_json::from_str(MESSAGE).unwrap();
-    let names = Names::default().with("env", json!({"TOKEN": "s3cret"}));
+    let names = Names::default()
+        .with("env", json!({"TOKEN": "s3cret"}))
+        .with("settings", json!({"region": "eu", "limit": 3}));
     Scope::new(Arc::new(message), Arc::new(names))
 }
 
@@ -132,6 +134,27 @@ fn filters() {
             json!("none"),
         ),
         (r#""{{ env.TOKEN }}""#, json!("s3cret")),
+        (r#""{{ settings.region }}""#, json!("eu")),
+        (r#""{{ settings.limit }}""#, json!(3)),
+        (r#""{{ settings.nope }}""#, Json::Null),
+        (r#""{{ 'user:pass' | base64 }}""#, json!("dXNlcjpwYXNz")),
+        (
+            r#""{{ traits.address | merge({'zip': '75001', 'no': traits.nope, 'n': none}) }}""#,
+            json!({"city": "Paris", "zip": "75001"}),
+        ),
+        (
+            r#""{{ traits | omit('email', 'plan', 'age', 'score', 'tags', 'vip') }}""#,
+            json!({"address": {"city": "Paris"}}),
+        ),
+        (r#""{{ traits.nope | omit('a') | merge({}) }}""#, Json::Null),
+        (
+            r#""{{ {'a': 1, 'b': traits.nope} | merge(traits.nope) }}""#,
+            json!({"a": 1}),
+        ),
+        (
+            r#""{{ {'a': 1, 'b': traits.nope, 'c': traits.plan} | compact }}""#,
+            json!({"a": 1}),
+        ),
     ];
     for (template, expected) in cases {
         let got = render(template).unwrap_or(Json::Null);
@@ -569,4 +592,166 @@ fn the_benchmarked_mapping_takes_the_fast_path_everywhere() {
     assert_eq!((body.fast_slots(), body.slot_count()), (10, 10));
     assert_eq!(action.url.fast_slots(), 1);
     assert_eq!(action.headers[0].1.fast_slots(), 1);
+}
+
+/// The URL of each request `fanout route` shows for `MESSAGE`.
+fn urls(c: &MappedConfig) -> Vec<String> {
+    let compiled = c.compile().unwrap();
+    let Preview::Send(shown) = send::preview(&compiled, MESSAGE.as_bytes()) else {
+        panic!("sent");
+    };
+    let requests = shown["requests"].as_array().unwrap();
+    requests.iter().map(|r| r["url"].to_string()).collect()
+}
+
+#[test]
+fn base_url_and_path_make_the_url_and_an_action_overrides_either() {
+    let head = "name = \"c\"\nkind = \"http\"\nall = true\nbase_url = \"http://h:1/v1/\"\n";
+    let c = config(&format!(
+        "{head}path = \"/d/{{{{ type }}}}\"\n\
+         [[actions]]\n\
+         [[actions]]\npath = \"/a\"\n\
+         [[actions]]\nbase_url = \"https://eu.h\"\n\
+         [[actions]]\nurl = \"http://other/x\"\n"
+    ));
+    assert_eq!(
+        urls(&c),
+        [
+            "\"http://h:1/v1/d/identify\"",
+            "\"http://h:1/v1/a\"",
+            "\"https://eu.h/d/identify\"",
+            "\"http://other/x\"",
+        ]
+    );
+}
+
+#[test]
+fn base_url_and_path_errors_name_the_key() {
+    let head = "name = \"c\"\nkind = \"http\"\n";
+    let cases = [
+        (
+            "url = \"http://h/\"\npath = \"/x\"\nbase_url = \"http://h\"\n",
+            "path",
+        ),
+        ("path = \"/x\"\n", "path"),
+        (
+            "base_url = \"http://h/{{ userId }}\"\npath = \"/x\"\n",
+            "base_url",
+        ),
+        ("base_url = \"http://h/?a=1\"\npath = \"/x\"\n", "base_url"),
+        ("base_url = \"ftp://h\"\npath = \"/x\"\n", "base_url"),
+        (
+            "base_url = \"http://h\"\n[[actions]]\nurl = \"http://h/\"\npath = \"/x\"\n",
+            "actions[0].path",
+        ),
+        (
+            "base_url = \"http://h\"\n[[actions]]\nbase_url = \"h\"\npath = \"/x\"\n",
+            "actions[0].base_url",
+        ),
+        ("base_url = \"http://h\"\n", "url"),
+    ];
+    for (keys, key) in cases {
+        let e = destination(&format!("{head}{keys}")).unwrap_err();
+        assert_eq!(e.key, key, "{keys}: {e}");
+    }
+}
+
+#[test]
+fn settings_are_read_by_templates_and_secret_ones_masked() {
+    std::env::set_var("MAPPED_SETTINGS_TEST_KEY", "settings-secret");
+    let d = destination(
+        "name = \"c\"\nkind = \"http\"\nurl = \"http://h/{{ settings.region }}\"\n\
+         settings = { region = \"eu\", n = 2, key_env = \"MAPPED_SETTINGS_TEST_KEY\" }\n\
+         body = { key = \"{{ settings.key }}\", n = \"{{ settings.n }}\" }\n",
+    )
+    .unwrap();
+    let running = d.build(None, crate::clock::Clock::system()).unwrap();
+    let shown = running.live_payload(MESSAGE.as_bytes()).unwrap();
+    assert_eq!(shown["requests"][0]["url"], "http://h/eu");
+    assert_eq!(shown["requests"][0]["body"], json!({"key": "***", "n": 2}));
+    let Check::Send(Some(Prepared::Http(requests))) = running.check(MESSAGE.as_bytes()) else {
+        panic!("sent");
+    };
+    assert_eq!(
+        requests.body_of_first(),
+        Some(json!({"key": "settings-secret", "n": 2}))
+    );
+    let crate::destinations::KindSettings::Http(c) = &d.settings else {
+        unreachable!()
+    };
+    let compiled = c.compile().unwrap();
+    let Preview::Send(routed) = send::preview(&compiled, MESSAGE.as_bytes()) else {
+        panic!("sent");
+    };
+    assert_eq!(routed["requests"][0]["body"]["key"], "***");
+
+    let missing = destination(
+        "name = \"c\"\nkind = \"http\"\nurl = \"http://h/\"\n\
+         settings = { key_env = \"MAPPED_SETTINGS_NEVER_SET\" }\n",
+    )
+    .unwrap();
+    let e = missing
+        .build(None, crate::clock::Clock::system())
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("settings.key_env"), "{e}");
+    assert!(e.to_string().contains("MAPPED_SETTINGS_NEVER_SET"), "{e}");
+}
+
+#[test]
+fn settings_and_drop_on_errors_name_the_key() {
+    let head = "name = \"c\"\nkind = \"http\"\nurl = \"http://h/\"\n";
+    let cases = [
+        (
+            "settings = { key = \"a\", key_env = \"B\" }\n",
+            "settings.key_env",
+        ),
+        ("settings = { key_env = 3 }\n", "settings.key_env"),
+        (
+            "drop_on = [{ status = 400 }, { status = 500 }]\n",
+            "drop_on[1].status",
+        ),
+        ("drop_on = [{ status = 400, body = \"x\" }]\n", "drop_on[0]"),
+        ("retry_on = [{ status = 503 }]\n", "retry_on[0].status"),
+    ];
+    for (keys, key) in cases {
+        let e = destination(&format!("{head}{keys}")).unwrap_err();
+        assert!(e.key.starts_with(key), "{keys}: {e}");
+    }
+}
+
+#[test]
+fn drop_on_matches_status_and_body_text() {
+    let entry = DropOn {
+        status: 400,
+        body_contains: Some("invalid".into()),
+    };
+    assert!(entry.matches(400, r#"{"error":"invalid event"}"#));
+    assert!(!entry.matches(400, r#"{"error":"missing key"}"#));
+    assert!(!entry.matches(422, "invalid"));
+    let any = DropOn {
+        status: 413,
+        body_contains: None,
+    };
+    assert!(any.matches(413, ""));
+}
+
+#[test]
+fn an_action_whose_body_renders_to_nothing_is_not_taken() {
+    let c = config(
+        "name = \"c\"\nkind = \"http\"\nurl = \"http://h/\"\n\
+         [[actions]]\nname = \"anon\"\nbody = \"{{ {'a': anonymousId} if anonymousId }}\"\n\
+         [[actions]]\nname = \"user\"\nbody = { u = \"{{ userId }}\" }\n",
+    );
+    let compiled = c.compile().unwrap();
+    let Preview::Send(shown) = send::preview(&compiled, MESSAGE.as_bytes()) else {
+        panic!("sent");
+    };
+    assert_eq!(shown["requests"][0]["action"], "user");
+    assert_eq!(shown["requests"][0]["body"], json!({"u": "u 1"}));
+    let anon = r#"{"type":"track","anonymousId":"a1"}"#;
+    let Preview::Send(shown) = send::preview(&compiled, anon.as_bytes()) else {
+        panic!("sent");
+    };
+    assert_eq!(shown["requests"][0]["action"], "anon");
 }

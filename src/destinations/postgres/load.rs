@@ -1,13 +1,13 @@
 //! One batch into one schema's tables: the rows' values made to fit the columns' types,
-//! then per table a binary `COPY` into a temporary staging table and one
+//! then per table a binary `COPY` (`copy::encode`) into a temporary staging table and one
 //! `INSERT … SELECT … ON CONFLICT (id)` into the real one, all in the caller's
 //! transaction.
 
 use std::collections::{BTreeMap, HashMap};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Utc};
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use futures_util::SinkExt;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::Transaction;
 
@@ -101,8 +101,15 @@ pub fn lay_out<'a>(
         let mut columns: Vec<(String, ColumnType)> = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
         for row in &rows {
-            for (name, _) in &row.columns {
-                if let (false, Some(ty)) = (index.contains_key(name.as_str()), have.get(name)) {
+            for (k, (name, _)) in row.columns.iter().enumerate() {
+                // Rows of one table mostly have the same columns in the same order: a
+                // name at its place is known without hashing it.
+                if columns.get(k).is_some_and(|(known, _)| known == name)
+                    || index.contains_key(name.as_str())
+                {
+                    continue;
+                }
+                if let Some(ty) = have.get(name) {
                     index.insert(name, columns.len());
                     columns.push((name.clone(), *ty));
                 }
@@ -192,12 +199,14 @@ fn received_at(row: &Row) -> Option<DateTime<Utc>> {
     })
 }
 
-/// Copies `load` into `schema.table` within `tx`; `n` names its staging table.
+/// Copies `load` (its rows as `copy::encode` wrote them: `data`) into `schema.table`
+/// within `tx`; `n` names its staging table.
 pub async fn copy_table(
     tx: &Transaction<'_>,
     schema: &str,
     table: &str,
     load: &TableLoad<'_>,
+    data: Bytes,
     n: usize,
 ) -> Result<(), tokio_postgres::Error> {
     let stage = format!("fanout_stage_{n}");
@@ -213,19 +222,12 @@ pub async fn copy_table(
         defs.join(", ")
     ))
     .await?;
-    let types: Vec<Type> = load.columns.iter().map(|(_, ty)| pg_type(*ty)).collect();
     let sink = tx
-        .copy_in(&format!("COPY {stage} ({names}) FROM STDIN BINARY"))
+        .copy_in::<_, Bytes>(&format!("COPY {stage} ({names}) FROM STDIN BINARY"))
         .await?;
-    let writer = BinaryCopyInWriter::new(sink, &types);
-    futures_util::pin_mut!(writer);
-    let mut values: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(types.len());
-    for row in &load.rows {
-        values.clear();
-        values.extend(row.iter().map(|cell| cell as &(dyn ToSql + Sync)));
-        writer.as_mut().write(&values).await?;
-    }
-    writer.finish().await?;
+    futures_util::pin_mut!(sink);
+    sink.send(data).await?;
+    sink.finish().await?;
     tx.batch_execute(&insert(schema, table, load, &stage, &names))
         .await
 }
@@ -259,16 +261,6 @@ pub fn insert(schema: &str, table: &str, load: &TableLoad<'_>, stage: &str, name
         );
     }
     sql
-}
-
-fn pg_type(ty: ColumnType) -> Type {
-    match ty {
-        ColumnType::Text => Type::TEXT,
-        ColumnType::BigInt => Type::INT8,
-        ColumnType::Double => Type::FLOAT8,
-        ColumnType::Bool => Type::BOOL,
-        ColumnType::Timestamp => Type::TIMESTAMPTZ,
-    }
 }
 
 impl ToSql for Cell<'_> {

@@ -7,10 +7,12 @@
 //! them with `ON CONFLICT (id)` (`load`): `id` is the messageId, so a retried or replayed
 //! batch adds no row twice.
 
-mod catalog;
+pub mod catalog;
 mod connect;
+pub mod copy;
+pub mod erase;
 mod errors;
-mod load;
+pub mod load;
 pub mod schema;
 #[cfg(test)]
 mod tests;
@@ -24,8 +26,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{
-    secret_from_env, AnyDestination, BatchShape, Check, Destination, DestinationConfig, KeyError,
-    Kind, Outgoing, Prepared, Preview, SendError, Sending,
+    secret_from_env, AnyDestination, BatchShape, Check, Destination, DestinationConfig, Erasing,
+    KeyError, Kind, Outgoing, Prepared, Preview, SendError, Sending, Subject,
 };
 use crate::clock::Clock;
 use crate::queue::Checkpoint;
@@ -99,13 +101,13 @@ impl Kind for PostgresConfig {
 
     /// The rows and the schema they land in: the source's own under `"{source}"`.
     fn preview_from(&self, source: &str, message: &[u8], clock: Clock) -> anyhow::Result<Preview> {
-        let message: serde_json::Value = serde_json::from_slice(message)?;
+        let message = schema::node::parse(message)?;
         let schema = if self.schema == PER_SOURCE && source != PER_SOURCE {
             source_schema(source)
         } else {
             self.schema.clone()
         };
-        Ok(match schema::rows(&message, clock.now()) {
+        Ok(match schema::message_rows(&message, clock.now()) {
             Ok(rows) => Preview::Send(json!({
                 "schema": schema,
                 "rows": rows.iter().map(row_json).collect::<Vec<_>>(),
@@ -198,15 +200,28 @@ impl PostgresDestination {
             .collect();
         let mut mapped = mapped.iter();
         let mut by_schema: BTreeMap<Cow<'_, str>, Vec<&Row>> = BTreeMap::new();
+        // A batch is mostly of one source: its schema name is made once a run, not once
+        // a message.
+        let mut last: Option<(&str, Cow<'_, str>)> = None;
         for message in batch {
             let rows = match message.prepared {
                 Some(Prepared::Postgres(rows)) => rows,
                 _ => mapped.next().map_or(&[][..], Vec::as_slice),
             };
-            by_schema
-                .entry(self.schema_of(message.source))
-                .or_default()
-                .extend(rows);
+            let schema = match &last {
+                Some((source, schema)) if *source == message.source => schema,
+                _ => {
+                    &last
+                        .insert((message.source, self.schema_of(message.source)))
+                        .1
+                }
+            };
+            match by_schema.get_mut(schema.as_ref()) {
+                Some(list) => list.extend(rows),
+                None => {
+                    by_schema.insert(schema.clone(), rows.iter().collect());
+                }
+            }
         }
         let mut client = self
             .pool
@@ -240,14 +255,21 @@ impl PostgresDestination {
             let needs = load::needs(rows.iter().copied());
             let tables = self.catalog.ensure(client, schema, &needs).await?;
             let laid = load::lay_out(rows.iter().copied(), &tables, loaded_at, &mut mismatches);
+            let laid: Vec<_> = laid
+                .into_iter()
+                .map(|(table, load)| {
+                    let data = copy::encode(&table, &load, &mut mismatches);
+                    (table, load, data)
+                })
+                .collect();
             layouts.push((schema, laid));
         }
         self.warn(&mismatches);
         let tx = client.transaction().await?;
         let mut n = 0;
-        for (schema, tables) in &layouts {
-            for (table, laid) in tables {
-                load::copy_table(&tx, schema, table, laid, n).await?;
+        for (schema, tables) in layouts {
+            for (table, laid, data) in tables {
+                load::copy_table(&tx, schema, &table, &laid, data, n).await?;
                 n += 1;
             }
         }
@@ -277,9 +299,8 @@ impl PostgresDestination {
 }
 
 fn rows_of(message: &[u8], loaded_at: DateTime<Utc>) -> Result<Vec<Row>, String> {
-    let message: serde_json::Value =
-        serde_json::from_slice(message).map_err(|e| format!("not JSON: {e}"))?;
-    schema::rows(&message, loaded_at).map_err(|e| e.to_string())
+    let message = schema::node::parse(message).map_err(|e| format!("not JSON: {e}"))?;
+    schema::message_rows(&message, loaded_at).map_err(|e| e.to_string())
 }
 
 impl Destination for PostgresDestination {
@@ -295,5 +316,9 @@ impl Destination for PostgresDestination {
 
     fn send<'a>(&'a self, batch: &'a [Outgoing<'a>]) -> Sending<'a> {
         Box::pin(async move { self.load(batch).await.map(|()| 0) })
+    }
+
+    fn erase<'a>(&'a self, subject: &'a Subject) -> Erasing<'a> {
+        Box::pin(self.erase_subject(subject))
     }
 }

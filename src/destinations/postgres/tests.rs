@@ -214,6 +214,50 @@ fn values_are_converted_to_the_columns_types_or_stored_null_with_a_mismatch() {
     );
 }
 
+/// The binary COPY data of a table: header, each row's field count then each field's
+/// length and bytes (-1 for NULL) in Postgres's binary formats, the trailer.
+#[test]
+fn copy_data_is_postgres_binary_format() {
+    let id = Value::Text("m1".into());
+    let load = TableLoad {
+        upsert: false,
+        columns: vec![
+            ("id".into(), ColumnType::Text),
+            ("n".into(), ColumnType::BigInt),
+            ("x".into(), ColumnType::Double),
+            ("b".into(), ColumnType::Bool),
+            ("t".into(), ColumnType::Timestamp),
+        ],
+        rows: vec![vec![
+            Cell::Row(&id),
+            Cell::Made(Value::BigInt(3)),
+            Cell::Null,
+            Cell::Made(Value::Bool(true)),
+            // Postgres counts microseconds from 2000-01-01.
+            Cell::Made(Value::Timestamp(
+                Utc.with_ymd_and_hms(2000, 1, 1, 0, 0, 1).unwrap(),
+            )),
+        ]],
+    };
+    let mut mismatches = Vec::new();
+    let data = copy::encode("t", &load, &mut mismatches);
+    let mut want = b"PGCOPY\n\xff\r\n\0".to_vec();
+    want.extend([0; 8]);
+    want.extend(5i16.to_be_bytes());
+    want.extend(2i32.to_be_bytes());
+    want.extend(b"m1");
+    want.extend(8i32.to_be_bytes());
+    want.extend(3i64.to_be_bytes());
+    want.extend((-1i32).to_be_bytes());
+    want.extend(1i32.to_be_bytes());
+    want.push(1);
+    want.extend(8i32.to_be_bytes());
+    want.extend(1_000_000i64.to_be_bytes());
+    want.extend((-1i16).to_be_bytes());
+    assert_eq!(&data[..], &want[..]);
+    assert!(mismatches.is_empty());
+}
+
 #[test]
 fn users_rows_of_one_id_merge_latest_received_over_earlier() {
     let user = |received: i64, columns: Vec<(&str, Value)>| {

@@ -343,6 +343,29 @@ impl DeadLetters {
         matches!(self.0, Store::Local(_))
     }
 
+    /// Removes every letter whose message `matches` (a privacy suppression's subject),
+    /// of every destination; returns how many went.
+    pub async fn purge(&self, matches: impl Fn(&[u8]) -> bool) -> anyhow::Result<usize> {
+        let (mut after, mut purged) = (0, 0);
+        loop {
+            let page = self.list(None, after, MAX_PAGE).await?;
+            let ids: Vec<i64> = page
+                .dead_letters
+                .iter()
+                .filter(|letter| matches(letter.message.get().as_bytes()))
+                .map(|letter| letter.id)
+                .collect();
+            purged += ids.len();
+            if !ids.is_empty() {
+                self.remove(ids).await?;
+            }
+            match page.next {
+                Some(next) => after = next,
+                None => return Ok(purged),
+            }
+        }
+    }
+
     /// Removes letters: replayed rows that were delivered, blocked messages taken in again.
     pub async fn remove(&self, ids: Vec<i64>) -> anyhow::Result<()> {
         match &self.0 {

@@ -1,6 +1,6 @@
 //! One destination's acknowledgements on the shared log: which delivered messages it
-//! holds, which it has settled and must acknowledge, and the progress signals that keep
-//! JetStream from handing held messages to another instance.
+//! holds, and which it has settled and must acknowledge. (The progress signals that keep
+//! held messages here are `keepalive.rs`'s.)
 //!
 //! Each message is acknowledged on its own (`AckPolicy::Explicit`). Acknowledging "all up
 //! to here" would be cheaper, but after a fail-over it would also acknowledge messages
@@ -8,50 +8,16 @@
 //! only ever cost a duplicate.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::time::Duration;
+use std::sync::Arc;
 
 use async_nats::jetstream::AckKind;
 use async_nats::{Client, Subject};
-use tokio::time::Instant;
 
-/// A stream message as one consumer delivered it: where it is in the stream, the subject
-/// its acknowledgement goes to (a handle of a few dozen bytes, many may be held), and how
-/// many records it holds (a pack: one request's messages for one partition). Each record
-/// read carries one; the message is acknowledged once all of its records are settled.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    /// Which of the destination's consumers delivered it (a partition, or the replays).
-    pub consumer: u16,
-    /// The stream's incarnation it came from: a stream made again (a wiped server store)
-    /// numbers its messages from 1 again, and they are not the old ones.
-    pub epoch: u32,
-    /// Its sequence number in the stream.
-    pub sequence: u64,
-    pub(super) reply: Subject,
-    pub(super) records: u32,
-}
-
-/// Identifies a message across its deliveries.
-pub type DeliveryKey = (u16, u32, u64);
-
-impl Delivery {
-    pub fn key(&self) -> DeliveryKey {
-        (self.consumer, self.epoch, self.sequence)
-    }
-}
+use super::delivery::{send, Delivery, DeliveryKey};
+use super::keepalive::InFlight;
 
 /// Acknowledged keys remembered, to recognise a delivery that crossed its own ack.
 const RECENT: usize = 65_536;
-
-/// Sends one acknowledgement (`AckKind`'s wire form) for a delivery.
-pub(super) async fn send(
-    client: &Client,
-    reply: &Subject,
-    kind: AckKind,
-) -> Result<(), async_nats::Error> {
-    client.publish(reply.clone(), kind.into()).await?;
-    Ok(())
-}
 
 /// What a stopping destination gives back: the messages it holds, and which messages it
 /// settled recently. A copy of a settled one still on its way (the server delivers a
@@ -63,11 +29,37 @@ pub struct Handback {
     pub settled: HashSet<DeliveryKey>,
 }
 
-/// A stream message read and not settled: its newest delivery's reply subject, and how
-/// many of its records are not settled yet.
+/// A stream message read and not settled: its newest delivery's reply subject (the one
+/// its ack goes to), the delivery whose records go on, and how many of its records are
+/// not settled yet.
 struct Held {
     reply: Subject,
+    passing: Subject,
     unsettled: u32,
+}
+
+/// Enters a record of a message not just acknowledged: passed on when it belongs to the
+/// message's first delivery here; a later delivery's only renews the ack subject.
+fn admit(held: &mut HashMap<DeliveryKey, Held>, delivery: Delivery) -> Option<DeliveryKey> {
+    let key = delivery.key();
+    match held.get_mut(&key) {
+        Some(held) if held.passing == delivery.reply => Some(key),
+        Some(held) => {
+            held.reply = delivery.reply;
+            None
+        }
+        None => {
+            held.insert(
+                key,
+                Held {
+                    reply: delivery.reply.clone(),
+                    passing: delivery.reply,
+                    unsettled: delivery.records.max(1),
+                },
+            );
+            Some(key)
+        }
+    }
 }
 
 pub struct Acks {
@@ -79,52 +71,34 @@ pub struct Acks {
     /// Recently acknowledged, oldest first.
     recent: VecDeque<DeliveryKey>,
     recent_set: HashSet<DeliveryKey>,
-    /// Held messages are signalled "in progress" this often: well inside the ack wait.
-    ping_every: Duration,
-    next_ping: Instant,
+    /// What is kept alive until acknowledged.
+    in_flight: Arc<InFlight>,
 }
 
 impl Acks {
-    pub(super) fn new(client: Client, ack_wait: Duration) -> Acks {
-        let ping_every = ack_wait / 3;
+    pub(super) fn new(client: Client, in_flight: Arc<InFlight>) -> Acks {
         Acks {
             client,
             held: HashMap::new(),
             settled: Vec::new(),
             recent: VecDeque::new(),
             recent_set: HashSet::new(),
-            ping_every,
-            next_ping: Instant::now() + ping_every,
+            in_flight,
         }
     }
 
     /// A record delivered to the engine. `None` when its stream message was delivered
     /// again and is held already (the newer handle is kept) or was just acknowledged (it
     /// is acknowledged again, in case the first ack was lost): either way not sent twice.
-    /// The records of one delivery arrive one after another and share its reply subject.
+    /// Only the first delivery's records go on: a pack's repeat brings all its records
+    /// again, and every one of them is left out.
     pub fn read(&mut self, delivery: Delivery) -> Option<DeliveryKey> {
         let key = delivery.key();
         if self.recent_set.contains(&key) {
             self.settled.push((key, delivery.reply));
             return None;
         }
-        match self.held.get_mut(&key) {
-            Some(held) if held.reply == delivery.reply => Some(key),
-            Some(held) => {
-                held.reply = delivery.reply;
-                None
-            }
-            None => {
-                self.held.insert(
-                    key,
-                    Held {
-                        reply: delivery.reply,
-                        unsettled: delivery.records.max(1),
-                    },
-                );
-                Some(key)
-            }
-        }
+        admit(&mut self.held, delivery)
     }
 
     /// One record is delivered or durably dead-lettered; its stream message is settled
@@ -148,11 +122,6 @@ impl Acks {
         !self.settled.is_empty()
     }
 
-    /// When held messages next need their progress signal, if any are held.
-    pub fn ping_at(&self) -> Option<Instant> {
-        (!self.held.is_empty()).then_some(self.next_ping)
-    }
-
     /// Acknowledges everything settled. On an error the rest stay for the next commit.
     pub async fn commit(&mut self) -> Result<(), async_nats::Error> {
         while let Some((key, reply)) = self.settled.pop() {
@@ -160,23 +129,9 @@ impl Acks {
                 self.settled.push((key, reply));
                 return Err(e);
             }
+            self.in_flight.done(&key);
         }
         Ok(())
-    }
-
-    /// Tells the server the held messages are still being worked on, when that is due,
-    /// so that it does not give them to another instance after the ack wait.
-    pub async fn ping_if_due(&mut self) {
-        if Instant::now() < self.next_ping {
-            return;
-        }
-        self.next_ping = Instant::now() + self.ping_every;
-        for held in self.held.values() {
-            if let Err(e) = send(&self.client, &held.reply, AckKind::Progress).await {
-                tracing::warn!(error = %e, "cannot signal progress to NATS; held messages may be delivered again");
-                return;
-            }
-        }
     }
 
     /// Gives up the held messages (at stop), for the feed to hand back to the stream.
@@ -208,5 +163,39 @@ impl Acks {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pack(reply: &str) -> Delivery {
+        Delivery {
+            consumer: 3,
+            epoch: 0,
+            sequence: 42,
+            reply: Subject::from(reply),
+            records: 3,
+        }
+    }
+
+    #[test]
+    fn a_repeat_of_a_held_pack_passes_none_of_its_records() {
+        let mut held = HashMap::new();
+        let first: Vec<_> = (0..2).map(|_| admit(&mut held, pack("r1"))).collect();
+        // The repeat arrives between the first delivery's records.
+        let repeat: Vec<_> = (0..3).map(|_| admit(&mut held, pack("r2"))).collect();
+        let last = admit(&mut held, pack("r1"));
+        assert_eq!(first, vec![Some((3, 0, 42)); 2]);
+        assert_eq!(repeat, vec![None; 3], "a repeat's records are all left out");
+        assert_eq!(last, Some((3, 0, 42)));
+        let entry = &held[&(3, 0, 42)];
+        assert_eq!(
+            entry.reply,
+            Subject::from("r2"),
+            "acknowledged on the newest"
+        );
+        assert_eq!(entry.unsettled, 3);
     }
 }

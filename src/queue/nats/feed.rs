@@ -8,9 +8,17 @@
 //! client disconnects), so a newly pinned puller first catches up: it holds what arrives
 //! until the consumer's state shows every outstanding delivery came back to it, or the
 //! ack wait has passed, and then forwards in stream order. A clean stop hands over at
-//! once: it pauses the consumers, gives back (naks) what it holds in stream order,
-//! releases the pin, resumes.
+//! once: it pauses the consumers of its share, gives back (naks) what it holds in stream
+//! order, leaves the membership (the others start pulling its share), releases the pins,
+//! resumes.
+//!
+//! Spread: each instance pulls only the partitions the live members assign it
+//! (`members.rs`). When the assignment moves a partition, its old owner stops pulling
+//! between requests, gives back what it held unforwarded and releases its pin; the new
+//! owner, pulling all along, is pinned then and catches up as above: never two instances
+//! delivering one partition at once.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
@@ -18,8 +26,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::consumers::{destination_config, Registration};
-use super::pull::pull_into;
-use super::{acks, lag, Delivery, Handback, NatsQueue, GROUP};
+use super::keepalive::{keep_alive, InFlight};
+use super::pull::{pull_into, Shared};
+use super::startup::retried;
+use super::{delivery as wire, lag, Delivery, Handback, NatsQueue, GROUP};
 use crate::queue::Record;
 
 /// Records waiting between the pull tasks and the engine.
@@ -37,6 +47,9 @@ pub struct StreamFeed {
     stop: watch::Sender<bool>,
     pullers: Vec<JoinHandle<Vec<Delivery>>>,
     lag: JoinHandle<()>,
+    /// Everything delivered here and not acknowledged yet, kept alive by `keep_alive`.
+    in_flight: Arc<InFlight>,
+    keep_alive: JoinHandle<()>,
     /// Its consumers are made again if they go missing while it reads them.
     _registration: Registration,
 }
@@ -45,7 +58,11 @@ impl StreamFeed {
     /// Makes (or updates) the destination's consumers and starts pulling them.
     pub(super) async fn open(queue: NatsQueue, destination: &str) -> anyhow::Result<StreamFeed> {
         let settings = &queue.inner.settings;
+        let membership = queue.membership().await?;
+        membership.reads(destination);
+        let members = membership.members();
         let (tx, records) = mpsc::channel(CHANNEL);
+        let in_flight = Arc::new(InFlight::default());
         let (stop, stop_rx) = watch::channel(false);
         let mut consumers = Vec::new();
         let mut pullers = Vec::new();
@@ -54,22 +71,29 @@ impl StreamFeed {
         for index in 0..=settings.partitions {
             let config = destination_config(&queue.inner.names, settings, destination, index);
             let name = queue.inner.names.consumer(destination, index);
-            let consumer = queue
-                .inner
-                .stream
-                .create_consumer(config.clone())
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot create consumer `{name}` for destination `{destination}`: {e}"
-                    )
-                })?;
+            let consumer = retried("making a consumer", || async {
+                queue
+                    .inner
+                    .stream
+                    .create_consumer(config.clone())
+                    .await
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "cannot create consumer `{name}` for destination `{destination}`: {e}"
+                        )
+                    })
+            })
+            .await?;
             pullers.push(tokio::spawn(pull_into(
                 queue.clone(),
                 consumer,
                 index,
                 tx.clone(),
                 stop_rx.clone(),
+                Shared {
+                    members: members.clone(),
+                    in_flight: in_flight.clone(),
+                },
                 destination.to_string(),
             )));
             consumers.push(name);
@@ -81,7 +105,14 @@ impl StreamFeed {
             destination.to_string(),
             consumers.clone(),
         ));
+        let keep_alive = tokio::spawn(keep_alive(
+            in_flight.clone(),
+            queue.inner.client.clone(),
+            settings.ack_wait,
+        ));
         Ok(StreamFeed {
+            in_flight,
+            keep_alive,
             queue,
             destination: destination.to_string(),
             consumers,
@@ -92,6 +123,11 @@ impl StreamFeed {
             lag,
             _registration: registration,
         })
+    }
+
+    /// What is delivered here and not acknowledged yet (the acks take it off).
+    pub(super) fn in_flight(&self) -> Arc<InFlight> {
+        self.in_flight.clone()
     }
 
     /// Waits for a record. False if every pull task is gone (nothing more will come).
@@ -129,10 +165,12 @@ impl StreamFeed {
     /// settled acknowledged instead), pins released.
     pub async fn close(mut self, handback: Handback) {
         let stream = &self.queue.inner.stream;
+        // Only this instance's share: the others' partitions go on undisturbed.
+        let share = self.held_here().await;
         // nats-server reads the deadline against its own clock, so the system's it is.
         #[allow(clippy::disallowed_methods)]
         let until = time::OffsetDateTime::now_utc() + HANDOVER_PAUSE;
-        for name in &self.consumers {
+        for name in &share {
             if let Err(e) = stream.pause_consumer(name, until).await {
                 tracing::warn!(consumer = %name, error = %e, "cannot pause the consumer for the handover");
             }
@@ -150,6 +188,11 @@ impl StreamFeed {
         while let Some(record) = self.records.recv().await {
             returned.push(record.receipt);
         }
+        // The others take this instance's share now: pulling, they are pinned as soon
+        // as the pins are released below.
+        if let Ok(membership) = self.queue.membership().await {
+            membership.stops_reading(&self.destination).await;
+        }
         // The server delivers naked messages again in the order it got the naks.
         // (A message whose records were split between the engine and a puller is in both.)
         returned.sort_by_key(|d| d.key());
@@ -162,10 +205,10 @@ impl StreamFeed {
             } else {
                 AckKind::Nak(None)
             };
-            let _ = acks::send(client, &delivery.reply, kind).await;
+            let _ = wire::send(client, &delivery.reply, kind).await;
         }
         let _ = self.queue.inner.client.flush().await;
-        for name in &self.consumers {
+        for name in &share {
             if let Err(e) = stream.unpin_consumer(name, GROUP).await {
                 tracing::debug!(consumer = %name, error = %e, "cannot unpin the consumer");
             }
@@ -174,7 +217,25 @@ impl StreamFeed {
             }
         }
         self.lag.abort();
+        self.keep_alive.abort();
         tracing::debug!(destination = %self.destination, returned = count, "handed the consumers over");
+    }
+}
+
+impl StreamFeed {
+    /// The consumers that are this instance's share now.
+    async fn held_here(&self) -> Vec<String> {
+        let Ok(membership) = self.queue.membership().await else {
+            return self.consumers.clone();
+        };
+        let members = membership.members();
+        let members = members.borrow();
+        let partitions = self.queue.inner.settings.partitions;
+        (0..=partitions)
+            .zip(&self.consumers)
+            .filter(|(index, _)| members.owns(&self.destination, partitions, *index))
+            .map(|(_, name)| name.clone())
+            .collect()
     }
 }
 
@@ -185,5 +246,6 @@ impl Drop for StreamFeed {
             puller.abort();
         }
         self.lag.abort();
+        self.keep_alive.abort();
     }
 }

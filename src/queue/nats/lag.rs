@@ -8,7 +8,8 @@ use super::NatsQueue;
 const LAG_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Sets the destination's consumer gauges every `LAG_INTERVAL`: messages not yet
-/// delivered, delivered and not acknowledged, and delivered more than once.
+/// delivered, delivered and not acknowledged, and delivered more than once; and its
+/// partitions delivered here, of the live instances'.
 pub(super) async fn report_lag(queue: NatsQueue, destination: String, consumers: Vec<String>) {
     crate::metrics::install();
     let gauges = crate::metrics::ConsumerGauges::register(&destination);
@@ -27,6 +28,14 @@ pub(super) async fn report_lag(queue: NatsQueue, destination: String, consumers:
         }
         if complete {
             gauges.set(sums.0, sums.1, sums.2);
+        }
+        if let Some(membership) = queue.inner.membership.get() {
+            let partitions = queue.inner.settings.partitions;
+            let members = membership.members();
+            let held = (0..partitions)
+                .filter(|&k| members.borrow().owns(&destination, partitions, k))
+                .count();
+            crate::metrics::queue_share(membership.live_count(), Some((&destination, held)));
         }
         tokio::time::sleep(LAG_INTERVAL).await;
     }

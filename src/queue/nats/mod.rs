@@ -7,7 +7,9 @@
 //!   only once every pack has its publish acknowledgement (for R3, a quorum's).
 //! - Each destination reads each partition through a durable pull consumer shared by all
 //!   instances, with the `pinned_client` priority policy: one instance at a time
-//!   delivers a partition, so a user's messages keep their order across instances.
+//!   delivers a partition, so a user's messages keep their order across instances. The
+//!   live instances (`members.rs`) share each destination's partitions out, and each
+//!   pulls only its own.
 //! - The stream's retention is `interest`: a message goes once every destination's
 //!   consumer has acknowledged it. Replayed dead letters come back on `<stream>.r.<dest>`.
 //! - A stream or consumer that goes missing (a wiped server store) is made again while
@@ -17,12 +19,16 @@
 
 mod acks;
 mod consumers;
+mod delivery;
 mod feed;
+mod keepalive;
 mod lag;
+mod members;
 mod publish;
 mod pull;
 mod recover;
 mod retention;
+mod startup;
 mod unconfirmed;
 mod version;
 
@@ -37,10 +43,14 @@ use async_nats::jetstream::{self, stream};
 use async_nats::Subject;
 use futures_util::TryStreamExt;
 
-pub use acks::{Acks, Delivery, DeliveryKey, Handback};
+pub use acks::{Acks, Handback};
+pub use delivery::{Delivery, DeliveryKey};
 pub use feed::StreamFeed;
+pub use members::Membership;
 pub use pull::{ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER};
 pub use retention::ReplayError;
+/// For the other buckets made at start (regulations, limits): tried again like the queue's.
+pub use startup::retried as retried_at_start;
 
 use super::failing::Failing;
 use super::QueueConfig;
@@ -88,6 +98,8 @@ struct Inner {
     /// Why publishing fails now (a full stream, no quorum), until a publish or the
     /// probe succeeds.
     failing: Failing,
+    /// This instance among the others on the stream, joined when it first delivers.
+    membership: tokio::sync::OnceCell<Membership>,
     /// Bytes the stream holds, as last seen.
     held_bytes: AtomicU64,
     /// Size of the last request refused for a full stream (0: none since a success).
@@ -147,6 +159,8 @@ struct StreamSettings {
     partitions: u16,
     ack_wait: Duration,
     max_bytes: u64,
+    replicas: usize,
+    members: members::Timing,
 }
 
 impl NatsQueue {
@@ -163,11 +177,26 @@ impl NatsQueue {
             .timeout(config.publish_timeout)
             .max_ack_inflight(65_536)
             .build(client.clone());
-        js.query_account().await.with_context(|| {
-            format!("NATS at {servers} answers, but JetStream is not available to this account")
-        })?;
-        let names = Names::new(&config.stream, config.partitions);
-        let stream = ensure_stream(&js, &names, config, max_bytes).await?;
+        // A cluster just started may take a moment to answer: only a timeout is retried.
+        startup::retried("asking for the JetStream account", || async {
+            js.query_account().await.map(drop).map_err(|e| {
+                let timed_out = e.kind() == jetstream::context::AccountErrorKind::TimedOut;
+                let error = anyhow::anyhow!(
+                    "NATS at {servers} answers, but JetStream is not available to this account: {e}"
+                );
+                if timed_out {
+                    error
+                } else {
+                    startup::Refused(format!("{error:#}")).into()
+                }
+            })
+        })
+        .await?;
+        let (stream, partitions) = startup::retried("opening the stream", || {
+            ensure_stream(&js, config, max_bytes)
+        })
+        .await?;
+        let names = Names::new(&config.stream, partitions);
         let info = stream.cached_info();
         let seen = recover::Seen {
             created: info.created,
@@ -178,7 +207,7 @@ impl NatsQueue {
             servers,
             stream = %names.stream,
             replicas = config.replicas,
-            partitions = config.partitions,
+            partitions,
             "queue on NATS JetStream"
         );
         let inner = Arc::new(Inner {
@@ -186,6 +215,7 @@ impl NatsQueue {
             js,
             stream,
             wanted: stream_config(&names, config, max_bytes),
+            membership: tokio::sync::OnceCell::new(),
             consumers: Arc::default(),
             dead_letters: Mutex::new(None),
             epoch: AtomicU32::new(0),
@@ -198,9 +228,14 @@ impl NatsQueue {
             unconfirmed: unconfirmed::Unconfirmed::new(config.duplicate_window),
             names,
             settings: StreamSettings {
-                partitions: config.partitions,
+                partitions,
                 ack_wait: config.ack_wait,
                 max_bytes,
+                replicas: config.replicas,
+                members: members::Timing {
+                    heartbeat: config.member_heartbeat,
+                    ttl: config.member_ttl,
+                },
             },
             failing: Failing::new(
                 "publishing to NATS fails; ingest answers 503 and /ready 503 until it works",
@@ -246,10 +281,28 @@ impl NatsQueue {
         self.inner.held_bytes.load(Ordering::Relaxed)
     }
 
-    /// Attaches a destination: its consumers (made if missing), read into one feed.
+    /// This instance's membership among those sharing the stream (joined on first use):
+    /// how many are live, for what is split between them.
+    pub async fn membership(&self) -> anyhow::Result<&Membership> {
+        let inner = &self.inner;
+        inner
+            .membership
+            .get_or_try_init(|| {
+                Membership::join(
+                    &inner.js,
+                    &inner.names.stream,
+                    inner.settings.replicas,
+                    inner.settings.members,
+                )
+            })
+            .await
+    }
+
+    /// Attaches a destination: its consumers (made if missing), read into one feed that
+    /// delivers this instance's share of its partitions.
     pub async fn subscribe(&self, destination: &str) -> anyhow::Result<(StreamFeed, Acks)> {
         let feed = StreamFeed::open(self.clone(), destination).await?;
-        let acks = Acks::new(self.inner.client.clone(), self.inner.settings.ack_wait);
+        let acks = Acks::new(self.inner.client.clone(), feed.in_flight());
         Ok((feed, acks))
     }
 
@@ -263,10 +316,13 @@ impl NatsQueue {
         let name = config.name.clone();
         let context = || format!("cannot open the dead-letter stream `{name}`");
         let js = &self.inner.js;
-        js.create_or_update_stream(config.clone())
-            .await
-            .with_context(context)?;
-        let stream = js.get_stream(&name).await.with_context(context)?;
+        let stream = startup::retried("opening the dead-letter stream", || async {
+            js.create_or_update_stream(config.clone())
+                .await
+                .with_context(context)?;
+            js.get_stream(&name).await.with_context(context)
+        })
+        .await?;
         *self.inner.dead_letters.lock().expect("poisoned") = Some(config);
         Ok(stream)
     }
@@ -388,55 +444,72 @@ fn stream_config(names: &Names, config: &QueueConfig, max_bytes: u64) -> stream:
         storage: stream::StorageType::File,
         num_replicas: config.replicas,
         duplicate_window: config.duplicate_window,
-        metadata: HashMap::from([(PARTITIONS_KEY.to_string(), config.partitions.to_string())]),
+        metadata: HashMap::from([(
+            PARTITIONS_KEY.to_string(),
+            names.partitions.len().to_string(),
+        )]),
         ..Default::default()
     }
 }
 
-/// Creates the stream, or checks that the one there is fanout's with the same
-/// partitions (and brings its limits and replicas in line with the config).
+/// Creates the stream, or checks that the one there is fanout's with the partitions
+/// asked for (and brings its limits and replicas in line with the config). Returns it
+/// with its partition count: `queue.partitions`, or unset, an existing stream's own or
+/// 32 for a new one. Safe to run again after any failure (another instance may be
+/// making the stream at the same moment).
 async fn ensure_stream(
     js: &jetstream::Context,
-    names: &Names,
     config: &QueueConfig,
     max_bytes: u64,
-) -> anyhow::Result<stream::Stream> {
-    let wanted = stream_config(names, config, max_bytes);
-    let name = &names.stream;
+) -> anyhow::Result<(stream::Stream, u16)> {
+    let name = &config.stream;
     let mut stream = match js.get_stream(name).await {
         Ok(stream) => stream,
         Err(e) if is_not_found(&e) => {
+            let partitions = config
+                .partitions
+                .unwrap_or(super::config::DEFAULT_PARTITIONS);
+            let names = Names::new(name, partitions);
             let stream = js
-                .create_stream(wanted)
+                .create_stream(stream_config(&names, config, max_bytes))
                 .await
                 .with_context(|| format!("cannot create stream `{name}`"))?;
-            tracing::info!(stream = %name, "created the stream");
+            tracing::info!(stream = %name, partitions, "created the stream");
             wait_for_leader(stream.clone()).await;
-            return Ok(stream);
+            return Ok((stream, partitions));
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read stream `{name}`")),
     };
     let have = stream.cached_info().config.clone();
+    let made_with = have.metadata.get(PARTITIONS_KEY);
+    let partitions = match (
+        made_with.and_then(|p| p.parse::<u16>().ok()),
+        config.partitions,
+    ) {
+        (Some(have), Some(want)) if have == want => have,
+        (Some(have), None) => have,
+        (_, want) => {
+            return Err(startup::Refused(format!(
+                "stream `{name}` was made with {} partitions and queue.partitions is {}: the \
+                 partitions of a stream cannot change (use a new queue.stream)",
+                made_with.map_or("an unknown number of", String::as_str),
+                want.map_or_else(|| "not set".to_string(), |p| p.to_string()),
+            ))
+            .into())
+        }
+    };
+    let wanted = stream_config(&Names::new(name, partitions), config, max_bytes);
     let mut have_subjects = have.subjects.clone();
     have_subjects.sort();
     let mut want_subjects = wanted.subjects.clone();
     want_subjects.sort();
     if have_subjects != want_subjects || have.retention != stream::RetentionPolicy::Interest {
-        anyhow::bail!(
+        return Err(startup::Refused(format!(
             "stream `{name}` exists but is not fanout's (subjects {:?}, retention {:?}; fanout \
              needs {want_subjects:?} with interest retention): choose another queue.stream",
-            have.subjects,
-            have.retention
-        );
-    }
-    let partitions = have.metadata.get(PARTITIONS_KEY);
-    if partitions != Some(&config.partitions.to_string()) {
-        anyhow::bail!(
-            "stream `{name}` was made with {} partitions and queue.partitions is {}: the \
-             partitions of a stream cannot change (use a new queue.stream)",
-            partitions.map_or("an unknown number of", String::as_str),
-            config.partitions
-        );
+            have.subjects, have.retention
+        ))
+        .into());
     }
     let differs = have.max_bytes != wanted.max_bytes
         || have.num_replicas != wanted.num_replicas
@@ -449,7 +522,7 @@ async fn ensure_stream(
         stream.info().await?;
         tracing::info!(stream = %name, replicas = config.replicas, max_bytes, "updated the stream's settings");
     }
-    Ok(stream)
+    Ok((stream, partitions))
 }
 
 /// A new replicated stream takes a moment to elect its leader; publishes meanwhile fail.

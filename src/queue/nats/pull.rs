@@ -1,8 +1,10 @@
-//! The pullers behind a `StreamFeed`: one task per consumer, pulling only while the
-//! engine keeps up, catching up when newly pinned, and decoding each stream message
-//! into the records the engine reads.
+//! The pullers behind a `StreamFeed`: one task per consumer, pulling only while its
+//! partition is this instance's share and the engine keeps up, catching up when newly
+//! pinned, handing over when the share moves, and decoding each stream message into the
+//! records the engine reads.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer;
@@ -11,7 +13,9 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::{Delivery, NatsQueue, GROUP};
+use super::keepalive::InFlight;
+use super::members::Members;
+use super::{delivery as wire, Delivery, NatsQueue, GROUP};
 use crate::queue::record::{read_record, ReadOutcome};
 use crate::queue::{Earlier, Record};
 use crate::throttle::LogThrottle;
@@ -35,6 +39,14 @@ const PULL_MAX_BYTES: usize = 4 << 20;
 /// A stopping feed keeps reading what was already sent to it until this much silence.
 const DRAIN_QUIET: Duration = Duration::from_millis(150);
 
+/// What a feed's pullers share: the live members, which say whose share each partition
+/// is, and the messages in flight, kept alive until acknowledged or given back.
+#[derive(Clone)]
+pub(super) struct Shared {
+    pub members: watch::Receiver<Members>,
+    pub in_flight: Arc<InFlight>,
+}
+
 /// Pulls one consumer into the channel until stopped; then keeps what was already sent
 /// to it (until `DRAIN_QUIET` passes without more) and returns that, to be given back.
 pub(super) async fn pull_into(
@@ -43,6 +55,7 @@ pub(super) async fn pull_into(
     index: u16,
     records: mpsc::Sender<Record<Delivery>>,
     stop: watch::Receiver<bool>,
+    Shared { members, in_flight }: Shared,
     destination: String,
 ) -> Vec<Delivery> {
     let name = consumer.cached_info().name.clone();
@@ -62,6 +75,8 @@ pub(super) async fn pull_into(
         index,
         records,
         stop,
+        members,
+        in_flight,
         destination,
         errors: LogThrottle::new(Duration::from_secs(30)),
         pin: None,
@@ -84,6 +99,10 @@ struct Puller {
     index: u16,
     records: mpsc::Sender<Record<Delivery>>,
     stop: watch::Receiver<bool>,
+    /// The live instances: whose share this partition is.
+    members: watch::Receiver<Members>,
+    /// What is kept alive until acknowledged or given back.
+    in_flight: Arc<InFlight>,
     destination: String,
     ack_wait: Duration,
     errors: LogThrottle,
@@ -136,6 +155,11 @@ impl Puller {
             }
         };
         loop {
+            // Between requests nothing is on its way here: the hand-over leaves no request
+            // at the server that could pin this instance again.
+            if !self.owned() && !self.sit_out().await {
+                return self.give_back(Some(replies)).await;
+            }
             // Between requests nothing is on its way here, so the catch-up check is exact.
             if self.catch_up.is_some() && !self.check_caught_up().await {
                 return self.give_back(Some(replies)).await;
@@ -149,6 +173,7 @@ impl Puller {
             if full {
                 tokio::select! {
                     _ = tokio::time::sleep(CATCH_UP_CHECK) => {}
+                    _ = self.members.changed() => continue,
                     _ = stopped(&mut self.stop) => return self.give_back(Some(replies)).await,
                 }
             }
@@ -156,6 +181,7 @@ impl Puller {
             let room = tokio::select! {
                 biased;
                 _ = stopped(&mut self.stop) => false,
+                _ = self.members.changed() => continue,
                 room = self.records.reserve_many(PULL_ROOM) => room.is_ok(),
             };
             if !room {
@@ -217,6 +243,12 @@ impl Puller {
                         self.pin = None;
                         break;
                     }
+                    // No consumer leader yet (a consumer just made, a node restarting):
+                    // routine at start-up, not worth a warning per partition.
+                    Some(async_nats::StatusCode::NO_RESPONDERS) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        break;
+                    }
                     Some(status) => {
                         let why = message
                             .description
@@ -238,6 +270,64 @@ impl Puller {
                 }
             }
         }
+    }
+
+    /// Whether this partition is this instance's share now.
+    fn owned(&self) -> bool {
+        let partitions = self.queue.inner.settings.partitions;
+        self.members
+            .borrow()
+            .owns(&self.destination, partitions, self.index)
+    }
+
+    /// The partition is another instance's share now: hands it over, and waits until it
+    /// is this one's again. False once stopping.
+    async fn sit_out(&mut self) -> bool {
+        self.release().await;
+        loop {
+            if self.owned() {
+                return true;
+            }
+            tokio::select! {
+                changed = self.members.changed() => if changed.is_err() {
+                    stopped(&mut self.stop).await;
+                    return false;
+                },
+                _ = stopped(&mut self.stop) => return false,
+            }
+        }
+    }
+
+    /// Gives back (in stream order) what was held here unforwarded, and releases this
+    /// instance's pin, so that the new owner is pinned at once; it catches up on what the
+    /// engine here still delivers before passing anything on, which keeps a user's order.
+    async fn release(&mut self) {
+        if let Some(catch_up) = self.catch_up.take() {
+            for records in catch_up.held.into_values() {
+                if let Some(record) = records.first() {
+                    let _ =
+                        wire::send(&self.client, &record.receipt.reply, AckKind::Nak(None)).await;
+                }
+            }
+        }
+        let Some(pin) = self.pin.take() else {
+            return;
+        };
+        // Only a pin this instance still holds: past the priority timeout it may be the
+        // new owner's already.
+        let ours = self.consumer.get_info().await.is_ok_and(|info| {
+            info.priority_groups
+                .iter()
+                .any(|g| g.pinned_client_id.as_deref() == Some(pin.as_str()))
+        });
+        if ours {
+            let stream = &self.queue.inner.stream;
+            if let Err(e) = stream.unpin_consumer(&self.name, GROUP).await {
+                self.warn("cannot release the pin; it lapses by itself", &e);
+            }
+        }
+        tracing::debug!(destination = %self.destination, consumer = %self.name,
+            "partition handed over to another instance");
     }
 
     /// What its deliveries are told apart by: the consumer, and the stream's incarnation.
@@ -263,6 +353,9 @@ impl Puller {
         else {
             return true;
         };
+        if let Some(record) = records.first() {
+            self.in_flight.delivered(&record.receipt);
+        }
         if pin.is_some() && pin != self.pin {
             self.pin = pin;
             self.catch_up = Some(CatchUp {

@@ -1,25 +1,30 @@
 //! Nested JSON objects to columns: `{"address": {"street": …}}` → `address_street`.
 
-use serde_json::{Map, Value as Json};
-
-use super::snake::identifier;
-use super::types::{infer, Value};
+use super::names::column_name;
+use super::node::{Node, Object};
+use super::types::{infer_node, Value};
 
 /// The columns of one row, in the order they were added; a name is taken once.
 #[derive(Debug, Default)]
 pub struct Columns {
     pub list: Vec<(String, Value)>,
+    /// A bit per name in `list` (see `bit`): most names are new, and one look at a bit
+    /// says so without comparing them with the fifty names a row has.
+    seen: [u64; 4],
 }
 
 impl Columns {
     pub fn has(&self, name: &str) -> bool {
-        self.list.iter().any(|(n, _)| n == name)
+        let (word, mask) = bit(name);
+        self.seen[word] & mask != 0 && self.list.iter().any(|(n, _)| n == name)
     }
 
     /// Adds the column unless the name is taken: two keys can snake-case (or cut) to the
     /// same name (`accountType` and `account_type`), and a row names a column once.
     pub fn add(&mut self, name: String, value: Value) {
         if !self.has(&name) {
+            let (word, mask) = bit(&name);
+            self.seen[word] |= mask;
             self.list.push((name, value));
         }
     }
@@ -32,10 +37,22 @@ impl Columns {
     }
 }
 
+/// The bit of `seen` a name sets: from its length, last and middle bytes, which is cheap
+/// and tells apart most names of a row (`context_page_url`, `context_page_path`, …).
+fn bit(name: &str) -> (usize, u64) {
+    let b = name.as_bytes();
+    let at = |i: usize| u32::from(b.get(i).copied().unwrap_or(0));
+    let h = (b.len() as u32).wrapping_mul(0x9E37_79B9)
+        ^ at(b.len().wrapping_sub(1)).wrapping_mul(0x85EB_CA6B)
+        ^ at(b.len() / 2).wrapping_mul(0xC2B2_AE35);
+    let bit = (h >> 24) as usize;
+    (bit / 64, 1 << (bit % 64))
+}
+
 /// Adds every non-null leaf of `object` as a column named by its key path joined with
 /// `_` after `prefix`, snake-cased; names `dropped` refuses (reserved columns) are left out.
 pub fn flatten(
-    object: &Map<String, Json>,
+    object: &Object<'_>,
     prefix: &str,
     dropped: &dyn Fn(&str) -> bool,
     out: &mut Columns,
@@ -44,24 +61,21 @@ pub fn flatten(
     walk(object, &mut path, dropped, out);
 }
 
-fn walk(
-    object: &Map<String, Json>,
-    path: &mut String,
-    dropped: &dyn Fn(&str) -> bool,
-    out: &mut Columns,
-) {
+fn walk(object: &Object<'_>, path: &mut String, dropped: &dyn Fn(&str) -> bool, out: &mut Columns) {
     let start = path.len();
-    for (key, value) in object {
+    for (key, value) in &object.members {
         path.truncate(start);
         if start > 0 {
             path.push('_');
         }
         path.push_str(key);
         match value {
-            Json::Object(inner) => walk(inner, path, dropped, out),
+            Node::Object(inner) => walk(inner, path, dropped, out),
             _ => {
-                let Some(value) = infer(value) else { continue };
-                let Some(name) = identifier(path) else {
+                let Some(value) = infer_node(value) else {
+                    continue;
+                };
+                let Some(name) = column_name(path) else {
                     continue;
                 };
                 if !dropped(&name) {

@@ -5,14 +5,17 @@
 //! Facts from Segment's "Warehouse Schemas" docs; see `../shared/docs/warehouse.md`.
 
 mod flatten;
+mod names;
+pub mod node;
 mod snake;
 mod types;
 
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value as Json};
+use serde_json::Value as Json;
 
 use crate::message::MessageType;
 use flatten::{flatten, Columns};
+use node::{Node, Object};
 
 pub use snake::{identifier, snakecase, MAX_IDENTIFIER};
 pub use types::{convert, infer, ColumnType, Value};
@@ -97,24 +100,27 @@ pub fn event_table(event: &str) -> Option<String> {
     Some(prefixed)
 }
 
+/// Every row one message becomes (see `message_rows`), from its parsed JSON.
+pub fn rows(message: &Json, loaded_at: DateTime<Utc>) -> Result<Vec<Row>, RowError> {
+    // Written out and read in place: one mapping for parsed and stored messages alike.
+    let text = serde_json::to_vec(message).expect("a JSON value always writes");
+    let message = node::parse(&text).expect("JSON serde_json wrote reads back");
+    message_rows(&message, loaded_at)
+}
+
 /// Every row one stored message becomes: track → `tracks` + `<event>`; identify →
 /// `identifies` + `users` (when it has a userId); page → `pages`; screen → `screens`;
 /// group → `groups`; alias → `aliases`. `loaded_at` fills `uuid_ts`.
-pub fn rows(message: &Json, loaded_at: DateTime<Utc>) -> Result<Vec<Row>, RowError> {
-    let Json::Object(m) = message else {
+pub fn message_rows(message: &Node<'_>, loaded_at: DateTime<Utc>) -> Result<Vec<Row>, RowError> {
+    let Node::Object(m) = message else {
         return Err(error("message", "is not a JSON object"));
     };
-    let kind = m
-        .get("type")
-        .and_then(Json::as_str)
-        .and_then(MessageType::parse)
-        .ok_or(error(
-            "type",
-            "is not one of identify, track, page, screen, group, alias",
-        ))?;
+    let kind = m.str("type").and_then(MessageType::parse).ok_or(error(
+        "type",
+        "is not one of identify, track, page, screen, group, alias",
+    ))?;
     let id = m
-        .get("messageId")
-        .and_then(Json::as_str)
+        .str("messageId")
         .filter(|id| !id.is_empty())
         .ok_or(error("messageId", "is missing or not a non-empty string"))?;
     let received_at = time(m, "receivedAt").ok_or(error(
@@ -134,40 +140,34 @@ pub fn rows(message: &Json, loaded_at: DateTime<Utc>) -> Result<Vec<Row>, RowErr
     let original = time(m, "originalTimestamp").or(event_time);
     row.add_some("original_timestamp", original.map(Value::Timestamp));
     row.add("uuid_ts".into(), Value::Timestamp(loaded_at));
-    if let Some(Json::Object(context)) = m.get("context") {
+    if let Some(context) = m.object("context") {
         flatten(context, "context", &|_| false, &mut row);
     }
     let custom = |row: &mut Columns, key: &str| {
-        if let Some(Json::Object(object)) = m.get(key) {
+        if let Some(object) = m.object(key) {
             flatten(object, "", &|name| reserved(kind, name), row);
         }
     };
 
-    let table = |name: &str, row: Columns| Row {
+    let table = |name: &str, columns: Vec<(String, Value)>| Row {
         table: name.to_owned(),
-        columns: row.list,
+        columns,
         upsert: false,
     };
     Ok(match kind {
         MessageType::Track => {
             let event = m
-                .get("event")
-                .and_then(Json::as_str)
+                .str("event")
                 .ok_or(error("event", "is missing or not a string"))?;
             let event_table = event_table(event);
             let column = identifier(event);
             row.add_some("event", column.map(Value::Text));
             row.add("event_text".into(), Value::Text(event.into()));
-            let tracks = table(
-                "tracks",
-                Columns {
-                    list: row.list.clone(),
-                },
-            );
+            let tracks = table("tracks", row.list.clone());
             match event_table {
                 Some(name) => {
                     custom(&mut row, "properties");
-                    vec![tracks, table(&name, row)]
+                    vec![tracks, table(&name, row.list)]
                 }
                 None => vec![tracks],
             }
@@ -181,11 +181,11 @@ pub fn rows(message: &Json, loaded_at: DateTime<Utc>) -> Result<Vec<Row>, RowErr
                 custom(&mut users, "traits");
             }
             custom(&mut row, "traits");
-            let mut rows = vec![table("identifies", row)];
+            let mut rows = vec![table("identifies", row.list)];
             if !users.list.is_empty() {
                 rows.push(Row {
                     upsert: true,
-                    ..table("users", users)
+                    ..table("users", users.list)
                 });
             }
             rows
@@ -201,18 +201,18 @@ pub fn rows(message: &Json, loaded_at: DateTime<Utc>) -> Result<Vec<Row>, RowErr
             } else {
                 "screens"
             };
-            vec![table(name, row)]
+            vec![table(name, row.list)]
         }
         MessageType::Group => {
             row.add_some("group_id", id_text(m.get("groupId")));
             custom(&mut row, "traits");
-            vec![table("groups", row)]
+            vec![table("groups", row.list)]
         }
         MessageType::Alias => {
             row.add_some("previous_id", id_text(m.get("previousId")));
             // Segment's docs: the aliases table has the traits sent with the call.
             custom(&mut row, "traits");
-            vec![table("aliases", row)]
+            vec![table("aliases", row.list)]
         }
     })
 }
@@ -222,21 +222,21 @@ fn error(field: &'static str, problem: &'static str) -> RowError {
 }
 
 /// A message's own date-time field, read as ingest reads it.
-fn time(m: &Map<String, Json>, key: &str) -> Option<DateTime<Utc>> {
-    m.get(key)
-        .and_then(Json::as_str)
-        .and_then(crate::timestamp::parse)
+fn time(m: &Object<'_>, key: &str) -> Option<DateTime<Utc>> {
+    m.str(key).and_then(crate::timestamp::parse)
 }
 
 /// An id or name field as text: strings as they are, numbers as written; empty or other
 /// values make no column.
-fn id_text(value: Option<&Json>) -> Option<Value> {
+fn id_text(value: Option<&Node<'_>>) -> Option<Value> {
     match value? {
-        Json::String(s) if !s.is_empty() => Some(Value::Text(s.clone())),
-        Json::Number(n) => Some(Value::Text(n.to_string())),
+        Node::Str(s) if !s.is_empty() => Some(Value::Text(s.as_ref().into())),
+        Node::Number(n) => Some(Value::Text(n.to_string())),
         _ => None,
     }
 }
 
+#[cfg(test)]
+mod oracle;
 #[cfg(test)]
 mod tests;

@@ -12,24 +12,12 @@ pub const MAX_IDENTIFIER: usize = 63;
 /// `5test`, `edf_6N` → `edf_6n`). The result holds only `[a-z0-9_]`.
 pub fn snakecase(s: &str) -> String {
     let b = s.as_bytes();
-    let mut i = 0;
-    let mut has_lower = false;
-    let mut has_underscore = false;
-    let mut lower_since_underscore = false;
-    while i < b.len() {
-        let c = b[i];
-        if c.is_ascii_lowercase() {
-            has_lower = true;
-            lower_since_underscore |= has_underscore;
-        } else if c.is_ascii_digit() {
-        } else if c == b'_' && i > 0 && b.get(i + 1).is_some_and(|&n| is_lower_or_digit(n)) {
-            has_underscore = true;
-            lower_since_underscore = false;
-        } else {
-            break;
-        }
-        i += 1;
-    }
+    let Kept {
+        len: mut i,
+        has_lower,
+        has_underscore,
+        lower_since_underscore,
+    } = kept(b);
     if i == b.len() {
         return s.to_owned();
     }
@@ -49,6 +37,46 @@ pub fn snakecase(s: &str) -> String {
         i = word(b, i, &mut out);
     }
     out
+}
+
+/// The leading run go-snakecase keeps as it is, and what it holds.
+struct Kept {
+    len: usize,
+    has_lower: bool,
+    has_underscore: bool,
+    lower_since_underscore: bool,
+}
+
+fn kept(b: &[u8]) -> Kept {
+    let mut i = 0;
+    let mut has_lower = false;
+    let mut has_underscore = false;
+    let mut lower_since_underscore = false;
+    while i < b.len() {
+        let c = b[i];
+        if c.is_ascii_lowercase() {
+            has_lower = true;
+            lower_since_underscore |= has_underscore;
+        } else if c.is_ascii_digit() {
+        } else if c == b'_' && i > 0 && b.get(i + 1).is_some_and(|&n| is_lower_or_digit(n)) {
+            has_underscore = true;
+            lower_since_underscore = false;
+        } else {
+            break;
+        }
+        i += 1;
+    }
+    Kept {
+        len: i,
+        has_lower,
+        has_underscore,
+        lower_since_underscore,
+    }
+}
+
+/// Whether `s` is its own snake case (`snakecase(s) == s`), found without allocating.
+pub fn is_snakecase(s: &str) -> bool {
+    kept(s.as_bytes()).len == s.len()
 }
 
 fn is_lower_or_digit(c: u8) -> bool {

@@ -749,3 +749,104 @@ proptest! {
         }
     }
 }
+
+/// The rows of a message's text, read in place, and as the first `rows` read it (from an
+/// owned `serde_json::Value`): both, or neither.
+fn rows_both_ways(text: &str) -> (Option<Vec<Row>>, Option<Vec<Row>>) {
+    let read = node::parse(text.as_bytes()).ok();
+    let owned: Option<Json> = serde_json::from_str(text).ok();
+    assert_eq!(
+        read.is_some(),
+        owned.is_some(),
+        "parsed one way only: {text}"
+    );
+    let (Some(read), Some(owned)) = (read, owned) else {
+        return (None, None);
+    };
+    (
+        message_rows(&read, loaded()).ok(),
+        super::oracle::rows(&owned, loaded()).ok(),
+    )
+}
+
+#[test]
+fn messages_read_in_place_make_the_rows_of_the_owned_reading() {
+    for file in [
+        "segment_node__ok.jsonl",
+        "segment_python__ok.jsonl",
+        "segment_python__ok_gzip.jsonl",
+    ] {
+        for message in stored_capture(file) {
+            let (read, owned) = rows_both_ways(&message.to_string());
+            assert!(read.is_some(), "{file}: {message}");
+            assert_eq!(read, owned, "{file}: {message}");
+        }
+    }
+    // Repeated keys (the last one counts, at its sorted place), escapes in keys and
+    // values, arrays written as serde_json writes them, numbers past i64.
+    let text = r#"{"type":"track","event":"A\u0062","messageId":"m","receivedAt":"2026-01-01T00:00:00Z",
+        "properties":{"b":1,"a":{"y":2,"x":3},"b":"two","k\u0065y":"v\"w","list":[ {"z":1,"a":2.50}, 1E2 ],
+        "big":18446744073709551615,"neg":-9223372036854775808,"frac":1.0},
+        "type":"track","userId":12.5,"context":{"a":null,"a":{"b":true}}}"#;
+    let (read, owned) = rows_both_ways(text);
+    let read = read.unwrap();
+    assert_eq!(Some(&read), owned.as_ref());
+    assert_eq!(read[1].table, "ab");
+    assert_eq!(read[1].get("b"), Some(&Value::Text("two".into())));
+    assert_eq!(read[1].get("key"), Some(&Value::Text("v\"w".into())));
+    assert_eq!(
+        read[1].get("list"),
+        Some(&Value::Json(r#"[{"a":2.5,"z":1},100.0]"#.into()))
+    );
+    assert_eq!(
+        read[1].get("big"),
+        Some(&Value::Double(18446744073709551615.0))
+    );
+    assert_eq!(read[0].get("user_id"), Some(&Value::Text("12.5".into())));
+    assert_eq!(read[0].get("context_a_b"), Some(&Value::Bool(true)));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+
+    /// Any message text, read in place, makes exactly the rows (names, order, values) or
+    /// the refusal the owned reading makes.
+    #[test]
+    fn any_text_read_in_place_makes_the_rows_of_the_owned_reading(
+        custom in testgen::object(false),
+        context in testgen::object(false),
+        fields in prop::collection::vec(testgen::value(false), 4),
+        kind in prop::sample::select(vec!["track", "identify", "page", "screen", "group", "alias"]),
+        // Numbers no float holds too: both readings refuse them.
+        whole in testgen::value(true),
+    ) {
+        let text = format!(
+            r#"{{"type":"{kind}","messageId":"m","receivedAt":"2026-01-01T00:00:00Z",
+                "event":{},"userId":{},"name":{},"timestamp":{},"context":{context},
+                "properties":{custom},"traits":{custom}}}"#,
+            fields[0], fields[1], fields[2], fields[3],
+        );
+        let (read, owned) = rows_both_ways(&text);
+        prop_assert_eq!(read, owned);
+        let (read, owned) = rows_both_ways(&whole);
+        prop_assert_eq!(read, owned);
+    }
+}
+
+/// A row names a column once, the first value kept, however many names it has.
+#[test]
+fn columns_take_each_name_once() {
+    let mut columns = super::flatten::Columns::default();
+    let names: Vec<String> = (0..300)
+        .map(|n| format!("c{}_{n}", "x".repeat(n % 7)))
+        .collect();
+    for round in 0..2 {
+        for name in &names {
+            columns.add(name.clone(), Value::BigInt(round));
+        }
+    }
+    assert_eq!(columns.list.len(), names.len());
+    assert!(columns.list.iter().all(|(_, v)| *v == Value::BigInt(0)));
+    assert!(names.iter().all(|n| columns.has(n)));
+    assert!(!columns.has("c_300"));
+}

@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Datelike, Utc};
 
+use super::node::Node;
 use crate::timestamp;
 
 /// One column value, typed as the warehouse will store it.
@@ -58,17 +59,36 @@ pub fn infer(json: &serde_json::Value) -> Option<Value> {
     Some(match json {
         J::Null | J::Object(_) => return None,
         J::Bool(b) => Value::Bool(*b),
-        J::Number(n) => match n.as_i64() {
-            Some(i) => Value::BigInt(i),
-            // Integers past i64 and all fractions: serde_json reads both as f64.
-            None => Value::Double(n.as_f64()?),
-        },
-        J::String(s) => match rfc3339(s) {
-            Some(t) => Value::Timestamp(t),
-            None => Value::Text(s.clone()),
-        },
+        J::Number(n) => number(n)?,
+        J::String(s) => string(s),
         J::Array(_) => Value::Json(json.to_string()),
     })
+}
+
+/// `infer` for a value of a message read in place.
+pub fn infer_node(node: &Node<'_>) -> Option<Value> {
+    Some(match node {
+        Node::Null | Node::Object(_) => return None,
+        Node::Bool(b) => Value::Bool(*b),
+        Node::Number(n) => number(n)?,
+        Node::Str(s) => string(s),
+        Node::Array(text) => Value::Json(text.clone()),
+    })
+}
+
+fn number(n: &serde_json::Number) -> Option<Value> {
+    Some(match n.as_i64() {
+        Some(i) => Value::BigInt(i),
+        // Integers past i64 and all fractions: serde_json reads both as f64.
+        None => Value::Double(n.as_f64()?),
+    })
+}
+
+fn string(s: &str) -> Value {
+    match rfc3339(s) {
+        Some(t) => Value::Timestamp(t),
+        None => Value::Text(s.to_owned()),
+    }
 }
 
 /// Strict RFC 3339 with an offset, years 0000-9999 (what a `timestamptz` reads back);
