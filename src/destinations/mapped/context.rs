@@ -1,53 +1,67 @@
-//! What templates see: the stored message, `env`, `settings` and (in a batch body)
-//! `batch`, as minijinja values read lazily: only the paths a template names are converted.
+//! What templates see: the stored message's fields and, above them, named values (`env`,
+//! `settings`, `batch`…). The message is parsed once; the fast path (`fast.rs`) reads it
+//! in place, and minijinja reads it through a lazy object: only the paths a template names
+//! are converted.
 
 use std::sync::Arc;
 
 use minijinja::value::{Enumerator, Object, ObjectRepr, Value};
 use serde_json::Value as Json;
 
-/// The root of a render: the message's fields, with `env`, `settings` and `batch` above
-/// them.
-pub fn root(message: Arc<Json>, env: &Value, settings: &Value, batch: Option<Value>) -> Value {
-    Value::from_object(Root {
-        message: Node {
-            root: message,
-            path: Vec::new(),
-        },
-        env: env.clone(),
-        settings: settings.clone(),
-        batch,
-    })
+/// Top-level names a template reads besides the message's fields (`env`, `settings`,
+/// `batch` in a batch body); a name here hides a message field of the same name. Adding
+/// one is one `with` where the scope is made.
+#[derive(Debug, Clone, Default)]
+pub struct Names(Vec<(&'static str, Arc<Json>)>);
+
+impl Names {
+    pub fn with(mut self, name: &'static str, value: Json) -> Names {
+        self.0.retain(|(n, _)| *n != name);
+        self.0.push((name, Arc::new(value)));
+        self
+    }
+
+    fn get(&self, name: &str) -> Option<&Arc<Json>> {
+        self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
 }
 
-/// A JSON array as a template value (the `batch` of rendered bodies).
-pub fn array(items: Vec<Json>) -> Value {
-    document(Json::Array(items))
+/// One render's context: a message and the names above it.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    message: Arc<Json>,
+    names: Arc<Names>,
 }
 
-/// A JSON object or array as a template value (`settings`).
-pub fn document(value: Json) -> Value {
-    Value::from_object(Node {
-        root: Arc::new(value),
-        path: Vec::new(),
-    })
+impl Scope {
+    pub fn new(message: Arc<Json>, names: Arc<Names>) -> Scope {
+        Scope { message, names }
+    }
+
+    pub fn message(&self) -> &Json {
+        &self.message
+    }
+
+    /// The value of a top-level name, `None` when undefined.
+    pub fn get(&self, name: &str) -> Option<&Json> {
+        match self.names.get(name) {
+            Some(value) => Some(value),
+            None => self.message.get(name),
+        }
+    }
+
+    /// The scope as a minijinja value (the root a template renders against).
+    pub fn value(&self) -> Value {
+        Value::from_object(self.clone())
+    }
 }
 
-#[derive(Debug)]
-struct Root {
-    message: Node,
-    env: Value,
-    settings: Value,
-    batch: Option<Value>,
-}
-
-impl Object for Root {
+impl Object for Scope {
     fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
-        match key.as_str()? {
-            "env" => Some(self.env.clone()),
-            "settings" => Some(self.settings.clone()),
-            "batch" => self.batch.clone(),
-            name => self.message.child(&Step::Key(name.to_string())),
+        let name = key.as_str()?;
+        match self.names.get(name) {
+            Some(value) => Some(node(value.clone(), Vec::new())),
+            None => Node::at(self.message.clone()).child(&Step::Key(name.to_string())),
         }
     }
 
@@ -75,10 +89,33 @@ impl std::fmt::Debug for Node {
     }
 }
 
+/// A JSON object or array as a template value (what `merge` and `omit` return).
+pub fn document(value: Json) -> Value {
+    node(Arc::new(value), Vec::new())
+}
+
+/// The value at `path` in `root`: scalars converted, objects and arrays left lazy.
+fn node(root: Arc<Json>, path: Vec<Step>) -> Value {
+    match Node::walk(&root, &path) {
+        Json::Null => Value::from(()),
+        Json::Bool(b) => Value::from(*b),
+        Json::Number(n) => number(n),
+        Json::String(s) => Value::from(s.as_str()),
+        Json::Array(_) | Json::Object(_) => Value::from_object(Node { root, path }),
+    }
+}
+
 impl Node {
-    fn json(&self) -> &Json {
-        let mut node = &*self.root;
-        for step in &self.path {
+    fn at(root: Arc<Json>) -> Node {
+        Node {
+            root,
+            path: Vec::new(),
+        }
+    }
+
+    fn walk<'a>(root: &'a Json, path: &[Step]) -> &'a Json {
+        let mut node = root;
+        for step in path {
             node = match (step, node) {
                 (Step::Key(k), Json::Object(map)) => &map[k.as_str()],
                 (Step::Index(i), Json::Array(items)) => &items[*i],
@@ -88,26 +125,19 @@ impl Node {
         node
     }
 
+    fn json(&self) -> &Json {
+        Node::walk(&self.root, &self.path)
+    }
+
     fn child(&self, step: &Step) -> Option<Value> {
-        let child = match (step, self.json()) {
-            (Step::Key(k), Json::Object(map)) => map.get(k.as_str())?,
-            (Step::Index(i), Json::Array(items)) => items.get(*i)?,
+        match (step, self.json()) {
+            (Step::Key(k), Json::Object(map)) if map.contains_key(k.as_str()) => {}
+            (Step::Index(i), Json::Array(items)) if *i < items.len() => {}
             _ => return None,
-        };
-        Some(match child {
-            Json::Null => Value::from(()),
-            Json::Bool(b) => Value::from(*b),
-            Json::Number(n) => number(n),
-            Json::String(s) => Value::from(s.as_str()),
-            Json::Array(_) | Json::Object(_) => {
-                let mut path = self.path.clone();
-                path.push(step.clone());
-                Value::from_object(Node {
-                    root: self.root.clone(),
-                    path,
-                })
-            }
-        })
+        }
+        let mut path = self.path.clone();
+        path.push(step.clone());
+        Some(node(self.root.clone(), path))
     }
 }
 

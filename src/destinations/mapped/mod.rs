@@ -13,6 +13,7 @@
 //! moves to another host (an EU region, a self-hosted instance) with one key.
 
 mod context;
+mod fast;
 mod filters;
 mod keys;
 pub mod presets;

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use minijinja::Value;
 use reqwest::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde_json::{json, Value as Json};
 
-use super::{context, Action, Compiled, MappedConfig};
+use super::context::{Names, Scope};
+use super::{Action, Compiled, MappedConfig};
 use crate::clock::Clock;
 use crate::destinations::webhook::{signature, SIGNATURE_HEADER};
 use crate::destinations::{
@@ -28,7 +28,8 @@ pub struct Requests(Vec<Request>);
 #[cfg(test)]
 impl Requests {
     pub fn body_of_first(&self) -> Option<Json> {
-        self.0.first()?.body.clone()
+        let body = self.0.first()?.body.as_deref()?;
+        Some(serde_json::from_slice(body).expect("bodies are JSON"))
     }
 }
 
@@ -38,34 +39,19 @@ struct Request {
     /// With the query string.
     url: String,
     headers: Vec<(HeaderName, HeaderValue)>,
-    /// `None` for GET.
-    body: Option<Json>,
-}
-
-/// What templates read besides the message: `env` and `settings`.
-pub(super) struct Scope {
-    env: Value,
-    settings: Value,
-}
-
-#[cfg(test)]
-impl Scope {
-    pub(super) fn undefined() -> Scope {
-        Scope {
-            env: Value::UNDEFINED,
-            settings: Value::UNDEFINED,
-        }
-    }
+    /// The JSON text; `None` for GET.
+    body: Option<Vec<u8>>,
 }
 
 pub struct MappedDestination {
     name: String,
     client: reqwest::Client,
     compiled: Compiled,
-    /// `env`: the variables the templates name, and the secret settings, read at start.
-    scope: Scope,
-    /// What the scope is in the live view: every secret `***`.
-    masked: Scope,
+    /// `env` and `settings`: the variables the templates name and the secret settings,
+    /// read at start.
+    names: Arc<Names>,
+    /// What they are in the live view: every secret `***`.
+    masked_names: Arc<Names>,
     /// From `basic`, `bearer_env`, `api_key`.
     auth: Vec<(HeaderName, HeaderValue)>,
     secret: Option<Vec<u8>>,
@@ -121,12 +107,9 @@ impl MappedDestination {
         Ok(MappedDestination {
             name: name.clone(),
             client: http::client(config.timeout())?,
-            masked: masked(&compiled),
+            masked_names: masked(&compiled),
             compiled,
-            scope: Scope {
-                env: Value::from(env),
-                settings: context::document(Json::Object(settings)),
-            },
+            names: Arc::new(names(env, settings)),
             auth,
             secret,
             clock,
@@ -135,24 +118,28 @@ impl MappedDestination {
 }
 
 /// Every variable the templates name and every secret setting, as `***`.
-fn masked(compiled: &Compiled) -> Scope {
-    let env: BTreeMap<String, Value> = compiled
+fn masked(compiled: &Compiled) -> Arc<Names> {
+    let env = compiled
         .env_names
         .iter()
-        .map(|name| (name.clone(), Value::from(MASK)))
-        .collect();
+        .map(|name| (name.clone(), MASK.into()));
     let mut settings = compiled.settings.clone();
     for name in compiled.secret_settings.keys() {
         settings.insert(name.clone(), MASK.into());
     }
-    Scope {
-        env: Value::from(env),
-        settings: context::document(Json::Object(settings)),
-    }
+    Arc::new(names(env.collect(), settings))
+}
+
+/// The names templates read besides the message's fields.
+fn names(env: BTreeMap<String, String>, settings: serde_json::Map<String, Json>) -> Names {
+    let env = env.into_iter().map(|(k, v)| (k, Json::String(v))).collect();
+    Names::default()
+        .with("env", Json::Object(env))
+        .with("settings", Json::Object(settings))
 }
 
 /// What a message becomes: its requests, skipped (no `when` holds), or refused.
-pub(super) fn render(compiled: &Compiled, message: &[u8], scope: &Scope) -> Check {
+pub(super) fn render(compiled: &Compiled, message: &[u8], names: &Arc<Names>) -> Check {
     if let Some(when) = &compiled.when {
         if !when.matches(message) {
             return Check::Skip("when");
@@ -162,13 +149,13 @@ pub(super) fn render(compiled: &Compiled, message: &[u8], scope: &Scope) -> Chec
         Ok(object @ Json::Object(_)) => object,
         _ => return refuse("not a JSON object".into()),
     };
-    let root = context::root(Arc::new(parsed), &scope.env, &scope.settings, None);
+    let scope = Scope::new(Arc::new(parsed), names.clone());
     let mut requests = Vec::new();
     for (i, action) in compiled.actions.iter().enumerate() {
         if action.when.as_ref().is_some_and(|w| !w.matches(message)) {
             continue;
         }
-        match request(compiled, i, action, message, &root) {
+        match request(compiled, i, action, &scope) {
             Ok(Some(request)) => requests.push(request),
             // Its body rendered to nothing: the action is not taken (the next one may be).
             Ok(None) => continue,
@@ -197,11 +184,10 @@ fn request(
     compiled: &Compiled,
     index: usize,
     action: &Action,
-    message: &[u8],
-    root: &Value,
+    scope: &Scope,
 ) -> Result<Option<Request>, String> {
     let env = &compiled.env;
-    let url = action.url.render_text(env, root)?.unwrap_or_default();
+    let url = action.url.render_text(env, scope)?.unwrap_or_default();
     let mut url = url::Url::parse(&url)
         .ok()
         .filter(|u| matches!(u.scheme(), "http" | "https"))
@@ -209,14 +195,14 @@ fn request(
     if !action.query.is_empty() {
         let mut pairs = url.query_pairs_mut();
         for (name, value) in &action.query {
-            if let Some(value) = value.render_text(env, root)? {
+            if let Some(value) = value.render_text(env, scope)? {
                 pairs.append_pair(name, &value);
             }
         }
     }
     let mut headers = Vec::with_capacity(action.headers.len());
     for (name, value) in &action.headers {
-        if let Some(value) = value.render_text(env, root)? {
+        if let Some(value) = value.render_text(env, scope)? {
             // The value is not quoted: it can hold a secret.
             let value = HeaderValue::from_str(&value)
                 .map_err(|_| format!("header `{name}` rendered to an invalid value"))?;
@@ -225,11 +211,14 @@ fn request(
     }
     let body = match (&action.method, &action.body) {
         (&reqwest::Method::GET, _) => None,
-        (_, Some(body)) => match body.render(env, root, action.keep_nulls)?.value {
-            Some(body) => Some(body),
-            None => return Ok(None),
-        },
-        (_, None) => Some(serde_json::from_slice(message).map_err(|e| e.to_string())?),
+        (_, Some(body)) => {
+            let mut out = Vec::with_capacity(256);
+            if !body.write_some(env, scope, action.keep_nulls, &mut out)? {
+                return Ok(None);
+            }
+            Some(out)
+        }
+        (_, None) => Some(serde_json::to_vec(scope.message()).expect("JSON values serialize")),
     };
     Ok(Some(Request {
         action: index,
@@ -242,22 +231,25 @@ fn request(
 
 /// The body of a batch's requests to one place: the `batch.body` envelope around their
 /// bodies, or the one body.
-fn envelope(compiled: &Compiled, scope: &Scope, bodies: Vec<Json>) -> Result<Json, String> {
-    match &compiled.batch_body {
-        Some(mapping) => {
-            let batch = Some(context::array(bodies));
-            let root = context::root(Arc::new(json!({})), &scope.env, &scope.settings, batch);
-            Ok(mapping
-                .render(&compiled.env, &root, true)?
-                .value
-                .unwrap_or(Json::Null))
-        }
-        None => Ok(bodies.into_iter().next().unwrap_or(Json::Null)),
-    }
+fn envelope(compiled: &Compiled, names: &Names, bodies: &[&[u8]]) -> Result<Vec<u8>, String> {
+    let Some(mapping) = &compiled.batch_body else {
+        return Ok(bodies
+            .first()
+            .map_or(b"null".to_vec(), |body| body.to_vec()));
+    };
+    let batch = bodies
+        .iter()
+        .map(|body| serde_json::from_slice(body).expect("bodies are JSON"))
+        .collect();
+    let names = Arc::new(names.clone().with("batch", Json::Array(batch)));
+    let scope = Scope::new(Arc::new(json!({})), names);
+    let mut out = Vec::with_capacity(bodies.iter().map(|b| b.len() + 1).sum::<usize>() + 64);
+    mapping.write(&compiled.env, &scope, true, &mut out)?;
+    Ok(out)
 }
 
 /// The requests as `fanout route` and the live view show them.
-fn show(compiled: &Compiled, check: Check, scope: &Scope) -> Preview {
+fn show(compiled: &Compiled, check: Check, names: &Names) -> Preview {
     let requests = match check {
         Check::Send(Some(Prepared::Http(Requests(requests)))) => requests,
         Check::Skip(reason) => return Preview::Skip(reason),
@@ -274,9 +266,9 @@ fn show(compiled: &Compiled, check: Check, scope: &Scope) -> Preview {
         for (name, value) in &compiled.shown_auth {
             headers.insert(name.clone(), Json::String(value.clone()));
         }
-        let body = match request.body {
-            Some(body) => match envelope(compiled, scope, vec![body]) {
-                Ok(body) => body,
+        let body = match &request.body {
+            Some(body) => match envelope(compiled, names, &[body]) {
+                Ok(body) => serde_json::from_slice(&body).expect("bodies are JSON"),
                 Err(detail) => return Preview::Refuse(detail),
             },
             None => Json::Null,
@@ -294,9 +286,13 @@ fn show(compiled: &Compiled, check: Check, scope: &Scope) -> Preview {
 
 /// `fanout route`: reads no secret; every one is shown as `***`.
 pub fn preview(compiled: &Compiled, message: &[u8]) -> Preview {
-    let masked = masked(compiled);
-    show(compiled, render(compiled, message, &masked), &masked)
+    let names = masked(compiled);
+    show(compiled, render(compiled, message, &names), &names)
 }
+
+/// Requests to one place: the first, the bodies they carry, and their messages' indices
+/// in the batch.
+type Group<'a> = (&'a Request, Vec<&'a [u8]>, Vec<usize>);
 
 /// What an error answer's body said, if it had one.
 fn answer_of(e: &SendError) -> Option<&str> {
@@ -313,21 +309,18 @@ static DROPPED: LogThrottle = LogThrottle::new(Duration::from_secs(60));
 
 impl MappedDestination {
     /// One request carrying `bodies` (in the `batch.body` envelope, if any).
-    async fn send_one(&self, request: &Request, bodies: Vec<Json>) -> Result<(), SendError> {
+    async fn send_one(&self, request: &Request, bodies: &[&[u8]]) -> Result<(), SendError> {
         let mut builder = self
             .client
             .request(request.method.clone(), &request.url)
             .headers(request.headers.iter().cloned().collect())
             .headers(self.auth.iter().cloned().collect());
         let body = if request.body.is_some() {
-            let body = envelope(&self.compiled, &self.scope, bodies).map_err(|detail| {
-                SendError::Rejected {
-                    status: 0,
-                    detail,
-                    answer: None,
-                }
-            })?;
-            serde_json::to_vec(&body).expect("JSON values serialize")
+            envelope(&self.compiled, &self.names, bodies).map_err(|detail| SendError::Rejected {
+                status: 0,
+                detail,
+                answer: None,
+            })?
         } else {
             Vec::new()
         };
@@ -391,21 +384,21 @@ impl MappedDestination {
 
 impl Destination for MappedDestination {
     fn check(&self, message: &[u8]) -> Check {
-        render(&self.compiled, message, &self.scope)
+        render(&self.compiled, message, &self.names)
     }
 
     fn send<'a>(&'a self, batch: &'a [Outgoing<'a>]) -> Sending<'a> {
         Box::pin(async move {
             // Requests to the same action, method, URL and headers, in first-seen order,
             // with the indices of the messages whose bodies they carry.
-            let mut groups: Vec<(&Request, Vec<Json>, Vec<usize>)> = Vec::new();
+            let mut groups: Vec<Group> = Vec::new();
             for (index, message) in batch.iter().enumerate() {
                 let Some(Prepared::Http(Requests(requests))) = message.prepared else {
                     continue;
                 };
                 for request in requests {
-                    let body = request.body.clone().unwrap_or(Json::Null);
-                    let same = |(r, _, _): &&mut (&Request, Vec<Json>, Vec<usize>)| {
+                    let body = request.body.as_deref().unwrap_or(b"null");
+                    let same = |(r, _, _): &&mut Group| {
                         self.compiled.batch_body.is_some()
                             && r.action == request.action
                             && r.method == request.method
@@ -423,7 +416,7 @@ impl Destination for MappedDestination {
             }
             let mut dropped = Vec::new();
             for (request, bodies, indices) in groups {
-                match self.send_one(request, bodies).await {
+                match self.send_one(request, &bodies).await {
                     Ok(()) => {}
                     Err(e) => match self.dropped(&e) {
                         Some(()) => dropped.extend(indices.into_iter().map(|index| Refusal {
@@ -448,8 +441,8 @@ impl Destination for MappedDestination {
     fn live_payload(&self, message: &[u8]) -> Option<Json> {
         match show(
             &self.compiled,
-            render(&self.compiled, message, &self.masked),
-            &self.masked,
+            render(&self.compiled, message, &self.masked_names),
+            &self.masked_names,
         ) {
             Preview::Send(requests) => Some(requests),
             _ => None,

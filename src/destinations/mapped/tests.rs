@@ -4,6 +4,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use serde_json::{json, Value as Json};
 
+use super::context::{Names, Scope};
 use super::template::{environment, Mapping};
 use super::*;
 use crate::destinations::{Check, DestinationConfig, Prepared};
@@ -18,22 +19,20 @@ fn render_with(value: &str, keep_nulls: bool) -> Option<Json> {
         toml::from_str::<toml::Table>(&format!("v = {value}")).unwrap()["v"].clone();
     let mut env = environment();
     let mapping = Mapping::compile(&mut env, "v", &value, &mut BTreeSet::new()).unwrap();
-    let message: Json = serde_json::from_str(MESSAGE).unwrap();
-    let env_value = minijinja::Value::from(std::collections::BTreeMap::from([(
-        "TOKEN".to_string(),
-        minijinja::Value::from("s3cret"),
-    )]));
-    let root = context::root(Arc::new(message), &env_value, &settings_value(), None);
-    mapping.render(&env, &root, keep_nulls).unwrap().value
-}
-
-/// `settings` as the unit tests see them.
-fn settings_value() -> minijinja::Value {
-    context::document(json!({"region": "eu", "limit": 3}))
+    mapping.render(&env, &scope(), keep_nulls).unwrap().value
 }
 
 fn render(value: &str) -> Option<Json> {
     render_with(value, false)
+}
+
+/// `MESSAGE` with `env.TOKEN` and the unit tests' `settings` set.
+fn scope() -> Scope {
+    let message: Json = serde_json::from_str(MESSAGE).unwrap();
+    let names = Names::default()
+        .with("env", json!({"TOKEN": "s3cret"}))
+        .with("settings", json!({"region": "eu", "limit": 3}));
+    Scope::new(Arc::new(message), Arc::new(names))
 }
 
 #[test]
@@ -174,14 +173,7 @@ fn a_filter_error_names_the_key_not_the_value() {
     let value = toml::Value::String("{{ traits.email | number }}".into());
     let mut env = environment();
     let mapping = Mapping::compile(&mut env, "body.n", &value, &mut BTreeSet::new()).unwrap();
-    let message: Json = serde_json::from_str(MESSAGE).unwrap();
-    let root = context::root(
-        Arc::new(message),
-        &minijinja::Value::UNDEFINED,
-        &minijinja::Value::UNDEFINED,
-        None,
-    );
-    let e = mapping.render(&env, &root, false).unwrap_err();
+    let e = mapping.render(&env, &scope(), false).unwrap_err();
     assert!(e.starts_with("`body.n`: template error on line 1"), "{e}");
     assert!(!e.contains("Jane"), "{e}");
 }
@@ -331,7 +323,7 @@ fn route_shows_the_request_with_secrets_masked() {
 fn a_message_the_mapping_cannot_render_is_refused() {
     let c = config("name = \"c\"\nkind = \"http\"\nurl = \"{{ traits.tags }}\"\n");
     let compiled = c.compile().unwrap();
-    let env = send::Scope::undefined();
+    let env = Arc::new(Names::default());
     assert!(matches!(
         send::render(&compiled, MESSAGE.as_bytes(), &env),
         Check::Refuse { .. }
@@ -400,6 +392,206 @@ fn a_missing_secret_stops_the_start_by_name() {
     .unwrap();
     let e = d.build(None, crate::clock::Clock::system()).err().unwrap();
     assert!(e.to_string().contains("MAPPED_TEST_NEVER_SET"), "{e}");
+}
+
+/// Compiles one TOML value (e.g. `"{{ traits.email }}"`) as the mapping at `v`.
+fn compiled(value: &str) -> (minijinja::Environment<'static>, Mapping) {
+    let value: toml::Value =
+        toml::from_str::<toml::Table>(&format!("v = {value}")).unwrap()["v"].clone();
+    let mut env = environment();
+    let mapping = Mapping::compile(&mut env, "v", &value, &mut BTreeSet::new()).unwrap();
+    (env, mapping)
+}
+
+/// Templates over `traits.a`, `traits.b`, `userId` and `timestamp`: every filter, the
+/// type rules, text, and forms the fast path leaves to minijinja.
+const AGREEING: [&str; 44] = [
+    r#""{{ traits.a }}""#,
+    r#""{{ traits['a'] }}""#,
+    r#""{{- traits.a -}}""#,
+    r#""{{ traits.a.x }}""#,
+    r#""{{ traits.a[0] }}""#,
+    r#""{{ traits.a[1].x }}""#,
+    r#""{{ traits.nope.deeper }}""#,
+    r#""{{ traits.a | default('free') }}""#,
+    r#""{{ traits.a | default(3, true) }}""#,
+    r#""{{ traits.a | d }}""#,
+    r#""{{ traits.a | default(none) }}""#,
+    r#""{{ traits.a | lower }}""#,
+    r#""{{ traits.a | upper() }}""#,
+    r#""{{ traits.a | trim }}""#,
+    r#""{{ traits.a | sha256 }}""#,
+    r#""{{ traits.a | string }}""#,
+    r#""{{ traits.a | unix }}""#,
+    r#""{{ traits.a | unix_ms }}""#,
+    r#""{{ traits.a | iso8601 }}""#,
+    r#""{{ traits.a | json }}""#,
+    r#""{{ traits.a | number }}""#,
+    r#""{{ traits.a | round }}""#,
+    r#""{{ traits.a | round(2) }}""#,
+    r#""{{ traits.a | split }}""#,
+    r#""{{ traits.a | split(',') }}""#,
+    r#""{{ traits.a | join }}""#,
+    r#""{{ traits.a | join('|') }}""#,
+    r#""{{ traits.a | trim | lower | sha256 }}""#,
+    r#""{{ traits.b | number | round(1) | string }}""#,
+    r#""{{ traits.b | default('x') | upper }}""#,
+    r#""id={{ traits.a }}""#,
+    r#""{{ traits.a }}-{{ traits.b | upper }}/{{ userId }}""#,
+    r#""a {{ traits.nope }}b""#,
+    r#""{{ timestamp | unix }}""#,
+    r#""{{ userId }}""#,
+    r#""{{ traits }}""#,
+    r#""{{ env.TOKEN }}""#,
+    r#""{{ 'a,b' | split(',') }}""#,
+    r#""{{ 5 | iso8601 }}""#,
+    // Left to minijinja: a filter of its own, an expression as argument, a statement.
+    r#""{{ traits.a | first }}""#,
+    r#""{{ traits.b | default(traits.a) }}""#,
+    r#""{% if traits.a %}yes{% endif %}""#,
+    r#"{ a = "{{ traits.a | length }}", b = "{{ traits.b }}", c = [1, "{{ userId }}"] }"#,
+    r#"{ a = "{{ traits.a }}", b = { c = "x", d = [true, 1.5] } }"#,
+];
+
+/// A value a message field can hold.
+fn leaf() -> impl Strategy<Value = Json> {
+    prop_oneof![
+        Just(Json::Null),
+        any::<bool>().prop_map(Json::from),
+        any::<i64>().prop_map(Json::from),
+        (-1e7..1e7f64).prop_map(Json::from),
+        "[ a-zA-Z0-9@.,:|-]{0,12}".prop_map(Json::from),
+        "-?[0-9]{1,5}(\\.[0-9]{1,3})?".prop_map(Json::from),
+        "20[0-9]{2}-0[1-9]-[12][0-9]T[01][0-9]:[0-5][0-9]:[0-5][0-9](\\.[0-9]{3})?Z"
+            .prop_map(Json::from),
+        prop::collection::vec("[a-z]{0,3}".prop_map(Json::from), 0..3).prop_map(Json::from),
+        "[a-z]{0,4}".prop_map(|x| json!([{"x": x}, {"x": x}])),
+        "[a-z]{0,4}".prop_map(|x| json!({"x": x})),
+    ]
+}
+
+proptest! {
+    /// The fast path renders what minijinja renders (value, dropped key or error), and
+    /// the body written as text is that value serialised.
+    #[test]
+    fn the_fast_path_and_minijinja_agree(
+        a in prop::option::of(leaf()),
+        b in prop::option::of(leaf()),
+        user in leaf(),
+        timestamp in leaf(),
+        keep_nulls in any::<bool>(),
+    ) {
+        let mut traits = serde_json::Map::new();
+        traits.extend(a.map(|a| ("a".to_string(), a)));
+        traits.extend(b.map(|b| ("b".to_string(), b)));
+        let message = json!({"userId": user, "timestamp": timestamp, "traits": traits});
+        let names = Names::default().with("env", json!({"TOKEN": "s3cret"}));
+        let scope = Scope::new(Arc::new(message), Arc::new(names));
+        for template in AGREEING {
+            let (env, mapping) = compiled(template);
+            let fast = mapping.render(&env, &scope, keep_nulls).map(|r| r.value);
+            let slow = mapping.render_slow(&env, &scope, keep_nulls).map(|r| r.value);
+            prop_assert_eq!(&fast, &slow, "{}", template);
+            let mut written = Vec::new();
+            let wrote = mapping.write(&env, &scope, keep_nulls, &mut written);
+            if let Ok(value) = fast {
+                prop_assert!(wrote.is_ok());
+                let value = value.unwrap_or(Json::Null);
+                prop_assert_eq!(written, serde_json::to_vec(&value).unwrap(), "{}", template);
+            }
+        }
+    }
+
+    /// Tables and arrays without templates render as they are, at any depth.
+    #[test]
+    fn a_mapping_without_expressions_renders_the_literal(
+        text in "[^{}\"\\\\]{0,8}",
+        n in any::<i64>(),
+        b in any::<bool>(),
+    ) {
+        let toml_value = format!(
+            "{{ s = {}, n = {n}, list = [{n}, {b}, {{ deep = {} }}], b = {b} }}",
+            toml_string(&text),
+            toml_string(&text),
+        );
+        let expected = json!({"s": text, "n": n, "list": [n, b, {"deep": text}], "b": b});
+        let (env, mapping) = compiled(&toml_value);
+        prop_assert_eq!(mapping.render(&env, &scope(), false).unwrap().value, Some(expected.clone()));
+        let mut written = Vec::new();
+        mapping.write(&env, &scope(), false, &mut written).unwrap();
+        prop_assert_eq!(written, serde_json::to_vec(&expected).unwrap());
+    }
+}
+
+#[test]
+fn the_common_forms_take_the_fast_path() {
+    let fast = [
+        r#""{{ traits.email }}""#,
+        r#"'{{ properties["Order Id"] }}'"#,
+        r#""{{ traits.tags[0] }}""#,
+        r#""{{ traits.plan | default('free') | lower | sha256 }}""#,
+        r#""{{ traits.score | round(2) }}""#,
+        r#""{{ 'a,b' | split(',') | join('|') }}""#,
+        r#""{{ traits.d | default('x', true) }}""#,
+        r#""order {{ properties.orderId }} of {{ userId | upper }}""#,
+        r#""{{ env.TOKEN }}""#,
+    ];
+    for template in fast {
+        assert_eq!(compiled(template).1.fast_slots(), 1, "{template}");
+    }
+    let slow = [
+        r#""{{ traits.tags | first }}""#,
+        r#""{{ traits.a | default(traits.b) }}""#,
+        r#""{{ traits.a ~ 'x' }}""#,
+        r#""{{ range }}""#,
+        r#""{{ none }}""#,
+        r#""{{ traits.a | round(2.5) }}""#,
+        r#""{{ traits.a | lower('x') }}""#,
+        r#""{{ 'a\\b' }}""#,
+        r#""{{- traits.a }} x""#,
+        r#""{% if x %}y{% endif %}""#,
+    ];
+    for template in slow {
+        assert_eq!(compiled(template).1.fast_slots(), 0, "{template}");
+    }
+}
+
+#[test]
+fn a_mapping_with_slow_slots_renders_the_fast_ones_beside() {
+    let (env, mapping) =
+        compiled(r#"{ a = "{{ traits.tags | first }}", b = "{{ userId | upper }}", c = "x" }"#);
+    assert_eq!(mapping.fast_slots(), 1);
+    assert_eq!(
+        mapping.render(&env, &scope(), false).unwrap().value,
+        Some(json!({"a": "a", "b": "U 1", "c": "x"}))
+    );
+    // A filter's error on the fast path is minijinja's error, with the key and line.
+    let (env, mapping) =
+        compiled(r#"{ a = "{{ traits.tags | first }}", n = "{{ traits.email | number }}" }"#);
+    let e = mapping.render(&env, &scope(), false).unwrap_err();
+    assert!(e.starts_with("`v.n`: template error on line 1"), "{e}");
+}
+
+#[test]
+fn the_benchmarked_mapping_takes_the_fast_path_everywhere() {
+    // benches/http_kind.rs's destination: every template is of a common form.
+    let c = config(
+        "name = \"b\"\nkind = \"http\"\nurl = \"http://127.0.0.1:9/v1/events/{{ userId }}\"\n\
+         headers = { X-Source = \"fanout {{ context.library.name }}\" }\n\
+         [body]\nevent = \"{{ event }}\"\nuser_id = \"{{ userId }}\"\n\
+         insert_id = \"{{ messageId }}\"\ntime = \"{{ timestamp | unix_ms }}\"\n\
+         email = \"{{ context.traits.email | sha256 }}\"\n\
+         revenue = \"{{ properties.revenue }}\"\n\
+         currency = \"{{ properties.currency | default('USD') | lower }}\"\n\
+         order = \"order {{ properties.orderId }}\"\n\
+         products = \"{{ properties.products }}\"\nip = \"{{ context.ip }}\"\n",
+    );
+    let compiled = c.compile().unwrap();
+    let action = &compiled.actions[0];
+    let body = action.body.as_ref().unwrap();
+    assert_eq!((body.fast_slots(), body.slot_count()), (10, 10));
+    assert_eq!(action.url.fast_slots(), 1);
+    assert_eq!(action.headers[0].1.fast_slots(), 1);
 }
 
 /// The URL of each request `fanout route` shows for `MESSAGE`.
