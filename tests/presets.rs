@@ -72,25 +72,29 @@ fn amplitude_events(requests: &[ReceivedRequest]) -> std::collections::BTreeMap<
     items_by(requests, "/2/httpapi", "events", "insert_id")
 }
 
+/// The Amplitude preset pointed at `r`, batches lingering `linger`, retries fast.
+fn amplitude(r: &Receiver, linger: &str) -> Settings {
+    Settings::default()
+        .env("PRESETS_TEST_AMPLITUDE_KEY", "amp-key")
+        .section(&format!(
+            r#"[[destinations]]
+name = "amp"
+preset = "amplitude"
+base_url = "{}"
+settings = {{ api_key_env = "PRESETS_TEST_AMPLITUDE_KEY" }}
+batch = {{ linger = "{linger}" }}
+{FAST_RETRY}
+"#,
+            r.url("")
+        ))
+}
+
 /// Amplitude: every call of `segment_calls` as Segment's Amplitude destination maps it
 /// by default, each body taken by the SDK's event model; group and alias skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amplitude_maps_segment_calls_as_segment_does() {
     let r = Receiver::start().await;
-    let f = Fanout::start_with(
-        Settings::default()
-            .env("PRESETS_TEST_AMPLITUDE_KEY", "amp-key")
-            .section(&format!(
-                r#"[[destinations]]
-name = "amp"
-preset = "amplitude"
-base_url = "{}"
-settings = {{ api_key_env = "PRESETS_TEST_AMPLITUDE_KEY" }}
-batch = {{ linger = "200ms" }}
-"#,
-                r.url("")
-            )),
-    );
+    let f = Fanout::start_with(amplitude(&r, "200ms"));
     f.send_batch(segment_calls()).await;
     let requests = r
         .wait_until(WAIT, |rs| amplitude_events(rs).len() == 5)
@@ -141,21 +145,7 @@ batch = {{ linger = "200ms" }}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amplitude_answers_retry_or_dead_letter() {
     let r = Receiver::start().await;
-    let f = Fanout::start_with(
-        Settings::default()
-            .env("PRESETS_TEST_AMPLITUDE_KEY", "amp-key")
-            .section(&format!(
-                r#"[[destinations]]
-name = "amp"
-preset = "amplitude"
-base_url = "{}"
-settings = {{ api_key_env = "PRESETS_TEST_AMPLITUDE_KEY" }}
-batch = {{ linger = "20ms" }}
-{FAST_RETRY}
-"#,
-                r.url("")
-            )),
-    );
+    let f = Fanout::start_with(amplitude(&r, "20ms"));
     r.push_reply(
         Reply::json(429, r#"{"code":429,"error":"Too many requests for some devices and users","throttled_devices":{"anon-1":31}}"#)
             .header("retry-after", "1"),
