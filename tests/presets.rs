@@ -72,8 +72,9 @@ fn amplitude_events(requests: &[ReceivedRequest]) -> std::collections::BTreeMap<
     items_by(requests, "/2/httpapi", "events", "insert_id")
 }
 
-/// The Amplitude preset pointed at `r`, batches lingering `linger`, retries fast.
-fn amplitude(r: &Receiver, linger: &str) -> Settings {
+/// The Amplitude preset pointed at `r`, batches lingering `linger`, retries fast, and
+/// `extra` TOML lines.
+fn amplitude(r: &Receiver, linger: &str, extra: &str) -> Settings {
     Settings::default()
         .env("PRESETS_TEST_AMPLITUDE_KEY", "amp-key")
         .section(&format!(
@@ -84,6 +85,7 @@ base_url = "{}"
 settings = {{ api_key_env = "PRESETS_TEST_AMPLITUDE_KEY" }}
 batch = {{ linger = "{linger}" }}
 {FAST_RETRY}
+{extra}
 "#,
             r.url("")
         ))
@@ -94,7 +96,7 @@ batch = {{ linger = "{linger}" }}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amplitude_maps_segment_calls_as_segment_does() {
     let r = Receiver::start().await;
-    let f = Fanout::start_with(amplitude(&r, "200ms"));
+    let f = Fanout::start_with(amplitude(&r, "200ms", ""));
     f.send_batch(segment_calls()).await;
     let requests = r
         .wait_until(WAIT, |rs| amplitude_events(rs).len() == 5)
@@ -145,7 +147,7 @@ async fn amplitude_maps_segment_calls_as_segment_does() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amplitude_answers_retry_or_dead_letter() {
     let r = Receiver::start().await;
-    let f = Fanout::start_with(amplitude(&r, "20ms"));
+    let f = Fanout::start_with(amplitude(&r, "20ms", ""));
     r.push_reply(
         Reply::json(429, r#"{"code":429,"error":"Too many requests for some devices and users","throttled_devices":{"anon-1":31}}"#)
             .header("retry-after", "1"),
@@ -443,22 +445,11 @@ async fn posthog_answers_retry_or_dead_letter() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_preset_with_the_users_keys_over_it() {
     let r = Receiver::start().await;
-    let f = Fanout::start_with(
-        Settings::default()
-            .env("PRESETS_TEST_AMPLITUDE_KEY", "amp-key")
-            .section(&format!(
-                r#"[[destinations]]
-name = "amp"
-preset = "amplitude"
-base_url = "{}"
-settings = {{ api_key_env = "PRESETS_TEST_AMPLITUDE_KEY" }}
-batch = {{ linger = "50ms" }}
-drop_on = [{{ status = 400, body_contains = "silly_event" }}]
-{FAST_RETRY}
-"#,
-                r.url("")
-            )),
-    );
+    let f = Fanout::start_with(amplitude(
+        &r,
+        "50ms",
+        r#"drop_on = [{ status = 400, body_contains = "silly_event" }]"#,
+    ));
     f.send_batch(json!([track("t-1", "u1", "Signed Up")])).await;
     let requests = r
         .wait_until(WAIT, |rs| !bodies(rs, "/2/httpapi").is_empty())

@@ -1121,19 +1121,11 @@ fn keys(object: &serde_json::Map<String, Value>) -> Vec<&str> {
 
 /// The Python of the venv holding Klaviyo's SDK; fails (never skips) when it is missing.
 pub fn sdk_python() -> PathBuf {
-    let python = std::env::var_os("FANOUT_KLAVIYO_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/klaviyo-venv/bin/python")
-        });
-    assert!(
-        python.exists(),
-        "Klaviyo's Python SDK is not installed: {} is missing. Run `scripts/test` (it creates \
-         target/klaviyo-venv with `pip install klaviyo-api`), or set FANOUT_KLAVIYO_PYTHON to a \
-         python that can import openapi_client (PyPI klaviyo-api 25.x)",
-        python.display()
-    );
-    python
+    super::venv_python(
+        "FANOUT_KLAVIYO_PYTHON",
+        "klaviyo-venv",
+        "Klaviyo's Python SDK (PyPI klaviyo-api 25.x, `import openapi_client`) is",
+    )
 }
 
 /// Runs `tests/klaviyo_models.py` once over `lines` (`{"path", "body"}` each); one verdict

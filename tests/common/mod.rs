@@ -716,3 +716,24 @@ pub fn required_path(var: &str) -> PathBuf {
     assert!(path.exists(), "{var}={} does not exist", path.display());
     path
 }
+
+/// The Python of a venv `scripts/test` creates: `$env_var`, else
+/// `target/<venv>/bin/python`. Fails (never skips) when it is missing, saying `what` it
+/// must hold and how to get it.
+pub fn venv_python(env_var: &str, venv: &str, what: &str) -> std::path::PathBuf {
+    let python = std::env::var_os(env_var)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("target")
+                .join(venv)
+                .join("bin/python")
+        });
+    assert!(
+        python.exists(),
+        "{what} not installed: {} is missing. Run `scripts/test` (it creates target/{venv}), \
+         or set {env_var} to a python that has it",
+        python.display()
+    );
+    python
+}

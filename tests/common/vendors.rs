@@ -14,19 +14,11 @@ use super::receiver::ReceivedRequest;
 
 /// The Python of the vendors' venv; fails (never skips) when it is missing.
 pub fn python() -> PathBuf {
-    let python = std::env::var_os("FANOUT_VENDORS_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/vendors-venv/bin/python")
-        });
-    assert!(
-        python.exists(),
-        "the vendors' SDKs are not installed: {} is missing. Run `scripts/test` (it creates \
-         target/vendors-venv from tests/vendors/requirements.txt), or set \
-         FANOUT_VENDORS_PYTHON to a python that has them",
-        python.display()
-    );
-    python
+    super::venv_python(
+        "FANOUT_VENDORS_PYTHON",
+        "vendors-venv",
+        "the vendors' SDKs (tests/vendors/requirements.txt) are",
+    )
 }
 
 /// A request as the validators read it.

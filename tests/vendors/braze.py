@@ -8,8 +8,9 @@ reasons on stderr.
 
 import json
 import re
-import sys
 from datetime import datetime
+
+from common import check_bodies
 
 MAX_PER_ARRAY = 75
 IDENTIFIERS = {"external_id", "user_alias", "braze_id", "email", "phone"}
@@ -146,17 +147,7 @@ def check(line):
 
 
 def main():
-    errors = []
-    for n, line in enumerate(sys.stdin):
-        if not line.strip():
-            continue
-        try:
-            check(line.strip())
-        except ValueError as e:
-            errors.append(f"body {n}: {e}")
-    if errors:
-        print("\n".join(errors), file=sys.stderr)
-        sys.exit(1)
+    check_bodies(check)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,23 @@ def requests():
             yield number, json.loads(line)
 
 
+def check_bodies(check_body):
+    """For the validators that read one request body per line (GA4, Meta, Customer.io,
+    Braze): runs `check_body(line)` on each, which raises ValueError with the reason;
+    exits 1 listing every body refused."""
+    errors = []
+    for n, line in enumerate(sys.stdin):
+        if not line.strip():
+            continue
+        try:
+            check_body(line.strip())
+        except ValueError as e:
+            errors.append(f"body {n}: {e}")
+    if errors:
+        print("\n".join(errors), file=sys.stderr)
+        sys.exit(1)
+
+
 def fail(number, reason):
     print(f"request {number}: {reason}", file=sys.stderr)
     sys.exit(1)

@@ -7,8 +7,9 @@ reasons on stderr.
 """
 
 import json
-import sys
 import time
+
+from common import check_bodies
 
 MAX_BATCH = 500 * 1024  # bytes per request
 MAX_ENTRY = 32 * 1024  # bytes per call in the batch
@@ -110,17 +111,7 @@ def check(line, now):
 
 def main():
     now = int(time.time())
-    errors = []
-    for n, line in enumerate(sys.stdin):
-        if not line.strip():
-            continue
-        try:
-            check(line.strip(), now)
-        except ValueError as e:
-            errors.append(f"body {n}: {e}")
-    if errors:
-        print("\n".join(errors), file=sys.stderr)
-        sys.exit(1)
+    check_bodies(lambda body: check(body, now))
 
 
 if __name__ == "__main__":

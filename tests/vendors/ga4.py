@@ -10,8 +10,9 @@ reasons on stderr.
 
 import json
 import re
-import sys
 import time
+
+from common import check_bodies
 
 MAX_EVENTS = 25
 MAX_BODY = 130 * 1024
@@ -153,17 +154,7 @@ def check(line, now_us):
 
 def main():
     now_us = int(time.time() * 10**6)
-    errors = []
-    for n, line in enumerate(sys.stdin):
-        if not line.strip():
-            continue
-        try:
-            check(line.strip(), now_us)
-        except ValueError as e:
-            errors.append(f"body {n}: {e}")
-    if errors:
-        print("\n".join(errors), file=sys.stderr)
-        sys.exit(1)
+    check_bodies(lambda body: check(body, now_us))
 
 
 if __name__ == "__main__":

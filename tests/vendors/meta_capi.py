@@ -11,7 +11,6 @@ Exit 0 when every body is valid, else 1 with the reasons on stderr.
 import argparse
 import json
 import re
-import sys
 import time
 
 from facebook_business.adobjects.serverside.action_source import ActionSource
@@ -20,6 +19,8 @@ from facebook_business.adobjects.serverside.custom_data import CustomData
 from facebook_business.adobjects.serverside.event import Event
 from facebook_business.adobjects.serverside.normalize import Normalize
 from facebook_business.adobjects.serverside.user_data import UserData
+
+from common import check_bodies
 
 MAX_EVENTS = 1000  # per request (Conversions API docs, "Send requests")
 MAX_AGE = 7 * 24 * 3600  # events older than seven days are refused
@@ -163,17 +164,7 @@ def main():
     args = parser.parse_args()
     expect = {k: v for k, v in (("em", args.email), ("ph", args.phone)) if v}
     now = int(time.time())
-    errors = []
-    for n, line in enumerate(sys.stdin):
-        if not line.strip():
-            continue
-        try:
-            check(json.loads(line), expect, now)
-        except ValueError as e:
-            errors.append(f"body {n}: {e}")
-    if errors:
-        print("\n".join(errors), file=sys.stderr)
-        sys.exit(1)
+    check_bodies(lambda body: check(json.loads(body), expect, now))
 
 
 if __name__ == "__main__":
