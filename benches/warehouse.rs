@@ -62,7 +62,10 @@ fn check_and_copy(batch: &[Vec<u8>], loaded_at: DateTime<Utc>) -> usize {
     let needs = needs(made.iter().flatten());
     let tables: Tables = needs
         .iter()
-        .map(|(table, columns)| (table.clone(), columns.iter().cloned().collect()))
+        .map(|(table, columns)| {
+            let columns = columns.iter().map(|(n, ty)| (n.to_string(), *ty));
+            (table.clone(), columns.collect())
+        })
         .collect();
     let mut mismatches = Vec::new();
     let laid = lay_out(made.iter().flatten(), &tables, loaded_at, &mut mismatches);

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use tokio_postgres::Client;
 
 use super::errors::is_made_concurrently;
-use super::schema::ColumnType;
+use super::schema::{ColumnType, Name};
 
 /// Column name → type, for one table.
 pub type Columns = HashMap<String, ColumnType>;
@@ -20,7 +20,7 @@ pub type Tables = HashMap<String, Columns>;
 
 /// What a batch needs of one schema: table → columns, each with the type of the first
 /// value seen, in the order first seen.
-pub type Needs = BTreeMap<String, Vec<(String, ColumnType)>>;
+pub type Needs = BTreeMap<String, Vec<(Name, ColumnType)>>;
 
 /// Rounds of DDL per batch: a second is needed when another loader made a table first;
 /// a column still missing after them (dropped as fast as it is added) is loaded as NULL
@@ -115,7 +115,7 @@ fn missing<'a>(
         let have = tables.get(table);
         columns
             .iter()
-            .filter(move |(column, _)| !have.is_some_and(|have| have.contains_key(column)))
+            .filter(move |(column, _)| !have.is_some_and(|have| have.contains_key(column.as_str())))
             .map(move |(column, ty)| (table.as_str(), column.as_str(), *ty))
     })
 }
@@ -126,10 +126,10 @@ pub fn ddl(schema: &str, tables: &Tables, needs: &Needs) -> Vec<String> {
     let mut statements = Vec::new();
     for (table, columns) in needs {
         let name = format!("{}.{}", quote(schema), quote(table));
-        let new: Vec<&(String, ColumnType)> = match tables.get(table) {
+        let new: Vec<&(Name, ColumnType)> = match tables.get(table) {
             Some(have) => columns
                 .iter()
-                .filter(|(column, _)| !have.contains_key(column))
+                .filter(|(column, _)| !have.contains_key(column.as_str()))
                 .collect(),
             None => columns.iter().collect(),
         };
@@ -148,7 +148,7 @@ pub fn ddl(schema: &str, tables: &Tables, needs: &Needs) -> Vec<String> {
             let mut defs = vec!["id text PRIMARY KEY".to_owned()];
             defs.extend(
                 new.iter()
-                    .filter(|(column, _)| column != "id")
+                    .filter(|(column, _)| *column != "id")
                     .map(|(column, ty)| format!("{} {}", quote(column), ty.sql())),
             );
             statements.push(format!(

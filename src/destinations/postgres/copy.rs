@@ -40,7 +40,7 @@ pub fn encode(table: &str, load: &TableLoad<'_>, mismatches: &mut Vec<Mismatch>)
                     out.truncate(start + 4);
                     mismatches.push(Mismatch {
                         table: table.to_owned(),
-                        column: column.clone(),
+                        column: column.to_string(),
                         column_type: Some(*column_type),
                         value_type: *column_type,
                     });

@@ -12,7 +12,7 @@ use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::Transaction;
 
 use super::catalog::{quote, Needs, Tables};
-use super::schema::{convert, ColumnType, Row, Value};
+use super::schema::{convert, ColumnType, Name, Row, Value};
 
 /// A value as loaded: the row's own, one converted to the column's type, or NULL.
 #[derive(Debug, Clone)]
@@ -48,7 +48,7 @@ pub struct Mismatch {
 pub struct TableLoad<'a> {
     pub upsert: bool,
     /// Name and type, as the table has them.
-    pub columns: Vec<(String, ColumnType)>,
+    pub columns: Vec<(Name, ColumnType)>,
     /// One cell per column.
     pub rows: Vec<Vec<Cell<'a>>>,
 }
@@ -98,7 +98,7 @@ pub fn lay_out<'a>(
             // Stable: rows at the same instant keep the batch's order, the later winning.
             rows.sort_by_key(|r| received_at(r));
         }
-        let mut columns: Vec<(String, ColumnType)> = Vec::new();
+        let mut columns: Vec<(Name, ColumnType)> = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
         for row in &rows {
             for (k, (name, _)) in row.columns.iter().enumerate() {
@@ -109,7 +109,7 @@ pub fn lay_out<'a>(
                 {
                     continue;
                 }
-                if let Some(ty) = have.get(name) {
+                if let Some(ty) = have.get(name.as_str()) {
                     index.insert(name, columns.len());
                     columns.push((name.clone(), *ty));
                 }
@@ -127,7 +127,7 @@ pub fn lay_out<'a>(
                 else {
                     mismatches.push(Mismatch {
                         table: table.to_owned(),
-                        column: name.clone(),
+                        column: name.to_string(),
                         column_type: None,
                         value_type: ColumnType::of(value),
                     });
@@ -140,7 +140,7 @@ pub fn lay_out<'a>(
                     fit(value, ty).unwrap_or_else(|| {
                         mismatches.push(Mismatch {
                             table: table.to_owned(),
-                            column: name.clone(),
+                            column: name.to_string(),
                             column_type: Some(ty),
                             value_type: ColumnType::of(value),
                         });

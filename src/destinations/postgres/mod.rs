@@ -129,7 +129,7 @@ fn row_json(row: &Row) -> serde_json::Value {
         .iter()
         .map(|(name, value)| {
             json!({
-                "name": name,
+                "name": name.as_str(),
                 "type": schema::ColumnType::of(value).sql(),
                 "value": value_json(value),
             })

@@ -2,7 +2,7 @@ use chrono::{DateTime, TimeZone, Utc};
 
 use super::catalog::{column_type, ddl, quote, Needs, Tables};
 use super::load::{insert, lay_out, needs, Cell, TableLoad};
-use super::schema::{ColumnType, Row, Value};
+use super::schema::{ColumnType, Name, Row, Value};
 use super::*;
 use crate::destinations::KindSettings;
 
@@ -77,8 +77,9 @@ fn row(table: &str, upsert: bool, columns: Vec<(&str, Value)>) -> Row {
         table: table.into(),
         columns: columns
             .into_iter()
-            .map(|(n, v)| (n.to_owned(), v))
-            .collect(),
+            .map(|(n, v)| (Name::from(n.to_owned()), v))
+            .collect::<Vec<_>>()
+            .into(),
         upsert,
     }
 }
@@ -146,8 +147,8 @@ fn needs_types_each_column_by_its_first_value() {
     assert_eq!(
         needs["t"],
         [
-            ("id".to_owned(), ColumnType::Text),
-            ("n".to_owned(), ColumnType::BigInt)
+            (Name::from("id"), ColumnType::Text),
+            (Name::from("n"), ColumnType::BigInt)
         ]
     );
 }

@@ -1,19 +1,26 @@
 //! Nested JSON objects to columns: `{"address": {"street": …}}` → `address_street`.
 
-use super::names::column_name;
+use super::names::{column_name, Name};
 use super::node::{Node, Object};
 use super::types::{infer_node, Value};
 
 /// The columns of one row, in the order they were added; a name is taken once.
 #[derive(Debug, Default)]
 pub struct Columns {
-    pub list: Vec<(String, Value)>,
+    pub list: Vec<(Name, Value)>,
     /// A bit per name in `list` (see `bit`): most names are new, and one look at a bit
     /// says so without comparing them with the fifty names a row has.
     seen: [u64; 4],
 }
 
 impl Columns {
+    pub fn with_capacity(columns: usize) -> Self {
+        Columns {
+            list: Vec::with_capacity(columns),
+            seen: [0; 4],
+        }
+    }
+
     pub fn has(&self, name: &str) -> bool {
         let (word, mask) = bit(name);
         self.seen[word] & mask != 0 && self.list.iter().any(|(n, _)| n == name)
@@ -21,7 +28,7 @@ impl Columns {
 
     /// Adds the column unless the name is taken: two keys can snake-case (or cut) to the
     /// same name (`accountType` and `account_type`), and a row names a column once.
-    pub fn add(&mut self, name: String, value: Value) {
+    pub fn add(&mut self, name: Name, value: Value) {
         if !self.has(&name) {
             let (word, mask) = bit(&name);
             self.seen[word] |= mask;
@@ -29,10 +36,17 @@ impl Columns {
         }
     }
 
+    /// Adds each of `other`'s columns, as `add` does.
+    pub fn add_all(&mut self, other: &Columns) {
+        for (name, value) in &other.list {
+            self.add(name.clone(), value.clone());
+        }
+    }
+
     /// Adds a column whose value may be absent.
-    pub fn add_some(&mut self, name: &str, value: Option<Value>) {
+    pub fn add_some(&mut self, name: &'static str, value: Option<Value>) {
         if let Some(value) = value {
-            self.add(name.to_owned(), value);
+            self.add(Name::Static(name), value);
         }
     }
 }

@@ -10,6 +10,8 @@ pub mod node;
 mod snake;
 mod types;
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde_json::Value as Json;
 
@@ -17,6 +19,7 @@ use crate::message::MessageType;
 use flatten::{flatten, Columns};
 use node::{Node, Object};
 
+pub use names::Name;
 pub use snake::{identifier, snakecase, MAX_IDENTIFIER};
 pub use types::{convert, infer, ColumnType, Value};
 
@@ -26,7 +29,7 @@ pub struct Row {
     /// Snake-cased: `tracks`, `signed_up`, …
     pub table: String,
     /// Snake-cased names, non-null values only, each name once.
-    pub columns: Vec<(String, Value)>,
+    pub columns: RowColumns,
     /// Merge into the row with the same `id` instead of skipping it: only `users`.
     pub upsert: bool,
 }
@@ -37,6 +40,44 @@ impl Row {
             .iter()
             .find(|(n, _)| n == column)
             .map(|(_, v)| v)
+    }
+}
+
+/// A row's columns: the first `len` of a list it may share with another row of the same
+/// message (a track's `tracks` row is the start of its event row, not a copy of it).
+#[derive(Clone)]
+pub struct RowColumns {
+    list: Arc<Vec<(Name, Value)>>,
+    len: usize,
+}
+
+impl From<Vec<(Name, Value)>> for RowColumns {
+    fn from(list: Vec<(Name, Value)>) -> RowColumns {
+        let len = list.len();
+        RowColumns {
+            list: Arc::new(list),
+            len,
+        }
+    }
+}
+
+impl std::ops::Deref for RowColumns {
+    type Target = [(Name, Value)];
+
+    fn deref(&self) -> &[(Name, Value)] {
+        &self.list[..self.len]
+    }
+}
+
+impl PartialEq for RowColumns {
+    fn eq(&self, other: &RowColumns) -> bool {
+        **self == **other
+    }
+}
+
+impl std::fmt::Debug for RowColumns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
     }
 }
 
@@ -128,7 +169,8 @@ pub fn message_rows(message: &Node<'_>, loaded_at: DateTime<Utc>) -> Result<Vec<
         "is missing or not a date-time (a stored message always has one)",
     ))?;
 
-    let mut row = Columns::default();
+    // Room for a typical event row's columns without growing.
+    let mut row = Columns::with_capacity(64);
     row.add("id".into(), Value::Text(id.into()));
     row.add_some("anonymous_id", id_text(m.get("anonymousId")));
     row.add_some("user_id", id_text(m.get("userId")));
@@ -149,7 +191,7 @@ pub fn message_rows(message: &Node<'_>, loaded_at: DateTime<Utc>) -> Result<Vec<
         }
     };
 
-    let table = |name: &str, columns: Vec<(String, Value)>| Row {
+    let table = |name: &str, columns: RowColumns| Row {
         table: name.to_owned(),
         columns,
         upsert: false,
@@ -163,29 +205,39 @@ pub fn message_rows(message: &Node<'_>, loaded_at: DateTime<Utc>) -> Result<Vec<
             let column = identifier(event);
             row.add_some("event", column.map(Value::Text));
             row.add("event_text".into(), Value::Text(event.into()));
-            let tracks = table("tracks", row.list.clone());
             match event_table {
                 Some(name) => {
+                    // The `tracks` row is the event row's start: the properties come after.
+                    let tracks_len = row.list.len();
                     custom(&mut row, "properties");
-                    vec![tracks, table(&name, row.list)]
+                    let event_row = RowColumns::from(row.list);
+                    let tracks = RowColumns {
+                        list: event_row.list.clone(),
+                        len: tracks_len,
+                    };
+                    vec![table("tracks", tracks), table(&name, event_row)]
                 }
-                None => vec![tracks],
+                None => vec![table("tracks", row.list.into())],
             }
         }
         MessageType::Identify => {
+            // Flattened once for both rows: every name either row has already is
+            // reserved, so the traits add the same columns to each.
+            let mut traits = Columns::with_capacity(32);
+            custom(&mut traits, "traits");
             let mut users = Columns::default();
             if let Some(user_id) = id_text(m.get("userId")) {
                 users.add("id".into(), user_id);
                 users.add("received_at".into(), Value::Timestamp(received_at));
                 users.add("uuid_ts".into(), Value::Timestamp(loaded_at));
-                custom(&mut users, "traits");
+                users.add_all(&traits);
             }
-            custom(&mut row, "traits");
-            let mut rows = vec![table("identifies", row.list)];
+            row.add_all(&traits);
+            let mut rows = vec![table("identifies", row.list.into())];
             if !users.list.is_empty() {
                 rows.push(Row {
                     upsert: true,
-                    ..table("users", users.list)
+                    ..table("users", users.list.into())
                 });
             }
             rows
@@ -201,18 +253,18 @@ pub fn message_rows(message: &Node<'_>, loaded_at: DateTime<Utc>) -> Result<Vec<
             } else {
                 "screens"
             };
-            vec![table(name, row.list)]
+            vec![table(name, row.list.into())]
         }
         MessageType::Group => {
             row.add_some("group_id", id_text(m.get("groupId")));
             custom(&mut row, "traits");
-            vec![table("groups", row.list)]
+            vec![table("groups", row.list.into())]
         }
         MessageType::Alias => {
             row.add_some("previous_id", id_text(m.get("previousId")));
             // Segment's docs: the aliases table has the traits sent with the call.
             custom(&mut row, "traits");
-            vec![table("aliases", row.list)]
+            vec![table("aliases", row.list.into())]
         }
     })
 }

@@ -3,9 +3,12 @@
 //! snake case already costs more than looking it up.
 
 use std::cell::RefCell;
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::sync::Arc;
 
-use super::snake::{identifier, is_snakecase, MAX_IDENTIFIER};
+use super::snake::identifier;
 
 /// Paths remembered per thread; when full the memo starts over, so a source sending
 /// ever new keys cannot grow it.
@@ -17,28 +20,149 @@ const MEMO_PATH_BYTES: usize = 128;
 thread_local! {
     // Per thread, not per destination: the name is a pure function of the path, so
     // sharing is safe, and no lock is taken per column.
-    static MEMO: RefCell<HashMap<Box<str>, Option<Box<str>>>> = RefCell::new(HashMap::new());
+    static MEMO: RefCell<Memo> = RefCell::new(Memo::new());
 }
 
-/// `identifier(path)`, from the memo when the path is not snake case already.
-pub fn column_name(path: &str) -> Option<String> {
-    if is_snakecase(path) && path.len() <= MAX_IDENTIFIER {
-        return (!path.is_empty()).then(|| path.to_owned());
+/// Paths by their xxh3, keyed per thread: one short hash and one comparison a column
+/// (SipHash costs several times more on names this short), and the random key keeps
+/// crafted paths from colliding on purpose. Two paths of one hash take turns.
+struct Memo {
+    key: u64,
+    names: HashMap<u64, (Box<str>, Option<Name>), BuildHasherDefault<Hashed>>,
+}
+
+impl Memo {
+    fn new() -> Memo {
+        Memo {
+            key: RandomState::new().hash_one(0u8),
+            names: HashMap::default(),
+        }
     }
+}
+
+/// The map's keys are hashes already.
+#[derive(Default)]
+struct Hashed(u64);
+
+impl Hasher for Hashed {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// `identifier(path)`, from the memo: the rows of a batch share one `Name` per column
+/// (snake-case paths too), which later steps tell apart by address.
+pub fn column_name(path: &str) -> Option<Name> {
     if path.len() > MEMO_PATH_BYTES {
-        return identifier(path);
+        return identifier(path).map(Name::from);
     }
     MEMO.with_borrow_mut(|memo| {
-        if let Some(name) = memo.get(path) {
-            return name.as_deref().map(str::to_owned);
+        let hash = xxhash_rust::xxh3::xxh3_64_with_seed(path.as_bytes(), memo.key);
+        if let Some((known, name)) = memo.names.get(&hash) {
+            if **known == *path {
+                return name.clone();
+            }
         }
-        let name = identifier(path);
-        if memo.len() >= MEMO_ENTRIES {
-            memo.clear();
+        let name = identifier(path).map(Name::from);
+        if memo.names.len() >= MEMO_ENTRIES {
+            memo.names.clear();
         }
-        memo.insert(path.into(), name.as_deref().map(Box::from));
+        memo.names.insert(hash, (path.into(), name.clone()));
         name
     })
+}
+
+/// A column name: the standard ones static, the others shared from the memo, so that a
+/// row's names cost no allocation, and names from the memo compare by address first.
+#[derive(Clone)]
+pub enum Name {
+    Static(&'static str),
+    Shared(Arc<str>),
+}
+
+impl Name {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Name::Static(s) => s,
+            Name::Shared(s) => s,
+        }
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<&'static str> for Name {
+    fn from(name: &'static str) -> Name {
+        Name::Static(name)
+    }
+}
+
+impl From<String> for Name {
+    fn from(name: String) -> Name {
+        Name::Shared(name.into())
+    }
+}
+
+impl PartialEq for Name {
+    fn eq(&self, other: &Name) -> bool {
+        let (a, b) = (self.as_str(), other.as_str());
+        // The same name from the memo (or the same static) is the same string.
+        std::ptr::eq(a, b) || a == b
+    }
+}
+
+impl Eq for Name {}
+
+impl PartialEq<str> for Name {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Name {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::hash::Hash for Name {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<str> for Name {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[cfg(test)]
@@ -62,7 +186,11 @@ mod tests {
         // Twice: the second time from the memo.
         for _ in 0..2 {
             for path in paths {
-                assert_eq!(column_name(path), identifier(path), "{path:?}");
+                assert_eq!(
+                    column_name(path).map(|n| n.to_string()),
+                    identifier(path),
+                    "{path:?}"
+                );
             }
         }
     }
@@ -71,9 +199,9 @@ mod tests {
     fn a_full_memo_starts_over() {
         for n in 0..MEMO_ENTRIES + 10 {
             let path = format!("key{n}X");
-            assert_eq!(column_name(&path), identifier(&path));
+            assert_eq!(column_name(&path).map(|n| n.to_string()), identifier(&path));
         }
-        MEMO.with_borrow(|memo| assert!(memo.len() <= MEMO_ENTRIES));
-        assert_eq!(column_name("key1X"), Some("key1_x".to_owned()));
+        MEMO.with_borrow(|memo| assert!(memo.names.len() <= MEMO_ENTRIES));
+        assert_eq!(column_name("key1X").unwrap(), "key1_x");
     }
 }

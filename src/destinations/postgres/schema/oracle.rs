@@ -51,7 +51,7 @@ pub fn rows(message: &Json, loaded_at: DateTime<Utc>) -> Result<Vec<Row>, RowErr
         }
     };
 
-    let table = |name: &str, columns: Vec<(String, Value)>| Row {
+    let table = |name: &str, columns: super::RowColumns| Row {
         table: name.to_owned(),
         columns,
         upsert: false,
@@ -66,11 +66,11 @@ pub fn rows(message: &Json, loaded_at: DateTime<Utc>) -> Result<Vec<Row>, RowErr
             let column = identifier(event);
             row.add_some("event", column.map(Value::Text));
             row.add("event_text".into(), Value::Text(event.into()));
-            let tracks = table("tracks", row.list.clone());
+            let tracks = table("tracks", row.list.clone().into());
             match event_table {
                 Some(name) => {
                     custom(&mut row, "properties");
-                    vec![tracks, table(&name, row.list)]
+                    vec![tracks, table(&name, row.list.into())]
                 }
                 None => vec![tracks],
             }
@@ -84,11 +84,11 @@ pub fn rows(message: &Json, loaded_at: DateTime<Utc>) -> Result<Vec<Row>, RowErr
                 custom(&mut users, "traits");
             }
             custom(&mut row, "traits");
-            let mut rows = vec![table("identifies", row.list)];
+            let mut rows = vec![table("identifies", row.list.into())];
             if !users.list.is_empty() {
                 rows.push(Row {
                     upsert: true,
-                    ..table("users", users.list)
+                    ..table("users", users.list.into())
                 });
             }
             rows
@@ -104,18 +104,18 @@ pub fn rows(message: &Json, loaded_at: DateTime<Utc>) -> Result<Vec<Row>, RowErr
             } else {
                 "screens"
             };
-            vec![table(name, row.list)]
+            vec![table(name, row.list.into())]
         }
         MessageType::Group => {
             row.add_some("group_id", id_text(m.get("groupId")));
             custom(&mut row, "traits");
-            vec![table("groups", row.list)]
+            vec![table("groups", row.list.into())]
         }
         MessageType::Alias => {
             row.add_some("previous_id", id_text(m.get("previousId")));
             // Segment's docs: the aliases table has the traits sent with the call.
             custom(&mut row, "traits");
-            vec![table("aliases", row.list)]
+            vec![table("aliases", row.list.into())]
         }
     })
 }
@@ -170,7 +170,7 @@ fn walk(
                     continue;
                 };
                 if !dropped(&name) {
-                    out.add(name, value);
+                    out.add(name.into(), value);
                 }
             }
         }

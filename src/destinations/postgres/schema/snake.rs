@@ -74,11 +74,6 @@ fn kept(b: &[u8]) -> Kept {
     }
 }
 
-/// Whether `s` is its own snake case (`snakecase(s) == s`), found without allocating.
-pub fn is_snakecase(s: &str) -> bool {
-    kept(s.as_bytes()).len == s.len()
-}
-
 fn is_lower_or_digit(c: u8) -> bool {
     c.is_ascii_lowercase() || c.is_ascii_digit()
 }

@@ -343,7 +343,10 @@ fn track(properties: Json) -> Json {
 fn custom_columns(message: &Json) -> Vec<(String, Value)> {
     let rows = rows(message, loaded()).unwrap();
     let standard = rows[0].columns.len();
-    rows.last().unwrap().columns[standard..].to_vec()
+    rows.last().unwrap().columns[standard..]
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.clone()))
+        .collect()
 }
 
 #[test]
@@ -463,7 +466,7 @@ fn properties_colliding_with_reserved_columns_are_dropped() {
         let rows = rows(&message, loaded()).unwrap();
         let row = &rows[row];
         assert_eq!(row.get("kept"), Some(&Value::BigInt(1)), "{kind}");
-        for (name, value) in &row.columns {
+        for (name, value) in row.columns.iter() {
             assert_ne!(
                 value,
                 &Value::Text("p".into()),
@@ -490,8 +493,13 @@ fn identify_upserts_users_without_anonymous_id() {
     assert_eq!(rows.len(), 2);
     let users = &rows[1];
     assert_eq!((users.table.as_str(), users.upsert), ("users", true));
+    let columns: Vec<(String, Value)> = users
+        .columns
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.clone()))
+        .collect();
     assert_eq!(
-        users.columns,
+        columns,
         [
             ("id".to_string(), Value::Text("u-7".into())),
             (
@@ -543,6 +551,34 @@ fn original_timestamp_is_the_clients_else_the_event_time() {
             want.map(Value::Timestamp).as_ref(),
             "{times}"
         );
+    }
+}
+
+#[test]
+fn a_tracks_row_is_the_start_of_its_event_row_not_a_copy() {
+    let mut message = track(json!({"plan": "pro", "seats": 3}));
+    message["context"] = json!({"ip": "203.0.113.7", "page": {"url": "https://x.test/"}});
+    let rows = rows(&message, loaded()).unwrap();
+    let (tracks, event) = (&rows[0].columns, &rows[1].columns);
+    assert_eq!(
+        (rows[0].table.as_str(), rows[1].table.as_str()),
+        ("tracks", "e")
+    );
+    assert_eq!(tracks[..], event[..tracks.len()]);
+    assert_eq!(event.len(), tracks.len() + 2);
+    assert!(std::ptr::eq(tracks.as_ptr(), event.as_ptr()), "copied");
+}
+
+#[test]
+fn the_rows_of_one_thread_share_each_column_name() {
+    let one = rows(&track(json!({"orderId": "a", "plan": "p"})), loaded()).unwrap();
+    let two = rows(&track(json!({"orderId": "b", "plan": "q"})), loaded()).unwrap();
+    for column in ["order_id", "plan", "id", "received_at"] {
+        let name = |rows: &[Row]| -> *const u8 {
+            let found = rows[1].columns.iter().find(|(n, _)| *n == column);
+            found.expect(column).0.as_ptr()
+        };
+        assert_eq!(name(&one), name(&two), "{column}: a name each");
     }
 }
 
@@ -842,7 +878,7 @@ fn columns_take_each_name_once() {
         .collect();
     for round in 0..2 {
         for name in &names {
-            columns.add(name.clone(), Value::BigInt(round));
+            columns.add(name.clone().into(), Value::BigInt(round));
         }
     }
     assert_eq!(columns.list.len(), names.len());
