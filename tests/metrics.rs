@@ -418,6 +418,36 @@ async fn json_log_lines_parse_and_carry_the_request_span() {
 }
 
 #[tokio::test]
+async fn at_the_default_level_the_warn_line_names_its_request_itself() {
+    // No request span at info (it cost 4 % of a track request's CPU): the warn line
+    // carries the id, route and source as its own fields.
+    let mut f = Fanout::start_with(settings().arg("--log-format").arg("json"));
+    let (_, refused_id) = send_with_personal_data(&f).await;
+    let log = stop_and_read_log(&mut f).await;
+    assert_no_secrets(&log);
+    let lines: Vec<serde_json::Value> = log
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let refused = lines
+        .iter()
+        .find(|l| l["fields"]["id"] == json!(refused_id) && l["level"] == "WARN")
+        .unwrap_or_else(|| panic!("a warn line for the refused request: {log:#?}"));
+    assert_eq!(refused["fields"]["source"], "shop");
+    assert_eq!(refused["fields"]["path"], "/v1/batch");
+    assert_eq!(refused["fields"]["method"], "POST");
+    assert_eq!(refused["fields"]["code"], "invalid_field");
+    let unauthorized = lines
+        .iter()
+        .find(|l| l["fields"]["code"] == "unauthorized")
+        .expect("a warn line for the wrong key");
+    assert!(
+        unauthorized["fields"].get("source").is_none(),
+        "no source for a key that names none: {unauthorized}"
+    );
+}
+
+#[tokio::test]
 async fn an_unfit_request_id_is_replaced_and_never_echoed_or_logged() {
     let mut f = Fanout::start_with(settings().env("FANOUT_LOG", "debug"));
     // 100 KB ids once grew the log by 957 MB in 5 s: one copy per line of the request.

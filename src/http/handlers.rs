@@ -17,6 +17,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Serialize;
 use serde_json::json;
 
+use super::observe::note_source;
 use super::{ApiError, App, BodyCut};
 use crate::auth::{self, Credential};
 use crate::ingest::{seed, segment, Rejection};
@@ -139,7 +140,7 @@ pub async fn event_batch(
     let refused_count = crate::metrics::rejected_items(&source, refused_items);
     if refused_count > 0 {
         // The items' messages can quote their values: the client has them in the answer.
-        tracing::warn!(refused = refused_count, "event batch items refused");
+        tracing::warn!(source = %source, refused = refused_count, "event batch items refused");
     }
     let duplicate = app.store_new(&source, records).await?;
     for item in &mut report {
@@ -382,11 +383,6 @@ impl<F: Future<Output: Send> + Send + 'static> Drop for FinishAnyway<F> {
             }
         }
     }
-}
-
-/// Names the request's source in its log span (the source's name, never its key).
-fn note_source(source: &str) {
-    tracing::Span::current().record("source", tracing::field::display(source));
 }
 
 /// Counts the messages of a request refused for what it sent, once its source is known;

@@ -10,7 +10,11 @@
 //! middleware function: on single-event requests those three cost about a tenth of the
 //! server's CPU (a span, a response-body wrapper, two header passes); this one creates the
 //! span once, with every field it can know, and enters it only while the request runs.
+//! The span is at debug: at info, making it (its fields formatted by the log's writer)
+//! cost 4 % of a single-event request's CPU (BENCHMARKS.md, issue 33), so the warn line
+//! names the id, route and source itself; the source reaches it through a task-local.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::{pin, Pin};
@@ -88,28 +92,53 @@ where
         // The template, not the raw path: label values must stay few, and a raw path can
         // carry anything, a write key included.
         let path = request.extensions().get::<MatchedPath>().cloned();
-        // At info, so the warn line of a refused request carries the id and source too;
-        // `source` is recorded once the write key is known (never the key itself).
-        let span = tracing::info_span!(
+        // At debug (see above): every line of the request carries its fields when on.
+        let span = tracing::debug_span!(
             "request",
             method = %request.method(),
             path = path.as_ref().map_or("unmatched", MatchedPath::as_str),
             id = id.to_str().unwrap_or(""),
             source = tracing::field::Empty,
         );
+        let method = request.method().clone();
         let answer = span.in_scope(|| self.inner.call(request));
         let warnings = self.warnings.clone();
         Box::pin(async move {
-            let mut answer = pin!(answer.instrument(span));
+            let answer = answer.instrument(span.clone());
+            let mut answer = pin!(REQUEST_SOURCE.scope(Cell::new(None), answer));
             let mut response = answer.as_mut().await?;
-            let path = path.as_ref().map_or("unmatched", MatchedPath::as_str);
-            answer
-                .span()
-                .in_scope(|| finished(path, &response, started, &warnings));
+            let source = answer.as_mut().take_value().and_then(Cell::into_inner);
+            let request = Finished {
+                method: &method,
+                path: path.as_ref().map_or("unmatched", MatchedPath::as_str),
+                id: id.to_str().unwrap_or(""),
+                source: source.as_deref(),
+            };
+            span.in_scope(|| finished(&request, &response, started, &warnings));
             response.headers_mut().entry(&X_REQUEST_ID).or_insert(id);
             Ok(response)
         })
     }
+}
+
+tokio::task_local! {
+    /// The source of the request being answered, once its write key is known.
+    static REQUEST_SOURCE: Cell<Option<Arc<str>>>;
+}
+
+/// Names the request's source in its log span and its warn line (the source's name,
+/// never its key). Outside a request (a test calling a handler) it does nothing.
+pub(super) fn note_source(source: &Arc<str>) {
+    tracing::Span::current().record("source", tracing::field::display(source));
+    let _ = REQUEST_SOURCE.try_with(|slot| slot.set(Some(source.clone())));
+}
+
+/// What the warn line of a refused or failed request says about the request.
+struct Finished<'a> {
+    method: &'a http::Method,
+    path: &'a str,
+    id: &'a str,
+    source: Option<&'a str>,
 }
 
 /// 1 to 128 visible ASCII characters (no space or control): short enough to log on every
@@ -127,7 +156,8 @@ fn new_request_id() -> HeaderValue {
 
 /// Counts the answer and logs it: at debug always, at warn when it refuses or fails (as
 /// often as `warnings` lets that reason through).
-fn finished(path: &str, response: &Response, started: Instant, warnings: &WarnLines) {
+fn finished(request: &Finished, response: &Response, started: Instant, warnings: &WarnLines) {
+    let path = request.path;
     let status = response.status();
     let latency = started.elapsed();
     crate::metrics::http_request(path, status.as_u16(), latency);
@@ -147,6 +177,10 @@ fn finished(path: &str, response: &Response, started: Instant, warnings: &WarnLi
             return;
         };
         tracing::warn!(
+            method = %request.method,
+            path,
+            id = request.id,
+            source = request.source,
             status = status.as_u16(),
             code = error.map(|e| e.code),
             field = error.and_then(|e| e.field.as_deref()),
