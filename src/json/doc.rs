@@ -1,5 +1,5 @@
 //! A whole JSON document read in place: strings borrowed from its bytes (owned only when
-//! they hold escapes), objects and arrays as vectors. It reads, compares and writes as
+//! they hold escapes), objects and arrays as vectors. It reads and writes as
 //! `serde_json::Value` would (same numbers, objects in key order with the last of a
 //! repeated key), without a `String` per key and value: for reading many paths of one
 //! message cheaply (the http kind's mappings).
@@ -19,8 +19,9 @@ pub enum Doc<'a> {
     Number(Number),
     Str(Cow<'a, str>),
     Array(Vec<Doc<'a>>),
-    /// Members sorted by key, each key once (the last given): `serde_json::Map`'s order
-    /// and winner, so that writing it gives what writing the `Value` would.
+    /// Members as given, a repeated key included: reads take the last one and writing
+    /// sorts them by key, as `serde_json::Map` does (members are read far more often than
+    /// objects are written).
     Object(Vec<(Cow<'a, str>, Doc<'a>)>),
 }
 
@@ -36,10 +37,7 @@ impl<'a> Doc<'a> {
         let Doc::Object(members) = self else {
             return None;
         };
-        let i = members
-            .binary_search_by(|(k, _)| k.as_ref().cmp(key))
-            .ok()?;
-        Some(&members[i].1)
+        members.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
     pub fn as_str(&self) -> Option<&str> {
@@ -71,21 +69,20 @@ impl<'a> Doc<'a> {
     }
 }
 
-fn sorted<'a>(mut members: Vec<(Cow<'a, str>, Doc<'a>)>) -> Vec<(Cow<'a, str>, Doc<'a>)> {
-    if members.windows(2).all(|w| w[0].0 < w[1].0) {
-        return members;
-    }
+/// The indices of an object's members in the order `serde_json::Map` keeps them: by key,
+/// each key once (its last member).
+fn map_order(members: &[(Cow<'_, str>, Doc<'_>)]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..members.len()).collect();
     // Stable, so that of a repeated key the later member stays the later one.
-    members.sort_by(|a, b| a.0.cmp(&b.0));
-    // `later` is dropped; the value kept is the last one given, as in a map.
-    members.dedup_by(|later, kept| {
-        let same = later.0 == kept.0;
+    order.sort_by(|a, b| members[*a].0.cmp(&members[*b].0));
+    order.dedup_by(|later, kept| {
+        let same = members[*later].0 == members[*kept].0;
         if same {
-            std::mem::swap(&mut later.1, &mut kept.1);
+            *kept = *later;
         }
         same
     });
-    members
+    order
 }
 
 impl Serialize for Doc<'_> {
@@ -102,9 +99,18 @@ impl Serialize for Doc<'_> {
                 }
                 seq.end()
             }
-            Doc::Object(members) => {
+            Doc::Object(members) if members.windows(2).all(|w| w[0].0 < w[1].0) => {
                 let mut map = serializer.serialize_map(Some(members.len()))?;
                 for (k, v) in members {
+                    map.serialize_entry(k.as_ref(), v)?;
+                }
+                map.end()
+            }
+            Doc::Object(members) => {
+                let order = map_order(members);
+                let mut map = serializer.serialize_map(Some(order.len()))?;
+                for i in order {
+                    let (k, v) = &members[i];
                     map.serialize_entry(k.as_ref(), v)?;
                 }
                 map.end()
@@ -170,11 +176,11 @@ impl<'de> Visitor<'de> for DocVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Doc<'de>, A::Error> {
-        let mut members = Vec::with_capacity(8);
+        let mut members = Vec::with_capacity(16);
         while let Some(Key(key)) = map.next_key()? {
             members.push((key, map.next_value()?));
         }
-        Ok(Doc::Object(sorted(members)))
+        Ok(Doc::Object(members))
     }
 }
 
