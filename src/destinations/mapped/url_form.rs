@@ -146,7 +146,15 @@ mod tests {
             prefix in prop::sample::select(vec![
                 "http://h/", "http://h/a", "https://u@h:8443/v1/x.", "http://h/a/", "http://h",
             ]),
-            rest in r"[a-zA-Z0-9./%?#~!$&'()*+,;=:@ \\-]{0,10}",
+            rest in prop_oneof![
+                r"[a-zA-Z0-9./%?#~!$&'()*+,;=:@ \\-]{0,10}",
+                // Whole segments, the ones a parser rewrites among them.
+                prop::collection::vec(
+                    prop::sample::select(vec!["a", "", ".", "..", "%2e", ".%2E", "x y", "é", "?q", "#f"]),
+                    0..4,
+                )
+                .prop_map(|segments| segments.join("/")),
+            ],
         ) {
             let form = UrlForm::new(&format!("{prefix}{{{{ x }}}}"));
             let rendered = format!("{prefix}{rest}");
