@@ -5,6 +5,7 @@
 //! byte for byte, so it parses each message once into borrowed slices of the request body
 //! instead of building a `serde_json::Value` tree and serializing it again.
 
+pub mod doc;
 mod one_line;
 #[cfg(test)]
 pub(crate) mod testgen;

@@ -48,23 +48,37 @@ impl Filter {
         }
     }
 
+    /// `types` and `events`: the first the message fails, if any. `event` is read only
+    /// when an event pattern is to be matched.
+    fn check_type_and_event<'e>(
+        &self,
+        kind: Option<MessageType>,
+        event: impl FnOnce() -> Cow<'e, str>,
+    ) -> Option<Skip> {
+        if !self.type_allowed(kind) {
+            return Some(Skip::Type);
+        }
+        if let (Some(patterns), Some(MessageType::Track)) = (&self.events, kind) {
+            let event = event();
+            if !patterns.iter().any(|p| p.matches(&event)) {
+                return Some(Skip::Event);
+            }
+        }
+        None
+    }
+
     /// The first condition the message fails, if any.
     pub(super) fn check(&self, view: &View<'_>) -> Option<Skip> {
         let kind = view.kind.and_then(|raw| match scalar(raw) {
             Scalar::Str(s) => MessageType::parse(&s),
             _ => None,
         });
-        if !self.type_allowed(kind) {
-            return Some(Skip::Type);
-        }
-        if let (Some(patterns), Some(MessageType::Track)) = (&self.events, kind) {
-            let event = match view.event.map(scalar) {
-                Some(Scalar::Str(event)) => event,
-                _ => Cow::Borrowed(""),
-            };
-            if !patterns.iter().any(|p| p.matches(&event)) {
-                return Some(Skip::Event);
-            }
+        let event = || match view.event.map(scalar) {
+            Some(Scalar::Str(event)) => event,
+            _ => Cow::Borrowed(""),
+        };
+        if let Some(skip) = self.check_type_and_event(kind, event) {
+            return Some(skip);
         }
         if !self.properties.is_empty() {
             // identify and group carry their data in `traits`, the others in `properties`.
@@ -99,6 +113,20 @@ impl MessageFilter {
             .and_then(|text| serde_json::from_str::<&RawValue>(text).ok())
             .and_then(RawObject::parse)
             .is_some_and(|object| self.0.check(&View::new(|key| object.get(key))).is_none())
+    }
+}
+
+impl MessageFilter {
+    /// What `matches` answers, from the message's `type` and `event` (strings, or `None`
+    /// when absent or of another kind) already read; `None` when the filter also looks at
+    /// properties and needs the message itself.
+    pub fn decide(&self, kind: Option<&str>, event: Option<&str>) -> Option<bool> {
+        if !self.0.properties.is_empty() {
+            return None;
+        }
+        let kind = kind.and_then(MessageType::parse);
+        let event = || Cow::Borrowed(event.unwrap_or(""));
+        Some(self.0.check_type_and_event(kind, event).is_none())
     }
 }
 
@@ -310,7 +338,23 @@ mod tests {
 
     mod properties {
         use super::*;
+        use crate::json::doc::Doc;
         use proptest::prelude::*;
+
+        /// A `type` or `event` value as written in a message.
+        fn field() -> impl Strategy<Value = &'static str> {
+            prop::sample::select(vec![
+                r#""track""#,
+                r#""identify""#,
+                r#""tr\u0061ck""#,
+                r#""Order Completed""#,
+                r#""Order \u0043ompleted""#,
+                r#""Signed Up""#,
+                "null",
+                "3",
+                "[]",
+            ])
+        }
 
         /// The same glob as a regular expression: the reference to check against.
         fn reference(pattern: &str) -> regex::Regex {
@@ -327,6 +371,37 @@ mod tests {
                 .dot_matches_new_line(true)
                 .build()
                 .unwrap()
+        }
+
+        proptest! {
+            /// `decide` from the type and event read elsewhere answers what `matches`
+            /// answers from the message, repeated keys and escapes included.
+            #[test]
+            fn deciding_from_type_and_event_is_matching(
+                kind in field(),
+                again in prop::option::of(field()),
+                event in prop::option::of(field()),
+                types in prop::option::of(prop::sample::subsequence(
+                    vec![MessageType::Track, MessageType::Identify], 0..=2,
+                )),
+                events in prop::option::of(prop::sample::subsequence(
+                    vec!["Order *".to_string(), "Signed Up".to_string()], 0..=2,
+                )),
+            ) {
+                let mut text = format!(r#"{{"type":{kind},"userId":"u""#);
+                if let Some(event) = event {
+                    text.push_str(&format!(r#","event":{event}"#));
+                }
+                if let Some(again) = again {
+                    text.push_str(&format!(r#","type":{again}"#));
+                }
+                text.push('}');
+                let filter = MessageFilter::new(&FilterConfig { types, events, properties: None });
+                let doc = Doc::parse(text.as_bytes()).unwrap();
+                let field = |key| doc.get(key).and_then(Doc::as_str);
+                let decided = filter.decide(field("type"), field("event"));
+                prop_assert_eq!(decided, Some(filter.matches(text.as_bytes())), "{}", text);
+            }
         }
 
         proptest! {

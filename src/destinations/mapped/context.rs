@@ -1,16 +1,20 @@
-//! What templates see: the stored message's fields and, above them, named values (`env`,
-//! `settings`, `batch`…). The message is parsed once; the fast path (`fast.rs`) reads it
-//! in place, and minijinja reads it through a lazy object: only the paths a template names
-//! are converted.
+//! What templates see: the stored message's fields (in a `batch.body` envelope: `batch`,
+//! the bodies) and, above them, named values (`env`, `settings`). The message is parsed
+//! once, in place (`Doc`): the fast path (`fast.rs`) reads that; minijinja, when a
+//! template needs it, reads it converted to JSON through a lazy object (only the paths a
+//! template names become template values).
 
+use std::cell::OnceCell;
 use std::sync::Arc;
 
 use minijinja::value::{Enumerator, Object, ObjectRepr, Value};
 use serde_json::Value as Json;
 
-/// Top-level names a template reads besides the message's fields (`env`, `settings`,
-/// `batch` in a batch body); a name here hides a message field of the same name. Adding
-/// one is one `with` where the scope is made.
+use crate::json::doc::Doc;
+
+/// Top-level names a template reads besides the message's fields (`env`, `settings`); a
+/// name here hides a message field of the same name. Adding one is one `with` where the
+/// scope is made.
 #[derive(Debug, Clone, Default)]
 pub struct Names(Vec<(&'static str, Arc<Json>)>);
 
@@ -26,37 +30,70 @@ impl Names {
     }
 }
 
-/// One render's context: a message and the names above it.
-#[derive(Debug, Clone)]
-pub struct Scope {
-    message: Arc<Json>,
+/// One render's context: a message, read in place, and the names above it.
+pub struct Scope<'a> {
+    message: Doc<'a>,
     names: Arc<Names>,
+    /// What minijinja renders against, made the first time a template needs it.
+    root: OnceCell<Value>,
 }
 
-impl Scope {
-    pub fn new(message: Arc<Json>, names: Arc<Names>) -> Scope {
-        Scope { message, names }
+/// Where a top-level name is found: among the names, or in the message.
+#[derive(Debug, Clone, Copy)]
+pub enum Found<'s> {
+    Name(&'s Json),
+    Message(&'s Doc<'s>),
+}
+
+impl<'a> Scope<'a> {
+    pub fn new(message: Doc<'a>, names: Arc<Names>) -> Scope<'a> {
+        Scope {
+            message,
+            names,
+            root: OnceCell::new(),
+        }
     }
 
-    pub fn message(&self) -> &Json {
+    pub fn message(&self) -> &Doc<'a> {
         &self.message
     }
 
     /// The value of a top-level name, `None` when undefined.
-    pub fn get(&self, name: &str) -> Option<&Json> {
+    pub fn get(&self, name: &str) -> Option<Found<'_>> {
         match self.names.get(name) {
-            Some(value) => Some(value),
-            None => self.message.get(name),
+            Some(value) => Some(Found::Name(value)),
+            None => self.message.get(name).map(Found::Message),
         }
     }
 
-    /// The scope as a minijinja value (the root a template renders against).
+    /// The scope as a minijinja value (the root a template renders against); the message
+    /// is converted to JSON once, the first time.
     pub fn value(&self) -> Value {
-        Value::from_object(self.clone())
+        self.root
+            .get_or_init(|| {
+                Value::from_object(Root {
+                    message: Arc::new(self.message.to_value()),
+                    names: self.names.clone(),
+                })
+            })
+            .clone()
     }
 }
 
-impl Object for Scope {
+/// A scope as minijinja reads it: the message as JSON, read lazily.
+struct Root {
+    message: Arc<Json>,
+    names: Arc<Names>,
+}
+
+// Not the message: it can hold personal data, and Debug output ends up in error text.
+impl std::fmt::Debug for Root {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<scope>")
+    }
+}
+
+impl Object for Root {
     fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
         let name = key.as_str()?;
         match self.names.get(name) {

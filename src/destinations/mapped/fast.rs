@@ -9,7 +9,9 @@ use std::borrow::Cow;
 use minijinja::Environment;
 use serde_json::Value as Json;
 
-use super::context::Scope;
+use crate::json::doc::Doc;
+
+use super::context::{Found, Scope};
 use super::filters::{Filter, Val, PLAIN};
 
 /// A slot (one template string) in its fast form.
@@ -109,7 +111,7 @@ impl Slot {
         match self {
             Slot::Typed(expr) => expr.eval(scope),
             Slot::Text(pieces) => {
-                let mut out = String::new();
+                let mut out = String::with_capacity(64);
                 for piece in pieces {
                     match piece {
                         Piece::Text(text) => out.push_str(text),
@@ -125,20 +127,33 @@ impl Slot {
 impl Expr {
     fn eval<'a>(&'a self, scope: &'a Scope) -> Option<Val<'a>> {
         let mut value = match &self.head {
-            Head::Literal(json) => Some(json),
+            Head::Literal(json) => Some(Found::Name(json)),
             Head::Name(name) => scope.get(name),
         };
         for step in &self.steps {
-            let Some(json) = value else { break };
-            value = match (step, json) {
-                (Step::Key(key), Json::Object(map)) => map.get(key),
-                (Step::Index(i), Json::Array(items)) => items.get(*i),
-                (Step::Index(_), Json::Object(_)) | (Step::Key(_), Json::Array(_)) => None,
+            let Some(found) = value else { break };
+            value = match (step, found) {
+                (Step::Key(key), Found::Name(Json::Object(map))) => map.get(key).map(Found::Name),
+                (Step::Key(key), Found::Message(doc @ Doc::Object(_))) => {
+                    doc.get(key).map(Found::Message)
+                }
+                (Step::Index(i), Found::Name(Json::Array(items))) => items.get(*i).map(Found::Name),
+                (Step::Index(i), Found::Message(Doc::Array(items))) => {
+                    items.get(*i).map(Found::Message)
+                }
+                (Step::Index(_), Found::Name(Json::Object(_)) | Found::Message(Doc::Object(_)))
+                | (Step::Key(_), Found::Name(Json::Array(_)) | Found::Message(Doc::Array(_))) => {
+                    None
+                }
                 // Characters of a string, attributes of none…: minijinja's rules.
                 _ => return None,
             };
         }
-        let mut value = value.map_or(Val::Undefined, |json| Val::Json(Cow::Borrowed(json)));
+        let mut value = match value {
+            None => Val::Undefined,
+            Some(Found::Name(json)) => Val::Json(Cow::Borrowed(json)),
+            Some(Found::Message(doc)) => Val::Doc(doc),
+        };
         for filter in &self.filters {
             value = filter.apply(value).ok()?;
         }
@@ -146,24 +161,45 @@ impl Expr {
     }
 }
 
+/// A value minijinja prints inside text.
+enum Printed<'s> {
+    Str(&'s str),
+    Number(&'s serde_json::Number),
+    Bool(bool),
+    Null,
+}
+
 /// Appends the value as minijinja prints it; `None` for what the fast path leaves to it.
 fn write_text(value: &Val<'_>, out: &mut String) -> Option<()> {
-    let Val::Json(json) = value else {
-        return Some(());
+    let printed = match value {
+        Val::Undefined => return Some(()),
+        Val::Json(json) => match &**json {
+            Json::String(s) => Printed::Str(s),
+            Json::Number(n) => Printed::Number(n),
+            Json::Bool(b) => Printed::Bool(*b),
+            Json::Null => Printed::Null,
+            Json::Array(_) | Json::Object(_) => return None,
+        },
+        Val::Doc(doc) => match doc {
+            Doc::Str(s) => Printed::Str(s),
+            Doc::Number(n) => Printed::Number(n),
+            Doc::Bool(b) => Printed::Bool(*b),
+            Doc::Null => Printed::Null,
+            Doc::Array(_) | Doc::Object(_) => return None,
+        },
     };
-    match &**json {
-        Json::String(s) => out.push_str(s),
-        Json::Number(n) if n.is_f64() => {
+    match printed {
+        Printed::Str(s) => out.push_str(s),
+        Printed::Number(n) if n.is_f64() => {
             let text = n.as_f64()?.to_string();
             out.push_str(&text);
             if !text.contains('.') {
                 out.push_str(".0");
             }
         }
-        Json::Number(n) => out.push_str(&n.to_string()),
-        Json::Bool(b) => out.push_str(if *b { "True" } else { "False" }),
-        Json::Null => out.push_str("None"),
-        Json::Array(_) | Json::Object(_) => return None,
+        Printed::Number(n) => out.push_str(&n.to_string()),
+        Printed::Bool(b) => out.push_str(if b { "True" } else { "False" }),
+        Printed::Null => out.push_str("None"),
     }
     Some(())
 }

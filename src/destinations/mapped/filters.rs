@@ -14,13 +14,15 @@ use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
 use super::context::{document, to_json};
+use crate::json::doc::Doc;
 
-/// A value while a template is evaluated: undefined (a missing path), or JSON, borrowed
-/// from the message where it was not changed.
+/// A value while a template is evaluated: undefined (a missing path), JSON (a name's
+/// value, or one a filter made), or a part of the message as read in place.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Val<'a> {
     Undefined,
     Json(Cow<'a, Json>),
+    Doc(&'a Doc<'a>),
 }
 
 impl Val<'_> {
@@ -28,11 +30,30 @@ impl Val<'_> {
         Val::Json(Cow::Owned(json))
     }
 
+    /// JSON null (not undefined).
+    pub fn is_null(&self) -> bool {
+        match self {
+            Val::Undefined => false,
+            Val::Json(json) => json.is_null(),
+            Val::Doc(doc) => doc.is_null(),
+        }
+    }
+
+    /// The value as JSON; `None` when undefined.
+    pub fn to_json(&self) -> Option<Json> {
+        match self {
+            Val::Undefined => None,
+            Val::Json(json) => Some(json.clone().into_owned()),
+            Val::Doc(doc) => Some(doc.to_value()),
+        }
+    }
+
     /// The value as minijinja sees it.
     pub fn into_value(self) -> Value {
         match self {
             Val::Undefined => Value::UNDEFINED,
             Val::Json(json) => Value::from(minijinja::value::Serde(&*json)),
+            Val::Doc(doc) => Value::from(minijinja::value::Serde(doc)),
         }
     }
 
@@ -41,6 +62,17 @@ impl Val<'_> {
             Val::Undefined
         } else {
             Val::owned(to_json(v))
+        }
+    }
+}
+
+// Undefined never reaches a body (its key is dropped): written as null for completeness.
+impl serde::Serialize for Val<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Val::Undefined => serializer.serialize_unit(),
+            Val::Json(json) => json.serialize(serializer),
+            Val::Doc(doc) => doc.serialize(serializer),
         }
     }
 }
@@ -134,20 +166,27 @@ impl Filter {
     /// The error is what went wrong, without the value (refusals are logged, and a
     /// message's values stay out of logs).
     pub fn apply<'a>(&self, v: Val<'a>) -> Result<Val<'a>, String> {
+        let v = match v {
+            Val::Undefined => None,
+            Val::Json(json) => Some(json),
+            Val::Doc(doc) => match self.on_doc(doc) {
+                Some(done) => return done,
+                None => Some(Cow::Owned(doc.to_value())),
+            },
+        };
         let json = match (self, v) {
             (Filter::Default { other, boolean }, v) => {
-                let keep = match &v {
-                    Val::Undefined => false,
-                    Val::Json(json) => !json.is_null() && (!*boolean || truthy(json)),
-                };
-                return Ok(if keep { v } else { other.clone() });
+                return Ok(match v {
+                    Some(json) if !json.is_null() && (!*boolean || truthy(&json)) => {
+                        Val::Json(json)
+                    }
+                    _ => other.clone(),
+                });
             }
-            (_, Val::Undefined) => return Ok(Val::Undefined),
-            (Filter::Json, Val::Json(json)) => {
-                return Ok(Val::owned(Json::String(json.to_string())))
-            }
-            (_, Val::Json(json)) if json.is_null() => return Ok(Val::Json(json)),
-            (_, Val::Json(json)) => json,
+            (_, None) => return Ok(Val::Undefined),
+            (Filter::Json, Some(json)) => return Ok(Val::owned(Json::String(json.to_string()))),
+            (_, Some(json)) if json.is_null() => return Ok(Val::Json(json)),
+            (_, Some(json)) => json,
         };
         let text = |f: fn(&str) -> String| Ok(Val::owned(Json::String(f(&as_text(&json)))));
         match self {
@@ -175,6 +214,35 @@ impl Filter {
                 Ok(Val::owned(Json::Array(parts)))
             }
             Filter::Join(separator) => join(json, separator.as_deref().unwrap_or("")),
+        }
+    }
+}
+
+impl Filter {
+    /// The filter applied to a part of the message where that needs no conversion to JSON
+    /// (a string read, a value kept); `None` when it needs one.
+    fn on_doc<'a>(&self, doc: &'a Doc<'a>) -> Option<Result<Val<'a>, String>> {
+        let kept = Some(Ok(Val::Doc(doc)));
+        let text = |f: fn(&str) -> String| Some(Ok(Val::owned(Json::String(f(doc.as_str()?)))));
+        match (self, doc) {
+            (Filter::Default { boolean: false, .. }, _) if !doc.is_null() => kept,
+            (Filter::String, Doc::Str(_)) | (Filter::Number, Doc::Number(_)) => kept,
+            (Filter::Lower, _) => text(str::to_lowercase),
+            (Filter::Upper, _) => text(str::to_uppercase),
+            (Filter::Trim, _) => text(|s| s.trim().to_string()),
+            (Filter::Sha256, _) => text(sha256),
+            (Filter::Base64, _) => text(|s| STANDARD.encode(s)),
+            (Filter::Unix | Filter::UnixMs | Filter::Iso8601, Doc::Str(s)) => {
+                let Some(t) = crate::timestamp::parse(s) else {
+                    return Some(Err("string is not a timestamp".into()));
+                };
+                Some(Ok(Val::owned(match self {
+                    Filter::Unix => Json::from(t.timestamp()),
+                    Filter::UnixMs => Json::from(t.timestamp_millis()),
+                    _ => Json::from(crate::timestamp::format(t)),
+                })))
+            }
+            _ => None,
         }
     }
 }
@@ -264,7 +332,8 @@ fn number(json: Cow<'_, Json>) -> Result<Val<'_>, String> {
 fn round(v: &Val<'_>, precision: i32) -> Result<Val<'static>, String> {
     let x = match v {
         Val::Json(json) => json.as_f64().unwrap_or(f64::NAN),
-        Val::Undefined => f64::NAN,
+        Val::Doc(Doc::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
+        Val::Undefined | Val::Doc(_) => f64::NAN,
     };
     let precision = precision.clamp(0, 15);
     if precision == 0 {

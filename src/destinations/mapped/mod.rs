@@ -22,6 +22,7 @@ mod send;
 mod template;
 #[cfg(test)]
 mod tests;
+mod url_form;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -238,6 +239,8 @@ struct Action {
     when: Option<crate::routing::MessageFilter>,
     method: reqwest::Method,
     url: Mapping,
+    /// Whether a rendered URL must be parsed.
+    url_form: url_form::UrlForm,
     headers: Vec<(reqwest::header::HeaderName, Mapping)>,
     query: Vec<(String, Mapping)>,
     /// `None`: the message as stored.
@@ -280,6 +283,7 @@ impl MappedConfig {
             if !template::has_template(&url) {
                 check_url(&url_key, &url)?;
             }
+            let url_form = url_form::UrlForm::new(&url);
             let url = compile(url_key, &toml::Value::String(url))?;
             let (method_key, method) = match (&action.method, &self.method) {
                 (Some(m), _) => (format!("{prefix}method"), m.as_str()),
@@ -330,6 +334,7 @@ impl MappedConfig {
                 when,
                 method,
                 url,
+                url_form,
                 headers,
                 query,
                 body,

@@ -2,6 +2,7 @@
 //! `check` (and kept for retries); `send` groups a batch's requests that go to the same
 //! action, method, URL and headers into one request when `batch.body` is set.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use reqwest::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde_json::{json, Value as Json};
 
 use super::context::{Names, Scope};
+use super::template::Mapping;
 use super::{Action, Compiled, MappedConfig};
 use crate::clock::Clock;
 use crate::destinations::webhook::{signature, SIGNATURE_HEADER};
@@ -18,6 +20,8 @@ use crate::destinations::{
     http, secret_from_env, Check, Destination, DestinationConfig, Outgoing, Prepared, Preview,
     Refusal, RefusalKind, SendError, Sending,
 };
+use crate::json::doc::Doc;
+use crate::routing::MessageFilter;
 use crate::throttle::LogThrottle;
 
 use super::MASK;
@@ -140,19 +144,28 @@ fn names(env: BTreeMap<String, String>, settings: serde_json::Map<String, Json>)
 
 /// What a message becomes: its requests, skipped (no `when` holds), or refused.
 pub(super) fn render(compiled: &Compiled, message: &[u8], names: &Arc<Names>) -> Check {
-    if let Some(when) = &compiled.when {
-        if !when.matches(message) {
+    // One parse, in place, for the `when`s and the templates.
+    let Ok(parsed @ Doc::Object(_)) = Doc::parse(message) else {
+        if compiled.when.as_ref().is_some_and(|w| !w.matches(message)) {
             return Check::Skip("when");
         }
-    }
-    let parsed: Json = match serde_json::from_slice(message) {
-        Ok(object @ Json::Object(_)) => object,
-        _ => return refuse("not a JSON object".into()),
+        return refuse("not a JSON object".into());
     };
-    let scope = Scope::new(Arc::new(parsed), names.clone());
+    if compiled
+        .when
+        .as_ref()
+        .is_some_and(|w| !holds(w, &parsed, message))
+    {
+        return Check::Skip("when");
+    }
     let mut requests = Vec::new();
+    let scope = Scope::new(parsed, names.clone());
     for (i, action) in compiled.actions.iter().enumerate() {
-        if action.when.as_ref().is_some_and(|w| !w.matches(message)) {
+        if action
+            .when
+            .as_ref()
+            .is_some_and(|w| !holds(w, scope.message(), message))
+        {
             continue;
         }
         match request(compiled, i, action, &scope) {
@@ -171,6 +184,14 @@ pub(super) fn render(compiled: &Compiled, message: &[u8], names: &Arc<Names>) ->
     Check::Send(Some(Prepared::Http(Requests(requests))))
 }
 
+/// Whether a `when` holds for the message (`parsed` from `message`): from its type and
+/// event already read where those are all it looks at.
+fn holds(when: &MessageFilter, parsed: &Doc, message: &[u8]) -> bool {
+    let text = |key| parsed.get(key).and_then(Doc::as_str);
+    when.decide(text("type"), text("event"))
+        .unwrap_or_else(|| when.matches(message))
+}
+
 fn refuse(detail: String) -> Check {
     Check::Refuse {
         code: "mapping".into(),
@@ -187,19 +208,27 @@ fn request(
     scope: &Scope,
 ) -> Result<Option<Request>, String> {
     let env = &compiled.env;
-    let url = action.url.render_text(env, scope)?.unwrap_or_default();
-    let mut url = url::Url::parse(&url)
-        .ok()
-        .filter(|u| matches!(u.scheme(), "http" | "https"))
-        .ok_or_else(|| format!("{}: the URL rendered is not an http(s) URL", action.name))?;
-    if !action.query.is_empty() {
-        let mut pairs = url.query_pairs_mut();
-        for (name, value) in &action.query {
-            if let Some(value) = value.render_text(env, scope)? {
-                pairs.append_pair(name, &value);
+    let rendered = action.url.render_text(env, scope)?.unwrap_or_default();
+    let url = match action.url_form.known(rendered) {
+        Ok(url) => with_query(url, &action.query, env, scope)?,
+        Err(rendered) => {
+            let mut url = url::Url::parse(&rendered)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https"))
+                .ok_or_else(|| {
+                    format!("{}: the URL rendered is not an http(s) URL", action.name)
+                })?;
+            if !action.query.is_empty() {
+                let mut pairs = url.query_pairs_mut();
+                for (name, value) in &action.query {
+                    if let Some(value) = value.render_text(env, scope)? {
+                        pairs.append_pair(name, &value);
+                    }
+                }
             }
+            url.into()
         }
-    }
+    };
     let mut headers = Vec::with_capacity(action.headers.len());
     for (name, value) in &action.headers {
         if let Some(value) = value.render_text(env, scope)? {
@@ -212,7 +241,7 @@ fn request(
     let body = match (&action.method, &action.body) {
         (&reqwest::Method::GET, _) => None,
         (_, Some(body)) => {
-            let mut out = Vec::with_capacity(256);
+            let mut out = Vec::with_capacity(512);
             if !body.write_some(env, scope, action.keep_nulls, &mut out)? {
                 return Ok(None);
             }
@@ -223,33 +252,57 @@ fn request(
     Ok(Some(Request {
         action: index,
         method: action.method.clone(),
-        url: url.into(),
+        url,
         headers,
         body,
     }))
 }
 
+/// `url` (a URL as a parser writes it, without query or fragment) with the query
+/// parameters, encoded as `url::Url::query_pairs_mut` encodes them.
+fn with_query(
+    mut url: String,
+    query: &[(String, Mapping)],
+    env: &minijinja::Environment<'static>,
+    scope: &Scope,
+) -> Result<String, String> {
+    if query.is_empty() {
+        return Ok(url);
+    }
+    let start = url.len() + 1;
+    url.push('?');
+    let mut pairs = url::form_urlencoded::Serializer::for_suffix(url, start);
+    for (name, value) in query {
+        if let Some(value) = value.render_text(env, scope)? {
+            pairs.append_pair(name, &value);
+        }
+    }
+    Ok(pairs.finish())
+}
+
 /// The body of a batch's requests to one place: the `batch.body` envelope around their
 /// bodies, or the one body.
-fn envelope(compiled: &Compiled, names: &Names, bodies: &[&[u8]]) -> Result<Vec<u8>, String> {
+fn envelope(compiled: &Compiled, names: &Arc<Names>, bodies: &[&[u8]]) -> Result<Vec<u8>, String> {
     let Some(mapping) = &compiled.batch_body else {
         return Ok(bodies
             .first()
             .map_or(b"null".to_vec(), |body| body.to_vec()));
     };
+    // The bodies read in place, as the envelope's message: `{{ batch }}` writes them back
+    // without a JSON value per body.
     let batch = bodies
         .iter()
-        .map(|body| serde_json::from_slice(body).expect("bodies are JSON"))
+        .map(|body| Doc::parse(body).expect("bodies are JSON"))
         .collect();
-    let names = Arc::new(names.clone().with("batch", Json::Array(batch)));
-    let scope = Scope::new(Arc::new(json!({})), names);
+    let message = Doc::Object(vec![(Cow::Borrowed("batch"), Doc::Array(batch))]);
+    let scope = Scope::new(message, names.clone());
     let mut out = Vec::with_capacity(bodies.iter().map(|b| b.len() + 1).sum::<usize>() + 64);
     mapping.write(&compiled.env, &scope, true, &mut out)?;
     Ok(out)
 }
 
 /// The requests as `fanout route` and the live view show them.
-fn show(compiled: &Compiled, check: Check, names: &Names) -> Preview {
+fn show(compiled: &Compiled, check: Check, names: &Arc<Names>) -> Preview {
     let requests = match check {
         Check::Send(Some(Prepared::Http(Requests(requests)))) => requests,
         Check::Skip(reason) => return Preview::Skip(reason),

@@ -6,10 +6,13 @@
 //! with a `{{`, `{%` or `{#` renders as text; strings without them, numbers, booleans and
 //! date-times are literals; tables and arrays are mapped member by member.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 
 use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde_json::Value as Json;
+
+use crate::json::doc::Doc;
 
 use super::context::Scope;
 use super::fast;
@@ -163,10 +166,25 @@ impl Mapping {
         env: &Environment<'static>,
         scope: &Scope,
     ) -> Result<Option<String>, String> {
-        Ok(match self.render(env, scope, false)?.value {
-            None => None,
-            Some(Json::String(text)) => Some(text),
-            Some(other) => Some(other.to_string()),
+        let (Shape::Typed(slot) | Shape::Text(slot)) = self.shape else {
+            return Ok(match self.render(env, scope, false)?.value {
+                None => None,
+                Some(Json::String(text)) => Some(text),
+                Some(other) => Some(other.to_string()),
+            });
+        };
+        // One slot: its value taken as it is, not assembled into JSON first.
+        let value = self.values(env, scope, true)?.swap_remove(slot);
+        Ok(match value {
+            Val::Undefined => None,
+            value if value.is_null() => None,
+            Val::Json(Cow::Owned(Json::String(text))) => Some(text),
+            Val::Json(json) => Some(match &*json {
+                Json::String(text) => text.clone(),
+                other => other.to_string(),
+            }),
+            Val::Doc(Doc::Str(text)) => Some(text.to_string()),
+            Val::Doc(doc) => Some(serde_json::to_string(doc).expect("JSON values serialize")),
         })
     }
 
@@ -206,20 +224,29 @@ impl Mapping {
         let Some(full) = &self.template else {
             return Ok(Vec::new());
         };
-        if fast {
-            let values: Option<Vec<Option<Val<'a>>>> = self
-                .fast
-                .iter()
-                .map(|slot| match slot {
-                    Some(slot) => slot.eval(scope).map(Some),
-                    None => Some(None),
-                })
-                .collect();
-            match (values, &self.partial) {
-                (Some(values), None) if values.iter().all(Option::is_some) => {
-                    return Ok(values.into_iter().flatten().collect());
+        match (fast, &self.partial) {
+            (false, _) => {}
+            // Every slot has a fast form, or none has.
+            (true, None) => {
+                let values: Option<Vec<Val<'a>>> = self
+                    .fast
+                    .iter()
+                    .map(|slot| slot.as_ref()?.eval(scope))
+                    .collect();
+                if let Some(values) = values {
+                    return Ok(values);
                 }
-                (Some(mut values), Some(partial)) => {
+            }
+            (true, Some(partial)) => {
+                let values: Option<Vec<Option<Val<'a>>>> = self
+                    .fast
+                    .iter()
+                    .map(|slot| match slot {
+                        Some(slot) => slot.eval(scope).map(Some),
+                        None => Some(None),
+                    })
+                    .collect();
+                if let Some(mut values) = values {
                     if let Ok(slow) = self.minijinja(env, partial, scope) {
                         for (value, slow) in values.iter_mut().zip(slow) {
                             value.get_or_insert(slow);
@@ -227,7 +254,6 @@ impl Mapping {
                         return Ok(values.into_iter().flatten().collect());
                     }
                 }
-                _ => {}
             }
         }
         self.minijinja(env, full, scope)
@@ -395,21 +421,27 @@ fn assemble_literal(shape: &Shape) -> Option<Json> {
 }
 
 /// A slot's value as it goes into JSON: `None` when its key is dropped.
-fn slot_json<'v>(shape: &Shape, values: &'v [Val<'_>], keep_nulls: bool) -> Option<&'v Json> {
+fn slot_value<'v, 'a>(
+    shape: &Shape,
+    values: &'v [Val<'a>],
+    keep_nulls: bool,
+) -> Option<&'v Val<'a>> {
     let (Shape::Typed(slot) | Shape::Text(slot)) = shape else {
         unreachable!("only slots have values")
     };
     match &values[*slot] {
         Val::Undefined => None,
-        Val::Json(json) if json.is_null() && !keep_nulls => None,
-        Val::Json(json) => Some(json),
+        value if value.is_null() && !keep_nulls => None,
+        value => Some(value),
     }
 }
 
 fn assemble(shape: &Shape, values: &[Val<'_>], keep_nulls: bool) -> Option<Json> {
     match shape {
         Shape::Literal(json, _) => Some(json.clone()),
-        Shape::Typed(_) | Shape::Text(_) => slot_json(shape, values, keep_nulls).cloned(),
+        Shape::Typed(_) | Shape::Text(_) => {
+            slot_value(shape, values, keep_nulls).and_then(Val::to_json)
+        }
         Shape::Object(fields) => Some(Json::Object(
             fields
                 .iter()
@@ -430,8 +462,8 @@ fn assemble(shape: &Shape, values: &[Val<'_>], keep_nulls: bool) -> Option<Json>
 fn write(shape: &Shape, values: &[Val<'_>], keep_nulls: bool, out: &mut Vec<u8>) -> bool {
     match shape {
         Shape::Literal(_, text) => out.extend_from_slice(text),
-        Shape::Typed(_) | Shape::Text(_) => match slot_json(shape, values, keep_nulls) {
-            Some(json) => serde_json::to_writer(&mut *out, json).expect("JSON values serialize"),
+        Shape::Typed(_) | Shape::Text(_) => match slot_value(shape, values, keep_nulls) {
+            Some(value) => serde_json::to_writer(&mut *out, value).expect("JSON values serialize"),
             None => return false,
         },
         Shape::Object(fields) => {

@@ -8,6 +8,7 @@ use super::context::{Names, Scope};
 use super::template::{environment, Mapping};
 use super::*;
 use crate::destinations::{Check, DestinationConfig, Prepared};
+use crate::json::doc::Doc;
 
 const MESSAGE: &str = r#"{"type":"identify","messageId":"m1","userId":"u 1","anonymousId":null,
   "timestamp":"2024-03-01T12:00:00.250Z","traits":{"email":"  Jane@Example.COM ","plan":null,
@@ -27,12 +28,12 @@ fn render(value: &str) -> Option<Json> {
 }
 
 /// `MESSAGE` with `env.TOKEN` and the unit tests' `settings` set.
-fn scope() -> Scope {
-    let message: Json = serde_json::from_str(MESSAGE).unwrap();
+fn scope() -> Scope<'static> {
+    let message = Doc::parse(MESSAGE.as_bytes()).unwrap();
     let names = Names::default()
         .with("env", json!({"TOKEN": "s3cret"}))
         .with("settings", json!({"region": "eu", "limit": 3}));
-    Scope::new(Arc::new(message), Arc::new(names))
+    Scope::new(message, Arc::new(names))
 }
 
 #[test]
@@ -461,6 +462,8 @@ fn leaf() -> impl Strategy<Value = Json> {
         any::<i64>().prop_map(Json::from),
         (-1e7..1e7f64).prop_map(Json::from),
         "[ a-zA-Z0-9@.,:|-]{0,12}".prop_map(Json::from),
+        // Escaped in JSON text: read into an owned string.
+        r#"[a-zé"\\\n]{0,6}"#.prop_map(Json::from),
         "-?[0-9]{1,5}(\\.[0-9]{1,3})?".prop_map(Json::from),
         "20[0-9]{2}-0[1-9]-[12][0-9]T[01][0-9]:[0-5][0-9]:[0-5][0-9](\\.[0-9]{3})?Z"
             .prop_map(Json::from),
@@ -486,7 +489,8 @@ proptest! {
         traits.extend(b.map(|b| ("b".to_string(), b)));
         let message = json!({"userId": user, "timestamp": timestamp, "traits": traits});
         let names = Names::default().with("env", json!({"TOKEN": "s3cret"}));
-        let scope = Scope::new(Arc::new(message), Arc::new(names));
+        let text = serde_json::to_vec(&message).unwrap();
+        let scope = Scope::new(Doc::parse(&text).unwrap(), Arc::new(names));
         for template in AGREEING {
             let (env, mapping) = compiled(template);
             let fast = mapping.render(&env, &scope, keep_nulls).map(|r| r.value);
@@ -591,6 +595,7 @@ fn the_benchmarked_mapping_takes_the_fast_path_everywhere() {
     let body = action.body.as_ref().unwrap();
     assert_eq!((body.fast_slots(), body.slot_count()), (10, 10));
     assert_eq!(action.url.fast_slots(), 1);
+    assert!(matches!(action.url_form, url_form::UrlForm::Prefix { .. }));
     assert_eq!(action.headers[0].1.fast_slots(), 1);
 }
 
@@ -621,6 +626,36 @@ fn base_url_and_path_make_the_url_and_an_action_overrides_either() {
             "\"http://h:1/v1/a\"",
             "\"https://eu.h/d/identify\"",
             "\"http://other/x\"",
+        ]
+    );
+}
+
+#[test]
+fn a_url_taken_without_parsing_gets_its_query_as_a_parsed_one_would() {
+    let c = config(
+        "name = \"c\"\nkind = \"http\"\nall = true\nurl = \"http://h/c/{{ type }}\"\n\
+         [[actions]]\nquery = { a = \"{{ traits.email }}\", b = \"x y&z\", c = \"{{ nope }}\" }\n\
+         [[actions]]\nquery = { c = \"{{ nope }}\" }\n\
+         [[actions]]\n",
+    );
+    let compiled = c.compile().unwrap();
+    assert!(matches!(
+        compiled.actions[0].url_form,
+        url_form::UrlForm::Prefix { .. }
+    ));
+    let mut both = url::Url::parse("http://h/c/identify").unwrap();
+    both.query_pairs_mut()
+        .append_pair("a", "  Jane@Example.COM ")
+        .append_pair("b", "x y&z");
+    let mut none = url::Url::parse("http://h/c/identify").unwrap();
+    none.query_pairs_mut();
+    let shown = |url: url::Url| Json::from(url.as_str()).to_string();
+    assert_eq!(
+        urls(&c),
+        [
+            shown(both),
+            shown(none),
+            "\"http://h/c/identify\"".to_string()
         ]
     );
 }
