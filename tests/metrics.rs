@@ -384,6 +384,13 @@ async fn request_log_names_id_and_source_but_no_secrets() {
     );
 }
 
+/// The log's lines read as JSON (`--log-format json`): each must parse.
+fn json_lines(log: &[String]) -> Vec<serde_json::Value> {
+    log.iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
 #[tokio::test]
 async fn json_log_lines_parse_and_carry_the_request_span() {
     let mut f = Fanout::start_with(
@@ -395,10 +402,7 @@ async fn json_log_lines_parse_and_carry_the_request_span() {
     let (ok_id, refused_id) = send_with_personal_data(&f).await;
     let log = stop_and_read_log(&mut f).await;
     assert_no_secrets(&log);
-    let lines: Vec<serde_json::Value> = log
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
+    let lines = json_lines(&log);
     let finished = lines
         .iter()
         .find(|l| {
@@ -425,10 +429,7 @@ async fn at_the_default_level_the_warn_line_names_its_request_itself() {
     let (_, refused_id) = send_with_personal_data(&f).await;
     let log = stop_and_read_log(&mut f).await;
     assert_no_secrets(&log);
-    let lines: Vec<serde_json::Value> = log
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
+    let lines = json_lines(&log);
     let refused = lines
         .iter()
         .find(|l| l["fields"]["id"] == json!(refused_id) && l["level"] == "WARN")
