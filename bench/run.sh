@@ -17,7 +17,9 @@
 # Servers: `fanout` (the local log), `fanout_nats1` and `fanout_nats3` (the same fanout on the
 # NATS JetStream backend: one node, or three nodes with replicas = 3; every node with
 # `sync_interval: always`, so each 200 is fsynced on a quorum; the nodes are not pinned and share
-# both CPUs), `parse` (the baseline). NATS rows also show events/s ÷ the local backend's.
+# both CPUs), `parse` (the baseline), `parse_append` (the baseline answering after an append
+# and fdatasync on a writer thread, every COMMIT_MS (default 10): the durable floor).
+# NATS rows also show events/s ÷ the local backend's.
 #
 # Usage: bench/run.sh               the table (3 scripts x 2 conns x 2 servers x (2 s + DURATION),
 #                                   plus fanout's drains: about 5 min) and the sidecar section
@@ -25,7 +27,7 @@
 #                                   sampling fanout's RSS and queue lag every LONG_EVERY seconds
 #                                   (LONG_DEDUPE=0: on the dedupe-off source)
 # Env:   DURATION (15s)  CONNS ("16 64")  SCRIPTS ("track batch batch_gzip")
-#        SERVERS ("fanout parse"; add fanout_nats1 fanout_nats3)  NATS_SERVER (nats-server
+#        SERVERS ("fanout parse"; add fanout_nats1 fanout_nats3 parse_append)  NATS_SERVER (nats-server
 #        binary; default target/nats-venv/bin/nats-server, which scripts/test installs)  PORT (18080)  SERVER_CPU (0)  CLIENT_CPU (1)
 #        SKIP_BUILD=1 (use the binaries already built)  FANOUT_BIN (another fanout binary, e.g.
 #        a copy of an earlier build, to compare; implies nothing about SKIP_BUILD)  SIDECAR=0 (skip the sidecar section)
@@ -44,6 +46,7 @@ shared=${FANOUT_SHARED_DIR:-$root/../shared}
 wrk_dir=$shared/bench/wrk
 fanout_bin=${FANOUT_BIN:-$root/target/release/fanout}
 parse_bin=$shared/bench/baseline/target/release/parse
+parse_append_bin=$shared/bench/baseline/target/release/parse_append
 
 DURATION=${DURATION:-15s}
 CONNS=${CONNS:-"16 64"}
@@ -185,6 +188,15 @@ start_parse() { # run dir
   mkdir -p "$1"
   port_free
   ADDR="127.0.0.1:$PORT" taskset -c "$SERVER_CPU" "$parse_bin" >"$1/server.log" 2>&1 &
+  SPID=$!
+  wait_up "$1/server.log"
+}
+
+start_parse_append() { # run dir
+  mkdir -p "$1"
+  port_free
+  ADDR="127.0.0.1:$PORT" APPEND_PATH="$1/events.jsonl" taskset -c "$SERVER_CPU" "$parse_append_bin" \
+    >"$1/server.log" 2>&1 &
   SPID=$!
   wait_up "$1/server.log"
 }
