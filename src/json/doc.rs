@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::marker::PhantomData;
 
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
@@ -121,53 +122,30 @@ impl Serialize for Doc<'_> {
 
 impl<'de> Deserialize<'de> for Doc<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(DocVisitor)
+        deserializer.deserialize_any(InPlaceVisitor::<Doc>::new())
     }
 }
 
-struct DocVisitor;
+impl<'de> InPlace<'de> for Doc<'de> {
+    const MEMBERS: usize = 16;
 
-impl<'de> Visitor<'de> for DocVisitor {
-    type Value = Doc<'de>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("any JSON value")
+    fn null() -> Self {
+        Doc::Null
     }
 
-    fn visit_unit<E>(self) -> Result<Doc<'de>, E> {
-        Ok(Doc::Null)
+    fn bool(b: bool) -> Self {
+        Doc::Bool(b)
     }
 
-    fn visit_bool<E>(self, b: bool) -> Result<Doc<'de>, E> {
-        Ok(Doc::Bool(b))
+    fn number(n: Number) -> Self {
+        Doc::Number(n)
     }
 
-    fn visit_i64<E>(self, n: i64) -> Result<Doc<'de>, E> {
-        Ok(Doc::Number(n.into()))
+    fn str(s: Cow<'de, str>) -> Self {
+        Doc::Str(s)
     }
 
-    fn visit_u64<E>(self, n: u64) -> Result<Doc<'de>, E> {
-        Ok(Doc::Number(n.into()))
-    }
-
-    fn visit_f64<E>(self, n: f64) -> Result<Doc<'de>, E> {
-        // As serde_json::Value: a number that is no finite f64 reads as null.
-        Ok(Number::from_f64(n).map_or(Doc::Null, Doc::Number))
-    }
-
-    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Doc<'de>, E> {
-        Ok(Doc::Str(Cow::Borrowed(s)))
-    }
-
-    fn visit_str<E>(self, s: &str) -> Result<Doc<'de>, E> {
-        Ok(Doc::Str(Cow::Owned(s.to_owned())))
-    }
-
-    fn visit_string<E>(self, s: String) -> Result<Doc<'de>, E> {
-        Ok(Doc::Str(Cow::Owned(s)))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Doc<'de>, A::Error> {
+    fn seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
         let mut items = Vec::new();
         while let Some(item) = seq.next_element()? {
             items.push(item);
@@ -175,12 +153,92 @@ impl<'de> Visitor<'de> for DocVisitor {
         Ok(Doc::Array(items))
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Doc<'de>, A::Error> {
-        let mut members = Vec::with_capacity(16);
+    fn object(members: Vec<(Cow<'de, str>, Self)>) -> Self {
+        Doc::Object(members)
+    }
+}
+
+/// What an in-place reader makes of each kind of JSON value. One visitor serves every
+/// reader: `Doc`, and the warehouse's rows reader, which keeps arrays as JSON text and
+/// sorts members once for its many lookups.
+pub trait InPlace<'de>: Sized + Deserialize<'de> {
+    /// Room made for an object's members up front.
+    const MEMBERS: usize;
+    fn null() -> Self;
+    fn bool(b: bool) -> Self;
+    fn number(n: Number) -> Self;
+    /// Borrowed from the document when it holds no escape.
+    fn str(s: Cow<'de, str>) -> Self;
+    fn seq<A: SeqAccess<'de>>(seq: A) -> Result<Self, A::Error>;
+    /// Members as given, a repeated key included.
+    fn object(members: Vec<(Cow<'de, str>, Self)>) -> Self;
+}
+
+/// Reads any JSON value into `T`, as `serde_json::Value` reads it (same numbers, a number
+/// no finite f64 holds read as null).
+pub struct InPlaceVisitor<T>(PhantomData<T>);
+
+impl<T> InPlaceVisitor<T> {
+    pub fn new() -> Self {
+        InPlaceVisitor(PhantomData)
+    }
+}
+
+impl<T> Default for InPlaceVisitor<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<'de, T: InPlace<'de>> Visitor<'de> for InPlaceVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<T, E> {
+        Ok(T::null())
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<T, E> {
+        Ok(T::bool(b))
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<T, E> {
+        Ok(T::number(n.into()))
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<T, E> {
+        Ok(T::number(n.into()))
+    }
+
+    fn visit_f64<E>(self, n: f64) -> Result<T, E> {
+        Ok(Number::from_f64(n).map_or_else(T::null, T::number))
+    }
+
+    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<T, E> {
+        Ok(T::str(Cow::Borrowed(s)))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<T, E> {
+        Ok(T::str(Cow::Owned(s.to_owned())))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<T, E> {
+        Ok(T::str(Cow::Owned(s)))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<T, A::Error> {
+        T::seq(seq)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<T, A::Error> {
+        let mut members = Vec::with_capacity(T::MEMBERS);
         while let Some(Key(key)) = map.next_key()? {
             members.push((key, map.next_value()?));
         }
-        Ok(Doc::Object(members))
+        Ok(T::object(members))
     }
 }
 

@@ -4,10 +4,11 @@
 //! key), at a fraction of the allocations: `rows` runs once per delivered message.
 
 use std::borrow::Cow;
-use std::fmt;
 
-use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{Deserialize, Deserializer, SeqAccess};
 use serde_json::Number;
+
+use crate::json::doc::{InPlace, InPlaceVisitor};
 
 /// One JSON value of a stored message.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,53 +78,30 @@ pub fn parse(bytes: &[u8]) -> serde_json::Result<Node<'_>> {
 
 impl<'de> Deserialize<'de> for Node<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(NodeVisitor)
+        deserializer.deserialize_any(InPlaceVisitor::<Node>::new())
     }
 }
 
-struct NodeVisitor;
+impl<'de> InPlace<'de> for Node<'de> {
+    const MEMBERS: usize = 8;
 
-impl<'de> Visitor<'de> for NodeVisitor {
-    type Value = Node<'de>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("any JSON value")
+    fn null() -> Self {
+        Node::Null
     }
 
-    fn visit_unit<E>(self) -> Result<Node<'de>, E> {
-        Ok(Node::Null)
+    fn bool(b: bool) -> Self {
+        Node::Bool(b)
     }
 
-    fn visit_bool<E>(self, b: bool) -> Result<Node<'de>, E> {
-        Ok(Node::Bool(b))
+    fn number(n: Number) -> Self {
+        Node::Number(n)
     }
 
-    fn visit_i64<E>(self, n: i64) -> Result<Node<'de>, E> {
-        Ok(Node::Number(n.into()))
+    fn str(s: Cow<'de, str>) -> Self {
+        Node::Str(s)
     }
 
-    fn visit_u64<E>(self, n: u64) -> Result<Node<'de>, E> {
-        Ok(Node::Number(n.into()))
-    }
-
-    fn visit_f64<E>(self, n: f64) -> Result<Node<'de>, E> {
-        // As serde_json::Value: a number that is no finite f64 reads as null.
-        Ok(Number::from_f64(n).map_or(Node::Null, Node::Number))
-    }
-
-    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Node<'de>, E> {
-        Ok(Node::Str(Cow::Borrowed(s)))
-    }
-
-    fn visit_str<E>(self, s: &str) -> Result<Node<'de>, E> {
-        Ok(Node::Str(Cow::Owned(s.to_owned())))
-    }
-
-    fn visit_string<E>(self, s: String) -> Result<Node<'de>, E> {
-        Ok(Node::Str(Cow::Owned(s)))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node<'de>, A::Error> {
+    fn seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
         // Arrays are rare and end up as text: read as serde_json reads them, so that the
         // text is the one it writes.
         let mut items = Vec::new();
@@ -133,42 +111,7 @@ impl<'de> Visitor<'de> for NodeVisitor {
         Ok(Node::Array(serde_json::Value::Array(items).to_string()))
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node<'de>, A::Error> {
-        let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8));
-        while let Some(key) = map.next_key::<Key<'de>>()? {
-            members.push((key.0, map.next_value::<Node<'de>>()?));
-        }
-        Ok(Node::Object(Object::from_members(members)))
-    }
-}
-
-/// An object key, borrowed when it holds no escape.
-struct Key<'a>(Cow<'a, str>);
-
-impl<'de> Deserialize<'de> for Key<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_str(KeyVisitor)
-    }
-}
-
-struct KeyVisitor;
-
-impl<'de> Visitor<'de> for KeyVisitor {
-    type Value = Key<'de>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an object key")
-    }
-
-    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Key<'de>, E> {
-        Ok(Key(Cow::Borrowed(s)))
-    }
-
-    fn visit_str<E>(self, s: &str) -> Result<Key<'de>, E> {
-        Ok(Key(Cow::Owned(s.to_owned())))
-    }
-
-    fn visit_string<E>(self, s: String) -> Result<Key<'de>, E> {
-        Ok(Key(Cow::Owned(s)))
+    fn object(members: Vec<(Cow<'de, str>, Self)>) -> Self {
+        Node::Object(Object::from_members(members))
     }
 }
