@@ -60,14 +60,12 @@ pub trait SharedBuckets: Send + Sync {
     /// Takes `n` tokens from the bucket `key` (refilled at `rate`, at most `burst`; see
     /// `Bucket::take`), or says how long until there will be enough. `Err`: the store
     /// cannot be reached, and why.
-    fn take<'a>(
-        &'a self,
-        key: &'a str,
-        rate: f64,
-        burst: f64,
-        n: f64,
-    ) -> Pin<Box<dyn Future<Output = Result<Option<Duration>, String>> + Send + 'a>>;
+    fn take<'a>(&'a self, key: &'a str, rate: f64, burst: f64, n: f64) -> Taking<'a>;
 }
+
+/// A shared store's answer to `take`: the wait until there are enough tokens (`None`:
+/// taken now), or why the store cannot be reached.
+pub type Taking<'a> = Pin<Box<dyn Future<Output = Result<Option<Duration>, String>> + Send + 'a>>;
 
 /// The cluster's buckets, once the shared log installed them at start.
 static SHARED: OnceLock<Arc<dyn SharedBuckets>> = OnceLock::new();
@@ -315,13 +313,7 @@ mod tests {
     struct Counting(Mutex<std::collections::HashMap<String, (Bucket, u32)>>);
 
     impl SharedBuckets for Counting {
-        fn take<'a>(
-            &'a self,
-            key: &'a str,
-            rate: f64,
-            burst: f64,
-            n: f64,
-        ) -> Pin<Box<dyn Future<Output = Result<Option<Duration>, String>> + Send + 'a>> {
+        fn take<'a>(&'a self, key: &'a str, rate: f64, burst: f64, n: f64) -> Taking<'a> {
             let mut buckets = self.0.lock().unwrap();
             let (bucket, asked) = buckets
                 .entry(key.to_string())

@@ -9,8 +9,6 @@
 //! the load falls, where a split leaves an idle instance's share unused.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +17,7 @@ use async_nats::jetstream::{self, kv};
 use tokio::time::Instant;
 
 use crate::clock::Clock;
-use crate::pace::{Bucket, SharedBuckets};
+use crate::pace::{Bucket, SharedBuckets, Taking};
 
 /// Tokens leased beyond a take, in seconds of the rate.
 const LEASE_SECONDS: f64 = 0.05;
@@ -148,13 +146,7 @@ impl KvBuckets {
 }
 
 impl SharedBuckets for KvBuckets {
-    fn take<'a>(
-        &'a self,
-        key: &'a str,
-        rate: f64,
-        burst: f64,
-        n: f64,
-    ) -> Pin<Box<dyn Future<Output = Result<Option<Duration>, String>> + Send + 'a>> {
+    fn take<'a>(&'a self, key: &'a str, rate: f64, burst: f64, n: f64) -> Taking<'a> {
         Box::pin(self.take_shared(key, rate, burst, n))
     }
 }
