@@ -26,9 +26,7 @@
 //! 2023-01-24 (which that SDK no longer models), against seed 002's flat shape.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -1137,22 +1135,8 @@ pub async fn validate_with_sdk(lines: Vec<Value>) -> Vec<Result<(), String>> {
     let python = sdk_python();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/klaviyo_models.py");
     tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(&python)
-            .arg(&script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {} {}: {e}", python.display(), script.display()));
-        let mut stdin = child.stdin.take().expect("stdin");
         let input: String = lines.iter().map(|l| format!("{l}\n")).collect();
-        let writer = std::thread::spawn(move || {
-            stdin
-                .write_all(input.as_bytes())
-                .expect("write to the model checker");
-        });
-        let output = child.wait_with_output().expect("run the model checker");
-        writer.join().expect("writer");
+        let output = super::run_python(&python, &script, input);
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(
             output.status.success(),

@@ -717,6 +717,29 @@ pub fn required_path(var: &str) -> PathBuf {
     path
 }
 
+/// Runs `python script` with `input` on its stdin and returns what it printed. The input
+/// is written from a thread of its own: a script that answers as it reads would
+/// otherwise block on a full pipe. Blocking: call it from `spawn_blocking`.
+pub fn run_python(python: &Path, script: &Path, input: String) -> std::process::Output {
+    let mut child = Command::new(python)
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {} {}: {e}", python.display(), script.display()));
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let output = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
+    writer
+        .join()
+        .expect("writer")
+        .unwrap_or_else(|e| panic!("write to {}: {e}", script.display()));
+    output
+}
+
 /// The Python of a venv `scripts/test` creates: `$env_var`, else
 /// `target/<venv>/bin/python`. Fails (never skips) when it is missing, saying `what` it
 /// must hold and how to get it.

@@ -4,9 +4,7 @@
 //! `target/vendors-venv/bin/python`). Each reads the requests as JSON lines and fails,
 //! with the reason, on one the vendor would not take.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
 
@@ -47,25 +45,9 @@ pub async fn validate(vendor: &str, requests: &[ReceivedRequest]) {
     let input: String = requests.iter().map(|r| format!("{}\n", line(r))).collect();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/vendors/{vendor}.py"));
     let python = python();
-    let output = tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(&python)
-            .arg(&script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {} {}: {e}", python.display(), script.display()));
-        let mut stdin = child.stdin.take().expect("stdin");
-        let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
-        let output = child.wait_with_output().expect("run the validator");
-        writer
-            .join()
-            .expect("writer")
-            .expect("write to the validator");
-        output
-    })
-    .await
-    .unwrap();
+    let output = tokio::task::spawn_blocking(move || super::run_python(&python, &script, input))
+        .await
+        .unwrap();
     assert!(
         output.status.success(),
         "{vendor} would refuse a request: {}\n{}",
