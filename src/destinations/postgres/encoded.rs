@@ -154,15 +154,15 @@ impl Writer {
         }
     }
 
-    fn has(&self, name: &str) -> bool {
-        self.seen.may_have(name)
+    /// Whether the current row has `name` already; it has from now on.
+    fn taken(&mut self, name: &str) -> bool {
+        self.seen.insert(name)
             && self.fields[self.row_start..]
                 .iter()
                 .any(|f| f.name == *name)
     }
 
     fn push(&mut self, name: Name, kind: Kind, at: usize) {
-        self.seen.insert(&name);
         self.fields.push(Field {
             name,
             kind,
@@ -190,7 +190,7 @@ fn offset(at: usize) -> u32 {
 
 impl Sink for Writer {
     fn put(&mut self, name: Name, value: Scalar<'_>) {
-        if self.has(&name) {
+        if self.taken(&name) {
             return;
         }
         let at = self.data.len();
@@ -199,7 +199,7 @@ impl Sink for Writer {
     }
 
     fn put_load_time(&mut self, name: Name) {
-        if !self.has(&name) {
+        if !self.taken(&name) {
             self.push(name, Kind::LoadTime, self.data.len());
         }
     }
@@ -215,11 +215,9 @@ impl Sink for Writer {
 
     fn put_again(&mut self, range: Range<usize>) {
         for i in range {
-            let field = &self.fields[i];
-            if !self.has(&field.name) {
-                // The same bytes: a field is where it is, whichever row has it.
-                let field = field.clone();
-                self.seen.insert(&field.name);
+            // The same bytes: a field is where it is, whichever row has it.
+            let field = self.fields[i].clone();
+            if !self.taken(&field.name) {
                 self.fields.push(field);
             }
         }

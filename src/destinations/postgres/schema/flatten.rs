@@ -34,8 +34,17 @@ pub trait Sink {
 
 /// A bit per name a row has (see `bit`): most names are new, and one look at a bit says
 /// so without comparing them with the fifty names a row has.
-#[derive(Debug, Default, Clone)]
-pub struct Seen([u64; 4]);
+#[derive(Debug, Clone)]
+pub struct Seen([u64; SEEN_WORDS]);
+
+/// 1024 bits: a row of 60 names leaves a new name's bit clear 94 % of the time.
+const SEEN_WORDS: usize = 16;
+
+impl Default for Seen {
+    fn default() -> Self {
+        Seen([0; SEEN_WORDS])
+    }
+}
 
 impl Seen {
     /// False when the row surely lacks `name`; true when it may have it.
@@ -44,9 +53,12 @@ impl Seen {
         self.0[word] & mask != 0
     }
 
-    pub fn insert(&mut self, name: &str) {
+    /// Sets `name`'s bit, and says whether the row may have had the name already.
+    pub fn insert(&mut self, name: &str) -> bool {
         let (word, mask) = bit(name);
+        let had = self.0[word] & mask != 0;
         self.0[word] |= mask;
+        had
     }
 }
 
@@ -78,16 +90,21 @@ impl Columns {
     }
 
     /// Whether the current row has a column `name`.
+    #[cfg(test)]
     pub fn has(&self, name: &str) -> bool {
         self.seen.may_have(name) && self.list[self.row_start..].iter().any(|(n, _)| n == name)
     }
 
     /// Adds the column unless the current row has the name (see `Sink::put`).
     pub fn add(&mut self, name: Name, value: Value) {
-        if !self.has(&name) {
-            self.seen.insert(&name);
+        if !self.taken(&name) {
             self.list.push((name, value));
         }
+    }
+
+    /// Whether the current row has `name` already; it has from now on.
+    fn taken(&mut self, name: &str) -> bool {
+        self.seen.insert(name) && self.list[self.row_start..].iter().any(|(n, _)| n == name)
     }
 
     /// Adds a column whose value may be absent (the oracle's `put_some`).
@@ -101,8 +118,7 @@ impl Columns {
 
 impl Sink for Columns {
     fn put(&mut self, name: Name, value: Scalar<'_>) {
-        if !self.has(&name) {
-            self.seen.insert(&name);
+        if !self.taken(&name) {
             self.list.push((name, value.to_value()));
         }
     }
@@ -136,7 +152,7 @@ fn bit(name: &str) -> (usize, u64) {
     let h = (b.len() as u32).wrapping_mul(0x9E37_79B9)
         ^ at(b.len().wrapping_sub(1)).wrapping_mul(0x85EB_CA6B)
         ^ at(b.len() / 2).wrapping_mul(0xC2B2_AE35);
-    let bit = (h >> 24) as usize;
+    let bit = (h >> (32 - SEEN_WORDS.ilog2() - 6)) as usize;
     (bit / 64, 1 << (bit % 64))
 }
 

@@ -32,11 +32,13 @@ pub struct Object<'a> {
 
 impl<'a> Object<'a> {
     pub fn get(&self, key: &str) -> Option<&Node<'a>> {
-        let i = self
+        // A scan, not a binary search: a message has a dozen members, most of another
+        // length than `key`, so few are compared byte by byte (each key is there once).
+        let member = self
             .members
-            .binary_search_by(|(k, _)| k.as_ref().cmp(key))
-            .ok()?;
-        Some(&self.members[i].1)
+            .iter()
+            .find(|(k, _)| k.len() == key.len() && k == key)?;
+        Some(&member.1)
     }
 
     pub fn str(&self, key: &str) -> Option<&str> {
@@ -73,7 +75,12 @@ impl<'a> Object<'a> {
 
 /// Reads `bytes` as one JSON value, as `serde_json::from_slice` would.
 pub fn parse(bytes: &[u8]) -> serde_json::Result<Node<'_>> {
-    serde_json::from_slice(bytes)
+    // Checked as UTF-8 at once: read from a `&str`, serde_json need not check each string.
+    match std::str::from_utf8(bytes) {
+        Ok(text) => serde_json::from_str(text),
+        // For the error serde_json gives.
+        Err(_) => serde_json::from_slice(bytes),
+    }
 }
 
 impl<'de> Deserialize<'de> for Node<'de> {

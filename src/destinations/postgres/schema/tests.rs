@@ -886,3 +886,20 @@ fn columns_take_each_name_once() {
     assert!(names.iter().all(|n| columns.has(n)));
     assert!(!columns.has("c_300"));
 }
+
+/// Bytes that are not UTF-8 are refused with serde_json's own error, as before the text
+/// was checked whole.
+#[test]
+fn bytes_that_are_not_utf8_are_refused_as_serde_json_refuses_them() {
+    for bytes in [
+        &b"{\"type\":\"track\",\"event\":\"\xff\"}"[..],
+        b"{\"a\":1}\xc3",
+        b"\xef\xbb\xbf{}",
+    ] {
+        let want = serde_json::from_slice::<Json>(bytes)
+            .unwrap_err()
+            .to_string();
+        let got = node::parse(bytes).unwrap_err().to_string();
+        assert_eq!(got, want);
+    }
+}
