@@ -82,7 +82,11 @@ impl Kind for PostgresConfig {
     }
 
     fn batch_shape(&self) -> BatchShape {
-        BatchShape::new(10_000, 64 * 1024 * 1024, 5_000).with_concurrency(2)
+        // Unordered: rows are keyed by messageId and `users` keeps the latest
+        // `received_at`, whatever order the batches commit in.
+        BatchShape::new(10_000, 64 * 1024 * 1024, 5_000)
+            .with_concurrency(2)
+            .unordered()
     }
 
     fn build(
@@ -255,14 +259,16 @@ impl PostgresDestination {
             let needs = load::needs(rows.iter().copied());
             let tables = self.catalog.ensure(client, schema, &needs).await?;
             let laid = load::lay_out(rows.iter().copied(), &tables, loaded_at, &mut mismatches);
-            let laid: Vec<_> = laid
-                .into_iter()
-                .map(|(table, load)| {
-                    let data = copy::encode(&table, &load, &mut mismatches);
-                    (table, load, data)
-                })
-                .collect();
-            layouts.push((schema, laid));
+            let mut encoded = Vec::with_capacity(laid.len());
+            for (table, load) in laid {
+                // The work of a batch's rows is long: between tables the runtime's one
+                // thread drives the other loads' connections, so Postgres is not kept
+                // waiting for them.
+                tokio::task::yield_now().await;
+                let data = copy::encode(&table, &load, &mut mismatches);
+                encoded.push((table, load, data));
+            }
+            layouts.push((schema, encoded));
         }
         self.warn(&mismatches);
         let tx = client.transaction().await?;
