@@ -1,10 +1,11 @@
 //! The warehouse destination's per-message work before any SQL is sent:
-//! - `parse+rows`: a stored message of about 1 KB (an `Order Completed` track, an
-//!   identify) → its rows (`postgres::schema::message_rows`), from the stored bytes, as
-//!   `check` does.
+//! - `check`: a stored message of about 1 KB (an `Order Completed` track, an identify) →
+//!   its rows, values encoded for COPY (`postgres::encoded::Encoded::of`), as `check`
+//!   does.
 //! - `check+copy`: a batch of 100 such messages (each its own messageId and userId) from
-//!   the stored bytes to binary COPY data: rows, the columns the batch needs, the rows laid
-//!   out per table, the COPY encoding (`postgres::copy::encode`). Reported per event.
+//!   the stored bytes to binary COPY data: `check`, the columns the batch needs, each
+//!   table's COPY data (`postgres::assemble`), and dropping what `check` made. Reported
+//!   per event.
 //!
 //! The budget is ≤ 5 µs of CPU per event: the figures are the benchmark thread's
 //! CPU time (on a shared machine wall time counts other processes' turns too). mimalloc is
@@ -19,10 +20,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use fanout::destinations::postgres::assemble::{needs, tables};
 use fanout::destinations::postgres::catalog::Tables;
-use fanout::destinations::postgres::copy::encode;
-use fanout::destinations::postgres::load::{lay_out, needs};
-use fanout::destinations::postgres::schema::{message_rows, node, Row};
+use fanout::destinations::postgres::encoded::Encoded;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -50,17 +50,17 @@ fn batch(message: &str) -> Vec<Vec<u8>> {
 }
 
 /// What `check` does with one stored message.
-fn check(message: &[u8], loaded_at: DateTime<Utc>) -> Vec<Row> {
-    let message = node::parse(message).unwrap();
-    message_rows(&message, loaded_at).unwrap()
+fn check(message: &[u8]) -> Encoded {
+    Encoded::of(message).unwrap()
 }
 
 /// Check, then what `send` does before the first byte goes to Postgres: the bytes of
 /// binary COPY data the batch makes (the catalog already knowing every column).
 fn check_and_copy(batch: &[Vec<u8>], loaded_at: DateTime<Utc>) -> usize {
-    let made: Vec<Vec<Row>> = batch.iter().map(|m| check(m, loaded_at)).collect();
-    let needs = needs(made.iter().flatten());
-    let tables: Tables = needs
+    let made: Vec<Encoded> = batch.iter().map(|m| check(m)).collect();
+    let made: Vec<&Encoded> = made.iter().collect();
+    let needs = needs(made.iter().copied());
+    let catalog: Tables = needs
         .iter()
         .map(|(table, columns)| {
             let columns = columns.iter().map(|(n, ty)| (n.to_string(), *ty));
@@ -68,14 +68,9 @@ fn check_and_copy(batch: &[Vec<u8>], loaded_at: DateTime<Utc>) -> usize {
         })
         .collect();
     let mut mismatches = Vec::new();
-    let laid = lay_out(made.iter().flatten(), &tables, loaded_at, &mut mismatches);
+    let laid = tables(&made, &needs, &catalog, loaded_at, &mut mismatches);
     assert!(mismatches.is_empty());
-    let bytes = laid
-        .iter()
-        .map(|(table, load)| encode(table, load, &mut mismatches).len())
-        .sum();
-    assert!(mismatches.is_empty());
-    bytes
+    laid.values().map(|load| load.data.len()).sum()
 }
 
 /// The calling thread's CPU time, formatted as criterion formats wall time.
@@ -125,18 +120,18 @@ fn warehouse(c: &mut Criterion<ThreadCpu>) {
     let loaded_at = Utc::now();
     let mut group = c.benchmark_group("warehouse");
     for (name, message) in [("track_1KB", TRACK), ("identify_1KB", IDENTIFY)] {
-        let made = check(message.as_bytes(), loaded_at);
+        let made = check(message.as_bytes());
         let messages = batch(message);
         println!(
             "warehouse: {name}: {} bytes → {} rows, {} columns; a batch of {BATCH} → {} bytes of COPY data",
             message.len(),
-            made.len(),
-            made.iter().map(|r| r.columns.len()).sum::<usize>(),
+            made.rows().count(),
+            made.rows().map(|(_, fields)| fields.len()).sum::<usize>(),
             check_and_copy(&messages, loaded_at),
         );
         group.throughput(Throughput::Elements(1));
-        group.bench_function(format!("parse+rows/{name}"), |b| {
-            b.iter(|| check(black_box(message.as_bytes()), loaded_at))
+        group.bench_function(format!("check/{name}"), |b| {
+            b.iter(|| check(black_box(message.as_bytes())))
         });
         group.throughput(Throughput::Elements(BATCH as u64));
         group.bench_function(format!("check+copy/{name}"), |b| {

@@ -125,8 +125,8 @@ impl SendError {
 pub enum Prepared {
     /// Klaviyo: the message's events or profile upsert.
     Klaviyo(klaviyo::translate::Translation),
-    /// Postgres: the warehouse rows the message becomes.
-    Postgres(Vec<postgres::schema::Row>),
+    /// Postgres: the warehouse rows the message becomes, encoded for COPY.
+    Postgres(postgres::encoded::Encoded),
     /// `kind = "http"`: the message's requests, rendered.
     Http(mapped::Requests),
 }

@@ -2,17 +2,21 @@
 //! `identifies`, `users`, `pages`, …, a table per track event), loaded a batch per
 //! transaction so that a batch is in the warehouse whole or not at all.
 //!
-//! `check` maps each message to its rows (`schema`); `send` makes the tables and columns
-//! they need (`catalog`), then copies each table's rows into a staging table and inserts
-//! them with `ON CONFLICT (id)` (`load`): `id` is the messageId, so a retried or replayed
-//! batch adds no row twice.
+//! `check` maps each message to its rows (`schema`), their values already encoded for
+//! COPY (`encoded`); `send` makes the tables and columns they need (`catalog`), assembles
+//! each table's COPY data (`assemble`), then copies it into a staging table and inserts
+//! the rows with `ON CONFLICT (id)` (`load`): `id` is the messageId, so a retried or
+//! replayed batch adds no row twice.
 
+pub mod assemble;
 pub mod catalog;
 mod connect;
-pub mod copy;
+pub mod encoded;
 pub mod erase;
 mod errors;
 pub mod load;
+#[cfg(test)]
+mod oracle;
 pub mod schema;
 #[cfg(test)]
 mod tests;
@@ -32,6 +36,7 @@ use super::{
 use crate::clock::Clock;
 use crate::queue::Checkpoint;
 use crate::throttle::LogThrottle;
+use encoded::Encoded;
 use load::Mismatch;
 use schema::{Row, Value, MAX_IDENTIFIER};
 
@@ -197,20 +202,22 @@ impl PostgresDestination {
     async fn load(&self, batch: &[Outgoing<'_>]) -> Result<(), SendError> {
         let loaded_at = self.clock.now();
         // Messages `check` did not see are mapped here (their refusals were `check`'s).
-        let mapped: Vec<Vec<Row>> = batch
+        let mapped: Vec<Encoded> = batch
             .iter()
             .filter(|m| m.prepared.is_none())
-            .map(|m| rows_of(m.json, loaded_at).unwrap_or_default())
+            .map(|m| Encoded::of(m.json).unwrap_or_default())
             .collect();
         let mut mapped = mapped.iter();
-        let mut by_schema: BTreeMap<Cow<'_, str>, Vec<&Row>> = BTreeMap::new();
+        let mut by_schema: BTreeMap<Cow<'_, str>, Vec<&Encoded>> = BTreeMap::new();
         // A batch is mostly of one source: its schema name is made once a run, not once
         // a message.
         let mut last: Option<(&str, Cow<'_, str>)> = None;
         for message in batch {
-            let rows = match message.prepared {
-                Some(Prepared::Postgres(rows)) => rows,
-                _ => mapped.next().map_or(&[][..], Vec::as_slice),
+            let Some(encoded) = (match message.prepared {
+                Some(Prepared::Postgres(encoded)) => Some(encoded),
+                _ => mapped.next(),
+            }) else {
+                continue;
             };
             let schema = match &last {
                 Some((source, schema)) if *source == message.source => schema,
@@ -221,9 +228,9 @@ impl PostgresDestination {
                 }
             };
             match by_schema.get_mut(schema.as_ref()) {
-                Some(list) => list.extend(rows),
+                Some(list) => list.push(encoded),
                 None => {
-                    by_schema.insert(schema.clone(), rows.iter().collect());
+                    by_schema.insert(schema.clone(), vec![encoded]);
                 }
             }
         }
@@ -250,32 +257,26 @@ impl PostgresDestination {
     async fn load_on(
         &self,
         client: &mut tokio_postgres::Client,
-        by_schema: &BTreeMap<Cow<'_, str>, Vec<&Row>>,
+        by_schema: &BTreeMap<Cow<'_, str>, Vec<&Encoded>>,
         loaded_at: DateTime<Utc>,
     ) -> Result<(), tokio_postgres::Error> {
         let mut layouts = Vec::with_capacity(by_schema.len());
         let mut mismatches = Vec::new();
-        for (schema, rows) in by_schema {
-            let needs = load::needs(rows.iter().copied());
+        for (schema, messages) in by_schema {
+            let needs = assemble::needs(messages.iter().copied());
             let tables = self.catalog.ensure(client, schema, &needs).await?;
-            let laid = load::lay_out(rows.iter().copied(), &tables, loaded_at, &mut mismatches);
-            let mut encoded = Vec::with_capacity(laid.len());
-            for (table, load) in laid {
-                // The work of a batch's rows is long: between tables the runtime's one
-                // thread drives the other loads' connections, so Postgres is not kept
-                // waiting for them.
-                tokio::task::yield_now().await;
-                let data = copy::encode(&table, &load, &mut mismatches);
-                encoded.push((table, load, data));
-            }
-            layouts.push((schema, encoded));
+            let laid = assemble::tables(messages, &needs, &tables, loaded_at, &mut mismatches);
+            layouts.push((schema, laid));
+            // Assembling a batch's rows is long work: the runtime's one thread then drives
+            // the other loads' connections, so Postgres is not kept waiting for them.
+            tokio::task::yield_now().await;
         }
         self.warn(&mismatches);
         let tx = client.transaction().await?;
         let mut n = 0;
         for (schema, tables) in layouts {
-            for (table, laid, data) in tables {
-                load::copy_table(&tx, schema, &table, &laid, data, n).await?;
+            for (table, laid) in tables {
+                load::copy_table(&tx, schema, &table, &laid, n).await?;
                 n += 1;
             }
         }
@@ -304,15 +305,10 @@ impl PostgresDestination {
     }
 }
 
-fn rows_of(message: &[u8], loaded_at: DateTime<Utc>) -> Result<Vec<Row>, String> {
-    let message = schema::node::parse(message).map_err(|e| format!("not JSON: {e}"))?;
-    schema::message_rows(&message, loaded_at).map_err(|e| e.to_string())
-}
-
 impl Destination for PostgresDestination {
     fn check(&self, message: &[u8]) -> Check {
-        match rows_of(message, self.clock.now()) {
-            Ok(rows) => Check::Send(Some(Prepared::Postgres(rows))),
+        match Encoded::of(message) {
+            Ok(encoded) => Check::Send(Some(Prepared::Postgres(encoded))),
             Err(detail) => Check::Refuse {
                 code: "unmappable".into(),
                 detail,

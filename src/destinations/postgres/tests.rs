@@ -1,7 +1,13 @@
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, TimeZone, Utc};
 
+use bytes::Bytes;
+
+use super::assemble::{needs, tables as assemble};
 use super::catalog::{column_type, ddl, quote, Needs, Tables};
-use super::load::{insert, lay_out, needs, Cell, TableLoad};
+use super::encoded::Encoded;
+use super::load::{insert, TableLoad};
 use super::schema::{ColumnType, Name, Row, Value};
 use super::*;
 use crate::destinations::KindSettings;
@@ -150,7 +156,8 @@ fn needs_types_each_column_by_its_first_value() {
             vec![("id", Value::Text("2".into())), ("n", Value::Double(1.5))],
         ),
     ];
-    let needs = needs(rows.iter());
+    let encoded = messages(&rows);
+    let needs = needs(&encoded);
     assert_eq!(
         needs["t"],
         [
@@ -160,16 +167,71 @@ fn needs_types_each_column_by_its_first_value() {
     );
 }
 
-fn cells(load: &TableLoad<'_>) -> Vec<Vec<Option<Value>>> {
-    load.rows
-        .iter()
-        .map(|r| {
-            r.iter()
-                .map(|c| match c {
-                    Cell::Null => None,
-                    Cell::Row(v) => Some((*v).clone()),
-                    Cell::Made(v) => Some(v.clone()),
-                })
+/// Each row its own message, as `check` would have encoded it.
+fn messages(rows: &[Row]) -> Vec<Encoded> {
+    rows.iter()
+        .map(|row| Encoded::of_rows(std::slice::from_ref(row)))
+        .collect()
+}
+
+/// The tables' COPY data of `rows`, each row its own message.
+fn lay_out(
+    rows: &[Row],
+    tables: &Tables,
+    loaded_at: DateTime<Utc>,
+    mismatches: &mut Vec<load::Mismatch>,
+) -> BTreeMap<String, TableLoad> {
+    let encoded = messages(rows);
+    let encoded: Vec<&Encoded> = encoded.iter().collect();
+    let needs = needs(encoded.iter().copied());
+    assemble(&encoded, &needs, tables, loaded_at, mismatches)
+}
+
+/// Binary COPY data read back: per row, each field's bytes (`None`: NULL).
+pub fn copy_rows(data: &[u8]) -> Vec<Vec<Option<Vec<u8>>>> {
+    assert_eq!(&data[..19], super::assemble::HEADER, "header");
+    let mut at = 19;
+    let mut take = |n: usize| {
+        at += n;
+        &data[at - n..at]
+    };
+    let mut rows = Vec::new();
+    loop {
+        let width = i16::from_be_bytes(take(2).try_into().unwrap());
+        if width == -1 {
+            break;
+        }
+        let row = (0..width)
+            .map(|_| {
+                let length = i32::from_be_bytes(take(4).try_into().unwrap());
+                (length >= 0).then(|| take(length as usize).to_vec())
+            })
+            .collect();
+        rows.push(row);
+    }
+    assert_eq!(at, data.len(), "bytes after the trailer");
+    rows
+}
+
+/// `load`'s rows read back as values of its columns' types.
+fn cells(load: &TableLoad) -> Vec<Vec<Option<Value>>> {
+    let value = |ty: ColumnType, bytes: Vec<u8>| match ty {
+        ColumnType::Text => Value::Text(String::from_utf8(bytes).unwrap()),
+        ColumnType::BigInt => Value::BigInt(i64::from_be_bytes(bytes.try_into().unwrap())),
+        ColumnType::Double => Value::Double(f64::from_be_bytes(bytes.try_into().unwrap())),
+        ColumnType::Bool => Value::Bool(bytes == [1]),
+        ColumnType::Timestamp => {
+            let micros = i64::from_be_bytes(bytes.try_into().unwrap());
+            let epoch = Utc.with_ymd_and_hms(2000, 1, 1, 0, 0, 0).unwrap();
+            Value::Timestamp(epoch + chrono::TimeDelta::microseconds(micros))
+        }
+    };
+    copy_rows(&load.data)
+        .into_iter()
+        .map(|row| {
+            row.into_iter()
+                .zip(&load.columns)
+                .map(|(field, (_, ty))| field.map(|bytes| value(*ty, bytes)))
                 .collect()
         })
         .collect()
@@ -200,7 +262,7 @@ fn values_are_converted_to_the_columns_types_or_stored_null_with_a_mismatch() {
         .collect(),
     );
     let mut mismatches = Vec::new();
-    let laid = lay_out(rows.iter(), &tables, at(60), &mut mismatches);
+    let laid = lay_out(&rows, &tables, at(60), &mut mismatches);
     assert_eq!(
         cells(&laid["orders"]),
         [[
@@ -226,29 +288,39 @@ fn values_are_converted_to_the_columns_types_or_stored_null_with_a_mismatch() {
 /// length and bytes (-1 for NULL) in Postgres's binary formats, the trailer.
 #[test]
 fn copy_data_is_postgres_binary_format() {
-    let id = Value::Text("m1".into());
-    let load = TableLoad {
-        upsert: false,
-        columns: vec![
-            ("id".into(), ColumnType::Text),
-            ("n".into(), ColumnType::BigInt),
-            ("x".into(), ColumnType::Double),
-            ("b".into(), ColumnType::Bool),
-            ("t".into(), ColumnType::Timestamp),
-        ],
-        rows: vec![vec![
-            Cell::Row(&id),
-            Cell::Made(Value::BigInt(3)),
-            Cell::Null,
-            Cell::Made(Value::Bool(true)),
+    // `n` converted from text, `x` absent: NULL.
+    let row = row(
+        "t",
+        false,
+        vec![
+            ("id", Value::Text("m1".into())),
+            ("n", Value::Text("3".into())),
+            ("b", Value::Bool(true)),
             // Postgres counts microseconds from 2000-01-01.
-            Cell::Made(Value::Timestamp(
-                Utc.with_ymd_and_hms(2000, 1, 1, 0, 0, 1).unwrap(),
-            )),
-        ]],
-    };
+            (
+                "t",
+                Value::Timestamp(Utc.with_ymd_and_hms(2000, 1, 1, 0, 0, 1).unwrap()),
+            ),
+        ],
+    );
+    let columns: Vec<(Name, ColumnType)> = vec![
+        ("id".into(), ColumnType::Text),
+        ("n".into(), ColumnType::BigInt),
+        ("x".into(), ColumnType::Double),
+        ("b".into(), ColumnType::Bool),
+        ("t".into(), ColumnType::Timestamp),
+    ];
+    let tables: Tables = [(
+        "t".to_owned(),
+        columns.iter().map(|(n, ty)| (n.to_string(), *ty)).collect(),
+    )]
+    .into_iter()
+    .collect();
+    let needs: Needs = [("t".to_owned(), columns)].into_iter().collect();
+    let encoded = Encoded::of_rows(&[row]);
     let mut mismatches = Vec::new();
-    let data = copy::encode("t", &load, &mut mismatches);
+    let laid = assemble(&[&encoded], &needs, &tables, at(0), &mut mismatches);
+    let data = &laid["t"].data;
     let mut want = b"PGCOPY\n\xff\r\n\0".to_vec();
     want.extend([0; 8]);
     want.extend(5i16.to_be_bytes());
@@ -302,7 +374,7 @@ fn users_rows_of_one_id_merge_latest_received_over_earlier() {
             .map(|(n, t)| (n.to_owned(), t))
             .collect(),
     );
-    let laid = lay_out(rows.iter(), &tables, at(60), &mut Vec::new());
+    let laid = lay_out(&rows, &tables, at(60), &mut Vec::new());
     let users = &laid["users"];
     assert!(users.upsert);
     let names: Vec<&str> = users.columns.iter().map(|(n, _)| n.as_str()).collect();
@@ -327,7 +399,7 @@ fn insert_skips_known_ids_and_upserts_users_unless_stored_row_is_later() {
             ("id".into(), ColumnType::Text),
             ("plan".into(), ColumnType::Text),
         ],
-        rows: Vec::new(),
+        data: Bytes::new(),
     };
     assert_eq!(
         insert("web", "tracks", &load, "s0", "\"id\", \"plan\""),
@@ -340,7 +412,7 @@ fn insert_skips_known_ids_and_upserts_users_unless_stored_row_is_later() {
             ("id".into(), ColumnType::Text),
             ("received_at".into(), ColumnType::Timestamp),
         ],
-        rows: Vec::new(),
+        data: Bytes::new(),
     };
     assert_eq!(
         insert("web", "users", &users, "s1", "\"id\", \"received_at\""),
@@ -408,7 +480,8 @@ fn a_message_that_maps_to_no_row_is_refused_alone() {
         "receivedAt":"2026-01-01T00:00:00Z"}"#;
     assert!(matches!(
         destination.check(ok),
-        Check::Send(Some(Prepared::Postgres(rows))) if rows[0].table == "aliases"
+        Check::Send(Some(Prepared::Postgres(encoded)))
+            if encoded.rows().next().is_some_and(|(row, _)| row.table == "aliases")
     ));
     let no_event = br#"{"type":"track","messageId":"m2","receivedAt":"2026-01-01T00:00:00Z"}"#;
     match destination.check(no_event) {
@@ -417,5 +490,242 @@ fn a_message_that_maps_to_no_row_is_refused_alone() {
             assert!(detail.contains("`event`"), "{detail}");
         }
         _ => panic!("not refused"),
+    }
+}
+
+/// Each value is written as tokio-postgres's `ToSql` writes it for its column's type,
+/// and reads back as it was.
+#[test]
+fn values_are_encoded_as_tokio_postgres_writes_them() {
+    use tokio_postgres::types::{ToSql, Type};
+    let to_sql = |value: &dyn ToSql, ty: &Type| {
+        let mut out = bytes::BytesMut::new();
+        value.to_sql_checked(ty, &mut out).unwrap();
+        let mut field = i32::try_from(out.len()).unwrap().to_be_bytes().to_vec();
+        field.extend_from_slice(&out);
+        field
+    };
+    let leap = crate::timestamp::parse("2016-12-31T23:59:60.5Z").unwrap();
+    let values = [
+        (Value::Text("é\"x".into()), to_sql(&"é\"x", &Type::TEXT)),
+        (Value::Text(String::new()), to_sql(&"", &Type::TEXT)),
+        (Value::Json("[1]".into()), to_sql(&"[1]", &Type::TEXT)),
+        (Value::BigInt(-3), to_sql(&-3i64, &Type::INT8)),
+        (Value::Double(-0.5), to_sql(&-0.5f64, &Type::FLOAT8)),
+        (Value::Bool(true), to_sql(&true, &Type::BOOL)),
+        (Value::Bool(false), to_sql(&false, &Type::BOOL)),
+        (Value::Timestamp(leap), to_sql(&leap, &Type::TIMESTAMPTZ)),
+    ];
+    for (value, want) in values {
+        let mut field = Vec::new();
+        encoded::encode(&value.as_scalar(), &mut field);
+        assert_eq!(field, want, "{value:?}");
+        let row = row("t", false, vec![("c", value.clone())]);
+        let message = Encoded::of_rows(&[row]);
+        let (_, fields) = message.rows().next().unwrap();
+        assert_eq!(message.field(&fields[0]), want);
+        assert_eq!(message.value(&fields[0]), Some(value));
+    }
+}
+
+proptest::proptest! {
+    /// Timestamps of any year fanout keeps, before and after 2000, to the nanosecond.
+    #[test]
+    fn timestamps_are_encoded_as_tokio_postgres_writes_them(
+        seconds in -62_167_219_200i64..253_402_300_799,
+        nanos in 0u32..1_000_000_000,
+    ) {
+        use tokio_postgres::types::{ToSql, Type};
+        let t = DateTime::from_timestamp(seconds, nanos).unwrap();
+        let mut want = bytes::BytesMut::new();
+        t.to_sql(&Type::TIMESTAMPTZ, &mut want).unwrap();
+        let mut field = Vec::new();
+        encoded::encode(&super::schema::Scalar::Timestamp(t), &mut field);
+        proptest::prop_assert_eq!(&field[..4], &8i32.to_be_bytes()[..]);
+        proptest::prop_assert_eq!(&field[4..], &want[..]);
+    }
+}
+
+/// Messages whose properties and traits share keys with values of every type (so that
+/// columns get values of other types, converted or not), users of few ids received at
+/// odd instants, timestamps before 2000 and to the nanosecond.
+fn batch() -> impl proptest::strategy::Strategy<Value = Vec<String>> {
+    use proptest::prelude::*;
+    let values = prop::sample::select(vec![
+        "\"pro\"",
+        "3",
+        "-7",
+        "2.5",
+        "3.0",
+        "1e300",
+        "9223372036854775807",
+        "18446744073709551615",
+        "true",
+        "false",
+        "\"true\"",
+        "\"3\"",
+        "\"2.5\"",
+        "\"inf\"",
+        "\"2024-05-01T12:00:00.123456789Z\"",
+        "\"1999-12-31T23:59:59.9999995Z\"",
+        "\"2016-12-31T23:59:60.5Z\"",
+        "\"0001-01-01T00:00:00Z\"",
+        "[1,\"a\"]",
+        "[]",
+        "null",
+        "{\"deep\":{\"er\":1}}",
+        "\"\"",
+        "\"é\\u0000\"",
+    ]);
+    let keys = prop::sample::select(vec![
+        "plan",
+        "seats",
+        "when",
+        "flag",
+        "accountType",
+        "account_type",
+        "list",
+        "deep",
+        "id",
+        "event",
+        "name",
+        "context_x",
+        "uuid_ts",
+        "received_at",
+        "user_id",
+        "Plan",
+    ]);
+    let times = prop::sample::select(vec![
+        "2026-01-01T00:00:00Z",
+        "2026-01-01T00:00:00.0000001Z",
+        "2025-12-31T23:59:59.999Z",
+        "1999-12-31T23:59:59.9999995Z",
+    ]);
+    let message = (
+        prop::sample::select(vec![
+            "track", "identify", "page", "screen", "group", "alias",
+        ]),
+        prop::sample::select(vec![
+            "\"Signed Up\"",
+            "\"tracks\"",
+            "\"!!!\"",
+            "\"Order Done\"",
+            "3",
+        ]),
+        prop::sample::select(vec!["\"u1\"", "\"u2\"", "7", "null", "\"\""]),
+        prop::sample::select(vec!["m1", "m2", "m3"]),
+        times.clone(),
+        prop::option::of(times),
+        prop::collection::vec((keys, values), 0..8),
+        crate::json::testgen::object(false),
+    );
+    let message = message.prop_map(|(kind, event, user, id, received, sent, custom, context)| {
+        let custom: Vec<String> = custom.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+        let custom = custom.join(",");
+        let sent = sent.map_or(String::new(), |t| format!(",\"sentAt\":\"{t}\""));
+        format!(
+            "{{\"type\":\"{kind}\",\"event\":{event},\"userId\":{user},\"messageId\":\"{id}\",\
+             \"receivedAt\":\"{received}\"{sent},\"name\":{event},\"context\":{context},\
+             \"properties\":{{{custom}}},\"traits\":{{{custom}}}}}"
+        )
+    });
+    prop::collection::vec(message, 1..12)
+}
+
+/// Each table's rows read back: per row, each column's field by the column's name.
+fn rows_by_name(
+    columns: &[(Name, ColumnType)],
+    data: &[u8],
+) -> Vec<BTreeMap<String, Option<Vec<u8>>>> {
+    copy_rows(data)
+        .into_iter()
+        .map(|row| {
+            let names = columns.iter().map(|(n, _)| n.to_string());
+            names.zip(row).collect()
+        })
+        .collect()
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(400))]
+
+    /// The COPY data assembled from what `check` encoded holds exactly the rows the first
+    /// way made (owned rows laid out and encoded by `ToSql`: `oracle`), whatever the
+    /// warehouse's columns' types, columns it lacks included; the same values are counted
+    /// as mismatches.
+    #[test]
+    fn assembled_copy_data_is_what_the_owned_rows_made(
+        batch in batch(),
+        changes in proptest::collection::vec(0usize..10, 64),
+    ) {
+        use proptest::prop_assert_eq;
+        let loaded_at = at(60);
+        let mut rows = Vec::new();
+        let mut encoded = Vec::new();
+        for text in &batch {
+            let message = schema::node::parse(text.as_bytes()).unwrap();
+            let owned = schema::message_rows(&message, at(0));
+            let made = Encoded::of(text.as_bytes());
+            prop_assert_eq!(owned.is_ok(), made.is_ok(), "{}", text);
+            if let (Ok(owned), Ok(made)) = (owned, made) {
+                rows.extend(owned);
+                encoded.push(made);
+            }
+        }
+        let encoded: Vec<&Encoded> = encoded.iter().collect();
+        let wanted = oracle::needs(rows.iter());
+        let needs = needs(encoded.iter().copied());
+        prop_assert_eq!(&needs, &wanted);
+
+        // The warehouse as it is: some columns of another type, some missing.
+        let types = [
+            ColumnType::Text, ColumnType::BigInt, ColumnType::Double, ColumnType::Bool,
+            ColumnType::Timestamp,
+        ];
+        let mut change = changes.iter().cycle();
+        let tables: Tables = needs
+            .iter()
+            .map(|(table, columns)| {
+                let columns = columns.iter().filter_map(|(name, ty)| {
+                    let ty = match change.next().unwrap() {
+                        0 if name != "id" => return None,
+                        c @ 1..=3 => types[*c + 1],
+                        _ => *ty,
+                    };
+                    Some((name.to_string(), ty))
+                });
+                (table.clone(), columns.collect())
+            })
+            .collect();
+
+        let mut want_mismatches = Vec::new();
+        let laid = oracle::lay_out(rows.iter(), &tables, loaded_at, &mut want_mismatches);
+        let mut mismatches = Vec::new();
+        let assembled = assemble(&encoded, &needs, &tables, loaded_at, &mut mismatches);
+        prop_assert_eq!(laid.keys().collect::<Vec<_>>(), assembled.keys().collect::<Vec<_>>());
+        for (table, load) in &laid {
+            let want = oracle::encode(table, load, &mut want_mismatches);
+            let got = &assembled[table];
+            prop_assert_eq!(load.upsert, got.upsert);
+            if load.columns == got.columns {
+                prop_assert_eq!(&want[..], &got.data[..], "{}", table);
+            }
+            let mut columns = got.columns.clone();
+            columns.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+            let mut want_columns = load.columns.clone();
+            want_columns.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+            prop_assert_eq!(columns, want_columns);
+            prop_assert_eq!(
+                rows_by_name(&got.columns, &got.data),
+                rows_by_name(&load.columns, &want),
+                "{}", table
+            );
+        }
+        let sorted = |list: &[load::Mismatch]| {
+            let mut list: Vec<String> = list.iter().map(|m| format!("{m:?}")).collect();
+            list.sort();
+            list
+        };
+        prop_assert_eq!(sorted(&mismatches), sorted(&want_mismatches));
     }
 }

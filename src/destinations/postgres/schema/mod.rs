@@ -10,6 +10,8 @@ pub mod node;
 mod snake;
 mod types;
 
+use std::borrow::Cow;
+use std::ops::Range;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -17,11 +19,13 @@ use serde_json::Value as Json;
 
 use crate::message::MessageType;
 use flatten::{flatten, Columns};
+use names::column_name;
 use node::{Node, Object};
 
+pub use flatten::{Seen, Sink};
 pub use names::Name;
 pub use snake::{identifier, snakecase, MAX_IDENTIFIER};
-pub use types::{convert, infer, ColumnType, Value};
+pub use types::{convert, infer, ColumnType, Scalar, Value};
 
 /// One row of one table.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,20 +47,20 @@ impl Row {
     }
 }
 
-/// A row's columns: the first `len` of a list it may share with another row of the same
-/// message (a track's `tracks` row is the start of its event row, not a copy of it).
+/// A row's columns: a range of a list it may share with another row of the same message
+/// (a track's `tracks` row is the start of its event row, not a copy of it).
 #[derive(Clone)]
 pub struct RowColumns {
     list: Arc<Vec<(Name, Value)>>,
-    len: usize,
+    range: Range<usize>,
 }
 
 impl From<Vec<(Name, Value)>> for RowColumns {
     fn from(list: Vec<(Name, Value)>) -> RowColumns {
-        let len = list.len();
+        let range = 0..list.len();
         RowColumns {
             list: Arc::new(list),
-            len,
+            range,
         }
     }
 }
@@ -65,7 +69,7 @@ impl std::ops::Deref for RowColumns {
     type Target = [(Name, Value)];
 
     fn deref(&self) -> &[(Name, Value)] {
-        &self.list[..self.len]
+        &self.list[self.range.clone()]
     }
 }
 
@@ -132,13 +136,17 @@ pub fn reserved(kind: MessageType, name: &str) -> bool {
 /// The table a track event's rows go to besides `tracks`; `None` when the name has no
 /// letter or digit to make one of.
 pub fn event_table(event: &str) -> Option<String> {
-    let name = identifier(event)?;
+    identifier(event).map(|name| table_of_event(name.into()).to_string())
+}
+
+/// The table of a track event whose column name (`event`) is `name`.
+fn table_of_event(name: Name) -> Name {
     if !STANDARD_TABLES.contains(&name.as_str()) {
-        return Some(name);
+        return name;
     }
     let mut prefixed = format!("_{name}");
     prefixed.truncate(MAX_IDENTIFIER);
-    Some(prefixed)
+    prefixed.into()
 }
 
 /// Every row one message becomes (see `message_rows`), from its parsed JSON.
@@ -153,6 +161,34 @@ pub fn rows(message: &Json, loaded_at: DateTime<Utc>) -> Result<Vec<Row>, RowErr
 /// `identifies` + `users` (when it has a userId); page → `pages`; screen → `screens`;
 /// group → `groups`; alias → `aliases`. `loaded_at` fills `uuid_ts`.
 pub fn message_rows(message: &Node<'_>, loaded_at: DateTime<Utc>) -> Result<Vec<Row>, RowError> {
+    // Room for a typical event row's columns without growing.
+    let mut columns = Columns::loaded_at(loaded_at, 64);
+    let (first, second) = map(message, &mut columns)?;
+    let list = Arc::new(columns.list);
+    let row = |span: Span| Row {
+        table: span.table.to_string(),
+        columns: RowColumns {
+            list: list.clone(),
+            range: span.columns,
+        },
+        upsert: span.upsert,
+    };
+    Ok(std::iter::once(first).chain(second).map(row).collect())
+}
+
+/// One row of a message: its table and its columns, a range of those the message wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Span {
+    pub table: Name,
+    pub columns: Range<usize>,
+    /// Merged into the row with the same `id` instead of skipped: only `users`.
+    pub upsert: bool,
+}
+
+/// Writes the columns of the rows one stored message becomes (see `message_rows`) into
+/// `out` and names them: one or two rows, the second sharing columns with the first
+/// (a track's `tracks` row is the start of its event row).
+pub fn map<S: Sink>(message: &Node<'_>, out: &mut S) -> Result<(Span, Option<Span>), RowError> {
     let Node::Object(m) = message else {
         return Err(error("message", "is not a JSON object"));
     };
@@ -169,30 +205,28 @@ pub fn message_rows(message: &Node<'_>, loaded_at: DateTime<Utc>) -> Result<Vec<
         "is missing or not a date-time (a stored message always has one)",
     ))?;
 
-    // Room for a typical event row's columns without growing.
-    let mut row = Columns::with_capacity(64);
-    row.add("id".into(), Value::Text(id.into()));
-    row.add_some("anonymous_id", id_text(m.get("anonymousId")));
-    row.add_some("user_id", id_text(m.get("userId")));
-    row.add("received_at".into(), Value::Timestamp(received_at));
-    row.add_some("sent_at", time(m, "sentAt").map(Value::Timestamp));
+    out.put(Name::Static("id"), Scalar::Text(Cow::Borrowed(id)));
+    out.put_some("anonymous_id", id_text(m.get("anonymousId")));
+    out.put_some("user_id", id_text(m.get("userId")));
+    out.put(Name::Static("received_at"), Scalar::Timestamp(received_at));
+    out.put_some("sent_at", time(m, "sentAt").map(Scalar::Timestamp));
     let event_time = time(m, "timestamp");
-    row.add_some("timestamp", event_time.map(Value::Timestamp));
+    out.put_some("timestamp", event_time.map(Scalar::Timestamp));
     // The client's own clock when it sent one; else the event time is all there is.
     let original = time(m, "originalTimestamp").or(event_time);
-    row.add_some("original_timestamp", original.map(Value::Timestamp));
-    row.add("uuid_ts".into(), Value::Timestamp(loaded_at));
+    out.put_some("original_timestamp", original.map(Scalar::Timestamp));
+    out.put_load_time(Name::Static("uuid_ts"));
     if let Some(context) = m.object("context") {
-        flatten(context, "context", &|_| false, &mut row);
+        flatten(context, "context", &|_| false, out);
     }
-    let custom = |row: &mut Columns, key: &str| {
+    let custom = |out: &mut S, key: &str| {
         if let Some(object) = m.object(key) {
-            flatten(object, "", &|name| reserved(kind, name), row);
+            flatten(object, "", &|name| reserved(kind, name), out);
         }
     };
 
-    let table = |name: &str, columns: RowColumns| Row {
-        table: name.to_owned(),
+    let table = |name: &'static str, columns: Range<usize>| Span {
+        table: Name::Static(name),
         columns,
         upsert: false,
     };
@@ -201,70 +235,71 @@ pub fn message_rows(message: &Node<'_>, loaded_at: DateTime<Utc>) -> Result<Vec<
             let event = m
                 .str("event")
                 .ok_or(error("event", "is missing or not a string"))?;
-            let event_table = event_table(event);
-            let column = identifier(event);
-            row.add_some("event", column.map(Value::Text));
-            row.add("event_text".into(), Value::Text(event.into()));
-            match event_table {
+            let column = column_name(event);
+            let text = column
+                .as_ref()
+                .map(|name| Scalar::Text(Cow::Borrowed(name)));
+            out.put_some("event", text);
+            out.put(
+                Name::Static("event_text"),
+                Scalar::Text(Cow::Borrowed(event)),
+            );
+            let tracks = table("tracks", 0..out.mark());
+            match column.map(table_of_event) {
                 Some(name) => {
                     // The `tracks` row is the event row's start: the properties come after.
-                    let tracks_len = row.list.len();
-                    custom(&mut row, "properties");
-                    let event_row = RowColumns::from(row.list);
-                    let tracks = RowColumns {
-                        list: event_row.list.clone(),
-                        len: tracks_len,
+                    custom(out, "properties");
+                    let event_row = Span {
+                        table: name,
+                        columns: 0..out.mark(),
+                        upsert: false,
                     };
-                    vec![table("tracks", tracks), table(&name, event_row)]
+                    (tracks, Some(event_row))
                 }
-                None => vec![table("tracks", row.list.into())],
+                None => (tracks, None),
             }
         }
         MessageType::Identify => {
-            // Flattened once for both rows: every name either row has already is
-            // reserved, so the traits add the same columns to each.
-            let mut traits = Columns::with_capacity(32);
-            custom(&mut traits, "traits");
-            let mut users = Columns::default();
-            if let Some(user_id) = id_text(m.get("userId")) {
-                users.add("id".into(), user_id);
-                users.add("received_at".into(), Value::Timestamp(received_at));
-                users.add("uuid_ts".into(), Value::Timestamp(loaded_at));
-                users.add_all(&traits);
-            }
-            row.add_all(&traits);
-            let mut rows = vec![table("identifies", row.list.into())];
-            if !users.list.is_empty() {
-                rows.push(Row {
+            let traits_start = out.mark();
+            custom(out, "traits");
+            let identifies = table("identifies", 0..out.mark());
+            let users = id_text(m.get("userId")).map(|user_id| {
+                out.new_row();
+                let start = out.mark();
+                out.put(Name::Static("id"), user_id);
+                out.put(Name::Static("received_at"), Scalar::Timestamp(received_at));
+                out.put_load_time(Name::Static("uuid_ts"));
+                out.put_again(traits_start..identifies.columns.end);
+                Span {
                     upsert: true,
-                    ..table("users", users.list.into())
-                });
-            }
-            rows
+                    ..table("users", start..out.mark())
+                }
+            });
+            (identifies, users)
         }
         MessageType::Page | MessageType::Screen => {
-            row.add_some("name", id_text(m.get("name")));
+            out.put_some("name", id_text(m.get("name")));
             // Server libraries send the category beside the name; analytics.js sends it as
             // `properties.category`, which lands in the same column when this one is absent.
-            row.add_some("category", id_text(m.get("category")));
-            custom(&mut row, "properties");
+            out.put_some("category", id_text(m.get("category")));
+            custom(out, "properties");
             let name = if kind == MessageType::Page {
                 "pages"
             } else {
                 "screens"
             };
-            vec![table(name, row.list.into())]
+            (table(name, 0..out.mark()), None)
         }
         MessageType::Group => {
-            row.add_some("group_id", id_text(m.get("groupId")));
-            custom(&mut row, "traits");
-            vec![table("groups", row.list.into())]
+            out.put_some("group_id", id_text(m.get("groupId")));
+            custom(out, "traits");
+            (table("groups", 0..out.mark()), None)
         }
         MessageType::Alias => {
-            row.add_some("previous_id", id_text(m.get("previousId")));
+            out.put_some("previous_id", id_text(m.get("previousId")));
             // Segment's docs: the aliases table has the traits sent with the call.
-            custom(&mut row, "traits");
-            vec![table("aliases", row.list.into())]
+            custom(out, "traits");
+            (table("aliases", 0..out.mark()), None)
         }
     })
 }
@@ -280,10 +315,10 @@ fn time(m: &Object<'_>, key: &str) -> Option<DateTime<Utc>> {
 
 /// An id or name field as text: strings as they are, numbers as written; empty or other
 /// values make no column.
-fn id_text(value: Option<&Node<'_>>) -> Option<Value> {
+fn id_text<'n>(value: Option<&'n Node<'_>>) -> Option<Scalar<'n>> {
     match value? {
-        Node::Str(s) if !s.is_empty() => Some(Value::Text(s.as_ref().into())),
-        Node::Number(n) => Some(Value::Text(n.to_string())),
+        Node::Str(s) if !s.is_empty() => Some(Scalar::Text(Cow::Borrowed(s))),
+        Node::Number(n) => Some(Scalar::Text(Cow::Owned(n.to_string()))),
         _ => None,
     }
 }

@@ -1,6 +1,8 @@
 //! Column values and types: what a JSON value is stored as, and how a value of one type
 //! goes into a column that already has another.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Datelike, Utc};
 
 use super::node::Node;
@@ -59,35 +61,73 @@ pub fn infer(json: &serde_json::Value) -> Option<Value> {
     Some(match json {
         J::Null | J::Object(_) => return None,
         J::Bool(b) => Value::Bool(*b),
-        J::Number(n) => number(n)?,
-        J::String(s) => string(s),
+        J::Number(n) => number(n)?.to_value(),
+        J::String(s) => string(s).to_value(),
         J::Array(_) => Value::Json(json.to_string()),
     })
 }
 
+/// A column value borrowed from the message it was read from: what a `Sink` is given,
+/// so that one written straight into COPY bytes costs no `String`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scalar<'a> {
+    Text(Cow<'a, str>),
+    BigInt(i64),
+    Double(f64),
+    Bool(bool),
+    Timestamp(DateTime<Utc>),
+    Json(&'a str),
+}
+
+impl Scalar<'_> {
+    pub fn to_value(&self) -> Value {
+        match self {
+            Scalar::Text(s) => Value::Text(s.as_ref().to_owned()),
+            Scalar::BigInt(n) => Value::BigInt(*n),
+            Scalar::Double(x) => Value::Double(*x),
+            Scalar::Bool(b) => Value::Bool(*b),
+            Scalar::Timestamp(t) => Value::Timestamp(*t),
+            Scalar::Json(s) => Value::Json((*s).to_owned()),
+        }
+    }
+}
+
+impl Value {
+    pub fn as_scalar(&self) -> Scalar<'_> {
+        match self {
+            Value::Text(s) => Scalar::Text(Cow::Borrowed(s)),
+            Value::BigInt(n) => Scalar::BigInt(*n),
+            Value::Double(x) => Scalar::Double(*x),
+            Value::Bool(b) => Scalar::Bool(*b),
+            Value::Timestamp(t) => Scalar::Timestamp(*t),
+            Value::Json(s) => Scalar::Json(s),
+        }
+    }
+}
+
 /// `infer` for a value of a message read in place.
-pub fn infer_node(node: &Node<'_>) -> Option<Value> {
+pub fn infer_node<'n>(node: &'n Node<'_>) -> Option<Scalar<'n>> {
     Some(match node {
         Node::Null | Node::Object(_) => return None,
-        Node::Bool(b) => Value::Bool(*b),
+        Node::Bool(b) => Scalar::Bool(*b),
         Node::Number(n) => number(n)?,
         Node::Str(s) => string(s),
-        Node::Array(text) => Value::Json(text.clone()),
+        Node::Array(text) => Scalar::Json(text),
     })
 }
 
-fn number(n: &serde_json::Number) -> Option<Value> {
+fn number(n: &serde_json::Number) -> Option<Scalar<'static>> {
     Some(match n.as_i64() {
-        Some(i) => Value::BigInt(i),
+        Some(i) => Scalar::BigInt(i),
         // Integers past i64 and all fractions: serde_json reads both as f64.
-        None => Value::Double(n.as_f64()?),
+        None => Scalar::Double(n.as_f64()?),
     })
 }
 
-fn string(s: &str) -> Value {
+fn string(s: &str) -> Scalar<'_> {
     match rfc3339(s) {
-        Some(t) => Value::Timestamp(t),
-        None => Value::Text(s.to_owned()),
+        Some(t) => Scalar::Timestamp(t),
+        None => Scalar::Text(Cow::Borrowed(s)),
     }
 }
 

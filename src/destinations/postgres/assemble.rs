@@ -1,0 +1,332 @@
+//! A batch's encoded messages (`Encoded`) → the columns each table needs, then each
+//! table's binary `COPY` data (Postgres's "COPY" reference, "Binary Format"): per row the
+//! field count and each column's field, copied from the bytes `check` wrote; NULL for a
+//! column the row lacks. Only a value of another type than its column is decoded,
+//! converted (`types::convert`) and encoded again.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::{BufMut, BytesMut};
+use chrono::{DateTime, Utc};
+
+use super::catalog::{Needs, Tables};
+use super::encoded::{encode, micros, Encoded, Field, Kind};
+use super::load::{Mismatch, TableLoad};
+use super::schema::{convert, ColumnType, Name, Span};
+
+/// The signature, the flags (no OIDs) and the length of the header extension (none).
+pub const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+/// A field count of -1 ends the data.
+const TRAILER: i16 = -1;
+/// The length written for a NULL field.
+const NULL: i32 = -1;
+
+/// One table's columns while they are being found: in the order first seen, and by name.
+#[derive(Default)]
+struct Found {
+    columns: Vec<(Name, ColumnType)>,
+    index: HashMap<Name, usize>,
+}
+
+impl Found {
+    /// The column `name`, looked for at `guess` first: rows of one table mostly have the
+    /// same columns in the same order, so the place after the last one found is right
+    /// and costs no hashing (names from one memo compare by address).
+    fn find(&self, name: &Name, guess: usize) -> Option<usize> {
+        match self.columns.get(guess) {
+            Some((known, _)) if known == name => Some(guess),
+            _ => self.index.get(name.as_str()).copied(),
+        }
+    }
+}
+
+/// Every table and column the messages' rows need, typed by the first value seen.
+pub fn needs<'a>(messages: impl IntoIterator<Item = &'a Encoded>) -> Needs {
+    let mut found: BTreeMap<&'a str, Found> = BTreeMap::new();
+    for message in messages {
+        for (span, fields) in message.rows() {
+            let table = found.entry(span.table.as_str()).or_default();
+            let mut guess = 0;
+            for field in fields {
+                guess = match table.find(&field.name, guess) {
+                    Some(i) => i + 1,
+                    None => {
+                        let i = table.columns.len();
+                        table.index.insert(field.name.clone(), i);
+                        table
+                            .columns
+                            .push((field.name.clone(), field.kind.column_type()));
+                        i + 1
+                    }
+                };
+            }
+        }
+    }
+    found
+        .into_iter()
+        .map(|(table, found)| (table.to_owned(), found.columns))
+        .collect()
+}
+
+/// One row of one message.
+type RowOf<'m> = (&'m Encoded, &'m Span, &'m [Field]);
+
+/// Each table's COPY data for the messages' rows, in the types the tables have (`tables`
+/// holds every table and column of `needs` by now): columns in `needs`' order, rows in
+/// the messages' order. `uuid_ts` is `loaded_at`; the rows of one id in an upserted table
+/// (`users`) are merged into one, the latest `received_at`'s values over earlier ones.
+pub fn tables(
+    messages: &[&Encoded],
+    needs: &Needs,
+    tables: &Tables,
+    loaded_at: DateTime<Utc>,
+    mismatches: &mut Vec<Mismatch>,
+) -> BTreeMap<String, TableLoad> {
+    let mut by_table: BTreeMap<&str, Vec<RowOf<'_>>> = BTreeMap::new();
+    for message in messages {
+        for (span, fields) in message.rows() {
+            by_table
+                .entry(span.table.as_str())
+                .or_default()
+                .push((message, span, fields));
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (table, mut rows) in by_table {
+        let (Some(have), Some(needed)) = (tables.get(table), needs.get(table)) else {
+            continue;
+        };
+        let upsert = rows.iter().any(|(_, span, _)| span.upsert);
+        if upsert {
+            // Stable: rows at the same instant keep the batch's order, the later winning.
+            rows.sort_by_key(|(_, _, fields)| received_at(fields));
+        }
+        let columns: Vec<(Name, ColumnType)> = needed
+            .iter()
+            .filter_map(|(name, _)| Some((name.clone(), *have.get(name.as_str())?)))
+            .collect();
+        let mut copy = Copy {
+            table,
+            layout: Found {
+                index: columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (n, _))| (n.clone(), i))
+                    .collect(),
+                columns,
+            },
+            made: Vec::new(),
+            loaded_at: loaded_field(loaded_at),
+        };
+        let data = if upsert {
+            copy.merged(&rows, mismatches)
+        } else {
+            copy.rows(&rows, mismatches)
+        };
+        out.insert(
+            table.to_owned(),
+            TableLoad {
+                upsert,
+                columns: copy.layout.columns,
+                data: data.freeze(),
+            },
+        );
+    }
+    out
+}
+
+/// The `uuid_ts` field of every row: the load time as a COPY field.
+fn loaded_field(loaded_at: DateTime<Utc>) -> [u8; 12] {
+    let mut field = [0; 12];
+    field[..4].copy_from_slice(&8i32.to_be_bytes());
+    field[4..].copy_from_slice(&micros(loaded_at).to_be_bytes());
+    field
+}
+
+fn received_at(fields: &[Field]) -> Option<DateTime<Utc>> {
+    fields.iter().find_map(|field| match field.kind {
+        Kind::Timestamp(t) if field.name == "received_at" => Some(t),
+        _ => None,
+    })
+}
+
+/// Where one column's field of a row comes from.
+#[derive(Clone, Copy)]
+enum Slot<'m> {
+    Null,
+    /// As the message has it.
+    Field(&'m Encoded, &'m Field),
+    /// Converted to the column's type: `Copy::made[start..end]`.
+    Made(usize, usize),
+    LoadTime,
+}
+
+/// One table's COPY data being written.
+struct Copy<'t> {
+    table: &'t str,
+    layout: Found,
+    /// The fields of converted values.
+    made: Vec<u8>,
+    loaded_at: [u8; 12],
+}
+
+impl<'t> Copy<'t> {
+    /// The COPY data of `rows`, one row each.
+    fn rows(&mut self, rows: &[RowOf<'_>], mismatches: &mut Vec<Mismatch>) -> BytesMut {
+        let mut out = self.start(rows);
+        let mut slots = vec![Slot::Null; self.layout.columns.len()];
+        for (message, _, fields) in rows {
+            self.fill(message, fields, &mut slots, mismatches);
+            self.write(&slots, &mut out);
+        }
+        out.put_i16(TRAILER);
+        out
+    }
+
+    /// The COPY data of `rows`, those of one `id` merged into one: a later row's values
+    /// over an earlier one's, its absent ones leaving them be.
+    fn merged(&mut self, rows: &[RowOf<'_>], mismatches: &mut Vec<Mismatch>) -> BytesMut {
+        let width = self.layout.columns.len();
+        let mut merged: Vec<Slot<'_>> = Vec::with_capacity(rows.len() * width);
+        let mut count = 0;
+        let mut by_id: HashMap<&[u8], usize> = HashMap::new();
+        let mut slots = vec![Slot::Null; width];
+        for (message, _, fields) in rows {
+            self.fill(message, fields, &mut slots, mismatches);
+            let id = fields
+                .iter()
+                .find(|f| f.name == "id" && f.kind == Kind::Text);
+            match id.map(|id| message.field(id)).and_then(|id| by_id.get(id)) {
+                Some(&earlier) => {
+                    let row = &mut merged[earlier * width..(earlier + 1) * width];
+                    for (kept, slot) in row.iter_mut().zip(&slots) {
+                        if !matches!(slot, Slot::Null) {
+                            *kept = *slot;
+                        }
+                    }
+                }
+                None => {
+                    if let Some(id) = id {
+                        by_id.insert(message.field(id), count);
+                    }
+                    merged.extend_from_slice(&slots);
+                    count += 1;
+                }
+            }
+        }
+        let mut out = self.start(rows);
+        for row in 0..count {
+            self.write(&merged[row * width..(row + 1) * width], &mut out);
+        }
+        out.put_i16(TRAILER);
+        out
+    }
+
+    /// The header, in a buffer with room for `rows`.
+    fn start(&self, rows: &[RowOf<'_>]) -> BytesMut {
+        let width = self.layout.columns.len();
+        let size: usize = rows
+            .iter()
+            .map(|(message, _, fields)| {
+                // Exact for a row whose fields follow each other, as most do.
+                let bytes = match (fields.first(), fields.last()) {
+                    (Some(first), Some(last)) => message
+                        .bounds(last)
+                        .1
+                        .saturating_sub(message.bounds(first).0),
+                    _ => 0,
+                };
+                2 + bytes + 4 * width.saturating_sub(fields.len()) + self.loaded_at.len()
+            })
+            .sum();
+        let mut out = BytesMut::with_capacity(HEADER.len() + size + 2);
+        out.put_slice(HEADER);
+        out
+    }
+
+    /// Where each column's field of a row comes from.
+    fn fill<'m>(
+        &mut self,
+        message: &'m Encoded,
+        fields: &'m [Field],
+        slots: &mut [Slot<'m>],
+        mismatches: &mut Vec<Mismatch>,
+    ) {
+        slots.fill(Slot::Null);
+        let mut guess = 0;
+        for field in fields {
+            let Some(i) = self.layout.find(&field.name, guess) else {
+                mismatches.push(self.mismatch(field, None));
+                continue;
+            };
+            guess = i + 1;
+            let ty = self.layout.columns[i].1;
+            slots[i] = match field.kind {
+                Kind::LoadTime => Slot::LoadTime,
+                kind if kind.column_type() == ty => Slot::Field(message, field),
+                // What `convert` makes must really be of the column's type, or COPY's
+                // binary format would be refused for the whole batch.
+                _ => match message
+                    .value(field)
+                    .and_then(|value| convert(value, ty))
+                    .filter(|value| ColumnType::of(value) == ty)
+                {
+                    Some(value) => {
+                        let start = self.made.len();
+                        encode(&value.as_scalar(), &mut self.made);
+                        Slot::Made(start, self.made.len())
+                    }
+                    None => {
+                        mismatches.push(self.mismatch(field, Some(ty)));
+                        Slot::Null
+                    }
+                },
+            };
+        }
+    }
+
+    fn mismatch(&self, field: &Field, column_type: Option<ColumnType>) -> Mismatch {
+        Mismatch {
+            table: self.table.to_owned(),
+            column: field.name.to_string(),
+            column_type,
+            value_type: field.kind.column_type(),
+        }
+    }
+
+    /// Writes one row: its field count, then each column's field. Fields that follow
+    /// each other in their message's bytes (most of a row) are copied as one.
+    fn write(&self, slots: &[Slot<'_>], out: &mut BytesMut) {
+        let width = i16::try_from(slots.len()).expect("Postgres tables have at most 1600 columns");
+        out.put_i16(width);
+        let mut run: Option<(&Encoded, usize, usize)> = None;
+        for slot in slots {
+            if let Slot::Field(message, field) = slot {
+                let (start, end) = message.bounds(field);
+                match &mut run {
+                    Some((m, _, run_end)) if std::ptr::eq(*m, *message) && *run_end == start => {
+                        *run_end = end;
+                    }
+                    _ => {
+                        if let Some((m, s, e)) = run.replace((message, start, end)) {
+                            out.put_slice(&m.data()[s..e]);
+                        }
+                    }
+                }
+                continue;
+            }
+            if let Some((m, s, e)) = run.take() {
+                out.put_slice(&m.data()[s..e]);
+            }
+            match slot {
+                Slot::Null => out.put_i32(NULL),
+                Slot::LoadTime => out.put_slice(&self.loaded_at),
+                Slot::Made(start, end) => out.put_slice(&self.made[*start..*end]),
+                Slot::Field(..) => {}
+            }
+        }
+        if let Some((m, s, e)) = run {
+            out.put_slice(&m.data()[s..e]);
+        }
+    }
+}
