@@ -10,9 +10,12 @@
 # MODE=drain instead fills the queue with Postgres stopped (the destination retrying),
 # then starts it and reports the drain alone: rows/s and fanout's CPU per event for the
 # destination (no ingest in it).
+# MODE=paced offers a steady RATE events/s instead (bench/wrk/batch_paced.lua: each
+# connection pauses between requests) and samples the lag every second: a destination
+# that keeps up holds it at a few batches; one that does not grows it for the whole run.
 # fanout on CPU 0, wrk on CPU 1, Postgres unpinned.
 # Usage: bench/warehouse.sh   (needs wrk and Debian's postgresql; builds fanout in release)
-# Env: MODE (live or drain, live), DURATION (wrk's run, 20s), BATCH (batch.max_events, 10000), CONCURRENCY (2),
+# Env: MODE (live, drain or paced; live), RATE (paced: events/s offered, 50000), DURATION (wrk's run, 20s), BATCH (batch.max_events, 10000), CONCURRENCY (2),
 #      CONNECTIONS (wrk's, 64), PG_BIN (directory of initdb/pg_ctl; default the newest
 #      /usr/lib/postgresql/*/bin), FANOUT_BIN (a fanout binary to run instead of building
 #      the release one: for a smoke run only, a debug build's figures mean nothing),
@@ -21,7 +24,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 . "$root/bench/lib.sh"
 shared=${FANOUT_SHARED_DIR:-$root/../shared}
-MODE=${MODE:-live} DURATION=${DURATION:-20s} BATCH=${BATCH:-10000} CONCURRENCY=${CONCURRENCY:-2}
+MODE=${MODE:-live} RATE=${RATE:-50000} DURATION=${DURATION:-20s} BATCH=${BATCH:-10000} CONCURRENCY=${CONCURRENCY:-2}
 CONNECTIONS=${CONNECTIONS:-64} PORT=${PORT:-18080} PG_PORT=${PG_PORT:-15432}
 PG_BIN=${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}
 [ -f "$shared/bench/wrk/batch.lua" ] || { echo "no $shared/bench/wrk/batch.lua (set FANOUT_SHARED_DIR)" >&2; exit 1; }
@@ -71,10 +74,22 @@ lag() { curl -s "http://127.0.0.1:$PORT/metrics" | awk '/^fanout_queue_lag_bytes
 [ "$MODE" = drain ] && pg_ctl_ -m fast stop
 start=$(date +%s.%N)
 t0=$(cpu_ticks "$fanout")
-taskset -c 1 wrk -t1 "-c$CONNECTIONS" "-d$DURATION" --timeout 5s -s "$shared/bench/wrk/batch.lua" \
+script=$shared/bench/wrk/batch.lua
+if [ "$MODE" = paced ]; then
+  # Each of the connections sends one 100-event request every PAUSE_MS.
+  export PAUSE_MS=${PAUSE_MS:-$((1000 * CONNECTIONS * 100 / RATE))} SEGMENT_LUA_DIR=$shared/bench/wrk/
+  script=$root/bench/wrk/batch_paced.lua
+  (while sleep 1; do lag; echo; done) >"$work/lags" &
+  pids+=("$!")
+fi
+taskset -c 1 wrk -t1 "-c$CONNECTIONS" "-d$DURATION" --timeout 5s -s "$script" \
   "http://127.0.0.1:$PORT" >"$work/wrk" 2>&1
 ingest=$(sed -n 's/^RESULT //p' "$work/wrk")
 lag_after_wrk=$(lag)
+if [ "$MODE" = paced ]; then
+  kill "${pids[-1]}"
+  echo "lag each second while wrk ran (MiB): $(awk '$1 != "" {printf "%.1f ", $1 / 1048576}' "$work/lags")"
+fi
 if [ "$MODE" = drain ]; then
   pg_ctl_ -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $work" start
   start=$(date +%s.%N)
@@ -88,7 +103,7 @@ dead=$(curl -s "http://127.0.0.1:$PORT/metrics" | awk '/^fanout_deliveries_total
 python3 - "$ingest" "$lag_after_wrk" "$secs" "$rows" "$t0" "$t1" "$(getconf CLK_TCK)" "$dead" "$MODE" <<'PY'
 import json, sys
 ingest, lag, secs, rows, t0, t1, tck, dead, mode = sys.argv[1:]
-what = "ingest + load" if mode == "live" else "load alone: the drain"
+what = "load alone: the drain" if mode == "drain" else "ingest + load"
 r = json.loads(ingest) if ingest else {}
 rows, secs = int(rows), float(secs)
 cpu = (float(t1) - float(t0)) / float(tck)

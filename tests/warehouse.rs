@@ -563,6 +563,46 @@ async fn two_instances_making_the_same_schema_and_table_at_once_both_load() {
 }
 
 #[tokio::test]
+async fn a_load_waiting_on_a_lock_does_not_hold_back_the_same_users_next_batch() {
+    let pg = PgServer::start();
+    let f = with_warehouse(
+        &pg,
+        "postgres",
+        "batch = { max_events = 1, linger = \"0s\" }",
+    );
+    send(&f, vec![track("l1", "Signed Up", json!({"plan": "pro"}))]).await;
+    wait_rows(&pg, "test.signed_up", 1).await;
+    // Someone holds the event table: the next load into it waits for the lock.
+    let mut holder = pg.connect("postgres").await;
+    let lock = holder.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE test.signed_up IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    send(&f, vec![track("l2", "Signed Up", json!({"plan": "team"}))]).await;
+    // The same user's next message loads meanwhile: the warehouse keeps no per-user order.
+    send(
+        &f,
+        vec![track("l3", "Order Completed", json!({"total": 3}))],
+    )
+    .await;
+    wait_rows(&pg, "test.order_completed", 1).await;
+    let client = pg.connect("postgres").await;
+    let loaded: Vec<String> = client
+        .query("SELECT id FROM test.tracks ORDER BY id", &[])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(loaded, ["l1", "l3"], "l2 waits for the lock, alone");
+    lock.rollback().await.unwrap();
+    wait_rows(&pg, "test.signed_up", 2).await;
+    wait_rows(&pg, "test.tracks", 3).await;
+    f.wait_settled("warehouse").await;
+    assert_eq!(f.dead_letters("warehouse").await.len(), 0);
+}
+
+#[tokio::test]
 async fn a_column_or_table_dropped_by_hand_is_made_again() {
     let pg = PgServer::start();
     let f = with_warehouse(&pg, "postgres", "");

@@ -139,6 +139,9 @@ pub async fn deliver(context: Arc<DeliveryContext>, mut items: Vec<Item>) -> Bat
         if !inserted[index] {
             continue;
         }
+        // A large batch's checks are long work (a warehouse's mapping): the runtime's one
+        // thread takes turns with the other batches' sends every so many.
+        tokio::task::coop::consume_budget().await;
         let check = context.destination.check(&item.json);
         match check {
             Check::Send(ready) => {

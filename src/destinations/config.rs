@@ -255,7 +255,9 @@ impl DestinationConfig {
     }
 
     pub fn ordering(&self) -> bool {
-        self.http.ordering.unwrap_or(true)
+        self.http
+            .ordering
+            .unwrap_or_else(|| self.settings.batch_shape().ordering)
     }
 
     pub fn timeout(&self) -> Duration {
@@ -277,6 +279,8 @@ pub struct BatchShape {
     pub one_per_request: bool,
     /// Batches sending at once unless `concurrency` says otherwise.
     pub concurrency: usize,
+    /// Per-user order unless `ordering` says otherwise (see `unordered`).
+    pub ordering: bool,
 }
 
 impl BatchShape {
@@ -290,11 +294,21 @@ impl BatchShape {
             limited_by: "fanout's bound",
             one_per_request: false,
             concurrency: 1,
+            ordering: true,
         }
     }
 
     pub const fn with_concurrency(mut self, concurrency: usize) -> BatchShape {
         self.concurrency = concurrency;
+        self
+    }
+
+    /// For kinds whose result does not depend on the order messages arrive in (a
+    /// warehouse keyed by messageId, upserting by `received_at`): without per-user order
+    /// their batches really run `concurrency` at once even when one user sends
+    /// everything.
+    pub const fn unordered(mut self) -> BatchShape {
+        self.ordering = false;
         self
     }
 }

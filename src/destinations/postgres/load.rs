@@ -79,8 +79,10 @@ pub fn insert(schema: &str, table: &str, load: &TableLoad, stage: &str, names: &
     if !load.upsert || updated.is_empty() {
         return format!("{head} ON CONFLICT (id) DO NOTHING");
     }
+    // Rows locked in id order: two batches loading at once that upsert the same users
+    // wait for each other instead of deadlocking.
     let mut sql = format!(
-        "{head} ON CONFLICT (id) DO UPDATE SET {}",
+        "{head} ORDER BY id ON CONFLICT (id) DO UPDATE SET {}",
         updated.join(", ")
     );
     if load.columns.iter().any(|(c, _)| c == "received_at") {

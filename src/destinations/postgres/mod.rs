@@ -87,7 +87,11 @@ impl Kind for PostgresConfig {
     }
 
     fn batch_shape(&self) -> BatchShape {
-        BatchShape::new(10_000, 64 * 1024 * 1024, 5_000).with_concurrency(2)
+        // Unordered: rows are keyed by messageId and `users` keeps the latest
+        // `received_at`, whatever order the batches commit in.
+        BatchShape::new(10_000, 64 * 1024 * 1024, 5_000)
+            .with_concurrency(2)
+            .unordered()
     }
 
     fn build(
@@ -263,6 +267,9 @@ impl PostgresDestination {
             let tables = self.catalog.ensure(client, schema, &needs).await?;
             let laid = assemble::tables(messages, &needs, &tables, loaded_at, &mut mismatches);
             layouts.push((schema, laid));
+            // Assembling a batch's rows is long work: the runtime's one thread then drives
+            // the other loads' connections, so Postgres is not kept waiting for them.
+            tokio::task::yield_now().await;
         }
         self.warn(&mismatches);
         let tx = client.transaction().await?;

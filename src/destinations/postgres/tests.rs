@@ -36,6 +36,13 @@ fn config_keys_are_checked_by_name() {
     let limits = ok.batch_limits();
     assert_eq!(limits.max_events, 10_000);
     assert_eq!(limits.linger, Duration::from_secs(5));
+    // Two loads at once, without per-user order unless asked for: rows are keyed by id.
+    assert_eq!(ok.concurrency(), 2);
+    assert!(!ok.ordering());
+    let ordered: DestinationConfig =
+        toml::from_str("name = \"w\"\nkind = \"postgres\"\nurl_env = \"U\"\nordering = true\n")
+            .unwrap();
+    assert!(ordered.ordering());
 
     let e = parse_err("name = \"w\"\nkind = \"postgres\"\n");
     assert_eq!(e.key, "url_env");
@@ -410,7 +417,7 @@ fn insert_skips_known_ids_and_upserts_users_unless_stored_row_is_later() {
     assert_eq!(
         insert("web", "users", &users, "s1", "\"id\", \"received_at\""),
         "INSERT INTO \"web\".\"users\" AS t (\"id\", \"received_at\") SELECT \"id\", \
-         \"received_at\" FROM s1 ON CONFLICT (id) DO UPDATE SET \"received_at\" = \
+         \"received_at\" FROM s1 ORDER BY id ON CONFLICT (id) DO UPDATE SET \"received_at\" = \
          COALESCE(EXCLUDED.\"received_at\", t.\"received_at\") WHERE t.received_at IS NULL \
          OR EXCLUDED.received_at IS NULL OR EXCLUDED.received_at >= t.received_at"
     );
