@@ -30,7 +30,7 @@ impl<'a> Doc<'a> {
     /// Reads `bytes` as one JSON value; fails exactly where `serde_json::from_slice` into
     /// a `Value` fails.
     pub fn parse(bytes: &'a [u8]) -> serde_json::Result<Doc<'a>> {
-        serde_json::from_slice(bytes)
+        read_in_place(bytes)
     }
 
     /// The member `key` of an object; `None` for a missing key or another kind of value.
@@ -117,6 +117,17 @@ impl Serialize for Doc<'_> {
                 map.end()
             }
         }
+    }
+}
+
+/// Reads `bytes` as one JSON value of an in-place type, failing where
+/// `serde_json::from_slice` fails and with its error. The text is checked as UTF-8 once
+/// first: read from a `&str`, serde_json need not check each string again.
+pub fn read_in_place<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> serde_json::Result<T> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => serde_json::from_str(text),
+        // For the error serde_json gives.
+        Err(_) => serde_json::from_slice(bytes),
     }
 }
 

@@ -75,12 +75,7 @@ impl<'a> Object<'a> {
 
 /// Reads `bytes` as one JSON value, as `serde_json::from_slice` would.
 pub fn parse(bytes: &[u8]) -> serde_json::Result<Node<'_>> {
-    // Checked as UTF-8 at once: read from a `&str`, serde_json need not check each string.
-    match std::str::from_utf8(bytes) {
-        Ok(text) => serde_json::from_str(text),
-        // For the error serde_json gives.
-        Err(_) => serde_json::from_slice(bytes),
-    }
+    crate::json::doc::read_in_place(bytes)
 }
 
 impl<'de> Deserialize<'de> for Node<'de> {
