@@ -5,10 +5,10 @@
 
 use std::borrow::Cow;
 
-use serde::de::{Deserialize, Deserializer, SeqAccess};
+use serde::de::{Deserialize, Deserializer, Error as _, SeqAccess};
 use serde_json::Number;
 
-use crate::json::doc::{InPlace, InPlaceVisitor};
+use crate::json::doc::{Doc, InPlace, InPlaceVisitor};
 
 /// One JSON value of a stored message.
 #[derive(Debug, Clone, PartialEq)]
@@ -104,13 +104,14 @@ impl<'de> InPlace<'de> for Node<'de> {
     }
 
     fn seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
-        // Arrays are rare and end up as text: read as serde_json reads them, so that the
-        // text is the one it writes.
+        // Arrays end up as text: read in place and written as serde_json writes a
+        // `Value` (objects by key), without its map and strings per member.
         let mut items = Vec::new();
-        while let Some(item) = seq.next_element::<serde_json::Value>()? {
+        while let Some(item) = seq.next_element::<Doc<'de>>()? {
             items.push(item);
         }
-        Ok(Node::Array(serde_json::Value::Array(items).to_string()))
+        let text = serde_json::to_string(&Doc::Array(items)).map_err(A::Error::custom)?;
+        Ok(Node::Array(text))
     }
 
     fn object(members: Vec<(Cow<'de, str>, Self)>) -> Self {
