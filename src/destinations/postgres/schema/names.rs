@@ -4,9 +4,9 @@
 
 use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::snake::identifier;
 
@@ -16,6 +16,13 @@ const MEMO_ENTRIES: usize = 4096;
 /// Longer paths are snake-cased each time: they are rare, and this bounds the memo's
 /// memory (about 1 MB per thread at most).
 const MEMO_PATH_BYTES: usize = 128;
+
+/// Bytes of names kept for the life of the process (`intern`): a few thousand of the
+/// longest names, tens of thousands of typical ones. Past it names are reference counted.
+const INTERNED_BYTES: usize = 1 << 20;
+
+/// Every name interned so far, each once, and their bytes.
+static INTERNED: Mutex<Option<(HashSet<&'static str>, usize)>> = Mutex::new(None);
 
 thread_local! {
     // Per thread, not per destination: the name is a pure function of the path, so
@@ -73,7 +80,7 @@ pub fn column_name(path: &str) -> Option<Name> {
                 return name.clone();
             }
         }
-        let name = identifier(path).map(Name::from);
+        let name = identifier(path).map(intern);
         if memo.names.len() >= MEMO_ENTRIES {
             memo.names.clear();
         }
@@ -82,8 +89,28 @@ pub fn column_name(path: &str) -> Option<Name> {
     })
 }
 
-/// A column name: the standard ones static, the others shared from the memo, so that a
-/// row's names cost no allocation, and names from the memo compare by address first.
+/// `name` as one string for the rest of the process, the same for every thread: a row's
+/// names then cost no reference count to make and drop (one per column otherwise, a
+/// tenth of a row's mapping), and compare by address. Leaked on purpose, at most
+/// `INTERNED_BYTES`; past that a source sending ever new keys gets counted names.
+fn intern(name: String) -> Name {
+    let mut interned = INTERNED.lock().unwrap_or_else(|e| e.into_inner());
+    let (names, bytes) = interned.get_or_insert_with(Default::default);
+    if let Some(&known) = names.get(name.as_str()) {
+        return Name::Static(known);
+    }
+    if *bytes + name.len() > INTERNED_BYTES {
+        return Name::from(name);
+    }
+    let kept: &'static str = Box::leak(name.into_boxed_str());
+    *bytes += kept.len();
+    names.insert(kept);
+    Name::Static(kept)
+}
+
+/// A column name: the standard ones and those interned (`intern`) static, others
+/// reference counted. Either way a row's names cost no allocation, and the same name
+/// from the memo is the same string, compared by address first.
 #[derive(Clone)]
 pub enum Name {
     Static(&'static str),
@@ -203,5 +230,32 @@ mod tests {
         }
         MEMO.with_borrow(|memo| assert!(memo.names.len() <= MEMO_ENTRIES));
         assert_eq!(column_name("key1X").unwrap(), "key1_x");
+    }
+
+    #[test]
+    fn a_name_is_one_string_for_every_thread_within_the_budget() {
+        let here = column_name("context_interned_acrossThreads").unwrap();
+        let there = std::thread::spawn(|| column_name("context_interned_acrossThreads"))
+            .join()
+            .unwrap()
+            .unwrap();
+        assert!(matches!(here, Name::Static(_)));
+        assert!(std::ptr::eq(here.as_str(), there.as_str()));
+        // Past the budget names are still right, only counted.
+        let long = "k".repeat(40);
+        let mut last = None;
+        for n in 0..INTERNED_BYTES / 40 + 10 {
+            let path = format!("{long}{n}");
+            last = Some((column_name(&path).unwrap(), path));
+        }
+        let (name, path) = last.unwrap();
+        assert!(matches!(name, Name::Shared(_)));
+        assert_eq!(Some(name.to_string()), identifier(&path));
+        assert!(std::ptr::eq(
+            column_name("context_interned_acrossThreads")
+                .unwrap()
+                .as_str(),
+            here.as_str()
+        ));
     }
 }
