@@ -126,7 +126,7 @@ fn warehouse(c: &mut Criterion<ThreadCpu>) {
             "warehouse: {name}: {} bytes → {} rows, {} columns; a batch of {BATCH} → {} bytes of COPY data",
             message.len(),
             made.rows().count(),
-            made.rows().map(|(_, fields)| fields.len()).sum::<usize>(),
+            made.rows().map(|row| row.columns.len()).sum::<usize>(),
             check_and_copy(&messages, loaded_at),
         );
         group.throughput(Throughput::Elements(1));

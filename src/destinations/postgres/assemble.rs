@@ -2,15 +2,17 @@
 //! table's binary `COPY` data (Postgres's "COPY" reference, "Binary Format"): per row the
 //! field count and each column's field, copied from the bytes `check` wrote; NULL for a
 //! column the row lacks. Only a value of another type than its column is decoded,
-//! converted (`types::convert`) and encoded again.
+//! converted (`types::convert`) and encoded again. Both steps look at a message's shape
+//! (its columns and rows) once a batch, not once a message.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, Utc};
 
 use super::catalog::{Needs, Tables};
-use super::encoded::{encode, micros, Encoded, Field, Kind};
+use super::encoded::{encode, micros, Column, Encoded, Kind, Shape};
 use super::load::{Mismatch, TableLoad};
 use super::schema::{convert, ColumnType, Name, Span};
 
@@ -43,19 +45,26 @@ impl Found {
 /// Every table and column the messages' rows need, typed by the first value seen.
 pub fn needs<'a>(messages: impl IntoIterator<Item = &'a Encoded>) -> Needs {
     let mut found: BTreeMap<&'a str, Found> = BTreeMap::new();
+    // A shape seen before adds no column.
+    let mut seen: HashSet<*const Shape> = HashSet::new();
+    let mut last = std::ptr::null();
     for message in messages {
-        for (span, fields) in message.rows() {
+        let shape = message.shape();
+        if std::mem::replace(&mut last, Arc::as_ptr(shape)) == last || !seen.insert(last) {
+            continue;
+        }
+        for span in shape.rows.iter().flatten() {
             let table = found.entry(span.table.as_str()).or_default();
             let mut guess = 0;
-            for field in fields {
-                guess = match table.find(&field.name, guess) {
+            for column in &shape.columns[span.columns.clone()] {
+                guess = match table.find(&column.name, guess) {
                     Some(i) => i + 1,
                     None => {
                         let i = table.columns.len();
-                        table.index.insert(field.name.clone(), i);
+                        table.index.insert(column.name.clone(), i);
                         table
                             .columns
-                            .push((field.name.clone(), field.kind.column_type()));
+                            .push((column.name.clone(), column.kind.column_type()));
                         i + 1
                     }
                 };
@@ -69,7 +78,7 @@ pub fn needs<'a>(messages: impl IntoIterator<Item = &'a Encoded>) -> Needs {
 }
 
 /// One row of one message.
-type RowOf<'m> = (&'m Encoded, &'m Span, &'m [Field]);
+type RowOf<'m> = (&'m Encoded, &'m Span);
 
 /// Each table's COPY data for the messages' rows, in the types the tables have (`tables`
 /// holds every table and column of `needs` by now): columns in `needs`' order, rows in
@@ -84,11 +93,11 @@ pub fn tables(
 ) -> BTreeMap<String, TableLoad> {
     let mut by_table: BTreeMap<&str, Vec<RowOf<'_>>> = BTreeMap::new();
     for message in messages {
-        for (span, fields) in message.rows() {
+        for span in message.rows() {
             by_table
                 .entry(span.table.as_str())
                 .or_default()
-                .push((message, span, fields));
+                .push((message, span));
         }
     }
     let mut out = BTreeMap::new();
@@ -96,10 +105,10 @@ pub fn tables(
         let (Some(have), Some(needed)) = (tables.get(table), needs.get(table)) else {
             continue;
         };
-        let upsert = rows.iter().any(|(_, span, _)| span.upsert);
+        let upsert = rows.iter().any(|(_, span)| span.upsert);
         if upsert {
             // Stable: rows at the same instant keep the batch's order, the later winning.
-            rows.sort_by_key(|(_, _, fields)| received_at(fields));
+            rows.sort_by_key(|(message, span)| received_at(message, span));
         }
         let columns: Vec<(Name, ColumnType)> = needed
             .iter()
@@ -117,6 +126,9 @@ pub fn tables(
             },
             made: Vec::new(),
             loaded_at: loaded_field(loaded_at),
+            plans: Vec::new(),
+            plan_of: HashMap::new(),
+            last: (std::ptr::null(), 0),
         };
         let data = if upsert {
             copy.merged(&rows, mismatches)
@@ -143,22 +155,58 @@ fn loaded_field(loaded_at: DateTime<Utc>) -> [u8; 12] {
     field
 }
 
-fn received_at(fields: &[Field]) -> Option<DateTime<Utc>> {
-    fields.iter().find_map(|field| match field.kind {
-        Kind::Timestamp(t) if field.name == "received_at" => Some(t),
+fn received_at(message: &Encoded, span: &Span) -> Option<DateTime<Utc>> {
+    let columns = &message.shape().columns;
+    let i = span
+        .columns
+        .clone()
+        .find(|&i| columns[i].kind == Kind::Timestamp && columns[i].name == "received_at")?;
+    match message.value(i)? {
+        super::schema::Value::Timestamp(t) => Some(t),
         _ => None,
-    })
+    }
 }
 
 /// Where one column's field of a row comes from.
 #[derive(Clone, Copy)]
 enum Slot<'m> {
     Null,
-    /// As the message has it.
-    Field(&'m Encoded, &'m Field),
+    /// As the message has it: `data()[start..end]`.
+    Field(&'m Encoded, usize, usize),
     /// Converted to the column's type: `Copy::made[start..end]`.
     Made(usize, usize),
     LoadTime,
+}
+
+/// Where each of a table's columns comes from in the rows of one shape.
+#[derive(Clone, Copy)]
+enum Source {
+    Null,
+    /// The shape's column as it is.
+    Column(usize),
+    LoadTime,
+    /// Filled by the step of `Plan::steps` that converts it.
+    Converted,
+}
+
+/// What a value of the shape's row takes that its column's type does not give for free,
+/// in the row's order (so that mismatches are counted in it).
+#[derive(Clone, Copy)]
+enum Step {
+    /// The table has no such column.
+    Absent(usize),
+    /// The shape's column `from`, converted to table column `to`'s type `ty`.
+    Convert {
+        from: usize,
+        to: usize,
+        ty: ColumnType,
+    },
+}
+
+/// One shape's row laid out in one table: worked out once a batch.
+struct Plan {
+    sources: Vec<Source>,
+    steps: Vec<Step>,
 }
 
 /// One table's COPY data being written.
@@ -168,6 +216,11 @@ struct Copy<'t> {
     /// The fields of converted values.
     made: Vec<u8>,
     loaded_at: [u8; 12],
+    plans: Vec<Plan>,
+    /// Each plan by the row of the shape it is for (a `Span` is in its shape, so its
+    /// address names both); and the last one used, which most rows use again.
+    plan_of: HashMap<*const Span, usize>,
+    last: (*const Span, usize),
 }
 
 impl<'t> Copy<'t> {
@@ -175,8 +228,8 @@ impl<'t> Copy<'t> {
     fn rows(&mut self, rows: &[RowOf<'_>], mismatches: &mut Vec<Mismatch>) -> BytesMut {
         let mut out = self.start(rows);
         let mut slots = vec![Slot::Null; self.layout.columns.len()];
-        for (message, _, fields) in rows {
-            self.fill(message, fields, &mut slots, mismatches);
+        for (message, span) in rows {
+            self.fill(message, span, &mut slots, mismatches);
             self.write(&slots, &mut out);
         }
         out.put_i16(TRAILER);
@@ -191,11 +244,13 @@ impl<'t> Copy<'t> {
         let mut count = 0;
         let mut by_id: HashMap<&[u8], usize> = HashMap::new();
         let mut slots = vec![Slot::Null; width];
-        for (message, _, fields) in rows {
-            self.fill(message, fields, &mut slots, mismatches);
-            let id = fields
-                .iter()
-                .find(|f| f.name == "id" && f.kind == Kind::Text);
+        for (message, span) in rows {
+            self.fill(message, span, &mut slots, mismatches);
+            let columns = &message.shape().columns;
+            let id = span
+                .columns
+                .clone()
+                .find(|&i| columns[i].name == "id" && columns[i].kind == Kind::Text);
             match id.map(|id| message.field(id)).and_then(|id| by_id.get(id)) {
                 Some(&earlier) => {
                     let row = &mut merged[earlier * width..(earlier + 1) * width];
@@ -227,16 +282,16 @@ impl<'t> Copy<'t> {
         let width = self.layout.columns.len();
         let size: usize = rows
             .iter()
-            .map(|(message, _, fields)| {
+            .map(|(message, span)| {
                 // Exact for a row whose fields follow each other, as most do.
-                let bytes = match (fields.first(), fields.last()) {
-                    (Some(first), Some(last)) => message
+                let bytes = match (span.columns.start, span.columns.end.checked_sub(1)) {
+                    (first, Some(last)) if first <= last => message
                         .bounds(last)
                         .1
                         .saturating_sub(message.bounds(first).0),
                     _ => 0,
                 };
-                2 + bytes + 4 * width.saturating_sub(fields.len()) + self.loaded_at.len()
+                2 + bytes + 4 * width.saturating_sub(span.columns.len()) + self.loaded_at.len()
             })
             .sum();
         let mut out = BytesMut::with_capacity(HEADER.len() + size + 2);
@@ -248,49 +303,88 @@ impl<'t> Copy<'t> {
     fn fill<'m>(
         &mut self,
         message: &'m Encoded,
-        fields: &'m [Field],
+        span: &'m Span,
         slots: &mut [Slot<'m>],
         mismatches: &mut Vec<Mismatch>,
     ) {
-        slots.fill(Slot::Null);
-        let mut guess = 0;
-        for field in fields {
-            let Some(i) = self.layout.find(&field.name, guess) else {
-                mismatches.push(self.mismatch(field, None));
-                continue;
+        let shape: &Shape = message.shape();
+        let key: *const Span = span;
+        if self.last.0 != key {
+            let k = match self.plan_of.get(&key) {
+                Some(&k) => k,
+                None => {
+                    self.plans.push(self.plan(shape, span));
+                    self.plan_of.insert(key, self.plans.len() - 1);
+                    self.plans.len() - 1
+                }
             };
-            guess = i + 1;
-            let ty = self.layout.columns[i].1;
-            slots[i] = match field.kind {
-                Kind::LoadTime => Slot::LoadTime,
-                kind if kind.column_type() == ty => Slot::Field(message, field),
+            self.last = (key, k);
+        }
+        let plan = &self.plans[self.last.1];
+        for (slot, source) in slots.iter_mut().zip(&plan.sources) {
+            *slot = match *source {
+                Source::Null | Source::Converted => Slot::Null,
+                Source::Column(i) => {
+                    let (start, end) = message.bounds(i);
+                    Slot::Field(message, start, end)
+                }
+                Source::LoadTime => Slot::LoadTime,
+            };
+        }
+        for step in &plan.steps {
+            match *step {
+                Step::Absent(i) => mismatches.push(self.mismatch(&shape.columns[i], None)),
                 // What `convert` makes must really be of the column's type, or COPY's
                 // binary format would be refused for the whole batch.
-                _ => match message
-                    .value(field)
+                Step::Convert { from, to, ty } => match message
+                    .value(from)
                     .and_then(|value| convert(value, ty))
                     .filter(|value| ColumnType::of(value) == ty)
                 {
                     Some(value) => {
                         let start = self.made.len();
                         encode(&value.as_scalar(), &mut self.made);
-                        Slot::Made(start, self.made.len())
+                        slots[to] = Slot::Made(start, self.made.len());
                     }
-                    None => {
-                        mismatches.push(self.mismatch(field, Some(ty)));
-                        Slot::Null
-                    }
+                    None => mismatches.push(self.mismatch(&shape.columns[from], Some(ty))),
                 },
-            };
+            }
         }
     }
 
-    fn mismatch(&self, field: &Field, column_type: Option<ColumnType>) -> Mismatch {
+    /// Where each column of the table comes from in `shape`'s row `span`.
+    fn plan(&self, shape: &Shape, span: &Span) -> Plan {
+        let mut plan = Plan {
+            sources: vec![Source::Null; self.layout.columns.len()],
+            steps: Vec::new(),
+        };
+        let mut guess = 0;
+        for i in span.columns.clone() {
+            let column = &shape.columns[i];
+            let Some(to) = self.layout.find(&column.name, guess) else {
+                plan.steps.push(Step::Absent(i));
+                continue;
+            };
+            guess = to + 1;
+            let ty = self.layout.columns[to].1;
+            plan.sources[to] = match column.kind {
+                Kind::LoadTime => Source::LoadTime,
+                kind if kind.column_type() == ty => Source::Column(i),
+                _ => {
+                    plan.steps.push(Step::Convert { from: i, to, ty });
+                    Source::Converted
+                }
+            };
+        }
+        plan
+    }
+
+    fn mismatch(&self, column: &Column, column_type: Option<ColumnType>) -> Mismatch {
         Mismatch {
             table: self.table.to_owned(),
-            column: field.name.to_string(),
+            column: column.name.to_string(),
             column_type,
-            value_type: field.kind.column_type(),
+            value_type: column.kind.column_type(),
         }
     }
 
@@ -301,10 +395,9 @@ impl<'t> Copy<'t> {
         out.put_i16(width);
         let mut run: Option<(&Encoded, usize, usize)> = None;
         for slot in slots {
-            if let Slot::Field(message, field) = slot {
-                let (start, end) = message.bounds(field);
+            if let Slot::Field(message, start, end) = *slot {
                 match &mut run {
-                    Some((m, _, run_end)) if std::ptr::eq(*m, *message) && *run_end == start => {
+                    Some((m, _, run_end)) if std::ptr::eq(*m, message) && *run_end == start => {
                         *run_end = end;
                     }
                     _ => {

@@ -1,11 +1,16 @@
 //! What `check` makes of a message for the warehouse: every column value already in
-//! Postgres's binary COPY form, in one buffer, and the rows as ranges of one column list.
-//! `send` then assembles each table's COPY data by copying these bytes (`assemble`), so a
-//! message costs two allocations here instead of one per row and text value.
+//! Postgres's binary COPY form, in one buffer, and where each field starts. The columns'
+//! names and kinds and the rows they form — the message's `Shape` — are shared by every
+//! message that has the same ones (most of a batch: one event from one library), so
+//! `send` works out each table's columns and each row's place in them once a shape
+//! (`assemble`), and a message costs its bytes and one offset per column.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::Arc;
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, TimeDelta, Utc};
 
 use super::schema::{self, node, ColumnType, Name, Scalar, Seen, Sink, Span, Value};
 
@@ -15,27 +20,41 @@ const POSTGRES_EPOCH: NaiveDateTime = match NaiveDate::from_ymd_opt(2000, 1, 1) 
     None => panic!("2000-01-01 is a date"),
 };
 
+/// Shapes kept per thread; when full the cache starts over (a source whose messages
+/// never repeat a shape then costs one allocation each, as before shapes were shared).
+const SHAPES_KEPT: usize = 1024;
+
 /// One message's rows, encoded.
 #[derive(Debug, Default)]
 pub struct Encoded {
+    shape: Arc<Shape>,
     /// Each value as a binary COPY field: its length (i32, big-endian), then its bytes.
     data: Vec<u8>,
-    fields: Vec<Field>,
-    rows: [Option<Span>; 2],
+    /// Where each of the shape's columns' field starts in `data` (a `LoadTime` has no
+    /// bytes: it starts and ends there).
+    at: Vec<u32>,
+    /// Timestamps that their field's microseconds do not give back (sub-microsecond,
+    /// leap seconds), by where the field starts: a text column gets them to the
+    /// nanosecond-exact millisecond (`types::convert`). Empty, so no allocation, for
+    /// nearly every message.
+    exact: Vec<(u32, DateTime<Utc>)>,
 }
 
-/// One column of a row: its name, what its value is, and where its field is in `data`.
-#[derive(Debug, Clone)]
-pub struct Field {
+/// The columns a message writes, in order, and the rows they form.
+#[derive(Debug, Default, PartialEq)]
+pub struct Shape {
+    pub columns: Vec<Column>,
+    pub rows: [Option<Span>; 2],
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Column {
     pub name: Name,
     pub kind: Kind,
-    at: u32,
-    end: u32,
 }
 
-/// What a field holds. A timestamp keeps its full value: a text column gets it written
-/// to the nanosecond-exact millisecond (`types::convert`), which COPY's µs do not hold.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// What a field holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     Text,
     /// An array as JSON text.
@@ -43,7 +62,7 @@ pub enum Kind {
     BigInt,
     Double,
     Bool,
-    Timestamp(DateTime<Utc>),
+    Timestamp,
     /// The time the batch is loaded (`uuid_ts`): no bytes until then.
     LoadTime,
 }
@@ -55,7 +74,7 @@ impl Kind {
             Kind::BigInt => ColumnType::BigInt,
             Kind::Double => ColumnType::Double,
             Kind::Bool => ColumnType::Bool,
-            Kind::Timestamp(_) | Kind::LoadTime => ColumnType::Timestamp,
+            Kind::Timestamp | Kind::LoadTime => ColumnType::Timestamp,
         }
     }
 }
@@ -66,7 +85,7 @@ impl Encoded {
         let json = node::parse(message).map_err(|e| format!("not JSON: {e}"))?;
         // About as many bytes as the JSON (no keys, but a length per value); room for a
         // typical event row's columns.
-        let mut writer = Writer::with_capacity(message.len(), 64);
+        let mut writer = Writer::new(message.len(), 64);
         let (first, second) = schema::map(&json, &mut writer).map_err(|e| e.to_string())?;
         writer.finish([Some(first), second])
     }
@@ -75,7 +94,7 @@ impl Encoded {
     /// rows by hand.
     #[cfg(test)]
     pub fn of_rows(rows: &[schema::Row]) -> Encoded {
-        let mut writer = Writer::with_capacity(256, 16);
+        let mut writer = Writer::new(256, 16);
         let mut spans = [None, None];
         for (row, span) in rows.iter().zip(&mut spans) {
             writer.new_row();
@@ -97,22 +116,30 @@ impl Encoded {
         writer.finish(spans).expect("small rows")
     }
 
-    /// Each row: its table, whether it is upserted, and its columns.
-    pub fn rows(&self) -> impl Iterator<Item = (&Span, &[Field])> {
-        self.rows
-            .iter()
-            .flatten()
-            .map(|span| (span, &self.fields[span.columns.clone()]))
+    /// The message's columns and rows, the same `Arc` as every message of that shape's.
+    pub fn shape(&self) -> &Arc<Shape> {
+        &self.shape
     }
 
-    /// Where `field`'s COPY field (length and bytes) is in `data()`.
-    pub fn bounds(&self, field: &Field) -> (usize, usize) {
-        (field.at as usize, field.end as usize)
+    /// Each row: its table, whether it is upserted, and its columns (of `shape()`).
+    pub fn rows(&self) -> impl Iterator<Item = &Span> {
+        self.shape.rows.iter().flatten()
     }
 
-    /// `field`'s COPY field (length and bytes).
-    pub fn field(&self, field: &Field) -> &[u8] {
-        &self.data[field.at as usize..field.end as usize]
+    /// Where column `i`'s COPY field (length and bytes) is in `data()`.
+    pub fn bounds(&self, i: usize) -> (usize, usize) {
+        let at = self.at[i] as usize;
+        if self.shape.columns[i].kind == Kind::LoadTime {
+            return (at, at);
+        }
+        let length = <[u8; 4]>::try_from(&self.data[at..at + 4]).expect("4 bytes");
+        (at, at + 4 + i32::from_be_bytes(length) as usize)
+    }
+
+    /// Column `i`'s COPY field (length and bytes).
+    pub fn field(&self, i: usize) -> &[u8] {
+        let (start, end) = self.bounds(i);
+        &self.data[start..end]
     }
 
     /// The whole of `data`: consecutive fields are consecutive bytes of it.
@@ -120,17 +147,23 @@ impl Encoded {
         &self.data
     }
 
-    /// `field`'s value, as the message had it (a `LoadTime` has none).
-    pub fn value(&self, field: &Field) -> Option<Value> {
-        let bytes = &self.data[field.at as usize + 4..field.end as usize];
+    /// Column `i`'s value, as the message had it (a `LoadTime` has none).
+    pub fn value(&self, i: usize) -> Option<Value> {
+        let (start, end) = self.bounds(i);
+        let bytes = &self.data[start + 4..end];
         let eight = || <[u8; 8]>::try_from(bytes).ok();
-        Some(match field.kind {
+        Some(match self.shape.columns[i].kind {
             Kind::Text => Value::Text(String::from_utf8_lossy(bytes).into_owned()),
             Kind::Json => Value::Json(String::from_utf8_lossy(bytes).into_owned()),
             Kind::BigInt => Value::BigInt(i64::from_be_bytes(eight()?)),
             Kind::Double => Value::Double(f64::from_be_bytes(eight()?)),
             Kind::Bool => Value::Bool(bytes.first()? != &0),
-            Kind::Timestamp(t) => Value::Timestamp(t),
+            Kind::Timestamp => {
+                Value::Timestamp(match self.exact.iter().find(|e| e.0 as usize == start) {
+                    Some(&(_, t)) => t,
+                    None => from_micros(i64::from_be_bytes(eight()?))?,
+                })
+            }
             Kind::LoadTime => return None,
         })
     }
@@ -139,16 +172,25 @@ impl Encoded {
 /// The `Sink` that writes each value as its COPY field.
 struct Writer {
     data: Vec<u8>,
-    fields: Vec<Field>,
+    at: Vec<u32>,
+    exact: Vec<(u32, DateTime<Utc>)>,
+    /// The thread's list, lent for this message: compared with the known shapes, and
+    /// copied only for a new one.
+    columns: Vec<Column>,
     seen: Seen,
     row_start: usize,
 }
 
 impl Writer {
-    fn with_capacity(bytes: usize, fields: usize) -> Writer {
+    fn new(bytes: usize, columns: usize) -> Writer {
+        let mut lent = SHAPES.with_borrow_mut(|shapes| std::mem::take(&mut shapes.scratch));
+        lent.clear();
+        lent.reserve(columns);
         Writer {
             data: Vec::with_capacity(bytes),
-            fields: Vec::with_capacity(fields),
+            at: Vec::with_capacity(columns),
+            exact: Vec::new(),
+            columns: lent,
             seen: Seen::default(),
             row_start: 0,
         }
@@ -157,29 +199,31 @@ impl Writer {
     /// Whether the current row has `name` already; it has from now on.
     fn taken(&mut self, name: &str) -> bool {
         self.seen.insert(name)
-            && self.fields[self.row_start..]
+            && self.columns[self.row_start..]
                 .iter()
-                .any(|f| f.name == *name)
+                .any(|c| c.name == *name)
     }
 
     fn push(&mut self, name: Name, kind: Kind, at: usize) {
-        self.fields.push(Field {
-            name,
-            kind,
-            at: offset(at),
-            end: offset(self.data.len()),
-        });
+        self.columns.push(Column { name, kind });
+        self.at.push(offset(at));
     }
 
-    fn finish(self, rows: [Option<Span>; 2]) -> Result<Encoded, String> {
+    fn finish(mut self, rows: [Option<Span>; 2]) -> Result<Encoded, String> {
+        let shape = SHAPES.with_borrow_mut(|shapes| {
+            let shape = shapes.shared(&self.columns, rows);
+            shapes.scratch = std::mem::take(&mut self.columns);
+            shape
+        });
         // Offsets are u32 and a field's length an i32: no stored message comes near.
         if self.data.len() > i32::MAX as usize {
             return Err("its values are over 2 GiB".into());
         }
         Ok(Encoded {
+            shape,
             data: self.data,
-            fields: self.fields,
-            rows,
+            at: self.at,
+            exact: self.exact,
         })
     }
 }
@@ -195,6 +239,13 @@ impl Sink for Writer {
         }
         let at = self.data.len();
         let kind = encode(&value, &mut self.data);
+        if let Scalar::Timestamp(t) = value {
+            // Finer than a microsecond, or a leap second (chrono's 60th second).
+            let nanos = t.timestamp_subsec_nanos();
+            if nanos % 1000 != 0 || nanos >= 1_000_000_000 {
+                self.exact.push((offset(at), t));
+            }
+        }
         self.push(name, kind, at);
     }
 
@@ -205,23 +256,74 @@ impl Sink for Writer {
     }
 
     fn mark(&self) -> usize {
-        self.fields.len()
+        self.columns.len()
     }
 
     fn new_row(&mut self) {
-        self.row_start = self.fields.len();
+        self.row_start = self.columns.len();
         self.seen = Seen::default();
     }
 
     fn put_again(&mut self, range: Range<usize>) {
         for i in range {
             // The same bytes: a field is where it is, whichever row has it.
-            let field = self.fields[i].clone();
-            if !self.taken(&field.name) {
-                self.fields.push(field);
+            let column = self.columns[i].clone();
+            if !self.taken(&column.name) {
+                let at = self.at[i] as usize;
+                self.push(column.name, column.kind, at);
             }
         }
     }
+}
+
+thread_local! {
+    // Per thread: no lock a message. Two threads' shapes are equal, not the same `Arc`,
+    // which costs `assemble` one more look at a shape, nothing else.
+    static SHAPES: RefCell<Shapes> = RefCell::new(Shapes::default());
+}
+
+/// Known shapes by a hash of their names' addresses and kinds (names from the memo are
+/// one string each), and the column list `Writer` lends.
+#[derive(Default)]
+struct Shapes {
+    by_hash: HashMap<u64, Arc<Shape>>,
+    scratch: Vec<Column>,
+}
+
+impl Shapes {
+    /// The known shape equal to `columns` and `rows`, or a new one, remembered. Two
+    /// shapes of one hash take turns.
+    fn shared(&mut self, columns: &[Column], rows: [Option<Span>; 2]) -> Arc<Shape> {
+        let hash = shape_hash(columns, &rows);
+        if let Some(known) = self.by_hash.get(&hash) {
+            if known.columns == columns && known.rows == rows {
+                return known.clone();
+            }
+        }
+        if self.by_hash.len() >= SHAPES_KEPT {
+            self.by_hash.clear();
+        }
+        let shape = Arc::new(Shape {
+            columns: columns.to_vec(),
+            rows,
+        });
+        self.by_hash.insert(hash, shape.clone());
+        shape
+    }
+}
+
+fn shape_hash(columns: &[Column], rows: &[Option<Span>; 2]) -> u64 {
+    let mut h = 0u64;
+    let mut mix = |x: u64| h = (h.rotate_left(5) ^ x).wrapping_mul(0x517c_c1b7_2722_0a95);
+    let name = |name: &Name| name.as_ptr() as u64 ^ (name.len() as u64) << 48;
+    for column in columns {
+        mix(name(&column.name) ^ column.kind as u64);
+    }
+    for span in rows.iter().flatten() {
+        mix(name(&span.table) ^ span.columns.start as u64 ^ (span.columns.end as u64) << 16);
+        mix(u64::from(span.upsert));
+    }
+    h
 }
 
 /// Appends `value` as a binary COPY field (length, then bytes: what tokio-postgres's
@@ -233,7 +335,7 @@ pub fn encode(value: &Scalar<'_>, out: &mut Vec<u8>) -> Kind {
         Scalar::BigInt(n) => put(out, &n.to_be_bytes(), Kind::BigInt),
         Scalar::Double(x) => put(out, &x.to_be_bytes(), Kind::Double),
         Scalar::Bool(b) => put(out, &[u8::from(*b)], Kind::Bool),
-        Scalar::Timestamp(t) => put(out, &micros(*t).to_be_bytes(), Kind::Timestamp(*t)),
+        Scalar::Timestamp(t) => put(out, &micros(*t).to_be_bytes(), Kind::Timestamp),
     }
 }
 
@@ -253,4 +355,68 @@ pub fn micros(t: DateTime<Utc>) -> i64 {
         .signed_duration_since(POSTGRES_EPOCH)
         .num_microseconds()
         .unwrap_or(i64::MAX)
+}
+
+/// The instant `micros` made `n` of (exact for whole microseconds).
+fn from_micros(n: i64) -> Option<DateTime<Utc>> {
+    POSTGRES_EPOCH
+        .checked_add_signed(TimeDelta::microseconds(n))
+        .map(|t| t.and_utc())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn track(id: &str, properties: &str) -> Encoded {
+        let text = format!(
+            r#"{{"type":"track","event":"Order Completed","messageId":"{id}","userId":"u",
+            "receivedAt":"2026-01-01T00:00:00.123Z","context":{{"ip":"203.0.113.7"}},
+            "properties":{properties}}}"#
+        );
+        Encoded::of(text.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn messages_with_the_same_columns_share_one_shape() {
+        let a = track("m1", r#"{"total":3,"sku":"a"}"#);
+        let b = track("m2", r#"{"total":40,"sku":"bcd"}"#);
+        assert!(Arc::ptr_eq(a.shape(), b.shape()));
+        // Each keeps its own values.
+        let total = |m: &Encoded| {
+            let i = m.shape().columns.iter().position(|c| c.name == "total");
+            m.value(i.unwrap())
+        };
+        assert_eq!(total(&a), Some(Value::BigInt(3)));
+        assert_eq!(total(&b), Some(Value::BigInt(40)));
+        // Another column, or another type of one, is another shape.
+        let c = track("m3", r#"{"total":3,"sku":"a","coupon":"x"}"#);
+        let d = track("m4", r#"{"total":"3","sku":"a"}"#);
+        for other in [&c, &d] {
+            assert!(!Arc::ptr_eq(a.shape(), other.shape()));
+            assert_ne!(**a.shape(), **other.shape());
+        }
+    }
+
+    #[test]
+    fn timestamps_microseconds_do_not_hold_are_kept_exact() {
+        for t in [
+            "2026-01-01T00:00:00.123456789Z",
+            "2016-12-31T23:59:60.5Z",
+            "1999-12-31T23:59:59.9999995Z",
+        ] {
+            let text = format!(
+                r#"{{"type":"alias","messageId":"m","previousId":"p","userId":"u",
+                "receivedAt":"{t}"}}"#
+            );
+            let m = Encoded::of(text.as_bytes()).unwrap();
+            let i = m
+                .shape()
+                .columns
+                .iter()
+                .position(|c| c.name == "received_at");
+            let want = crate::timestamp::parse(t).unwrap();
+            assert_eq!(m.value(i.unwrap()), Some(Value::Timestamp(want)), "{t}");
+        }
+    }
 }
