@@ -161,7 +161,7 @@ impl Dedupe {
 
     /// Saves the keys of a log segment about to be deleted; it may be deleted only
     /// after this returns Ok.
-    pub fn save_reclaimed(&self, records: &[(String, Tag)]) -> std::io::Result<()> {
+    pub fn save_reclaimed(&self, records: &[(std::sync::Arc<str>, Tag)]) -> std::io::Result<()> {
         let now = self.clock.unix_secs();
         let entries: Vec<(DedupeKey, u32)> = records
             .iter()

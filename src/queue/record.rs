@@ -188,46 +188,104 @@ pub enum ReadOutcome {
 
 /// Reads one record; I/O errors other than a short read are returned as errors.
 pub fn read_record(reader: &mut impl Read) -> io::Result<ReadOutcome> {
-    let mut header = [0u8; HEADER_LEN];
-    match read_full(reader, &mut header)? {
-        0 => return Ok(ReadOutcome::End),
-        n if n < HEADER_LEN => return Ok(ReadOutcome::Invalid("torn header")),
-        _ => {}
-    }
-    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
-    let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
-    if !(2..=MAX_PAYLOAD).contains(&len) {
-        return Ok(ReadOutcome::Invalid("bad length"));
-    }
-    // Into spare capacity: no zeroing of what the read overwrites.
-    let mut payload = Vec::with_capacity(len);
-    reader.take(len as u64).read_to_end(&mut payload)?;
-    if payload.len() < len {
-        return Ok(ReadOutcome::Invalid("torn payload"));
-    }
-    if crc32fast::hash(&payload) != crc {
-        return Ok(ReadOutcome::Invalid("checksum mismatch"));
-    }
-    if payload[0] != VERSION {
-        return Ok(ReadOutcome::Invalid("unknown record version"));
-    }
-    let source_len = payload[1] as usize;
-    let json_at = 2 + source_len + TAG_LEN;
-    if json_at > len {
-        return Ok(ReadOutcome::Invalid("bad source length"));
-    }
-    let Ok(source) = std::str::from_utf8(&payload[2..2 + source_len]) else {
-        return Ok(ReadOutcome::Invalid("bad source name"));
+    let mut payload = Vec::new();
+    let json_at = match read_checked(reader, &mut payload)? {
+        Checked::Valid { json_at } => json_at,
+        Checked::End => return Ok(ReadOutcome::End),
+        Checked::Invalid(why) => return Ok(ReadOutcome::Invalid(why)),
     };
-    let source = source.to_string();
-    let tag = tag_from_bytes(&payload[2 + source_len..json_at]);
+    let (source, tag) = source_and_tag(&payload, json_at);
+    let (source, len) = (source.to_string(), (HEADER_LEN + payload.len()) as u64);
     payload.drain(..json_at);
     Ok(ReadOutcome::Record {
         source,
         tag,
         json: payload,
-        len: (HEADER_LEN + len) as u64,
+        len,
     })
+}
+
+/// One record's source and tag, read and checked as `read_record` reads it.
+pub enum TagOutcome<'s> {
+    Record {
+        source: &'s str,
+        tag: Tag,
+        len: u64,
+    },
+    /// End of data, or a torn or corrupt record.
+    End,
+}
+
+/// Reads one record as `read_record` does, into `scratch` (reused from record to
+/// record: a scan of a segment's keys allocates nothing per record), and gives only its
+/// source and tag.
+pub fn read_tag<'s>(
+    reader: &mut impl Read,
+    scratch: &'s mut Vec<u8>,
+) -> io::Result<TagOutcome<'s>> {
+    let Checked::Valid { json_at } = read_checked(reader, scratch)? else {
+        return Ok(TagOutcome::End);
+    };
+    let (source, tag) = source_and_tag(scratch, json_at);
+    Ok(TagOutcome::Record {
+        source,
+        tag,
+        len: (HEADER_LEN + scratch.len()) as u64,
+    })
+}
+
+enum Checked {
+    /// The payload is whole and checked; its JSON starts at `json_at`.
+    Valid {
+        json_at: usize,
+    },
+    End,
+    Invalid(&'static str),
+}
+
+/// Reads one record's payload into `payload` (emptied first) and checks its length,
+/// checksum, version and source name.
+fn read_checked(reader: &mut impl Read, payload: &mut Vec<u8>) -> io::Result<Checked> {
+    let mut header = [0u8; HEADER_LEN];
+    match read_full(reader, &mut header)? {
+        0 => return Ok(Checked::End),
+        n if n < HEADER_LEN => return Ok(Checked::Invalid("torn header")),
+        _ => {}
+    }
+    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+    if !(2..=MAX_PAYLOAD).contains(&len) {
+        return Ok(Checked::Invalid("bad length"));
+    }
+    // Into spare capacity: no zeroing of what the read overwrites.
+    payload.clear();
+    payload.reserve(len);
+    reader.take(len as u64).read_to_end(payload)?;
+    if payload.len() < len {
+        return Ok(Checked::Invalid("torn payload"));
+    }
+    if crc32fast::hash(payload) != crc {
+        return Ok(Checked::Invalid("checksum mismatch"));
+    }
+    if payload[0] != VERSION {
+        return Ok(Checked::Invalid("unknown record version"));
+    }
+    let source_len = payload[1] as usize;
+    let json_at = 2 + source_len + TAG_LEN;
+    if json_at > len {
+        return Ok(Checked::Invalid("bad source length"));
+    }
+    if std::str::from_utf8(&payload[2..2 + source_len]).is_err() {
+        return Ok(Checked::Invalid("bad source name"));
+    }
+    Ok(Checked::Valid { json_at })
+}
+
+/// The source and tag of a payload `read_checked` found valid.
+fn source_and_tag(payload: &[u8], json_at: usize) -> (&str, Tag) {
+    let source_len = payload[1] as usize;
+    let source = std::str::from_utf8(&payload[2..2 + source_len]).expect("checked");
+    (source, tag_from_bytes(&payload[2 + source_len..json_at]))
 }
 
 /// Like `read_exact`, but reports how much was read instead of failing on a short read.

@@ -85,7 +85,7 @@ const MIN_PROBE_BYTES: u64 = 64 * 1024;
 const MAX_PROBE_BYTES: u64 = 1024 * 1024;
 
 /// Called with a segment's (source, tag) pairs before the segment is deleted.
-pub type ReclaimHook = Box<dyn Fn(&[(String, Tag)]) -> std::io::Result<()> + Send + Sync>;
+pub type ReclaimHook = Box<dyn Fn(&[(Arc<str>, Tag)]) -> std::io::Result<()> + Send + Sync>;
 
 impl Shared {
     /// Writes, syncs and deletes a file of `bytes` next to the segments: whether an
@@ -123,8 +123,18 @@ impl Shared {
         let Some(hook) = self.reclaim_hook.get() else {
             return Ok(());
         };
-        let mut records = Vec::new();
-        segments::scan_segment(segment, pause, |source, tag| records.push((source, tag)))?;
+        // A record a few hundred bytes long: room for most segments' records at once.
+        let size = fs::metadata(segment).map_or(0, |m| m.len());
+        let mut records: Vec<(Arc<str>, Tag)> = Vec::with_capacity((size / 256) as usize);
+        let mut last: Option<Arc<str>> = None;
+        segments::scan_segment(segment, pause, |source, tag| {
+            // A segment's records are mostly of a few sources: one string each run.
+            let source = match &last {
+                Some(known) if **known == *source => known.clone(),
+                _ => last.insert(Arc::from(source)).clone(),
+            };
+            records.push((source, tag));
+        })?;
         hook(&records)
     }
 
@@ -450,7 +460,7 @@ impl LocalQueue {
         for base in segments::list_segments(&self.shared.queue_dir)? {
             let path = segments::segment_path(&self.shared.queue_dir, base);
             segments::scan_segment(&path, None, |source, tag| {
-                each(&source, tag);
+                each(source, tag);
                 count += 1;
             })?;
         }

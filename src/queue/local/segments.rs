@@ -9,7 +9,7 @@ use std::io::{self, BufReader, IoSlice, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::message::Tag;
-use crate::queue::record::{read_record, ReadOutcome};
+use crate::queue::record::{read_record, read_tag, ReadOutcome, TagOutcome};
 
 const SUFFIX: &str = ".seg";
 /// A segment being removed: out of the log, its space not yet all freed.
@@ -214,14 +214,12 @@ fn valid_prefix(file: &File) -> io::Result<u64> {
 pub fn scan_segment(
     path: &Path,
     pause: Option<std::time::Duration>,
-    mut each: impl FnMut(String, Tag),
+    mut each: impl FnMut(&str, Tag),
 ) -> io::Result<()> {
     let mut reader = BufReader::with_capacity(1 << 20, File::open(path)?);
+    let mut scratch = Vec::new();
     let mut since_pause = 0;
-    while let ReadOutcome::Record {
-        source, tag, len, ..
-    } = read_record(&mut reader)?
-    {
+    while let TagOutcome::Record { source, tag, len } = read_tag(&mut reader, &mut scratch)? {
         each(source, tag);
         since_pause += len;
         if let Some(pause) = pause.filter(|_| since_pause >= SCAN_PAUSE_EVERY) {
