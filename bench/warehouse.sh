@@ -91,6 +91,9 @@ if [ "$MODE" = paced ]; then
   echo "lag each second while wrk ran (MiB): $(awk '$1 != "" {printf "%.1f ", $1 / 1048576}' "$work/lags")"
 fi
 if [ "$MODE" = drain ]; then
+  # The log's dirty pages written back first: the kernel's writeback would otherwise
+  # share the cores with the drain and move its figures by 10-20 %.
+  sync
   pg_ctl_ -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $work" start
   start=$(date +%s.%N)
   t0=$(cpu_ticks "$fanout")
