@@ -97,15 +97,17 @@ if [ "$MODE" = drain ]; then
   pg_ctl_ -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $work" start
   start=$(date +%s.%N)
   t0=$(cpu_ticks "$fanout")
+  s0=$(awk '{print $15}' "/proc/$fanout/stat")
 fi
 until [ "$(lag)" = 0 ]; do sleep 0.1; done
 t1=$(cpu_ticks "$fanout")
+s1=$(awk '{print $15}' "/proc/$fanout/stat")
 secs=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$start" "$(date +%s.%N)")
 rows=$(psql_q "SELECT count(*) FROM bench.tracks")
 dead=$(curl -s "http://127.0.0.1:$PORT/metrics" | awk '/^fanout_deliveries_total\{.*outcome="dead_lettered"/ {s += $2} END {printf "%d", s}')
-python3 - "$ingest" "$lag_after_wrk" "$secs" "$rows" "$t0" "$t1" "$(getconf CLK_TCK)" "$dead" "$MODE" <<'PY'
+python3 - "$ingest" "$lag_after_wrk" "$secs" "$rows" "$t0" "$t1" "$(getconf CLK_TCK)" "$dead" "$MODE" "${s0:-0}" "${s1:-0}" <<'PY'
 import json, sys
-ingest, lag, secs, rows, t0, t1, tck, dead, mode = sys.argv[1:]
+ingest, lag, secs, rows, t0, t1, tck, dead, mode, s0, s1 = sys.argv[1:]
 what = "load alone: the drain" if mode == "drain" else "ingest + load"
 r = json.loads(ingest) if ingest else {}
 rows, secs = int(rows), float(secs)
@@ -115,4 +117,7 @@ print(f"ingest: {r.get('events_per_s', 0):.0f} events/s for {r.get('duration_s',
 print(f"warehouse: {rows} rows in tracks in {secs:.2f} s = {rows / secs:.0f} events/s; "
       f"fanout CPU {cpu:.2f} s = {cpu / max(rows, 1) * 1e6:.2f} us/event ({what}); "
       f"dead-lettered: {dead}")
+if mode == "drain":
+    system = (float(s1) - float(s0)) / float(tck)
+    print(f"of which system (kernel) {system / max(rows, 1) * 1e6:.2f} us/event")
 PY

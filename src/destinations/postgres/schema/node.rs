@@ -56,10 +56,12 @@ impl<'a> Object<'a> {
     }
 
     fn from_members(mut members: Vec<(Cow<'a, str>, Node<'a>)>) -> Self {
-        let sorted = members.windows(2).all(|w| w[0].0 < w[1].0);
+        let sorted = members
+            .windows(2)
+            .all(|w| key_order(&w[0].0, &w[1].0).is_lt());
         if !sorted {
             // Stable, so that of a repeated key the later member stays the later one.
-            members.sort_by(|a, b| a.0.cmp(&b.0));
+            members.sort_by(|a, b| key_order(&a.0, &b.0));
             // `later` is dropped; the value kept is the last one given, as in a map.
             members.dedup_by(|later, kept| {
                 let same = later.0 == kept.0;
@@ -70,6 +72,15 @@ impl<'a> Object<'a> {
             });
         }
         Object { members }
+    }
+}
+
+/// Keys in `str` order, most told apart by their first byte without a call to compare
+/// the rest (sorting a message's members was a tenth of reading it).
+fn key_order(a: &str, b: &str) -> std::cmp::Ordering {
+    match (a.as_bytes().first(), b.as_bytes().first()) {
+        (Some(x), Some(y)) if x != y => x.cmp(y),
+        _ => a.cmp(b),
     }
 }
 
