@@ -123,19 +123,7 @@ impl Shared {
         let Some(hook) = self.reclaim_hook.get() else {
             return Ok(());
         };
-        // A record a few hundred bytes long: room for most segments' records at once.
-        let size = fs::metadata(segment).map_or(0, |m| m.len());
-        let mut records: Vec<(Arc<str>, Tag)> = Vec::with_capacity((size / 256) as usize);
-        let mut last: Option<Arc<str>> = None;
-        segments::scan_segment(segment, pause, |source, tag| {
-            // A segment's records are mostly of a few sources: one string each run.
-            let source = match &last {
-                Some(known) if **known == *source => known.clone(),
-                _ => last.insert(Arc::from(source)).clone(),
-            };
-            records.push((source, tag));
-        })?;
-        hook(&records)
+        hook(&segments::segment_tags(segment, pause)?)
     }
 
     /// Asks for a reclaim pass on the reclaim thread, without waiting for it.

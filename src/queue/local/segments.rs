@@ -7,6 +7,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, IoSlice, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::message::Tag;
 use crate::queue::record::{read_record, read_tag, ReadOutcome, TagOutcome};
@@ -228,6 +229,27 @@ pub fn scan_segment(
         }
     }
     Ok(())
+}
+
+/// The source and tag of every valid record of the segment at `path`, scanned as
+/// `scan_segment` scans. Records of a few hundred bytes, mostly of a few sources: the
+/// list has room for most segments' records at once, and a run of one source shares one
+/// string.
+pub fn segment_tags(
+    path: &Path,
+    pause: Option<std::time::Duration>,
+) -> io::Result<Vec<(Arc<str>, Tag)>> {
+    let size = fs::metadata(path).map_or(0, |m| m.len());
+    let mut records: Vec<(Arc<str>, Tag)> = Vec::with_capacity((size / 256) as usize);
+    let mut last: Option<Arc<str>> = None;
+    scan_segment(path, pause, |source, tag| {
+        let source = match &last {
+            Some(known) if **known == *source => known.clone(),
+            _ => last.insert(Arc::from(source)).clone(),
+        };
+        records.push((source, tag));
+    })?;
+    Ok(records)
 }
 
 /// Calls `each(position, tag)` for every valid record of the segment at `path`, whose
