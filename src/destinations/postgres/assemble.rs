@@ -50,7 +50,10 @@ pub fn needs<'a>(messages: impl IntoIterator<Item = &'a Encoded>) -> Needs {
     let mut last = std::ptr::null();
     for message in messages {
         let shape = message.shape();
-        if std::mem::replace(&mut last, Arc::as_ptr(shape)) == last || !seen.insert(last) {
+        let at = Arc::as_ptr(shape);
+        let repeated = at == last || !seen.insert(at);
+        last = at;
+        if repeated {
             continue;
         }
         for span in shape.rows.iter().flatten() {
