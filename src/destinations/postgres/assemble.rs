@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use super::catalog::{Needs, Tables};
 use super::encoded::{encode, micros, Column, Encoded, Kind, Shape};
 use super::load::{Mismatch, TableLoad};
-use super::schema::{convert, ColumnType, Name, Span};
+use super::schema::{convert, ColumnType, Name, Span, Value};
 
 /// The signature, the flags (no OIDs) and the length of the header extension (none).
 pub const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
@@ -165,7 +165,7 @@ fn received_at(message: &Encoded, span: &Span) -> Option<DateTime<Utc>> {
         .clone()
         .find(|&i| columns[i].kind == Kind::Timestamp && columns[i].name == "received_at")?;
     match message.value(i)? {
-        super::schema::Value::Timestamp(t) => Some(t),
+        Value::Timestamp(t) => Some(t),
         _ => None,
     }
 }
@@ -181,15 +181,14 @@ enum Slot<'m> {
     LoadTime,
 }
 
-/// Where each of a table's columns comes from in the rows of one shape.
+/// Where each of a table's columns comes from in the rows of one shape. A column whose
+/// value needs converting is `Null` here; the `Step` that converts it fills it in.
 #[derive(Clone, Copy)]
 enum Source {
     Null,
     /// The shape's column as it is.
     Column(usize),
     LoadTime,
-    /// Filled by the step of `Plan::steps` that converts it.
-    Converted,
 }
 
 /// What a value of the shape's row takes that its column's type does not give for free,
@@ -326,7 +325,7 @@ impl<'t> Copy<'t> {
         let plan = &self.plans[self.last.1];
         for (slot, source) in slots.iter_mut().zip(&plan.sources) {
             *slot = match *source {
-                Source::Null | Source::Converted => Slot::Null,
+                Source::Null => Slot::Null,
                 Source::Column(i) => {
                     let (start, end) = message.bounds(i);
                     Slot::Field(message, start, end)
@@ -375,7 +374,7 @@ impl<'t> Copy<'t> {
                 kind if kind.column_type() == ty => Source::Column(i),
                 _ => {
                     plan.steps.push(Step::Convert { from: i, to, ty });
-                    Source::Converted
+                    Source::Null
                 }
             };
         }
