@@ -134,7 +134,7 @@ fn string(s: &str) -> Scalar<'_> {
 /// Strict RFC 3339 with an offset, years 0000-9999 (what a `timestamptz` reads back);
 /// looser forms such as `2024-05-01 12:00` stay text, as a client may mean them as text.
 pub fn rfc3339(s: &str) -> Option<DateTime<Utc>> {
-    let t = DateTime::parse_from_rfc3339(s).ok()?.with_timezone(&Utc);
+    let t = timestamp::rfc3339(s)?;
     (0..=9999).contains(&t.year()).then_some(t)
 }
 
