@@ -21,6 +21,7 @@ use chrono::{DateTime, Utc};
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fanout::destinations::postgres::assemble::{needs, tables};
+use fanout::destinations::postgres::buffers::Buffers;
 use fanout::destinations::postgres::catalog::Tables;
 use fanout::destinations::postgres::encoded::Encoded;
 
@@ -56,7 +57,7 @@ fn check(message: &[u8]) -> Encoded {
 
 /// Check, then what `send` does before the first byte goes to Postgres: the bytes of
 /// binary COPY data the batch makes (the catalog already knowing every column).
-fn check_and_copy(batch: &[Vec<u8>], loaded_at: DateTime<Utc>) -> usize {
+fn check_and_copy(batch: &[Vec<u8>], loaded_at: DateTime<Utc>, buffers: &Buffers) -> usize {
     let made: Vec<Encoded> = batch.iter().map(|m| check(m)).collect();
     let made: Vec<&Encoded> = made.iter().collect();
     let needs = needs(made.iter().copied());
@@ -68,9 +69,14 @@ fn check_and_copy(batch: &[Vec<u8>], loaded_at: DateTime<Utc>) -> usize {
         })
         .collect();
     let mut mismatches = Vec::new();
-    let laid = tables(&made, &needs, &catalog, loaded_at, &mut mismatches);
+    let laid = tables(&made, &needs, &catalog, loaded_at, buffers, &mut mismatches);
     assert!(mismatches.is_empty());
-    laid.values().map(|load| load.data.len()).sum()
+    let bytes = laid.values().map(|load| load.data.len()).sum();
+    // As the destination does once a batch is loaded.
+    for load in laid.into_values() {
+        buffers.keep(load.data);
+    }
+    bytes
 }
 
 /// The calling thread's CPU time, formatted as criterion formats wall time.
@@ -118,6 +124,7 @@ fn thread_cpu() -> Duration {
 
 fn warehouse(c: &mut Criterion<ThreadCpu>) {
     let loaded_at = Utc::now();
+    let buffers = Buffers::default();
     let mut group = c.benchmark_group("warehouse");
     for (name, message) in [("track_1KB", TRACK), ("identify_1KB", IDENTIFY)] {
         let made = check(message.as_bytes());
@@ -127,7 +134,7 @@ fn warehouse(c: &mut Criterion<ThreadCpu>) {
             message.len(),
             made.rows().count(),
             made.rows().map(|row| row.columns.len()).sum::<usize>(),
-            check_and_copy(&messages, loaded_at),
+            check_and_copy(&messages, loaded_at, &buffers),
         );
         group.throughput(Throughput::Elements(1));
         group.bench_function(format!("check/{name}"), |b| {
@@ -135,7 +142,7 @@ fn warehouse(c: &mut Criterion<ThreadCpu>) {
         });
         group.throughput(Throughput::Elements(BATCH as u64));
         group.bench_function(format!("check+copy/{name}"), |b| {
-            b.iter(|| check_and_copy(black_box(&messages), loaded_at))
+            b.iter(|| check_and_copy(black_box(&messages), loaded_at, &buffers))
         });
     }
     group.finish();

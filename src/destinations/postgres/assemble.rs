@@ -11,6 +11,7 @@ use std::sync::Arc;
 use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, Utc};
 
+use super::buffers::Buffers;
 use super::catalog::{Needs, Tables};
 use super::encoded::{encode, micros, Column, Encoded, Kind, Shape};
 use super::load::{Mismatch, TableLoad};
@@ -87,11 +88,13 @@ type RowOf<'m> = (&'m Encoded, &'m Span);
 /// holds every table and column of `needs` by now): columns in `needs`' order, rows in
 /// the messages' order. `uuid_ts` is `loaded_at`; the rows of one id in an upserted table
 /// (`users`) are merged into one, the latest `received_at`'s values over earlier ones.
+/// The data is written into `buffers`' kept buffers.
 pub fn tables(
     messages: &[&Encoded],
     needs: &Needs,
     tables: &Tables,
     loaded_at: DateTime<Utc>,
+    buffers: &Buffers,
     mismatches: &mut Vec<Mismatch>,
 ) -> BTreeMap<String, TableLoad> {
     let mut by_table: BTreeMap<&str, Vec<RowOf<'_>>> = BTreeMap::new();
@@ -119,6 +122,7 @@ pub fn tables(
             .collect();
         let mut copy = Copy {
             table,
+            buffers,
             layout: Found {
                 index: columns
                     .iter()
@@ -209,11 +213,55 @@ enum Step {
 struct Plan {
     sources: Vec<Source>,
     steps: Vec<Step>,
+    /// The row as it is written when nothing in it is converted: `sources` with the
+    /// columns whose fields follow each other in the message's bytes made one piece (most
+    /// of a row is one), so a row costs a few copies and no look at each field.
+    pieces: Vec<Piece>,
+}
+
+/// A stretch of a row as `Copy::write_pieces` writes it.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Piece {
+    /// The fields of the shape's columns `first..=last`, one after the other.
+    Fields {
+        first: usize,
+        last: usize,
+    },
+    Null,
+    LoadTime,
+}
+
+impl Plan {
+    fn converts(&self) -> bool {
+        self.steps.iter().any(|s| matches!(s, Step::Convert { .. }))
+    }
+}
+
+/// `sources` in pieces: consecutive columns of the shape whose fields follow each other
+/// are one piece.
+fn pieces(shape: &Shape, sources: &[Source]) -> Vec<Piece> {
+    let mut pieces = Vec::new();
+    for source in sources {
+        let piece = match *source {
+            Source::Null => Piece::Null,
+            Source::LoadTime => Piece::LoadTime,
+            Source::Column(i) => match pieces.last_mut() {
+                Some(Piece::Fields { last, .. }) if *last + 1 == i && shape.columns[i].follows => {
+                    *last = i;
+                    continue;
+                }
+                _ => Piece::Fields { first: i, last: i },
+            },
+        };
+        pieces.push(piece);
+    }
+    pieces
 }
 
 /// One table's COPY data being written.
 struct Copy<'t> {
     table: &'t str,
+    buffers: &'t Buffers,
     layout: Found,
     /// The fields of converted values.
     made: Vec<u8>,
@@ -231,11 +279,43 @@ impl<'t> Copy<'t> {
         let mut out = self.start(rows);
         let mut slots = vec![Slot::Null; self.layout.columns.len()];
         for (message, span) in rows {
-            self.fill(message, span, &mut slots, mismatches);
-            self.write(&slots, &mut out);
+            let k = self.plan_for(message.shape(), span);
+            if self.plans[k].converts() {
+                self.fill(message, span, &mut slots, mismatches);
+                self.write(&slots, &mut out);
+                continue;
+            }
+            let plan = &self.plans[k];
+            for step in &plan.steps {
+                if let Step::Absent(i) = *step {
+                    mismatches.push(self.mismatch(&message.shape().columns[i], None));
+                }
+            }
+            self.write_pieces(message, &plan.pieces, &mut out);
         }
         out.put_i16(TRAILER);
         out
+    }
+
+    /// Writes one row of `message` laid out as `pieces`.
+    fn write_pieces(&self, message: &Encoded, pieces: &[Piece], out: &mut BytesMut) {
+        out.put_i16(self.width());
+        for piece in pieces {
+            match *piece {
+                Piece::Fields { first, last } => {
+                    let (start, _) = message.bounds(first);
+                    let (_, end) = message.bounds(last);
+                    out.put_slice(&message.data()[start..end]);
+                }
+                Piece::Null => out.put_i32(NULL),
+                Piece::LoadTime => out.put_slice(&self.loaded_at),
+            }
+        }
+    }
+
+    /// A row's field count.
+    fn width(&self) -> i16 {
+        i16::try_from(self.layout.columns.len()).expect("Postgres tables have at most 1600 columns")
     }
 
     /// The COPY data of `rows`, those of one `id` merged into one: a later row's values
@@ -296,7 +376,7 @@ impl<'t> Copy<'t> {
                 2 + bytes + 4 * width.saturating_sub(span.columns.len()) + self.loaded_at.len()
             })
             .sum();
-        let mut out = BytesMut::with_capacity(HEADER.len() + size + 2);
+        let mut out = self.buffers.take(HEADER.len() + size + 2);
         out.put_slice(HEADER);
         out
     }
@@ -310,19 +390,8 @@ impl<'t> Copy<'t> {
         mismatches: &mut Vec<Mismatch>,
     ) {
         let shape: &Shape = message.shape();
-        let key: *const Span = span;
-        if self.last.0 != key {
-            let k = match self.plan_of.get(&key) {
-                Some(&k) => k,
-                None => {
-                    self.plans.push(self.plan(shape, span));
-                    self.plan_of.insert(key, self.plans.len() - 1);
-                    self.plans.len() - 1
-                }
-            };
-            self.last = (key, k);
-        }
-        let plan = &self.plans[self.last.1];
+        let k = self.plan_for(shape, span);
+        let plan = &self.plans[k];
         for (slot, source) in slots.iter_mut().zip(&plan.sources) {
             *slot = match *source {
                 Source::Null => Slot::Null,
@@ -354,11 +423,30 @@ impl<'t> Copy<'t> {
         }
     }
 
+    /// The plan of `shape`'s row `span` (a `Span` is in its shape, so its address names
+    /// both), made the first time.
+    fn plan_for(&mut self, shape: &Shape, span: &Span) -> usize {
+        let key: *const Span = span;
+        if self.last.0 != key {
+            let k = match self.plan_of.get(&key) {
+                Some(&k) => k,
+                None => {
+                    self.plans.push(self.plan(shape, span));
+                    self.plan_of.insert(key, self.plans.len() - 1);
+                    self.plans.len() - 1
+                }
+            };
+            self.last = (key, k);
+        }
+        self.last.1
+    }
+
     /// Where each column of the table comes from in `shape`'s row `span`.
     fn plan(&self, shape: &Shape, span: &Span) -> Plan {
         let mut plan = Plan {
             sources: vec![Source::Null; self.layout.columns.len()],
             steps: Vec::new(),
+            pieces: Vec::new(),
         };
         let mut guess = 0;
         for i in span.columns.clone() {
@@ -378,6 +466,7 @@ impl<'t> Copy<'t> {
                 }
             };
         }
+        plan.pieces = pieces(shape, &plan.sources);
         plan
     }
 
@@ -393,8 +482,7 @@ impl<'t> Copy<'t> {
     /// Writes one row: its field count, then each column's field. Fields that follow
     /// each other in their message's bytes (most of a row) are copied as one.
     fn write(&self, slots: &[Slot<'_>], out: &mut BytesMut) {
-        let width = i16::try_from(slots.len()).expect("Postgres tables have at most 1600 columns");
-        out.put_i16(width);
+        out.put_i16(self.width());
         let mut run: Option<(&Encoded, usize, usize)> = None;
         for slot in slots {
             if let Slot::Field(message, start, end) = *slot {

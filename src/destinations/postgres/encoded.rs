@@ -51,6 +51,10 @@ pub struct Shape {
 pub struct Column {
     pub name: Name,
     pub kind: Kind,
+    /// Its field starts where the column before it ends in the message's bytes (both
+    /// written for this column, not shared with an earlier row): a row's fields that
+    /// follow each other are copied as one.
+    pub follows: bool,
 }
 
 /// What a field holds.
@@ -179,6 +183,8 @@ struct Writer {
     columns: Vec<Column>,
     seen: Seen,
     row_start: usize,
+    /// The last column pushed has bytes of its own at the end of `data`.
+    last_own: bool,
 }
 
 impl Writer {
@@ -193,6 +199,7 @@ impl Writer {
             columns: lent,
             seen: Seen::default(),
             row_start: 0,
+            last_own: false,
         }
     }
 
@@ -204,8 +211,16 @@ impl Writer {
                 .any(|c| c.name == *name)
     }
 
-    fn push(&mut self, name: Name, kind: Kind, at: usize) {
-        self.columns.push(Column { name, kind });
+    /// Adds a column whose field is at `at`: its own bytes at the end of `data`, or
+    /// (`own` false) an earlier column's.
+    fn push(&mut self, name: Name, kind: Kind, at: usize, own: bool) {
+        let follows = own && self.last_own;
+        self.last_own = own;
+        self.columns.push(Column {
+            name,
+            kind,
+            follows,
+        });
         self.at.push(offset(at));
     }
 
@@ -246,12 +261,12 @@ impl Sink for Writer {
                 self.exact.push((offset(at), t));
             }
         }
-        self.push(name, kind, at);
+        self.push(name, kind, at, true);
     }
 
     fn put_load_time(&mut self, name: Name) {
         if !self.taken(&name) {
-            self.push(name, Kind::LoadTime, self.data.len());
+            self.push(name, Kind::LoadTime, self.data.len(), true);
         }
     }
 
@@ -270,7 +285,7 @@ impl Sink for Writer {
             let column = self.columns[i].clone();
             if !self.taken(&column.name) {
                 let at = self.at[i] as usize;
-                self.push(column.name, column.kind, at);
+                self.push(column.name, column.kind, at, false);
             }
         }
     }
@@ -350,12 +365,24 @@ fn put(out: &mut Vec<u8>, bytes: &[u8], kind: Kind) -> Kind {
 /// A `timestamptz` as Postgres's binary format has it: microseconds since 2000-01-01 UTC,
 /// cut toward zero, as tokio-postgres computes it.
 pub fn micros(t: DateTime<Utc>) -> i64 {
-    // Always fits: chrono's ±262 000 years are ±8.3e18 µs, i64 holds ±9.2e18.
-    t.naive_utc()
-        .signed_duration_since(POSTGRES_EPOCH)
-        .num_microseconds()
-        .unwrap_or(i64::MAX)
+    let nanos = t.timestamp_subsec_nanos();
+    if nanos >= 1_000_000_000 {
+        // A leap second: chrono's own arithmetic knows what it means.
+        return t
+            .naive_utc()
+            .signed_duration_since(POSTGRES_EPOCH)
+            .num_microseconds()
+            .unwrap_or(i64::MAX);
+    }
+    // Always fits: chrono's ±262 000 years are ±8.3e18 µs, i64 holds ±9.2e18. Whole
+    // seconds and microseconds, which is the floor; toward zero before 2000 when a part
+    // of a microsecond is cut (the duration's arithmetic above, at a tenth of its cost).
+    let floor = (t.timestamp() - POSTGRES_EPOCH_UNIX) * 1_000_000 + i64::from(nanos / 1000);
+    floor + i64::from(floor < 0 && !nanos.is_multiple_of(1000))
 }
+
+/// `POSTGRES_EPOCH` in Unix seconds.
+const POSTGRES_EPOCH_UNIX: i64 = 946_684_800;
 
 /// The instant `micros` made `n` of (exact for whole microseconds).
 fn from_micros(n: i64) -> Option<DateTime<Utc>> {
@@ -396,6 +423,59 @@ mod tests {
             assert!(!Arc::ptr_eq(a.shape(), other.shape()));
             assert_ne!(**a.shape(), **other.shape());
         }
+    }
+
+    #[test]
+    fn a_column_follows_the_one_before_it_exactly_when_its_bytes_do() {
+        let identify = br#"{"type":"identify","messageId":"m","userId":"u",
+            "receivedAt":"2026-01-01T00:00:00Z","traits":{"plan":"pro","seats":3}}"#;
+        for m in [
+            track("m", r#"{"a":1,"b":"x"}"#),
+            Encoded::of(identify).unwrap(),
+        ] {
+            let columns = &m.shape().columns;
+            for (i, column) in columns.iter().enumerate().skip(1) {
+                let touching = m.bounds(i - 1).1 == m.bounds(i).0;
+                assert!(touching || !column.follows, "{column:?}");
+            }
+            let follow = columns.iter().filter(|c| c.follows).count();
+            assert!(follow + 1 >= columns.len() / 2, "{columns:?}");
+        }
+        // The users row: its trait columns are the identifies row's fields again.
+        let m = Encoded::of(identify).unwrap();
+        let users = m.rows().nth(1).unwrap().columns.clone();
+        let plan = users.clone().find(|&i| m.shape().columns[i].name == "plan");
+        assert!(!m.shape().columns[plan.unwrap()].follows);
+    }
+
+    #[test]
+    fn microseconds_are_those_of_the_duration_since_2000() {
+        let by_duration = |t: DateTime<Utc>| {
+            t.naive_utc()
+                .signed_duration_since(POSTGRES_EPOCH)
+                .num_microseconds()
+        };
+        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+        for i in 0..20_000 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            // Years -9999..9999 around the epoch, and the instants next to it.
+            let secs = match i % 4 {
+                0 => (rng % 40_000) as i64 - 20_000 + POSTGRES_EPOCH_UNIX,
+                _ => (rng % 631_152_000_000) as i64 - 315_576_000_000,
+            };
+            let nanos = ((rng >> 20) % 1_000_000_000) as u32;
+            let nanos = if i % 3 == 0 {
+                nanos / 1000 * 1000
+            } else {
+                nanos
+            };
+            let t = DateTime::from_timestamp(secs, nanos).unwrap();
+            assert_eq!(Some(micros(t)), by_duration(t), "{t:?}");
+        }
+        let leap = crate::timestamp::parse("2016-12-31T23:59:60.5Z").unwrap();
+        assert_eq!(Some(micros(leap)), by_duration(leap));
     }
 
     #[test]

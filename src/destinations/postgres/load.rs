@@ -30,6 +30,9 @@ pub struct TableLoad {
     pub data: Bytes,
 }
 
+/// Bytes of COPY data handed to the connection at a time.
+const COPY_CHUNK: usize = 128 << 10;
+
 /// Copies `load` into `schema.table` within `tx`; `n` names its staging table.
 pub async fn copy_table(
     tx: &Transaction<'_>,
@@ -55,7 +58,14 @@ pub async fn copy_table(
         .copy_in::<_, Bytes>(&format!("COPY {stage} ({names}) FROM STDIN BINARY"))
         .await?;
     futures_util::pin_mut!(sink);
-    sink.send(load.data.clone()).await?;
+    // In pieces: the connection copies each into its write buffer, which so stays small
+    // instead of growing to the table's megabytes every batch.
+    let mut at = 0;
+    while at < load.data.len() {
+        let end = load.data.len().min(at + COPY_CHUNK);
+        sink.feed(load.data.slice(at..end)).await?;
+        at = end;
+    }
     sink.finish().await?;
     tx.batch_execute(&insert(schema, table, load, &stage, &names))
         .await

@@ -9,6 +9,7 @@
 //! replayed batch adds no row twice.
 
 pub mod assemble;
+pub mod buffers;
 pub mod catalog;
 mod connect;
 pub mod encoded;
@@ -37,7 +38,7 @@ use crate::clock::Clock;
 use crate::queue::Checkpoint;
 use crate::throttle::LogThrottle;
 use encoded::Encoded;
-use load::Mismatch;
+use load::{Mismatch, TableLoad};
 use schema::{Row, Value, MAX_IDENTIFIER};
 
 /// The value of `schema` that names each source's own schema.
@@ -166,6 +167,8 @@ pub struct PostgresDestination {
     clock: Clock,
     /// Schema warnings are counted each; logged at most once a minute.
     warn_throttle: LogThrottle,
+    /// COPY data buffers kept from batch to batch.
+    buffers: buffers::Buffers,
 }
 
 impl PostgresDestination {
@@ -189,6 +192,7 @@ impl PostgresDestination {
             catalog: catalog::Catalog::default(),
             clock,
             warn_throttle: LogThrottle::new(Duration::from_secs(60)),
+            buffers: buffers::Buffers::default(),
         })
     }
 
@@ -265,18 +269,40 @@ impl PostgresDestination {
         for (schema, messages) in by_schema {
             let needs = assemble::needs(messages.iter().copied());
             let tables = self.catalog.ensure(client, schema, &needs).await?;
-            let laid = assemble::tables(messages, &needs, &tables, loaded_at, &mut mismatches);
+            let laid = assemble::tables(
+                messages,
+                &needs,
+                &tables,
+                loaded_at,
+                &self.buffers,
+                &mut mismatches,
+            );
             layouts.push((schema, laid));
             // Assembling a batch's rows is long work: the runtime's one thread then drives
             // the other loads' connections, so Postgres is not kept waiting for them.
             tokio::task::yield_now().await;
         }
         self.warn(&mismatches);
+        let result = Self::copy_all(client, &layouts).await;
+        // Sent or not, the connection holds no piece of the data by now.
+        for (_, tables) in layouts {
+            for (_, laid) in tables {
+                self.buffers.keep(laid.data);
+            }
+        }
+        result
+    }
+
+    /// One transaction: every table's rows, or none.
+    async fn copy_all(
+        client: &mut tokio_postgres::Client,
+        layouts: &[(&Cow<'_, str>, BTreeMap<String, TableLoad>)],
+    ) -> Result<(), tokio_postgres::Error> {
         let tx = client.transaction().await?;
         let mut n = 0;
         for (schema, tables) in layouts {
             for (table, laid) in tables {
-                load::copy_table(&tx, schema, &table, &laid, n).await?;
+                load::copy_table(&tx, schema, table, laid, n).await?;
                 n += 1;
             }
         }

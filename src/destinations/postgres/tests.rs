@@ -4,7 +4,8 @@ use chrono::{DateTime, TimeZone, Utc};
 
 use bytes::Bytes;
 
-use super::assemble::{needs, tables as assemble};
+use super::assemble::needs;
+use super::buffers::Buffers;
 use super::catalog::{column_type, ddl, quote, Needs, Tables};
 use super::encoded::Encoded;
 use super::load::{insert, TableLoad};
@@ -172,6 +173,18 @@ fn messages(rows: &[Row]) -> Vec<Encoded> {
     rows.iter()
         .map(|row| Encoded::of_rows(std::slice::from_ref(row)))
         .collect()
+}
+
+/// `assemble::tables`, with buffers of its own.
+fn assemble(
+    messages: &[&Encoded],
+    needs: &Needs,
+    tables: &Tables,
+    loaded_at: DateTime<Utc>,
+    mismatches: &mut Vec<load::Mismatch>,
+) -> BTreeMap<String, TableLoad> {
+    let buffers = Buffers::default();
+    super::assemble::tables(messages, needs, tables, loaded_at, &buffers, mismatches)
 }
 
 /// The tables' COPY data of `rows`, each row its own message.
