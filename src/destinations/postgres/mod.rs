@@ -284,7 +284,8 @@ impl PostgresDestination {
         }
         self.warn(&mismatches);
         let result = Self::copy_all(client, &layouts).await;
-        // Sent or not, the connection holds no piece of the data by now.
+        // Kept for the next batch; one the connection still holds a piece of (a copy that
+        // failed midway) is let go instead.
         for (_, tables) in layouts {
             for (_, laid) in tables {
                 self.buffers.keep(laid.data);
