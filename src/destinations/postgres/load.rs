@@ -1,11 +1,13 @@
 //! One batch into one schema's tables: per table its binary `COPY` data (`assemble`)
-//! into a temporary staging table and one `INSERT … SELECT … ON CONFLICT (id)` into the
-//! real one, all in the caller's transaction.
+//! into a temporary staging table (`stage`), then the `INSERT … SELECT … ON CONFLICT
+//! (id)` statements moving the staged rows into the real tables (`moves`): a table's own,
+//! and those another table's staging rows give it. All in the caller's transaction.
 
 use bytes::Bytes;
 use futures_util::SinkExt;
 use tokio_postgres::Transaction;
 
+use super::assemble::Also;
 use super::catalog::quote;
 use super::schema::{ColumnType, Name};
 
@@ -28,22 +30,23 @@ pub struct TableLoad {
     pub columns: Vec<(Name, ColumnType)>,
     /// The rows as binary COPY data, in `columns`' order (`assemble`).
     pub data: Bytes,
+    /// Rows in `data`.
+    pub rows: usize,
+    /// More rows, from other tables' staging rows: each such table, and the columns of
+    /// this table its rows give (`assemble::prefix`).
+    pub also: Also,
 }
 
 /// Bytes of COPY data handed to the connection at a time.
 const COPY_CHUNK: usize = 128 << 10;
 
-/// Copies `load` into `schema.table` within `tx`; `n` names its staging table.
-pub async fn copy_table(
+/// Makes the staging table `stage` for `load`'s columns in `tx` and copies its rows
+/// into it.
+pub async fn stage(
     tx: &Transaction<'_>,
-    schema: &str,
-    table: &str,
     load: &TableLoad,
-    n: usize,
+    stage: &str,
 ) -> Result<(), tokio_postgres::Error> {
-    let stage = format!("fanout_stage_{n}");
-    let names: Vec<String> = load.columns.iter().map(|(c, _)| quote(c)).collect();
-    let names = names.join(", ");
     let defs: Vec<String> = load
         .columns
         .iter()
@@ -55,7 +58,10 @@ pub async fn copy_table(
     ))
     .await?;
     let sink = tx
-        .copy_in::<_, Bytes>(&format!("COPY {stage} ({names}) FROM STDIN BINARY"))
+        .copy_in::<_, Bytes>(&format!(
+            "COPY {stage} ({}) FROM STDIN BINARY",
+            names(&load.columns)
+        ))
         .await?;
     futures_util::pin_mut!(sink);
     // In pieces: the connection copies each into its write buffer, which so stays small
@@ -66,15 +72,43 @@ pub async fn copy_table(
         sink.feed(load.data.slice(at..end)).await?;
         at = end;
     }
-    sink.finish().await?;
-    tx.batch_execute(&insert(schema, table, load, &stage, &names))
-        .await
+    sink.finish().await.map(|_| ())
+}
+
+/// The statements moving a batch's rows into `schema.table`: from its staging table
+/// (`stage`, when it has rows of its own) and from those of `load.also`'s tables
+/// (`stage_of`; one with no staging table has no rows to give).
+pub fn moves<'s>(
+    schema: &str,
+    table: &str,
+    load: &TableLoad,
+    stage: Option<&str>,
+    stage_of: impl Fn(&str) -> Option<&'s str>,
+) -> Vec<String> {
+    let own = stage.map(|stage| insert(schema, table, load, stage, &names(&load.columns)));
+    let also = load.also.iter().filter_map(|(whole, columns)| {
+        let names: Vec<String> = columns.iter().map(|c| quote(c)).collect();
+        let names = names.join(", ");
+        Some(format!(
+            "INSERT INTO {}.{} ({names}) SELECT {names} FROM {} ON CONFLICT (id) DO NOTHING",
+            quote(schema),
+            quote(table),
+            stage_of(whole)?
+        ))
+    });
+    own.into_iter().chain(also).collect()
+}
+
+/// Columns' names quoted, as a list.
+fn names(columns: &[(Name, ColumnType)]) -> String {
+    let names: Vec<String> = columns.iter().map(|(c, _)| quote(c)).collect();
+    names.join(", ")
 }
 
 /// The statement moving the staging rows into the table: rows already there (by `id`)
 /// are left alone, except in an upserted table (`users`), where the values present
 /// replace the stored ones unless the stored row was received later.
-pub fn insert(schema: &str, table: &str, load: &TableLoad, stage: &str, names: &str) -> String {
+fn insert(schema: &str, table: &str, load: &TableLoad, stage: &str, names: &str) -> String {
     let target = format!("{}.{}", quote(schema), quote(table));
     let head = format!("INSERT INTO {target} AS t ({names}) SELECT {names} FROM {stage}");
     let updated: Vec<String> = load

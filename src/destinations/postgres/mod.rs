@@ -23,7 +23,7 @@ pub mod schema;
 mod tests;
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -294,19 +294,35 @@ impl PostgresDestination {
         result
     }
 
-    /// One transaction: every table's rows, or none.
+    /// One transaction: every table's rows, or none. Every table's own rows are staged
+    /// first, then all are moved into their tables in one round trip (a table may take
+    /// rows from another's staging table: `TableLoad::also`).
     async fn copy_all(
         client: &mut tokio_postgres::Client,
         layouts: &[(&Cow<'_, str>, BTreeMap<String, TableLoad>)],
     ) -> Result<(), tokio_postgres::Error> {
         let tx = client.transaction().await?;
+        // Per schema, each table's staging table.
+        let mut stages: Vec<HashMap<&str, String>> = Vec::new();
         let mut n = 0;
-        for (schema, tables) in layouts {
-            for (table, laid) in tables {
-                load::copy_table(&tx, schema, table, laid, n).await?;
+        for (_, tables) in layouts {
+            let mut staged = HashMap::new();
+            for (table, laid) in tables.iter().filter(|(_, laid)| laid.rows > 0) {
+                let stage = format!("fanout_stage_{n}");
                 n += 1;
+                load::stage(&tx, laid, &stage).await?;
+                staged.insert(table.as_str(), stage);
+            }
+            stages.push(staged);
+        }
+        let mut moves = Vec::new();
+        for ((schema, tables), staged) in layouts.iter().zip(&stages) {
+            let stage_of = |table: &str| staged.get(table).map(String::as_str);
+            for (table, laid) in tables {
+                moves.extend(load::moves(schema, table, laid, stage_of(table), stage_of));
             }
         }
+        tx.batch_execute(&moves.join(";\n")).await?;
         tx.commit().await
     }
 

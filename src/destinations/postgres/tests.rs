@@ -8,7 +8,7 @@ use super::assemble::needs;
 use super::buffers::Buffers;
 use super::catalog::{column_type, ddl, quote, Needs, Tables};
 use super::encoded::Encoded;
-use super::load::{insert, TableLoad};
+use super::load::{moves, TableLoad};
 use super::schema::{ColumnType, Name, Row, Value};
 use super::*;
 use crate::destinations::KindSettings;
@@ -352,6 +352,55 @@ fn copy_data_is_postgres_binary_format() {
 }
 
 #[test]
+fn tracks_rows_are_taken_from_the_event_tables_staging_rows_where_they_are_the_same() {
+    let track = |id: &str, event: &str| {
+        format!(
+            r#"{{"type":"track","event":"{event}","messageId":"{id}","userId":"u",
+            "receivedAt":"2026-01-01T00:00:00Z","context":{{"ip":"203.0.113.7"}},
+            "properties":{{"plan":"pro"}}}}"#
+        )
+    };
+    let texts = [
+        track("m1", "Signed Up"),
+        track("m2", "Order Done"),
+        track("m3", "Signed Up"),
+    ];
+    let encoded: Vec<Encoded> = texts
+        .iter()
+        .map(|t| Encoded::of(t.as_bytes()).unwrap())
+        .collect();
+    let encoded: Vec<&Encoded> = encoded.iter().collect();
+    let needs = needs(encoded.iter().copied());
+    let mut tables: Tables = needs
+        .iter()
+        .map(|(table, columns)| {
+            let columns = columns.iter().map(|(n, ty)| (n.to_string(), *ty));
+            (table.clone(), columns.collect())
+        })
+        .collect();
+    // Another type in `order_done` than in `tracks`: its rows are not those of `tracks`.
+    let ip = tables["order_done"]["context_ip"];
+    assert_eq!(ip, ColumnType::Text);
+    tables
+        .get_mut("order_done")
+        .unwrap()
+        .insert("context_ip".into(), ColumnType::BigInt);
+    let laid = assemble(&encoded, &needs, &tables, at(0), &mut Vec::new());
+    let tracks = &laid["tracks"];
+    let ids = |load: &TableLoad| -> Vec<Option<Vec<u8>>> {
+        let rows = rows_by_name(&load.columns, &load.data);
+        rows.into_iter()
+            .map(|mut row| row.remove("id").flatten())
+            .collect()
+    };
+    assert_eq!((tracks.rows, ids(tracks)), (1, vec![Some(b"m2".to_vec())]));
+    assert_eq!(ids(&laid["signed_up"]).len(), 2);
+    let every: Vec<Name> = tracks.columns.iter().map(|(n, _)| n.clone()).collect();
+    assert_eq!(tracks.also, vec![("signed_up".to_string(), every)]);
+    assert!(laid["signed_up"].also.is_empty() && laid["order_done"].also.is_empty());
+}
+
+#[test]
 fn users_rows_of_one_id_merge_latest_received_over_earlier() {
     let user = |received: i64, columns: Vec<(&str, Value)>| {
         let mut all = vec![
@@ -405,7 +454,7 @@ fn users_rows_of_one_id_merge_latest_received_over_earlier() {
 }
 
 #[test]
-fn insert_skips_known_ids_and_upserts_users_unless_stored_row_is_later() {
+fn moves_skip_known_ids_and_upsert_users_unless_stored_row_is_later() {
     let load = TableLoad {
         upsert: false,
         columns: vec![
@@ -413,12 +462,24 @@ fn insert_skips_known_ids_and_upserts_users_unless_stored_row_is_later() {
             ("plan".into(), ColumnType::Text),
         ],
         data: Bytes::new(),
+        rows: 1,
+        also: vec![
+            ("signed_up".into(), vec!["id".into(), "plan".into()]),
+            ("unstaged".into(), vec!["id".into()]),
+        ],
     };
+    let stage_of = |table: &str| (table == "signed_up").then_some("s9");
     assert_eq!(
-        insert("web", "tracks", &load, "s0", "\"id\", \"plan\""),
-        "INSERT INTO \"web\".\"tracks\" AS t (\"id\", \"plan\") SELECT \"id\", \"plan\" \
-         FROM s0 ON CONFLICT (id) DO NOTHING"
+        moves("web", "tracks", &load, Some("s0"), stage_of),
+        [
+            "INSERT INTO \"web\".\"tracks\" AS t (\"id\", \"plan\") SELECT \"id\", \"plan\" \
+             FROM s0 ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO \"web\".\"tracks\" (\"id\", \"plan\") SELECT \"id\", \"plan\" \
+             FROM s9 ON CONFLICT (id) DO NOTHING"
+        ]
     );
+    // No rows of its own: only what the other staging tables give.
+    assert_eq!(moves("web", "tracks", &load, None, stage_of).len(), 1);
     let users = TableLoad {
         upsert: true,
         columns: vec![
@@ -426,13 +487,17 @@ fn insert_skips_known_ids_and_upserts_users_unless_stored_row_is_later() {
             ("received_at".into(), ColumnType::Timestamp),
         ],
         data: Bytes::new(),
+        rows: 1,
+        also: Vec::new(),
     };
     assert_eq!(
-        insert("web", "users", &users, "s1", "\"id\", \"received_at\""),
-        "INSERT INTO \"web\".\"users\" AS t (\"id\", \"received_at\") SELECT \"id\", \
+        moves("web", "users", &users, Some("s1"), |_| None),
+        [
+            "INSERT INTO \"web\".\"users\" AS t (\"id\", \"received_at\") SELECT \"id\", \
          \"received_at\" FROM s1 ORDER BY id ON CONFLICT (id) DO UPDATE SET \"received_at\" = \
          COALESCE(EXCLUDED.\"received_at\", t.\"received_at\") WHERE t.received_at IS NULL \
          OR EXCLUDED.received_at IS NULL OR EXCLUDED.received_at >= t.received_at"
+        ]
     );
 }
 
@@ -670,6 +735,7 @@ proptest::proptest! {
     fn assembled_copy_data_is_what_the_owned_rows_made(
         batch in batch(),
         changes in proptest::collection::vec(0usize..10, 64),
+        as_needed in proptest::prelude::any::<bool>(),
     ) {
         use proptest::prop_assert_eq;
         let loaded_at = at(60);
@@ -701,6 +767,7 @@ proptest::proptest! {
             .map(|(table, columns)| {
                 let columns = columns.iter().filter_map(|(name, ty)| {
                     let ty = match change.next().unwrap() {
+                        _ if as_needed => *ty,
                         0 if name != "id" => return None,
                         c @ 1..=3 => types[*c + 1],
                         _ => *ty,
@@ -720,7 +787,7 @@ proptest::proptest! {
             let want = oracle::encode(table, load, &mut want_mismatches);
             let got = &assembled[table];
             prop_assert_eq!(load.upsert, got.upsert);
-            if load.columns == got.columns {
+            if load.columns == got.columns && got.also.is_empty() {
                 prop_assert_eq!(&want[..], &got.data[..], "{}", table);
             }
             let mut columns = got.columns.clone();
@@ -728,11 +795,26 @@ proptest::proptest! {
             let mut want_columns = load.columns.clone();
             want_columns.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
             prop_assert_eq!(columns, want_columns);
-            prop_assert_eq!(
-                rows_by_name(&got.columns, &got.data),
-                rows_by_name(&load.columns, &want),
-                "{}", table
-            );
+            // Rows taken from other tables' staging rows are those rows' columns, as
+            // `moves` selects them; the table's own come first.
+            let mut got_rows = rows_by_name(&got.columns, &got.data);
+            prop_assert_eq!(got_rows.len(), got.rows);
+            for (whole, columns) in &got.also {
+                let source = &assembled[whole];
+                for row in rows_by_name(&source.columns, &source.data) {
+                    let taken = got.columns.iter().map(|(name, _)| {
+                        let field = columns.contains(name).then(|| row[name.as_str()].clone());
+                        (name.to_string(), field.flatten())
+                    });
+                    got_rows.push(taken.collect());
+                }
+            }
+            let mut want_rows = rows_by_name(&load.columns, &want);
+            if !got.also.is_empty() {
+                got_rows.sort();
+                want_rows.sort();
+            }
+            prop_assert_eq!(got_rows, want_rows, "{}", table);
         }
         let sorted = |list: &[load::Mismatch]| {
             let mut list: Vec<String> = list.iter().map(|m| format!("{m:?}")).collect();

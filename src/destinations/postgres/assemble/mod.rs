@@ -5,6 +5,10 @@
 //! converted (`types::convert`) and encoded again. Both steps look at a message's shape
 //! (its columns and rows) once a batch, not once a message.
 
+mod prefix;
+
+pub use prefix::Also;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -12,7 +16,7 @@ use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, Utc};
 
 use super::buffers::Buffers;
-use super::catalog::{Needs, Tables};
+use super::catalog::{Columns, Needs, Tables};
 use super::encoded::{encode, micros, Column, Encoded, Kind, Shape};
 use super::load::{Mismatch, TableLoad};
 use super::schema::{convert, ColumnType, Name, Span, Value};
@@ -88,7 +92,10 @@ type RowOf<'m> = (&'m Encoded, &'m Span);
 /// holds every table and column of `needs` by now): columns in `needs`' order, rows in
 /// the messages' order. `uuid_ts` is `loaded_at`; the rows of one id in an upserted table
 /// (`users`) are merged into one, the latest `received_at`'s values over earlier ones.
-/// The data is written into `buffers`' kept buffers.
+/// A table whose rows are the start of another table's rows, as they are there (a
+/// track's `tracks` row of its event row), takes them from that table's staging rows
+/// instead of having them copied twice (`TableLoad::also`). The data is written into
+/// `buffers`' kept buffers.
 pub fn tables(
     messages: &[&Encoded],
     needs: &Needs,
@@ -106,41 +113,27 @@ pub fn tables(
                 .push((message, span));
         }
     }
-    let mut out = BTreeMap::new();
-    for (table, mut rows) in by_table {
+    let mut copies: BTreeMap<&str, (Copy<'_>, Vec<RowOf<'_>>)> = BTreeMap::new();
+    for (table, rows) in by_table {
         let (Some(have), Some(needed)) = (tables.get(table), needs.get(table)) else {
             continue;
         };
+        let copy = Copy::new(table, buffers, have, needed, loaded_at);
+        copies.insert(table, (copy, rows));
+    }
+    let starts = prefix::starts(&copies);
+    let mut out = BTreeMap::new();
+    for (table, (mut copy, mut rows)) in copies {
+        let also = prefix::take_out(table, &starts, &mut rows);
         let upsert = rows.iter().any(|(_, span)| span.upsert);
         if upsert {
             // Stable: rows at the same instant keep the batch's order, the later winning.
             rows.sort_by_key(|(message, span)| received_at(message, span));
         }
-        let columns: Vec<(Name, ColumnType)> = needed
-            .iter()
-            .filter_map(|(name, _)| Some((name.clone(), *have.get(name.as_str())?)))
-            .collect();
-        let mut copy = Copy {
-            table,
-            buffers,
-            layout: Found {
-                index: columns
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (n, _))| (n.clone(), i))
-                    .collect(),
-                columns,
-            },
-            made: Vec::new(),
-            loaded_at: loaded_field(loaded_at),
-            plans: Vec::new(),
-            plan_of: HashMap::new(),
-            last: (std::ptr::null(), 0),
-        };
-        let data = if upsert {
+        let (data, count) = if upsert {
             copy.merged(&rows, mismatches)
         } else {
-            copy.rows(&rows, mismatches)
+            (copy.rows(&rows, mismatches), rows.len())
         };
         out.insert(
             table.to_owned(),
@@ -148,6 +141,8 @@ pub fn tables(
                 upsert,
                 columns: copy.layout.columns,
                 data: data.freeze(),
+                rows: count,
+                also,
             },
         );
     }
@@ -274,6 +269,37 @@ struct Copy<'t> {
 }
 
 impl<'t> Copy<'t> {
+    /// For `table`'s rows: the columns of `needed` that it `has`, in `needed`'s order.
+    fn new(
+        table: &'t str,
+        buffers: &'t Buffers,
+        has: &Columns,
+        needed: &[(Name, ColumnType)],
+        loaded_at: DateTime<Utc>,
+    ) -> Self {
+        let columns: Vec<(Name, ColumnType)> = needed
+            .iter()
+            .filter_map(|(name, _)| Some((name.clone(), *has.get(name.as_str())?)))
+            .collect();
+        Copy {
+            table,
+            buffers,
+            layout: Found {
+                index: columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (n, _))| (n.clone(), i))
+                    .collect(),
+                columns,
+            },
+            made: Vec::new(),
+            loaded_at: loaded_field(loaded_at),
+            plans: Vec::new(),
+            plan_of: HashMap::new(),
+            last: (std::ptr::null(), 0),
+        }
+    }
+
     /// The COPY data of `rows`, one row each.
     fn rows(&mut self, rows: &[RowOf<'_>], mismatches: &mut Vec<Mismatch>) -> BytesMut {
         let mut out = self.start(rows);
@@ -319,8 +345,8 @@ impl<'t> Copy<'t> {
     }
 
     /// The COPY data of `rows`, those of one `id` merged into one: a later row's values
-    /// over an earlier one's, its absent ones leaving them be.
-    fn merged(&mut self, rows: &[RowOf<'_>], mismatches: &mut Vec<Mismatch>) -> BytesMut {
+    /// over an earlier one's, its absent ones leaving them be; and how many rows it has.
+    fn merged(&mut self, rows: &[RowOf<'_>], mismatches: &mut Vec<Mismatch>) -> (BytesMut, usize) {
         let width = self.layout.columns.len();
         let mut merged: Vec<Slot<'_>> = Vec::with_capacity(rows.len() * width);
         let mut count = 0;
@@ -356,7 +382,7 @@ impl<'t> Copy<'t> {
             self.write(&merged[row * width..(row + 1) * width], &mut out);
         }
         out.put_i16(TRAILER);
-        out
+        (out, count)
     }
 
     /// The header, in a buffer with room for `rows`.
@@ -366,14 +392,9 @@ impl<'t> Copy<'t> {
             .iter()
             .map(|(message, span)| {
                 // Exact for a row whose fields follow each other, as most do.
-                let bytes = match (span.columns.start, span.columns.end.checked_sub(1)) {
-                    (first, Some(last)) if first <= last => message
-                        .bounds(last)
-                        .1
-                        .saturating_sub(message.bounds(first).0),
-                    _ => 0,
-                };
-                2 + bytes + 4 * width.saturating_sub(span.columns.len()) + self.loaded_at.len()
+                2 + message.row_bytes(span)
+                    + 4 * width.saturating_sub(span.columns.len())
+                    + self.loaded_at.len()
             })
             .sum();
         let mut out = self.buffers.take(HEADER.len() + size + 2);
