@@ -25,7 +25,7 @@ pub use cursor::{Checkpoint, Cursor};
 pub use reader::QueueReader;
 
 use super::failing::Failing;
-use super::record::RecordBatch;
+use super::record::{Body, RecordBatch};
 use super::QueueError;
 use crate::clock::Clock;
 use crate::message::Tag;
@@ -447,7 +447,7 @@ impl LocalQueue {
         let mut count = 0;
         for base in segments::list_segments(&self.shared.queue_dir)? {
             let path = segments::segment_path(&self.shared.queue_dir, base);
-            segments::scan_segment(&path, None, |source, tag| {
+            segments::scan_segment(&path, None, Body::Checked, |source, tag| {
                 each(source, tag);
                 count += 1;
             })?;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::message::Tag;
-use crate::queue::record::{read_record, read_tag, ReadOutcome, TagOutcome};
+use crate::queue::record::{read_record, read_tag, Body, ReadOutcome, TagOutcome};
 
 const SUFFIX: &str = ".seg";
 /// A segment being removed: out of the log, its space not yet all freed.
@@ -209,18 +209,19 @@ fn valid_prefix(file: &File) -> io::Result<u64> {
     Ok(valid)
 }
 
-/// Calls `each(source, tag)` for every valid record of the segment at `path`.
-/// With `pause`, sleeps that long after each `SCAN_PAUSE_EVERY` bytes read, so a long
-/// scan shares the core in short pieces.
+/// Calls `each(source, tag)` for every valid record of the segment at `path`, reading
+/// each message as `body` says. With `pause`, sleeps that long after each
+/// `SCAN_PAUSE_EVERY` bytes passed, so a long scan shares the core in short pieces.
 pub fn scan_segment(
     path: &Path,
     pause: Option<std::time::Duration>,
+    body: Body,
     mut each: impl FnMut(&str, Tag),
 ) -> io::Result<()> {
     let mut reader = BufReader::with_capacity(1 << 20, File::open(path)?);
     let mut scratch = Vec::new();
     let mut since_pause = 0;
-    while let TagOutcome::Record { source, tag, len } = read_tag(&mut reader, &mut scratch)? {
+    while let TagOutcome::Record { source, tag, len } = read_tag(&mut reader, &mut scratch, body)? {
         each(source, tag);
         since_pause += len;
         if let Some(pause) = pause.filter(|_| since_pause >= SCAN_PAUSE_EVERY) {
@@ -231,8 +232,8 @@ pub fn scan_segment(
     Ok(())
 }
 
-/// The source and tag of every valid record of the segment at `path`, scanned as
-/// `scan_segment` scans. Records of a few hundred bytes, mostly of a few sources: the
+/// The source and tag of every record of the segment at `path`, which every cursor has
+/// passed (so read whole, each record checked): the messages are passed over. Records of a few hundred bytes, mostly of a few sources: the
 /// list has room for most segments' records at once, and a run of one source shares one
 /// string.
 pub fn segment_tags(
@@ -242,7 +243,7 @@ pub fn segment_tags(
     let size = fs::metadata(path).map_or(0, |m| m.len());
     let mut records: Vec<(Arc<str>, Tag)> = Vec::with_capacity((size / 256) as usize);
     let mut last: Option<Arc<str>> = None;
-    scan_segment(path, pause, |source, tag| {
+    scan_segment(path, pause, Body::Skipped, |source, tag| {
         let source = match &last {
             Some(known) if **known == *source => known.clone(),
             _ => last.insert(Arc::from(source)).clone(),
