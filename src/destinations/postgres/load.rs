@@ -7,7 +7,6 @@ use bytes::Bytes;
 use futures_util::SinkExt;
 use tokio_postgres::Transaction;
 
-use super::assemble::Also;
 use super::catalog::quote;
 use super::schema::{ColumnType, Name};
 
@@ -36,6 +35,10 @@ pub struct TableLoad {
     /// this table its rows give (`assemble::prefix`).
     pub also: Also,
 }
+
+/// Rows a table takes from other tables' staging rows: each such table, and the columns
+/// of the first table its rows give.
+pub type Also = Vec<(String, Vec<Name>)>;
 
 /// Bytes of COPY data handed to the connection at a time.
 const COPY_CHUNK: usize = 128 << 10;

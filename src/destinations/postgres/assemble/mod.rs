@@ -7,8 +7,6 @@
 
 mod prefix;
 
-pub use prefix::Also;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 

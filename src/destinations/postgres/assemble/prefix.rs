@@ -12,14 +12,12 @@ use std::collections::{BTreeMap, HashSet};
 
 use super::{Copy, RowOf};
 use crate::destinations::postgres::encoded::Shape;
+use crate::destinations::postgres::load::Also;
 use crate::destinations::postgres::schema::{Name, Span};
 
 /// The tables whose staging rows give another table rows (by name): for each, that
 /// table and the columns it takes.
 pub(super) type Starts<'t> = BTreeMap<&'t str, (&'t str, Vec<Name>)>;
-
-/// Another table's rows taken from a table's staging rows: that table, the columns.
-pub type Also = Vec<(String, Vec<Name>)>;
 
 type Copies<'t> = BTreeMap<&'t str, (Copy<'t>, Vec<RowOf<'t>>)>;
 
