@@ -27,8 +27,8 @@ pub(super) fn starts<'t>(copies: &Copies<'t>) -> Starts<'t> {
         .keys()
         .filter_map(|&table| Some((table, start_of(copies, table)?)))
         .collect();
-    // A table that gives rows keeps its own in its staging table: none of them is taken
-    // from a third one's.
+    // A table whose staging rows another table takes must hold all of its own: one whose
+    // rows would come from a third table's staging rows gives none.
     let parts: HashSet<&str> = found.values().map(|(part, _)| *part).collect();
     found.retain(|whole, _| !parts.contains(whole));
     found
