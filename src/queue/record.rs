@@ -263,23 +263,19 @@ fn read_head<R: Read + Seek>(
     if read_full(reader, &mut header)? < HEADER_LEN {
         return Ok(None);
     }
-    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
-    if !(2..=MAX_PAYLOAD).contains(&len) {
+    let Some((len, _)) = header_fields(&header) else {
         return Ok(None);
-    }
+    };
     payload.clear();
     payload.resize(2, 0);
-    if read_full(reader, payload)? < 2 || payload[0] != VERSION {
+    if read_full(reader, payload)? < 2 {
         return Ok(None);
     }
-    let json_at = 2 + payload[1] as usize + TAG_LEN;
-    if json_at > len {
+    let Ok(json_at) = json_start(payload, len) else {
         return Ok(None);
-    }
+    };
     payload.resize(json_at, 0);
-    if read_full(reader, &mut payload[2..])? < json_at - 2
-        || std::str::from_utf8(&payload[2..json_at - TAG_LEN]).is_err()
-    {
+    if read_full(reader, &mut payload[2..])? < json_at - 2 || !source_is_text(payload, json_at) {
         return Ok(None);
     }
     reader.seek_relative((len - json_at) as i64)?;
@@ -304,11 +300,9 @@ fn read_checked(reader: &mut impl Read, payload: &mut Vec<u8>) -> io::Result<Che
         n if n < HEADER_LEN => return Ok(Checked::Invalid("torn header")),
         _ => {}
     }
-    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
-    let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
-    if !(2..=MAX_PAYLOAD).contains(&len) {
+    let Some((len, crc)) = header_fields(&header) else {
         return Ok(Checked::Invalid("bad length"));
-    }
+    };
     // Into spare capacity: no zeroing of what the read overwrites.
     payload.clear();
     payload.reserve(len);
@@ -319,18 +313,39 @@ fn read_checked(reader: &mut impl Read, payload: &mut Vec<u8>) -> io::Result<Che
     if crc32fast::hash(payload) != crc {
         return Ok(Checked::Invalid("checksum mismatch"));
     }
-    if payload[0] != VERSION {
-        return Ok(Checked::Invalid("unknown record version"));
-    }
-    let source_len = payload[1] as usize;
-    let json_at = 2 + source_len + TAG_LEN;
-    if json_at > len {
-        return Ok(Checked::Invalid("bad source length"));
-    }
-    if std::str::from_utf8(&payload[2..2 + source_len]).is_err() {
+    let json_at = match json_start(payload, len) {
+        Ok(at) => at,
+        Err(why) => return Ok(Checked::Invalid(why)),
+    };
+    if !source_is_text(payload, json_at) {
         return Ok(Checked::Invalid("bad source name"));
     }
     Ok(Checked::Valid { json_at })
+}
+
+/// A record header's payload length and checksum; `None` for a length no record has.
+fn header_fields(header: &[u8; HEADER_LEN]) -> Option<(usize, u32)> {
+    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+    (2..=MAX_PAYLOAD).contains(&len).then_some((len, crc))
+}
+
+/// Where the message starts in a payload of `len` bytes, from its first two (version,
+/// source name length); or what is wrong with them.
+fn json_start(payload: &[u8], len: usize) -> Result<usize, &'static str> {
+    if payload[0] != VERSION {
+        return Err("unknown record version");
+    }
+    let json_at = 2 + payload[1] as usize + TAG_LEN;
+    if json_at > len {
+        return Err("bad source length");
+    }
+    Ok(json_at)
+}
+
+/// Whether the source name, in a payload read up to `json_at` at least, is UTF-8.
+fn source_is_text(payload: &[u8], json_at: usize) -> bool {
+    std::str::from_utf8(&payload[2..json_at - TAG_LEN]).is_ok()
 }
 
 /// The source and tag of a payload `read_checked` found valid.

@@ -63,7 +63,7 @@ pub async fn stage(
     let sink = tx
         .copy_in::<_, Bytes>(&format!(
             "COPY {stage} ({}) FROM STDIN BINARY",
-            names(&load.columns)
+            names(load.columns.iter().map(|(c, _)| c))
         ))
         .await?;
     futures_util::pin_mut!(sink);
@@ -88,10 +88,12 @@ pub fn moves<'s>(
     stage: Option<&str>,
     stage_of: impl Fn(&str) -> Option<&'s str>,
 ) -> Vec<String> {
-    let own = stage.map(|stage| insert(schema, table, load, stage, &names(&load.columns)));
+    let own = stage.map(|stage| {
+        let names = names(load.columns.iter().map(|(c, _)| c));
+        insert(schema, table, load, stage, &names)
+    });
     let also = load.also.iter().filter_map(|(whole, columns)| {
-        let names: Vec<String> = columns.iter().map(|c| quote(c)).collect();
-        let names = names.join(", ");
+        let names = names(columns.iter());
         Some(format!(
             "INSERT INTO {}.{} ({names}) SELECT {names} FROM {} ON CONFLICT (id) DO NOTHING",
             quote(schema),
@@ -103,8 +105,8 @@ pub fn moves<'s>(
 }
 
 /// Columns' names quoted, as a list.
-fn names(columns: &[(Name, ColumnType)]) -> String {
-    let names: Vec<String> = columns.iter().map(|(c, _)| quote(c)).collect();
+fn names<'n>(columns: impl Iterator<Item = &'n Name>) -> String {
+    let names: Vec<String> = columns.map(|c| quote(c)).collect();
     names.join(", ")
 }
 

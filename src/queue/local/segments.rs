@@ -233,9 +233,9 @@ pub fn scan_segment(
 }
 
 /// The source and tag of every record of the segment at `path`, which every cursor has
-/// passed (so read whole, each record checked): the messages are passed over. Records of a few hundred bytes, mostly of a few sources: the
-/// list has room for most segments' records at once, and a run of one source shares one
-/// string.
+/// passed (so read whole, each record checked): the messages are passed over. Records
+/// of a few hundred bytes, mostly of a few sources: the list has room for most segments'
+/// records at once, and a run of one source shares one string.
 pub fn segment_tags(
     path: &Path,
     pause: Option<std::time::Duration>,
